@@ -1,0 +1,79 @@
+"""Where interventions are applied and activations recorded: the one place a site value can change.
+
+Every named site of the model (e.g. a decoder layer's `hook_mlp_out`) passes its activation through a
+`SiteTap`. The tap does two things, both decided by explicit arguments rather than hooks or global state:
+
+- if an intervention is given for the site, it returns ``x + mask * (value - x)``: mask 0 keeps the clean
+  activation, mask 1 replaces it by ``value`` (zero ablation: value 0; mean ablation: value = a mean;
+  activation patching: value = another run's activation). Fractional masks interpolate.
+- if the site is among the requested cache sites, it records the (post-intervention) activation.
+
+Inside a layer the tap sees per-layer slices: `jax.lax.scan` over layers slices each intervention's
+leading layer axis and stacks the recorded activations along a new leading layer axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import jax.numpy as jnp
+
+
+class Patch(NamedTuple):
+    """Replace a site's activation: ``out + mask * (value - out)``; both broadcast against the site."""
+
+    mask: Any
+    value: Any
+
+
+def apply_patch(x: jnp.ndarray, patch: Patch) -> jnp.ndarray:
+    """The patched activation, in the activation's dtype."""
+    mask = jnp.asarray(patch.mask, dtype=x.dtype)
+    value = jnp.asarray(patch.value, dtype=x.dtype)
+    return x + mask * (value - x)
+
+
+class SiteTap:
+    """Applies the interventions of one scope (e.g. one decoder layer) and records requested sites.
+
+    `interventions` maps local site names (e.g. ``"hook_mlp_out"``, ``"attn.hook_z"``) to `Patch`es;
+    `cache_sites` is the static set of local names to record. After the forward, `cache` holds them.
+    """
+
+    def __init__(self, interventions: Mapping[str, Patch] | None, cache_sites: frozenset[str] | tuple = ()):
+        self.interventions = dict(interventions or {})
+        self.cache_sites = frozenset(cache_sites)
+        self.cache: dict[str, jnp.ndarray] = {}
+
+    def __call__(self, name: str, x: jnp.ndarray) -> jnp.ndarray:
+        patch = self.interventions.get(name)
+        if patch is not None:
+            x = apply_patch(x, patch)
+        if name in self.cache_sites:
+            self.cache[name] = x
+        return x
+
+    def wants(self, name: str) -> bool:
+        """Whether the site is patched or recorded (lets callers skip building an expensive value)."""
+        return name in self.interventions or name in self.cache_sites
+
+    def scoped(self, prefix: str) -> "ScopedTap":
+        """A view of this tap whose site names are prefixed, e.g. ``attn.`` for the attention's sites."""
+        return ScopedTap(self, prefix)
+
+
+class ScopedTap:
+    """`SiteTap` seen from a sub-component: names are prefixed before lookup."""
+
+    def __init__(self, parent: SiteTap, prefix: str):
+        self.parent = parent
+        self.prefix = prefix
+
+    def __call__(self, name: str, x: jnp.ndarray) -> jnp.ndarray:
+        return self.parent(self.prefix + name, x)
+
+    def wants(self, name: str) -> bool:
+        """Whether the site is patched or recorded (lets callers skip building an expensive value)."""
+        full = self.prefix + name
+        return full in self.parent.interventions or full in self.parent.cache_sites
+

@@ -1,0 +1,64 @@
+"""Shared test fixtures: random-weight Hugging Face T5 checkpoints and the shared data directory.
+
+Checkpoints are built with transformers' PyTorch T5 (a test-only dependency), saved to a temp dir and
+then loaded through our real loading code. Nothing is fetched from the network.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Four simulated CPU devices, so sharded code paths are exercised (must precede the first jax import).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pathlib
+
+import jax
+import pytest
+
+from tests.hf_fixtures import HFCheckpointFactory
+
+jax.config.update("jax_numpy_rank_promotion", "raise")  # catch silent broadcasting bugs
+
+try:  # transformers' "Writing model shards" / "Loading weights" bars only clutter test logs
+    from transformers.utils import logging as _hf_logging
+
+    _hf_logging.disable_progress_bar()
+except ImportError:  # pragma: no cover - transformers is a runtime dependency
+    pass
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _shared_data_dir() -> pathlib.Path:
+    configured = os.environ.get("GENIR_JAX_DATA")
+    return pathlib.Path(configured) if configured else REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    """`../shared/data` beside the project (or $GENIR_JAX_DATA); fails loudly when it is missing."""
+    path = _shared_data_dir()
+    if not (path / "t5-tokenizer").is_dir():
+        pytest.fail(
+            f"shared data not found at {path} (expected squad-v1.1-dev/, nq-open-oracle/, cranfield/, "
+            "t5-tokenizer/). Put the shared data folder beside the project root or set GENIR_JAX_DATA.",
+            pytrace=False,
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def t5_tokenizer(shared_data):
+    """The real T5 SentencePiece vocabulary (32100 tokens) as a transformers tokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(shared_data / "t5-tokenizer"))
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path) -> HFCheckpointFactory:
+    """Factory: ``hf_checkpoint(name, **config)`` -> (directory, torch model) of a random HF checkpoint."""
+    return HFCheckpointFactory(tmp_path)

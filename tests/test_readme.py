@@ -1,0 +1,27 @@
+"""The README's API example runs as written (on a tiny random checkpoint standing in for the real one)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from tests.conftest import REPO_ROOT
+
+
+def test_readme_api_example_runs(hf_checkpoint, t5_tokenizer, tmp_path):
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = re.search(r"## The API\n+```python\n(.*?)```", readme, re.S).group(1)
+    directory, _ = hf_checkpoint("dsi", tokenizer=t5_tokenizer, vocab_size=32128, d_model=16, d_kv=4, d_ff=32,
+                                 num_layers=1, num_heads=2)
+    assert '"path/to/DSI-large-NQ10k"' in block
+    code = block.replace('"path/to/DSI-large-NQ10k"', repr(str(directory)))
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        namespace: dict = {}
+        exec(compile(code, "README.md", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    assert namespace["logits"].shape == (1, 1, 32128)
+    assert namespace["model"].config.vocab_size == 32102
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
