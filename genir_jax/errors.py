@@ -17,3 +17,7 @@ class ConfigError(GenIRError, ValueError):
 
 class CheckpointError(GenIRError, ValueError):
     """A checkpoint directory or weight file is missing, corrupt or contradicts its configuration."""
+
+
+class DataError(GenIRError, ValueError):
+    """A data file (documents, queries, qrels, run file, raw corpus) is malformed or inconsistent."""

@@ -14,6 +14,12 @@ import tempfile
 from typing import Any, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary file path; on success it is renamed to `path`, on error removed."""
@@ -24,6 +30,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(handle)
     try:
         yield temp
+        if os.path.isfile(temp):  # mkstemp creates 0600; give the file the mode a plain open() would
+            os.chmod(temp, 0o666 & ~_umask())
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -56,6 +64,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     try:
         yield staging
+        os.chmod(staging, 0o777 & ~_umask())
         os.makedirs(path, exist_ok=True)
         for name in os.listdir(staging):
             target = os.path.join(path, name)

@@ -6,69 +6,57 @@ each sub-layer pre-normed with RMS norm and added to the residual stream; one re
 stack; a final RMS norm per stack; the unembedding is either the shared embedding (optionally after a
 ``d_model ** -0.5`` rescale) or a separate `lm_head`.
 
-Layers of a stack are run with `nn.scan`, so a 24-layer model compiles one layer body, and their
-parameters are stacked along a leading `layers` axis.
+Layers of a stack run under `nn.scan`, so a 24-layer model compiles one layer body; their parameters are
+stacked along a leading `layers` axis.
 
-Named sites (TransformerLens 2.x vocabulary), local to a layer: ``hook_resid_pre``, ``hook_attn_out``,
-``hook_resid_mid``, ``hook_cross_attn_out`` and ``hook_resid_mid_cross`` (decoder), ``hook_mlp_out``,
-``hook_resid_post``, ``attn.hook_{q,k,v,attn_scores,pattern,z}``, ``cross_attn.hook_*`` (decoder),
-``mlp.hook_{pre,pre_linear,post}``. Per stack: ``hook_embed`` (token embeddings entering layer 0) and
-``final_ln.hook_normalized`` (the stack's output after its final norm).
-
-The functional boundary: `forward`, `encode` and `decode` take a `T5Config`, the parameter pytree, arrays
-and an explicit ``interventions`` argument, and return arrays. Interventions and caches are organised
-per stack (``"encoder"``, ``"decoder"``) and per local site name; see `genir_jax.taps`.
+The functional boundary: `forward`, `forward_with_cache`, `encode`, `decode` and `unembed` take a
+`T5Config`, the parameter pytree, arrays and an explicit ``interventions`` argument, and return arrays.
+Interventions are ``{"encoder"|"decoder": {local site: Patch | tuple[Patch, ...]}}`` where layer sites'
+patches carry a leading layer axis (see `genir_jax.taps`, `genir_jax.sites`, `genir_jax.interventions`).
+Caches are requested by full site name and recorded only for the layers asked for: a site wanted in all
+layers is stacked by the scan, one wanted in a few layers is written into a buffer of that many slots.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genir_jax.config import T5Config
+from genir_jax.interventions import validate
 from genir_jax.modules import MLP, MultiHeadAttention, RelativePositionBias, RMSNorm, partitioned
+from genir_jax.sites import STACK_SITES, Site, expand_site_patterns, num_layers, parse_site, site_shape
 from genir_jax.taps import Patch, SiteTap
 
 Params = Mapping[str, Any]
-# {"encoder": {site: Patch}, "decoder": {site: Patch}}; layer sites' Patch arrays have a leading layer axis.
-Interventions = Mapping[str, Mapping[str, Patch]]
-
-ENCODER_LAYER_SITES = (
-    "hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post",
-    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z",
-    "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
-)
-DECODER_LAYER_SITES = ENCODER_LAYER_SITES + (
-    "hook_cross_attn_out", "hook_resid_mid_cross",
-    "cross_attn.hook_q", "cross_attn.hook_k", "cross_attn.hook_v", "cross_attn.hook_attn_scores",
-    "cross_attn.hook_pattern", "cross_attn.hook_z",
-)
-STACK_SITES = ("hook_embed", "final_ln.hook_normalized")
-
-
-def _split_sites(names: frozenset[str]) -> tuple[frozenset[str], frozenset[str]]:
-    """Split a stack's site names into (stack-level, per-layer)."""
-    stack = frozenset(n for n in names if n in STACK_SITES)
-    return stack, frozenset(names) - stack
+Interventions = Mapping[str, Mapping[str, Any]]
+# Static cache request of one stack: ((local site, layers or None for all layers), ...), sorted.
+StackCacheSpec = tuple[tuple[str, tuple[int, ...] | None], ...]
 
 
 class _Layer(nn.Module):
-    """One encoder or decoder layer; the scan body. Returns (residual, recorded sites of this layer)."""
+    """One encoder or decoder layer; the scan body.
+
+    Carry: (residual, buffers for sites recorded at some layers). Output: sites recorded at all layers.
+    """
 
     config: T5Config
     is_decoder: bool
-    cache_sites: frozenset[str] = frozenset()
+    record_all: frozenset[str] = frozenset()
+    record_some: tuple[tuple[str, tuple[int, ...]], ...] = ()
     deterministic: bool = True
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x, self_bias, self_mask, encoded, cross_mask, layer_interventions):
+    def __call__(self, carry, self_bias, self_mask, encoded, cross_mask, layer_index, layer_interventions):
+        x, buffers = carry
         cfg = self.config
-        tap = SiteTap(layer_interventions, self.cache_sites)
+        tap = SiteTap(layer_interventions, self.record_all | {name for name, _ in self.record_some})
         attention = functools.partial(
             MultiHeadAttention, num_heads=cfg.num_heads, d_kv=cfg.d_kv, d_model=cfg.d_model,
             dropout_rate=cfg.dropout_rate, deterministic=self.deterministic,
@@ -95,7 +83,18 @@ class _Layer(nn.Module):
         )(normed, tap.scoped("mlp."))
         mlp_out = tap("hook_mlp_out", dropout(mlp_out, deterministic=self.deterministic))
         x = tap("hook_resid_post", x + mlp_out)
-        return x, tap.cache
+
+        new_buffers = {}
+        for name, layers in self.record_some:
+            slots = np.full(self._num_layers, len(layers), dtype=np.int32)  # last slot: a discard bin
+            slots[list(layers)] = np.arange(len(layers), dtype=np.int32)
+            slot = jnp.asarray(slots)[layer_index]
+            new_buffers[name] = jax.lax.dynamic_update_index_in_dim(buffers[name], tap.cache[name], slot, 0)
+        return (x, new_buffers), {name: tap.cache[name] for name in self.record_all}
+
+    @property
+    def _num_layers(self) -> int:
+        return self.config.num_decoder_layers if self.is_decoder else self.config.num_layers
 
 
 class _Stack(nn.Module):
@@ -103,21 +102,26 @@ class _Stack(nn.Module):
 
     config: T5Config
     is_decoder: bool
-    cache_sites: frozenset[str] = frozenset()
+    cache_spec: StackCacheSpec = ()
     deterministic: bool = True
     dtype: Any = None
 
     @nn.compact
     def __call__(self, embedded, self_mask, encoded=None, cross_mask=None, interventions=None):
-        """embedded [B, T, D]; self_mask broadcastable to [B, 1, T, T]; returns (output, cache)."""
+        """embedded [B, T, D]; self_mask broadcastable to [B, 1, T, T]. Returns (output, cache) where the
+        cache maps local names to [layers asked, B, ...] (stack sites: [B, ...])."""
         cfg = self.config
+        stack = "decoder" if self.is_decoder else "encoder"
         interventions = dict(interventions or {})
-        stack_sites, layer_sites = _split_sites(self.cache_sites)
-        stack_tap = SiteTap({k: v for k, v in interventions.items() if k in STACK_SITES}, stack_sites)
-        layer_interventions = {k: v for k, v in interventions.items() if k not in STACK_SITES}
-        num_layers = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
+        stack_tap = SiteTap({k: v for k, v in interventions.items() if k in STACK_SITES},
+                            {name for name, _ in self.cache_spec if name in STACK_SITES})
+        count = num_layers(cfg, stack)
+        layer_interventions = {k: _per_layer(v, count) for k, v in interventions.items() if k not in STACK_SITES}
+        record_all = frozenset(n for n, layers in self.cache_spec if n not in STACK_SITES and layers is None)
+        record_some = tuple((n, layers) for n, layers in self.cache_spec if n not in STACK_SITES and layers)
 
-        length = embedded.shape[1]
+        batch, length = embedded.shape[0], embedded.shape[1]
+        key_length = encoded.shape[1] if encoded is not None else length
         self_bias = RelativePositionBias(
             num_buckets=cfg.relative_attention_num_buckets, max_distance=cfg.relative_attention_max_distance,
             num_heads=cfg.num_heads, bidirectional=not self.is_decoder,
@@ -127,42 +131,62 @@ class _Stack(nn.Module):
 
         x = stack_tap("hook_embed", embedded)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
+        buffers = {
+            name: jnp.zeros((len(layers) + 1, batch) + site_shape(cfg, Site(stack, name, 0), length, key_length),
+                            dtype=x.dtype)
+            for name, layers in record_some
+        }
         layers = nn.scan(
             _Layer,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
-            length=num_layers,
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
+            length=count,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(
-            config=cfg, is_decoder=self.is_decoder, cache_sites=layer_sites,
+            config=cfg, is_decoder=self.is_decoder, record_all=record_all, record_some=record_some,
             deterministic=self.deterministic, dtype=self.dtype, name="layers",
         )
-        x, layer_cache = layers(x, self_bias, self_mask, encoded, cross_mask, layer_interventions or None)
-        x = RMSNorm(epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, name="final_norm")(x)
-        x = stack_tap("final_ln.hook_normalized", x)
+        (x, buffers), stacked = layers((x, buffers), self_bias, self_mask, encoded, cross_mask,
+                                       jnp.arange(count, dtype=jnp.int32), layer_interventions or None)
+        x = RMSNorm(epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, name="final_norm")(
+            x, stack_tap.scoped("final_ln."))
+        x = stack_tap("hook_out", x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
-        return x, {**layer_cache, **stack_tap.cache}
+        cache = dict(stacked)
+        cache.update({name: buffer[:-1] for name, buffer in buffers.items()})
+        cache.update(stack_tap.cache)
+        return x, cache
+
+
+def _per_layer(patches, count: int):
+    """Give every array of a layer site's patches a full leading layer axis, as `nn.scan` slices it
+    (scalars and size-1 layer axes broadcast to all layers)."""
+    def expand(leaf):
+        leaf = jnp.asarray(leaf)
+        return jnp.broadcast_to(leaf, (count,) + leaf.shape[1:] if leaf.ndim else (count,))
+
+    return jax.tree_util.tree_map(expand, patches)
 
 
 class T5(nn.Module):
-    """T5 encoder-decoder. Use `encode`, `decode` or `__call__` through `apply` (or the functions below)."""
+    """T5 encoder-decoder. Use `encode`, `decode`, `unembed` or `__call__` through `apply`."""
 
     config: T5Config
-    cache_sites: Mapping[str, frozenset[str]] | None = None  # {"encoder": {...}, "decoder": {...}}
+    encoder_cache: StackCacheSpec = ()
+    decoder_cache: StackCacheSpec = ()
     deterministic: bool = True
     dtype: Any = None
 
     def setup(self):
         cfg = self.config
-        sites = dict(self.cache_sites or {})
         self.shared = self.param(
             "shared", partitioned(nn.initializers.normal(cfg.initializer_factor), ("vocab", "embed")),
             (cfg.vocab_size, cfg.d_model), jnp.float32,
         )
-        self.encoder = _Stack(cfg, is_decoder=False, cache_sites=frozenset(sites.get("encoder", ())),
+        self.encoder = _Stack(cfg, is_decoder=False, cache_spec=self.encoder_cache,
                               deterministic=self.deterministic, dtype=self.dtype)
-        self.decoder = _Stack(cfg, is_decoder=True, cache_sites=frozenset(sites.get("decoder", ())),
+        self.decoder = _Stack(cfg, is_decoder=True, cache_spec=self.decoder_cache,
                               deterministic=self.deterministic, dtype=self.dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = self.param(
@@ -170,14 +194,14 @@ class T5(nn.Module):
                 (cfg.d_model, cfg.vocab_size), jnp.float32,
             )
 
-    def _embed(self, ids):
-        table = self.shared if self.dtype is None else self.shared.astype(self.dtype)
-        return jnp.take(table, ids, axis=0)
+    def _table(self, array):
+        return array if self.dtype is None else array.astype(self.dtype)
 
     def encode(self, input_ids, attention_mask, interventions=None):
         """Encoder output after its final norm [B, S, D], and the encoder cache."""
         key_mask = attention_mask.astype(bool)[:, None, None, :]
-        return self.encoder(self._embed(input_ids), key_mask, interventions=(interventions or {}).get("encoder"))
+        embedded = jnp.take(self._table(self.shared), input_ids, axis=0)
+        return self.encoder(embedded, key_mask, interventions=(interventions or {}).get("encoder"))
 
     def decode(self, encoded, attention_mask, decoder_input_ids, decoder_attention_mask=None, interventions=None):
         """Decoder output after its final norm [B, T, D], and the decoder cache."""
@@ -186,21 +210,17 @@ class T5(nn.Module):
         if decoder_attention_mask is not None:
             causal = causal & decoder_attention_mask.astype(bool)[:, None, None, :]
         cross_mask = attention_mask.astype(bool)[:, None, None, :]
-        return self.decoder(self._embed(decoder_input_ids), causal, encoded, cross_mask,
-                            interventions=(interventions or {}).get("decoder"))
+        embedded = jnp.take(self._table(self.shared), decoder_input_ids, axis=0)
+        return self.decoder(embedded, causal, encoded, cross_mask, interventions=(interventions or {}).get("decoder"))
 
     def unembed(self, hidden):
-        """Logits from decoder outputs (after the final norm): the T5 unembedding."""
+        """Logits from decoder outputs after the final norm ([..., D] -> [..., V]): T5's unembedding."""
         cfg = self.config
-        if cfg.tie_word_embeddings:
-            table = self.shared if self.dtype is None else self.shared.astype(self.dtype)
-            if cfg.scale_decoder_outputs:
-                hidden = hidden * (cfg.d_model ** -0.5)
-            return jnp.einsum("btd,vd->btv", hidden, table)
-        kernel = self.lm_head if self.dtype is None else self.lm_head.astype(self.dtype)
         if cfg.scale_decoder_outputs:
             hidden = hidden * (cfg.d_model ** -0.5)
-        return hidden @ kernel
+        if cfg.tie_word_embeddings:
+            return jnp.einsum("...d,vd->...v", hidden, self._table(self.shared))
+        return jnp.einsum("...d,dv->...v", hidden, self._table(self.lm_head))
 
     def __call__(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None,
                  interventions=None):
@@ -211,6 +231,47 @@ class T5(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
+# Cache requests: full site names <-> per-stack static specs
+# --------------------------------------------------------------------------------------------------
+
+def cache_specs(config: T5Config, names: Iterable[str]) -> tuple[StackCacheSpec, StackCacheSpec]:
+    """Static (encoder, decoder) cache specs for full site names (validated)."""
+    wanted: dict[str, dict[str, set]] = {"encoder": {}, "decoder": {}}
+    for name in names:
+        site = parse_site(config, name)
+        wanted[site.stack].setdefault(site.local, set())
+        if site.layer is not None:
+            wanted[site.stack][site.local].add(site.layer)
+
+    def spec(stack: str) -> StackCacheSpec:
+        out = []
+        for local, layers in sorted(wanted[stack].items()):
+            if local in STACK_SITES or len(layers) == num_layers(config, stack):
+                out.append((local, None))
+            else:
+                out.append((local, tuple(sorted(layers))))
+        return tuple(out)
+
+    return spec("encoder"), spec("decoder")
+
+
+def _named_cache(config: T5Config, names: Iterable[str], raw: Mapping[str, Mapping[str, jnp.ndarray]],
+                 specs: tuple[StackCacheSpec, StackCacheSpec]) -> dict[str, jnp.ndarray]:
+    """Per-stack raw caches -> {full site name: [B, ...]}."""
+    layout = {"encoder": dict(specs[0]), "decoder": dict(specs[1])}
+    out = {}
+    for name in names:
+        site = parse_site(config, name)
+        array = raw[site.stack][site.local]
+        if site.layer is None:
+            out[name] = array
+        else:
+            layers = layout[site.stack][site.local]
+            out[name] = array[site.layer if layers is None else layers.index(site.layer)]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # The functional boundary: params in, interventions in, arrays out.
 # --------------------------------------------------------------------------------------------------
 
@@ -218,21 +279,16 @@ def _as_int(array) -> jnp.ndarray:
     return jnp.asarray(array, dtype=jnp.int32)
 
 
-def _freeze_sites(cache_sites: Mapping[str, Any] | None) -> tuple | None:
-    if not cache_sites:
-        return None
-    return tuple(sorted((stack, tuple(sorted(names))) for stack, names in cache_sites.items()))
+def _rngs(deterministic: bool, dropout_rng):
+    if not deterministic and dropout_rng is None:
+        raise ValueError("deterministic=False (dropout) needs a dropout_rng")
+    return {"dropout": dropout_rng} if dropout_rng is not None else None
 
 
-def _module(config: T5Config, frozen_sites: tuple | None, deterministic: bool, dtype) -> T5:
-    sites = {stack: frozenset(names) for stack, names in (frozen_sites or ())}
-    return T5(config, cache_sites=sites or None, deterministic=deterministic, dtype=dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "frozen_sites", "deterministic", "dtype"))
+@functools.partial(jax.jit, static_argnames=("config", "specs", "deterministic", "dtype"))
 def _forward(config, params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
-             interventions, rngs, frozen_sites, deterministic, dtype):
-    model = _module(config, frozen_sites, deterministic, dtype)
+             interventions, rngs, specs, deterministic, dtype):
+    model = T5(config, encoder_cache=specs[0], decoder_cache=specs[1], deterministic=deterministic, dtype=dtype)
     return model.apply({"params": params}, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
                        interventions, rngs=rngs)
 
@@ -246,24 +302,27 @@ def forward_with_cache(
     decoder_attention_mask=None,
     interventions: Interventions | None = None,
     *,
-    cache_sites: Mapping[str, Any] | None = None,
+    cache_sites: Iterable[str] = (),
     deterministic: bool = True,
     dropout_rng: jax.Array | None = None,
     dtype=None,
-):
-    """Logits [B, T_dec, V] and the recorded sites ``{"encoder": {site: array}, "decoder": {...}}``.
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """Logits [B, T_dec, V] and ``{full site name: activation [B, ...]}`` for the requested sites.
 
-    Layer sites come stacked over layers ([L, B, ...]); stack sites have no layer axis.
-    `dtype` (e.g. ``jnp.bfloat16``) casts parameters at use; None computes in the parameters' dtype.
+    `cache_sites` holds full names or shell-style patterns (``"decoder.*.hook_mlp_out"``). Only the
+    requested (site, layer) pairs are kept in memory. `dtype` (e.g. ``jnp.bfloat16``) casts the
+    parameters at use; None computes in the parameters' dtype.
     """
-    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-    if not deterministic and dropout_rng is None:
-        raise ValueError("deterministic=False (dropout) needs a dropout_rng")
-    if decoder_attention_mask is not None:
-        decoder_attention_mask = _as_int(decoder_attention_mask)
-    return _forward(config, params, _as_int(input_ids), _as_int(attention_mask), _as_int(decoder_input_ids),
-                    decoder_attention_mask, interventions, rngs, _freeze_sites(cache_sites), deterministic,
-                    None if dtype is None else jnp.dtype(dtype))
+    names = expand_site_patterns(config, cache_sites)
+    specs = cache_specs(config, names)
+    if interventions:
+        validate(config, interventions, np.shape(input_ids)[0], np.shape(input_ids)[1],
+                 np.shape(decoder_input_ids)[1])
+    dec_mask = None if decoder_attention_mask is None else _as_int(decoder_attention_mask)
+    logits, raw = _forward(config, params, _as_int(input_ids), _as_int(attention_mask), _as_int(decoder_input_ids),
+                           dec_mask, interventions, _rngs(deterministic, dropout_rng), specs, deterministic,
+                           None if dtype is None else jnp.dtype(dtype))
+    return logits, _named_cache(config, names, raw, specs)
 
 
 def forward(
@@ -287,6 +346,48 @@ def forward(
     return logits
 
 
+@functools.partial(jax.jit, static_argnames=("config", "spec", "dtype"))
+def _encode(config, params, input_ids, attention_mask, interventions, spec, dtype):
+    return T5(config, encoder_cache=spec, dtype=dtype).apply(
+        {"params": params}, input_ids, attention_mask, interventions, method=T5.encode)
+
+
+def encode(config: T5Config, params: Params, input_ids, attention_mask, interventions=None, *,
+           cache_sites: Iterable[str] = (), dtype=None):
+    """Encoder output after its final norm [B, S, D], and the requested encoder sites."""
+    names = expand_site_patterns(config, cache_sites)
+    specs = cache_specs(config, names)
+    if specs[1]:
+        raise ValueError("encode() records encoder sites only")
+    out, raw = _encode(config, params, _as_int(input_ids), _as_int(attention_mask), interventions, specs[0],
+                       None if dtype is None else jnp.dtype(dtype))
+    return out, _named_cache(config, names, {"encoder": raw, "decoder": {}}, specs)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "spec", "dtype"))
+def _decode(config, params, encoded, attention_mask, decoder_input_ids, interventions, spec, dtype):
+    return T5(config, decoder_cache=spec, dtype=dtype).apply(
+        {"params": params}, encoded, attention_mask, decoder_input_ids, None, interventions, method=T5.decode)
+
+
+def decode(config: T5Config, params: Params, encoded, attention_mask, decoder_input_ids, interventions=None, *,
+           cache_sites: Iterable[str] = (), dtype=None):
+    """Decoder output after its final norm [B, T, D] given encoder output, and the requested decoder sites."""
+    names = expand_site_patterns(config, cache_sites)
+    specs = cache_specs(config, names)
+    if specs[0]:
+        raise ValueError("decode() records decoder sites only")
+    out, raw = _decode(config, params, encoded, _as_int(attention_mask), _as_int(decoder_input_ids), interventions,
+                       specs[1], None if dtype is None else jnp.dtype(dtype))
+    return out, _named_cache(config, names, {"encoder": {}, "decoder": raw}, specs)
+
+
+def unembed(config: T5Config, params: Params, hidden, dtype=None) -> jnp.ndarray:
+    """T5's unembedding of decoder outputs after the final norm ([..., D] -> [..., V])."""
+    return T5(config, dtype=None if dtype is None else jnp.dtype(dtype)).apply(
+        {"params": params}, hidden, method=T5.unembed)
+
+
 def init_params(config: T5Config, rng: jax.Array | int = 0) -> dict:
     """Fresh parameters with transformers' T5 initialisation, as a plain nested dict of float32 arrays."""
     if isinstance(rng, int):
@@ -297,17 +398,22 @@ def init_params(config: T5Config, rng: jax.Array | int = 0) -> dict:
     return nn.meta.unbox(variables["params"])
 
 
+def _abstract_variables(config: T5Config):
+    dummy = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+    return jax.eval_shape(T5(config).init, jax.random.PRNGKey(0), dummy, dummy, dummy)
+
+
 def param_shapes(config: T5Config) -> dict:
     """Parameter shapes (a pytree of `jax.ShapeDtypeStruct`) without allocating anything."""
-    model = T5(config)
-    dummy = jax.ShapeDtypeStruct((1, 2), jnp.int32)
-    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy, dummy, dummy)
-    return nn.meta.unbox(variables["params"])
+    return nn.meta.unbox(_abstract_variables(config)["params"])
 
 
 def logical_axes(config: T5Config) -> dict:
     """Logical axis names of every parameter (a pytree of `PartitionSpec`), for sharding rules."""
-    model = T5(config)
-    dummy = jax.ShapeDtypeStruct((1, 2), jnp.int32)
-    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy, dummy, dummy)
-    return nn.get_partition_spec(variables)["params"]
+    return nn.get_partition_spec(_abstract_variables(config))["params"]
+
+
+__all__ = [
+    "Patch", "T5", "cache_specs", "decode", "encode", "forward", "forward_with_cache", "init_params",
+    "logical_axes", "param_shapes", "unembed",
+]

@@ -54,13 +54,16 @@ class RMSNorm(nn.Module):
     dtype: Dtype | None = None
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, tap: ScopedTap | None = None) -> jnp.ndarray:
+        """Site ``hook_normalized``: x / rms(x), before the learned scale (TransformerLens semantics)."""
         scale = self.param("scale", partitioned(nn.initializers.ones, ("embed",)), (x.shape[-1],), jnp.float32)
         scale = _cast(scale, self.dtype)
         x32 = x.astype(jnp.float32)
         variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-        normed = x32 * jax.lax.rsqrt(variance + self.epsilon)
-        return normed.astype(scale.dtype) * scale.reshape((1,) * (x.ndim - 1) + (-1,))
+        normed = (x32 * jax.lax.rsqrt(variance + self.epsilon)).astype(scale.dtype)
+        if tap is not None:
+            normed = tap("hook_normalized", normed)
+        return normed * scale.reshape((1,) * (x.ndim - 1) + (-1,))
 
 
 def relative_position_bucket(

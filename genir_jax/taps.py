@@ -36,7 +36,8 @@ def apply_patch(x: jnp.ndarray, patch: Patch) -> jnp.ndarray:
 class SiteTap:
     """Applies the interventions of one scope (e.g. one decoder layer) and records requested sites.
 
-    `interventions` maps local site names (e.g. ``"hook_mlp_out"``, ``"attn.hook_z"``) to `Patch`es;
+    `interventions` maps local site names (e.g. ``"hook_mlp_out"``, ``"attn.hook_z"``) to a `Patch` or a
+    tuple of them (applied in order);
     `cache_sites` is the static set of local names to record. After the forward, `cache` holds them.
     """
 
@@ -46,8 +47,10 @@ class SiteTap:
         self.cache: dict[str, jnp.ndarray] = {}
 
     def __call__(self, name: str, x: jnp.ndarray) -> jnp.ndarray:
-        patch = self.interventions.get(name)
-        if patch is not None:
+        patches = self.interventions.get(name)
+        if isinstance(patches, Patch):
+            patches = (patches,)
+        for patch in patches or ():  # several patches of one site apply in order
             x = apply_patch(x, patch)
         if name in self.cache_sites:
             self.cache[name] = x

@@ -1,0 +1,188 @@
+"""Stage patching (paper Sec. 5.1, Table 3): knock out or replace one component type in one stage.
+
+For each component type (attn, cross_attn, mlp), each stage (a list of decoder layers) and each mode the
+component's output is patched in every layer of the stage at the decoder's single position:
+- zero: replaced by 0;
+- mean: replaced by its mean over the correct queries;
+- t5: replaced by the output of the same component of the pretrained T5 on the same query (and one more
+  configuration: the encoder output before its final norm, ``encoder.{L-1}.hook_resid_post``, replaced by
+  the T5 encoder's, listed under stage 0 as in the reference).
+The result per configuration is the fraction of correct queries whose relevant docid is no longer at
+rank 0 (and the fractions beyond rank 5, 10 and 100), plus every rank.
+
+All configurations run as one vmapped, jitted sweep (`genir_jax.patching.run_sweep`).
+Output files and their layout are the reference's (`eval_patching_single_combis.py` /
+`eval_patching_t5.py`): ``patching_results_single_combis.csv`` with columns
+``,component,stage,mode,!=0,>5,>10,>100`` (a pandas-style index column first; fractions) and
+``ranks_correct_queries_patching_single_combis.json`` keyed ``"{stage}-{component}-{mode}"``.
+Rows are ordered as the reference orders them: modes mean, zero, t5; within a mode components mlp,
+cross_attn, attn (then the encoder row for t5); within a component the stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import numpy as np
+
+from genir_jax.config import T5Config
+from genir_jax.errors import GenIRError
+from genir_jax.interventions import mean_activations
+from genir_jax.io import atomic_directory
+from genir_jax.patching import FROM_SOURCE, Source, SweepResult, run_sweep
+from genir_jax.sites import COMPONENT_SITES
+from genir_jax.taps import Patch
+
+COMPONENTS = ("mlp", "cross_attn", "attn")  # the reference's order
+MODES = ("mean", "zero", "t5")              # the reference's row order (its two scripts, concatenated)
+PAPER_STAGES_24 = ([0, 1, 2, 3, 4, 5, 6], list(range(7, 18)), list(range(18, 24)))
+RESULTS_CSV = "patching_results_single_combis.csv"
+RANKS_JSON = "ranks_correct_queries_patching_single_combis.json"
+THRESHOLDS = (("!=0", 0), (">5", 5), (">10", 10), (">100", 100))
+
+
+def default_stages(num_decoder_layers: int) -> list[list[int]]:
+    """The paper's stages for a 24-layer decoder (0-6, 7-17, 18-23); otherwise three near-equal
+    consecutive blocks (the first blocks one layer longer when the count does not divide by 3)."""
+    if num_decoder_layers == 24:
+        return [list(s) for s in PAPER_STAGES_24]
+    if num_decoder_layers < 3:
+        raise GenIRError(f"default stages need at least 3 decoder layers, the model has {num_decoder_layers}; "
+                         "pass --stages")
+    sizes = [num_decoder_layers // 3 + (1 if i < num_decoder_layers % 3 else 0) for i in range(3)]
+    starts = np.cumsum([0] + sizes[:-1])
+    return [list(range(int(start), int(start) + size)) for start, size in zip(starts, sizes)]
+
+
+def parse_stages(text: str, num_decoder_layers: int) -> list[list[int]]:
+    """``"0-6,7-17,18-23"`` (ranges or single layers, comma separated) -> layer lists, validated."""
+    stages = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                first, last = (int(x) for x in part.split("-"))
+            else:
+                first = last = int(part)
+        except ValueError:
+            raise GenIRError(f"--stages: cannot parse {part!r}; expected e.g. '0-6,7-17,18-23'") from None
+        if not 0 <= first <= last < num_decoder_layers:
+            raise GenIRError(f"--stages: {part!r} is outside the decoder's layers 0-{num_decoder_layers - 1}")
+        stages.append(list(range(first, last + 1)))
+    if not stages:
+        raise GenIRError("--stages: no stages given")
+    return stages
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """One row of the results: which component, stage index and mode."""
+
+    component: str  # attn | cross_attn | mlp | encoder.{L-1}.hook_resid_post
+    stage: int
+    mode: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.stage}-{self.component}-{self.mode}"
+
+
+def stage_configs(config: T5Config, stages: Sequence[Sequence[int]], modes: Sequence[str],
+                  means: dict | None = None) -> tuple[dict, list[StageConfig]]:
+    """The sweep's interventions (masks stacked over configs) and the row of each config.
+
+    Per component site three patches apply in order (zero, mean, T5); each config's mask switches on
+    exactly one of them, in the stage's layers.
+    """
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise GenIRError(f"unknown patching mode(s) {sorted(unknown)}; expected some of {', '.join(MODES)}")
+    rows = [StageConfig(c, s, m) for m in MODES if m in modes for c in COMPONENTS for s in range(len(stages))]
+    encoder_site = f"encoder.{config.num_layers - 1}.hook_resid_post"
+    if "t5" in modes:
+        rows.append(StageConfig(encoder_site, 0, "t5"))
+    count, layers = len(rows), config.num_decoder_layers
+    used_modes = [m for m in MODES if m in modes]
+    decoder: dict = {}
+    for component in COMPONENTS:
+        patches = []
+        for mode in used_modes:
+            mask = np.zeros((count, layers, 1, 1, 1), np.float32)
+            for k, row in enumerate(rows):
+                if row.component == component and row.mode == mode:
+                    mask[k, stages[row.stage]] = 1.0
+            if mode == "zero":
+                value = np.zeros((), np.float32)
+            elif mode == "mean":
+                value = np.stack([np.asarray(means[f"decoder.{l}.{COMPONENT_SITES[component]}"]) for l in range(layers)]
+                                 )[:, None]  # [L, 1(B), T, D]
+            else:
+                value = FROM_SOURCE
+            patches.append(Patch(mask, value))
+        decoder[COMPONENT_SITES[component]] = tuple(patches)
+    interventions = {"decoder": decoder}
+    if "t5" in modes:
+        mask = np.zeros((count, config.num_layers, 1, 1, 1), np.float32)
+        mask[[k for k, r in enumerate(rows) if r.component == encoder_site], -1] = 1.0
+        interventions["encoder"] = {"hook_resid_post": Patch(mask, FROM_SOURCE)}
+    return interventions, rows
+
+
+@dataclasses.dataclass
+class StagePatchingResult:
+    rows: list[StageConfig]
+    ranks: np.ndarray  # [K, N]
+    sweep: SweepResult
+
+    def fractions(self) -> list[dict]:
+        """One dict per row: component, stage, mode and the fractions of queries beyond each threshold."""
+        out = []
+        for row, ranks in zip(self.rows, self.ranks):
+            entry = {"component": row.component, "stage": row.stage, "mode": row.mode}
+            for label, threshold in THRESHOLDS:
+                entry[label] = float(np.mean(ranks > threshold)) if ranks.size else 0.0
+            out.append(entry)
+        return out
+
+    def ranks_by_key(self) -> dict[str, list[int]]:
+        return {row.key: [int(r) for r in ranks] for row, ranks in zip(self.rows, self.ranks)}
+
+
+def run_stage_patching(config: T5Config, params, input_ids, attention_mask, target_ids, *,
+                       stages: Sequence[Sequence[int]], modes: Sequence[str] = ("mean", "zero"),
+                       source: Source | None = None, query_chunk: int | None = None, progress: bool = True
+                       ) -> StagePatchingResult:
+    """Run the stage-patching sweep on the given (correct) queries; means come from the same queries."""
+    means = None
+    if "mean" in modes:
+        sites = [f"decoder.*.{COMPONENT_SITES[c]}" for c in COMPONENTS]
+        means = mean_activations(config, params, input_ids, attention_mask, sites, progress=progress)
+    interventions, rows = stage_configs(config, stages, modes, means)
+    if "t5" in modes and source is None:
+        raise GenIRError("t5 mode needs the pretrained T5 (--t5 BASE_CHECKPOINT_DIR)")
+    result = run_sweep(config, params, input_ids, attention_mask, target_ids, interventions,
+                       source=source if "t5" in modes else None, query_chunk=query_chunk, progress=progress)
+    return StagePatchingResult(rows=rows, ranks=result.ranks, sweep=result)
+
+
+def _csv_number(value) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def write_stage_patching(out_dir: str | os.PathLike, result: StagePatchingResult) -> None:
+    """The reference's two output files, written atomically."""
+    import json
+
+    header = ["", "component", "stage", "mode"] + [label for label, _ in THRESHOLDS]
+    lines = [",".join(header)]
+    for index, entry in enumerate(result.fractions()):
+        cells = [str(index), entry["component"], str(entry["stage"]), entry["mode"]]
+        cells += [_csv_number(entry[label]) for label, _ in THRESHOLDS]
+        lines.append(",".join(cells))
+    with atomic_directory(out_dir) as staging:
+        with open(os.path.join(staging, RESULTS_CSV), "w", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
+        with open(os.path.join(staging, RANKS_JSON), "w", encoding="utf-8") as handle:
+            json.dump(result.ranks_by_key(), handle)

@@ -1,0 +1,52 @@
+"""`genir-jax prepare-data`: read a corpus, split its queries and write a prepared directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(subparsers) -> None:
+    from genir_jax.data.prepare import DATA_ENV, DATASETS
+
+    parser = subparsers.add_parser(
+        "prepare-data",
+        help="write documents, train/val/test queries and qrels of a corpus in the reference JSON format",
+        description="Read squad-dev, nq-oracle or cranfield from the data directory (or validate existing "
+                    "reference-format files) and write documents.json, {train,val,test}_queries.json, "
+                    "{val,test}_qrels.json, {val,test}.qrels and prepare.json into OUTPUT with deterministic, "
+                    "documented splits (see genir_jax.data.prepare). Nothing is written when an input is bad.",
+    )
+    parser.add_argument("--dataset", required=True, choices=DATASETS)
+    parser.add_argument("-o", "--output", required=True, help="prepared directory to write")
+    parser.add_argument("--data-dir", default=None,
+                        help=f"where squad-v1.1-dev/, nq-open-oracle/, cranfield/ live (default: ${DATA_ENV}, "
+                             "else ../shared/data)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split permutations (default 0)")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--test-fraction", type=float, default=0.1)
+    parser.add_argument("--download", action="store_true",
+                        help="squad-dev: fetch dev-v1.1.json (SHA-256 checked) into the data directory if missing")
+    parser.add_argument("--url", default=None, help="squad-dev download URL (default: the official one)")
+    group = parser.add_argument_group("reference-json inputs")
+    group.add_argument("--documents", help="documents [{id, text}]")
+    group.add_argument("--train-queries", help="training queries [{id, query, relevant_docs}]")
+    group.add_argument("--val-queries", help="validation queries")
+    group.add_argument("--test-queries", help="test queries (optional)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from genir_jax.data.prepare import prepare_dataset
+
+    if args.dataset == "reference-json":
+        options = dict(documents=args.documents, train_queries=args.train_queries, val_queries=args.val_queries,
+                       test_queries=args.test_queries)
+    else:
+        options = dict(seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                       download=args.download)
+        if args.url:
+            options["url"] = args.url
+    manifest = prepare_dataset(args.dataset, args.output, args.data_dir, **options)
+    print(json.dumps({"output": args.output, "counts": manifest["counts"], "notes": manifest["notes"]}, indent=2))
+    return 0

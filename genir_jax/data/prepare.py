@@ -1,0 +1,248 @@
+"""`prepare_dataset`: turn a corpus into the prepared directory every other command reads.
+
+Layout of a prepared directory (all JSON in the reference code's formats, see `genir_jax.data.corpus`)::
+
+    documents.json        every indexed document            [{"id", "text"}]
+    train_queries.json    queries for retrieval training    [{"id", "query", "relevant_docs"}]
+    val_queries.json      validation queries (correct_valid.json and the analyses use these)
+    test_queries.json     test queries (absent when a reference-json input has no test file)
+    val_qrels.json        reference qrels of val / test     {"query", "q0", "docid", "rel"}
+    test_qrels.json
+    val.qrels test.qrels  the same judgements in plain TREC format (query 0 docid rel), for trec_eval
+    prepare.json          dataset, options, source checksums, counts and notes
+
+Splits (deterministic for a given seed; counts by cumulative rounding, see `genir_jax.data.splits`):
+
+- ``squad-dev``: every paragraph is a document and is indexed; each paragraph's questions are split
+  80/10/10 (train/val/test fractions are options) keeping at least one training question per paragraph,
+  so every validation/test document is also seen with training queries. One-question paragraphs are
+  training-only.
+- ``nq-oracle``: the paper's NQ10k scheme. The documents that have questions are split 80/10/10; all
+  questions of a validation (test) document are validation (test) queries, so validation and test queries
+  are about documents that have NO training query and are only indexed. All 2600 passages are indexed
+  (also the ~500 whose questions are held out of the source).
+- ``cranfield``: all documents with text are indexed (1398); the queries are split 80/10/10 at random
+  (they share relevant documents, so a test query's documents are usually also trained on).
+  Qrels keep Cranfield's graded judgements (grade = 5 - relevance code) instead of 4 - position.
+- ``reference-json``: existing documents / train / val (/ test) files are validated (unique ids, non-empty
+  texts, every relevant document in the corpus, no query id in two splits) and written in canonical form.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+from genir_jax.data.corpus import (Document, Query, qrels_from_queries, read_documents, read_queries,
+                                   validate_documents, validate_queries, write_documents, write_qrels,
+                                   write_queries, write_trec_qrels)
+from genir_jax.data.sources import (CRANFIELD_DIR, NQ_DIR, SQUAD_DEV_SHA256, SQUAD_DEV_URL, RawCorpus,
+                                    load_cranfield, load_nq_oracle, load_squad, sha256_of, squad_dev_file)
+from genir_jax.data.splits import as_fraction, split_groups
+from genir_jax.errors import DataError, GenIRError
+from genir_jax.io import atomic_directory, write_json
+
+DATASETS = ("squad-dev", "nq-oracle", "cranfield", "reference-json")
+DATA_ENV = "GENIR_JAX_DATA"
+DOCUMENTS_FILE = "documents.json"
+MANIFEST_FILE = "prepare.json"
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def queries_file(split: str) -> str:
+    return f"{split}_queries.json"
+
+
+def qrels_file(split: str) -> str:
+    return f"{split}_qrels.json"
+
+
+def trec_qrels_file(split: str) -> str:
+    return f"{split}.qrels"
+
+
+def default_data_dir() -> pathlib.Path:
+    """``$GENIR_JAX_DATA``, else ``../shared/data`` from the current directory, else beside the project."""
+    configured = os.environ.get(DATA_ENV)
+    if configured:
+        return pathlib.Path(configured)
+    from_cwd = pathlib.Path.cwd().parent / "shared" / "data"
+    beside_project = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
+    return from_cwd if from_cwd.is_dir() or not beside_project.is_dir() else beside_project
+
+
+class Prepared:
+    """A split corpus: documents, queries per split, optional graded qrels, notes and source checksums."""
+
+    def __init__(self, documents: list[Document], splits: dict[str, list[Query]],
+                 grades: dict[str, dict[str, int]] | None = None, notes: list[str] | None = None,
+                 sources: dict[str, str] | None = None):
+        self.documents = documents
+        self.splits = splits
+        self.grades = grades
+        self.notes = notes or []
+        self.sources = sources or {}
+
+    def counts(self) -> dict[str, int]:
+        counts = {"documents": len(self.documents)}
+        for name, queries in self.splits.items():
+            counts[f"{name}_queries"] = len(queries)
+            counts[f"{name}_documents"] = len({d for q in queries for d in q.relevant_docs})
+        return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# Splitting each source
+# --------------------------------------------------------------------------------------------------
+
+def _check_fractions(val_fraction, test_fraction) -> None:
+    if as_fraction(val_fraction, "val_fraction") + as_fraction(test_fraction, "test_fraction") >= 1:
+        raise GenIRError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
+
+
+def split_squad(raw: RawCorpus, seed: int, val_fraction, test_fraction) -> Prepared:
+    """Per paragraph, its questions split by cumulative rounding with one training question kept."""
+    groups = [[raw.queries[i] for i in group] for group in raw.groups]
+    splits = split_groups(groups, val_fraction, test_fraction, seed=seed, min_train=1)
+    return Prepared(raw.documents, splits, notes=raw.notes)
+
+
+def split_by_document(raw: RawCorpus, seed: int, val_fraction, test_fraction) -> Prepared:
+    """NQ10k scheme: split the documents that have queries; each query follows its (first) relevant document."""
+    queried = list(dict.fromkeys(q.relevant_docs[0] for q in raw.queries))
+    doc_split = split_groups([queried], val_fraction, test_fraction, seed=seed)
+    split_of = {doc: name for name, docs in doc_split.items() for doc in docs}
+    splits: dict[str, list[Query]] = {name: [] for name in SPLIT_NAMES}
+    for query in raw.queries:
+        splits[split_of[query.relevant_docs[0]]].append(query)
+    notes = raw.notes + [f"documents with queries: {len(queried)} (train {len(doc_split['train'])}, val "
+                         f"{len(doc_split['val'])}, test {len(doc_split['test'])}); documents without queries: "
+                         f"{len(raw.documents) - len(queried)} (indexed only)"]
+    return Prepared(raw.documents, splits, notes=notes)
+
+
+def split_queries(raw: RawCorpus, seed: int, val_fraction, test_fraction) -> Prepared:
+    """Queries split at random as one group."""
+    splits = split_groups([raw.queries], val_fraction, test_fraction, seed=seed)
+    return Prepared(raw.documents, splits, grades=raw.grades, notes=raw.notes)
+
+
+def load_reference_json(documents: str, train_queries: str, val_queries: str,
+                        test_queries: str | None = None) -> Prepared:
+    """Validate existing reference-format files (no query id may appear in two splits)."""
+    docs = read_documents(documents)
+    paths = {"train": train_queries, "val": val_queries, "test": test_queries}
+    splits: dict[str, list[Query]] = {}
+    owner: dict[str, str] = {}
+    for name, path in paths.items():
+        if path is None:
+            continue
+        splits[name] = read_queries(path, docs)
+        for query in splits[name]:
+            if query.id in owner:
+                raise DataError(f"{path}: query id {query.id!r} is also in {owner[query.id]} (a query may be in "
+                                "one split only)")
+            owner[query.id] = os.fspath(path)
+    sources = {os.path.basename(os.fspath(p)): sha256_of(p) for p in [documents, *paths.values()] if p is not None}
+    return Prepared(docs, splits, sources=sources)
+
+
+# --------------------------------------------------------------------------------------------------
+# The entry point
+# --------------------------------------------------------------------------------------------------
+
+def build_prepared(name: str, data_dir: str | os.PathLike | None = None, *, seed: int = 0,
+                   val_fraction: float = 0.1, test_fraction: float = 0.1, download: bool = False,
+                   url: str = SQUAD_DEV_URL, sha256: str = SQUAD_DEV_SHA256, documents: str | None = None,
+                   train_queries: str | None = None, val_queries: str | None = None,
+                   test_queries: str | None = None) -> Prepared:
+    """Read and split dataset `name` (one of `DATASETS`) without writing anything."""
+    if name not in DATASETS:
+        raise GenIRError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name == "reference-json":
+        missing = [flag for flag, value in (("documents", documents), ("train_queries", train_queries),
+                                            ("val_queries", val_queries)) if value is None]
+        if missing:
+            raise GenIRError(f"reference-json needs the files {', '.join(missing)}")
+        return load_reference_json(documents, train_queries, val_queries, test_queries)
+    _check_fractions(val_fraction, test_fraction)
+    data_dir = pathlib.Path(data_dir) if data_dir is not None else default_data_dir()
+    if name == "squad-dev":
+        path = squad_dev_file(data_dir, download_missing=download, url=url, sha256=sha256)
+        prepared = split_squad(load_squad(path), seed, val_fraction, test_fraction)
+        files = [path]
+    elif name == "nq-oracle":
+        directory = data_dir / NQ_DIR
+        prepared = split_by_document(load_nq_oracle(directory), seed, val_fraction, test_fraction)
+        files = [directory / "passages.jsonl.gz", directory / "questions.jsonl.gz"]
+    else:
+        directory = data_dir / CRANFIELD_DIR
+        prepared = split_queries(load_cranfield(directory), seed, val_fraction, test_fraction)
+        files = [directory / "cran.all.1400", directory / "cran.qry", directory / "cranqrel"]
+    prepared.sources = {os.path.basename(os.fspath(f)): sha256_of(f) for f in files}
+    return prepared
+
+
+def write_prepared(out_dir: str | os.PathLike, prepared: Prepared, manifest: dict[str, Any]) -> None:
+    """Write every file of the layout into a staging directory, then move them into `out_dir`."""
+    documents = validate_documents(prepared.documents)
+    for name, queries in prepared.splits.items():
+        validate_queries(queries, documents, source=f"{name} queries")
+    with atomic_directory(out_dir) as staging:
+        write_documents(os.path.join(staging, DOCUMENTS_FILE), documents)
+        for name, queries in prepared.splits.items():
+            if not queries:
+                continue  # e.g. test_fraction=0: no test files at all rather than an empty, unreadable one
+            write_queries(os.path.join(staging, queries_file(name)), queries)
+            if name != "train":
+                write_qrels(os.path.join(staging, qrels_file(name)), queries, prepared.grades)
+                write_trec_qrels(os.path.join(staging, trec_qrels_file(name)),
+                                 qrels_from_queries(queries, prepared.grades))
+        write_json(os.path.join(staging, MANIFEST_FILE), manifest, indent=2)
+
+
+def prepare_dataset(name: str, out_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None,
+                    **options: Any) -> dict[str, Any]:
+    """Read, split and write dataset `name` to `out_dir` (layout in the module docstring); returns the manifest.
+
+    Options: ``seed`` (0), ``val_fraction`` / ``test_fraction`` (0.1), ``download`` (SQuAD: fetch the file
+    with a SHA-256 check when it is missing; ``url`` / ``sha256`` override the source), and for
+    ``reference-json`` the paths ``documents``, ``train_queries``, ``val_queries``, ``test_queries``.
+    """
+    prepared = build_prepared(name, data_dir, **options)
+    empty = [split for split in ("train", "val") if not prepared.splits.get(split)]
+    if empty:
+        raise DataError(f"{name}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty "
+                        "(too few queries for the fractions given)")
+    if name == "reference-json":
+        recorded = {key: os.fspath(value) for key, value in options.items() if value is not None}
+    else:
+        recorded = {"seed": options.get("seed", 0), "val_fraction": options.get("val_fraction", 0.1),
+                    "test_fraction": options.get("test_fraction", 0.1)}
+        if options.get("download"):
+            recorded.update(download=True, url=options.get("url", SQUAD_DEV_URL))
+    written = {split: queries for split, queries in prepared.splits.items() if queries}
+    manifest = {
+        "dataset": name,
+        "options": recorded,
+        "sources_sha256": prepared.sources,
+        "counts": prepared.counts(),
+        "notes": prepared.notes,
+        "files": sorted([DOCUMENTS_FILE, MANIFEST_FILE] + [queries_file(s) for s in written]
+                        + [f for s in written if s != "train" for f in (qrels_file(s), trec_qrels_file(s))]),
+    }
+    write_prepared(out_dir, prepared, manifest)
+    return manifest
+
+
+def load_prepared(directory: str | os.PathLike) -> tuple[list[Document], dict[str, list[Query]]]:
+    """Documents and the queries of every split present in a prepared directory, validated together."""
+    directory = pathlib.Path(directory)
+    if not (directory / DOCUMENTS_FILE).is_file():
+        raise DataError(f"{directory / DOCUMENTS_FILE}: file not found (is {directory} a prepared directory? "
+                        "see `genir-jax prepare-data`)")
+    documents = read_documents(directory / DOCUMENTS_FILE)
+    splits = {name: read_queries(directory / queries_file(name), documents)
+              for name in SPLIT_NAMES if (directory / queries_file(name)).is_file()}
+    return documents, splits

@@ -1,0 +1,339 @@
+"""Building interventions: zero / mean ablation, activation patching, head and neuron knock-outs.
+
+An `Interventions` value is a plain pytree ``{"encoder"|"decoder": {local site: Patch | (Patch, ...)}}``.
+Each `Patch(mask, value)` turns a site's activation ``out`` into ``out + mask * (value - out)``
+(`genir_jax.taps`). For per-layer sites both arrays carry a leading layer axis ``[L, B, *site]`` (each
+axis may be 1 to broadcast); stack-level sites (``hook_embed``, ``*.hook_out``, final-norm sites) have
+no layer axis. Masks select layers, and optionally positions, heads or neurons:
+
+    iv = zero_ablation(cfg, ["decoder.3.hook_mlp_out", "decoder.4.hook_mlp_out"])
+    iv = mean_ablation(cfg, means, sites=["decoder.*.hook_cross_attn_out"], positions=[0], length=1)
+    iv = replacement(cfg, other_run_cache)                    # activation patching, per query
+    iv = head_ablation(cfg, {"decoder.16.cross_attn": [1, 3]})   # zero the heads' hook_z
+    iv = combine(iv_a, iv_b)                                   # both, applied in order
+
+A patching *sweep* stacks K configurations along a new leading axis of every mask (values are shared
+by all configs, or come per query from a source run): see `genir_jax.patching`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from genir_jax.config import T5Config
+from genir_jax.errors import GenIRError
+from genir_jax.sites import STACK_SITES, Site, expand_site_patterns, num_layers, parse_site, site_shape
+from genir_jax.taps import Patch
+
+Interventions = dict  # {"encoder"|"decoder": {local site: Patch | tuple[Patch, ...]}}
+
+
+class InterventionError(GenIRError, ValueError):
+    """An intervention that does not fit the model or the inputs (wrong shape, wrong axis)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks
+# --------------------------------------------------------------------------------------------------
+
+def _axis_of(site: Site, kind: str) -> int:
+    """Index (in the per-example site shape) of the position / head / neuron axis."""
+    local = site.local
+    leaf = local.split(".")[-1]
+    is_attention = local.startswith(("attn.", "cross_attn."))
+    if kind == "positions":
+        return 1 if leaf in ("hook_attn_scores", "hook_pattern") else 0
+    if kind == "heads":
+        if not is_attention:
+            raise InterventionError(f"site '{site.name}' has no head axis; heads apply to attention sites "
+                                    "(e.g. '<stack>.<l>.attn.hook_z')")
+        return 0 if leaf in ("hook_attn_scores", "hook_pattern") else 1
+    if kind == "neurons":
+        if not local.startswith("mlp."):
+            raise InterventionError(f"site '{site.name}' has no neuron axis; neurons apply to MLP sites "
+                                    "(e.g. '<stack>.<l>.mlp.hook_post')")
+        return 1
+    raise ValueError(kind)
+
+
+def _selection_mask(config: T5Config, site: Site, positions, heads, neurons, length) -> np.ndarray:
+    """Per-example mask (rank of the site, 1 on unselected axes) selecting positions/heads/neurons."""
+    rank = len(site_shape(config, site, 1, 1))
+    mask = np.ones((1,) * rank, dtype=np.float32)
+    for kind, chosen in (("positions", positions), ("heads", heads), ("neurons", neurons)):
+        if chosen is None:
+            continue
+        axis = _axis_of(site, kind)
+        if kind == "positions":
+            if length is None:
+                raise InterventionError(f"site '{site.name}': selecting positions needs the sequence `length`")
+            size = length
+        else:
+            size = config.num_heads if kind == "heads" else config.d_ff
+        chosen = np.asarray(list(chosen), dtype=np.int64)
+        if chosen.size and (chosen.min() < 0 or chosen.max() >= size):
+            raise InterventionError(f"site '{site.name}': {kind} {chosen.tolist()} out of range [0, {size})")
+        selector = np.zeros(size, dtype=np.float32)
+        selector[chosen] = 1.0
+        shape = [1] * rank
+        shape[axis] = size
+        mask = mask * selector.reshape(shape)
+    return mask
+
+
+def _group_sites(config: T5Config, sites: Iterable[str]) -> dict[tuple[str, str], list[int | None]]:
+    grouped: dict[tuple[str, str], list[int | None]] = {}
+    for name in expand_site_patterns(config, sites):
+        site = parse_site(config, name)
+        grouped.setdefault((site.stack, site.local), []).append(site.layer)
+    return grouped
+
+
+def site_masks(config: T5Config, sites: Iterable[str], *, positions=None, heads=None, neurons=None,
+               length: int | None = None) -> dict[tuple[str, str], np.ndarray]:
+    """Masks for full site names (patterns allowed), grouped per (stack, local site).
+
+    Layer sites get ``[L, 1, *site]`` with ones at the named layers (and selected positions / heads /
+    neurons), stack sites ``[1, *site]``; other axes are 1 and broadcast.
+    """
+    out = {}
+    for (stack, local), layers in _group_sites(config, sites).items():
+        site = Site(stack, local, layers[0])
+        selection = _selection_mask(config, site, positions, heads, neurons, length)[None]  # batch axis
+        if local in STACK_SITES:
+            out[(stack, local)] = selection
+            continue
+        mask = np.zeros((num_layers(config, stack),) + selection.shape, dtype=np.float32)
+        for layer in layers:
+            mask[layer] = selection
+        out[(stack, local)] = mask
+    return out
+
+
+def _interventions(masks: Mapping[tuple[str, str], Any], values: Mapping[tuple[str, str], Any]) -> Interventions:
+    iv: Interventions = {}
+    for key, mask in masks.items():
+        stack, local = key
+        iv.setdefault(stack, {})[local] = Patch(jnp.asarray(mask), values[key])
+    return iv
+
+
+# --------------------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------------------
+
+def zero_ablation(config: T5Config, sites: Iterable[str], *, positions=None, heads=None, neurons=None,
+                  length: int | None = None) -> Interventions:
+    """Replace the selected activations by 0 (the reference's zero patching sets the whole tensor)."""
+    masks = site_masks(config, sites, positions=positions, heads=heads, neurons=neurons, length=length)
+    return _interventions(masks, {key: jnp.zeros((), jnp.float32) for key in masks})
+
+
+def _stacked_values(config: T5Config, masks, per_site: Mapping[str, Any], with_batch: bool):
+    """{(stack, local): value} with a layer axis for layer sites, from {full name: array}."""
+    values = {}
+    for (stack, local) in masks:
+        if local in STACK_SITES:
+            name = Site(stack, local, None).name
+            values[(stack, local)] = _value_for(per_site, name, with_batch)
+            continue
+        layers = []
+        template = None
+        for layer in range(num_layers(config, stack)):
+            name = f"{stack}.{layer}.{local}"
+            if name in per_site:
+                template = _value_for(per_site, name, with_batch)
+            layers.append(name)
+        if template is None:
+            raise InterventionError(f"no values given for any layer of site '{stack}.*.{local}'")
+        stacked = [(_value_for(per_site, name, with_batch) if name in per_site else jnp.zeros_like(template))
+                   for name in layers]
+        values[(stack, local)] = jnp.stack(stacked)
+    return values
+
+
+def _value_for(per_site: Mapping[str, Any], name: str, with_batch: bool):
+    if name not in per_site:
+        raise InterventionError(f"no value given for site '{name}'")
+    value = jnp.asarray(per_site[name])
+    return value if with_batch else value[None]
+
+
+def mean_ablation(config: T5Config, means: Mapping[str, Any], sites: Iterable[str] | None = None, *,
+                  positions=None, heads=None, neurons=None, length: int | None = None) -> Interventions:
+    """Replace the selected activations by their mean over a query set.
+
+    `means` maps full site names to per-example means (as `mean_activations` returns them, e.g.
+    ``[T, D]`` for a residual site); `sites` defaults to all of them.
+    """
+    sites = list(means) if sites is None else list(sites)
+    masks = site_masks(config, sites, positions=positions, heads=heads, neurons=neurons, length=length)
+    return _interventions(masks, _stacked_values(config, masks, means, with_batch=False))
+
+
+def replacement(config: T5Config, activations: Mapping[str, Any], sites: Iterable[str] | None = None, *,
+                positions=None, heads=None, neurons=None, length: int | None = None) -> Interventions:
+    """Activation patching: replace the selected activations by those of another run, query by query.
+
+    `activations` maps full site names to ``[B, ...]`` arrays aligned with the patched batch: the cache of
+    the same model on other queries (resampling), of another model on the same queries (cross-model,
+    e.g. the pretrained T5), or an encoder output of another model (encoder swap, see `encoder_swap`).
+    """
+    sites = list(activations) if sites is None else list(sites)
+    masks = site_masks(config, sites, positions=positions, heads=heads, neurons=neurons, length=length)
+    return _interventions(masks, _stacked_values(config, masks, activations, with_batch=True))
+
+
+def encoder_swap(config: T5Config, other_encoder_output, site: str | None = None) -> Interventions:
+    """Run the decoder on another model's encoder output.
+
+    By default the swapped site is ``encoder.hook_out`` (after the final norm: exactly what cross-attention
+    reads). The reference swaps ``encoder.{L-1}.hook_resid_post`` (before the final norm, so the patched
+    model's own final norm is applied); pass that name to reproduce it.
+    """
+    site = site or "encoder.hook_out"
+    return replacement(config, {site: other_encoder_output})
+
+
+def head_ablation(config: T5Config, heads: Mapping[str, Sequence[int]], *, means: Mapping[str, Any] | None = None
+                  ) -> Interventions:
+    """Knock out attention heads by zeroing (or mean-replacing) their ``hook_z``.
+
+    `heads` maps ``"<stack>.<layer>.attn"`` or ``"<stack>.<layer>.cross_attn"`` to head indices.
+    """
+    parts = []
+    for prefix, indices in heads.items():
+        site = f"{prefix}.hook_z"
+        if means is None:
+            parts.append(zero_ablation(config, [site], heads=indices))
+        else:
+            parts.append(mean_ablation(config, {site: means[site]}, heads=indices))
+    return combine(*parts)
+
+
+def neuron_ablation(config: T5Config, neurons: Mapping[str, Sequence[int]], *,
+                    means: Mapping[str, Any] | None = None) -> Interventions:
+    """Knock out MLP neurons by zeroing (or mean-replacing) their ``mlp.hook_post`` activation.
+
+    `neurons` maps ``"<stack>.<layer>.mlp"`` to neuron indices.
+    """
+    parts = []
+    for prefix, indices in neurons.items():
+        site = f"{prefix}.hook_post"
+        if means is None:
+            parts.append(zero_ablation(config, [site], neurons=indices))
+        else:
+            parts.append(mean_ablation(config, {site: means[site]}, neurons=indices))
+    return combine(*parts)
+
+
+def combine(*interventions: Interventions) -> Interventions:
+    """All patches of several interventions; patches of the same site apply in the given order."""
+    out: Interventions = {}
+    for iv in interventions:
+        for stack, sites in (iv or {}).items():
+            for local, patches in sites.items():
+                patches = (patches,) if isinstance(patches, Patch) else tuple(patches)
+                existing = out.setdefault(stack, {}).get(local, ())
+                existing = (existing,) if isinstance(existing, Patch) else tuple(existing)
+                out[stack][local] = existing + patches
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+def validate(config: T5Config, interventions: Interventions | None, batch: int, encoder_length: int,
+             decoder_length: int, leading: tuple[int, ...] = ()) -> None:
+    """Check every patch against the model and the input shapes; raise `InterventionError` naming the
+    site and the expected shape. `leading` is the shape of extra leading axes on masks (a sweep's K)."""
+    for stack, sites in (interventions or {}).items():
+        if stack not in ("encoder", "decoder"):
+            raise InterventionError(f"interventions: unknown stack '{stack}' (expected 'encoder' or 'decoder')")
+        length = encoder_length if stack == "encoder" else decoder_length
+        for local, patches in sites.items():
+            layer = None if local in STACK_SITES else 0
+            site = Site(stack, local, layer)
+            parse_site(config, site.name)  # unknown local names raise with a suggestion
+            full = (batch,) + site_shape(config, site, length, encoder_length)
+            if layer is not None:
+                full = (num_layers(config, stack),) + full
+            label = site.name if layer is None else f"{stack}.*.{local}"
+            for patch in (patches,) if isinstance(patches, Patch) else patches:
+                if not isinstance(patch, Patch):
+                    raise InterventionError(f"interventions['{stack}']['{local}']: expected Patch(mask, value), "
+                                            f"got {type(patch).__name__}")
+                _check_broadcast(label, "mask", np.shape(patch.mask), leading + full, leading)
+                if _is_array(patch.value):
+                    _check_broadcast(label, "value", np.shape(patch.value), full, ())
+
+
+def _is_array(value) -> bool:
+    return isinstance(value, (np.ndarray, jax.Array, float, int, np.number))
+
+
+def _check_broadcast(label: str, what: str, shape: tuple, expected: tuple, leading: tuple) -> None:
+    if what == "value" and shape == ():
+        return
+    ok = len(shape) == len(expected) and all(s in (1, e) for s, e in zip(shape, expected))
+    if leading and ok:
+        ok = tuple(shape[: len(leading)]) == leading
+    if not ok:
+        axes = "[K, " if leading else "["
+        layer_hint = "L, " if len(expected) - len(leading) > 0 else ""
+        raise InterventionError(
+            f"site '{label}': {what} has shape {tuple(shape)}, which does not broadcast to {tuple(expected)} "
+            f"({axes}{layer_hint}B, ...site] with each axis of that size or 1)"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming means
+# --------------------------------------------------------------------------------------------------
+
+def mean_activations(config: T5Config, params, input_ids, attention_mask, sites: Iterable[str], *,
+                     decoder_input_ids=None, batch_size: int = 64, progress: bool = True) -> dict[str, jnp.ndarray]:
+    """Mean of each site's activation over the given queries, per position: ``{name: [*site]}``.
+
+    Streams over batches (only running sums are kept). Like the reference's mean cache, the mean is
+    taken per position over all queries, so with padded inputs padding positions are averaged too.
+    """
+    names = expand_site_patterns(config, sites)
+    input_ids = np.asarray(input_ids)
+    attention_mask = np.asarray(attention_mask)
+    count = input_ids.shape[0]
+    if count == 0:
+        raise InterventionError("mean_activations: no queries given")
+    if decoder_input_ids is None:
+        decoder_input_ids = np.full((count, 1), config.decoder_start_token_id, dtype=np.int32)
+    decoder_input_ids = np.asarray(decoder_input_ids)
+    batch_size = min(batch_size, count)
+
+    totals = None
+    starts = range(0, count, batch_size)
+    for start in tqdm(starts, desc="mean activations", disable=not progress or len(starts) < 2, leave=False):
+        stop = min(start + batch_size, count)
+        pad = batch_size - (stop - start)
+        chunk = [np.pad(a[start:stop], [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+                 for a in (input_ids, attention_mask, decoder_input_ids)]
+        weights = np.pad(np.ones(stop - start, np.float32), (0, pad))
+        sums = _batch_sums(config, tuple(names), params, *chunk, weights)
+        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+    return {name: totals[name] / count for name in names}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "names"))
+def _batch_sums(config: T5Config, names: tuple[str, ...], params, input_ids, attention_mask, decoder_input_ids,
+                weights):
+    """Weighted sums over the batch of each site's activation (compiled once per config and site list)."""
+    from genir_jax.model import forward_with_cache
+
+    _, cache = forward_with_cache(config, params, input_ids, attention_mask, decoder_input_ids, cache_sites=names)
+    return {name: jnp.einsum("b,b...->...", weights, cache[name].astype(jnp.float32)) for name in names}

@@ -1,0 +1,224 @@
+"""Ranking documents with a DSI model, retrieval metrics, TREC run files and ``correct_valid.json``.
+
+Ranking. The decoder runs one step from the start token (id 0); the docids are ranked by that step's
+logits. The reference (``eval.py``) takes ``topk(100)`` over the FULL vocabulary and decodes each token:
+word tokens can be in that list (a random or under-trained model puts them first; a trained one still
+mixes them in further down), and they then take ranks as non-relevant entries. Our default ranks the
+docid tokens only (a run lists documents); ``full_vocabulary=True`` reproduces the reference, with
+non-docid tokens marked ``-1`` (they become ``NON_DOCID@<rank>`` placeholder entries in a run). The
+reference's evaluation also feeds queries padded to `max_length` WITHOUT an attention mask; pass an all-ones
+mask over such padding to reproduce that (``genir-jax evaluate --reference-mode`` does both).
+
+Metrics. Hits@1, Hits@10 (trec_eval ``success``), Recall@5, MRR@10 and nDCG@10 come from trec_eval
+through ir-measures' pytrec_eval provider, averaged over every query in the qrels (a query without a
+result scores 0, like ``trec_eval -c``). trec_eval orders a run by score and breaks ties by docid; we
+evaluate the order we ranked in (scores handed to trec_eval are made strictly decreasing along our ranks),
+so Hits@1 agrees with ``correct_valid.json``. As in trec_eval, a document is relevant when its grade is
+>= 1: with the reference's ``rel = 4 - position`` a query's 5th and later documents are not (the
+reference's own Hits@k / Recall@5 and ``correct_valid.json`` count every listed document).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from genir_jax.config import T5Config
+from genir_jax.docids import docid_token
+from genir_jax.errors import CheckpointError, DataError
+from genir_jax.io import atomic_path
+from genir_jax.model import forward
+
+Run = dict[str, list[tuple[str, float]]]   # query id -> [(doc id, score), ...], best first
+METRICS = ("Hits@1", "Hits@10", "Recall@5", "MRR@10", "nDCG@10")
+NON_DOCID = "NON_DOCID@"  # run entries standing for word tokens in the reference's full-vocabulary ranking
+
+
+# --------------------------------------------------------------------------------------------------
+# Ranking
+# --------------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("config", "k", "full_vocabulary"))
+def _top_k_first_step(config: T5Config, params, input_ids, attention_mask, columns, k: int,
+                      full_vocabulary: bool):
+    start = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=jnp.int32)
+    logits = forward(config, params, input_ids, attention_mask, start)[:, 0, :]
+    if not full_vocabulary:
+        logits = jnp.take(logits, columns, axis=1)
+    return jax.lax.top_k(logits, k)
+
+
+def rank_docids(config: T5Config, params, input_ids, attention_mask, docid_token_ids, k: int = 100,
+                batch_size: int = 256, *, full_vocabulary: bool = False,
+                progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Top-`k` docids of every query from the first decoder step's logits.
+
+    Returns ``(indices [N, k] into docid_token_ids, scores [N, k])``, best first (ties: lower index
+    first). With ``full_vocabulary=True`` the top `k` of the whole vocabulary are returned, as the
+    reference does, and entries that are not docid tokens have index -1. One jitted forward per chunk of
+    `batch_size` queries (the last chunk is padded, so it compiles once).
+    """
+    input_ids = np.asarray(input_ids, dtype=np.int32)
+    attention_mask = np.asarray(attention_mask, dtype=np.int32)
+    columns = np.asarray(docid_token_ids, dtype=np.int32).reshape(-1)
+    if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
+        raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must be equal [N, L]")
+    if columns.size == 0:
+        raise CheckpointError("no docid tokens to rank")
+    if columns.min() < 0 or columns.max() >= config.vocab_size:
+        raise CheckpointError(f"docid token ids must lie in [0, {config.vocab_size}) (the model's vocab_size), "
+                              f"got {int(columns.min())}..{int(columns.max())}")
+    if len(np.unique(columns)) != columns.size:
+        raise ValueError("docid_token_ids contains a token id twice")
+    count = input_ids.shape[0]
+    k = int(min(k, config.vocab_size if full_vocabulary else columns.size))
+    if count == 0:
+        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    batch = max(1, min(int(batch_size), count))
+    chunks = range(0, count, batch)
+    indices, scores = [], []
+    for start in tqdm(chunks, desc="ranking", unit="batch", disable=not progress or len(chunks) < 2):
+        ids, mask = input_ids[start:start + batch], attention_mask[start:start + batch]
+        real = ids.shape[0]
+        if real < batch:  # pad with copies of the first row: same shapes, one compilation
+            ids = np.concatenate([ids, np.repeat(ids[:1], batch - real, axis=0)])
+            mask = np.concatenate([mask, np.repeat(mask[:1], batch - real, axis=0)])
+        top_scores, top = _top_k_first_step(config, params, ids, mask, columns, k, full_vocabulary)
+        indices.append(np.asarray(top)[:real])
+        scores.append(np.asarray(top_scores, dtype=np.float32)[:real])
+    indices_all = np.concatenate(indices).astype(np.int64)
+    if full_vocabulary:
+        lookup = np.full(config.vocab_size, -1, dtype=np.int64)
+        lookup[columns] = np.arange(columns.size)
+        indices_all = lookup[indices_all]
+    return indices_all, np.concatenate(scores)
+
+
+def run_from_ranking(query_ids: Sequence[str], doc_ids: Sequence[str], indices: np.ndarray,
+                     scores: np.ndarray) -> Run:
+    """A run from `rank_docids` output; index -1 (a word token) becomes a ``NON_DOCID@<rank>`` entry."""
+    if len(query_ids) != indices.shape[0]:
+        raise ValueError(f"{len(query_ids)} query ids for {indices.shape[0]} ranked rows")
+    run: Run = {}
+    for query_id, row, row_scores in zip(query_ids, indices, scores):
+        run[str(query_id)] = [(doc_ids[i] if i >= 0 else f"{NON_DOCID}{rank}", float(score))
+                              for rank, (i, score) in enumerate(zip(row.tolist(), row_scores.tolist()))]
+    return run
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------
+
+def _measures():
+    import ir_measures
+    from ir_measures import R, RR, Success, nDCG
+
+    return ir_measures, {Success @ 1: "Hits@1", Success @ 10: "Hits@10", R @ 5: "Recall@5",
+                         RR @ 10: "MRR@10", nDCG @ 10: "nDCG@10"}
+
+
+def per_query_metrics(run: Mapping[str, Sequence[tuple[str, float]]],
+                      qrels: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, float]]:
+    """Every metric of every query in `qrels` (0 where the run has no result for it)."""
+    ir_measures, names = _measures()
+    trec_qrels = {str(q): {str(d): int(rel) for d, rel in docs.items()} for q, docs in qrels.items()}
+    trec_run = {}
+    for query_id, ranked in run.items():
+        if str(query_id) not in trec_qrels or not ranked:
+            continue
+        entries: dict[str, float] = {}
+        for rank, (doc_id, _) in enumerate(ranked):
+            if doc_id in entries:
+                raise DataError(f"run: query {query_id!r} lists document {doc_id!r} twice")
+            entries[str(doc_id)] = float(len(ranked) - rank)  # our order, whatever the ties in the scores
+        trec_run[str(query_id)] = entries
+    values = {query_id: {name: 0.0 for name in METRICS} for query_id in trec_qrels}
+    if trec_run:
+        for metric in ir_measures.pytrec_eval.iter_calc(list(names), trec_qrels, trec_run):
+            values[metric.query_id][names[metric.measure]] = float(metric.value)
+    return values
+
+
+def evaluate_run(run: Mapping[str, Sequence[tuple[str, float]]],
+                 qrels: Mapping[str, Mapping[str, int]]) -> dict[str, float]:
+    """Hits@1, Hits@10, Recall@5, MRR@10, nDCG@10 averaged over the queries of `qrels`, and their count."""
+    if not qrels:
+        raise DataError("qrels: no queries to evaluate")
+    values = per_query_metrics(run, qrels)
+    result: dict[str, float] = {name: float(np.mean([v[name] for v in values.values()])) for name in METRICS}
+    result["queries"] = len(values)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Run files and correct_valid.json
+# --------------------------------------------------------------------------------------------------
+
+def write_trec_run(path: str | os.PathLike, run: Mapping[str, Sequence[tuple[str, float]]], system: str) -> None:
+    """Atomically write a TREC run file: ``query Q0 docid rank score system`` (rank from 1, best first)."""
+    system = "_".join(str(system).split()) or "genir-jax"
+    with atomic_path(path) as temp:
+        with open(temp, "w", encoding="utf-8") as handle:
+            for query_id, ranked in run.items():
+                for rank, (doc_id, score) in enumerate(ranked, start=1):
+                    handle.write(f"{query_id} Q0 {doc_id} {rank} {score:.6g} {system}\n")
+
+
+def read_trec_run(path: str | os.PathLike) -> Run:
+    """A TREC run file as a `Run`, each query's documents ordered by score (ties: by the rank column)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    rows: dict[str, list[tuple[float, float, str]]] = {}
+    seen: dict[tuple[str, str], int] = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 6:
+                raise DataError(f"{path}: line {number}: expected 6 fields 'query Q0 docid rank score system', "
+                                f"got {len(parts)}")
+            query_id, _, doc_id, rank, score, _ = parts
+            try:
+                rank_value, score_value = float(rank), float(score)
+            except ValueError:
+                raise DataError(f"{path}: line {number}: rank {rank!r} and score {score!r} must be numbers") from None
+            if not math.isfinite(score_value):
+                raise DataError(f"{path}: line {number}: score {score!r} is not finite")
+            if (query_id, doc_id) in seen:
+                raise DataError(f"{path}: line {number}: document {doc_id!r} repeats for query {query_id!r} "
+                                f"(first on line {seen[(query_id, doc_id)]})")
+            seen[(query_id, doc_id)] = number
+            rows.setdefault(query_id, []).append((-score_value, rank_value, doc_id))
+    return {query_id: [(doc_id, -neg) for neg, _, doc_id in sorted(entries)] for query_id, entries in rows.items()}
+
+
+def correct_valid(run: Mapping[str, Sequence[tuple[str, float]]],
+                  qrels: Mapping[str, Mapping[str, int]]) -> list[list[str]]:
+    """``[[docid_token, query_id], ...]`` for queries whose first-ranked document is relevant: the reference's
+    ``correct_valid.json`` (relevant = listed in the qrels for the query, whatever its grade), in run order."""
+    correct = []
+    for query_id, ranked in run.items():
+        if ranked and ranked[0][0] in qrels.get(query_id, {}):
+            correct.append([docid_token(ranked[0][0]), query_id])
+    return correct
+
+
+def check_run_covers(query_ids: Iterable[str], qrels: Mapping[str, Mapping[str, int]], source: str) -> None:
+    """Queries and qrels must describe the same queries (a mismatch means a wrong file was passed)."""
+    query_ids = list(query_ids)
+    missing = [q for q in query_ids if q not in qrels]
+    extra = [q for q in qrels if q not in set(query_ids)]
+    if missing or extra:
+        raise DataError(f"{source}: the queries and the qrels do not match: {len(missing)} queries without "
+                        f"judgements (e.g. {missing[:3]}), {len(extra)} judged queries not in the queries file "
+                        f"(e.g. {extra[:3]})")
