@@ -15,7 +15,7 @@ from genir_jax import __version__
 from genir_jax.errors import GenIRError
 
 # Subcommand modules, in the order `--help` lists them.
-COMMAND_MODULES = ("inspect", "prepare-data", "evaluate", "bm25", "patch-stages")
+COMMAND_MODULES = ("inspect", "prepare-data", "evaluate", "bm25", "patch-stages", "swap-encoder", "circuit", "residual-rank")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -463,7 +463,7 @@ def save_pretrained(
             with open(os.path.join(staging, SAFETENSORS_INDEX_NAME), "w", encoding="utf-8") as handle:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2)
         if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(staging)
+            save_tokenizer(model.tokenizer, staging)
         os.makedirs(path, exist_ok=True)
         for existing in os.listdir(path):  # weights of an earlier save must not mix with these
             if existing in _WEIGHT_FILE_NAMES or _SHARD_PATTERN.fullmatch(existing):
@@ -473,6 +473,29 @@ def save_pretrained(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def save_tokenizer(tokenizer, directory: str) -> None:
+    """Save a tokenizer so that transformers 4.x (the reference's TransformerLens scripts) loads it too.
+
+    transformers 5.x writes only `tokenizer.json` and lists special tokens as `extra_special_tokens`;
+    4.x wants the SentencePiece model (`spiece.model`) to build a T5 tokenizer with `add_prefix_space` and
+    reads that list as `additional_special_tokens`. Both versions then give the same ids, docids included.
+    """
+    tokenizer.save_pretrained(directory)
+    vocab_file = getattr(tokenizer, "vocab_file", None)
+    if vocab_file and os.path.isfile(vocab_file) and not os.path.exists(os.path.join(directory, "spiece.model")):
+        shutil.copyfile(vocab_file, os.path.join(directory, "spiece.model"))
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        extra = data.get("extra_special_tokens")
+        if isinstance(extra, list):
+            data.pop("extra_special_tokens")
+            data.setdefault("additional_special_tokens", extra)
+            with open(config_path, "w", encoding="utf-8") as handle:
+                json.dump(data, handle, indent=2, ensure_ascii=False)
 
 
 def _shard(tensors: dict[str, np.ndarray], max_shard_bytes: int | None) -> list[dict[str, np.ndarray]]:

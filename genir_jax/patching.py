@@ -69,7 +69,7 @@ class SweepResult:
 
     ranks: np.ndarray          # [K, N] int: 0-based rank of the target in the full vocabulary
     target_logits: np.ndarray  # [K, N] float32
-    top_ids: np.ndarray        # [K, N, k] int: the k highest-scoring tokens
+    top_ids: np.ndarray        # [K, N, k] int: the k highest-scoring tokens (indices into `candidates` if given)
     top_logits: np.ndarray     # [K, N, k] float32
 
 
@@ -125,7 +125,7 @@ def _join(masks: Interventions, values: Interventions) -> Interventions:
 
 @functools.partial(jax.jit, static_argnames=("config", "source_config", "source_spec", "touches_encoder", "top_k"))
 def _sweep_chunk(params, source_params, input_ids, attention_mask, source_ids, source_mask, targets, masks, values,
-                 *, config, source_config, source_spec, touches_encoder, top_k):
+                 candidates, *, config, source_config, source_spec, touches_encoder, top_k):
     model = T5(config)
     start = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=jnp.int32)
     if source_spec is not None:
@@ -146,7 +146,7 @@ def _sweep_chunk(params, source_params, input_ids, attention_mask, source_ids, s
         hidden, _ = model.apply(variables, enc, attention_mask, start, None, interventions, method=T5.decode)
         logits = model.apply(variables, hidden[:, 0], method=T5.unembed).astype(jnp.float32)
         ranks, target_logits = ranks_of_targets(logits, targets)
-        top_logits, top_ids = jax.lax.top_k(logits, top_k)
+        top_logits, top_ids = jax.lax.top_k(logits if candidates is None else logits[:, candidates], top_k)
         return ranks, target_logits, top_ids.astype(jnp.int32), top_logits
 
     return jax.vmap(one_config)(masks)
@@ -190,6 +190,7 @@ def run_sweep(
     *,
     source: Source | None = None,
     top_k: int = 10,
+    candidates=None,
     query_chunk: int | None = None,
     config_chunk: int | None = None,
     devices=None,
@@ -197,6 +198,8 @@ def run_sweep(
 ) -> SweepResult:
     """Run every config (masks with a leading K axis) on every query; see the module docstring.
 
+    `candidates`: token ids (e.g. the docid tokens) among which the top-k are taken (``top_ids`` then index
+    into `candidates`); default: the whole vocabulary. Ranks are always in the full vocabulary.
     `query_chunk`: queries per device per step (default: from a 1 GiB logits budget); `config_chunk`:
     configs per step (default: all). `devices`: the devices to shard queries over (default: all local).
 
@@ -212,6 +215,11 @@ def run_sweep(
     if count and (target_ids.min() < 0 or target_ids.max() >= config.vocab_size):
         bad = int(target_ids[(target_ids < 0) | (target_ids >= config.vocab_size)][0])
         raise InterventionError(f"sweep: target token id {bad} is outside the vocabulary [0, {config.vocab_size})")
+    if candidates is not None:
+        candidates = np.asarray(candidates, dtype=np.int32).reshape(-1)
+        if candidates.size == 0 or candidates.min() < 0 or candidates.max() >= config.vocab_size:
+            raise InterventionError(f"sweep: candidates must be token ids in [0, {config.vocab_size})")
+        top_k = min(top_k, candidates.size)
     masks, values = _split_masks(configs)
     num_configs = _num_configs(masks)
     validate(config, _join(masks, values), 1, length, 1, leading=(num_configs,))
@@ -266,7 +274,7 @@ def run_sweep(
         out = _sweep_chunk(
             params, source_params, ids, mask, s_ids, s_mask, targets,
             jax.device_put(_take_configs(masks, index), replicated), values,
-            config=config, source_config=source_config, source_spec=source_spec, touches_encoder=bool(flag),
+            None if candidates is None else jax.device_put(candidates, replicated), config=config, source_config=source_config, source_spec=source_spec, touches_encoder=bool(flag),
             top_k=top_k,
         )
         r, t, i, l = (np.asarray(x)[:, : stop - start] for x in out)

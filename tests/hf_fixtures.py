@@ -65,8 +65,10 @@ class HFCheckpointFactory:
             data.pop("scale_decoder_outputs", None)
             data["tie_word_embeddings"] = tied
             path.write_text(json.dumps(data, indent=2))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+        if tokenizer is not None:  # with spiece.model, as hub checkpoints have it
+            from genir_jax.hf import save_tokenizer
+
+            save_tokenizer(tokenizer, str(directory))
         return directory, model
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -101,6 +103,10 @@ def test_docid_model_exports_to_transformers(hf_checkpoint, t5_tokenizer, tmp_pa
     torch_model = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.convert_tokens_to_ids("@DOC_ID_39@") == 32139
+    # what transformers 4.x (the reference's environment) needs to load the same tokenizer
+    assert (tmp_path / "dsi" / "spiece.model").is_file()
+    tokenizer_config = json.loads((tmp_path / "dsi" / "tokenizer_config.json").read_text())
+    assert not isinstance(tokenizer_config.get("extra_special_tokens"), list)
     ids, mask, dec = padded_batch(32100, [9, 4])
     np.testing.assert_allclose(torch_logits(torch_model, ids, mask, dec),
                                np.asarray(gj.forward(model.config, model.params, ids, mask, dec)), atol=1e-4)

@@ -91,3 +91,25 @@ def tokenize_for_analysis(tokenizer, texts: list[str], *, reference_padding: boo
     if reference_padding:
         mask[:] = 1  # the reference passes no attention mask
     return input_ids, mask
+
+
+def reference_padding_length(tokenizer, texts: list[str]) -> int:
+    """The reference's padded length for a query set: longest query in sub-word tokens (no ``</s>``) + 1."""
+    return max(len(tokenizer.tokenize(text)) for text in texts) + 1
+
+
+def reference_padded_groups(tokenizer, texts: list[str], length: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Queries padded as the reference pads them to `length` (``padding="max_length"`` without truncation, so
+    longer queries keep their own length), with all-ones masks, grouped by padded length so that every batch
+    sees exactly the reference's input. Returns ``[(row indices, input_ids [n, L_g]), ...]``."""
+    encoded = [tokenizer(text).input_ids for text in texts]
+    groups: dict[int, list[int]] = {}
+    for row, ids in enumerate(encoded):
+        groups.setdefault(max(length, len(ids)), []).append(row)
+    out = []
+    for group_length, rows in sorted(groups.items()):
+        ids = np.full((len(rows), group_length), tokenizer.pad_token_id, dtype=np.int32)
+        for i, row in enumerate(rows):
+            ids[i, :len(encoded[row])] = encoded[row]
+        out.append((np.asarray(rows), ids))
+    return out

@@ -1,0 +1,144 @@
+"""Minimal circuit (paper Table 4): how much retrieval survives when most components are knocked out.
+
+A circuit is data: a list of patches, each "component X in stages S is zeroed / replaced by its mean".
+The paper's circuit (`PAPER_CIRCUIT`): remove self-attention in every layer and cross-attention in stage I,
+replace the MLP outputs of stages I and II by their mean; keep the rest. Means are over the correct
+validation queries (as in the reference's `eval_patching_all_stages.py`); the circuit is evaluated on the
+TEST queries: Hits@1, Recall@5, Hits@10 (and MRR@10, nDCG@10), absolute and relative to the unpatched model,
+both computed in the same sweep (config 0: nothing patched, config 1: the circuit).
+
+Circuit file format (JSON)::
+
+    {"name": "paper",
+     "patches": [{"component": "attn", "stages": "all", "mode": "zero"},
+                 {"component": "cross_attn", "stages": [0], "mode": "zero"},
+                 {"component": "mlp", "stages": [0, 1], "mode": "mean"}]}
+
+Stage indices refer to the stage list in use (the paper's 0-6 / 7-17 / 18-23 for 24 decoder layers).
+Default ranking: docid tokens only with attention masks (as `genir-jax evaluate`); reference mode: the
+reference's padding (longest correct validation query + 1, no mask) and top-100 over the full vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import numpy as np
+
+from genir_jax.config import T5Config
+from genir_jax.errors import DataError
+from genir_jax.patching import run_sweep
+from genir_jax.sites import COMPONENT_SITES
+from genir_jax.taps import Patch
+
+RESULTS_JSON = "minimal_circuit.json"
+MODES = ("zero", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class CircuitPatch:
+    """Knock out one component type in some stages: mode "zero" (replace by 0) or "mean"."""
+
+    component: str
+    stages: tuple[int, ...] | str  # stage indices, or "all"
+    mode: str
+
+    def layers(self, stages: Sequence[Sequence[int]]) -> list[int]:
+        chosen = range(len(stages)) if self.stages == "all" else self.stages
+        return sorted({layer for index in chosen for layer in stages[index]})
+
+
+@dataclasses.dataclass(frozen=True)
+class Circuit:
+    name: str
+    patches: tuple[CircuitPatch, ...]
+
+    def describe(self, stages: Sequence[Sequence[int]]) -> str:
+        parts = []
+        for patch in self.patches:
+            layers = patch.layers(stages)
+            action = "remove" if patch.mode == "zero" else "mean"
+            parts.append(f"{action} {patch.component} in layers {_ranges(layers)}")
+        return "; ".join(parts) or "nothing patched"
+
+    def as_json(self) -> dict:
+        return {"name": self.name, "patches": [
+            {"component": p.component, "stages": p.stages if p.stages == "all" else list(p.stages), "mode": p.mode}
+            for p in self.patches]}
+
+
+PAPER_CIRCUIT = Circuit("paper", (
+    CircuitPatch("attn", "all", "zero"),
+    CircuitPatch("cross_attn", (0,), "zero"),
+    CircuitPatch("mlp", (0, 1), "mean"),
+))
+
+
+def _ranges(layers: Sequence[int]) -> str:
+    out, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            out.append(f"{start}-{layer}" if layer != start else f"{layer}")
+            start = None
+    return ",".join(out) or "none"
+
+
+def circuit_from_json(data, source: str, num_stages: int) -> Circuit:
+    """Validate a circuit description; errors name the file and the patch."""
+    if not isinstance(data, dict) or not isinstance(data.get("patches"), list):
+        raise DataError(f"{source}: expected an object with a 'patches' list")
+    patches = []
+    for index, entry in enumerate(data["patches"]):
+        where = f"{source}: patches[{index}]"
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: expected an object")
+        component, mode, stages = entry.get("component"), entry.get("mode"), entry.get("stages")
+        if component not in COMPONENT_SITES:
+            raise DataError(f"{where}: field 'component' must be one of {', '.join(COMPONENT_SITES)}, got {component!r}")
+        if mode not in MODES:
+            raise DataError(f"{where}: field 'mode' must be 'zero' or 'mean', got {mode!r}")
+        if stages != "all":
+            if not isinstance(stages, list) or not all(isinstance(s, int) and 0 <= s < num_stages for s in stages):
+                raise DataError(f"{where}: field 'stages' must be \"all\" or a list of stage indices in "
+                                f"[0, {num_stages}), got {stages!r}")
+            stages = tuple(stages)
+        patches.append(CircuitPatch(component, stages, mode))
+    return Circuit(str(data.get("name", os.path.basename(source))), tuple(patches))
+
+
+def circuit_interventions(config: T5Config, circuit: Circuit, stages: Sequence[Sequence[int]], means: dict | None
+                          ) -> dict:
+    """Two configs: index 0 patches nothing (the unpatched model), index 1 applies the circuit."""
+    layers = config.num_decoder_layers
+    decoder = {}
+    for component, site in COMPONENT_SITES.items():
+        patches = []
+        for mode in MODES:
+            chosen = [p for p in circuit.patches if p.component == component and p.mode == mode]
+            if not chosen:
+                continue
+            mask = np.zeros((2, layers, 1, 1, 1), np.float32)
+            for patch in chosen:
+                mask[1, patch.layers(stages)] = 1.0
+            if mode == "zero":
+                value = np.zeros((), np.float32)
+            else:
+                value = np.stack([np.asarray(means[f"decoder.{l}.{site}"]) for l in range(layers)])[:, None]
+            patches.append(Patch(mask, value))
+        if patches:
+            decoder[site] = tuple(patches)
+    if not decoder:  # an empty circuit: one all-zero mask keeps the sweep's config axis
+        decoder["hook_mlp_out"] = (Patch(np.zeros((2, layers, 1, 1, 1), np.float32), np.zeros((), np.float32)),)
+    return {"decoder": decoder}
+
+
+def rank_with_circuit(config: T5Config, params, circuit_interventions_: dict, input_ids, attention_mask, targets,
+                      candidates, *, top_k: int = 100, query_chunk: int | None = None, progress: bool = True):
+    """(top ids [2, N, k] into `candidates`, their logits [2, N, k]) unpatched (0) and with the circuit (1)."""
+    result = run_sweep(config, params, input_ids, attention_mask, targets, circuit_interventions_,
+                       candidates=candidates, top_k=top_k, query_chunk=query_chunk, progress=progress)
+    return result.top_ids, result.top_logits

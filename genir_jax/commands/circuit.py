@@ -1,0 +1,136 @@
+"""`genir-jax circuit`: evaluate a minimal circuit on the test queries (paper Table 4)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+from genir_jax.errors import DataError, GenIRError
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "circuit",
+        help="evaluate the model with only a minimal circuit of components left (Table 4)",
+        description=(
+            "Knock out components as a circuit file says (default: the paper's circuit - remove self-attention "
+            "in all layers and cross-attention in stage I, replace MLP outputs of stages I and II by their mean "
+            "over the correct validation queries) and evaluate on the test queries: Hits@1, Recall@5, Hits@10, "
+            "MRR@10, nDCG@10, absolute and relative to the unpatched model. Writes minimal_circuit.json and the "
+            "two TREC runs. Default stages: the paper's for a 24-layer decoder, otherwise three near-equal blocks."
+        ),
+    )
+    parser.add_argument("-c", "--checkpoint", required=True, help="HF-format GenIR checkpoint (with tokenizer)")
+    parser.add_argument("--test-queries", required=True, help="queries to evaluate, reference JSON format")
+    parser.add_argument("--qrels", default=None, help="their qrels (default: from the queries' relevant_docs)")
+    parser.add_argument("--val-queries", required=True, help="validation queries (for the means)")
+    parser.add_argument("--correct-valid", required=True, help="correct_valid.json (the queries averaged over)")
+    parser.add_argument("-o", "--output-path", dest="output", required=True, help="output directory")
+    parser.add_argument("--circuit", default=None, help="circuit JSON file (default: the paper's circuit)")
+    parser.add_argument("--stages", default=None, help="decoder layer ranges, e.g. '0-6,7-17,18-23'")
+    parser.add_argument("--reference-padding", action="store_true",
+                        help="as the reference: pad to the longest correct validation query + 1 without attention "
+                             "mask (means and test queries), rank over the full vocabulary (word tokens count as "
+                             "non-relevant entries)")
+    parser.add_argument("--k", type=int, default=100, help="documents per query in the runs (default 100)")
+    parser.add_argument("--batch-size", type=int, default=None, help="queries per device per step")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from genir_jax.analysis.circuit import (PAPER_CIRCUIT, RESULTS_JSON, circuit_from_json, circuit_interventions,
+                                            rank_with_circuit)
+    from genir_jax.analysis.inputs import (load_correct_queries, reference_padded_groups, reference_padding_length,
+                                           tokenize_for_analysis)
+    from genir_jax.analysis.stage_patching import default_stages, parse_stages
+    from genir_jax.data.corpus import qrels_from_queries, read_json, read_qrels, read_queries
+    from genir_jax.docids import docid_vocabulary
+    from genir_jax.hf import load_pretrained
+    from genir_jax.interventions import mean_activations
+    from genir_jax.io import atomic_directory, write_json
+    from genir_jax.retrieval import check_run_covers, evaluate_run, run_from_ranking, write_trec_run
+    from genir_jax.sites import COMPONENT_SITES
+
+    if args.k < 1:
+        raise GenIRError("--k must be >= 1")
+    model = load_pretrained(args.checkpoint)
+    if model.tokenizer is None:
+        raise GenIRError(f"{args.checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
+    config, tokenizer = model.config, model.tokenizer
+    stages = parse_stages(args.stages, config.num_decoder_layers) if args.stages else \
+        default_stages(config.num_decoder_layers)
+    circuit = circuit_from_json(read_json(args.circuit), args.circuit, len(stages)) if args.circuit else PAPER_CIRCUIT
+    test_queries = read_queries(args.test_queries)
+    qrels = read_qrels(args.qrels) if args.qrels else qrels_from_queries(test_queries)
+    check_run_covers([q.id for q in test_queries], qrels, args.qrels or args.test_queries)
+    correct = load_correct_queries(args.val_queries, args.correct_valid, tokenizer)
+    vocabulary = docid_vocabulary(tokenizer)
+    token_of = {doc: token_id for token_id, doc in vocabulary.items()}
+    for query in test_queries:
+        missing = [d for d in query.relevant_docs if d not in token_of]
+        if missing:
+            raise DataError(f"{args.test_queries}: query {query.id!r}: relevant document {missing[0]!r} has no docid "
+                            f"token in {args.checkpoint}")
+    candidates = np.asarray(sorted(vocabulary), dtype=np.int32)
+    doc_ids = [vocabulary[int(t)] for t in candidates]
+    targets = np.asarray([token_of[q.relevant_docs[0]] for q in test_queries], dtype=np.int32)
+    progress = not args.no_progress
+
+    texts = [q.text for q in correct]
+    needs_means = any(p.mode == "mean" for p in circuit.patches)
+    sites = [f"decoder.*.{site}" for site in COMPONENT_SITES.values()]
+    test_texts = [q.text for q in test_queries]
+    count = len(test_queries)
+    top_ids = np.zeros((2, count, min(args.k, config.vocab_size if args.reference_padding else len(candidates))),
+                       np.int64)
+    top_logits = np.zeros(top_ids.shape, np.float32)
+    if args.reference_padding:
+        length = reference_padding_length(tokenizer, texts)
+        val_ids, val_mask = tokenize_for_analysis(tokenizer, texts, reference_padding=True)
+        means = mean_activations(config, model.params, val_ids, val_mask, sites, progress=progress) \
+            if needs_means else None
+        interventions = circuit_interventions(config, circuit, stages, means)
+        for rows, ids in reference_padded_groups(tokenizer, test_texts, length):
+            ids_top, logits_top = rank_with_circuit(config, model.params, interventions, ids, np.ones_like(ids),
+                                                    targets[rows], None, top_k=top_ids.shape[2],
+                                                    query_chunk=args.batch_size, progress=progress)
+            top_ids[:, rows], top_logits[:, rows] = ids_top, logits_top
+        lookup = np.full(config.vocab_size, -1, dtype=np.int64)  # full-vocabulary ids -> docid indices
+        lookup[candidates] = np.arange(len(candidates))
+        top_ids = lookup[top_ids]
+    else:
+        val_ids, val_mask = tokenize_for_analysis(tokenizer, texts)
+        means = mean_activations(config, model.params, val_ids, val_mask, sites, progress=progress) \
+            if needs_means else None
+        interventions = circuit_interventions(config, circuit, stages, means)
+        ids, mask = tokenize_for_analysis(tokenizer, test_texts)
+        top_ids, top_logits = rank_with_circuit(config, model.params, interventions, ids, mask, targets, candidates,
+                                                top_k=top_ids.shape[2], query_chunk=args.batch_size,
+                                                progress=progress)
+
+    query_ids = [q.id for q in test_queries]
+    runs = [run_from_ranking(query_ids, doc_ids, top_ids[k], top_logits[k]) for k in range(2)]
+    unpatched, patched = (evaluate_run(r, qrels) for r in runs)
+    metrics = [m for m in unpatched if m != "queries"]
+    relative = {m: (patched[m] / unpatched[m] if unpatched[m] else None) for m in metrics}
+    report = {
+        "circuit": circuit.as_json(), "config": circuit.describe(stages), "stages": stages,
+        "unpatched": unpatched, "patched": patched, "relative": relative, "queries": count,
+        "mean_over_correct_queries": len(correct),
+        "ranking": "full vocabulary, reference padding, no attention mask" if args.reference_padding
+        else "docid tokens only, masked padding",
+        # the reference's own names
+        "hits@1": patched["Hits@1"], "hits@10": patched["Hits@10"], "recall@5": patched["Recall@5"],
+    }
+    with atomic_directory(args.output) as staging:
+        write_json(os.path.join(staging, RESULTS_JSON), report, indent=2)
+        system = os.path.basename(os.path.normpath(args.checkpoint))
+        write_trec_run(os.path.join(staging, "run_unpatched.trec"), runs[0], system)
+        write_trec_run(os.path.join(staging, "run_circuit.trec"), runs[1], system + "-circuit")
+    print(json.dumps({"config": report["config"], "unpatched": unpatched, "patched": patched, "relative": relative},
+                     indent=1))
+    return 0

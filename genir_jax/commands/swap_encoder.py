@@ -1,0 +1,94 @@
+"""`genir-jax swap-encoder`: the encoder-swap experiment (paper Table 2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+from genir_jax.errors import DataError, GenIRError
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "swap-encoder",
+        help="run the full model's decoder on encoders of models trained without some documents (Table 2)",
+        description=(
+            "For each model in --missing-docs-for-model (trained without the listed documents) and optionally "
+            "the pretrained T5 (--t5), replace the full model's encoder output before its final norm "
+            "(encoder.{L-1}.hook_resid_post) by that model's, and record the rank of the relevant docid of every "
+            "correct query. Writes swapped_encoder.json with the reference's keys (mean / median rank of previously "
+            "correct documents, non-zero ranks, and for the removed documents their ranks, MRR and Hits@1)."
+        ),
+    )
+    parser.add_argument("--complete-model-path", required=True, help="the model trained on all documents")
+    parser.add_argument("--missing-docs-for-model", default=None,
+                        help="JSON object: model path -> removed document ids ('D1, D2' or a list; ids or docid "
+                             "tokens); relative paths are resolved from the current directory, then the file's")
+    parser.add_argument("--val-queries", required=True, help="validation queries, reference JSON format")
+    parser.add_argument("--correct-valid", required=True, help="correct_valid.json of the complete model")
+    parser.add_argument("-o", "--output-path", dest="output", required=True, help="output directory")
+    parser.add_argument("--t5", default=None, help="also swap in this pretrained T5's encoder")
+    parser.add_argument("--batch-size", type=int, default=None, help="queries per device per step")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(handler=run)
+
+
+def _missing_map(path: str) -> dict[str, object]:
+    from genir_jax.data.corpus import read_json
+
+    data = read_json(path)
+    if not isinstance(data, dict) or not data:
+        raise DataError(f"{path}: expected a JSON object mapping model paths to removed document ids")
+    resolved = {}
+    for model_path, documents in data.items():
+        if not isinstance(documents, (str, list)):
+            raise DataError(f"{path}: key {model_path!r}: expected 'D1, D2' or a list of ids, got {documents!r}")
+        candidate = model_path if os.path.isdir(model_path) else os.path.join(os.path.dirname(path), model_path)
+        resolved[model_path] = (candidate, documents)
+    return resolved
+
+
+def run(args: argparse.Namespace) -> int:
+    from genir_jax.analysis.encoder_swap import RESULTS_JSON, encoder_swap_ranks, normalize_missing, summarize
+    from genir_jax.analysis.inputs import load_correct_queries, tokenize_for_analysis
+    from genir_jax.hf import load_pretrained
+    from genir_jax.io import atomic_directory, write_json
+    from genir_jax.patching import Source
+
+    if not args.missing_docs_for_model and not args.t5:
+        raise GenIRError("nothing to swap in: give --missing-docs-for-model and/or --t5")
+    others = _missing_map(args.missing_docs_for_model) if args.missing_docs_for_model else {}
+    full = load_pretrained(args.complete_model_path)
+    if full.tokenizer is None:
+        raise GenIRError(f"{args.complete_model_path}: no tokenizer files; the checkpoint must include its tokenizer")
+    queries = load_correct_queries(args.val_queries, args.correct_valid, full.tokenizer)
+    input_ids, mask = tokenize_for_analysis(full.tokenizer, [q.text for q in queries])
+    targets = np.asarray([q.token_id for q in queries], dtype=np.int32)
+    vocab = full.tokenizer.get_vocab()
+    for key, (_, documents) in others.items():
+        unknown = [d for d in normalize_missing(documents) if d not in vocab]
+        if unknown:
+            raise DataError(f"{args.missing_docs_for_model}: key {key!r}: document(s) {unknown[:5]} have no docid "
+                            "token in the complete model's vocabulary")
+
+    results = {}
+    for key, (path, documents) in others.items():
+        other = load_pretrained(path, load_tokenizer=False)
+        ranks = encoder_swap_ranks(full.config, full.params, Source(other.config, other.params), input_ids, mask,
+                                   targets, query_chunk=args.batch_size, progress=not args.no_progress)
+        results[key] = summarize(ranks, queries, documents).as_reference_dict()
+    if args.t5:
+        base = load_pretrained(args.t5, load_tokenizer=False)
+        if int(input_ids.max()) >= base.config.vocab_size:
+            raise GenIRError(f"{args.t5}: the T5's vocabulary ({base.config.vocab_size}) does not cover the queries")
+        ranks = encoder_swap_ranks(full.config, full.params, Source(base.config, base.params), input_ids, mask,
+                                   targets, query_chunk=args.batch_size, progress=not args.no_progress)
+        results[args.t5] = summarize(ranks, queries, []).as_reference_dict()
+    with atomic_directory(args.output) as staging:
+        write_json(os.path.join(staging, RESULTS_JSON), results)
+    print(json.dumps({k: {m: v for m, v in r.items() if not isinstance(v, list)} for k, r in results.items()},
+                     indent=1))
+    return 0
