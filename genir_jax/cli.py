@@ -15,7 +15,11 @@ from genir_jax import __version__
 from genir_jax.errors import GenIRError
 
 # Subcommand modules, in the order `--help` lists them.
-COMMAND_MODULES = ("inspect", "prepare-data", "evaluate", "bm25", "patch-stages", "swap-encoder", "circuit", "residual-rank")
+COMMAND_MODULES = (
+    "prepare-data", "evaluate", "bm25", "inspect",
+    "patch-stages", "swap-encoder", "circuit", "residual-rank", "neuron-reading", "crattn-reading",
+    "crattn-writes", "crattn-head-tokens",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,20 +50,23 @@ def _top_k_first_step(config: T5Config, params, input_ids, attention_mask, colum
                       full_vocabulary: bool):
     start = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=jnp.int32)
     logits = forward(config, params, input_ids, attention_mask, start)[:, 0, :]
+    top_token = jnp.argmax(logits, axis=-1)  # over the whole vocabulary (lowest id on ties)
     if not full_vocabulary:
         logits = jnp.take(logits, columns, axis=1)
-    return jax.lax.top_k(logits, k)
+    top_scores, top = jax.lax.top_k(logits, k)
+    return top_scores, top, top_token
 
 
 def rank_docids(config: T5Config, params, input_ids, attention_mask, docid_token_ids, k: int = 100,
                 batch_size: int = 256, *, full_vocabulary: bool = False,
-                progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                progress: bool = True, return_top_token: bool = False):
     """Top-`k` docids of every query from the first decoder step's logits.
 
     Returns ``(indices [N, k] into docid_token_ids, scores [N, k])``, best first (ties: lower index
     first). With ``full_vocabulary=True`` the top `k` of the whole vocabulary are returned, as the
     reference does, and entries that are not docid tokens have index -1. One jitted forward per chunk of
-    `batch_size` queries (the last chunk is padded, so it compiles once).
+    `batch_size` queries (the last chunk is padded, so it compiles once). With ``return_top_token=True``
+    a third array [N] holds each query's highest-scoring token over the whole vocabulary.
     """
     input_ids = np.asarray(input_ids, dtype=np.int32)
     attention_mask = np.asarray(attention_mask, dtype=np.int32)
@@ -80,24 +83,28 @@ def rank_docids(config: T5Config, params, input_ids, attention_mask, docid_token
     count = input_ids.shape[0]
     k = int(min(k, config.vocab_size if full_vocabulary else columns.size))
     if count == 0:
-        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        empty = (np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))
+        return empty + (np.zeros(0, np.int64),) if return_top_token else empty
     batch = max(1, min(int(batch_size), count))
     chunks = range(0, count, batch)
-    indices, scores = [], []
+    indices, scores, top_tokens = [], [], []
     for start in tqdm(chunks, desc="ranking", unit="batch", disable=not progress or len(chunks) < 2):
         ids, mask = input_ids[start:start + batch], attention_mask[start:start + batch]
         real = ids.shape[0]
         if real < batch:  # pad with copies of the first row: same shapes, one compilation
             ids = np.concatenate([ids, np.repeat(ids[:1], batch - real, axis=0)])
             mask = np.concatenate([mask, np.repeat(mask[:1], batch - real, axis=0)])
-        top_scores, top = _top_k_first_step(config, params, ids, mask, columns, k, full_vocabulary)
+        top_scores, top, top_token = _top_k_first_step(config, params, ids, mask, columns, k, full_vocabulary)
         indices.append(np.asarray(top)[:real])
+        top_tokens.append(np.asarray(top_token)[:real])
         scores.append(np.asarray(top_scores, dtype=np.float32)[:real])
     indices_all = np.concatenate(indices).astype(np.int64)
     if full_vocabulary:
         lookup = np.full(config.vocab_size, -1, dtype=np.int64)
         lookup[columns] = np.arange(columns.size)
         indices_all = lookup[indices_all]
+    if return_top_token:
+        return indices_all, np.concatenate(scores), np.concatenate(top_tokens).astype(np.int64)
     return indices_all, np.concatenate(scores)
 
 
@@ -203,11 +210,18 @@ def read_trec_run(path: str | os.PathLike) -> Run:
 
 
 def correct_valid(run: Mapping[str, Sequence[tuple[str, float]]],
-                  qrels: Mapping[str, Mapping[str, int]]) -> list[list[str]]:
+                  qrels: Mapping[str, Mapping[str, int]], top_is_docid: Mapping[str, bool] | None = None
+                  ) -> list[list[str]]:
     """``[[docid_token, query_id], ...]`` for queries whose first-ranked document is relevant: the reference's
-    ``correct_valid.json`` (relevant = listed in the qrels for the query, whatever its grade), in run order."""
+    ``correct_valid.json`` (relevant = listed in the qrels for the query, whatever its grade), in run order.
+
+    `top_is_docid` (query id -> bool), when given, also requires the first-ranked docid token to be the
+    model's top token over the whole vocabulary, so that every correct query has rank 0 in the analyses'
+    full-vocabulary ranking (a docid-only ranking can put a docid first below a word token)."""
     correct = []
     for query_id, ranked in run.items():
+        if top_is_docid is not None and not top_is_docid.get(query_id, False):
+            continue
         if ranked and ranked[0][0] in qrels.get(query_id, {}):
             correct.append([docid_token(ranked[0][0]), query_id])
     return correct

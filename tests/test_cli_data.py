@@ -118,8 +118,9 @@ def test_evaluate_and_bm25(reference_files, hf_checkpoint, t5_tokenizer, tmp_pat
     for query, row in zip(queries, order):
         assert [d for d, _ in run[query["id"]]] == [DOC_IDS[i] for i in row]
     correct = json.loads((out / "correct_valid.json").read_text())
-    expected_correct = [[gj.docid_token(DOC_IDS[row[0]]), q["id"]] for q, row in zip(queries, order)
-                        if DOC_IDS[row[0]] in q["relevant_docs"]]
+    top_token = logits[:, 0].argmax(-1)  # correct also needs the docid to be the top token overall
+    expected_correct = [[gj.docid_token(DOC_IDS[row[0]]), q["id"]] for q, row, top in zip(queries, order, top_token)
+                        if DOC_IDS[row[0]] in q["relevant_docs"] and top == token_ids[row[0]]]
     assert correct == expected_correct
     # Hits@1 by hand: the first relevant document has grade 4, the second 3 (both relevant).
     hits1 = np.mean([DOC_IDS[row[0]] in q["relevant_docs"] for q, row in zip(queries, order)])

@@ -56,8 +56,10 @@ def test_allocate_properties(sizes, f_val, f_test, min_train):
         target_val = int(Fraction(str(f_val)) * seen + Fraction(1, 2))
         target_test = int(Fraction(str(f_test)) * seen + Fraction(1, 2))
         assert val_total <= target_val and test_total <= target_test
-        if min_train == 0:  # nothing capped: the running totals hit the rounded targets exactly
+        if min_train == 0 and train > 0:  # capacity left: the running totals hit the rounded targets exactly
             assert (val_total, test_total) == (target_val, target_test)
+        if min_train == 0 and train == 0 and size:  # a group too small for both shortfalls gives all it has
+            assert val_total + test_total <= target_val + target_test
 
 
 def test_split_groups_is_a_deterministic_partition_in_order():
@@ -252,3 +254,18 @@ def test_default_data_dir_follows_the_environment(monkeypatch, tmp_path):
     assert default_data_dir() == tmp_path
     monkeypatch.delenv("GENIR_JAX_DATA")
     assert default_data_dir().parts[-2:] == ("shared", "data")
+
+
+def test_max_documents_keeps_a_prefix_and_its_queries(shared_data, tmp_path):
+    full = build_prepared("squad-dev", shared_data)
+    manifest = prepare_dataset("squad-dev", tmp_path / "small", shared_data, max_documents=40)
+    documents, splits = load_prepared(tmp_path / "small")
+    assert [d.id for d in documents] == [d.id for d in full.documents[:40]]
+    kept = {d.id for d in documents}
+    for name, queries in splits.items():
+        expected = [q for q in full.splits[name] if set(q.relevant_docs) <= kept]
+        assert [q.id for q in queries] == [q.id for q in expected]
+    assert manifest["options"]["max_documents"] == 40
+    with pytest.raises(GenIRError, match="max_documents must be a positive integer"):
+        prepare_dataset("squad-dev", tmp_path / "never", shared_data, max_documents=0)
+    assert not (tmp_path / "never").exists()

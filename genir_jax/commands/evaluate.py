@@ -13,7 +13,8 @@ def add_parser(subparsers) -> None:
         help="evaluate a DSI checkpoint: Hits@1/10, Recall@5, MRR@10, nDCG@10, run file, correct_valid.json",
         description="Rank the checkpoint's docid tokens (@DOC_ID_<id>@) for every query from the first decoder "
                     "step's logits and write metrics.json, run.trec and correct_<name>.json (the reference's "
-                    "[[docid_token, query_id], ...] of queries whose relevant document is ranked first) into OUTPUT.",
+                    "[[docid_token, query_id], ...] of queries whose relevant document is ranked first, its docid "
+                    "token being the top token of the whole vocabulary) into OUTPUT.",
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory with its tokenizer")
     parser.add_argument("--queries", help="queries file [{id, query, relevant_docs}]")
@@ -79,11 +80,16 @@ def run(args: argparse.Namespace) -> int:
                                                  pad_to_max_length=args.reference_mode)
     if args.reference_mode:
         attention_mask = np.ones_like(attention_mask)
-    indices, scores = rank_docids(model.config, model.params, input_ids, attention_mask, token_ids, k=args.k,
-                                  batch_size=args.batch_size, full_vocabulary=args.reference_mode)
+    indices, scores, top_token = rank_docids(model.config, model.params, input_ids, attention_mask, token_ids,
+                                             k=args.k, batch_size=args.batch_size,
+                                             full_vocabulary=args.reference_mode, return_top_token=True)
     ranking = run_from_ranking([q.id for q in queries], doc_ids, indices, scores)
     metrics = evaluate_run(ranking, qrels)
-    correct = correct_valid(ranking, qrels)
+    # correct = first docid relevant AND that docid the top token of the whole vocabulary (the analyses'
+    # definition: rank 0 in the full-vocabulary ranking)
+    top_is_docid = {q.id: indices.shape[1] > 0 and indices[row, 0] >= 0 and int(top_token[row]) ==
+                    token_ids[int(indices[row, 0])] for row, q in enumerate(queries)}
+    correct = correct_valid(ranking, qrels, top_is_docid)
     name = args.name or ("valid" if (args.prepared and args.split == "val") or not args.prepared else args.split)
     report = {
         "metrics": metrics, "correct_first": len(correct), "checkpoint": os.path.abspath(args.checkpoint),

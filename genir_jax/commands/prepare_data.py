@@ -28,6 +28,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--download", action="store_true",
                         help="squad-dev: fetch dev-v1.1.json (SHA-256 checked) into the data directory if missing")
     parser.add_argument("--url", default=None, help="squad-dev download URL (default: the official one)")
+    parser.add_argument("--max-documents", type=int, default=None,
+                        help="keep only the first N documents and their queries (small corpora for smoke runs)")
     group = parser.add_argument_group("reference-json inputs")
     group.add_argument("--documents", help="documents [{id, text}]")
     group.add_argument("--train-queries", help="training queries [{id, query, relevant_docs}]")
@@ -47,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
                        download=args.download)
         if args.url:
             options["url"] = args.url
+        if args.max_documents is not None:
+            options["max_documents"] = args.max_documents
     manifest = prepare_dataset(args.dataset, args.output, args.data_dir, **options)
     print(json.dumps({"output": args.output, "counts": manifest["counts"], "notes": manifest["notes"]}, indent=2))
     return 0

@@ -184,6 +184,21 @@ def build_prepared(name: str, data_dir: str | os.PathLike | None = None, *, seed
     return prepared
 
 
+def restrict_documents(prepared: Prepared, max_documents: int) -> Prepared:
+    """Keep the first `max_documents` documents (corpus order) and the queries whose relevant documents are
+    all kept: a small corpus for smoke runs (`reproduce --preset tiny`) with the same split rule."""
+    if not isinstance(max_documents, int) or isinstance(max_documents, bool) or max_documents < 1:
+        raise GenIRError(f"max_documents must be a positive integer, got {max_documents!r}")
+    documents = prepared.documents[:max_documents]
+    kept = {doc.id for doc in documents}
+    splits = {name: [q for q in queries if set(q.relevant_docs) <= kept] for name, queries in prepared.splits.items()}
+    grades = None if prepared.grades is None else {
+        query: judged for query, judged in prepared.grades.items()
+        if any(query == q.id for queries in splits.values() for q in queries)}
+    notes = prepared.notes + [f"restricted to the first {len(documents)} documents and their queries"]
+    return Prepared(documents, splits, grades, notes, prepared.sources)
+
+
 def write_prepared(out_dir: str | os.PathLike, prepared: Prepared, manifest: dict[str, Any]) -> None:
     """Write every file of the layout into a staging directory, then move them into `out_dir`."""
     documents = validate_documents(prepared.documents)
@@ -210,7 +225,11 @@ def prepare_dataset(name: str, out_dir: str | os.PathLike, data_dir: str | os.Pa
     with a SHA-256 check when it is missing; ``url`` / ``sha256`` override the source), and for
     ``reference-json`` the paths ``documents``, ``train_queries``, ``val_queries``, ``test_queries``.
     """
+    max_documents = options.pop("max_documents", None)
     prepared = build_prepared(name, data_dir, **options)
+    if max_documents is not None:
+        prepared = restrict_documents(prepared, max_documents)
+        options["max_documents"] = max_documents
     empty = [split for split in ("train", "val") if not prepared.splits.get(split)]
     if empty:
         raise DataError(f"{name}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty "
@@ -222,6 +241,8 @@ def prepare_dataset(name: str, out_dir: str | os.PathLike, data_dir: str | os.Pa
                     "test_fraction": options.get("test_fraction", 0.1)}
         if options.get("download"):
             recorded.update(download=True, url=options.get("url", SQUAD_DEV_URL))
+        if options.get("max_documents") is not None:
+            recorded["max_documents"] = options["max_documents"]
     written = {split: queries for split, queries in prepared.splits.items() if queries}
     manifest = {
         "dataset": name,

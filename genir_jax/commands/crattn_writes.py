@@ -1,0 +1,58 @@
+"""`genir-jax crattn-writes`: share of docid tokens promoted by cross-attention outputs (paper Table 5)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from genir_jax.errors import GenIRError
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "crattn-writes",
+        help="share of docid tokens among the top tokens of cross-attention outputs (paper Table 5)",
+        description=(
+            "For every correct validation query and every decoder layer of the analysed stages (all stages but the "
+            "first), the logit lens of the layer's cross-attention output (final norm, unembedding) and the "
+            "fraction of docid tokens among its top 10 / 100 / 1000 tokens, as the reference's "
+            "cross-attention-outputs.py. Writes per_q_averages_s{II,III}.json, cr_attn_ratios.json and "
+            "crattn_writes_summary.json. Note: the reference script counts layer 17 into stage III "
+            "(layer < 17 is stage II); pass --stages 0-6,7-16,17-23 to reproduce its numbers."
+        ),
+    )
+    parser.add_argument("--checkpoint", required=True, help="HF-format GenIR checkpoint directory (with tokenizer)")
+    parser.add_argument("--val-queries", required=True, help="validation queries, reference JSON format")
+    parser.add_argument("--correct-valid", required=True,
+                        help="correct_valid.json: [docid_token, query_id] pairs (from genir-jax evaluate)")
+    parser.add_argument("-o", "--output", required=True, help="output directory")
+    parser.add_argument("--stages", default=None,
+                        help="decoder layer ranges, e.g. '0-6,7-17,18-23' (default: the paper's for 24 layers, "
+                             "otherwise three near-equal blocks); the first stage is not analysed")
+    parser.add_argument("--cutoffs", default="10,100,1000", help="top-k cutoffs (default: 10,100,1000)")
+    parser.add_argument("--reference-padding", action="store_true",
+                        help="as the reference script: every query unpadded and without attention mask (queries "
+                             "are batched by token length); default: padded batches with attention masks")
+    parser.add_argument("--batch-size", type=int, default=16, help="queries per step (default: 16)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from genir_jax.analysis.cross_attention_writes import docid_shares, write_docid_shares
+    from genir_jax.commands.neuron_reading import load_inputs
+    from genir_jax.io import atomic_directory
+
+    try:
+        cutoffs = [int(k) for k in args.cutoffs.split(",")]
+    except ValueError:
+        raise GenIRError(f"--cutoffs: expected comma-separated integers, got {args.cutoffs!r}") from None
+    model, queries, _, stages = load_inputs(args)
+    result = docid_shares(model.config, model.params, model.tokenizer, [q.text for q in queries], stages=stages,
+                          cutoffs=cutoffs, batch_size=args.batch_size, reference_padding=args.reference_padding,
+                          progress=not args.no_progress)
+    with atomic_directory(args.output) as staging:
+        write_docid_shares(staging, result)
+    print(json.dumps({"queries": len(queries), "stages": stages, "docid_share": result.summary()["docid_share"]},
+                     indent=1))
+    return 0

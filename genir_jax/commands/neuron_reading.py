@@ -1,0 +1,125 @@
+"""`genir-jax neuron-reading`: what the MLP neurons of the last stage read from (paper Fig. 5, right).
+
+The shared plumbing of both reading subcommands (`neuron-reading`, `crattn-reading`) lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from genir_jax.errors import GenIRError
+
+DESCRIPTIONS = {
+    "mlp": (
+        "For every positively activated MLP neuron i of the chosen decoder layers (default: the last stage) and "
+        "every correct validation query, the similarity (dot product or cosine) of the neuron's input weights "
+        "W_in[:, i] with every earlier raw component output (embedding, attn / cross_attn / mlp outputs, per head "
+        "for attention, and the residual sites), as the reference's eval_neuron_reading.py; then the proportions "
+        "per component averaged over queries and neurons, as get_topk_neuron_readings.py. Writes "
+        "all_queries_neuron_similarities_{sim}_{i}.json, neuron_ratio_of_top_k_layers-{sim}-{k}.json and "
+        "neuron_reading_summary.json (proportions per component type and stage)."
+    ),
+    "cross_attn": (
+        "For every cross-attention head of the chosen decoder layers (default: all) and every correct validation "
+        "query, with i_hat the encoder position of the head's highest attention score, the similarity of the "
+        "key k_i_hat with W_Q applied to every earlier raw component output, as the reference's "
+        "eval_cr_attn_reading.py; then the proportions per component averaged over queries and heads, as its "
+        "notebook. Writes all_queries_crattn_similarities_{sim}_{i}.json, "
+        "crattn_ratio_of_top_k_layers-{sim}-{k}.json and crattn_reading_summary.json."
+    ),
+}
+
+
+def add_reading_parser(subparsers, name: str, reader: str, help_text: str) -> None:
+    parser = subparsers.add_parser(name, help=help_text, description=DESCRIPTIONS[reader])
+    parser.add_argument("--checkpoint", required=True, help="HF-format GenIR checkpoint directory (with tokenizer)")
+    parser.add_argument("--val-queries", required=True, help="validation queries, reference JSON format")
+    parser.add_argument("--correct-valid", required=True,
+                        help="correct_valid.json: [docid_token, query_id] pairs (from genir-jax evaluate)")
+    parser.add_argument("-o", "--output", required=True, help="output directory")
+    parser.add_argument("--sim-type", choices=("dot", "cosine"), default="dot",
+                        help="similarity of a reader with a component (default: dot)")
+    parser.add_argument("--topk", nargs="+", default=["all"],
+                        help="top-k positive readings per reader and query kept for the proportions; one file "
+                             "per value ('all' or an integer; default: all)")
+    parser.add_argument("--stages", default=None,
+                        help="decoder layer ranges, e.g. '0-6,7-17,18-23' (default: the paper's for 24 layers, "
+                             "otherwise three near-equal blocks)")
+    default_layers = "the last stage" if reader == "mlp" else "all"
+    parser.add_argument("--layers", default=None,
+                        help=f"decoder layers whose readers are analysed: 'all' or ranges like '18-23' "
+                             f"(default: {default_layers})")
+    parser.add_argument("--reference-padding", action="store_true",
+                        help="as the reference scripts: every query unpadded and without attention mask (queries "
+                             "are batched by token length); default: padded batches with attention masks")
+    parser.add_argument("--batch-size", type=int, default=16, help="queries per step (default: 16)")
+    parser.add_argument("--queries-per-file", type=int, default=50,
+                        help="queries per all_queries_* file (default: 50, as the reference)")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="skip the (large) per-entry all_queries_* files")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=lambda args: run_reading_command(args, reader))
+
+
+def add_parser(subparsers) -> None:
+    add_reading_parser(subparsers, "neuron-reading", "mlp",
+                       "what MLP neurons read from earlier components (paper Fig. 5, MLPs)")
+
+
+def load_inputs(args: argparse.Namespace):
+    """(model, correct queries, their raw query ids as in correct_valid.json, stages)."""
+    from genir_jax.analysis.inputs import load_correct_queries
+    from genir_jax.analysis.stage_patching import default_stages, parse_stages
+    from genir_jax.data.corpus import read_json
+    from genir_jax.hf import load_pretrained
+
+    if args.batch_size < 1:
+        raise GenIRError("--batch-size must be >= 1")
+    model = load_pretrained(args.checkpoint)
+    if model.tokenizer is None:
+        raise GenIRError(f"{args.checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
+    layers = model.config.num_decoder_layers
+    stages = parse_stages(args.stages, layers) if args.stages else default_stages(layers)
+    queries = load_correct_queries(args.val_queries, args.correct_valid, model.tokenizer)
+    raw_ids = [entry[1] for entry in read_json(args.correct_valid)]  # the reference writes them as given
+    return model, queries, raw_ids, stages
+
+
+def run_reading_command(args: argparse.Namespace, reader: str) -> int:
+    from genir_jax.analysis.reading import (
+        RawEntryWriter, parse_layers, parse_topk, run_reading, stale_raw_files, write_reading_outputs,
+    )
+    from genir_jax.io import atomic_directory
+
+    topks = parse_topk(args.topk)
+    if args.queries_per_file < 1:
+        raise GenIRError("--queries-per-file must be >= 1")
+    model, queries, raw_ids, stages = load_inputs(args)
+    config = model.config
+    if args.layers:
+        layers = parse_layers(args.layers, config.num_decoder_layers)
+    else:
+        layers = list(stages[-1]) if reader == "mlp" else list(range(config.num_decoder_layers))
+
+    with atomic_directory(args.output) as staging:
+        writer = None if args.summary_only else RawEntryWriter(staging, reader, args.sim_type, raw_ids,
+                                                               args.queries_per_file)
+        result = run_reading(
+            config, model.params, model.tokenizer, [q.text for q in queries], reader=reader, layers=layers,
+            stages=stages, sim_type=args.sim_type, topks=topks, batch_size=args.batch_size,
+            reference_padding=args.reference_padding, block=args.queries_per_file, sink=writer,
+            progress=not args.no_progress,
+        )
+        if writer is not None:
+            writer.close()
+        write_reading_outputs(staging, result)
+    if writer is not None:  # chunks of an earlier, longer run would be globbed with ours
+        for path in stale_raw_files(args.output, reader, args.sim_type, keep=writer.files):
+            os.remove(path)
+    summary = result.summary()
+    brief = {k: v["mean"] for k, v in summary["results"].items()}
+    print(json.dumps({"queries": len(queries), "reader_layers": layers, "stages": stages,
+                      "mean_proportions": brief}, indent=1))
+    return 0
