@@ -201,20 +201,26 @@ def encoder_swap(config: T5Config, other_encoder_output, site: str | None = None
     return replacement(config, {site: other_encoder_output})
 
 
+def _unit_ablation(config: T5Config, units: Mapping[str, Sequence[int]], leaf: str, axis: str,
+                   means: Mapping[str, Any] | None) -> Interventions:
+    """Zero (or mean-replace) selected heads / neurons: ``{"<prefix>": indices}`` patches ``<prefix>.<leaf>``."""
+    parts = []
+    for prefix, indices in units.items():
+        site = f"{prefix}.{leaf}"
+        if means is None:
+            parts.append(zero_ablation(config, [site], **{axis: indices}))
+        else:
+            parts.append(mean_ablation(config, {site: means[site]}, **{axis: indices}))
+    return combine(*parts)
+
+
 def head_ablation(config: T5Config, heads: Mapping[str, Sequence[int]], *, means: Mapping[str, Any] | None = None
                   ) -> Interventions:
     """Knock out attention heads by zeroing (or mean-replacing) their ``hook_z``.
 
     `heads` maps ``"<stack>.<layer>.attn"`` or ``"<stack>.<layer>.cross_attn"`` to head indices.
     """
-    parts = []
-    for prefix, indices in heads.items():
-        site = f"{prefix}.hook_z"
-        if means is None:
-            parts.append(zero_ablation(config, [site], heads=indices))
-        else:
-            parts.append(mean_ablation(config, {site: means[site]}, heads=indices))
-    return combine(*parts)
+    return _unit_ablation(config, heads, "hook_z", "heads", means)
 
 
 def neuron_ablation(config: T5Config, neurons: Mapping[str, Sequence[int]], *,
@@ -223,14 +229,7 @@ def neuron_ablation(config: T5Config, neurons: Mapping[str, Sequence[int]], *,
 
     `neurons` maps ``"<stack>.<layer>.mlp"`` to neuron indices.
     """
-    parts = []
-    for prefix, indices in neurons.items():
-        site = f"{prefix}.hook_post"
-        if means is None:
-            parts.append(zero_ablation(config, [site], neurons=indices))
-        else:
-            parts.append(mean_ablation(config, {site: means[site]}, neurons=indices))
-    return combine(*parts)
+    return _unit_ablation(config, neurons, "hook_post", "neurons", means)
 
 
 def combine(*interventions: Interventions) -> Interventions:

@@ -321,7 +321,7 @@ def forward_with_cache(
     dec_mask = None if decoder_attention_mask is None else _as_int(decoder_attention_mask)
     logits, raw = _forward(config, params, _as_int(input_ids), _as_int(attention_mask), _as_int(decoder_input_ids),
                            dec_mask, interventions, _rngs(deterministic, dropout_rng), specs, deterministic,
-                           None if dtype is None else jnp.dtype(dtype))
+                           _jnp_dtype(dtype))
     return logits, _named_cache(config, names, raw, specs)
 
 
@@ -346,6 +346,19 @@ def forward(
     return logits
 
 
+def _one_stack_request(config: T5Config, cache_sites: Iterable[str], stack: str):
+    """Expanded site names and cache specs for `encode` / `decode`, which see only one stack."""
+    names = expand_site_patterns(config, cache_sites)
+    specs = cache_specs(config, names)
+    if specs[1 if stack == "encoder" else 0]:
+        raise ValueError(f"{stack[:6]}() records {stack} sites only")
+    return names, specs
+
+
+def _jnp_dtype(dtype):
+    return None if dtype is None else jnp.dtype(dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "spec", "dtype"))
 def _encode(config, params, input_ids, attention_mask, interventions, spec, dtype):
     return T5(config, encoder_cache=spec, dtype=dtype).apply(
@@ -355,12 +368,9 @@ def _encode(config, params, input_ids, attention_mask, interventions, spec, dtyp
 def encode(config: T5Config, params: Params, input_ids, attention_mask, interventions=None, *,
            cache_sites: Iterable[str] = (), dtype=None):
     """Encoder output after its final norm [B, S, D], and the requested encoder sites."""
-    names = expand_site_patterns(config, cache_sites)
-    specs = cache_specs(config, names)
-    if specs[1]:
-        raise ValueError("encode() records encoder sites only")
+    names, specs = _one_stack_request(config, cache_sites, "encoder")
     out, raw = _encode(config, params, _as_int(input_ids), _as_int(attention_mask), interventions, specs[0],
-                       None if dtype is None else jnp.dtype(dtype))
+                       _jnp_dtype(dtype))
     return out, _named_cache(config, names, {"encoder": raw, "decoder": {}}, specs)
 
 
@@ -373,18 +383,15 @@ def _decode(config, params, encoded, attention_mask, decoder_input_ids, interven
 def decode(config: T5Config, params: Params, encoded, attention_mask, decoder_input_ids, interventions=None, *,
            cache_sites: Iterable[str] = (), dtype=None):
     """Decoder output after its final norm [B, T, D] given encoder output, and the requested decoder sites."""
-    names = expand_site_patterns(config, cache_sites)
-    specs = cache_specs(config, names)
-    if specs[0]:
-        raise ValueError("decode() records decoder sites only")
+    names, specs = _one_stack_request(config, cache_sites, "decoder")
     out, raw = _decode(config, params, encoded, _as_int(attention_mask), _as_int(decoder_input_ids), interventions,
-                       specs[1], None if dtype is None else jnp.dtype(dtype))
+                       specs[1], _jnp_dtype(dtype))
     return out, _named_cache(config, names, {"encoder": {}, "decoder": raw}, specs)
 
 
 def unembed(config: T5Config, params: Params, hidden, dtype=None) -> jnp.ndarray:
     """T5's unembedding of decoder outputs after the final norm ([..., D] -> [..., V])."""
-    return T5(config, dtype=None if dtype is None else jnp.dtype(dtype)).apply(
+    return T5(config, dtype=_jnp_dtype(dtype)).apply(
         {"params": params}, hidden, method=T5.unembed)
 
 

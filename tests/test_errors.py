@@ -11,6 +11,14 @@ import genir_jax as gj
 SMALL = dict(feed_forward_proj="relu")
 
 
+def _edit_config(directory, **changes):
+    """Rewrite the checkpoint's config.json with some fields changed."""
+    path = directory / "config.json"
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
 def test_missing_path(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(gj.CheckpointError, match=r"nope: checkpoint directory does not exist"):
@@ -68,20 +76,14 @@ def test_missing_tensor(hf_checkpoint):
 
 def test_untied_config_without_lm_head(hf_checkpoint):
     directory, _ = hf_checkpoint("nolmhead", **SMALL)
-    config_path = directory / "config.json"
-    data = json.loads(config_path.read_text())
-    data["tie_word_embeddings"] = False
-    config_path.write_text(json.dumps(data))
+    _edit_config(directory, tie_word_embeddings=False)
     with pytest.raises(gj.CheckpointError, match=r"missing tensor 'lm_head.weight'.*tie_word_embeddings=false"):
         gj.load_pretrained(directory)
 
 
 def test_shape_contradicts_config(hf_checkpoint):
     directory, _ = hf_checkpoint("shape", **SMALL)
-    config_path = directory / "config.json"
-    data = json.loads(config_path.read_text())
-    data["d_ff"] = 48
-    config_path.write_text(json.dumps(data))
+    _edit_config(directory, d_ff=48)
     with pytest.raises(gj.CheckpointError,
                        match=r"model.safetensors: tensor 'encoder.block.0.layer.1.DenseReluDense.wi.weight' has shape "
                              r"\(64, 32\) but config.json implies \(48, 32\).*d_ff=48"):
@@ -90,10 +92,7 @@ def test_shape_contradicts_config(hf_checkpoint):
 
 def test_vocab_size_contradicts_config(hf_checkpoint):
     directory, _ = hf_checkpoint("vocab", **SMALL)
-    config_path = directory / "config.json"
-    data = json.loads(config_path.read_text())
-    data["vocab_size"] = 200
-    config_path.write_text(json.dumps(data))
+    _edit_config(directory, vocab_size=200)
     with pytest.raises(gj.CheckpointError, match=r"tensor 'shared.weight' has shape \(128, 32\).*vocab_size=200"):
         gj.load_pretrained(directory)
 
@@ -101,20 +100,14 @@ def test_vocab_size_contradicts_config(hf_checkpoint):
 @pytest.mark.parametrize("value", ["gated-swiglu", "relu-gated", "gated-gelu-new", "tanh"])
 def test_unknown_feed_forward_proj(hf_checkpoint, value):
     directory, _ = hf_checkpoint("ffp", **SMALL)
-    config_path = directory / "config.json"
-    data = json.loads(config_path.read_text())
-    data["feed_forward_proj"] = value
-    config_path.write_text(json.dumps(data))
+    _edit_config(directory, feed_forward_proj=value)
     with pytest.raises(gj.ConfigError, match=rf"config.json: field 'feed_forward_proj' = '{value}' is not supported"):
         gj.load_pretrained(directory)
 
 
 def test_unsupported_model_type(hf_checkpoint):
     directory, _ = hf_checkpoint("umt5", **SMALL)
-    config_path = directory / "config.json"
-    data = json.loads(config_path.read_text())
-    data["model_type"] = "umt5"
-    config_path.write_text(json.dumps(data))
+    _edit_config(directory, model_type="umt5")
     with pytest.raises(gj.ConfigError, match=r"config.json: field 'model_type' = 'umt5' is not supported"):
         gj.load_pretrained(directory)
 

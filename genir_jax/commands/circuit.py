@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 
+from genir_jax.commands.common import add_run_controls
 from genir_jax.errors import DataError, GenIRError
 
 
@@ -36,8 +37,7 @@ def add_parser(subparsers) -> None:
                              "mask (means and test queries), rank over the full vocabulary (word tokens count as "
                              "non-relevant entries)")
     parser.add_argument("--k", type=int, default=100, help="documents per query in the runs (default 100)")
-    parser.add_argument("--batch-size", type=int, default=None, help="queries per device per step")
-    parser.add_argument("--no-progress", action="store_true")
+    add_run_controls(parser, "queries per device per step (default: from a 1 GiB logits budget)", None)
     parser.set_defaults(handler=run)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from genir_jax.commands.common import add_run_controls
 from genir_jax.errors import GenIRError
 
 
@@ -17,16 +18,17 @@ def add_parser(subparsers) -> None:
             "excluded). Writes crattn_head_tokens.json and prints a table."
         ),
     )
-    parser.add_argument("--checkpoint", required=True, help="HF-format GenIR checkpoint directory (with tokenizer)")
-    parser.add_argument("--queries", nargs="+", required=True, help="query texts, e.g. \"who wrote the harry potter books\"")
+    parser.add_argument("-c", "--checkpoint", required=True,
+                        help="HF-format GenIR checkpoint directory (with its tokenizer)")
+    parser.add_argument("--queries", nargs="+", required=True,
+                        help="query texts, e.g. \"who wrote the harry potter books\"")
     parser.add_argument("--heads", required=True, help="comma-separated LAYER.HEAD, e.g. '16.1,17.3'")
     parser.add_argument("--top", type=int, default=5, help="tokens per head (default: 5)")
-    parser.add_argument("-o", "--output", required=True, help="output directory")
+    parser.add_argument("-o", "--output", "--output-path", dest="output", required=True, help="output directory")
     parser.add_argument("--reference-padding", action="store_true",
                         help="every query unpadded and without attention mask (as the reference scripts run "
                              "queries); default: padded batches with attention masks")
-    parser.add_argument("--batch-size", type=int, default=16, help="queries per step (default: 16)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_controls(parser)
     parser.set_defaults(handler=run)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from genir_jax.commands.common import add_analysis_inputs, add_run_controls, add_stages
 from genir_jax.errors import GenIRError
 
 
@@ -21,20 +22,13 @@ def add_parser(subparsers) -> None:
             "(layer < 17 is stage II); pass --stages 0-6,7-16,17-23 to reproduce its numbers."
         ),
     )
-    parser.add_argument("--checkpoint", required=True, help="HF-format GenIR checkpoint directory (with tokenizer)")
-    parser.add_argument("--val-queries", required=True, help="validation queries, reference JSON format")
-    parser.add_argument("--correct-valid", required=True,
-                        help="correct_valid.json: [docid_token, query_id] pairs (from genir-jax evaluate)")
-    parser.add_argument("-o", "--output", required=True, help="output directory")
-    parser.add_argument("--stages", default=None,
-                        help="decoder layer ranges, e.g. '0-6,7-17,18-23' (default: the paper's for 24 layers, "
-                             "otherwise three near-equal blocks); the first stage is not analysed")
+    add_analysis_inputs(parser)
+    add_stages(parser, "; the first stage is not analysed")
     parser.add_argument("--cutoffs", default="10,100,1000", help="top-k cutoffs (default: 10,100,1000)")
     parser.add_argument("--reference-padding", action="store_true",
                         help="as the reference script: every query unpadded and without attention mask (queries "
                              "are batched by token length); default: padded batches with attention masks")
-    parser.add_argument("--batch-size", type=int, default=16, help="queries per step (default: 16)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_controls(parser)
     parser.set_defaults(handler=run)
 
 

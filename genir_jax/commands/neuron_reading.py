@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 
+from genir_jax.commands.common import add_analysis_inputs, add_run_controls, add_stages
 from genir_jax.errors import GenIRError
 
 DESCRIPTIONS = {
@@ -34,19 +35,13 @@ DESCRIPTIONS = {
 
 def add_reading_parser(subparsers, name: str, reader: str, help_text: str) -> None:
     parser = subparsers.add_parser(name, help=help_text, description=DESCRIPTIONS[reader])
-    parser.add_argument("--checkpoint", required=True, help="HF-format GenIR checkpoint directory (with tokenizer)")
-    parser.add_argument("--val-queries", required=True, help="validation queries, reference JSON format")
-    parser.add_argument("--correct-valid", required=True,
-                        help="correct_valid.json: [docid_token, query_id] pairs (from genir-jax evaluate)")
-    parser.add_argument("-o", "--output", required=True, help="output directory")
+    add_analysis_inputs(parser)
     parser.add_argument("--sim-type", choices=("dot", "cosine"), default="dot",
                         help="similarity of a reader with a component (default: dot)")
     parser.add_argument("--topk", nargs="+", default=["all"],
                         help="top-k positive readings per reader and query kept for the proportions; one file "
                              "per value ('all' or an integer; default: all)")
-    parser.add_argument("--stages", default=None,
-                        help="decoder layer ranges, e.g. '0-6,7-17,18-23' (default: the paper's for 24 layers, "
-                             "otherwise three near-equal blocks)")
+    add_stages(parser)
     default_layers = "the last stage" if reader == "mlp" else "all"
     parser.add_argument("--layers", default=None,
                         help=f"decoder layers whose readers are analysed: 'all' or ranges like '18-23' "
@@ -54,12 +49,11 @@ def add_reading_parser(subparsers, name: str, reader: str, help_text: str) -> No
     parser.add_argument("--reference-padding", action="store_true",
                         help="as the reference scripts: every query unpadded and without attention mask (queries "
                              "are batched by token length); default: padded batches with attention masks")
-    parser.add_argument("--batch-size", type=int, default=16, help="queries per step (default: 16)")
+    add_run_controls(parser)
     parser.add_argument("--queries-per-file", type=int, default=50,
                         help="queries per all_queries_* file (default: 50, as the reference)")
     parser.add_argument("--summary-only", action="store_true",
                         help="skip the (large) per-entry all_queries_* files")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(handler=lambda args: run_reading_command(args, reader))
 
 

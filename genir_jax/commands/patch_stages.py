@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 
+from genir_jax.commands.common import add_analysis_inputs, add_run_controls, add_stages
 from genir_jax.errors import GenIRError
 
 
@@ -25,21 +26,15 @@ def add_parser(subparsers) -> None:
             "consecutive blocks of layers."
         ),
     )
-    parser.add_argument("--checkpoint", required=True, help="HF-format GenIR checkpoint directory (with tokenizer)")
-    parser.add_argument("--val-queries", required=True, help="validation queries, reference JSON format")
-    parser.add_argument("--correct-valid", required=True,
-                        help="correct_valid.json: [docid_token, query_id] pairs (from genir-jax evaluate)")
-    parser.add_argument("-o", "--output", required=True, help="output directory")
-    parser.add_argument("--stages", default=None,
-                        help="decoder layer ranges, e.g. '0-6,7-17,18-23' (default: see above)")
+    add_analysis_inputs(parser)
+    add_stages(parser)
     parser.add_argument("--modes", default="zero,mean",
                         help="comma-separated modes among zero, mean, t5 (default: zero,mean)")
     parser.add_argument("--t5", default=None, help="pretrained (base) T5 checkpoint directory, needed for t5 mode")
     parser.add_argument("--reference-padding", action="store_true",
                         help="as the reference scripts: pad queries to the longest correct query + 1 and use no "
                              "attention mask (zero and mean modes, and the means); default: proper masks")
-    parser.add_argument("--batch-size", type=int, default=None, help="queries per device per step")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_controls(parser, "queries per device per step (default: from a 1 GiB logits budget)", None)
     parser.set_defaults(handler=run)
 
 

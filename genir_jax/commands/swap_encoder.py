@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 
+from genir_jax.commands.common import add_run_controls
 from genir_jax.errors import DataError, GenIRError
 
 
@@ -31,8 +32,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--correct-valid", required=True, help="correct_valid.json of the complete model")
     parser.add_argument("-o", "--output-path", dest="output", required=True, help="output directory")
     parser.add_argument("--t5", default=None, help="also swap in this pretrained T5's encoder")
-    parser.add_argument("--batch-size", type=int, default=None, help="queries per device per step")
-    parser.add_argument("--no-progress", action="store_true")
+    add_run_controls(parser, "queries per device per step (default: from a 1 GiB logits budget)", None)
     parser.set_defaults(handler=run)
 
 
