@@ -84,8 +84,8 @@ def ours_loop(config, params, ids, mask, targets):
         per_config = {stack: {local: tuple(gj.Patch(np.asarray(p.mask)[k], p.value) for p in patches)
                               for local, patches in sites.items()} for stack, sites in per_config.items()}
         logits = forward(config, params, ids, mask, dec, None, per_config)[:, 0]
-        ranks.append(np.asarray(ranks_of_targets(logits, targets)[0]))
-    return np.stack(ranks)
+        ranks.append(np.stack([np.asarray(x) for x in ranks_of_targets(logits, targets)]))
+    return np.stack(ranks)  # [K, 2, N]: ranks and target logits
 
 
 def transformer_lens_sweep(directory, ids, mask, targets):
@@ -181,7 +181,11 @@ def main() -> None:
         compile_s = max(0.0, first_s - steady_s)
         loop_first, loop_first_s = timed(lambda: ours_loop(config, params, ids, mask, targets))
         loop_ranks, loop_s = timed(lambda: ours_loop(config, params, ids, mask, targets))
-        assert np.array_equal(loop_ranks, second.ranks), "one-config loop disagrees with the sweep"
+        # Same computation, other batch shapes: float32 rounding differs, so near-tied logits may swap.
+        same_ranks = float(np.mean(loop_ranks[:, 0] == second.ranks))
+        logit_gap = float(np.abs(loop_ranks[:, 1] - second.sweep.target_logits).max())
+        if logit_gap > 1e-3:
+            raise SystemExit(f"the one-config loop disagrees with the sweep: target logits differ by {logit_gap}")
         flops = sweep_flops(config, mask, configs)
         matmul = matmul_gflops()
 
@@ -208,7 +212,8 @@ def main() -> None:
     for name, rate, total, compile_time in rows:
         print(f"{name:<40} {rate:17.1f} {total:13.2f} {compile_time:10.2f}")
     achieved = flops / steady_s / 1e9
-    print(f"\nsweep FLOP rate (means + sweep, {flops / 1e9:.0f} GFLOP): {achieved:.1f} GFLOP/s = "
+    print(f"\n(b) vs (a): {same_ranks:.2%} of ranks identical, target logits within {logit_gap:.1e}")
+    print(f"sweep FLOP rate (means + sweep, {flops / 1e9:.0f} GFLOP): {achieved:.1f} GFLOP/s = "
           f"{achieved / matmul:.0%} of a plain float32 matmul "
           f"({matmul:.1f} GFLOP/s, 2048x2048)")
     if tl:

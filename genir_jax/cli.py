@@ -16,7 +16,8 @@ from genir_jax.errors import GenIRError
 
 # Subcommand modules, in the order `--help` lists them.
 COMMAND_MODULES = (
-    "prepare-data", "evaluate", "bm25", "inspect",
+    "reproduce",
+    "prepare-data", "pretrain", "train", "evaluate", "bm25", "inspect",
     "patch-stages", "swap-encoder", "circuit", "residual-rank", "neuron-reading", "crattn-reading",
     "crattn-writes", "crattn-head-tokens",
 )

@@ -1,0 +1,50 @@
+"""`genir-jax reproduce`: every experiment of the paper on one dataset and preset, with a report."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    from genir_jax.reproduce import DATASETS, REMOVED_DOCUMENTS, REMOVED_MODELS, TINY_MAX_DOCUMENTS
+
+    parser = subparsers.add_parser(
+        "reproduce",
+        help="prepare data, pretrain a base T5, train 5 DSI models, run every analysis, write report.md",
+        description=(
+            "The whole paper on one dataset: prepare the data, pretrain a base T5 (span corruption), train the "
+            f"full DSI model and {REMOVED_MODELS} models each without {REMOVED_DOCUMENTS} documents, evaluate, run "
+            "every analysis (Tables 2-6, Figures 3-5) and write OUT/report.md with PNG figures and the paper's "
+            "numbers side by side. Re-running skips finished steps; --force STEP redoes one. Presets: tiny (a "
+            f"smoke run on the first {TINY_MAX_DOCUMENTS} documents, minutes on a CPU), cpu (the full corpus, "
+            "2-core CPU scale), t5-large (the paper's model shape, for GPU/TPU)."
+        ),
+    )
+    parser.add_argument("--dataset", default="squad-dev", choices=DATASETS, help="default: squad-dev")
+    parser.add_argument("--preset", default="tiny", choices=("tiny", "cpu", "t5-large"), help="default: tiny")
+    parser.add_argument("--out", default=None, help="output directory (default: runs/<dataset>-<preset>)")
+    parser.add_argument("--data-dir", default=None,
+                        help="where the raw datasets and t5-tokenizer/ live (default: $GENIR_JAX_DATA, else "
+                             "../shared/data)")
+    parser.add_argument("--force", nargs="+", default=(), metavar="STEP", help="redo these steps")
+    parser.add_argument("--list-steps", action="store_true", help="print the steps and their state, then exit")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars in the analyses")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from genir_jax.reproduce import Layout, Settings, reproduce, step_record, steps
+
+    out = args.out or f"runs/{args.dataset}-{args.preset}"
+    settings = Settings(dataset=args.dataset, preset=args.preset, data_dir=args.data_dir,
+                        progress=not args.no_progress)
+    if args.list_steps:
+        layout = Layout(__import__("pathlib").Path(out))
+        for step in steps(settings):
+            record = step_record(layout, step.name)
+            state = "not run" if record is None else record.get("skipped") or f"done in {record['seconds']:.0f} s"
+            print(f"{step.name:<16} {state}")
+        return 0
+    layout = reproduce(out, settings, force=tuple(args.force))
+    print(f"report: {layout.report}")
+    return 0

@@ -1,0 +1,154 @@
+"""The reproduction report: one section per paper table / figure, from the outputs of `genir-jax reproduce`.
+
+Each table and figure is an `Experiment` declared in the `experiments` package (one module each): which
+pipeline steps it reads, the paper's numbers, and a `render` function turning the step outputs into a
+markdown section (and PNG figures). `write_report` assembles them into ``OUT/report.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, Callable, Sequence
+
+from genir_jax.io import write_text
+
+
+@dataclasses.dataclass
+class Section:
+    """Rendered markdown of one experiment (figures are written by the renderer and linked here)."""
+
+    markdown: str
+    figures: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """One table or figure of the paper: where it comes from and how it is rendered."""
+
+    id: str
+    title: str
+    paper_ref: str
+    steps: tuple[str, ...]
+    command: str          # the genir-jax subcommand(s) that produce it
+    paper: dict            # the paper's numbers (NQ10k, T5-large) for the side-by-side
+    render: Callable[[Any], Section]
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatting helpers shared by the experiment renderers
+# --------------------------------------------------------------------------------------------------
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table."""
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.2f}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def percent(value: float | None) -> float | None:
+    return None if value is None else 100.0 * value
+
+
+def read_json(path: pathlib.Path) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def stage_names(count: int) -> list[str]:
+    return ["I", "II", "III", "IV", "V", "VI"][:count] if count <= 6 else [str(i + 1) for i in range(count)]
+
+
+def describe_stages(stages: Sequence[Sequence[int]]) -> str:
+    return ", ".join(f"{name} = layers {s[0]}-{s[-1]}" for name, s in zip(stage_names(len(stages)), stages))
+
+
+def figure(layout, name: str):
+    """A new matplotlib figure and the path it will be saved to (headless backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layout.figures.mkdir(parents=True, exist_ok=True)
+    return plt, layout.figures / f"{name}.png"
+
+
+def shade_stages(axis, stages: Sequence[Sequence[int]]) -> None:
+    """Grey bands and labels for the stages on a per-layer x axis."""
+    for index, (name, layers) in enumerate(zip(stage_names(len(stages)), stages)):
+        if index % 2 == 1:
+            axis.axvspan(layers[0] - 0.5, layers[-1] + 0.5, color="0.92", zorder=0)
+        axis.text((layers[0] + layers[-1]) / 2, 1.01, name, transform=axis.get_xaxis_transform(), ha="center",
+                  va="bottom", fontsize=9)
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------------
+
+def _step_state(layout, name: str) -> dict | None:
+    path = layout.steps / f"{name}.json"
+    return read_json(path) if path.is_file() else None
+
+
+def _header(layout, settings) -> str:
+    from genir_jax.reproduce import steps
+
+    lines = [f"# genir-jax reproduction: {settings.dataset}, preset {settings.preset}", ""]
+    lines.append("Reusch & Belinkov, *Reverse-Engineering the Retrieval Process in GenIR Models* (SIGIR 2025), "
+                 "re-run with genir-jax. The paper's numbers are for T5-large DSI models on NQ10k; ours come from "
+                 "this run's models, so compare tendencies, not values.")
+    lines.append("")
+    rows, total = [], 0.0
+    for step in steps(settings):
+        state = _step_state(layout, step.name)
+        if step.name == "report":
+            continue  # this file
+        if state is None:
+            rows.append((step.name, "not run", ""))
+            continue
+        total += float(state.get("seconds", 0.0))
+        rows.append((step.name, state.get("skipped") or "done", f"{state.get('seconds', 0):.0f}"))
+    lines += ["## Pipeline", "", md_table(["step", "state", "seconds"], rows), "",
+              f"Total step time: {total / 60:.1f} min.", ""]
+    return "\n".join(lines)
+
+
+def _missing_steps(layout, experiment: Experiment) -> list[str]:
+    problems = []
+    for name in experiment.steps:
+        state = _step_state(layout, name)
+        if state is None:
+            problems.append(f"step `{name}` has not run")
+        elif state.get("skipped"):
+            problems.append(f"step `{name}` was skipped: {state['skipped']}")
+    return problems
+
+
+def write_report(layout, settings) -> pathlib.Path:
+    """Render every experiment and write ``report.md`` (atomically)."""
+    from experiments import EXPERIMENTS
+
+    parts = [_header(layout, settings)]
+    for experiment in EXPERIMENTS:
+        parts.append(f"## {experiment.title} ({experiment.paper_ref})\n")
+        parts.append(f"Produced by `{experiment.command}`.\n")
+        problems = _missing_steps(layout, experiment)
+        if problems:
+            parts.append("Not available: " + "; ".join(problems) + ".\n")
+            continue
+        section = experiment.render(layout)
+        parts.append(section.markdown.rstrip() + "\n")
+        for path in section.figures:
+            relative = os.path.relpath(path, layout.root)
+            parts.append(f"![{experiment.title}]({relative})\n")
+    write_text(layout.report, "\n".join(parts))
+    return layout.report

@@ -1,0 +1,333 @@
+"""`genir-jax reproduce`: the paper end to end on one dataset and preset, resumable, ending in a report.
+
+Pipeline (each step is a `genir-jax` subcommand writing its own directory under OUT):
+
+    prepare          data/                   prepare-data (tiny: the first 64 documents only)
+    pretrain         models/base/            pretrain: span corruption -> the "base T5"
+    train-full       models/full/            train: the DSI model on every document
+    evaluate-full    eval/full-{val,test}/   evaluate: metrics, run files, correct_valid.json
+    bm25             eval/bm25-test/         bm25 on the same test queries (context for Table 1)
+    patch-stages     analysis/patch-stages/  Table 3 (zero, mean, T5)
+    circuit          analysis/circuit/       Table 4 (test queries)
+    residual-rank    analysis/residual-rank/ Fig. 3 and Fig. 4
+    neuron-reading   analysis/neuron-reading/ Fig. 5 (MLP neurons)
+    crattn-reading   analysis/crattn-reading/ Fig. 5 (cross-attention heads)
+    crattn-writes    analysis/crattn-writes/  Table 5
+    head-tokens      analysis/head-tokens/    Table 6
+    choose-removed   removed_documents.json  4 x 10 documents to leave out (correct validation queries first)
+    train-removed-K  models/removed-K/       train --remove: one model per document set, K = 0..3
+    swap-encoder     analysis/swap-encoder/  Table 2 (+ the base T5's encoder)
+    report           report.md, figures/      every table and figure, beside the paper's numbers
+
+A finished step leaves ``.steps/<step>.json``; re-running skips it (the report is always rewritten).
+``--force STEP`` redoes that step (steps after it are not redone unless forced too). Analyses need correct
+validation queries; when the full model has none, they are skipped and the report says so. A failing analysis
+does not stop the pipeline (the training steps after it still run); the run then ends with an error naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from typing import Callable
+
+import numpy as np
+
+from genir_jax.errors import GenIRError
+from genir_jax.io import write_json
+
+DATASETS = ("squad-dev", "nq-oracle")
+REMOVED_MODELS = 4
+REMOVED_DOCUMENTS = 10
+TINY_MAX_DOCUMENTS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where every step of a reproduction writes (all under `root`)."""
+
+    root: pathlib.Path
+
+    data = property(lambda self: self.root / "data")
+    base = property(lambda self: self.root / "models" / "base")
+    full = property(lambda self: self.root / "models" / "full")
+    eval_val = property(lambda self: self.root / "eval" / "full-val")
+    eval_test = property(lambda self: self.root / "eval" / "full-test")
+    bm25_test = property(lambda self: self.root / "eval" / "bm25-test")
+    removed_documents = property(lambda self: self.root / "removed_documents.json")
+    missing_docs = property(lambda self: self.root / "analysis" / "missing_docs_for_model.json")
+    figures = property(lambda self: self.root / "figures")
+    report = property(lambda self: self.root / "report.md")
+    steps = property(lambda self: self.root / ".steps")
+
+    def removed(self, index: int) -> pathlib.Path:
+        return self.root / "models" / f"removed-{index}"
+
+    def analysis(self, name: str) -> pathlib.Path:
+        return self.root / "analysis" / name
+
+    @property
+    def correct_valid(self) -> pathlib.Path:
+        return self.eval_val / "correct_valid.json"
+
+    def queries(self, split: str) -> pathlib.Path:
+        return self.data / f"{split}_queries.json"
+
+    def qrels(self, split: str) -> pathlib.Path:
+        return self.data / f"{split}_qrels.json"
+
+
+@dataclasses.dataclass
+class Settings:
+    dataset: str
+    preset: str
+    data_dir: str | None = None
+    removed_models: int = REMOVED_MODELS
+    removed_documents: int = REMOVED_DOCUMENTS
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    name: str
+    run: Callable[[Layout, Settings], dict | None]
+    analysis: bool = False  # needs correct validation queries
+    always: bool = False    # cheap and depends on everything before it: never skipped
+
+
+def _cli(args: list[str]) -> None:
+    from genir_jax.cli import main
+
+    code = main([str(a) for a in args])
+    if code != 0:
+        raise GenIRError(f"step failed: genir-jax {' '.join(str(a) for a in args)} exited with code {code}")
+
+
+def _no_progress(settings: Settings) -> list[str]:
+    return [] if settings.progress else ["--no-progress"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------------
+
+def _prepare(layout: Layout, settings: Settings):
+    args = ["prepare-data", "--dataset", settings.dataset, "-o", layout.data]
+    if settings.data_dir:
+        args += ["--data-dir", settings.data_dir]
+    if settings.preset == "tiny":
+        args += ["--max-documents", TINY_MAX_DOCUMENTS]
+    _cli(args)
+
+
+def _pretrain(layout: Layout, settings: Settings):
+    args = ["pretrain", "--data", layout.data, "--preset", settings.preset, "-o", layout.base, "--resume"]
+    if settings.data_dir:
+        args += ["--tokenizer", pathlib.Path(settings.data_dir) / "t5-tokenizer"]
+    _cli(args)
+
+
+def _train_full(layout: Layout, settings: Settings):
+    _cli(["train", "--data", layout.data, "--base", layout.base, "--preset", settings.preset, "-o", layout.full,
+          "--resume"])
+
+
+def _evaluate_full(layout: Layout, settings: Settings):
+    _cli(["evaluate", "--checkpoint", layout.full, "--prepared", layout.data, "--split", "val", "-o",
+          layout.eval_val])
+    _cli(["evaluate", "--checkpoint", layout.full, "--prepared", layout.data, "--split", "test", "-o",
+          layout.eval_test])
+    correct = json.loads(layout.correct_valid.read_text())
+    return {"correct_validation_queries": len(correct)}
+
+
+def _bm25(layout: Layout, settings: Settings):
+    _cli(["bm25", "--prepared", layout.data, "--split", "test", "-o", layout.bm25_test])
+
+
+def choose_removed_documents(correct: list, val_queries: list, count: int, per_model: int, seed: int = 0
+                             ) -> list[list[str]]:
+    """`count` disjoint sets of `per_model` document ids: documents of correct validation queries first (their
+    queries measure the encoder swap), then other validation documents if there are too few; seeded."""
+    from genir_jax.docids import doc_id_of_token
+
+    rng = np.random.default_rng(seed)
+    preferred = sorted({doc_id_of_token(token) for token, _ in correct})
+    others = sorted({d for q in val_queries for d in q["relevant_docs"]} - set(preferred))
+    pool = [preferred[i] for i in rng.permutation(len(preferred))] + [others[i] for i in rng.permutation(len(others))]
+    if len(pool) < count * per_model:
+        per_model = max(1, len(pool) // count)
+    return [pool[k * per_model:(k + 1) * per_model] for k in range(count)]
+
+
+def _choose_removed(layout: Layout, settings: Settings):
+    correct = json.loads(layout.correct_valid.read_text())
+    val = json.loads(layout.queries("val").read_text())
+    sets = choose_removed_documents(correct, val, settings.removed_models, settings.removed_documents)
+    if not all(sets):
+        raise GenIRError(f"{layout.queries('val')}: too few validation documents to remove {settings.removed_models} "
+                         "sets")
+    write_json(layout.removed_documents, {f"removed-{k}": docs for k, docs in enumerate(sets)}, indent=2)
+    write_json(layout.missing_docs, {str(layout.removed(k)): ", ".join(docs) for k, docs in enumerate(sets)},
+               indent=2)
+    correct_docs = {token for token, _ in correct}
+    from genir_jax.docids import docid_token
+    return {"sets": len(sets), "documents_per_set": len(sets[0]),
+            "with_correct_queries": [sum(docid_token(d) in correct_docs for d in docs) for docs in sets]}
+
+
+def _train_removed(index: int):
+    def run(layout: Layout, settings: Settings):
+        sets = json.loads(layout.removed_documents.read_text())
+        _cli(["train", "--data", layout.data, "--base", layout.base, "--preset", settings.preset, "-o",
+              layout.removed(index), "--remove", ",".join(sets[f"removed-{index}"]), "--resume"])
+    return run
+
+
+def _analysis_inputs(layout: Layout) -> list:
+    return ["--val-queries", layout.queries("val"), "--correct-valid", layout.correct_valid]
+
+
+def _patch_stages(layout, settings):
+    _cli(["patch-stages", "--checkpoint", layout.full, *_analysis_inputs(layout), "-o",
+          layout.analysis("patch-stages"), "--modes", "zero,mean,t5", "--t5", layout.base, *_no_progress(settings)])
+
+
+def _swap_encoder(layout, settings):
+    _cli(["swap-encoder", "--complete-model-path", layout.full, "--missing-docs-for-model", layout.missing_docs,
+          *_analysis_inputs(layout), "-o", layout.analysis("swap-encoder"), "--t5", layout.base,
+          *_no_progress(settings)])
+
+
+def _circuit(layout, settings):
+    _cli(["circuit", "--checkpoint", layout.full, "--test-queries", layout.queries("test"), "--qrels",
+          layout.qrels("test"), *_analysis_inputs(layout), "-o", layout.analysis("circuit"), *_no_progress(settings)])
+
+
+def _residual_rank(layout, settings):
+    _cli(["residual-rank", "--checkpoint", layout.full, *_analysis_inputs(layout), "-o",
+          layout.analysis("residual-rank"), *_no_progress(settings)])
+
+
+def _reading(kind: str):
+    def run(layout, settings):
+        _cli([kind, "--checkpoint", layout.full, *_analysis_inputs(layout), "-o", layout.analysis(kind),
+              "--sim-type", "dot", "--topk", "all", "10", *_no_progress(settings)])
+    return run
+
+
+def _crattn_writes(layout, settings):
+    _cli(["crattn-writes", "--checkpoint", layout.full, *_analysis_inputs(layout), "-o",
+          layout.analysis("crattn-writes"), *_no_progress(settings)])
+
+
+def _head_tokens(layout, settings):
+    """Table 6: top tokens of the last stage's cross-attention heads for the first correct query (the
+    paper's example query is an NQ question; ours comes from the dataset)."""
+    from genir_jax.analysis.stage_patching import default_stages
+    from genir_jax.config import T5Config
+
+    correct = json.loads(layout.correct_valid.read_text())
+    queries = {str(q["id"]): q["query"] for q in json.loads(layout.queries("val").read_text())}
+    config = T5Config.from_json_file(layout.full / "config.json")
+    last_stage = default_stages(config.num_decoder_layers)[-1] if config.num_decoder_layers >= 3 else \
+        list(range(config.num_decoder_layers))
+    heads = ",".join(f"{layer}.{head}" for layer in last_stage[:2] for head in range(min(config.num_heads, 4)))
+    _cli(["crattn-head-tokens", "--checkpoint", layout.full, "--queries", queries[str(correct[0][1])],
+          "--heads", heads, "-o", layout.analysis("head-tokens"), *_no_progress(settings)])
+
+
+def _report(layout, settings):
+    from genir_jax.report import write_report
+
+    write_report(layout, settings)
+
+
+def steps(settings: Settings) -> list[Step]:
+    """The pipeline in order."""
+    out = [
+        Step("prepare", _prepare),
+        Step("pretrain", _pretrain),
+        Step("train-full", _train_full),
+        Step("evaluate-full", _evaluate_full),
+        Step("bm25", _bm25),
+        Step("patch-stages", _patch_stages, analysis=True),
+        Step("circuit", _circuit, analysis=True),
+        Step("residual-rank", _residual_rank, analysis=True),
+        Step("neuron-reading", _reading("neuron-reading"), analysis=True),
+        Step("crattn-reading", _reading("crattn-reading"), analysis=True),
+        Step("crattn-writes", _crattn_writes, analysis=True),
+        Step("head-tokens", _head_tokens, analysis=True),
+        Step("choose-removed", _choose_removed, analysis=True),
+    ]
+    out += [Step(f"train-removed-{k}", _train_removed(k), analysis=True) for k in range(settings.removed_models)]
+    out += [
+        Step("swap-encoder", _swap_encoder, analysis=True),
+        Step("report", _report, always=True),
+    ]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+
+def step_record(layout: Layout, name: str) -> dict | None:
+    path = layout.steps / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def reproduce(out: str | os.PathLike, settings: Settings, force: tuple[str, ...] = (), log=print) -> Layout:
+    """Run every unfinished (or forced) step; returns the layout of `out`."""
+    if settings.dataset not in DATASETS:
+        raise GenIRError(f"unknown dataset {settings.dataset!r}; choose one of {', '.join(DATASETS)}")
+    layout = Layout(pathlib.Path(out))
+    pipeline = steps(settings)
+    known = {step.name for step in pipeline}
+    unknown = sorted(set(force) - known)
+    if unknown:
+        raise GenIRError(f"--force: unknown step(s) {unknown}; steps are: {', '.join(s.name for s in pipeline)}")
+    layout.root.mkdir(parents=True, exist_ok=True)
+    started = step_record(layout, "settings")
+    current = {"dataset": settings.dataset, "preset": settings.preset, "removed_models": settings.removed_models,
+               "removed_documents": settings.removed_documents}
+    if started and {k: started.get(k) for k in current} != current:
+        raise GenIRError(f"{layout.root} holds a reproduction with {started}; use another --out for {current}")
+    write_json(layout.steps / "settings.json", current, indent=2)
+    failed: list[str] = []
+    for index, step in enumerate(pipeline, start=1):
+        record = step_record(layout, step.name)
+        if record and step.name not in force and not step.always:
+            log(f"[{index}/{len(pipeline)}] {step.name}: done ({record.get('seconds', 0):.0f} s), skipped")
+            continue
+        if step.analysis and _no_correct_queries(layout):
+            write_json(layout.steps / f"{step.name}.json",
+                       {"skipped": "the full model ranks no validation query correctly", "seconds": 0}, indent=2)
+            log(f"[{index}/{len(pipeline)}] {step.name}: skipped (no correct validation queries)")
+            continue
+        log(f"[{index}/{len(pipeline)}] {step.name} ...")
+        start = time.time()
+        try:
+            details = step.run(layout, settings) or {}
+        except Exception as error:  # noqa: BLE001 - analyses only; everything else is re-raised
+            if not step.analysis or step.name.startswith(("choose-", "train-")):
+                raise
+            # One failed analysis must not cost the hours of training after it: note it, go on, fail at the end.
+            failed.append(step.name)
+            log(f"[{index}/{len(pipeline)}] {step.name}: FAILED ({error}); continuing")
+            continue
+        seconds = time.time() - start
+        write_json(layout.steps / f"{step.name}.json",
+                   {"seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **details}, indent=2)
+        log(f"[{index}/{len(pipeline)}] {step.name}: finished in {seconds:.0f} s")
+    if failed:
+        raise GenIRError(f"analysis step(s) failed: {', '.join(failed)}; fix the cause and re-run (finished steps "
+                         "are skipped)")
+    return layout
+
+
+def _no_correct_queries(layout: Layout) -> bool:
+    return layout.correct_valid.is_file() and not json.loads(layout.correct_valid.read_text())

@@ -1,0 +1,164 @@
+"""DSI fine-tuning: prepared data -> docid tokens -> indexing + retrieval training -> best model -> HF export.
+
+Steps (as the reference's preprocess.py + train.py, in JAX):
+
+1. Add one ``@DOC_ID_<id>@`` token per document of the corpus (removed documents too, as the reference
+   adds every docid before dropping training examples) and resize the embeddings
+   (`genir_jax.docids.add_docid_tokens`, seeded; transformers' mean resizing or random rows, see
+   `with_docids`).
+2. Build the examples with `genir_jax.data.dsi.build_dsi_examples` (ratio, ``--remove``) and tokenize the
+   indexing examples to `index_max_length` and the queries to `query_max_length` tokens
+   (`tokenize_examples`); the two kinds form two batch groups, each padded to its own maximum length
+   (one compiled step per distinct length).
+3. Train (`genir_jax.training.trainer.train_loop`): target = the docid token, one decoder step.
+4. Validate on (at most `max_val_queries` of) the validation queries with `genir_jax.retrieval`
+   (Hits@1, Hits@10, ... from trec_eval), keep the parameters with the best Hits@1.
+5. Export the best model with its tokenizer (docid tokens included) as a Hugging Face directory and
+   score it on the full validation and test splits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from genir_jax.data.corpus import Document, Query, qrels_from_queries
+from genir_jax.data.dsi import INDEX, RETRIEVAL, build_dsi_examples, tokenize_examples, tokenize_queries
+from genir_jax.docids import add_docid_tokens, docid_token_ids
+from genir_jax.errors import ConfigError, DataError
+from genir_jax.hf import PretrainedModel, save_pretrained
+from genir_jax.io import write_json
+from genir_jax.retrieval import evaluate_run, rank_docids, run_from_ranking
+from genir_jax.training.batching import ArraySource
+from genir_jax.training.presets import DSISettings
+from genir_jax.training.trainer import RunSpec, train_loop
+
+SUMMARY_FILE = "train.json"
+BEST_METRIC = "Hits@1"
+
+
+def with_docids(base: PretrainedModel, documents: Sequence[Document], *, seed: int,
+                dropout_rate: float | None = None, docid_init: str = "mean") -> PretrainedModel:
+    """`base` with a docid token per document (embeddings resized) and the fine-tuning dropout rate.
+
+    ``docid_init="mean"`` initialises the new rows as transformers does (the mean of the old rows plus
+    1e-9-scaled noise: all docids start almost equal); ``"random"`` draws them like fresh T5 embeddings
+    (normal, std `initializer_factor`). With tied embeddings and nearly equal docid rows, the gradient into
+    the network is nearly zero until those rows drift apart, so a model with weak pre-training sits on the
+    uniform-docid plateau for epochs; random rows let it learn from the first step.
+    """
+    if docid_init not in ("mean", "random"):
+        raise ConfigError(f"docid_init must be 'mean' or 'random', got {docid_init!r}")
+    model = add_docid_tokens(base, [doc.id for doc in documents], seed=seed, mean_resizing=docid_init == "mean")
+    if dropout_rate is not None:
+        model = model.replace(config=model.config.replace(dropout_rate=dropout_rate))
+    return model
+
+
+def _group(tokenized, width: int) -> dict[str, np.ndarray]:
+    """Batch arrays of one kind, padded to `width` columns (equal widths share one compiled step)."""
+    labels = np.asarray(tokenized.labels, dtype=np.int32)
+    pad = ((0, 0), (0, max(0, width - tokenized.input_ids.shape[1])))
+    return {"input_ids": np.pad(np.asarray(tokenized.input_ids, dtype=np.int32), pad),
+            "attention_mask": np.pad(np.asarray(tokenized.attention_mask, dtype=np.int32), pad),
+            "targets": labels[:, None], "target_mask": np.ones((len(labels), 1), dtype=np.int32)}
+
+
+def dsi_source(documents: Sequence[Document], train_queries: Sequence[Query], tokenizer, settings: DSISettings,
+               *, remove: Iterable[str] | str = (), cache_dir: str | None = None,
+               progress: bool = True) -> tuple[ArraySource, dict]:
+    """Training batches (group 0: indexing, group 1: retrieval) and their counts."""
+    examples = build_dsi_examples(documents, train_queries, ratio=settings.ratio, remove=remove)
+    groups, stats = [], {}
+    for kind, max_length in ((INDEX, settings.index_max_length), (RETRIEVAL, settings.query_max_length)):
+        selected = [e for e in examples if e.kind == kind]
+        stats[f"{kind}_examples"] = len(selected)
+        if selected:
+            tokenized = tokenize_examples(selected, tokenizer, max_length, cache_dir=cache_dir, progress=progress)
+            groups.append(_group(tokenized, max_length))
+            stats[f"{kind}_longest"] = int(tokenized.attention_mask.sum(axis=1).max())
+    if not groups:
+        raise DataError("no DSI training examples (every document removed?)")
+    return ArraySource(groups), stats
+
+
+def retrieval_evaluator(config, tokenizer, queries: Sequence[Query], doc_ids: Sequence[str], max_length: int,
+                        *, batch_size: int = 256, progress: bool = False):
+    """``params -> {"Hits@1", "Hits@10", "Recall@5", "MRR@10", "nDCG@10", "queries"}`` on `queries`."""
+    input_ids, attention_mask = tokenize_queries(queries, tokenizer, max_length)
+    token_ids = docid_token_ids(tokenizer, doc_ids)
+    qrels = qrels_from_queries(queries)
+    query_ids = [q.id for q in queries]
+    doc_ids = list(doc_ids)
+
+    def evaluate(params) -> dict:
+        indices, scores = rank_docids(config, params, input_ids, attention_mask, token_ids, k=min(100, len(doc_ids)),
+                                      batch_size=batch_size, progress=progress)
+        return evaluate_run(run_from_ranking(query_ids, doc_ids, indices, scores), qrels)
+
+    return evaluate
+
+
+def finetune(base: PretrainedModel, documents: Sequence[Document], splits: Mapping[str, Sequence[Query]],
+             settings: DSISettings, run: RunSpec, out_dir: str, *, remove: Iterable[str] | str = (),
+             resume: bool = False, progress: bool = True, devices=None, cache_dir: str | None = None,
+             extra_summary: dict | None = None) -> dict:
+    """Fine-tune `base` into a DSI model on a prepared corpus and export the best one to `out_dir`.
+
+    `splits` holds ``train`` and ``val`` queries (``test`` optional). Returns the summary also written to
+    ``out_dir/train.json``: data counts, the validation curve, the best step, final val/test metrics and
+    the training throughput.
+    """
+    started = time.perf_counter()
+    for name in ("train", "val"):
+        if not splits.get(name):
+            raise DataError(f"DSI training needs {name} queries (the prepared directory has none)")
+    model = with_docids(base, documents, seed=run.seed, dropout_rate=settings.dropout_rate,
+                        docid_init=settings.docid_init)
+    doc_ids = [doc.id for doc in documents]
+    source, stats = dsi_source(documents, splits["train"], model.tokenizer, settings, remove=remove,
+                               cache_dir=cache_dir, progress=progress)
+    val_queries = list(splits["val"])[:settings.max_val_queries]
+    evaluate = retrieval_evaluator(model.config, model.tokenizer, val_queries, doc_ids, settings.query_max_length)
+    result = train_loop(model.config, model.params, source, run, out_dir, evaluate=evaluate,
+                        best_metric=BEST_METRIC, best_mode="max", resume=resume, progress=progress,
+                        devices=devices, description="train")
+    params = jax.device_get(result.params)
+    save_pretrained(out_dir, model.replace(params=params, path=None))
+    final = {}
+    for name in ("val", "test"):
+        if splits.get(name):
+            final[name] = retrieval_evaluator(model.config, model.tokenizer, splits[name], doc_ids,
+                                              settings.query_max_length)(params)
+    summary = {
+        "stage": "dsi", "data": {**stats, "documents": len(documents), "docid_tokens": len(doc_ids),
+                                 "val_queries_for_selection": len(val_queries)},
+        "removed": sorted(set(_removed_list(remove))), "settings": _settings_dict(settings), "run": run.to_dict(),
+        "best": result.best, "evaluations": result.evaluations, "final": final,
+        "resumed_from": result.resumed_from, "train_seconds": round(result.train_seconds, 2),
+        "examples_per_s": None if result.examples_per_s is None else round(result.examples_per_s, 2),
+        "compile_seconds": round(result.compile_seconds, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "devices": len(jax.local_devices()) if devices is None else len(devices),
+        **(extra_summary or {}),
+    }
+    write_json(os.path.join(out_dir, SUMMARY_FILE), summary, indent=2)
+    return summary
+
+
+def _removed_list(remove) -> list[str]:
+    from genir_jax.data.dsi import parse_doc_id_list
+
+    return list(parse_doc_id_list(remove))
+
+
+def _settings_dict(settings: DSISettings) -> dict:
+    data = dataclasses.asdict(settings)
+    data.pop("run")
+    data.pop("adamw")
+    return data

@@ -1,0 +1,162 @@
+"""Pre-train a "base T5" from scratch with span corruption on a corpus, and export it in HF format.
+
+Offline there are no pretrained T5 weights, so this builds one: a fresh T5 (shape from a preset, the real
+T5 vocabulary and tokenizer, vocab size padded to 32128 as T5's) trained with T5's objective on the
+documents (and the training queries' text) of a prepared directory. The result is the starting point of
+DSI fine-tuning, the "T5" of T5-mode patching and the pretrained encoder of encoder swaps.
+
+Text is tokenized without EOS, concatenated and cut into chunks (`span_corruption.pack_tokens`); a
+seeded set of `val_chunks` chunks is held out and scored with fixed noise (validation loss and token
+accuracy), the rest is trained on with fresh noise every epoch. The parameters with the lowest validation
+loss are exported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from genir_jax.data.corpus import Document, Query
+from genir_jax.errors import CheckpointError
+from genir_jax.hf import PretrainedModel, save_pretrained
+from genir_jax.io import write_json
+from genir_jax.model import init_params
+from genir_jax.training.batching import fingerprint_arrays
+from genir_jax.training.loop import make_eval_step
+from genir_jax.training.presets import T5_VOCAB_SIZE, ModelShape, PretrainSettings
+from genir_jax.training.span_corruption import SpanCorruption, pack_tokens, tokens_length_for_inputs
+from genir_jax.training.trainer import RunSpec, train_loop
+
+NUM_SENTINELS = 100
+VALIDATION_NOISE_EPOCH = 2**31 - 1  # the noise seed of the held-out chunks (never a training epoch)
+SUMMARY_FILE = "pretrain.json"
+
+
+def sentinel_ids(tokenizer, source: str = "tokenizer") -> tuple[int, ...]:
+    """Ids of ``<extra_id_0>`` ... ``<extra_id_99>`` (T5's sentinels, in the order spans use them)."""
+    tokens = [f"<extra_id_{k}>" for k in range(NUM_SENTINELS)]
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    missing = [t for t, i in zip(tokens, ids) if i is None or i == unk]
+    if missing:
+        raise CheckpointError(f"{source}: the tokenizer lacks T5's sentinel tokens ({', '.join(missing[:3])} ...); "
+                              "span corruption needs a T5 tokenizer with 100 <extra_id_*> tokens")
+    if tokenizer.pad_token_id != 0 or tokenizer.eos_token_id is None:
+        raise CheckpointError(f"{source}: expected a T5 tokenizer with pad id 0 and an EOS token, got pad "
+                              f"{tokenizer.pad_token_id} and eos {tokenizer.eos_token_id}")
+    return tuple(int(i) for i in ids)
+
+
+def base_vocab_size(tokenizer) -> int:
+    """T5's 32128, or the tokenizer's length rounded up to a multiple of 128 if that is larger."""
+    return max(T5_VOCAB_SIZE, -(-len(tokenizer) // 128) * 128)
+
+
+def corpus_texts(documents: Sequence[Document], train_queries: Sequence[Query] = (),
+                 include_queries: bool = True) -> list[str]:
+    """The text pre-training reads: every document, then (optionally) every training query."""
+    texts = [doc.text for doc in documents]
+    if include_queries:
+        texts.extend(query.text for query in train_queries)
+    return texts
+
+
+class SpanCorruptionSource:
+    """Packed chunks as a `DataSource`: the noise of chunk i in epoch e is seeded by (seed, e, i)."""
+
+    def __init__(self, chunks: np.ndarray, lengths: np.ndarray, corruption: SpanCorruption, seed: int):
+        self.chunks, self.lengths = chunks, lengths
+        self.corruption = corruption
+        self.seed = int(seed)
+        self.group_sizes = (len(chunks),)
+        self._fingerprint = fingerprint_arrays({"chunks": chunks, "lengths": lengths},
+                                               dataclasses.asdict(corruption), self.seed)
+
+    def batch(self, group: int, indices: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
+        return self.corruption.batch(self.chunks, self.lengths, indices, (self.seed, epoch))
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+
+def build_span_corruption_data(texts: Sequence[str], tokenizer, settings: PretrainSettings, seed: int,
+                               batch_size: int) -> tuple[SpanCorruptionSource, dict[str, np.ndarray], dict]:
+    """(training source, held-out validation batch arrays, statistics) from raw texts."""
+    sentinels = sentinel_ids(tokenizer)
+    tokens_length = tokens_length_for_inputs(settings.inputs_length, settings.noise_density,
+                                             settings.mean_noise_span_length)
+    token_lists = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    chunks, lengths = pack_tokens(token_lists, tokens_length)
+    corruption = SpanCorruption(sentinels, int(tokenizer.eos_token_id), tokens_length,
+                                settings.noise_density, settings.mean_noise_span_length)
+    rng = np.random.default_rng([int(seed), 7])
+    order = rng.permutation(len(chunks))
+    val_count = min(settings.val_chunks, len(chunks) // 4)  # at most a quarter of the data is held out
+    val_rows, train_rows = np.sort(order[:val_count]), np.sort(order[val_count:])
+    source = SpanCorruptionSource(chunks[train_rows], lengths[train_rows], corruption, seed)
+    val = corruption.batch(chunks, lengths, val_rows, (int(seed), VALIDATION_NOISE_EPOCH)) if val_count else {}
+    stats = {"texts": len(texts), "tokens": int(sum(len(t) for t in token_lists)), "tokens_length": tokens_length,
+             "inputs_length": corruption.inputs_length, "targets_length": corruption.targets_length,
+             "train_chunks": int(len(train_rows)), "val_chunks": int(val_count)}
+    return source, val, stats
+
+
+def span_corruption_evaluator(config, val: dict[str, np.ndarray], batch_size: int):
+    """``params -> {"val_loss", "val_accuracy"}`` over the held-out chunks (token-weighted means)."""
+    eval_step = make_eval_step(config)
+    count = len(val["input_ids"]) if val else 0
+    size = max(1, min(batch_size, count))
+
+    def evaluate(params) -> dict:
+        total = correct = tokens = 0.0
+        for start in range(0, count, size):
+            batch = {k: v[start:start + size] for k, v in val.items()}
+            short = size - len(batch["input_ids"])
+            if short:  # pad the last batch with empty rows (no target tokens, so no weight): one shape
+                batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+            loss, metrics = jax.device_get(eval_step(params, batch))
+            total += float(loss) * float(metrics["tokens"])
+            correct += float(metrics["accuracy"]) * float(metrics["tokens"])
+            tokens += float(metrics["tokens"])
+        return {"val_loss": total / max(tokens, 1.0), "val_accuracy": correct / max(tokens, 1.0)}
+
+    return evaluate
+
+
+def pretrain(texts: Sequence[str], tokenizer, shape: ModelShape, settings: PretrainSettings, run: RunSpec,
+             out_dir: str, *, resume: bool = False, progress: bool = True, devices=None,
+             extra_summary: dict | None = None) -> dict:
+    """Pre-train a fresh T5 on `texts` and export the best one (by validation loss) to `out_dir`.
+
+    `run` is ``settings.run`` possibly with command-line overrides. Returns the summary also written to
+    ``out_dir/pretrain.json``.
+    """
+    started = time.perf_counter()
+    sentinel_ids(tokenizer)
+    config = shape.config(base_vocab_size(tokenizer))
+    source, val, stats = build_span_corruption_data(texts, tokenizer, settings, run.seed, run.batch_size)
+    params = init_params(config, run.seed)
+    evaluate = span_corruption_evaluator(config, val, run.batch_size) if val else None
+    result = train_loop(config, params, source, run, out_dir, evaluate=evaluate,
+                        best_metric="val_loss" if val else None, best_mode="min", resume=resume,
+                        progress=progress, devices=devices, description="pretrain")
+    save_pretrained(out_dir, PretrainedModel(config, jax.device_get(result.params), tokenizer))
+    summary = {
+        "stage": "pretrain", "objective": "span corruption",
+        "noise_density": settings.noise_density, "mean_noise_span_length": settings.mean_noise_span_length,
+        "data": stats, "model": dataclasses.asdict(shape), "run": run.to_dict(),
+        "best": result.best, "evaluations": result.evaluations, "resumed_from": result.resumed_from,
+        "train_seconds": round(result.train_seconds, 2),
+        "examples_per_s": None if result.examples_per_s is None else round(result.examples_per_s, 2),
+        "compile_seconds": round(result.compile_seconds, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2), "devices": len(jax.local_devices())
+        if devices is None else len(devices),
+        **(extra_summary or {}),
+    }
+    write_json(os.path.join(out_dir, SUMMARY_FILE), summary, indent=2)
+    return summary

@@ -1,0 +1,307 @@
+"""The training driver shared by `pretrain` and `train`: steps, logging, validation, checkpoints, resume.
+
+`train_loop` runs `RunSpec.steps` updates of `genir_jax.training.loop` on batches planned by
+`genir_jax.training.batching`, and in the run directory:
+
+- writes ``metrics.jsonl``: one JSON object per line, ``{"event": "train", "step", "loss", "accuracy",
+  "learning_rate", "grad_norm", "examples_per_s", "elapsed_s"}`` every `log_every` steps and
+  ``{"event": "eval", "step", <validation metrics>, "best"}`` after every validation;
+- validates every `eval_every` steps and at the end, keeping the best parameters (`best_metric`) in
+  ``best/``;
+- checkpoints every `checkpoint_every` steps and at the end (``checkpoints/``, the newest
+  `keep_checkpoints` kept);
+- shows a tqdm bar with the loss and examples/s.
+
+Resume (``resume=True``) restores the newest checkpoint, checks that the data and the settings are the
+ones it was written with, drops the metrics lines and best checkpoints written after it, and continues:
+the final parameters equal those of an uninterrupted run bit for bit (same devices, same settings).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from genir_jax.config import T5Config
+from genir_jax.errors import CheckpointError, ConfigError
+from genir_jax.io import write_text
+from genir_jax.training.batching import BatchPlan, DataSource
+from genir_jax.training.checkpointing import Checkpoints, abstract_like
+from genir_jax.training.loop import create_state, data_mesh, make_train_step, put_batch, put_state, replicated
+from genir_jax.training.optim import OptimizerSpec, make_optimizer
+
+METRICS_FILE = "metrics.jsonl"
+# Compiled train steps of this process, by everything they depend on: a second run with the same model,
+# optimizer and shapes (a resume, a test) reuses them instead of compiling again.
+_COMPILED_STEPS: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+_COMPILED_STEPS_KEPT = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """How long and how to train: everything that must match for a resume to be exact."""
+
+    steps: int
+    batch_size: int
+    optimizer: OptimizerSpec = OptimizerSpec()
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 0  # 0: validate only at the end
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    dropout: bool = True
+    bf16: bool = False
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"training setting '{name}' must be a positive integer, got {value!r}")
+        if self.eval_every < 0:
+            raise ConfigError(f"training setting 'eval_every' must be >= 0, got {self.eval_every!r}")
+        self.optimizer.validate("training setting 'optimizer'")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def resume_key(self) -> dict:
+        """The settings a resumed run must share with the run that wrote the checkpoint."""
+        data = self.to_dict()
+        data.pop("log_every")
+        data.pop("keep_checkpoints")
+        return data
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished run returns."""
+
+    params: Any  # the best parameters (by validation) if validation ran, else the last ones
+    last_params: Any
+    best: dict | None  # {"step", metric: value, ...} of the best validation
+    evaluations: list[dict]
+    steps: int
+    train_seconds: float  # time spent in training steps of this invocation (no validation, no saving)
+    examples_per_s: float | None  # training throughput of this invocation (compilation excluded)
+    compile_seconds: float
+    resumed_from: int | None
+
+
+class MetricsLog:
+    """Append-only JSON lines; on resume the lines after the resumed step are dropped."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def records(self) -> list[dict]:
+        if not os.path.isfile(self.path):
+            return []
+        out = []
+        with open(self.path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:  # a line torn by a kill
+                    continue
+        return out
+
+    def truncate_after(self, step: int) -> None:
+        kept = [r for r in self.records() if int(r.get("step", 0)) <= step]
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def reset(self) -> None:
+        write_text(self.path, "")
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(dict(record)) + "\n")
+            handle.flush()
+
+
+def _better(value: float, best: float | None, mode: str) -> bool:
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
+def _host(tree) -> Any:
+    return jax.tree_util.tree_map(lambda x: float(np.asarray(x)), jax.device_get(tree))
+
+
+def train_loop(
+    config: T5Config,
+    params,
+    source: DataSource,
+    spec: RunSpec,
+    run_dir: str,
+    *,
+    evaluate: Callable[[Any], dict] | None = None,
+    best_metric: str | None = None,
+    best_mode: str = "max",
+    resume: bool = False,
+    progress: bool = True,
+    devices: Sequence[jax.Device] | None = None,
+    description: str = "train",
+) -> TrainResult:
+    """Train `params` of `config` on `source` as `spec` says, with checkpoints and metrics in `run_dir`.
+
+    `evaluate(params) -> {name: value}` runs at validation steps; with `best_metric` the parameters with
+    the best value of that metric (``best_mode`` "max" or "min") are kept and returned.
+    """
+    spec.validate()
+    if best_mode not in ("max", "min"):
+        raise ConfigError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+    if best_metric is not None and evaluate is None:
+        raise ConfigError("best_metric needs an evaluate function")
+    mesh = data_mesh(devices)
+    if spec.batch_size % mesh.devices.size:
+        raise ConfigError(f"batch size {spec.batch_size} is not divisible by the number of devices "
+                          f"({mesh.devices.size}); choose a multiple")
+    optimizer, schedule = make_optimizer(spec.optimizer, spec.steps)
+    plan = BatchPlan(source.group_sizes, spec.batch_size, spec.seed)
+    compute_dtype = jnp.bfloat16 if spec.bf16 else None
+    step_fn = make_train_step(config, optimizer, mesh, schedule=schedule, dropout=spec.dropout,
+                              compute_dtype=compute_dtype)
+    os.makedirs(run_dir, exist_ok=True)
+    checkpoints = Checkpoints(run_dir, every=spec.checkpoint_every, keep=spec.keep_checkpoints)
+    log = MetricsLog(os.path.join(run_dir, METRICS_FILE))
+    fingerprint = source.fingerprint()
+    identity = {"fingerprint": fingerprint, "spec": spec.resume_key(), "config": config.to_hf_dict()}
+
+    state = put_state(create_state(params, optimizer, spec.seed), mesh)
+    best: dict | None = None
+    evaluations: list[dict] = []
+    resumed_from = None
+    latest = checkpoints.latest_step()
+    try:
+        if latest is not None and not resume:
+            raise CheckpointError(f"{run_dir}: already holds checkpoints (newest: step {latest}); "
+                                  "resume them (--resume) or choose another output directory")
+        if latest is not None:
+            meta = checkpoints.restore_meta(latest)
+            for key, value in identity.items():
+                if meta.get(key) != value:
+                    raise CheckpointError(
+                        f"{run_dir}/checkpoints/{latest}: was written with a different {key} "
+                        f"({_describe_difference(meta.get(key), value)}); resume with the original settings "
+                        "or choose another output directory")
+            state, meta = checkpoints.restore(abstract_like(state, replicated(mesh)), latest)
+            best = meta.get("best")
+            evaluations = list(meta.get("evaluations", []))
+            resumed_from = latest
+            log.truncate_after(latest)
+            checkpoints.discard_after(latest)
+        else:
+            log.reset()
+
+        start = int(jax.device_get(state.step))
+        # Compile the step for every group's batch shape up front, so compilation never lands inside a
+        # timed interval (each group has its own array widths).
+        compile_started = time.perf_counter()
+        compiled: dict[tuple, Any] = {}
+        for group, size in enumerate(source.group_sizes):
+            if size and start < spec.steps:
+                sample = put_batch(source.batch(group, np.arange(spec.batch_size) % size, 0), mesh)
+                if _shape_key(sample) not in compiled:
+                    cache_key = (config, spec.optimizer, spec.steps, spec.dropout, spec.bf16, mesh,
+                                 _shape_key(sample), _abstract_key(state))
+                    if cache_key not in _COMPILED_STEPS:
+                        _COMPILED_STEPS[cache_key] = step_fn.lower(state, sample).compile()
+                        while len(_COMPILED_STEPS) > _COMPILED_STEPS_KEPT:
+                            _COMPILED_STEPS.popitem(last=False)
+                    compiled[_shape_key(sample)] = _COMPILED_STEPS[cache_key]
+        compile_seconds = time.perf_counter() - compile_started
+        train_seconds, timed_examples = 0.0, 0
+        interval_start, interval_examples = time.perf_counter(), 0
+        pending: list[dict] = []
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=spec.steps, initial=start, desc=description, unit="step", disable=not progress,
+                   dynamic_ncols=True, smoothing=0.1)
+        run_started = time.perf_counter()
+        for step in range(start, spec.steps):
+            group, indices, epoch = plan.at(step)
+            batch = put_batch(source.batch(group, indices, epoch), mesh)
+            state, metrics = compiled[_shape_key(batch)](state, batch)
+            pending.append(metrics)
+            interval_examples += spec.batch_size
+            done = step + 1
+            bar.update(1)
+            is_eval = evaluate is not None and (done == spec.steps or (spec.eval_every and done % spec.eval_every == 0))
+            is_ckpt = done == spec.steps or done % spec.checkpoint_every == 0
+            if done % spec.log_every == 0 or done == spec.steps or is_eval or is_ckpt:
+                host = _host(pending)
+                now = time.perf_counter()
+                seconds = now - interval_start
+                if interval_examples:
+                    train_seconds += seconds
+                    timed_examples += interval_examples
+                record = {"event": "train", "step": done, "epoch": round(done / plan.steps_per_epoch, 4)}
+                for name in host[-1]:
+                    record[name] = float(np.mean([m[name] for m in host]))
+                record["examples_per_s"] = round(interval_examples / seconds, 2) if interval_examples else None
+                record["elapsed_s"] = round(now - run_started, 2)
+                log.write(record)
+                postfix = {"loss": f"{record['loss']:.4f}"}
+                if record["examples_per_s"]:
+                    postfix["ex/s"] = f"{record['examples_per_s']:.1f}"
+                if best is not None and best_metric:
+                    postfix[f"best {best_metric}"] = f"{best[best_metric]:.4f}"
+                bar.set_postfix(postfix, refresh=False)
+                pending = []
+                interval_start, interval_examples = time.perf_counter(), 0
+            if is_eval:
+                result = {name: float(value) for name, value in evaluate(state.params).items()}
+                improved = best_metric is not None and _better(result[best_metric], None if best is None
+                                                               else best[best_metric], best_mode)
+                entry = {"step": done, **result}
+                evaluations.append(entry)
+                log.write({"event": "eval", **entry, "best": improved})
+                if improved:
+                    best = entry
+                    checkpoints.save_best(done, state.params, {"step": done, **result})
+                    bar.set_postfix({**postfix, f"best {best_metric}": f"{best[best_metric]:.4f}"}, refresh=False)
+            if is_ckpt:
+                meta = {**identity, "step": done, "best": best, "evaluations": evaluations}
+                checkpoints.save(done, state, meta, force=done == spec.steps)
+            if is_eval or is_ckpt:
+                interval_start, interval_examples = time.perf_counter(), 0
+        bar.close()
+
+        last_params = state.params
+        final = last_params
+        if best_metric is not None and checkpoints.best_step() is not None:
+            final, _ = checkpoints.restore_best(abstract_like(last_params, replicated(mesh)))
+    finally:
+        checkpoints.close()
+    return TrainResult(
+        params=final, last_params=last_params, best=best, evaluations=evaluations, steps=spec.steps,
+        train_seconds=train_seconds,
+        examples_per_s=(timed_examples / train_seconds) if train_seconds > 0 else None,
+        compile_seconds=compile_seconds,
+        resumed_from=resumed_from,
+    )
+
+
+def _abstract_key(tree) -> tuple:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return (treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
+
+
+def _shape_key(batch: Mapping[str, Any]) -> tuple:
+    return tuple((name, tuple(batch[name].shape)) for name in sorted(batch))
+
+
+def _describe_difference(saved, current) -> str:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        return ", ".join(f"{k}: {saved.get(k)!r} then, {current.get(k)!r} now" for k in keys[:4])
+    return f"{saved!r} then, {current!r} now"

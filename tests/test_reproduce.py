@@ -1,0 +1,70 @@
+"""`genir-jax reproduce`: step bookkeeping (skip, force, skipped analyses) and removed-document choice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from genir_jax import reproduce as rp
+from genir_jax.errors import GenIRError
+
+
+def test_choose_removed_documents_prefers_correct_queries_and_is_disjoint():
+    correct = [[f"@DOC_ID_c{i}@", f"q{i}"] for i in range(25)] + [["@DOC_ID_c3@", "q99"]]
+    val = [{"id": f"v{i}", "query": "x", "relevant_docs": [f"o{i}"]} for i in range(30)]
+    sets = rp.choose_removed_documents(correct, val, count=4, per_model=10, seed=0)
+    assert [len(s) for s in sets] == [10] * 4
+    flat = [d for s in sets for d in s]
+    assert len(set(flat)) == 40
+    assert {d for d in flat if d.startswith("c")} == {f"c{i}" for i in range(25)}  # all 25 correct docs first
+    assert all(d.startswith("c") for d in flat[:25])
+    assert sets == rp.choose_removed_documents(correct, val, count=4, per_model=10, seed=0)
+    few = rp.choose_removed_documents(correct[:3], val[:5], count=4, per_model=10, seed=0)
+    assert [len(s) for s in few] == [2] * 4  # shrinks evenly when there are too few documents
+
+
+def _fake_pipeline(monkeypatch, calls, correct):
+    def make(name, action=None):
+        def run(layout, settings):
+            calls.append(name)
+            if action:
+                action(layout)
+        return run
+
+    def evaluate(layout):
+        layout.eval_val.mkdir(parents=True, exist_ok=True)
+        layout.correct_valid.write_text(json.dumps(correct))
+
+    fake = [rp.Step("prepare", make("prepare")), rp.Step("evaluate-full", make("evaluate-full", evaluate)),
+            rp.Step("patch-stages", make("patch-stages"), analysis=True),
+            rp.Step("report", make("report"), always=True)]
+    monkeypatch.setattr(rp, "steps", lambda settings: fake)
+
+
+def test_finished_steps_are_skipped_and_force_redoes_one(tmp_path, monkeypatch):
+    calls: list[str] = []
+    _fake_pipeline(monkeypatch, calls, [["@DOC_ID_1@", "q1"]])
+    settings = rp.Settings(dataset="squad-dev", preset="tiny")
+    rp.reproduce(tmp_path, settings, log=lambda *_: None)
+    assert calls == ["prepare", "evaluate-full", "patch-stages", "report"]
+    assert json.loads((tmp_path / ".steps" / "prepare.json").read_text())["seconds"] >= 0
+    calls.clear()
+    rp.reproduce(tmp_path, settings, log=lambda *_: None)
+    assert calls == ["report"]  # the report is always rewritten
+    calls.clear()
+    rp.reproduce(tmp_path, settings, force=("patch-stages",), log=lambda *_: None)
+    assert calls == ["patch-stages", "report"]
+    with pytest.raises(GenIRError, match=r"--force: unknown step\(s\) \['nope'\]"):
+        rp.reproduce(tmp_path, settings, force=("nope",), log=lambda *_: None)
+    with pytest.raises(GenIRError, match="holds a reproduction with"):
+        rp.reproduce(tmp_path, rp.Settings(dataset="nq-oracle", preset="tiny"), log=lambda *_: None)
+
+
+def test_analyses_are_skipped_without_correct_queries(tmp_path, monkeypatch):
+    calls: list[str] = []
+    _fake_pipeline(monkeypatch, calls, [])
+    rp.reproduce(tmp_path, rp.Settings(dataset="squad-dev", preset="tiny"), log=lambda *_: None)
+    assert calls == ["prepare", "evaluate-full", "report"]
+    record = json.loads((tmp_path / ".steps" / "patch-stages.json").read_text())
+    assert record["skipped"] == "the full model ranks no validation query correctly"
