@@ -25,3 +25,22 @@ def test_readme_api_example_runs(hf_checkpoint, t5_tokenizer, tmp_path):
     assert namespace["logits"].shape == (1, 1, 32128)
     assert namespace["model"].config.vocab_size == 32102
     assert (tmp_path / "exported" / "model.safetensors").is_file()
+
+
+def test_readme_interventions_example_runs(hf_checkpoint):
+    import numpy as np
+
+    import genir_jax as gj
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = re.search(r"### Sites and interventions\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    directory, _ = hf_checkpoint("iv", num_layers=2, num_decoder_layers=17, num_heads=4)
+    model = gj.load_pretrained(directory)
+    rng = np.random.default_rng(0)
+    namespace = {"gj": gj, "cfg": model.config, "params": model.params,
+                 "ids": rng.integers(1, model.config.vocab_size, (3, 5)), "mask": np.ones((3, 5), np.int32),
+                 "start": np.zeros((3, 1), np.int32)}
+    exec(compile(block, "README.md", "exec"), namespace)
+    clean = gj.forward(model.config, model.params, namespace["ids"], namespace["mask"], namespace["start"])
+    assert namespace["logits"].shape == clean.shape
+    assert not np.allclose(namespace["logits"], clean)  # the ablations change the output

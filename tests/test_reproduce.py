@@ -68,3 +68,31 @@ def test_analyses_are_skipped_without_correct_queries(tmp_path, monkeypatch):
     assert calls == ["prepare", "evaluate-full", "report"]
     record = json.loads((tmp_path / ".steps" / "patch-stages.json").read_text())
     assert record["skipped"] == "the full model ranks no validation query correctly"
+
+
+def test_tiny_reproduction_end_to_end(tmp_path, shared_data, capsys):
+    """The real pipeline (one removed-document model to keep it short): every step runs, the report holds every
+    table and figure, and a second run skips everything but the report."""
+    from genir_jax.cli import main
+
+    out = tmp_path / "run"
+    args = ["reproduce", "--preset", "tiny", "--removed-models", "1", "--out", str(out), "--data-dir",
+            str(shared_data), "--no-progress"]
+    assert main(args) == 0
+    names = [step.name for step in rp.steps(rp.Settings(dataset="squad-dev", preset="tiny", removed_models=1))]
+    records = {name: json.loads((out / ".steps" / f"{name}.json").read_text()) for name in names}
+    assert not [name for name, record in records.items() if "skipped" in record]  # every analysis ran
+    correct = json.loads((out / "eval" / "full-val" / "correct_valid.json").read_text())
+    assert len(correct) >= 10
+    report = (out / "report.md").read_text()
+    for heading in ("Table 1", "Table 2", "Fig. 3", "Table 3", "Table 4", "Fig. 4", "Fig. 5", "Table 5", "Table 6"):
+        assert heading in report, heading
+    for figure in ("figure3_residual_contributions", "figure4_rank_development", "figure5_reading"):
+        png = out / "figures" / f"{figure}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"figures/{figure}.png" in report
+    # The report's Table 1 DSI row is the evaluation's test metrics.
+    test_metrics = json.loads((out / "eval" / "full-test" / "metrics.json").read_text())["metrics"]
+    assert f"| DSI (ours, test) | {100 * test_metrics['Hits@1']:.2f} |" in report
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("skipped") == len(names) - 1

@@ -10,7 +10,7 @@ def add_parser(subparsers) -> None:
 
     parser = subparsers.add_parser(
         "reproduce",
-        help="prepare data, pretrain a base T5, train 5 DSI models, run every analysis, write report.md",
+        help="prepare data, pretrain a base T5, train the DSI models, run every analysis, write report.md",
         description=(
             "The whole paper on one dataset: prepare the data, pretrain a base T5 (span corruption), train the "
             f"full DSI model and {REMOVED_MODELS} models each without {REMOVED_DOCUMENTS} documents, evaluate, run "
@@ -26,6 +26,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--data-dir", default=None,
                         help="where the raw datasets and t5-tokenizer/ live (default: $GENIR_JAX_DATA, else "
                              "../shared/data)")
+    parser.add_argument("--removed-models", type=int, default=REMOVED_MODELS,
+                        help=f"models trained without {REMOVED_DOCUMENTS} documents each, for the encoder swap "
+                             f"(default: {REMOVED_MODELS}, as in the paper; fewer makes a quicker run)")
     parser.add_argument("--force", nargs="+", default=(), metavar="STEP", help="redo these steps")
     parser.add_argument("--list-steps", action="store_true", help="print the steps and their state, then exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars in the analyses")
@@ -33,11 +36,14 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from genir_jax.errors import GenIRError
     from genir_jax.reproduce import Layout, Settings, reproduce, step_record, steps
 
     out = args.out or f"runs/{args.dataset}-{args.preset}"
+    if args.removed_models < 1:
+        raise GenIRError(f"--removed-models {args.removed_models}: need at least 1 (the encoder swap needs one)")
     settings = Settings(dataset=args.dataset, preset=args.preset, data_dir=args.data_dir,
-                        progress=not args.no_progress)
+                        removed_models=args.removed_models, progress=not args.no_progress)
     if args.list_steps:
         layout = Layout(__import__("pathlib").Path(out))
         for step in steps(settings):
