@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from genir_jax.report import Experiment, Section, describe_stages, figure, md_table, read_json, shade_stages
+from genir_jax.report import (Experiment, Section, describe_stages, figure, md_table, read_json, shade_stages,
+                              stage_names)
 
 from experiments._common import stages_of
 
@@ -29,9 +30,9 @@ def render(layout) -> Section:
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     rows = []
-    for index, stage in enumerate(stages):
+    for name, stage in zip(stage_names(len(stages)), stages):
         cells = [f"{np.mean([summary['contributions']['ratio'][k]['mean'][l] for l in stage]):.2f}" for k, _ in PARTS]
-        rows.append((["I", "II", "III", "IV"][index] if index < 4 else index + 1, f"{stage[0]}-{stage[-1]}", *cells))
+        rows.append((name, f"{stage[0]}-{stage[-1]}", *cells))
     text = "Mean ratio ||component|| / ||residual delta|| per stage:\n\n"
     text += md_table(["stage", "layers", "self-attn", "cross-attn", "MLP"], rows)
     text += f"\n\nStages: {describe_stages(stages)} (paper, T5-large: {PAPER['stages_t5_large']}).\n"

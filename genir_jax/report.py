@@ -63,7 +63,10 @@ def read_json(path: pathlib.Path) -> Any:
 
 
 def stage_names(count: int) -> list[str]:
-    return ["I", "II", "III", "IV", "V", "VI"][:count] if count <= 6 else [str(i + 1) for i in range(count)]
+    """"I", "II", ... as the analyses' files name the stages."""
+    from genir_jax.analysis.cross_attention_writes import roman
+
+    return [roman(index) for index in range(1, count + 1)]
 
 
 def describe_stages(stages: Sequence[Sequence[int]]) -> str:
@@ -94,13 +97,8 @@ def shade_stages(axis, stages: Sequence[Sequence[int]]) -> None:
 # The report
 # --------------------------------------------------------------------------------------------------
 
-def _step_state(layout, name: str) -> dict | None:
-    path = layout.steps / f"{name}.json"
-    return read_json(path) if path.is_file() else None
-
-
 def _header(layout, settings) -> str:
-    from genir_jax.reproduce import steps
+    from genir_jax.reproduce import step_record, steps
 
     lines = [f"# genir-jax reproduction: {settings.dataset}, preset {settings.preset}", ""]
     lines.append("Reusch & Belinkov, *Reverse-Engineering the Retrieval Process in GenIR Models* (SIGIR 2025), "
@@ -109,7 +107,7 @@ def _header(layout, settings) -> str:
     lines.append("")
     rows, total = [], 0.0
     for step in steps(settings):
-        state = _step_state(layout, step.name)
+        state = step_record(layout, step.name)
         if step.name == "report":
             continue  # this file
         if state is None:
@@ -123,9 +121,11 @@ def _header(layout, settings) -> str:
 
 
 def _missing_steps(layout, experiment: Experiment) -> list[str]:
+    from genir_jax.reproduce import step_record
+
     problems = []
     for name in experiment.steps:
-        state = _step_state(layout, name)
+        state = step_record(layout, name)
         if state is None:
             problems.append(f"step `{name}` has not run")
         elif state.get("skipped"):
