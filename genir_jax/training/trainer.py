@@ -210,14 +210,15 @@ def train_loop(
         for group, size in enumerate(source.group_sizes):
             if size and start < spec.steps:
                 sample = put_batch(source.batch(group, np.arange(spec.batch_size) % size, 0), mesh)
-                if _shape_key(sample) not in compiled:
-                    cache_key = (config, spec.optimizer, spec.steps, spec.dropout, spec.bf16, mesh,
-                                 _shape_key(sample), _abstract_key(state))
+                shape = _shape_key(sample)
+                if shape not in compiled:
+                    cache_key = (config, spec.optimizer, spec.steps, spec.dropout, spec.bf16, mesh, shape,
+                                 _abstract_key(state))
                     if cache_key not in _COMPILED_STEPS:
                         _COMPILED_STEPS[cache_key] = step_fn.lower(state, sample).compile()
                         while len(_COMPILED_STEPS) > _COMPILED_STEPS_KEPT:
                             _COMPILED_STEPS.popitem(last=False)
-                    compiled[_shape_key(sample)] = _COMPILED_STEPS[cache_key]
+                    compiled[shape] = _COMPILED_STEPS[cache_key]
         compile_seconds = time.perf_counter() - compile_started
         train_seconds, timed_examples = 0.0, 0
         interval_start, interval_examples = time.perf_counter(), 0
