@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from genir_jax.batching import batches, num_batches
 from genir_jax.config import T5Config
 from genir_jax.errors import GenIRError
 from genir_jax.sites import STACK_SITES, Site, expand_site_patterns, num_layers, parse_site, site_shape
@@ -36,6 +37,25 @@ Interventions = dict  # {"encoder"|"decoder": {local site: Patch | tuple[Patch, 
 
 class InterventionError(GenIRError, ValueError):
     """An intervention that does not fit the model or the inputs (wrong shape, wrong axis)."""
+
+
+class FromSource:
+    """Marker value: take this site's activation, query by query, from a source run (another model on the
+    same queries, the same model on resampled queries, another model's encoder); see `genir_jax.patching`."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "FROM_SOURCE"
+
+
+FROM_SOURCE = FromSource()
+jax.tree_util.register_pytree_node(FromSource, lambda x: ((), None), lambda aux, children: FROM_SOURCE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,6 +176,12 @@ def _stacked_values(config: T5Config, masks, per_site: Mapping[str, Any], with_b
                    for name in layers]
         values[(stack, local)] = jnp.stack(stacked)
     return values
+
+
+def mean_value(config: T5Config, means: Mapping[str, Any], stack: str, local: str):
+    """The patch value of site (stack, local) from per-site means ``{full name: [*site]}``: stacked over
+    layers (``[L, 1, *site]``; layers without a mean get zeros) for layer sites, ``[1, *site]`` otherwise."""
+    return _stacked_values(config, {(stack, local): None}, means, with_batch=False)[(stack, local)]
 
 
 def _value_for(per_site: Mapping[str, Any], name: str, with_batch: bool):
@@ -313,17 +339,17 @@ def mean_activations(config: T5Config, params, input_ids, attention_mask, sites:
     if decoder_input_ids is None:
         decoder_input_ids = np.full((count, 1), config.decoder_start_token_id, dtype=np.int32)
     decoder_input_ids = np.asarray(decoder_input_ids)
+    if batch_size < 1:
+        raise InterventionError(f"mean_activations: batch_size must be >= 1, got {batch_size}")
     batch_size = min(batch_size, count)
 
     totals = None
-    starts = range(0, count, batch_size)
-    for start in tqdm(starts, desc="mean activations", disable=not progress or len(starts) < 2, leave=False):
-        stop = min(start + batch_size, count)
-        pad = batch_size - (stop - start)
-        chunk = [np.pad(a[start:stop], [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-                 for a in (input_ids, attention_mask, decoder_input_ids)]
-        weights = np.pad(np.ones(stop - start, np.float32), (0, pad))
-        sums = _batch_sums(config, tuple(names), params, *chunk, weights)
+    chunks = num_batches(count, batch_size)
+    for batch in tqdm(batches((input_ids, attention_mask, decoder_input_ids), batch_size), desc="mean activations",
+                      total=chunks, disable=not progress or chunks < 2, leave=False):
+        weights = np.zeros(batch_size, np.float32)
+        weights[:batch.size] = 1.0  # padding rows (copies of the batch's first query) count for nothing
+        sums = _batch_sums(config, tuple(names), params, *batch.arrays, weights)
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
     return {name: totals[name] / count for name in names}
 

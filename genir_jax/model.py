@@ -53,10 +53,18 @@ class _Layer(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, carry, self_bias, self_mask, encoded, cross_mask, layer_index, layer_interventions):
-        x, buffers = carry
+    def __call__(self, carry, self_bias, self_mask, encoded, cross_mask, layer_index, layer_interventions,
+                 layer_receivers=None):
+        """`layer_receivers` (path patching, [3] for attn / cross_attn / mlp): the carry then holds a third
+        item, the senders' summed effect on the residual stream so far; a component whose receiver entry
+        is 0 reads the residual without it, and every component's sender effect (its patched output minus
+        its output without patches, from the same input) is added to it. None: ordinary patching."""
+        x, buffers = carry[0], carry[1]
+        paths = layer_receivers is not None
+        delta = carry[2] if paths else None
         cfg = self.config
         tap = SiteTap(layer_interventions, self.record_all | {name for name, _ in self.record_some})
+        unpatched = SiteTap(None)
         attention = functools.partial(
             MultiHeadAttention, num_heads=cfg.num_heads, d_kv=cfg.d_kv, d_model=cfg.d_model,
             dropout_rate=cfg.dropout_rate, deterministic=self.deterministic,
@@ -65,23 +73,34 @@ class _Layer(nn.Module):
         norm = functools.partial(RMSNorm, epsilon=cfg.layer_norm_epsilon, dtype=self.dtype)
         dropout = nn.Dropout(cfg.dropout_rate)
 
+        def read(index):  # the residual as component `index` reads it
+            return x if not paths else x - (1.0 - layer_receivers[index]).astype(x.dtype) * delta
+
         x = tap("hook_resid_pre", x)
-        normed = norm(name="self_attn_norm")(x)
-        attn_out = attention(name="self_attn")(normed, normed, self_bias, self_mask, tap.scoped("attn."))
+        normed = norm(name="self_attn_norm")(read(0))
+        self_attn = attention(name="self_attn")
+        attn_out = self_attn(normed, normed, self_bias, self_mask, tap.scoped("attn."))
         attn_out = tap("hook_attn_out", dropout(attn_out, deterministic=self.deterministic))
+        if paths:
+            delta = delta + attn_out - self_attn(normed, normed, self_bias, self_mask, unpatched.scoped("attn."))
         x = tap("hook_resid_mid", x + attn_out)
         if self.is_decoder:
-            normed = norm(name="cross_attn_norm")(x)
-            cross_out = attention(name="cross_attn")(normed, encoded, None, cross_mask, tap.scoped("cross_attn."))
+            normed = norm(name="cross_attn_norm")(read(1))
+            cross_attn = attention(name="cross_attn")
+            cross_out = cross_attn(normed, encoded, None, cross_mask, tap.scoped("cross_attn."))
             cross_out = tap("hook_cross_attn_out", dropout(cross_out, deterministic=self.deterministic))
+            if paths:
+                delta = delta + cross_out - cross_attn(normed, encoded, None, cross_mask, unpatched.scoped("cross_attn."))
             x = tap("hook_resid_mid_cross", x + cross_out)
-        normed = norm(name="mlp_norm")(x)
-        mlp_out = MLP(
+        normed = norm(name="mlp_norm")(read(2))
+        mlp = MLP(
             d_model=cfg.d_model, d_ff=cfg.d_ff, activation=cfg.dense_act_fn, gated=cfg.is_gated_act,
             dropout_rate=cfg.dropout_rate, deterministic=self.deterministic,
             initializer_factor=cfg.initializer_factor, dtype=self.dtype, name="mlp",
-        )(normed, tap.scoped("mlp."))
-        mlp_out = tap("hook_mlp_out", dropout(mlp_out, deterministic=self.deterministic))
+        )
+        mlp_out = tap("hook_mlp_out", dropout(mlp(normed, tap.scoped("mlp.")), deterministic=self.deterministic))
+        if paths:
+            delta = delta + mlp_out - mlp(normed, unpatched.scoped("mlp."))
         x = tap("hook_resid_post", x + mlp_out)
 
         new_buffers = {}
@@ -90,7 +109,8 @@ class _Layer(nn.Module):
             slots[list(layers)] = np.arange(len(layers), dtype=np.int32)
             slot = jnp.asarray(slots)[layer_index]
             new_buffers[name] = jax.lax.dynamic_update_index_in_dim(buffers[name], tap.cache[name], slot, 0)
-        return (x, new_buffers), {name: tap.cache[name] for name in self.record_all}
+        new_carry = (x, new_buffers, delta) if paths else (x, new_buffers)
+        return new_carry, {name: tap.cache[name] for name in self.record_all}
 
     @property
     def _num_layers(self) -> int:
@@ -228,6 +248,55 @@ class T5(nn.Module):
         hidden, decoder_cache = self.decode(encoded, attention_mask, decoder_input_ids, decoder_attention_mask,
                                             interventions)
         return self.unembed(hidden), {"encoder": encoder_cache, "decoder": decoder_cache}
+
+
+def decode_suffix(config: T5Config, params: Params, x, start, encoded, attention_mask, interventions=None,
+                  receivers=None, dtype=None):
+    """The decoder from the residual stream `x` entering layer `start` ([B, T, D]) to its output after the
+    final norm ([B, T, D]); traceable, for use inside jit / vmap.
+
+    Layers before `start` are skipped by `lax.cond` (`start` may be traced; when it is the same for every
+    config of a vmapped sweep the skip is real), so configs that leave layers 0..start-1 untouched reuse a
+    clean prefix computed once (prefix sharing). `interventions` are the decoder's ({local site: patches},
+    layer sites with a leading layer axis); ``decoder.hook_embed`` patches apply to `x` (use them only with
+    start 0). `receivers` (path patching): ``(components [L, 3], logits scalar)``, see `_Layer`.
+    """
+    cfg = config
+    count = cfg.num_decoder_layers
+    dec = params["decoder"]
+    length = x.shape[1]
+    interventions = dict(interventions or {})
+    stack_tap = SiteTap({k: v for k, v in interventions.items() if k in STACK_SITES})
+    layer_interventions = {k: _per_layer(v, count) for k, v in interventions.items() if k not in STACK_SITES}
+    self_bias = RelativePositionBias(
+        num_buckets=cfg.relative_attention_num_buckets, max_distance=cfg.relative_attention_max_distance,
+        num_heads=cfg.num_heads, bidirectional=False, dtype=dtype,
+    ).apply({"params": dec["relpos_bias"]}, length, length)
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+    cross_mask = attention_mask.astype(bool)[:, None, None, :]
+    layer = _Layer(cfg, is_decoder=True, dtype=dtype)
+    x = stack_tap("hook_embed", x)
+    paths = receivers is not None
+    carry = (x, {}, jnp.zeros_like(x)) if paths else (x, {})
+    per_layer_receivers = receivers[0] if paths else None
+
+    def body(carry, xs):
+        layer_params, index, patches, layer_receivers = xs
+
+        def run(c):
+            return layer.apply({"params": layer_params}, c, self_bias, causal, encoded, cross_mask, index,
+                               patches or None, layer_receivers)[0]
+
+        return jax.lax.cond(index >= start, run, lambda c: c, carry), None
+
+    carry, _ = jax.lax.scan(body, carry, (dec["layers"], jnp.arange(count, dtype=jnp.int32), layer_interventions,
+                                          per_layer_receivers))
+    x = carry[0]
+    if paths:  # the logits read the senders' effect only if they are a receiver
+        x = x - (1.0 - jnp.asarray(receivers[1], x.dtype)) * carry[2]
+    x = RMSNorm(epsilon=cfg.layer_norm_epsilon, dtype=dtype).apply(
+        {"params": dec["final_norm"]}, x, stack_tap.scoped("final_ln."))
+    return stack_tap("hook_out", x)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,6 +490,6 @@ def logical_axes(config: T5Config) -> dict:
 
 
 __all__ = [
-    "Patch", "T5", "cache_specs", "decode", "encode", "forward", "forward_with_cache", "init_params",
+    "Patch", "T5", "cache_specs", "decode", "decode_suffix", "encode", "forward", "forward_with_cache", "init_params",
     "logical_axes", "param_shapes", "unembed",
 ]

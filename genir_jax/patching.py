@@ -1,26 +1,34 @@
-"""Patching sweeps: K intervention configs x N queries in one `jax.vmap` inside one `jax.jit`.
+"""The sweep engine: K intervention configs x N queries, one `jax.vmap` over configs inside one `jax.jit`.
 
-For every config and query the sweep returns the 0-based rank of the query's target token in the full
-vocabulary (the reference's ``argsort(argsort(-logits))`` position; ties are broken by token id, lower
-first), the target logit and the top-k tokens of the single decoder step.
+`run_sweep` takes a `genir_jax.sweep.Sweep` (or, as before, one `Interventions` whose masks carry a
+leading config axis) and returns, per config and query, the metrics asked for (`METRICS`): the 0-based
+rank of the target in the full vocabulary (the reference's ``argsort(argsort(-logits))`` position; ties
+broken by token id, lower first), its rank among the docid tokens, its logit, its log-probability and its
+logit difference to a foil; plus per-config aggregates (means, effects, Hits@k, fractions beyond ranks).
 
 How the work is shared:
-- the encoder output (and with it each layer's cross-attention keys and values) is computed once per
-  query for all configs that do not touch the encoder: inside the vmap over configs these values do not
-  depend on the config, so JAX keeps them unbatched; configs that do touch the encoder (decided on the
-  host from their masks) run the whole model per config;
-- values that come per query from another run (`FROM_SOURCE`: the pretrained T5 on the same query,
-  the same model on a resampled query, another model's encoder) are computed once per query chunk by
-  running the `Source` with a cache, inside the same jitted function;
-- queries are processed in chunks (bounded memory) and sharded over a 1-axis device mesh; configs can
-  be chunked too.
+- per query chunk, one clean run computes the encoder output, the residual stream entering every decoder
+  layer and the source run's activations (`FROM_SOURCE` values: the pretrained T5 on the same query, the
+  same model on resampled queries, another model's encoder). It is computed once and reused by every
+  config chunk;
+- prefix sharing: configs are grouped by the first decoder layer they touch; a group starting at layer l
+  runs only layers l..L-1 from the clean residual entering l (`genir_jax.model.decode_suffix`), and the
+  encoder's cross-attention keys/values do not depend on the config, so they stay unbatched;
+- configs that patch the encoder output (``encoder.hook_out``) patch the shared output; configs that
+  patch inside the encoder run it per config;
+- the dense masks of a config chunk are built inside the compiled function from a few integers per
+  config (`genir_jax.sweep.Term`), so a 98,304-config neuron sweep never materialises its masks;
+- queries are sharded over the local devices; configs and queries are chunked, so peak memory is set by
+  the chunk sizes, not by K. With ``per_query=False`` only per-config aggregates are kept on the host.
+- a `store` (see `genir_jax.sweep_store`) makes a long sweep resumable by chunk.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+import time
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,29 +36,18 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from genir_jax.batching import batches, pad_rows
 from genir_jax.config import T5Config
-from genir_jax.interventions import InterventionError, Interventions, validate
-from genir_jax.model import T5, cache_specs
-from genir_jax.sites import STACK_SITES, Site, num_layers
-from genir_jax.taps import Patch
+from genir_jax.interventions import FROM_SOURCE, FromSource, InterventionError, validate  # noqa: F401 (re-export)
+from genir_jax.model import T5, cache_specs, decode_suffix
+from genir_jax.sites import STACK_SITES, Site, num_layers, site_shape
+from genir_jax.sweep import Sweep, Term, as_sweep, first_decoder_layer
+from genir_jax.taps import Patch, apply_patch
 
-
-class FromSource:
-    """Marker value: take this site's activation from the sweep's `Source` run on the same query chunk."""
-
-    _instance = None
-
-    def __new__(cls):
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "FROM_SOURCE"
-
-
-FROM_SOURCE = FromSource()
-jax.tree_util.register_pytree_node(FromSource, lambda x: ((), None), lambda aux, children: FROM_SOURCE)
+METRICS = ("rank", "docid_rank", "logit", "logprob", "logit_diff")
+RANK_METRICS = ("rank", "docid_rank")
+DIFFERENTIABLE_METRICS = ("logit", "logprob", "logit_diff")
+THRESHOLDS = (0, 5, 10, 100)
 
 
 class Source(NamedTuple):
@@ -65,12 +62,37 @@ class Source(NamedTuple):
 
 @dataclasses.dataclass
 class SweepResult:
-    """Results per config (axis 0) and query (axis 1)."""
+    """Results of a sweep: per-config aggregates always, per-query values when asked (the default).
 
-    ranks: np.ndarray          # [K, N] int: 0-based rank of the target in the full vocabulary
-    target_logits: np.ndarray  # [K, N] float32
-    top_ids: np.ndarray        # [K, N, k] int: the k highest-scoring tokens (indices into `candidates` if given)
-    top_logits: np.ndarray     # [K, N, k] float32
+    ``values[m]`` is [K, N] for metric m, ``clean[m]`` [N] (the unpatched model), ``aggregates`` maps
+    column names (see `summary_columns`) to [K] arrays. ``top_ids`` / ``top_logits`` [K, N, k] when a
+    top-k was asked (indices into `candidates` when given).
+    """
+
+    sweep: Sweep
+    metrics: tuple[str, ...]
+    clean: dict[str, np.ndarray]
+    aggregates: dict[str, np.ndarray]
+    values: dict[str, np.ndarray] | None = None
+    top_ids: np.ndarray | None = None
+    top_logits: np.ndarray | None = None
+    stats: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def ranks(self) -> np.ndarray:
+        return self.values["rank"]
+
+    @property
+    def target_logits(self) -> np.ndarray:
+        return self.values["logit"]
+
+    def summary(self) -> list[dict]:
+        """One row per config: its labels, then every aggregate column."""
+        rows = self.sweep.label_table()
+        for k, row in enumerate(rows):
+            for name, column in self.aggregates.items():
+                row[name] = float(column[k])
+        return rows
 
 
 def ranks_of_targets(logits: jnp.ndarray, targets: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -85,93 +107,137 @@ def ranks_of_targets(logits: jnp.ndarray, targets: jnp.ndarray) -> tuple[jnp.nda
     return jnp.sum(before, axis=-1, dtype=jnp.int32), target_logit[..., 0]
 
 
-def _source_sites(configs: Interventions) -> list[tuple[str, str]]:
-    return sorted((stack, local) for stack, sites in configs.items() for local, patches in sites.items()
-                  for patch in ((patches,) if isinstance(patches, Patch) else patches)
-                  if isinstance(patch.value, FromSource))
+def target_metrics(logits, targets, metrics: Sequence[str], *, candidates=None, foils=None, top_k: int = 0) -> dict:
+    """The metrics of each row of `logits` [B, V] (float32) for its target: see `METRICS`.
+
+    ``docid_rank`` counts candidates scoring higher (ties: lower token id first); ``top`` (when top_k)
+    holds (ids, logits) of the k best tokens, among `candidates` if given (ids then index candidates).
+    """
+    out = {}
+    target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    if "rank" in metrics:
+        out["rank"] = ranks_of_targets(logits, targets)[0]
+    if "docid_rank" in metrics:
+        scores = logits[:, candidates]
+        before = (scores > target_logit[:, None]) | ((scores == target_logit[:, None]) &
+                                                    (candidates[None, :] < targets[:, None]))
+        out["docid_rank"] = jnp.sum(before, axis=-1, dtype=jnp.int32)
+    if "logit" in metrics:
+        out["logit"] = target_logit
+    if "logprob" in metrics:
+        out["logprob"] = target_logit - jax.nn.logsumexp(logits, axis=-1)
+    if "logit_diff" in metrics:
+        out["logit_diff"] = target_logit - jnp.take_along_axis(logits, foils[:, None], axis=-1)[:, 0]
+    if top_k:
+        top_logits, top_ids = jax.lax.top_k(logits if candidates is None else logits[:, candidates], top_k)
+        out["top"] = (top_ids.astype(jnp.int32), top_logits)
+    return out
 
 
-def _source_names(config: T5Config, sites: list[tuple[str, str]]) -> list[str]:
+# --------------------------------------------------------------------------------------------------
+# Compiled pieces
+# --------------------------------------------------------------------------------------------------
+
+class _TermPlan(NamedTuple):
+    """What the compiled function needs to know about a term statically."""
+
+    stack: str
+    local: str
+    layer_site: bool
+    has_layer: bool
+    unit_axis: int | None
+    unit_size: int
+    from_source: bool
+    order: int
+
+
+def _plan(terms: Sequence[Term]) -> tuple[_TermPlan, ...]:
+    return tuple(_TermPlan(t.stack, t.local, t.is_layer_site, t.layer is not None, t.unit_axis if t.unit is not None
+                           else None, t.unit_size, isinstance(t.value, FromSource), t.order) for t in terms)
+
+
+def _source_names(config: T5Config, plan: Sequence[_TermPlan]) -> list[str]:
     names = []
-    for stack, local in sites:
-        if local in STACK_SITES:
-            names.append(Site(stack, local, None).name)
+    for term in plan:
+        if not term.from_source:
+            continue
+        if not term.layer_site:
+            names.append(Site(term.stack, term.local, None).name)
         else:
-            names += [f"{stack}.{layer}.{local}" for layer in range(num_layers(config, stack))]
-    return names
+            names += [f"{term.stack}.{layer}.{term.local}" for layer in range(num_layers(config, term.stack))]
+    return sorted(set(names))
 
 
-def _fill_from_source(values: Interventions, raw_source: dict) -> Interventions:
-    """Replace FROM_SOURCE markers by the source run's activations (layer sites stacked over layers)."""
-    return {stack: {local: tuple(raw_source[stack][local] if isinstance(v, FromSource) else v for v in vs)
-                    for local, vs in sites.items()} for stack, sites in values.items()}
+def _build_interventions(config: T5Config, plan, tables, values, source_values, index) -> dict:
+    """One config's interventions from its per-term (row, layer, unit) integers (inside vmap)."""
+    out: dict = {}
+    for term, table, value, (row, layer, unit) in sorted(zip(plan, tables, values, index), key=lambda z: z[0].order):
+        mask = table[row]
+        if term.has_layer:
+            count = num_layers(config, term.stack)
+            onehot = (jnp.arange(count) == layer).astype(mask.dtype)
+            mask = mask * onehot.reshape((count,) + (1,) * (mask.ndim - 1))
+        if term.unit_axis is not None:
+            axis = term.unit_axis + (2 if term.layer_site else 1)
+            shape = [1] * mask.ndim
+            shape[axis] = term.unit_size
+            mask = mask * (jnp.arange(term.unit_size) == unit).astype(mask.dtype).reshape(shape)
+        if term.from_source:
+            value = source_values[(term.stack, term.local)]
+        sites = out.setdefault(term.stack, {})
+        sites[term.local] = tuple(sites.get(term.local, ())) + (Patch(mask, value),)
+    return out
 
 
-def _split_masks(configs: Interventions) -> tuple[Interventions, Interventions]:
-    """(masks only, values only) pytrees with the same structure, so vmap batches just the masks."""
-    masks, values = {}, {}
-    for stack, sites in configs.items():
-        for local, patches in sites.items():
-            items = (patches,) if isinstance(patches, Patch) else tuple(patches)
-            masks.setdefault(stack, {})[local] = tuple(p.mask for p in items)
-            values.setdefault(stack, {})[local] = tuple(p.value for p in items)
-    return masks, values
-
-
-def _join(masks: Interventions, values: Interventions) -> Interventions:
-    return {stack: {local: tuple(Patch(m, v) for m, v in zip(masks[stack][local], values[stack][local]))
-                    for local in masks[stack]} for stack in masks}
-
-
-@functools.partial(jax.jit, static_argnames=("config", "source_config", "source_spec", "touches_encoder", "top_k"))
-def _sweep_chunk(params, source_params, input_ids, attention_mask, source_ids, source_mask, targets, masks, values,
-                 candidates, *, config, source_config, source_spec, touches_encoder, top_k):
-    model = T5(config)
+@functools.partial(jax.jit, static_argnames=("config", "source_config", "source_spec", "metrics", "top_k"))
+def _clean_state(params, source_params, input_ids, attention_mask, source_ids, source_mask, targets, foils,
+                 candidates, *, config, source_config, source_spec, metrics, top_k):
+    """Per query chunk: encoder output, residual entering each decoder layer (and the last one's output),
+    source activations, and the clean metrics."""
+    model = T5(config, decoder_cache=(("hook_embed", None), ("hook_resid_post", None)))
+    variables = {"params": params}
     start = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=jnp.int32)
+    encoded, _ = model.apply(variables, input_ids, attention_mask, method=T5.encode)
+    hidden, cache = model.apply(variables, encoded, attention_mask, start, None, None, method=T5.decode)
+    states = jnp.concatenate([cache["hook_embed"][None], cache["hook_resid_post"]], axis=0)  # [L+1, B, T, D]
+    logits = model.apply(variables, hidden[:, 0], method=T5.unembed).astype(jnp.float32)
+    clean = target_metrics(logits, targets, metrics, candidates=candidates, foils=foils, top_k=top_k)
+    source_values = {}
     if source_spec is not None:
         source = T5(source_config, encoder_cache=source_spec[0], decoder_cache=source_spec[1])
         source_start = jnp.full((source_ids.shape[0], 1), source_config.decoder_start_token_id, dtype=jnp.int32)
-        _, raw_source = source.apply({"params": source_params}, source_ids, source_mask, source_start)
-        values = _fill_from_source(values, raw_source)
+        _, raw = source.apply({"params": source_params}, source_ids, source_mask, source_start)
+        source_values = {(stack, local): array for stack, sites in raw.items() for local, array in sites.items()}
+    return {"encoded": encoded, "states": states, "source": source_values}, clean
+
+
+@functools.partial(jax.jit, static_argnames=("config", "plan", "encoder_kind", "paths", "metrics", "top_k"))
+def _sweep_chunk(params, state, input_ids, attention_mask, targets, foils, candidates, tables, values, index,
+                 receivers, start, *, config, plan, encoder_kind, paths, metrics, top_k):
+    """Metrics [Kc, B] of a chunk of configs (vmapped) on a chunk of queries."""
+    model = T5(config)
     variables = {"params": params}
-    if not touches_encoder:
-        encoded, _ = model.apply(variables, input_ids, attention_mask, method=T5.encode)
 
-    def one_config(config_masks):
-        interventions = _join(config_masks, values)
-        if touches_encoder:
-            enc, _ = model.apply(variables, input_ids, attention_mask, interventions, method=T5.encode)
+    def one_config(config_index, config_receivers):
+        interventions = _build_interventions(config, plan, tables, values, state["source"], config_index)
+        if encoder_kind == 2:
+            encoded, _ = model.apply(variables, input_ids, attention_mask, interventions, method=T5.encode)
         else:
-            enc = encoded
-        hidden, _ = model.apply(variables, enc, attention_mask, start, None, interventions, method=T5.decode)
+            encoded = state["encoded"]
+            for patch in interventions.get("encoder", {}).get("hook_out", ()):
+                encoded = apply_patch(encoded, patch)
+        x = jax.lax.dynamic_index_in_dim(state["states"], start, axis=0, keepdims=False)
+        hidden = decode_suffix(config, params, x, start, encoded, attention_mask, interventions.get("decoder"),
+                               receivers=config_receivers if paths else None)
         logits = model.apply(variables, hidden[:, 0], method=T5.unembed).astype(jnp.float32)
-        ranks, target_logits = ranks_of_targets(logits, targets)
-        top_logits, top_ids = jax.lax.top_k(logits if candidates is None else logits[:, candidates], top_k)
-        return ranks, target_logits, top_ids.astype(jnp.int32), top_logits
+        return target_metrics(logits, targets, metrics, candidates=candidates, foils=foils, top_k=top_k)
 
-    return jax.vmap(one_config)(masks)
+    return jax.vmap(one_config)(index, receivers)
 
 
-def _num_configs(masks: Interventions) -> int:
-    sizes = {int(np.shape(m)[0]) for sites in masks.values() for ms in sites.values() for m in ms}
-    if len(sizes) != 1:
-        raise InterventionError(f"sweep: every mask needs the same leading config axis K, got sizes {sorted(sizes)}")
-    return sizes.pop()
-
-
-def _touches_encoder(masks: Interventions, count: int) -> np.ndarray:
-    """Per config: does any encoder mask select anything?"""
-    touched = np.zeros(count, dtype=bool)
-    for ms in masks.get("encoder", {}).values():
-        for m in ms:
-            touched |= np.asarray(m).reshape(count, -1).any(axis=1)
-    return touched
-
-
-def _take_configs(masks: Interventions, index: np.ndarray) -> Interventions:
-    return {stack: {local: tuple(jnp.asarray(np.asarray(m)[index]) for m in ms) for local, ms in sites.items()}
-            for stack, sites in masks.items()}
-
+# --------------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------------
 
 def default_query_chunk(num_configs: int, vocab_size: int, budget_bytes: int = 1 << 30) -> int:
     """Queries per device and step so the [K, chunk, V] float32 logits (and the temporaries of ranking)
@@ -180,115 +246,306 @@ def default_query_chunk(num_configs: int, vocab_size: int, budget_bytes: int = 1
     return int(max(1, min(256, budget_bytes // per_query)))
 
 
+def default_config_chunk(query_rows: int, vocab_size: int, budget_bytes: int = 1 << 30) -> int:
+    """Configs per step so [configs, query_rows, V] float32 logits and their temporaries fit `budget_bytes`."""
+    return int(max(1, min(1024, budget_bytes // max(1, query_rows * vocab_size * 4 * 3))))
+
+
+def _validate_terms(config: T5Config, sweep: Sweep, encoder_length: int) -> None:
+    for term in sweep.terms:
+        validate(config, {term.stack: {term.local: (Patch(term.table[:1], term.value),)}}, 1, encoder_length, 1,
+                 leading=(1,))
+        if term.unit is not None:
+            layer = None if term.local in STACK_SITES else 0
+            length = encoder_length if term.stack == "encoder" else 1
+            size = site_shape(config, Site(term.stack, term.local, layer), length, encoder_length)[term.unit_axis]
+            if size != term.unit_size:
+                what = Site(term.stack, term.local, layer).name
+                raise InterventionError(f"site '{what}': the sweep selects units along an axis of size {term.unit_size}, "
+                                        f"the site has {size} there (e.g. a position beyond the query length)")
+        if term.layer is not None:
+            count = num_layers(config, term.stack)
+            used = term.layer[term.row >= 0]
+            if used.size and (used.min() < 0 or used.max() >= count):
+                raise InterventionError(f"{term.stack}.*.{term.local}: layer index out of range 0-{count - 1}")
+
+
+def _validate_paths(sweep: Sweep) -> None:
+    for term in sweep.terms:
+        inside = term.local in ("hook_attn_out", "hook_cross_attn_out", "hook_mlp_out") or \
+            term.local.startswith(("attn.", "cross_attn.", "mlp."))
+        if term.stack != "decoder" or not inside:
+            raise InterventionError(f"path patching: senders must be decoder components (their outputs, heads or "
+                                    f"neurons); '{term.stack}.*.{term.local}' is not")
+    components = sweep.receivers.components
+    if components.ndim != 3 or components.shape[2] != 3:
+        raise InterventionError(f"path patching: receivers must have shape [K, L, 3], got {components.shape}")
+
+
+def _source_inputs(config, source, plan, input_ids, attention_mask):
+    names = _source_names(config, plan)
+    if not names:
+        return None, None, input_ids, attention_mask
+    if source is None:
+        raise InterventionError("sweep: FROM_SOURCE values need a `source`")
+    for field in ("d_model", "num_heads", "d_kv", "d_ff"):
+        if getattr(config, field) != getattr(source.config, field):
+            raise InterventionError(f"sweep: the source model's {field}={getattr(source.config, field)} differs from "
+                                    f"the patched model's {getattr(config, field)}")
+    for term in plan:
+        if term.from_source and num_layers(config, term.stack) != num_layers(source.config, term.stack):
+            raise InterventionError(f"sweep: the source model's {term.stack} has {num_layers(source.config, term.stack)} "
+                                    f"layers, the patched model's {num_layers(config, term.stack)}")
+    spec = cache_specs(source.config, names)
+    source_ids, source_mask = input_ids, attention_mask
+    if source.input_ids is not None:
+        source_ids = np.asarray(source.input_ids, dtype=np.int32)
+        source_mask = np.asarray(source.attention_mask if source.attention_mask is not None
+                                 else np.ones_like(source_ids), dtype=np.int32)
+        if source_ids.shape[0] != input_ids.shape[0]:
+            raise InterventionError(f"sweep: source inputs have {source_ids.shape[0]} rows for {input_ids.shape[0]} queries")
+    return spec, source.config, source_ids, source_mask
+
+
+class _Aggregator:
+    """Per-config sums over queries, turned into means / fractions (`summary_columns`)."""
+
+    def __init__(self, count: int, metrics: Sequence[str], hits: Sequence[int], num_queries: int):
+        self.metrics, self.hits, self.num_queries = tuple(metrics), tuple(hits), num_queries
+        self.sums: dict[str, np.ndarray] = {}
+        self.count = count
+
+    def add(self, index: np.ndarray, values: dict[str, np.ndarray], clean: dict[str, np.ndarray]) -> None:
+        for name, block in block_aggregates(values, clean, self.metrics, self.hits).items():
+            self.sums.setdefault(name, np.zeros(self.count, np.float64))[index] += block
+
+    def result(self) -> dict[str, np.ndarray]:
+        return {name: total / max(1, self.num_queries) for name, total in self.sums.items()}
+
+
+def block_aggregates(values: dict[str, np.ndarray], clean: dict[str, np.ndarray], metrics: Sequence[str],
+                     hits: Sequence[int]) -> dict[str, np.ndarray]:
+    """Sums over queries ([Kc] each) of a block's per-query values [Kc, n] against the clean values [n]:
+    ``{m}`` and ``{m}_effect`` (value - clean) for every metric, ``{m}>t`` for rank metrics and thresholds
+    `THRESHOLDS`, and ``hits@k`` (docid rank if computed, else the full rank, below k)."""
+    out = {}
+    for m in metrics:
+        v = values[m].astype(np.float64)
+        out[m] = v.sum(axis=1)
+        out[f"{m}_effect"] = (v - clean[m][None].astype(np.float64)).sum(axis=1)
+        if m in RANK_METRICS:
+            for t in THRESHOLDS:
+                out[f"{m}>{t}"] = (values[m] > t).sum(axis=1).astype(np.float64)
+    rank_metric = "docid_rank" if "docid_rank" in metrics else ("rank" if "rank" in metrics else None)
+    if rank_metric is not None:
+        for k in hits:
+            out[f"hits@{k}"] = (values[rank_metric] < k).sum(axis=1).astype(np.float64)
+    return out
+
+
 def run_sweep(
     config: T5Config,
     params,
     input_ids,
     attention_mask,
     target_ids,
-    configs: Interventions,
+    sweep,
     *,
     source: Source | None = None,
-    top_k: int = 10,
+    metrics: Sequence[str] = ("rank", "logit"),
     candidates=None,
+    foil_ids=None,
+    top_k: int = 10,
+    hits: Sequence[int] = (1, 10),
     query_chunk: int | None = None,
     config_chunk: int | None = None,
     devices=None,
+    prefix_sharing: bool = True,
+    per_query: bool = True,
+    store=None,
     progress: bool = True,
+    desc: str = "patching sweep",
 ) -> SweepResult:
-    """Run every config (masks with a leading K axis) on every query; see the module docstring.
+    """Run every config of `sweep` on every query; see the module docstring.
 
-    `candidates`: token ids (e.g. the docid tokens) among which the top-k are taken (``top_ids`` then index
-    into `candidates`); default: the whole vocabulary. Ranks are always in the full vocabulary.
-    `query_chunk`: queries per device per step (default: from a 1 GiB logits budget); `config_chunk`:
-    configs per step (default: all). `devices`: the devices to shard queries over (default: all local).
-
-    input_ids / attention_mask [N, S]; target_ids [N] token ids. Values of patches are shared by all
-    configs (no K axis) or `FROM_SOURCE`. Results are identical whatever the number of devices.
+    input_ids / attention_mask [N, S]; target_ids [N] token ids; `foil_ids` [N] (for ``logit_diff``);
+    `candidates`: token ids (e.g. the docid tokens) for ``docid_rank`` and for the top-k (``top_ids``
+    then index into `candidates`). `query_chunk`: queries per device per step; `config_chunk`: configs per
+    step (defaults from a 1 GiB logits budget). `devices`: the devices queries are sharded over (default:
+    all local; results do not depend on their number). `prefix_sharing=False` runs every decoder layer for
+    every config (for checks). ``per_query=False`` keeps only per-config aggregates (no [K, N] arrays,
+    no top-k). `store`: an object with ``get(key)`` / ``put(key, arrays)`` that keeps finished chunks.
     """
+    sweep = as_sweep(sweep)
     input_ids = np.asarray(input_ids, dtype=np.int32)
     attention_mask = np.asarray(attention_mask, dtype=np.int32)
     target_ids = np.asarray(target_ids, dtype=np.int32)
     count, length = input_ids.shape
+    unknown = sorted(set(metrics) - set(METRICS))
+    metrics = tuple(m for m in METRICS if m in metrics)
+    if unknown or not metrics:
+        raise InterventionError(f"sweep: unknown metric(s) {unknown}; expected some of {', '.join(METRICS)}")
     if target_ids.shape != (count,):
         raise InterventionError(f"sweep: target_ids must have shape ({count},), got {target_ids.shape}")
-    if count and (target_ids.min() < 0 or target_ids.max() >= config.vocab_size):
-        bad = int(target_ids[(target_ids < 0) | (target_ids >= config.vocab_size)][0])
-        raise InterventionError(f"sweep: target token id {bad} is outside the vocabulary [0, {config.vocab_size})")
+    if count == 0:
+        raise InterventionError("sweep: no queries given")
+    _check_token_ids("target", target_ids, config.vocab_size)
     if candidates is not None:
         candidates = np.asarray(candidates, dtype=np.int32).reshape(-1)
         if candidates.size == 0 or candidates.min() < 0 or candidates.max() >= config.vocab_size:
             raise InterventionError(f"sweep: candidates must be token ids in [0, {config.vocab_size})")
         top_k = min(top_k, candidates.size)
-    masks, values = _split_masks(configs)
-    num_configs = _num_configs(masks)
-    validate(config, _join(masks, values), 1, length, 1, leading=(num_configs,))
-    source_pairs = _source_sites(configs)
-    source_spec = None
-    source_ids, source_mask = input_ids, attention_mask
-    if source_pairs:
-        if source is None:
-            raise InterventionError("sweep: FROM_SOURCE values need a `source`")
-        _check_source_fits(config, source.config, source_pairs)
-        source_spec = cache_specs(source.config, _source_names(source.config, source_pairs))
-        if source.input_ids is not None:
-            source_ids = np.asarray(source.input_ids, dtype=np.int32)
-            source_mask = np.asarray(source.attention_mask if source.attention_mask is not None
-                                     else np.ones_like(source_ids), dtype=np.int32)
-            if source_ids.shape[0] != count:
-                raise InterventionError(f"sweep: source inputs have {source_ids.shape[0]} rows for {count} queries")
-    source_config = source.config if source_pairs else config
-    source_params = source.params if source_pairs else params
+    elif "docid_rank" in metrics:
+        raise InterventionError("sweep: metric 'docid_rank' needs the docid token ids (`candidates`)")
+    if "logit_diff" in metrics:
+        if foil_ids is None:
+            raise InterventionError("sweep: metric 'logit_diff' needs a foil token per query (`foil_ids`)")
+        foil_ids = np.asarray(foil_ids, dtype=np.int32).reshape(-1)
+        if foil_ids.shape != (count,):
+            raise InterventionError(f"sweep: foil_ids must have shape ({count},), got {foil_ids.shape}")
+        _check_token_ids("foil", foil_ids, config.vocab_size)
+        same = np.flatnonzero(foil_ids == target_ids)
+        if same.size:
+            raise InterventionError(f"sweep: the foil equals the target for query index {int(same[0])}")
+    top_k = int(top_k) if per_query else 0
+    _validate_terms(config, sweep, length)
+    paths = sweep.receivers is not None
+    if paths:
+        _validate_paths(sweep)
+    plan = _plan(sweep.terms)
+    source_spec, source_config, source_ids, source_mask = _source_inputs(config, source, plan, input_ids,
+                                                                         attention_mask)
+    source_params = source.params if source_spec is not None else None
 
     devices = list(devices) if devices is not None else jax.local_devices()
     mesh = Mesh(np.asarray(devices), ("queries",))
-    rows = NamedSharding(mesh, PartitionSpec("queries"))
+    rows_sharding = NamedSharding(mesh, PartitionSpec("queries"))
     replicated = NamedSharding(mesh, PartitionSpec())
     params = jax.device_put(params, replicated)
-    source_params = params if source_params is None or not source_pairs else jax.device_put(source_params, replicated)
-    # Every device always sees `per_device` queries, so each device runs the same program on the same
-    # shapes whatever the device count: results are bit-identical with 1 or many devices.
-    per_device = query_chunk or default_query_chunk(config_chunk or num_configs, config.vocab_size)
-    chunk = per_device * len(devices)
+    if source_params is not None:
+        source_params = jax.device_put(source_params, replicated)
+    num_configs = sweep.size
+    per_device = query_chunk or min(-(-count // len(devices)), 32)
+    rows_per_step = per_device * len(devices)
+    config_chunk = config_chunk or default_config_chunk(rows_per_step, config.vocab_size)
 
-    touched = _touches_encoder(masks, num_configs)
-    config_chunk = config_chunk or num_configs
-    groups = []  # (config indices, touches encoder)
-    for flag in (False, True):
-        index = np.flatnonzero(touched == flag)
-        groups += [(index[i:i + config_chunk], flag) for i in range(0, len(index), config_chunk)]
-    values = jax.device_put(values, replicated)
+    # Clean state, once per query chunk.
+    foils_arg = foil_ids if foil_ids is not None else np.zeros(count, np.int32)
+    cand_dev = None if candidates is None else jax.device_put(candidates, replicated)
+    chunks, clean_parts = [], []
+    for batch in batches((input_ids, attention_mask, source_ids, source_mask, target_ids, foils_arg), rows_per_step):
+        ids, mask, s_ids, s_mask, targets, foils = (jax.device_put(a, rows_sharding) for a in batch.arrays)
+        state, clean = _clean_state(params, source_params, ids, mask, s_ids, s_mask, targets,
+                                    foils if foil_ids is not None else None, cand_dev, config=config,
+                                    source_config=source_config or config, source_spec=source_spec,
+                                    metrics=metrics, top_k=0)
+        chunks.append((batch.rows, ids, mask, targets, foils if foil_ids is not None else None, state))
+        clean_parts.append((batch.rows, jax.device_get(clean)))
+    clean_values = {m: np.concatenate([np.asarray(c[m])[: len(rows)] for rows, c in clean_parts]) for m in metrics}
 
-    ranks = np.zeros((num_configs, count), np.int32)
-    target_logits = np.zeros((num_configs, count), np.float32)
-    top_ids = np.zeros((num_configs, count, top_k), np.int32)
-    top_logits = np.zeros((num_configs, count, top_k), np.float32)
-    steps = [(g, s) for g in groups for s in range(0, count, chunk)]
-    for (index, flag), start in tqdm(steps, desc="patching sweep", disable=not progress, unit="chunk"):
-        stop = min(start + chunk, count)
-        padded = [np.pad(a[start:stop], [(0, chunk - (stop - start))] + [(0, 0)] * (a.ndim - 1))
-                  for a in (input_ids, attention_mask, source_ids, source_mask, target_ids)]
-        padded[1][stop - start:, 0] = 1  # padding rows attend to one token, keeping them finite
-        padded[3][stop - start:, 0] = 1
-        ids, mask, s_ids, s_mask, targets = (jax.device_put(a, rows) for a in padded)
-        out = _sweep_chunk(
-            params, source_params, ids, mask, s_ids, s_mask, targets,
-            jax.device_put(_take_configs(masks, index), replicated), values,
-            None if candidates is None else jax.device_put(candidates, replicated), config=config, source_config=source_config, source_spec=source_spec, touches_encoder=bool(flag),
-            top_k=top_k,
-        )
-        r, t, i, l = (np.asarray(x)[:, : stop - start] for x in out)
-        ranks[index, start:stop], target_logits[index, start:stop] = r, t
-        top_ids[index, start:stop], top_logits[index, start:stop] = i, l
-    return SweepResult(ranks=ranks, target_logits=target_logits, top_ids=top_ids, top_logits=top_logits)
+    # Config groups: same encoder handling and same first decoder layer.
+    first, encoder_kind = first_decoder_layer(config, sweep)
+    if not prefix_sharing:
+        first = np.zeros_like(first)
+    first = np.where(encoder_kind == 2, 0, first)
+    blocks = []  # (encoder kind, start layer, config indices)
+    for kind in np.unique(encoder_kind):
+        for start in np.unique(first[encoder_kind == kind]):
+            index = np.flatnonzero((encoder_kind == kind) & (first == start))
+            blocks += [(int(kind), int(start), index[i:i + config_chunk]) for i in range(0, len(index), config_chunk)]
+
+    tables, values = _term_constants(sweep, replicated)
+    aggregator = _Aggregator(num_configs, metrics, hits, count)
+    per_query_values = {m: np.zeros((num_configs, count), np.float32 if m not in RANK_METRICS else np.int32)
+                        for m in metrics} if per_query else None
+    top_ids = np.zeros((num_configs, count, top_k), np.int32) if top_k else None
+    top_logits = np.zeros((num_configs, count, top_k), np.float32) if top_k else None
+    started = time.perf_counter()
+    bar = tqdm(total=num_configs * count, desc=desc, unit="cfg·q", unit_scale=True, disable=not progress,
+               smoothing=0.1)
+    computed_configs = 0
+    for block_number, (kind, start, index) in enumerate(blocks):
+        key = f"block-{block_number:06d}"
+        stored = store.get(key) if store is not None else None
+        if stored is None:
+            block_values, block_top = _run_block(
+                config, params, chunks, sweep, plan, tables, values, index, kind, start, paths, metrics, top_k,
+                config_chunk, replicated, cand_dev, bar, count)
+            computed_configs += len(index)
+            if store is not None:
+                store.put(key, {"index": index, **{f"value:{m}": v for m, v in block_values.items()},
+                                **({"top_ids": block_top[0], "top_logits": block_top[1]} if block_top else {})})
+        else:
+            if not np.array_equal(stored["index"], index):
+                raise InterventionError(f"sweep store: chunk {key} holds other configs; the store belongs to "
+                                        "another sweep")
+            block_values = {m: stored[f"value:{m}"] for m in metrics}
+            block_top = (stored["top_ids"], stored["top_logits"]) if top_k else None
+            bar.update(len(index) * count)
+        aggregator.add(index, block_values, clean_values)
+        if per_query_values is not None:
+            for m in metrics:
+                per_query_values[m][index] = block_values[m]
+        if top_k:
+            top_ids[index], top_logits[index] = block_top
+    bar.close()
+    layers = config.num_decoder_layers
+    stats = {
+        "configs": num_configs, "queries": count, "blocks": len(blocks), "config_chunk": config_chunk,
+        "query_rows_per_step": rows_per_step, "configs_computed": computed_configs,
+        "seconds": time.perf_counter() - started,
+        "decoder_layers_skipped_fraction": float(np.mean(np.minimum(first, layers)) / layers) if layers else 0.0,
+    }
+    return SweepResult(sweep=sweep, metrics=metrics, clean=clean_values, aggregates=aggregator.result(),
+                       values=per_query_values, top_ids=top_ids, top_logits=top_logits, stats=stats)
 
 
-def _check_source_fits(config: T5Config, source_config: T5Config, pairs) -> None:
-    for field in ("d_model", "num_heads", "d_kv", "d_ff"):
-        if getattr(config, field) != getattr(source_config, field):
-            raise InterventionError(f"sweep: the source model's {field}={getattr(source_config, field)} differs from "
-                                    f"the patched model's {getattr(config, field)}")
-    for stack, _ in pairs:
-        if num_layers(config, stack) != num_layers(source_config, stack):
-            raise InterventionError(f"sweep: the source model's {stack} has {num_layers(source_config, stack)} "
-                                    f"layers, the patched model's {num_layers(config, stack)}")
+def _check_token_ids(what: str, ids: np.ndarray, vocab_size: int) -> None:
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+        raise InterventionError(f"sweep: {what} token id {int(bad[0])} is outside the vocabulary [0, {vocab_size})")
+
+
+def _term_constants(sweep: Sweep, replicated) -> tuple[tuple, tuple]:
+    """Per term: its mask table with an all-zero row appended (row -1 selects it) and its value."""
+    tables, values = [], []
+    for term in sweep.terms:
+        table = np.concatenate([term.table, np.zeros((1,) + term.table.shape[1:], np.float32)])
+        tables.append(jax.device_put(table, replicated))
+        values.append(None if isinstance(term.value, FromSource) else jax.device_put(jnp.asarray(term.value), replicated))
+    return tuple(tables), tuple(values)
+
+
+def _run_block(config, params, chunks, sweep, plan, tables, values, index, kind, start, paths, metrics, top_k,
+               config_chunk, replicated, candidates, bar, count):
+    """One chunk of configs on every query chunk: per-query values [Kc, N] (and the top-k)."""
+    padded = pad_rows(index, config_chunk) if len(index) < config_chunk else index
+    term_index = []
+    for term in sweep.terms:
+        table_rows = term.table.shape[0]
+        row = np.where(term.row[padded] < 0, table_rows, term.row[padded])
+        layer = term.layer[padded] if term.layer is not None else np.zeros(len(padded), np.int64)
+        unit = term.unit[padded] if term.unit is not None else np.zeros(len(padded), np.int64)
+        term_index.append(tuple(jax.device_put(a.astype(np.int32), replicated) for a in (row, layer, unit)))
+    receivers = None
+    if paths:
+        receivers = (jax.device_put(sweep.receivers.components[padded].astype(np.float32), replicated),
+                     jax.device_put(sweep.receivers.logits[padded].astype(np.float32), replicated))
+    else:
+        receivers = jnp.zeros((len(padded),), jnp.float32)  # a placeholder vmapped alongside the configs
+    values_out = {m: np.zeros((len(index), count), np.float32 if m not in RANK_METRICS else np.int32) for m in metrics}
+    top = (np.zeros((len(index), count, top_k), np.int32), np.zeros((len(index), count, top_k), np.float32)) \
+        if top_k else None
+    for rows, ids, mask, targets, foils, state in chunks:
+        out = _sweep_chunk(params, state, ids, mask, targets, foils, candidates, tables, values, tuple(term_index),
+                           receivers, jnp.int32(start), config=config, plan=plan, encoder_kind=kind, paths=paths,
+                           metrics=metrics, top_k=top_k)
+        out = jax.device_get(out)
+        n = len(rows)
+        for m in metrics:
+            values_out[m][:, rows] = np.asarray(out[m])[: len(index), :n]
+        if top_k:
+            top[0][:, rows] = np.asarray(out["top"][0])[: len(index), :n]
+            top[1][:, rows] = np.asarray(out["top"][1])[: len(index), :n]
+        bar.update(len(index) * n)
+    return values_out, top

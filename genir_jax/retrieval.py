@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from genir_jax.batching import batches, num_batches
 from genir_jax.config import T5Config
 from genir_jax.docids import docid_token
 from genir_jax.errors import CheckpointError, DataError
@@ -85,15 +86,13 @@ def rank_docids(config: T5Config, params, input_ids, attention_mask, docid_token
     if count == 0:
         empty = (np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))
         return empty + (np.zeros(0, np.int64),) if return_top_token else empty
-    batch = max(1, min(int(batch_size), count))
-    chunks = range(0, count, batch)
+    batch_rows = max(1, min(int(batch_size), count))
+    chunks = num_batches(count, batch_rows)
     indices, scores, top_tokens = [], [], []
-    for start in tqdm(chunks, desc="ranking", unit="batch", disable=not progress or len(chunks) < 2):
-        ids, mask = input_ids[start:start + batch], attention_mask[start:start + batch]
-        real = ids.shape[0]
-        if real < batch:  # pad with copies of the first row: same shapes, one compilation
-            ids = np.concatenate([ids, np.repeat(ids[:1], batch - real, axis=0)])
-            mask = np.concatenate([mask, np.repeat(mask[:1], batch - real, axis=0)])
+    for batch in tqdm(batches((input_ids, attention_mask), batch_rows), desc="ranking", unit="batch", total=chunks,
+                      disable=not progress or chunks < 2):
+        ids, mask = batch.arrays  # the last batch padded with copies of its first row: one compilation
+        real = batch.size
         top_scores, top, top_token = _top_k_first_step(config, params, ids, mask, columns, k, full_vocabulary)
         indices.append(np.asarray(top)[:real])
         top_tokens.append(np.asarray(top_token)[:real])

@@ -134,7 +134,9 @@ def test_chunking_configs_and_queries_changes_nothing(model, queries):
     chunked = run_sweep(CONFIG, model, ids, mask, targets, interventions, query_chunk=2, config_chunk=4,
                         progress=False)
     np.testing.assert_array_equal(whole.ranks, chunked.ranks)
-    np.testing.assert_allclose(whole.target_logits, chunked.target_logits, atol=1e-6)
+    # Chunks of other sizes run differently shaped matmuls (the clean prefix included): float32 reassociation
+    # moves logits by ~1e-6; the sweep's exactness criterion is 1e-5.
+    np.testing.assert_allclose(whole.target_logits, chunked.target_logits, atol=1e-5)
 
 
 def test_sweep_rejects_bad_input(model, queries):

@@ -143,10 +143,11 @@ def docid_shares(config: T5Config, params, tokenizer, texts: Sequence[str], *, s
     layers = sorted(set(l for s in stages[1:] for l in s))
     is_docid = jnp.asarray(docid_mask(tokenizer, config.vocab_size))
     counts = np.zeros((len(texts), len(layers), len(cutoffs)), np.int32)
-    batches = query_batches(tokenizer, texts, batch_size, reference_padding=reference_padding)
-    for rows, ids, mask in tqdm(batches, desc="crattn writes (query batches)", disable=not progress, unit="batch"):
+    plan = query_batches(tokenizer, texts, batch_size, reference_padding=reference_padding)
+    for batch in tqdm(plan, desc="crattn writes (query batches)", disable=not progress, unit="batch"):
+        ids, mask = batch.arrays
         out = _docid_counts(config, params, jnp.asarray(ids), jnp.asarray(mask), is_docid, tuple(layers), cutoffs)
-        counts[rows] = np.asarray(out)[:len(rows)]
+        counts[batch.rows] = np.asarray(out)[:batch.size]
     return DocidShareResult(counts, layers, stages, cutoffs)
 
 
@@ -215,11 +216,12 @@ def head_top_tokens(config: T5Config, params, tokenizer, texts: Sequence[str], h
     heads = tuple((int(l), int(h)) for l, h in heads)
     ids_out = np.zeros((len(texts), len(heads), top), np.int64)
     logits_out = np.zeros((len(texts), len(heads), top), np.float32)
-    batches = query_batches(tokenizer, texts, batch_size, reference_padding=reference_padding)
-    for rows, ids, mask in tqdm(batches, desc="head tokens (query batches)", disable=not progress, unit="batch"):
+    plan = query_batches(tokenizer, texts, batch_size, reference_padding=reference_padding)
+    for batch in tqdm(plan, desc="head tokens (query batches)", disable=not progress, unit="batch"):
+        ids, mask = batch.arrays
         top_ids, top_logits = jax.device_get(
             _head_top_tokens(config, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(is_docid), heads, top))
-        ids_out[rows], logits_out[rows] = top_ids[:len(rows)], top_logits[:len(rows)]
+        ids_out[batch.rows], logits_out[batch.rows] = top_ids[:batch.size], top_logits[:batch.size]
     entries = []
     for q, text in enumerate(texts):
         for j, (layer, head) in enumerate(heads):

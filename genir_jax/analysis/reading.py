@@ -64,6 +64,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from genir_jax.analysis.inputs import tokenize_for_analysis
+from genir_jax.batching import Batch, batches
 from genir_jax.config import T5Config
 from genir_jax.errors import GenIRError
 
@@ -167,42 +168,42 @@ def topk_label(k: int | None) -> str:
 # --------------------------------------------------------------------------------------------------
 
 def query_batches(tokenizer, texts: Sequence[str], batch_size: int, *, reference_padding: bool = False,
-                  block: int | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """``[(rows, input_ids [batch_size, T], attention_mask)]`` covering every query once.
+                  block: int | None = None) -> list[Batch]:
+    """Batches (`genir_jax.batching.Batch`, arrays ``(input_ids [batch_size, T], attention_mask)``) covering
+    every query once.
 
-    Default: all queries padded to the longest with a mask, consecutive rows per batch. Reference mode
-    (the reading and cross-attention-output scripts run each query alone, unpadded, without a mask):
-    a batch holds queries of one token length, no padding, an all-ones mask; queries are grouped within
-    consecutive blocks of `block` rows (all rows when None), so results complete block by block.
-    Short batches are filled up to `batch_size` (unused rows; callers keep ``rows`` only), so each input
+    Default: all queries padded to the longest with a mask, consecutive rows per batch
+    (`genir_jax.batching.batches`). Reference mode (the reading and cross-attention-output scripts run each
+    query alone, unpadded, without a mask): a batch holds queries of one token length, no padding, an
+    all-ones mask; queries are grouped within consecutive blocks of `block` rows (all rows when None), so
+    results complete block by block, and batches are ordered by their first row. Short batches are filled
+    up to `batch_size` with copies of their first row (callers keep ``batch.rows`` only), so each input
     shape compiles once.
     """
     if batch_size < 1:
         raise GenIRError("--batch-size must be >= 1")
-    count = len(texts)
-    batches = []
     if not reference_padding:
         ids, mask = tokenize_for_analysis(tokenizer, list(texts))
-        for start in range(0, count, batch_size):
-            rows = np.arange(start, min(start + batch_size, count))
-            pad = batch_size - len(rows)
-            batches.append((rows, np.pad(ids[rows], ((0, pad), (0, 0)), constant_values=tokenizer.pad_token_id),
-                            np.pad(mask[rows], ((0, pad), (0, 0)))))
-        return batches
+        return list(batches((ids, mask), batch_size))
     if not texts:
         raise GenIRError("no queries to tokenize")
+    count = len(texts)
     encoded = [np.asarray(tokenizer(text).input_ids, dtype=np.int32) for text in texts]
     block = block or count
+    out: list[Batch] = []
     for block_start in range(0, count, block):
         by_length: dict[int, list[int]] = {}
         for row in range(block_start, min(block_start + block, count)):
             by_length.setdefault(len(encoded[row]), []).append(row)
-        groups = [g[i:i + batch_size] for g in by_length.values() for i in range(0, len(g), batch_size)]
-        for group in sorted(groups, key=lambda g: g[0]):
-            rows = np.asarray(group)
-            ids = np.stack([encoded[r] for r in group] + [encoded[group[0]]] * (batch_size - len(group)))
-            batches.append((rows, ids, np.ones_like(ids)))
-    return batches
+        block_batches = []
+        for group in by_length.values():
+            group_rows = np.asarray(group)
+            ids = np.stack([encoded[r] for r in group])
+            for batch in batches((ids,), batch_size):
+                padded = batch.arrays[0]
+                block_batches.append(Batch(group_rows[batch.rows], (padded, np.ones_like(padded))))
+        out.extend(sorted(block_batches, key=lambda b: int(b.rows[0])))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -489,11 +490,11 @@ def run_reading(config: T5Config, params, tokenizer, texts: Sequence[str], *, re
     if missing:
         raise GenIRError(f"--stages: layers {missing} are read from but belong to no stage")
     aggregators = [RatioAggregator(k) for k in topks]
-    batches = query_batches(tokenizer, texts, batch_size, reference_padding=reference_padding, block=block)
-    for rows, ids, mask in tqdm(batches, desc=f"{ANALYSIS_NAME[reader]} (query batches)", disable=not progress,
-                                unit="batch"):
+    plan = query_batches(tokenizer, texts, batch_size, reference_padding=reference_padding, block=block)
+    for batch in tqdm(plan, desc=f"{ANALYSIS_NAME[reader]} (query batches)", disable=not progress, unit="batch"):
+        rows, (ids, mask) = batch.rows, batch.arrays
         readings = reading_batch(config, params, ids, mask, reader=reader, layers=layers, sim_type=sim_type,
-                                 valid_rows=len(rows))
+                                 valid_rows=batch.size)
         for reading in readings:
             for agg in aggregators:
                 agg.add(reading)

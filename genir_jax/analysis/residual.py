@@ -73,6 +73,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from genir_jax.analysis.logit_lens import logit_lens, rank_sum_bits, rank_sum_fits, vocabulary_rank_stats
+from genir_jax.batching import batches, num_batches
 from genir_jax.config import T5Config
 from genir_jax.docids import is_docid_token
 from genir_jax.errors import DataError, GenIRError
@@ -214,8 +215,9 @@ def run_residual_rank(config: T5Config, params, input_ids, attention_mask, targe
                       batch_size: int | None = None, progress: bool = True) -> ResidualRankResult:
     """Contributions and logit-lens ranks for queries [N, S] with relevant docid token ids [N].
 
-    `is_docid` [V] bool (`docid_mask`). Chunks of `batch_size` queries (the last one padded) run through
-    one compiled function; results are gathered on the host.
+    `is_docid` [V] bool (`docid_mask`). Chunks of `batch_size` queries (`genir_jax.batching.batches`: the last
+    one padded with copies of its first row) run through one compiled function; results are gathered on the
+    host.
     """
     input_ids = np.asarray(input_ids, dtype=np.int32)
     attention_mask = np.asarray(attention_mask, dtype=np.int32)
@@ -244,24 +246,20 @@ def run_residual_rank(config: T5Config, params, input_ids, attention_mask, targe
     bits = rank_sum_bits(config.vocab_size)
     device_mask = jnp.asarray(is_docid)
     params = jax.device_put(params)  # once, not per chunk
-    starts = range(0, count, chunk)
-    for start in tqdm(starts, desc="residual / logit lens", unit="chunk", disable=not progress):
-        stop = min(start + chunk, count)
-        pad = chunk - (stop - start)
-        ids, mask = (np.pad(a[start:stop], [(0, pad), (0, 0)]) for a in (input_ids, attention_mask))
-        mask[stop - start:, 0] = 1  # padding rows attend to one token, keeping them finite
-        targets = np.pad(target_ids[start:stop], (0, pad))
+    for batch in tqdm(batches((input_ids, attention_mask, target_ids), chunk), desc="residual / logit lens",
+                      unit="chunk", total=num_batches(count, chunk), disable=not progress):
+        ids, mask, targets = batch.arrays
         out = _chunk(params, ids, mask, targets, device_mask, config=config)
         c, r, s, sr, fr = jax.device_get(out)
-        n = stop - start
-        contrib[start:stop] = np.moveaxis(c, 0, 1)[:n]
-        lens_ranks[start:stop] = np.transpose(r, (2, 0, 1))[:n]
+        rows, n = batch.rows, batch.size
+        contrib[rows] = np.moveaxis(c, 0, 1)[:n]
+        lens_ranks[rows] = np.transpose(r, (2, 0, 1))[:n]
         for name in stat_names:
-            stats[name][start:stop] = s[name].T[:n]
+            stats[name][rows] = s[name].T[:n]
         high, low = (s[k].T[:n].astype(np.int64) for k in ("docid_sum_high", "docid_sum_low"))
-        stats["docid_sum"][start:stop] = (high << bits) + low
-        sum_ranks[start:stop] = sr.T[:n]
-        final_ranks[start:stop] = fr[:n]
+        stats["docid_sum"][rows] = (high << bits) + low
+        sum_ranks[rows] = sr.T[:n]
+        final_ranks[rows] = fr[:n]
     ids_out = [str(q) for q in query_ids] if query_ids is not None else [str(i) for i in range(count)]
     return ResidualRankResult(query_ids=ids_out, contributions=contrib, lens_ranks=lens_ranks, vocab_stats=stats,
                               docid_count=docid_count, vocab_size=config.vocab_size, sum_ranks=sum_ranks,
