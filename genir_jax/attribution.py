@@ -1,0 +1,314 @@
+"""Attribution patching: estimate every config of a sweep from one forward and one backward pass.
+
+AtP (Nanda 2023; Kramár et al. 2024): the effect on a metric M of patching an activation x to a value v
+is estimated to first order as ``grad_x M . (v - x)``. With genir-jax's patches,
+``y = x + mask * (value - x)``, that product is exactly the gradient of M with respect to the mask at
+mask = 0, element by element. So attribution reuses the sweep's own configs: every term of the sweep gets
+a zero mask of the site's full shape, one backward pass gives the gradient density ``g * (v - x)`` for
+every element of every swept site, and each config's estimate is that density summed under its mask
+(a head: its slice of ``hook_z``; a neuron: its entry of ``mlp.hook_post``; a component: its output).
+Modes (zero, mean, resample / another model via `FROM_SOURCE`) only change v.
+
+AtP* (Kramár et al. 2024, "AtP*: An efficient and scalable method for localizing LLM behaviour to
+components") adds two fixes, both implemented:
+- QK fix (attention saturation): where a patch changes attention KEYS, the linear estimate through the
+  softmax is replaced by the exact change of the attention pattern, linearised only after the pattern.
+  In this model that is ``encoder.hook_out`` (every decoder layer's cross-attention keys and values read
+  it): per config, each cross-attention layer's pattern is recomputed exactly with the patched keys, times
+  the gradient at the pattern, plus the (linear) value path. Other sites (head outputs ``hook_z``,
+  neurons, component outputs) have no softmax between the patched activation and its output, so the fix
+  leaves them unchanged.
+- GradDrop (cancellation): for each decoder layer l the gradient is recomputed with layer l's residual
+  contributions blocked (their outputs patched to their own clean values, which keeps the forward and
+  zeroes the gradient through them); the magnitude estimate is ``sum_l |AtP_(-l)| / (L - 1)``. All L
+  variants run as one vmapped backward pass.
+
+`attribute` returns signed estimates (``scores``: AtP, QK-fixed for atp*) and, for atp*, the GradDrop
+magnitudes; rank units by `ranking` (|scores| for atp, magnitudes for atp*).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from genir_jax.batching import batches
+from genir_jax.config import T5Config
+from genir_jax.interventions import FromSource, InterventionError
+from genir_jax.model import T5, forward_with_cache
+from genir_jax.patching import (
+    DIFFERENTIABLE_METRICS, Source, _check_token_ids, _plan, _source_names, _validate_terms, target_metrics,
+)
+from genir_jax.sites import Site, num_layers, site_shape
+from genir_jax.sweep import Sweep, Term, as_sweep
+from genir_jax.taps import Patch
+
+METHODS = ("atp", "atp*")
+_DROP_SITES = ("hook_attn_out", "hook_cross_attn_out", "hook_mlp_out")
+
+
+@dataclasses.dataclass
+class AttributionResult:
+    """Per config (axis 0): estimated effect of its patch on the metric (patched minus clean)."""
+
+    sweep: Sweep
+    method: str
+    metric: str
+    scores: np.ndarray                  # [K] signed estimate, mean over queries
+    magnitudes: np.ndarray | None       # [K] AtP* GradDrop magnitude (atp* only)
+    per_query: np.ndarray | None        # [K, N] signed estimates, when asked
+    clean: np.ndarray                   # [N] the clean metric
+
+    @property
+    def ranking(self) -> np.ndarray:
+        """What to rank units by: the GradDrop magnitude for atp*, |score| for atp."""
+        return self.magnitudes if self.magnitudes is not None else np.abs(self.scores)
+
+
+def _full_shape(config: T5Config, term: Term, batch: int, encoder_length: int) -> tuple[int, ...]:
+    layer = 0 if term.is_layer_site else None
+    length = encoder_length if term.stack == "encoder" else 1
+    shape = (batch,) + site_shape(config, Site(term.stack, term.local, layer), length, encoder_length)
+    return (num_layers(config, term.stack),) + shape if term.is_layer_site else shape
+
+
+@functools.partial(jax.jit, static_argnames=("config", "plan", "metric", "probe", "drop"))
+def _gradients(params, input_ids, attention_mask, targets, foils, values, zero_masks, probe_values, drop_values,
+               variants, *, config, plan, metric, probe, drop):
+    """Gradient densities of the summed metric w.r.t. every term's mask (and the probes') per variant."""
+    model = T5(config)
+    start = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=jnp.int32)
+    layers = config.num_decoder_layers
+
+    def total(masks, probe_masks, variant):
+        interventions: dict = {}
+
+        def add(stack, local, patch):
+            sites = interventions.setdefault(stack, {})
+            sites[local] = tuple(sites.get(local, ())) + (patch,)
+
+        for term, mask, value in sorted(zip(plan, masks, values), key=lambda z: z[0].order):
+            add(term.stack, term.local, Patch(mask, value))
+        if probe:  # mask m, value clean + 1: forward unchanged, d/dm = the raw gradient at the site
+            for local, mask in probe_masks.items():
+                add("decoder", local, Patch(mask, probe_values[local] + 1.0))
+        if drop:  # GradDrop: layer `variant`'s outputs replaced by their own clean values
+            onehot = (jnp.arange(layers) == variant).astype(jnp.float32).reshape(layers, 1, 1, 1)
+            for local in _DROP_SITES:
+                add("decoder", local, Patch(onehot, drop_values[local]))
+        logits, _ = model.apply({"params": params}, input_ids, attention_mask, start, None, interventions)
+        values_ = target_metrics(logits[:, 0].astype(jnp.float32), targets, (metric,), foils=foils)[metric]
+        return jnp.sum(values_)
+
+    grad = jax.grad(total, argnums=(0, 1))
+    return jax.vmap(grad, in_axes=(None, None, 0))(zero_masks, {k: jnp.zeros_like(v) for k, v in probe_values.items()},
+                                                   variants)
+
+
+def _term_scores(config: T5Config, term: Term, density: np.ndarray) -> np.ndarray:
+    """Each config's estimate [V, K, B] from a term's density [V, (L,) B, *site]: sum under its mask."""
+    layer_site = term.is_layer_site
+    table = np.asarray(term.table, np.float32)  # [M, (L,) 1, *site-broadcast]
+    count = len(term.row)
+    out = np.zeros((density.shape[0], count, density.shape[2 if layer_site else 1]), np.float32)
+    site_axes_start = 3 if layer_site else 2  # in [V, (L,) B, *site]
+    unit_axis = None if term.unit is None else site_axes_start + term.unit_axis
+    for r in range(table.shape[0]):
+        users = np.flatnonzero(term.row == r)
+        if users.size == 0:
+            continue
+        product = density * table[r][None]  # [V, (L,) B, *site]
+        keep = {0, 1, 2} if layer_site else {0, 1}
+        if unit_axis is not None:
+            keep.add(unit_axis)
+        reduced = product.sum(axis=tuple(a for a in range(product.ndim) if a not in keep), keepdims=False)
+        # reduced: [V, (L,) B, (U)]
+        for k in users:
+            value = reduced
+            if layer_site:
+                value = value[:, term.layer[k]] if term.layer is not None else value.sum(axis=1)
+            if unit_axis is not None:
+                value = value[..., term.unit[k]]
+            out[:, k] = value
+    return out
+
+
+def _encoder_qk_scores(config: T5Config, params, term: Term, cache: dict, encoded: np.ndarray, value,
+                       attention_mask: np.ndarray, g_pattern: np.ndarray, g_v: np.ndarray) -> np.ndarray:
+    """AtP* estimate [V, K, B] of a term patching ``encoder.hook_out``: exact cross-attention patterns with
+    the patched keys (times the gradient at the pattern) plus the linear value path, every decoder layer."""
+    cross = params["decoder"]["layers"]["cross_attn"]
+    w_k, w_v = np.asarray(cross["key"]), np.asarray(cross["value"])  # [L, D, H, Kd]
+    q = np.asarray(cache["q"])[:, :, 0]                               # [L, B, H, Kd]
+    scores = np.asarray(cache["scores"])[:, :, :, 0]                  # [L, B, H, S]
+    delta = np.broadcast_to(np.asarray(value, np.float32), encoded.shape) - encoded  # [B, S, D]
+    dk = np.einsum("bsd,ldhk,lbhk->lbhs", delta, w_k, q)
+    dv = np.einsum("bsd,ldhk->lbshk", delta, w_v)
+    value_path = np.einsum("vlbshk,lbshk->vbs", g_v, dv)            # [V, B, S]
+    valid = attention_mask.astype(bool)[None, :, None, :]
+    clean_pattern = _softmax(scores, valid)
+    table = np.asarray(term.table, np.float32)
+    out = np.zeros((g_pattern.shape[0], len(term.row), encoded.shape[0]), np.float32)
+    for k in np.flatnonzero(term.row >= 0):
+        row = table[term.row[k]]  # [1, S or 1, D or 1]
+        if row.shape[-1] != 1 and not np.all(row == row[..., :1]):
+            raise InterventionError("atp*: an encoder.hook_out patch must select whole positions (the same "
+                                    "mask for every d_model entry) for the QK fix")
+        selection = np.broadcast_to(row[0, :, 0], (encoded.shape[1],)).astype(np.float32)
+        if term.unit is not None:
+            selection = selection * (np.arange(encoded.shape[1]) == term.unit[k])
+        patched = _softmax(scores + dk * selection[None, None, None, :], valid)
+        key_path = np.einsum("vlbhs,lbhs->vb", g_pattern, patched - clean_pattern)
+        out[:, k] = key_path + np.einsum("vbs,s->vb", value_path, selection)
+    return out
+
+
+def _softmax(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    scores = np.where(valid, scores.astype(np.float64), -np.inf)
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    weights = np.exp(scores)
+    return weights / weights.sum(axis=-1, keepdims=True)
+
+
+def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, sweep, *, method: str = "atp",
+              metric: str = "logit", foil_ids=None, source: Source | None = None, query_chunk: int | None = None,
+              progress: bool = True, per_query: bool = False) -> AttributionResult:
+    """Estimate, for every config of `sweep`, the change of `metric` its patch causes (see module docstring).
+
+    `metric`: one of `DIFFERENTIABLE_METRICS` (ranks and Hits@k are not differentiable); `foil_ids` [N] for
+    ``logit_diff``; `source` for `FROM_SOURCE` values; `query_chunk` queries per backward pass (default 32).
+    """
+    if method not in METHODS:
+        raise InterventionError(f"attribution method '{method}' is not one of {', '.join(METHODS)}")
+    if metric not in DIFFERENTIABLE_METRICS:
+        raise InterventionError(f"metric '{metric}' cannot be attributed by {method}: it is not differentiable; "
+                                f"use one of {', '.join(DIFFERENTIABLE_METRICS)}")
+    sweep = as_sweep(sweep)
+    if sweep.receivers is not None:
+        raise InterventionError("attribution of path-patching sweeps is not supported; run them exactly")
+    input_ids = np.asarray(input_ids, np.int32)
+    attention_mask = np.asarray(attention_mask, np.int32)
+    target_ids = np.asarray(target_ids, np.int32)
+    count, length = input_ids.shape
+    if count == 0:
+        raise InterventionError("attribution: no queries given")
+    if target_ids.shape != (count,):
+        raise InterventionError(f"attribution: target_ids must have shape ({count},), got {target_ids.shape}")
+    _check_token_ids("target", target_ids, config.vocab_size)
+    if metric == "logit_diff":
+        if foil_ids is None:
+            raise InterventionError("attribution: metric 'logit_diff' needs a foil token per query (`foil_ids`)")
+        foil_ids = np.asarray(foil_ids, np.int32).reshape(-1)
+        _check_token_ids("foil", foil_ids, config.vocab_size)
+        if foil_ids.shape != (count,) or np.any(foil_ids == target_ids):
+            raise InterventionError("attribution: foil_ids must have one token per query, none equal to its target")
+    _validate_terms(config, sweep, length)
+    plan = _plan(sweep.terms)
+    names = _source_names(config, plan)
+    if names and source is None:
+        raise InterventionError("attribution: FROM_SOURCE values need a `source`")
+    star = method == "atp*"
+    qk_terms = [i for i, t in enumerate(sweep.terms) if star and t.stack == "encoder" and t.local == "hook_out"]
+    layers = config.num_decoder_layers
+    variants = np.arange(-1, layers if star else 0, dtype=np.int32)  # -1: nothing dropped
+    chunk = query_chunk or min(count, 32)
+    cache_sites = []
+    if star:
+        cache_sites += [f"decoder.*.{s}" for s in _DROP_SITES]
+    if qk_terms:
+        cache_sites += ["decoder.*.cross_attn.hook_q", "decoder.*.cross_attn.hook_attn_scores",
+                        "decoder.*.cross_attn.hook_pattern", "decoder.*.cross_attn.hook_v", "encoder.hook_out"]
+    scores = np.zeros((len(variants), sweep.size, count), np.float32)
+    clean = np.zeros(count, np.float32)
+    foils_all = foil_ids if foil_ids is not None else np.zeros(count, np.int32)
+    source_ids = np.asarray(source.input_ids if source is not None and source.input_ids is not None else input_ids,
+                            np.int32)
+    source_mask = np.asarray(source.attention_mask if source is not None and source.attention_mask is not None
+                             else (attention_mask if source is None or source.input_ids is None
+                                   else np.ones_like(source_ids)), np.int32)
+    steps = list(batches((input_ids, attention_mask, target_ids, foils_all, source_ids, source_mask), chunk))
+    start = np.zeros((chunk, 1), np.int32)
+    for batch in tqdm(steps, desc=f"attribution ({method})", unit="chunk", disable=not progress):
+        ids, mask, targets, foils, s_ids, s_mask = batch.arrays
+        logits, cache = forward_with_cache(config, params, ids, mask, start, cache_sites=cache_sites)
+        clean_metric = target_metrics(jnp.asarray(logits[:, 0], jnp.float32), jnp.asarray(targets), (metric,),
+                                      foils=jnp.asarray(foils))[metric]
+        clean[batch.rows] = np.asarray(clean_metric)[: batch.size]
+        source_values = {}
+        if names:
+            _, source_cache = forward_with_cache(source.config, source.params, s_ids, s_mask, start, cache_sites=names)
+            for term in plan:
+                if term.from_source:
+                    if term.layer_site:
+                        source_values[(term.stack, term.local)] = jnp.stack(
+                            [source_cache[f"{term.stack}.{l}.{term.local}"] for l in range(num_layers(config, term.stack))])
+                    else:
+                        source_values[(term.stack, term.local)] = source_cache[Site(term.stack, term.local, None).name]
+        values = tuple(source_values[(t.stack, t.local)] if isinstance(t.value, FromSource) else jnp.asarray(t.value)
+                       for t in sweep.terms)
+        zero_masks = tuple(jnp.zeros(_full_shape(config, t, chunk, length), jnp.float32) for t in sweep.terms)
+
+        def stacked(local):
+            return jnp.stack([cache[f"decoder.{l}.{local}"] for l in range(layers)])
+
+        probe_values = {"cross_attn.hook_pattern": stacked("cross_attn.hook_pattern"),
+                        "cross_attn.hook_v": stacked("cross_attn.hook_v")} if qk_terms else {}
+        drop_values = {local: stacked(local) for local in _DROP_SITES} if star else {}
+        term_grads, probe_grads = _gradients(
+            params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(targets),
+            jnp.asarray(foils) if foil_ids is not None else None, values, zero_masks, probe_values, drop_values,
+            jnp.asarray(variants), config=config, plan=plan, metric=metric, probe=bool(qk_terms), drop=star)
+        rows = batch.rows
+        for i, term in enumerate(sweep.terms):
+            if i in qk_terms:
+                qk_cache = {"q": stacked("cross_attn.hook_q"), "scores": stacked("cross_attn.hook_attn_scores")}
+                estimate = _encoder_qk_scores(
+                    config, params, term, qk_cache, np.asarray(cache["encoder.hook_out"]), np.asarray(values[i]),
+                    mask, np.asarray(probe_grads["cross_attn.hook_pattern"])[:, :, :, :, 0],
+                    np.asarray(probe_grads["cross_attn.hook_v"]))
+            else:
+                estimate = _term_scores(config, term, np.asarray(term_grads[i]))
+            scores[:, :, rows] += estimate[:, :, : batch.size]
+    signed = scores[0]
+    magnitudes = None
+    if star:
+        dropped = scores[1:].mean(axis=2)  # [L, K]: the query-averaged estimate with each layer dropped
+        magnitudes = np.abs(dropped).sum(axis=0) / max(1, layers - 1)
+    return AttributionResult(sweep=sweep, method=method, metric=metric, scores=signed.mean(axis=1),
+                             magnitudes=magnitudes, per_query=signed if per_query else None, clean=clean)
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.size < 2:
+        raise ValueError("spearman: need at least two values")
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
+    return float((ra * rb).sum() / denominator) if denominator else 0.0
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), np.float64)
+    ranks[order] = np.arange(len(values))
+    for value in np.unique(values):
+        tied = values == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def top_overlap(reference: np.ndarray, estimate: np.ndarray, k: int) -> float:
+    """Share of the reference's top-k (by value) that the estimate also puts in its top-k."""
+    k = min(k, len(reference))
+    top_ref = set(np.argsort(-np.asarray(reference), kind="stable")[:k].tolist())
+    top_est = set(np.argsort(-np.asarray(estimate), kind="stable")[:k].tolist())
+    return len(top_ref & top_est) / k
