@@ -75,14 +75,17 @@ def ours_loop(config, params, ids, mask, targets):
     """One config at a time: the same interventions, one jitted batched forward per config."""
     means = mean_activations(config, params, ids, mask, [f"decoder.*.{COMPONENT_SITES[c]}" for c in COMPONENTS],
                              progress=False)
-    interventions, rows = stage_configs(config, STAGES, ("mean", "zero"), means)
+    sweep, rows = stage_configs(config, STAGES, ("mean", "zero"), means)
     forward = jax.jit(gj.forward, static_argnums=0)
     dec = jnp.zeros((len(ids), 1), jnp.int32)
     ranks = []
     for k in range(len(rows)):
-        per_config = jax.tree_util.tree_map(lambda x: x, interventions)
-        per_config = {stack: {local: tuple(gj.Patch(np.asarray(p.mask)[k], p.value) for p in patches)
-                              for local, patches in sites.items()} for stack, sites in per_config.items()}
+        # every term in every config (inactive ones with a zero mask): one pytree structure, one compilation
+        per_config = {}
+        for term in sorted(sweep.terms, key=lambda t: t.order):
+            mask = term.table[max(int(term.row[k]), 0)] * float(term.row[k] >= 0)
+            sites = per_config.setdefault(term.stack, {})
+            sites[term.local] = sites.get(term.local, ()) + (gj.Patch(mask, term.value),)
         logits = forward(config, params, ids, mask, dec, None, per_config)[:, 0]
         ranks.append(np.stack([np.asarray(x) for x in ranks_of_targets(logits, targets)]))
     return np.stack(ranks)  # [K, 2, N]: ranks and target logits

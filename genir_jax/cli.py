@@ -3,6 +3,12 @@
 Each subcommand lives in its own module under `genir_jax.commands` and exposes ``add_parser(subparsers)``,
 which registers its arguments and a ``handler(args) -> int``. Errors caused by bad input (`GenIRError`)
 print one clear line and exit with code 2; nothing half-written is left behind.
+
+Only the chosen subcommand's module is imported to parse a command line (the others are listed by their
+one-line summary in `COMMANDS`), and handlers import JAX, Flax and transformers themselves, so
+``genir-jax --help`` and argument errors answer without loading them. Every command runs with the
+persistent XLA compilation cache (`genir_jax.compile_cache`) unless ``--no-compile-cache`` is given or
+``GENIR_JAX_CACHE=off``.
 """
 
 from __future__ import annotations
@@ -10,35 +16,79 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Iterable
 
 from genir_jax import __version__
 from genir_jax.errors import GenIRError
 
-# Subcommand modules, in the order `--help` lists them.
-COMMAND_MODULES = (
-    "reproduce",
-    "prepare-data", "pretrain", "train", "evaluate", "bm25", "inspect",
-    "patch-stages", "swap-encoder", "circuit", "residual-rank", "neuron-reading", "crattn-reading",
-    "crattn-writes", "crattn-head-tokens",
-)
+# Subcommands in the order `--help` lists them, with the summary their own `add_parser` gives as `help`
+# (tests/test_startup.py checks that the two agree).
+COMMANDS = {
+    "reproduce": "prepare data, pretrain a base T5, train the DSI models, run every analysis, write report.md",
+    "prepare-data": "write documents, train/val/test queries and qrels of a corpus in the reference JSON format",
+    "pretrain": "pre-train a T5 from scratch with span corruption on a prepared corpus (a base for `train`)",
+    "train": "fine-tune a base T5 into a DSI model (indexing + retrieval, atomic docid tokens)",
+    "evaluate": "evaluate a DSI checkpoint: Hits@1/10, Recall@5, MRR@10, nDCG@10, run file, correct_valid.json",
+    "bm25": "rank documents with BM25 and evaluate like `evaluate` (baseline for a DSI model)",
+    "inspect": "describe a Hugging Face T5 checkpoint as genir-jax loads it",
+    "patch-stages": "zero / mean / T5 patching of each component type in each decoder stage (paper Table 3)",
+    "sweep": "exact activation patching of any sites, heads, neurons or positions (resumable, tidy CSV, heatmaps)",
+    "attribute": "attribution patching (AtP, AtP*) or exact effects of any sites, heads or neurons on a logit metric",
+    "swap-encoder": "run the full model's decoder on encoders of models trained without some documents (Table 2)",
+    "circuit": "evaluate the model with only a minimal circuit of components left (Table 4)",
+    "residual-rank": "residual contributions per decoder layer and logit-lens ranks (paper Fig. 3 and Fig. 4)",
+    "neuron-reading": "what MLP neurons read from earlier components (paper Fig. 5, MLPs)",
+    "crattn-reading": "what cross-attention heads read from earlier components (paper Fig. 5, cross-attention)",
+    "crattn-writes": "share of docid tokens among the top tokens of cross-attention outputs (paper Table 5)",
+    "crattn-head-tokens": "top word tokens of single cross-attention heads' outputs for given queries (paper Table 6)",
+}
+COMMAND_MODULES = tuple(COMMANDS)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_module(name: str):
+    """The module of subcommand `name` (e.g. ``patch-stages`` -> `genir_jax.commands.patch_stages`)."""
+    return importlib.import_module(f"genir_jax.commands.{name.replace('-', '_')}")
+
+
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser. `commands`: the subcommands registered in full (their modules imported); the
+    others are listed with their summary only. None: all of them in full."""
+    full = set(COMMANDS) if commands is None else set(commands)
     parser = argparse.ArgumentParser(
         prog="genir-jax",
         description="Mechanistic interpretability of generative retrieval (DSI-style T5) models in JAX.",
     )
     parser.add_argument("--version", action="version", version=f"genir-jax {__version__}")
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="do not use the persistent XLA compilation cache ($GENIR_JAX_CACHE, default "
+                             "~/.cache/genir-jax/xla; GENIR_JAX_CACHE=off also disables it)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"genir_jax.commands.{name.replace('-', '_')}").add_parser(subparsers)
+    for name, summary in COMMANDS.items():
+        if name in full:
+            command_module(name).add_parser(subparsers)
+        else:
+            subparsers.add_parser(name, help=summary)
     return parser
 
 
+def _chosen_command(argv: list[str]) -> str | None:
+    """The subcommand named on a command line (the first word that is not an option), if it is one."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = _chosen_command(argv)
+    parser = build_parser([chosen] if chosen else [])
     args = parser.parse_args(argv)
+    if not args.no_compile_cache:
+        from genir_jax.compile_cache import enable_compilation_cache
+
+        enable_compilation_cache()
     try:
         return int(args.handler(args) or 0)
     except GenIRError as exc:

@@ -363,12 +363,16 @@ def load_pretrained(
     load_tokenizer: bool = True,
     allow_download: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    fast_tokenizer: bool = False,
 ) -> PretrainedModel:
     """Load a Hugging Face T5/mT5 checkpoint (directory or locally cached hub id).
 
     `dtype`: parameter dtype ("float32", "bfloat16", or "auto" to keep the stored dtype).
     `allow_download`: let a hub id be fetched if it is not in the local cache (off: never touch the network).
     `cache_dir`: the Hugging Face hub cache to look in (default: the standard one, `$HF_HUB_CACHE`).
+    `fast_tokenizer`: a read-only `genir_jax.tokenizer.T5FastTokenizer` (same ids, no transformers import;
+    what the analyses use) where it is equivalent, else transformers' tokenizer. Off (default): always
+    transformers' tokenizer, which `add_docid_tokens` and training need.
     """
     directory = _resolve_directory(path_or_hub_id, allow_download,
                                    None if cache_dir is None else os.fspath(cache_dir))
@@ -378,7 +382,7 @@ def load_pretrained(
     config = T5Config.from_json_file(config_path)
     files = _WeightFiles(directory)
     config, params = params_from_hf_tensors(config, files.get, files.names(), files.source, dtype=dtype)
-    tokenizer = load_tokenizer_from(directory) if load_tokenizer else None
+    tokenizer = load_tokenizer_from(directory, fast=fast_tokenizer) if load_tokenizer else None
     if tokenizer is not None and len(tokenizer) > config.vocab_size:
         raise CheckpointError(
             f"{directory}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
@@ -387,16 +391,22 @@ def load_pretrained(
     return PretrainedModel(config=config, params=params, tokenizer=tokenizer, path=directory)
 
 
-def load_tokenizer_from(directory: str):
-    """The tokenizer saved in `directory`, or None if it holds no tokenizer files."""
+def load_for_analysis(path_or_hub_id: str | os.PathLike, **options: Any) -> PretrainedModel:
+    """`load_pretrained` with ``fast_tokenizer=True``: what the analysis commands load (read-only tokenizer)."""
+    options.setdefault("fast_tokenizer", True)
+    return load_pretrained(path_or_hub_id, **options)
+
+
+def load_tokenizer_from(directory: str, *, fast: bool = False):
+    """The tokenizer saved in `directory`, or None if it holds no tokenizer files.
+
+    `fast`: a `genir_jax.tokenizer.T5FastTokenizer` where it is equivalent (see `genir_jax.tokenizer`),
+    else (and by default) transformers' ``AutoTokenizer``."""
     if not any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES):
         return None
-    from transformers import AutoTokenizer
+    from genir_jax.tokenizer import load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(directory)
-    except Exception as exc:
-        raise CheckpointError(f"{directory}: tokenizer files present but unreadable ({exc})") from exc
+    return load_tokenizer(directory, fast=fast)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -481,7 +491,16 @@ def save_tokenizer(tokenizer, directory: str) -> None:
     transformers 5.x writes only `tokenizer.json` and lists special tokens as `extra_special_tokens`;
     4.x wants the SentencePiece model (`spiece.model`) to build a T5 tokenizer with `add_prefix_space` and
     reads that list as `additional_special_tokens`. Both versions then give the same ids, docids included.
+    A read-only `genir_jax.tokenizer.T5FastTokenizer` is saved by copying the files it was loaded from.
     """
+    from genir_jax.tokenizer import T5FastTokenizer
+
+    if isinstance(tokenizer, T5FastTokenizer):
+        for name in (*TOKENIZER_FILES, "special_tokens_map.json"):
+            source = os.path.join(tokenizer.directory, name)
+            if os.path.isfile(source):
+                shutil.copyfile(source, os.path.join(directory, name))
+        return
     tokenizer.save_pretrained(directory)
     vocab_file = getattr(tokenizer, "vocab_file", None)
     if vocab_file and os.path.isfile(vocab_file) and not os.path.exists(os.path.join(directory, "spiece.model")):

@@ -155,10 +155,29 @@ def zero_ablation(config: T5Config, sites: Iterable[str], *, positions=None, hea
     return _interventions(masks, {key: jnp.zeros((), jnp.float32) for key in masks})
 
 
+def _source_sites(config: T5Config, per_site: Mapping[str, Any]) -> set[tuple[str, str]]:
+    """The (stack, local) sites whose value is `FROM_SOURCE` (keys may be full names or patterns)."""
+    marked = [name for name, value in per_site.items() if isinstance(value, FromSource)]
+    return {(site.stack, site.local) for site in (parse_site(config, n) for n in expand_site_patterns(config, marked))}
+
+
 def _stacked_values(config: T5Config, masks, per_site: Mapping[str, Any], with_batch: bool):
-    """{(stack, local): value} with a layer axis for layer sites, from {full name: array}."""
+    """{(stack, local): value} with a layer axis for layer sites, from {full name: array}.
+
+    A site whose value is `FROM_SOURCE` keeps that marker (no layer stacking: the sweep engine fills it
+    from the source run, see `genir_jax.patching`); it cannot be mixed with arrays for the same site."""
     values = {}
+    sourced = _source_sites(config, per_site)
     for (stack, local) in masks:
+        if (stack, local) in sourced:
+            names = [Site(stack, local, None).name] if local in STACK_SITES else \
+                [f"{stack}.{layer}.{local}" for layer in range(num_layers(config, stack))]
+            mixed = [n for n in names if n in per_site and not isinstance(per_site[n], FromSource)]
+            if mixed:
+                raise InterventionError(f"site '{mixed[0]}': values of one site are either all FROM_SOURCE or "
+                                        "all arrays")
+            values[(stack, local)] = FROM_SOURCE
+            continue
         if local in STACK_SITES:
             name = Site(stack, local, None).name
             values[(stack, local)] = _value_for(per_site, name, with_batch)
@@ -210,20 +229,23 @@ def replacement(config: T5Config, activations: Mapping[str, Any], sites: Iterabl
     `activations` maps full site names to ``[B, ...]`` arrays aligned with the patched batch: the cache of
     the same model on other queries (resampling), of another model on the same queries (cross-model,
     e.g. the pretrained T5), or an encoder output of another model (encoder swap, see `encoder_swap`).
+    A value may also be `FROM_SOURCE` (keys then may be patterns, e.g. ``{"decoder.*.hook_mlp_out":
+    FROM_SOURCE}``): the activation comes query by query from a sweep's source run (`genir_jax.patching`).
     """
     sites = list(activations) if sites is None else list(sites)
     masks = site_masks(config, sites, positions=positions, heads=heads, neurons=neurons, length=length)
     return _interventions(masks, _stacked_values(config, masks, activations, with_batch=True))
 
 
-def encoder_swap(config: T5Config, other_encoder_output, site: str | None = None) -> Interventions:
-    """Run the decoder on another model's encoder output.
+def encoder_swap(config: T5Config, other_encoder_output, site: str) -> Interventions:
+    """Run the decoder on another model's encoder output (``[B, T, D]``, or `FROM_SOURCE` in a sweep).
 
-    By default the swapped site is ``encoder.hook_out`` (after the final norm: exactly what cross-attention
-    reads). The reference swaps ``encoder.{L-1}.hook_resid_post`` (before the final norm, so the patched
-    model's own final norm is applied); pass that name to reproduce it.
+    `site` is required: ``"encoder.hook_out"`` (after the final norm: exactly what cross-attention reads)
+    or, as the reference swaps, ``f"encoder.{L-1}.hook_resid_post"`` (before the final norm, so the patched
+    model's own final norm is applied; `genir_jax.analysis.encoder_swap.swap_site` names it).
     """
-    site = site or "encoder.hook_out"
+    if not isinstance(site, str):
+        raise InterventionError(f"encoder_swap: the swapped site must be named (e.g. 'encoder.hook_out'), got {site!r}")
     return replacement(config, {site: other_encoder_output})
 
 

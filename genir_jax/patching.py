@@ -425,7 +425,7 @@ def run_sweep(
     if source_params is not None:
         source_params = jax.device_put(source_params, replicated)
     num_configs = sweep.size
-    per_device = query_chunk or min(-(-count // len(devices)), 32)
+    per_device = query_chunk or _balanced_chunk(-(-count // len(devices)), 64)
     rows_per_step = per_device * len(devices)
     config_chunk = config_chunk or default_config_chunk(rows_per_step, config.vocab_size)
 
@@ -500,6 +500,12 @@ def run_sweep(
                        values=per_query_values, top_ids=top_ids, top_logits=top_logits, stats=stats)
 
 
+def _balanced_chunk(count: int, limit: int) -> int:
+    """The smallest chunk size that covers `count` rows in as few chunks as `limit`-sized chunks would."""
+    chunks = -(-count // limit)
+    return -(-count // chunks)
+
+
 def _check_token_ids(what: str, ids: np.ndarray, vocab_size: int) -> None:
     bad = ids[(ids < 0) | (ids >= vocab_size)]
     if bad.size:
@@ -519,7 +525,9 @@ def _term_constants(sweep: Sweep, replicated) -> tuple[tuple, tuple]:
 def _run_block(config, params, chunks, sweep, plan, tables, values, index, kind, start, paths, metrics, top_k,
                config_chunk, replicated, candidates, bar, count):
     """One chunk of configs on every query chunk: per-query values [Kc, N] (and the top-k)."""
-    padded = pad_rows(index, config_chunk) if len(index) < config_chunk else index
+    # Pad a short block only to the next power of two: few compiled shapes, little wasted work.
+    bucket = min(config_chunk, 1 << max(0, int(len(index) - 1).bit_length()))
+    padded = pad_rows(index, bucket) if len(index) < bucket else index
     term_index = []
     for term in sweep.terms:
         table_rows = term.table.shape[0]

@@ -117,7 +117,9 @@ def test_cli_writes_the_reference_files(dsi, tmp_path):
     out = tmp_path / "out"
     assert _run(root, out, "--stages", "0,1-2,3", "--batch-size", "2") == 0
     assert sorted(p.name for p in out.iterdir()) == ["cr_attn_ratios.json", "crattn_writes_summary.json",
-                                                    "per_q_averages_sII.json", "per_q_averages_sIII.json"]
+                                                    "per_q_averages_sII.json", "per_q_averages_sIII.json",
+                                                    "stages.json"]
+    assert json.loads((out / "stages.json").read_text())["stages"] == [[0], [1, 2], [3]]
     per_q = json.loads((out / "per_q_averages_sII.json").read_text())
     assert list(per_q) == ["10", "100", "1000"] and all(len(v) == 5 * 2 for v in per_q.values())
     ratios = json.loads((out / "cr_attn_ratios.json").read_text())

@@ -259,7 +259,7 @@ def test_cli_writes_the_reference_files(dsi, tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == ["all_queries_neuron_similarities_dot_0.json", "all_queries_neuron_similarities_dot_2.json",
                      "all_queries_neuron_similarities_dot_4.json", "neuron_ratio_of_top_k_layers-dot-3.json",
-                     "neuron_ratio_of_top_k_layers-dot-all.json", "neuron_reading_summary.json"]
+                     "neuron_ratio_of_top_k_layers-dot-all.json", "neuron_reading_summary.json", "stages.json"]
     entries = list(rd.iter_raw_entries(out, "mlp", "dot"))
     assert all(list(e) == ["actviation", "sim_type", "value", "layer", "q_id", "position"] for e in entries)
     assert list(dict.fromkeys(e["q_id"] for e in entries)) == [100 + i for i in CORRECT]
@@ -269,6 +269,9 @@ def test_cli_writes_the_reference_files(dsi, tmp_path):
     summary = json.loads((out / "neuron_reading_summary.json").read_text())
     assert summary["analysis"] == "neuron_reading" and summary["queries"] == 5
     assert summary["stages"] == [[0], [1, 2], [3]] and set(summary["results"]) == {"all", "3"}
+    assert json.loads((out / "stages.json").read_text()) == {
+        "method": "explicit", "stages": [[0], [1, 2], [3]], "stages_text": "0,1-2,3", "spec": "0,1-2,3",
+        "num_decoder_layers": 4}
     layer = summary["results"]["all"]["per_layer"]["3"]
     assert set(layer) == {"readers", "embedding", "attn", "cross_attn", "mlp"} and len(layer["mlp"]) == 3
 
@@ -276,7 +279,10 @@ def test_cli_writes_the_reference_files(dsi, tmp_path):
     assert _run(root, "crattn-reading", out2, "--sim-type", "cosine") == 0
     names = sorted(p.name for p in out2.iterdir())
     assert names == ["all_queries_crattn_similarities_cosine_0.json", "crattn_ratio_of_top_k_layers-cosine-all.json",
-                     "crattn_reading_summary.json"]
+                     "crattn_reading_summary.json", "stages.json"]
+    record = json.loads((out2 / "stages.json").read_text())  # default for a 4-layer decoder: auto
+    assert record["method"] == "auto" and [l for stage in record["stages"] for l in stage] == [0, 1, 2, 3]
+    assert json.loads((out2 / "crattn_reading_summary.json").read_text())["stages"] == record["stages"]
     entries = list(rd.iter_raw_entries(out2, "cross_attn", "cosine"))
     assert len(entries) == 5 * 4 * 2
     assert all(list(e) == ["sim_type", "value", "layer", "head", "q_id", "enc_position"] for e in entries)

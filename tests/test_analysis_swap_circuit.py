@@ -124,6 +124,9 @@ def test_empty_circuit_reproduces_plain_evaluation(setup, tmp_path):
                  "-o", str(tmp_path / "e")]) == 0
     circuit = json.loads((tmp_path / "c" / "minimal_circuit.json").read_text())
     plain = json.loads((tmp_path / "e" / "metrics.json").read_text())["metrics"]
+    stages = json.loads((tmp_path / "c" / "stages.json").read_text())  # default below 24 decoder layers: auto
+    assert stages["method"] == "auto" and stages["stages"] == circuit["stages"]
+    assert [l for stage in stages["stages"] for l in stage] == list(range(len(stages["features"]["ratio_mlp"])))
     for metric in ("Hits@1", "Hits@10", "Recall@5", "MRR@10", "nDCG@10"):
         assert circuit["unpatched"][metric] == pytest.approx(plain[metric])
         assert circuit["patched"][metric] == pytest.approx(plain[metric])
@@ -140,6 +143,8 @@ def test_paper_circuit_equals_independent_patching(setup, tmp_path):
     report = json.loads((tmp_path / "c" / "minimal_circuit.json").read_text())
     assert report["config"] == ("remove attn in layers 0-5; remove cross_attn in layers 0-1; "
                                 "mean mlp in layers 0-4")
+    stages = json.loads((tmp_path / "c" / "stages.json").read_text())
+    assert stages["method"] == "explicit" and stages["stages"] == report["stages"] == [[0, 1], [2, 3, 4], [5]]
     # the same circuit built with the generic builders, on the means of the correct queries
     val_ids, val_mask = _batch(full, [VAL[i] for i in (2, 0, 5, 1)])
     means = ivs.mean_activations(full.config, full.params, val_ids, val_mask, ["decoder.*.hook_mlp_out"],

@@ -204,3 +204,38 @@ def test_auto_stages_deterministic_and_json(model, queries, features):
     assert all(len(v) == CONFIG.num_decoder_layers for v in payload["features"].values())
     with pytest.raises(GenIRError, match="1 <= k <= 6"):
         auto_stages(CONFIG, model, ids, mask, targets, k=7)
+
+
+def test_resolve_stages_methods_and_defaults(model, queries):
+    """--stages: auto (the fit on the given queries), thirds, paper, explicit; default paper at 24 decoder
+    layers, auto otherwise. The record is what stages.json holds."""
+    from argparse import Namespace
+
+    from genir_jax.analysis.stage_patching import default_stages
+    from genir_jax.commands.common import resolve_stages
+
+    ids, mask, targets = queries
+    expected = auto_stages(CONFIG, model, ids, mask, targets, k=3, batch_size=3)
+    for spec in ("auto", None):
+        stages, record = resolve_stages(Namespace(stages=spec, batch_size=3, no_progress=True), CONFIG, model,
+                                        ids, mask, targets)
+        assert stages == expected.stages and record["method"] == "auto" and record["stages"] == stages
+        assert [layer for stage in stages for layer in stage] == list(range(CONFIG.num_decoder_layers))
+        assert len(stages) == 3 and all(stage == list(range(stage[0], stage[-1] + 1)) for stage in stages)
+        assert set(record["features"]) == set(FEATURE_NAMES) and record["num_decoder_layers"] == 6
+        assert json.loads(json.dumps(record)) == record
+    stages, record = resolve_stages(Namespace(stages="thirds"), CONFIG, None, None, None, None)
+    assert stages == default_stages(6) == [[0, 1], [2, 3], [4, 5]]  # the old default for non-24-layer decoders
+    assert record == {"method": "thirds", "stages": stages, "stages_text": "0-1,2-3,4-5", "num_decoder_layers": 6}
+    stages, record = resolve_stages(Namespace(stages="0,1-4,5"), CONFIG, None, None, None, None)
+    assert stages == [[0], [1, 2, 3, 4], [5]] and record["method"] == "explicit" and record["spec"] == "0,1-4,5"
+    with pytest.raises(GenIRError, match="need a 24-layer decoder"):
+        resolve_stages(Namespace(stages="paper"), CONFIG, None, None, None, None)
+    deep = gj.config.t5_v1_0(vocab_size=160, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=24,
+                             num_heads=4)
+    paper = [list(range(0, 7)), list(range(7, 18)), list(range(18, 24))]
+    for spec in (None, "paper"):
+        stages, record = resolve_stages(Namespace(stages=spec), deep, None, None, None, None)
+        assert stages == paper and record["method"] == "paper" and record["stages_text"] == "0-6,7-17,18-23"
+    assert resolve_stages(Namespace(stages="thirds"), deep, None, None, None, None)[0] == \
+        [list(range(0, 8)), list(range(8, 16)), list(range(16, 24))]

@@ -49,7 +49,7 @@ def _read(out):
 
 def test_outputs_follow_the_reference_layout(dsi, tmp_path):
     root, model, t5_dir = dsi
-    assert _run(root, tmp_path / "out", "--modes", "zero,mean,t5", "--t5", str(t5_dir)) == 0
+    assert _run(root, tmp_path / "out", "--modes", "zero,mean,t5", "--t5", str(t5_dir), "--stages", "thirds") == 0
     rows, ranks = _read(tmp_path / "out")
     assert rows[0] == ["", "component", "stage", "mode", "!=0", ">5", ">10", ">100"]
     expected = [(c, s, m) for m in ("mean", "zero", "t5") for c in ("mlp", "cross_attn", "attn") for s in range(3)]
@@ -97,6 +97,34 @@ def test_reference_padding_pads_to_longest_plus_one_without_mask(dsi, tmp_path):
     default_dir = tmp_path / "masked"
     assert _run(root, default_dir, "--stages", "0,1-2") == 0
     assert _read(default_dir)[1].keys() == ranks.keys()
+
+
+def test_stages_json_names_the_stages(dsi, tmp_path, capsys):
+    """Every run writes stages.json and prints its stages: auto by default below 24 decoder layers,
+    thirds = the old default, explicit ranges as given."""
+    from genir_jax.analysis.stage_patching import default_stages
+
+    root, _, _ = dsi
+    for extra, method in (((), "auto"), (("--stages", "auto"), "auto"), (("--stages", "thirds"), "thirds"),
+                          (("--stages", "0,1-2"), "explicit")):
+        out = tmp_path / method / str(len(extra))
+        capsys.readouterr()
+        assert _run(root, out, "--modes", "zero", *extra) == 0
+        record = json.loads((out / "stages.json").read_text())
+        printed = json.loads(capsys.readouterr().out)
+        assert record["method"] == method and printed["stages_method"] == method
+        stages = record["stages"]
+        assert printed["stages"] == stages and record["num_decoder_layers"] == 3
+        assert [layer for stage in stages for layer in stage] == [0, 1, 2]
+        assert all(stage == list(range(stage[0], stage[-1] + 1)) for stage in stages)
+        rows, ranks = _read(out)
+        assert len(rows) == 1 + 3 * len(stages) and len(ranks) == 3 * len(stages)
+        if method == "auto":
+            assert record["k"] == 3 and set(record["features"]) >= {"ratio_mlp", "lens_log1p_rank"}
+        if method == "thirds":
+            assert stages == default_stages(3) == [[0], [1], [2]]
+        if method == "explicit":
+            assert stages == [[0], [1, 2]] and record["spec"] == "0,1-2"
 
 
 @pytest.mark.parametrize("problem, message", [

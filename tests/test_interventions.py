@@ -114,7 +114,7 @@ def test_encoder_swap_with_own_encoder_changes_nothing_and_with_other_matches(pa
     ids, mask, dec = batch
     _, cache = gj.forward_with_cache(CONFIG, params, ids, mask, dec, cache_sites=["encoder.hook_out",
                                                                                   "encoder.1.hook_resid_post"])
-    same = _logits(params, batch, ivs.encoder_swap(CONFIG, cache["encoder.hook_out"]))
+    same = _logits(params, batch, ivs.encoder_swap(CONFIG, cache["encoder.hook_out"], site="encoder.hook_out"))
     np.testing.assert_allclose(same, _logits(params, batch), atol=1e-6)
     # another model's encoder (before its final norm, as the reference swaps): decoder reads our final norm
     other = gj.init_params(CONFIG, 11)
@@ -126,6 +126,31 @@ def test_encoder_swap_with_own_encoder_changes_nothing_and_with_other_matches(pa
     enc, _ = gj.model.encode(CONFIG, other_with_our_norm, ids, mask)
     hidden, _ = gj.model.decode(CONFIG, params, enc, mask, dec)
     np.testing.assert_allclose(swapped, np.asarray(gj.model.unembed(CONFIG, params, hidden)), atol=1e-5)
+
+
+def test_from_source_values_pass_through_builders_unstacked():
+    """FROM_SOURCE is a value like any other for replacement / encoder_swap: masks as usual, no layer stacking."""
+    iv = ivs.replacement(CONFIG, {"decoder.*.hook_mlp_out": ivs.FROM_SOURCE}, sites=["decoder.1.hook_mlp_out",
+                                                                                     "decoder.3.hook_mlp_out"])
+    patch = iv["decoder"]["hook_mlp_out"]
+    assert patch.value is ivs.FROM_SOURCE
+    np.testing.assert_array_equal(np.asarray(patch.mask)[:, 0, 0, 0], [0, 1, 0, 1])
+    same = ivs.replacement(CONFIG, {"decoder.1.hook_mlp_out": ivs.FROM_SOURCE,
+                                    "decoder.3.hook_mlp_out": ivs.FROM_SOURCE})
+    assert same["decoder"]["hook_mlp_out"].value is ivs.FROM_SOURCE
+    np.testing.assert_array_equal(np.asarray(same["decoder"]["hook_mlp_out"].mask), np.asarray(patch.mask))
+    swap = ivs.encoder_swap(CONFIG, ivs.FROM_SOURCE, site="encoder.1.hook_resid_post")
+    assert swap["encoder"]["hook_resid_post"].value is ivs.FROM_SOURCE
+    np.testing.assert_array_equal(np.asarray(swap["encoder"]["hook_resid_post"].mask)[:, 0, 0, 0], [0, 1])
+    stacked = ivs.encoder_swap(CONFIG, ivs.FROM_SOURCE, site="encoder.hook_out")["encoder"]["hook_out"]
+    assert stacked.value is ivs.FROM_SOURCE and np.asarray(stacked.mask).shape == (1, 1, 1)
+    with pytest.raises(ivs.InterventionError, match="either all FROM_SOURCE or all arrays"):
+        ivs.replacement(CONFIG, {"decoder.0.hook_mlp_out": ivs.FROM_SOURCE,
+                                 "decoder.1.hook_mlp_out": np.zeros((3, 1, 24))})
+    with pytest.raises(TypeError):
+        ivs.encoder_swap(CONFIG, ivs.FROM_SOURCE)  # the swapped site is required
+    with pytest.raises(ivs.InterventionError, match="the swapped site must be named"):
+        ivs.encoder_swap(CONFIG, ivs.FROM_SOURCE, site=None)
 
 
 def test_cache_records_only_what_was_asked(params, batch):

@@ -11,6 +11,7 @@ from genir_jax import interventions as ivs
 from genir_jax.analysis.stage_patching import default_stages, parse_stages, run_stage_patching, stage_configs
 from genir_jax.errors import GenIRError
 from genir_jax.patching import FROM_SOURCE, Source, ranks_of_targets, run_sweep
+from genir_jax.sweep import Sweep
 from genir_jax.taps import Patch
 from tests.hf_fixtures import padded_batch
 
@@ -31,16 +32,13 @@ def queries(model):
     return ids, mask, logits.argmax(-1).astype(np.int32)  # targets at rank 0 when unpatched
 
 
-def _loop(params, ids, mask, targets, interventions, k, source_cache=None):
+def _loop(params, ids, mask, targets, sweep, k, source_cache=None):
     """Reference computation: config k alone, through the plain forward with interventions."""
-    def take(tree):
-        return jax.tree_util.tree_map(lambda a: np.asarray(a)[k], tree)
     per_config = {}
-    for stack, sites in interventions.items():
+    for stack, sites in sweep.config(CONFIG, k).items():
         for local, patches in sites.items():
-            patches = (patches,) if isinstance(patches, Patch) else patches
             per_config.setdefault(stack, {})[local] = tuple(
-                Patch(take(p.mask), source_cache[(stack, local)] if p.value is FROM_SOURCE else p.value)
+                Patch(p.mask, source_cache[(stack, local)] if p.value is FROM_SOURCE else p.value)
                 for p in patches)
     logits = gj.forward(CONFIG, params, ids, mask, np.zeros((len(ids), 1), np.int32), interventions=per_config)
     ranks, target_logits = ranks_of_targets(logits[:, 0], targets)
@@ -63,6 +61,10 @@ def test_vmapped_sweep_equals_loop_over_configs(model, queries):
     means = ivs.mean_activations(CONFIG, model, ids, mask, ["decoder.*.hook_mlp_out", "decoder.*.hook_attn_out",
                                                            "decoder.*.hook_cross_attn_out"], progress=False)
     interventions, rows = stage_configs(CONFIG, STAGES, ("mean", "zero"), means)
+    assert isinstance(interventions, Sweep) and interventions.label_table() == [
+        {"component": r.component, "stage": r.stage, "mode": r.mode} for r in rows]
+    assert [r.key for r in rows] == [f"{s}-{c}-{m}" for m in ("mean", "zero") for c in ("mlp", "cross_attn", "attn")
+                                     for s in range(3)]
     result = run_sweep(CONFIG, model, ids, mask, targets, interventions, query_chunk=4, progress=False)
     assert result.ranks.shape == (len(rows), len(ids)) == (18, 7)
     for k in range(len(rows)):
@@ -77,6 +79,40 @@ def test_vmapped_sweep_equals_loop_over_configs(model, queries):
     clean = run_sweep(CONFIG, model, ids, mask, targets, empty, top_k=5, progress=False)
     np.testing.assert_array_equal(clean.top_ids[0], np.argsort(-full, axis=-1, kind="stable")[:, :5])
     np.testing.assert_array_equal(clean.ranks, 0)
+
+
+def test_stage_configs_masks_and_values_are_the_hand_stacked_ones(model, queries):
+    """Builder-made configs stack to the masks and mean values the sweep used to be built from by hand."""
+    ids, mask, _ = queries
+    names = ["decoder.*.hook_mlp_out", "decoder.*.hook_attn_out", "decoder.*.hook_cross_attn_out"]
+    means = ivs.mean_activations(CONFIG, model, ids, mask, names, progress=False)
+    sweep, rows = stage_configs(CONFIG, STAGES, ("mean", "zero", "t5"), means)
+    for local, component in (("hook_mlp_out", "mlp"), ("hook_attn_out", "attn"),
+                             ("hook_cross_attn_out", "cross_attn")):
+        hand = np.stack([np.asarray(means[f"decoder.{l}.{local}"]) for l in range(6)])[:, None]  # [L, 1, T, D]
+        terms = [t for t in sweep.terms if t.stack == "decoder" and t.local == local]
+        kinds = {}
+        for term in terms:
+            kind = "t5" if term.value is FROM_SOURCE else ("zero" if np.asarray(term.value).ndim == 0 else "mean")
+            kinds[kind] = term
+        assert sorted(kinds) == ["mean", "t5", "zero"] and len(terms) == 3
+        np.testing.assert_array_equal(np.asarray(kinds["mean"].value), hand)
+        assert np.asarray(kinds["zero"].value) == 0.0
+        for k, row in enumerate(rows):
+            dense = {m: (t.mask(CONFIG, k) if t.row[k] >= 0 else None) for m, t in kinds.items()}
+            for m, got in dense.items():
+                if row.component == component and row.mode == m:
+                    expected = np.zeros((6, 1, 1, 1), np.float32)
+                    expected[STAGES[row.stage]] = 1.0
+                    np.testing.assert_array_equal(got, expected, err_msg=row.key)
+                else:
+                    assert got is None or not got.any(), row.key
+    encoder = [t for t in sweep.terms if t.stack == "encoder"]
+    assert len(encoder) == 1 and encoder[0].local == "hook_resid_post" and encoder[0].value is FROM_SOURCE
+    expected = np.zeros((2, 1, 1, 1), np.float32)
+    expected[-1] = 1.0
+    np.testing.assert_array_equal(encoder[0].mask(CONFIG, len(rows) - 1), expected)
+    assert [k for k in range(len(rows)) if encoder[0].row[k] >= 0] == [len(rows) - 1]
 
 
 def test_source_values_equal_replacement_from_a_separate_run(model, queries):

@@ -22,8 +22,9 @@ from genir_jax.analysis.residual import FUNCS, LENS_SITES, PARTS, run_residual_r
 from genir_jax.config import T5Config
 from genir_jax.errors import GenIRError
 from genir_jax.patching import run_sweep
+from genir_jax.interventions import zero_ablation
 from genir_jax.sites import COMPONENT_SITES
-from genir_jax.taps import Patch
+from genir_jax.sweep import Sweep, stack
 
 COMPONENTS = ("attn", "cross_attn", "mlp")
 # Feature columns of `stage_features`, in order.
@@ -141,20 +142,15 @@ def describe_stages(stages: Sequence[Sequence[int]]) -> str:
     return ",".join(parts)
 
 
-def zero_ablation_configs(config: T5Config) -> tuple[dict, list[tuple[str, int]]]:
-    """Sweep interventions (masks with a leading config axis) zeroing one component's output in one decoder
-    layer per config, plus a first config that patches nothing (the clean run). Returns the interventions
-    and the (component, layer) of each config after the first."""
+def zero_ablation_configs(config: T5Config) -> tuple[Sweep, list[tuple[str, int]]]:
+    """A sweep zeroing one component's output in one decoder layer per config (`zero_ablation`), after a
+    first config that patches nothing (the clean run). Returns the sweep (labelled component / layer; the
+    clean config has component None, layer -1) and the (component, layer) of each config after the first."""
     L = config.num_decoder_layers
     rows = [(c, layer) for c in COMPONENTS for layer in range(L)]
-    decoder = {}
-    for component in COMPONENTS:
-        mask = np.zeros((len(rows) + 1, L, 1, 1, 1), np.float32)
-        for index, (c, layer) in enumerate(rows):
-            if c == component:
-                mask[index + 1, layer] = 1.0
-        decoder[COMPONENT_SITES[component]] = Patch(mask, np.zeros((), np.float32))
-    return {"decoder": decoder}, rows
+    configs = [{}] + [zero_ablation(config, [f"decoder.{layer}.{COMPONENT_SITES[c]}"]) for c, layer in rows]
+    labels = [{"component": None, "layer": -1}] + [{"component": c, "layer": layer} for c, layer in rows]
+    return stack(configs, labels=labels), rows
 
 
 def stage_features(config: T5Config, params, input_ids, attention_mask, target_ids, *,

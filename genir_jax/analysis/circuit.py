@@ -25,13 +25,12 @@ import dataclasses
 import os
 from typing import Sequence
 
-import numpy as np
-
 from genir_jax.config import T5Config
-from genir_jax.errors import DataError
+from genir_jax.errors import DataError, GenIRError
+from genir_jax.interventions import Interventions, combine, mean_ablation, zero_ablation
 from genir_jax.patching import run_sweep
 from genir_jax.sites import COMPONENT_SITES
-from genir_jax.taps import Patch
+from genir_jax.sweep import Sweep, stack
 
 RESULTS_JSON = "minimal_circuit.json"
 MODES = ("zero", "mean")
@@ -110,33 +109,35 @@ def circuit_from_json(data, source: str, num_stages: int) -> Circuit:
     return Circuit(str(data.get("name", os.path.basename(source))), tuple(patches))
 
 
-def circuit_interventions(config: T5Config, circuit: Circuit, stages: Sequence[Sequence[int]], means: dict | None
-                          ) -> dict:
-    """Two configs: index 0 patches nothing (the unpatched model), index 1 applies the circuit."""
-    layers = config.num_decoder_layers
-    decoder = {}
+def circuit_configuration(config: T5Config, circuit: Circuit, stages: Sequence[Sequence[int]], means: dict | None
+                          ) -> Interventions:
+    """The circuit as one configuration: per component, its zeroed layers (`zero_ablation`), then its
+    mean-replaced layers (`mean_ablation` with `means`), `combine`d (so mean wins where both apply)."""
+    parts = []
     for component, site in COMPONENT_SITES.items():
-        patches = []
         for mode in MODES:
-            chosen = [p for p in circuit.patches if p.component == component and p.mode == mode]
-            if not chosen:
+            layers = sorted({layer for p in circuit.patches if p.component == component and p.mode == mode
+                             for layer in p.layers(stages)})
+            if not layers:
                 continue
-            mask = np.zeros((2, layers, 1, 1, 1), np.float32)
-            for patch in chosen:
-                mask[1, patch.layers(stages)] = 1.0
+            sites = [f"decoder.{layer}.{site}" for layer in layers]
             if mode == "zero":
-                value = np.zeros((), np.float32)
+                parts.append(zero_ablation(config, sites))
             else:
-                value = np.stack([np.asarray(means[f"decoder.{l}.{site}"]) for l in range(layers)])[:, None]
-            patches.append(Patch(mask, value))
-        if patches:
-            decoder[site] = tuple(patches)
-    if not decoder:  # an empty circuit: one all-zero mask keeps the sweep's config axis
-        decoder["hook_mlp_out"] = (Patch(np.zeros((2, layers, 1, 1, 1), np.float32), np.zeros((), np.float32)),)
-    return {"decoder": decoder}
+                if means is None:
+                    raise GenIRError(f"circuit {circuit.name!r}: mean patches need the means (`mean_activations`)")
+                parts.append(mean_ablation(config, means, sites=sites))
+    return combine(*parts)
 
 
-def rank_with_circuit(config: T5Config, params, circuit_interventions_: dict, input_ids, attention_mask, targets,
+def circuit_interventions(config: T5Config, circuit: Circuit, stages: Sequence[Sequence[int]], means: dict | None
+                          ) -> Sweep:
+    """Two configs: index 0 patches nothing (the unpatched model), index 1 applies the circuit."""
+    return stack([{}, circuit_configuration(config, circuit, stages, means)],
+                 labels=[{"circuit": "unpatched"}, {"circuit": circuit.name}])
+
+
+def rank_with_circuit(config: T5Config, params, circuit_interventions_: Sweep, input_ids, attention_mask, targets,
                       candidates, *, top_k: int = 100, query_chunk: int | None = None, progress: bool = True):
     """(top ids [2, N, k] into `candidates`, their logits [2, N, k]) unpatched (0) and with the circuit (1)."""
     result = run_sweep(config, params, input_ids, attention_mask, targets, circuit_interventions_,

@@ -30,8 +30,9 @@ from genir_jax.analysis.inputs import CorrectQuery
 from genir_jax.config import T5Config
 from genir_jax.docids import docid_token, is_docid_token
 from genir_jax.errors import GenIRError
-from genir_jax.patching import FROM_SOURCE, Source, run_sweep
-from genir_jax.taps import Patch
+from genir_jax.interventions import FROM_SOURCE, encoder_swap
+from genir_jax.patching import Source, run_sweep
+from genir_jax.sweep import stack
 
 RESULTS_JSON = "swapped_encoder.json"
 
@@ -48,9 +49,7 @@ def encoder_swap_ranks(config: T5Config, params, other: Source, input_ids, atten
         raise GenIRError(
             f"encoder swap: the other model's encoder ({other.config.num_layers} layers, d_model "
             f"{other.config.d_model}) does not match the full model's ({config.num_layers}, {config.d_model})")
-    mask = np.zeros((1, config.num_layers, 1, 1, 1), np.float32)
-    mask[0, -1] = 1.0
-    configs = {"encoder": {"hook_resid_post": Patch(mask, FROM_SOURCE)}}
+    configs = stack([encoder_swap(config, FROM_SOURCE, site=swap_site(config))], labels=[{"encoder": "swapped"}])
     result = run_sweep(config, params, input_ids, attention_mask, target_ids, configs, source=other,
                        query_chunk=query_chunk, progress=progress)
     return result.ranks[0]

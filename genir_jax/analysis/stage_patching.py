@@ -10,7 +10,8 @@ component's output is patched in every layer of the stage at the decoder's singl
 The result per configuration is the fraction of correct queries whose relevant docid is no longer at
 rank 0 (and the fractions beyond rank 5, 10 and 100), plus every rank.
 
-All configurations run as one vmapped, jitted sweep (`genir_jax.patching.run_sweep`).
+Every configuration is made by a builder of `genir_jax.interventions`; `genir_jax.sweep.stack` labels them
+(component, stage, mode) and they run as one vmapped, jitted sweep (`genir_jax.patching.run_sweep`).
 Output files and their layout are the reference's (`eval_patching_single_combis.py` /
 `eval_patching_t5.py`): ``patching_results_single_combis.csv`` with columns
 ``,component,stage,mode,!=0,>5,>10,>100`` (a pandas-style index column first; fractions) and
@@ -29,11 +30,13 @@ import numpy as np
 
 from genir_jax.config import T5Config
 from genir_jax.errors import GenIRError
-from genir_jax.interventions import mean_activations
+from genir_jax.analysis.encoder_swap import swap_site
+from genir_jax.interventions import (FROM_SOURCE, encoder_swap, mean_activations, mean_ablation, replacement,
+                                     zero_ablation)
 from genir_jax.io import atomic_directory
-from genir_jax.patching import FROM_SOURCE, Source, SweepResult, run_sweep
+from genir_jax.patching import Source, SweepResult, run_sweep
 from genir_jax.sites import COMPONENT_SITES
-from genir_jax.taps import Patch
+from genir_jax.sweep import Sweep, stack
 
 COMPONENTS = ("mlp", "cross_attn", "attn")  # the reference's order
 MODES = ("mean", "zero", "t5")              # the reference's row order (its two scripts, concatenated)
@@ -48,6 +51,12 @@ def default_stages(num_decoder_layers: int) -> list[list[int]]:
     consecutive blocks (the first blocks one layer longer when the count does not divide by 3)."""
     if num_decoder_layers == 24:
         return [list(s) for s in PAPER_STAGES_24]
+    return equal_stages(num_decoder_layers)
+
+
+def equal_stages(num_decoder_layers: int) -> list[list[int]]:
+    """Three near-equal consecutive blocks of layers (the first blocks one layer longer when the count does
+    not divide by 3): ``--stages thirds``."""
     if num_decoder_layers < 3:
         raise GenIRError(f"default stages need at least 3 decoder layers, the model has {num_decoder_layers}; "
                          "pass --stages")
@@ -90,44 +99,41 @@ class StageConfig:
 
 
 def stage_configs(config: T5Config, stages: Sequence[Sequence[int]], modes: Sequence[str],
-                  means: dict | None = None) -> tuple[dict, list[StageConfig]]:
-    """The sweep's interventions (masks stacked over configs) and the row of each config.
+                  means: dict | None = None) -> tuple[Sweep, list[StageConfig]]:
+    """The sweep (one builder-made configuration per row, labelled component / stage / mode) and its rows.
 
-    Per component site three patches apply in order (zero, mean, T5); each config's mask switches on
-    exactly one of them, in the stage's layers.
+    Each configuration patches one component's output in every layer of one stage: `zero_ablation`,
+    `mean_ablation` (with `means`, as `mean_activations` returns them) or `replacement` by `FROM_SOURCE`
+    (the T5 run); with t5 the encoder swap (`encoder_swap` at ``encoder.{L-1}.hook_resid_post``) is last.
     """
     unknown = set(modes) - set(MODES)
     if unknown:
         raise GenIRError(f"unknown patching mode(s) {sorted(unknown)}; expected some of {', '.join(MODES)}")
-    rows = [StageConfig(c, s, m) for m in MODES if m in modes for c in COMPONENTS for s in range(len(stages))]
-    encoder_site = f"encoder.{config.num_layers - 1}.hook_resid_post"
+    if "mean" in modes and means is None:
+        raise GenIRError("mean mode needs the means of the component outputs (`mean_activations`)")
+    configs, labels = [], []
+    for mode in (m for m in MODES if m in modes):
+        for component in COMPONENTS:
+            for index, stage in enumerate(stages):
+                sites = [f"decoder.{layer}.{COMPONENT_SITES[component]}" for layer in stage]
+                if mode == "zero":
+                    configs.append(zero_ablation(config, sites))
+                elif mode == "mean":
+                    configs.append(mean_ablation(config, means, sites=sites))
+                else:
+                    configs.append(replacement(config, {site: FROM_SOURCE for site in sites}))
+                labels.append({"component": component, "stage": index, "mode": mode})
     if "t5" in modes:
-        rows.append(StageConfig(encoder_site, 0, "t5"))
-    count, layers = len(rows), config.num_decoder_layers
-    used_modes = [m for m in MODES if m in modes]
-    decoder: dict = {}
-    for component in COMPONENTS:
-        patches = []
-        for mode in used_modes:
-            mask = np.zeros((count, layers, 1, 1, 1), np.float32)
-            for k, row in enumerate(rows):
-                if row.component == component and row.mode == mode:
-                    mask[k, stages[row.stage]] = 1.0
-            if mode == "zero":
-                value = np.zeros((), np.float32)
-            elif mode == "mean":
-                value = np.stack([np.asarray(means[f"decoder.{l}.{COMPONENT_SITES[component]}"]) for l in range(layers)]
-                                 )[:, None]  # [L, 1(B), T, D]
-            else:
-                value = FROM_SOURCE
-            patches.append(Patch(mask, value))
-        decoder[COMPONENT_SITES[component]] = tuple(patches)
-    interventions = {"decoder": decoder}
-    if "t5" in modes:
-        mask = np.zeros((count, config.num_layers, 1, 1, 1), np.float32)
-        mask[[k for k, r in enumerate(rows) if r.component == encoder_site], -1] = 1.0
-        interventions["encoder"] = {"hook_resid_post": Patch(mask, FROM_SOURCE)}
-    return interventions, rows
+        encoder_site = swap_site(config)
+        configs.append(encoder_swap(config, FROM_SOURCE, site=encoder_site))
+        labels.append({"component": encoder_site, "stage": 0, "mode": "t5"})
+    sweep = stack(configs, labels=labels)
+    return sweep, stage_rows(sweep)
+
+
+def stage_rows(sweep: Sweep) -> list[StageConfig]:
+    """The result rows of a stage sweep, from its labels."""
+    return [StageConfig(**sweep.label(k)) for k in range(sweep.size)]
 
 
 @dataclasses.dataclass
@@ -159,10 +165,10 @@ def run_stage_patching(config: T5Config, params, input_ids, attention_mask, targ
     if "mean" in modes:
         sites = [f"decoder.*.{COMPONENT_SITES[c]}" for c in COMPONENTS]
         means = mean_activations(config, params, input_ids, attention_mask, sites, progress=progress)
-    interventions, rows = stage_configs(config, stages, modes, means)
+    sweep, rows = stage_configs(config, stages, modes, means)
     if "t5" in modes and source is None:
         raise GenIRError("t5 mode needs the pretrained T5 (--t5 BASE_CHECKPOINT_DIR)")
-    result = run_sweep(config, params, input_ids, attention_mask, target_ids, interventions,
+    result = run_sweep(config, params, input_ids, attention_mask, target_ids, sweep,
                        source=source if "t5" in modes else None, query_chunk=query_chunk, progress=progress)
     return StagePatchingResult(rows=rows, ranks=result.ranks, sweep=result)
 
@@ -171,8 +177,9 @@ def _csv_number(value) -> str:
     return repr(float(value)) if isinstance(value, float) else str(value)
 
 
-def write_stage_patching(out_dir: str | os.PathLike, result: StagePatchingResult) -> None:
-    """The reference's two output files, written atomically."""
+def write_stage_patching(out_dir: str | os.PathLike, result: StagePatchingResult,
+                         extra_json: dict | None = None) -> None:
+    """The reference's two output files (and `extra_json`: {file name: JSON data}), written atomically."""
     import json
 
     header = ["", "component", "stage", "mode"] + [label for label, _ in THRESHOLDS]
@@ -186,3 +193,7 @@ def write_stage_patching(out_dir: str | os.PathLike, result: StagePatchingResult
             handle.write("\n".join(lines) + "\n")
         with open(os.path.join(staging, RANKS_JSON), "w", encoding="utf-8") as handle:
             json.dump(result.ranks_by_key(), handle)
+        for name, data in (extra_json or {}).items():
+            with open(os.path.join(staging, name), "w", encoding="utf-8") as handle:
+                json.dump(data, handle, indent=2)
+                handle.write("\n")

@@ -21,7 +21,8 @@ def add_parser(subparsers) -> None:
             "in all layers and cross-attention in stage I, replace MLP outputs of stages I and II by their mean "
             "over the correct validation queries) and evaluate on the test queries: Hits@1, Recall@5, Hits@10, "
             "MRR@10, nDCG@10, absolute and relative to the unpatched model. Writes minimal_circuit.json and the "
-            "two TREC runs. Default stages: the paper's for a 24-layer decoder, otherwise three near-equal blocks."
+            "two TREC runs. Default stages: the paper's for a 24-layer decoder, otherwise found automatically "
+            "(--stages auto); stages.json records them."
         ),
     )
     parser.add_argument("-c", "--checkpoint", required=True, help="HF-format GenIR checkpoint (with tokenizer)")
@@ -31,7 +32,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--correct-valid", required=True, help="correct_valid.json (the queries averaged over)")
     parser.add_argument("-o", "--output-path", dest="output", required=True, help="output directory")
     parser.add_argument("--circuit", default=None, help="circuit JSON file (default: the paper's circuit)")
-    parser.add_argument("--stages", default=None, help="decoder layer ranges, e.g. '0-6,7-17,18-23'")
+    parser.add_argument("--stages", default=None,
+                        help="decoder stages: 'auto', 'thirds', 'paper' or layer ranges, e.g. '0-6,7-17,18-23' "
+                             "(default: the paper's for a 24-layer decoder, otherwise auto); see stages.json")
     parser.add_argument("--reference-padding", action="store_true",
                         help="as the reference: pad to the longest correct validation query + 1 without attention "
                              "mask (means and test queries), rank over the full vocabulary (word tokens count as "
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from genir_jax.analysis.stage_patching import default_stages, parse_stages
     from genir_jax.data.corpus import qrels_from_queries, read_json, read_qrels, read_queries
     from genir_jax.docids import docid_vocabulary
-    from genir_jax.hf import load_pretrained
+    from genir_jax.hf import load_for_analysis as load_pretrained  # read-only tokenizer, no transformers
     from genir_jax.interventions import mean_activations
     from genir_jax.io import atomic_directory, write_json
     from genir_jax.retrieval import check_run_covers, evaluate_run, run_from_ranking, write_trec_run
@@ -61,13 +64,14 @@ def run(args: argparse.Namespace) -> int:
     if model.tokenizer is None:
         raise GenIRError(f"{args.checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
     config, tokenizer = model.config, model.tokenizer
-    stages = parse_stages(args.stages, config.num_decoder_layers) if args.stages else \
-        default_stages(config.num_decoder_layers)
-    circuit = circuit_from_json(read_json(args.circuit), args.circuit, len(stages)) if args.circuit else PAPER_CIRCUIT
     test_queries = read_queries(args.test_queries)
     qrels = read_qrels(args.qrels) if args.qrels else qrels_from_queries(test_queries)
     check_run_covers([q.id for q in test_queries], qrels, args.qrels or args.test_queries)
     correct = load_correct_queries(args.val_queries, args.correct_valid, tokenizer)
+    from genir_jax.commands.common import resolve_stages, write_stages
+    stages, stages_record = resolve_stages(args, config, model.params, *tokenize_for_analysis(
+        tokenizer, [q.text for q in correct]), np.asarray([q.token_id for q in correct], dtype=np.int32))
+    circuit = circuit_from_json(read_json(args.circuit), args.circuit, len(stages)) if args.circuit else PAPER_CIRCUIT
     vocabulary = docid_vocabulary(tokenizer)
     token_of = {doc: token_id for token_id, doc in vocabulary.items()}
     for query in test_queries:
@@ -128,9 +132,11 @@ def run(args: argparse.Namespace) -> int:
     }
     with atomic_directory(args.output) as staging:
         write_json(os.path.join(staging, RESULTS_JSON), report, indent=2)
+        write_stages(staging, stages_record)
         system = os.path.basename(os.path.normpath(args.checkpoint))
         write_trec_run(os.path.join(staging, "run_unpatched.trec"), runs[0], system)
         write_trec_run(os.path.join(staging, "run_circuit.trec"), runs[1], system + "-circuit")
-    print(json.dumps({"config": report["config"], "unpatched": unpatched, "patched": patched, "relative": relative},
+    print(json.dumps({"config": report["config"], "stages": stages, "stages_method": stages_record["method"],
+                      "unpatched": unpatched, "patched": patched, "relative": relative},
                      indent=1))
     return 0

@@ -34,7 +34,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from genir_jax.analysis.cross_attention_writes import head_top_tokens, parse_heads, write_head_tokens
-    from genir_jax.hf import load_pretrained
+    from genir_jax.hf import load_for_analysis as load_pretrained  # read-only tokenizer, no transformers
     from genir_jax.io import atomic_directory
 
     queries = [q.strip() for q in args.queries]

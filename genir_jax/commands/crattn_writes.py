@@ -41,12 +41,14 @@ def run(args: argparse.Namespace) -> int:
         cutoffs = [int(k) for k in args.cutoffs.split(",")]
     except ValueError:
         raise GenIRError(f"--cutoffs: expected comma-separated integers, got {args.cutoffs!r}") from None
-    model, queries, _, stages = load_inputs(args)
+    model, queries, _, stages, stages_record = load_inputs(args)
     result = docid_shares(model.config, model.params, model.tokenizer, [q.text for q in queries], stages=stages,
                           cutoffs=cutoffs, batch_size=args.batch_size, reference_padding=args.reference_padding,
                           progress=not args.no_progress)
     with atomic_directory(args.output) as staging:
         write_docid_shares(staging, result)
-    print(json.dumps({"queries": len(queries), "stages": stages, "docid_share": result.summary()["docid_share"]},
-                     indent=1))
+        from genir_jax.commands.common import write_stages
+        write_stages(staging, stages_record)
+    print(json.dumps({"queries": len(queries), "stages": stages, "stages_method": stages_record["method"],
+                      "docid_share": result.summary()["docid_share"]}, indent=1))
     return 0

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import jax
-import numpy as np
-
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -22,8 +19,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+
     from genir_jax.docids import docid_vocabulary
-    from genir_jax.hf import load_pretrained
+    from genir_jax.hf import load_for_analysis as load_pretrained  # read-only tokenizer, no transformers
 
     model = load_pretrained(args.checkpoint)
     config = model.config

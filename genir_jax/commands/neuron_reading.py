@@ -63,22 +63,25 @@ def add_parser(subparsers) -> None:
 
 
 def load_inputs(args: argparse.Namespace):
-    """(model, correct queries, their raw query ids as in correct_valid.json, stages)."""
+    """(model, correct queries, their raw query ids as in correct_valid.json, stages, the stages' record for
+    stages.json: see `genir_jax.commands.common.resolve_stages`)."""
     from genir_jax.analysis.inputs import load_correct_queries
     from genir_jax.analysis.stage_patching import default_stages, parse_stages
     from genir_jax.data.corpus import read_json
-    from genir_jax.hf import load_pretrained
+    from genir_jax.hf import load_for_analysis as load_pretrained  # read-only tokenizer, no transformers
 
     if args.batch_size < 1:
         raise GenIRError("--batch-size must be >= 1")
     model = load_pretrained(args.checkpoint)
     if model.tokenizer is None:
         raise GenIRError(f"{args.checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
-    layers = model.config.num_decoder_layers
-    stages = parse_stages(args.stages, layers) if args.stages else default_stages(layers)
     queries = load_correct_queries(args.val_queries, args.correct_valid, model.tokenizer)
+    from genir_jax.analysis.inputs import tokenize_for_analysis
+    from genir_jax.commands.common import resolve_stages
+    stages, stages_record = resolve_stages(args, model.config, model.params, *tokenize_for_analysis(
+        model.tokenizer, [q.text for q in queries]), [q.token_id for q in queries])
     raw_ids = [entry[1] for entry in read_json(args.correct_valid)]  # the reference writes them as given
-    return model, queries, raw_ids, stages
+    return model, queries, raw_ids, stages, stages_record
 
 
 def run_reading_command(args: argparse.Namespace, reader: str) -> int:
@@ -90,7 +93,7 @@ def run_reading_command(args: argparse.Namespace, reader: str) -> int:
     topks = parse_topk(args.topk)
     if args.queries_per_file < 1:
         raise GenIRError("--queries-per-file must be >= 1")
-    model, queries, raw_ids, stages = load_inputs(args)
+    model, queries, raw_ids, stages, stages_record = load_inputs(args)
     config = model.config
     if args.layers:
         layers = parse_layers(args.layers, config.num_decoder_layers)
@@ -109,11 +112,13 @@ def run_reading_command(args: argparse.Namespace, reader: str) -> int:
         if writer is not None:
             writer.close()
         write_reading_outputs(staging, result)
+        from genir_jax.commands.common import write_stages
+        write_stages(staging, stages_record)
     if writer is not None:  # chunks of an earlier, longer run would be globbed with ours
         for path in stale_raw_files(args.output, reader, args.sim_type, keep=writer.files):
             os.remove(path)
     summary = result.summary()
     brief = {k: v["mean"] for k, v in summary["results"].items()}
     print(json.dumps({"queries": len(queries), "reader_layers": layers, "stages": stages,
-                      "mean_proportions": brief}, indent=1))
+                      "stages_method": stages_record["method"], "mean_proportions": brief}, indent=1))
     return 0

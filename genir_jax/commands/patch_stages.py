@@ -22,8 +22,8 @@ def add_parser(subparsers) -> None:
             "queries), t5 (by the pretrained T5's output on the same query; adds the encoder-output row for "
             "stage 0). Writes patching_results_single_combis.csv and "
             "ranks_correct_queries_patching_single_combis.json in the reference code's format. "
-            "Default stages: 0-6,7-17,18-23 (the paper's) for a 24-layer decoder, otherwise three near-equal "
-            "consecutive blocks of layers."
+            "Default stages: 0-6,7-17,18-23 (the paper's) for a 24-layer decoder, otherwise found automatically "
+            "(--stages auto); stages.json records them."
         ),
     )
     add_analysis_inputs(parser)
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from genir_jax.analysis.stage_patching import (
         StagePatchingResult, default_stages, parse_stages, run_stage_patching, write_stage_patching,
     )
-    from genir_jax.hf import load_pretrained
+    from genir_jax.hf import load_for_analysis as load_pretrained  # read-only tokenizer, no transformers
     from genir_jax.patching import Source
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -59,12 +59,13 @@ def run(args: argparse.Namespace) -> int:
     if model.tokenizer is None:
         raise GenIRError(f"{args.checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
     config = model.config
-    stages = parse_stages(args.stages, config.num_decoder_layers) if args.stages else \
-        default_stages(config.num_decoder_layers)
     queries = load_correct_queries(args.val_queries, args.correct_valid, model.tokenizer)
     texts = [q.text for q in queries]
     targets = np.asarray([q.token_id for q in queries], dtype=np.int32)
     progress = not args.no_progress
+    from genir_jax.commands.common import STAGES_JSON, resolve_stages
+    stages, stages_record = resolve_stages(args, config, model.params, *tokenize_for_analysis(model.tokenizer, texts),
+                                           targets)
 
     source = None
     if "t5" in modes:
@@ -89,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         ranks=np.concatenate([part.ranks for part in parts]),
         sweep=parts[0].sweep,
     )
-    write_stage_patching(args.output, result)
+    write_stage_patching(args.output, result, extra_json={STAGES_JSON: stages_record})
     summary = {row["component"] + f"/stage{row['stage']}/" + row["mode"]: row["!=0"] for row in result.fractions()}
-    print(json.dumps({"queries": len(queries), "stages": stages, "fraction_not_rank_0": summary}, indent=1))
+    print(json.dumps({"queries": len(queries), "stages": stages, "stages_method": stages_record["method"],
+                      "fraction_not_rank_0": summary}, indent=1))
     return 0

@@ -48,7 +48,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from genir_jax.analysis.inputs import load_correct_queries, tokenize_for_analysis
     from genir_jax.analysis.residual import docid_mask, run_residual_rank, summary, write_residual_rank
-    from genir_jax.hf import load_pretrained
+    from genir_jax.hf import load_for_analysis as load_pretrained  # read-only tokenizer, no transformers
 
     if args.batch_size is not None and args.batch_size < 1:
         raise GenIRError("--batch-size must be >= 1")

@@ -54,7 +54,7 @@ def _missing_map(path: str) -> dict[str, object]:
 def run(args: argparse.Namespace) -> int:
     from genir_jax.analysis.encoder_swap import RESULTS_JSON, encoder_swap_ranks, normalize_missing, summarize
     from genir_jax.analysis.inputs import load_correct_queries, tokenize_for_analysis
-    from genir_jax.hf import load_pretrained
+    from genir_jax.hf import load_for_analysis as load_pretrained  # read-only tokenizer, no transformers
     from genir_jax.io import atomic_directory, write_json
     from genir_jax.patching import Source
 

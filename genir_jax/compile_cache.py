@@ -1,0 +1,56 @@
+"""A persistent XLA compilation cache, so that a second run with the same shapes skips compiling.
+
+The `genir-jax` command enables it for every subcommand (``--no-compile-cache`` or
+``GENIR_JAX_CACHE=off`` turn it off). The library never enables it on import: it is process-wide JAX
+state, so a library user opts in by calling `enable_compilation_cache()` once, before the first
+compilation that should be cached.
+
+Where: `path`, else ``$GENIR_JAX_CACHE``, else ``~/.cache/genir-jax/xla``. JAX keys every entry by the
+computation, the JAX/XLA version, the devices and the compile options, so one directory serves every
+model, shape and backend; a stale or foreign entry is simply never looked up.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV_VAR = "GENIR_JAX_CACHE"
+DISABLED_VALUES = frozenset({"off", "0", "false", "no", "none", "disabled"})
+
+
+def default_cache_dir() -> str | None:
+    """The cache directory `enable_compilation_cache()` uses without a `path`; None when
+    ``$GENIR_JAX_CACHE`` switches the cache off (``off``, ``0``, ``false``, ``no``, ``none``)."""
+    configured = os.environ.get(ENV_VAR)
+    if configured is not None and configured.strip().lower() in DISABLED_VALUES:
+        return None
+    if configured:
+        return os.path.abspath(os.path.expanduser(configured))
+    return os.path.join(os.path.expanduser("~"), ".cache", "genir-jax", "xla")
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | None:
+    """Persist compiled XLA executables in `path` (default: `default_cache_dir()`) and reuse them.
+
+    Every compilation is cached, however quick or small (``jax_persistent_cache_min_compile_time_secs``
+    0; ``jax_persistent_cache_min_entry_size_bytes`` -1, JAX's "no size limit, no override": 0 would let
+    JAX substitute a file-system-dependent minimum). Returns the directory in use, or None when
+    ``$GENIR_JAX_CACHE`` disables the cache and no `path` is given (then nothing is changed).
+    Safe to call again; a different path takes effect for the following compilations.
+    """
+    directory = os.path.abspath(os.fspath(path)) if path is not None else default_cache_dir()
+    if directory is None:
+        return None
+    os.makedirs(directory, exist_ok=True)
+
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    previous = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    if previous and previous != directory:
+        compilation_cache.reset_cache()  # JAX opens its cache once; re-open it at the new place
+    return directory
