@@ -42,8 +42,9 @@ from genir_jax.batching import batches
 from genir_jax.config import T5Config
 from genir_jax.interventions import FromSource, InterventionError
 from genir_jax.model import T5, forward_with_cache
+from genir_jax.metrics import DIFFERENTIABLE_METRICS, METRIC_TABLE
 from genir_jax.patching import (
-    DIFFERENTIABLE_METRICS, Source, _check_token_ids, _plan, _source_names, _validate_terms, target_metrics,
+    Source, _check_token_ids, _plan, _source_names, _validate_terms, target_metrics,
 )
 from genir_jax.sites import Site, num_layers, site_shape
 from genir_jax.sweep import Sweep, Term, as_sweep
@@ -201,9 +202,9 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
     if target_ids.shape != (count,):
         raise InterventionError(f"attribution: target_ids must have shape ({count},), got {target_ids.shape}")
     _check_token_ids("target", target_ids, config.vocab_size)
-    if metric == "logit_diff":
+    if "foils" in METRIC_TABLE[metric].needs:
         if foil_ids is None:
-            raise InterventionError("attribution: metric 'logit_diff' needs a foil token per query (`foil_ids`)")
+            raise InterventionError(f"attribution: metric '{metric}' needs a foil token per query (`foil_ids`)")
         foil_ids = np.asarray(foil_ids, np.int32).reshape(-1)
         _check_token_ids("foil", foil_ids, config.vocab_size)
         if foil_ids.shape != (count,) or np.any(foil_ids == target_ids):

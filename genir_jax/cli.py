@@ -2,7 +2,10 @@
 
 Each subcommand lives in its own module under `genir_jax.commands` and exposes ``add_parser(subparsers)``,
 which registers its arguments and a ``handler(args) -> int``. Errors caused by bad input (`GenIRError`)
-print one clear line and exit with code 2; nothing half-written is left behind.
+print one clear line and exit with code 2; nothing half-written is left behind. So does any `OSError`
+(writing an output: permission denied, disk full, ...), naming the path. An output directory (`-o`) that is
+a file, a link to one, or lies in a folder we cannot write is refused before the command computes anything
+(`genir_jax.io.check_output_dir`).
 
 Only the chosen subcommand's module is imported to parse a command line (the others are listed by their
 one-line summary in `COMMANDS`), and handlers import JAX, Flax and transformers themselves, so
@@ -90,9 +93,19 @@ def main(argv: list[str] | None = None) -> int:
 
         enable_compilation_cache()
     try:
+        output = getattr(args, "output", None)
+        if isinstance(output, str) and "[checkpoint]" not in output:  # residual-rank's default names a placeholder
+            from genir_jax.io import check_output_dir
+
+            check_output_dir(output)  # a file, a link to one, a read-only folder: refused before any computation
         return int(args.handler(args) or 0)
     except GenIRError as exc:
         print(f"genir-jax {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # writing outputs (disk full, permissions, a path that turned into a file, ...)
+        where = exc.filename if exc.filename is not None else getattr(args, "output", None)
+        reason = exc.strerror or str(exc)
+        print(f"genir-jax {args.command}: error: {where}: {reason}", file=sys.stderr)
         return 2
 
 

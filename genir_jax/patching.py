@@ -39,15 +39,15 @@ from tqdm.auto import tqdm
 from genir_jax.batching import batches, pad_rows
 from genir_jax.config import T5Config
 from genir_jax.interventions import FROM_SOURCE, FromSource, InterventionError, validate  # noqa: F401 (re-export)
+from genir_jax.metrics import (  # noqa: F401 (re-exported: the sweep's metrics)
+    DIFFERENTIABLE_METRICS, METRIC_TABLE, METRICS, RANK_METRICS, THRESHOLDS, block_aggregates, ranks_of_targets,
+    target_metrics,
+)
 from genir_jax.model import T5, cache_specs, decode_suffix
 from genir_jax.sites import STACK_SITES, Site, num_layers, site_shape
 from genir_jax.sweep import Sweep, Term, as_sweep, first_decoder_layer
 from genir_jax.taps import Patch, apply_patch
 
-METRICS = ("rank", "docid_rank", "logit", "logprob", "logit_diff")
-RANK_METRICS = ("rank", "docid_rank")
-DIFFERENTIABLE_METRICS = ("logit", "logprob", "logit_diff")
-THRESHOLDS = (0, 5, 10, 100)
 
 
 class Source(NamedTuple):
@@ -93,45 +93,6 @@ class SweepResult:
             for name, column in self.aggregates.items():
                 row[name] = float(column[k])
         return rows
-
-
-def ranks_of_targets(logits: jnp.ndarray, targets: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Rank (tokens scoring higher, plus equal-scoring tokens with a lower id) and logit of each target.
-
-    logits [..., V], targets [...]. Equals the position in a stable descending sort.
-    """
-    logits, targets = jnp.asarray(logits), jnp.asarray(targets)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)
-    token = jnp.arange(logits.shape[-1]).reshape((1,) * (logits.ndim - 1) + (-1,))
-    before = (logits > target_logit) | ((logits == target_logit) & (token < targets[..., None]))
-    return jnp.sum(before, axis=-1, dtype=jnp.int32), target_logit[..., 0]
-
-
-def target_metrics(logits, targets, metrics: Sequence[str], *, candidates=None, foils=None, top_k: int = 0) -> dict:
-    """The metrics of each row of `logits` [B, V] (float32) for its target: see `METRICS`.
-
-    ``docid_rank`` counts candidates scoring higher (ties: lower token id first); ``top`` (when top_k)
-    holds (ids, logits) of the k best tokens, among `candidates` if given (ids then index candidates).
-    """
-    out = {}
-    target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-    if "rank" in metrics:
-        out["rank"] = ranks_of_targets(logits, targets)[0]
-    if "docid_rank" in metrics:
-        scores = logits[:, candidates]
-        before = (scores > target_logit[:, None]) | ((scores == target_logit[:, None]) &
-                                                    (candidates[None, :] < targets[:, None]))
-        out["docid_rank"] = jnp.sum(before, axis=-1, dtype=jnp.int32)
-    if "logit" in metrics:
-        out["logit"] = target_logit
-    if "logprob" in metrics:
-        out["logprob"] = target_logit - jax.nn.logsumexp(logits, axis=-1)
-    if "logit_diff" in metrics:
-        out["logit_diff"] = target_logit - jnp.take_along_axis(logits, foils[:, None], axis=-1)[:, 0]
-    if top_k:
-        top_logits, top_ids = jax.lax.top_k(logits if candidates is None else logits[:, candidates], top_k)
-        out["top"] = (top_ids.astype(jnp.int32), top_logits)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,26 +284,6 @@ class _Aggregator:
         return {name: total / max(1, self.num_queries) for name, total in self.sums.items()}
 
 
-def block_aggregates(values: dict[str, np.ndarray], clean: dict[str, np.ndarray], metrics: Sequence[str],
-                     hits: Sequence[int]) -> dict[str, np.ndarray]:
-    """Sums over queries ([Kc] each) of a block's per-query values [Kc, n] against the clean values [n]:
-    ``{m}`` and ``{m}_effect`` (value - clean) for every metric, ``{m}>t`` for rank metrics and thresholds
-    `THRESHOLDS`, and ``hits@k`` (docid rank if computed, else the full rank, below k)."""
-    out = {}
-    for m in metrics:
-        v = values[m].astype(np.float64)
-        out[m] = v.sum(axis=1)
-        out[f"{m}_effect"] = (v - clean[m][None].astype(np.float64)).sum(axis=1)
-        if m in RANK_METRICS:
-            for t in THRESHOLDS:
-                out[f"{m}>{t}"] = (values[m] > t).sum(axis=1).astype(np.float64)
-    rank_metric = "docid_rank" if "docid_rank" in metrics else ("rank" if "rank" in metrics else None)
-    if rank_metric is not None:
-        for k in hits:
-            out[f"hits@{k}"] = (values[rank_metric] < k).sum(axis=1).astype(np.float64)
-    return out
-
-
 def run_sweep(
     config: T5Config,
     params,
@@ -395,11 +336,13 @@ def run_sweep(
         if candidates.size == 0 or candidates.min() < 0 or candidates.max() >= config.vocab_size:
             raise InterventionError(f"sweep: candidates must be token ids in [0, {config.vocab_size})")
         top_k = min(top_k, candidates.size)
-    elif "docid_rank" in metrics:
-        raise InterventionError("sweep: metric 'docid_rank' needs the docid token ids (`candidates`)")
-    if "logit_diff" in metrics:
+    elif _needing(metrics, "candidates"):
+        raise InterventionError(f"sweep: metric '{_needing(metrics, 'candidates')}' needs the docid token ids "
+                                "(`candidates`)")
+    if _needing(metrics, "foils"):
         if foil_ids is None:
-            raise InterventionError("sweep: metric 'logit_diff' needs a foil token per query (`foil_ids`)")
+            raise InterventionError(f"sweep: metric '{_needing(metrics, 'foils')}' needs a foil token per query "
+                                    "(`foil_ids`)")
         foil_ids = np.asarray(foil_ids, dtype=np.int32).reshape(-1)
         if foil_ids.shape != (count,):
             raise InterventionError(f"sweep: foil_ids must have shape ({count},), got {foil_ids.shape}")
@@ -430,6 +373,7 @@ def run_sweep(
     config_chunk = config_chunk or default_config_chunk(rows_per_step, config.vocab_size)
 
     # Clean state, once per query chunk.
+    foil_ids = foil_ids if _needing(metrics, "foils") else None
     foils_arg = foil_ids if foil_ids is not None else np.zeros(count, np.int32)
     cand_dev = None if candidates is None else jax.device_put(candidates, replicated)
     chunks, clean_parts = [], []
@@ -500,6 +444,11 @@ def run_sweep(
                        values=per_query_values, top_ids=top_ids, top_logits=top_logits, stats=stats)
 
 
+def _needing(metrics: Sequence[str], what: str) -> str | None:
+    """The first of `metrics` that needs `what` ("candidates" or "foils"), if any."""
+    return next((m for m in metrics if what in METRIC_TABLE[m].needs), None)
+
+
 def _balanced_chunk(count: int, limit: int) -> int:
     """The smallest chunk size that covers `count` rows in as few chunks as `limit`-sized chunks would."""
     chunks = -(-count // limit)
@@ -557,3 +506,46 @@ def _run_block(config, params, chunks, sweep, plan, tables, values, index, kind,
             top[1][:, rows] = np.asarray(out["top"][1])[: len(index), :n]
         bar.update(len(index) * n)
     return values_out, top
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs of common modes and metrics
+# --------------------------------------------------------------------------------------------------
+
+def derangement(count: int, seed: int) -> np.ndarray:
+    """A seeded permutation of range(count) without fixed points (count >= 2): for resampling, every
+    query gets another query's activations."""
+    if count < 2:
+        raise InterventionError("resampling needs at least 2 queries (each is patched with another's)")
+    rng = np.random.default_rng(seed)
+    while True:
+        permutation = rng.permutation(count)
+        if not np.any(permutation == np.arange(count)):
+            return permutation
+
+
+def resample_source(config: T5Config, params, input_ids, attention_mask, seed: int = 0) -> Source:
+    """The `Source` of resample ablation: the same model on a seeded derangement of the queries."""
+    permutation = derangement(len(input_ids), seed)
+    return Source(config, params, np.asarray(input_ids)[permutation], np.asarray(attention_mask)[permutation])
+
+
+def runner_up_foils(config: T5Config, params, input_ids, attention_mask, target_ids, candidates,
+                    chunk: int | None = None) -> np.ndarray:
+    """Per query, the candidate (docid) token the clean model scores highest besides the target: the
+    natural foil of ``logit_diff``."""
+    from genir_jax.model import forward
+
+    candidates = np.asarray(candidates, np.int32)
+    target_ids = np.asarray(target_ids, np.int32)
+    if candidates.size < 2:
+        raise InterventionError("runner-up foils need at least 2 candidate tokens")
+    step = jax.jit(forward, static_argnums=0)
+    out = []
+    for batch in batches((np.asarray(input_ids), np.asarray(attention_mask)), chunk or min(32, len(input_ids))):
+        start = np.full((batch.arrays[0].shape[0], 1), config.decoder_start_token_id, dtype=np.int32)
+        logits = np.asarray(step(config, params, batch.arrays[0], batch.arrays[1], start)[:, 0], np.float32)
+        out.append(logits[: batch.size][:, candidates])
+    scores = np.concatenate(out)
+    scores[candidates[None, :] == target_ids[:, None]] = -np.inf
+    return candidates[np.argmax(scores, axis=1)].astype(np.int32)

@@ -124,7 +124,7 @@ def _prepare(layout: Layout, settings: Settings):
 
 
 def _pretrain(layout: Layout, settings: Settings):
-    args = ["pretrain", "--data", layout.data, "--preset", settings.preset, "-o", layout.base, "--resume"]
+    args = ["pretrain", "--data", layout.data, "--preset", settings.preset, "-o", layout.base, "--resume-if-any"]
     if settings.data_dir:
         args += ["--tokenizer", pathlib.Path(settings.data_dir) / "t5-tokenizer"]
     _cli(args)
@@ -132,7 +132,7 @@ def _pretrain(layout: Layout, settings: Settings):
 
 def _train_full(layout: Layout, settings: Settings):
     _cli(["train", "--data", layout.data, "--base", layout.base, "--preset", settings.preset, "-o", layout.full,
-          "--resume"])
+          "--resume-if-any"])
 
 
 def _evaluate_full(layout: Layout, settings: Settings):
@@ -183,7 +183,7 @@ def _train_removed(index: int):
     def run(layout: Layout, settings: Settings):
         sets = json.loads(layout.removed_documents.read_text())
         _cli(["train", "--data", layout.data, "--base", layout.base, "--preset", settings.preset, "-o",
-              layout.removed(index), "--remove", ",".join(sets[f"removed-{index}"]), "--resume"])
+              layout.removed(index), "--remove", ",".join(sets[f"removed-{index}"]), "--resume-if-any"])
     return run
 
 

@@ -39,6 +39,7 @@ from genir_jax.model import forward
 
 Run = dict[str, list[tuple[str, float]]]   # query id -> [(doc id, score), ...], best first
 METRICS = ("Hits@1", "Hits@10", "Recall@5", "MRR@10", "nDCG@10")
+MAX_CUTOFF = 10  # the largest cutoff of METRICS: runs are evaluated on their top 10 (see per_query_metrics)
 NON_DOCID = "NON_DOCID@"  # run entries standing for word tokens in the reference's full-vocabulary ranking
 
 
@@ -145,7 +146,9 @@ def per_query_metrics(run: Mapping[str, Sequence[tuple[str, float]]],
             if doc_id in entries:
                 raise DataError(f"run: query {query_id!r} lists document {doc_id!r} twice")
             entries[str(doc_id)] = float(len(ranked) - rank)  # our order, whatever the ties in the scores
-        trec_run[str(query_id)] = entries
+        # every metric looks at the top 10 only; pytrec_eval's recip_rank has no cutoff (RR@10 would count a
+        # relevant document at rank 11 as 1/11), so the run is cut at the largest cutoff before evaluation
+        trec_run[str(query_id)] = dict(list(entries.items())[:MAX_CUTOFF])
     values = {query_id: {name: 0.0 for name in METRICS} for query_id in trec_qrels}
     if trec_run:
         for metric in ir_measures.pytrec_eval.iter_calc(list(names), trec_qrels, trec_run):

@@ -125,17 +125,9 @@ def _grid(config, names, sites, unit, index_text, value, length, spec):
 
 
 def _component_grid(config, stack, layers, components, value, spec):
-    from genir_jax.sweep import _column, component_grid, site_grid
+    from genir_jax.sweep import component_grid
 
-    if stack == "decoder":
-        return component_grid(config, components=components, layers=layers, value=value)
-    names = [f"encoder.{l}.{COMPONENT_SITES[c]}" for l in layers for c in components]
-    grid = site_grid(config, names, value=value)
-    order = {name: i for i, name in enumerate(grid.labels["site"])}
-    result = grid.take([order[n] for n in names])
-    labels = dict(result.labels)
-    labels["component"] = _column([c for _ in layers for c in components])
-    return dataclasses.replace(result, labels=labels, axes=("layer", "component"), shape=(len(layers), len(components)))
+    return component_grid(config, components=components, layers=layers, value=value, stack=stack)
 
 
 def parse_atom(config: T5Config, spec: str, *, value, length: int | None = None):
@@ -278,3 +270,43 @@ def swept_sites(config: T5Config, sweep) -> list[str]:
             layers = np.arange(count) if per_layer.shape[0] == 1 else np.flatnonzero(per_layer)
         names.update(f"{term.stack}.{int(l)}.{term.local}" for l in layers)
     return [n for n in all_site_names(config) if n in names]
+
+
+RECEIVERS_GRAMMAR = ("comma-free '+'-joined parts: COMPONENT[LAYERS] with COMPONENT attn|cross_attn|mlp and "
+                     "LAYERS as in site specs ('*', '7', '10-17', '1,3,5-7'), or 'logits'; e.g. "
+                     "'mlp[12-23]+logits', 'cross_attn[*]', 'all' (every component input and the logits: ordinary "
+                     "patching), 'none' (no receiver: the clean run)")
+
+
+def parse_receivers(config: T5Config, spec: str):
+    """A path-patching receivers sweep (`genir_jax.sweep.receivers`) from ``'mlp[12-23]+logits'``.
+
+    Combine it with the senders by `genir_jax.sweep.product`: the senders' effect then reaches only the
+    inputs of the named components in the named decoder layers (and the logits if named).
+    """
+    from genir_jax import sweep as sw
+
+    text = spec.strip()
+    layers = config.num_decoder_layers
+    if text == "all":
+        return sw.receivers(config, components={c: "all" for c in sw.COMPONENTS}, logits=True, label="all")
+    if text == "none":
+        return sw.receivers(config, label="none")
+    components: dict[str, list[int]] = {}
+    logits = False
+    for part in (p.strip() for p in text.split("+")):
+        if part == "logits":
+            logits = True
+            continue
+        match = re.fullmatch(r"(attn|cross_attn|mlp)\s*\[\s*([^\]]*)\]", part)
+        if not match:
+            raise SiteSpecError(f"--receivers '{spec}': cannot parse '{part}'; expected {RECEIVERS_GRAMMAR}")
+        chosen = match.group(2).strip()
+        try:
+            indices = list(range(layers)) if chosen == "*" else parse_indices(chosen, what="layer", spec=spec,
+                                                                             size=layers)
+        except SiteSpecError as exc:
+            raise SiteSpecError(str(exc).replace(f"site spec '{spec}'", f"--receivers '{spec}'", 1)) from None
+        components.setdefault(match.group(1), [])
+        components[match.group(1)] += [l for l in indices if l not in components[match.group(1)]]
+    return sw.receivers(config, components=components, logits=logits, label=text)

@@ -339,17 +339,23 @@ def _component_of(local: str) -> str:
     return local
 
 
-def component_grid(config: T5Config, *, components: Sequence[str] = COMPONENTS, layers: Sequence[int] | None = None,
-                   value=ZERO) -> Sweep:
-    """One config per decoder layer x component (the component's output patched): axes ("layer", "component")."""
-    unknown = [c for c in components if c not in COMPONENT_SITES]
+def component_grid(config: T5Config, *, components: Sequence[str] | None = None, layers: Sequence[int] | None = None,
+                   value=ZERO, stack: str = "decoder") -> Sweep:
+    """One config per layer x component of a stack (the component's output patched): axes ("layer",
+    "component"). Components default to the stack's: attn, cross_attn, mlp (decoder) or attn, mlp (encoder)."""
+    if stack not in ("encoder", "decoder"):
+        raise InterventionError(f"unknown stack '{stack}'; expected 'encoder' or 'decoder'")
+    available = COMPONENTS if stack == "decoder" else ("attn", "mlp")
+    components = list(available if components is None else components)
+    unknown = [c for c in components if c not in available]
     if unknown:
-        raise InterventionError(f"unknown component(s) {unknown}; expected some of {', '.join(COMPONENT_SITES)}")
-    layers = list(range(config.num_decoder_layers)) if layers is None else [int(l) for l in layers]
+        raise InterventionError(f"unknown component(s) {unknown} in the {stack}; expected some of {', '.join(available)}")
+    count = num_layers(config, stack)
+    layers = list(range(count)) if layers is None else [int(l) for l in layers]
     for layer in layers:
-        if not 0 <= layer < config.num_decoder_layers:
-            raise InterventionError(f"layer {layer} out of range: the decoder has layers 0-{config.num_decoder_layers - 1}")
-    names = [f"decoder.{l}.{COMPONENT_SITES[c]}" for l in layers for c in components]
+        if not 0 <= layer < count:
+            raise InterventionError(f"layer {layer} out of range: the {stack} has layers 0-{count - 1}")
+    names = [f"{stack}.{l}.{COMPONENT_SITES[c]}" for l in layers for c in components]
     grid = site_grid(config, names, value=value)
     # site_grid orders configs by model order of the names; re-order to (layer, component) as asked.
     order = {name: i for i, name in enumerate(grid.labels["site"])}

@@ -175,7 +175,7 @@ def _csv(path):
 
 
 def test_sweep_writes_results_equal_to_run_sweep(dsi, inputs, tmp_path):  # noqa: F811
-    from genir_jax.commands.sweep import runner_up_foils
+    from genir_jax.patching import runner_up_foils
     from genir_jax.patching import run_sweep
 
     root, _, _ = dsi
@@ -220,7 +220,7 @@ def test_sweep_writes_results_equal_to_run_sweep(dsi, inputs, tmp_path):  # noqa
 @pytest.mark.parametrize("mode", ["mean", "source"])  # resample: see the attribute test
 def test_sweep_modes_and_layouts(dsi, inputs, tmp_path, mode):  # noqa: F811
     from genir_jax import interventions as ivs
-    from genir_jax.commands.sweep import derangement
+    from genir_jax.patching import derangement
     from genir_jax.patching import Source, run_sweep
 
     root, _, t5_dir = dsi
@@ -271,6 +271,9 @@ def test_sweep_modes_and_layouts(dsi, inputs, tmp_path, mode):  # noqa: F811
     (["attribute", "--sites", "decoder.*.mlp", "--metric", "docid_rank", "--method", "exact"],
      "--metric docid_rank is not differentiable for --method exact"),
     (["attribute", "--sites", "decoder.*.mlp", "--method", "ig"], "--method ig: expected one of atp, atp*, exact"),
+    (["--sites", "decoder.0.mlp", "--receivers", "mlp[1-7]"], "--receivers 'mlp[1-7]': layer 3 out of range; expected 0-2"),
+    (["--sites", "decoder.0.mlp", "--receivers", "mlp[1]+logit"], "cannot parse 'logit'"),
+    (["attribute", "--sites", "decoder.0.mlp", "--receivers", "all"], "--receivers (path patching) runs exactly"),
 ])
 def test_bad_input_exits_2_without_outputs(dsi, tmp_path, capsys, extra, message):  # noqa: F811
     root, _, _ = dsi
@@ -365,3 +368,21 @@ def test_attribute_atp_with_the_real_module(dsi, inputs, tmp_path, capsys):  # n
                       metrics=("logit",), progress=False)
     score = float(_csv(linear / "attribution.csv")[0]["score"])
     assert score == pytest.approx(float(exact.aggregates["logit_effect"][0]), rel=1e-3, abs=1e-4)
+
+
+def test_sweep_receivers_all_none_and_some(dsi, tmp_path):  # noqa: F811
+    """Path patching from the command line: along every path it is ordinary patching, along none the clean
+    run, into the last MLP's input only something in between."""
+    root, _, _ = dsi
+    spec = ["--sites", "decoder.0.{attn,mlp}", "--metric", "logit"]
+    runs = {}
+    for name, extra in (("plain", []), ("all", ["--receivers", "all"]), ("none", ["--receivers", "none"]),
+                        ("mlp2", ["--receivers", "mlp[2]"])):
+        assert main(_args(root, tmp_path / name) + spec + extra) == 0
+        runs[name] = np.asarray([float(r["logit_effect"]) for r in _csv(tmp_path / name / "results.csv")])
+    rows = _csv(tmp_path / "mlp2" / "results.csv")
+    assert rows[0]["receivers"] == "mlp[2]"
+    np.testing.assert_allclose(runs["all"], runs["plain"], atol=1e-5)
+    np.testing.assert_allclose(runs["none"], 0.0, atol=1e-5)
+    assert np.abs(runs["plain"]).max() > 1e-3
+    assert not np.allclose(runs["mlp2"], runs["plain"], atol=1e-5)

@@ -44,3 +44,27 @@ def test_readme_interventions_example_runs(hf_checkpoint):
     clean = gj.forward(model.config, model.params, namespace["ids"], namespace["mask"], namespace["start"])
     assert namespace["logits"].shape == clean.shape
     assert not np.allclose(namespace["logits"], clean)  # the ablations change the output
+
+
+def test_readme_sweeps_example_runs(tmp_path):
+    import numpy as np
+
+    import genir_jax as gj
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = re.search(r"### Sweeps: every layer, head, neuron and path\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    cfg = gj.config.t5_v1_0(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=3,
+                            num_heads=4, dropout_rate=0.0)
+    params = gj.init_params(cfg, 0)
+    rng = np.random.default_rng(0)
+    ids, mask = rng.integers(2, 64, (5, 6)), np.ones((5, 6), np.int32)
+    logits = np.asarray(gj.forward(cfg, params, ids, mask, np.zeros((5, 1), np.int32)))[:, 0]
+    namespace = {"cfg": cfg, "params": params, "ids": ids, "mask": mask, "targets": logits.argmax(-1)}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(block, "README.md", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    assert namespace["result"].values["rank"].shape == (3 * 4, 5)
+    assert (tmp_path / "heads.png").stat().st_size > 1000

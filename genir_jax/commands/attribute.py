@@ -15,13 +15,13 @@ import time
 import numpy as np
 
 from genir_jax.commands.sweep import (
-    add_sweep_inputs, prepare, run_with_store, sweep_description, write_heatmaps, write_table,
+    add_sweep_inputs, prepare, run_with_store, sweep_description, write_table,
 )
 from genir_jax.errors import GenIRError
+from genir_jax.metrics import DIFFERENTIABLE_METRICS as DIFFERENTIABLE
 
 SUMMARY = "attribution patching (AtP, AtP*) or exact effects of any sites, heads or neurons on a logit metric"
 METHODS = ("atp", "atp*", "exact")
-DIFFERENTIABLE = ("logit", "logprob", "logit_diff")
 
 
 def add_parser(subparsers) -> None:
@@ -109,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
                      query_ids=np.asarray([q.query_id for q in prep.queries]), targets=prep.targets,
                      **({"foils": prep.foils} if prep.foils is not None else {}))
         what = "mean effect" if args.method == "exact" else f"{args.method} estimate"
+        from genir_jax.sweep_plots import write_heatmaps
+
         heatmaps = write_heatmaps(staging, sweep, {metric: scores}, what=what)
         with open(os.path.join(staging, "attribution.json"), "w", encoding="utf-8") as handle:
             json.dump({"settings": settings, "metric": metric, "method": args.method,

@@ -44,12 +44,27 @@ def resolve_inputs(args: argparse.Namespace, need_documents: bool) -> tuple[str 
     return getattr(args, "documents", None), args.queries, args.qrels
 
 
+def check_bm25_options(args: argparse.Namespace) -> None:
+    """--k >= 1, --k1 finite and >= 0, --b finite in [0, 1] (GenIRError naming the option)."""
+    import math
+
+    from genir_jax.errors import GenIRError
+
+    if args.k < 1:
+        raise GenIRError(f"--k must be >= 1, got {args.k}")
+    if not math.isfinite(args.k1) or args.k1 < 0:
+        raise GenIRError(f"--k1 must be a finite number >= 0, got {args.k1}")
+    if not math.isfinite(args.b) or not 0 <= args.b <= 1:
+        raise GenIRError(f"--b must be a number in [0, 1], got {args.b}")
+
+
 def run(args: argparse.Namespace) -> int:
     from genir_jax.bm25 import bm25_run
     from genir_jax.data.corpus import qrels_from_queries, read_documents, read_qrels, read_queries
     from genir_jax.io import atomic_directory, write_json
     from genir_jax.retrieval import check_run_covers, evaluate_run, write_trec_run
 
+    check_bm25_options(args)
     documents_path, queries_path, qrels_path = resolve_inputs(args, need_documents=True)
     documents = read_documents(documents_path)
     queries = read_queries(queries_path, documents)
@@ -60,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     report = {"system": "bm25", "metrics": metrics, "documents": documents_path, "queries": queries_path,
               "qrels": qrels_path, "k": args.k, "k1": args.k1, "b": args.b}
     with atomic_directory(args.output) as staging:
-        write_json(os.path.join(staging, "metrics.json"), report, indent=2)
+        write_json(os.path.join(staging, "metrics.json"), report, indent=2, allow_nan=False)
         write_trec_run(os.path.join(staging, "run.trec"), run_, "bm25")
     print(json.dumps(metrics, indent=2))
     return 0

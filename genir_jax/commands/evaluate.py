@@ -36,6 +36,17 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
+def check_name(name: str | None) -> None:
+    """--name becomes part of a file name (correct_<name>.json): no path separators, not empty, not . or .."""
+    from genir_jax.errors import GenIRError
+
+    if name is None:
+        return
+    separators = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if not name.strip() or name in (".", "..") or any(s in name for s in separators) or "\0" in name:
+        raise GenIRError(f"--name must be a plain file-name part (no path separators, not empty), got {name!r}")
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -51,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.k < 1 or args.batch_size < 1:
         raise GenIRError("--k and --batch-size must be >= 1")
+    if args.max_length < 1:
+        raise GenIRError(f"--max-length must be >= 1, got {args.max_length}")
+    check_name(args.name)
     _, queries_path, qrels_path = resolve_inputs(args, need_documents=False)
     queries = read_queries(queries_path)
     qrels = read_qrels(qrels_path) if qrels_path else qrels_from_queries(queries)
@@ -98,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         if args.reference_mode else "docid tokens only, masked padding",
     }
     with atomic_directory(args.output) as staging:
-        write_json(os.path.join(staging, "metrics.json"), report, indent=2)
+        write_json(os.path.join(staging, "metrics.json"), report, indent=2, allow_nan=False)
         write_trec_run(os.path.join(staging, "run.trec"), ranking, os.path.basename(os.path.normpath(args.checkpoint)))
         write_json(os.path.join(staging, f"correct_{name}.json"), correct)
     print(json.dumps(metrics, indent=2))

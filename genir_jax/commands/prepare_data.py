@@ -38,8 +38,26 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """--val-fraction / --test-fraction: finite, in [0, 1), summing to less than 1 (GenIRError naming them)."""
+    import math
+
+    from genir_jax.errors import GenIRError
+
+    for option, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if not math.isfinite(value) or not 0 <= value < 1:
+            raise GenIRError(f"{option} must be a number in [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1:
+        raise GenIRError(f"--val-fraction + --test-fraction must be < 1, got {val_fraction} + {test_fraction}")
+
+
 def run(args: argparse.Namespace) -> int:
     from genir_jax.data.prepare import prepare_dataset
+    from genir_jax.errors import GenIRError
+
+    check_fractions(args.val_fraction, args.test_fraction)
+    if args.max_documents is not None and args.max_documents < 1:
+        raise GenIRError(f"--max-documents must be >= 1, got {args.max_documents}")
 
     if args.dataset == "reference-json":
         options = dict(documents=args.documents, train_queries=args.train_queries, val_queries=args.val_queries,

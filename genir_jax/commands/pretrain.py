@@ -32,14 +32,15 @@ def run(args: argparse.Namespace) -> int:
     from genir_jax.data.prepare import default_data_dir, load_prepared
     from genir_jax.errors import CheckpointError
     from genir_jax.hf import load_tokenizer_from
-    from genir_jax.training.options import check_output_dir, resolve_run, select_devices
+    from genir_jax.training.options import check_output_dir, resolve_run, resume_mode, select_devices
     from genir_jax.training.presets import get_preset
     from genir_jax.training.pretrain import corpus_texts, pretrain, sentinel_ids
 
     preset = get_preset(args.preset)
     run_spec = resolve_run(args, preset.pretrain.run, preset.pretrain.adamw)
     devices = select_devices(args.devices)
-    check_output_dir(args.output, args.resume)
+    resume, require_checkpoint = resume_mode(args)
+    check_output_dir(args.output, resume, require_checkpoint)
     tokenizer_dir = args.tokenizer or os.fspath(default_data_dir() / "t5-tokenizer")
     if not os.path.isdir(tokenizer_dir):
         raise CheckpointError(f"{tokenizer_dir}: tokenizer directory not found (pass --tokenizer or set "
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     documents, splits = load_prepared(args.data)
     texts = corpus_texts(documents, splits.get("train", ()), include_queries=not args.no_queries
                          and preset.pretrain.include_train_queries)
-    summary = pretrain(texts, tokenizer, preset.model, preset.pretrain, run_spec, args.output, resume=args.resume,
+    summary = pretrain(texts, tokenizer, preset.model, preset.pretrain, run_spec, args.output, resume=resume,
                        progress=not args.no_progress, devices=devices,
                        extra_summary={"preset": preset.name, "data_dir": os.path.abspath(args.data),
                                       "tokenizer": os.path.abspath(tokenizer_dir)})

@@ -1,7 +1,7 @@
 """`genir-jax sweep`: exact activation patching over a sweep given in the site grammar (`genir_jax.site_grammar`).
 
 The inputs, sites, mode and foil options are shared with `genir-jax attribute` (`add_sweep_inputs`,
-`prepare`); so are the heatmaps (`write_heatmaps`).
+`prepare`); the heatmaps come from `genir_jax.sweep_plots`.
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ import numpy as np
 
 from genir_jax.commands.common import add_analysis_inputs
 from genir_jax.errors import GenIRError
+from genir_jax.metrics import METRIC_TABLE, METRICS as ALL_METRICS
 
 SUMMARY = "exact activation patching of any sites, heads, neurons or positions (resumable, tidy CSV, heatmaps)"
 MODES = ("zero", "mean", "resample", "source")
-ALL_METRICS = ("rank", "docid_rank", "logit", "logprob", "logit_diff")
-RANK_METRICS = ("rank", "docid_rank")
 STORE_DIR = ".sweep-chunks"
-TOP_NEURONS = 20
 
 SITES_HELP = (
     "sites to patch, one config per matched site and unit: STACK.LAYERS.SITE[UNIT], e.g. "
@@ -47,6 +45,10 @@ def add_sweep_inputs(parser: argparse.ArgumentParser) -> None:
                              "--seed); source (the same site of --source-model on the same query, e.g. the "
                              "pretrained T5). Default: zero")
     parser.add_argument("--seed", type=int, default=0, help="seed of the resample derangement (default 0)")
+    parser.add_argument("--receivers", default=None,
+                        help="path patching: the patched sites are senders whose effect reaches only these "
+                             "receivers, e.g. 'mlp[12-23]+logits' (component inputs in decoder layers, and/or the "
+                             "logits), 'all' (ordinary patching) or 'none' (the clean run); exact method only")
     parser.add_argument("--source-model", default=None,
                         help="checkpoint directory of the source model for --mode source (same architecture and "
                              "word vocabulary, e.g. the pretrained T5)")
@@ -121,12 +123,26 @@ def _validate_common(args, metrics: list[str]) -> None:
     unknown = [m for m in metrics if m not in ALL_METRICS]
     if unknown:
         raise GenIRError(f"--metric: unknown metric(s) {unknown}; expected some of {', '.join(ALL_METRICS)}")
-    if "logit_diff" in metrics and not args.foil:
-        raise GenIRError("--metric logit_diff needs --foil runner-up|DOCID (what the target's logit is compared to)")
+    for metric in metrics:
+        if "foils" in METRIC_TABLE[metric].needs and not args.foil:
+            raise GenIRError(f"--metric {metric} needs --foil runner-up|DOCID (what the target's logit is compared to)")
     for name in ("query_chunk", "config_chunk"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise GenIRError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _with_receivers(args, config, sweep):
+    """The sweep as senders x --receivers (path patching), or unchanged."""
+    spec = getattr(args, "receivers", None)
+    if spec is None:
+        return sweep
+    if getattr(args, "method", "exact") != "exact":
+        raise GenIRError(f"--receivers (path patching) runs exactly; --method {args.method} cannot estimate it")
+    from genir_jax import sweep as sw
+    from genir_jax.site_grammar import parse_receivers
+
+    return sw.product(sweep, parse_receivers(config, spec))
 
 
 class Prepared:
@@ -161,23 +177,25 @@ def prepare(args, metrics: list[str]) -> Prepared:
     if "docid_rank" in metrics and candidates.size == 0:
         raise GenIRError(f"--metric docid_rank: {args.checkpoint}'s tokenizer has no @DOC_ID_...@ tokens")
     # Parse the sites first (cheap): bad specs fail before means or foils are computed.
-    sweep = parse_sweep(config, args.sites, value=0.0, length=ids.shape[1])
+    sweep = _with_receivers(args, config, parse_sweep(config, args.sites, value=0.0, length=ids.shape[1]))
 
     foils = None
-    if "logit_diff" in metrics:
+    if any("foils" in METRIC_TABLE[m].needs for m in metrics):
         foils = _foils(args, config, params, ids, mask, targets, candidates, queries, tokenizer)
 
     progress = not args.no_progress
     source = None
     if args.mode == "mean":
         means = mean_activations(config, params, ids, mask, swept_sites(config, sweep), progress=progress)
-        sweep = parse_sweep(config, args.sites, value=means, length=ids.shape[1])
+        sweep = _with_receivers(args, config, parse_sweep(config, args.sites, value=means, length=ids.shape[1]))
     elif args.mode == "resample":
         if len(queries) < 2:
             raise GenIRError("--mode resample needs at least 2 correct queries (each is patched with another's)")
+        from genir_jax.patching import derangement
+
         permutation = derangement(len(queries), args.seed)
         source = Source(config, params, ids[permutation], mask[permutation])
-        sweep = parse_sweep(config, args.sites, value=FROM_SOURCE, length=ids.shape[1])
+        sweep = _with_receivers(args, config, parse_sweep(config, args.sites, value=FROM_SOURCE, length=ids.shape[1]))
     elif args.mode == "source":
         base = load_for_analysis(args.source_model, load_tokenizer=False)
         if int(ids.max()) >= base.config.vocab_size:
@@ -188,7 +206,7 @@ def prepare(args, metrics: list[str]) -> Prepared:
                 raise GenIRError(f"{args.source_model}: the source model's {field}={getattr(base.config, field)} "
                                  f"differs from {args.checkpoint}'s {getattr(config, field)}")
         source = Source(base.config, base.params)
-        sweep = parse_sweep(config, args.sites, value=FROM_SOURCE, length=ids.shape[1])
+        sweep = _with_receivers(args, config, parse_sweep(config, args.sites, value=FROM_SOURCE, length=ids.shape[1]))
 
     settings = {
         "checkpoint": os.path.abspath(args.checkpoint),
@@ -203,7 +221,8 @@ def prepare(args, metrics: list[str]) -> Prepared:
         "source_model": os.path.abspath(args.source_model) if args.source_model else None,
         "source_model_sha256": _fingerprint(args.source_model) if args.source_model else None,
         "metrics": list(metrics),
-        "foil": args.foil if "logit_diff" in metrics else None,
+        "foil": args.foil if any("foils" in METRIC_TABLE[m].needs for m in metrics) else None,
+        "receivers": getattr(args, "receivers", None),
         "query_chunk": args.query_chunk,
         "config_chunk": getattr(args, "config_chunk", None),
     }
@@ -213,19 +232,12 @@ def prepare(args, metrics: list[str]) -> Prepared:
                     load_seconds=time.perf_counter() - started)
 
 
-def derangement(count: int, seed: int) -> np.ndarray:
-    """A seeded permutation of range(count) without fixed points (count >= 2)."""
-    rng = np.random.default_rng(seed)
-    while True:
-        permutation = rng.permutation(count)
-        if not np.any(permutation == np.arange(count)):
-            return permutation
-
-
 def _foils(args, config, params, ids, mask, targets, candidates, queries, tokenizer) -> np.ndarray:
     if args.foil == "runner-up":
         if candidates.size < 2:
             raise GenIRError("--foil runner-up needs at least 2 docid tokens in the vocabulary")
+        from genir_jax.patching import runner_up_foils
+
         return runner_up_foils(config, params, ids, mask, targets, candidates, args.query_chunk)
     from genir_jax.docids import docid_token, is_docid_token
 
@@ -241,25 +253,6 @@ def _foils(args, config, params, ids, mask, targets, candidates, queries, tokeni
         raise GenIRError(f"--foil {args.foil}: the foil equals the target of query {q.query_id!r} "
                          f"({args.correct_valid} record index {same[0]}); choose another docid or 'runner-up'")
     return np.full(len(targets), foil, dtype=np.int32)
-
-
-def runner_up_foils(config, params, ids, mask, targets, candidates, chunk=None) -> np.ndarray:
-    """Per query, the docid token (among `candidates`) the clean model scores highest besides the target."""
-    import jax
-
-    from genir_jax.batching import batches
-    from genir_jax.model import forward
-
-    step = jax.jit(forward, static_argnums=0)
-    out = []
-    size = chunk or min(32, len(ids))
-    for batch in batches((ids, mask), size):
-        start = np.full((batch.arrays[0].shape[0], 1), config.decoder_start_token_id, dtype=np.int32)
-        logits = np.asarray(step(config, params, batch.arrays[0], batch.arrays[1], start)[:, 0], np.float32)
-        out.append(logits[: batch.size][:, candidates])
-    scores = np.concatenate(out)
-    scores[candidates[None, :] == targets[:, None]] = -np.inf
-    return candidates[np.argmax(scores, axis=1)].astype(np.int32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,111 +308,9 @@ def write_table(path: str, sweep, columns: dict[str, np.ndarray]) -> None:
             writer.writerow([_cell(labels[n]) for n in sweep.labels] + [_cell(float(columns[c][k])) for c in columns])
 
 
-def _int_column(labels, name):
-    column = labels.get(name)
-    if column is None or column.dtype.kind not in "iu":
-        return None
-    return np.asarray(column, np.int64)
-
-
-def _single(labels, name) -> bool:
-    column = labels.get(name)
-    return column is not None and len(set(column.tolist())) == 1 and None not in set(column.tolist())
-
-
-def heatmap_layout(sweep) -> str | None:
-    """Which heatmap a sweep gets: 'head', 'position', 'neuron', 'component', 'layer' or None."""
-    labels = sweep.labels
-    if any(name.endswith("_2") for name in labels) or "receivers" in labels:
-        return None  # products: no single grid
-    layer = _int_column(labels, "layer")
-    if layer is None or layer.min() < 0 or not _single(labels, "stack"):
-        return None
-    for unit in ("head", "position", "neuron"):
-        if unit in labels:
-            if _int_column(labels, unit) is None or not _single(labels, "component"):
-                return None
-            pairs = set(zip(layer.tolist(), labels[unit].tolist()))
-            return unit if len(pairs) == sweep.size else None
-    if "component" in labels:
-        pairs = set(zip(layer.tolist(), labels["component"].tolist()))
-        if len(pairs) != sweep.size:
-            return None
-        return "component" if len(set(labels["component"].tolist())) > 1 else "layer"
-    return None
-
-
-def write_heatmaps(directory: str, sweep, effects: dict[str, np.ndarray], *, what: str = "mean effect") -> list[str]:
-    """``heatmap_<metric>.png`` for each metric's per-config values (e.g. the mean effect), where the sweep
-    is a layer x head / position / component grid, a layer x neuron sweep (top neurons per layer by
-    |effect|) or a list of layers. Returns the file names written."""
-    layout = heatmap_layout(sweep)
-    if layout is None:
-        return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = sweep.labels
-    layers = sorted(set(labels["layer"].tolist()))
-    row_of = {l: i for i, l in enumerate(layers)}
-    stack = labels["stack"][0]
-    written = []
-    for metric, values in effects.items():
-        values = np.asarray(values, np.float64)
-        annotations = None
-        if layout == "neuron":
-            top = min(TOP_NEURONS, max(int(np.sum(labels["layer"] == l)) for l in layers))
-            grid = np.full((len(layers), top), np.nan)
-            annotations = np.full((len(layers), top), "", dtype=object)
-            for l in layers:
-                index = np.flatnonzero(labels["layer"] == l)
-                order = index[np.argsort(-np.abs(values[index]), kind="stable")][:top]
-                grid[row_of[l], :len(order)] = values[order]
-                annotations[row_of[l], :len(order)] = [str(int(n)) for n in labels["neuron"][order]]
-            columns = [f"#{i + 1}" for i in range(top)]
-            xlabel = f"top {top} neurons by |effect| (cells: neuron id)"
-        elif layout == "layer":
-            grid = np.full((len(layers), 1), np.nan)
-            for k in range(sweep.size):
-                grid[row_of[labels["layer"][k]], 0] = values[k]
-            columns = [str(labels["component"][0])]
-            xlabel = "site"
-        else:
-            unit_values = labels[layout].tolist()
-            columns = list(dict.fromkeys(unit_values)) if layout == "component" else sorted(set(unit_values))
-            col_of = {c: i for i, c in enumerate(columns)}
-            grid = np.full((len(layers), len(columns)), np.nan)
-            for k in range(sweep.size):
-                grid[row_of[labels["layer"][k]], col_of[unit_values[k]]] = values[k]
-            xlabel = layout
-        width = min(24.0, 2.5 + 0.45 * grid.shape[1] * (1.6 if annotations is not None else 1.0))
-        height = min(24.0, 1.8 + 0.3 * grid.shape[0])
-        fig, ax = plt.subplots(figsize=(width, height))
-        bound = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1.0
-        bound = bound if bound > 0 else 1.0
-        image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-bound, vmax=bound, interpolation="nearest")
-        ax.set_yticks(range(len(layers)), [str(l) for l in layers])
-        if len(columns) <= 64:
-            ax.set_xticks(range(len(columns)), [str(c) for c in columns], rotation=90 if len(columns) > 16 else 0)
-        ax.set_ylabel(f"{stack} layer")
-        ax.set_xlabel(xlabel)
-        if annotations is not None and grid.size <= 2000:
-            for (i, j), text in np.ndenumerate(annotations):
-                if text:
-                    ax.text(j, i, text, ha="center", va="center", fontsize=6)
-        fig.colorbar(image, ax=ax, label=f"{metric} {what}")
-        ax.set_title(f"{metric}: {what} (patched - clean)")
-        fig.tight_layout()
-        name = f"heatmap_{metric}.png"
-        fig.savefig(os.path.join(directory, name), dpi=120)
-        plt.close(fig)
-        written.append(name)
-    return written
-
-
 def sweep_description(sweep) -> dict:
+    from genir_jax.sweep_plots import heatmap_layout
+
     return {"axes": list(sweep.axes), "shape": list(sweep.shape), "configs": sweep.size,
             "labels": list(sweep.labels), "heatmap": heatmap_layout(sweep)}
 
@@ -499,6 +390,8 @@ def write_sweep_outputs(prep: Prepared, result, metrics, hits, *, per_query: boo
                      **{f"clean_{m}": result.clean[m] for m in metrics},
                      query_ids=np.asarray([q.query_id for q in prep.queries]), targets=prep.targets,
                      **({"foils": prep.foils} if prep.foils is not None else {}))
+        from genir_jax.sweep_plots import write_heatmaps
+
         heatmaps = write_heatmaps(staging, result.sweep, {m: result.aggregates[f"{m}_effect"] for m in metrics})
         with open(os.path.join(staging, "sweep.json"), "w", encoding="utf-8") as handle:
             json.dump({"settings": settings, "sweep": sweep_description(result.sweep), "queries": len(prep.queries),

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from genir_jax.errors import CheckpointError, DataError, GenIRError
     from genir_jax.hf import load_pretrained
     from genir_jax.training.dsi import finetune
-    from genir_jax.training.options import check_output_dir, resolve_run, select_devices
+    from genir_jax.training.options import check_output_dir, resolve_run, resume_mode, select_devices
     from genir_jax.training.presets import get_preset
 
     preset = get_preset(args.preset)
@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
             raise GenIRError(f"--ratio must be >= 0, got {args.ratio}")
         settings = dataclasses.replace(settings, ratio=args.ratio or None)
     devices = select_devices(args.devices)
-    check_output_dir(args.output, args.resume)
+    resume, require_checkpoint = resume_mode(args)
+    check_output_dir(args.output, resume, require_checkpoint)
     documents, splits = load_prepared(args.data)
     for name in ("train", "val"):
         if not splits.get(name):
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if base.tokenizer is None:
         raise CheckpointError(f"{args.base}: no tokenizer files; the base model must come with its tokenizer")
     summary = finetune(base, documents, splits, settings, run_spec, args.output, remove=removed,
-                       resume=args.resume, progress=not args.no_progress, devices=devices,
+                       resume=resume, progress=not args.no_progress, devices=devices,
                        extra_summary={"preset": preset.name, "data_dir": os.path.abspath(args.data),
                                       "base": os.path.abspath(args.base)})
     print(json.dumps({key: summary[key] for key in ("best", "final", "examples_per_s", "train_seconds",

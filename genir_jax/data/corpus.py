@@ -345,9 +345,43 @@ def _qrels_doc_id(value: Any, where: str) -> str:
             from None
 
 
+def _read_trec_qrels(path: str, text: str) -> Qrels:
+    """Plain TREC qrels (``query iteration docid rel`` per line, what `write_trec_qrels` writes)."""
+    qrels: Qrels = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        where = f"{path}: line {number}"
+        if len(parts) != 4:
+            raise DataError(f"{where}: expected 4 fields 'query iteration docid rel' (TREC qrels) or a JSON object "
+                            f"with lists {list(QRELS_FIELDS)}, got {len(parts)} fields")
+        query_id, _, doc_field, rel_field = parts
+        doc_id = _qrels_doc_id(doc_field, where)
+        try:
+            rel = int(rel_field)
+        except ValueError:
+            raise DataError(f"{where}: relevance {rel_field!r} must be an integer") from None
+        docs = qrels.setdefault(query_id, {})
+        if doc_id in docs:
+            raise DataError(f"{where}: document {doc_id!r} is judged twice for query {query_id!r}")
+        docs[doc_id] = rel
+    if not qrels:
+        raise DataError(f"{path}: no judgements")
+    return qrels
+
+
 def read_qrels(path: str | os.PathLike) -> Qrels:
-    """The reference's qrels JSON as ``{query id: {doc id: rel}}``; docids may be docid tokens or plain ids."""
+    """Qrels as ``{query id: {doc id: rel}}``: the reference's qrels JSON (docids may be docid tokens or plain
+    ids) or plain TREC qrels (``query iteration docid rel``, as `prepare-data` writes ``val.qrels``)."""
     path = os.fspath(path)
+    try:
+        with _open_text(path) as handle:
+            text = handle.read()
+    except (UnicodeDecodeError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
+    if not text.lstrip().startswith(("{", "[", '"')) and text.strip():
+        return _read_trec_qrels(path, text)
     data = read_json(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object with lists {list(QRELS_FIELDS)}, got a JSON "

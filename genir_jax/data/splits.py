@@ -35,7 +35,10 @@ SPLITS = ("train", "val", "test")
 
 def as_fraction(value: float | str | Fraction, name: str) -> Fraction:
     """An exact fraction of a float given in decimal (0.1 -> 1/10), checked to lie in [0, 1)."""
-    fraction = Fraction(str(value)) if isinstance(value, float) else Fraction(value)
+    try:
+        fraction = Fraction(str(value)) if isinstance(value, float) else Fraction(value)
+    except (ValueError, OverflowError, TypeError, ZeroDivisionError):  # nan, inf, not a number
+        raise GenIRError(f"{name} must be a number in [0, 1), got {value}") from None
     if not 0 <= fraction < 1:
         raise GenIRError(f"{name} must be in [0, 1), got {value}")
     return fraction

@@ -35,7 +35,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--keep-checkpoints", type=int, help="number of newest checkpoints kept")
     group.add_argument("--log-every", type=int, help="write a metrics line every N updates")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest checkpoint in the output directory (same settings)")
+                        help="continue from the newest checkpoint in the output directory (same settings); "
+                             "refused when there is none")
+    parser.add_argument("--resume-if-any", action="store_true", help=argparse.SUPPRESS)  # reproduce: resume or start
     parser.add_argument("--devices", type=int, default=None,
                         help="train data-parallel on the first N local devices (default: all)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -72,10 +74,31 @@ def select_devices(count: int | None):
     return devices[:count]
 
 
-def check_output_dir(path: str, resume: bool) -> None:
-    """Refuse to train into a non-empty directory unless resuming (nothing is written before this)."""
+def has_checkpoint(path: str) -> bool:
+    """Whether a run directory holds a periodic checkpoint (``<path>/checkpoints/<step>``) to resume from."""
+    directory = os.path.join(path, "checkpoints")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return False
+    return any(name.isdigit() and os.path.isdir(os.path.join(directory, name)) for name in names)
+
+
+def resume_mode(args: argparse.Namespace) -> tuple[bool, bool]:
+    """(resume, require_checkpoint): ``--resume`` needs a checkpoint in the output directory; the hidden
+    ``--resume-if-any`` (what `genir-jax reproduce` passes) resumes one if there is one, else starts afresh."""
+    if_any = bool(getattr(args, "resume_if_any", False))
+    return bool(args.resume) or if_any, bool(args.resume) and not if_any
+
+
+def check_output_dir(path: str, resume: bool, require_checkpoint: bool = True) -> None:
+    """Refuse to train into a non-empty directory unless resuming, and to resume (with `require_checkpoint`)
+    where there is no checkpoint (nothing is written before this)."""
     if os.path.isfile(path):
         raise GenIRError(f"{path}: the output must be a directory, found a file")
+    if resume and require_checkpoint and not has_checkpoint(path):
+        raise GenIRError(f"--resume: {path} holds no checkpoint to resume from (no {os.path.join(path, 'checkpoints')}"
+                         "/<step>); drop --resume to start a new run")
     if os.path.isdir(path) and os.listdir(path) and not resume:
         raise GenIRError(f"{path}: output directory exists and is not empty; pass --resume to continue a run "
                          "there, or choose a new directory")
