@@ -9,7 +9,11 @@ from __future__ import annotations
 import os
 
 # Four simulated CPU devices, so sharded code paths are exercised (must precede the first jax import).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# On 2 busy cores, four simulated devices can wait long at an in-process collective; XLA's CPU runtime
+# aborts the whole process when one waits past its terminate timeout, so give it ten minutes.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 "
+                      "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 "
+                      "--xla_cpu_collective_call_terminate_timeout_seconds=600")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # The CLI enables a persistent XLA compilation cache; tests never write to ~/.cache (and never share
