@@ -56,7 +56,8 @@ def add_sweep_inputs(parser: argparse.ArgumentParser) -> None:
                         help="foil docid for logit_diff: 'runner-up' (per query the clean model's best-scoring "
                              "docid other than the target) or a document id / docid token (one foil for all)")
     parser.add_argument("--query-chunk", type=int, default=None,
-                        help="queries per device per step (default: min(32, queries per device))")
+                        help="queries per device per step (default: the queries per device in as few steps of at "
+                             "most 64 as possible, balanced)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
