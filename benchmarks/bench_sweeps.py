@@ -42,6 +42,8 @@ from genir_jax.attribution import attribute, spearman, top_overlap
 from genir_jax.patching import default_config_chunk, run_sweep
 from genir_jax.sweep import component_grid, concat, site_grid
 
+from bench_patching import make_queries, matmul_gflops  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+
 LAYERS, D_MODEL, HEADS, D_FF, VOCAB = 24, 128, 4, 512, 32128
 NEURONS = "decoder.*.mlp.hook_post"
 
@@ -59,30 +61,6 @@ def build_model(d_ff: int = D_FF) -> gj.PretrainedModel:
     config = gj.config.t5_v1_0(vocab_size=VOCAB, d_model=D_MODEL, d_kv=D_MODEL // HEADS, d_ff=d_ff,
                                num_layers=LAYERS, num_heads=HEADS, dropout_rate=0.0)
     return gj.PretrainedModel(config=config, params=gj.init_params(config, 0))
-
-
-def make_queries(config, params, count: int, seed: int = 0):
-    """Random queries of 8-20 tokens (EOS last); targets = the clean top token (rank 0)."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(8, 21, size=count)
-    ids = np.zeros((count, lengths.max()), np.int32)
-    mask = np.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, :length] = rng.integers(3, 32000, size=length)
-        ids[row, length - 1] = 1
-        mask[row, :length] = 1
-    logits = np.asarray(gj.forward(config, params, ids, mask, np.zeros((count, 1), np.int32)))[:, 0]
-    return ids, mask, logits.argmax(-1).astype(np.int32)
-
-
-def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size), np.float32))
-    dot = jax.jit(jnp.dot)
-    dot(a, a).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        dot(a, a).block_until_ready()
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def layer_macs(config, s: int) -> int:
