@@ -34,7 +34,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import genir_jax as gj

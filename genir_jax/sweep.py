@@ -31,7 +31,7 @@ import numpy as np
 
 from genir_jax.config import T5Config
 from genir_jax.interventions import (
-    FromSource, InterventionError, Interventions, _axis_of, mean_value, site_masks,
+    FromSource, InterventionError, Interventions, _axis_of, mean_value,
 )
 from genir_jax.sites import COMPONENT_SITES, STACK_SITES, Site, expand_site_patterns, num_layers, parse_site, site_shape
 from genir_jax.taps import Patch

@@ -49,10 +49,9 @@ def run(args: argparse.Namespace) -> int:
                                             rank_with_circuit)
     from genir_jax.analysis.inputs import (load_correct_queries, reference_padded_groups, reference_padding_length,
                                            tokenize_for_analysis)
-    from genir_jax.analysis.stage_patching import default_stages, parse_stages
     from genir_jax.data.corpus import qrels_from_queries, read_json, read_qrels, read_queries
     from genir_jax.docids import docid_vocabulary
-    from genir_jax.hf import load_for_analysis as load_pretrained  # read-only tokenizer, no transformers
+    from genir_jax.hf import load_for_analysis  # read-only tokenizer, no transformers
     from genir_jax.interventions import mean_activations
     from genir_jax.io import atomic_directory, write_json
     from genir_jax.retrieval import check_run_covers, evaluate_run, run_from_ranking, write_trec_run
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise GenIRError("--k must be >= 1")
-    model = load_pretrained(args.checkpoint)
+    model = load_for_analysis(args.checkpoint)
     if model.tokenizer is None:
         raise GenIRError(f"{args.checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
     config, tokenizer = model.config, model.tokenizer

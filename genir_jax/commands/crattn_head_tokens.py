@@ -34,13 +34,13 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from genir_jax.analysis.cross_attention_writes import head_top_tokens, parse_heads, write_head_tokens
-    from genir_jax.hf import load_for_analysis as load_pretrained  # read-only tokenizer, no transformers
+    from genir_jax.hf import load_for_analysis  # read-only tokenizer, no transformers
     from genir_jax.io import atomic_directory
 
     queries = [q.strip() for q in args.queries]
     if not all(queries):
         raise GenIRError("--queries: empty query text")
-    model = load_pretrained(args.checkpoint)
+    model = load_for_analysis(args.checkpoint)
     if model.tokenizer is None:
         raise GenIRError(f"{args.checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
     heads = parse_heads(args.heads, model.config)

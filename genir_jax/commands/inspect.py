@@ -23,9 +23,9 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from genir_jax.docids import docid_vocabulary
-    from genir_jax.hf import load_for_analysis as load_pretrained  # read-only tokenizer, no transformers
+    from genir_jax.hf import load_for_analysis  # read-only tokenizer, no transformers
 
-    model = load_pretrained(args.checkpoint)
+    model = load_for_analysis(args.checkpoint)
     config = model.config
     count = int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(model.params)))
     summary = {

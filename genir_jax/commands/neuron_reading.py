@@ -66,13 +66,12 @@ def load_inputs(args: argparse.Namespace):
     """(model, correct queries, their raw query ids as in correct_valid.json, stages, the stages' record for
     stages.json: see `genir_jax.commands.common.resolve_stages`)."""
     from genir_jax.analysis.inputs import load_correct_queries
-    from genir_jax.analysis.stage_patching import default_stages, parse_stages
     from genir_jax.data.corpus import read_json
-    from genir_jax.hf import load_for_analysis as load_pretrained  # read-only tokenizer, no transformers
+    from genir_jax.hf import load_for_analysis  # read-only tokenizer, no transformers
 
     if args.batch_size < 1:
         raise GenIRError("--batch-size must be >= 1")
-    model = load_pretrained(args.checkpoint)
+    model = load_for_analysis(args.checkpoint)
     if model.tokenizer is None:
         raise GenIRError(f"{args.checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
     queries = load_correct_queries(args.val_queries, args.correct_valid, model.tokenizer)

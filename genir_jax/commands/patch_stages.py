@@ -41,9 +41,9 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from genir_jax.analysis.inputs import load_correct_queries, tokenize_for_analysis
     from genir_jax.analysis.stage_patching import (
-        StagePatchingResult, default_stages, parse_stages, run_stage_patching, write_stage_patching,
+        StagePatchingResult, run_stage_patching, write_stage_patching,
     )
-    from genir_jax.hf import load_for_analysis as load_pretrained  # read-only tokenizer, no transformers
+    from genir_jax.hf import load_for_analysis  # read-only tokenizer, no transformers
     from genir_jax.patching import Source
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise GenIRError("--batch-size must be >= 1")
 
-    model = load_pretrained(args.checkpoint)
+    model = load_for_analysis(args.checkpoint)
     if model.tokenizer is None:
         raise GenIRError(f"{args.checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
     config = model.config
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     source = None
     if "t5" in modes:
-        base = load_pretrained(args.t5, load_tokenizer=False)
+        base = load_for_analysis(args.t5, load_tokenizer=False)
         source = Source(base.config, base.params)
     parts = []
     plain_modes = [m for m in ("mean", "zero") if m in modes]

@@ -48,7 +48,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from genir_jax.analysis.inputs import load_correct_queries, tokenize_for_analysis
     from genir_jax.analysis.residual import docid_mask, run_residual_rank, summary, write_residual_rank
-    from genir_jax.hf import load_for_analysis as load_pretrained  # read-only tokenizer, no transformers
+    from genir_jax.hf import load_for_analysis  # read-only tokenizer, no transformers
 
     if args.batch_size is not None and args.batch_size < 1:
         raise GenIRError("--batch-size must be >= 1")
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     correct_valid = args.correct_valid.replace(_CHECKPOINT, checkpoint)
     output = args.output.replace(_CHECKPOINT, checkpoint)
 
-    model = load_pretrained(checkpoint)
+    model = load_for_analysis(checkpoint)
     if model.tokenizer is None:
         raise GenIRError(f"{checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
     queries = load_correct_queries(args.val_queries, correct_valid, model.tokenizer)

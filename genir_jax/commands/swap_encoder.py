@@ -54,14 +54,14 @@ def _missing_map(path: str) -> dict[str, object]:
 def run(args: argparse.Namespace) -> int:
     from genir_jax.analysis.encoder_swap import RESULTS_JSON, encoder_swap_ranks, normalize_missing, summarize
     from genir_jax.analysis.inputs import load_correct_queries, tokenize_for_analysis
-    from genir_jax.hf import load_for_analysis as load_pretrained  # read-only tokenizer, no transformers
+    from genir_jax.hf import load_for_analysis  # read-only tokenizer, no transformers
     from genir_jax.io import atomic_directory, write_json
     from genir_jax.patching import Source
 
     if not args.missing_docs_for_model and not args.t5:
         raise GenIRError("nothing to swap in: give --missing-docs-for-model and/or --t5")
     others = _missing_map(args.missing_docs_for_model) if args.missing_docs_for_model else {}
-    full = load_pretrained(args.complete_model_path)
+    full = load_for_analysis(args.complete_model_path)
     if full.tokenizer is None:
         raise GenIRError(f"{args.complete_model_path}: no tokenizer files; the checkpoint must include its tokenizer")
     queries = load_correct_queries(args.val_queries, args.correct_valid, full.tokenizer)
@@ -76,12 +76,12 @@ def run(args: argparse.Namespace) -> int:
 
     results = {}
     for key, (path, documents) in others.items():
-        other = load_pretrained(path, load_tokenizer=False)
+        other = load_for_analysis(path, load_tokenizer=False)
         ranks = encoder_swap_ranks(full.config, full.params, Source(other.config, other.params), input_ids, mask,
                                    targets, query_chunk=args.batch_size, progress=not args.no_progress)
         results[key] = summarize(ranks, queries, documents).as_reference_dict()
     if args.t5:
-        base = load_pretrained(args.t5, load_tokenizer=False)
+        base = load_for_analysis(args.t5, load_tokenizer=False)
         if int(input_ids.max()) >= base.config.vocab_size:
             raise GenIRError(f"{args.t5}: the T5's vocabulary ({base.config.vocab_size}) does not cover the queries")
         ranks = encoder_swap_ranks(full.config, full.params, Source(base.config, base.params), input_ids, mask,
