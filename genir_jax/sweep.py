@@ -140,7 +140,8 @@ class Sweep:
                      ("config",), (len(index),), None if self.receivers is None else self.receivers.take(index))
 
     def config(self, config: T5Config, k: int) -> Interventions:
-        """Config k as an ordinary `Interventions` pytree (dense masks), e.g. for `genir_jax.forward`."""
+        """Config k as an ordinary `Interventions` pytree (dense masks), e.g. for `genir_jax.forward`.
+        Path-patching receivers are not part of it (plain forwards have no receivers)."""
         out: Interventions = {}
         for term in sorted(self.terms, key=lambda t: t.order):
             mask = term.mask(config, k)
