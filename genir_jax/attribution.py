@@ -266,9 +266,10 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
             jnp.asarray(foils) if foil_ids is not None else None, values, zero_masks, probe_values, drop_values,
             jnp.asarray(variants), config=config, plan=plan, metric=metric, probe=bool(qk_terms), drop=star)
         rows = batch.rows
+        if qk_terms:
+            qk_cache = {"q": stacked("cross_attn.hook_q"), "scores": stacked("cross_attn.hook_attn_scores")}
         for i, term in enumerate(sweep.terms):
             if i in qk_terms:
-                qk_cache = {"q": stacked("cross_attn.hook_q"), "scores": stacked("cross_attn.hook_attn_scores")}
                 estimate = _encoder_qk_scores(
                     config, params, term, qk_cache, np.asarray(cache["encoder.hook_out"]), np.asarray(values[i]),
                     mask, np.asarray(probe_grads["cross_attn.hook_pattern"])[:, :, :, :, 0],

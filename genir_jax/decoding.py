@@ -42,7 +42,7 @@ import numpy as np
 from genir_jax.config import T5Config
 from genir_jax.errors import GenIRError
 from genir_jax.model import T5, Params
-from genir_jax.modules import MLP, RMSNorm, relative_position_bucket
+from genir_jax.modules import MLP, RelativePositionBias, RMSNorm
 from genir_jax.taps import SiteTap
 
 _NEG = -1.0e9  # transformers' "very large negative" bookkeeping value
@@ -265,11 +265,11 @@ def _decoder_step(config: T5Config, params, tokens, position, self_k, self_v, cr
 
 def _bias_rows(config: T5Config, params, length: int):
     """[T, H, T]: row t is the decoder's relative position bias of query position t over keys 0..T-1."""
-    relative = np.arange(length)[None, :] - np.arange(length)[:, None]
-    buckets = relative_position_bucket(relative, False, config.relative_attention_num_buckets,
-                                       config.relative_attention_max_distance)
-    table = params["decoder"]["relpos_bias"]["embedding"]
-    return jnp.transpose(jnp.take(table, jnp.asarray(buckets, dtype=jnp.int32), axis=0), (0, 2, 1))
+    bias = RelativePositionBias(
+        num_buckets=config.relative_attention_num_buckets, max_distance=config.relative_attention_max_distance,
+        num_heads=config.num_heads, bidirectional=False,
+    ).apply({"params": params["decoder"]["relpos_bias"]}, length, length)  # [1, H, T, T]
+    return jnp.transpose(bias[0], (1, 0, 2))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -104,14 +104,26 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+HASHED_UP_TO = 64 << 20  # larger files (model weights) are identified by size and mtime, not re-read
+
+
+def _file_identity(path: str) -> str:
+    """sha256 of a small file; size and modification time of a large one (hashing gigabytes of weights on
+    every run would cost more than a resumed chunk saves)."""
+    status = os.stat(path)
+    if status.st_size > HASHED_UP_TO:
+        return f"size={status.st_size},mtime_ns={status.st_mtime_ns}"
+    return _sha256(path)
+
+
 def _fingerprint(path: str | None) -> dict | str | None:
-    """sha256 of a file, or of every file directly inside a directory."""
+    """Identity of a file, or of every file directly inside a directory (`_file_identity`)."""
     if path is None:
         return None
     if os.path.isdir(path):
-        return {name: _sha256(os.path.join(path, name)) for name in sorted(os.listdir(path))
+        return {name: _file_identity(os.path.join(path, name)) for name in sorted(os.listdir(path))
                 if os.path.isfile(os.path.join(path, name))}
-    return _sha256(path) if os.path.isfile(path) else None
+    return _file_identity(path) if os.path.isfile(path) else None
 
 
 def _validate_common(args, metrics: list[str]) -> None:
