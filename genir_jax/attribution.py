@@ -41,8 +41,9 @@ from tqdm.auto import tqdm
 from genir_jax.batching import batches
 from genir_jax.config import T5Config
 from genir_jax.interventions import FromSource, InterventionError
-from genir_jax.model import T5, forward_with_cache
-from genir_jax.metrics import DIFFERENTIABLE_METRICS, METRIC_TABLE
+from genir_jax.model import T5, forward_with_cache, unembedding_rows
+from genir_jax.partitioning import Partitioner, current, maybe_activate, put_rows
+from genir_jax.metrics import DIFFERENTIABLE_METRICS, METRIC_TABLE, streamed_target_metrics
 from genir_jax.patching import (
     Source, _check_token_ids, _plan, _source_names, _validate_terms, target_metrics,
 )
@@ -79,11 +80,19 @@ def _full_shape(config: T5Config, term: Term, batch: int, encoder_length: int) -
     return (num_layers(config, term.stack),) + shape if term.is_layer_site else shape
 
 
-@functools.partial(jax.jit, static_argnames=("config", "plan", "metric", "probe", "drop"))
+@functools.partial(jax.jit, static_argnames=("config", "plan", "metric", "probe", "drop", "partitioner", "dtype"))
 def _gradients(params, input_ids, attention_mask, targets, foils, values, zero_masks, probe_values, drop_values,
-               variants, *, config, plan, metric, probe, drop):
+               variants, *, config, plan, metric, probe, drop, partitioner=None, dtype=None):
     """Gradient densities of the summed metric w.r.t. every term's mask (and the probes') per variant."""
-    model = T5(config)
+    with maybe_activate(partitioner):
+        return _gradients_body(params, input_ids, attention_mask, targets, foils, values, zero_masks, probe_values,
+                               drop_values, variants, config=config, plan=plan, metric=metric, probe=probe,
+                               drop=drop, dtype=dtype)
+
+
+def _gradients_body(params, input_ids, attention_mask, targets, foils, values, zero_masks, probe_values, drop_values,
+                    variants, *, config, plan, metric, probe, drop, dtype):
+    model = T5(config, dtype=dtype)
     start = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=jnp.int32)
     layers = config.num_decoder_layers
 
@@ -103,8 +112,12 @@ def _gradients(params, input_ids, attention_mask, targets, foils, values, zero_m
             onehot = (jnp.arange(layers) == variant).astype(jnp.float32).reshape(layers, 1, 1, 1)
             for local in _DROP_SITES:
                 add("decoder", local, Patch(onehot, drop_values[local]))
-        logits, _ = model.apply({"params": params}, input_ids, attention_mask, start, None, interventions)
-        values_ = target_metrics(logits[:, 0].astype(jnp.float32), targets, (metric,), foils=foils)[metric]
+        # streamed over vocabulary blocks: the logit metrics need no unembedding matmul at all
+        encoded, _ = model.apply({"params": params}, input_ids, attention_mask, interventions, method=T5.encode)
+        hidden, _ = model.apply({"params": params}, encoded, attention_mask, start, None, interventions,
+                                method=T5.decode)
+        table, scale = unembedding_rows(config, params)
+        values_ = streamed_target_metrics(hidden[:, 0] * scale, table, targets, (metric,), foils=foils)[metric]
         return jnp.sum(values_)
 
     grad = jax.grad(total, argnums=(0, 1))
@@ -145,9 +158,10 @@ def _encoder_qk_scores(config: T5Config, params, term: Term, cache: dict, encode
     """AtP* estimate [V, K, B] of a term patching ``encoder.hook_out``: exact cross-attention patterns with
     the patched keys (times the gradient at the pattern) plus the linear value path, every decoder layer."""
     cross = params["decoder"]["layers"]["cross_attn"]
-    w_k, w_v = np.asarray(cross["key"]), np.asarray(cross["value"])  # [L, D, H, Kd]
-    q = np.asarray(cache["q"])[:, :, 0]                               # [L, B, H, Kd]
-    scores = np.asarray(cache["scores"])[:, :, :, 0]                  # [L, B, H, S]
+    w_k, w_v = np.asarray(cross["key"], np.float32), np.asarray(cross["value"], np.float32)  # [L, D, H, Kd]
+    q = np.asarray(cache["q"], np.float32)[:, :, 0]                   # [L, B, H, Kd]
+    scores = np.asarray(cache["scores"], np.float32)[:, :, :, 0]      # [L, B, H, S]
+    encoded, g_pattern, g_v = (np.asarray(a, np.float32) for a in (encoded, g_pattern, g_v))  # bf16 runs
     delta = np.broadcast_to(np.asarray(value, np.float32), encoded.shape) - encoded  # [B, S, D]
     dk = np.einsum("bsd,ldhk,lbhk->lbhs", delta, w_k, q)
     dv = np.einsum("bsd,ldhk->lbshk", delta, w_v)
@@ -179,11 +193,15 @@ def _softmax(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, sweep, *, method: str = "atp",
               metric: str = "logit", foil_ids=None, source: Source | None = None, query_chunk: int | None = None,
-              progress: bool = True, per_query: bool = False) -> AttributionResult:
+              progress: bool = True, per_query: bool = False, partitioner: Partitioner | None = None,
+              dtype=None) -> AttributionResult:
     """Estimate, for every config of `sweep`, the change of `metric` its patch causes (see module docstring).
 
     `metric`: one of `DIFFERENTIABLE_METRICS` (ranks and Hits@k are not differentiable); `foil_ids` [N] for
     ``logit_diff``; `source` for `FROM_SOURCE` values; `query_chunk` queries per backward pass (default 32).
+    `partitioner` (`genir_jax.partitioning.Partitioner`): parameters placed by its rules, queries split over
+    ``data`` (default: `genir_jax.partitioning.current()`, else as the arrays lie). `dtype` (e.g.
+    ``"bfloat16"``): parameters stored and the model computed in it; metrics and estimates stay float32.
     """
     if method not in METHODS:
         raise InterventionError(f"attribution method '{method}' is not one of {', '.join(METHODS)}")
@@ -210,6 +228,17 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
         if foil_ids.shape != (count,) or np.any(foil_ids == target_ids):
             raise InterventionError("attribution: foil_ids must have one token per query, none equal to its target")
     _validate_terms(config, sweep, length)
+    dtype = None if dtype is None else jnp.dtype(dtype)
+    if dtype is not None:
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
+        if source is not None:
+            source = source._replace(params=jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), source.params))
+    partitioner = partitioner if partitioner is not None else current()
+    if partitioner is not None:
+        params = partitioner.shard_params(params, config)
+        if source is not None:
+            source = source._replace(params=partitioner.shard_params(source.params, source.config))
+    place = (lambda a: put_rows(a, partitioner)) if partitioner is not None else jnp.asarray
     plan = _plan(sweep.terms)
     names = _source_names(config, plan)
     if names and source is None:
@@ -237,13 +266,15 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
     start = np.zeros((chunk, 1), np.int32)
     for batch in tqdm(steps, desc=f"attribution ({method})", unit="chunk", disable=not progress):
         ids, mask, targets, foils, s_ids, s_mask = batch.arrays
-        logits, cache = forward_with_cache(config, params, ids, mask, start, cache_sites=cache_sites)
+        logits, cache = forward_with_cache(config, params, place(ids), place(mask), place(start),
+                                           cache_sites=cache_sites, partitioner=partitioner)
         clean_metric = target_metrics(jnp.asarray(logits[:, 0], jnp.float32), jnp.asarray(targets), (metric,),
                                       foils=jnp.asarray(foils))[metric]
         clean[batch.rows] = np.asarray(clean_metric)[: batch.size]
         source_values = {}
         if names:
-            _, source_cache = forward_with_cache(source.config, source.params, s_ids, s_mask, start, cache_sites=names)
+            _, source_cache = forward_with_cache(source.config, source.params, place(s_ids), place(s_mask),
+                                                 place(start), cache_sites=names, partitioner=partitioner)
             for term in plan:
                 if term.from_source:
                     if term.layer_site:
@@ -262,9 +293,10 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
                         "cross_attn.hook_v": stacked("cross_attn.hook_v")} if qk_terms else {}
         drop_values = {local: stacked(local) for local in _DROP_SITES} if star else {}
         term_grads, probe_grads = _gradients(
-            params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(targets),
-            jnp.asarray(foils) if foil_ids is not None else None, values, zero_masks, probe_values, drop_values,
-            jnp.asarray(variants), config=config, plan=plan, metric=metric, probe=bool(qk_terms), drop=star)
+            params, place(ids), place(mask), place(targets),
+            place(foils) if foil_ids is not None else None, values, zero_masks, probe_values, drop_values,
+            jnp.asarray(variants), config=config, plan=plan, metric=metric, probe=bool(qk_terms), drop=star,
+            partitioner=partitioner, dtype=dtype)
         rows = batch.rows
         if qk_terms:
             qk_cache = {"q": stacked("cross_attn.hook_q"), "scores": stacked("cross_attn.hook_attn_scores")}

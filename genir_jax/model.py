@@ -30,6 +30,7 @@ import numpy as np
 from genir_jax.config import T5Config
 from genir_jax.interventions import validate
 from genir_jax.modules import MLP, MultiHeadAttention, RelativePositionBias, RMSNorm, partitioned
+from genir_jax.partitioning import constrain, maybe_activate
 from genir_jax.sites import STACK_SITES, Site, expand_site_patterns, num_layers, parse_site, site_shape
 from genir_jax.taps import Patch, SiteTap
 
@@ -76,7 +77,7 @@ class _Layer(nn.Module):
         def read(index):  # the residual as component `index` reads it
             return x if not paths else x - (1.0 - layer_receivers[index]).astype(x.dtype) * delta
 
-        x = tap("hook_resid_pre", x)
+        x = tap("hook_resid_pre", constrain(x, ("batch", "length", "embed")))
         normed = norm(name="self_attn_norm")(read(0))
         self_attn = attention(name="self_attn")
         attn_out = self_attn(normed, normed, self_bias, self_mask, tap.scoped("attn."))
@@ -354,12 +355,13 @@ def _rngs(deterministic: bool, dropout_rng):
     return {"dropout": dropout_rng} if dropout_rng is not None else None
 
 
-@functools.partial(jax.jit, static_argnames=("config", "specs", "deterministic", "dtype"))
+@functools.partial(jax.jit, static_argnames=("config", "specs", "deterministic", "dtype", "partitioner"))
 def _forward(config, params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
-             interventions, rngs, specs, deterministic, dtype):
+             interventions, rngs, specs, deterministic, dtype, partitioner=None):
     model = T5(config, encoder_cache=specs[0], decoder_cache=specs[1], deterministic=deterministic, dtype=dtype)
-    return model.apply({"params": params}, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
-                       interventions, rngs=rngs)
+    with maybe_activate(partitioner):  # activations placed by logical name (genir_jax.partitioning)
+        return model.apply({"params": params}, input_ids, attention_mask, decoder_input_ids,
+                           decoder_attention_mask, interventions, rngs=rngs)
 
 
 def forward_with_cache(
@@ -375,12 +377,15 @@ def forward_with_cache(
     deterministic: bool = True,
     dropout_rng: jax.Array | None = None,
     dtype=None,
+    partitioner=None,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """Logits [B, T_dec, V] and ``{full site name: activation [B, ...]}`` for the requested sites.
 
     `cache_sites` holds full names or shell-style patterns (``"decoder.*.hook_mlp_out"``). Only the
     requested (site, layer) pairs are kept in memory. `dtype` (e.g. ``jnp.bfloat16``) casts the
-    parameters at use; None computes in the parameters' dtype.
+    parameters at use; None computes in the parameters' dtype. `partitioner` (a
+    `genir_jax.partitioning.Partitioner`): activations are constrained by its rules (place the parameters
+    with ``partitioner.shard_params`` and the inputs with its batch sharding); None: as the arrays lie.
     """
     names = expand_site_patterns(config, cache_sites)
     specs = cache_specs(config, names)
@@ -390,7 +395,7 @@ def forward_with_cache(
     dec_mask = None if decoder_attention_mask is None else _as_int(decoder_attention_mask)
     logits, raw = _forward(config, params, _as_int(input_ids), _as_int(attention_mask), _as_int(decoder_input_ids),
                            dec_mask, interventions, _rngs(deterministic, dropout_rng), specs, deterministic,
-                           _jnp_dtype(dtype))
+                           _jnp_dtype(dtype), partitioner)
     return logits, _named_cache(config, names, raw, specs)
 
 
@@ -406,11 +411,12 @@ def forward(
     deterministic: bool = True,
     dropout_rng: jax.Array | None = None,
     dtype=None,
+    partitioner=None,
 ) -> jnp.ndarray:
     """Logits [B, T_dec, V] of T5 for token ids (numpy or jax arrays). Jittable (config is static)."""
     logits, _ = forward_with_cache(
         config, params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, interventions,
-        deterministic=deterministic, dropout_rng=dropout_rng, dtype=dtype,
+        deterministic=deterministic, dropout_rng=dropout_rng, dtype=dtype, partitioner=partitioner,
     )
     return logits
 
@@ -464,6 +470,16 @@ def unembed(config: T5Config, params: Params, hidden, dtype=None) -> jnp.ndarray
         {"params": params}, hidden, method=T5.unembed)
 
 
+def unembedding_rows(config: T5Config, params: Params):
+    """The unembedding as (table [V, D], scale): ``logits = (scale * hidden) @ table.T`` equals `unembed`.
+
+    For metrics computed block by block over the vocabulary (`genir_jax.metrics.streamed_target_metrics`).
+    """
+    scale = config.d_model ** -0.5 if config.scale_decoder_outputs else 1.0
+    table = params["shared"] if config.tie_word_embeddings else jnp.transpose(params["lm_head"])
+    return table, scale
+
+
 def init_params(config: T5Config, rng: jax.Array | int = 0) -> dict:
     """Fresh parameters with transformers' T5 initialisation, as a plain nested dict of float32 arrays."""
     if isinstance(rng, int):
@@ -491,5 +507,5 @@ def logical_axes(config: T5Config) -> dict:
 
 __all__ = [
     "Patch", "T5", "cache_specs", "decode", "decode_suffix", "encode", "forward", "forward_with_cache", "init_params",
-    "logical_axes", "param_shapes", "unembed",
+    "logical_axes", "param_shapes", "unembed", "unembedding_rows",
 ]

@@ -123,6 +123,9 @@ class RelativePositionBias(nn.Module):
         return jnp.transpose(values, (2, 0, 1))[None]
 
 
+_SCORE_SITES = ("hook_q", "hook_k", "hook_attn_scores", "hook_pattern")
+
+
 class MultiHeadAttention(nn.Module):
     """T5 attention (self or cross). Sites: hook_q, hook_k, hook_v, hook_attn_scores, hook_pattern, hook_z."""
 
@@ -159,16 +162,21 @@ class MultiHeadAttention(nn.Module):
         """inputs_q [B, T, D], inputs_kv [B, S, D], bias broadcastable to [B, H, T, S] (added to the
         scores), key_mask broadcastable to [B, H, T, S] (True = may attend). Returns [B, T, D]."""
         dtype = inputs_q.dtype
-        q = tap("hook_q", jnp.einsum("btd,dhk->bthk", inputs_q, _cast(self.query, self.dtype)))
-        k = tap("hook_k", jnp.einsum("bsd,dhk->bshk", inputs_kv, _cast(self.key, self.dtype)))
         v = tap("hook_v", jnp.einsum("bsd,dhk->bshk", inputs_kv, _cast(self.value, self.dtype)))
-        scores = jnp.einsum("bthk,bshk->bhts", q, k)
-        if bias is not None:
-            scores = scores + bias.astype(scores.dtype)
-        if key_mask is not None:
-            scores = jnp.where(key_mask, scores, jnp.finfo(scores.dtype).min)
-        scores = tap("hook_attn_scores", scores)
-        pattern = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
+        if inputs_kv.shape[1] == 1 and not any(tap.wants(name) for name in _SCORE_SITES):
+            # One key (the decoder's self-attention at its first step, which is all a DSI model runs): the
+            # softmax over it is 1 whatever the scores, so queries, keys and scores are never computed.
+            pattern = jnp.ones((inputs_q.shape[0], self.num_heads, inputs_q.shape[1], 1), dtype)
+        else:
+            q = tap("hook_q", jnp.einsum("btd,dhk->bthk", inputs_q, _cast(self.query, self.dtype)))
+            k = tap("hook_k", jnp.einsum("bsd,dhk->bshk", inputs_kv, _cast(self.key, self.dtype)))
+            scores = jnp.einsum("bthk,bshk->bhts", q, k)
+            if bias is not None:
+                scores = scores + bias.astype(scores.dtype)
+            if key_mask is not None:
+                scores = jnp.where(key_mask, scores, jnp.finfo(scores.dtype).min)
+            scores = tap("hook_attn_scores", scores)
+            pattern = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
         pattern = tap("hook_pattern", pattern)
         pattern = self.attn_dropout(pattern, deterministic=self.deterministic)
         z = tap("hook_z", jnp.einsum("bhts,bshk->bthk", pattern, v))

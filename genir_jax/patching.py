@@ -18,7 +18,9 @@ How the work is shared:
   patch inside the encoder run it per config;
 - the dense masks of a config chunk are built inside the compiled function from a few integers per
   config (`genir_jax.sweep.Term`), so a 98,304-config neuron sweep never materialises its masks;
-- queries are sharded over the local devices; configs and queries are chunked, so peak memory is set by
+- placement is a `genir_jax.partitioning.Partitioner`: queries split over its ``data`` axis, configs over
+  ``configs``, parameters as its rules say (``model``); by default every local device is on ``data``.
+  Configs and queries are chunked, so peak memory is set by
   the chunk sizes, not by K. With ``per_query=False`` only per-config aggregates are kept on the host.
 - a `store` (see `genir_jax.sweep_store`) makes a long sweep resumable by chunk.
 """
@@ -33,7 +35,6 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from genir_jax.batching import batches, pad_rows
@@ -41,9 +42,10 @@ from genir_jax.config import T5Config
 from genir_jax.interventions import FROM_SOURCE, FromSource, InterventionError, validate  # noqa: F401 (re-export)
 from genir_jax.metrics import (  # noqa: F401 (re-exported: the sweep's metrics)
     DIFFERENTIABLE_METRICS, METRIC_TABLE, METRICS, RANK_METRICS, THRESHOLDS, block_aggregates, ranks_of_targets,
-    target_metrics,
+    VOCAB_BLOCK, streamed_target_metrics, target_metrics,
 )
-from genir_jax.model import T5, cache_specs, decode_suffix
+from genir_jax.model import T5, cache_specs, decode_suffix, unembedding_rows
+from genir_jax.partitioning import Partitioner, current, fetch, maybe_activate
 from genir_jax.sites import STACK_SITES, Site, num_layers, site_shape
 from genir_jax.sweep import Sweep, Term, as_sweep, first_decoder_layer
 from genir_jax.taps import Patch, apply_patch
@@ -150,9 +152,26 @@ def _build_interventions(config: T5Config, plan, tables, values, source_values, 
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("config", "source_config", "source_spec", "metrics", "top_k"))
+def _final_metrics(config, params, hidden, targets, metrics, candidates, foils, top_k):
+    """The metrics of the final decoder state [B, D], streamed over vocabulary blocks (clean run and
+    configs alike, so effects compare like with like)."""
+    table, scale = unembedding_rows(config, params)
+    return streamed_target_metrics(hidden * scale, table, targets, metrics, candidates=candidates, foils=foils,
+                                   top_k=top_k)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "source_config", "source_spec", "metrics", "top_k",
+                                             "partitioner"))
 def _clean_state(params, source_params, input_ids, attention_mask, source_ids, source_mask, targets, foils,
-                 candidates, *, config, source_config, source_spec, metrics, top_k):
+                 candidates, *, config, source_config, source_spec, metrics, top_k, partitioner=None):
+    with maybe_activate(partitioner):
+        return _clean_state_body(params, source_params, input_ids, attention_mask, source_ids, source_mask, targets,
+                                 foils, candidates, config=config, source_config=source_config,
+                                 source_spec=source_spec, metrics=metrics, top_k=top_k)
+
+
+def _clean_state_body(params, source_params, input_ids, attention_mask, source_ids, source_mask, targets, foils,
+                      candidates, *, config, source_config, source_spec, metrics, top_k):
     """Per query chunk: encoder output, residual entering each decoder layer (and the last one's output),
     source activations, and the clean metrics."""
     model = T5(config, decoder_cache=(("hook_embed", None), ("hook_resid_post", None)))
@@ -161,8 +180,7 @@ def _clean_state(params, source_params, input_ids, attention_mask, source_ids, s
     encoded, _ = model.apply(variables, input_ids, attention_mask, method=T5.encode)
     hidden, cache = model.apply(variables, encoded, attention_mask, start, None, None, method=T5.decode)
     states = jnp.concatenate([cache["hook_embed"][None], cache["hook_resid_post"]], axis=0)  # [L+1, B, T, D]
-    logits = model.apply(variables, hidden[:, 0], method=T5.unembed).astype(jnp.float32)
-    clean = target_metrics(logits, targets, metrics, candidates=candidates, foils=foils, top_k=top_k)
+    clean = _final_metrics(config, params, hidden[:, 0], targets, metrics, candidates, foils, top_k)
     source_values = {}
     if source_spec is not None:
         source = T5(source_config, encoder_cache=source_spec[0], decoder_cache=source_spec[1])
@@ -172,9 +190,10 @@ def _clean_state(params, source_params, input_ids, attention_mask, source_ids, s
     return {"encoded": encoded, "states": states, "source": source_values}, clean
 
 
-@functools.partial(jax.jit, static_argnames=("config", "plan", "encoder_kind", "paths", "metrics", "top_k"))
+@functools.partial(jax.jit, static_argnames=("config", "plan", "encoder_kind", "paths", "metrics", "top_k",
+                                             "partitioner"))
 def _sweep_chunk(params, state, input_ids, attention_mask, targets, foils, candidates, tables, values, index,
-                 receivers, start, *, config, plan, encoder_kind, paths, metrics, top_k):
+                 receivers, start, *, config, plan, encoder_kind, paths, metrics, top_k, partitioner=None):
     """Metrics [Kc, B] of a chunk of configs (vmapped) on a chunk of queries."""
     model = T5(config)
     variables = {"params": params}
@@ -190,26 +209,35 @@ def _sweep_chunk(params, state, input_ids, attention_mask, targets, foils, candi
         x = jax.lax.dynamic_index_in_dim(state["states"], start, axis=0, keepdims=False)
         hidden = decode_suffix(config, params, x, start, encoded, attention_mask, interventions.get("decoder"),
                                receivers=config_receivers if paths else None)
-        logits = model.apply(variables, hidden[:, 0], method=T5.unembed).astype(jnp.float32)
-        return target_metrics(logits, targets, metrics, candidates=candidates, foils=foils, top_k=top_k)
+        return _final_metrics(config, params, hidden[:, 0], targets, metrics, candidates, foils, top_k)
 
-    return jax.vmap(one_config)(index, receivers)
+    # The config axis lies on the mesh's `configs` axis (when it has one); activations are constrained by name.
+    spmd = "configs" if partitioner is not None and partitioner.config_size > 1 else None
+    with maybe_activate(partitioner):
+        return jax.vmap(one_config, spmd_axis_name=spmd)(index, receivers)
 
 
 # --------------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------------
 
-def default_query_chunk(num_configs: int, vocab_size: int, budget_bytes: int = 1 << 30) -> int:
-    """Queries per device and step so the [K, chunk, V] float32 logits (and the temporaries of ranking)
-    stay within `budget_bytes`; at most 256."""
-    per_query = max(1, num_configs) * vocab_size * 4 * 3
+def _row_bytes(vocab_size: int, candidates: int = 0) -> int:
+    """Bytes of float32 temporaries per (config, query) row: one vocabulary block of logits (metrics are
+    streamed, `streamed_target_metrics`) and the docid candidates' logits, each about three times over."""
+    return 4 * 3 * (min(vocab_size, VOCAB_BLOCK) + candidates)
+
+
+def default_query_chunk(num_configs: int, vocab_size: int, budget_bytes: int = 1 << 30, candidates: int = 0) -> int:
+    """Queries per device and step so the per-row temporaries of `num_configs` configs stay within
+    `budget_bytes`; at most 256."""
+    per_query = max(1, num_configs) * _row_bytes(vocab_size, candidates)
     return int(max(1, min(256, budget_bytes // per_query)))
 
 
-def default_config_chunk(query_rows: int, vocab_size: int, budget_bytes: int = 1 << 30) -> int:
-    """Configs per step so [configs, query_rows, V] float32 logits and their temporaries fit `budget_bytes`."""
-    return int(max(1, min(1024, budget_bytes // max(1, query_rows * vocab_size * 4 * 3))))
+def default_config_chunk(query_rows: int, vocab_size: int, budget_bytes: int = 1 << 30, candidates: int = 0) -> int:
+    """Configs per step so the per-row temporaries of `query_rows` queries fit `budget_bytes`; at most 512
+    (bigger blocks gain nothing at these matmul sizes and pad more)."""
+    return int(max(1, min(512, budget_bytes // max(1, query_rows * _row_bytes(vocab_size, candidates)))))
 
 
 def _validate_terms(config: T5Config, sweep: Sweep, encoder_length: int) -> None:
@@ -301,6 +329,8 @@ def run_sweep(
     query_chunk: int | None = None,
     config_chunk: int | None = None,
     devices=None,
+    partitioner: Partitioner | None = None,
+    dtype=None,
     prefix_sharing: bool = True,
     per_query: bool = True,
     store=None,
@@ -313,7 +343,10 @@ def run_sweep(
     `candidates`: token ids (e.g. the docid tokens) for ``docid_rank`` and for the top-k (``top_ids``
     then index into `candidates`). `query_chunk`: queries per device per step; `config_chunk`: configs per
     step (defaults from a 1 GiB logits budget). `devices`: the devices queries are sharded over (default:
-    all local; results do not depend on their number). `prefix_sharing=False` runs every decoder layer for
+    all local; results do not depend on their number). `partitioner`: a mesh and rules instead (queries on
+    ``data``, configs on ``configs``, parameters split over ``model``; `query_chunk` is then per ``data``
+    slice and `config_chunk` a multiple of the ``configs`` size). `dtype` (e.g. ``"bfloat16"``): parameters
+    stored and the model computed in it; logits, ranks and metrics are float32 whatever it is. `prefix_sharing=False` runs every decoder layer for
     every config (for checks). ``per_query=False`` keeps only per-config aggregates (no [K, N] arrays,
     no top-k). `store`: an object with ``get(key)`` / ``put(key, arrays)`` that keeps finished chunks.
     """
@@ -360,17 +393,23 @@ def run_sweep(
                                                                          attention_mask)
     source_params = source.params if source_spec is not None else None
 
-    devices = list(devices) if devices is not None else jax.local_devices()
-    mesh = Mesh(np.asarray(devices), ("queries",))
-    rows_sharding = NamedSharding(mesh, PartitionSpec("queries"))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    params = jax.device_put(params, replicated)
+    if dtype is not None:
+        params = _cast_params(params, dtype)
+        source_params = None if source_params is None else _cast_params(source_params, dtype)
+    if partitioner is None:
+        partitioner = current() if devices is None and current() is not None else Partitioner.data_parallel(devices)
+    rows_sharding = partitioner.sharding(("batch",))
+    replicated = partitioner.replicated
+    params = partitioner.shard_params(params, config)
     if source_params is not None:
-        source_params = jax.device_put(source_params, replicated)
+        source_params = partitioner.shard_params(source_params, source_config)
     num_configs = sweep.size
-    per_device = query_chunk or _balanced_chunk(-(-count // len(devices)), 64)
-    rows_per_step = per_device * len(devices)
-    config_chunk = config_chunk or default_config_chunk(rows_per_step, config.vocab_size)
+    shards = partitioner.data_size
+    per_device = query_chunk or _balanced_chunk(-(-count // shards), 64)
+    rows_per_step = per_device * shards
+    config_chunk = config_chunk or default_config_chunk(rows_per_step, config.vocab_size,
+                                                       candidates=0 if candidates is None else len(candidates))
+    config_chunk = -(-config_chunk // partitioner.config_size) * partitioner.config_size
 
     # Clean state, once per query chunk.
     foil_ids = foil_ids if _needing(metrics, "foils") else None
@@ -382,9 +421,9 @@ def run_sweep(
         state, clean = _clean_state(params, source_params, ids, mask, s_ids, s_mask, targets,
                                     foils if foil_ids is not None else None, cand_dev, config=config,
                                     source_config=source_config or config, source_spec=source_spec,
-                                    metrics=metrics, top_k=0)
+                                    metrics=metrics, top_k=0, partitioner=partitioner)
         chunks.append((batch.rows, ids, mask, targets, foils if foil_ids is not None else None, state))
-        clean_parts.append((batch.rows, jax.device_get(clean)))
+        clean_parts.append((batch.rows, fetch(clean)))
     clean_values = {m: np.concatenate([np.asarray(c[m])[: len(rows)] for rows, c in clean_parts]) for m in metrics}
 
     # Config groups: same encoder handling and same first decoder layer.
@@ -414,7 +453,7 @@ def run_sweep(
         if stored is None:
             block_values, block_top = _run_block(
                 config, params, chunks, sweep, plan, tables, values, index, kind, start, paths, metrics, top_k,
-                config_chunk, replicated, cand_dev, bar, count)
+                config_chunk, partitioner, cand_dev, bar, count)
             computed_configs += len(index)
             if store is not None:
                 store.put(key, {"index": index, **{f"value:{m}": v for m, v in block_values.items()},
@@ -442,6 +481,11 @@ def run_sweep(
     }
     return SweepResult(sweep=sweep, metrics=metrics, clean=clean_values, aggregates=aggregator.result(),
                        values=per_query_values, top_ids=top_ids, top_logits=top_logits, stats=stats)
+
+
+def _cast_params(params, dtype):
+    dtype = jnp.dtype(dtype)
+    return jax.tree_util.tree_map(lambda x: x if jnp.result_type(x) == dtype else jnp.asarray(x, dtype), params)
 
 
 def _needing(metrics: Sequence[str], what: str) -> str | None:
@@ -472,32 +516,34 @@ def _term_constants(sweep: Sweep, replicated) -> tuple[tuple, tuple]:
 
 
 def _run_block(config, params, chunks, sweep, plan, tables, values, index, kind, start, paths, metrics, top_k,
-               config_chunk, replicated, candidates, bar, count):
+               config_chunk, partitioner, candidates, bar, count):
     """One chunk of configs on every query chunk: per-query values [Kc, N] (and the top-k)."""
     # Pad a short block only to the next power of two: few compiled shapes, little wasted work.
     bucket = min(config_chunk, 1 << max(0, int(len(index) - 1).bit_length()))
+    bucket = -(-bucket // partitioner.config_size) * partitioner.config_size  # configs split evenly
     padded = pad_rows(index, bucket) if len(index) < bucket else index
+    by_config = partitioner.sharding(("configs",))
     term_index = []
     for term in sweep.terms:
         table_rows = term.table.shape[0]
         row = np.where(term.row[padded] < 0, table_rows, term.row[padded])
         layer = term.layer[padded] if term.layer is not None else np.zeros(len(padded), np.int64)
         unit = term.unit[padded] if term.unit is not None else np.zeros(len(padded), np.int64)
-        term_index.append(tuple(jax.device_put(a.astype(np.int32), replicated) for a in (row, layer, unit)))
+        term_index.append(tuple(jax.device_put(a.astype(np.int32), by_config) for a in (row, layer, unit)))
     receivers = None
     if paths:
-        receivers = (jax.device_put(sweep.receivers.components[padded].astype(np.float32), replicated),
-                     jax.device_put(sweep.receivers.logits[padded].astype(np.float32), replicated))
-    else:
-        receivers = jnp.zeros((len(padded),), jnp.float32)  # a placeholder vmapped alongside the configs
+        receivers = (jax.device_put(sweep.receivers.components[padded].astype(np.float32), by_config),
+                     jax.device_put(sweep.receivers.logits[padded].astype(np.float32), by_config))
+    else:  # a placeholder vmapped alongside the configs
+        receivers = jax.device_put(np.zeros((len(padded),), np.float32), by_config)
     values_out = {m: np.zeros((len(index), count), np.float32 if m not in RANK_METRICS else np.int32) for m in metrics}
     top = (np.zeros((len(index), count, top_k), np.int32), np.zeros((len(index), count, top_k), np.float32)) \
         if top_k else None
     for rows, ids, mask, targets, foils, state in chunks:
         out = _sweep_chunk(params, state, ids, mask, targets, foils, candidates, tables, values, tuple(term_index),
                            receivers, jnp.int32(start), config=config, plan=plan, encoder_kind=kind, paths=paths,
-                           metrics=metrics, top_k=top_k)
-        out = jax.device_get(out)
+                           metrics=metrics, top_k=top_k, partitioner=partitioner)
+        out = fetch(out)  # gathered from every process on a multi-host mesh
         n = len(rows)
         for m in metrics:
             values_out[m][:, rows] = np.asarray(out[m])[: len(index), :n]
