@@ -40,6 +40,17 @@ _INTERPRETED_KEYS = frozenset(
 )
 
 
+# Bounds on a configuration (README "Bounded resources"): a config.json beyond them is refused with a ConfigError
+# before any parameter, name or mask is enumerated or allocated. Real T5s: t5-11b has 24+24 layers, 128 heads,
+# d_model 1024, d_kv 128, d_ff 65536; mT5's vocabulary is 250,112; every T5 uses 32 buckets, distance 128.
+MAX_SIZES = {
+    "num_layers": 256, "num_decoder_layers": 256, "num_heads": 1024, "d_model": 65_536, "d_kv": 65_536,
+    "num_heads*d_kv": 1_048_576, "d_ff": 1_048_576, "vocab_size": 4_194_304,
+    "relative_attention_num_buckets": 4096, "relative_attention_max_distance": 1_048_576,
+}
+MAX_PARAMETERS = 2 ** 36  # about 68.7 billion (t5-11b: 11 billion)
+
+
 @dataclasses.dataclass(frozen=True)
 class T5Config:
     """Hyper-parameters of a T5 encoder-decoder. Defaults are those of `t5-small` (T5 v1.0)."""
@@ -93,9 +104,16 @@ class T5Config:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
+    def approx_parameter_count(self) -> int:
+        """Parameters the architecture implies (embeddings, attention, MLPs; norms and biases left out)."""
+        d, inner, ff = self.d_model, self.num_heads * self.d_kv, self.d_ff * (3 if self.is_gated_act else 2)
+        embeddings = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        encoder = self.num_layers * (4 * d * inner + d * ff)
+        return embeddings + encoder + self.num_decoder_layers * (8 * d * inner + d * ff)
+
     # ----------------------------------------------------------------------------------------- checks
     def validate(self, source: str = "T5Config") -> None:
-        """Raise `ConfigError` naming `source` and the field if a value is unusable."""
+        """Raise `ConfigError` naming `source` and the field if a value is unusable or beyond `MAX_SIZES`."""
         positive_ints = (
             "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
             "relative_attention_num_buckets", "relative_attention_max_distance",
@@ -104,6 +122,14 @@ class T5Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{source}: field '{name}' must be a positive integer, got {value!r}")
+        for name, limit in MAX_SIZES.items():
+            value = self.num_heads * self.d_kv if name == "num_heads*d_kv" else getattr(self, name)
+            if value > limit:
+                raise ConfigError(f"{source}: field '{name}' = {value} exceeds genir-jax's bound {limit} (refused "
+                                  "before anything is allocated; the largest real T5 checkpoints are far below it)")
+        if self.approx_parameter_count() > MAX_PARAMETERS:
+            raise ConfigError(f"{source}: the architecture implies about {self.approx_parameter_count():,} parameters, "
+                              f"beyond genir-jax's bound {MAX_PARAMETERS:,}")
         if self.relative_attention_num_buckets < 4:
             raise ConfigError(
                 f"{source}: field 'relative_attention_num_buckets' must be >= 4 (half the buckets are exact, "

@@ -7,6 +7,8 @@ that `transformers.AutoModelForSeq2SeqLM.from_pretrained` loads with the same lo
 
 The tensor-name table (`hf_tensor_specs`) is the single place that knows Hugging Face's layout; every
 tensor is checked against the shape that `config.json` implies and errors name the file and the tensor.
+With a `genir_jax.partitioning.Partitioner`, safetensors weights are read slice by slice straight into
+sharded arrays (`sharded_params_from_safetensors`).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class TensorSpec:
     layer: int | None
     to_ours: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
+    layout: str = "identity"  # "identity" | "transpose" | "q" ([H*K, D] -> [D, H, K]) | "o" ([D, H*K] -> [H, K, D])
 
 
 def _identity(x: np.ndarray) -> np.ndarray:
@@ -106,7 +109,7 @@ def hf_tensor_specs(config: T5Config) -> list[TensorSpec]:
 
     specs = [TensorSpec("shared.weight", (v, d), ("shared",), None, _identity, _identity)]
     if not config.tie_word_embeddings:
-        specs.append(TensorSpec("lm_head.weight", (v, d), ("lm_head",), None, _transpose, _transpose))
+        specs.append(TensorSpec("lm_head.weight", (v, d), ("lm_head",), None, _transpose, _transpose, "transpose"))
 
     mlp_names = ("wi_0", "wi_1", "wo") if config.is_gated_act else ("wi", "wo")
     for stack, num_layers in (("encoder", config.num_layers), ("decoder", config.num_decoder_layers)):
@@ -123,16 +126,16 @@ def hf_tensor_specs(config: T5Config) -> list[TensorSpec]:
             for index, (hf_attn, our_attn) in enumerate(sublayers):
                 for proj, ours in (("q", "query"), ("k", "key"), ("v", "value")):
                     specs.append(TensorSpec(f"{prefix}.{index}.{hf_attn}.{proj}.weight", (h * k, d),
-                                            (stack, "layers", our_attn, ours), layer, q_in, q_out))
+                                            (stack, "layers", our_attn, ours), layer, q_in, q_out, "q"))
                 specs.append(TensorSpec(f"{prefix}.{index}.{hf_attn}.o.weight", (d, h * k),
-                                        (stack, "layers", our_attn, "out"), layer, o_in, o_out))
+                                        (stack, "layers", our_attn, "out"), layer, o_in, o_out, "o"))
                 specs.append(TensorSpec(f"{prefix}.{index}.layer_norm.weight", (d,),
                                         (stack, "layers", f"{our_attn}_norm", "scale"), layer, _identity, _identity))
             ff = len(sublayers)
             for name in mlp_names:
                 shape = (d, f) if name == "wo" else (f, d)
                 specs.append(TensorSpec(f"{prefix}.{ff}.DenseReluDense.{name}.weight", shape,
-                                        (stack, "layers", "mlp", name), layer, _transpose, _transpose))
+                                        (stack, "layers", "mlp", name), layer, _transpose, _transpose, "transpose"))
             specs.append(TensorSpec(f"{prefix}.{ff}.layer_norm.weight", (d,),
                                     (stack, "layers", "mlp_norm", "scale"), layer, _identity, _identity))
         specs.append(TensorSpec(f"{stack}.final_layer_norm.weight", (d,), (stack, "final_norm", "scale"), None,
@@ -250,6 +253,33 @@ class _WeightFiles:
         """The file holding tensor `name`, or the file listing the tensors if it is absent."""
         return self.location.get(name, self.listing)
 
+    def _handle(self, path: str):
+        from safetensors import safe_open
+
+        handles = self.__dict__.setdefault("_handles", {})
+        if path not in handles:
+            handles[path] = safe_open(path, framework="np")
+        return handles[path]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A safetensors tensor's shape from the file header (nothing read)."""
+        return tuple(self._handle(self.location[name]).get_slice(name).get_shape())
+
+    def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Only the part `index` (unit-step slices) of a safetensors tensor; recorded in `slices_read`."""
+        from safetensors import SafetensorError
+
+        path = self.location[name]
+        try:
+            array = np.asarray(self._handle(path).get_slice(name)[index])
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path}: cannot read tensor '{name}' ({exc})") from exc
+        self.__dict__.setdefault("slices_read", []).append((name, tuple((s.start, s.stop) for s in index)))
+        return array
+
+    def close(self) -> None:
+        self.__dict__.pop("_handles", None)
+
 
 def _torch_to_numpy(tensor) -> np.ndarray:
     import torch
@@ -284,6 +314,12 @@ def _resolve_directory(path_or_hub_id: str | os.PathLike, allow_download: bool, 
     raise CheckpointError(f"{path}: checkpoint directory does not exist")
 
 
+def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike, cache_dir: str | None = None) -> str:
+    """The directory of a checkpoint given as a directory or a hub id in the local Hugging Face cache
+    (never downloaded); `CheckpointError` otherwise."""
+    return _resolve_directory(path_or_hub_id, False, cache_dir)
+
+
 def _convert_dtype(array: np.ndarray, dtype) -> np.ndarray:
     if dtype == "auto":
         return array
@@ -302,28 +338,8 @@ def params_from_hf_tensors(
     Tying follows transformers: an `lm_head.weight` equal to `shared.weight` (or absent, when the config
     says tied) is tied; one that differs is a separate output layer whatever the config says.
     """
-    tied = config.tie_word_embeddings
-    if "lm_head.weight" in available:
-        if tied:
-            lm_head = get_tensor("lm_head.weight")
-            shared = get_tensor("shared.weight") if "shared.weight" in available else None
-            tied = shared is not None and lm_head.shape == shared.shape and np.array_equal(lm_head, shared)
-    elif not tied:
-        raise CheckpointError(
-            f"{source_of('lm_head.weight')}: missing tensor 'lm_head.weight' (config.json has "
-            "tie_word_embeddings=false, so the output layer must be stored)"
-        )
-    config = config.replace(tie_word_embeddings=tied)
-
-    specs = hf_tensor_specs(config)
-    missing = [s.hf_name for s in specs if s.hf_name not in available]
-    if missing:
-        shown = ", ".join(f"'{m}'" for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"{source_of(missing[0])}: missing tensor(s) {shown} required by config.json")
-    known = {s.hf_name for s in specs} | _IGNORED_TENSORS | {"lm_head.weight"}
-    unknown = sorted(available - known)
-    if unknown:
-        warnings.warn(f"ignoring {len(unknown)} unexpected tensor(s) in the checkpoint: {unknown[:5]}", stacklevel=3)
+    config = _decide_tying(config, get_tensor, available, source_of)
+    specs = _checked_specs(config, available, source_of)
 
     stacked: dict[tuple[str, ...], list] = {}
     flat: dict[tuple[str, ...], np.ndarray] = {}
@@ -351,6 +367,112 @@ def params_from_hf_tensors(
     return config, params
 
 
+def _decide_tying(config: T5Config, get_tensor, available: set[str], source_of) -> T5Config:
+    tied = config.tie_word_embeddings
+    if "lm_head.weight" in available:
+        if tied:
+            lm_head = get_tensor("lm_head.weight")
+            shared = get_tensor("shared.weight") if "shared.weight" in available else None
+            tied = shared is not None and lm_head.shape == shared.shape and np.array_equal(lm_head, shared)
+    elif not tied:
+        raise CheckpointError(
+            f"{source_of('lm_head.weight')}: missing tensor 'lm_head.weight' (config.json has "
+            "tie_word_embeddings=false, so the output layer must be stored)"
+        )
+    return config.replace(tie_word_embeddings=tied)
+
+
+def _checked_specs(config: T5Config, available: set[str], source_of) -> list[TensorSpec]:
+    """The tensor specs of `config`; every one must be available (unknown extra tensors are warned about)."""
+    specs = hf_tensor_specs(config)
+    missing = [s.hf_name for s in specs if s.hf_name not in available]
+    if missing:
+        shown = ", ".join(f"'{m}'" for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{source_of(missing[0])}: missing tensor(s) {shown} required by config.json")
+    known = {s.hf_name for s in specs} | _IGNORED_TENSORS | {"lm_head.weight"}
+    unknown = sorted(available - known)
+    if unknown:
+        warnings.warn(f"ignoring {len(unknown)} unexpected tensor(s) in the checkpoint: {unknown[:5]}", stacklevel=4)
+    return specs
+
+
+def _hf_region(spec: TensorSpec, region: tuple[slice, ...], config: T5Config) -> tuple[tuple[slice, ...], Callable]:
+    """The part of HF tensor `spec` that holds `region` (slices of our unstacked layout), and how to turn it
+    into our layout. Attention kernels: a slice of heads is a contiguous block of HF rows (q/k/v) or
+    columns (o)."""
+    k = config.d_kv
+    if spec.layout == "identity":
+        return region, _identity
+    if spec.layout == "transpose":
+        return (region[1], region[0]), _transpose
+    if spec.layout == "q":  # ours [D, H, K] <- hf [H*K, D]
+        d, h, kv = region
+        rows = slice(h.start * k, h.stop * k)
+        return (rows, d), lambda x: np.ascontiguousarray(x.T.reshape(d.stop - d.start, h.stop - h.start, k)[:, :, kv])
+    if spec.layout == "o":  # ours [H, K, D] <- hf [D, H*K]
+        h, kv, d = region
+        cols = slice(h.start * k, h.stop * k)
+        return (d, cols), lambda x: np.ascontiguousarray(x.T.reshape(h.stop - h.start, k, d.stop - d.start)[:, kv, :])
+    raise ValueError(f"unknown tensor layout {spec.layout!r}")
+
+
+def sharded_params_from_safetensors(config: T5Config, files: "_WeightFiles", partitioner, dtype="float32"
+                                    ) -> tuple[T5Config, dict]:
+    """Our params as arrays placed by `partitioner` (a `genir_jax.partitioning.Partitioner`), each device's
+    shard read from the safetensors files slice by slice (`jax.make_array_from_callback`): no host ever
+    holds a whole sharded parameter. Same checks and values as `params_from_hf_tensors`."""
+    available, source_of = files.names(), files.source
+    config = _decide_tying(config, files.get, available, source_of)
+    specs = _checked_specs(config, available, source_of)
+    for spec in specs:
+        shape = files.shape(spec.hf_name)
+        if shape != spec.hf_shape:
+            raise CheckpointError(
+                f"{source_of(spec.hf_name)}: tensor '{spec.hf_name}' has shape {shape} but config.json "
+                f"implies {spec.hf_shape} ({_describe_dims(config)})")
+    by_path: dict[tuple[str, ...], dict] = {}
+    for spec in specs:
+        by_path.setdefault(spec.path, {})[spec.layer] = spec
+    from genir_jax.model import param_shapes
+
+    shapes = param_shapes(config)
+    shardings = partitioner.param_shardings(config)
+
+    def lookup(tree, path):
+        for key in path:
+            tree = tree[key]
+        return tree
+
+    params: dict = {}
+    for path, layers in by_path.items():
+        shape = tuple(lookup(shapes, path).shape)
+        stacked = None not in layers
+        out_dtype = None if dtype == "auto" else np.dtype(dtype)
+        cache: dict = {}
+
+        def read(index, path=path, layers=layers, shape=shape, stacked=stacked, out_dtype=out_dtype, cache=cache):
+            index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape)) + tuple(
+                slice(0, n) for n in shape[len(index):])
+            key = tuple((s.start, s.stop) for s in index)
+            if key not in cache:  # replicas of one shard are read once
+                parts = []
+                for layer in (range(index[0].start, index[0].stop) if stacked else [None]):
+                    spec = layers[layer]
+                    region = index[1:] if stacked else index
+                    hf_index, convert = _hf_region(spec, region, config)
+                    part = convert(files.read_slice(spec.hf_name, hf_index))
+                    parts.append(part if out_dtype is None else part.astype(out_dtype))
+                cache[key] = np.stack(parts) if stacked else parts[0]
+            return cache[key]
+
+        array = jax.make_array_from_callback(shape, lookup(shardings, path), read)
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = array
+    return config, params
+
+
 def _describe_dims(config: T5Config) -> str:
     return (f"vocab_size={config.vocab_size}, d_model={config.d_model}, d_kv={config.d_kv}, d_ff={config.d_ff}, "
             f"num_heads={config.num_heads}, relative_attention_num_buckets={config.relative_attention_num_buckets}")
@@ -364,6 +486,7 @@ def load_pretrained(
     allow_download: bool = False,
     cache_dir: str | os.PathLike | None = None,
     fast_tokenizer: bool = False,
+    partitioner=None,
 ) -> PretrainedModel:
     """Load a Hugging Face T5/mT5 checkpoint (directory or locally cached hub id).
 
@@ -373,6 +496,9 @@ def load_pretrained(
     `fast_tokenizer`: a read-only `genir_jax.tokenizer.T5FastTokenizer` (same ids, no transformers import;
     what the analyses use) where it is equivalent, else transformers' tokenizer. Off (default): always
     transformers' tokenizer, which `add_docid_tokens` and training need.
+    `partitioner` (`genir_jax.partitioning.Partitioner`; default: a command's ``--mesh``, see
+    `genir_jax.partitioning.current`): parameters placed as its rules say; from safetensors each device's
+    shard is read slice by slice (`sharded_params_from_safetensors`), never a whole host copy.
     """
     directory = _resolve_directory(path_or_hub_id, allow_download,
                                    None if cache_dir is None else os.fspath(cache_dir))
@@ -381,7 +507,18 @@ def load_pretrained(
         raise ConfigError(f"{config_path}: config file not found in checkpoint directory {directory}")
     config = T5Config.from_json_file(config_path)
     files = _WeightFiles(directory)
-    config, params = params_from_hf_tensors(config, files.get, files.names(), files.source, dtype=dtype)
+    from genir_jax.partitioning import current
+
+    partitioner = partitioner if partitioner is not None else current()
+    if partitioner is not None and files.kind == "safetensors":
+        try:
+            config, params = sharded_params_from_safetensors(config, files, partitioner, dtype=dtype)
+        finally:
+            files.close()
+    else:
+        config, params = params_from_hf_tensors(config, files.get, files.names(), files.source, dtype=dtype)
+        if partitioner is not None:
+            params = partitioner.shard_params(params, config)
     tokenizer = load_tokenizer_from(directory, fast=fast_tokenizer) if load_tokenizer else None
     if tokenizer is not None and len(tokenizer) > config.vocab_size:
         raise CheckpointError(

@@ -78,6 +78,7 @@ def test_pretrain_then_train_tiny(tmp_path, prepared, shared_data, capsys):
 
     model = load_pretrained(model_dir)
     assert sorted(docid_vocabulary(model.tokenizer).values()) == sorted(f"d{i}" for i in range(16))
+    assert json.loads((model_dir / "docids.json").read_text()) == {"format": 1, "scheme": "atomic"}
     assert model.config.vocab_size == 32100 + 16
 
     # --resume of a finished run re-exports the same model without training.

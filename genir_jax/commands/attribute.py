@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from genir_jax.commands.mesh_options import add_mesh_arguments
 from genir_jax.commands.sweep import (
     add_sweep_inputs, prepare, run_with_store, sweep_description, write_table,
 )
@@ -45,6 +46,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--per-query", action="store_true", help="also write per_query.npz ([configs, queries])")
     parser.add_argument("--config-chunk", type=int, default=None, help="configs per step (exact method)")
     parser.set_defaults(handler=run)
+    add_mesh_arguments(parser, dtype=True)  # --mesh, --mesh-rules, --dtype
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 
+from genir_jax.commands.mesh_options import add_mesh_arguments
+
 
 def add_parser(subparsers) -> None:
     from genir_jax.training.options import add_run_arguments
@@ -26,6 +28,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--no-queries", action="store_true", help="pre-train on the documents only")
     add_run_arguments(parser)
     parser.set_defaults(handler=run)
+    add_mesh_arguments(parser)  # --mesh, --mesh-rules
 
 
 def run(args: argparse.Namespace) -> int:

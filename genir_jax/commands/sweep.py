@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from genir_jax.commands.common import add_analysis_inputs
+from genir_jax.commands.mesh_options import add_mesh_arguments
 from genir_jax.errors import GenIRError
 from genir_jax.metrics import METRIC_TABLE, METRICS as ALL_METRICS
 
@@ -179,7 +180,8 @@ def prepare(args, metrics: list[str]) -> Prepared:
     _validate_common(args, metrics)
     output = check_output(args.output)
     started = time.perf_counter()
-    model = load_for_analysis(args.checkpoint)
+    dtype = getattr(args, "dtype", "float32")  # bfloat16: parameters and compute; metrics stay float32
+    model = load_for_analysis(args.checkpoint, dtype=dtype)
     if model.tokenizer is None:
         raise GenIRError(f"{args.checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
     config, params, tokenizer = model.config, model.params, model.tokenizer
@@ -210,7 +212,7 @@ def prepare(args, metrics: list[str]) -> Prepared:
         source = Source(config, params, ids[permutation], mask[permutation])
         sweep = _with_receivers(args, config, parse_sweep(config, args.sites, value=FROM_SOURCE, length=ids.shape[1]))
     elif args.mode == "source":
-        base = load_for_analysis(args.source_model, load_tokenizer=False)
+        base = load_for_analysis(args.source_model, load_tokenizer=False, dtype=dtype)
         if int(ids.max()) >= base.config.vocab_size:
             raise GenIRError(f"{args.source_model}: the source model's vocabulary ({base.config.vocab_size}) does not "
                              "cover the query tokens; it must share the GenIR model's word vocabulary")
@@ -238,6 +240,7 @@ def prepare(args, metrics: list[str]) -> Prepared:
         "receivers": getattr(args, "receivers", None),
         "query_chunk": args.query_chunk,
         "config_chunk": getattr(args, "config_chunk", None),
+        **({"dtype": dtype} if dtype != "float32" else {}),
     }
     return Prepared(output=output, model=model, config=config, params=params, tokenizer=tokenizer, queries=queries,
                     ids=ids, mask=mask, targets=targets, candidates=candidates, foils=foils, source=source,
@@ -357,6 +360,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--config-chunk", type=int, default=None,
                         help="configs per step (default: from a 1 GiB logits budget); also the resume granularity")
     parser.set_defaults(handler=run)
+    add_mesh_arguments(parser, dtype=True)  # --mesh, --mesh-rules, --dtype
 
 
 def run(args: argparse.Namespace) -> int:

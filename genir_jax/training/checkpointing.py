@@ -9,6 +9,10 @@ start. The data position needs no storage of its own: batches are a pure functio
 (`genir_jax.training.batching`).
 
 The best parameters (by validation) live in a second manager under ``best/`` that keeps one step.
+
+Sharded states: orbax writes each array's shards as they lie on the devices (every process its own) and
+restores into the shardings of the target (`abstract_like` with the run's state shardings), so a model
+split over a ``model`` axis is never gathered onto one host.
 """
 
 from __future__ import annotations
@@ -113,7 +117,10 @@ class Checkpoints:
 
 
 def abstract_like(tree, sharding=None):
-    """`jax.ShapeDtypeStruct` leaves for a restore target (optionally with a sharding)."""
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding if sharding is not None
-                                       else getattr(x, "sharding", None)), tree)
+    """`jax.ShapeDtypeStruct` leaves for a restore target: `sharding` is one sharding for every leaf or a
+    pytree of them shaped like `tree` (orbax then reads each device's shard only); None keeps each leaf's."""
+    if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding if sharding is not None
+                                           else getattr(x, "sharding", None)), tree)
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding)

@@ -15,6 +15,12 @@ Steps (as the reference's preprocess.py + train.py, in JAX):
    (Hits@1, Hits@10, ... from trec_eval), keep the parameters with the best Hits@1.
 5. Export the best model with its tokenizer (docid tokens included) as a Hugging Face directory and
    score it on the full validation and test splits.
+
+Naive and semantic docids (`genir_jax.docid_schemes`): step 1 adds no tokens (the docids are ordinary
+tokens; each is checked to survive the tokenizer before anything is written); the targets are the docid
+token sequences ending with EOS; validation ranks by trie-constrained beam search (10 beams,
+`genir_jax.retrieval.rank_docid_sequences`). The scheme and its docids are written to ``docids.json`` in
+the export (atomic models get ``{"scheme": "atomic"}``), where ``evaluate`` and the analyses read it.
 """
 
 from __future__ import annotations
@@ -29,11 +35,12 @@ import numpy as np
 
 from genir_jax.data.corpus import Document, Query, qrels_from_queries
 from genir_jax.data.dsi import INDEX, RETRIEVAL, build_dsi_examples, tokenize_examples, tokenize_queries
+from genir_jax.docid_schemes import DOCIDS_FILE, DocidScheme, docid_trie, write_scheme
 from genir_jax.docids import add_docid_tokens, docid_token_ids
 from genir_jax.errors import ConfigError, DataError
 from genir_jax.hf import PretrainedModel, save_pretrained
 from genir_jax.io import write_json
-from genir_jax.retrieval import evaluate_run, rank_docids, run_from_ranking
+from genir_jax.retrieval import evaluate_run, rank_docid_sequences, rank_docids, run_from_ranking
 from genir_jax.training.batching import ArraySource
 from genir_jax.training.presets import DSISettings
 from genir_jax.training.trainer import RunSpec, train_loop
@@ -64,22 +71,28 @@ def _group(tokenized, width: int) -> dict[str, np.ndarray]:
     """Batch arrays of one kind, padded to `width` columns (equal widths share one compiled step)."""
     labels = np.asarray(tokenized.labels, dtype=np.int32)
     pad = ((0, 0), (0, max(0, width - tokenized.input_ids.shape[1])))
+    if labels.ndim == 2:  # docid token sequences (naive / semantic)
+        targets, target_mask = labels, np.asarray(tokenized.label_mask, dtype=np.int32)
+    else:
+        targets, target_mask = labels[:, None], np.ones((len(labels), 1), dtype=np.int32)
     return {"input_ids": np.pad(np.asarray(tokenized.input_ids, dtype=np.int32), pad),
             "attention_mask": np.pad(np.asarray(tokenized.attention_mask, dtype=np.int32), pad),
-            "targets": labels[:, None], "target_mask": np.ones((len(labels), 1), dtype=np.int32)}
+            "targets": targets, "target_mask": target_mask}
 
 
 def dsi_source(documents: Sequence[Document], train_queries: Sequence[Query], tokenizer, settings: DSISettings,
                *, remove: Iterable[str] | str = (), cache_dir: str | None = None,
-               progress: bool = True) -> tuple[ArraySource, dict]:
-    """Training batches (group 0: indexing, group 1: retrieval) and their counts."""
+               progress: bool = True, docid_sequences=None) -> tuple[ArraySource, dict]:
+    """Training batches (group 0: indexing, group 1: retrieval) and their counts; `docid_sequences`
+    (``{doc id: token ids ending with EOS}``) for naive / semantic docids."""
     examples = build_dsi_examples(documents, train_queries, ratio=settings.ratio, remove=remove)
     groups, stats = [], {}
     for kind, max_length in ((INDEX, settings.index_max_length), (RETRIEVAL, settings.query_max_length)):
         selected = [e for e in examples if e.kind == kind]
         stats[f"{kind}_examples"] = len(selected)
         if selected:
-            tokenized = tokenize_examples(selected, tokenizer, max_length, cache_dir=cache_dir, progress=progress)
+            tokenized = tokenize_examples(selected, tokenizer, max_length, cache_dir=cache_dir, progress=progress,
+                                          docid_sequences=docid_sequences)
             groups.append(_group(tokenized, max_length))
             stats[f"{kind}_longest"] = int(tokenized.attention_mask.sum(axis=1).max())
     if not groups:
@@ -104,40 +117,78 @@ def retrieval_evaluator(config, tokenizer, queries: Sequence[Query], doc_ids: Se
     return evaluate
 
 
+def sequence_retrieval_evaluator(config, tokenizer, queries: Sequence[Query], doc_ids: Sequence[str], trie,
+                                 max_length: int, *, num_beams: int = 10, batch_size: int = 32,
+                                 progress: bool = False):
+    """As `retrieval_evaluator` for naive / semantic docids: trie-constrained beam search (`num_beams`)."""
+    input_ids, attention_mask = tokenize_queries(queries, tokenizer, max_length)
+    qrels = qrels_from_queries(queries)
+    query_ids = [q.id for q in queries]
+    doc_ids = list(doc_ids)
+    beams = min(num_beams, len(doc_ids))
+
+    def evaluate(params) -> dict:
+        indices, scores, _ = rank_docid_sequences(config, params, input_ids, attention_mask, trie, num_beams=beams,
+                                                  batch_size=batch_size, progress=progress)
+        return evaluate_run(run_from_ranking(query_ids, doc_ids, indices, scores), qrels)
+
+    return evaluate
+
+
 def finetune(base: PretrainedModel, documents: Sequence[Document], splits: Mapping[str, Sequence[Query]],
              settings: DSISettings, run: RunSpec, out_dir: str, *, remove: Iterable[str] | str = (),
              resume: bool = False, progress: bool = True, devices=None, cache_dir: str | None = None,
-             extra_summary: dict | None = None) -> dict:
+             extra_summary: dict | None = None, scheme: DocidScheme | None = None) -> dict:
     """Fine-tune `base` into a DSI model on a prepared corpus and export the best one to `out_dir`.
 
     `splits` holds ``train`` and ``val`` queries (``test`` optional). Returns the summary also written to
     ``out_dir/train.json``: data counts, the validation curve, the best step, final val/test metrics and
-    the training throughput.
+    the training throughput. `scheme`: the docid scheme (default atomic; see the module docstring).
     """
     started = time.perf_counter()
     for name in ("train", "val"):
         if not splits.get(name):
             raise DataError(f"DSI training needs {name} queries (the prepared directory has none)")
-    model = with_docids(base, documents, seed=run.seed, dropout_rate=settings.dropout_rate,
-                        docid_init=settings.docid_init)
+    scheme = scheme or DocidScheme("atomic")
     doc_ids = [doc.id for doc in documents]
+    if scheme.multi_token:
+        trie = docid_trie(scheme, base.tokenizer, doc_ids, scheme.source or scheme.name)
+        model = base if settings.dropout_rate is None else base.replace(
+            config=base.config.replace(dropout_rate=settings.dropout_rate))
+        sequences = dict(zip(doc_ids, (list(s) for s in trie.docids)))
+
+        def make_evaluator(queries):
+            return sequence_retrieval_evaluator(model.config, model.tokenizer, queries, doc_ids, trie,
+                                                settings.query_max_length)
+    else:
+        model = with_docids(base, documents, seed=run.seed, dropout_rate=settings.dropout_rate,
+                            docid_init=settings.docid_init)
+        sequences = None
+
+        def make_evaluator(queries):
+            return retrieval_evaluator(model.config, model.tokenizer, queries, doc_ids, settings.query_max_length)
     source, stats = dsi_source(documents, splits["train"], model.tokenizer, settings, remove=remove,
-                               cache_dir=cache_dir, progress=progress)
+                               cache_dir=cache_dir, progress=progress, docid_sequences=sequences)
     val_queries = list(splits["val"])[:settings.max_val_queries]
-    evaluate = retrieval_evaluator(model.config, model.tokenizer, val_queries, doc_ids, settings.query_max_length)
+    evaluate = make_evaluator(val_queries)
     result = train_loop(model.config, model.params, source, run, out_dir, evaluate=evaluate,
                         best_metric=BEST_METRIC, best_mode="max", resume=resume, progress=progress,
                         devices=devices, description="train")
     params = jax.device_get(result.params)
+    recorded = scheme if not scheme.multi_token else dataclasses.replace(
+        scheme, docids={d: scheme.docids[d] for d in doc_ids})
+    write_scheme(os.path.join(out_dir, DOCIDS_FILE), recorded)  # before the weights: no model without it
     save_pretrained(out_dir, model.replace(params=params, path=None))
     final = {}
     for name in ("val", "test"):
         if splits.get(name):
-            final[name] = retrieval_evaluator(model.config, model.tokenizer, splits[name], doc_ids,
-                                              settings.query_max_length)(params)
+            final[name] = make_evaluator(splits[name])(params)
     summary = {
-        "stage": "dsi", "data": {**stats, "documents": len(documents), "docid_tokens": len(doc_ids),
-                                 "val_queries_for_selection": len(val_queries)},
+        "stage": "dsi", "docids": scheme.name,
+        "data": {**stats, "documents": len(documents), "docids": len(doc_ids),
+                 "docid_tokens": len(doc_ids) if not scheme.multi_token else None,
+                 "longest_docid_tokens": None if sequences is None else max(len(s) for s in sequences.values()),
+                 "val_queries_for_selection": len(val_queries)},
         "removed": sorted(set(_removed_list(remove))), "settings": _settings_dict(settings), "run": run.to_dict(),
         "best": result.best, "evaluations": result.evaluations, "final": final,
         "resumed_from": result.resumed_from, "train_seconds": round(result.train_seconds, 2),

@@ -6,9 +6,11 @@ the decoder start token (0) in front, as T5 trains; for atomic-docid DSI the tar
 token, so the decoder sees only the start token. The loss is the mean token cross-entropy over the
 target positions with ``target_mask == 1`` of the whole (global) batch.
 
-Data parallelism: a one-axis mesh (``"data"``) over the given devices (default: every local device);
-the batch is split along its first axis, parameters and optimizer state are replicated, and XLA inserts
-the gradient all-reduce (`jax.jit` with `NamedSharding`). With one device this is ordinary `jax.jit`.
+Placement: a `genir_jax.partitioning.Partitioner` (or a plain mesh, e.g. `data_mesh`'s one-axis
+``"data"`` mesh, which is data parallel): the batch is split along its first axis over ``data``;
+parameters and the optimizer state are placed as the logical-axis rules say (replicated on a data-only
+mesh; `mlp` / `heads` / `vocab` split over ``model`` on a 2-D mesh); XLA inserts the collectives
+(`jax.jit` with `NamedSharding`). With one device this is ordinary `jax.jit`.
 
 Mixed precision: ``compute_dtype=jnp.bfloat16`` runs the forward in bfloat16 on float32 master
 parameters (the model casts weights at use); the loss and the update stay in float32.
@@ -32,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from genir_jax.config import T5Config
 from genir_jax.errors import ConfigError
 from genir_jax.model import forward
+from genir_jax.partitioning import Partitioner
 
 DATA_AXIS = "data"
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "target_mask")
@@ -62,12 +65,32 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
+def as_partitioner(mesh: "Mesh | Partitioner") -> Partitioner:
+    """A partitioner for a mesh (default rules) or the partitioner itself."""
+    return mesh if isinstance(mesh, Partitioner) else Partitioner(mesh)
 
 
-def batch_sharded(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+def _mesh(mesh: "Mesh | Partitioner") -> Mesh:
+    return mesh.mesh if isinstance(mesh, Partitioner) else mesh
+
+
+def replicated(mesh: "Mesh | Partitioner") -> NamedSharding:
+    return NamedSharding(_mesh(mesh), PartitionSpec())
+
+
+def batch_sharded(mesh: "Mesh | Partitioner") -> NamedSharding:
+    """Batch arrays split along their first axis over the mesh's data axis."""
+    return as_partitioner(mesh).batch_sharding(1)
+
+
+def state_shardings(mesh: "Mesh | Partitioner", config: T5Config, optimizer: optax.GradientTransformation,
+                    params) -> TrainState:
+    """Where each part of a `TrainState` lives: parameters and optimizer state as the partitioner's
+    rules say, the step and the PRNG key replicated."""
+    partitioner = as_partitioner(mesh)
+    return TrainState(step=partitioner.replicated, params=partitioner.param_shardings(config),
+                      opt_state=partitioner.opt_state_shardings(optimizer, params, config),
+                      rng=partitioner.replicated)
 
 
 def shift_right(targets: jnp.ndarray, start_id: int) -> jnp.ndarray:
@@ -88,25 +111,32 @@ def cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray, mask: jnp.ndarray) 
     return loss, {"accuracy": (correct * mask).sum() / count, "tokens": mask.sum()}
 
 
-def seq2seq_loss(config: T5Config, params, batch: dict, *, dropout_rng=None, compute_dtype=None):
+def seq2seq_loss(config: T5Config, params, batch: dict, *, dropout_rng=None, compute_dtype=None, partitioner=None):
     """(loss, metrics) of a batch; dropout is on when `dropout_rng` is given."""
     decoder_input_ids = shift_right(batch["targets"], config.decoder_start_token_id)
     logits = forward(config, params, batch["input_ids"], batch["attention_mask"], decoder_input_ids,
-                     deterministic=dropout_rng is None, dropout_rng=dropout_rng, dtype=compute_dtype)
+                     deterministic=dropout_rng is None, dropout_rng=dropout_rng, dtype=compute_dtype,
+                     partitioner=partitioner)
     return cross_entropy(logits, batch["targets"], batch["target_mask"])
 
 
-def make_train_step(config: T5Config, optimizer: optax.GradientTransformation, mesh: Mesh, *,
+def make_train_step(config: T5Config, optimizer: optax.GradientTransformation, mesh: "Mesh | Partitioner", *,
                     schedule: Callable | None = None, dropout: bool = True,
-                    compute_dtype=None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """A jitted ``step(state, batch) -> (state, metrics)`` sharded over `mesh` (the state is donated)."""
+                    compute_dtype=None, shardings: TrainState | None = None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """A jitted ``step(state, batch) -> (state, metrics)`` sharded over `mesh` (the state is donated).
+
+    `shardings`: the state's (`state_shardings`); None replicates it (a data-parallel mesh)."""
     use_dropout = dropout and config.dropout_rate > 0
+    partitioner = as_partitioner(mesh)
+    state_sharding = shardings if shardings is not None else partitioner.replicated
 
     def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(state.rng, state.step) if use_dropout else None
 
         def loss_fn(params):
-            return seq2seq_loss(config, params, batch, dropout_rng=rng, compute_dtype=compute_dtype)
+            return seq2seq_loss(config, params, batch, dropout_rng=rng, compute_dtype=compute_dtype,
+                                partitioner=partitioner)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -116,8 +146,8 @@ def make_train_step(config: T5Config, optimizer: optax.GradientTransformation, m
             metrics["learning_rate"] = schedule(state.step)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh)),
-                   out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=(0,))
+    return jax.jit(step, in_shardings=(state_sharding, batch_sharded(partitioner)),
+                   out_shardings=(state_sharding, partitioner.replicated), donate_argnums=(0,))
 
 
 @functools.lru_cache(maxsize=16)
@@ -130,15 +160,16 @@ def make_eval_step(config: T5Config, compute_dtype=None) -> Callable[[Any, dict]
     return jax.jit(evaluate)
 
 
-def put_batch(batch: dict, mesh: Mesh) -> dict:
+def put_batch(batch: dict, mesh: "Mesh | Partitioner") -> dict:
     """Place a host batch on the mesh, split along the batch axis; checks divisibility."""
-    devices = mesh.devices.size
+    partitioner = as_partitioner(mesh)
+    devices = partitioner.data_size
     size = len(next(iter(batch.values())))
     if size % devices:
         raise ConfigError(f"batch size {size} is not divisible by the {devices} devices of the data mesh")
-    return jax.device_put({k: np.asarray(batch[k], dtype=np.int32) for k in BATCH_KEYS}, batch_sharded(mesh))
+    return jax.device_put({k: np.asarray(batch[k], dtype=np.int32) for k in BATCH_KEYS}, batch_sharded(partitioner))
 
 
-def put_state(state: TrainState, mesh: Mesh) -> TrainState:
-    """Replicate a state over the mesh."""
-    return jax.device_put(state, replicated(mesh))
+def put_state(state: TrainState, mesh: "Mesh | Partitioner", shardings: TrainState | None = None) -> TrainState:
+    """Place a state on the mesh as `shardings` say (`state_shardings`; None: replicated)."""
+    return jax.device_put(state, shardings if shardings is not None else replicated(mesh))

@@ -33,9 +33,11 @@ import numpy as np
 from genir_jax.config import T5Config
 from genir_jax.errors import CheckpointError, ConfigError
 from genir_jax.io import write_text
+from genir_jax.partitioning import current
 from genir_jax.training.batching import BatchPlan, DataSource
 from genir_jax.training.checkpointing import Checkpoints, abstract_like
-from genir_jax.training.loop import create_state, data_mesh, make_train_step, put_batch, put_state, replicated
+from genir_jax.training.loop import (as_partitioner, create_state, data_mesh, make_train_step, put_batch, put_state,
+                                     state_shardings)
 from genir_jax.training.optim import OptimizerSpec, make_optimizer
 
 METRICS_FILE = "metrics.jsonl"
@@ -150,33 +152,40 @@ def train_loop(
     progress: bool = True,
     devices: Sequence[jax.Device] | None = None,
     description: str = "train",
+    partitioner=None,
 ) -> TrainResult:
     """Train `params` of `config` on `source` as `spec` says, with checkpoints and metrics in `run_dir`.
 
     `evaluate(params) -> {name: value}` runs at validation steps; with `best_metric` the parameters with
     the best value of that metric (``best_mode`` "max" or "min") are kept and returned.
+    `partitioner` (`genir_jax.partitioning.Partitioner`): the mesh and rules that place parameters,
+    optimizer state and batches (checkpoints are saved and restored sharded); None: a command's ``--mesh``
+    (`genir_jax.partitioning.current`), else data parallel over `devices`.
     """
     spec.validate()
     if best_mode not in ("max", "min"):
         raise ConfigError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
     if best_metric is not None and evaluate is None:
         raise ConfigError("best_metric needs an evaluate function")
-    mesh = data_mesh(devices)
-    if spec.batch_size % mesh.devices.size:
-        raise ConfigError(f"batch size {spec.batch_size} is not divisible by the number of devices "
-                          f"({mesh.devices.size}); choose a multiple")
+    if partitioner is None and devices is None:
+        partitioner = current()  # a command's --mesh
+    partitioner = as_partitioner(partitioner if partitioner is not None else data_mesh(devices))
+    if spec.batch_size % partitioner.data_size:
+        raise ConfigError(f"batch size {spec.batch_size} is not divisible by the number of data-parallel devices "
+                          f"({partitioner.data_size}); choose a multiple")
     optimizer, schedule = make_optimizer(spec.optimizer, spec.steps)
     plan = BatchPlan(source.group_sizes, spec.batch_size, spec.seed)
     compute_dtype = jnp.bfloat16 if spec.bf16 else None
-    step_fn = make_train_step(config, optimizer, mesh, schedule=schedule, dropout=spec.dropout,
-                              compute_dtype=compute_dtype)
+    shardings = state_shardings(partitioner, config, optimizer, params)
+    step_fn = make_train_step(config, optimizer, partitioner, schedule=schedule, dropout=spec.dropout,
+                              compute_dtype=compute_dtype, shardings=shardings)
     os.makedirs(run_dir, exist_ok=True)
     checkpoints = Checkpoints(run_dir, every=spec.checkpoint_every, keep=spec.keep_checkpoints)
     log = MetricsLog(os.path.join(run_dir, METRICS_FILE))
     fingerprint = source.fingerprint()
     identity = {"fingerprint": fingerprint, "spec": spec.resume_key(), "config": config.to_hf_dict()}
 
-    state = put_state(create_state(params, optimizer, spec.seed), mesh)
+    state = put_state(create_state(params, optimizer, spec.seed), partitioner, shardings)
     best: dict | None = None
     evaluations: list[dict] = []
     resumed_from = None
@@ -193,7 +202,7 @@ def train_loop(
                         f"{run_dir}/checkpoints/{latest}: was written with a different {key} "
                         f"({_describe_difference(meta.get(key), value)}); resume with the original settings "
                         "or choose another output directory")
-            state, meta = checkpoints.restore(abstract_like(state, replicated(mesh)), latest)
+            state, meta = checkpoints.restore(abstract_like(state, shardings), latest)
             best = meta.get("best")
             evaluations = list(meta.get("evaluations", []))
             resumed_from = latest
@@ -209,10 +218,10 @@ def train_loop(
         compiled: dict[tuple, Any] = {}
         for group, size in enumerate(source.group_sizes):
             if size and start < spec.steps:
-                sample = put_batch(source.batch(group, np.arange(spec.batch_size) % size, 0), mesh)
+                sample = put_batch(source.batch(group, np.arange(spec.batch_size) % size, 0), partitioner)
                 shape = _shape_key(sample)
                 if shape not in compiled:
-                    cache_key = (config, spec.optimizer, spec.steps, spec.dropout, spec.bf16, mesh, shape,
+                    cache_key = (config, spec.optimizer, spec.steps, spec.dropout, spec.bf16, partitioner, shape,
                                  _abstract_key(state))
                     if cache_key not in _COMPILED_STEPS:
                         _COMPILED_STEPS[cache_key] = step_fn.lower(state, sample).compile()
@@ -230,7 +239,7 @@ def train_loop(
         run_started = time.perf_counter()
         for step in range(start, spec.steps):
             group, indices, epoch = plan.at(step)
-            batch = put_batch(source.batch(group, indices, epoch), mesh)
+            batch = put_batch(source.batch(group, indices, epoch), partitioner)
             state, metrics = compiled[_shape_key(batch)](state, batch)
             pending.append(metrics)
             interval_examples += spec.batch_size
@@ -280,7 +289,7 @@ def train_loop(
         last_params = state.params
         final = last_params
         if best_metric is not None and checkpoints.best_step() is not None:
-            final, _ = checkpoints.restore_best(abstract_like(last_params, replicated(mesh)))
+            final, _ = checkpoints.restore_best(abstract_like(last_params, shardings.params))
     finally:
         checkpoints.close()
     return TrainResult(
