@@ -16,6 +16,11 @@ evaluate the order we ranked in (scores handed to trec_eval are made strictly de
 so Hits@1 agrees with ``correct_valid.json``. As in trec_eval, a document is relevant when its grade is
 >= 1: with the reference's ``rel = 4 - position`` a query's 5th and later documents are not (the
 reference's own Hits@k / Recall@5 and ``correct_valid.json`` count every listed document).
+
+Multi-token docids (naive / semantic, `genir_jax.docid_schemes`): `rank_docid_sequences` runs
+`genir_jax.decoding.beam_search` (10 beams, 10 returned, the reference's settings) constrained by the trie of
+the corpus's docids by default, or unconstrained as the reference's ``pipeline(..., num_beams=10)``; beams
+that are no docid of the corpus become ``NON_DOCID@<rank>`` entries, as do repeats of a document.
 """
 
 from __future__ import annotations
@@ -108,15 +113,69 @@ def rank_docids(config: T5Config, params, input_ids, attention_mask, docid_token
     return indices_all, np.concatenate(scores)
 
 
+def rank_docid_sequences(config: T5Config, params, input_ids, attention_mask, trie, *, num_beams: int = 10,
+                         num_return: int | None = None, batch_size: int = 32, constrained: bool = True,
+                         max_length: int | None = None, lookup=None, progress: bool = True):
+    """Top docids of every query by beam search over docid token sequences.
+
+    `trie`: a `genir_jax.decoding.DocidTrie` whose docid i is document i. ``constrained=False`` decodes
+    freely (up to `max_length` positions counting the start token; default: the longest docid + 1) and maps
+    each beam to a document by its exact tokens, else by ``lookup(token_ids) -> index or -1`` (e.g. the
+    decoded text, as the reference matches strings). Returns ``(indices [N, R] (-1: no docid of the corpus,
+    or a document already ranked higher), scores [N, R] float32 (beam scores: summed log-probabilities /
+    length), sequences [N, R, T])``. `batch_size` queries per jitted call (x `num_beams` decoder rows); the
+    last batch is padded, so it compiles once.
+    """
+    from genir_jax.decoding import beam_search
+
+    input_ids = np.asarray(input_ids, dtype=np.int32)
+    attention_mask = np.asarray(attention_mask, dtype=np.int32)
+    num_return = num_beams if num_return is None else int(num_return)
+    if max_length is None:
+        max_length = trie.max_docid_length + 1
+    count = input_ids.shape[0]
+    if count == 0:
+        return (np.zeros((0, num_return), np.int64), np.zeros((0, num_return), np.float32),
+                np.zeros((0, num_return, max_length), np.int32))
+    rows = max(1, min(int(batch_size), count))
+    chunks = num_batches(count, rows)
+    seqs, scores = [], []
+    for batch in tqdm(batches((input_ids, attention_mask), rows), desc="beam search", unit="batch", total=chunks,
+                      disable=not progress or chunks < 2):
+        ids, mask = batch.arrays
+        out = beam_search(config, params, ids, mask, num_beams=num_beams, num_return=num_return,
+                          max_length=max_length, trie=trie if constrained else None)
+        seqs.append(np.asarray(out.sequences)[:batch.size])
+        scores.append(np.asarray(out.scores, dtype=np.float32)[:batch.size])
+    sequences, score_array = np.concatenate(seqs), np.concatenate(scores)
+    indices = trie.index_of(sequences)
+    for q in range(count):
+        seen = set()
+        for r in range(num_return):
+            index = int(indices[q, r])
+            if index < 0 and lookup is not None and np.isfinite(score_array[q, r]):
+                tokens = [int(t) for t in sequences[q, r, 1:]]
+                if trie.eos_id in tokens:
+                    tokens = tokens[:tokens.index(trie.eos_id)]
+                index = int(lookup(tokens))
+            if index in seen or not np.isfinite(score_array[q, r]):
+                index = -1
+            if index >= 0:
+                seen.add(index)
+            indices[q, r] = index
+    return indices.astype(np.int64), score_array, sequences
+
+
 def run_from_ranking(query_ids: Sequence[str], doc_ids: Sequence[str], indices: np.ndarray,
                      scores: np.ndarray) -> Run:
     """A run from `rank_docids` output; index -1 (a word token) becomes a ``NON_DOCID@<rank>`` entry."""
     if len(query_ids) != indices.shape[0]:
         raise ValueError(f"{len(query_ids)} query ids for {indices.shape[0]} ranked rows")
     run: Run = {}
-    for query_id, row, row_scores in zip(query_ids, indices, scores):
+    for query_id, row, row_scores in zip(query_ids, indices, scores):  # non-finite: beam search found nothing
         run[str(query_id)] = [(doc_ids[i] if i >= 0 else f"{NON_DOCID}{rank}", float(score))
-                              for rank, (i, score) in enumerate(zip(row.tolist(), row_scores.tolist()))]
+                              for rank, (i, score) in enumerate(zip(row.tolist(), row_scores.tolist()))
+                              if math.isfinite(score)]
     return run
 
 
@@ -212,20 +271,22 @@ def read_trec_run(path: str | os.PathLike) -> Run:
 
 
 def correct_valid(run: Mapping[str, Sequence[tuple[str, float]]],
-                  qrels: Mapping[str, Mapping[str, int]], top_is_docid: Mapping[str, bool] | None = None
-                  ) -> list[list[str]]:
+                  qrels: Mapping[str, Mapping[str, int]], top_is_docid: Mapping[str, bool] | None = None,
+                  docid_text=docid_token) -> list[list[str]]:
     """``[[docid_token, query_id], ...]`` for queries whose first-ranked document is relevant: the reference's
     ``correct_valid.json`` (relevant = listed in the qrels for the query, whatever its grade), in run order.
 
     `top_is_docid` (query id -> bool), when given, also requires the first-ranked docid token to be the
     model's top token over the whole vocabulary, so that every correct query has rank 0 in the analyses'
-    full-vocabulary ranking (a docid-only ranking can put a docid first below a word token)."""
+    full-vocabulary ranking (a docid-only ranking can put a docid first below a word token).
+    `docid_text` spells the docid (default: the atomic token; naive / semantic: the scheme's docid string,
+    as the reference writes them)."""
     correct = []
     for query_id, ranked in run.items():
         if top_is_docid is not None and not top_is_docid.get(query_id, False):
             continue
         if ranked and ranked[0][0] in qrels.get(query_id, {}):
-            correct.append([docid_token(ranked[0][0]), query_id])
+            correct.append([docid_text(ranked[0][0]), query_id])
     return correct
 
 

@@ -15,7 +15,8 @@ def add_parser(subparsers) -> None:
         description="Read squad-dev, nq-oracle or cranfield from the data directory (or validate existing "
                     "reference-format files) and write documents.json, {train,val,test}_queries.json, "
                     "{val,test}_qrels.json, {val,test}.qrels and prepare.json into OUTPUT with deterministic, "
-                    "documented splits (see genir_jax.data.prepare). Nothing is written when an input is bad.",
+                    "documented splits (see genir_jax.data.prepare); with --docids semantic also "
+                    "semantic_docids.json. Nothing is written when an input is bad.",
     )
     parser.add_argument("--dataset", required=True, choices=DATASETS)
     parser.add_argument("-o", "--output", required=True, help="prepared directory to write")
@@ -30,6 +31,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--url", default=None, help="squad-dev download URL (default: the official one)")
     parser.add_argument("--max-documents", type=int, default=None,
                         help="keep only the first N documents and their queries (small corpora for smoke runs)")
+    from genir_jax.docid_schemes import add_scheme_arguments
+
+    schemes = parser.add_argument_group("docids")
+    add_scheme_arguments(schemes, default_help="recorded in prepare.json for `train` (default atomic); semantic "
+                                               "writes semantic_docids.json, built by hierarchical k-means over "
+                                               "TF-IDF/LSA document vectors unless a mapping file is given")
+    schemes.add_argument("--semantic-k", type=int, default=None, help="clusters per level (default 10, as DSI)")
+    schemes.add_argument("--semantic-c", type=int, default=None,
+                         help="largest leaf cluster; bigger ones are split again (default 100, as DSI)")
     group = parser.add_argument_group("reference-json inputs")
     group.add_argument("--documents", help="documents [{id, text}]")
     group.add_argument("--train-queries", help="training queries [{id, query, relevant_docs}]")
@@ -69,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
             options["url"] = args.url
         if args.max_documents is not None:
             options["max_documents"] = args.max_documents
+    options.update(docids=args.docids or "atomic", semantic_mapping=args.semantic_docid_mapping,
+                   semantic_k=args.semantic_k, semantic_c=args.semantic_c)
     manifest = prepare_dataset(args.dataset, args.output, args.data_dir, **options)
     print(json.dumps({"output": args.output, "counts": manifest["counts"], "notes": manifest["notes"]}, indent=2))
     return 0

@@ -6,18 +6,23 @@ import argparse
 import json
 import os
 
+from genir_jax.commands.mesh_options import add_mesh_arguments
+
 
 def add_parser(subparsers) -> None:
     from genir_jax.training.options import add_run_arguments
 
     parser = subparsers.add_parser(
         "train",
-        help="fine-tune a base T5 into a DSI model (indexing + retrieval, atomic docid tokens)",
-        description="Add a @DOC_ID_<id>@ token per document to BASE, train indexing (document -> docid) and "
+        help="fine-tune a base T5 into a DSI model (indexing + retrieval; atomic, naive or semantic docids)",
+        description="With atomic docids add a @DOC_ID_<id>@ token per document to BASE (naive / semantic docids "
+                    "are sequences of ordinary tokens ending with EOS, validated against the tokenizer), train "
+                    "indexing (document -> docid) and "
                     "retrieval (query -> docid) examples of a prepared directory, validate Hits@1/Hits@10 "
                     "periodically keeping the best parameters, and export them with the tokenizer as a Hugging "
                     "Face directory in OUTPUT (with checkpoints/, metrics.jsonl and train.json: the curve and the "
-                    "final val/test metrics).",
+                    "final val/test metrics, docids.json: the docid scheme). Naive / semantic models are "
+                    "validated by trie-constrained beam search (10 beams).",
     )
     parser.add_argument("--data", required=True, help="prepared directory (genir-jax prepare-data)")
     parser.add_argument("--base", required=True,
@@ -27,8 +32,12 @@ def add_parser(subparsers) -> None:
                         help="documents whose training examples are dropped, 'D1,D2,...' (the reference's --remove)")
     parser.add_argument("--ratio", type=int, default=None,
                         help="indexing:retrieval example ratio (default: the preset's); 0 keeps both as they are")
+    from genir_jax.docid_schemes import add_scheme_arguments
+
+    add_scheme_arguments(parser, default_help="default: the one --data was prepared for, else atomic")
     add_run_arguments(parser)
     parser.set_defaults(handler=run)
+    add_mesh_arguments(parser)  # --mesh, --mesh-rules
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     from genir_jax.data.dsi import parse_doc_id_list
     from genir_jax.data.prepare import load_prepared
+    from genir_jax.docid_schemes import docid_trie, resolve_scheme
     from genir_jax.errors import CheckpointError, DataError, GenIRError
     from genir_jax.hf import load_pretrained
     from genir_jax.training.dsi import finetune
@@ -61,13 +71,17 @@ def run(args: argparse.Namespace) -> int:
     unknown = [d for d in removed if d not in known]
     if unknown:
         raise DataError(f"--remove: documents {unknown[:5]} are not in {args.data}/documents.json")
+    scheme = resolve_scheme(args.docids, [doc.id for doc in documents], mapping=args.semantic_docid_mapping,
+                            prepared_dir=args.data)
     base = load_pretrained(args.base)
     if base.tokenizer is None:
         raise CheckpointError(f"{args.base}: no tokenizer files; the base model must come with its tokenizer")
+    if scheme.multi_token:  # every docid must survive the tokenizer before anything is written
+        docid_trie(scheme, base.tokenizer, [doc.id for doc in documents], scheme.source or scheme.name)
     summary = finetune(base, documents, splits, settings, run_spec, args.output, remove=removed,
-                       resume=resume, progress=not args.no_progress, devices=devices,
+                       resume=resume, progress=not args.no_progress, devices=devices, scheme=scheme,
                        extra_summary={"preset": preset.name, "data_dir": os.path.abspath(args.data),
                                       "base": os.path.abspath(args.base)})
-    print(json.dumps({key: summary[key] for key in ("best", "final", "examples_per_s", "train_seconds",
+    print(json.dumps({key: summary[key] for key in ("docids", "best", "final", "examples_per_s", "train_seconds",
                                                     "wall_seconds")}, indent=2))
     return 0

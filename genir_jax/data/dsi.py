@@ -12,6 +12,9 @@
 - ``remove``: the reference drops every training example whose label is one of the removed documents AFTER
   the ratio repetition (``train.py --remove``); so do we. Ids may be plain (``17``) or docid tokens.
 - Atomic docid labels: the docid token only, no EOS, so the decoder runs one step from start token 0.
+  Naive / semantic labels (``docid_sequences``): the docid's token sequence ending with EOS (as the
+  reference's ``text_target`` tokenization), right-padded with 0 to the longest docid of the corpus (one
+  label width for every batch) with a 0/1 ``label_mask``.
 - Tokenization: ``tokenizer(text, max_length=max_length, truncation=True)`` as the reference (T5 keeps the
   final ``</s>`` inside `max_length`), every distinct text once; results can be cached on disk under a hash
   of the examples, the tokenizer's vocabulary and settings, and `max_length`.
@@ -54,7 +57,8 @@ class TokenizedExamples:
 
     input_ids: np.ndarray       # int32 [N, L]
     attention_mask: np.ndarray  # int32 [N, L]
-    labels: np.ndarray          # int32 [N]: the docid token id (one decoder step, no EOS)
+    labels: np.ndarray          # int32 [N]: the docid token id (one decoder step, no EOS); or [N, T] sequences
+    label_mask: np.ndarray | None = None  # int32 [N, T] for sequence labels (1: a real token, EOS included)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -170,21 +174,42 @@ def _check_max_length(max_length: int) -> None:
         raise GenIRError(f"max_length must be an integer >= 2 (room for a token and </s>), got {max_length!r}")
 
 
-def _tokenize_unique(examples: Sequence[DSIExample], tokenizer, max_length: int, progress: bool):
+def sequence_labels(examples: Sequence[DSIExample], docid_sequences) -> tuple[np.ndarray, np.ndarray]:
+    """[N, T] labels and 0/1 mask of `examples` from ``{doc id: token ids ending with EOS}``; T is the
+    longest sequence in `docid_sequences` (so every batch of a corpus has the same label width)."""
+    width = max(len(seq) for seq in docid_sequences.values())
+    labels = np.zeros((len(examples), width), dtype=np.int32)
+    mask = np.zeros((len(examples), width), dtype=np.int32)
+    for i, example in enumerate(examples):
+        if example.doc_id not in docid_sequences:
+            raise DataError(f"example {i}: document {example.doc_id!r} has no docid")
+        seq = docid_sequences[example.doc_id]
+        labels[i, :len(seq)] = seq
+        mask[i, :len(seq)] = 1
+    return labels, mask
+
+
+def _tokenize_unique(examples: Sequence[DSIExample], tokenizer, max_length: int, progress: bool,
+                     docid_sequences=None):
     texts = list(dict.fromkeys(example.text for example in examples))
     position = {text: i for i, text in enumerate(texts)}
     rows = _encode(texts, tokenizer, max_length, progress)
     unique_ids, unique_mask = _pad(rows, max_length, False)
+    row_of_example = np.asarray([position[e.text] for e in examples], dtype=np.int64)
+    if docid_sequences is not None:
+        labels, label_mask = sequence_labels(examples, docid_sequences)
+        return unique_ids, unique_mask, row_of_example, labels, label_mask
     doc_ids = list(dict.fromkeys(example.doc_id for example in examples))
     label_of = dict(zip(doc_ids, docid_token_ids(tokenizer, doc_ids).tolist())) if doc_ids else {}
-    row_of_example = np.asarray([position[e.text] for e in examples], dtype=np.int64)
     labels = np.asarray([label_of[e.doc_id] for e in examples], dtype=np.int32)
-    return unique_ids, unique_mask, row_of_example, labels
+    return unique_ids, unique_mask, row_of_example, labels, None
 
 
-def _cache_key(examples: Sequence[DSIExample], tokenizer, max_length: int) -> str:
+def _cache_key(examples: Sequence[DSIExample], tokenizer, max_length: int, docid_sequences=None) -> str:
     digest = hashlib.sha256(json.dumps({"format": _CACHE_FORMAT, "max_length": int(max_length),
                                         "tokenizer": tokenizer_fingerprint(tokenizer)}).encode())
+    if docid_sequences is not None:
+        digest.update(json.dumps(sorted((d, list(map(int, s))) for d, s in docid_sequences.items())).encode())
     for example in examples:
         digest.update(json.dumps([example.text, example.doc_id]).encode())
         digest.update(b"\n")
@@ -192,26 +217,35 @@ def _cache_key(examples: Sequence[DSIExample], tokenizer, max_length: int) -> st
 
 
 def tokenize_examples(examples: Sequence[DSIExample], tokenizer, max_length: int,
-                      cache_dir: str | os.PathLike | None = None, progress: bool = True) -> TokenizedExamples:
+                      cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                      docid_sequences=None) -> TokenizedExamples:
     """Token ids, masks and docid labels of `examples`; with `cache_dir`, read from / written to a cache file
-    named by a hash of the examples, the tokenizer and `max_length` (so a change of any of them misses)."""
+    named by a hash of the examples, the tokenizer and `max_length` (so a change of any of them misses).
+    `docid_sequences` (``{doc id: token ids ending with EOS}``, naive / semantic docids) gives sequence
+    labels [N, T] with a `label_mask` instead of atomic docid token labels [N]."""
     _check_max_length(max_length)
     if not examples:
         raise DataError("no examples to tokenize")
+    if docid_sequences is not None and not docid_sequences:
+        raise DataError("docid_sequences is empty")
     cache_path = None
     if cache_dir is not None:
-        cache_path = os.path.join(os.fspath(cache_dir), f"dsi-examples-{_cache_key(examples, tokenizer, max_length)[:32]}.npz")
+        key = _cache_key(examples, tokenizer, max_length, docid_sequences)[:32]
+        cache_path = os.path.join(os.fspath(cache_dir), f"dsi-examples-{key}.npz")
         if os.path.isfile(cache_path):
             with np.load(cache_path) as stored:
                 rows, mask, index, labels = (stored[k] for k in ("input_ids", "attention_mask", "row", "labels"))
+                label_mask = stored["label_mask"] if "label_mask" in stored.files else None
             if index.shape[0] == len(examples) and labels.shape[0] == len(examples):
-                return TokenizedExamples(rows[index], mask[index], labels)
-    rows, mask, index, labels = _tokenize_unique(examples, tokenizer, max_length, progress)
+                return TokenizedExamples(rows[index], mask[index], labels, label_mask)
+    rows, mask, index, labels, label_mask = _tokenize_unique(examples, tokenizer, max_length, progress,
+                                                             docid_sequences)
     if cache_path is not None:
+        extra = {} if label_mask is None else {"label_mask": label_mask}
         with atomic_path(cache_path) as temp:
             with open(temp, "wb") as handle:
-                np.savez(handle, input_ids=rows, attention_mask=mask, row=index, labels=labels)
-    return TokenizedExamples(rows[index], mask[index], labels)
+                np.savez(handle, input_ids=rows, attention_mask=mask, row=index, labels=labels, **extra)
+    return TokenizedExamples(rows[index], mask[index], labels, label_mask)
 
 
 def tokenize_queries(queries: Sequence[Query | str], tokenizer, max_length: int, *,

@@ -9,7 +9,9 @@ Layout of a prepared directory (all JSON in the reference code's formats, see `g
     val_qrels.json        reference qrels of val / test     {"query", "q0", "docid", "rel"}
     test_qrels.json
     val.qrels test.qrels  the same judgements in plain TREC format (query 0 docid rel), for trec_eval
-    prepare.json          dataset, options, source checksums, counts and notes
+    prepare.json          dataset, options, source checksums, counts, notes and the docid scheme
+    semantic_docids.json  with ``--docids semantic`` only: {doc id: "3_0_17"} (the reference's mapping format),
+                          built by hierarchical k-means or validated from a given mapping file
 
 Splits (deterministic for a given seed; counts by cumulative rounding, see `genir_jax.data.splits`):
 
@@ -199,8 +201,10 @@ def restrict_documents(prepared: Prepared, max_documents: int) -> Prepared:
     return Prepared(documents, splits, grades, notes, prepared.sources)
 
 
-def write_prepared(out_dir: str | os.PathLike, prepared: Prepared, manifest: dict[str, Any]) -> None:
-    """Write every file of the layout into a staging directory, then move them into `out_dir`."""
+def write_prepared(out_dir: str | os.PathLike, prepared: Prepared, manifest: dict[str, Any],
+                   extra: dict[str, Any] | None = None) -> None:
+    """Write every file of the layout (and `extra` JSON files, name -> data) into a staging directory, then
+    move them into `out_dir`."""
     documents = validate_documents(prepared.documents)
     for name, queries in prepared.splits.items():
         validate_queries(queries, documents, source=f"{name} queries")
@@ -214,6 +218,8 @@ def write_prepared(out_dir: str | os.PathLike, prepared: Prepared, manifest: dic
                 write_qrels(os.path.join(staging, qrels_file(name)), queries, prepared.grades)
                 write_trec_qrels(os.path.join(staging, trec_qrels_file(name)),
                                  qrels_from_queries(queries, prepared.grades))
+        for file_name, data in (extra or {}).items():
+            write_json(os.path.join(staging, file_name), data, indent=1)
         write_json(os.path.join(staging, MANIFEST_FILE), manifest, indent=2)
 
 
@@ -226,6 +232,10 @@ def prepare_dataset(name: str, out_dir: str | os.PathLike, data_dir: str | os.Pa
     ``reference-json`` the paths ``documents``, ``train_queries``, ``val_queries``, ``test_queries``.
     """
     max_documents = options.pop("max_documents", None)
+    docids = options.pop("docids", "atomic")
+    semantic_mapping = options.pop("semantic_mapping", None)
+    semantic_k = options.pop("semantic_k", None)
+    semantic_c = options.pop("semantic_c", None)
     prepared = build_prepared(name, data_dir, **options)
     if max_documents is not None:
         prepared = restrict_documents(prepared, max_documents)
@@ -244,17 +254,50 @@ def prepare_dataset(name: str, out_dir: str | os.PathLike, data_dir: str | os.Pa
         if options.get("max_documents") is not None:
             recorded["max_documents"] = options["max_documents"]
     written = {split: queries for split, queries in prepared.splits.items() if queries}
+    docid_record, extra = prepared_docids(prepared.documents, docids, semantic_mapping, semantic_k, semantic_c,
+                                          seed=options.get("seed", 0))
     manifest = {
         "dataset": name,
         "options": recorded,
         "sources_sha256": prepared.sources,
         "counts": prepared.counts(),
         "notes": prepared.notes,
-        "files": sorted([DOCUMENTS_FILE, MANIFEST_FILE] + [queries_file(s) for s in written]
+        "docids": docid_record,
+        "files": sorted([DOCUMENTS_FILE, MANIFEST_FILE] + [queries_file(s) for s in written] + list(extra)
                         + [f for s in written if s != "train" for f in (qrels_file(s), trec_qrels_file(s))]),
     }
-    write_prepared(out_dir, prepared, manifest)
+    write_prepared(out_dir, prepared, manifest, extra)
     return manifest
+
+
+def prepared_docids(documents, scheme: str, semantic_mapping=None, k=None, c=None, *, seed: int = 0
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The manifest's ``docids`` record and the extra files of a docid scheme (see the module docstring)."""
+    from genir_jax.docid_schemes import (SEMANTIC_MAPPING_FILE, build_semantic_scheme, check_scheme,
+                                         read_semantic_mapping)
+    from genir_jax.semantic_ids import DEFAULT_C, DEFAULT_K
+
+    check_scheme(scheme)
+    if scheme != "semantic":
+        if semantic_mapping is not None or k is not None or c is not None:
+            raise GenIRError(f"--semantic-docid-mapping / --semantic-k / --semantic-c need --docids semantic, "
+                             f"got --docids {scheme}")
+        return {"scheme": scheme}, {}
+    doc_ids = [doc.id for doc in documents]
+    if semantic_mapping is not None:
+        if k is not None or c is not None:
+            raise GenIRError("--semantic-k / --semantic-c build a mapping; they cannot go with "
+                             "--semantic-docid-mapping")
+        built = read_semantic_mapping(semantic_mapping, doc_ids)
+        record = {"scheme": "semantic", "file": SEMANTIC_MAPPING_FILE, "source": os.path.abspath(semantic_mapping),
+                  "source_sha256": sha256_of(semantic_mapping)}
+    else:
+        built = build_semantic_scheme(doc_ids, [doc.text for doc in documents], k=DEFAULT_K if k is None else k,
+                                      c=DEFAULT_C if c is None else c, seed=seed)
+        record = {"scheme": "semantic", "file": SEMANTIC_MAPPING_FILE, "build": dict(built.build)}
+    parts = [len(text.split("_")) for text in built.docids.values()]
+    record["levels"] = {"min": min(parts), "max": max(parts)}
+    return record, {SEMANTIC_MAPPING_FILE: dict(built.docids)}
 
 
 def load_prepared(directory: str | os.PathLike) -> tuple[list[Document], dict[str, list[Query]]]:
