@@ -5,7 +5,8 @@ which registers its arguments and a ``handler(args) -> int``. Errors caused by b
 print one clear line and exit with code 2; nothing half-written is left behind. So does any `OSError`
 (writing an output: permission denied, disk full, ...), naming the path. An output directory (`-o`) that is
 a file, a link to one, or lies in a folder we cannot write is refused before the command computes anything
-(`genir_jax.io.check_output_dir`).
+(`genir_jax.io.check_output_dir`). Ctrl-C (SIGINT) exits with code 130 and one line, no traceback: staged
+outputs are removed, and a commit of finished files is completed first (`genir_jax.io.deferred_interrupt`).
 
 Only the chosen subcommand's module is imported to parse a command line (the others are listed by their
 one-line summary in `COMMANDS`), and handlers import JAX, Flax and transformers themselves, so
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Iterable
 
@@ -30,7 +32,7 @@ COMMANDS = {
     "reproduce": "prepare data, pretrain a base T5, train the DSI models, run every analysis, write report.md",
     "prepare-data": "write documents, train/val/test queries and qrels of a corpus in the reference JSON format",
     "pretrain": "pre-train a T5 from scratch with span corruption on a prepared corpus (a base for `train`)",
-    "train": "fine-tune a base T5 into a DSI model (indexing + retrieval, atomic docid tokens)",
+    "train": "fine-tune a base T5 into a DSI model (indexing + retrieval; atomic, naive or semantic docids)",
     "evaluate": "evaluate a DSI checkpoint: Hits@1/10, Recall@5, MRR@10, nDCG@10, run file, correct_valid.json",
     "bm25": "rank documents with BM25 and evaluate like `evaluate` (baseline for a DSI model)",
     "inspect": "describe a Hugging Face T5 checkpoint as genir-jax loads it",
@@ -44,6 +46,7 @@ COMMANDS = {
     "crattn-reading": "what cross-attention heads read from earlier components (paper Fig. 5, cross-attention)",
     "crattn-writes": "share of docid tokens among the top tokens of cross-attention outputs (paper Table 5)",
     "crattn-head-tokens": "top word tokens of single cross-attention heads' outputs for given queries (paper Table 6)",
+    "plan": "per-device memory, FLOPs and projected time of a run on a mesh, compiled ahead of time without weights",
 }
 COMMAND_MODULES = tuple(COMMANDS)
 
@@ -84,17 +87,18 @@ def _chosen_command(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv_given = argv is not None
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = _chosen_command(argv)
     parser = build_parser([chosen] if chosen else [])
     args = parser.parse_args(argv)
-    if not args.no_compile_cache:
-        from genir_jax.compile_cache import enable_compilation_cache
-
-        enable_compilation_cache()
     try:
+        if not args.no_compile_cache:
+            from genir_jax.compile_cache import enable_compilation_cache
+
+            enable_compilation_cache()
         output = getattr(args, "output", None)
-        if isinstance(output, str) and "[checkpoint]" not in output:  # residual-rank's default names a placeholder
+        if isinstance(output, str) and "[checkpoint]" not in output:  # placeholders: checked once resolved
             from genir_jax.io import check_output_dir
 
             check_output_dir(output)  # a file, a link to one, a read-only folder: refused before any computation
@@ -107,6 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         reason = exc.strerror or str(exc)
         print(f"genir-jax {args.command}: error: {where}: {reason}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: outputs are staged and removed, or were committed whole (genir_jax.io)
+        print(f"genir-jax {args.command}: interrupted", file=sys.stderr)
+        if argv_given:
+            return 130
+        # as the console command: leave without interpreter finalisation, which can race JAX's threads
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

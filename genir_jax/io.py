@@ -151,12 +151,37 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
                                dir=parent)
     try:
         yield staging
-        os.chmod(staging, 0o777 & ~_umask())
-        os.makedirs(path, exist_ok=True)
-        for name in os.listdir(staging):
-            target = os.path.join(path, name)
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(staging, name), target)
+        with deferred_interrupt():  # Ctrl-C while moving files in would leave some old, some new
+            os.chmod(staging, 0o777 & ~_umask())
+            os.makedirs(path, exist_ok=True)
+            for name in os.listdir(staging):
+                target = os.path.join(path, name)
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)
+                os.replace(os.path.join(staging, name), target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold SIGINT back while the block runs (in the main thread; elsewhere it is a no-op) and raise the
+    KeyboardInterrupt when it ends, so a commit of several files is never cut in half."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt

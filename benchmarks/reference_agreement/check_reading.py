@@ -11,11 +11,11 @@ on the same files:
   three minimal patches, printed when applied. The scripts load `google-t5/t5-large`'s tokenizer from the
   hub only to count its 32100 tokens; a local hub cache holding the real T5 tokenizer under that name
   serves it offline.
-- genir-jax: `neuron-reading --layers all`, `crattn-reading`, `crattn-writes --stages 0-6,7-16,17-23` (the
-  reference script's split: ``layer < 17`` is stage II) and `crattn-head-tokens`, all with
-  `--reference-padding`.
+- genir-jax: `neuron-reading`, `crattn-reading`, `crattn-writes` and `crattn-head-tokens`, all with
+  `--reference` (all layers read; the per-entry files numbered as the reference numbers them; crattn-writes'
+  split ``layer < 17`` is stage II).
 
-Compared: every per-entry record (keys and their order, layers, neuron / head indices, argmax encoder
+Compared: the per-entry files' names, every per-entry record (keys and their order, layers, neuron / head indices, argmax encoder
 positions, query ids exactly; readings and activations within 1e-4 absolute, or relative where
 |value| > 1), the proportion files, the notebook's stage buckets, the per-query docid fractions and
 their averages. Table 6 has no reference script: its head tokens are compared with a TransformerLens
@@ -271,6 +271,7 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=55,
                         help="correct queries (default 55: more than the reference's 50-query chunks)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--sims", default="dot,cosine", help="similarities to check (default: dot,cosine)")
     args = parser.parse_args()
     root = workspace()
     rows: list[tuple[str, bool, str]] = []
@@ -283,10 +284,10 @@ def main() -> int:
             d.mkdir()
         common = ["-c", str(checkpoint), "--val-queries", str(val), "--correct-valid", str(correct)]
         ours_common = ["--checkpoint", str(checkpoint), "--val-queries", str(val), "--correct-valid", str(correct),
-                       "--reference-padding", "--no-progress"]
+                       "--reference", "--no-progress"]
         timings = {}
 
-        for sim in ("dot", "cosine"):
+        for sim in args.sims.split(","):
             # --- MLP neurons ------------------------------------------------------------------------
             (ref / f"neuron_{sim}").mkdir()  # the reference script does not create its output directory
             timings[f"ref neuron {sim}"] = run_reference(
@@ -296,7 +297,7 @@ def main() -> int:
                 run_reference(["-p", str(ref / f"neuron_{sim}"), "--sim-type", sim] + (["--topk", k] if k else []),
                               logs / f"topk_{sim}_{k}.log", REFERENCE_CODE / "analysis" / "get_topk_neuron_readings.py")
             start = time.perf_counter()
-            run_ours(["neuron-reading", *ours_common, "--sim-type", sim, "--layers", "all", "--topk", "all", "3",
+            run_ours(["neuron-reading", *ours_common, "--sim-type", sim, "--topk", "all", "3",
                       "-o", str(ours / f"neuron_{sim}")])
             timings[f"ours neuron {sim}"] = time.perf_counter() - start
             ref_entries, ref_files = reference_entries(ref / f"neuron_{sim}", "all_queries_neuron_similarities_")
@@ -306,9 +307,9 @@ def main() -> int:
             rows.append((f"neuron entries ({sim})",
                          *compare_entries(ref_entries, our_entries, ("sim_type", "layer", "q_id", "position"),
                                           ("actviation",))))
-            if sim == "dot":
-                print(f"  reference neuron files: {ref_files}; ours: "
-                      f"{sorted(p.name for p in (ours / 'neuron_dot').glob('all_queries_*'))}")
+            our_files = sorted((p.name for p in (ours / f"neuron_{sim}").glob("all_queries_*")),
+                               key=lambda n: int(n[:-5].rsplit("_", 1)[1]))
+            rows.append((f"neuron per-entry file names ({sim})", our_files == ref_files, f"{ref_files} / {our_files}"))
             for k in ("all", "3"):
                 name = f"neuron_ratio_of_top_k_layers-{sim}-{k}.json"
                 rows.append((name, *compare_proportions(json.loads((ref / f"neuron_{sim}" / name).read_text()),
@@ -321,7 +322,10 @@ def main() -> int:
             start = time.perf_counter()
             run_ours(["crattn-reading", *ours_common, "--sim-type", sim, "-o", str(ours / f"crattn_{sim}")])
             timings[f"ours crattn {sim}"] = time.perf_counter() - start
-            ref_entries, _ = reference_entries(ref / f"crattn_{sim}", "all_queries_crattn_similarities_")
+            ref_entries, ref_files = reference_entries(ref / f"crattn_{sim}", "all_queries_crattn_similarities_")
+            our_files = sorted((p.name for p in (ours / f"crattn_{sim}").glob("all_queries_*")),
+                               key=lambda n: int(n[:-5].rsplit("_", 1)[1]))
+            rows.append((f"crattn per-entry file names ({sim})", our_files == ref_files, f"{ref_files} / {our_files}"))
             our_entries = list(iter_raw_entries(ours / f"crattn_{sim}", "cross_attn", sim))
             rows.append((f"cross-attention head entries ({sim})",
                          *compare_entries(ref_entries, our_entries,
@@ -337,10 +341,15 @@ def main() -> int:
                      *compare_proportions(notebook["crattn_ratio"],
                                           json.loads((ours / "crattn_dot" / "crattn_ratio_of_top_k_layers-dot-all.json")
                                                      .read_text()))))
-        crattn_summary = json.loads((ours / "crattn_dot" / "crattn_reading_summary.json").read_text())
+        # the stage buckets are our summaries, which reference mode does not write: the padding part alone
+        padding_only = [a if a != "--reference" else "--reference-padding" for a in ours_common]
+        run_ours(["crattn-reading", *padding_only, "--summary-only", "-o", str(ours / "crattn_dot_summary")])
+        run_ours(["neuron-reading", *padding_only, "--layers", "all", "--summary-only", "-o",
+                  str(ours / "neuron_dot_summary")])
+        crattn_summary = json.loads((ours / "crattn_dot_summary" / "crattn_reading_summary.json").read_text())
         rows.append(("crattn stage buckets (notebook) vs crattn_reading_summary.json",
                      *compare_buckets(notebook["crattn_buckets"], crattn_summary["results"]["all"]["per_layer"])))
-        neuron_summary = json.loads((ours / "neuron_dot" / "neuron_reading_summary.json").read_text())
+        neuron_summary = json.loads((ours / "neuron_dot_summary" / "neuron_reading_summary.json").read_text())
         rows.append(("MLP stage buckets (notebook) vs neuron_reading_summary.json",
                      *compare_buckets(notebook["mlp_buckets"], neuron_summary["results"]["all"]["per_layer"])))
 
@@ -348,7 +357,7 @@ def main() -> int:
         timings["ref crattn writes"] = run_reference(common + ["-o", str(ref / "writes")], logs / "writes.log",
                                                      REFERENCE_CODE / "analysis" / "cross-attention-outputs.py")
         start = time.perf_counter()
-        run_ours(["crattn-writes", *ours_common, "--stages", "0-6,7-16,17-23", "-o", str(ours / "writes")])
+        run_ours(["crattn-writes", *ours_common, "-o", str(ours / "writes")])
         timings["ours crattn writes"] = time.perf_counter() - start
         for name in ("per_q_averages_sII.json", "per_q_averages_sIII.json"):
             rows.append((name, *compare_lists(json.loads((ref / "writes" / name).read_text()),

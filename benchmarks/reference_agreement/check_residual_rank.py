@@ -3,7 +3,7 @@
 Builds a random T5 (transformers, real T5 tokenizer, 6 layers or --layers, d_model 32) with 24 docid tokens whose
 embedding rows are random and scaled up (so docids and words mix in the rankings), writes validation
 queries and a correct_valid.json, runs the reference script (TransformerLens 2.x) and
-`genir-jax residual-rank --reference-padding`, and compares `all_dec_resid_results.csv` and
+`genir-jax residual-rank --reference`, and compares `all_dec_resid_results.csv` and
 `all_ranks_correct_doc.csv`: same header and rows (query, func, layer, component) in the same order;
 ranks exactly; float values within 1e-4.
 
@@ -219,7 +219,7 @@ def main() -> int:
         from genir_jax.cli import main as cli
 
         code = cli(["residual-rank", "--checkpoint", str(checkpoint), "--val-queries", str(val), "--correct-valid",
-                    str(correct), "-o", str(our_out), "--reference-padding", "--no-progress"])
+                    str(correct), "-o", str(our_out), "--reference", "--no-progress"])
         if code != 0:
             raise SystemExit(f"genir-jax residual-rank exited {code}")
         ok, detail = compare_resid(read_csv(ref_out / "all_dec_resid_results.csv"),

@@ -33,6 +33,9 @@ from genir_jax.sites import COMPONENT_SITES
 from genir_jax.sweep import Sweep, stack
 
 RESULTS_JSON = "minimal_circuit.json"
+REFERENCE_RESULTS_JSON = "patching_results_best_circuit.json"  # eval_patching_all_stages.py's name (reference mode)
+# eval_patching_all_stages.py's "config" text for its (the paper's) circuit on the paper's stages
+REFERENCE_CONFIG = "0-7 remove attn, remove cr-attn, mlp mean, 7 - 17 remove attn, mean mlp, 18 - 23 remove attn"
 MODES = ("zero", "mean")
 
 
@@ -97,13 +100,17 @@ def circuit_from_json(data, source: str, num_stages: int) -> Circuit:
             raise DataError(f"{where}: expected an object")
         component, mode, stages = entry.get("component"), entry.get("mode"), entry.get("stages")
         if component not in COMPONENT_SITES:
-            raise DataError(f"{where}: field 'component' must be one of {', '.join(COMPONENT_SITES)}, got {component!r}")
+            raise DataError(f"{where}: field 'component' must be one of {', '.join(COMPONENT_SITES)}, "
+                            f"got {component!r}")
         if mode not in MODES:
             raise DataError(f"{where}: field 'mode' must be 'zero' or 'mean', got {mode!r}")
         if stages != "all":
-            if not isinstance(stages, list) or not all(isinstance(s, int) and 0 <= s < num_stages for s in stages):
+            if not isinstance(stages, list) or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                       and 0 <= s < num_stages for s in stages):
                 raise DataError(f"{where}: field 'stages' must be \"all\" or a list of stage indices in "
                                 f"[0, {num_stages}), got {stages!r}")
+            if len(set(stages)) != len(stages):
+                raise DataError(f"{where}: field 'stages' lists a stage twice: {stages!r}")
             stages = tuple(stages)
         patches.append(CircuitPatch(component, stages, mode))
     return Circuit(str(data.get("name", os.path.basename(source))), tuple(patches))
@@ -143,3 +150,22 @@ def rank_with_circuit(config: T5Config, params, circuit_interventions_: Sweep, i
     result = run_sweep(config, params, input_ids, attention_mask, targets, circuit_interventions_,
                        candidates=candidates, top_k=top_k, query_chunk=query_chunk, progress=progress)
     return result.top_ids, result.top_logits
+
+
+def reference_retrieval_metrics(top_ids, query_ids: Sequence[str], qrels, doc_of_token: dict) -> dict[str, float]:
+    """hits@1, hits@10 and recall@5 computed as the reference's scripts compute them (their ``eval``):
+    `top_ids` [N, k] full-vocabulary token ids in rank order (k = 100 there), word tokens never relevant;
+    every qrels entry of a query counts as relevant whatever its grade; recall@5 = relevant among the top 5
+    / the query's qrels entries, averaged over all N queries. `doc_of_token`: token id -> document id."""
+    hits_1 = hits_10 = 0
+    recall_5 = 0.0
+    for query_id, row in zip(query_ids, top_ids):
+        relevant = qrels.get(str(query_id), {})
+        found = [rank for rank, token in enumerate(row.tolist()) if doc_of_token.get(int(token)) in relevant]
+        hits_1 += any(rank == 0 for rank in found)
+        hits_10 += any(rank < 10 for rank in found)
+        in_top_5 = sum(rank < 5 for rank in found)
+        if in_top_5:
+            recall_5 += in_top_5 / len(relevant)
+    count = len(query_ids)
+    return {"hits@1": hits_1 / count, "hits@10": hits_10 / count, "recall@5": recall_5 / count}

@@ -113,8 +113,8 @@ class DocidShareResult:
 
     def averages(self) -> dict[str, float]:
         """The reference's cr_attn_ratios.json: ``{"10-II": mean fraction, ...}``."""
-        return {f"{k}-{name}": float(np.mean(values)) for name, per_k in self.per_q_averages().items()
-                for k, values in per_k.items()}
+        return {f"{k}-{name}": sum(values) / len(values) for name, per_k in self.per_q_averages().items()
+                for k, values in per_k.items()}  # summed in the reference's order
 
     def summary(self) -> dict:
         fractions = self.counts / np.asarray(self.cutoffs, dtype=np.float64)
@@ -130,8 +130,9 @@ class DocidShareResult:
 
 def docid_shares(config: T5Config, params, tokenizer, texts: Sequence[str], *, stages: Sequence[Sequence[int]],
                  cutoffs: Sequence[int] = CUTOFFS, batch_size: int = 16, reference_padding: bool = False,
-                 progress: bool = True) -> DocidShareResult:
-    """Table 5 for the given (correct) queries: docid counts in the top-k of every analysed layer."""
+                 reference_docids: bool = False, progress: bool = True) -> DocidShareResult:
+    """Table 5 for the given (correct) queries: docid counts in the top-k of every analysed layer.
+    `reference_docids`: every id from the first docid token on counts as a docid (the reference's test)."""
     stages = [list(s) for s in stages]
     if len(stages) < 2:
         raise GenIRError("--stages: need at least two stages (the analysed ones are all but the first)")
@@ -141,7 +142,12 @@ def docid_shares(config: T5Config, params, tokenizer, texts: Sequence[str], *, s
     if cutoffs[-1] > config.vocab_size:
         raise GenIRError(f"cutoff {cutoffs[-1]} exceeds the vocabulary size {config.vocab_size}")
     layers = sorted(set(l for s in stages[1:] for l in s))
-    is_docid = jnp.asarray(docid_mask(tokenizer, config.vocab_size))
+    if reference_docids:
+        from genir_jax.analysis.residual import docid_mask as reference_docid_mask
+
+        is_docid = jnp.asarray(reference_docid_mask(tokenizer, config.vocab_size, reference=True))
+    else:
+        is_docid = jnp.asarray(docid_mask(tokenizer, config.vocab_size))
     counts = np.zeros((len(texts), len(layers), len(cutoffs)), np.int32)
     plan = query_batches(tokenizer, texts, batch_size, reference_padding=reference_padding)
     for batch in tqdm(plan, desc="crattn writes (query batches)", disable=not progress, unit="batch"):
@@ -151,7 +157,7 @@ def docid_shares(config: T5Config, params, tokenizer, texts: Sequence[str], *, s
     return DocidShareResult(counts, layers, stages, cutoffs)
 
 
-def write_docid_shares(directory: str | os.PathLike, result: DocidShareResult) -> None:
+def write_docid_shares(directory: str | os.PathLike, result: DocidShareResult, summary: bool = True) -> None:
     """The reference's per_q_averages_s*.json and cr_attn_ratios.json, plus our summary, into `directory`
     (use inside `genir_jax.io.atomic_directory`)."""
     directory = os.fspath(directory)
@@ -160,8 +166,9 @@ def write_docid_shares(directory: str | os.PathLike, result: DocidShareResult) -
             json.dump(data, handle)
     with open(os.path.join(directory, RATIOS_FILE), "w", encoding="utf-8") as handle:
         json.dump(result.averages(), handle)
-    with open(os.path.join(directory, SUMMARY_FILE), "w", encoding="utf-8") as handle:
-        json.dump(result.summary(), handle, indent=1)
+    if summary:
+        with open(os.path.join(directory, SUMMARY_FILE), "w", encoding="utf-8") as handle:
+            json.dump(result.summary(), handle, indent=1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,10 +13,14 @@ queries are tokenised without padding (masks give the same in a batch). Per othe
 Output ``swapped_encoder.json`` with the reference's keys: per model path ``"Mean Rank of prev. correct"``,
 ``"Median:"``, ``"Number of non 0 ranks"``, ``"Non 0 ranks"``, ``"missing_ranks"``,
 ``"Mean of Missing document ranks"``, ``"MRR:"``, ``"median"``; we add ``"Hits@1 (missing)"``,
-``"missing_documents"`` and ``"missing_without_correct_query"``. The reference takes the FIRST correct
-query of each removed document (and crashes if there is none); we take all of them (removed documents in
-the given order, each one's queries in correct_valid order), which is the same when each document has one
-correct query, and list documents without one.
+``"missing_documents"`` and ``"missing_without_correct_query"``. Both "mean" keys are true means and both
+medians follow torch.median (the lower middle value), as in the reference. The reference takes the FIRST
+correct query of each removed document (and crashes if there is none): that is reference mode
+(``summarize(..., reference=True)``, which refuses a removed document without a correct query, and
+``as_reference_dict(reference=True)``, which writes only the reference's keys). By default we take all of
+them (removed documents in the given order, each one's queries in correct_valid order, so a document with
+two correct queries contributes two ranks), which is the same when each document has one correct query,
+and list documents without one.
 """
 
 from __future__ import annotations
@@ -75,10 +79,11 @@ class SwapSummary:
     missing_documents: list[str]
     missing_without_correct_query: list[str]
 
-    def as_reference_dict(self) -> dict:
+    def as_reference_dict(self, reference: bool = False) -> dict:
+        """The reference's keys (and, unless `reference`, ours); sums run in the reference's order."""
         ranks = self.ranks.astype(np.int64)
         out = {
-            "Mean Rank of prev. correct": float(ranks.mean()),
+            "Mean Rank of prev. correct": sum(int(r) for r in ranks) / len(ranks),
             "Median:": _torch_median(ranks.astype(np.float64)),
             "Number of non 0 ranks": int((ranks != 0).sum()),
             "Non 0 ranks": [int(r) for r in ranks if r != 0],
@@ -86,13 +91,18 @@ class SwapSummary:
         if self.missing_documents:
             missing = np.asarray(self.missing_ranks, dtype=np.float64)
             out["missing_ranks"] = [int(r) for r in self.missing_ranks]
-            out["missing_documents"] = self.missing_documents
-            out["missing_without_correct_query"] = self.missing_without_correct_query
+            if not reference:
+                out["missing_documents"] = self.missing_documents
+                out["missing_without_correct_query"] = self.missing_without_correct_query
             if missing.size:
-                out["Mean of Missing document ranks"] = float(missing.mean())
-                out["MRR:"] = float(np.mean(1.0 / (missing + 1.0)))
+                out["Mean of Missing document ranks"] = sum(self.missing_ranks) / len(self.missing_ranks)
+                reciprocal = 0.0
+                for rank in self.missing_ranks:
+                    reciprocal += 1 / (rank + 1)
+                out["MRR:"] = reciprocal / len(self.missing_ranks)
                 out["median"] = _torch_median(missing)
-                out["Hits@1 (missing)"] = float(np.mean(missing == 0))
+                if not reference:
+                    out["Hits@1 (missing)"] = float(np.mean(missing == 0))
         return out
 
 
@@ -103,11 +113,25 @@ def _torch_median(values: np.ndarray) -> float:
     return float(ordered[(len(ordered) - 1) // 2])
 
 
-def summarize(ranks: np.ndarray, queries: Sequence[CorrectQuery], missing: str | Sequence[str]) -> SwapSummary:
+def summarize(ranks: np.ndarray, queries: Sequence[CorrectQuery], missing: str | Sequence[str], *,
+              reference: bool = False, source: str = "--missing-docs-for-model") -> SwapSummary:
     """Split the ranks into all correct queries and those whose relevant document was removed
-    (`missing`: ids or docid tokens, see `normalize_missing`)."""
+    (`missing`: ids or docid tokens, see `normalize_missing`). Default: every correct query of each removed
+    document; `reference`: only the first one (correct_valid order), and a removed document without a correct
+    query is refused (`source` names the file in the error), as the reference fails on it."""
     missing = normalize_missing(missing)
-    missing_ranks = [int(r) for document in missing for r, q in zip(ranks, queries) if q.docid_token == document]
+    if reference:
+        first = {}
+        for r, q in zip(ranks, queries):
+            first.setdefault(q.docid_token, int(r))
+        absent = [d for d in missing if d not in first]
+        if absent:
+            raise GenIRError(f"{source}: removed document(s) {absent[:5]} have no correct query in correct_valid.json; "
+                             "the reference's swap_encoder.py needs one per removed document (use the default mode)")
+        missing_ranks = [first[document] for document in missing]
+    else:
+        missing_ranks = [int(r) for document in missing for r, q in zip(ranks, queries)
+                         if q.docid_token == document]
     seen = {q.docid_token for q in queries}
     return SwapSummary(ranks=np.asarray(ranks), missing_ranks=missing_ranks, missing_documents=missing,
                        missing_without_correct_query=[d for d in missing if d not in seen])

@@ -9,12 +9,18 @@ Tokenisation, two modes:
 - reference padding (``reference_padding=True``): as the reference patching scripts, every query is
   padded to (longest query in sub-word tokens without ``</s>``) + 1 tokens and NO attention mask is used,
   so the encoder and the cross-attention also attend to the padding.
+
+Bounded length: a query longer than `MAX_QUERY_TOKENS` (512, the length T5 was pre-trained at and its
+tokenizer's ``model_max_length``) is truncated to its first 511 tokens plus ``</s>`` (as transformers'
+``truncation=True``), with a warning on stderr, so a single huge query cannot make every batch allocate
+quadratic attention and position-bias matrices. Queries within the bound are unchanged in both modes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import numpy as np
 
@@ -39,7 +45,7 @@ def read_correct_valid(path: str | os.PathLike) -> list[tuple[str, str]]:
     data = read_json(path)
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of [docid_token, query_id] pairs, got {type(data).__name__}")
-    pairs = []
+    pairs, seen = [], {}
     for index, entry in enumerate(data):
         if not (isinstance(entry, list) and len(entry) == 2):
             raise DataError(f"{path}: record index {index}: expected [docid_token, query_id], got {entry!r}")
@@ -47,7 +53,15 @@ def read_correct_valid(path: str | os.PathLike) -> list[tuple[str, str]]:
         if not isinstance(token, str) or not is_docid_token(token):
             raise DataError(f"{path}: record index {index}: field 0 (docid_token) must be a docid token like "
                             f"'@DOC_ID_7@', got {token!r}")
-        pairs.append((token, normalize_id(query_id)))
+        try:
+            pair = (token, normalize_id(query_id))
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{path}: record index {index}: field 1 (query_id) {exc}") from None
+        if pair in seen:
+            raise DataError(f"{path}: record index {index}: the pair [{token!r}, {pair[1]!r}] is listed twice "
+                            f"(first at record index {seen[pair]})")
+        seen[pair] = index
+        pairs.append(pair)
     if not pairs:
         raise DataError(f"{path}: no correct queries")
     return pairs
@@ -73,14 +87,32 @@ def load_correct_queries(val_queries_path: str | os.PathLike, correct_valid_path
     return out
 
 
+MAX_QUERY_TOKENS = 512
+
+
+def encode_queries(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each query with its ``</s>``, truncated to `MAX_QUERY_TOKENS` (see the module docstring)."""
+    encoded, truncated = [], 0
+    for text in texts:
+        ids = list(tokenizer(text).input_ids)
+        if len(ids) > MAX_QUERY_TOKENS:
+            ids = ids[:MAX_QUERY_TOKENS - 1] + [tokenizer.eos_token_id]
+            truncated += 1
+        encoded.append(ids)
+    if truncated:
+        print(f"genir-jax: warning: {truncated} quer{'y' if truncated == 1 else 'ies'} longer than "
+              f"{MAX_QUERY_TOKENS} tokens truncated to {MAX_QUERY_TOKENS}", file=sys.stderr)
+    return encoded
+
+
 def tokenize_for_analysis(tokenizer, texts: list[str], *, reference_padding: bool = False
                           ) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, attention_mask) int32 for the analyses; see the module docstring for the two modes."""
     if not texts:
         raise DataError("no queries to tokenize")
-    encoded = [tokenizer(text).input_ids for text in texts]
+    encoded = encode_queries(tokenizer, texts)
     if reference_padding:
-        length = max(len(tokenizer.tokenize(text)) for text in texts) + 1  # every query + </s> fits
+        length = reference_padding_length(tokenizer, texts)  # every query + </s> fits
     else:
         length = max(len(ids) for ids in encoded)
     input_ids = np.full((len(texts), length), tokenizer.pad_token_id, dtype=np.int32)
@@ -94,15 +126,16 @@ def tokenize_for_analysis(tokenizer, texts: list[str], *, reference_padding: boo
 
 
 def reference_padding_length(tokenizer, texts: list[str]) -> int:
-    """The reference's padded length for a query set: longest query in sub-word tokens (no ``</s>``) + 1."""
-    return max(len(tokenizer.tokenize(text)) for text in texts) + 1
+    """The reference's padded length for a query set: longest query in sub-word tokens (no ``</s>``) + 1, at
+    most `MAX_QUERY_TOKENS`."""
+    return min(max(len(tokenizer.tokenize(text)) for text in texts) + 1, MAX_QUERY_TOKENS)
 
 
 def reference_padded_groups(tokenizer, texts: list[str], length: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Queries padded as the reference pads them to `length` (``padding="max_length"`` without truncation, so
     longer queries keep their own length), with all-ones masks, grouped by padded length so that every batch
     sees exactly the reference's input. Returns ``[(row indices, input_ids [n, L_g]), ...]``."""
-    encoded = [tokenizer(text).input_ids for text in texts]
+    encoded = encode_queries(tokenizer, texts)
     groups: dict[int, list[int]] = {}
     for row, ids in enumerate(encoded):
         groups.setdefault(max(length, len(ids)), []).append(row)

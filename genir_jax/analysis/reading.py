@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from genir_jax.analysis.inputs import tokenize_for_analysis
+from genir_jax.analysis.inputs import encode_queries, tokenize_for_analysis
 from genir_jax.batching import Batch, batches
 from genir_jax.config import T5Config
 from genir_jax.errors import GenIRError
@@ -188,7 +188,7 @@ def query_batches(tokenizer, texts: Sequence[str], batch_size: int, *, reference
     if not texts:
         raise GenIRError("no queries to tokenize")
     count = len(texts)
-    encoded = [np.asarray(tokenizer(text).input_ids, dtype=np.int32) for text in texts]
+    encoded = [np.asarray(ids, dtype=np.int32) for ids in encode_queries(tokenizer, list(texts))]
     block = block or count
     out: list[Batch] = []
     for block_start in range(0, count, block):
@@ -539,14 +539,23 @@ class RawEntryWriter:
     query order, as the queries' batches complete (batches may complete out of order within a file)."""
 
     def __init__(self, directory: str | os.PathLike, reader: str, sim_type: str, query_ids: Sequence,
-                 per_file: int = 50):
+                 per_file: int = 50, *, reference_numbering: bool = False):
+        """Default numbering: a file is named by its first query's index (``_0`` holds queries 0..49, ``_50``
+        the next 50). `reference_numbering`: as eval_neuron_reading.py / eval_cr_attn_reading.py number them:
+        ``_0`` is an empty list, each full block is named by the index of the query after it (queries 0..49 in
+        ``_50``), the last block by its last query's index (``_{N-1}``); where that name is taken (a last block
+        of one query) the reference overwrites the earlier block, and so do we (`overwritten` lists it)."""
         if per_file < 1:
             raise GenIRError("--queries-per-file must be >= 1")
         self.directory, self.reader, self.sim_type = os.fspath(directory), reader, sim_type
         self.query_ids, self.per_file = list(query_ids), per_file
+        self.reference_numbering = reference_numbering
         self._pending: dict[int, list[str]] = {}
         self._next_file = 0
         self.files: list[str] = []
+        self.overwritten: list[str] = []
+        if reference_numbering:
+            self._write(f"{RAW_PREFIX[reader]}_{sim_type}_0.json", [])
 
     def __call__(self, rows: np.ndarray, readings: list[LayerReadings]) -> None:
         for b, row in enumerate(rows.tolist()):
@@ -559,17 +568,20 @@ class RawEntryWriter:
             rows = range(self._next_file, min(self._next_file + self.per_file, count))
             if any(r not in self._pending for r in rows):
                 return
-            name = f"{RAW_PREFIX[self.reader]}_{self.sim_type}_{self._next_file}.json"
-            with open(os.path.join(self.directory, name), "w", encoding="utf-8") as handle:
-                handle.write("[")
-                first = True
-                for r in rows:
-                    for entry in self._pending.pop(r):
-                        handle.write(entry if first else ", " + entry)
-                        first = False
-                handle.write("]")
-            self.files.append(name)
+            number = self._next_file
+            if self.reference_numbering:
+                number = count - 1 if rows.stop == count else rows.stop
+            name = f"{RAW_PREFIX[self.reader]}_{self.sim_type}_{number}.json"
+            if name in self.files and self.reference_numbering and number != 0:
+                self.overwritten.append(name)
+            self._write(name, [entry for r in rows for entry in self._pending.pop(r)])
             self._next_file = rows.stop
+
+    def _write(self, name: str, entries: list[str]) -> None:
+        with open(os.path.join(self.directory, name), "w", encoding="utf-8") as handle:
+            handle.write("[" + ", ".join(entries) + "]")
+        if name not in self.files:
+            self.files.append(name)
 
     def close(self) -> None:
         self._flush()
@@ -588,14 +600,16 @@ def stale_raw_files(directory: str | os.PathLike, reader: str, sim_type: str, ke
             if n.startswith(prefix) and n.endswith(".json") and n not in keep]
 
 
-def write_reading_outputs(directory: str | os.PathLike, result: ReadingResult) -> None:
-    """The proportion files and the summary into `directory` (use inside `genir_jax.io.atomic_directory`)."""
+def write_reading_outputs(directory: str | os.PathLike, result: ReadingResult, summary: bool = True) -> None:
+    """The proportion files and (unless not `summary`) the summary into `directory` (use inside
+    `genir_jax.io.atomic_directory`)."""
     directory = os.fspath(directory)
     for name, data in result.ratio_files().items():
         with open(os.path.join(directory, name), "w", encoding="utf-8") as handle:
             json.dump(data, handle)
-    with open(os.path.join(directory, SUMMARY_FILE[result.reader]), "w", encoding="utf-8") as handle:
-        json.dump(result.summary(), handle, indent=1)
+    if summary:
+        with open(os.path.join(directory, SUMMARY_FILE[result.reader]), "w", encoding="utf-8") as handle:
+            json.dump(result.summary(), handle, indent=1)
 
 
 def iter_raw_entries(directory: str | os.PathLike, reader: str, sim_type: str) -> Iterator[dict]:

@@ -356,8 +356,10 @@ def summary(result: ResidualRankResult) -> dict:
     }
 
 
-def write_residual_rank(out_dir: str | os.PathLike, result: ResidualRankResult) -> None:
-    """The reference's two CSV files, our component-sum ranks and the summary JSON, written atomically."""
+def write_residual_rank(out_dir: str | os.PathLike, result: ResidualRankResult, *, reference_only: bool = False
+                        ) -> None:
+    """The reference's two CSV files, our component-sum ranks and the summary JSON (`reference_only`: the
+    reference's two files alone), written atomically."""
     files = {
         RESID_CSV: _csv_text(["", "query", "func", "layer", "component", "value"], resid_rows(result)),
         RANKS_CSV: _csv_text(["", "query", "layer", "component", "value"], rank_rows(result)),
@@ -366,6 +368,8 @@ def write_residual_rank(out_dir: str | os.PathLike, result: ResidualRankResult) 
                              for q, query_id in enumerate(result.query_ids) for k, (_, label, _) in enumerate(SUMS))),
         SUMMARY_JSON: json.dumps(summary(result), indent=1) + "\n",
     }
+    if reference_only:
+        files = {name: files[name] for name in (RESID_CSV, RANKS_CSV)}
     with atomic_directory(out_dir) as staging:
         for name, text in files.items():
             with open(os.path.join(staging, name), "w", encoding="utf-8") as handle:

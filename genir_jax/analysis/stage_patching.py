@@ -18,6 +18,13 @@ Output files and their layout are the reference's (`eval_patching_single_combis.
 ``ranks_correct_queries_patching_single_combis.json`` keyed ``"{stage}-{component}-{mode}"``.
 Rows are ordered as the reference orders them: modes mean, zero, t5; within a mode components mlp,
 cross_attn, attn (then the encoder row for t5); within a component the stages.
+
+Reference file layout (``reference=True`` in `write_stage_patching`): the zero / mean rows go to the files
+above (eval_patching_single_combis.py) and the t5 rows to eval_patching_t5.py's own files
+``patching_results_t5_single_combis.csv`` / ``ranks_correct_queries_patching_t5_single_combis.json``, with
+the reference's empty encoder rows for stages 1 and 2 (fractions 0, no ranks); `t5_all_and_attn_config`
+is its ``patching_results_t5_all_and_attn.json`` configuration (every component of every stage but the
+last and the last stage's self-attention replaced by the T5's).
 """
 
 from __future__ import annotations
@@ -44,6 +51,10 @@ PAPER_STAGES_24 = ([0, 1, 2, 3, 4, 5, 6], list(range(7, 18)), list(range(18, 24)
 RESULTS_CSV = "patching_results_single_combis.csv"
 RANKS_JSON = "ranks_correct_queries_patching_single_combis.json"
 THRESHOLDS = (("!=0", 0), (">5", 5), (">10", 10), (">100", 100))
+T5_RESULTS_CSV = "patching_results_t5_single_combis.csv"            # eval_patching_t5.py (reference mode)
+T5_RANKS_JSON = "ranks_correct_queries_patching_t5_single_combis.json"
+T5_ALL_AND_ATTN_JSON = "patching_results_t5_all_and_attn.json"
+T5_ALL_AND_ATTN_CONFIG = "0-6 attn, cr, mlp = T5, 7 - 17 attn, cr, mlp = T5, 18 - 23 only attn = t5"  # its text
 
 
 def default_stages(num_decoder_layers: int) -> list[list[int]]:
@@ -79,6 +90,10 @@ def parse_stages(text: str, num_decoder_layers: int) -> list[list[int]]:
             raise GenIRError(f"--stages: cannot parse {part!r}; expected e.g. '0-6,7-17,18-23'") from None
         if not 0 <= first <= last < num_decoder_layers:
             raise GenIRError(f"--stages: {part!r} is outside the decoder's layers 0-{num_decoder_layers - 1}")
+        overlap = sorted(set(range(first, last + 1)) & {layer for stage in stages for layer in stage})
+        if overlap:
+            raise GenIRError(f"--stages: {part!r} overlaps an earlier stage (layer(s) {overlap}); stages must be "
+                             "disjoint")
         stages.append(list(range(first, last + 1)))
     if not stages:
         raise GenIRError("--stages: no stages given")
@@ -177,22 +192,63 @@ def _csv_number(value) -> str:
     return repr(float(value)) if isinstance(value, float) else str(value)
 
 
-def write_stage_patching(out_dir: str | os.PathLike, result: StagePatchingResult,
-                         extra_json: dict | None = None) -> None:
-    """The reference's two output files (and `extra_json`: {file name: JSON data}), written atomically."""
-    import json
-
+def _csv_text(entries: list[dict]) -> str:
     header = ["", "component", "stage", "mode"] + [label for label, _ in THRESHOLDS]
     lines = [",".join(header)]
-    for index, entry in enumerate(result.fractions()):
+    for index, entry in enumerate(entries):
         cells = [str(index), entry["component"], str(entry["stage"]), entry["mode"]]
         cells += [_csv_number(entry[label]) for label, _ in THRESHOLDS]
         lines.append(",".join(cells))
+    return "\n".join(lines) + "\n"
+
+
+def stage_patching_files(result: StagePatchingResult, *, reference: bool = False, num_stages: int | None = None
+                         ) -> dict[str, str]:
+    """{file name: text} of the results. Default: every row in RESULTS_CSV / RANKS_JSON. `reference`: the
+    reference's two scripts' files (see the module docstring); `num_stages` gives the empty encoder rows."""
+    import json
+
+    entries, ranks = result.fractions(), result.ranks_by_key()
+    if not reference:
+        return {RESULTS_CSV: _csv_text(entries), RANKS_JSON: json.dumps(ranks)}
+    files = {}
+    plain = [e for e in entries if e["mode"] != "t5"]
+    if plain:
+        keys = [f"{e['stage']}-{e['component']}-{e['mode']}" for e in plain]
+        files[RESULTS_CSV] = _csv_text(plain)
+        files[RANKS_JSON] = json.dumps({k: ranks[k] for k in keys})
+    t5 = [e for e in entries if e["mode"] == "t5"]
+    if t5:
+        encoder = [e for e in t5 if e["component"].startswith("encoder.")]
+        for stage in range(1, num_stages or 1):  # the reference's encoder rows for later stages: no queries
+            empty = {"component": encoder[0]["component"], "stage": stage, "mode": "t5"}
+            empty.update({label: 0.0 for label, _ in THRESHOLDS})
+            t5.append(empty)
+        keys = [f"{e['stage']}-{e['component']}-{e['mode']}" for e in t5]
+        files[T5_RESULTS_CSV] = _csv_text(t5)
+        files[T5_RANKS_JSON] = json.dumps({k: ranks.get(k, []) for k in keys})
+    return files
+
+
+def t5_all_and_attn_config(config: T5Config, stages: Sequence[Sequence[int]]):
+    """eval_patching_t5.py's last configuration: attn, cross_attn and mlp outputs of every stage but the last
+    and the last stage's attn output replaced by the T5's (`replacement` by `FROM_SOURCE`)."""
+    sites = [f"decoder.{layer}.{COMPONENT_SITES[c]}" for stage in stages[:-1] for layer in stage
+             for c in ("attn", "cross_attn", "mlp")]
+    sites += [f"decoder.{layer}.{COMPONENT_SITES['attn']}" for layer in stages[-1]]
+    return replacement(config, {site: FROM_SOURCE for site in sites})
+
+
+def write_stage_patching(out_dir: str | os.PathLike, result: StagePatchingResult,
+                         extra_json: dict | None = None, *, reference: bool = False,
+                         num_stages: int | None = None) -> None:
+    """The result files (`stage_patching_files`) and `extra_json` ({file name: JSON data}), atomically."""
+    import json
+
     with atomic_directory(out_dir) as staging:
-        with open(os.path.join(staging, RESULTS_CSV), "w", encoding="utf-8") as handle:
-            handle.write("\n".join(lines) + "\n")
-        with open(os.path.join(staging, RANKS_JSON), "w", encoding="utf-8") as handle:
-            json.dump(result.ranks_by_key(), handle)
+        for name, text in stage_patching_files(result, reference=reference, num_stages=num_stages).items():
+            with open(os.path.join(staging, name), "w", encoding="utf-8") as handle:
+                handle.write(text)
         for name, data in (extra_json or {}).items():
             with open(os.path.join(staging, name), "w", encoding="utf-8") as handle:
                 json.dump(data, handle, indent=2)

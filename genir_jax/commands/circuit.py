@@ -8,7 +8,9 @@ import os
 
 import numpy as np
 
-from genir_jax.commands.common import add_run_controls
+from genir_jax.commands.common import (add_checkpoint_paths, add_reference, add_run_controls, reference_stages,
+                                       resolve_paths)
+from genir_jax.commands.mesh_options import add_mesh_arguments
 from genir_jax.errors import DataError, GenIRError
 
 
@@ -20,33 +22,38 @@ def add_parser(subparsers) -> None:
             "Knock out components as a circuit file says (default: the paper's circuit - remove self-attention "
             "in all layers and cross-attention in stage I, replace MLP outputs of stages I and II by their mean "
             "over the correct validation queries) and evaluate on the test queries: Hits@1, Recall@5, Hits@10, "
-            "MRR@10, nDCG@10, absolute and relative to the unpatched model. Writes minimal_circuit.json and the "
-            "two TREC runs. Default stages: the paper's for a 24-layer decoder, otherwise found automatically "
-            "(--stages auto); stages.json records them."
+            "MRR@10, nDCG@10 (ir-measures, docid tokens only), absolute and relative to the unpatched model. Writes "
+            "minimal_circuit.json, the two TREC runs and stages.json. Default stages: the paper's for a 24-layer "
+            "decoder, otherwise found automatically (--stages auto). --reference: as the reference's "
+            "eval_patching_all_stages.py, writes only patching_results_best_circuit.json with its keys hits@1, "
+            "hits@10, recall@5 (top 100 over the full vocabulary, its own counting: every qrels entry is relevant, "
+            "recall@5 = relevant in the top 5 / the query's qrels entries) and config; reference padding; the "
+            "paper's stages for a 24-layer decoder."
         ),
     )
     parser.add_argument("-c", "--checkpoint", required=True, help="HF-format GenIR checkpoint (with tokenizer)")
     parser.add_argument("--test-queries", required=True, help="queries to evaluate, reference JSON format")
     parser.add_argument("--qrels", default=None, help="their qrels (default: from the queries' relevant_docs)")
     parser.add_argument("--val-queries", required=True, help="validation queries (for the means)")
-    parser.add_argument("--correct-valid", required=True, help="correct_valid.json (the queries averaged over)")
-    parser.add_argument("-o", "--output-path", dest="output", required=True, help="output directory")
+    add_checkpoint_paths(parser, ("-o", "--output-path", "--output"))
     parser.add_argument("--circuit", default=None, help="circuit JSON file (default: the paper's circuit)")
     parser.add_argument("--stages", default=None,
                         help="decoder stages: 'auto', 'thirds', 'paper' or layer ranges, e.g. '0-6,7-17,18-23' "
                              "(default: the paper's for a 24-layer decoder, otherwise auto); see stages.json")
-    parser.add_argument("--reference-padding", action="store_true",
-                        help="as the reference: pad to the longest correct validation query + 1 without attention "
-                             "mask (means and test queries), rank over the full vocabulary (word tokens count as "
-                             "non-relevant entries)")
+    add_reference(parser, "eval_patching_all_stages.py",
+                  "patching_results_best_circuit.json only, its metrics and config text, the paper's stages",
+                  "as the reference: pad to the longest correct validation query + 1 without attention mask (means "
+                  "and test queries), rank over the full vocabulary (word tokens count as non-relevant entries)")
     parser.add_argument("--k", type=int, default=100, help="documents per query in the runs (default 100)")
     add_run_controls(parser, "queries per device per step (default: from a 1 GiB logits budget)", None)
     parser.set_defaults(handler=run)
+    add_mesh_arguments(parser)  # --mesh, --mesh-rules
 
 
 def run(args: argparse.Namespace) -> int:
-    from genir_jax.analysis.circuit import (PAPER_CIRCUIT, RESULTS_JSON, circuit_from_json, circuit_interventions,
-                                            rank_with_circuit)
+    from genir_jax.analysis.circuit import (PAPER_CIRCUIT, REFERENCE_CONFIG, REFERENCE_RESULTS_JSON, RESULTS_JSON,
+                                            circuit_from_json, circuit_interventions, rank_with_circuit,
+                                            reference_retrieval_metrics)
     from genir_jax.analysis.inputs import (load_correct_queries, reference_padded_groups, reference_padding_length,
                                            tokenize_for_analysis)
     from genir_jax.data.corpus import qrels_from_queries, read_json, read_qrels, read_queries
@@ -59,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise GenIRError("--k must be >= 1")
+    resolve_paths(args, args.checkpoint)
+    args.reference_padding = args.reference_padding or args.reference
     model = load_for_analysis(args.checkpoint)
     if model.tokenizer is None:
         raise GenIRError(f"{args.checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
@@ -68,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     check_run_covers([q.id for q in test_queries], qrels, args.qrels or args.test_queries)
     correct = load_correct_queries(args.val_queries, args.correct_valid, tokenizer)
     from genir_jax.commands.common import resolve_stages, write_stages
+    reference_stages(args, config.num_decoder_layers, "paper")
     stages, stages_record = resolve_stages(args, config, model.params, *tokenize_for_analysis(
         tokenizer, [q.text for q in correct]), np.asarray([q.token_id for q in correct], dtype=np.int32))
     circuit = circuit_from_json(read_json(args.circuit), args.circuit, len(stages)) if args.circuit else PAPER_CIRCUIT
@@ -102,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
                                                     targets[rows], None, top_k=top_ids.shape[2],
                                                     query_chunk=args.batch_size, progress=progress)
             top_ids[:, rows], top_logits[:, rows] = ids_top, logits_top
+        full_top_ids = top_ids.copy()
         lookup = np.full(config.vocab_size, -1, dtype=np.int64)  # full-vocabulary ids -> docid indices
         lookup[candidates] = np.arange(len(candidates))
         top_ids = lookup[top_ids]
@@ -116,6 +127,15 @@ def run(args: argparse.Namespace) -> int:
                                                 progress=progress)
 
     query_ids = [q.id for q in test_queries]
+    if args.reference:
+        report = reference_retrieval_metrics(full_top_ids[1], query_ids, qrels, vocabulary)
+        paper = circuit is PAPER_CIRCUIT and [list(x) for x in stages] == [list(range(7)), list(range(7, 18)),
+                                                                            list(range(18, 24))]
+        report["config"] = REFERENCE_CONFIG if paper else circuit.describe(stages)
+        with atomic_directory(args.output) as staging:
+            write_json(os.path.join(staging, REFERENCE_RESULTS_JSON), report)
+        print(json.dumps({"stages": stages, **report}, indent=1))
+        return 0
     runs = [run_from_ranking(query_ids, doc_ids, top_ids[k], top_logits[k]) for k in range(2)]
     unpatched, patched = (evaluate_run(r, qrels) for r in runs)
     metrics = [m for m in unpatched if m != "queries"]

@@ -9,16 +9,59 @@ STAGES_HELP = ("decoder stages: 'auto' (three stages fitted to the model's per-l
                "'paper' (0-6,7-17,18-23; 24-layer decoders) or layer ranges, e.g. '0-6,7-17,18-23' (default: "
                "the paper's for a 24-layer decoder, otherwise auto). The stages used are written to stages.json")
 STAGES_JSON = "stages.json"
+CHECKPOINT = "[checkpoint]"  # placeholder in path options, replaced by the checkpoint directory as the reference does
 
 
 def add_analysis_inputs(parser: argparse.ArgumentParser) -> None:
-    """-c/--checkpoint, --val-queries, --correct-valid and -o/--output (alias --output-path)."""
+    """-c/--checkpoint, --val-queries, --correct-valid and -o/--output (alias --output-path), with the
+    reference's defaults ``[checkpoint]/correct_valid.json`` and ``[checkpoint]`` (see `resolve_paths`)."""
     parser.add_argument("-c", "--checkpoint", required=True,
                         help="HF-format GenIR checkpoint directory (with its tokenizer)")
     parser.add_argument("--val-queries", required=True, help="validation queries, reference JSON format")
-    parser.add_argument("--correct-valid", required=True,
-                        help="correct_valid.json: [docid_token, query_id] pairs (from genir-jax evaluate)")
-    parser.add_argument("-o", "--output", "--output-path", dest="output", required=True, help="output directory")
+    add_checkpoint_paths(parser)
+
+
+def add_checkpoint_paths(parser: argparse.ArgumentParser, output_flags=("-o", "--output", "--output-path")) -> None:
+    """--correct-valid and the output option with the reference's ``[checkpoint]`` placeholders."""
+    parser.add_argument("--correct-valid", default=f"{CHECKPOINT}/correct_valid.json",
+                        help="correct_valid.json: [docid_token, query_id] pairs (from genir-jax evaluate); "
+                             f"'{CHECKPOINT}' stands for the checkpoint directory (default: %(default)s)")
+    parser.add_argument(*output_flags, dest="output", default=CHECKPOINT,
+                        help=f"output directory; '{CHECKPOINT}' stands for the checkpoint directory (default: "
+                             "%(default)s, the reference's)")
+
+
+def resolve_paths(args: argparse.Namespace, checkpoint: str) -> None:
+    """Replace the ``[checkpoint]`` placeholder in --correct-valid and the output option (as the reference's
+    scripts do), then refuse an output that cannot be written, before any computation."""
+    from genir_jax.io import check_output_dir
+
+    checkpoint = str(checkpoint)
+    for name in ("correct_valid", "output"):
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, value.replace(CHECKPOINT, checkpoint))
+    if isinstance(getattr(args, "output", None), str):
+        check_output_dir(args.output)
+
+
+REFERENCE_HELP = ("reference mode: behave as the reference's {script} in every output file, key, row order and "
+                  "number: {what}. Implies --reference-padding")
+
+
+def add_reference(parser: argparse.ArgumentParser, script: str, what: str, padding_help: str) -> None:
+    """--reference (the whole reference behaviour of one script) and --reference-padding (its padding only)."""
+    parser.add_argument("--reference", action="store_true", help=REFERENCE_HELP.format(script=script, what=what))
+    parser.add_argument("--reference-padding", action="store_true",
+                        help=padding_help + " (the padding part of --reference only)")
+
+
+def reference_stages(args: argparse.Namespace, layers: int, stages_24) -> None:
+    """In reference mode, the reference's hard-coded stages `stages_24` ("0-6,7-17,18-23" style text) for a
+    24-layer decoder unless --stages is given (the reference scripts cannot run other depths: there the usual
+    default applies)."""
+    if getattr(args, "reference", False) and not getattr(args, "stages", None) and layers == 24:
+        args.stages = stages_24
 
 
 def add_stages(parser: argparse.ArgumentParser, note: str = "") -> None:

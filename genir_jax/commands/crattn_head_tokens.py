@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from genir_jax.commands.common import add_run_controls
+from genir_jax.commands.mesh_options import add_mesh_arguments
 from genir_jax.errors import GenIRError
 
 
@@ -25,11 +26,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--heads", required=True, help="comma-separated LAYER.HEAD, e.g. '16.1,17.3'")
     parser.add_argument("--top", type=int, default=5, help="tokens per head (default: 5)")
     parser.add_argument("-o", "--output", "--output-path", dest="output", required=True, help="output directory")
-    parser.add_argument("--reference-padding", action="store_true",
+    parser.add_argument("--reference", "--reference-padding", dest="reference_padding", action="store_true",
                         help="every query unpadded and without attention mask (as the reference scripts run "
-                             "queries); default: padded batches with attention masks")
+                             "queries); default: padded batches with attention masks. The reference has no script "
+                             "for Table 6, so reference mode is this padding only; both spellings are accepted")
     add_run_controls(parser)
     parser.set_defaults(handler=run)
+    add_mesh_arguments(parser)  # --mesh, --mesh-rules
 
 
 def run(args: argparse.Namespace) -> int:

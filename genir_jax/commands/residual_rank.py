@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 
+from genir_jax.commands.mesh_options import add_mesh_arguments
 from genir_jax.errors import GenIRError
 
 _CHECKPOINT = "[checkpoint]"  # placeholder in path defaults, as the reference's options use it
@@ -24,7 +25,7 @@ def add_parser(subparsers) -> None:
             "statistics of all docid and non-docid tokens; and the rank of the relevant docid in the logit lens "
             "of the summed MLP outputs and of the summed cross-attention outputs. Writes the reference's "
             "all_dec_resid_results.csv and all_ranks_correct_doc.csv (eval_residual_rank.py), plus "
-            "ranks_component_sums.csv and residual_rank_summary.json."
+            "ranks_component_sums.csv and residual_rank_summary.json (not in --reference mode)."
         ),
     )
     parser.add_argument("-c", "--checkpoint", required=True,
@@ -34,15 +35,18 @@ def add_parser(subparsers) -> None:
                         help="correct_valid.json: [docid_token, query_id] pairs (default: %(default)s)")
     parser.add_argument("-o", "--output", "--output-path", dest="output", default=_CHECKPOINT,
                         help="output directory (default: the checkpoint directory, as the reference)")
-    parser.add_argument("--reference-padding", "--reference-mode", dest="reference", action="store_true",
-                        help="reproduce eval_residual_rank.py exactly: 'Mean Non-Doc-IDs' is the median (as the "
+    parser.add_argument("--reference", "--reference-padding", "--reference-mode", dest="reference", action="store_true",
+                        help="reference mode (all three spellings are the same flag): reproduce eval_residual_rank.py "
+                             "exactly: 'Mean Non-Doc-IDs' is the median (as the "
                              "reference computes it), 'Mean Doc-IDs' is divided in float32, every id from the "
                              "first docid token on counts as a docid. The reference runs each query unpadded, "
-                             "which masked batches reproduce, so the tokenisation is the same in both modes")
+                             "which masked batches reproduce, so the tokenisation is the same in both modes. Only the "
+                             "reference's two CSV files are written (not ranks_component_sums.csv and the summary)")
     parser.add_argument("--batch-size", type=int, default=None, help="queries per step (default: from a 1 GiB "
                                                                       "budget for one layer's lens logits)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run)
+    add_mesh_arguments(parser)  # --mesh, --mesh-rules
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = os.fspath(args.checkpoint)
     correct_valid = args.correct_valid.replace(_CHECKPOINT, checkpoint)
     output = args.output.replace(_CHECKPOINT, checkpoint)
+    from genir_jax.io import check_output_dir
+
+    check_output_dir(output)
 
     model = load_for_analysis(checkpoint)
     if model.tokenizer is None:
@@ -66,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_residual_rank(model.config, model.params, ids, mask, targets, is_docid,
                                query_ids=[q.query_id for q in queries], reference=args.reference,
                                batch_size=args.batch_size, progress=not args.no_progress)
-    write_residual_rank(output, result)
+    write_residual_rank(output, result, reference_only=args.reference)
     info = summary(result)
     print(json.dumps({
         "queries": info["num_queries"], "output": output, "queries_not_at_rank_0": info["queries_not_at_rank_0"],
