@@ -105,6 +105,22 @@ def _header(layout, settings) -> str:
                  "re-run with genir-jax. The paper's numbers are for T5-large DSI models on NQ10k; ours come from "
                  "this run's models, so compare tendencies, not values.")
     lines.append("")
+    if getattr(settings, "base", None):
+        lines.append(f"Base T5: `{settings.base}` (`--base`): the DSI models are fine-tuned from it, and it is the T5 of "
+                     "T5-mode patching (Table 3) and of the base-encoder swap (Table 2).")
+    else:
+        lines.append("Base T5: our own corpus-only span-corruption model (the `pretrain` step), not a pretrained T5. "
+                     "The T5-mode rows of Table 3 and the base-encoder swap of Table 2 are therefore NOT comparable "
+                     "with the paper's, which use the pretrained T5-large; run with `--base` for comparable rows.")
+    lines.append("")
+    if layout.correct_valid.is_file():
+        from genir_jax.reproduce import FEW_QUERIES
+
+        correct = len(read_json(layout.correct_valid))
+        if correct < FEW_QUERIES:
+            lines += [f"**Warning: every analysis below rests on {correct} correct validation "
+                      f"quer{'y' if correct == 1 else 'ies'} (fewer than {FEW_QUERIES}); read its percentages and "
+                      "medians as anecdotes, not estimates.**", ""]
     rows, total = [], 0.0
     for step in steps(settings):
         state = step_record(layout, step.name)

@@ -2,8 +2,9 @@
 
 Pipeline (each step is a `genir-jax` subcommand writing its own directory under OUT):
 
-    prepare          data/                   prepare-data (tiny: the first 64 documents only)
-    pretrain         models/base/            pretrain: span corruption -> the "base T5"
+    prepare          data/                   prepare-data (tiny: the first TINY_MAX_DOCUMENTS documents)
+    pretrain         models/base/            pretrain: span corruption -> the "base T5" (skipped with --base:
+                                             a pretrained T5 given by the user is the base instead)
     train-full       models/full/            train: the DSI model on every document
     evaluate-full    eval/full-{val,test}/   evaluate: metrics, run files, correct_valid.json
     bm25             eval/bm25-test/         bm25 on the same test queries (context for Table 1)
@@ -42,7 +43,11 @@ from genir_jax.io import write_json
 DATASETS = ("squad-dev", "nq-oracle")
 REMOVED_MODELS = 4
 REMOVED_DOCUMENTS = 10
-TINY_MAX_DOCUMENTS = 64
+# Documents kept by the tiny preset, per dataset, so that enough queries remain: squad-dev has about five
+# questions per paragraph (64 paragraphs: ~300 queries), nq-oracle about one per passage (the first 64
+# passages left 4 validation queries; the first 768 leave 57, squad-dev's first 64 paragraphs 86).
+TINY_MAX_DOCUMENTS = {"squad-dev": 64, "nq-oracle": 768}
+FEW_QUERIES = 30  # below this many correct validation queries the report warns that statistics are anecdotal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +93,26 @@ class Settings:
     removed_models: int = REMOVED_MODELS
     removed_documents: int = REMOVED_DOCUMENTS
     progress: bool = True
+    base: str | None = None  # a pretrained T5 (directory, resolved) instead of the pretrain step's model
+
+
+def base_model(layout: Layout, settings: Settings) -> pathlib.Path:
+    """The base T5 every step fine-tunes from and compares with: `--base`, else the pretrain step's."""
+    return pathlib.Path(settings.base) if settings.base else layout.base
+
+
+def resolve_base(path_or_hub_id: str) -> str:
+    """`--base`: a T5 directory, or a hub id in the local Hugging Face cache (never downloaded), with its
+    tokenizer (the DSI models are trained with it)."""
+    from genir_jax.hf import resolve_checkpoint_dir
+
+    directory = resolve_checkpoint_dir(path_or_hub_id)
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise GenIRError(f"--base {path_or_hub_id}: {directory} has no config.json")
+    if not any(os.path.isfile(os.path.join(directory, name)) for name in ("tokenizer.json", "spiece.model")):
+        raise GenIRError(f"--base {path_or_hub_id}: {directory} has no tokenizer (tokenizer.json or spiece.model); "
+                         "save the model with its tokenizer")
+    return os.path.abspath(directory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,11 +144,13 @@ def _prepare(layout: Layout, settings: Settings):
     if settings.data_dir:
         args += ["--data-dir", settings.data_dir]
     if settings.preset == "tiny":
-        args += ["--max-documents", TINY_MAX_DOCUMENTS]
+        args += ["--max-documents", TINY_MAX_DOCUMENTS[settings.dataset]]
     _cli(args)
 
 
 def _pretrain(layout: Layout, settings: Settings):
+    if settings.base:
+        return {"skipped_for_base": settings.base}
     args = ["pretrain", "--data", layout.data, "--preset", settings.preset, "-o", layout.base, "--resume-if-any"]
     if settings.data_dir:
         args += ["--tokenizer", pathlib.Path(settings.data_dir) / "t5-tokenizer"]
@@ -131,8 +158,8 @@ def _pretrain(layout: Layout, settings: Settings):
 
 
 def _train_full(layout: Layout, settings: Settings):
-    _cli(["train", "--data", layout.data, "--base", layout.base, "--preset", settings.preset, "-o", layout.full,
-          "--resume-if-any"])
+    _cli(["train", "--data", layout.data, "--base", base_model(layout, settings), "--preset", settings.preset, "-o",
+          layout.full, "--resume-if-any"])
 
 
 def _evaluate_full(layout: Layout, settings: Settings):
@@ -182,7 +209,7 @@ def _choose_removed(layout: Layout, settings: Settings):
 def _train_removed(index: int):
     def run(layout: Layout, settings: Settings):
         sets = json.loads(layout.removed_documents.read_text())
-        _cli(["train", "--data", layout.data, "--base", layout.base, "--preset", settings.preset, "-o",
+        _cli(["train", "--data", layout.data, "--base", base_model(layout, settings), "--preset", settings.preset, "-o",
               layout.removed(index), "--remove", ",".join(sets[f"removed-{index}"]), "--resume-if-any"])
     return run
 
@@ -193,12 +220,12 @@ def _analysis_inputs(layout: Layout) -> list:
 
 def _patch_stages(layout, settings):
     _cli(["patch-stages", "--checkpoint", layout.full, *_analysis_inputs(layout), "-o",
-          layout.analysis("patch-stages"), "--modes", "zero,mean,t5", "--t5", layout.base, *_no_progress(settings)])
+          layout.analysis("patch-stages"), "--modes", "zero,mean,t5", "--t5", base_model(layout, settings), *_no_progress(settings)])
 
 
 def _swap_encoder(layout, settings):
     _cli(["swap-encoder", "--complete-model-path", layout.full, "--missing-docs-for-model", layout.missing_docs,
-          *_analysis_inputs(layout), "-o", layout.analysis("swap-encoder"), "--t5", layout.base,
+          *_analysis_inputs(layout), "-o", layout.analysis("swap-encoder"), "--t5", base_model(layout, settings),
           *_no_progress(settings)])
 
 
@@ -293,7 +320,7 @@ def reproduce(out: str | os.PathLike, settings: Settings, force: tuple[str, ...]
     layout.root.mkdir(parents=True, exist_ok=True)
     started = step_record(layout, "settings")
     current = {"dataset": settings.dataset, "preset": settings.preset, "removed_models": settings.removed_models,
-               "removed_documents": settings.removed_documents}
+               "removed_documents": settings.removed_documents, "base": settings.base}
     if started and {k: started.get(k) for k in current} != current:
         raise GenIRError(f"{layout.root} holds a reproduction with {started}; use another --out for {current}")
     write_json(layout.steps / "settings.json", current, indent=2)

@@ -110,3 +110,77 @@ def test_tiny_reproduction_end_to_end(tmp_path, shared_data):
     second = _genir_jax(args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("skipped") == len(names) - 1
+
+
+def test_base_is_a_saved_t5_used_for_training_t5_mode_and_the_swap(tmp_path, monkeypatch, hf_checkpoint, t5_tokenizer):
+    """`reproduce --base`: a T5 saved by transformers (with its tokenizer) replaces the pretrain step; every
+    step that fine-tunes from or compares with the base T5 is handed that directory."""
+    directory, _ = hf_checkpoint("pretrained-t5", tokenizer=t5_tokenizer, vocab_size=len(t5_tokenizer))
+    base = rp.resolve_base(str(directory))
+    assert base == os.path.abspath(directory)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(rp, "_cli", lambda args: calls.append([str(a) for a in args]))
+    layout = rp.Layout(tmp_path / "run")
+    settings = rp.Settings(dataset="squad-dev", preset="tiny", base=base)
+    assert rp._pretrain(layout, settings) == {"skipped_for_base": base}
+    assert calls == []  # nothing pretrained
+    rp._train_full(layout, settings)
+    rp._patch_stages(layout, settings)
+    rp._swap_encoder(layout, settings)
+    layout.removed_documents.parent.mkdir(parents=True, exist_ok=True)
+    layout.removed_documents.write_text(json.dumps({"removed-0": ["d1"]}))
+    rp._train_removed(0)(layout, settings)
+    train_full, patch, swap, train_removed = calls
+    assert train_full[train_full.index("--base") + 1] == base
+    assert patch[patch.index("--t5") + 1] == base           # T5-mode patching uses the given T5
+    assert swap[swap.index("--t5") + 1] == base             # ... and so does the base encoder swap
+    assert train_removed[train_removed.index("--base") + 1] == base
+    # without --base, the pretrain step's own model is the base everywhere
+    calls.clear()
+    own = rp.Settings(dataset="squad-dev", preset="tiny")
+    rp._patch_stages(layout, own)
+    assert calls[0][calls[0].index("--t5") + 1] == str(layout.base)
+
+
+def test_base_without_tokenizer_or_missing_is_refused(tmp_path, hf_checkpoint):
+    directory, _ = hf_checkpoint("no-tokenizer")
+    with pytest.raises(GenIRError, match="no tokenizer"):
+        rp.resolve_base(str(directory))
+    with pytest.raises(GenIRError, match="not a hub id in the local Hugging Face cache|does not exist"):
+        rp.resolve_base(str(tmp_path / "missing"))
+    with pytest.raises(GenIRError, match="not a hub id in the local Hugging Face cache"):
+        rp.resolve_base("nobody/no-such-t5")
+
+
+def test_report_says_whether_t5_rows_are_comparable(tmp_path):
+    from genir_jax.report import _header
+
+    layout = rp.Layout(tmp_path)
+    own = _header(layout, rp.Settings(dataset="squad-dev", preset="tiny"))
+    assert "NOT comparable" in own
+    given = _header(layout, rp.Settings(dataset="squad-dev", preset="tiny", base="/models/t5-large"))
+    assert "/models/t5-large" in given and "NOT comparable" not in given
+
+
+def test_tiny_nq_oracle_keeps_enough_validation_queries(tmp_path, shared_data):
+    """The tiny preset's document subset leaves enough validation queries on both datasets (nq-oracle has
+    about one question per passage: its first 64 passages once left 4)."""
+    from genir_jax.cli import main
+
+    for dataset in rp.DATASETS:
+        out = tmp_path / dataset
+        assert main(["prepare-data", "--dataset", dataset, "--data-dir", str(shared_data), "--max-documents",
+                     str(rp.TINY_MAX_DOCUMENTS[dataset]), "-o", str(out)]) == 0
+        val = json.loads((out / "val_queries.json").read_text())
+        assert len(val) >= rp.FEW_QUERIES, (dataset, len(val))
+
+
+def test_report_warns_when_analyses_rest_on_few_queries(tmp_path):
+    from genir_jax.report import _header
+
+    layout = rp.Layout(tmp_path)
+    layout.eval_val.mkdir(parents=True)
+    layout.correct_valid.write_text(json.dumps([["@DOC_ID_1@", "q1"]]))
+    assert "rests on 1 correct validation query" in _header(layout, rp.Settings(dataset="nq-oracle", preset="tiny"))
+    layout.correct_valid.write_text(json.dumps([[f"@DOC_ID_{i}@", f"q{i}"] for i in range(rp.FEW_QUERIES)]))
+    assert "Warning" not in _header(layout, rp.Settings(dataset="nq-oracle", preset="tiny"))

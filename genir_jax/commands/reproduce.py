@@ -16,7 +16,7 @@ def add_parser(subparsers) -> None:
             f"full DSI model and {REMOVED_MODELS} models each without {REMOVED_DOCUMENTS} documents, evaluate, run "
             "every analysis (Tables 2-6, Figures 3-5) and write OUT/report.md with PNG figures and the paper's "
             "numbers side by side. Re-running skips finished steps; --force STEP redoes one. Presets: tiny (a "
-            f"smoke run on the first {TINY_MAX_DOCUMENTS} documents, minutes on a CPU), cpu (the full corpus, "
+            "smoke run on the first " + " / ".join(f"{n} ({d})" for d, n in TINY_MAX_DOCUMENTS.items()) + " documents, minutes on a CPU), cpu (the full corpus, "
             "2-core CPU scale), t5-large (the paper's model shape, for GPU/TPU)."
         ),
     )
@@ -26,6 +26,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--data-dir", default=None,
                         help="where the raw datasets and t5-tokenizer/ live (default: $GENIR_JAX_DATA, else "
                              "../shared/data)")
+    parser.add_argument("--base", default=None, metavar="PATH_OR_HUB_ID",
+                        help="fine-tune from this pretrained T5 (a directory with its tokenizer, or a hub id in the "
+                             "local Hugging Face cache, e.g. google-t5/t5-large) instead of pretraining our own "
+                             "corpus-only base; it is also the T5 of T5-mode patching and of the base encoder swap, "
+                             "so those rows become comparable with the paper's")
     parser.add_argument("--removed-models", type=int, default=REMOVED_MODELS,
                         help=f"models trained without {REMOVED_DOCUMENTS} documents each, for the encoder swap "
                              f"(default: {REMOVED_MODELS}, as in the paper; fewer makes a quicker run)")
@@ -42,8 +47,13 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{args.dataset}-{args.preset}"
     if args.removed_models < 1:
         raise GenIRError(f"--removed-models {args.removed_models}: need at least 1 (the encoder swap needs one)")
+    base = None
+    if args.base is not None:
+        from genir_jax.reproduce import resolve_base
+
+        base = resolve_base(args.base)
     settings = Settings(dataset=args.dataset, preset=args.preset, data_dir=args.data_dir,
-                        removed_models=args.removed_models, progress=not args.no_progress)
+                        removed_models=args.removed_models, progress=not args.no_progress, base=base)
     if args.list_steps:
         layout = Layout(__import__("pathlib").Path(out))
         for step in steps(settings):

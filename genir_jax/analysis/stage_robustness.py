@@ -1,0 +1,155 @@
+"""Do the decoder's stages hold up? Ablations that assume no partition, and the stage table under several.
+
+The paper's stage claims (Table 3) rest on one partition of the decoder (layers 0-6, 7-17, 18-23 of
+T5-large). This analysis checks them three ways in one sweep (`run_sweep`, so one compiled function):
+
+- every layer of one component type at once (all self-attention, all cross-attention, all MLPs): is the
+  component type needed at all?
+- every single layer x component: the per-layer profile a partition should summarise;
+- the stage table (each component in each stage) under several partitions side by side, e.g. the
+  automatic segmentation (`genir_jax.analysis.auto_stages`), equal thirds and the paper's.
+
+Modes: zero and mean ablation (means over the same queries, as the stage patching takes them). Every row
+reports the fraction of queries whose target rank exceeds 0 / 5 / 10 / 100 (the reference's thresholds,
+0-based ranks: ``>0`` means "no longer ranked first") and the mean rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from genir_jax.analysis.stage_patching import COMPONENTS, THRESHOLDS, stage_configs
+from genir_jax.config import T5Config
+from genir_jax.errors import GenIRError
+from genir_jax.interventions import mean_activations, mean_ablation, zero_ablation
+from genir_jax.patching import run_sweep
+from genir_jax.sites import COMPONENT_SITES
+from genir_jax.sweep import component_grid, concat, relabel, stack
+
+MODES = ("zero", "mean")
+KINDS = ("all_layers", "single_layer", "stage")
+NOT_FIRST = THRESHOLDS[0][0]  # the reference's label of "rank > 0" ("!=0")
+
+
+@dataclasses.dataclass
+class StageRobustnessResult:
+    """One row per configuration: its labels (kind, component, mode, layer, partition, stage) and the
+    rank statistics over the queries; `partitions` the stages each partition used."""
+
+    rows: list[dict]
+    ranks: np.ndarray  # [K, N] 0-based target ranks
+    partitions: dict[str, list[list[int]]]
+
+    def select(self, kind: str, **labels) -> list[dict]:
+        """The rows of one kind whose labels equal `labels`."""
+        if kind not in KINDS:
+            raise GenIRError(f"unknown row kind {kind!r}; expected one of {', '.join(KINDS)}")
+        return [r for r in self.rows if r["kind"] == kind and all(r.get(k) == v for k, v in labels.items())]
+
+    def to_json(self) -> dict:
+        return {"partitions": self.partitions, "thresholds_0_based": [t for _, t in THRESHOLDS], "rows": self.rows}
+
+
+def _rank_statistics(ranks: np.ndarray) -> dict:
+    out = {label: float(np.mean(ranks > threshold)) for label, threshold in THRESHOLDS}
+    out["mean_rank"] = float(np.mean(ranks))
+    return out
+
+
+def _check_partitions(config: T5Config, partitions: Mapping[str, Sequence[Sequence[int]]]) -> dict:
+    layers = config.num_decoder_layers
+    checked = {}
+    for name, stages in partitions.items():
+        seen: list[int] = []
+        for stage in stages:
+            for layer in stage:
+                if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < layers:
+                    raise GenIRError(f"partition {name!r}: layer {layer!r} is not a decoder layer 0-{layers - 1}")
+                if layer in seen:
+                    raise GenIRError(f"partition {name!r}: layer {layer} is in two stages")
+                seen.append(int(layer))
+        if not stages or any(not stage for stage in stages):
+            raise GenIRError(f"partition {name!r}: every stage needs at least one layer")
+        checked[name] = [[int(layer) for layer in stage] for stage in stages]
+    return checked
+
+
+def stage_robustness_sweep(config: T5Config, partitions: Mapping[str, Sequence[Sequence[int]]],
+                           modes: Sequence[str] = MODES, means: dict | None = None):
+    """The sweep of every row (labels: kind, component, mode, layer, partition, stage)."""
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not modes:
+        raise GenIRError(f"stage robustness: modes must be some of {', '.join(MODES)}, got {list(modes)}")
+    if "mean" in modes and means is None:
+        raise GenIRError("stage robustness: mean mode needs the means of the component outputs")
+    partitions = _check_partitions(config, partitions)
+    parts = []
+    for mode in modes:
+        configs, labels = [], []
+        for component in COMPONENTS:
+            sites = [f"decoder.*.{COMPONENT_SITES[component]}"]
+            configs.append(zero_ablation(config, sites) if mode == "zero" else mean_ablation(config, means, sites=sites))
+            labels.append({"component": component})
+        parts.append(relabel(stack(configs, labels=labels), kind="all_layers", mode=mode))
+        grid = component_grid(config, components=list(COMPONENTS), **({} if mode == "zero" else {"value": means}))
+        parts.append(relabel(grid, kind="single_layer", mode=mode))
+    for name, stages in partitions.items():
+        sweep, _ = stage_configs(config, stages, [m for m in ("mean", "zero") if m in modes], means)
+        parts.append(relabel(sweep, kind="stage", partition=name))
+    return concat(*parts), partitions
+
+
+def run_stage_robustness(config: T5Config, params, input_ids, attention_mask, target_ids, *,
+                         partitions: Mapping[str, Sequence[Sequence[int]]], modes: Sequence[str] = MODES,
+                         query_chunk: int | None = None, progress: bool = True) -> StageRobustnessResult:
+    """Run every row on the given (correct) queries; means come from the same queries."""
+    means = None
+    if "mean" in modes:
+        sites = [f"decoder.*.{COMPONENT_SITES[c]}" for c in COMPONENTS]
+        means = mean_activations(config, params, input_ids, attention_mask, sites, progress=progress)
+    sweep, partitions = stage_robustness_sweep(config, partitions, modes, means)
+    result = run_sweep(config, params, input_ids, attention_mask, target_ids, sweep, metrics=("rank",),
+                       query_chunk=query_chunk, progress=progress, desc="stage robustness")
+    rows = []
+    for k in range(sweep.size):
+        label = {key: value for key, value in sweep.label(k).items() if value is not None and key != "site"}
+        rows.append({**label, **_rank_statistics(result.ranks[k])})
+    return StageRobustnessResult(rows=rows, ranks=result.ranks, partitions=partitions)
+
+
+def render_markdown(result: StageRobustnessResult, queries: int) -> str:
+    """Three tables: component types ablated in every layer, the per-layer profile (fraction > 0), and the
+    stage table under each partition side by side."""
+    lines = [f"Shares of the {queries} queries whose target is no longer ranked first (rank > 1, counting "
+             "from 1), beyond the top 5, 10 and 100; mean rank counted from 0.", ""]
+    lines += ["| component (every layer) | mode | not first | > 5 | > 10 | > 100 | mean rank |",
+              "|---|---|---|---|---|---|---|"]
+    for row in result.select("all_layers"):
+        lines.append(f"| {row['component']} | {row['mode']} | " + " | ".join(
+            f"{row[label]:.2f}" for label, _ in THRESHOLDS) + f" | {row['mean_rank']:.1f} |")
+    modes = sorted({r["mode"] for r in result.rows})
+    layers = sorted({r["layer"] for r in result.select("single_layer")})
+    for mode in modes:
+        lines += ["", f"Single layers, {mode} ablation, share of queries no longer ranked first:", "",
+                  "| component | " + " | ".join(str(layer) for layer in layers) + " |",
+                  "|---|" + "---|" * len(layers)]
+        for component in COMPONENTS:
+            cells = {r["layer"]: r[NOT_FIRST] for r in result.select("single_layer", component=component, mode=mode)}
+            lines.append(f"| {component} | " + " | ".join(f"{cells[layer]:.2f}" for layer in layers) + " |")
+    names = list(result.partitions)
+    lines += ["", "Stages under each partition (share of queries no longer ranked first, stage by stage):", ""]
+    lines += ["| component | mode | " + " | ".join(
+        f"{name}: " + ", ".join(f"{s[0]}-{s[-1]}" for s in result.partitions[name]) for name in names) + " |",
+        "|---|---|" + "---|" * len(names)]
+    for mode in modes:
+        for component in COMPONENTS:
+            cells = []
+            for name in names:
+                rows = sorted(result.select("stage", partition=name, component=component, mode=mode),
+                              key=lambda r: r["stage"])
+                cells.append(" / ".join(f"{r[NOT_FIRST]:.2f}" for r in rows))
+            lines.append(f"| {component} | {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
