@@ -141,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_qrels_known(qrels, qrels_source, doc_ids, why: str) -> None:
     """Every relevant document of the qrels must be one the model can rank; else exit 2 naming the record."""
+    from genir_jax.errors import CheckpointError
+
     known = set(doc_ids)
     for query_id, docs in qrels.items():
         for doc_id in docs:
