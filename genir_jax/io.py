@@ -90,6 +90,12 @@ def check_output_dir(path: str | os.PathLike, option: str = "-o/--output") -> st
     for directory in checks:
         if not os.access(directory, os.W_OK | os.X_OK):
             raise GenIRError(f"{option} {path}: cannot write in {directory} (permission denied)")
+        # os.access trusts permission bits, which root ignores; a read-only or special filesystem (sysfs, a
+        # read-only mount) refuses root too, so try for real: create and remove one hidden directory
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".genir-write-probe-", dir=directory))
+        except OSError as error:
+            raise GenIRError(f"{option} {path}: cannot write in {directory} ({error.strerror or error})") from None
     return path
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -173,16 +175,29 @@ def test_output_that_is_not_a_directory_is_refused_before_computing(prepared, tm
     assert (tmp_path / "a-file").read_text() == "keep me"
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write in read-only folders")
+def _unwritable_directory(tmp_path):
+    """A directory this process may not write in: permission bits for a normal user; root ignores those, so for
+    root a filesystem that refuses everyone (sysfs on Linux)."""
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0):
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        return locked, "permission denied"
+    try:
+        os.rmdir(tempfile.mkdtemp(dir="/sys"))
+    except OSError:
+        return pathlib.Path("/sys"), "cannot write in /sys"
+    pytest.fail("running as root and /sys is writable: no unwritable directory to test with")
+
+
 def test_output_in_a_read_only_directory_is_refused(prepared, tmp_path, capsys):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
+    locked, message = _unwritable_directory(tmp_path)
     try:
         _refused(capsys, ["bm25", "--prepared", str(prepared), "-o", str(locked / "out")], "-o/--output",
-                 "permission denied", output=locked / "out")
+                 message, output=locked / "out")
     finally:
-        locked.chmod(0o755)
+        if locked != pathlib.Path("/sys"):
+            locked.chmod(0o755)
 
 
 def test_check_output_dir_accepts_new_and_existing_directories(tmp_path):
