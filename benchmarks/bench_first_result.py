@@ -1,6 +1,6 @@
 """Time to first result of `genir-jax patch-stages`, cold (empty compilation cache) and warm (second run).
 
-    python benchmarks/bench_first_result.py [--queries 40] [--layers 24] [--d-model 128]
+    python benchmarks/bench_first_result.py [--queries 40] [--layers 24] [--d-model 128] [--repeat 3]
 
 Builds a random 24+24-layer, d_model 128 T5 v1.0 with the real T5 tokenizer ($GENIR_JAX_DATA or
 ../shared/data/t5-tokenizer) and one docid token per query, 40 SQuAD dev questions as validation queries
@@ -13,7 +13,9 @@ and a correct_valid.json listing all of them, in a temporary directory. Then it 
    `jax.monitoring`) and compute (the rest of the sweep), and the rest (writing files, exit).
 
 Each cold run gets its own empty cache directory (GENIR_JAX_CACHE), so nothing leaks between them.
-Not a test.
+The machine may be shared: every run is repeated `--repeat` times (cold, warm, cold, warm, ...), each
+printed with the 1-minute load average at its start, and the table shows each column's minimum over the
+repeats (the least disturbed value), with the median wall time next to it. Not a test.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import os
 import pathlib
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -114,11 +117,21 @@ def run(command: list[str], cache: pathlib.Path) -> float:
     return elapsed
 
 
+def _breakdown(elapsed: float, times: dict) -> dict[str, float]:
+    """One instrumented run's columns: imports, load, tokenize, compile, compute (sweep minus compile), rest."""
+    sweep = times.get("sweep", 0.0)
+    parts = {"imports": times["imports"], "load": times.get("load", 0.0), "tokenize": times.get("tokenize", 0.0),
+             "compile": times["compile"], "compute": sweep - times["compile"]}
+    parts["rest"] = elapsed - (parts["imports"] + parts["load"] + parts["tokenize"] + sweep)
+    return parts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=40)
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each kind and phase; minimum reported")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.add_argument("--report", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,34 +147,40 @@ def main() -> None:
               f"(built in {time.perf_counter() - t:.1f} s)")
         genir = shutil.which("genir-jax") or ""
         entry = [genir] if genir else [sys.executable, "-m", "genir_jax.cli"]
-        rows = []
-        for name in ("end-to-end", "instrumented"):
-            cache = work / f"cache-{name}"
-            for phase in ("cold", "warm"):
-                out = work / f"out-{name}-{phase}"
-                report = work / f"report-{name}-{phase}.json"
-                if name == "end-to-end":
-                    elapsed = run(entry + command + ["-o", str(out)], cache)
-                    rows.append((name, phase, elapsed, None))
-                else:
-                    elapsed = run([sys.executable, __file__, "--report", str(report), "--child",
-                                   *command, "-o", str(out)], cache)
-                    rows.append((name, phase, elapsed, json.loads(report.read_text())))
-        print(f"\n{'run':<13} {'phase':<5} {'wall':>6} {'imports':>8} {'load':>6} {'tokenize':>9} {'compile':>8} "
-              f"{'compute':>8} {'rest':>6}")
-        for name, phase, elapsed, times in rows:
-            if times is None:
-                print(f"{name:<13} {phase:<5} {elapsed:6.2f}")
+        runs: dict[tuple[str, str], list] = {}
+        for repeat in range(max(1, args.repeat)):
+            for name in ("end-to-end", "instrumented"):
+                cache = work / f"cache-{name}-{repeat}"
+                for phase in ("cold", "warm"):
+                    out = work / f"out-{name}-{phase}-{repeat}"
+                    report = work / f"report-{name}-{phase}-{repeat}.json"
+                    load = os.getloadavg()[0]
+                    if name == "end-to-end":
+                        elapsed, times = run(entry + command + ["-o", str(out)], cache), None
+                    else:
+                        elapsed = run([sys.executable, __file__, "--report", str(report), "--child",
+                                       *command, "-o", str(out)], cache)
+                        times = json.loads(report.read_text())
+                    runs.setdefault((name, phase), []).append((elapsed, times))
+                    print(f"  run {repeat + 1}: {name:<13} {phase:<5} {elapsed:6.2f} s  (load average {load:.2f})",
+                          flush=True)
+        print(f"\n{'run':<13} {'phase':<5} {'wall':>6} {'median':>7} {'imports':>8} {'load':>6} {'tokenize':>9} "
+              f"{'compile':>8} {'compute':>8} {'rest':>6}   (minimum over {max(1, args.repeat)} runs)")
+        for (name, phase), items in runs.items():
+            walls = [elapsed for elapsed, _ in items]
+            line = f"{name:<13} {phase:<5} {min(walls):6.2f} {statistics.median(walls):7.2f}"
+            if items[0][1] is None:
+                print(line)
                 continue
-            compute = times.get("sweep", 0.0) - times["compile"]
-            accounted = times["imports"] + times.get("load", 0.0) + times.get("tokenize", 0.0) + times.get("sweep", 0.0)
-            rest = elapsed - accounted
-            print(f"{name:<13} {phase:<5} {elapsed:6.2f} {times['imports']:8.2f} {times.get('load', 0.0):6.2f} "
-                  f"{times.get('tokenize', 0.0):9.2f} {times['compile']:8.2f} {compute:8.2f} {rest:6.2f}")
-        for name, phase, _, times in rows:
-            if times is not None:
-                events = ", ".join(f"{k.rsplit('/', 1)[-1]} {v:.2f}" for k, v in sorted(times["compile_events"].items()))
-                print(f"  {phase} compile events: {events}")
+            columns = [_breakdown(elapsed, times) for elapsed, times in items]
+            print(line + "".join(f" {min(c[key] for c in columns):{width}.2f}" for key, width in
+                                 (("imports", 8), ("load", 6), ("tokenize", 9), ("compile", 8), ("compute", 8),
+                                  ("rest", 6))))
+        for (name, phase), items in runs.items():
+            if items[0][1] is not None:
+                best = min(items, key=lambda item: item[0])[1]
+                events = ", ".join(f"{k.rsplit('/', 1)[-1]} {v:.2f}" for k, v in sorted(best["compile_events"].items()))
+                print(f"  {phase} compile events (fastest run): {events}")
         print("\n(rest = python start-up and exit, writing the outputs, and anything outside the timed stages; "
               "load includes reading the tokenizer)")
     finally:

@@ -46,18 +46,16 @@ class T5FastTokenizer:
     `decode`, ``len()``, the special tokens and their ids. Read-only: no `add_tokens`, no saving of its own
     (`genir_jax.hf.save_tokenizer` copies its files)."""
 
-    def __init__(self, directory: str | os.PathLike):
-        from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    def __init__(self, directory: str | os.PathLike, backend=None):
+        """`backend`: the `tokenizers.Tokenizer` of the directory's tokenizer.json when already read
+        (`load_tokenizer` reads it once to check its model type); it is reconfigured in place."""
+        from tokenizers import decoders, normalizers, pre_tokenizers, processors
 
         self.directory = os.fspath(directory)
         self.name_or_path = self.directory
         path = os.path.join(self.directory, TOKENIZER_JSON)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-            backend = Tokenizer.from_str(json.dumps(data))
-        except Exception as exc:  # OSError, JSON errors, and tokenizers raises a plain Exception on a bad file
-            raise CheckpointError(f"{path}: not a readable tokenizers file ({exc})") from exc
+        if backend is None:
+            backend = _read_backend(path)
         settings = _read_config(self.directory)
         self.eos_token = _token_text(settings.get("eos_token", "</s>"))
         self.unk_token = _token_text(settings.get("unk_token", "<unk>"))
@@ -69,7 +67,7 @@ class T5FastTokenizer:
             raise CheckpointError(f"{path}: the end-of-sequence token {self.eos_token!r} is not in the vocabulary")
 
         # The pipeline transformers 5.x's T5Tokenizer builds around the stored vocabulary and added tokens.
-        charsmap = _precompiled_charsmap(data.get("normalizer"))
+        charsmap = _precompiled_charsmap(_stored_normalizer(backend))
         backend.normalizer = None if charsmap is None else normalizers.Precompiled(charsmap)
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.WhitespaceSplit(),
@@ -224,8 +222,10 @@ def load_tokenizer(directory: str | os.PathLike, *, fast: bool = True):
     transformers' (see the module docstring), else ``transformers.AutoTokenizer``'s. Raises
     `CheckpointError` when the files are unreadable."""
     directory = os.fspath(directory)
-    if fast and fast_tokenizer_supported(directory):
-        return T5FastTokenizer(directory)
+    if fast and _settings_supported(directory):
+        backend = _read_backend(os.path.join(directory, TOKENIZER_JSON))  # read once: checked, then used
+        if type(backend.model).__name__ == "Unigram":
+            return T5FastTokenizer(directory, backend)
     from transformers import AutoTokenizer
 
     try:
@@ -237,14 +237,7 @@ def load_tokenizer(directory: str | os.PathLike, *, fast: bool = True):
 def fast_tokenizer_supported(directory: str | os.PathLike) -> bool:
     """Whether `T5FastTokenizer` gives exactly what transformers' tokenizer of `directory` gives."""
     directory = os.fspath(directory)
-    if not os.path.isfile(os.path.join(directory, TOKENIZER_JSON)):
-        return False
-    if _transformers_major() < 5:
-        return False
-    settings = _read_config(directory)
-    if settings.get("tokenizer_class") not in _T5_CLASSES:
-        return False
-    if settings.get("split_special_tokens") or settings.get("add_bos_token") or settings.get("add_eos_token") is False:
+    if not _settings_supported(directory):
         return False
     try:
         with open(os.path.join(directory, TOKENIZER_JSON), encoding="utf-8") as handle:
@@ -252,6 +245,36 @@ def fast_tokenizer_supported(directory: str | os.PathLike) -> bool:
     except (OSError, ValueError):
         return False
     return model.get("type") == "Unigram"
+
+
+def _settings_supported(directory: str) -> bool:
+    """Whether the files and settings of `directory` allow `T5FastTokenizer` (all but the model type, which
+    needs tokenizer.json read): a tokenizer.json, transformers 5.x, a T5 tokenizer class, default specials."""
+    if not os.path.isfile(os.path.join(directory, TOKENIZER_JSON)):
+        return False
+    if _transformers_major() < 5:
+        return False
+    settings = _read_config(directory)
+    if settings.get("tokenizer_class") not in _T5_CLASSES:
+        return False
+    return not (settings.get("split_special_tokens") or settings.get("add_bos_token")
+                or settings.get("add_eos_token") is False)
+
+
+def _read_backend(path: str):
+    """The `tokenizers.Tokenizer` stored at `path` (parsed by tokenizers itself, no Python JSON pass)."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as exc:  # OSError, JSON errors, and tokenizers raises a plain Exception on a bad file
+        raise CheckpointError(f"{path}: not a readable tokenizers file ({exc})") from exc
+
+
+def _stored_normalizer(backend) -> dict | None:
+    """The stored normaliser of `backend` as its JSON dict (None when it has none)."""
+    normalizer = backend.normalizer
+    return None if normalizer is None else json.loads(normalizer.__getstate__())
 
 
 def _transformers_major() -> int:

@@ -104,3 +104,33 @@ def test_compilation_cache_persists_executables(tmp_path):
     _python(code, GENIR_JAX_CACHE=str(cache))
     assert sorted(os.listdir(cache)) == entries  # found, not compiled and written again
     assert _python(code, GENIR_JAX_CACHE="off").split()[0] == "None"
+
+
+def test_console_command_skips_interpreter_teardown_but_not_its_output(tmp_path):
+    """As the console command (no argv), a finished command that loaded JAX ends with `os._exit` after the
+    atexit handlers: its exit code and its whole (piped, buffered) stdout are kept, the handlers ran, and
+    nothing after them does (a `__del__` at interpreter tear-down never prints)."""
+    from genir_jax.config import t5_v1_0
+
+    config = t5_v1_0(vocab_size=64, d_model=8, d_kv=4, d_ff=16, num_heads=2, num_layers=1, num_decoder_layers=1)
+    genir_jax.save_pretrained(tmp_path / "ckpt", genir_jax.PretrainedModel(config=config,
+                                                                           params=genir_jax.init_params(config, 0)))
+    code = (
+        "import atexit, sys\n"
+        "class Teardown:\n"
+        "    def __del__(self):\n"
+        "        print('teardown', flush=True)\n"
+        "keep = Teardown()\n"
+        "atexit.register(lambda: print('atexit ran'))\n"
+        f"sys.argv = ['genir-jax', 'inspect', '--json', '--checkpoint', {str(tmp_path / 'ckpt')!r}]\n"
+        "from genir_jax.cli import main\n"
+        "sys.exit(main())\n"
+    )
+    out = _python(code, GENIR_JAX_CACHE="off").splitlines()
+    assert out[-1] == "atexit ran" and "teardown" not in out
+    import json
+
+    summary = json.loads("\n".join(out[:-1]))
+    assert summary["decoder_layers"] == 1 and summary["vocab_size"] == 64
+    # in-process calls (argv given) return normally
+    assert cli.main(["--no-compile-cache", "inspect", "--checkpoint", str(tmp_path / "ckpt")]) == 0
