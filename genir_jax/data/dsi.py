@@ -216,6 +216,16 @@ def _cache_key(examples: Sequence[DSIExample], tokenizer, max_length: int, docid
     return digest.hexdigest()
 
 
+def examples_fingerprint(groups: Sequence[tuple[Sequence[DSIExample], int]], tokenizer, docid_sequences=None) -> str:
+    """A short hash of groups of (examples, max_length) with the tokenizer and docid sequences: what decides
+    their token arrays, computed without tokenizing (so every process of a multi-process run, which
+    tokenizes only its rows, agrees on it)."""
+    digest = hashlib.sha256()
+    for examples, max_length in groups:
+        digest.update(_cache_key(examples, tokenizer, max_length, docid_sequences).encode())
+    return digest.hexdigest()[:16]
+
+
 def tokenize_examples(examples: Sequence[DSIExample], tokenizer, max_length: int,
                       cache_dir: str | os.PathLike | None = None, progress: bool = True,
                       docid_sequences=None) -> TokenizedExamples:

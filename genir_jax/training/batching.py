@@ -17,7 +17,10 @@ import numpy as np
 
 
 class DataSource(Protocol):
-    """What the trainer consumes: group sizes, batches by (group, indices, epoch), and a fingerprint."""
+    """What the trainer consumes: group sizes, batches by (group, indices, epoch), and a fingerprint.
+
+    Row ``i`` of ``batch(group, indices, epoch)`` must depend only on ``(group, indices[i], epoch)``, not
+    on the other rows: a process of a multi-process run asks for its rows of each batch only."""
 
     group_sizes: tuple[int, ...]
 

@@ -34,13 +34,15 @@ import jax
 import numpy as np
 
 from genir_jax.data.corpus import Document, Query, qrels_from_queries
-from genir_jax.data.dsi import INDEX, RETRIEVAL, build_dsi_examples, tokenize_examples, tokenize_queries
+from genir_jax.data.dsi import (INDEX, RETRIEVAL, DSIExample, build_dsi_examples, examples_fingerprint,
+                                tokenize_examples, tokenize_queries)
 from genir_jax.docid_schemes import DOCIDS_FILE, DocidScheme, docid_trie, write_scheme
 from genir_jax.docids import add_docid_tokens, docid_token_ids
 from genir_jax.errors import ConfigError, DataError
 from genir_jax.hf import PretrainedModel, save_pretrained
 from genir_jax.io import write_json
 from genir_jax.retrieval import evaluate_run, rank_docid_sequences, rank_docids, run_from_ranking
+from genir_jax.partitioning import fetch
 from genir_jax.training.batching import ArraySource
 from genir_jax.training.presets import DSISettings
 from genir_jax.training.trainer import RunSpec, train_loop
@@ -80,23 +82,67 @@ def _group(tokenized, width: int) -> dict[str, np.ndarray]:
             "targets": targets, "target_mask": target_mask}
 
 
+class TokenizingSource:
+    """DSI training examples tokenized on demand, row by row (a `DataSource`), for multi-process runs: each
+    process tokenizes only the rows of the batches its devices hold, and keeps them for later epochs. Its
+    rows equal those of `dsi_source`'s eagerly tokenized arrays; its fingerprint is a hash of the examples,
+    the tokenizer and the lengths (the same in every process, computed without tokenizing)."""
+
+    def __init__(self, groups: Sequence[tuple[Sequence[DSIExample], int]], tokenizer, docid_sequences=None):
+        self.groups = [(list(examples), int(max_length)) for examples, max_length in groups]
+        self.group_sizes = tuple(len(examples) for examples, _ in self.groups)
+        self.tokenizer = tokenizer
+        self.docid_sequences = docid_sequences
+        self._rows: list[dict[int, dict[str, np.ndarray]]] = [{} for _ in self.groups]
+        self._fingerprint: str | None = None
+
+    def batch(self, group: int, indices: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
+        examples, max_length = self.groups[group]
+        known = self._rows[group]
+        missing = [int(i) for i in dict.fromkeys(np.asarray(indices).tolist()) if int(i) not in known]
+        if missing:
+            tokenized = _group(tokenize_examples([examples[i] for i in missing], self.tokenizer, max_length,
+                                                 progress=False, docid_sequences=self.docid_sequences), max_length)
+            for position, index in enumerate(missing):
+                known[index] = {name: array[position] for name, array in tokenized.items()}
+        return {name: np.stack([known[int(i)][name] for i in indices]) for name in
+                ("input_ids", "attention_mask", "targets", "target_mask")}
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = examples_fingerprint(
+                [(examples, max_length) for examples, max_length in self.groups], self.tokenizer,
+                self.docid_sequences)
+        return self._fingerprint
+
+
 def dsi_source(documents: Sequence[Document], train_queries: Sequence[Query], tokenizer, settings: DSISettings,
                *, remove: Iterable[str] | str = (), cache_dir: str | None = None,
-               progress: bool = True, docid_sequences=None) -> tuple[ArraySource, dict]:
+               progress: bool = True, docid_sequences=None, on_demand: bool | None = None):
     """Training batches (group 0: indexing, group 1: retrieval) and their counts; `docid_sequences`
-    (``{doc id: token ids ending with EOS}``) for naive / semantic docids."""
+    (``{doc id: token ids ending with EOS}``) for naive / semantic docids.
+
+    `on_demand` (default: when several processes train together): a `TokenizingSource` that tokenizes
+    each batch's rows when asked for them (each process only its share), instead of an `ArraySource`
+    tokenized up front (whose statistics include the longest example of each kind)."""
     examples = build_dsi_examples(documents, train_queries, ratio=settings.ratio, remove=remove)
-    groups, stats = [], {}
+    if on_demand is None:
+        on_demand = jax.process_count() > 1
+    groups, stats, lazy = [], {}, []
     for kind, max_length in ((INDEX, settings.index_max_length), (RETRIEVAL, settings.query_max_length)):
         selected = [e for e in examples if e.kind == kind]
         stats[f"{kind}_examples"] = len(selected)
-        if selected:
+        if selected and on_demand:
+            lazy.append((selected, max_length))
+        elif selected:
             tokenized = tokenize_examples(selected, tokenizer, max_length, cache_dir=cache_dir, progress=progress,
                                           docid_sequences=docid_sequences)
             groups.append(_group(tokenized, max_length))
             stats[f"{kind}_longest"] = int(tokenized.attention_mask.sum(axis=1).max())
-    if not groups:
+    if not groups and not lazy:
         raise DataError("no DSI training examples (every document removed?)")
+    if on_demand:
+        return TokenizingSource(lazy, tokenizer, docid_sequences), stats
     return ArraySource(groups), stats
 
 
@@ -174,11 +220,13 @@ def finetune(base: PretrainedModel, documents: Sequence[Document], splits: Mappi
     result = train_loop(model.config, model.params, source, run, out_dir, evaluate=evaluate,
                         best_metric=BEST_METRIC, best_mode="max", resume=resume, progress=progress,
                         devices=devices, description="train")
-    params = jax.device_get(result.params)
+    params = fetch(result.params)  # host copies (gathered from every process of a multi-process run)
     recorded = scheme if not scheme.multi_token else dataclasses.replace(
         scheme, docids={d: scheme.docids[d] for d in doc_ids})
-    write_scheme(os.path.join(out_dir, DOCIDS_FILE), recorded)  # before the weights: no model without it
-    save_pretrained(out_dir, model.replace(params=params, path=None))
+    writer = jax.process_index() == 0  # every process computes the same; process 0 writes
+    if writer:
+        write_scheme(os.path.join(out_dir, DOCIDS_FILE), recorded)  # before the weights: no model without it
+        save_pretrained(out_dir, model.replace(params=params, path=None))
     final = {}
     for name in ("val", "test"):
         if splits.get(name):
@@ -195,10 +243,11 @@ def finetune(base: PretrainedModel, documents: Sequence[Document], splits: Mappi
         "examples_per_s": None if result.examples_per_s is None else round(result.examples_per_s, 2),
         "compile_seconds": round(result.compile_seconds, 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
-        "devices": len(jax.local_devices()) if devices is None else len(devices),
+        "devices": jax.device_count() if devices is None else len(devices), "processes": jax.process_count(),
         **(extra_summary or {}),
     }
-    write_json(os.path.join(out_dir, SUMMARY_FILE), summary, indent=2)
+    if writer:
+        write_json(os.path.join(out_dir, SUMMARY_FILE), summary, indent=2)
     return summary
 
 

@@ -160,16 +160,67 @@ def make_eval_step(config: T5Config, compute_dtype=None) -> Callable[[Any, dict]
     return jax.jit(evaluate)
 
 
-def put_batch(batch: dict, mesh: "Mesh | Partitioner") -> dict:
-    """Place a host batch on the mesh, split along the batch axis; checks divisibility."""
+def local_rows(mesh: "Mesh | Partitioner", batch_size: int) -> np.ndarray:
+    """The rows of a global batch of `batch_size` that this process's devices hold, sorted (every row in a
+    one-process run). A multi-process run loads, tokenizes and transfers only these."""
+    sharding = batch_sharded(mesh)
+    if sharding.is_fully_addressable:
+        return np.arange(batch_size)
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((batch_size,)).values():
+        rows.update(range(*index[0].indices(batch_size)))
+    return np.asarray(sorted(rows), dtype=np.int64)
+
+
+def put_local_batch(local: dict, rows: np.ndarray, batch_size: int, mesh: "Mesh | Partitioner") -> dict:
+    """The global batch of `batch_size` rows split along the data axis, from this process's `rows` of it
+    (`local_rows`; ``local[k][i]`` is global row ``rows[i]``): each process contributes only its rows
+    (`jax.make_array_from_callback`), so no process ever holds the whole batch."""
     partitioner = as_partitioner(mesh)
     devices = partitioner.data_size
+    if batch_size % devices:
+        raise ConfigError(f"batch size {batch_size} is not divisible by the {devices} devices of the data mesh")
+    rows = np.asarray(rows, dtype=np.int64)
+    arrays = {k: np.asarray(local[k], dtype=np.int32) for k in BATCH_KEYS}
+    for name, array in arrays.items():
+        if len(array) != len(rows):
+            raise ConfigError(f"batch array '{name}' has {len(array)} rows for {len(rows)} row indices")
+    sharding = batch_sharded(partitioner)
+    if sharding.is_fully_addressable:
+        if not np.array_equal(rows, np.arange(batch_size)):
+            raise ConfigError("a one-process batch needs all of its rows")
+        return jax.device_put(arrays, sharding)
+    position = np.full(batch_size, -1, dtype=np.int64)
+    position[rows] = np.arange(len(rows))
+
+    def place(array: np.ndarray):
+        def shard(index):
+            wanted = position[index[0]]
+            if (wanted < 0).any():
+                raise ConfigError("a device of this process needs a batch row the process did not load")
+            return array[wanted][(slice(None),) + tuple(index[1:])]
+
+        return jax.make_array_from_callback((batch_size,) + array.shape[1:], sharding, shard)
+
+    return {name: place(array) for name, array in arrays.items()}
+
+
+def put_batch(batch: dict, mesh: "Mesh | Partitioner") -> dict:
+    """Place a whole host batch on the mesh, split along the batch axis (each process transfers only its
+    rows); checks divisibility."""
     size = len(next(iter(batch.values())))
-    if size % devices:
-        raise ConfigError(f"batch size {size} is not divisible by the {devices} devices of the data mesh")
-    return jax.device_put({k: np.asarray(batch[k], dtype=np.int32) for k in BATCH_KEYS}, batch_sharded(partitioner))
+    if batch_sharded(mesh).is_fully_addressable or size % as_partitioner(mesh).data_size:
+        return put_local_batch(batch, np.arange(size), size, mesh)
+    rows = local_rows(mesh, size)
+    return put_local_batch({k: np.asarray(batch[k])[rows] for k in BATCH_KEYS}, rows, size, mesh)
 
 
 def put_state(state: TrainState, mesh: "Mesh | Partitioner", shardings: TrainState | None = None) -> TrainState:
-    """Place a state on the mesh as `shardings` say (`state_shardings`; None: replicated)."""
-    return jax.device_put(state, shardings if shardings is not None else replicated(mesh))
+    """Place a state on the mesh as `shardings` say (`state_shardings`; None: replicated). On a mesh that
+    spans several processes the state is copied through the host first (every process holds the same
+    values; each transfers only its devices' shards)."""
+    target = shardings if shardings is not None else replicated(mesh)
+    if not all(s.is_fully_addressable for s in jax.tree_util.tree_leaves(
+            target, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))):
+        state = jax.device_get(state)
+    return jax.device_put(state, target)

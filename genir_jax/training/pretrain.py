@@ -25,6 +25,7 @@ from genir_jax.data.corpus import Document, Query
 from genir_jax.errors import CheckpointError
 from genir_jax.hf import PretrainedModel, save_pretrained
 from genir_jax.io import write_json
+from genir_jax.partitioning import fetch
 from genir_jax.model import init_params
 from genir_jax.training.batching import fingerprint_arrays
 from genir_jax.training.loop import make_eval_step
@@ -145,7 +146,10 @@ def pretrain(texts: Sequence[str], tokenizer, shape: ModelShape, settings: Pretr
     result = train_loop(config, params, source, run, out_dir, evaluate=evaluate,
                         best_metric="val_loss" if val else None, best_mode="min", resume=resume,
                         progress=progress, devices=devices, description="pretrain")
-    save_pretrained(out_dir, PretrainedModel(config, jax.device_get(result.params), tokenizer))
+    params = fetch(result.params)  # host copies (gathered from every process of a multi-process run)
+    writer = jax.process_index() == 0  # every process computes the same; process 0 writes
+    if writer:
+        save_pretrained(out_dir, PretrainedModel(config, params, tokenizer))
     summary = {
         "stage": "pretrain", "objective": "span corruption",
         "noise_density": settings.noise_density, "mean_noise_span_length": settings.mean_noise_span_length,
@@ -154,9 +158,10 @@ def pretrain(texts: Sequence[str], tokenizer, shape: ModelShape, settings: Pretr
         "train_seconds": round(result.train_seconds, 2),
         "examples_per_s": None if result.examples_per_s is None else round(result.examples_per_s, 2),
         "compile_seconds": round(result.compile_seconds, 2),
-        "wall_seconds": round(time.perf_counter() - started, 2), "devices": len(jax.local_devices())
-        if devices is None else len(devices),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "devices": jax.device_count() if devices is None else len(devices), "processes": jax.process_count(),
         **(extra_summary or {}),
     }
-    write_json(os.path.join(out_dir, SUMMARY_FILE), summary, indent=2)
+    if writer:
+        write_json(os.path.join(out_dir, SUMMARY_FILE), summary, indent=2)
     return summary

@@ -15,6 +15,12 @@
 Resume (``resume=True``) restores the newest checkpoint, checks that the data and the settings are the
 ones it was written with, drops the metrics lines and best checkpoints written after it, and continues:
 the final parameters equal those of an uninterrupted run bit for bit (same devices, same settings).
+
+Multi-process runs (`genir_jax.distributed`; every process runs the same command): each process asks
+its `DataSource` for only the rows of every batch that its devices hold (`loop.local_rows`) and the
+global batch is assembled from the processes' rows; checkpoints are collective orbax saves (each process
+writes its shards); only process 0 writes ``metrics.jsonl``; validation runs on gathered parameters in
+every process, with process 0's values broadcast so that all take the same decisions.
 """
 
 from __future__ import annotations
@@ -33,11 +39,11 @@ import numpy as np
 from genir_jax.config import T5Config
 from genir_jax.errors import CheckpointError, ConfigError
 from genir_jax.io import write_text
-from genir_jax.partitioning import current
+from genir_jax.partitioning import current, fetch
 from genir_jax.training.batching import BatchPlan, DataSource
 from genir_jax.training.checkpointing import Checkpoints, abstract_like
-from genir_jax.training.loop import (as_partitioner, create_state, data_mesh, make_train_step, put_batch, put_state,
-                                     state_shardings)
+from genir_jax.training.loop import (as_partitioner, create_state, data_mesh, local_rows, make_train_step,
+                                     put_local_batch, put_state, state_shardings)
 from genir_jax.training.optim import OptimizerSpec, make_optimizer
 
 METRICS_FILE = "metrics.jsonl"
@@ -98,10 +104,12 @@ class TrainResult:
 
 
 class MetricsLog:
-    """Append-only JSON lines; on resume the lines after the resumed step are dropped."""
+    """Append-only JSON lines; on resume the lines after the resumed step are dropped. In a multi-process
+    run only process 0 writes (`enabled`); every process computes the same lines."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, enabled: bool = True):
         self.path = path
+        self.enabled = enabled
 
     def records(self) -> list[dict]:
         if not os.path.isfile(self.path):
@@ -116,13 +124,18 @@ class MetricsLog:
         return out
 
     def truncate_after(self, step: int) -> None:
+        if not self.enabled:
+            return
         kept = [r for r in self.records() if int(r.get("step", 0)) <= step]
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def reset(self) -> None:
-        write_text(self.path, "")
+        if self.enabled:
+            write_text(self.path, "")
 
     def write(self, record: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(dict(record)) + "\n")
             handle.flush()
@@ -169,6 +182,8 @@ def train_loop(
         raise ConfigError("best_metric needs an evaluate function")
     if partitioner is None and devices is None:
         partitioner = current()  # a command's --mesh
+    if partitioner is None and devices is None and jax.process_count() > 1:
+        devices = jax.devices()  # a multi-process run trains on every process's devices together
     partitioner = as_partitioner(partitioner if partitioner is not None else data_mesh(devices))
     if spec.batch_size % partitioner.data_size:
         raise ConfigError(f"batch size {spec.batch_size} is not divisible by the number of data-parallel devices "
@@ -179,9 +194,10 @@ def train_loop(
     shardings = state_shardings(partitioner, config, optimizer, params)
     step_fn = make_train_step(config, optimizer, partitioner, schedule=schedule, dropout=spec.dropout,
                               compute_dtype=compute_dtype, shardings=shardings)
+    barrier("genir_jax.train_loop.start")  # every process has checked the output directory before any writes
     os.makedirs(run_dir, exist_ok=True)
     checkpoints = Checkpoints(run_dir, every=spec.checkpoint_every, keep=spec.keep_checkpoints)
-    log = MetricsLog(os.path.join(run_dir, METRICS_FILE))
+    log = MetricsLog(os.path.join(run_dir, METRICS_FILE), enabled=jax.process_index() == 0)
     fingerprint = source.fingerprint()
     identity = {"fingerprint": fingerprint, "spec": spec.resume_key(), "config": config.to_hf_dict()}
 
@@ -212,13 +228,14 @@ def train_loop(
             log.reset()
 
         start = int(jax.device_get(state.step))
+        rows = local_rows(partitioner, spec.batch_size)  # this process loads only its rows of every batch
         # Compile the step for every group's batch shape up front, so compilation never lands inside a
         # timed interval (each group has its own array widths).
         compile_started = time.perf_counter()
         compiled: dict[tuple, Any] = {}
         for group, size in enumerate(source.group_sizes):
             if size and start < spec.steps:
-                sample = put_batch(source.batch(group, np.arange(spec.batch_size) % size, 0), partitioner)
+                sample = put_local_batch(source.batch(group, rows % size, 0), rows, spec.batch_size, partitioner)
                 shape = _shape_key(sample)
                 if shape not in compiled:
                     cache_key = (config, spec.optimizer, spec.steps, spec.dropout, spec.bf16, partitioner, shape,
@@ -239,7 +256,7 @@ def train_loop(
         run_started = time.perf_counter()
         for step in range(start, spec.steps):
             group, indices, epoch = plan.at(step)
-            batch = put_batch(source.batch(group, indices, epoch), partitioner)
+            batch = put_local_batch(source.batch(group, indices[rows], epoch), rows, spec.batch_size, partitioner)
             state, metrics = compiled[_shape_key(batch)](state, batch)
             pending.append(metrics)
             interval_examples += spec.batch_size
@@ -269,7 +286,7 @@ def train_loop(
                 pending = []
                 interval_start, interval_examples = time.perf_counter(), 0
             if is_eval:
-                result = {name: float(value) for name, value in evaluate(state.params).items()}
+                result = evaluate_everywhere(evaluate, state.params)
                 improved = best_metric is not None and _better(result[best_metric], None if best is None
                                                                else best[best_metric], best_mode)
                 entry = {"step": done, **result}
@@ -299,6 +316,29 @@ def train_loop(
         compile_seconds=compile_seconds,
         resumed_from=resumed_from,
     )
+
+
+def barrier(name: str) -> None:
+    """Wait until every process of a multi-process run reaches `name` (nothing in a one-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def evaluate_everywhere(evaluate: Callable[[Any], dict], params) -> dict[str, float]:
+    """``evaluate(params)`` as floats. In a multi-process run every process evaluates host copies of the
+    parameters (gathered once) and process 0's values are broadcast, so every process takes the same
+    best-checkpoint decisions (they are collective saves)."""
+    if jax.process_count() == 1:
+        return {name: float(value) for name, value in evaluate(params).items()}
+    from jax.experimental import multihost_utils
+
+    result = {name: float(value) for name, value in evaluate(fetch(params)).items()}
+    names = sorted(result)
+    bits = np.asarray([result[n] for n in names], dtype=np.float64).view(np.uint32)  # exact, without x64
+    values = np.asarray(multihost_utils.broadcast_one_to_all(bits), dtype=np.uint32).view(np.float64)
+    return {name: float(value) for name, value in zip(names, values)}
 
 
 def _abstract_key(tree) -> tuple:
