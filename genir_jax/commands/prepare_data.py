@@ -7,7 +7,7 @@ import json
 
 
 def add_parser(subparsers) -> None:
-    from genir_jax.data.prepare import DATA_ENV, DATASETS
+    from genir_jax.data.prepare import DATA_ENV, DATASETS, DEFAULT_SPLITS, PAPER_SPLIT, SPLIT_SCHEMES
 
     parser = subparsers.add_parser(
         "prepare-data",
@@ -24,6 +24,14 @@ def add_parser(subparsers) -> None:
                         help=f"where squad-v1.1-dev/, nq-open-oracle/, cranfield/ live (default: ${DATA_ENV}, "
                              "else ../shared/data)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split permutations (default 0)")
+    parser.add_argument("--split", choices=SPLIT_SCHEMES, default=None,
+                        help="nq10k: validation/test documents have no training query (indexed only, the paper's "
+                             "NQ10k); per-document: every document keeps a training query; random: queries at "
+                             "random (default: " + ", ".join(f"{d} {s}" for d, s in DEFAULT_SPLITS.items()) +
+                             f"; {PAPER_SPLIT} with --paper-regime)")
+    parser.add_argument("--paper-regime", action="store_true",
+                        help=f"prepare for the paper's training regime: --split {PAPER_SPLIT} unless given, recorded "
+                             "as regime 'paper' in prepare.json (train with --paper-regime too)")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--test-fraction", type=float, default=0.1)
     parser.add_argument("--download", action="store_true",
@@ -70,11 +78,14 @@ def run(args: argparse.Namespace) -> int:
         raise GenIRError(f"--max-documents must be >= 1, got {args.max_documents}")
 
     if args.dataset == "reference-json":
+        if args.split is not None or args.paper_regime:
+            raise GenIRError("--split / --paper-regime do not apply to reference-json: its train/val/test files "
+                             "are the split")
         options = dict(documents=args.documents, train_queries=args.train_queries, val_queries=args.val_queries,
                        test_queries=args.test_queries)
     else:
         options = dict(seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                       download=args.download)
+                       download=args.download, split=args.split, paper_regime=args.paper_regime)
         if args.url:
             options["url"] = args.url
         if args.max_documents is not None:
@@ -82,5 +93,6 @@ def run(args: argparse.Namespace) -> int:
     options.update(docids=args.docids or "atomic", semantic_mapping=args.semantic_docid_mapping,
                    semantic_k=args.semantic_k, semantic_c=args.semantic_c)
     manifest = prepare_dataset(args.dataset, args.output, args.data_dir, **options)
-    print(json.dumps({"output": args.output, "counts": manifest["counts"], "notes": manifest["notes"]}, indent=2))
+    print(json.dumps({"output": args.output, "counts": manifest["counts"], "split": manifest["split"],
+                      "regime": manifest["regime"], "notes": manifest["notes"]}, indent=2))
     return 0

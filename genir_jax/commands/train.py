@@ -32,6 +32,9 @@ def add_parser(subparsers) -> None:
                         help="documents whose training examples are dropped, 'D1,D2,...' (the reference's --remove)")
     parser.add_argument("--ratio", type=int, default=None,
                         help="indexing:retrieval example ratio (default: the preset's); 0 keeps both as they are")
+    parser.add_argument("--paper-regime", action="store_true",
+                        help="the paper's data regime on any preset: ratio 32 and 32-token documents and queries "
+                             "(prepare --data with prepare-data --paper-regime for the NQ10k split)")
     from genir_jax.docid_schemes import add_scheme_arguments
 
     add_scheme_arguments(parser, default_help="default: the one --data was prepared for, else atomic")
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from genir_jax.hf import load_pretrained
     from genir_jax.training.dsi import finetune
     from genir_jax.training.options import check_output_dir, resolve_run, resume_mode, select_devices
-    from genir_jax.training.presets import get_preset
+    from genir_jax.training.presets import PAPER_RATIO, get_preset, is_paper_regime, paper_regime
 
     preset = get_preset(args.preset)
     run_spec = resolve_run(args, preset.dsi.run, preset.dsi.adamw)
@@ -58,7 +61,11 @@ def run(args: argparse.Namespace) -> int:
     if args.ratio is not None:
         if args.ratio < 0:
             raise GenIRError(f"--ratio must be >= 0, got {args.ratio}")
+        if args.paper_regime and args.ratio != PAPER_RATIO:
+            raise GenIRError(f"--paper-regime trains at ratio {PAPER_RATIO}; it cannot go with --ratio {args.ratio}")
         settings = dataclasses.replace(settings, ratio=args.ratio or None)
+    if args.paper_regime:
+        settings = paper_regime(settings)
     devices = select_devices(args.devices)
     resume, require_checkpoint = resume_mode(args)
     check_output_dir(args.output, resume, require_checkpoint)
@@ -81,7 +88,23 @@ def run(args: argparse.Namespace) -> int:
     summary = finetune(base, documents, splits, settings, run_spec, args.output, remove=removed,
                        resume=resume, progress=not args.no_progress, devices=devices, scheme=scheme,
                        extra_summary={"preset": preset.name, "data_dir": os.path.abspath(args.data),
-                                      "base": os.path.abspath(args.base)})
+                                      "base": os.path.abspath(args.base),
+                                      "regime": "paper" if is_paper_regime(settings) else "preset",
+                                      "data_split": prepared_split(args.data)})
     print(json.dumps({key: summary[key] for key in ("docids", "best", "final", "examples_per_s", "train_seconds",
                                                     "wall_seconds")}, indent=2))
     return 0
+
+
+def prepared_split(directory: str) -> dict | None:
+    """The split record of a prepared directory's prepare.json (scheme, indexed-only validation documents),
+    or None for directories prepared before it was recorded."""
+    from genir_jax.data.prepare import MANIFEST_FILE
+
+    path = os.path.join(directory, MANIFEST_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            split = json.load(handle).get("split")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return split if isinstance(split, dict) else None

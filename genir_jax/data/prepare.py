@@ -9,23 +9,39 @@ Layout of a prepared directory (all JSON in the reference code's formats, see `g
     val_qrels.json        reference qrels of val / test     {"query", "q0", "docid", "rel"}
     test_qrels.json
     val.qrels test.qrels  the same judgements in plain TREC format (query 0 docid rel), for trec_eval
-    prepare.json          dataset, options, source checksums, counts, notes and the docid scheme
+    prepare.json          dataset, options (split scheme included), source checksums, counts, notes, the split
+                          check (``split``), the regime (``"paper"`` or null) and the docid scheme
     semantic_docids.json  with ``--docids semantic`` only: {doc id: "3_0_17"} (the reference's mapping format),
                           built by hierarchical k-means or validated from a given mapping file
 
-Splits (deterministic for a given seed; counts by cumulative rounding, see `genir_jax.data.splits`):
+Split schemes (``split``; deterministic for a given seed; counts by cumulative rounding, see
+`genir_jax.data.splits`). Every document is indexed whatever the scheme; the scheme decides which queries
+train and so which documents are also seen through retrieval examples:
 
-- ``squad-dev``: every paragraph is a document and is indexed; each paragraph's questions are split
-  80/10/10 (train/val/test fractions are options) keeping at least one training question per paragraph,
-  so every validation/test document is also seen with training queries. One-question paragraphs are
-  training-only.
-- ``nq-oracle``: the paper's NQ10k scheme. The documents that have questions are split 80/10/10; all
-  questions of a validation (test) document are validation (test) queries, so validation and test queries
-  are about documents that have NO training query and are only indexed. All 2600 passages are indexed
-  (also the ~500 whose questions are held out of the source).
-- ``cranfield``: all documents with text are indexed (1398); the queries are split 80/10/10 at random
-  (they share relevant documents, so a test query's documents are usually also trained on).
-  Qrels keep Cranfield's graded judgements (grade = 5 - relevance code) instead of 4 - position.
+- ``nq10k`` (the paper's NQ10k, and the reference code's NQ split): the documents that have queries are
+  split 80/10/10 (fractions are options); all queries of a validation (test) document are validation (test)
+  queries, so validation and test documents have NO training query and are seen in training only through
+  indexing. Needs one relevant document per query.
+- ``per-document``: each document's queries are split 80/10/10 keeping at least one training query per
+  document, so every validation/test document is also seen with training queries (one-query documents are
+  training-only). Needs one relevant document per query.
+- ``random``: the queries are split 80/10/10 at random as one group.
+
+The manifest records the scheme and checks it on the written splits (``split``: how many validation /
+test documents also have training queries, and how many are indexed only); ``regime: "paper"`` marks a
+directory prepared with ``paper_regime`` (whose default split is ``nq10k``).
+
+Datasets (default split in brackets):
+
+- ``squad-dev`` [per-document]: every paragraph is a document and is indexed (2067; 10570 questions).
+  ``nq10k`` gives it the paper's regime: about 10% of the paragraphs are validation documents, indexed only.
+- ``nq-oracle`` [nq10k]: real NQ questions and their gold passages, about one question per passage, the
+  NQ10k setting at a quarter of its size. All 2600 passages are indexed (also the ~500 whose questions are
+  held out of the source).
+- ``cranfield`` [random]: all documents with text are indexed (1398); queries have several relevant
+  documents (shared between queries), so only ``random`` applies and a test query's documents are usually
+  also trained on. Qrels keep Cranfield's graded judgements (grade = 5 - relevance code) instead of
+  4 - position.
 - ``reference-json``: existing documents / train / val (/ test) files are validated (unique ids, non-empty
   texts, every relevant document in the corpus, no query id in two splits) and written in canonical form.
 """
@@ -46,6 +62,9 @@ from genir_jax.errors import DataError, GenIRError
 from genir_jax.io import atomic_directory, write_json
 
 DATASETS = ("squad-dev", "nq-oracle", "cranfield", "reference-json")
+SPLIT_SCHEMES = ("nq10k", "per-document", "random")
+DEFAULT_SPLITS = {"squad-dev": "per-document", "nq-oracle": "nq10k", "cranfield": "random"}
+PAPER_SPLIT = "nq10k"  # the split of the paper regime (``paper_regime=True``) unless one is given
 DATA_ENV = "GENIR_JAX_DATA"
 DOCUMENTS_FILE = "documents.json"
 MANIFEST_FILE = "prepare.json"
@@ -103,9 +122,25 @@ def _check_fractions(val_fraction, test_fraction) -> None:
         raise GenIRError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
 
 
+def _require_one_relevant_document(raw: RawCorpus, scheme: str, dataset: str) -> None:
+    """Document-wise splits assign each query to its relevant document: refuse queries with several."""
+    several = [q.id for q in raw.queries if len(q.relevant_docs) != 1]
+    if several:
+        raise DataError(f"{dataset}: split {scheme!r} needs exactly one relevant document per query, but "
+                        f"{len(several)} of {len(raw.queries)} queries have several (first: {several[0]!r}); use "
+                        "--split random")
+
+
 def split_squad(raw: RawCorpus, seed: int, val_fraction, test_fraction) -> Prepared:
-    """Per paragraph, its questions split by cumulative rounding with one training question kept."""
-    groups = [[raw.queries[i] for i in group] for group in raw.groups]
+    """Per document (SQuAD: per paragraph, the source's groups), its queries split by cumulative rounding
+    with one training query kept."""
+    if raw.groups is not None:
+        groups = [[raw.queries[i] for i in group] for group in raw.groups]
+    else:
+        by_document: dict[str, list[Query]] = {}
+        for query in raw.queries:
+            by_document.setdefault(query.relevant_docs[0], []).append(query)
+        groups = list(by_document.values())
     splits = split_groups(groups, val_fraction, test_fraction, seed=seed, min_train=1)
     return Prepared(raw.documents, splits, notes=raw.notes)
 
@@ -128,6 +163,31 @@ def split_queries(raw: RawCorpus, seed: int, val_fraction, test_fraction) -> Pre
     """Queries split at random as one group."""
     splits = split_groups([raw.queries], val_fraction, test_fraction, seed=seed)
     return Prepared(raw.documents, splits, grades=raw.grades, notes=raw.notes)
+
+
+SPLITTERS = {"nq10k": split_by_document, "per-document": split_squad, "random": split_queries}
+
+
+def split_raw(raw: RawCorpus, scheme: str, dataset: str, seed: int, val_fraction, test_fraction) -> Prepared:
+    """`raw` split by `scheme` (one of `SPLIT_SCHEMES`, see the module docstring)."""
+    if scheme not in SPLIT_SCHEMES:
+        raise GenIRError(f"unknown split {scheme!r}; choose one of {', '.join(SPLIT_SCHEMES)}")
+    if scheme != "random":
+        _require_one_relevant_document(raw, scheme, dataset)
+    return SPLITTERS[scheme](raw, seed, val_fraction, test_fraction)
+
+
+def split_record(prepared: Prepared, scheme: str | None) -> dict[str, Any]:
+    """The manifest's ``split``: the scheme and, checked on the splits as written, how many validation / test
+    documents also have training queries and how many are seen in training only through indexing."""
+    train_docs = {doc for query in prepared.splits.get("train", []) for doc in query.relevant_docs}
+    record: dict[str, Any] = {"scheme": scheme}
+    for name in ("val", "test"):
+        docs = {doc for query in prepared.splits.get(name, []) for doc in query.relevant_docs}
+        record[f"{name}_documents"] = len(docs)
+        record[f"{name}_documents_with_train_queries"] = len(docs & train_docs)
+        record[f"{name}_documents_indexed_only"] = len(docs - train_docs)
+    return record
 
 
 def load_reference_json(documents: str, train_queries: str, val_queries: str,
@@ -158,10 +218,15 @@ def build_prepared(name: str, data_dir: str | os.PathLike | None = None, *, seed
                    val_fraction: float = 0.1, test_fraction: float = 0.1, download: bool = False,
                    url: str = SQUAD_DEV_URL, sha256: str = SQUAD_DEV_SHA256, documents: str | None = None,
                    train_queries: str | None = None, val_queries: str | None = None,
-                   test_queries: str | None = None) -> Prepared:
-    """Read and split dataset `name` (one of `DATASETS`) without writing anything."""
+                   test_queries: str | None = None, split: str | None = None) -> Prepared:
+    """Read and split dataset `name` (one of `DATASETS`) without writing anything; `split` is one of
+    `SPLIT_SCHEMES` (default: the dataset's, `DEFAULT_SPLITS`)."""
     if name not in DATASETS:
         raise GenIRError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if split is not None and name == "reference-json":
+        raise GenIRError("--split does not apply to reference-json: its train/val/test files are the split")
+    if split is not None and split not in SPLIT_SCHEMES:
+        raise GenIRError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_SCHEMES)}")
     if name == "reference-json":
         missing = [flag for flag, value in (("documents", documents), ("train_queries", train_queries),
                                             ("val_queries", val_queries)) if value is None]
@@ -170,18 +235,20 @@ def build_prepared(name: str, data_dir: str | os.PathLike | None = None, *, seed
         return load_reference_json(documents, train_queries, val_queries, test_queries)
     _check_fractions(val_fraction, test_fraction)
     data_dir = pathlib.Path(data_dir) if data_dir is not None else default_data_dir()
+    scheme = split or DEFAULT_SPLITS[name]
     if name == "squad-dev":
         path = squad_dev_file(data_dir, download_missing=download, url=url, sha256=sha256)
-        prepared = split_squad(load_squad(path), seed, val_fraction, test_fraction)
+        raw = load_squad(path)
         files = [path]
     elif name == "nq-oracle":
         directory = data_dir / NQ_DIR
-        prepared = split_by_document(load_nq_oracle(directory), seed, val_fraction, test_fraction)
+        raw = load_nq_oracle(directory)
         files = [directory / "passages.jsonl.gz", directory / "questions.jsonl.gz"]
     else:
         directory = data_dir / CRANFIELD_DIR
-        prepared = split_queries(load_cranfield(directory), seed, val_fraction, test_fraction)
+        raw = load_cranfield(directory)
         files = [directory / "cran.all.1400", directory / "cran.qry", directory / "cranqrel"]
+    prepared = split_raw(raw, scheme, name, seed, val_fraction, test_fraction)
     prepared.sources = {os.path.basename(os.fspath(f)): sha256_of(f) for f in files}
     return prepared
 
@@ -227,10 +294,20 @@ def prepare_dataset(name: str, out_dir: str | os.PathLike, data_dir: str | os.Pa
                     **options: Any) -> dict[str, Any]:
     """Read, split and write dataset `name` to `out_dir` (layout in the module docstring); returns the manifest.
 
-    Options: ``seed`` (0), ``val_fraction`` / ``test_fraction`` (0.1), ``download`` (SQuAD: fetch the file
-    with a SHA-256 check when it is missing; ``url`` / ``sha256`` override the source), and for
-    ``reference-json`` the paths ``documents``, ``train_queries``, ``val_queries``, ``test_queries``.
+    Options: ``seed`` (0), ``val_fraction`` / ``test_fraction`` (0.1), ``split`` (one of `SPLIT_SCHEMES`;
+    default the dataset's), ``paper_regime`` (False; True records ``regime: "paper"`` and makes ``nq10k``
+    the default split), ``download`` (SQuAD: fetch the file with a SHA-256 check when it is missing;
+    ``url`` / ``sha256`` override the source), and for ``reference-json`` the paths ``documents``,
+    ``train_queries``, ``val_queries``, ``test_queries``.
     """
+    paper_regime = bool(options.pop("paper_regime", False))
+    if paper_regime and name == "reference-json":
+        raise GenIRError("--paper-regime needs a dataset prepare-data splits itself (squad-dev, nq-oracle); "
+                         "reference-json files bring their own split")
+    if paper_regime and options.get("split") is None:
+        options["split"] = PAPER_SPLIT
+    if options.get("split") is None:
+        options.pop("split", None)
     max_documents = options.pop("max_documents", None)
     docids = options.pop("docids", "atomic")
     semantic_mapping = options.pop("semantic_mapping", None)
@@ -248,7 +325,8 @@ def prepare_dataset(name: str, out_dir: str | os.PathLike, data_dir: str | os.Pa
         recorded = {key: os.fspath(value) for key, value in options.items() if value is not None}
     else:
         recorded = {"seed": options.get("seed", 0), "val_fraction": options.get("val_fraction", 0.1),
-                    "test_fraction": options.get("test_fraction", 0.1)}
+                    "test_fraction": options.get("test_fraction", 0.1),
+                    "split": options.get("split") or DEFAULT_SPLITS[name]}
         if options.get("download"):
             recorded.update(download=True, url=options.get("url", SQUAD_DEV_URL))
         if options.get("max_documents") is not None:
@@ -262,6 +340,8 @@ def prepare_dataset(name: str, out_dir: str | os.PathLike, data_dir: str | os.Pa
         "sources_sha256": prepared.sources,
         "counts": prepared.counts(),
         "notes": prepared.notes,
+        "split": split_record(prepared, None if name == "reference-json" else recorded["split"]),
+        "regime": "paper" if paper_regime else None,
         "docids": docid_record,
         "files": sorted([DOCUMENTS_FILE, MANIFEST_FILE] + [queries_file(s) for s in written] + list(extra)
                         + [f for s in written if s != "train" for f in (qrels_file(s), trec_qrels_file(s))]),

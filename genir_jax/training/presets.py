@@ -6,12 +6,19 @@ preset     model (T5 v1.0: ReLU MLP, tied, rescaled; vocab 32128)  what it is fo
 tiny       d_model 64, 2+3 layers, 4 heads, d_ff 256               tests and smoke runs: seconds to a few minutes
 cpu        d_model 128, 2+6 layers, 4 heads, d_ff 512              the best squad-dev model 2 CPU cores train in
                                                                     <= 30 minutes (pretrain + DSI fine-tune)
-t5-large   d_model 1024, 24+24 layers, 16 heads, d_ff 4096         the paper's shape, for GPU/TPU (not tuned here)
+t5-large   d_model 1024, 24+24 layers, 16 heads, d_ff 4096         the paper's model and DSI recipe, for GPU/TPU
 =========  =====================================================  ============================================
 
 Each preset has a `PretrainSettings` (span corruption on the corpus text, `genir-jax pretrain`) and a
 `DSISettings` (indexing + retrieval fine-tuning, `genir-jax train`); both carry a `RunSpec` (steps,
 batch, optimizer, validation and checkpoint intervals) that the command line can override.
+
+The paper regime (`paper_regime`, ``train --paper-regime``) is a data regime, not a model: it applies to
+any preset's `DSISettings` the paper's indexing:retrieval ratio 32 and 32-token inputs (documents and
+queries), and goes with a prepared directory split the NQ10k way (``prepare-data --paper-regime``:
+validation/test documents indexed only). It is a flag rather than preset variants (``cpu-paper``, ...)
+because it is orthogonal to the model shape and run length: one flag covers every preset, present and
+future, and the recorded settings say which regime a model was trained in. ``t5-large`` already is in it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from genir_jax.training.optim import OptimizerSpec
 from genir_jax.training.trainer import RunSpec
 
 T5_VOCAB_SIZE = 32128  # 32100 SentencePiece pieces + sentinels, padded to a multiple of 128 as T5 does
+PAPER_RATIO = 32         # paper Sec. 3: "an indexing-to-retrieval ratio of 32"
+PAPER_INPUT_LENGTH = 32  # paper Sec. 3: "direct indexing with a maximum token length of 32"; the reference's
+                         # preprocess.py --max-length truncates every input (queries too) to it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,23 +126,66 @@ CPU = Preset(
         index_max_length=128, query_max_length=32, ratio=None, max_val_queries=1024, docid_init="random"),
 )
 
+# The paper's DSI fine-tuning recipe. Sources: [P] the paper (Reusch & Belinkov 2025), Sec. 3; [R] the reference
+# code technion-cs-nlp/re-gen-ir (code/preprocess.py, code/train.py, code/requirements.txt), which trains with
+# the Hugging Face Seq2SeqTrainer and takes every other hyperparameter from its command line (not published);
+# [DSI] "We set all hyperparameters according to the ones reported in [30]" [P], [30] = DSI (Tay et al. 2022),
+# values as in the DSI reproduction ArvinZhuang/DSI-transformers train.py (T5-large, NQ10k, HF Trainer):
+# lr 5e-4, 10k warmup steps, batch 128, at most 1M steps. [HF] the Trainer's defaults for what neither sets:
+# AdamW b1 0.9 / b2 0.999 / eps 1e-8, weight decay 0, gradient clipping at norm 1.0, linear decay to 0, fp32.
+T5_LARGE_DSI_OPTIMIZER = OptimizerSpec(
+    "adamw",              # [HF] Seq2SeqTrainer's default optimizer ([R] passes no --optim)
+    5e-4,                 # [DSI] learning rate
+    "linear",             # [HF] lr_scheduler_type "linear": linear decay to 0 after the warmup
+    10_000,               # [DSI] linear warmup steps
+    end_fraction=0.0,     # [HF] decays to 0 at the last step
+    weight_decay=0.0,     # [HF] default (the DSI reproduction leaves it commented out)
+    clip_norm=1.0,        # [HF] max_grad_norm
+)
+
 T5_LARGE = Preset(
     name="t5-large",
-    description="the paper's shape (T5-large) for GPU/TPU; DSI settings after the paper / DSI recipes (untuned)",
+    description="the paper's model (T5-large) and DSI fine-tuning recipe, for GPU/TPU (sources in presets.py)",
+    # [P] "We fine-tune T5-large models": 24+24 layers, d_model 1024, 16 heads of 64, ReLU d_ff 4096, dropout 0.1
+    # (the public t5-large config, whose dropout the Trainer keeps while fine-tuning).
     model=ModelShape(d_model=1024, num_layers=24, num_decoder_layers=24, num_heads=16, d_kv=64, d_ff=4096,
                      dropout_rate=0.1),
+    # Not part of the paper's recipe: the paper fine-tunes the public pretrained t5-large (pass it as --base).
+    # These settings only build a corpus-only stand-in when no pretrained T5 is given (T5's own pre-training
+    # optimizer: Adafactor, inverse square root schedule, 10k warmup).
     pretrain=PretrainSettings(
         run=RunSpec(steps=100_000, batch_size=128, seed=0, log_every=100, eval_every=5000, checkpoint_every=5000,
                     keep_checkpoints=3, bf16=True,
                     optimizer=OptimizerSpec("adafactor", 1e-2, "rsqrt", 10_000, multiply_by_parameter_scale=True)),
         inputs_length=512, val_chunks=1024),
     dsi=DSISettings(
-        run=RunSpec(steps=50_000, batch_size=128, seed=0, log_every=100, eval_every=2000, checkpoint_every=2000,
-                    keep_checkpoints=3, bf16=True, optimizer=OptimizerSpec("adafactor", 1e-3, "constant", 1000)),
-        index_max_length=32, query_max_length=32, ratio=32, max_val_queries=1024),
+        # [DSI] batch 128 and at most 1M steps (the best validation Hits@1 is kept, as [R]'s
+        # load_best_model_at_end); [HF] fp32. Validation / checkpoint / log intervals are ours, not the recipe's.
+        run=RunSpec(steps=1_000_000, batch_size=128, seed=0, log_every=100, eval_every=5000, checkpoint_every=5000,
+                    keep_checkpoints=3, bf16=False, optimizer=T5_LARGE_DSI_OPTIMIZER),
+        index_max_length=PAPER_INPUT_LENGTH,  # [P] 32 tokens of each document
+        query_max_length=PAPER_INPUT_LENGTH,  # [R] preprocess.py --max-length applies to queries too
+        ratio=PAPER_RATIO,                    # [P] indexing:retrieval 32, reached as [R] create_dataset does
+        max_val_queries=1024,                 # [R] train.py validates on min(1024, len(valid)) queries
+        dropout_rate=0.1,                     # the t5-large config's dropout (see the model shape)
+        docid_init="random",                  # [R] pins transformers 4.44.0, whose resize_token_embeddings draws
+                                              # the new docid rows fresh (mean resizing only came in 4.46)
+        adamw=T5_LARGE_DSI_OPTIMIZER),
 )
 
 PRESETS = {preset.name: preset for preset in (TINY, CPU, T5_LARGE)}
+
+
+def paper_regime(settings: DSISettings) -> DSISettings:
+    """`settings` in the paper's data regime: indexing:retrieval ratio `PAPER_RATIO` and documents and queries
+    truncated to `PAPER_INPUT_LENGTH` tokens; model, optimizer and run length stay the preset's."""
+    return dataclasses.replace(settings, ratio=PAPER_RATIO, index_max_length=PAPER_INPUT_LENGTH,
+                               query_max_length=PAPER_INPUT_LENGTH)
+
+
+def is_paper_regime(settings: DSISettings) -> bool:
+    """Whether `settings` train in the paper's data regime (ratio 32, 32-token inputs)."""
+    return paper_regime(settings) == settings
 
 
 def get_preset(name: str) -> Preset:
