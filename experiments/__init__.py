@@ -1,22 +1,44 @@
-"""One declarative entry per table and figure of the paper; `genir-jax reproduce` renders them in order.
+"""The experiments of `genir-jax reproduce`, one module each, found by discovery.
 
-Each module defines ``EXPERIMENT`` (a `genir_jax.report.Experiment`): the pipeline steps it reads, the
-command that produces it, the paper's numbers, and how its section of ``report.md`` is rendered.
+Every module of this package whose name does not start with ``_`` defines ``EXPERIMENT`` (a
+`genir_jax.report.Experiment`): its configuration, the pipeline steps it runs (library calls), the steps it
+reads, the paper's numbers and how its section of ``report.md`` is rendered. `registry` imports them all and
+orders them by ``EXPERIMENT.position`` (the paper's order), so a new analysis needs its analysis module and
+its experiment module here, nothing else.
 """
 
-from experiments import (
-    figure3_residual_contributions, figure4_rank_development, figure5_reading, table1_retrieval, table2_encoder_swap,
-    table3_stage_patching, table4_minimal_circuit, table5_crattn_docid_share, table6_crattn_head_tokens,
-)
+from __future__ import annotations
 
-EXPERIMENTS = [
-    table1_retrieval.EXPERIMENT,
-    table2_encoder_swap.EXPERIMENT,
-    figure3_residual_contributions.EXPERIMENT,
-    table3_stage_patching.EXPERIMENT,
-    table4_minimal_circuit.EXPERIMENT,
-    figure4_rank_development.EXPERIMENT,
-    figure5_reading.EXPERIMENT,
-    table5_crattn_docid_share.EXPERIMENT,
-    table6_crattn_head_tokens.EXPERIMENT,
-]
+import functools
+import importlib
+import pkgutil
+
+
+@functools.lru_cache(maxsize=None)
+def registry() -> tuple:
+    """Every experiment of this package, in report (and pipeline) order; refuses two experiments with the
+    same id or the same step name, or a module without ``EXPERIMENT``."""
+    from genir_jax.errors import GenIRError
+    from genir_jax.report import Experiment
+
+    found = []
+    for module_info in pkgutil.iter_modules(__path__):
+        if module_info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        experiment = getattr(module, "EXPERIMENT", None)
+        if not isinstance(experiment, Experiment):
+            raise GenIRError(f"{module.__file__}: an experiment module must define EXPERIMENT (a "
+                             "genir_jax.report.Experiment)")
+        found.append(experiment)
+    found.sort(key=lambda experiment: (experiment.position, experiment.id))
+    ids, steps = set(), set()
+    for experiment in found:
+        if experiment.id in ids:
+            raise GenIRError(f"two experiments have the id {experiment.id!r}")
+        ids.add(experiment.id)
+        for step in experiment.runs:
+            if step in steps:
+                raise GenIRError(f"experiment {experiment.id!r}: step {step!r} is already run by another experiment")
+            steps.add(step)
+    return tuple(found)

@@ -1,15 +1,74 @@
-"""Small helpers the experiment entries share (reading a reproduction's files)."""
+"""What the experiment modules share: the analysed model and its correct queries, loaded once per run through
+the library (`genir_jax.hf`, `genir_jax.analysis.inputs`), the stages a run uses, and reading them back."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import types
+
+import numpy as np
+
 from genir_jax.analysis.stage_patching import default_stages
 from genir_jax.config import T5Config
+from genir_jax.errors import GenIRError
 
 
 def full_config(layout) -> T5Config:
     return T5Config.from_json_file(layout.full / "config.json")
 
 
-def stages_of(layout) -> list[list[int]]:
-    layers = full_config(layout).num_decoder_layers
-    return default_stages(layers)
+def stages_of(layout, step: str | None = None) -> list[list[int]]:
+    """The stages a step's run used (its stages.json), else the default split of the full model's decoder."""
+    if step is not None:
+        path = layout.analysis(step) / "stages.json"
+        if path.is_file():
+            return [list(stage) for stage in json.loads(path.read_text())["stages"]]
+    return default_stages(full_config(layout).num_decoder_layers)
+
+
+def load_model(path, *, tokenizer: bool = True):
+    """A checkpoint for analysis (`genir_jax.hf.load_for_analysis`); with `tokenizer`, refuses one without."""
+    from genir_jax.hf import load_for_analysis
+
+    model = load_for_analysis(str(path), load_tokenizer=tokenizer)
+    if tokenizer and model.tokenizer is None:
+        raise GenIRError(f"{path}: no tokenizer files; the checkpoint must include its tokenizer")
+    return model
+
+
+@dataclasses.dataclass
+class CorrectInputs:
+    """The full model and the validation queries it ranks correctly, tokenised (masked padding)."""
+
+    model: object
+    queries: list
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    targets: np.ndarray
+
+    @property
+    def texts(self) -> list[str]:
+        return [q.text for q in self.queries]
+
+
+def correct_inputs(layout) -> CorrectInputs:
+    """The full model of a reproduction and its correct validation queries (``correct_valid.json``)."""
+    from genir_jax.analysis.inputs import load_correct_queries, tokenize_for_analysis
+
+    model = load_model(layout.full)
+    queries = load_correct_queries(layout.queries("val"), layout.correct_valid, model.tokenizer)
+    ids, mask = tokenize_for_analysis(model.tokenizer, [q.text for q in queries])
+    targets = np.asarray([q.token_id for q in queries], dtype=np.int32)
+    return CorrectInputs(model, queries, ids, mask, targets)
+
+
+def resolve_stages(spec: str | None, inputs: CorrectInputs, progress: bool) -> tuple[list[list[int]], dict]:
+    """The stages `spec` names ('auto', 'thirds', 'paper', ranges; None: the analysis commands' default, the
+    paper's for 24 decoder layers, else auto) and their stages.json record, as every analysis command
+    resolves its --stages."""
+    from genir_jax.commands.common import resolve_stages as resolve
+
+    options = types.SimpleNamespace(stages=spec, batch_size=None, no_progress=not progress)
+    return resolve(options, inputs.model.config, inputs.model.params, inputs.input_ids, inputs.attention_mask,
+                   inputs.targets)

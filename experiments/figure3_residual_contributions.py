@@ -1,14 +1,37 @@
 """Figure 3: how much each component adds to the residual stream, per decoder layer (ratio and cosine)."""
 
+import dataclasses
+
 import numpy as np
 
-from genir_jax.report import (Experiment, Section, describe_stages, figure, md_table, read_json, shade_stages,
-                              stage_names)
+from genir_jax.report import (Experiment, Section, describe_stages, figure, md_table, read_json, record_settings,
+                              shade_stages, stage_names)
 
-from experiments._common import stages_of
+from experiments._common import correct_inputs, stages_of
 
 PAPER = {"stages_t5_large": "I = layers 0-6, II = 7-17, III = 18-23"}
 PARTS = (("attn", "self-attention"), ("cross_attn", "cross-attention"), ("mlp", "MLP"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    batch_size: int | None = None  # queries per step (None: the analysis' default)
+
+
+def run_residual_rank(layout, settings, config: Config) -> dict:
+    """Residual contributions and logit-lens ranks of the correct validation queries (Fig. 3 and Fig. 4):
+    `genir_jax.analysis.residual`, as `genir-jax residual-rank` runs it."""
+    from genir_jax.analysis.residual import docid_mask, run_residual_rank, write_residual_rank
+
+    inputs = correct_inputs(layout)
+    model = inputs.model
+    result = run_residual_rank(model.config, model.params, inputs.input_ids, inputs.attention_mask, inputs.targets,
+                               docid_mask(model.tokenizer, model.config.vocab_size),
+                               query_ids=[q.query_id for q in inputs.queries], batch_size=config.batch_size,
+                               progress=settings.progress)
+    output = layout.analysis("residual-rank")
+    write_residual_rank(output, result)
+    return record_settings(output, "figure3", config, checkpoint=layout.full, queries=len(inputs.queries))
 
 
 def render(layout) -> Section:
@@ -40,6 +63,7 @@ def render(layout) -> Section:
 
 
 EXPERIMENT = Experiment(
-    id="figure3", title="Residual stream contributions", paper_ref="Sec. 5, Fig. 3", steps=("residual-rank",),
-    command="genir-jax residual-rank", paper=PAPER, render=render,
+    id="figure3", title="Residual stream contributions", paper_ref="Sec. 5, Fig. 3", position=30,
+    command="genir-jax residual-rank", paper=PAPER, render=render, config=Config(),
+    runs={"residual-rank": run_residual_rank},
 )

@@ -42,6 +42,6 @@ def render(layout) -> Section:
 
 
 EXPERIMENT = Experiment(
-    id="figure4", title="Rank development (logit lens)", paper_ref="Sec. 5.2, Fig. 4", steps=("residual-rank",),
-    command="genir-jax residual-rank", paper=PAPER, render=render,
+    id="figure4", title="Rank development (logit lens)", paper_ref="Sec. 5.2, Fig. 4", position=60,
+    reads=("residual-rank",), command="genir-jax residual-rank", paper=PAPER, render=render,
 )

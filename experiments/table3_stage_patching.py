@@ -1,10 +1,14 @@
 """Table 3: % of correct queries whose relevant docid leaves rank 1 when a component type is patched in a stage."""
 
 import csv
+import dataclasses
 
-from genir_jax.report import Experiment, Section, describe_stages, md_table, percent, stage_names
+import numpy as np
 
-from experiments._common import stages_of
+from genir_jax.errors import GenIRError
+from genir_jax.report import Experiment, Section, describe_stages, md_table, percent, record_settings, stage_names
+
+from experiments._common import correct_inputs, load_model, resolve_stages, stages_of
 
 PAPER = {  # NQ10k, % of correct queries no longer at rank 1, stages I / II / III
     ("zero", "mlp"): (92.86, 7.83, 96.72), ("zero", "cross_attn"): (4.29, 21.72, 39.65),
@@ -14,10 +18,57 @@ PAPER = {  # NQ10k, % of correct queries no longer at rank 1, stages I / II / II
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Config:
+    modes: tuple[str, ...] = ("zero", "mean", "t5")  # t5: the base T5's outputs (reproduce's base_model)
+    stages: str | None = None      # None: the paper's for a 24-layer decoder, else auto (as patch-stages)
+    batch_size: int | None = None  # queries per device per step (None: from a logits budget)
+
+
+def run_patch_stages(layout, settings, config: Config) -> dict:
+    """Each component type patched in each stage, every mode (`genir_jax.analysis.stage_patching`), on the
+    correct validation queries; T5 mode takes the base T5's outputs. Writes what `genir-jax patch-stages`
+    writes (CSV, ranks, stages.json)."""
+    from genir_jax.analysis.stage_patching import StagePatchingResult, run_stage_patching, write_stage_patching
+    from genir_jax.commands.common import STAGES_JSON
+    from genir_jax.patching import Source
+    from genir_jax.reproduce import base_model
+
+    base_path = base_model(layout, settings) if "t5" in config.modes else None
+    base = load_model(base_path, tokenizer=False) if base_path else None  # a bad base fails before the analysis
+    inputs = correct_inputs(layout)
+    model = inputs.model
+    stages, stages_record = resolve_stages(config.stages, inputs, settings.progress)
+    parts = []
+    plain_modes = [m for m in ("mean", "zero") if m in config.modes]
+    if plain_modes:
+        parts.append(run_stage_patching(model.config, model.params, inputs.input_ids, inputs.attention_mask,
+                                        inputs.targets, stages=stages, modes=plain_modes,
+                                        query_chunk=config.batch_size, progress=settings.progress))
+    if base is not None:
+        if int(inputs.input_ids.max()) >= base.config.vocab_size:
+            raise GenIRError(f"{base_path}: the T5's vocabulary ({base.config.vocab_size}) does not cover the query "
+                             "tokens; it must share the GenIR model's word vocabulary")
+        parts.append(run_stage_patching(model.config, model.params, inputs.input_ids, inputs.attention_mask,
+                                        inputs.targets, stages=stages, modes=["t5"],
+                                        source=Source(base.config, base.params), query_chunk=config.batch_size,
+                                        progress=settings.progress))
+    clean = np.asarray(parts[-1].sweep.clean["rank"])
+    if np.any(clean != 0):
+        raise GenIRError(f"{layout.correct_valid}: {int(np.sum(clean != 0))} of {clean.size} queries are not ranked "
+                         "first by the full model; correct_valid.json must list the pairs it ranks first")
+    result = StagePatchingResult(rows=[row for part in parts for row in part.rows],
+                                 ranks=np.concatenate([part.ranks for part in parts]), sweep=parts[0].sweep)
+    output = layout.analysis("patch-stages")
+    write_stage_patching(output, result, extra_json={STAGES_JSON: stages_record})
+    return record_settings(output, "table3", config, checkpoint=layout.full, t5=base_path, stages=stages,
+                           stages_method=stages_record["method"], queries=len(inputs.queries))
+
+
 def render(layout) -> Section:
     with open(layout.analysis("patch-stages") / "patching_results_single_combis.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    stages = stages_of(layout)
+    stages = stages_of(layout, "patch-stages")
     names = stage_names(len(stages))
     table, encoder = [], None
     for mode in ("zero", "mean", "t5"):
@@ -46,6 +97,7 @@ def render(layout) -> Section:
 
 
 EXPERIMENT = Experiment(
-    id="table3", title="Stage patching", paper_ref="Sec. 5.1, Table 3", steps=("patch-stages",),
-    command="genir-jax patch-stages --modes zero,mean,t5", paper=PAPER, render=render,
+    id="table3", title="Stage patching", paper_ref="Sec. 5.1, Table 3", position=40,
+    command="genir-jax patch-stages --modes zero,mean,t5", paper=PAPER, render=render, config=Config(),
+    runs={"patch-stages": run_patch_stages},
 )

@@ -1,8 +1,62 @@
 """Table 4: the minimal circuit on the test queries, absolute and relative to the unpatched model."""
 
-from genir_jax.report import Experiment, Section, md_table, percent, read_json
+import dataclasses
+import os
+
+from genir_jax.report import Experiment, Section, md_table, percent, read_json, record_settings
+
+from experiments._common import correct_inputs, resolve_stages
 
 PAPER = {"Hits@1": (38.0, 94), "Recall@5": (56.9, 98), "Hits@10": (62.0, 97)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    stages: str | None = None      # None: the paper's for a 24-layer decoder, else auto (as circuit)
+    k: int = 100                   # documents per query in the runs
+    batch_size: int | None = None  # queries per device per step (None: from a logits budget)
+
+
+def run_circuit(layout, settings, config: Config) -> dict:
+    """The paper's minimal circuit (`genir_jax.analysis.circuit`) on the test queries, means over the correct
+    validation queries, ranked over docid tokens; writes what `genir-jax circuit` writes."""
+    from genir_jax.analysis.circuit import (PAPER_CIRCUIT, RESULTS_JSON, circuit_interventions, circuit_report,
+                                            docid_targets, rank_with_circuit)
+    from genir_jax.analysis.inputs import tokenize_for_analysis
+    from genir_jax.commands.common import write_stages
+    from genir_jax.data.corpus import read_qrels, read_queries
+    from genir_jax.interventions import mean_activations
+    from genir_jax.io import atomic_directory, write_json
+    from genir_jax.retrieval import check_run_covers, write_trec_run
+    from genir_jax.sites import COMPONENT_SITES
+
+    inputs = correct_inputs(layout)
+    model, tokenizer = inputs.model, inputs.model.tokenizer
+    test_queries = read_queries(layout.queries("test"))
+    qrels = read_qrels(layout.qrels("test"))
+    check_run_covers([q.id for q in test_queries], qrels, str(layout.qrels("test")))
+    stages, stages_record = resolve_stages(config.stages, inputs, settings.progress)
+    docids = docid_targets(tokenizer, test_queries, layout.queries("test"), layout.full)
+    circuit = PAPER_CIRCUIT
+    sites = [f"decoder.*.{site}" for site in COMPONENT_SITES.values()]
+    means = mean_activations(model.config, model.params, inputs.input_ids, inputs.attention_mask, sites,
+                             progress=settings.progress) if any(p.mode == "mean" for p in circuit.patches) else None
+    interventions = circuit_interventions(model.config, circuit, stages, means)
+    ids, mask = tokenize_for_analysis(tokenizer, [q.text for q in test_queries])
+    top_ids, top_logits = rank_with_circuit(model.config, model.params, interventions, ids, mask, docids.targets,
+                                            docids.candidates, top_k=min(config.k, len(docids.candidates)),
+                                            query_chunk=config.batch_size, progress=settings.progress)
+    report, runs = circuit_report(circuit, stages, [q.id for q in test_queries], docids.doc_ids, top_ids, top_logits,
+                                  qrels, correct_queries=len(inputs.queries),
+                                  ranking="docid tokens only, masked padding")
+    output = layout.analysis("circuit")
+    with atomic_directory(output) as staging:
+        write_json(os.path.join(staging, RESULTS_JSON), report, indent=2)
+        write_stages(staging, stages_record)
+        write_trec_run(os.path.join(staging, "run_unpatched.trec"), runs[0], "full")
+        write_trec_run(os.path.join(staging, "run_circuit.trec"), runs[1], "full-circuit")
+    return record_settings(output, "table4", config, checkpoint=layout.full, stages=stages,
+                           stages_method=stages_record["method"], test_queries=len(test_queries))
 
 
 def render(layout) -> Section:
@@ -21,6 +75,6 @@ def render(layout) -> Section:
 
 
 EXPERIMENT = Experiment(
-    id="table4", title="Minimal circuit", paper_ref="Table 4", steps=("circuit",),
-    command="genir-jax circuit", paper=PAPER, render=render,
+    id="table4", title="Minimal circuit", paper_ref="Table 4", position=50,
+    command="genir-jax circuit", paper=PAPER, render=render, config=Config(), runs={"circuit": run_circuit},
 )

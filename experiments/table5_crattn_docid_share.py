@@ -1,8 +1,39 @@
 """Table 5: share of docid tokens among the top tokens of the cross-attention outputs' logit lens."""
 
-from genir_jax.report import Experiment, Section, md_table, read_json
+import dataclasses
+
+from genir_jax.report import Experiment, Section, md_table, read_json, record_settings
+
+from experiments._common import correct_inputs, resolve_stages
 
 PAPER = {"top10": 0.00, "top100": 0.10, "top1000": 2.30}  # NQ10k, percent
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    cutoffs: tuple[int, ...] = (10, 100, 1000)  # top-k cutoffs of the logit lens
+    stages: str | None = None                   # None: the paper's for 24 decoder layers, else auto
+    batch_size: int = 16
+
+
+def run_crattn_writes(layout, settings, config: Config) -> dict:
+    """Docid shares among the top tokens of cross-attention outputs of every stage but the first
+    (`genir_jax.analysis.cross_attention_writes`), as `genir-jax crattn-writes` writes them."""
+    from genir_jax.analysis.cross_attention_writes import docid_shares, write_docid_shares
+    from genir_jax.commands.common import write_stages
+    from genir_jax.io import atomic_directory
+
+    inputs = correct_inputs(layout)
+    model = inputs.model
+    stages, stages_record = resolve_stages(config.stages, inputs, settings.progress)
+    result = docid_shares(model.config, model.params, model.tokenizer, inputs.texts, stages=stages,
+                          cutoffs=list(config.cutoffs), batch_size=config.batch_size, progress=settings.progress)
+    output = layout.analysis("crattn-writes")
+    with atomic_directory(output) as staging:
+        write_docid_shares(staging, result)
+        write_stages(staging, stages_record)
+    return record_settings(output, "table5", config, checkpoint=layout.full, stages=stages,
+                           stages_method=stages_record["method"], queries=len(inputs.queries))
 
 
 def render(layout) -> Section:
@@ -19,5 +50,6 @@ def render(layout) -> Section:
 
 EXPERIMENT = Experiment(
     id="table5", title="What cross-attention writes: docid share", paper_ref="Sec. 5.4, Table 5",
-    steps=("crattn-writes",), command="genir-jax crattn-writes", paper=PAPER, render=render,
+    position=80, command="genir-jax crattn-writes", paper=PAPER, render=render, config=Config(),
+    runs={"crattn-writes": run_crattn_writes},
 )

@@ -1,8 +1,17 @@
-"""The reproduction report: one section per paper table / figure, from the outputs of `genir-jax reproduce`.
+"""Experiments as objects, and the reproduction report assembled from them.
 
-Each table and figure is an `Experiment` declared in the `experiments` package (one module each): which
-pipeline steps it reads, the paper's numbers, and a `render` function turning the step outputs into a
-markdown section (and PNG figures). `write_report` assembles them into ``OUT/report.md``.
+Each table and figure of the paper (and each robustness check beyond it) is an `Experiment`, declared as
+``EXPERIMENT`` in one module of the `experiments` package, which collects them (`experiments.registry`):
+
+- its configuration (a frozen dataclass, `config`),
+- its pipeline steps (`runs`: step name -> ``run(layout, settings, config)``): plain calls of the library
+  analyses (`genir_jax.analysis.*`) that write ``OUT/analysis/<step>/``, with the stages and settings
+  used, and return the details kept in ``.steps/<step>.json``,
+- the steps whose outputs it reads besides its own (`reads`), and
+- its rendering (`render(layout)`: a markdown section and PNG figures, beside the paper's numbers).
+
+`genir_jax.reproduce` runs the experiments' steps in registry order; `write_report` renders them into
+``OUT/report.md``.
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from genir_jax.io import write_text
 
@@ -26,15 +35,39 @@ class Section:
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
-    """One table or figure of the paper: where it comes from and how it is rendered."""
+    """One table or figure of the paper (or one check of its claims): configuration, runs, rendering."""
 
     id: str
     title: str
     paper_ref: str
-    steps: tuple[str, ...]
-    command: str          # the genir-jax subcommand(s) that produce it
+    command: str           # the genir-jax subcommand(s) that produce the same outputs by hand
     paper: dict            # the paper's numbers (NQ10k, T5-large) for the side-by-side
     render: Callable[[Any], Section]
+    position: float        # place in the report (the paper's order); steps run in this order too
+    config: Any = None     # a frozen dataclass handed to every run
+    runs: Mapping[str, Callable[[Any, Any, Any], dict | None]] = dataclasses.field(default_factory=dict)
+    reads: tuple[str, ...] = ()    # steps of the pipeline (or of other experiments) whose outputs it reads
+    after_removed_models: bool = False  # its runs need the models trained without some documents
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """Every step whose outputs `render` reads: its own runs, then `reads`."""
+        return tuple(self.runs) + tuple(name for name in self.reads if name not in self.runs)
+
+
+def record_settings(directory: pathlib.Path, experiment_id: str, config: Any, **used: Any) -> dict:
+    """Write ``experiment.json`` (the experiment, its configuration and what the run used, e.g. its stages
+    and checkpoints) into an output directory, and return it for the step record."""
+    from genir_jax.io import write_json
+
+    record = {"experiment": experiment_id,
+              "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
+              **{key: str(value) if isinstance(value, pathlib.PurePath) else value for key, value in used.items()}}
+    write_json(pathlib.Path(directory) / EXPERIMENT_JSON, record, indent=2)
+    return record
+
+
+EXPERIMENT_JSON = "experiment.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,10 +184,10 @@ def _missing_steps(layout, experiment: Experiment) -> list[str]:
 
 def write_report(layout, settings) -> pathlib.Path:
     """Render every experiment and write ``report.md`` (atomically)."""
-    from experiments import EXPERIMENTS
+    from experiments import registry
 
     parts = [_header(layout, settings)]
-    for experiment in EXPERIMENTS:
+    for experiment in registry():
         parts.append(f"## {experiment.title} ({experiment.paper_ref})\n")
         parts.append(f"Produced by `{experiment.command}`.\n")
         problems = _missing_steps(layout, experiment)

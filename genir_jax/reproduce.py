@@ -29,6 +29,7 @@ does not stop the pipeline (the training steps after it still run); the run then
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -131,10 +132,6 @@ def _cli(args: list[str]) -> None:
         raise GenIRError(f"step failed: genir-jax {' '.join(str(a) for a in args)} exited with code {code}")
 
 
-def _no_progress(settings: Settings) -> list[str]:
-    return [] if settings.progress else ["--no-progress"]
-
-
 # --------------------------------------------------------------------------------------------------
 # Steps
 # --------------------------------------------------------------------------------------------------
@@ -214,87 +211,41 @@ def _train_removed(index: int):
     return run
 
 
-def _analysis_inputs(layout: Layout) -> list:
-    return ["--val-queries", layout.queries("val"), "--correct-valid", layout.correct_valid]
-
-
-def _patch_stages(layout, settings):
-    _cli(["patch-stages", "--checkpoint", layout.full, *_analysis_inputs(layout), "-o",
-          layout.analysis("patch-stages"), "--modes", "zero,mean,t5", "--t5", base_model(layout, settings), *_no_progress(settings)])
-
-
-def _swap_encoder(layout, settings):
-    _cli(["swap-encoder", "--complete-model-path", layout.full, "--missing-docs-for-model", layout.missing_docs,
-          *_analysis_inputs(layout), "-o", layout.analysis("swap-encoder"), "--t5", base_model(layout, settings),
-          *_no_progress(settings)])
-
-
-def _circuit(layout, settings):
-    _cli(["circuit", "--checkpoint", layout.full, "--test-queries", layout.queries("test"), "--qrels",
-          layout.qrels("test"), *_analysis_inputs(layout), "-o", layout.analysis("circuit"), *_no_progress(settings)])
-
-
-def _residual_rank(layout, settings):
-    _cli(["residual-rank", "--checkpoint", layout.full, *_analysis_inputs(layout), "-o",
-          layout.analysis("residual-rank"), *_no_progress(settings)])
-
-
-def _reading(kind: str):
-    def run(layout, settings):
-        _cli([kind, "--checkpoint", layout.full, *_analysis_inputs(layout), "-o", layout.analysis(kind),
-              "--sim-type", "dot", "--topk", "all", "10", *_no_progress(settings)])
-    return run
-
-
-def _crattn_writes(layout, settings):
-    _cli(["crattn-writes", "--checkpoint", layout.full, *_analysis_inputs(layout), "-o",
-          layout.analysis("crattn-writes"), *_no_progress(settings)])
-
-
-def _head_tokens(layout, settings):
-    """Table 6: top tokens of the last stage's cross-attention heads for the first correct query (the
-    paper's example query is an NQ question; ours comes from the dataset)."""
-    from genir_jax.analysis.stage_patching import default_stages
-    from genir_jax.config import T5Config
-
-    correct = json.loads(layout.correct_valid.read_text())
-    queries = {str(q["id"]): q["query"] for q in json.loads(layout.queries("val").read_text())}
-    config = T5Config.from_json_file(layout.full / "config.json")
-    last_stage = default_stages(config.num_decoder_layers)[-1] if config.num_decoder_layers >= 3 else \
-        list(range(config.num_decoder_layers))
-    heads = ",".join(f"{layer}.{head}" for layer in last_stage[:2] for head in range(min(config.num_heads, 4)))
-    _cli(["crattn-head-tokens", "--checkpoint", layout.full, "--queries", queries[str(correct[0][1])],
-          "--heads", heads, "-o", layout.analysis("head-tokens"), *_no_progress(settings)])
-
-
 def _report(layout, settings):
     from genir_jax.report import write_report
 
     write_report(layout, settings)
 
 
+def experiment_steps(experiment, after_removed_models: bool) -> list[Step]:
+    """The steps an experiment runs (its `runs`, bound to its configuration), if they belong to that phase."""
+    if experiment.after_removed_models != after_removed_models:
+        return []
+    return [Step(name, functools.partial(_run_experiment, run, experiment.config), analysis=True)
+            for name, run in experiment.runs.items()]
+
+
+def _run_experiment(run, config, layout: Layout, settings: Settings):
+    return run(layout, settings, config)
+
+
 def steps(settings: Settings) -> list[Step]:
-    """The pipeline in order."""
+    """The pipeline in order: data and training, every experiment's analyses (the `experiments` registry, in
+    its order), the models without some documents, the experiments that need them, the report."""
+    from experiments import registry
+
     out = [
         Step("prepare", _prepare),
         Step("pretrain", _pretrain),
         Step("train-full", _train_full),
         Step("evaluate-full", _evaluate_full),
         Step("bm25", _bm25),
-        Step("patch-stages", _patch_stages, analysis=True),
-        Step("circuit", _circuit, analysis=True),
-        Step("residual-rank", _residual_rank, analysis=True),
-        Step("neuron-reading", _reading("neuron-reading"), analysis=True),
-        Step("crattn-reading", _reading("crattn-reading"), analysis=True),
-        Step("crattn-writes", _crattn_writes, analysis=True),
-        Step("head-tokens", _head_tokens, analysis=True),
-        Step("choose-removed", _choose_removed, analysis=True),
     ]
+    out += [step for experiment in registry() for step in experiment_steps(experiment, after_removed_models=False)]
+    out.append(Step("choose-removed", _choose_removed, analysis=True))
     out += [Step(f"train-removed-{k}", _train_removed(k), analysis=True) for k in range(settings.removed_models)]
-    out += [
-        Step("swap-encoder", _swap_encoder, analysis=True),
-        Step("report", _report, always=True),
-    ]
+    out += [step for experiment in registry() for step in experiment_steps(experiment, after_removed_models=True)]
+    out.append(Step("report", _report, always=True))
     return out
 
 
@@ -346,6 +297,8 @@ def reproduce(out: str | os.PathLike, settings: Settings, force: tuple[str, ...]
             failed.append(step.name)
             log(f"[{index}/{len(pipeline)}] {step.name}: FAILED ({error}); continuing")
             continue
+        finally:
+            release_compiled_programs()
         seconds = time.time() - start
         write_json(layout.steps / f"{step.name}.json",
                    {"seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **details}, indent=2)
@@ -354,6 +307,19 @@ def reproduce(out: str | os.PathLike, settings: Settings, force: tuple[str, ...]
         raise GenIRError(f"analysis step(s) failed: {', '.join(failed)}; fix the cause and re-run (finished steps "
                          "are skipped)")
     return layout
+
+
+def release_compiled_programs() -> None:
+    """Drop JAX's compiled programs between steps: no step reuses another's programs, and on the CPU every
+    compiled kernel holds about three memory mappings until its program is dropped, so a long pipeline in one
+    process would otherwise creep towards Linux's limit of 65,530 mappings (vm.max_map_count), where the
+    compiler's next mmap fails with a segmentation fault."""
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
 
 
 def _no_correct_queries(layout: Layout) -> bool:

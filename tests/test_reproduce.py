@@ -73,6 +73,69 @@ def test_analyses_are_skipped_without_correct_queries(tmp_path, monkeypatch):
     assert record["skipped"] == "the full model ranks no validation query correctly"
 
 
+def test_registry_discovers_every_experiment_module_and_drives_the_steps():
+    """Every module of the experiments package is in the registry (paper order), and the pipeline's analysis
+    steps are exactly the experiments' runs: those needing the removed-document models after them."""
+    import importlib
+    import pathlib
+
+    import experiments
+
+    modules = sorted(p.stem for p in pathlib.Path(experiments.__file__).parent.glob("*.py")
+                     if not p.stem.startswith("_"))
+    found = experiments.registry()
+    assert len(found) == len(modules)
+    assert all(importlib.import_module(f"experiments.{name}").EXPERIMENT in found for name in modules)
+    assert [e.position for e in found] == sorted(e.position for e in found)
+    assert [e.id for e in found][:2] == ["table1", "table2"] and "stage-robustness" in [e.id for e in found]
+    names = [step.name for step in rp.steps(rp.Settings(dataset="squad-dev", preset="tiny", removed_models=2))]
+    early = [step for e in found if not e.after_removed_models for step in e.runs]
+    late = [step for e in found if e.after_removed_models for step in e.runs]
+    assert names == ["prepare", "pretrain", "train-full", "evaluate-full", "bm25", *early, "choose-removed",
+                     "train-removed-0", "train-removed-1", *late, "report"]
+    assert "stage-robustness" in early and late == ["swap-encoder"]
+
+
+def test_a_new_experiment_is_a_step_run_with_its_config_and_a_report_section(tmp_path, monkeypatch):
+    """An experiment added to the registry (nothing else) becomes a pipeline step that runs with its
+    configuration and a section of the report; without correct queries it is skipped like every analysis."""
+    import dataclasses
+
+    import experiments
+    from genir_jax.report import Experiment, Section, record_settings
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        alpha: int = 3
+
+    def run(layout, settings, config):
+        output = layout.analysis("toy")
+        return record_settings(output, "toy", config, stages=[[0], [1]])
+
+    def render(layout):
+        record = json.loads((layout.analysis("toy") / "experiment.json").read_text())
+        return Section(f"toy alpha={record['config']['alpha']} stages={record['stages']}")
+
+    toy = Experiment(id="toy", title="Toy check", paper_ref="nowhere", command="none", paper={}, render=render,
+                     position=1000, config=Config(alpha=7), runs={"toy": run})
+    monkeypatch.setattr(experiments, "registry", lambda: (toy,))
+    layout = rp.Layout(tmp_path)
+    layout.eval_val.mkdir(parents=True)
+    layout.correct_valid.write_text(json.dumps([["@DOC_ID_1@", "q1"]]))
+    names = [step.name for step in rp.steps(rp.Settings(dataset="squad-dev", preset="tiny", removed_models=1))]
+    assert names.index("toy") == names.index("bm25") + 1
+    toy_step = next(step for step in rp.steps(rp.Settings(dataset="squad-dev", preset="tiny")) if step.name == "toy")
+    assert toy_step.analysis
+    details = toy_step.run(layout, rp.Settings(dataset="squad-dev", preset="tiny"))
+    assert details["config"] == {"alpha": 7} and details["stages"] == [[0], [1]]
+    (layout.steps).mkdir(parents=True, exist_ok=True)
+    (layout.steps / "toy.json").write_text(json.dumps({"seconds": 1, **details}))
+    from genir_jax.report import write_report
+
+    report = write_report(layout, rp.Settings(dataset="squad-dev", preset="tiny")).read_text()
+    assert "## Toy check (nowhere)" in report and "toy alpha=7 stages=[[0], [1]]" in report
+
+
 def _genir_jax(args: list[str]) -> subprocess.CompletedProcess:
     """The command in a fresh process on ONE CPU device, as `genir-jax reproduce` runs on a laptop."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
@@ -120,26 +183,50 @@ def test_base_is_a_saved_t5_used_for_training_t5_mode_and_the_swap(tmp_path, mon
     assert base == os.path.abspath(directory)
     calls: list[list[str]] = []
     monkeypatch.setattr(rp, "_cli", lambda args: calls.append([str(a) for a in args]))
+    loads = _record_base_loads(monkeypatch)
     layout = rp.Layout(tmp_path / "run")
     settings = rp.Settings(dataset="squad-dev", preset="tiny", base=base)
     assert rp._pretrain(layout, settings) == {"skipped_for_base": base}
     assert calls == []  # nothing pretrained
     rp._train_full(layout, settings)
-    rp._patch_stages(layout, settings)
-    rp._swap_encoder(layout, settings)
     layout.removed_documents.parent.mkdir(parents=True, exist_ok=True)
     layout.removed_documents.write_text(json.dumps({"removed-0": ["d1"]}))
     rp._train_removed(0)(layout, settings)
-    train_full, patch, swap, train_removed = calls
+    train_full, train_removed = calls
     assert train_full[train_full.index("--base") + 1] == base
-    assert patch[patch.index("--t5") + 1] == base           # T5-mode patching uses the given T5
-    assert swap[swap.index("--t5") + 1] == base             # ... and so does the base encoder swap
     assert train_removed[train_removed.index("--base") + 1] == base
+    pipeline = {step.name: step for step in rp.steps(settings)}
+    for name in ("patch-stages", "swap-encoder"):  # T5-mode patching and the base encoder swap load the given T5
+        with pytest.raises(_BaseLoaded):
+            pipeline[name].run(layout, settings)
+    assert loads == [base, base]
     # without --base, the pretrain step's own model is the base everywhere
-    calls.clear()
+    loads.clear()
     own = rp.Settings(dataset="squad-dev", preset="tiny")
-    rp._patch_stages(layout, own)
-    assert calls[0][calls[0].index("--t5") + 1] == str(layout.base)
+    with pytest.raises(_BaseLoaded):
+        {step.name: step for step in rp.steps(own)}["patch-stages"].run(layout, own)
+    assert loads == [str(layout.base)]
+
+
+class _BaseLoaded(Exception):
+    """Raised by `_record_base_loads`' loader: the run got as far as loading its base T5."""
+
+
+def _record_base_loads(monkeypatch) -> list[str]:
+    """Make the experiments that compare with the base T5 record the checkpoint they load as the base (they
+    load it first, without a tokenizer) and stop there."""
+    from experiments import table2_encoder_swap, table3_stage_patching
+
+    loads: list[str] = []
+
+    def load_model(path, *, tokenizer=True):
+        assert not tokenizer  # the base T5 is loaded without its tokenizer, before the analysed model
+        loads.append(str(path))
+        raise _BaseLoaded(path)
+
+    for module in (table2_encoder_swap, table3_stage_patching):
+        monkeypatch.setattr(module, "load_model", load_model)
+    return loads
 
 
 def test_base_without_tokenizer_or_missing_is_refused(tmp_path, hf_checkpoint):

@@ -25,6 +25,8 @@ import dataclasses
 import os
 from typing import Sequence
 
+import numpy as np
+
 from genir_jax.config import T5Config
 from genir_jax.errors import DataError, GenIRError
 from genir_jax.interventions import Interventions, combine, mean_ablation, zero_ablation
@@ -169,3 +171,53 @@ def reference_retrieval_metrics(top_ids, query_ids: Sequence[str], qrels, doc_of
             recall_5 += in_top_5 / len(relevant)
     count = len(query_ids)
     return {"hits@1": hits_1 / count, "hits@10": hits_10 / count, "recall@5": recall_5 / count}
+
+
+@dataclasses.dataclass
+class DocidTargets:
+    """The docid tokens a circuit run ranks (`candidates`, sorted token ids), their documents (`doc_ids`,
+    aligned with `candidates`), the token -> document map (`vocabulary`) and each query's target token
+    (its first relevant document's)."""
+
+    vocabulary: dict
+    candidates: np.ndarray
+    doc_ids: list[str]
+    targets: np.ndarray
+
+
+def docid_targets(tokenizer, queries: Sequence, queries_path, checkpoint) -> DocidTargets:
+    """The docid candidates and the queries' targets; a `DataError` names the query (in `queries_path`) whose
+    relevant document has no docid token in `checkpoint`."""
+    from genir_jax.docids import docid_vocabulary
+
+    vocabulary = docid_vocabulary(tokenizer)
+    token_of = {doc: token_id for token_id, doc in vocabulary.items()}
+    for query in queries:
+        missing = [d for d in query.relevant_docs if d not in token_of]
+        if missing:
+            raise DataError(f"{queries_path}: query {query.id!r}: relevant document {missing[0]!r} has no docid "
+                            f"token in {checkpoint}")
+    candidates = np.asarray(sorted(vocabulary), dtype=np.int32)
+    return DocidTargets(vocabulary, candidates, [vocabulary[int(t)] for t in candidates],
+                        np.asarray([token_of[q.relevant_docs[0]] for q in queries], dtype=np.int32))
+
+
+def circuit_report(circuit: Circuit, stages: Sequence[Sequence[int]], query_ids: Sequence[str],
+                   doc_ids: Sequence[str], top_ids, top_logits, qrels, *, correct_queries: int,
+                   ranking: str) -> tuple[dict, list]:
+    """(``minimal_circuit.json``'s content, the two runs [unpatched, circuit]) from the ranked docids of
+    `rank_with_circuit` (`top_ids` [2, N, k] into `doc_ids`): retrieval metrics of both, the circuit's
+    relative to the unpatched model's, and the reference's own metric names."""
+    from genir_jax.retrieval import evaluate_run, run_from_ranking
+
+    runs = [run_from_ranking(query_ids, doc_ids, top_ids[k], top_logits[k]) for k in range(2)]
+    unpatched, patched = (evaluate_run(r, qrels) for r in runs)
+    relative = {m: (patched[m] / unpatched[m] if unpatched[m] else None) for m in unpatched if m != "queries"}
+    report = {
+        "circuit": circuit.as_json(), "config": circuit.describe(stages), "stages": [list(s) for s in stages],
+        "unpatched": unpatched, "patched": patched, "relative": relative, "queries": len(query_ids),
+        "mean_over_correct_queries": correct_queries, "ranking": ranking,
+        # the reference's own names
+        "hits@1": patched["Hits@1"], "hits@10": patched["Hits@10"], "recall@5": patched["Recall@5"],
+    }
+    return report, runs

@@ -12,16 +12,22 @@ T5-large). This analysis checks them three ways in one sweep (`run_sweep`, so on
 Modes: zero and mean ablation (means over the same queries, as the stage patching takes them). Every row
 reports the fraction of queries whose target rank exceeds 0 / 5 / 10 / 100 (the reference's thresholds,
 0-based ranks: ``>0`` means "no longer ranked first") and the mean rank.
+
+`standard_partitions` gives the partitions compared by default (automatic stages, equal thirds, and the
+paper's for a 24-layer decoder); `write_stage_robustness` / `read_stage_robustness` store a result (rows,
+per-query ranks, partitions and how each partition was found) as ``stage_robustness.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from genir_jax.analysis.stage_patching import COMPONENTS, THRESHOLDS, stage_configs
+from genir_jax.analysis.stage_patching import COMPONENTS, PAPER_STAGES_24, THRESHOLDS, equal_stages, stage_configs
 from genir_jax.config import T5Config
 from genir_jax.errors import GenIRError
 from genir_jax.interventions import mean_activations, mean_ablation, zero_ablation
@@ -32,6 +38,7 @@ from genir_jax.sweep import component_grid, concat, relabel, stack
 MODES = ("zero", "mean")
 KINDS = ("all_layers", "single_layer", "stage")
 NOT_FIRST = THRESHOLDS[0][0]  # the reference's label of "rank > 0" ("!=0")
+RESULTS_JSON = "stage_robustness.json"
 
 
 @dataclasses.dataclass
@@ -51,6 +58,49 @@ class StageRobustnessResult:
 
     def to_json(self) -> dict:
         return {"partitions": self.partitions, "thresholds_0_based": [t for _, t in THRESHOLDS], "rows": self.rows}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StageRobustnessResult":
+        """The result `write_stage_robustness` stored (rows, partitions and the per-query ranks)."""
+        rows = data["rows"]
+        ranks = np.asarray(data.get("ranks", [[] for _ in rows]), dtype=np.int64).reshape(len(rows), -1)
+        return cls(rows=rows, ranks=ranks,
+                   partitions={name: [list(stage) for stage in stages] for name, stages in data["partitions"].items()})
+
+
+def standard_partitions(config: T5Config, params, input_ids, attention_mask, target_ids, *, k: int = 3,
+                        batch_size: int | None = None, progress: bool = True) -> tuple[dict, dict]:
+    """The partitions compared by default and how each was found: ``auto`` (`auto_stages` fitted to these
+    queries, k stages), ``thirds`` (`equal_stages`) and, for a 24-layer decoder, ``paper`` (0-6, 7-17, 18-23).
+    Returns ({name: stages}, {name: record}); the auto record holds its fit (features, cost)."""
+    from genir_jax.analysis.auto_stages import auto_stages
+
+    found = auto_stages(config, params, input_ids, attention_mask, target_ids, k=k, batch_size=batch_size,
+                        progress=progress)
+    partitions = {"auto": [list(stage) for stage in found.stages],
+                  "thirds": equal_stages(config.num_decoder_layers)}
+    records = {"auto": found.as_json(), "thirds": {"method": "thirds", "stages": partitions["thirds"]}}
+    if config.num_decoder_layers == 24:
+        partitions["paper"] = [list(stage) for stage in PAPER_STAGES_24]
+        records["paper"] = {"method": "paper", "stages": partitions["paper"]}
+    return partitions, records
+
+
+def write_stage_robustness(directory: str | os.PathLike, result: StageRobustnessResult, **extra) -> str:
+    """``stage_robustness.json`` (rows, partitions, thresholds, the per-query ranks [K, N] and `extra`, e.g.
+    how the partitions were found) into `directory`, atomically; returns its path."""
+    from genir_jax.io import write_json
+
+    path = os.path.join(os.fspath(directory), RESULTS_JSON)
+    write_json(path, {**result.to_json(), "ranks": np.asarray(result.ranks).tolist(), **extra}, indent=1)
+    return path
+
+
+def read_stage_robustness(directory: str | os.PathLike) -> tuple[StageRobustnessResult, dict]:
+    """The result in `directory` and the whole stored record (with its extra keys)."""
+    with open(os.path.join(os.fspath(directory), RESULTS_JSON), encoding="utf-8") as handle:
+        data = json.load(handle)
+    return StageRobustnessResult.from_json(data), data
 
 
 def _rank_statistics(ranks: np.ndarray) -> dict:

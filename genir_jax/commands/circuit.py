@@ -11,7 +11,7 @@ import numpy as np
 from genir_jax.commands.common import (add_checkpoint_paths, add_reference, add_run_controls, reference_stages,
                                        resolve_paths)
 from genir_jax.commands.mesh_options import add_mesh_arguments
-from genir_jax.errors import DataError, GenIRError
+from genir_jax.errors import GenIRError
 
 
 def add_parser(subparsers) -> None:
@@ -52,16 +52,15 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from genir_jax.analysis.circuit import (PAPER_CIRCUIT, REFERENCE_CONFIG, REFERENCE_RESULTS_JSON, RESULTS_JSON,
-                                            circuit_from_json, circuit_interventions, rank_with_circuit,
-                                            reference_retrieval_metrics)
+                                            circuit_from_json, circuit_interventions, circuit_report, docid_targets,
+                                            rank_with_circuit, reference_retrieval_metrics)
     from genir_jax.analysis.inputs import (load_correct_queries, reference_padded_groups, reference_padding_length,
                                            tokenize_for_analysis)
     from genir_jax.data.corpus import qrels_from_queries, read_json, read_qrels, read_queries
-    from genir_jax.docids import docid_vocabulary
     from genir_jax.hf import load_for_analysis  # read-only tokenizer, no transformers
     from genir_jax.interventions import mean_activations
     from genir_jax.io import atomic_directory, write_json
-    from genir_jax.retrieval import check_run_covers, evaluate_run, run_from_ranking, write_trec_run
+    from genir_jax.retrieval import check_run_covers, write_trec_run
     from genir_jax.sites import COMPONENT_SITES
 
     if args.k < 1:
@@ -81,16 +80,8 @@ def run(args: argparse.Namespace) -> int:
     stages, stages_record = resolve_stages(args, config, model.params, *tokenize_for_analysis(
         tokenizer, [q.text for q in correct]), np.asarray([q.token_id for q in correct], dtype=np.int32))
     circuit = circuit_from_json(read_json(args.circuit), args.circuit, len(stages)) if args.circuit else PAPER_CIRCUIT
-    vocabulary = docid_vocabulary(tokenizer)
-    token_of = {doc: token_id for token_id, doc in vocabulary.items()}
-    for query in test_queries:
-        missing = [d for d in query.relevant_docs if d not in token_of]
-        if missing:
-            raise DataError(f"{args.test_queries}: query {query.id!r}: relevant document {missing[0]!r} has no docid "
-                            f"token in {args.checkpoint}")
-    candidates = np.asarray(sorted(vocabulary), dtype=np.int32)
-    doc_ids = [vocabulary[int(t)] for t in candidates]
-    targets = np.asarray([token_of[q.relevant_docs[0]] for q in test_queries], dtype=np.int32)
+    docids = docid_targets(tokenizer, test_queries, args.test_queries, args.checkpoint)
+    vocabulary, candidates, targets = docids.vocabulary, docids.candidates, docids.targets
     progress = not args.no_progress
 
     texts = [q.text for q in correct]
@@ -136,19 +127,11 @@ def run(args: argparse.Namespace) -> int:
             write_json(os.path.join(staging, REFERENCE_RESULTS_JSON), report)
         print(json.dumps({"stages": stages, **report}, indent=1))
         return 0
-    runs = [run_from_ranking(query_ids, doc_ids, top_ids[k], top_logits[k]) for k in range(2)]
-    unpatched, patched = (evaluate_run(r, qrels) for r in runs)
-    metrics = [m for m in unpatched if m != "queries"]
-    relative = {m: (patched[m] / unpatched[m] if unpatched[m] else None) for m in metrics}
-    report = {
-        "circuit": circuit.as_json(), "config": circuit.describe(stages), "stages": stages,
-        "unpatched": unpatched, "patched": patched, "relative": relative, "queries": count,
-        "mean_over_correct_queries": len(correct),
-        "ranking": "full vocabulary, reference padding, no attention mask" if args.reference_padding
-        else "docid tokens only, masked padding",
-        # the reference's own names
-        "hits@1": patched["Hits@1"], "hits@10": patched["Hits@10"], "recall@5": patched["Recall@5"],
-    }
+    report, runs = circuit_report(
+        circuit, stages, query_ids, docids.doc_ids, top_ids, top_logits, qrels, correct_queries=len(correct),
+        ranking="full vocabulary, reference padding, no attention mask" if args.reference_padding
+        else "docid tokens only, masked padding")
+    unpatched, patched, relative = report["unpatched"], report["patched"], report["relative"]
     with atomic_directory(args.output) as staging:
         write_json(os.path.join(staging, RESULTS_JSON), report, indent=2)
         write_stages(staging, stages_record)
