@@ -54,11 +54,20 @@ def render(layout) -> Section:
     plt.close(fig)
     rows = []
     for name, stage in zip(stage_names(len(stages)), stages):
-        cells = [f"{np.mean([summary['contributions']['ratio'][k]['mean'][l] for l in stage]):.2f}" for k, _ in PARTS]
+        cells = [f"{np.mean([summary['contributions'][func][k]['mean'][l] for l in stage]):.2f}"
+                 for func in ("ratio", "cosine") for k, _ in PARTS]
         rows.append((name, f"{stage[0]}-{stage[-1]}", *cells))
-    text = "Mean ratio ||component|| / ||residual delta|| per stage:\n\n"
-    text += md_table(["stage", "layers", "self-attn", "cross-attn", "MLP"], rows)
+    text = ("Per stage, the mean over the stage's layers of the per-layer means over the correct queries of "
+            "||component|| / ||resid_post - resid_pre|| (ratio) and of cosine(component, resid_post):\n\n")
+    text += md_table(["stage", "layers", *(f"{func}: {label}" for func in ("ratio", "cosine") for _, label in PARTS)],
+                     rows)
     text += f"\n\nStages: {describe_stages(stages)} (paper, T5-large: {PAPER['stages_t5_large']}).\n"
+    text += ("\nCosine: the paper's text says the cosine similarity of each component's output with the residual "
+             "stream without saying which; the reference code (eval_residual_rank.py) computes it with the "
+             "layer's OUTPUT residual, resid_post (`decoder.{l}.hook_resid_post`, which already contains the "
+             "component's output), not with the residual before the layer (resid_pre) nor with the layer's update "
+             "resid_post - resid_pre (the denominator of the ratio). We plot and tabulate the reference's: "
+             "cosine(component, resid_post).\n")
     return Section(text, [path])
 
 

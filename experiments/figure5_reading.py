@@ -75,23 +75,39 @@ def _mean_over(per_layer: dict, layers: list[int]) -> dict:
 
 def render(layout) -> Section:
     plt, path = figure(layout, "figure5_reading")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     text_parts = []
     for axis, (step, file, label) in zip(axes, READERS):
         summary = read_json(layout.analysis(step) / file)
-        stages = len(summary["stages"])
+        stages = summary["stages"]
+        names = stage_names(len(stages))
+        stage_of = {layer: name for name, stage in zip(names, stages) for layer in stage}
         key = "all" if "all" in summary["results"] else sorted(summary["results"])[0]
         result = summary["results"][key]
-        readers = [int(layer) for layer in result["per_layer"]]
+        readers = sorted(int(layer) for layer in result["per_layer"])
         if step == "crattn-reading":  # as the paper's figure: heads after stage I
-            readers = [layer for layer in readers if layer not in summary["stages"][0]] or readers
-        buckets = _buckets(_mean_over(result["per_layer"], readers), stages)
-        axis.bar(range(len(buckets)), [v for _, v in buckets], color="tab:blue")
-        axis.set_xticks(range(len(buckets)), [n for n, _ in buckets], rotation=60, ha="right", fontsize=8)
-        axis.set(ylabel="share of positive readings (dot)", title=f"{label}, layers {readers[0]}-{readers[-1]}")
-        rows = [(name, f"{100 * value:.1f}%") for name, value in sorted(buckets, key=lambda kv: -kv[1])[:5]]
-        text_parts.append(f"{label} (top {key} readings, {summary['queries']} queries), largest shares:\n\n"
-                          + md_table(["reads from", "share"], rows))
+            readers = [layer for layer in readers if layer not in stages[0]] or readers
+        per_layer = {layer: _buckets(result["per_layer"][str(layer)], len(stages)) for layer in readers}
+        buckets = [name for name, _ in per_layer[readers[0]]]
+        # Stacked bars, one per reader layer (the paper's Fig. 5): each bar is that layer's shares.
+        bottom = np.zeros(len(readers))
+        colours = plt.get_cmap("tab20")
+        for b, bucket in enumerate(buckets):
+            values = np.asarray([dict(per_layer[layer])[bucket] for layer in readers])
+            axis.bar(range(len(readers)), values, bottom=bottom, label=bucket, color=colours(b % 20))
+            bottom += values
+        axis.set_xticks(range(len(readers)), [str(layer) for layer in readers], fontsize=8)
+        axis.set(xlabel="reader layer", ylabel=f"share of positive readings ({summary['sim_type']})",
+                 title=f"{label}, layers {readers[0]}-{readers[-1]}")
+        axis.legend(fontsize=6, ncol=2)
+        rows = [(layer, stage_of.get(layer, ""), result["per_layer"][str(layer)].get("readers", ""),
+                 *(f"{100 * value:.1f}" for _, value in per_layer[layer])) for layer in readers]
+        mean = _buckets(_mean_over(result["per_layer"], readers), len(stages))
+        rows.append(("mean over these layers", "", "", *(f"{100 * value:.1f}" for _, value in mean)))
+        text_parts.append(f"{label} (top {key} readings, {summary['queries']} queries): % of each reader layer's "
+                          "positive readings that come from each component type and stage (one stacked bar per "
+                          "layer in the figure):\n\n"
+                          + md_table(["reader layer", "stage", "readers", *(f"{b} %" for b in buckets)], rows))
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     text = "\n\n".join(text_parts) + f"\n\nPaper: {PAPER['finding']}.\n"

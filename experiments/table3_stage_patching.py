@@ -65,6 +65,14 @@ def run_patch_stages(layout, settings, config: Config) -> dict:
                            stages_method=stages_record["method"], queries=len(inputs.queries))
 
 
+RANKS_NOTE = ("Ranks count from 0 in our files, as in the reference code (rank 0 = first). \"Not at rank 1\" is "
+              "rank != 0 (the reference's `!=0`); the reference's thresholds `>5`, `>10`, `>100` apply to the 0-based "
+              "rank, so they count the queries whose relevant document is not in the top 6, 11 and 101 (counting "
+              "from 1).")
+DEEPER = ((">5", "% not in top 6 (rank > 5)"), (">10", "% not in top 11 (rank > 10)"),
+          (">100", "% not in top 101 (rank > 100)"))
+
+
 def render(layout) -> Section:
     with open(layout.analysis("patch-stages") / "patching_results_single_combis.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -78,21 +86,23 @@ def render(layout) -> Section:
             if not cells:
                 continue
             paper = PAPER.get((mode, component))
-            table.append((mode, component, *(f"{cells[i]:.2f}" + (f" ({paper[i]:.2f})" if paper and i < 3 else "")
+            table.append((mode, component, *(f"{cells[i]:.2f}" + (f" ({paper[i]:.2f})" if paper and i < 3 else
+                                                                   " (no paper value)")
                                              for i in range(len(stages)))))
         for r in rows:
             if r["mode"] == mode and r["component"].startswith("encoder"):
                 encoder = (r["component"], percent(float(r["!=0"])), percent(float(r[">100"])))
-    text = md_table(["mode", "component", *(f"stage {n}" for n in names)], table)
-    text += f"\n\nOurs (paper NQ10k in parentheses). Stages: {describe_stages(stages)}.\n"
+    text = md_table(["mode", "component", *(f"stage {n}: % not at rank 1, ours (paper)" for n in names)], table)
+    text += (f"\n\nOurs, the paper's NQ10k value in parentheses (attn = self-attention). Stages: "
+             f"{describe_stages(stages)}. {RANKS_NOTE}\n")
     if encoder:
-        text += (f"\nT5 mode, encoder output (`{encoder[0]}`) replaced by the base T5's: {encoder[1]:.2f}% leave rank "
-                 f"1, {encoder[2]:.2f}% fall beyond rank 100.\n")
+        text += (f"\nT5 mode, encoder output (`{encoder[0]}`) replaced by the base T5's: {encoder[1]:.2f}% not at "
+                 f"rank 1, {encoder[2]:.2f}% not in top 101 (rank > 100).\n")
     beyond = [(r["mode"], r["component"], names[int(r["stage"])] if int(r["stage"]) < len(names) else r["stage"],
-               percent(float(r[">5"])), percent(float(r[">10"])), percent(float(r[">100"]))) for r in rows
+               *(percent(float(r[key])) for key, _ in DEEPER)) for r in rows
               if not r["component"].startswith("encoder")]
-    text += "\nDeeper drops (% of correct queries beyond rank 5 / 10 / 100):\n\n"
-    text += md_table(["mode", "component", "stage", ">5", ">10", ">100"], beyond)
+    text += "\nDeeper drops (% of correct queries; no paper values):\n\n"
+    text += md_table(["mode", "component", "stage", *(label for _, label in DEEPER)], beyond)
     return Section(text)
 
 

@@ -11,7 +11,7 @@ the model does so before its tied unembedding, and unembedded over the whole voc
   counts ids >= len(t5-large tokenizer), the same tokens for its checkpoints).
 - Head tokens (Table 6): for given queries and heads (layer, head) the logit lens of the head's own
   output z_h @ W_O[h] (normalised by the final norm on its own), and its top word tokens (docid tokens
-  excluded).
+  excluded); with ``with_docids`` also its top tokens over the whole vocabulary (docids included).
 
 Output files (CLI ``crattn-writes``), the reference's:
 - ``per_q_averages_s{II,III,...}.json``: ``{"10": [fraction per (query, layer)], "100": [...],
@@ -26,7 +26,10 @@ Output files (CLI ``crattn-writes``), the reference's:
      "per_layer": {"<layer>": {"10": float, "100": float, "1000": float}}}
 
 CLI ``crattn-head-tokens`` writes ``crattn_head_tokens.json``: a list, per query and head, of
-``{"query", "layer", "head", "token_ids", "tokens" (vocabulary pieces), "words" (decoded), "logits"}``.
+``{"query", "layer", "head", "token_ids", "tokens" (vocabulary pieces), "words" (decoded), "logits"}``
+(the top WORD tokens); `head_top_tokens(..., with_docids=True)` (the reproduction's Table 6) adds the top
+tokens of the whole vocabulary, docids included: ``"top_token_ids", "top_tokens", "top_words", "top_logits",
+"top_is_docid"``.
 """
 
 from __future__ import annotations
@@ -195,7 +198,8 @@ def parse_heads(text: str, config: T5Config) -> list[tuple[int, int]]:
 
 @functools.partial(jax.jit, static_argnames=("config", "heads", "top"))
 def _head_top_tokens(config: T5Config, params, input_ids, attention_mask, is_docid, heads, top: int):
-    """Top word tokens (ids [B, n_heads, top], logits) of each head's own cross-attention output."""
+    """Top word tokens (ids [B, n_heads, top], logits) of each head's own cross-attention output, and its top
+    tokens over the whole vocabulary, docids included (ids, logits)."""
     from genir_jax.model import forward_with_cache
 
     layers = sorted(set(l for l, _ in heads))
@@ -206,15 +210,16 @@ def _head_top_tokens(config: T5Config, params, input_ids, attention_mask, is_doc
     outputs = jnp.stack([cache[f"decoder.{l}.cross_attn.hook_z"][:, 0, h].astype(jnp.float32)
                          @ w_o[l, h].astype(jnp.float32) for l, h in heads], axis=1)       # [B, n, D]
     logits = logit_lens(config, params, outputs)
-    logits = jnp.where(is_docid[None, None, :], -jnp.inf, logits)
-    values, ids = jax.lax.top_k(logits, top)
-    return ids, values
+    all_values, all_ids = jax.lax.top_k(logits, top)
+    values, ids = jax.lax.top_k(jnp.where(is_docid[None, None, :], -jnp.inf, logits), top)
+    return ids, values, all_ids, all_values
 
 
 def head_top_tokens(config: T5Config, params, tokenizer, texts: Sequence[str], heads: Sequence[tuple[int, int]], *,
-                    top: int = 5, batch_size: int = 16, reference_padding: bool = False,
+                    top: int = 5, batch_size: int = 16, reference_padding: bool = False, with_docids: bool = False,
                     progress: bool = True) -> list[dict]:
-    """Table 6: per query and head the `top` word tokens its output promotes (query-major, heads in order)."""
+    """Table 6: per query and head the `top` word tokens its output promotes (query-major, heads in order);
+    `with_docids`: also its `top` tokens of the whole vocabulary, docids included (the ``top_*`` keys)."""
     if not heads:
         raise GenIRError("--heads: no heads given")
     is_docid = docid_mask(tokenizer, config.vocab_size)
@@ -223,12 +228,14 @@ def head_top_tokens(config: T5Config, params, tokenizer, texts: Sequence[str], h
     heads = tuple((int(l), int(h)) for l, h in heads)
     ids_out = np.zeros((len(texts), len(heads), top), np.int64)
     logits_out = np.zeros((len(texts), len(heads), top), np.float32)
+    all_ids_out, all_logits_out = np.zeros_like(ids_out), np.zeros_like(logits_out)
     plan = query_batches(tokenizer, texts, batch_size, reference_padding=reference_padding)
     for batch in tqdm(plan, desc="head tokens (query batches)", disable=not progress, unit="batch"):
         ids, mask = batch.arrays
-        top_ids, top_logits = jax.device_get(
+        top_ids, top_logits, all_ids, all_logits = jax.device_get(
             _head_top_tokens(config, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(is_docid), heads, top))
         ids_out[batch.rows], logits_out[batch.rows] = top_ids[:batch.size], top_logits[:batch.size]
+        all_ids_out[batch.rows], all_logits_out[batch.rows] = all_ids[:batch.size], all_logits[:batch.size]
     entries = []
     for q, text in enumerate(texts):
         for j, (layer, head) in enumerate(heads):
@@ -237,6 +244,12 @@ def head_top_tokens(config: T5Config, params, tokenizer, texts: Sequence[str], h
                             "tokens": tokenizer.convert_ids_to_tokens(token_ids),
                             "words": [tokenizer.decode([t]).strip() for t in token_ids],
                             "logits": logits_out[q, j].tolist()})
+            if with_docids:
+                all_ids = all_ids_out[q, j].tolist()
+                entries[-1].update({"top_token_ids": all_ids, "top_tokens": tokenizer.convert_ids_to_tokens(all_ids),
+                                    "top_words": [tokenizer.decode([t]).strip() for t in all_ids],
+                                    "top_logits": all_logits_out[q, j].tolist(),
+                                    "top_is_docid": [bool(is_docid[t]) for t in all_ids]})
     return entries
 
 

@@ -173,9 +173,12 @@ def run_stage_robustness(config: T5Config, params, input_ids, attention_mask, ta
 def render_markdown(result: StageRobustnessResult, queries: int) -> str:
     """Three tables: component types ablated in every layer, the per-layer profile (fraction > 0), and the
     stage table under each partition side by side."""
-    lines = [f"Shares of the {queries} queries whose target is no longer ranked first (rank > 1, counting "
-             "from 1), beyond the top 5, 10 and 100; mean rank counted from 0.", ""]
-    lines += ["| component (every layer) | mode | not first | > 5 | > 10 | > 100 | mean rank |",
+    lines = [f"Shares (fractions) of the {queries} queries whose target is no longer at rank 1, and not in the top "
+             "6, 11 and 101. Ranks count from 0 (rank 0 = first), as in the reference code, whose thresholds "
+             "`>5`, `>10`, `>100` apply to the 0-based rank: \"not in top 6\" is rank > 5. Mean rank counted "
+             "from 0.", ""]
+    lines += ["| component (every layer) | mode | not at rank 1 (rank > 0) | not in top 6 (rank > 5) | "
+              "not in top 11 (rank > 10) | not in top 101 (rank > 100) | mean rank (0-based) |",
               "|---|---|---|---|---|---|---|"]
     for row in result.select("all_layers"):
         lines.append(f"| {row['component']} | {row['mode']} | " + " | ".join(
@@ -183,14 +186,14 @@ def render_markdown(result: StageRobustnessResult, queries: int) -> str:
     modes = sorted({r["mode"] for r in result.rows})
     layers = sorted({r["layer"] for r in result.select("single_layer")})
     for mode in modes:
-        lines += ["", f"Single layers, {mode} ablation, share of queries no longer ranked first:", "",
+        lines += ["", f"Single layers, {mode} ablation, share of queries no longer at rank 1 (rank > 0):", "",
                   "| component | " + " | ".join(str(layer) for layer in layers) + " |",
                   "|---|" + "---|" * len(layers)]
         for component in COMPONENTS:
             cells = {r["layer"]: r[NOT_FIRST] for r in result.select("single_layer", component=component, mode=mode)}
             lines.append(f"| {component} | " + " | ".join(f"{cells[layer]:.2f}" for layer in layers) + " |")
     names = list(result.partitions)
-    lines += ["", "Stages under each partition (share of queries no longer ranked first, stage by stage):", ""]
+    lines += ["", "Stages under each partition (share of queries no longer at rank 1, stage by stage):", ""]
     lines += ["| component | mode | " + " | ".join(
         f"{name}: " + ", ".join(f"{s[0]}-{s[-1]}" for s in result.partitions[name]) for name in names) + " |",
         "|---|---|" + "---|" * len(names)]
