@@ -157,6 +157,7 @@ def base_dir(tmp_path_factory, t5_tokenizer) -> pathlib.Path:
     return path
 
 
+@pytest.mark.slow  # minutes on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_train_naive_records_scheme_and_evaluate_reads_it(tmp_path, base_dir, capsys):
     prepared = make_prepared(tmp_path / "prepared")
     model_dir = tmp_path / "model"
@@ -179,6 +180,7 @@ def test_train_naive_records_scheme_and_evaluate_reads_it(tmp_path, base_dir, ca
     assert "was trained with" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # minutes on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_finetune_semantic_records_scheme(tmp_path, base_dir):
     import dataclasses
 

@@ -35,6 +35,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow  # minutes on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_train_loop_in_two_processes_equals_one_process(tmp_path):
     """`train_loop` (20 Adafactor steps with dropout, two batch widths): the same loss curve and final
     parameters in two processes as in one, and each process loads only its half of every batch."""

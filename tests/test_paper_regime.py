@@ -130,6 +130,7 @@ def test_t5_large_follows_the_paper_recipe():
 # train --paper-regime end to end (a few steps of the tiny model)
 # --------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # minutes on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_train_paper_regime_records_its_settings(shared_data, t5_tokenizer, tmp_path, capsys):
     data = tmp_path / "nq"
     assert main(["prepare-data", "--dataset", "nq-oracle", "--paper-regime", "--max-documents", "60",

@@ -126,6 +126,7 @@ def mesh_cases(tmp_path_factory):
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow  # minutes on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_meshes_on_8_devices_match_one_device(mesh_cases):
     """Forward logits and one training step's loss / parameters within 1e-5, sweep ranks identical, and each
     parameter's (and its optimizer state's) per-device shard shape as the rules say; a 4x2 sharded load."""
@@ -155,6 +156,7 @@ def multihost_inputs():
     return config, params, ids, np.ones_like(ids), targets, sw.site_grid(config, "decoder.*.attn.hook_z", unit="head")
 
 
+@pytest.mark.slow  # minutes on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_two_processes_give_the_results_of_one():
     """jax.distributed on localhost (gloo): a sweep over a 2x2 mesh spanning two processes returns, in each
     process, exactly the single-process ranks."""
@@ -258,6 +260,7 @@ def test_orbax_checkpoints_save_and_restore_sharded(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow  # minutes on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_bfloat16_sweep_ranks_agree_with_float32(mesh_cases):
     """bf16 parameters and compute, float32 logits and metrics: on a small random model (16 configs x 8
     queries, targets the clean top tokens) nearly every rank is the float32 one."""

@@ -143,6 +143,7 @@ def _genir_jax(args: list[str]) -> subprocess.CompletedProcess:
                           timeout=1800, env=env)
 
 
+@pytest.mark.slow  # minutes on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_tiny_reproduction_end_to_end(tmp_path, shared_data):
     """The real pipeline (one removed-document model to keep it short): every step runs, the report holds every
     table and figure, and a second run skips everything but the report.

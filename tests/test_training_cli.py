@@ -49,6 +49,7 @@ def prepared(tmp_path) -> pathlib.Path:
     return make_prepared(tmp_path / "prepared")
 
 
+@pytest.mark.slow  # minutes on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_pretrain_then_train_tiny(tmp_path, prepared, shared_data, capsys):
     base = tmp_path / "base"
     code = main(["pretrain", "--data", str(prepared), "--preset", "tiny", "-o", str(base), "--steps", "6",

@@ -29,6 +29,7 @@ def _torch_first_step_logits(directory, input_ids, attention_mask):
     return out.logits.numpy()
 
 
+@pytest.mark.slow  # minutes on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_dsi_export_loads_in_transformers(tmp_path, t5_tokenizer):
     from transformers import AutoTokenizer
 
@@ -64,6 +65,7 @@ def test_dsi_export_loads_in_transformers(tmp_path, t5_tokenizer):
     assert val["Hits@1"] == pytest.approx(summary["best"]["Hits@1"])
 
 
+@pytest.mark.slow  # minutes on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_pretrain_export_loads_in_transformers(tmp_path, t5_tokenizer):
     from transformers import AutoTokenizer
 

@@ -97,6 +97,7 @@ def test_one_step_decreases_loss_on_a_fixed_batch():
     assert int(state.step) == 1
 
 
+@pytest.mark.slow  # minutes on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_data_parallel_matches_single_device():
     devices = jax.local_devices()
     assert len(devices) >= 4, "conftest should simulate 4 CPU devices"
@@ -166,6 +167,7 @@ def _leaves(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))]
 
 
+@pytest.mark.slow  # minutes on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_train_loop_resume_is_exact(tmp_path):
     devices = jax.local_devices()[:2]
     params = _params()
