@@ -168,6 +168,7 @@ def test_head_readings_sum_to_the_query_key_score(dsi):
                 assert total == pytest.approx((r @ w_q[l][:, h]) @ key, rel=1e-4, abs=1e-4)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
 @pytest.mark.parametrize("reader, sim_type", [("mlp", "cosine"), ("cross_attn", "dot")])
 def test_reference_padding_equals_brute_force_per_query(dsi, reader, sim_type):
     _, model = dsi
@@ -249,6 +250,7 @@ def _run(root, command, out, *extra):
                  "--correct-valid", str(root / "correct.json"), "-o", str(out), "--no-progress", *extra])
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_cli_writes_the_reference_files(dsi, tmp_path):
     root, model = dsi
     out = tmp_path / "out"

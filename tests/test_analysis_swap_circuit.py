@@ -113,6 +113,7 @@ def test_swap_cli(setup, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_empty_circuit_reproduces_plain_evaluation(setup, tmp_path):
     root, _, _, _ = setup
     empty = tmp_path / "empty.json"

@@ -35,6 +35,7 @@ def _perturbed(params, scale, seed=5):
                                                for x in leaves])
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_atp_is_exact_for_a_linear_site(setup):
     """The target logit is linear in the decoder output after its final norm: zeroing it removes the logit."""
     params, ids, mask, targets = setup
@@ -66,6 +67,7 @@ def test_atp_of_a_neuron_equals_minus_activation_times_finite_difference_gradien
         np.testing.assert_allclose(result.per_query[k], -activation[:, neuron] * gradient, rtol=2e-2, atol=2e-4)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
 @pytest.mark.parametrize("method", ["atp", "atp*"])
 def test_attribution_approaches_exact_for_small_patches(setup, method):
     """Values from a slightly perturbed model: first-order estimates must match the exact sweep closely,

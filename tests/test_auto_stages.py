@@ -151,6 +151,7 @@ def _target_logits(params, ids, mask, targets, interventions=None):
     return logits[np.arange(len(ids)), targets]
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_stage_features_shapes_and_values(model, queries, features):
     values, names = features
     ids, mask, targets = queries

@@ -366,6 +366,7 @@ def clean_cache(model):
     return {name: np.asarray(value) for name, value in cache.items()}
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
 @pytest.mark.parametrize("site, kind, index", FORWARD_CASES)
 def test_patch_changes_exactly_the_selected_slice(model, clean_cache, site, kind, index):
     params, batch = model

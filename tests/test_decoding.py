@@ -78,6 +78,7 @@ def test_trie_tables_and_lookup():
 # Unconstrained: greedy decoding and transformers
 # -------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_single_beam_is_greedy_decoding(params):
     max_length = 8
     ids, mask, _ = padded_batch(CONFIG.vocab_size, [6, 3, 9, 4, 7, 5, 8, 2], seed=3)

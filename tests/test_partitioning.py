@@ -216,6 +216,7 @@ def socket_port():
     return held()
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_attribution_on_a_mesh_equals_the_unsharded_estimate():
     """AtP with parameters split over model=2 and queries over data=2 gives the single-device estimates."""
     from genir_jax.attribution import attribute

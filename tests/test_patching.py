@@ -56,6 +56,7 @@ def test_ranks_of_targets_is_stable_descending_sort_position():
         assert float(values[row]) == logits[row, targets[row]]
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_vmapped_sweep_equals_loop_over_configs(model, queries):
     ids, mask, targets = queries
     means = ivs.mean_activations(CONFIG, model, ids, mask, ["decoder.*.hook_mlp_out", "decoder.*.hook_attn_out",
@@ -115,6 +116,7 @@ def test_stage_configs_masks_and_values_are_the_hand_stacked_ones(model, queries
     assert [k for k in range(len(rows)) if encoder[0].row[k] >= 0] == [len(rows) - 1]
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_source_values_equal_replacement_from_a_separate_run(model, queries):
     """T5 mode: values FROM_SOURCE (another model on the same query) == patching in its cache."""
     ids, mask, targets = queries
@@ -147,6 +149,7 @@ def test_resampling_source_uses_its_own_inputs(model, queries):
     np.testing.assert_array_equal(result.ranks[0], np.asarray(ranks_of_targets(logits[:, 0], targets)[0]))
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_one_and_four_devices_give_identical_results(model, queries):
     assert len(jax.local_devices()) >= 4, "conftest simulates 4 CPU devices"
     ids, mask, targets = queries

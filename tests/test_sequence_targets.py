@@ -69,6 +69,7 @@ def test_greedy_consistent_matches_greedy_decoding(setup):
     assert not greedy_consistent(CONFIG, params, ids, mask, changed).any()
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_sequence_stage_patching_zero_mlp_equals_zeroed_weights(setup):
     from genir_jax.analysis.sequence_stage_patching import run_sequence_stage_patching
 

@@ -35,6 +35,7 @@ def _ranks(params, ids, mask, targets, interventions):
     return np.asarray(ranks_of_targets(logits, targets)[0])
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_rows_equal_plain_forwards(setup):
     params, ids, mask, targets, _, result = setup
     means = ivs.mean_activations(CONFIG, params, ids, mask, [f"decoder.*.{s}" for s in SITES.values()],

@@ -81,6 +81,7 @@ def test_grid_and_stack_errors():
         sw.stack([{}], labels=[{}, {}])
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_component_grid_equals_loop_and_prefix_sharing_changes_nothing(params, queries):
     ids, mask, targets = queries
     means = ivs.mean_activations(CONFIG, params, ids, mask, ["decoder.*.hook_mlp_out", "decoder.*.hook_attn_out",

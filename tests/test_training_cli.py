@@ -107,6 +107,7 @@ def test_pretrain_then_train_tiny(tmp_path, prepared, shared_data, capsys):
 
 @pytest.mark.parametrize("case", ["missing-data", "missing-base", "unknown-remove", "not-empty", "bad-steps",
                                   "no-val"])
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_bad_input_exits_2_without_outputs(case, tmp_path, prepared, t5_tokenizer, capsys):
     base = make_base(tmp_path / "base", t5_tokenizer)
     out = tmp_path / "out"

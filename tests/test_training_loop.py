@@ -82,6 +82,7 @@ def test_shift_right_and_cross_entropy():
     assert float(metrics["tokens"]) == 3
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_one_step_decreases_loss_on_a_fixed_batch():
     optimizer, _ = make_optimizer(OptimizerSpec("adafactor", 1e-2), 1)
     mesh = data_mesh(jax.local_devices()[:1])
@@ -119,6 +120,7 @@ def test_same_seed_same_params_other_seed_other_dropout():
                                                          jax.tree_util.tree_leaves(c.params)))
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_bfloat16_compute_keeps_float32_master_weights():
     state, losses = _run(jax.local_devices()[:1], steps=2, bf16=True, dropout=False)
     assert all(np.isfinite(losses))
