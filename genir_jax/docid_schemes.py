@@ -214,13 +214,11 @@ def checkpoint_scheme(directory: str | os.PathLike) -> DocidScheme:
 
 def prepared_scheme_name(prepared_dir: str | os.PathLike) -> str | None:
     """The scheme a prepared directory was made for (``prepare.json`` field ``docids.scheme``), if any."""
-    from genir_jax.data.corpus import read_json
+    from genir_jax.data.prepare import MANIFEST_FILE, read_manifest
 
-    path = os.path.join(os.fspath(prepared_dir), "prepare.json")
-    if not os.path.isfile(path):
-        return None
-    record = read_json(path)
-    record = record.get("docids") if isinstance(record, dict) else None
+    path = os.path.join(os.fspath(prepared_dir), MANIFEST_FILE)
+    record = read_manifest(prepared_dir)
+    record = record.get("docids") if record is not None else None
     name = record.get("scheme") if isinstance(record, dict) else None
     if name is not None and name not in SCHEMES:
         raise DataError(f"{path}: field 'docids.scheme': unknown docid scheme {name!r}")

@@ -99,12 +99,7 @@ def run(args: argparse.Namespace) -> int:
 def prepared_split(directory: str) -> dict | None:
     """The split record of a prepared directory's prepare.json (scheme, indexed-only validation documents),
     or None for directories prepared before it was recorded."""
-    from genir_jax.data.prepare import MANIFEST_FILE
+    from genir_jax.data.prepare import read_manifest
 
-    path = os.path.join(directory, MANIFEST_FILE)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            split = json.load(handle).get("split")
-    except (OSError, ValueError, AttributeError):
-        return None
+    split = (read_manifest(directory) or {}).get("split")
     return split if isinstance(split, dict) else None

@@ -268,6 +268,18 @@ def restrict_documents(prepared: Prepared, max_documents: int) -> Prepared:
     return Prepared(documents, splits, grades, notes, prepared.sources)
 
 
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``prepare.json`` of a prepared directory as a dict (None when there is none: directories written
+    by hand or before it existed)."""
+    from genir_jax.data.corpus import read_json
+
+    path = os.path.join(os.fspath(directory), MANIFEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    record = read_json(path)
+    return record if isinstance(record, dict) else None
+
+
 def write_prepared(out_dir: str | os.PathLike, prepared: Prepared, manifest: dict[str, Any],
                    extra: dict[str, Any] | None = None) -> None:
     """Write every file of the layout (and `extra` JSON files, name -> data) into a staging directory, then
