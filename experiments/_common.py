@@ -63,12 +63,47 @@ def correct_inputs(layout) -> CorrectInputs:
     return CorrectInputs(model, queries, ids, mask, targets)
 
 
+def full_scheme(layout):
+    """The docid scheme the full model was trained with (its docids.json; atomic when absent)."""
+    from genir_jax.docid_schemes import checkpoint_scheme
+
+    return checkpoint_scheme(layout.full)
+
+
+@dataclasses.dataclass
+class CorrectSequenceInputs(CorrectInputs):
+    """`CorrectInputs` of a naive / semantic model: `targets` [N, T] are the docid token sequences (ending
+    with EOS, right-padded with 0) and `target_mask` [N, T] marks their real tokens."""
+
+    target_mask: np.ndarray = None
+    scheme: object = None
+
+
+def correct_sequence_inputs(layout) -> CorrectSequenceInputs:
+    """The full (naive / semantic) model of a reproduction, its correct validation queries and their docid
+    token sequences."""
+    from genir_jax.analysis.inputs import load_correct_sequence_queries, tokenize_for_analysis
+    from genir_jax.sequence_targets import pad_targets
+
+    model = load_model(layout.full)
+    scheme = full_scheme(layout)
+    queries = load_correct_sequence_queries(layout.queries("val"), layout.correct_valid, scheme, model.tokenizer)
+    ids, mask = tokenize_for_analysis(model.tokenizer, [q.text for q in queries])
+    targets, target_mask = pad_targets([q.tokens for q in queries])
+    return CorrectSequenceInputs(model, queries, ids, mask, targets, target_mask=target_mask, scheme=scheme)
+
+
 def resolve_stages(spec: str | None, inputs: CorrectInputs, progress: bool) -> tuple[list[list[int]], dict]:
     """The stages `spec` names ('auto', 'thirds', 'paper', ranges; None: the analysis commands' default, the
     paper's for 24 decoder layers, else auto) and their stages.json record, as every analysis command
-    resolves its --stages."""
+    resolves its --stages. With multi-token docids, automatic stages are fitted on the first decoding step
+    (the first docid token given the start token; recorded as ``auto_target``)."""
     from genir_jax.commands.common import resolve_stages as resolve
 
     options = types.SimpleNamespace(stages=spec, batch_size=None, no_progress=not progress)
-    return resolve(options, inputs.model.config, inputs.model.params, inputs.input_ids, inputs.attention_mask,
-                   inputs.targets)
+    targets = inputs.targets if inputs.targets.ndim == 1 else inputs.targets[:, 0]
+    stages, record = resolve(options, inputs.model.config, inputs.model.params, inputs.input_ids,
+                             inputs.attention_mask, targets)
+    if inputs.targets.ndim == 2 and record["method"] == "auto":
+        record["auto_target"] = "the first docid token (first decoding step)"
+    return stages, record

@@ -48,6 +48,10 @@ class Experiment:
     runs: Mapping[str, Callable[[Any, Any, Any], dict | None]] = dataclasses.field(default_factory=dict)
     reads: tuple[str, ...] = ()    # steps of the pipeline (or of other experiments) whose outputs it reads
     after_removed_models: bool = False  # its runs need the models trained without some documents
+    docids: tuple[str, ...] = ("atomic",)  # docid schemes it handles (`reproduce --docids`); others skip it
+
+    def handles(self, scheme: str) -> bool:
+        return scheme in self.docids
 
     @property
     def steps(self) -> tuple[str, ...]:
@@ -190,6 +194,11 @@ def write_report(layout, settings) -> pathlib.Path:
     for experiment in registry():
         parts.append(f"## {experiment.title} ({experiment.paper_ref})\n")
         parts.append(f"Produced by `{experiment.command}`.\n")
+        scheme = getattr(settings, "docids", "atomic")
+        if not experiment.handles(scheme):
+            parts.append(f"Not run: this analysis handles {' and '.join(experiment.docids)} docids; this reproduction "
+                         f"trains {scheme} docids.\n")
+            continue
         problems = _missing_steps(layout, experiment)
         if problems:
             parts.append("Not available: " + "; ".join(problems) + ".\n")

@@ -20,6 +20,10 @@ Pipeline (each step is a `genir-jax` subcommand writing its own directory under 
     swap-encoder     analysis/swap-encoder/  Table 2 (+ the base T5's encoder)
     report           report.md, figures/      every table and figure, beside the paper's numbers
 
+``--docids naive|semantic`` trains every model on that scheme and runs only the experiments that handle
+multi-token docids (each experiment says which schemes it handles; the removed-document models are trained
+only when an experiment left needs them). ``--paper-regime`` prepares and trains in the paper's data regime.
+
 A finished step leaves ``.steps/<step>.json``; re-running skips it (the report is always rewritten).
 ``--force STEP`` redoes that step (steps after it are not redone unless forced too). Analyses need correct
 validation queries; when the full model has none, they are skipped and the report says so. A failing analysis
@@ -95,6 +99,15 @@ class Settings:
     removed_documents: int = REMOVED_DOCUMENTS
     progress: bool = True
     base: str | None = None  # a pretrained T5 (directory, resolved) instead of the pretrain step's model
+    docids: str = "atomic"   # docid scheme of every DSI model: atomic | naive | semantic (prepare-data --docids)
+    paper_regime: bool = False  # the paper's data regime: NQ10k split, ratio 32, 32-token inputs
+
+    @property
+    def record(self) -> dict:
+        """What a reproduction directory is bound to (settings.json): another value needs another --out."""
+        return {"dataset": self.dataset, "preset": self.preset, "removed_models": self.removed_models,
+                "removed_documents": self.removed_documents, "base": self.base, "docids": self.docids,
+                "paper_regime": self.paper_regime}
 
 
 def base_model(layout: Layout, settings: Settings) -> pathlib.Path:
@@ -142,6 +155,10 @@ def _prepare(layout: Layout, settings: Settings):
         args += ["--data-dir", settings.data_dir]
     if settings.preset == "tiny":
         args += ["--max-documents", TINY_MAX_DOCUMENTS[settings.dataset]]
+    if settings.docids != "atomic":
+        args += ["--docids", settings.docids]
+    if settings.paper_regime:
+        args += ["--paper-regime"]
     _cli(args)
 
 
@@ -154,9 +171,15 @@ def _pretrain(layout: Layout, settings: Settings):
     _cli(args)
 
 
+def _train_args(layout: Layout, settings: Settings, output: pathlib.Path) -> list:
+    """`genir-jax train` for one DSI model of the run (the docid scheme comes from the prepared data)."""
+    args = ["train", "--data", layout.data, "--base", base_model(layout, settings), "--preset", settings.preset, "-o",
+            output, "--resume-if-any"]
+    return args + (["--paper-regime"] if settings.paper_regime else [])
+
+
 def _train_full(layout: Layout, settings: Settings):
-    _cli(["train", "--data", layout.data, "--base", base_model(layout, settings), "--preset", settings.preset, "-o",
-          layout.full, "--resume-if-any"])
+    _cli(_train_args(layout, settings, layout.full))
 
 
 def _evaluate_full(layout: Layout, settings: Settings):
@@ -206,8 +229,7 @@ def _choose_removed(layout: Layout, settings: Settings):
 def _train_removed(index: int):
     def run(layout: Layout, settings: Settings):
         sets = json.loads(layout.removed_documents.read_text())
-        _cli(["train", "--data", layout.data, "--base", base_model(layout, settings), "--preset", settings.preset, "-o",
-              layout.removed(index), "--remove", ",".join(sets[f"removed-{index}"]), "--resume-if-any"])
+        _cli(_train_args(layout, settings, layout.removed(index)) + ["--remove", ",".join(sets[f"removed-{index}"])])
     return run
 
 
@@ -217,9 +239,10 @@ def _report(layout, settings):
     write_report(layout, settings)
 
 
-def experiment_steps(experiment, after_removed_models: bool) -> list[Step]:
-    """The steps an experiment runs (its `runs`, bound to its configuration), if they belong to that phase."""
-    if experiment.after_removed_models != after_removed_models:
+def experiment_steps(experiment, after_removed_models: bool, docids: str = "atomic") -> list[Step]:
+    """The steps an experiment runs (its `runs`, bound to its configuration), if they belong to that phase and
+    the experiment handles the run's docid scheme."""
+    if experiment.after_removed_models != after_removed_models or not experiment.handles(docids):
         return []
     return [Step(name, functools.partial(_run_experiment, run, experiment.config), analysis=True)
             for name, run in experiment.runs.items()]
@@ -231,8 +254,12 @@ def _run_experiment(run, config, layout: Layout, settings: Settings):
 
 def steps(settings: Settings) -> list[Step]:
     """The pipeline in order: data and training, every experiment's analyses (the `experiments` registry, in
-    its order), the models without some documents, the experiments that need them, the report."""
+    its order), the models without some documents, the experiments that need them, the report. Experiments
+    that do not handle the run's docid scheme are left out, and so are the models without some documents when
+    no remaining experiment needs them."""
     from experiments import registry
+
+    chosen = [experiment for experiment in registry() if experiment.handles(settings.docids)]
 
     out = [
         Step("prepare", _prepare),
@@ -241,10 +268,11 @@ def steps(settings: Settings) -> list[Step]:
         Step("evaluate-full", _evaluate_full),
         Step("bm25", _bm25),
     ]
-    out += [step for experiment in registry() for step in experiment_steps(experiment, after_removed_models=False)]
-    out.append(Step("choose-removed", _choose_removed, analysis=True))
-    out += [Step(f"train-removed-{k}", _train_removed(k), analysis=True) for k in range(settings.removed_models)]
-    out += [step for experiment in registry() for step in experiment_steps(experiment, after_removed_models=True)]
+    out += [step for experiment in chosen for step in experiment_steps(experiment, False, settings.docids)]
+    if any(experiment.after_removed_models for experiment in chosen):
+        out.append(Step("choose-removed", _choose_removed, analysis=True))
+        out += [Step(f"train-removed-{k}", _train_removed(k), analysis=True) for k in range(settings.removed_models)]
+    out += [step for experiment in chosen for step in experiment_steps(experiment, True, settings.docids)]
     out.append(Step("report", _report, always=True))
     return out
 
@@ -270,9 +298,9 @@ def reproduce(out: str | os.PathLike, settings: Settings, force: tuple[str, ...]
         raise GenIRError(f"--force: unknown step(s) {unknown}; steps are: {', '.join(s.name for s in pipeline)}")
     layout.root.mkdir(parents=True, exist_ok=True)
     started = step_record(layout, "settings")
-    current = {"dataset": settings.dataset, "preset": settings.preset, "removed_models": settings.removed_models,
-               "removed_documents": settings.removed_documents, "base": settings.base}
-    if started and {k: started.get(k) for k in current} != current:
+    current = settings.record
+    defaults = {"docids": "atomic", "paper_regime": False}  # directories from before these settings existed
+    if started and {k: started.get(k, defaults.get(k)) for k in current} != current:
         raise GenIRError(f"{layout.root} holds a reproduction with {started}; use another --out for {current}")
     write_json(layout.steps / "settings.json", current, indent=2)
     failed: list[str] = []

@@ -89,8 +89,8 @@ def test_registry_discovers_every_experiment_module_and_drives_the_steps():
     assert [e.position for e in found] == sorted(e.position for e in found)
     assert [e.id for e in found][:2] == ["table1", "table2"] and "stage-robustness" in [e.id for e in found]
     names = [step.name for step in rp.steps(rp.Settings(dataset="squad-dev", preset="tiny", removed_models=2))]
-    early = [step for e in found if not e.after_removed_models for step in e.runs]
-    late = [step for e in found if e.after_removed_models for step in e.runs]
+    early = [step for e in found if not e.after_removed_models and e.handles("atomic") for step in e.runs]
+    late = [step for e in found if e.after_removed_models and e.handles("atomic") for step in e.runs]
     assert names == ["prepare", "pretrain", "train-full", "evaluate-full", "bm25", *early, "choose-removed",
                      "train-removed-0", "train-removed-1", *late, "report"]
     assert "stage-robustness" in early and late == ["swap-encoder"]
@@ -272,3 +272,104 @@ def test_report_warns_when_analyses_rest_on_few_queries(tmp_path):
     assert "rests on 1 correct validation query" in _header(layout, rp.Settings(dataset="nq-oracle", preset="tiny"))
     layout.correct_valid.write_text(json.dumps([[f"@DOC_ID_{i}@", f"q{i}"] for i in range(rp.FEW_QUERIES)]))
     assert "Warning" not in _header(layout, rp.Settings(dataset="nq-oracle", preset="tiny"))
+
+
+def test_docids_and_paper_regime_reach_prepare_and_every_training(tmp_path, monkeypatch):
+    """`reproduce --docids naive --paper-regime`: prepare-data gets both, every `train` the regime (the docid
+    scheme it reads from the prepared data); the steps are the experiments that handle multi-token docids,
+    without the removed-document models (only the atomic encoder swap needs them)."""
+    calls: list[list[str]] = []
+    monkeypatch.setattr(rp, "_cli", lambda args: calls.append([str(a) for a in args]))
+    layout = rp.Layout(tmp_path / "run")
+    settings = rp.Settings(dataset="nq-oracle", preset="tiny", docids="naive", paper_regime=True)
+    rp._prepare(layout, settings)
+    rp._train_full(layout, settings)
+    layout.removed_documents.parent.mkdir(parents=True, exist_ok=True)
+    layout.removed_documents.write_text(json.dumps({"removed-0": ["d1"]}))
+    rp._train_removed(0)(layout, settings)
+    prepare, train_full, train_removed = calls
+    assert prepare[prepare.index("--docids") + 1] == "naive" and "--paper-regime" in prepare
+    assert "--paper-regime" in train_full and "--paper-regime" in train_removed
+    assert "--docids" not in train_full  # train takes the scheme from prepare.json
+    names = [step.name for step in rp.steps(settings)]
+    assert names == ["prepare", "pretrain", "train-full", "evaluate-full", "bm25", "patch-stages", "steps-logit-lens",
+                     "report"]
+    atomic = [step.name for step in rp.steps(rp.Settings(dataset="nq-oracle", preset="tiny"))]
+    assert "swap-encoder" in atomic and "train-removed-0" in atomic
+    calls.clear()
+    rp._prepare(layout, rp.Settings(dataset="nq-oracle", preset="tiny"))
+    assert "--docids" not in calls[0] and "--paper-regime" not in calls[0]
+
+
+def test_a_run_directory_is_bound_to_its_docids_and_regime(tmp_path, monkeypatch):
+    calls: list[str] = []
+    _fake_pipeline(monkeypatch, calls, [["@DOC_ID_1@", "q1"]])
+    rp.reproduce(tmp_path, rp.Settings(dataset="squad-dev", preset="tiny"), log=lambda *_: None)
+    for other in (dict(docids="naive"), dict(paper_regime=True)):
+        with pytest.raises(GenIRError, match="holds a reproduction with"):
+            rp.reproduce(tmp_path, rp.Settings(dataset="squad-dev", preset="tiny", **other), log=lambda *_: None)
+    # a directory from before these settings existed (no docids / paper_regime recorded) is an atomic one
+    record = json.loads((tmp_path / ".steps" / "settings.json").read_text())
+    del record["docids"], record["paper_regime"]
+    (tmp_path / ".steps" / "settings.json").write_text(json.dumps(record))
+    rp.reproduce(tmp_path, rp.Settings(dataset="squad-dev", preset="tiny"), log=lambda *_: None)
+
+
+def test_report_of_a_naive_run_names_the_experiments_it_skips(tmp_path):
+    from experiments import registry
+    from genir_jax.report import write_report
+
+    layout = rp.Layout(tmp_path)
+    report = write_report(layout, rp.Settings(dataset="squad-dev", preset="tiny", docids="naive")).read_text()
+    skipped = [e for e in registry() if not e.handles("naive")]
+    assert skipped and {e.id for e in registry() if e.handles("naive")} == {"table1", "table3", "figure4-steps"}
+    assert report.count("Not run: this analysis handles atomic docids; this reproduction trains naive "
+                        "docids.") == len(skipped)
+    atomic = write_report(layout, rp.Settings(dataset="squad-dev", preset="tiny")).read_text()
+    assert atomic.count("Not run: this analysis handles naive and semantic docids; this reproduction trains "
+                        "atomic docids.") == 1  # the per-step logit lens
+
+
+@pytest.mark.slow  # minutes on 2 cores: run by the full suite (.ci/run), not the quick one
+def test_tiny_naive_reproduction_reports_stage_patching_over_docid_sequences(tmp_path, shared_data):
+    """`reproduce --docids naive`: the naive model is trained and evaluated, Table 3 runs over the teacher-forced
+    docids and the report holds it and the per-step logit lens. Zero-ablating a stage's MLPs is checked another
+    way: the same MLP output weights set to zero, then `greedy_consistent` (does greedy decoding still give
+    the docid?) on every correct query."""
+    import csv
+
+    import numpy as np
+
+    from experiments._common import correct_sequence_inputs
+    from genir_jax.sequence_targets import greedy_consistent
+
+    out = tmp_path / "run"
+    args = ["reproduce", "--preset", "tiny", "--docids", "naive", "--out", str(out), "--data-dir", str(shared_data),
+            "--no-progress"]
+    run = _genir_jax(args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    layout = rp.Layout(out)
+    names = [step.name for step in rp.steps(rp.Settings(dataset="squad-dev", preset="tiny", docids="naive"))]
+    assert names == ["prepare", "pretrain", "train-full", "evaluate-full", "bm25", "patch-stages",
+                     "steps-logit-lens", "report"]
+    assert not [n for n in names if "skipped" in json.loads((out / ".steps" / f"{n}.json").read_text())]
+    assert json.loads((out / "models" / "full" / "docids.json").read_text())["scheme"] == "naive"
+    inputs = correct_sequence_inputs(layout)
+    assert len(inputs.queries) >= 10
+    stages = json.loads((layout.analysis("patch-stages") / "stages.json").read_text())["stages"]
+    with open(layout.analysis("patch-stages") / "patching_results_single_combis.csv", newline="") as handle:
+        rows = {(r["mode"], r["component"], int(r["stage"])): float(r["!=0"]) for r in csv.DictReader(handle)}
+    model = inputs.model
+    sequences = [list(q.tokens) for q in inputs.queries]
+    assert greedy_consistent(model.config, model.params, inputs.input_ids, inputs.attention_mask, sequences).all()
+    for index, stage in enumerate(stages):
+        wo = np.array(model.params["decoder"]["layers"]["mlp"]["wo"])
+        wo[stage] = 0.0
+        layers = {**model.params["decoder"]["layers"], "mlp": {**model.params["decoder"]["layers"]["mlp"], "wo": wo}}
+        zeroed = {**model.params, "decoder": {**model.params["decoder"], "layers": layers}}
+        still = greedy_consistent(model.config, zeroed, inputs.input_ids, inputs.attention_mask, sequences)
+        assert rows[("zero", "mlp", index)] == pytest.approx(1.0 - still.mean()), stage
+    report = (out / "report.md").read_text()
+    assert "**Naive docids**" in report and "Rank development per decoding step" in report
+    assert report.count("Not run: this analysis handles atomic docids") == 8
+    assert (out / "figures" / "figure4_steps_rank_development.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,7 +1,8 @@
 """Inputs shared by the analyses: the correct queries, and their tokenisation as the reference does it.
 
 `correct_valid.json` (written by `genir-jax evaluate`, as the reference's eval script) lists
-``[docid_token, query_id]`` for the validation queries whose relevant document the model ranks first.
+``[docid, query_id]`` for the validation queries whose relevant document the model ranks first: the docid
+token (atomic docids) or the docid string (naive / semantic, with its token sequence from the scheme).
 Analyses run on those queries, in that order.
 
 Tokenisation, two modes:
@@ -39,18 +40,26 @@ class CorrectQuery:
     token_id: int
 
 
-def read_correct_valid(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """``[(docid_token, query_id)]`` from a reference `correct_valid.json`, validated."""
+def read_correct_valid(path: str | os.PathLike, scheme=None) -> list[tuple[str, str]]:
+    """``[(docid, query_id)]`` from a reference `correct_valid.json`, validated. The docid is an atomic docid
+    token like ``@DOC_ID_7@``, or with a multi-token `scheme` (`genir_jax.docid_schemes.DocidScheme`) one of
+    that scheme's docid strings (``1234``, ``3_0_17``) as `genir-jax evaluate` and the reference write them."""
     path = os.fspath(path)
+    multi_token = scheme is not None and scheme.multi_token
     data = read_json(path)
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of [docid_token, query_id] pairs, got {type(data).__name__}")
+        raise DataError(f"{path}: expected a JSON list of [docid, query_id] pairs, got {type(data).__name__}")
+    known = set(scheme.docids.values()) if multi_token else None
     pairs, seen = [], {}
     for index, entry in enumerate(data):
         if not (isinstance(entry, list) and len(entry) == 2):
-            raise DataError(f"{path}: record index {index}: expected [docid_token, query_id], got {entry!r}")
+            raise DataError(f"{path}: record index {index}: expected [docid, query_id], got {entry!r}")
         token, query_id = entry
-        if not isinstance(token, str) or not is_docid_token(token):
+        if multi_token:
+            if not isinstance(token, str) or token not in known:
+                raise DataError(f"{path}: record index {index}: field 0 (docid) must be a {scheme.name} docid of "
+                                f"the model (from {scheme.source or 'its docids.json'}), got {token!r}")
+        elif not isinstance(token, str) or not is_docid_token(token):
             raise DataError(f"{path}: record index {index}: field 0 (docid_token) must be a docid token like "
                             f"'@DOC_ID_7@', got {token!r}")
         try:
@@ -84,6 +93,36 @@ def load_correct_queries(val_queries_path: str | os.PathLike, correct_valid_path
             raise DataError(f"{os.fspath(correct_valid_path)}: record index {index}: docid token {token!r} is not in "
                             "the model's vocabulary (was correct_valid.json made for another model?)")
         out.append(CorrectQuery(query_id, queries[query_id].text, token, int(vocab[token])))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CorrectSequenceQuery:
+    """A validation query the model answers correctly with a multi-token (naive / semantic) docid: greedy
+    decoding gives exactly its relevant docid's tokens (`tokens`, ending with EOS)."""
+
+    query_id: str
+    text: str
+    docid: str          # the docid string (as correct_valid.json spells it)
+    doc_id: str         # the document it names
+    tokens: tuple[int, ...]
+
+
+def load_correct_sequence_queries(val_queries_path: str | os.PathLike, correct_valid_path: str | os.PathLike,
+                                  scheme, tokenizer) -> list[CorrectSequenceQuery]:
+    """The correct queries of a naive / semantic model (order of correct_valid.json) with their docid token
+    sequences (`genir_jax.docid_schemes.docid_token_sequences`); errors name the file and record."""
+    from genir_jax.docid_schemes import docid_token_sequences
+
+    queries = {q.id: q for q in read_queries(val_queries_path)}
+    out = []
+    for index, (docid, query_id) in enumerate(read_correct_valid(correct_valid_path, scheme)):
+        if query_id not in queries:
+            raise DataError(f"{os.fspath(correct_valid_path)}: record index {index}: query id {query_id!r} is not in "
+                            f"{os.fspath(val_queries_path)}")
+        doc_id = scheme.doc_id_of(docid)
+        tokens = docid_token_sequences(scheme, tokenizer, [doc_id], scheme.source or os.fspath(correct_valid_path))[0]
+        out.append(CorrectSequenceQuery(query_id, queries[query_id].text, docid, doc_id, tuple(tokens)))
     return out
 
 

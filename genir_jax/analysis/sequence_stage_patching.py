@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from genir_jax.analysis.encoder_swap import swap_site
-from genir_jax.analysis.stage_patching import COMPONENTS, MODES, THRESHOLDS, StageConfig
+from genir_jax.analysis.stage_patching import COMPONENTS, MODES, THRESHOLDS, StageConfig, StagePatchingResult
 from genir_jax.batching import batches
 from genir_jax.config import T5Config
 from genir_jax.errors import GenIRError
@@ -54,6 +54,15 @@ class SequenceStagePatchingResult:
                 entry["mean_effect"] = float(np.mean(values - self.clean))
             out.append(entry)
         return out
+
+    def as_rank_result(self) -> StagePatchingResult:
+        """The same rows as a `StagePatchingResult` of integer ranks (``step_rank`` reduced by ``max`` or
+        ``first``), so `write_stage_patching` writes the single-token analysis's files: a rank of 0 means
+        greedy decoding still gives the docid (``max``) or its first token is still on top (``first``)."""
+        if self.metric != "step_rank" or self.reduction == "mean":
+            raise GenIRError(f"rank files need integer ranks (metric step_rank, reduction max or first), not "
+                             f"{self.metric} / {self.reduction}")
+        return StagePatchingResult(rows=list(self.rows), ranks=np.asarray(self.values, dtype=np.int64), sweep=None)
 
 
 def _configs(config: T5Config, stages, modes, means, source_cache):

@@ -155,7 +155,7 @@ def stage_rows(sweep: Sweep) -> list[StageConfig]:
 class StagePatchingResult:
     rows: list[StageConfig]
     ranks: np.ndarray  # [K, N]
-    sweep: SweepResult
+    sweep: SweepResult | None  # None when built from another engine (`SequenceStagePatchingResult.as_rank_result`)
 
     def fractions(self) -> list[dict]:
         """One dict per row: component, stage, mode and the fractions of queries beyond each threshold."""

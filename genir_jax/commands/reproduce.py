@@ -31,6 +31,13 @@ def add_parser(subparsers) -> None:
                              "local Hugging Face cache, e.g. google-t5/t5-large) instead of pretraining our own "
                              "corpus-only base; it is also the T5 of T5-mode patching and of the base encoder swap, "
                              "so those rows become comparable with the paper's")
+    parser.add_argument("--docids", "--doc-ids", default="atomic", choices=("atomic", "naive", "semantic"),
+                        help="docid scheme of the DSI models (default: atomic, the paper's). naive / semantic run "
+                             "the analyses that handle multi-token docids (Table 1, Table 3 stage patching over the "
+                             "teacher-forced docid) and say in the report which they skip")
+    parser.add_argument("--paper-regime", action="store_true",
+                        help="the paper's data regime: the NQ10k-style split (validation/test documents indexed "
+                             "only), indexing:retrieval ratio 32, 32-token documents and queries")
     parser.add_argument("--removed-models", type=int, default=REMOVED_MODELS,
                         help=f"models trained without {REMOVED_DOCUMENTS} documents each, for the encoder swap "
                              f"(default: {REMOVED_MODELS}, as in the paper; fewer makes a quicker run)")
@@ -53,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
 
         base = resolve_base(args.base)
     settings = Settings(dataset=args.dataset, preset=args.preset, data_dir=args.data_dir,
-                        removed_models=args.removed_models, progress=not args.no_progress, base=base)
+                        removed_models=args.removed_models, progress=not args.no_progress, base=base,
+                        docids=args.docids, paper_regime=args.paper_regime)
     if args.list_steps:
         layout = Layout(__import__("pathlib").Path(out))
         for step in steps(settings):
