@@ -85,6 +85,21 @@ METRICS = tuple(METRIC_TABLE)
 RANK_METRICS = tuple(m for m in METRICS if METRIC_TABLE[m].is_rank)
 DIFFERENTIABLE_METRICS = tuple(m for m in METRICS if METRIC_TABLE[m].differentiable)
 THRESHOLDS = (0, 5, 10, 100)
+# Multi-token (naive / semantic docid) targets, teacher-forced: the metrics a sweep computes at every step,
+# and how it reduces them per query. ``rank``: the worst step's rank (0 iff greedy decoding reproduces the
+# whole docid); ``logprob``: the sequence's log-probability (sum over its steps). The others have no
+# agreed sequence form (docid ranks and foils are single-token notions) and are refused for sequences.
+SEQUENCE_METRICS = {"rank": "max", "logprob": "sum"}
+
+
+def reduce_steps(metric: str, values, mask):
+    """Per-query value [B] of a metric's per-step values [B, T] over the real steps (`mask` [B, T] > 0)."""
+    import jax.numpy as jnp
+
+    real = jnp.asarray(mask) > 0
+    if SEQUENCE_METRICS[metric] == "max":
+        return jnp.max(jnp.where(real, values, 0), axis=-1)
+    return jnp.sum(jnp.where(real, values, 0), axis=-1)
 
 
 def ranks_of_targets(logits, targets):

@@ -41,8 +41,8 @@ from genir_jax.batching import batches, pad_rows
 from genir_jax.config import T5Config
 from genir_jax.interventions import FROM_SOURCE, FromSource, InterventionError, validate  # noqa: F401 (re-export)
 from genir_jax.metrics import (  # noqa: F401 (re-exported: the sweep's metrics)
-    DIFFERENTIABLE_METRICS, METRIC_TABLE, METRICS, RANK_METRICS, THRESHOLDS, block_aggregates, ranks_of_targets,
-    VOCAB_BLOCK, streamed_target_metrics, target_metrics,
+    DIFFERENTIABLE_METRICS, METRIC_TABLE, METRICS, RANK_METRICS, SEQUENCE_METRICS, THRESHOLDS, block_aggregates,
+    ranks_of_targets, reduce_steps, VOCAB_BLOCK, streamed_target_metrics, target_metrics,
 )
 from genir_jax.model import T5, cache_specs, decode_suffix, unembedding_rows
 from genir_jax.partitioning import Partitioner, current, fetch, maybe_activate
@@ -152,39 +152,54 @@ def _build_interventions(config: T5Config, plan, tables, values, source_values, 
     return out
 
 
-def _final_metrics(config, params, hidden, targets, metrics, candidates, foils, top_k):
-    """The metrics of the final decoder state [B, D], streamed over vocabulary blocks (clean run and
-    configs alike, so effects compare like with like)."""
+def _final_metrics(config, params, hidden, targets, metrics, candidates, foils, top_k, target_mask=None):
+    """The metrics of the final decoder states [B, T, D], streamed over vocabulary blocks (clean run and
+    configs alike, so effects compare like with like): of the one step (single-token targets [B]), or of
+    every step of teacher-forced target sequences [B, T] reduced per query (`SEQUENCE_METRICS`)."""
     table, scale = unembedding_rows(config, params)
-    return streamed_target_metrics(hidden * scale, table, targets, metrics, candidates=candidates, foils=foils,
-                                   top_k=top_k)
+    if target_mask is None:
+        return streamed_target_metrics(hidden[:, 0] * scale, table, targets, metrics, candidates=candidates,
+                                       foils=foils, top_k=top_k)
+    rows, steps = targets.shape
+    per_step = streamed_target_metrics(hidden.reshape(rows * steps, -1) * scale, table, targets.reshape(-1), metrics)
+    return {m: reduce_steps(m, per_step[m].reshape(rows, steps), target_mask) for m in metrics}
+
+
+def _decoder_inputs(config, input_ids, targets, target_mask):
+    """The decoder's inputs: the start token (single-token targets) or the teacher-forced sequence."""
+    start = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=jnp.int32)
+    if target_mask is None:
+        return start
+    return jnp.concatenate([start, targets[:, :-1]], axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "source_config", "source_spec", "metrics", "top_k",
                                              "partitioner"))
 def _clean_state(params, source_params, input_ids, attention_mask, source_ids, source_mask, targets, foils,
-                 candidates, *, config, source_config, source_spec, metrics, top_k, partitioner=None):
+                 candidates, target_mask=None, *, config, source_config, source_spec, metrics, top_k,
+                 partitioner=None):
     with maybe_activate(partitioner):
         return _clean_state_body(params, source_params, input_ids, attention_mask, source_ids, source_mask, targets,
-                                 foils, candidates, config=config, source_config=source_config,
+                                 foils, candidates, target_mask, config=config, source_config=source_config,
                                  source_spec=source_spec, metrics=metrics, top_k=top_k)
 
 
 def _clean_state_body(params, source_params, input_ids, attention_mask, source_ids, source_mask, targets, foils,
-                      candidates, *, config, source_config, source_spec, metrics, top_k):
+                      candidates, target_mask=None, *, config, source_config, source_spec, metrics, top_k):
     """Per query chunk: encoder output, residual entering each decoder layer (and the last one's output),
-    source activations, and the clean metrics."""
+    source activations, and the clean metrics. With target sequences every decoder run (the source's too)
+    reads the query's teacher-forced docid."""
     model = T5(config, decoder_cache=(("hook_embed", None), ("hook_resid_post", None)))
     variables = {"params": params}
-    start = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=jnp.int32)
+    decoder_inputs = _decoder_inputs(config, input_ids, targets, target_mask)
     encoded, _ = model.apply(variables, input_ids, attention_mask, method=T5.encode)
-    hidden, cache = model.apply(variables, encoded, attention_mask, start, None, None, method=T5.decode)
+    hidden, cache = model.apply(variables, encoded, attention_mask, decoder_inputs, None, None, method=T5.decode)
     states = jnp.concatenate([cache["hook_embed"][None], cache["hook_resid_post"]], axis=0)  # [L+1, B, T, D]
-    clean = _final_metrics(config, params, hidden[:, 0], targets, metrics, candidates, foils, top_k)
+    clean = _final_metrics(config, params, hidden, targets, metrics, candidates, foils, top_k, target_mask)
     source_values = {}
     if source_spec is not None:
         source = T5(source_config, encoder_cache=source_spec[0], decoder_cache=source_spec[1])
-        source_start = jnp.full((source_ids.shape[0], 1), source_config.decoder_start_token_id, dtype=jnp.int32)
+        source_start = _decoder_inputs(source_config, source_ids, targets, target_mask)
         _, raw = source.apply({"params": source_params}, source_ids, source_mask, source_start)
         source_values = {(stack, local): array for stack, sites in raw.items() for local, array in sites.items()}
     return {"encoded": encoded, "states": states, "source": source_values}, clean
@@ -193,7 +208,8 @@ def _clean_state_body(params, source_params, input_ids, attention_mask, source_i
 @functools.partial(jax.jit, static_argnames=("config", "plan", "encoder_kind", "paths", "metrics", "top_k",
                                              "partitioner"))
 def _sweep_chunk(params, state, input_ids, attention_mask, targets, foils, candidates, tables, values, index,
-                 receivers, start, *, config, plan, encoder_kind, paths, metrics, top_k, partitioner=None):
+                 receivers, start, target_mask=None, *, config, plan, encoder_kind, paths, metrics, top_k,
+                 partitioner=None):
     """Metrics [Kc, B] of a chunk of configs (vmapped) on a chunk of queries."""
     model = T5(config)
     variables = {"params": params}
@@ -209,7 +225,7 @@ def _sweep_chunk(params, state, input_ids, attention_mask, targets, foils, candi
         x = jax.lax.dynamic_index_in_dim(state["states"], start, axis=0, keepdims=False)
         hidden = decode_suffix(config, params, x, start, encoded, attention_mask, interventions.get("decoder"),
                                receivers=config_receivers if paths else None)
-        return _final_metrics(config, params, hidden[:, 0], targets, metrics, candidates, foils, top_k)
+        return _final_metrics(config, params, hidden, targets, metrics, candidates, foils, top_k, target_mask)
 
     # The config axis lies on the mesh's `configs` axis (when it has one); activations are constrained by name.
     spmd = "configs" if partitioner is not None and partitioner.config_size > 1 else None
@@ -240,13 +256,13 @@ def default_config_chunk(query_rows: int, vocab_size: int, budget_bytes: int = 1
     return int(max(1, min(512, budget_bytes // max(1, query_rows * _row_bytes(vocab_size, candidates)))))
 
 
-def _validate_terms(config: T5Config, sweep: Sweep, encoder_length: int) -> None:
+def _validate_terms(config: T5Config, sweep: Sweep, encoder_length: int, decoder_length: int = 1) -> None:
     for term in sweep.terms:
-        validate(config, {term.stack: {term.local: (Patch(term.table[:1], term.value),)}}, 1, encoder_length, 1,
-                 leading=(1,))
+        validate(config, {term.stack: {term.local: (Patch(term.table[:1], term.value),)}}, 1, encoder_length,
+                 decoder_length, leading=(1,))
         if term.unit is not None:
             layer = None if term.local in STACK_SITES else 0
-            length = encoder_length if term.stack == "encoder" else 1
+            length = encoder_length if term.stack == "encoder" else decoder_length
             size = site_shape(config, Site(term.stack, term.local, layer), length, encoder_length)[term.unit_axis]
             if size != term.unit_size:
                 what = Site(term.stack, term.local, layer).name
@@ -326,6 +342,7 @@ def run_sweep(
     foil_ids=None,
     top_k: int = 10,
     hits: Sequence[int] = (1, 10),
+    target_mask=None,
     query_chunk: int | None = None,
     config_chunk: int | None = None,
     devices=None,
@@ -339,7 +356,12 @@ def run_sweep(
 ) -> SweepResult:
     """Run every config of `sweep` on every query; see the module docstring.
 
-    input_ids / attention_mask [N, S]; target_ids [N] token ids; `foil_ids` [N] (for ``logit_diff``);
+    input_ids / attention_mask [N, S]; target_ids [N] token ids; `foil_ids` [N] (for ``logit_diff``).
+    Multi-token targets (naive / semantic docids): target_ids [N, T] (each docid's tokens ending with EOS,
+    right-padded) with `target_mask` [N, T] (1 on real tokens, a prefix of each row); every decoder run,
+    the source's included, then reads the teacher-forced docid, configs patch every decoder position, and
+    the metrics (`SEQUENCE_METRICS`: ``rank``, the worst step's rank; ``logprob``, the sequence's) are
+    reduced per query; no top-k;
     `candidates`: token ids (e.g. the docid tokens) for ``docid_rank`` and for the top-k (``top_ids``
     then index into `candidates`). `query_chunk`: queries per device per step; `config_chunk`: configs per
     step (defaults from a 1 GiB logits budget). `devices`: the devices queries are sharded over (default:
@@ -359,10 +381,14 @@ def run_sweep(
     metrics = tuple(m for m in METRICS if m in metrics)
     if unknown or not metrics:
         raise InterventionError(f"sweep: unknown metric(s) {unknown}; expected some of {', '.join(METRICS)}")
-    if target_ids.shape != (count,):
-        raise InterventionError(f"sweep: target_ids must have shape ({count},), got {target_ids.shape}")
     if count == 0:
         raise InterventionError("sweep: no queries given")
+    if target_mask is not None:
+        target_mask = _check_sequences(target_ids, target_mask, count, metrics)
+        top_k = 0
+    elif target_ids.shape != (count,):
+        raise InterventionError(f"sweep: target_ids must have shape ({count},) (or [{count}, T] with a target_mask), "
+                                f"got {target_ids.shape}")
     _check_token_ids("target", target_ids, config.vocab_size)
     if candidates is not None:
         candidates = np.asarray(candidates, dtype=np.int32).reshape(-1)
@@ -384,7 +410,7 @@ def run_sweep(
         if same.size:
             raise InterventionError(f"sweep: the foil equals the target for query index {int(same[0])}")
     top_k = int(top_k) if per_query else 0
-    _validate_terms(config, sweep, length)
+    _validate_terms(config, sweep, length, 1 if target_mask is None else target_ids.shape[1])
     paths = sweep.receivers is not None
     if paths:
         _validate_paths(sweep)
@@ -414,15 +440,18 @@ def run_sweep(
     # Clean state, once per query chunk.
     foil_ids = foil_ids if _needing(metrics, "foils") else None
     foils_arg = foil_ids if foil_ids is not None else np.zeros(count, np.int32)
+    mask_arg = target_mask if target_mask is not None else np.zeros(count, np.int32)
     cand_dev = None if candidates is None else jax.device_put(candidates, replicated)
     chunks, clean_parts = [], []
-    for batch in batches((input_ids, attention_mask, source_ids, source_mask, target_ids, foils_arg), rows_per_step):
-        ids, mask, s_ids, s_mask, targets, foils = (jax.device_put(a, rows_sharding) for a in batch.arrays)
-        state, clean = _clean_state(params, source_params, ids, mask, s_ids, s_mask, targets,
-                                    foils if foil_ids is not None else None, cand_dev, config=config,
-                                    source_config=source_config or config, source_spec=source_spec,
-                                    metrics=metrics, top_k=0, partitioner=partitioner)
-        chunks.append((batch.rows, ids, mask, targets, foils if foil_ids is not None else None, state))
+    for batch in batches((input_ids, attention_mask, source_ids, source_mask, target_ids, foils_arg, mask_arg),
+                         rows_per_step):
+        ids, mask, s_ids, s_mask, targets, foils, tmask = (jax.device_put(a, rows_sharding) for a in batch.arrays)
+        foils = foils if foil_ids is not None else None
+        tmask = tmask if target_mask is not None else None
+        state, clean = _clean_state(params, source_params, ids, mask, s_ids, s_mask, targets, foils, cand_dev,
+                                    tmask, config=config, source_config=source_config or config,
+                                    source_spec=source_spec, metrics=metrics, top_k=0, partitioner=partitioner)
+        chunks.append((batch.rows, ids, mask, targets, foils, tmask, state))
         clean_parts.append((batch.rows, fetch(clean)))
     clean_values = {m: np.concatenate([np.asarray(c[m])[: len(rows)] for rows, c in clean_parts]) for m in metrics}
 
@@ -499,6 +528,23 @@ def _balanced_chunk(count: int, limit: int) -> int:
     return -(-count // chunks)
 
 
+def _check_sequences(targets: np.ndarray, target_mask, count: int, metrics: Sequence[str]) -> np.ndarray:
+    """Validate multi-token targets [N, T] and their mask; returns the mask as int32."""
+    target_mask = np.asarray(target_mask, dtype=np.int32)
+    if targets.ndim != 2 or targets.shape[0] != count or target_mask.shape != targets.shape:
+        raise InterventionError(f"sweep: target sequences need target_ids and target_mask of shape [{count}, T], got "
+                                f"{targets.shape} and {target_mask.shape}")
+    lengths = target_mask.sum(axis=1)
+    if lengths.min() < 1 or np.any(target_mask != (np.arange(targets.shape[1])[None] < lengths[:, None])):
+        raise InterventionError("sweep: every target_mask row must be a non-empty prefix (the docid's tokens, then "
+                                "padding)")
+    other = [m for m in metrics if m not in SEQUENCE_METRICS]
+    if other:
+        raise InterventionError(f"sweep: metric '{other[0]}' is not defined for multi-token targets; use "
+                                f"{' or '.join(SEQUENCE_METRICS)}")
+    return target_mask
+
+
 def _check_token_ids(what: str, ids: np.ndarray, vocab_size: int) -> None:
     bad = ids[(ids < 0) | (ids >= vocab_size)]
     if bad.size:
@@ -539,10 +585,10 @@ def _run_block(config, params, chunks, sweep, plan, tables, values, index, kind,
     values_out = {m: np.zeros((len(index), count), np.float32 if m not in RANK_METRICS else np.int32) for m in metrics}
     top = (np.zeros((len(index), count, top_k), np.int32), np.zeros((len(index), count, top_k), np.float32)) \
         if top_k else None
-    for rows, ids, mask, targets, foils, state in chunks:
+    for rows, ids, mask, targets, foils, tmask, state in chunks:
         out = _sweep_chunk(params, state, ids, mask, targets, foils, candidates, tables, values, tuple(term_index),
-                           receivers, jnp.int32(start), config=config, plan=plan, encoder_kind=kind, paths=paths,
-                           metrics=metrics, top_k=top_k, partitioner=partitioner)
+                           receivers, jnp.int32(start), tmask, config=config, plan=plan, encoder_kind=kind,
+                           paths=paths, metrics=metrics, top_k=top_k, partitioner=partitioner)
         out = fetch(out)  # gathered from every process on a multi-host mesh
         n = len(rows)
         for m in metrics:

@@ -76,12 +76,13 @@ def parse_indices(text: str, *, what: str, spec: str, size: int | None = None) -
     return out
 
 
-def _unit_length(config: T5Config, site: Site, length: int | None, spec: str) -> int:
+def _unit_length(config: T5Config, site: Site, length: int | None, spec: str, decoder_length: int = 1) -> int:
     """Size of a site's position axis: the encoder's length for encoder sites and cross-attention keys /
-    values, 1 (the decoder start position) otherwise."""
+    values, the decoder's otherwise (1, the start position, for single-token docids; a docid's teacher-forced
+    steps for multi-token ones)."""
     uses_encoder = site.stack == "encoder" or site.local in ("cross_attn.hook_k", "cross_attn.hook_v")
     if not uses_encoder:
-        return 1
+        return int(decoder_length)
     if length is None:
         raise SiteSpecError(f"site spec '{spec}': [position] on an encoder site needs the query length (the "
                             "command takes it from the tokenised queries)")
@@ -98,15 +99,15 @@ def _check_unit(config: T5Config, site: Site, unit: str, spec: str) -> None:
                             f"cross_attn.hook_z, ...), not '{local}'")
 
 
-def _unit_size(config: T5Config, site: Site, unit: str, length: int | None, spec: str) -> int:
+def _unit_size(config: T5Config, site: Site, unit: str, length: int | None, spec: str, decoder_length: int = 1) -> int:
     if unit == "head":
         return config.num_heads
     if unit == "neuron":
         return config.d_ff
-    return _unit_length(config, site, length, spec)
+    return _unit_length(config, site, length, spec, decoder_length)
 
 
-def _grid(config, names, sites, unit, index_text, value, length, spec):
+def _grid(config, names, sites, unit, index_text, value, length, spec, decoder_length=1):
     from genir_jax.interventions import InterventionError
     from genir_jax.sweep import site_grid
 
@@ -115,7 +116,7 @@ def _grid(config, names, sites, unit, index_text, value, length, spec):
     if unit is not None:
         for site in sites:
             _check_unit(config, site, unit, spec)
-        size = _unit_size(config, sites[0], unit, length, spec)
+        size = _unit_size(config, sites[0], unit, length, spec, decoder_length)
         if index_text is not None:
             units = parse_indices(index_text, what=unit, spec=spec, size=size)
     try:
@@ -130,7 +131,7 @@ def _component_grid(config, stack, layers, components, value, spec):
     return component_grid(config, components=components, layers=layers, value=value, stack=stack)
 
 
-def parse_atom(config: T5Config, spec: str, *, value, length: int | None = None):
+def parse_atom(config: T5Config, spec: str, *, value, length: int | None = None, decoder_length: int = 1):
     """One spec without `` x `` -> Sweep (see the module docstring)."""
     text = spec.strip()
     match = _UNIT.match(text)
@@ -153,7 +154,7 @@ def parse_atom(config: T5Config, spec: str, *, value, length: int | None = None)
         if unit in ("head", "neuron"):
             raise SiteSpecError(f"site spec '{spec}': [{unit}] does not apply to the stack-level site '{base}' "
                                 "(only [position] does)")
-        return _grid(config, [base], [stack_site], unit, index_text, value, length, spec)
+        return _grid(config, [base], [stack_site], unit, index_text, value, length, spec, decoder_length)
 
     match = _LAYERED.match(base)
     if not match:
@@ -196,7 +197,7 @@ def parse_atom(config: T5Config, spec: str, *, value, length: int | None = None)
         raise SiteSpecError(f"site spec '{spec}': unknown site '{local}'")  # pragma: no cover
     names = [f"{stack}.{l}.{local}" for l in layers]
     sites = [Site(stack, local, l) for l in layers]
-    grid = _grid(config, names, sites, unit, index_text, value, length, spec)
+    grid = _grid(config, names, sites, unit, index_text, value, length, spec, decoder_length)
     # site_grid orders configs in model order: follow the order the layers were given, axis "layer".
     per_site = grid.shape[1] if unit is not None else 1
     order = {name: i for i, name in enumerate(grid.labels["site"][::per_site])}
@@ -216,14 +217,14 @@ def _stack_site(name: str) -> Site | None:
     return None
 
 
-def parse_spec(config: T5Config, spec: str, *, value, length: int | None = None):
+def parse_spec(config: T5Config, spec: str, *, value, length: int | None = None, decoder_length: int = 1):
     """One spec, possibly a product ``A x B x ...`` -> Sweep."""
     from genir_jax.sweep import product
 
     if not isinstance(spec, str) or not spec.strip():
         raise SiteSpecError(f"site spec {spec!r}: empty; expected {GRAMMAR}")
     parts = PRODUCT.split(spec.strip())
-    sweeps = [parse_atom(config, part, value=value, length=length) for part in parts]
+    sweeps = [parse_atom(config, part, value=value, length=length, decoder_length=decoder_length) for part in parts]
     if len(sweeps) == 1:
         return sweeps[0]
     try:
@@ -232,19 +233,21 @@ def parse_spec(config: T5Config, spec: str, *, value, length: int | None = None)
         raise SiteSpecError(f"site spec '{spec}': {exc}") from None
 
 
-def parse_sweep(config: T5Config, spec_or_specs: str | Sequence[str], *, value=0.0, length: int | None = None):
+def parse_sweep(config: T5Config, spec_or_specs: str | Sequence[str], *, value=0.0, length: int | None = None,
+                decoder_length: int = 1):
     """Specs -> one `Sweep`: each spec parsed (products inside it), several specs concatenated.
 
     `value`: the mode's replacement value, 0.0 (zero ablation), `FROM_SOURCE` (resample / another model)
     or means ``{full site name: mean}`` (`genir_jax.interventions.mean_activations` of `swept_sites`).
-    `length`: the (padded) query length, for ``[position]`` on encoder sites.
+    `length`: the (padded) query length, for ``[position]`` on encoder sites; `decoder_length`: the decoder's
+    (1 for single-token docids, the longest teacher-forced docid otherwise), for ``[position]`` on decoder sites.
     """
     from genir_jax.sweep import concat
 
     specs = [spec_or_specs] if isinstance(spec_or_specs, str) else list(spec_or_specs)
     if not specs:
         raise SiteSpecError(f"no site spec given; expected {GRAMMAR}")
-    sweeps = [parse_spec(config, spec, value=value, length=length) for spec in specs]
+    sweeps = [parse_spec(config, spec, value=value, length=length, decoder_length=decoder_length) for spec in specs]
     return sweeps[0] if len(sweeps) == 1 else concat(*sweeps)
 
 

@@ -265,3 +265,86 @@ def test_sweep_store_resumes_from_finished_chunks(params, queries):
     whole = run_sweep(CONFIG, params, ids, mask, targets, grid, config_chunk=2, progress=False)
     np.testing.assert_array_equal(resumed.ranks, whole.ranks)
     np.testing.assert_array_equal(resumed.target_logits, whole.target_logits)
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-token (naive / semantic docid) targets
+# --------------------------------------------------------------------------------------------------
+
+SEQUENCES = [[5, 9, 1], [7, 1], [12, 3, 4, 1], [5, 1], [20, 21, 1], [33, 1], [8, 8, 1]]
+
+
+def _sequence_loop(params, ids, mask, targets, tmask, interventions=None):
+    """Worst step rank and sequence log-probability of one config, from one teacher-forced forward."""
+    from genir_jax.sequence_targets import sequence_metric, teacher_forced_logits
+
+    logits = teacher_forced_logits(CONFIG, params, ids, mask, targets, interventions=interventions)
+    return (np.asarray(sequence_metric(logits, targets, tmask, "step_rank", "max")),
+            np.asarray(sequence_metric(logits, targets, tmask, "seq_logprob")))
+
+
+def test_sequence_targets_grid_equals_teacher_forced_loop(params, queries):
+    """Zero and mean grids (means at every teacher-forced position), a T5-style source and a resample source
+    over docid sequences: every config equals one teacher-forced forward with it, prefix sharing included."""
+    from genir_jax.sequence_targets import pad_targets, teacher_forcing_inputs
+
+    ids, mask, _ = queries
+    targets, tmask = pad_targets(SEQUENCES)
+    decoder_inputs = teacher_forcing_inputs(targets, CONFIG.decoder_start_token_id)
+    sites = ["decoder.*.hook_mlp_out", "decoder.*.hook_cross_attn_out"]
+    means = ivs.mean_activations(CONFIG, params, ids, mask, sites, decoder_input_ids=decoder_inputs, progress=False)
+    grid = sw.concat(sw.relabel(sw.component_grid(CONFIG, components=("mlp", "cross_attn")), mode="zero"),
+                     sw.relabel(sw.component_grid(CONFIG, components=("mlp", "cross_attn"), value=means), mode="mean"),
+                     sw.relabel(sw.site_grid(CONFIG, ["decoder.1.hook_mlp_out", "decoder.4.hook_mlp_out"],
+                                            value=FROM_SOURCE),
+                                mode="source"))
+    other = gj.init_params(CONFIG, 5)
+    result = run_sweep(CONFIG, params, ids, mask, targets, grid, target_mask=tmask, source=Source(CONFIG, other),
+                       metrics=("rank", "logprob"), query_chunk=3, config_chunk=4, progress=False)
+    _, source_cache = forward_with_cache(CONFIG, other, ids, mask, decoder_inputs, cache_sites=["decoder.*.hook_mlp_out"])
+    clean_rank, clean_logprob = _sequence_loop(params, ids, mask, targets, tmask)
+    np.testing.assert_array_equal(result.clean["rank"], clean_rank)
+    np.testing.assert_allclose(result.clean["logprob"], clean_logprob, atol=1e-4)
+    for k in range(grid.size):
+        config = grid.config(CONFIG, k)
+        config = {s: {l: tuple(ivs.Patch(p.mask, np.stack([np.asarray(source_cache[f"decoder.{i}.{l}"])
+                                                          for i in range(CONFIG.num_decoder_layers)])
+                                         if p.value is FROM_SOURCE else p.value) for p in ps)
+                      for l, ps in sites_.items()} for s, sites_ in config.items()}
+        rank, logprob = _sequence_loop(params, ids, mask, targets, tmask, config)
+        np.testing.assert_array_equal(result.values["rank"][k], rank, err_msg=str(grid.label(k)))
+        np.testing.assert_allclose(result.values["logprob"][k], logprob, atol=1e-4, err_msg=str(grid.label(k)))
+    assert result.stats["decoder_layers_skipped_fraction"] > 0.3
+    unshared = run_sweep(CONFIG, params, ids, mask, targets, grid, target_mask=tmask, source=Source(CONFIG, other),
+                         metrics=("rank", "logprob"), query_chunk=3, config_chunk=4, prefix_sharing=False,
+                         progress=False)
+    np.testing.assert_array_equal(result.values["rank"], unshared.values["rank"])
+    np.testing.assert_allclose(result.values["logprob"], unshared.values["logprob"], atol=1e-4)
+    # resample: another query's encoder input, this query's teacher-forced docid
+    order = np.roll(np.arange(7), 1)
+    resampled = run_sweep(CONFIG, params, ids, mask, targets, sw.site_grid(CONFIG, "encoder.hook_out", value=FROM_SOURCE),
+                          target_mask=tmask, source=Source(CONFIG, params, ids[order], mask[order]),
+                          metrics=("rank", "logprob"), progress=False)
+    _, cache = forward_with_cache(CONFIG, params, ids[order], mask[order], decoder_inputs,
+                                  cache_sites=["encoder.hook_out"])
+    swapped = ivs.encoder_swap(CONFIG, cache["encoder.hook_out"], site="encoder.hook_out")
+    rank, logprob = _sequence_loop(params, ids, mask, targets, tmask, swapped)
+    np.testing.assert_array_equal(resampled.values["rank"][0], rank)
+    np.testing.assert_allclose(resampled.values["logprob"][0], logprob, atol=1e-4)
+
+
+def test_sequence_targets_bad_input(params, queries):
+    from genir_jax.sequence_targets import pad_targets
+
+    ids, mask, _ = queries
+    targets, tmask = pad_targets(SEQUENCES)
+    grid = sw.component_grid(CONFIG, layers=[0])
+    with pytest.raises(ivs.InterventionError, match="metric 'docid_rank' is not defined for multi-token targets"):
+        run_sweep(CONFIG, params, ids, mask, targets, grid, target_mask=tmask, metrics=("rank", "docid_rank"),
+                  candidates=np.arange(100, 160), progress=False)
+    holes = tmask.copy()
+    holes[2, 0] = 0
+    with pytest.raises(ivs.InterventionError, match="non-empty prefix"):
+        run_sweep(CONFIG, params, ids, mask, targets, grid, target_mask=holes, metrics=("rank",), progress=False)
+    with pytest.raises(ivs.InterventionError, match=r"target_ids must have shape \(7,\)"):
+        run_sweep(CONFIG, params, ids, mask, targets, grid, metrics=("rank",), progress=False)

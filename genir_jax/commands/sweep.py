@@ -146,6 +146,36 @@ def _validate_common(args, metrics: list[str]) -> None:
             raise GenIRError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
+def default_metrics(args, atomic: str, sequences: str) -> str:
+    """The default --metric: `atomic` for single-token docids, `sequences` for a naive / semantic checkpoint."""
+    from genir_jax.docid_schemes import checkpoint_scheme
+
+    try:
+        multi_token = checkpoint_scheme(args.checkpoint).multi_token
+    except GenIRError:
+        multi_token = False  # prepare() reports the bad checkpoint
+    return sequences if multi_token else atomic
+
+
+def _validate_scheme(args, metrics: list[str]) -> None:
+    """Multi-token (naive / semantic) docids: the sequence metrics, the exact method."""
+    from genir_jax.docid_schemes import checkpoint_scheme
+    from genir_jax.metrics import SEQUENCE_METRICS
+
+    scheme = checkpoint_scheme(args.checkpoint)
+    if not scheme.multi_token:
+        return
+    bad = [m for m in metrics if m not in SEQUENCE_METRICS]
+    if bad:
+        raise GenIRError(f"--metric {bad[0]}: {args.checkpoint} has {scheme.name} docids (token sequences); over them "
+                         f"the metrics are {' and '.join(SEQUENCE_METRICS)} (the worst step's rank and the sequence "
+                         "log-probability, teacher-forced)")
+    method = getattr(args, "method", "exact")
+    if method != "exact":
+        raise GenIRError(f"--method {method}: attribution patching over {scheme.name} docids (token sequences) is not "
+                         f"implemented; use --method exact or `genir-jax sweep`")
+
+
 def _with_receivers(args, config, sweep):
     """The sweep as senders x --receivers (path patching), or unchanged."""
     spec = getattr(args, "receivers", None)
@@ -171,6 +201,7 @@ def prepare(args, metrics: list[str]) -> Prepared:
 
     Raises `GenIRError` for any bad input before anything is computed or written."""
     from genir_jax.analysis.inputs import load_correct_queries, tokenize_for_analysis
+    from genir_jax.docid_schemes import checkpoint_scheme
     from genir_jax.docids import docid_vocabulary
     from genir_jax.hf import load_for_analysis
     from genir_jax.interventions import FROM_SOURCE, mean_activations
@@ -178,6 +209,7 @@ def prepare(args, metrics: list[str]) -> Prepared:
     from genir_jax.site_grammar import parse_sweep, swept_sites
 
     _validate_common(args, metrics)
+    _validate_scheme(args, metrics)
     output = check_output(args.output)
     started = time.perf_counter()
     dtype = getattr(args, "dtype", "float32")  # bfloat16: parameters and compute; metrics stay float32
@@ -185,14 +217,26 @@ def prepare(args, metrics: list[str]) -> Prepared:
     if model.tokenizer is None:
         raise GenIRError(f"{args.checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
     config, params, tokenizer = model.config, model.params, model.tokenizer
-    queries = load_correct_queries(args.val_queries, args.correct_valid, tokenizer)
+    scheme = checkpoint_scheme(args.checkpoint)
+    target_mask, decoder_inputs = None, None
+    if scheme.multi_token:
+        from genir_jax.analysis.inputs import load_correct_sequence_queries
+        from genir_jax.sequence_targets import pad_targets, teacher_forcing_inputs
+
+        queries = load_correct_sequence_queries(args.val_queries, args.correct_valid, scheme, tokenizer)
+        targets, target_mask = pad_targets([q.tokens for q in queries])
+        decoder_inputs = teacher_forcing_inputs(targets, config.decoder_start_token_id)
+        candidates = None
+    else:
+        queries = load_correct_queries(args.val_queries, args.correct_valid, tokenizer)
+        targets = np.asarray([q.token_id for q in queries], dtype=np.int32)
+        candidates = np.asarray(sorted(docid_vocabulary(tokenizer)), dtype=np.int32)
+        if "docid_rank" in metrics and candidates.size == 0:
+            raise GenIRError(f"--metric docid_rank: {args.checkpoint}'s tokenizer has no @DOC_ID_...@ tokens")
     ids, mask = tokenize_for_analysis(tokenizer, [q.text for q in queries])
-    targets = np.asarray([q.token_id for q in queries], dtype=np.int32)
-    candidates = np.asarray(sorted(docid_vocabulary(tokenizer)), dtype=np.int32)
-    if "docid_rank" in metrics and candidates.size == 0:
-        raise GenIRError(f"--metric docid_rank: {args.checkpoint}'s tokenizer has no @DOC_ID_...@ tokens")
+    lengths = dict(length=ids.shape[1], decoder_length=1 if target_mask is None else targets.shape[1])
     # Parse the sites first (cheap): bad specs fail before means or foils are computed.
-    sweep = _with_receivers(args, config, parse_sweep(config, args.sites, value=0.0, length=ids.shape[1]))
+    sweep = _with_receivers(args, config, parse_sweep(config, args.sites, value=0.0, **lengths))
 
     foils = None
     if any("foils" in METRIC_TABLE[m].needs for m in metrics):
@@ -201,8 +245,9 @@ def prepare(args, metrics: list[str]) -> Prepared:
     progress = not args.no_progress
     source = None
     if args.mode == "mean":
-        means = mean_activations(config, params, ids, mask, swept_sites(config, sweep), progress=progress)
-        sweep = _with_receivers(args, config, parse_sweep(config, args.sites, value=means, length=ids.shape[1]))
+        means = mean_activations(config, params, ids, mask, swept_sites(config, sweep), decoder_input_ids=decoder_inputs,
+                                 progress=progress)
+        sweep = _with_receivers(args, config, parse_sweep(config, args.sites, value=means, **lengths))
     elif args.mode == "resample":
         if len(queries) < 2:
             raise GenIRError("--mode resample needs at least 2 correct queries (each is patched with another's)")
@@ -210,7 +255,7 @@ def prepare(args, metrics: list[str]) -> Prepared:
 
         permutation = derangement(len(queries), args.seed)
         source = Source(config, params, ids[permutation], mask[permutation])
-        sweep = _with_receivers(args, config, parse_sweep(config, args.sites, value=FROM_SOURCE, length=ids.shape[1]))
+        sweep = _with_receivers(args, config, parse_sweep(config, args.sites, value=FROM_SOURCE, **lengths))
     elif args.mode == "source":
         base = load_for_analysis(args.source_model, load_tokenizer=False, dtype=dtype)
         if int(ids.max()) >= base.config.vocab_size:
@@ -221,7 +266,7 @@ def prepare(args, metrics: list[str]) -> Prepared:
                 raise GenIRError(f"{args.source_model}: the source model's {field}={getattr(base.config, field)} "
                                  f"differs from {args.checkpoint}'s {getattr(config, field)}")
         source = Source(base.config, base.params)
-        sweep = _with_receivers(args, config, parse_sweep(config, args.sites, value=FROM_SOURCE, length=ids.shape[1]))
+        sweep = _with_receivers(args, config, parse_sweep(config, args.sites, value=FROM_SOURCE, **lengths))
 
     settings = {
         "checkpoint": os.path.abspath(args.checkpoint),
@@ -235,6 +280,7 @@ def prepare(args, metrics: list[str]) -> Prepared:
         "seed": args.seed if args.mode == "resample" else None,
         "source_model": os.path.abspath(args.source_model) if args.source_model else None,
         "source_model_sha256": _fingerprint(args.source_model) if args.source_model else None,
+        "docids": scheme.name,
         "metrics": list(metrics),
         "foil": args.foil if any("foils" in METRIC_TABLE[m].needs for m in metrics) else None,
         "receivers": getattr(args, "receivers", None),
@@ -243,7 +289,8 @@ def prepare(args, metrics: list[str]) -> Prepared:
         **({"dtype": dtype} if dtype != "float32" else {}),
     }
     return Prepared(output=output, model=model, config=config, params=params, tokenizer=tokenizer, queries=queries,
-                    ids=ids, mask=mask, targets=targets, candidates=candidates, foils=foils, source=source,
+                    ids=ids, mask=mask, targets=targets, target_mask=target_mask, candidates=candidates, foils=foils,
+                    source=source,
                     sweep=sweep, settings=settings, progress=progress, query_chunk=args.query_chunk,
                     load_seconds=time.perf_counter() - started)
 
@@ -287,7 +334,7 @@ def run_with_store(prep: Prepared, metrics: list[str], hits: list[int], *, per_q
     try:
         result = run_sweep(prep.config, prep.params, prep.ids, prep.mask, prep.targets, prep.sweep,
                            source=prep.source, metrics=metrics, candidates=prep.candidates, foil_ids=prep.foils,
-                           top_k=0, hits=hits, query_chunk=prep.query_chunk,
+                           top_k=0, hits=hits, query_chunk=prep.query_chunk, target_mask=prep.target_mask,
                            config_chunk=config_chunk, per_query=per_query, store=store, progress=prep.progress,
                            desc=desc)
     except GenIRError:
@@ -352,7 +399,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--metric", action="append", default=None,
                         help="metrics (repeat or comma list) among rank (0-based, full vocabulary), docid_rank "
                              "(among the @DOC_ID_...@ tokens), logit, logprob, logit_diff (needs --foil); hits@K "
-                             "is reported with a rank metric. Default: rank,logit")
+                             "is reported with a rank metric. Default: rank,logit. Naive / semantic checkpoints (docid "
+                             "token sequences, teacher-forced, every decoder position patched): rank (the worst "
+                             "step's) and logprob (the sequence's), default both")
     parser.add_argument("--hits", default="1,10", help="K of the hits@K columns (default 1,10)")
     parser.add_argument("--method", default="exact",
                         help="exact (the only method here; atp and atp* belong to `genir-jax attribute`)")
@@ -364,7 +413,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    metrics = _metrics(args.metric, "rank,logit")
+    metrics = _metrics(args.metric, default_metrics(args, "rank,logit", "rank,logprob"))
     if args.method != "exact":
         hint = " (use `genir-jax attribute --method ...`)" if args.method in ("atp", "atp*") else ""
         raise GenIRError(f"--method {args.method}: `genir-jax sweep` computes exact patching only{hint}")
