@@ -41,11 +41,12 @@ from tqdm.auto import tqdm
 from genir_jax.batching import batches
 from genir_jax.config import T5Config
 from genir_jax.interventions import FromSource, InterventionError
-from genir_jax.model import T5, forward_with_cache, unembedding_rows
+from genir_jax.model import T5, forward_with_cache
 from genir_jax.partitioning import Partitioner, current, maybe_activate, put_rows
-from genir_jax.metrics import DIFFERENTIABLE_METRICS, METRIC_TABLE, streamed_target_metrics
+from genir_jax.metrics import DIFFERENTIABLE_METRICS, METRIC_TABLE, reduce_steps
 from genir_jax.patching import (
-    Source, _check_token_ids, _plan, _source_names, _validate_terms, target_metrics,
+    Source, _check_sequences, _check_token_ids, _decoder_inputs, _final_metrics, _plan, _source_names,
+    _validate_terms, target_metrics,
 )
 from genir_jax.sites import Site, num_layers, site_shape
 from genir_jax.sweep import Sweep, Term, as_sweep
@@ -73,27 +74,28 @@ class AttributionResult:
         return self.magnitudes if self.magnitudes is not None else np.abs(self.scores)
 
 
-def _full_shape(config: T5Config, term: Term, batch: int, encoder_length: int) -> tuple[int, ...]:
+def _full_shape(config: T5Config, term: Term, batch: int, encoder_length: int, decoder_length: int = 1
+                ) -> tuple[int, ...]:
     layer = 0 if term.is_layer_site else None
-    length = encoder_length if term.stack == "encoder" else 1
+    length = encoder_length if term.stack == "encoder" else decoder_length
     shape = (batch,) + site_shape(config, Site(term.stack, term.local, layer), length, encoder_length)
     return (num_layers(config, term.stack),) + shape if term.is_layer_site else shape
 
 
 @functools.partial(jax.jit, static_argnames=("config", "plan", "metric", "probe", "drop", "partitioner", "dtype"))
 def _gradients(params, input_ids, attention_mask, targets, foils, values, zero_masks, probe_values, drop_values,
-               variants, *, config, plan, metric, probe, drop, partitioner=None, dtype=None):
+               variants, target_mask=None, *, config, plan, metric, probe, drop, partitioner=None, dtype=None):
     """Gradient densities of the summed metric w.r.t. every term's mask (and the probes') per variant."""
     with maybe_activate(partitioner):
         return _gradients_body(params, input_ids, attention_mask, targets, foils, values, zero_masks, probe_values,
-                               drop_values, variants, config=config, plan=plan, metric=metric, probe=probe,
-                               drop=drop, dtype=dtype)
+                               drop_values, variants, target_mask, config=config, plan=plan, metric=metric,
+                               probe=probe, drop=drop, dtype=dtype)
 
 
 def _gradients_body(params, input_ids, attention_mask, targets, foils, values, zero_masks, probe_values, drop_values,
-                    variants, *, config, plan, metric, probe, drop, dtype):
+                    variants, target_mask=None, *, config, plan, metric, probe, drop, dtype):
     model = T5(config, dtype=dtype)
-    start = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=jnp.int32)
+    start = _decoder_inputs(config, input_ids, targets, target_mask)
     layers = config.num_decoder_layers
 
     def total(masks, probe_masks, variant):
@@ -116,9 +118,7 @@ def _gradients_body(params, input_ids, attention_mask, targets, foils, values, z
         encoded, _ = model.apply({"params": params}, input_ids, attention_mask, interventions, method=T5.encode)
         hidden, _ = model.apply({"params": params}, encoded, attention_mask, start, None, interventions,
                                 method=T5.decode)
-        table, scale = unembedding_rows(config, params)
-        values_ = streamed_target_metrics(hidden[:, 0] * scale, table, targets, (metric,), foils=foils)[metric]
-        return jnp.sum(values_)
+        return jnp.sum(_final_metrics(config, params, hidden, targets, (metric,), None, foils, 0, target_mask)[metric])
 
     grad = jax.grad(total, argnums=(0, 1))
     return jax.vmap(grad, in_axes=(None, None, 0))(zero_masks, {k: jnp.zeros_like(v) for k, v in probe_values.items()},
@@ -184,6 +184,15 @@ def _encoder_qk_scores(config: T5Config, params, term: Term, cache: dict, encode
     return out
 
 
+def _clean_metric(logits, targets, foils, target_mask, metric: str):
+    """The unpatched metric per query from the clean logits [B, T, V]: the one step's, or the sequence's."""
+    if target_mask is None:
+        return target_metrics(logits[:, 0], jnp.asarray(targets), (metric,), foils=jnp.asarray(foils))[metric]
+    rows, steps = targets.shape
+    per_step = target_metrics(logits.reshape(rows * steps, -1), jnp.asarray(targets).reshape(-1), (metric,))[metric]
+    return reduce_steps(metric, per_step.reshape(rows, steps), target_mask)
+
+
 def _softmax(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
     scores = np.where(valid, scores.astype(np.float64), -np.inf)
     scores = scores - scores.max(axis=-1, keepdims=True)
@@ -194,7 +203,7 @@ def _softmax(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
 def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, sweep, *, method: str = "atp",
               metric: str = "logit", foil_ids=None, source: Source | None = None, query_chunk: int | None = None,
               progress: bool = True, per_query: bool = False, partitioner: Partitioner | None = None,
-              dtype=None) -> AttributionResult:
+              dtype=None, target_mask=None) -> AttributionResult:
     """Estimate, for every config of `sweep`, the change of `metric` its patch causes (see module docstring).
 
     `metric`: one of `DIFFERENTIABLE_METRICS` (ranks and Hits@k are not differentiable); `foil_ids` [N] for
@@ -202,6 +211,9 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
     `partitioner` (`genir_jax.partitioning.Partitioner`): parameters placed by its rules, queries split over
     ``data`` (default: `genir_jax.partitioning.current()`, else as the arrays lie). `dtype` (e.g.
     ``"bfloat16"``): parameters stored and the model computed in it; metrics and estimates stay float32.
+    Multi-token docids: target_ids [N, T] with `target_mask` [N, T], as `genir_jax.patching.run_sweep` takes
+    them (teacher-forced decoder runs, every decoder position patched); the metric is ``logprob`` (the
+    sequence's); AtP*'s QK fix of ``encoder.hook_out`` is single-step only and refused there.
     """
     if method not in METHODS:
         raise InterventionError(f"attribution method '{method}' is not one of {', '.join(METHODS)}")
@@ -217,9 +229,12 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
     count, length = input_ids.shape
     if count == 0:
         raise InterventionError("attribution: no queries given")
-    if target_ids.shape != (count,):
+    if target_mask is not None:
+        target_mask = _check_sequences(target_ids, target_mask, count, [metric], what="attribution")
+    elif target_ids.shape != (count,):
         raise InterventionError(f"attribution: target_ids must have shape ({count},), got {target_ids.shape}")
     _check_token_ids("target", target_ids, config.vocab_size)
+    decoder_length = 1 if target_mask is None else target_ids.shape[1]
     if "foils" in METRIC_TABLE[metric].needs:
         if foil_ids is None:
             raise InterventionError(f"attribution: metric '{metric}' needs a foil token per query (`foil_ids`)")
@@ -227,7 +242,7 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
         _check_token_ids("foil", foil_ids, config.vocab_size)
         if foil_ids.shape != (count,) or np.any(foil_ids == target_ids):
             raise InterventionError("attribution: foil_ids must have one token per query, none equal to its target")
-    _validate_terms(config, sweep, length)
+    _validate_terms(config, sweep, length, decoder_length)
     dtype = None if dtype is None else jnp.dtype(dtype)
     if dtype is not None:
         params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
@@ -245,6 +260,9 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
         raise InterventionError("attribution: FROM_SOURCE values need a `source`")
     star = method == "atp*"
     qk_terms = [i for i, t in enumerate(sweep.terms) if star and t.stack == "encoder" and t.local == "hook_out"]
+    if qk_terms and target_mask is not None:
+        raise InterventionError("atp*: the QK fix of encoder.hook_out patches is implemented for single-token docids "
+                                "only; use atp (or an exact sweep) for docid sequences")
     layers = config.num_decoder_layers
     variants = np.arange(-1, layers if star else 0, dtype=np.int32)  # -1: nothing dropped
     chunk = query_chunk or min(count, 32)
@@ -262,14 +280,15 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
     source_mask = np.asarray(source.attention_mask if source is not None and source.attention_mask is not None
                              else (attention_mask if source is None or source.input_ids is None
                                    else np.ones_like(source_ids)), np.int32)
-    steps = list(batches((input_ids, attention_mask, target_ids, foils_all, source_ids, source_mask), chunk))
-    start = np.zeros((chunk, 1), np.int32)
+    mask_all = target_mask if target_mask is not None else np.zeros(count, np.int32)
+    steps = list(batches((input_ids, attention_mask, target_ids, foils_all, source_ids, source_mask, mask_all), chunk))
     for batch in tqdm(steps, desc=f"attribution ({method})", unit="chunk", disable=not progress):
-        ids, mask, targets, foils, s_ids, s_mask = batch.arrays
+        ids, mask, targets, foils, s_ids, s_mask, tmask = batch.arrays
+        tmask = tmask if target_mask is not None else None
+        start = np.asarray(_decoder_inputs(config, ids, targets, tmask))
         logits, cache = forward_with_cache(config, params, place(ids), place(mask), place(start),
                                            cache_sites=cache_sites, partitioner=partitioner)
-        clean_metric = target_metrics(jnp.asarray(logits[:, 0], jnp.float32), jnp.asarray(targets), (metric,),
-                                      foils=jnp.asarray(foils))[metric]
+        clean_metric = _clean_metric(jnp.asarray(logits, jnp.float32), targets, foils, tmask, metric)
         clean[batch.rows] = np.asarray(clean_metric)[: batch.size]
         source_values = {}
         if names:
@@ -284,7 +303,8 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
                         source_values[(term.stack, term.local)] = source_cache[Site(term.stack, term.local, None).name]
         values = tuple(source_values[(t.stack, t.local)] if isinstance(t.value, FromSource) else jnp.asarray(t.value)
                        for t in sweep.terms)
-        zero_masks = tuple(jnp.zeros(_full_shape(config, t, chunk, length), jnp.float32) for t in sweep.terms)
+        zero_masks = tuple(jnp.zeros(_full_shape(config, t, chunk, length, decoder_length), jnp.float32)
+                           for t in sweep.terms)
 
         def stacked(local):
             return jnp.stack([cache[f"decoder.{l}.{local}"] for l in range(layers)])
@@ -295,8 +315,8 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
         term_grads, probe_grads = _gradients(
             params, place(ids), place(mask), place(targets),
             place(foils) if foil_ids is not None else None, values, zero_masks, probe_values, drop_values,
-            jnp.asarray(variants), config=config, plan=plan, metric=metric, probe=bool(qk_terms), drop=star,
-            partitioner=partitioner, dtype=dtype)
+            jnp.asarray(variants), None if tmask is None else place(tmask), config=config, plan=plan, metric=metric,
+            probe=bool(qk_terms), drop=star, partitioner=partitioner, dtype=dtype)
         rows = batch.rows
         if qk_terms:
             qk_cache = {"q": stacked("cross_attn.hook_q"), "scores": stacked("cross_attn.hook_attn_scores")}

@@ -528,19 +528,20 @@ def _balanced_chunk(count: int, limit: int) -> int:
     return -(-count // chunks)
 
 
-def _check_sequences(targets: np.ndarray, target_mask, count: int, metrics: Sequence[str]) -> np.ndarray:
+def _check_sequences(targets: np.ndarray, target_mask, count: int, metrics: Sequence[str], what: str = "sweep"
+                     ) -> np.ndarray:
     """Validate multi-token targets [N, T] and their mask; returns the mask as int32."""
     target_mask = np.asarray(target_mask, dtype=np.int32)
     if targets.ndim != 2 or targets.shape[0] != count or target_mask.shape != targets.shape:
-        raise InterventionError(f"sweep: target sequences need target_ids and target_mask of shape [{count}, T], got "
+        raise InterventionError(f"{what}: target sequences need target_ids and target_mask of shape [{count}, T], got "
                                 f"{targets.shape} and {target_mask.shape}")
     lengths = target_mask.sum(axis=1)
     if lengths.min() < 1 or np.any(target_mask != (np.arange(targets.shape[1])[None] < lengths[:, None])):
-        raise InterventionError("sweep: every target_mask row must be a non-empty prefix (the docid's tokens, then "
-                                "padding)")
+        raise InterventionError(f"{what}: every target_mask row must be a non-empty prefix (the docid's tokens, "
+                                "then padding)")
     other = [m for m in metrics if m not in SEQUENCE_METRICS]
     if other:
-        raise InterventionError(f"sweep: metric '{other[0]}' is not defined for multi-token targets; use "
+        raise InterventionError(f"{what}: metric '{other[0]}' is not defined for multi-token targets; use "
                                 f"{' or '.join(SEQUENCE_METRICS)}")
     return target_mask
 

@@ -119,3 +119,42 @@ def test_rank_statistics_helpers():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 2], [1, 1, 2]) == pytest.approx(1.0)
     assert top_overlap(np.array([5, 4, 3, 2, 1]), np.array([5, 1, 4, 2, 3]), 2) == 0.5
+
+
+SEQUENCES = [[5, 9, 1], [7, 1], [12, 3, 4, 1], [5, 1], [20, 21, 1], [33, 1]]
+
+
+@pytest.mark.parametrize("method", ["atp", "atp*"])
+def test_sequence_attribution_approaches_exact_for_small_patches(setup, method):
+    """Docid sequences (teacher-forced, every decoder position patched): the sequence log-probability's
+    first-order estimates match the exact sequence sweep for values from a slightly perturbed model, and the
+    QK fix of encoder.hook_out (single-step only) is refused."""
+    from genir_jax.sequence_targets import pad_targets
+
+    params, ids, mask, _ = setup
+    targets, tmask = pad_targets(SEQUENCES)
+    source = Source(CONFIG, _perturbed(params, 3e-3))
+    grid = sw.concat(sw.site_grid(CONFIG, "decoder.*.cross_attn.hook_z", unit="head", value=FROM_SOURCE),
+                     sw.component_grid(CONFIG, value=FROM_SOURCE),
+                     sw.site_grid(CONFIG, "decoder.2.hook_resid_post", unit="position", length=targets.shape[1],
+                                  value=FROM_SOURCE))
+    exact = run_sweep(CONFIG, params, ids, mask, targets, grid, target_mask=tmask, source=source,
+                      metrics=("logprob",), per_query=False, progress=False).aggregates["logprob_effect"]
+    result = attribute(CONFIG, params, ids, mask, targets, grid, method=method, metric="logprob", source=source,
+                       target_mask=tmask, progress=False, per_query=True)
+    scale = np.abs(exact).max()
+    assert scale > 1e-3
+    np.testing.assert_allclose(result.scores, exact, atol=0.05 * scale)
+    assert spearman(exact, result.scores) > 0.95
+    from genir_jax.sequence_targets import sequence_log_prob, teacher_forced_logits
+
+    clean = sequence_log_prob(teacher_forced_logits(CONFIG, params, ids, mask, targets), targets, tmask)
+    np.testing.assert_allclose(result.clean, np.asarray(clean), atol=1e-4)
+    encoder = sw.site_grid(CONFIG, "encoder.hook_out", unit="position", length=ids.shape[1], value=FROM_SOURCE)
+    if method == "atp*":
+        with pytest.raises(ivs.InterventionError, match="QK fix .* single-token docids only"):
+            attribute(CONFIG, params, ids, mask, targets, encoder, method=method, metric="logprob", source=source,
+                      target_mask=tmask, progress=False)
+    with pytest.raises(ivs.InterventionError, match="attribution: metric 'logit' is not defined for multi-token"):
+        attribute(CONFIG, params, ids, mask, targets, grid, method=method, metric="logit", source=source,
+                  target_mask=tmask, progress=False)

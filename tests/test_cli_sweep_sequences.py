@@ -112,11 +112,30 @@ def test_sequence_bad_input_exits_2_without_output(naive_dsi, tmp_path, capsys, 
     assert re.search(message, capsys.readouterr().err) and not out.exists()
 
 
-def test_attribute_over_sequences_is_exact_only(naive_dsi, tmp_path, capsys):
-    out = tmp_path / "attribute"
+def test_attribute_over_sequences(naive_dsi, tmp_path, capsys):
+    """`attribute` on a naive checkpoint: the sequence log-probability, AtP equal to the library's estimate;
+    AtP*'s QK fix (single-step only) is refused with exit 2 and no output."""
+    from genir_jax.analysis.inputs import tokenize_for_analysis
+    from genir_jax.attribution import attribute
+    from genir_jax.hf import load_pretrained
+    from genir_jax.sequence_targets import pad_targets
+    from genir_jax.site_grammar import parse_sweep
+
     args = ["attribute", "--checkpoint", str(naive_dsi / "model"), "--val-queries", str(naive_dsi / "val.json"),
-            "--correct-valid", str(naive_dsi / "correct.json"), "-o", str(out), "--no-progress",
-            "--sites", "decoder.*.mlp", "--metric", "logprob"]
-    assert main([*args, "--method", "atp"]) == 2
-    assert "not implemented" in capsys.readouterr().err and not out.exists()
-    assert main([*args, "--method", "exact"]) == 0
+            "--correct-valid", str(naive_dsi / "correct.json"), "--no-progress", "--metric", "logprob"]
+    out = tmp_path / "atp"
+    assert main([*args, "-o", str(out), "--sites", "decoder.*.mlp", "--method", "atp"]) == 0
+    with open(out / "attribution.csv", newline="") as handle:
+        written = [float(row["score"]) for row in csv.DictReader(handle)]
+    model = load_pretrained(naive_dsi / "model")
+    t5 = model.tokenizer
+    order = [2, 0, 3, 1]
+    ids, mask = tokenize_for_analysis(t5, [QUERIES[i] for i in order])
+    targets, tmask = pad_targets([t5(DOC_IDS[i]).input_ids for i in order])
+    grid = parse_sweep(model.config, "decoder.*.mlp", value=0.0)
+    expected = attribute(model.config, model.params, ids, mask, targets, grid, method="atp", metric="logprob",
+                         target_mask=tmask, progress=False)
+    np.testing.assert_allclose(written, expected.scores, rtol=1e-5, atol=1e-6)
+    bad = tmp_path / "qk"
+    assert main([*args, "-o", str(bad), "--sites", "encoder.hook_out[position]", "--method", "atp*"]) == 2
+    assert "single-token docids only" in capsys.readouterr().err and not bad.exists()

@@ -41,7 +41,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--method", default="atp", help="atp (default), atp* or exact")
     parser.add_argument("--metric", default="logit",
                         help="one of logit, logprob, logit_diff (needs --foil); default logit. Rank metrics and "
-                             "hits@K are not differentiable (use `genir-jax sweep`)")
+                             "hits@K are not differentiable (use `genir-jax sweep`). Naive / semantic checkpoints: "
+                             "logprob (the docid sequence's, teacher-forced)")
     parser.add_argument("--top", type=int, default=20, help="print the top N configs by |score| (default 20)")
     parser.add_argument("--per-query", action="store_true", help="also write per_query.npz ([configs, queries])")
     parser.add_argument("--config-chunk", type=int, default=None, help="configs per step (exact method)")
@@ -88,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = attribution.attribute(prep.config, prep.params, prep.ids, prep.mask, prep.targets, prep.sweep,
                                     method=args.method, metric=metric, foil_ids=prep.foils, source=prep.source,
-                                    query_chunk=args.query_chunk, progress=prep.progress, per_query=args.per_query)
+                                    query_chunk=args.query_chunk, progress=prep.progress, per_query=args.per_query,
+                                    target_mask=prep.target_mask)
         sweep = out.sweep
         scores = np.asarray(out.scores, np.float64).reshape(-1)
         per_query = None if out.per_query is None else np.asarray(out.per_query)

@@ -158,7 +158,7 @@ def default_metrics(args, atomic: str, sequences: str) -> str:
 
 
 def _validate_scheme(args, metrics: list[str]) -> None:
-    """Multi-token (naive / semantic) docids: the sequence metrics, the exact method."""
+    """Multi-token (naive / semantic) docids: only the sequence metrics."""
     from genir_jax.docid_schemes import checkpoint_scheme
     from genir_jax.metrics import SEQUENCE_METRICS
 
@@ -170,10 +170,6 @@ def _validate_scheme(args, metrics: list[str]) -> None:
         raise GenIRError(f"--metric {bad[0]}: {args.checkpoint} has {scheme.name} docids (token sequences); over them "
                          f"the metrics are {' and '.join(SEQUENCE_METRICS)} (the worst step's rank and the sequence "
                          "log-probability, teacher-forced)")
-    method = getattr(args, "method", "exact")
-    if method != "exact":
-        raise GenIRError(f"--method {method}: attribution patching over {scheme.name} docids (token sequences) is not "
-                         f"implemented; use --method exact or `genir-jax sweep`")
 
 
 def _with_receivers(args, config, sweep):
