@@ -12,24 +12,19 @@ import pytest
 from genir_jax.analysis.logit_lens import logit_lens
 from genir_jax.analysis.sequence_logit_lens import (LENS_SITES, RANKS_CSV, SUMMARY_JSON, run_sequence_logit_lens,
                                                     write_sequence_logit_lens)
-from genir_jax.config import t5_v1_0
 from genir_jax.errors import GenIRError
-from genir_jax.model import forward_with_cache, init_params
+from genir_jax.model import forward_with_cache
 from genir_jax.sequence_targets import pad_targets
+from tests.test_sequence_targets import CONFIG, sequence_case
 
-CONFIG = t5_v1_0(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=3, num_heads=2)
 SEQUENCES = [[5, 9, 1], [7, 1], [12, 3, 4, 1], [5, 1], [20, 21, 1]]
 
 
 @pytest.fixture(scope="module")
 def setup():
-    params = init_params(CONFIG, 3)
-    params = {**params, "shared": np.asarray(params["shared"]) * 4.0}  # spread-out logits
-    rng = np.random.default_rng(0)
-    ids = rng.integers(2, 64, size=(5, 7)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[1, 5:] = 0
-    targets, tmask = pad_targets(SEQUENCES)
+    params, ids, mask, sequences = sequence_case()
+    assert sequences == SEQUENCES
+    targets, tmask = pad_targets(sequences)
     result = run_sequence_logit_lens(CONFIG, params, ids, mask, targets, tmask, batch_size=2, progress=False)
     return params, ids, mask, targets, tmask, result
 

@@ -13,8 +13,9 @@ from genir_jax.sequence_targets import (greedy_consistent, pad_targets, reduce_s
 CONFIG = t5_v1_0(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=3, num_heads=2)
 
 
-@pytest.fixture(scope="module")
-def setup():
+def sequence_case():
+    """(params, ids, mask, sequences): a random model with spread-out logits, 5 queries (one padded) and
+    docid-like token sequences of 2-4 tokens ending with EOS (also used by tests/test_sequence_logit_lens.py)."""
     params = init_params(CONFIG, 3)
     params = {**params, "shared": np.asarray(params["shared"]) * 4.0}  # spread-out logits
     rng = np.random.default_rng(0)
@@ -23,6 +24,11 @@ def setup():
     mask[1, 5:] = 0
     sequences = [[5, 9, 1], [7, 1], [12, 3, 4, 1], [5, 1], [20, 21, 1]]
     return params, ids, mask, sequences
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return sequence_case()
 
 
 def _numpy_step_log_probs(params, ids, mask, seq):
