@@ -410,7 +410,8 @@ def run_sweep(
         if same.size:
             raise InterventionError(f"sweep: the foil equals the target for query index {int(same[0])}")
     top_k = int(top_k) if per_query else 0
-    _validate_terms(config, sweep, length, 1 if target_mask is None else target_ids.shape[1])
+    decoder_length = 1 if target_mask is None else target_ids.shape[1]
+    _validate_terms(config, sweep, length, decoder_length)
     paths = sweep.receivers is not None
     if paths:
         _validate_paths(sweep)
@@ -433,7 +434,7 @@ def run_sweep(
     shards = partitioner.data_size
     per_device = query_chunk or _balanced_chunk(-(-count // shards), 64)
     rows_per_step = per_device * shards
-    config_chunk = config_chunk or default_config_chunk(rows_per_step, config.vocab_size,
+    config_chunk = config_chunk or default_config_chunk(rows_per_step * decoder_length, config.vocab_size,
                                                        candidates=0 if candidates is None else len(candidates))
     config_chunk = -(-config_chunk // partitioner.config_size) * partitioner.config_size
 

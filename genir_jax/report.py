@@ -150,6 +150,13 @@ def _header(layout, settings) -> str:
                      "The T5-mode rows of Table 3 and the base-encoder swap of Table 2 are therefore NOT comparable "
                      "with the paper's, which use the pretrained T5-large; run with `--base` for comparable rows.")
     lines.append("")
+    regime = ("the paper's (`--paper-regime`: validation and test documents only indexed, the NQ10k split; "
+              "indexing:retrieval examples 32:1; 32-token documents and queries)" if getattr(settings, "paper_regime", False)
+              else f"the `{settings.preset}` preset's (see the README's presets table)")
+    scheme = getattr(settings, "docids", "atomic")
+    lines += [f"Data regime: {regime}. Docids: {scheme}"
+              + (" (one new token per document, as the paper's)." if scheme == "atomic" else
+                 " (token sequences decoded step by step; the paper's models use atomic docids)."), ""]
     if layout.correct_valid.is_file():
         from genir_jax.reproduce import FEW_QUERIES
 

@@ -373,3 +373,13 @@ def test_tiny_naive_reproduction_reports_stage_patching_over_docid_sequences(tmp
     assert "**Naive docids**" in report and "Rank development per decoding step" in report
     assert report.count("Not run: this analysis handles atomic docids") == 8
     assert (out / "figures" / "figure4_steps_rank_development.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_header_names_the_data_regime_and_docids(tmp_path):
+    from genir_jax.report import _header
+
+    layout = rp.Layout(tmp_path)
+    paper = _header(layout, rp.Settings(dataset="nq-oracle", preset="cpu", paper_regime=True, docids="naive"))
+    assert "Data regime: the paper's (`--paper-regime`" in paper and "Docids: naive (token sequences" in paper
+    own = _header(layout, rp.Settings(dataset="squad-dev", preset="tiny"))
+    assert "Data regime: the `tiny` preset's" in own and "Docids: atomic (one new token" in own
