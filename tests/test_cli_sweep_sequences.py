@@ -139,3 +139,14 @@ def test_attribute_over_sequences(naive_dsi, tmp_path, capsys):
     bad = tmp_path / "qk"
     assert main([*args, "-o", str(bad), "--sites", "encoder.hook_out[position]", "--method", "atp*"]) == 2
     assert "single-token docids only" in capsys.readouterr().err and not bad.exists()
+
+
+def test_atomic_only_analyses_name_the_way_for_sequences(naive_dsi, tmp_path, capsys):
+    """An analysis that reads single-token docids, given a naive model's correct_valid.json, exits 2 saying
+    where docid sequences are analysed, and writes nothing."""
+    out = tmp_path / "stages"
+    assert main(["patch-stages", "--checkpoint", str(naive_dsi / "model"), "--val-queries",
+                 str(naive_dsi / "val.json"), "--correct-valid", str(naive_dsi / "correct.json"), "-o", str(out),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "single-token (atomic) docids" in err and "reproduce --docids" in err and not out.exists()

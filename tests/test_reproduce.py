@@ -292,8 +292,8 @@ def test_docids_and_paper_regime_reach_prepare_and_every_training(tmp_path, monk
     assert "--paper-regime" in train_full and "--paper-regime" in train_removed
     assert "--docids" not in train_full  # train takes the scheme from prepare.json
     names = [step.name for step in rp.steps(settings)]
-    assert names == ["prepare", "pretrain", "train-full", "evaluate-full", "bm25", "patch-stages", "steps-logit-lens",
-                     "report"]
+    assert names == ["prepare", "pretrain", "train-full", "evaluate-full", "bm25", "patch-stages", "circuit",
+                     "steps-logit-lens", "report"]
     atomic = [step.name for step in rp.steps(rp.Settings(dataset="nq-oracle", preset="tiny"))]
     assert "swap-encoder" in atomic and "train-removed-0" in atomic
     calls.clear()
@@ -322,7 +322,8 @@ def test_report_of_a_naive_run_names_the_experiments_it_skips(tmp_path):
     layout = rp.Layout(tmp_path)
     report = write_report(layout, rp.Settings(dataset="squad-dev", preset="tiny", docids="naive")).read_text()
     skipped = [e for e in registry() if not e.handles("naive")]
-    assert skipped and {e.id for e in registry() if e.handles("naive")} == {"table1", "table3", "figure4-steps"}
+    assert skipped and {e.id for e in registry() if e.handles("naive")} == {"table1", "table3", "table4",
+                                                                               "figure4-steps"}
     assert report.count("Not run: this analysis handles atomic docids; this reproduction trains naive "
                         "docids.") == len(skipped)
     atomic = write_report(layout, rp.Settings(dataset="squad-dev", preset="tiny")).read_text()
@@ -350,7 +351,7 @@ def test_tiny_naive_reproduction_reports_stage_patching_over_docid_sequences(tmp
     assert run.returncode == 0, run.stderr[-3000:]
     layout = rp.Layout(out)
     names = [step.name for step in rp.steps(rp.Settings(dataset="squad-dev", preset="tiny", docids="naive"))]
-    assert names == ["prepare", "pretrain", "train-full", "evaluate-full", "bm25", "patch-stages",
+    assert names == ["prepare", "pretrain", "train-full", "evaluate-full", "bm25", "patch-stages", "circuit",
                      "steps-logit-lens", "report"]
     assert not [n for n in names if "skipped" in json.loads((out / ".steps" / f"{n}.json").read_text())]
     assert json.loads((out / "models" / "full" / "docids.json").read_text())["scheme"] == "naive"
@@ -371,7 +372,21 @@ def test_tiny_naive_reproduction_reports_stage_patching_over_docid_sequences(tmp
         assert rows[("zero", "mlp", index)] == pytest.approx(1.0 - still.mean()), stage
     report = (out / "report.md").read_text()
     assert "**Naive docids**" in report and "Rank development per decoding step" in report
-    assert report.count("Not run: this analysis handles atomic docids") == 8
+    assert report.count("Not run: this analysis handles atomic docids") == 7
+    circuit = json.loads((layout.analysis("circuit") / "minimal_circuit.json").read_text())
+    test_queries = json.loads((out / "data" / "test_queries.json").read_text())
+    assert circuit["docids"] == "naive" and circuit["queries"] == len(test_queries)
+    worst = np.asarray(circuit["per_query"]["worst_rank"])
+    assert circuit["unpatched"]["Hits@1"] == pytest.approx(float(np.mean(worst[0] == 0)))
+    from genir_jax.analysis.inputs import tokenize_for_analysis
+    from genir_jax.docid_schemes import docid_token_sequences
+
+    test_ids, test_mask = tokenize_for_analysis(model.tokenizer, [q["query"] for q in test_queries])
+    test_sequences = docid_token_sequences(inputs.scheme, model.tokenizer,
+                                           [q["relevant_docs"][0] for q in test_queries], "test")
+    greedy = greedy_consistent(model.config, model.params, test_ids, test_mask, test_sequences)
+    np.testing.assert_array_equal(worst[0] == 0, greedy)  # unpatched: greedy decoding gives the docid
+    assert "Hits@1 (greedy decoding)" in report
     assert (out / "figures" / "figure4_steps_rank_development.png").read_bytes()[:4] == b"\x89PNG"
 
 

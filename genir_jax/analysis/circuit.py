@@ -154,6 +154,27 @@ def rank_with_circuit(config: T5Config, params, circuit_interventions_: Sweep, i
     return result.top_ids, result.top_logits
 
 
+def sequence_circuit_report(circuit: Circuit, stages: Sequence[Sequence[int]], query_ids: Sequence[str],
+                            worst_ranks, logprobs, *, correct_queries: int, scheme: str) -> dict:
+    """``minimal_circuit.json``'s content for naive / semantic docids, from a two-config sequence sweep
+    (unpatched, circuit) over the test queries' relevant docids, teacher-forced (`run_sweep` with a
+    `target_mask`): Hits@1 of greedy decoding (the relevant docid's worst step rank is 0, i.e. greedy decoding
+    reproduces it exactly) and the mean sequence log-probability, both runs and their ratio. Beam-search
+    metrics (Recall@5, Hits@10) need decoding under the circuit, which the sweep does not do."""
+    worst_ranks, logprobs = np.asarray(worst_ranks), np.asarray(logprobs, np.float64)
+    hits = [float(np.mean(worst_ranks[k] == 0)) for k in range(2)]
+    return {
+        "circuit": circuit.as_json(), "config": circuit.describe(stages), "stages": [list(s) for s in stages],
+        "docids": scheme, "queries": len(query_ids), "mean_over_correct_queries": correct_queries,
+        "ranking": "greedy decoding (teacher-forced: the relevant docid's worst step rank is 0)",
+        "unpatched": {"Hits@1": hits[0], "mean_logprob": float(logprobs[0].mean())},
+        "patched": {"Hits@1": hits[1], "mean_logprob": float(logprobs[1].mean())},
+        "relative": {"Hits@1": hits[1] / hits[0] if hits[0] else None},
+        "per_query": {"query_ids": [str(q) for q in query_ids], "worst_rank": worst_ranks.tolist(),
+                      "logprob": logprobs.tolist()},
+    }
+
+
 def reference_retrieval_metrics(top_ids, query_ids: Sequence[str], qrels, doc_of_token: dict) -> dict[str, float]:
     """hits@1, hits@10 and recall@5 computed as the reference's scripts compute them (their ``eval``):
     `top_ids` [N, k] full-vocabulary token ids in rank order (k = 100 there), word tokens never relevant;

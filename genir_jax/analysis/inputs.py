@@ -60,8 +60,11 @@ def read_correct_valid(path: str | os.PathLike, scheme=None) -> list[tuple[str, 
                 raise DataError(f"{path}: record index {index}: field 0 (docid) must be a {scheme.name} docid of "
                                 f"the model (from {scheme.source or 'its docids.json'}), got {token!r}")
         elif not isinstance(token, str) or not is_docid_token(token):
+            hint = ("; a naive / semantic docid? This analysis reads single-token (atomic) docids; over docid "
+                    "sequences use `genir-jax sweep` / `genir-jax attribute` or `genir-jax reproduce --docids`"
+                    if isinstance(token, str) and token.strip() else "")
             raise DataError(f"{path}: record index {index}: field 0 (docid_token) must be a docid token like "
-                            f"'@DOC_ID_7@', got {token!r}")
+                            f"'@DOC_ID_7@', got {token!r}{hint}")
         try:
             pair = (token, normalize_id(query_id))
         except (TypeError, ValueError) as exc:
