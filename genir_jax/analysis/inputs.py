@@ -47,13 +47,14 @@ def read_correct_valid(path: str | os.PathLike, scheme=None) -> list[tuple[str, 
     path = os.fspath(path)
     multi_token = scheme is not None and scheme.multi_token
     data = read_json(path)
+    field = "docid" if multi_token else "docid_token"
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of [docid, query_id] pairs, got {type(data).__name__}")
+        raise DataError(f"{path}: expected a JSON list of [{field}, query_id] pairs, got {type(data).__name__}")
     known = set(scheme.docids.values()) if multi_token else None
     pairs, seen = [], {}
     for index, entry in enumerate(data):
         if not (isinstance(entry, list) and len(entry) == 2):
-            raise DataError(f"{path}: record index {index}: expected [docid, query_id], got {entry!r}")
+            raise DataError(f"{path}: record index {index}: expected [{field}, query_id], got {entry!r}")
         token, query_id = entry
         if multi_token:
             if not isinstance(token, str) or token not in known:
