@@ -29,7 +29,9 @@ SITES_HELP = (
     "'decoder.*.cross_attn.hook_z[head]', 'decoder.10-17.mlp.hook_post[neuron=0-99]', 'decoder.*.{attn,mlp}', "
     "'decoder.*.*' (layer x component grid), 'encoder.hook_out', 'encoder.*.hook_resid_post[position]'. "
     "LAYERS: '*', '7', '10-17', '1,3,5-7'; SITE: a TransformerLens local site name or attn|cross_attn|mlp (the "
-    "component's output). 'A x B' patches every combination; the option may be repeated (configs concatenated)")
+    "component's output). [position] on a decoder site is the decoding step (naive / semantic checkpoints: "
+    "each docid step; atomic: the one step). 'A x B' patches every combination; the option may be repeated "
+    "(configs concatenated)")
 
 
 # --------------------------------------------------------------------------------------------------
