@@ -1,7 +1,8 @@
 """Semantic docids as DSI builds them: hierarchical k-means over document embeddings (Tay et al. 2022).
 
-The documents are clustered into `k` (10) clusters; every cluster with more than `c` documents is
-clustered again into `k`, recursively; a document's id is the path of cluster numbers down to its leaf
+The documents are clustered into `k` (10) clusters (always, however few: DSI's Algorithm 1 clusters its
+input before it looks at sizes, so every id has at least two parts); every cluster with more than `c`
+documents is clustered again into `k`, recursively; a document's id is the path of cluster numbers down to its leaf
 cluster followed by its position in that leaf (0 .. size-1), written with ``_`` between the parts, e.g.
 ``"3_0_17"`` (the reference's mapping-file spelling: ``{"<doc id>": "3_0_17", ...}``). A cluster is either
 split or a leaf, never both, so the ids (as tuples of parts) are unique and prefix-free; the decoder's EOS
@@ -62,7 +63,7 @@ def hierarchical_ids(embeddings: np.ndarray, *, k: int = DEFAULT_K, c: int = DEF
     bar = tqdm(total=embeddings.shape[0], desc="semantic docids", unit="doc", disable=not progress)
     while pending:
         prefix, members = pending.pop()
-        if members.size <= c:
+        if members.size <= c and prefix:  # DSI's Algorithm 1 always clusters the whole corpus first
             for position, row in enumerate(members):
                 ids[row] = prefix + (position,)
             bar.update(members.size)

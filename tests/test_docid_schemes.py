@@ -50,6 +50,15 @@ def test_semantic_ids_deterministic_unique_prefix_free_and_bounded():
     semantic_scheme(first, doc_ids, "built")  # our own validation agrees
 
 
+def test_a_corpus_smaller_than_c_is_still_clustered_once():
+    """DSI's Algorithm 1 clusters its input into k clusters before looking at sizes: 12 documents with
+    c = 100 get ids "cluster_position", not bare positions (which would equal naive ids)."""
+    ids = hierarchical_ids(np.eye(12)[:, :6] + np.arange(12)[:, None] * 1e-3, k=3, c=100, seed=0, progress=False)
+    assert all(len(i) == 2 for i in ids) and {i[0] for i in ids} == {0, 1, 2} and len(set(ids)) == 12
+    few = hierarchical_ids(np.eye(2), k=3, c=100, seed=0, progress=False)  # fewer documents than clusters
+    assert sorted(few) == [(0, 0), (1, 0)]
+
+
 def test_hierarchical_ids_end_on_identical_vectors():
     ids = hierarchical_ids(np.ones((25, 3)), k=2, c=3, seed=0, progress=False)
     assert len(set(ids)) == 25 and max(len(i) for i in ids) >= 3
