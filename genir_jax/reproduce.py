@@ -15,6 +15,8 @@ Pipeline (each step is a `genir-jax` subcommand writing its own directory under 
     crattn-reading   analysis/crattn-reading/ Fig. 5 (cross-attention heads)
     crattn-writes    analysis/crattn-writes/  Table 5
     head-tokens      analysis/head-tokens/    Table 6
+    stage-robustness analysis/stage-robustness/ stage checks beyond the paper
+    steps-logit-lens analysis/steps-logit-lens/ Fig. 3 / Fig. 4 per decoding step (naive / semantic docids only)
     choose-removed   removed_documents.json  4 x 10 documents to leave out (correct validation queries first)
     train-removed-K  models/removed-K/       train --remove: one model per document set, K = 0..3
     swap-encoder     analysis/swap-encoder/  Table 2 (+ the base T5's encoder)
