@@ -62,27 +62,33 @@ def run_circuit(layout, settings, config: Config) -> dict:
 
 
 def _run_sequence_circuit(layout, settings, config: Config) -> dict:
-    """The paper's circuit on a naive / semantic model: a two-config sequence sweep (unpatched, circuit) over
-    each test query's relevant docid, teacher-forced; greedy Hits@1 (`analysis.circuit.sequence_circuit_report`).
-    Means are per decoder position over the correct validation queries' teacher-forced docids, both sets
-    padded to one docid length."""
+    """The paper's circuit on a naive / semantic model, on the test queries: beam search (10 beams over the
+    docid trie) without and with the circuit patched at every decoding step -> retrieval metrics as for
+    atomic docids; and a two-config sequence sweep over each query's relevant docid, teacher-forced ->
+    greedy Hits@1 and log-probabilities (`analysis.circuit.sequence_circuit_report`). Means are per decoder
+    position over the correct validation queries' teacher-forced docids."""
     from genir_jax.analysis.circuit import PAPER_CIRCUIT, RESULTS_JSON, circuit_interventions, sequence_circuit_report
     from genir_jax.analysis.inputs import tokenize_for_analysis
     from genir_jax.commands.common import write_stages
-    from genir_jax.data.corpus import read_queries
-    from genir_jax.docid_schemes import docid_token_sequences
+    from genir_jax.data.corpus import read_qrels, read_queries
+    from genir_jax.docid_schemes import docid_token_sequences, docid_trie
     from genir_jax.interventions import mean_activations
     from genir_jax.io import atomic_directory, write_json
     from genir_jax.patching import run_sweep
+    from genir_jax.retrieval import check_run_covers, rank_docid_sequences, write_trec_run
     from genir_jax.sequence_targets import pad_targets, teacher_forcing_inputs
     from genir_jax.sites import COMPONENT_SITES
 
     inputs = correct_sequence_inputs(layout)
     model, tokenizer, scheme = inputs.model, inputs.model.tokenizer, inputs.scheme
+    source = str(layout.full / "docids.json")
     test_queries = read_queries(layout.queries("test"))
-    sequences = docid_token_sequences(scheme, tokenizer, [q.relevant_docs[0] for q in test_queries],
-                                      str(layout.full / "docids.json"))
-    width = max(inputs.targets.shape[1], max(len(s) for s in sequences))
+    qrels = read_qrels(layout.qrels("test"))
+    check_run_covers([q.id for q in test_queries], qrels, str(layout.qrels("test")))
+    doc_ids = list(scheme.docids)
+    trie = docid_trie(scheme, tokenizer, doc_ids, source)
+    sequences = docid_token_sequences(scheme, tokenizer, [q.relevant_docs[0] for q in test_queries], source)
+    width = max(trie.max_docid_length, inputs.targets.shape[1])  # every decoding step and every docid
     val_targets, _ = pad_targets([q.tokens for q in inputs.queries], width)
     targets, target_mask = pad_targets(sequences, width)
     stages, stages_record = resolve_stages(config.stages, inputs, settings.progress)
@@ -91,18 +97,22 @@ def _run_sequence_circuit(layout, settings, config: Config) -> dict:
                              [f"decoder.*.{site}" for site in COMPONENT_SITES.values()],
                              decoder_input_ids=teacher_forcing_inputs(val_targets, model.config.decoder_start_token_id),
                              progress=settings.progress) if any(p.mode == "mean" for p in circuit.patches) else None
+    sweep = circuit_interventions(model.config, circuit, stages, means)
     ids, mask = tokenize_for_analysis(tokenizer, [q.text for q in test_queries])
-    result = run_sweep(model.config, model.params, ids, mask, targets, circuit_interventions(model.config, circuit,
-                                                                                             stages, means),
-                       target_mask=target_mask, metrics=("rank", "logprob"), query_chunk=config.batch_size,
-                       progress=settings.progress)
-    report = sequence_circuit_report(circuit, stages, [q.id for q in test_queries], result.values["rank"],
-                                     result.values["logprob"], correct_queries=len(inputs.queries),
-                                     scheme=scheme.name)
+    ranked = [rank_docid_sequences(model.config, model.params, ids, mask, trie, num_beams=10,
+                                   batch_size=config.batch_size or 32, progress=settings.progress,
+                                   interventions=sweep.config(model.config, k) or None)[:2] for k in range(2)]
+    result = run_sweep(model.config, model.params, ids, mask, targets, sweep, target_mask=target_mask,
+                       metrics=("rank", "logprob"), query_chunk=config.batch_size, progress=settings.progress)
+    report, runs = sequence_circuit_report(
+        circuit, stages, [q.id for q in test_queries], doc_ids, [r[0] for r in ranked], [r[1] for r in ranked], qrels,
+        result.values["rank"], result.values["logprob"], correct_queries=len(inputs.queries), scheme=scheme.name)
     output = layout.analysis("circuit")
     with atomic_directory(output) as staging:
         write_json(os.path.join(staging, RESULTS_JSON), report, indent=2)
         write_stages(staging, stages_record)
+        write_trec_run(os.path.join(staging, "run_unpatched.trec"), runs[0], "full")
+        write_trec_run(os.path.join(staging, "run_circuit.trec"), runs[1], "full-circuit")
     return record_settings(output, "table4", config, checkpoint=layout.full, stages=stages,
                            stages_method=stages_record["method"], test_queries=len(test_queries), docids=scheme.name)
 
@@ -111,32 +121,33 @@ def render(layout) -> Section:
     report = read_json(layout.analysis("circuit") / "minimal_circuit.json")
     if report.get("docids", "atomic") != "atomic":
         return _render_sequences(report)
-    rows = []
-    for metric in ("Hits@1", "Recall@5", "Hits@10", "MRR@10"):
-        relative = report["relative"].get(metric)
-        paper = PAPER.get(metric)
-        rows.append((metric, percent(report["unpatched"][metric]), percent(report["patched"][metric]),
-                     None if relative is None else f"{100 * relative:.0f}%",
-                     None if paper is None else f"{paper[0]:.1f} ({paper[1]}%)"))
-    text = md_table(["metric", "unpatched", "circuit", "circuit / unpatched", "paper: circuit (relative)"], rows)
+    text = _metric_table(report, ("Hits@1", "Recall@5", "Hits@10", "MRR@10"))
     text += f"\n\nCircuit: {report['config']} (means over {report['mean_over_correct_queries']} correct validation " \
             f"queries; {report['queries']} test queries).\n"
     return Section(text)
 
 
+def _metric_table(report: dict, metrics) -> str:
+    rows = []
+    for metric in metrics:
+        relative = report["relative"].get(metric)
+        paper = PAPER.get(metric)
+        rows.append((metric, percent(report["unpatched"][metric]), percent(report["patched"][metric]),
+                     None if relative is None else f"{100 * relative:.0f}%",
+                     None if paper is None else f"{paper[0]:.1f} ({paper[1]}%)"))
+    return md_table(["metric", "unpatched", "circuit", "circuit / unpatched", "paper: circuit (relative)"], rows)
+
+
 def _render_sequences(report: dict) -> Section:
-    relative = report["relative"]["Hits@1"]
-    rows = [("Hits@1 (greedy decoding)", percent(report["unpatched"]["Hits@1"]), percent(report["patched"]["Hits@1"]),
-             None if relative is None else f"{100 * relative:.0f}%", f"{PAPER['Hits@1'][0]:.1f} ({PAPER['Hits@1'][1]}%)"),
-            ("mean log-probability of the relevant docid", f"{report['unpatched']['mean_logprob']:.3f}",
-             f"{report['patched']['mean_logprob']:.3f}", None, None)]
-    text = md_table(["metric", "unpatched", "circuit", "circuit / unpatched", "paper: circuit (relative)"], rows)
-    text += (f"\n\n{report['docids'].capitalize()} docids: each of the {report['queries']} test queries' relevant docid, "
-             "teacher-forced, with the circuit patched at every decoder position; Hits@1 counts the queries whose "
-             "docid greedy decoding reproduces exactly (worst step rank 0). The paper's Hits@1 is beam-search "
-             "retrieval of atomic docids; Recall@5 and Hits@10 would need decoding under the circuit and are not "
-             f"computed. Circuit: {report['config']} (means per decoder position over "
-             f"{report['mean_over_correct_queries']} correct validation queries).\n")
+    text = _metric_table(report, ("Hits@1", "Recall@5", "Hits@10", "MRR@10", "greedy Hits@1"))
+    logprob = (report["unpatched"]["mean logprob"], report["patched"]["mean logprob"])
+    text += (f"\n\n{report['docids'].capitalize()} docids, {report['queries']} test queries: beam search (10 beams over the "
+             "docid trie) without and with the circuit patched at every decoding step; greedy Hits@1 counts the "
+             "queries whose relevant docid greedy decoding reproduces exactly (teacher-forced worst step rank 0). "
+             f"Mean log-probability of the relevant docid: {logprob[0]:.3f} unpatched, {logprob[1]:.3f} with the "
+             "circuit. The paper's values are for atomic docids. Circuit: "
+             f"{report['config']} (means per decoder position over {report['mean_over_correct_queries']} correct "
+             "validation queries).\n")
     return Section(text)
 
 

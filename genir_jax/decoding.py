@@ -26,8 +26,12 @@ transformers under a trie: beams 1..K-1 start dead (-inf) rather than at -1e9, s
 of the first beam cannot come back as duplicate docids with scores near -1e9 / length; the valid results
 are the same (tests/test_decoding.py compares with ``prefix_allowed_tokens_fn``).
 
-Limitations: no interventions (the decoder step is a separate implementation of `genir_jax.model`'s decoder
-that shares its modules' numerics), no dropout, computation in the parameters' dtype, one EOS id.
+Interventions: whole-layer patches of the decoder's component outputs (``decoder.L.hook_attn_out``,
+``hook_cross_attn_out``, ``hook_mlp_out``: zero, or one value per decoder position such as the means at
+teacher-forced positions; `decoder_output_patches`) apply at every step, as `genir_jax.model` applies them
+(``out + mask * (value - out)``), so a circuit can be evaluated by retrieval. Other sites are refused (the
+decoder step is a separate implementation of `genir_jax.model`'s decoder that shares its modules' numerics).
+Limitations: no dropout, computation in the parameters' dtype, one EOS id.
 """
 
 from __future__ import annotations
@@ -46,6 +50,59 @@ from genir_jax.modules import MLP, RelativePositionBias, RMSNorm
 from genir_jax.taps import SiteTap
 
 _NEG = -1.0e9  # transformers' "very large negative" bookkeeping value
+_OUTPUTS = ("hook_attn_out", "hook_cross_attn_out", "hook_mlp_out")  # the patchable sites, in layer order
+
+
+def decoder_output_patches(config: T5Config, interventions, length: int):
+    """`interventions` (a `genir_jax.interventions` pytree) as the cached decoder step applies them: per
+    component output (`_OUTPUTS`) a tuple of ``(mask [L], value [L, length, D])`` float32 pairs, in order;
+    None when there is nothing to apply. Only whole-layer patches of the decoder's component outputs with
+    one value for every query (a scalar, or per decoder position for at least `length` positions) are
+    supported; anything else raises `GenIRError` naming the site."""
+    from genir_jax.taps import Patch
+
+    if not interventions:
+        return None
+    layers, width = config.num_decoder_layers, config.d_model
+    unknown = [stack for stack in interventions if stack != "decoder"]
+    if unknown:
+        raise GenIRError(f"beam search: interventions on the {unknown[0]} are not supported (only the decoder's "
+                         f"component outputs {', '.join(_OUTPUTS)})")
+    unexpected = sorted(set(interventions["decoder"]) - set(_OUTPUTS))
+    if unexpected:
+        raise GenIRError(f"beam search: decoder.*.{unexpected[0]} cannot be patched during decoding (only "
+                         f"{', '.join(_OUTPUTS)})")
+    out = []
+    for local in _OUTPUTS:
+        patches = interventions["decoder"].get(local, ())
+        patches = (patches,) if isinstance(patches, Patch) else tuple(patches)
+        pairs = []
+        for patch in patches:
+            mask = np.asarray(patch.mask, np.float32)
+            if mask.ndim < 1 or mask.shape[0] != layers or any(n != 1 for n in mask.shape[1:]):
+                raise GenIRError(f"beam search: decoder.*.{local}: only whole-layer masks [L, 1, ...] are supported, "
+                                 f"got {mask.shape}")
+            value = np.asarray(patch.value, np.float32)
+            if value.ndim == 0:
+                value = np.full((layers, length, width), value, np.float32)
+            else:
+                per_position = value.ndim == 4 and value.shape[1] == 1 and value.shape[0] in (1, layers) \
+                    and value.shape[3] == width and (value.shape[2] == 1 or value.shape[2] >= length)
+                if not per_position:
+                    raise GenIRError(f"beam search: decoder.*.{local}: the value must be one per layer and decoder "
+                                     f"position for every query ([L, 1, >= {length}, D]), got {value.shape}")
+                value = np.broadcast_to(value[:, 0, :length], (layers, length, width))
+            pairs.append((jnp.asarray(mask.reshape(layers)), jnp.asarray(value)))
+        out.append(tuple(pairs))
+    return tuple(out) if any(out) else None
+
+
+def _patched(out, pairs, position):
+    """`out` [N, D] of one component at decoder `position` with its patches (mask scalar, value [P, D])."""
+    for mask, value in pairs:
+        at = jax.lax.dynamic_index_in_dim(value, position, axis=0, keepdims=False).astype(out.dtype)
+        out = out + mask.astype(out.dtype) * (at[None, :] - out)
+    return out
 
 
 class DocidTrie:
@@ -167,12 +224,14 @@ def beam_search(
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
     renormalize: bool = False,
+    interventions=None,
 ) -> BeamSearchOutput:
     """Beam search over queries ``input_ids`` / ``attention_mask`` ([N, S]); see the module docstring.
 
     `max_length` counts the decoder start token (transformers' meaning): at most ``max_length - 1`` tokens
     are generated. With a `trie` it must leave room for the longest docid. `num_return` defaults to
     `num_beams`. Defaults (``length_penalty=1.0``, ``early_stopping=False``) are transformers'.
+    `interventions`: decoder component-output patches applied at every step (`decoder_output_patches`).
     """
     num_return = num_beams if num_return is None else int(num_return)
     if num_beams < 1:
@@ -201,8 +260,9 @@ def beam_search(
         trie_arrays, max_children = trie.arrays(), trie.max_children
     else:
         trie_arrays, max_children = None, 0
+    patches = decoder_output_patches(config, interventions, max_length - 1)
     sequences, scores = _beam_search(
-        config, params, input_ids, attention_mask, trie_arrays, num_beams=num_beams, max_length=max_length,
+        config, params, input_ids, attention_mask, trie_arrays, patches, num_beams=num_beams, max_length=max_length,
         num_return=num_return, length_penalty=float(length_penalty), early_stopping=early_stopping,
         renormalize=bool(renormalize), max_children=max_children)
     return BeamSearchOutput(sequences, scores)
@@ -225,10 +285,11 @@ def _attend(q, k, v, bias, key_mask, out):
 
 
 def _decoder_step(config: T5Config, params, tokens, position, self_k, self_v, cross_k, cross_v, cross_mask,
-                  bias_rows):
+                  bias_rows, patches=None):
     """Logits [N, V] for `tokens` [N] at decoder `position` (traced), and the updated self-attention
     caches [L, N, T, H, dk]. cross_k / cross_v [L, N, S, H, dk]; cross_mask [N, 1, S] bool;
-    bias_rows [T, H, T] (the causal relative position bias of every query position)."""
+    bias_rows [T, H, T] (the causal relative position bias of every query position); `patches`: from
+    `decoder_output_patches`, or None."""
     cfg = config
     dec = params["decoder"]
     length = self_k.shape[2]
@@ -239,8 +300,11 @@ def _decoder_step(config: T5Config, params, tokens, position, self_k, self_v, cr
     norm = RMSNorm(epsilon=cfg.layer_norm_epsilon)
     no_tap = SiteTap(None).scoped("mlp.")
 
+    layer_patches = ((), (), ()) if patches is None else tuple(
+        tuple((mask, value) for mask, value in pairs) for pairs in patches)  # scanned: [L] / [L, P, D] leaves
+
     def layer(x, xs):
-        lp, k_cache, v_cache, ck, cv = xs
+        lp, k_cache, v_cache, ck, cv, own = xs
         sa = lp["self_attn"]
         h = norm.apply({"params": lp["self_attn_norm"]}, x)
         q = jnp.einsum("nd,dhk->nhk", h, sa["query"])
@@ -248,16 +312,16 @@ def _decoder_step(config: T5Config, params, tokens, position, self_k, self_v, cr
         v_new = jnp.einsum("nd,dhk->nhk", h, sa["value"])
         k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k_new[:, None], position, axis=1)
         v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v_new[:, None], position, axis=1)
-        x = x + _attend(q, k_cache, v_cache, bias, causal, sa["out"])
+        x = x + _patched(_attend(q, k_cache, v_cache, bias, causal, sa["out"]), own[0], position)
         ca = lp["cross_attn"]
         h = norm.apply({"params": lp["cross_attn_norm"]}, x)
         q = jnp.einsum("nd,dhk->nhk", h, ca["query"])
-        x = x + _attend(q, ck, cv, None, cross_mask, ca["out"])
+        x = x + _patched(_attend(q, ck, cv, None, cross_mask, ca["out"]), own[1], position)
         h = norm.apply({"params": lp["mlp_norm"]}, x)
-        x = x + mlp.apply({"params": lp["mlp"]}, h, no_tap)
+        x = x + _patched(mlp.apply({"params": lp["mlp"]}, h, no_tap), own[2], position)
         return x, (k_cache, v_cache)
 
-    x, (self_k, self_v) = jax.lax.scan(layer, x, (dec["layers"], self_k, self_v, cross_k, cross_v))
+    x, (self_k, self_v) = jax.lax.scan(layer, x, (dec["layers"], self_k, self_v, cross_k, cross_v, layer_patches))
     x = norm.apply({"params": dec["final_norm"]}, x)
     logits = T5(cfg).apply({"params": params}, x, method=T5.unembed)
     return logits.astype(jnp.float32), self_k, self_v
@@ -312,7 +376,7 @@ def _trie_next(trie, states, tokens, max_children):
 
 @functools.partial(jax.jit, static_argnames=("config", "num_beams", "max_length", "num_return", "length_penalty",
                                              "early_stopping", "renormalize", "max_children"))
-def _beam_search(config, params, input_ids, attention_mask, trie, *, num_beams, max_length, num_return,
+def _beam_search(config, params, input_ids, attention_mask, trie, patches, *, num_beams, max_length, num_return,
                  length_penalty, early_stopping, renormalize, max_children):
     cfg = config
     B, K, T, V = input_ids.shape[0], num_beams, max_length, cfg.vocab_size
@@ -358,7 +422,7 @@ def _beam_search(config, params, input_ids, attention_mask, trie, *, num_beams, 
         cur_len = i + 1  # tokens in the running sequences, start token included
         tokens = c["running_seqs"][:, :, i].reshape(B * K)
         logits, self_k, self_v = _decoder_step(cfg, params, tokens, i, c["self_k"], c["self_v"], cross_k, cross_v,
-                                               cross_mask, bias_rows)
+                                               cross_mask, bias_rows, patches)
         logits = logits.reshape(B, K, V)
         if trie is not None:
             window = _trie_window(trie, c["running_state"], max_children)  # [B, K, C]
@@ -435,4 +499,4 @@ def _beam_search(config, params, input_ids, attention_mask, trie, *, num_beams, 
     return seqs, scores
 
 
-__all__ = ["BeamSearchOutput", "DocidTrie", "beam_search"]
+__all__ = ["BeamSearchOutput", "DocidTrie", "beam_search", "decoder_output_patches"]

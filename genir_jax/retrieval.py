@@ -115,7 +115,7 @@ def rank_docids(config: T5Config, params, input_ids, attention_mask, docid_token
 
 def rank_docid_sequences(config: T5Config, params, input_ids, attention_mask, trie, *, num_beams: int = 10,
                          num_return: int | None = None, batch_size: int = 32, constrained: bool = True,
-                         max_length: int | None = None, lookup=None, progress: bool = True):
+                         max_length: int | None = None, lookup=None, progress: bool = True, interventions=None):
     """Top docids of every query by beam search over docid token sequences.
 
     `trie`: a `genir_jax.decoding.DocidTrie` whose docid i is document i. ``constrained=False`` decodes
@@ -124,7 +124,8 @@ def rank_docid_sequences(config: T5Config, params, input_ids, attention_mask, tr
     decoded text, as the reference matches strings). Returns ``(indices [N, R] (-1: no docid of the corpus,
     or a document already ranked higher), scores [N, R] float32 (beam scores: summed log-probabilities /
     length), sequences [N, R, T])``. `batch_size` queries per jitted call (x `num_beams` decoder rows); the
-    last batch is padded, so it compiles once.
+    last batch is padded, so it compiles once. `interventions`: decoder component-output patches applied at
+    every decoding step (`genir_jax.decoding.decoder_output_patches`), e.g. a circuit.
     """
     from genir_jax.decoding import beam_search
 
@@ -144,7 +145,7 @@ def rank_docid_sequences(config: T5Config, params, input_ids, attention_mask, tr
                       disable=not progress or chunks < 2):
         ids, mask = batch.arrays
         out = beam_search(config, params, ids, mask, num_beams=num_beams, num_return=num_return,
-                          max_length=max_length, trie=trie if constrained else None)
+                          max_length=max_length, trie=trie if constrained else None, interventions=interventions)
         seqs.append(np.asarray(out.sequences)[:batch.size])
         scores.append(np.asarray(out.scores, dtype=np.float32)[:batch.size])
     sequences, score_array = np.concatenate(seqs), np.concatenate(scores)

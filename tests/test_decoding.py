@@ -162,8 +162,9 @@ def test_trie_beam_search_equals_transformers_prefix_allowed_tokens(hf_model):
 # Constrained: exhaustive scoring, validity
 # -------------------------------------------------------------------------------------------------
 
-def _exhaustive_scores(params, trie, ids, mask, length_penalty, renormalize):
-    """[Q, D] score of every docid for every query, teacher-forced through `genir_jax.forward`."""
+def _exhaustive_scores(params, trie, ids, mask, length_penalty, renormalize, interventions=None):
+    """[Q, D] score of every docid for every query, teacher-forced through `genir_jax.forward` (with
+    `interventions`, their per-position values cut to the docids' width)."""
     docids = trie.docids
     width = max(len(d) for d in docids)
     decoder = np.zeros((len(docids), width), dtype=np.int64)  # start token, then the docid without EOS
@@ -171,7 +172,8 @@ def _exhaustive_scores(params, trie, ids, mask, length_penalty, renormalize):
         decoder[j, 1:len(d)] = d[:-1]
     q, n = len(ids), len(docids)
     logits = np.asarray(gj.forward(CONFIG, params, np.repeat(ids, n, 0), np.repeat(mask, n, 0),
-                                   np.tile(decoder, (q, 1)))).reshape(q, n, width, -1)
+                                   np.tile(decoder, (q, 1)), interventions=_cut(interventions, width))
+                        ).reshape(q, n, width, -1)
     scores = np.zeros((q, n))
     for j, d in enumerate(docids):
         for step, token in enumerate(d):
@@ -221,3 +223,81 @@ def test_trie_only_emits_valid_docids(params):
     assert np.isfinite(scores[:, :3]).all() and np.isneginf(scores[:, 3:]).all()
     assert not sequences[:, 3:].any()
     assert all(sorted(row) == [0, 1, 2] for row in small.index_of(sequences[:, :3]).tolist())
+
+
+# -------------------------------------------------------------------------------------------------
+# Interventions during decoding
+# -------------------------------------------------------------------------------------------------
+
+def _cut(interventions, length):
+    """`interventions` with per-position values cut to the first `length` decoder positions."""
+    from genir_jax.taps import Patch
+
+    if interventions is None:
+        return None
+    out = {}
+    for stack, sites in interventions.items():
+        out[stack] = {}
+        for local, patches in sites.items():
+            patches = (patches,) if isinstance(patches, Patch) else tuple(patches)
+            out[stack][local] = tuple(Patch(p.mask, p.value if np.ndim(p.value) == 0 else np.asarray(p.value)[:, :, :length])
+                                      for p in patches)
+    return out
+
+
+def _circuit_like(params, max_length):
+    """Zeroed MLP in decoder layer 0 and cross-attention replaced by its per-position mean in layer 1 (means
+    over a few teacher-forced sequences), as the circuit's patches are."""
+    from genir_jax import interventions as ivs
+
+    ids, mask, _ = padded_batch(CONFIG.vocab_size, [5, 7, 4, 6], seed=21)
+    decoder = np.random.default_rng(2).integers(2, 9, size=(4, max_length - 1))
+    decoder[:, 0] = 0
+    means = ivs.mean_activations(CONFIG, params, ids, mask, ["decoder.1.hook_cross_attn_out"],
+                                 decoder_input_ids=decoder, progress=False)
+    return ivs.combine(ivs.zero_ablation(CONFIG, ["decoder.0.hook_mlp_out"]),
+                       ivs.mean_ablation(CONFIG, means, sites=["decoder.1.hook_cross_attn_out"]))
+
+
+def test_single_beam_with_interventions_is_patched_greedy_decoding(params):
+    max_length = 6
+    patches = _circuit_like(params, max_length)
+    ids, mask, _ = padded_batch(CONFIG.vocab_size, [6, 3, 9, 4, 7], seed=3)
+    out = beam_search(CONFIG, params, ids, mask, num_beams=1, max_length=max_length, interventions=patches)
+    decoder = np.zeros((len(ids), 1), dtype=np.int64)
+    done = np.zeros(len(ids), bool)
+    for step in range(max_length - 1):
+        logits = gj.forward(CONFIG, params, ids, mask, decoder, interventions=_cut(patches, step + 1))[:, -1]
+        token = np.where(done, 0, np.asarray(logits).argmax(-1))
+        done |= token == EOS
+        decoder = np.concatenate([decoder, token[:, None]], axis=1)
+    np.testing.assert_array_equal(np.asarray(out.sequences[:, 0]), decoder)
+    plain = beam_search(CONFIG, params, ids, mask, num_beams=1, max_length=max_length)
+    assert not np.array_equal(np.asarray(plain.sequences), np.asarray(out.sequences))  # the patches matter
+
+
+def test_trie_beam_search_with_interventions_equals_patched_exhaustive_scoring(params):
+    trie = DocidTrie(_random_docids(np.random.default_rng(0), 30, (2, 4), np.arange(2, 9)))
+    patches = _circuit_like(params, 5)
+    ids, mask, _ = padded_batch(CONFIG.vocab_size, [6, 3, 9, 4, 7], seed=7)
+    out = beam_search(CONFIG, params, ids, mask, num_beams=32, num_return=10, max_length=5, trie=trie,
+                      interventions=patches)
+    expected = _exhaustive_scores(params, trie, ids, mask, 1.0, False, interventions=patches)
+    order = np.argsort(-expected, axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(trie.index_of(np.asarray(out.sequences)), order)
+    np.testing.assert_allclose(np.asarray(out.scores), np.take_along_axis(expected, order, 1), rtol=0, atol=1e-5)
+
+
+def test_unsupported_interventions_during_decoding_are_refused(params):
+    from genir_jax import interventions as ivs
+
+    ids, mask, _ = padded_batch(CONFIG.vocab_size, [4, 5], seed=1)
+    from genir_jax.taps import Patch
+
+    per_position = {"decoder": {"hook_mlp_out": Patch(np.zeros((3, 1, 4, 1), np.float32), 0.0)}}
+    for bad, message in ((ivs.zero_ablation(CONFIG, ["decoder.1.mlp.hook_post"]), "cannot be patched during decoding"),
+                         (ivs.zero_ablation(CONFIG, ["encoder.0.hook_mlp_out"]), "interventions on the encoder"),
+                         (ivs.zero_ablation(CONFIG, ["decoder.1.hook_resid_post"]), "cannot be patched"),
+                         (per_position, "only whole-layer masks")):
+        with pytest.raises(GenIRError, match=message):
+            beam_search(CONFIG, params, ids, mask, num_beams=2, max_length=4, interventions=bad)

@@ -377,7 +377,10 @@ def test_tiny_naive_reproduction_reports_stage_patching_over_docid_sequences(tmp
     test_queries = json.loads((out / "data" / "test_queries.json").read_text())
     assert circuit["docids"] == "naive" and circuit["queries"] == len(test_queries)
     worst = np.asarray(circuit["per_query"]["worst_rank"])
-    assert circuit["unpatched"]["Hits@1"] == pytest.approx(float(np.mean(worst[0] == 0)))
+    assert circuit["unpatched"]["greedy Hits@1"] == pytest.approx(float(np.mean(worst[0] == 0)))
+    evaluated = json.loads((out / "eval" / "full-test" / "metrics.json").read_text())["metrics"]
+    for metric in ("Hits@1", "Recall@5", "Hits@10", "MRR@10"):  # unpatched beam search = `evaluate`'s
+        assert circuit["unpatched"][metric] == pytest.approx(evaluated[metric]), metric
     from genir_jax.analysis.inputs import tokenize_for_analysis
     from genir_jax.docid_schemes import docid_token_sequences
 
@@ -386,7 +389,7 @@ def test_tiny_naive_reproduction_reports_stage_patching_over_docid_sequences(tmp
                                            [q["relevant_docs"][0] for q in test_queries], "test")
     greedy = greedy_consistent(model.config, model.params, test_ids, test_mask, test_sequences)
     np.testing.assert_array_equal(worst[0] == 0, greedy)  # unpatched: greedy decoding gives the docid
-    assert "Hits@1 (greedy decoding)" in report
+    assert "| greedy Hits@1 |" in report
     assert (out / "figures" / "figure4_steps_rank_development.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -155,24 +155,36 @@ def rank_with_circuit(config: T5Config, params, circuit_interventions_: Sweep, i
 
 
 def sequence_circuit_report(circuit: Circuit, stages: Sequence[Sequence[int]], query_ids: Sequence[str],
-                            worst_ranks, logprobs, *, correct_queries: int, scheme: str) -> dict:
-    """``minimal_circuit.json``'s content for naive / semantic docids, from a two-config sequence sweep
-    (unpatched, circuit) over the test queries' relevant docids, teacher-forced (`run_sweep` with a
-    `target_mask`): Hits@1 of greedy decoding (the relevant docid's worst step rank is 0, i.e. greedy decoding
-    reproduces it exactly) and the mean sequence log-probability, both runs and their ratio. Beam-search
-    metrics (Recall@5, Hits@10) need decoding under the circuit, which the sweep does not do."""
+                            doc_ids: Sequence[str], indices, scores, qrels, worst_ranks, logprobs, *,
+                            correct_queries: int, scheme: str) -> tuple[dict, list]:
+    """(``minimal_circuit.json``'s content, the two runs [unpatched, circuit]) for naive / semantic docids.
+
+    `indices` / `scores` [2, N, R]: beam search (`genir_jax.retrieval.rank_docid_sequences`) without and with
+    the circuit, indices into `doc_ids` -> the retrieval metrics of both and their ratio, as for atomic docids.
+    `worst_ranks` / `logprobs` [2, N]: a two-config sequence sweep over each query's relevant docid,
+    teacher-forced -> greedy-decoding Hits@1 (worst step rank 0: greedy decoding reproduces the docid) and the
+    mean sequence log-probability."""
+    from genir_jax.retrieval import evaluate_run, run_from_ranking
+
+    runs = [run_from_ranking(query_ids, doc_ids, np.asarray(indices[k]), np.asarray(scores[k])) for k in range(2)]
+    measured = [evaluate_run(run, qrels) for run in runs]
     worst_ranks, logprobs = np.asarray(worst_ranks), np.asarray(logprobs, np.float64)
-    hits = [float(np.mean(worst_ranks[k] == 0)) for k in range(2)]
-    return {
+    for k in range(2):
+        measured[k]["greedy Hits@1"] = float(np.mean(worst_ranks[k] == 0))
+        measured[k]["mean logprob"] = float(logprobs[k].mean())
+    unpatched, patched = measured
+    relative = {m: (patched[m] / unpatched[m] if unpatched[m] else None) for m in unpatched
+                if m not in ("queries", "mean logprob")}
+    report = {
         "circuit": circuit.as_json(), "config": circuit.describe(stages), "stages": [list(s) for s in stages],
         "docids": scheme, "queries": len(query_ids), "mean_over_correct_queries": correct_queries,
-        "ranking": "greedy decoding (teacher-forced: the relevant docid's worst step rank is 0)",
-        "unpatched": {"Hits@1": hits[0], "mean_logprob": float(logprobs[0].mean())},
-        "patched": {"Hits@1": hits[1], "mean_logprob": float(logprobs[1].mean())},
-        "relative": {"Hits@1": hits[1] / hits[0] if hits[0] else None},
+        "ranking": "beam search over the docid trie (10 beams), patched at every decoding step; greedy Hits@1 "
+                   "and log-probabilities teacher-forced",
+        "unpatched": unpatched, "patched": patched, "relative": relative,
         "per_query": {"query_ids": [str(q) for q in query_ids], "worst_rank": worst_ranks.tolist(),
                       "logprob": logprobs.tolist()},
     }
+    return report, runs
 
 
 def reference_retrieval_metrics(top_ids, query_ids: Sequence[str], qrels, doc_of_token: dict) -> dict[str, float]:
