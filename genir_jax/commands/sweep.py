@@ -159,12 +159,10 @@ def default_metrics(args, atomic: str, sequences: str) -> str:
     return sequences if multi_token else atomic
 
 
-def _validate_scheme(args, metrics: list[str]) -> None:
+def _validate_scheme(args, metrics: list[str], scheme) -> None:
     """Multi-token (naive / semantic) docids: only the sequence metrics."""
-    from genir_jax.docid_schemes import checkpoint_scheme
     from genir_jax.metrics import SEQUENCE_METRICS
 
-    scheme = checkpoint_scheme(args.checkpoint)
     if not scheme.multi_token:
         return
     bad = [m for m in metrics if m not in SEQUENCE_METRICS]
@@ -207,7 +205,8 @@ def prepare(args, metrics: list[str]) -> Prepared:
     from genir_jax.site_grammar import parse_sweep, swept_sites
 
     _validate_common(args, metrics)
-    _validate_scheme(args, metrics)
+    scheme = checkpoint_scheme(args.checkpoint)
+    _validate_scheme(args, metrics, scheme)
     output = check_output(args.output)
     started = time.perf_counter()
     dtype = getattr(args, "dtype", "float32")  # bfloat16: parameters and compute; metrics stay float32
@@ -215,7 +214,6 @@ def prepare(args, metrics: list[str]) -> Prepared:
     if model.tokenizer is None:
         raise GenIRError(f"{args.checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
     config, params, tokenizer = model.config, model.params, model.tokenizer
-    scheme = checkpoint_scheme(args.checkpoint)
     target_mask, decoder_inputs = None, None
     if scheme.multi_token:
         from genir_jax.analysis.inputs import load_correct_sequence_queries
