@@ -20,14 +20,12 @@ class Config:
 def run_circuit(layout, settings, config: Config) -> dict:
     """The paper's minimal circuit (`genir_jax.analysis.circuit`) on the test queries, means over the correct
     validation queries, ranked over docid tokens; writes what `genir-jax circuit` writes."""
-    from genir_jax.analysis.circuit import (PAPER_CIRCUIT, RESULTS_JSON, circuit_interventions, circuit_report,
-                                            docid_targets, rank_with_circuit)
+    from genir_jax.analysis.circuit import (PAPER_CIRCUIT, circuit_interventions, circuit_report, docid_targets,
+                                            rank_with_circuit)
     from genir_jax.analysis.inputs import tokenize_for_analysis
-    from genir_jax.commands.common import write_stages
     from genir_jax.data.corpus import read_qrels, read_queries
     from genir_jax.interventions import mean_activations
-    from genir_jax.io import atomic_directory, write_json
-    from genir_jax.retrieval import check_run_covers, write_trec_run
+    from genir_jax.retrieval import check_run_covers
     from genir_jax.sites import COMPONENT_SITES
 
     if full_scheme(layout).multi_token:
@@ -51,6 +49,16 @@ def run_circuit(layout, settings, config: Config) -> dict:
     report, runs = circuit_report(circuit, stages, [q.id for q in test_queries], docids.doc_ids, top_ids, top_logits,
                                   qrels, correct_queries=len(inputs.queries),
                                   ranking="docid tokens only, masked padding")
+    return _write_circuit(layout, config, report, runs, stages, stages_record, test_queries=len(test_queries))
+
+
+def _write_circuit(layout, config: Config, report: dict, runs, stages, stages_record: dict, **used) -> dict:
+    """What `genir-jax circuit` writes (the report, stages.json, both runs), then experiment.json."""
+    from genir_jax.analysis.circuit import RESULTS_JSON
+    from genir_jax.commands.common import write_stages
+    from genir_jax.io import atomic_directory, write_json
+    from genir_jax.retrieval import write_trec_run
+
     output = layout.analysis("circuit")
     with atomic_directory(output) as staging:
         write_json(os.path.join(staging, RESULTS_JSON), report, indent=2)
@@ -58,7 +66,7 @@ def run_circuit(layout, settings, config: Config) -> dict:
         write_trec_run(os.path.join(staging, "run_unpatched.trec"), runs[0], "full")
         write_trec_run(os.path.join(staging, "run_circuit.trec"), runs[1], "full-circuit")
     return record_settings(output, "table4", config, checkpoint=layout.full, stages=stages,
-                           stages_method=stages_record["method"], test_queries=len(test_queries))
+                           stages_method=stages_record["method"], **used)
 
 
 def _run_sequence_circuit(layout, settings, config: Config) -> dict:
@@ -67,15 +75,13 @@ def _run_sequence_circuit(layout, settings, config: Config) -> dict:
     atomic docids; and a two-config sequence sweep over each query's relevant docid, teacher-forced ->
     greedy Hits@1 and log-probabilities (`analysis.circuit.sequence_circuit_report`). Means are per decoder
     position over the correct validation queries' teacher-forced docids."""
-    from genir_jax.analysis.circuit import PAPER_CIRCUIT, RESULTS_JSON, circuit_interventions, sequence_circuit_report
+    from genir_jax.analysis.circuit import PAPER_CIRCUIT, circuit_interventions, sequence_circuit_report
     from genir_jax.analysis.inputs import tokenize_for_analysis
-    from genir_jax.commands.common import write_stages
     from genir_jax.data.corpus import read_qrels, read_queries
     from genir_jax.docid_schemes import docid_token_sequences, docid_trie
     from genir_jax.interventions import mean_activations
-    from genir_jax.io import atomic_directory, write_json
     from genir_jax.patching import run_sweep
-    from genir_jax.retrieval import check_run_covers, rank_docid_sequences, write_trec_run
+    from genir_jax.retrieval import check_run_covers, rank_docid_sequences
     from genir_jax.sequence_targets import pad_targets, teacher_forcing_inputs
     from genir_jax.sites import COMPONENT_SITES
 
@@ -107,14 +113,8 @@ def _run_sequence_circuit(layout, settings, config: Config) -> dict:
     report, runs = sequence_circuit_report(
         circuit, stages, [q.id for q in test_queries], doc_ids, [r[0] for r in ranked], [r[1] for r in ranked], qrels,
         result.values["rank"], result.values["logprob"], correct_queries=len(inputs.queries), scheme=scheme.name)
-    output = layout.analysis("circuit")
-    with atomic_directory(output) as staging:
-        write_json(os.path.join(staging, RESULTS_JSON), report, indent=2)
-        write_stages(staging, stages_record)
-        write_trec_run(os.path.join(staging, "run_unpatched.trec"), runs[0], "full")
-        write_trec_run(os.path.join(staging, "run_circuit.trec"), runs[1], "full-circuit")
-    return record_settings(output, "table4", config, checkpoint=layout.full, stages=stages,
-                           stages_method=stages_record["method"], test_queries=len(test_queries), docids=scheme.name)
+    return _write_circuit(layout, config, report, runs, stages, stages_record, test_queries=len(test_queries),
+                          docids=scheme.name)
 
 
 def render(layout) -> Section:
