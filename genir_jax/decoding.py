@@ -300,8 +300,7 @@ def _decoder_step(config: T5Config, params, tokens, position, self_k, self_v, cr
     norm = RMSNorm(epsilon=cfg.layer_norm_epsilon)
     no_tap = SiteTap(None).scoped("mlp.")
 
-    layer_patches = ((), (), ()) if patches is None else tuple(
-        tuple((mask, value) for mask, value in pairs) for pairs in patches)  # scanned: [L] / [L, P, D] leaves
+    layer_patches = ((), (), ()) if patches is None else patches  # scanned: [L] / [L, P, D] leaves
 
     def layer(x, xs):
         lp, k_cache, v_cache, ck, cv, own = xs

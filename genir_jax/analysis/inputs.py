@@ -119,15 +119,15 @@ def load_correct_sequence_queries(val_queries_path: str | os.PathLike, correct_v
     from genir_jax.docid_schemes import docid_token_sequences
 
     queries = {q.id: q for q in read_queries(val_queries_path)}
-    out = []
-    for index, (docid, query_id) in enumerate(read_correct_valid(correct_valid_path, scheme)):
+    pairs = read_correct_valid(correct_valid_path, scheme)
+    for index, (_, query_id) in enumerate(pairs):
         if query_id not in queries:
             raise DataError(f"{os.fspath(correct_valid_path)}: record index {index}: query id {query_id!r} is not in "
                             f"{os.fspath(val_queries_path)}")
-        doc_id = scheme.doc_id_of(docid)
-        tokens = docid_token_sequences(scheme, tokenizer, [doc_id], scheme.source or os.fspath(correct_valid_path))[0]
-        out.append(CorrectSequenceQuery(query_id, queries[query_id].text, docid, doc_id, tuple(tokens)))
-    return out
+    doc_ids = [scheme.doc_id_of(docid) for docid, _ in pairs]
+    sequences = docid_token_sequences(scheme, tokenizer, doc_ids, scheme.source or os.fspath(correct_valid_path))
+    return [CorrectSequenceQuery(query_id, queries[query_id].text, docid, doc_id, tuple(tokens))
+            for (docid, query_id), doc_id, tokens in zip(pairs, doc_ids, sequences)]
 
 
 MAX_QUERY_TOKENS = 512
