@@ -20,8 +20,9 @@ components") adds two fixes, both implemented:
   leaves them unchanged.
 - GradDrop (cancellation): for each decoder layer l the gradient is recomputed with layer l's residual
   contributions blocked (their outputs patched to their own clean values, which keeps the forward and
-  zeroes the gradient through them); the magnitude estimate is ``sum_l |AtP_(-l)| / (L - 1)``. All L
-  variants run as one vmapped backward pass.
+  zeroes the gradient through them); the magnitude estimate is ``sum_l |AtP_(-l)| / (L - 1)``. The
+  forward pass is shared: the plain gradient minus the gradient of the paths through layer l's outputs
+  (see `_gradients_body`) is each variant, so the L variants cost one vmapped backward pass and no forward.
 
 `attribute` returns signed estimates (``scores``: AtP, QK-fixed for atp*) and, for atp*, the GradDrop
 magnitudes; rank units by `ranking` (|scores| for atp, magnitudes for atp*).
@@ -43,14 +44,14 @@ from genir_jax.config import T5Config
 from genir_jax.interventions import FromSource, InterventionError
 from genir_jax.model import T5, forward_with_cache
 from genir_jax.partitioning import Partitioner, current, maybe_activate, put_rows
-from genir_jax.metrics import DIFFERENTIABLE_METRICS, METRIC_TABLE, reduce_steps
+from genir_jax.metrics import DIFFERENTIABLE_METRICS, METRIC_TABLE
 from genir_jax.patching import (
     Source, _check_sequences, _check_token_ids, _decoder_inputs, _final_metrics, _plan, _source_names,
-    _validate_terms, target_metrics,
+    _validate_terms,
 )
 from genir_jax.sites import Site, num_layers, site_shape
 from genir_jax.sweep import Sweep, Term, as_sweep
-from genir_jax.taps import Patch
+from genir_jax.taps import Patch, Shift
 
 METHODS = ("atp", "atp*")
 _DROP_SITES = ("hook_attn_out", "hook_cross_attn_out", "hook_mlp_out")
@@ -82,23 +83,31 @@ def _full_shape(config: T5Config, term: Term, batch: int, encoder_length: int, d
     return (num_layers(config, term.stack),) + shape if term.is_layer_site else shape
 
 
-@functools.partial(jax.jit, static_argnames=("config", "plan", "metric", "probe", "drop", "partitioner", "dtype"))
-def _gradients(params, input_ids, attention_mask, targets, foils, values, zero_masks, probe_values, drop_values,
-               variants, target_mask=None, *, config, plan, metric, probe, drop, partitioner=None, dtype=None):
-    """Gradient densities of the summed metric w.r.t. every term's mask (and the probes') per variant."""
+@functools.partial(jax.jit, static_argnames=("config", "plan", "metric", "drop", "partitioner", "dtype"))
+def _gradients(params, input_ids, attention_mask, targets, foils, values, zero_masks, zero_probes,
+               target_mask=None, *, config, plan, metric, drop, partitioner=None, dtype=None):
+    """(clean metric [B], gradient densities of the metric w.r.t. every term's mask [V, ...], and the probes'
+    [V, ...]), V = 1 + (decoder layers when `drop`): variant 0 the plain gradient, variant 1 + l the gradient
+    with decoder layer l's residual contributions blocked (GradDrop)."""
     with maybe_activate(partitioner):
-        return _gradients_body(params, input_ids, attention_mask, targets, foils, values, zero_masks, probe_values,
-                               drop_values, variants, target_mask, config=config, plan=plan, metric=metric,
-                               probe=probe, drop=drop, dtype=dtype)
+        return _gradients_body(params, input_ids, attention_mask, targets, foils, values, zero_masks,
+                               zero_probes, target_mask, config=config, plan=plan, metric=metric, drop=drop,
+                               dtype=dtype)
 
 
-def _gradients_body(params, input_ids, attention_mask, targets, foils, values, zero_masks, probe_values, drop_values,
-                    variants, target_mask=None, *, config, plan, metric, probe, drop, dtype):
-    model = T5(config, dtype=dtype)
+def _gradients_body(params, input_ids, attention_mask, targets, foils, values, zero_masks, zero_probes,
+                    target_mask=None, *, config, plan, metric, drop, dtype):
+    """One forward pass, one backward pass for the plain gradient and, for GradDrop, one vmapped backward pass
+    over the decoder layers. Blocking layer l's outputs (attn, cross-attn, MLP: each added straight to the
+    residual) removes exactly the paths that leave through one of them; taking the last of them on each
+    path, the blocked paths' gradient is the vector-Jacobian product of the three outputs (all upstream
+    paths) with the gradient at the layer's output residual (the paths that bypass the later sub-layers).
+    So GradDrop costs one backward pass per layer and no further forward pass."""
+    model = T5(config, decoder_cache=tuple((local, None) for local in _DROP_SITES) if drop else (), dtype=dtype)
     start = _decoder_inputs(config, input_ids, targets, target_mask)
     layers = config.num_decoder_layers
 
-    def total(masks, probe_masks, variant):
+    def run(masks, probes, gate):
         interventions: dict = {}
 
         def add(stack, local, patch):
@@ -107,22 +116,32 @@ def _gradients_body(params, input_ids, attention_mask, targets, foils, values, z
 
         for term, mask, value in sorted(zip(plan, masks, values), key=lambda z: z[0].order):
             add(term.stack, term.local, Patch(mask, value))
-        if probe:  # mask m, value clean + 1: forward unchanged, d/dm = the raw gradient at the site
-            for local, mask in probe_masks.items():
-                add("decoder", local, Patch(mask, probe_values[local] + 1.0))
-        if drop:  # GradDrop: layer `variant`'s outputs replaced by their own clean values
-            onehot = (jnp.arange(layers) == variant).astype(jnp.float32).reshape(layers, 1, 1, 1)
-            for local in _DROP_SITES:
-                add("decoder", local, Patch(onehot, drop_values[local]))
-        # streamed over vocabulary blocks: the logit metrics need no unembedding matmul at all
+        for local, delta in probes.items():  # d/d delta = the gradient at the site (the QK fix reads them)
+            add("decoder", local, Shift(delta))
+        if drop:  # the same probe on each layer's MLP output: the gradient at the layer's output residual
+            add("decoder", "hook_mlp_out", Shift(gate))
         encoded, _ = model.apply({"params": params}, input_ids, attention_mask, interventions, method=T5.encode)
-        hidden, _ = model.apply({"params": params}, encoded, attention_mask, start, None, interventions,
-                                method=T5.decode)
-        return jnp.sum(_final_metrics(config, params, hidden, targets, (metric,), None, foils, 0, target_mask)[metric])
+        hidden, cache = model.apply({"params": params}, encoded, attention_mask, start, None, interventions,
+                                    method=T5.decode)
+        # streamed over vocabulary blocks: the logit metrics need no unembedding matmul at all
+        per_query = _final_metrics(config, params, hidden, targets, (metric,), None, foils, 0, target_mask)[metric]
+        return per_query, tuple(cache[local] for local in _DROP_SITES) if drop else ()
 
-    grad = jax.grad(total, argnums=(0, 1))
-    return jax.vmap(grad, in_axes=(None, None, 0))(zero_masks, {k: jnp.zeros_like(v) for k, v in probe_values.items()},
-                                                   variants)
+    gate_shape = (layers, input_ids.shape[0], start.shape[1], config.d_model) if drop else ()
+    (clean, outputs), backward = jax.vjp(run, zero_masks, zero_probes, jnp.zeros(gate_shape, jnp.float32))
+    no_outputs = jax.tree_util.tree_map(jnp.zeros_like, outputs)
+    plain_masks, plain_probes, at_output = backward((jnp.ones_like(clean), no_outputs))
+    plain = (plain_masks, plain_probes)
+    if not drop:
+        return clean, jax.tree_util.tree_map(lambda g: g[None], plain)
+
+    def blocked(layer):
+        only = (jnp.arange(layers) == layer).astype(at_output.dtype).reshape((layers,) + (1,) * (at_output.ndim - 1))
+        through, through_probes, _ = backward((jnp.zeros_like(clean), (at_output * only,) * len(_DROP_SITES)))
+        return jax.tree_util.tree_map(jnp.subtract, plain, (through, through_probes))
+
+    dropped = jax.vmap(blocked)(jnp.arange(layers))
+    return clean, jax.tree_util.tree_map(lambda p, d: jnp.concatenate([p[None], d]), plain, dropped)
 
 
 def _term_scores(config: T5Config, term: Term, density: np.ndarray) -> np.ndarray:
@@ -182,15 +201,6 @@ def _encoder_qk_scores(config: T5Config, params, term: Term, cache: dict, encode
         key_path = np.einsum("vlbhs,lbhs->vb", g_pattern, patched - clean_pattern)
         out[:, k] = key_path + np.einsum("vbs,s->vb", value_path, selection)
     return out
-
-
-def _clean_metric(logits, targets, foils, target_mask, metric: str):
-    """The unpatched metric per query from the clean logits [B, T, V]: the one step's, or the sequence's."""
-    if target_mask is None:
-        return target_metrics(logits[:, 0], jnp.asarray(targets), (metric,), foils=jnp.asarray(foils))[metric]
-    rows, steps = targets.shape
-    per_step = target_metrics(logits.reshape(rows * steps, -1), jnp.asarray(targets).reshape(-1), (metric,))[metric]
-    return reduce_steps(metric, per_step.reshape(rows, steps), target_mask)
 
 
 def _softmax(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -264,15 +274,13 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
         raise InterventionError("atp*: the QK fix of encoder.hook_out patches is implemented for single-token docids "
                                 "only; use atp (or an exact sweep) for docid sequences")
     layers = config.num_decoder_layers
-    variants = np.arange(-1, layers if star else 0, dtype=np.int32)  # -1: nothing dropped
+    variants = 1 + (layers if star else 0)  # the plain gradient, then one per dropped layer (GradDrop)
     chunk = query_chunk or min(count, 32)
-    cache_sites = []
-    if star:
-        cache_sites += [f"decoder.*.{s}" for s in _DROP_SITES]
-    if qk_terms:
-        cache_sites += ["decoder.*.cross_attn.hook_q", "decoder.*.cross_attn.hook_attn_scores",
-                        "decoder.*.cross_attn.hook_pattern", "decoder.*.cross_attn.hook_v", "encoder.hook_out"]
-    scores = np.zeros((len(variants), sweep.size, count), np.float32)
+    # a clean forward pass first only for the QK fix, which recomputes cross-attention patterns from it
+    cache_sites = ["decoder.*.cross_attn.hook_q", "decoder.*.cross_attn.hook_attn_scores",
+                   "decoder.*.cross_attn.hook_pattern", "decoder.*.cross_attn.hook_v",
+                   "encoder.hook_out"] if qk_terms else []
+    scores = np.zeros((variants, sweep.size, count), np.float32)
     clean = np.zeros(count, np.float32)
     foils_all = foil_ids if foil_ids is not None else np.zeros(count, np.int32)
     source_ids = np.asarray(source.input_ids if source is not None and source.input_ids is not None else input_ids,
@@ -286,10 +294,10 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
         ids, mask, targets, foils, s_ids, s_mask, tmask = batch.arrays
         tmask = tmask if target_mask is not None else None
         start = np.asarray(_decoder_inputs(config, ids, targets, tmask))
-        logits, cache = forward_with_cache(config, params, place(ids), place(mask), place(start),
-                                           cache_sites=cache_sites, partitioner=partitioner)
-        clean_metric = _clean_metric(jnp.asarray(logits, jnp.float32), targets, foils, tmask, metric)
-        clean[batch.rows] = np.asarray(clean_metric)[: batch.size]
+        cache = {}
+        if cache_sites:
+            _, cache = forward_with_cache(config, params, place(ids), place(mask), place(start),
+                                          cache_sites=cache_sites, partitioner=partitioner)
         source_values = {}
         if names:
             _, source_cache = forward_with_cache(source.config, source.params, place(s_ids), place(s_mask),
@@ -309,15 +317,14 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
         def stacked(local):
             return jnp.stack([cache[f"decoder.{l}.{local}"] for l in range(layers)])
 
-        probe_values = {"cross_attn.hook_pattern": stacked("cross_attn.hook_pattern"),
-                        "cross_attn.hook_v": stacked("cross_attn.hook_v")} if qk_terms else {}
-        drop_values = {local: stacked(local) for local in _DROP_SITES} if star else {}
-        term_grads, probe_grads = _gradients(
-            params, place(ids), place(mask), place(targets),
-            place(foils) if foil_ids is not None else None, values, zero_masks, probe_values, drop_values,
-            jnp.asarray(variants), None if tmask is None else place(tmask), config=config, plan=plan, metric=metric,
-            probe=bool(qk_terms), drop=star, partitioner=partitioner, dtype=dtype)
+        zero_probes = {local: jnp.zeros(stacked(local).shape, jnp.float32)
+                       for local in ("cross_attn.hook_pattern", "cross_attn.hook_v")} if qk_terms else {}
+        clean_metric, (term_grads, probe_grads) = _gradients(
+            params, place(ids), place(mask), place(targets), place(foils) if foil_ids is not None else None, values,
+            zero_masks, zero_probes, None if tmask is None else place(tmask), config=config, plan=plan, metric=metric, drop=star,
+            partitioner=partitioner, dtype=dtype)
         rows = batch.rows
+        clean[rows] = np.asarray(clean_metric)[: batch.size]
         if qk_terms:
             qk_cache = {"q": stacked("cross_attn.hook_q"), "scores": stacked("cross_attn.hook_attn_scores")}
         for i, term in enumerate(sweep.terms):

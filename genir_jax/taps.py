@@ -26,8 +26,18 @@ class Patch(NamedTuple):
     value: Any
 
 
-def apply_patch(x: jnp.ndarray, patch: Patch) -> jnp.ndarray:
+class Shift(NamedTuple):
+    """Add ``delta`` to a site's activation. A gradient probe, not a user intervention (`validate` refuses
+    it): at ``delta = 0`` the forward pass is unchanged and the derivative w.r.t. ``delta`` is the gradient
+    at the site, which attribution reads without first running a clean forward pass for the site's value."""
+
+    delta: Any
+
+
+def apply_patch(x: jnp.ndarray, patch: Patch | Shift) -> jnp.ndarray:
     """The patched activation, in the activation's dtype."""
+    if isinstance(patch, Shift):
+        return x + jnp.asarray(patch.delta, dtype=x.dtype)
     mask = jnp.asarray(patch.mask, dtype=x.dtype)
     value = jnp.asarray(patch.value, dtype=x.dtype)
     return x + mask * (value - x)

@@ -101,6 +101,43 @@ def test_atp_star_graddrop_is_the_plain_estimate_for_last_layer_units(setup):
     np.testing.assert_array_equal(star.ranking, star.magnitudes)
 
 
+def test_atp_star_graddrop_equals_its_definition(setup):
+    """GradDrop against its definition, computed with `jax.grad` through `gj.forward`: variant l is the AtP
+    estimate with decoder layer l's attention, cross-attention and MLP outputs replaced by their own clean
+    values (the forward pass unchanged, no gradient through them); the magnitude is
+    sum_l |mean over queries of variant l| / (L - 1). `attribute` gets it from one shared forward pass."""
+    params, ids, mask, targets = setup
+    layers, units = CONFIG.num_decoder_layers, range(8)
+    grid = sw.concat(*(sw.site_grid(CONFIG, f"decoder.{l}.mlp.hook_post", unit="neuron", units=units)
+                       for l in (0, 1)))
+    star = attribute(CONFIG, params, ids, mask, targets, grid, method="atp*", metric="logit", progress=False)
+    outputs = ("hook_attn_out", "hook_cross_attn_out", "hook_mlp_out")
+    _, cache = forward_with_cache(CONFIG, params, ids, mask, START, cache_sites=[
+        "decoder.*.mlp.hook_post"] + [f"decoder.*.{o}" for o in outputs])
+    rows = np.arange(len(targets))
+
+    def estimates(blocked):  # [2 layers x 8 units, queries]: gradient x (0 - activation) at each neuron
+        def total_logit(delta, layer):  # the neurons of one layer shifted by delta (its values + delta)
+            site = f"decoder.{layer}.mlp.hook_post"
+            shifted = ivs.replacement(CONFIG, {site: cache[site] + delta})
+            frozen = ivs.replacement(CONFIG, {f"decoder.{blocked}.{o}": cache[f"decoder.{blocked}.{o}"]
+                                              for o in outputs}) if blocked is not None else {}
+            logits = gj.forward(CONFIG, params, ids, mask, START, interventions=ivs.combine(shifted, frozen))
+            return logits[rows, 0, targets].sum()
+
+        per_layer = []
+        for layer in (0, 1):
+            activation = np.asarray(cache[f"decoder.{layer}.mlp.hook_post"])
+            gradient = np.asarray(jax.grad(total_logit)(np.zeros_like(activation), layer))
+            per_layer.append((-activation * gradient)[:, 0, :8].T)
+        return np.concatenate(per_layer)
+
+    np.testing.assert_allclose(star.scores, estimates(None).mean(axis=1), rtol=1e-4, atol=1e-6)
+    magnitude = sum(np.abs(estimates(l).mean(axis=1)) for l in range(layers)) / (layers - 1)
+    np.testing.assert_allclose(star.magnitudes, magnitude, rtol=1e-4, atol=1e-6)
+    assert np.abs(magnitude - np.abs(star.scores)).max() > 1e-3  # dropping layers changes the estimate here
+
+
 def test_attribution_errors(setup):
     params, ids, mask, targets = setup
     grid = sw.component_grid(CONFIG, layers=[0])
