@@ -8,6 +8,8 @@ Measured in ONE run (so rates compare like with like):
      unit="neuron": 24 x 512 = 12,288 configs) on N queries, metrics (rank, logit), per_query=False:
      end-to-end time (compile included), steady config-queries/s, achieved FLOP/s (analytic count, see
      `neuron_sweep_flops`) against a plain jitted float32 matmul measured here;
+  1b. the rank window (`genir_jax.rank_window`): every 4th neuron with rank_window=0 vs the default, warm,
+     ranks compared;
   2. prefix sharing: every 8th neuron with prefix_sharing=False vs True;
   3. TransformerLens 2.x HookedEncoderDecoder (run in its own interpreter, --tl-python): one
      run_with_hooks per (config, query) zeroing one neuron on decoder.{l}.mlp.hook_post, timed on a sample
@@ -70,13 +72,15 @@ def layer_macs(config, s: int) -> int:
 
 
 def neuron_sweep_flops(config, s: int, queries_executed: int, query_chunk: int, config_chunk: int,
-                       starts: np.ndarray, prefix_sharing: bool = True) -> dict:
+                       starts: np.ndarray, prefix_sharing: bool = True, window: int = 0, full_rows: int = 0) -> dict:
     """Matmul FLOPs (2 per MAC) executed by run_sweep on a single-site neuron sweep, padding included.
 
     Per config and query row: decoder layers start..L-1 (one token; start = the neuron's layer with prefix
-    sharing, 0 without) and the unembedding (d x V). Per (config chunk, query chunk) call: cross-attention
+    sharing, 0 without) and the unembedding: d x V, or with a rank window (`window` tokens, run_sweep's
+    ``stats["rank_window"]``) d x window plus d x V for each of the `full_rows` rows ranked over the whole
+    vocabulary (``stats["rank_rows_full_vocabulary"]``). Per (config chunk, query chunk) call: cross-attention
     keys/values of layers start..L-1 (unbatched over configs). Per query row once: the clean state (encoder,
-    full decoder, cross K/V of every layer, unembedding). Ranking's V comparisons per row are not counted.
+    full decoder, cross K/V of every layer, unembedding). Ranking's comparisons and sorts are not counted.
     """
     d, inner, f, v, layers = config.d_model, config.inner_dim, config.d_ff, config.vocab_size, config.num_decoder_layers
     mlp = (3 if config.is_gated_act else 2) * d * f
@@ -92,8 +96,9 @@ def neuron_sweep_flops(config, s: int, queries_executed: int, query_chunk: int, 
         executed = -(-count // config_chunk) * config_chunk
         blocks = -(-count // config_chunk)
         depth = layers - int(start)
-        sweep += executed * queries_executed * (depth * dec + d * v)
+        sweep += executed * queries_executed * (depth * dec + d * (window or v))
         sweep += blocks * calls_per_block * query_chunk * depth * cross_kv
+    sweep += full_rows * d * v
     return {"flops": 2.0 * (clean + sweep), "per_config_query_flops": 2.0 * sweep / max(1, len(starts) * queries_executed)}
 
 
@@ -285,7 +290,8 @@ def main() -> None:
     steady_s = exact_s - compile_s
     cq = grid.size * n
     starts = grid.labels["layer"]
-    flops = neuron_sweep_flops(config, s, executed_rows, qc, cc, starts)
+    flops = neuron_sweep_flops(config, s, executed_rows, qc, cc, starts, window=exact.stats["rank_window"],
+                               full_rows=exact.stats["rank_rows_full_vocabulary"])
     matmul_after = matmul_gflops()
     matmul = max(matmul_before, matmul_after)
     achieved = flops["flops"] / steady_s / 1e9
@@ -298,6 +304,25 @@ def main() -> None:
                     "configs_with_any_rank_change": int(np.sum(exact.aggregates["rank>0"] > 0))}
     log(f"   compile {compile_s:.1f} s, steady {cq / steady_s:.0f} cq/s, {achieved:.1f} GFLOP/s = "
         f"{achieved / matmul:.0%} of matmul ({matmul_before:.1f} / {matmul_after:.1f} GFLOP/s before/after)")
+
+    # 1b. the rank window --------------------------------------------------------------------------------------
+    subset = grid.take(np.arange(0, grid.size, 4))
+    log(f"1b. rank window on every 4th neuron ({subset.size} configs x {n} queries): off vs on (warm)")
+    run_sweep(config, params, ids[:qc], mask[:qc], targets[:qc], subset.take(np.arange(cc)), rank_window=0,
+              **sweep_kwargs)  # compile
+    full_vocab, full_vocab_s = timed(lambda: run_sweep(config, params, ids, mask, targets, subset, rank_window=0,
+                                                       **dict(sweep_kwargs, per_query=True, top_k=0)))
+    windowed, windowed_s = timed(lambda: run_sweep(config, params, ids, mask, targets, subset,
+                                                   **dict(sweep_kwargs, per_query=True, top_k=0)))
+    out["rank_window"] = {"configs": subset.size, "off_s": full_vocab_s, "on_s": windowed_s,
+                          "speedup": full_vocab_s / windowed_s, "window": windowed.stats["rank_window"],
+                          "rows_decided": windowed.stats["rank_rows_decided"],
+                          "rows_full_vocabulary": windowed.stats["rank_rows_full_vocabulary"],
+                          "ranks_equal": bool(np.array_equal(full_vocab.values["rank"], windowed.values["rank"])),
+                          "ranks_differing": int(np.sum(full_vocab.values["rank"] != windowed.values["rank"]))}
+    log(f"   off {full_vocab_s:.1f} s, on {windowed_s:.1f} s: {full_vocab_s / windowed_s:.2f}x; "
+        f"{windowed.stats['rank_rows_decided']:.1%} of ranks decided by the bound; ranks equal: "
+        f"{out['rank_window']['ranks_equal']}")
 
     # 2. prefix sharing -------------------------------------------------------------------------------------
     subset = grid.take(np.arange(0, grid.size, 8))
@@ -419,6 +444,11 @@ def main() -> None:
         ("   achieved FLOP/s (analytic)", f"{e['achieved_gflops']:.1f} GFLOP/s = {e['ratio_to_matmul']:.0%} of matmul "
                                          f"({max(e['matmul_gflops_before'], e['matmul_gflops_after']):.1f} GFLOP/s)"),
         ("   FLOPs per config-query (sweep part)", f"{e['flops_per_config_query'] / 1e6:.1f} MFLOP"),
+        ("1b. rank window (every 4th neuron)", f"{out['rank_window']['off_s']:.1f} s off vs "
+                                                f"{out['rank_window']['on_s']:.1f} s on = "
+                                                f"{out['rank_window']['speedup']:.2f}x; "
+                                                f"{out['rank_window']['rows_decided']:.1%} decided by the bound; "
+                                                f"ranks equal: {out['rank_window']['ranks_equal']}"),
         ("2. prefix sharing (every 8th neuron)", f"{out['prefix_sharing']['unshared_s']:.1f} s off vs "
                                                  f"{out['prefix_sharing']['shared_s']:.1f} s on = "
                                                  f"{out['prefix_sharing']['speedup']:.2f}x (analytic "

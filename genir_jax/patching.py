@@ -22,6 +22,10 @@ How the work is shared:
   ``configs``, parameters as its rules say (``model``); by default every local device is on ``data``.
   Configs and queries are chunked, so peak memory is set by
   the chunk sizes, not by K. With ``per_query=False`` only per-config aggregates are kept on the host.
+- full-vocabulary ranks compute few logits: a config's final state differs little from the clean one,
+  which bounds how far every token's logit can move, so each row computes only the logits of the
+  `RANK_WINDOW` tokens around its target and ranks over the whole vocabulary only the rows the bound
+  cannot decide (`genir_jax.rank_window`; ``rank_window=0`` turns it off);
 - a `store` (see `genir_jax.sweep_store`) makes a long sweep resumable by chunk.
 """
 
@@ -46,6 +50,7 @@ from genir_jax.metrics import (  # noqa: F401 (re-exported: the sweep's metrics)
 )
 from genir_jax.model import T5, cache_specs, decode_suffix, unembedding_rows
 from genir_jax.partitioning import Partitioner, current, fetch, maybe_activate
+from genir_jax.rank_window import RANK_WINDOW, clean_window, windowed_ranks
 from genir_jax.sites import STACK_SITES, Site, num_layers, site_shape
 from genir_jax.sweep import Sweep, Term, as_sweep, first_decoder_layer
 from genir_jax.taps import Patch, apply_patch
@@ -174,21 +179,21 @@ def _decoder_inputs(config, input_ids, targets, target_mask):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "source_config", "source_spec", "metrics", "top_k",
-                                             "partitioner"))
+                                             "window", "partitioner"))
 def _clean_state(params, source_params, input_ids, attention_mask, source_ids, source_mask, targets, foils,
-                 candidates, target_mask=None, *, config, source_config, source_spec, metrics, top_k,
+                 candidates, target_mask=None, *, config, source_config, source_spec, metrics, top_k, window=0,
                  partitioner=None):
     with maybe_activate(partitioner):
         return _clean_state_body(params, source_params, input_ids, attention_mask, source_ids, source_mask, targets,
                                  foils, candidates, target_mask, config=config, source_config=source_config,
-                                 source_spec=source_spec, metrics=metrics, top_k=top_k)
+                                 source_spec=source_spec, metrics=metrics, top_k=top_k, window=window)
 
 
 def _clean_state_body(params, source_params, input_ids, attention_mask, source_ids, source_mask, targets, foils,
-                      candidates, target_mask=None, *, config, source_config, source_spec, metrics, top_k):
+                      candidates, target_mask=None, *, config, source_config, source_spec, metrics, top_k, window=0):
     """Per query chunk: encoder output, residual entering each decoder layer (and the last one's output),
-    source activations, and the clean metrics. With target sequences every decoder run (the source's too)
-    reads the query's teacher-forced docid."""
+    source activations, the clean metrics and, with `window` > 0, the rank window (`clean_window`). With
+    target sequences every decoder run (the source's too) reads the query's teacher-forced docid."""
     model = T5(config, decoder_cache=(("hook_embed", None), ("hook_resid_post", None)))
     variables = {"params": params}
     decoder_inputs = _decoder_inputs(config, input_ids, targets, target_mask)
@@ -202,7 +207,11 @@ def _clean_state_body(params, source_params, input_ids, attention_mask, source_i
         source_start = _decoder_inputs(source_config, source_ids, targets, target_mask)
         _, raw = source.apply({"params": source_params}, source_ids, source_mask, source_start)
         source_values = {(stack, local): array for stack, sites in raw.items() for local, array in sites.items()}
-    return {"encoded": encoded, "states": states, "source": source_values}, clean
+    state = {"encoded": encoded, "states": states, "source": source_values}
+    if window:
+        table, scale = unembedding_rows(config, params)
+        state["window"] = clean_window(hidden[:, 0] * scale, table, targets, window)
+    return state, clean
 
 
 @functools.partial(jax.jit, static_argnames=("config", "plan", "encoder_kind", "paths", "metrics", "top_k",
@@ -210,7 +219,9 @@ def _clean_state_body(params, source_params, input_ids, attention_mask, source_i
 def _sweep_chunk(params, state, input_ids, attention_mask, targets, foils, candidates, tables, values, index,
                  receivers, start, target_mask=None, *, config, plan, encoder_kind, paths, metrics, top_k,
                  partitioner=None):
-    """Metrics [Kc, B] of a chunk of configs (vmapped) on a chunk of queries."""
+    """Metrics [Kc, B] of a chunk of configs (vmapped) on a chunk of queries. With a rank window in `state`,
+    ``rank`` comes from `windowed_ranks` over all the chunk's rows at once (``decided`` [Kc, B]: the rows its
+    bound decided; ``full_rows``: how many rows it ranked over the whole vocabulary)."""
     model = T5(config)
     variables = {"params": params}
 
@@ -225,12 +236,25 @@ def _sweep_chunk(params, state, input_ids, attention_mask, targets, foils, candi
         x = jax.lax.dynamic_index_in_dim(state["states"], start, axis=0, keepdims=False)
         hidden = decode_suffix(config, params, x, start, encoded, attention_mask, interventions.get("decoder"),
                                receivers=config_receivers if paths else None)
+        if windowed:
+            return hidden
         return _final_metrics(config, params, hidden, targets, metrics, candidates, foils, top_k, target_mask)
 
+    windowed = "window" in state
     # The config axis lies on the mesh's `configs` axis (when it has one); activations are constrained by name.
     spmd = "configs" if partitioner is not None and partitioner.config_size > 1 else None
     with maybe_activate(partitioner):
-        return jax.vmap(one_config, spmd_axis_name=spmd)(index, receivers)
+        out = jax.vmap(one_config, spmd_axis_name=spmd)(index, receivers)
+        if not windowed:
+            return out
+        hidden = out  # [Kc, B, 1, D]
+        others = tuple(m for m in metrics if m != "rank")
+        out = jax.vmap(lambda h: _final_metrics(config, params, h, targets, others, candidates, foils, top_k),
+                       spmd_axis_name=spmd)(hidden) if others or top_k else {}
+        table, scale = unembedding_rows(config, params)
+        out["rank"], out["decided"], out["full_rows"] = windowed_ranks(hidden[:, :, 0] * scale, table, targets,
+                                                                       state["window"])
+        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,6 +373,7 @@ def run_sweep(
     partitioner: Partitioner | None = None,
     dtype=None,
     prefix_sharing: bool = True,
+    rank_window: int = RANK_WINDOW,
     per_query: bool = True,
     store=None,
     progress: bool = True,
@@ -369,7 +394,10 @@ def run_sweep(
     ``data``, configs on ``configs``, parameters split over ``model``; `query_chunk` is then per ``data``
     slice and `config_chunk` a multiple of the ``configs`` size). `dtype` (e.g. ``"bfloat16"``): parameters
     stored and the model computed in it; logits, ranks and metrics are float32 whatever it is. `prefix_sharing=False` runs every decoder layer for
-    every config (for checks). ``per_query=False`` keeps only per-config aggregates (no [K, N] arrays,
+    every config (for checks). `rank_window`: tokens per query whose logits every config computes for the
+    full-vocabulary ``rank`` (`genir_jax.rank_window`; used with float32 parameters and single-token targets
+    when no metric needs the whole softmax and no top-k over the vocabulary is kept); 0 ranks every row over
+    the whole vocabulary (for checks). ``per_query=False`` keeps only per-config aggregates (no [K, N] arrays,
     no top-k). `store`: an object with ``get(key)`` / ``put(key, arrays)`` that keeps finished chunks.
     """
     sweep = as_sweep(sweep)
@@ -443,6 +471,9 @@ def run_sweep(
     foils_arg = foil_ids if foil_ids is not None else np.zeros(count, np.int32)
     mask_arg = target_mask if target_mask is not None else np.zeros(count, np.int32)
     cand_dev = None if candidates is None else jax.device_put(candidates, replicated)
+    window = rank_window if (rank_window > 0 and "rank" in metrics and target_mask is None
+                             and "logprob" not in metrics and not (top_k and candidates is None)
+                             and jnp.result_type(unembedding_rows(config, params)[0]) == jnp.float32) else 0
     chunks, clean_parts = [], []
     for batch in batches((input_ids, attention_mask, source_ids, source_mask, target_ids, foils_arg, mask_arg),
                          rows_per_step):
@@ -451,7 +482,8 @@ def run_sweep(
         tmask = tmask if target_mask is not None else None
         state, clean = _clean_state(params, source_params, ids, mask, s_ids, s_mask, targets, foils, cand_dev,
                                     tmask, config=config, source_config=source_config or config,
-                                    source_spec=source_spec, metrics=metrics, top_k=0, partitioner=partitioner)
+                                    source_spec=source_spec, metrics=metrics, top_k=0, window=window,
+                                    partitioner=partitioner)
         chunks.append((batch.rows, ids, mask, targets, foils, tmask, state))
         clean_parts.append((batch.rows, fetch(clean)))
     clean_values = {m: np.concatenate([np.asarray(c[m])[: len(rows)] for rows, c in clean_parts]) for m in metrics}
@@ -476,15 +508,17 @@ def run_sweep(
     started = time.perf_counter()
     bar = tqdm(total=num_configs * count, desc=desc, unit="cfg·q", unit_scale=True, disable=not progress,
                smoothing=0.1)
-    computed_configs = 0
+    computed_configs, window_work = 0, {"decided": 0, "full_rows": 0}
     for block_number, (kind, start, index) in enumerate(blocks):
         key = f"block-{block_number:06d}"
         stored = store.get(key) if store is not None else None
         if stored is None:
-            block_values, block_top = _run_block(
+            block_values, block_top, block_work = _run_block(
                 config, params, chunks, sweep, plan, tables, values, index, kind, start, paths, metrics, top_k,
                 config_chunk, partitioner, cand_dev, bar, count)
             computed_configs += len(index)
+            for name in window_work:
+                window_work[name] += block_work[name]
             if store is not None:
                 store.put(key, {"index": index, **{f"value:{m}": v for m, v in block_values.items()},
                                 **({"top_ids": block_top[0], "top_logits": block_top[1]} if block_top else {})})
@@ -505,7 +539,11 @@ def run_sweep(
     layers = config.num_decoder_layers
     stats = {
         "configs": num_configs, "queries": count, "blocks": len(blocks), "config_chunk": config_chunk,
-        "query_rows_per_step": rows_per_step, "configs_computed": computed_configs,
+        "query_rows_per_step": rows_per_step, "configs_computed": computed_configs, "rank_window": window,
+        # rank window: the share of computed (config, query) ranks its bound decided, and the rows ranked over
+        # the whole vocabulary (the undecided ones, padded to the fallback block; every row when too many)
+        "rank_rows_decided": window_work["decided"] / max(1, computed_configs * count) if window else 0.0,
+        "rank_rows_full_vocabulary": window_work["full_rows"],
         "seconds": time.perf_counter() - started,
         "decoder_layers_skipped_fraction": float(np.mean(np.minimum(first, layers)) / layers) if layers else 0.0,
     }
@@ -565,7 +603,8 @@ def _term_constants(sweep: Sweep, replicated) -> tuple[tuple, tuple]:
 
 def _run_block(config, params, chunks, sweep, plan, tables, values, index, kind, start, paths, metrics, top_k,
                config_chunk, partitioner, candidates, bar, count):
-    """One chunk of configs on every query chunk: per-query values [Kc, N] (and the top-k)."""
+    """One chunk of configs on every query chunk: per-query values [Kc, N], the top-k (or None) and the rank
+    window's work (rows its bound decided, rows ranked over the whole vocabulary)."""
     # Pad a short block only to the next power of two: few compiled shapes, little wasted work.
     bucket = min(config_chunk, 1 << max(0, int(len(index) - 1).bit_length()))
     bucket = -(-bucket // partitioner.config_size) * partitioner.config_size  # configs split evenly
@@ -587,6 +626,7 @@ def _run_block(config, params, chunks, sweep, plan, tables, values, index, kind,
     values_out = {m: np.zeros((len(index), count), np.float32 if m not in RANK_METRICS else np.int32) for m in metrics}
     top = (np.zeros((len(index), count, top_k), np.int32), np.zeros((len(index), count, top_k), np.float32)) \
         if top_k else None
+    work = {"decided": 0, "full_rows": 0}
     for rows, ids, mask, targets, foils, tmask, state in chunks:
         out = _sweep_chunk(params, state, ids, mask, targets, foils, candidates, tables, values, tuple(term_index),
                            receivers, jnp.int32(start), tmask, config=config, plan=plan, encoder_kind=kind,
@@ -598,8 +638,11 @@ def _run_block(config, params, chunks, sweep, plan, tables, values, index, kind,
         if top_k:
             top[0][:, rows] = np.asarray(out["top"][0])[: len(index), :n]
             top[1][:, rows] = np.asarray(out["top"][1])[: len(index), :n]
+        if "decided" in out:
+            work["decided"] += int(np.asarray(out["decided"])[: len(index), :n].sum())
+            work["full_rows"] += int(out["full_rows"])
         bar.update(len(index) * n)
-    return values_out, top
+    return values_out, top, work
 
 
 # --------------------------------------------------------------------------------------------------
