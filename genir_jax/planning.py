@@ -212,13 +212,15 @@ def _sweep_terms(config, work):
 
 def _lower_sweep(config, partitioner, work, dtype):
     """`genir_jax.patching._sweep_chunk` (the program `run_sweep` runs per config chunk x query chunk) on a
-    grid of `work.sites` (one config per site x unit; `work.configs` of them per step)."""
+    grid of `work.sites` (one config per site x unit; `work.configs` of them per step), metrics rank and logit,
+    with the rank window where `run_sweep` would use it (float32 parameters)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from genir_jax import patching
     from genir_jax.metrics import METRICS
+    from genir_jax.rank_window import RANK_WINDOW
     from genir_jax.sweep import first_decoder_layer
 
     sweep = _sweep_terms(config, work)
@@ -227,10 +229,11 @@ def _lower_sweep(config, partitioner, work, dtype):
     params = abstract_params(config, partitioner, dtype)
     ids, mask = _inputs(partitioner, work)
     targets = _rows(partitioner, (work.batch,), jnp.int32)
+    window = RANK_WINDOW if dtype is None or jnp.dtype(dtype) == jnp.float32 else 0
     state, _ = jax.eval_shape(
         lambda p, i, m, t: patching._clean_state(p, None, i, m, None, None, t, None, None, config=config,
                                                  source_config=config, source_spec=None, metrics=metrics, top_k=0,
-                                                 partitioner=partitioner),
+                                                 window=window, partitioner=partitioner),
         params, ids, mask, targets)
     state = jax.tree_util.tree_map(lambda s: _rows(partitioner, s.shape, s.dtype) if s.ndim and s.shape[0] == work.batch
                                    else _batch_axis(partitioner, s, work.batch), state)
