@@ -324,6 +324,17 @@ def test_figure3_states_the_cosine_residual_and_prints_stage_means(tmp_path):
     assert "computes it with the layer's OUTPUT residual, resid_post" in section.markdown
     assert "We plot and tabulate the reference's: cosine(component, resid_post)" in section.markdown
 
+    # with stages chosen for the tables (patch-stages' stages.json, e.g. automatic ones), Fig. 3 uses the same
+    patch_stages = layout.analysis("patch-stages")
+    patch_stages.mkdir(parents=True)
+    (patch_stages / "stages.json").write_text(json.dumps({"method": "auto", "stages": [[0], [1, 2], [3, 4, 5]]}))
+    section = fig3.render(layout)
+    _, rows = _table(section.markdown, "stage")
+    assert [row[1] for row in rows] == ["0-0", "1-2", "3-5"]
+    for row, layers in zip(rows, ([0], [1, 2], [3, 4, 5])):
+        expected = [contributions[:, layers, f, p].astype(np.float64).mean() for f in (0, 2) for p in range(3)]
+        assert [float(cell) for cell in row[2:]] == pytest.approx(expected, abs=0.006)
+
 
 # --------------------------------------------------------------------------------------------------
 # Fig. 5: one (stacked) bar and one table row per reader layer
