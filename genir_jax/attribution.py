@@ -321,8 +321,8 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
                        for local in ("cross_attn.hook_pattern", "cross_attn.hook_v")} if qk_terms else {}
         clean_metric, (term_grads, probe_grads) = _gradients(
             params, place(ids), place(mask), place(targets), place(foils) if foil_ids is not None else None, values,
-            zero_masks, zero_probes, None if tmask is None else place(tmask), config=config, plan=plan, metric=metric, drop=star,
-            partitioner=partitioner, dtype=dtype)
+            zero_masks, zero_probes, None if tmask is None else place(tmask), config=config, plan=plan,
+            metric=metric, drop=star, partitioner=partitioner, dtype=dtype)
         rows = batch.rows
         clean[rows] = np.asarray(clean_metric)[: batch.size]
         if qk_terms:

@@ -55,8 +55,9 @@ def windowed_ranks(hidden, table, targets, window: dict, *, capacity: int | None
     """Full-vocabulary ranks [K, B] (int32) of the targets under K configs' final states hidden [K, B, D]
     (scaled as the unembedding scales them; float32: the margin is sized for float32 roundings), with
     `window` from `clean_window` for the B queries; which rows the bound decided ([K, B] bool); and how many
-    rows were ranked over the whole vocabulary (0, `capacity` or K * B: the work done beyond the window). `capacity`: undecided rows ranked as a gathered block (default
-    1/16 of the rows, at least 64); beyond it every row is ranked over the whole vocabulary."""
+    rows were ranked over the whole vocabulary (0, `capacity` or K * B: the work done beyond the window).
+    `capacity`: undecided rows ranked as a gathered block (default 1/16 of the rows, at least 64); beyond it
+    every row is ranked over the whole vocabulary."""
     configs, rows, width = hidden.shape
     f32 = jnp.float32
     # the target's and the window's logits as `streamed_target_metrics` computes logits
