@@ -31,8 +31,9 @@ def clean_window(hidden, table, targets, size: int = RANK_WINDOW) -> dict:
 
     hidden [B, D]: the clean final states, scaled as the unembedding scales them; table [V, D]; targets [B].
     Returns the clean states, the `size` tokens around each target in descending clean-logit order
-    (``tokens`` [B, W]), how many tokens precede them (``before``), and the clean logits just above and just
-    below them (``upper``, ``lower``; +-inf at the ends of the vocabulary)."""
+    (``tokens`` [B, W]), how many tokens precede them (``before``), the clean logits just above and just
+    below them (``upper``, ``lower``; +-inf at the ends of the vocabulary), and the largest unembedding row
+    norm max_v |w_v| (``row_norm``, the same for every query; kept per query like the rest)."""
     vocab = table.shape[0]
     size = min(size, vocab)
     logits = jnp.einsum("bd,vd->bv", hidden, table.astype(hidden.dtype)).astype(jnp.float32)
@@ -45,7 +46,9 @@ def clean_window(hidden, table, targets, size: int = RANK_WINDOW) -> dict:
     def ordered_at(index):
         return jnp.take_along_axis(ordered, jnp.clip(index, 0, vocab - 1)[:, None], axis=-1)[:, 0]
 
+    row_norm = jnp.sqrt(jnp.max(jnp.sum(jnp.square(table.astype(jnp.float32)), axis=-1)))
     return {"hidden": hidden.astype(jnp.float32), "tokens": tokens.astype(jnp.int32),
+            "row_norm": jnp.full(targets.shape, row_norm),
             "before": start.astype(jnp.int32),
             "upper": jnp.where(start > 0, ordered_at(start - 1), jnp.inf),
             "lower": jnp.where(start + size < vocab, ordered_at(start + size), -jnp.inf)}
@@ -64,7 +67,7 @@ def windowed_ranks(hidden, table, targets, window: dict, *, capacity: int | None
     target_logit = jnp.einsum("kbd,bd->kb", hidden, table[targets].astype(hidden.dtype)).astype(f32)
     logits = jnp.einsum("kbd,bwd->kbw", hidden, table[window["tokens"]].astype(hidden.dtype)).astype(f32)
     h, clean = hidden.astype(f32), window["hidden"]
-    reach_per_unit = jnp.sqrt(jnp.max(jnp.sum(jnp.square(table.astype(f32)), axis=-1)))  # max_v |w_v|
+    reach_per_unit = window["row_norm"][None]  # max_v |w_v|
     reach = reach_per_unit * jnp.sqrt(jnp.sum(jnp.square(h - clean[None]), axis=-1))
     size = jnp.sqrt(jnp.sum(jnp.square(h), axis=-1)) + jnp.sqrt(jnp.sum(jnp.square(clean), axis=-1))[None]
     tolerance = TIE_TOLERANCE * jnp.maximum(jnp.abs(target_logit), 1.0)
