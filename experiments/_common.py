@@ -18,12 +18,15 @@ def full_config(layout) -> T5Config:
     return T5Config.from_json_file(layout.full / "config.json")
 
 
-def stages_of(layout, step: str | None = None) -> list[list[int]]:
-    """The stages a step's run used (its stages.json), else the default split of the full model's decoder."""
-    if step is not None:
-        path = layout.analysis(step) / "stages.json"
-        if path.is_file():
-            return [list(stage) for stage in json.loads(path.read_text())["stages"]]
+REPORT_STAGES_STEP = "patch-stages"  # the run whose stages (Table 3's) every panel of a report shares
+
+
+def stages_of(layout, step: str = REPORT_STAGES_STEP) -> list[list[int]]:
+    """The stages a step's run used (its stages.json; by default Table 3's, which every panel shares), else
+    the default split of the full model's decoder."""
+    path = layout.analysis(step) / "stages.json"
+    if path.is_file():
+        return [list(stage) for stage in json.loads(path.read_text())["stages"]]
     return default_stages(full_config(layout).num_decoder_layers)
 
 

@@ -36,7 +36,7 @@ def run_residual_rank(layout, settings, config: Config) -> dict:
 
 def render(layout) -> Section:
     summary = read_json(layout.analysis("residual-rank") / "residual_rank_summary.json")
-    stages = stages_of(layout, "patch-stages")  # shaded and summarised by the stages the tables use
+    stages = stages_of(layout)
     layers = np.arange(summary["num_decoder_layers"])
     plt, path = figure(layout, "figure3_residual_contributions")
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))

@@ -29,7 +29,7 @@ def paper_series(summary: dict) -> list[tuple[str, np.ndarray]]:
 
 def render(layout) -> Section:
     summary = read_json(layout.analysis("residual-rank") / "residual_rank_summary.json")
-    stages = stages_of(layout, "patch-stages")  # shaded and summarised by the stages the tables use
+    stages = stages_of(layout)
     layers = np.arange(summary["num_decoder_layers"])
     series = paper_series(summary)
     plt, path = figure(layout, "figure4_rank_development")

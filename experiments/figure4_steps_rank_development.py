@@ -40,7 +40,7 @@ def render(layout) -> Section:
     from genir_jax.analysis.sequence_logit_lens import SUMMARY_JSON
 
     summary = read_json(layout.analysis("steps-logit-lens") / SUMMARY_JSON)
-    stages = stages_of(layout, "patch-stages")
+    stages = stages_of(layout)
     layers = np.arange(summary["num_decoder_layers"])
     steps = summary["steps"]
     plt, path = figure(layout, "figure4_steps_rank_development")

@@ -130,7 +130,7 @@ def _docid_note(layout) -> str:
 def render(layout) -> Section:
     with open(layout.analysis("patch-stages") / "patching_results_single_combis.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    stages = stages_of(layout, "patch-stages")
+    stages = stages_of(layout)
     names = stage_names(len(stages))
     table, encoder = [], None
     for mode in ("zero", "mean", "t5"):
