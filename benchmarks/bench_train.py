@@ -9,15 +9,16 @@ are the first 16 query and 4 indexing steps of that plan, in plan order: 80% 32-
 Token ids are random (speed does not depend on them); the same numpy batches feed both sides.
 
 - ours: `genir_jax.training.loop.make_train_step` (what `genir-jax train` runs: dropout, the preset's
-  Adafactor with its schedule, donated state, loss/accuracy/grad-norm metrics) on batches from the real
-  `BatchPlan` / `ArraySource` / `put_batch`, so host-side batching is inside the timed loop;
+  Adafactor with its schedule and unrolled layers, folded cross-attention, donated state,
+  loss/accuracy/grad-norm metrics) on batches from the real `BatchPlan` / `ArraySource` / `put_batch`, so
+  host-side batching is inside the timed loop; glibc keeps freed memory (`genir_jax.host_memory`, as the
+  `genir-jax` command sets it up; the process is shared, so PyTorch runs with it too; ``--host-memory
+  default`` turns it off for both);
 - torch: `T5ForConditionalGeneration` in train mode, loss from `labels`, `backward()`, transformers'
   `Adafactor` with the same settings (lr 2e-2, scale_parameter, clip 1.0, decay -0.8, no momentum,
   relative_step off) and `zero_grad(set_to_none=True)`; `torch.set_num_threads(os.cpu_count())`
   (``--torch-threads 1`` when other jobs share the cores: two OpenMP threads then wait on each other);
   ``--optimizer adamw`` runs both sides with AdamW (b 0.9/0.999, eps 1e-8, weight decay 0.01, clip 1.0);
-- proto: a prototype step (not used by `genir-jax train`; see `prototype_step`) with the changes that
-  the profile points to, measured in the same run; its first update is checked against ours.
 - forward: eval-mode loss (no dropout, no gradient) of both (`make_eval_step` / `torch.inference_mode`).
 
 Each side runs `--warmup` steps first (compilation for ours), then `--rounds` rounds alternate the sides,
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import glob
 import gzip
 import json
@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from genir_jax.host_memory import keep_freed_host_memory
 from genir_jax.training.batching import ArraySource, BatchPlan
 from genir_jax.training.loop import (
     create_state,
@@ -56,7 +57,6 @@ from genir_jax.training.loop import (
     put_batch,
     put_state,
     seq2seq_loss,
-    shift_right,
 )
 from genir_jax.training.optim import OptimizerSpec, make_optimizer
 from genir_jax.training.presets import CPU
@@ -104,52 +104,6 @@ def workload(seed: int = 0):
 # Ours, and the prototype
 # --------------------------------------------------------------------------------------------------
 
-def prototype_step(config, optimizer, mesh, *, schedule=None, dropout: bool = True):
-    """The training step with the changes the profile points to (a proposal for training/loop.py):
-
-    - dropout masks from XLA's RngBitGenerator (`unsafe_rbg` keys) instead of threefry: the step's key is
-      still ``fold_in(state.rng, step)`` (so resume stays exact), expanded to an rbg key;
-    - the cross-entropy of one-token targets as ``logsumexp(logits) - logit[target]`` with the target's
-      logit as a row dot product, so no [B, V] one-hot / scatter is built in the backward pass;
-    - everything else as `make_train_step` (same loss, metrics, optimizer, donation).
-    """
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from genir_jax.model import forward
-
-    use_dropout = dropout and config.dropout_rate > 0
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharded = NamedSharding(mesh, PartitionSpec("data"))
-
-    def loss_fn(params, batch, rng):
-        decoder_input_ids = shift_right(batch["targets"], config.decoder_start_token_id)
-        logits = forward(config, params, batch["input_ids"], batch["attention_mask"], decoder_input_ids,
-                         deterministic=rng is None, dropout_rng=rng).astype(jnp.float32)
-        targets, mask = batch["targets"], batch["target_mask"].astype(jnp.float32)
-        target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
-        count = jnp.maximum(mask.sum(), 1.0)
-        correct = (jax.lax.stop_gradient(logits).max(-1) <= target_logit).astype(jnp.float32)
-        return (nll * mask).sum() / count, {"accuracy": (correct * mask).sum() / count, "tokens": mask.sum()}
-
-    def step(state, batch):
-        rng = None
-        if use_dropout:
-            folded = jax.random.fold_in(state.rng, state.step)
-            rng = jax.random.wrap_key_data(jax.random.key_data(jax.random.split(folded, 2)).reshape(4),
-                                           impl="unsafe_rbg")
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-        if schedule is not None:
-            metrics["learning_rate"] = schedule(state.step)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    return jax.jit(step, in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated),
-                   donate_argnums=(0,))
-
-
 class JaxTrainer:
     """A step function with its compiled executables per batch shape, over the real batching."""
 
@@ -157,7 +111,8 @@ class JaxTrainer:
         self.source, self.plan = source, plan
         self.mesh = data_mesh(jax.devices()[:1])
         self.optimizer, schedule = make_optimizer(spec, total_steps)
-        self.step_fn = make_step(config, self.optimizer, self.mesh, schedule=schedule, dropout=True)
+        self.step_fn = make_step(config, self.optimizer, self.mesh, schedule=schedule, dropout=True,
+                                 unroll_layers=CPU.dsi.run.unroll_layers)
         self.state = put_state(create_state(params, self.optimizer, 0), self.mesh)
         self.compiled = {}
 
@@ -286,7 +241,7 @@ def profile(trainer: JaxTrainer, config, steps, repeats: int) -> dict:
     optimizer = trainer.optimizer
 
     def loss(p, b, k):
-        return seq2seq_loss(config, p, b, dropout_rng=k)[0]
+        return seq2seq_loss(config, p, b, dropout_rng=k, unroll_layers=CPU.dsi.run.unroll_layers)[0]
 
     pieces = {
         "forward (dropout)": (jax.jit(loss), lambda b: (params, b, key)),
@@ -397,15 +352,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds per side first")
     parser.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adafactor")
     parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument("--no-proto", action="store_true", help="skip the prototype step")
     parser.add_argument("--no-forward", action="store_true", help="skip the forward-only comparison")
     parser.add_argument("--profile", action="store_true", help="also profile our step (pieces, cost, trace)")
     parser.add_argument("--repeats", type=int, default=10, help="timings per piece with --profile")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch.set_num_threads (default: os.cpu_count(), as the comparison asks)")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--host-memory", choices=("keep", "default"), default="keep",
+                        help="keep: glibc keeps freed memory, as `genir-jax` sets it up on the CPU "
+                             "(genir_jax.host_memory; both sides share the process); default: glibc's defaults")
     args = parser.parse_args()
 
+    host_memory_kept = args.host_memory == "keep" and keep_freed_host_memory()
     threads = args.torch_threads or os.cpu_count() or 1
     load_before = os.getloadavg()
     config, params, source, plan, steps = workload()
@@ -413,8 +371,6 @@ def main() -> None:
     spec = CPU.dsi.run.optimizer if args.optimizer == "adafactor" else ADAMW
     total = CPU.dsi.run.steps
     sides = {"ours": JaxTrainer(config, params, source, plan, spec, total, make_train_step)}
-    if not args.no_proto:
-        sides["proto"] = JaxTrainer(config, params, source, plan, spec, total, prototype_step)
     if not args.no_forward:
         sides["ours forward"] = JaxForward(config, params, source, plan)
     if not args.no_torch:
@@ -427,7 +383,8 @@ def main() -> None:
             sides["torch forward"] = type("TorchForward", (), {"run": staticmethod(trainer.forward)})()
     print(f"cpu preset DSI: vocab {config.vocab_size}, batch {plan.batch_size}, {len(steps)} steps per round "
           f"({STEPS_PER_ROUND[1]} x {QUERY_LENGTH} tokens, {STEPS_PER_ROUND[0]} x {INDEX_LENGTH} tokens), "
-          f"optimizer {args.optimizer}, {threads} torch threads, load {load_before[0]:.1f}, "
+          f"optimizer {args.optimizer}, {threads} torch threads, host memory kept: {host_memory_kept}, "
+          f"load {load_before[0]:.1f}, "
           f"jax {jax.__version__} {jax.devices()[0].platform}")
     times = {name: [] for name in sides}
     for round_index in range(args.warmup + args.rounds):
@@ -441,15 +398,13 @@ def main() -> None:
     results = {"workload": {"vocab_size": config.vocab_size, "batch": plan.batch_size, "steps_per_round": len(steps),
                             "query_steps": STEPS_PER_ROUND[1], "index_steps": STEPS_PER_ROUND[0],
                             "optimizer": args.optimizer, "torch_threads": threads, "rounds": args.rounds,
-                            "cpus": os.cpu_count(), "load_average_before_after": [load_before[0], os.getloadavg()[0]]},
+                            "cpus": os.cpu_count(), "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+                            "host_memory_kept": host_memory_kept},
                "examples_per_s": {name: _summary(t, examples) for name, t in times.items()}, "ratios": {}}
-    pairs = [("ours", "torch", "train: ours / torch"), ("proto", "torch", "train: proto / torch"),
-             ("proto", "ours", "train: proto / ours"), ("ours forward", "torch forward", "forward: ours / torch")]
+    pairs = [("ours", "torch", "train: ours / torch"), ("ours forward", "torch forward", "forward: ours / torch")]
     for a, b, label in pairs:
         if a in times and b in times:
             results["ratios"][label] = _ratios(times[a], times[b])
-    if "proto" in sides:
-        results["proto_matches_ours"] = check_prototype(config, params, source, plan, spec, total, steps)
 
     print(f"\n{'side':<16} {'examples/s':>11} {'min':>8} {'max':>8}")
     for name, row in results["examples_per_s"].items():
@@ -457,8 +412,6 @@ def main() -> None:
     print(f"\n{'ratio (per round)':<24} {'median':>7} {'min':>7} {'max':>7}")
     for label, row in results["ratios"].items():
         print(f"{label:<24} {row['median']:7.3f} {row['min']:7.3f} {row['max']:7.3f}")
-    if "proto_matches_ours" in results:
-        print(f"\nprototype vs ours after one update: {results['proto_matches_ours']}")
     if args.profile:
         results["profile"] = profile(sides["ours"], config, steps, args.repeats)
         for length, rows in results["profile"].items():
@@ -476,26 +429,6 @@ def main() -> None:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)
         print(f"\nwrote {args.json}")
-
-
-def check_prototype(config, params, source, plan, spec, total, steps) -> dict:
-    """One update of ours and of the prototype without dropout on the same batch: loss and parameters."""
-    out = {}
-    trainers = [JaxTrainer(config, params, source, plan, spec, total,
-                           functools.partial(_without_dropout, make)) for make in (make_train_step, prototype_step)]
-    batch = trainers[0].batch(steps[0])
-    results = [t.step_fn(t.state, batch) for t in trainers]
-    (state_a, metrics_a), (state_b, metrics_b) = results
-    diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state_a.params, state_b.params)
-    out["loss_diff"] = float(abs(metrics_a["loss"] - metrics_b["loss"]))
-    out["max_param_diff"] = max(jax.tree_util.tree_leaves(diffs))
-    out["accuracy_equal"] = bool(metrics_a["accuracy"] == metrics_b["accuracy"])
-    return out
-
-
-def _without_dropout(make, config, optimizer, mesh, **kwargs):
-    kwargs["dropout"] = False
-    return make(config, optimizer, mesh, **kwargs)
 
 
 if __name__ == "__main__":

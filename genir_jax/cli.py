@@ -12,8 +12,10 @@ Only the chosen subcommand's module is imported to parse a command line (the oth
 one-line summary in `COMMANDS`), and handlers import JAX, Flax and transformers themselves, so
 ``genir-jax --help`` and argument errors answer without loading them. Every command runs with the
 persistent XLA compilation cache (`genir_jax.compile_cache`) unless ``--no-compile-cache`` is given or
-``GENIR_JAX_CACHE=off``. As the console command, a finished command that loaded JAX ends after the atexit
-handlers without the interpreter's slow tear-down of JAX (`_leave_now`); `main(argv)` returns normally.
+``GENIR_JAX_CACHE=off``. As the console command computing on the CPU, glibc is first asked to keep freed
+memory (`genir_jax.host_memory`; ``GENIR_JAX_HOST_MEMORY=default`` opts out). As the console command, a
+finished command that loaded JAX ends after the atexit handlers without the interpreter's slow tear-down
+of JAX (`_leave_now`); `main(argv)` returns normally and changes neither.
 """
 
 from __future__ import annotations
@@ -93,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     chosen = _chosen_command(argv)
     parser = build_parser([chosen] if chosen else [])
     args = parser.parse_args(argv)
+    if not argv_given:
+        from genir_jax.host_memory import computes_on_cpu, keep_freed_host_memory
+
+        if computes_on_cpu():
+            keep_freed_host_memory()  # before JAX starts: XLA:CPU's step buffers then stop page-faulting
     try:
         if not args.no_compile_cache:
             from genir_jax.compile_cache import enable_compilation_cache

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genir_jax.config import T5Config
+from genir_jax.dropout import Dropout
 from genir_jax.interventions import validate
 from genir_jax.modules import MLP, MultiHeadAttention, RelativePositionBias, RMSNorm, partitioned
 from genir_jax.partitioning import constrain, maybe_activate
@@ -52,6 +53,7 @@ class _Layer(nn.Module):
     record_some: tuple[tuple[str, tuple[int, ...]], ...] = ()
     deterministic: bool = True
     dtype: Any = None
+    fold_cross_attention: bool = False
 
     @nn.compact
     def __call__(self, carry, self_bias, self_mask, encoded, cross_mask, layer_index, layer_interventions,
@@ -72,7 +74,7 @@ class _Layer(nn.Module):
             initializer_factor=cfg.initializer_factor, dtype=self.dtype,
         )
         norm = functools.partial(RMSNorm, epsilon=cfg.layer_norm_epsilon, dtype=self.dtype)
-        dropout = nn.Dropout(cfg.dropout_rate)
+        dropout = Dropout(cfg.dropout_rate)
 
         def read(index):  # the residual as component `index` reads it
             return x if not paths else x - (1.0 - layer_receivers[index]).astype(x.dtype) * delta
@@ -87,7 +89,7 @@ class _Layer(nn.Module):
         x = tap("hook_resid_mid", x + attn_out)
         if self.is_decoder:
             normed = norm(name="cross_attn_norm")(read(1))
-            cross_attn = attention(name="cross_attn")
+            cross_attn = attention(name="cross_attn", fold_keys=self.fold_cross_attention)
             cross_out = cross_attn(normed, encoded, None, cross_mask, tap.scoped("cross_attn."))
             cross_out = tap("hook_cross_attn_out", dropout(cross_out, deterministic=self.deterministic))
             if paths:
@@ -126,6 +128,8 @@ class _Stack(nn.Module):
     cache_spec: StackCacheSpec = ()
     deterministic: bool = True
     dtype: Any = None
+    fold_cross_attention: bool = False
+    unroll_layers: bool = False
 
     @nn.compact
     def __call__(self, embedded, self_mask, encoded=None, cross_mask=None, interventions=None):
@@ -151,7 +155,7 @@ class _Stack(nn.Module):
         )(length, length)
 
         x = stack_tap("hook_embed", embedded)
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
+        x = Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
         buffers = {
             name: jnp.zeros((len(layers) + 1, batch) + site_shape(cfg, Site(stack, name, 0), length, key_length),
                             dtype=x.dtype)
@@ -163,17 +167,19 @@ class _Stack(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
             length=count,
+            unroll=count if self.unroll_layers else 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(
             config=cfg, is_decoder=self.is_decoder, record_all=record_all, record_some=record_some,
-            deterministic=self.deterministic, dtype=self.dtype, name="layers",
+            deterministic=self.deterministic, dtype=self.dtype, fold_cross_attention=self.fold_cross_attention,
+            name="layers",
         )
         (x, buffers), stacked = layers((x, buffers), self_bias, self_mask, encoded, cross_mask,
                                        jnp.arange(count, dtype=jnp.int32), layer_interventions or None)
         x = RMSNorm(epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, name="final_norm")(
             x, stack_tap.scoped("final_ln."))
         x = stack_tap("hook_out", x)
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
+        x = Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
         cache = dict(stacked)
         cache.update({name: buffer[:-1] for name, buffer in buffers.items()})
         cache.update(stack_tap.cache)
@@ -198,6 +204,8 @@ class T5(nn.Module):
     decoder_cache: StackCacheSpec = ()
     deterministic: bool = True
     dtype: Any = None
+    fold_cross_attention: bool = False  # see MultiHeadAttention.fold_keys
+    unroll_layers: bool = False  # each stack runs its layers as straight-line code, not as a loop
 
     def setup(self):
         cfg = self.config
@@ -206,9 +214,10 @@ class T5(nn.Module):
             (cfg.vocab_size, cfg.d_model), jnp.float32,
         )
         self.encoder = _Stack(cfg, is_decoder=False, cache_spec=self.encoder_cache,
-                              deterministic=self.deterministic, dtype=self.dtype)
+                              deterministic=self.deterministic, dtype=self.dtype, unroll_layers=self.unroll_layers)
         self.decoder = _Stack(cfg, is_decoder=True, cache_spec=self.decoder_cache,
-                              deterministic=self.deterministic, dtype=self.dtype)
+                              deterministic=self.deterministic, dtype=self.dtype,
+                              fold_cross_attention=self.fold_cross_attention, unroll_layers=self.unroll_layers)
         if not cfg.tie_word_embeddings:
             self.lm_head = self.param(
                 "lm_head", partitioned(nn.initializers.normal(cfg.initializer_factor), ("embed", "vocab")),
@@ -355,10 +364,13 @@ def _rngs(deterministic: bool, dropout_rng):
     return {"dropout": dropout_rng} if dropout_rng is not None else None
 
 
-@functools.partial(jax.jit, static_argnames=("config", "specs", "deterministic", "dtype", "partitioner"))
+@functools.partial(jax.jit, static_argnames=("config", "specs", "deterministic", "dtype", "partitioner",
+                                             "fold_cross_attention", "unroll_layers"))
 def _forward(config, params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
-             interventions, rngs, specs, deterministic, dtype, partitioner=None):
-    model = T5(config, encoder_cache=specs[0], decoder_cache=specs[1], deterministic=deterministic, dtype=dtype)
+             interventions, rngs, specs, deterministic, dtype, partitioner=None, fold_cross_attention=False,
+             unroll_layers=False):
+    model = T5(config, encoder_cache=specs[0], decoder_cache=specs[1], deterministic=deterministic, dtype=dtype,
+               fold_cross_attention=fold_cross_attention, unroll_layers=unroll_layers)
     with maybe_activate(partitioner):  # activations placed by logical name (genir_jax.partitioning)
         return model.apply({"params": params}, input_ids, attention_mask, decoder_input_ids,
                            decoder_attention_mask, interventions, rngs=rngs)
@@ -378,6 +390,8 @@ def forward_with_cache(
     dropout_rng: jax.Array | None = None,
     dtype=None,
     partitioner=None,
+    fold_cross_attention: bool = False,
+    unroll_layers: bool = False,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """Logits [B, T_dec, V] and ``{full site name: activation [B, ...]}`` for the requested sites.
 
@@ -386,6 +400,11 @@ def forward_with_cache(
     parameters at use; None computes in the parameters' dtype. `partitioner` (a
     `genir_jax.partitioning.Partitioner`): activations are constrained by its rules (place the parameters
     with ``partitioner.shard_params`` and the inputs with its batch sharding); None: as the arrays lie.
+    `fold_cross_attention`: the decoder's cross-attention skips projecting keys and values where that
+    costs less (few decoder positions; `genir_jax.modules.MultiHeadAttention.fold_keys`): faster, equal up
+    to float rounding; training uses it, analyses keep the projected keys of the reference's computation.
+    `unroll_layers`: the layers of a stack run as straight-line code instead of a loop over stacked
+    parameters (faster for a few layers on the CPU, slower to compile for many; training presets choose).
     """
     names = expand_site_patterns(config, cache_sites)
     specs = cache_specs(config, names)
@@ -395,7 +414,7 @@ def forward_with_cache(
     dec_mask = None if decoder_attention_mask is None else _as_int(decoder_attention_mask)
     logits, raw = _forward(config, params, _as_int(input_ids), _as_int(attention_mask), _as_int(decoder_input_ids),
                            dec_mask, interventions, _rngs(deterministic, dropout_rng), specs, deterministic,
-                           _jnp_dtype(dtype), partitioner)
+                           _jnp_dtype(dtype), partitioner, fold_cross_attention, unroll_layers)
     return logits, _named_cache(config, names, raw, specs)
 
 
@@ -412,11 +431,15 @@ def forward(
     dropout_rng: jax.Array | None = None,
     dtype=None,
     partitioner=None,
+    fold_cross_attention: bool = False,
+    unroll_layers: bool = False,
 ) -> jnp.ndarray:
-    """Logits [B, T_dec, V] of T5 for token ids (numpy or jax arrays). Jittable (config is static)."""
+    """Logits [B, T_dec, V] of T5 for token ids (numpy or jax arrays). Jittable (config is static).
+    Options as `forward_with_cache`."""
     logits, _ = forward_with_cache(
         config, params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, interventions,
         deterministic=deterministic, dropout_rng=dropout_rng, dtype=dtype, partitioner=partitioner,
+        fold_cross_attention=fold_cross_attention, unroll_layers=unroll_layers,
     )
     return logits
 

@@ -30,6 +30,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bf16", action="store_true", default=None,
                        help="compute in bfloat16 (float32 master weights)")
     group.add_argument("--no-dropout", action="store_true", help="train without dropout")
+    group.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction, default=None,
+                       help="run each stack's layers as straight-line code instead of a loop: faster steps for "
+                            "a few small layers, longer compilation for many (default: the preset's; tiny and "
+                            "cpu unroll)")
     group.add_argument("--eval-every", type=int, help="validate every N updates (0: only at the end)")
     group.add_argument("--checkpoint-every", type=int, help="checkpoint every N updates")
     group.add_argument("--keep-checkpoints", type=int, help="number of newest checkpoints kept")
@@ -59,6 +63,8 @@ def resolve_run(args: argparse.Namespace, preset_run: RunSpec, adamw: OptimizerS
         run_changes["bf16"] = True
     if args.no_dropout:
         run_changes["dropout"] = False
+    if getattr(args, "unroll_layers", None) is not None:
+        run_changes["unroll_layers"] = args.unroll_layers
     run = dataclasses.replace(preset_run, optimizer=optimizer, **run_changes)
     run.validate()
     return run

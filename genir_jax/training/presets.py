@@ -97,12 +97,12 @@ TINY = Preset(
                      dropout_rate=0.1),
     pretrain=PretrainSettings(
         run=RunSpec(steps=60, batch_size=16, seed=0, log_every=10, eval_every=30, checkpoint_every=30,
-                    keep_checkpoints=2,
+                    keep_checkpoints=2, unroll_layers=True,
                     optimizer=OptimizerSpec("adafactor", 1e-2, "rsqrt", 10, multiply_by_parameter_scale=True)),
         inputs_length=32, val_chunks=16),
     dsi=DSISettings(
         run=RunSpec(steps=400, batch_size=32, seed=0, log_every=50, eval_every=200, checkpoint_every=200,
-                    keep_checkpoints=2,
+                    keep_checkpoints=2, unroll_layers=True,
                     optimizer=OptimizerSpec("adafactor", 2e-2, "linear", 50, end_fraction=0.1,
                                             multiply_by_parameter_scale=True)),
         index_max_length=64, query_max_length=32, ratio=None, max_val_queries=64, docid_init="random"),
@@ -115,12 +115,12 @@ CPU = Preset(
                      dropout_rate=0.1),
     pretrain=PretrainSettings(
         run=RunSpec(steps=400, batch_size=64, seed=0, log_every=25, eval_every=100, checkpoint_every=100,
-                    keep_checkpoints=2,
+                    keep_checkpoints=2, unroll_layers=True,
                     optimizer=OptimizerSpec("adafactor", 1e-2, "rsqrt", 100, multiply_by_parameter_scale=True)),
         inputs_length=64, val_chunks=256),
     dsi=DSISettings(
         run=RunSpec(steps=4000, batch_size=64, seed=0, log_every=50, eval_every=500, checkpoint_every=500,
-                    keep_checkpoints=2,
+                    keep_checkpoints=2, unroll_layers=True,
                     optimizer=OptimizerSpec("adafactor", 2e-2, "linear", 200, end_fraction=0.1,
                                             multiply_by_parameter_scale=True)),
         index_max_length=128, query_max_length=32, ratio=None, max_val_queries=1024, docid_init="random"),

@@ -67,6 +67,9 @@ class RunSpec:
     keep_checkpoints: int = 2
     dropout: bool = True
     bf16: bool = False
+    # each stack's layers as straight-line code instead of a loop: faster steps for a few small layers
+    # (the CPU presets), longer compilation for many
+    unroll_layers: bool = False
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -193,7 +196,7 @@ def train_loop(
     compute_dtype = jnp.bfloat16 if spec.bf16 else None
     shardings = state_shardings(partitioner, config, optimizer, params)
     step_fn = make_train_step(config, optimizer, partitioner, schedule=schedule, dropout=spec.dropout,
-                              compute_dtype=compute_dtype, shardings=shardings)
+                              compute_dtype=compute_dtype, shardings=shardings, unroll_layers=spec.unroll_layers)
     barrier("genir_jax.train_loop.start")  # every process has checked the output directory before any writes
     os.makedirs(run_dir, exist_ok=True)
     checkpoints = Checkpoints(run_dir, every=spec.checkpoint_every, keep=spec.keep_checkpoints)
@@ -238,8 +241,8 @@ def train_loop(
                 sample = put_local_batch(source.batch(group, rows % size, 0), rows, spec.batch_size, partitioner)
                 shape = _shape_key(sample)
                 if shape not in compiled:
-                    cache_key = (config, spec.optimizer, spec.steps, spec.dropout, spec.bf16, partitioner, shape,
-                                 _abstract_key(state))
+                    cache_key = (config, spec.optimizer, spec.steps, spec.dropout, spec.bf16, spec.unroll_layers,
+                                 partitioner, shape, _abstract_key(state))
                     if cache_key not in _COMPILED_STEPS:
                         _COMPILED_STEPS[cache_key] = step_fn.lower(state, sample).compile()
                         while len(_COMPILED_STEPS) > _COMPILED_STEPS_KEPT:
