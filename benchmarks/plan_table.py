@@ -3,7 +3,7 @@
 Each cell is one ``genir-jax plan --devices N --json`` run (a fresh process with N simulated CPU devices);
 finished cells are kept in `--out` and not computed again. Prints the markdown table.
 
-    python benchmarks/plan_table.py [--out /tmp/plan/table]
+    python benchmarks/plan_table.py [--out /tmp/plan/table] [--tasks train]
 """
 
 from __future__ import annotations
@@ -64,11 +64,17 @@ def describe(path: str, accelerator: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="/tmp/plan/table")
+    parser.add_argument("--tasks", default=",".join(TASKS),
+                        help="comma-separated rows to plan and print (default: all: forward,sweep,train)")
     args = parser.parse_args()
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks:
+        parser.error(f"--tasks: expected some of {', '.join(TASKS)}, got {args.tasks!r}")
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for shape in SHAPES:
-        for task in TASKS:
+        for task in tasks:
             cells = [describe(cell(args.out, name, shape, task), SLICES[name][0]) for name in SLICES]
             rows.append(f"| {shape} | {task} | " + " | ".join(cells) + " |")
     header = " | ".join(f"{name} ({SLICES[name][0]}, {SLICES[name][1]} chips)" for name in SLICES)

@@ -8,7 +8,10 @@ and reads, per device:
 
 - memory from ``compiled.memory_analysis()``: parameters (and optimizer state) as the shardings place
   them, the other arguments and the outputs (minus what donation aliases), XLA's temporary buffers;
-- FLOPs and bytes accessed per step from ``compiled.cost_analysis()`` (the SPMD program of one device);
+- FLOPs and bytes accessed per step from ``compiled.cost_analysis()`` (the SPMD program of one device),
+  which counts a loop body once: they are multiplied by the program's dot FLOPs (and estimated bytes moved)
+  with loop trip counts over those counted once (`genir_jax.hlo_loops`), so scanned layers count as often
+  as they run;
 
 and projects the step time on named accelerators (`ACCELERATORS`) as the larger of FLOPs / peak and
 bytes / HBM bandwidth (a roofline lower bound: no collectives, no launch overheads), with a verdict on
@@ -28,6 +31,7 @@ from typing import Any
 
 from genir_jax.config import T5Config, t5_v1_0, t5_v1_1
 from genir_jax.errors import ConfigError
+from genir_jax.hlo_loops import bytes_scale, flops_scale
 
 TASKS = ("forward", "sweep", "attribute", "train")
 DTYPES = ("float32", "bfloat16")
@@ -364,10 +368,15 @@ class Plan:
     alias_bytes: int
     temp_bytes: int
     code_bytes: int
-    flops: float  # per device per step
-    bytes_accessed: float
+    flops: float  # per device per step, loops counted by their trip counts (see `flops_scale`)
+    bytes_accessed: float  # likewise (`bytes_scale`)
     steps: int = 1  # steps of the whole job (sweep: config chunks x query chunks)
     compile_seconds: float = 0.0
+    # XLA's cost analysis counts a loop body once (the layers under nn.scan: one per stack); its FLOPs and
+    # bytes are multiplied by the program's dot FLOPs (bytes moved) with trip counts over those counted once
+    # (`genir_jax.hlo_loops`)
+    flops_scale: float = 1.0
+    bytes_scale: float = 1.0
 
     @property
     def activation_bytes(self) -> int:
@@ -396,7 +405,8 @@ class Plan:
                     "temp_bytes": self.temp_bytes, "total_bytes": self.total_bytes,
                     "input_bytes": self.input_bytes, "argument_bytes": self.argument_bytes, "output_bytes": self.output_bytes,
                     "alias_bytes": self.alias_bytes, "code_bytes": self.code_bytes,
-                    "flops_per_step": self.flops, "bytes_accessed_per_step": self.bytes_accessed},
+                    "flops_per_step": self.flops, "bytes_accessed_per_step": self.bytes_accessed,
+                    "flops_scale": self.flops_scale, "bytes_scale": self.bytes_scale},
                 "steps": self.steps, "compile_seconds": round(self.compile_seconds, 2),
                 "projections": [self.projection(a) for a in ACCELERATORS.values()]}
 
@@ -429,6 +439,8 @@ def _compile(shape, mesh, work: Workload, devices, rules):
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    text = compiled.as_text()
+    scale, byte_scale = flops_scale(text), bytes_scale(text)
     parameter_bytes = per_device_bytes(parts["params"]) + per_device_bytes(parts.get("opt_state", ()))
     steps = 1
     if work.task == "sweep":
@@ -442,8 +454,9 @@ def _compile(shape, mesh, work: Workload, devices, rules):
                 input_bytes=per_device_bytes(parts["inputs"]),
                 argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
                 alias_bytes=int(memory.alias_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
-                code_bytes=int(memory.generated_code_size_in_bytes), flops=float(cost.get("flops", 0.0)),
-                bytes_accessed=float(cost.get("bytes accessed", 0.0)), steps=steps, compile_seconds=seconds)
+                code_bytes=int(memory.generated_code_size_in_bytes), flops=scale * float(cost.get("flops", 0.0)),
+                bytes_accessed=byte_scale * float(cost.get("bytes accessed", 0.0)), steps=steps,
+                compile_seconds=seconds, flops_scale=scale, bytes_scale=byte_scale)
     return plan, partitioner, compiled, parts
 
 
@@ -572,8 +585,9 @@ def format_plan(plan: Plan, accelerators: Sequence[str] | None = None) -> str:
     lines.append(f"    {'activations (args + outputs)':<30} {human_bytes(plan.activation_bytes):>12}")
     lines.append(f"    {'temporaries':<30} {human_bytes(plan.temp_bytes):>12}")
     lines.append(f"    {'total':<30} {human_bytes(plan.total_bytes):>12}")
-    lines.append(f"    {'FLOPs per step':<30} {plan.flops:12.4g}")
-    lines.append(f"    {'HBM bytes per step':<30} {plan.bytes_accessed:12.4g}")
+    lines.append(f"    {'FLOPs per step':<30} {plan.flops:12.4g}  (XLA's count x {plan.flops_scale:.2f}: loop trip "
+                 "counts)")
+    lines.append(f"    {'HBM bytes per step':<30} {plan.bytes_accessed:12.4g}  (x {plan.bytes_scale:.2f})")
     lines.append(f"  compiled in {plan.compile_seconds:.1f} s on simulated CPU devices")
     lines.append(f"  {'accelerator':<12} {'HBM':>9} {'step (roofline)':>16} {'bound':>8} "
                  f"{'all ' + str(plan.steps) + ' steps' if plan.steps > 1 else '':>16}  verdict")
