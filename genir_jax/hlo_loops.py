@@ -131,8 +131,8 @@ def _fusion_bytes(fused: _Computation | None, result, operands, shapes) -> float
     return total
 
 
-def _total(hlo_text: str, quantity: str, with_trip_counts: bool) -> float:
-    computations, entry = _parse(hlo_text)
+def _total(parsed, quantity: str, with_trip_counts: bool) -> float:
+    computations, entry = parsed
     if entry is None:
         return 0.0
 
@@ -150,21 +150,30 @@ def _total(hlo_text: str, quantity: str, with_trip_counts: bool) -> float:
 
 def dot_flops(hlo_text: str, with_trip_counts: bool = True) -> float:
     """Dot FLOPs of a compiled HLO module, loop bodies counted by their trip counts (or once)."""
-    return _total(hlo_text, "flops", with_trip_counts)
+    return _total(_parse(hlo_text), "flops", with_trip_counts)
 
 
 def bytes_moved(hlo_text: str, with_trip_counts: bool = True) -> float:
     """Estimated bytes read and written (instructions outside fusions), loops by trip count (or once)."""
-    return _total(hlo_text, "bytes", with_trip_counts)
+    return _total(_parse(hlo_text), "bytes", with_trip_counts)
+
+
+def _ratio(parsed, quantity: str) -> float:
+    once = _total(parsed, quantity, with_trip_counts=False)
+    return _total(parsed, quantity, with_trip_counts=True) / once if once > 0 else 1.0
 
 
 def flops_scale(hlo_text: str) -> float:
     """Dot FLOPs with trip counts over dot FLOPs counted once (1.0 without loops or without dots)."""
-    once = dot_flops(hlo_text, with_trip_counts=False)
-    return dot_flops(hlo_text) / once if once > 0 else 1.0
+    return _ratio(_parse(hlo_text), "flops")
 
 
 def bytes_scale(hlo_text: str) -> float:
     """Estimated bytes with trip counts over bytes counted once (1.0 without loops)."""
-    once = bytes_moved(hlo_text, with_trip_counts=False)
-    return bytes_moved(hlo_text) / once if once > 0 else 1.0
+    return _ratio(_parse(hlo_text), "bytes")
+
+
+def scales(hlo_text: str) -> tuple[float, float]:
+    """(`flops_scale`, `bytes_scale`) from one parse of the module."""
+    parsed = _parse(hlo_text)
+    return _ratio(parsed, "flops"), _ratio(parsed, "bytes")

@@ -31,7 +31,7 @@ from typing import Any
 
 from genir_jax.config import T5Config, t5_v1_0, t5_v1_1
 from genir_jax.errors import ConfigError
-from genir_jax.hlo_loops import bytes_scale, flops_scale
+from genir_jax.hlo_loops import scales as loop_scales
 
 TASKS = ("forward", "sweep", "attribute", "train")
 DTYPES = ("float32", "bfloat16")
@@ -439,8 +439,7 @@ def _compile(shape, mesh, work: Workload, devices, rules):
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-    text = compiled.as_text()
-    scale, byte_scale = flops_scale(text), bytes_scale(text)
+    scale, byte_scale = loop_scales(compiled.as_text())
     parameter_bytes = per_device_bytes(parts["params"]) + per_device_bytes(parts.get("opt_state", ()))
     steps = 1
     if work.task == "sweep":

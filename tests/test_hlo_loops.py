@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from genir_jax.config import t5_v1_0
-from genir_jax.hlo_loops import bytes_scale, dot_flops, flops_scale
+from genir_jax.hlo_loops import bytes_scale, dot_flops, flops_scale, scales
 from genir_jax.model import _forward, param_shapes
 from genir_jax.planning import Workload, make_plan
 
@@ -39,6 +39,7 @@ def test_dot_flops_of_a_matmul_and_of_a_loop():
     assert dot_flops(text, with_trip_counts=False) == once
     assert dot_flops(text) == per_run
     assert flops_scale(text) == pytest.approx(per_run / once)
+    assert scales(text) == (flops_scale(text), bytes_scale(text)) and bytes_scale(text) > 1.0
 
 
 @pytest.mark.parametrize("layers", [(2, 2), (4, 4), (2, 6)])
