@@ -98,10 +98,10 @@ def _parse(hlo_text: str) -> tuple[dict[str, _Computation], str | None]:
                     current.sliced[operands[0]] = touched
                 if opcode == "dynamic-update-slice" and line.lstrip().startswith("ROOT"):
                     current.result_bytes = touched
-                if opcode not in _FREE:
-                    current.bytes += 2 * touched
+                current.bytes += 2 * touched
             elif opcode == "fusion":
-                callee = computations.get((_CALLEE.search(line) or [None, None, ""])[2])
+                fused = _CALLEE.search(line)
+                callee = computations.get(fused.group(2)) if fused else None
                 current.bytes += _fusion_bytes(callee, shapes[result], operands, shapes)
             elif opcode not in _FREE:
                 current.bytes += sum(_bytes(shape) for shape in [shapes[result]] + [shapes[o] for o in operands
