@@ -18,11 +18,11 @@ import time
 
 import numpy as np
 
-from genir_jax import sweep as sw
+from genir_jax.interp import sweep as sw
 from genir_jax.analysis.inputs import load_correct_queries, tokenize_for_analysis
-from genir_jax.attribution import attribute, spearman, top_overlap
-from genir_jax.hf import load_for_analysis
-from genir_jax.patching import run_sweep
+from genir_jax.interp.attribution import attribute, spearman, top_overlap
+from genir_jax.checkpoints.hf import load_for_analysis
+from genir_jax.interp.patching import run_sweep
 
 
 def main() -> None:

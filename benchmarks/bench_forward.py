@@ -22,9 +22,9 @@ import numpy as np
 import genir_jax as gj
 
 MODELS = {
-    "24L d128": gj.config.t5_v1_0(vocab_size=32128, d_model=128, d_kv=32, d_ff=512, num_layers=24, num_heads=4,
+    "24L d128": gj.t5_v1_0(vocab_size=32128, d_model=128, d_kv=32, d_ff=512, num_layers=24, num_heads=4,
                                   dropout_rate=0.0),
-    "t5-small (6L d512)": gj.config.t5_v1_0(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6,
+    "t5-small (6L d512)": gj.t5_v1_0(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6,
                                             num_heads=8, dropout_rate=0.0),
 }
 

@@ -31,15 +31,15 @@ import numpy as np
 
 import genir_jax as gj
 from genir_jax.analysis.stage_patching import COMPONENTS, run_stage_patching, stage_configs
-from genir_jax.interventions import mean_activations
-from genir_jax.patching import default_query_chunk, ranks_of_targets
-from genir_jax.sites import COMPONENT_SITES
+from genir_jax.interp.interventions import mean_activations
+from genir_jax.interp.patching import default_query_chunk, ranks_of_targets
+from genir_jax.core.sites import COMPONENT_SITES
 
 STAGES = [list(range(0, 7)), list(range(7, 18)), list(range(18, 24))]
 
 
 def build_checkpoint(directory: str, d_model: int, d_ff: int, heads: int) -> gj.PretrainedModel:
-    config = gj.config.t5_v1_0(vocab_size=32128, d_model=d_model, d_kv=d_model // heads, d_ff=d_ff, num_layers=24,
+    config = gj.t5_v1_0(vocab_size=32128, d_model=d_model, d_kv=d_model // heads, d_ff=d_ff, num_layers=24,
                                num_heads=heads, dropout_rate=0.0)
     model = gj.PretrainedModel(config=config, params=gj.init_params(config, 0))
     gj.save_pretrained(directory, model)

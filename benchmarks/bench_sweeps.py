@@ -8,7 +8,7 @@ Measured in ONE run (so rates compare like with like):
      unit="neuron": 24 x 512 = 12,288 configs) on N queries, metrics (rank, logit), per_query=False:
      end-to-end time (compile included), steady config-queries/s, achieved FLOP/s (analytic count, see
      `neuron_sweep_flops`) against a plain jitted float32 matmul measured here;
-  1b. the rank window (`genir_jax.rank_window`): every 4th neuron with rank_window=0 vs the default, warm,
+  1b. the rank window (`genir_jax.interp.rank_window`): every 4th neuron with rank_window=0 vs the default, warm,
      ranks compared;
   2. prefix sharing: every 8th neuron with prefix_sharing=False vs True;
   3. TransformerLens 2.x HookedEncoderDecoder (run in its own interpreter, --tl-python): one
@@ -39,9 +39,9 @@ import jax
 import numpy as np
 
 import genir_jax as gj
-from genir_jax.attribution import attribute, spearman, top_overlap
-from genir_jax.patching import default_config_chunk, run_sweep
-from genir_jax.sweep import component_grid, concat, site_grid
+from genir_jax.interp.attribution import attribute, spearman, top_overlap
+from genir_jax.interp.patching import default_config_chunk, run_sweep
+from genir_jax.interp.sweep import component_grid, concat, site_grid
 
 from bench_patching import make_queries, matmul_gflops  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
@@ -59,7 +59,7 @@ def log(message: str) -> None:
 
 
 def build_model(d_ff: int = D_FF) -> gj.PretrainedModel:
-    config = gj.config.t5_v1_0(vocab_size=VOCAB, d_model=D_MODEL, d_kv=D_MODEL // HEADS, d_ff=d_ff,
+    config = gj.t5_v1_0(vocab_size=VOCAB, d_model=D_MODEL, d_kv=D_MODEL // HEADS, d_ff=d_ff,
                                num_layers=LAYERS, num_heads=HEADS, dropout_rate=0.0)
     return gj.PretrainedModel(config=config, params=gj.init_params(config, 0))
 
@@ -106,7 +106,7 @@ def near_tie(config, params, ids, mask, targets, sweep, k: int, q: int, rank_a: 
     """A rank two computations disagree on: the config's logits from one plain forward, and the gap between
     the target's logit and the closest other token's (relative to the target's), to show it is a float tie."""
     layer, neuron = int(sweep.labels["layer"][k]), int(sweep.labels["neuron"][k])
-    iv = gj.interventions.neuron_ablation(config, {f"decoder.{layer}.mlp": [neuron]})
+    iv = gj.neuron_ablation(config, {f"decoder.{layer}.mlp": [neuron]})
     logits = np.asarray(gj.forward(config, params, ids[q:q + 1], mask[q:q + 1], np.zeros((1, 1), np.int32),
                                    interventions=iv), np.float64)[0, 0]
     target = int(targets[q])

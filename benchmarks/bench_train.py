@@ -11,7 +11,7 @@ Token ids are random (speed does not depend on them); the same numpy batches fee
 - ours: `genir_jax.training.loop.make_train_step` (what `genir-jax train` runs: dropout, the preset's
   Adafactor with its schedule and unrolled layers, folded cross-attention, donated state,
   loss/accuracy/grad-norm metrics) on batches from the real `BatchPlan` / `ArraySource` / `put_batch`, so
-  host-side batching is inside the timed loop; glibc keeps freed memory (`genir_jax.host_memory`, as the
+  host-side batching is inside the timed loop; glibc keeps freed memory (`genir_jax.scale.host_memory`, as the
   `genir-jax` command sets it up; the process is shared, so PyTorch runs with it too; ``--host-memory
   default`` turns it off for both);
 - torch: `T5ForConditionalGeneration` in train mode, loss from `labels`, `backward()`, transformers'
@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from genir_jax.host_memory import keep_freed_host_memory
+from genir_jax.scale.host_memory import keep_freed_host_memory
 from genir_jax.training.batching import ArraySource, BatchPlan
 from genir_jax.training.loop import (
     create_state,
@@ -74,7 +74,7 @@ ADAMW = OptimizerSpec("adamw", 5e-4, "linear", 0, weight_decay=0.01)
 def workload(seed: int = 0):
     """(config, params, source, plan, steps): the preset's model with docids, random token data in the
     preset's two groups, the real batch plan, and the plan steps one round times."""
-    from genir_jax.model import init_params
+    from genir_jax.core.model import init_params
 
     config = CPU.model.config(vocab_size=32128 + DOCUMENTS)
     rng = np.random.default_rng(seed)
@@ -360,7 +360,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--host-memory", choices=("keep", "default"), default="keep",
                         help="keep: glibc keeps freed memory, as `genir-jax` sets it up on the CPU "
-                             "(genir_jax.host_memory; both sides share the process); default: glibc's defaults")
+                             "(genir_jax.scale.host_memory; both sides share the process); default: glibc's defaults")
     args = parser.parse_args()
 
     host_memory_kept = args.host_memory == "keep" and keep_freed_host_memory()

@@ -1,7 +1,7 @@
 """The experiments of `genir-jax reproduce`, one module each, found by discovery.
 
 Every module of this package whose name does not start with ``_`` defines ``EXPERIMENT`` (a
-`genir_jax.report.Experiment`): its configuration, the pipeline steps it runs (library calls), the steps it
+`genir_jax.paper.report.Experiment`): its configuration, the pipeline steps it runs (library calls), the steps it
 reads, the paper's numbers and how its section of ``report.md`` is rendered. `registry` imports them all and
 orders them by ``EXPERIMENT.position`` (the paper's order), so a new analysis needs its analysis module and
 its experiment module here, nothing else.
@@ -18,8 +18,8 @@ import pkgutil
 def registry() -> tuple:
     """Every experiment of this package, in report (and pipeline) order; refuses two experiments with the
     same id or the same step name, or a module without ``EXPERIMENT``."""
-    from genir_jax.errors import GenIRError
-    from genir_jax.report import Experiment
+    from genir_jax.base.errors import GenIRError
+    from genir_jax.paper.report import Experiment
 
     found = []
     for module_info in pkgutil.iter_modules(__path__):
@@ -29,7 +29,7 @@ def registry() -> tuple:
         experiment = getattr(module, "EXPERIMENT", None)
         if not isinstance(experiment, Experiment):
             raise GenIRError(f"{module.__file__}: an experiment module must define EXPERIMENT (a "
-                             "genir_jax.report.Experiment)")
+                             "genir_jax.paper.report.Experiment)")
         found.append(experiment)
     found.sort(key=lambda experiment: (experiment.position, experiment.id))
     ids, steps = set(), set()

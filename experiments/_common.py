@@ -1,5 +1,5 @@
 """What the experiment modules share: the analysed model and its correct queries, loaded once per run through
-the library (`genir_jax.hf`, `genir_jax.analysis.inputs`), the stages a run uses, and reading them back."""
+the library (`genir_jax.checkpoints.hf`, `genir_jax.analysis.inputs`), the stages a run uses, and reading them back."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import types
 import numpy as np
 
 from genir_jax.analysis.stage_patching import default_stages
-from genir_jax.config import T5Config
-from genir_jax.errors import GenIRError
+from genir_jax.core.config import T5Config
+from genir_jax.base.errors import GenIRError
 
 
 def full_config(layout) -> T5Config:
@@ -31,8 +31,8 @@ def stages_of(layout, step: str = REPORT_STAGES_STEP) -> list[list[int]]:
 
 
 def load_model(path, *, tokenizer: bool = True):
-    """A checkpoint for analysis (`genir_jax.hf.load_for_analysis`); with `tokenizer`, refuses one without."""
-    from genir_jax.hf import load_for_analysis
+    """A checkpoint for analysis (`genir_jax.checkpoints.hf.load_for_analysis`); with `tokenizer`, refuses one without."""
+    from genir_jax.checkpoints.hf import load_for_analysis
 
     model = load_for_analysis(str(path), load_tokenizer=tokenizer)
     if tokenizer and model.tokenizer is None:
@@ -68,7 +68,7 @@ def correct_inputs(layout) -> CorrectInputs:
 
 def full_scheme(layout):
     """The docid scheme the full model was trained with (its docids.json; atomic when absent)."""
-    from genir_jax.docid_schemes import checkpoint_scheme
+    from genir_jax.docids.schemes import checkpoint_scheme
 
     return checkpoint_scheme(layout.full)
 
@@ -86,7 +86,7 @@ def correct_sequence_inputs(layout) -> CorrectSequenceInputs:
     """The full (naive / semantic) model of a reproduction, its correct validation queries and their docid
     token sequences."""
     from genir_jax.analysis.inputs import load_correct_sequence_queries, tokenize_for_analysis
-    from genir_jax.sequence_targets import pad_targets
+    from genir_jax.docids.sequence_targets import pad_targets
 
     model = load_model(layout.full)
     scheme = full_scheme(layout)
@@ -101,7 +101,7 @@ def resolve_stages(spec: str | None, inputs: CorrectInputs, progress: bool) -> t
     paper's for 24 decoder layers, else auto) and their stages.json record, as every analysis command
     resolves its --stages. With multi-token docids, automatic stages are fitted on the first decoding step
     (the first docid token given the start token; recorded as ``auto_target``)."""
-    from genir_jax.commands.common import resolve_stages as resolve
+    from genir_jax.cli.commands.common import resolve_stages as resolve
 
     options = types.SimpleNamespace(stages=spec, batch_size=None, no_progress=not progress)
     targets = inputs.targets if inputs.targets.ndim == 1 else inputs.targets[:, 0]

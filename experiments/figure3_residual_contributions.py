@@ -4,7 +4,7 @@ import dataclasses
 
 import numpy as np
 
-from genir_jax.report import (Experiment, Section, describe_stages, figure, md_table, read_json, record_settings,
+from genir_jax.paper.report import (Experiment, Section, describe_stages, figure, md_table, read_json, record_settings,
                               shade_stages, stage_names)
 
 from experiments._common import correct_inputs, stages_of

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from genir_jax.report import Experiment, Section, figure, md_table, percent, read_json, shade_stages, stage_names
+from genir_jax.paper.report import Experiment, Section, figure, md_table, percent, read_json, shade_stages, stage_names
 
 from experiments._common import stages_of
 

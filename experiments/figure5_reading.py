@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from genir_jax.report import Experiment, Section, figure, md_table, read_json, record_settings, stage_names
+from genir_jax.paper.report import Experiment, Section, figure, md_table, read_json, record_settings, stage_names
 
 from experiments._common import correct_inputs, resolve_stages
 
@@ -30,8 +30,8 @@ def _run_reading(step: str, reader: str):
     cross-attention heads of every layer, as `genir-jax neuron-reading` / `crattn-reading` read them."""
     def run(layout, settings, config: Config) -> dict:
         from genir_jax.analysis.reading import RawEntryWriter, run_reading, stale_raw_files, write_reading_outputs
-        from genir_jax.commands.common import write_stages
-        from genir_jax.io import atomic_directory
+        from genir_jax.cli.commands.common import write_stages
+        from genir_jax.base.io import atomic_directory
 
         inputs = correct_inputs(layout)
         model = inputs.model

@@ -3,7 +3,7 @@ under the automatic stages and the equal thirds side by side (do Table 3's stage
 
 import dataclasses
 
-from genir_jax.report import Experiment, Section, record_settings
+from genir_jax.paper.report import Experiment, Section, record_settings
 
 from experiments._common import correct_inputs
 

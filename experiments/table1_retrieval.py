@@ -1,6 +1,6 @@
 """Table 1: retrieval effectiveness of the DSI model on the test queries, with BM25 for context."""
 
-from genir_jax.report import Experiment, Section, md_table, percent, read_json
+from genir_jax.paper.report import Experiment, Section, md_table, percent, read_json
 
 PAPER = {"NQ10k (T5-large)": {"Hits@1": 40.4, "Recall@5": 58.1, "Hits@10": 63.9}}
 

@@ -4,8 +4,8 @@ import dataclasses
 import json
 import os
 
-from genir_jax.errors import DataError, GenIRError
-from genir_jax.report import EXPERIMENT_JSON, Experiment, Section, md_table, percent, read_json, record_settings
+from genir_jax.base.errors import DataError, GenIRError
+from genir_jax.paper.report import EXPERIMENT_JSON, Experiment, Section, md_table, percent, read_json, record_settings
 
 from experiments._common import correct_inputs, load_model
 
@@ -26,9 +26,9 @@ def run_swap_encoder(layout, settings, config: Config) -> dict:
     T5 (`genir_jax.analysis.encoder_swap`), on the correct validation queries; writes swapped_encoder.json as
     `genir-jax swap-encoder` does (keys: the removed models' directories, then the base T5's)."""
     from genir_jax.analysis.encoder_swap import RESULTS_JSON, encoder_swap_ranks, normalize_missing, summarize
-    from genir_jax.io import atomic_directory, write_json
-    from genir_jax.patching import Source
-    from genir_jax.reproduce import base_model
+    from genir_jax.base.io import atomic_directory, write_json
+    from genir_jax.interp.patching import Source
+    from genir_jax.paper.reproduce import base_model
 
     base_path = base_model(layout, settings) if config.base_encoder else None
     base = load_model(base_path, tokenizer=False) if base_path else None  # a bad base fails before the analysis

@@ -5,8 +5,8 @@ import dataclasses
 
 import numpy as np
 
-from genir_jax.errors import GenIRError
-from genir_jax.report import Experiment, Section, describe_stages, md_table, percent, record_settings, stage_names
+from genir_jax.base.errors import GenIRError
+from genir_jax.paper.report import Experiment, Section, describe_stages, md_table, percent, record_settings, stage_names
 
 from experiments._common import (correct_inputs, correct_sequence_inputs, full_scheme, load_model, resolve_stages,
                                 stages_of)
@@ -34,9 +34,9 @@ def run_patch_stages(layout, settings, config: Config) -> dict:
     correct validation queries; T5 mode takes the base T5's outputs. Writes what `genir-jax patch-stages`
     writes (CSV, ranks, stages.json)."""
     from genir_jax.analysis.stage_patching import StagePatchingResult, run_stage_patching, write_stage_patching
-    from genir_jax.commands.common import STAGES_JSON
-    from genir_jax.patching import Source
-    from genir_jax.reproduce import base_model
+    from genir_jax.cli.commands.common import STAGES_JSON
+    from genir_jax.interp.patching import Source
+    from genir_jax.paper.reproduce import base_model
 
     base_path = base_model(layout, settings) if "t5" in config.modes else None
     base = load_model(base_path, tokenizer=False) if base_path else None  # a bad base fails before the analysis
@@ -77,7 +77,7 @@ def _run_sequence_patch_stages(layout, settings, config: Config, base, base_path
     `config.rank_reduction`; the same files as the atomic run."""
     from genir_jax.analysis.sequence_stage_patching import run_sequence_stage_patching
     from genir_jax.analysis.stage_patching import write_stage_patching
-    from genir_jax.commands.common import STAGES_JSON
+    from genir_jax.cli.commands.common import STAGES_JSON
 
     inputs = correct_sequence_inputs(layout)
     model = inputs.model
@@ -111,7 +111,7 @@ DEEPER = ((">5", "% not in top 6 (rank > 5)"), (">10", "% not in top 11 (rank > 
 
 def _docid_note(layout) -> str:
     """For a naive / semantic model: what "rank" means over a multi-token docid (the paper's rows are atomic)."""
-    from genir_jax.report import EXPERIMENT_JSON, read_json
+    from genir_jax.paper.report import EXPERIMENT_JSON, read_json
 
     path = layout.analysis("patch-stages") / EXPERIMENT_JSON
     record = read_json(path) if path.is_file() else {}

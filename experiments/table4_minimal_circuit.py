@@ -3,7 +3,7 @@
 import dataclasses
 import os
 
-from genir_jax.report import Experiment, Section, md_table, percent, read_json, record_settings
+from genir_jax.paper.report import Experiment, Section, md_table, percent, read_json, record_settings
 
 from experiments._common import correct_inputs, correct_sequence_inputs, full_scheme, resolve_stages
 
@@ -24,9 +24,9 @@ def run_circuit(layout, settings, config: Config) -> dict:
                                             rank_with_circuit)
     from genir_jax.analysis.inputs import tokenize_for_analysis
     from genir_jax.data.corpus import read_qrels, read_queries
-    from genir_jax.interventions import mean_activations
-    from genir_jax.retrieval import check_run_covers
-    from genir_jax.sites import COMPONENT_SITES
+    from genir_jax.interp.interventions import mean_activations
+    from genir_jax.docids.retrieval import check_run_covers
+    from genir_jax.core.sites import COMPONENT_SITES
 
     if full_scheme(layout).multi_token:
         return _run_sequence_circuit(layout, settings, config)
@@ -55,9 +55,9 @@ def run_circuit(layout, settings, config: Config) -> dict:
 def _write_circuit(layout, config: Config, report: dict, runs, stages, stages_record: dict, **used) -> dict:
     """What `genir-jax circuit` writes (the report, stages.json, both runs), then experiment.json."""
     from genir_jax.analysis.circuit import RESULTS_JSON
-    from genir_jax.commands.common import write_stages
-    from genir_jax.io import atomic_directory, write_json
-    from genir_jax.retrieval import write_trec_run
+    from genir_jax.cli.commands.common import write_stages
+    from genir_jax.base.io import atomic_directory, write_json
+    from genir_jax.docids.retrieval import write_trec_run
 
     output = layout.analysis("circuit")
     with atomic_directory(output) as staging:
@@ -78,12 +78,12 @@ def _run_sequence_circuit(layout, settings, config: Config) -> dict:
     from genir_jax.analysis.circuit import PAPER_CIRCUIT, circuit_interventions, sequence_circuit_report
     from genir_jax.analysis.inputs import tokenize_for_analysis
     from genir_jax.data.corpus import read_qrels, read_queries
-    from genir_jax.docid_schemes import docid_token_sequences, docid_trie
-    from genir_jax.interventions import mean_activations
-    from genir_jax.patching import run_sweep
-    from genir_jax.retrieval import check_run_covers, rank_docid_sequences
-    from genir_jax.sequence_targets import pad_targets, teacher_forcing_inputs
-    from genir_jax.sites import COMPONENT_SITES
+    from genir_jax.docids.schemes import docid_token_sequences, docid_trie
+    from genir_jax.interp.interventions import mean_activations
+    from genir_jax.interp.patching import run_sweep
+    from genir_jax.docids.retrieval import check_run_covers, rank_docid_sequences
+    from genir_jax.docids.sequence_targets import pad_targets, teacher_forcing_inputs
+    from genir_jax.core.sites import COMPONENT_SITES
 
     inputs = correct_sequence_inputs(layout)
     model, tokenizer, scheme = inputs.model, inputs.model.tokenizer, inputs.scheme

@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from genir_jax.report import Experiment, Section, md_table, read_json, record_settings, stage_names
+from genir_jax.paper.report import Experiment, Section, md_table, read_json, record_settings, stage_names
 
 from experiments._common import correct_inputs, resolve_stages
 
@@ -20,8 +20,8 @@ def run_crattn_writes(layout, settings, config: Config) -> dict:
     """Docid shares among the top tokens of cross-attention outputs of every stage but the first
     (`genir_jax.analysis.cross_attention_writes`), as `genir-jax crattn-writes` writes them."""
     from genir_jax.analysis.cross_attention_writes import docid_shares, write_docid_shares
-    from genir_jax.commands.common import write_stages
-    from genir_jax.io import atomic_directory
+    from genir_jax.cli.commands.common import write_stages
+    from genir_jax.base.io import atomic_directory
 
     inputs = correct_inputs(layout)
     model = inputs.model

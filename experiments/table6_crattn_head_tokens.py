@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from genir_jax.report import (EXPERIMENT_JSON, Experiment, Section, describe_stages, md_table, read_json,
+from genir_jax.paper.report import (EXPERIMENT_JSON, Experiment, Section, describe_stages, md_table, read_json,
                               record_settings, stage_names)
 
 from experiments._common import correct_inputs, resolve_stages
@@ -42,8 +42,8 @@ def run_head_tokens(layout, settings, config: Config) -> dict:
     (docids included) and over the words only (`genir_jax.analysis.cross_attention_writes.head_top_tokens`;
     the paper's example query is an NQ question, ours comes from the dataset)."""
     from genir_jax.analysis.cross_attention_writes import head_top_tokens, write_head_tokens
-    from genir_jax.commands.common import write_stages
-    from genir_jax.io import atomic_directory
+    from genir_jax.cli.commands.common import write_stages
+    from genir_jax.base.io import atomic_directory
 
     correct = json.loads(layout.correct_valid.read_text())
     queries = {str(q["id"]): q["query"] for q in json.loads(layout.queries("val").read_text())}

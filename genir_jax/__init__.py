@@ -9,7 +9,7 @@ The functional core::
 
 ``import genir_jax`` is light: the names below that need JAX (and the modules behind them) are imported on
 first use, so the command line can parse its arguments without loading JAX. Nothing global is changed on
-import (the persistent compilation cache is opt-in: `genir_jax.compile_cache.enable_compilation_cache`).
+import (the persistent compilation cache is opt-in: `genir_jax.scale.compile_cache.enable_compilation_cache`).
 """
 
 from __future__ import annotations
@@ -17,25 +17,29 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from genir_jax.config import T5Config
-from genir_jax.errors import CheckpointError, ConfigError, GenIRError
+from genir_jax.base.errors import CheckpointError, ConfigError, GenIRError
+from genir_jax.core.config import T5Config
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "GenIRError", "Patch", "PretrainedModel", "T5Config", "add_docid_tokens",
-    "docid_token", "docid_token_ids", "forward", "forward_with_cache", "init_params", "load_pretrained",
-    "logical_axes", "param_shapes", "resize_token_embeddings", "save_pretrained",
+    "decode", "docid_token", "docid_token_ids", "docid_vocabulary", "encode", "expand_site_patterns", "forward",
+    "forward_with_cache", "init_params", "load_pretrained", "logical_axes", "neuron_ablation", "param_shapes",
+    "resize_token_embeddings", "save_pretrained", "site_name", "t5_v1_0", "t5_v1_1", "unembed",
 ]
 
 # name -> module that defines it; imported on first attribute access (PEP 562)
 _LAZY = {
-    "add_docid_tokens": "genir_jax.docids", "docid_token": "genir_jax.docids",
-    "docid_token_ids": "genir_jax.docids", "resize_token_embeddings": "genir_jax.docids",
-    "PretrainedModel": "genir_jax.hf", "load_pretrained": "genir_jax.hf", "save_pretrained": "genir_jax.hf",
-    "forward": "genir_jax.model", "forward_with_cache": "genir_jax.model", "init_params": "genir_jax.model",
-    "logical_axes": "genir_jax.model", "param_shapes": "genir_jax.model",
-    "Patch": "genir_jax.taps",
+    **dict.fromkeys(("add_docid_tokens", "docid_token", "docid_token_ids", "docid_vocabulary",
+                     "resize_token_embeddings"), "genir_jax.docids.tokens"),
+    **dict.fromkeys(("PretrainedModel", "load_pretrained", "save_pretrained"), "genir_jax.checkpoints.hf"),
+    **dict.fromkeys(("forward", "forward_with_cache", "encode", "decode", "unembed", "init_params", "logical_axes",
+                     "param_shapes"), "genir_jax.core.model"),
+    **dict.fromkeys(("t5_v1_0", "t5_v1_1"), "genir_jax.core.config"),
+    **dict.fromkeys(("expand_site_patterns", "site_name"), "genir_jax.core.sites"),
+    "neuron_ablation": "genir_jax.interp.interventions",
+    "Patch": "genir_jax.core.taps",
 }
 
 

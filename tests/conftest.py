@@ -17,7 +17,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 "
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # The CLI enables a persistent XLA compilation cache; tests never write to ~/.cache (and never share
-# compiled code between runs). tests/test_startup.py turns it on in a temporary directory.
+# compiled code between runs). tests/cli/test_startup.py turns it on in a temporary directory.
 os.environ["GENIR_JAX_CACHE"] = "off"
 
 import gc

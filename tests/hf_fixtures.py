@@ -66,7 +66,7 @@ class HFCheckpointFactory:
             data["tie_word_embeddings"] = tied
             path.write_text(json.dumps(data, indent=2))
         if tokenizer is not None:  # with spiece.model, as hub checkpoints have it
-            from genir_jax.hf import save_tokenizer
+            from genir_jax.checkpoints.hf import save_tokenizer
 
             save_tokenizer(tokenizer, str(directory))
         return directory, model

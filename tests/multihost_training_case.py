@@ -1,4 +1,4 @@
-"""Run by tests/test_multihost_training.py: `train_loop` for 20 steps on a data=2,model=2 mesh, either as one
+"""Run by tests/training/test_multihost_training.py: `train_loop` for 20 steps on a data=2,model=2 mesh, either as one
 of two processes on localhost (2 simulated CPU devices each, gloo collectives) or as one process (4 devices).
 Writes to the JSON file named last on its command line: the per-step losses, the final parameters (as lists)
 and, per step, the number of batch rows this process loaded (a file, not stdout: a full pipe that nobody
@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from genir_jax.distributed import initialize, settings_from
+from genir_jax.scale.distributed import initialize, settings_from
 
 STEPS = 20
 BATCH = 8
@@ -21,7 +21,7 @@ def model_and_data():
     """A tiny T5 and two groups of random examples (different widths), the same in every process."""
     import genir_jax as gj
 
-    config = gj.config.t5_v1_0(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1,
+    config = gj.t5_v1_0(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1,
                                num_heads=2, dropout_rate=0.1)
     rng = np.random.default_rng(0)
     groups = []
@@ -55,7 +55,7 @@ def train(run_dir: str) -> dict:
     """20 Adafactor steps with dropout; the losses, final parameters and rows loaded per step."""
     import jax
 
-    from genir_jax.partitioning import Partitioner, fetch
+    from genir_jax.scale.partitioning import Partitioner, fetch
     from genir_jax.training.trainer import MetricsLog, RunSpec, train_loop
 
     config, params, groups = model_and_data()

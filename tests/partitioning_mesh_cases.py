@@ -1,4 +1,4 @@
-"""Run by tests/test_partitioning.py in a subprocess with 8 simulated CPU devices: forward, sweep and one
+"""Run by tests/scale/test_partitioning.py in a subprocess with 8 simulated CPU devices: forward, sweep and one
 training step on meshes 1x1, 8x1, 4x2, 2x4, 1x8 (data x model) against one unsharded device, a bfloat16
 sweep against the float32 one, and (given a safetensors checkpoint directory as argument) a sharded load on
 a 4x2 mesh; prints JSON."""
@@ -14,15 +14,15 @@ import numpy as np
 import optax
 
 import genir_jax as gj
-from genir_jax import sweep as sw
-from genir_jax.model import forward, logical_axes, param_shapes
-from genir_jax.partitioning import Partitioner, put_rows
-from genir_jax.patching import run_sweep
+from genir_jax.interp import sweep as sw
+from genir_jax.core.model import forward, logical_axes, param_shapes
+from genir_jax.scale.partitioning import Partitioner, put_rows
+from genir_jax.interp.patching import run_sweep
 from genir_jax.training.loop import (create_state, data_mesh, make_train_step, put_batch, put_state,
                                      state_shardings)
 
 MESHES = ("data=1,model=1", "data=8", "data=4,model=2", "data=2,model=4", "data=1,model=8")
-CONFIG = gj.config.t5_v1_0(vocab_size=160, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+CONFIG = gj.t5_v1_0(vocab_size=160, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
                            num_heads=8, dropout_rate=0.0)
 SPLIT_BY_MODEL = {"mlp", "heads", "vocab"}  # what DEFAULT_RULES put on `model`, written out independently
 
@@ -113,7 +113,7 @@ def main(checkpoint: str | None = None) -> dict:
 def sharded_load(directory: str) -> dict:
     """A 4x2 sharded safetensors load against the plain one: values, and whether any model-split tensor
     was read whole."""
-    import genir_jax.hf as hf
+    import genir_jax.checkpoints.hf as hf
 
     plain = hf.load_pretrained(directory, load_tokenizer=False)
     p = Partitioner("data=4,model=2")

@@ -1,4 +1,4 @@
-"""Run by tests/test_partitioning.py as two processes on localhost (2 simulated CPU devices each, gloo
+"""Run by tests/scale/test_partitioning.py as two processes on localhost (2 simulated CPU devices each, gloo
 collectives): a small sweep on a data=2,model=2 mesh spanning both processes; prints ``RESULT {json}``."""
 
 from __future__ import annotations
@@ -6,16 +6,16 @@ from __future__ import annotations
 import json
 import sys
 
-from genir_jax.distributed import initialize, settings_from
+from genir_jax.scale.distributed import initialize, settings_from
 
 
 def main(process_id: int, port: int) -> dict:
     initialize(settings_from(f"localhost:{port}", 2, process_id), timeout_s=120)
     import jax
 
-    from genir_jax.partitioning import Partitioner
-    from genir_jax.patching import run_sweep
-    from tests.test_partitioning import multihost_inputs
+    from genir_jax.scale.partitioning import Partitioner
+    from genir_jax.interp.patching import run_sweep
+    from tests.scale.test_partitioning import multihost_inputs
 
     config, params, ids, mask, targets, grid = multihost_inputs()
     result = run_sweep(config, params, ids, mask, targets, grid, partitioner=Partitioner("data=2,model=2"),

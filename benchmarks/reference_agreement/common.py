@@ -81,7 +81,7 @@ def run_reference(script: pathlib.Path, args: list[str], cwd: pathlib.Path) -> N
 
 
 def run_ours(args: list[str]) -> None:
-    from genir_jax.cli import main
+    from genir_jax.cli.main import main
 
     code = main(args)
     if code != 0:

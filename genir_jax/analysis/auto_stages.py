@@ -19,12 +19,12 @@ from typing import Sequence
 import numpy as np
 
 from genir_jax.analysis.residual import FUNCS, LENS_SITES, PARTS, run_residual_rank
-from genir_jax.config import T5Config
-from genir_jax.errors import GenIRError
-from genir_jax.patching import run_sweep
-from genir_jax.interventions import zero_ablation
-from genir_jax.sites import COMPONENT_SITES
-from genir_jax.sweep import Sweep, stack
+from genir_jax.core.config import T5Config
+from genir_jax.base.errors import GenIRError
+from genir_jax.interp.patching import run_sweep
+from genir_jax.interp.interventions import zero_ablation
+from genir_jax.core.sites import COMPONENT_SITES
+from genir_jax.interp.sweep import Sweep, stack
 
 COMPONENTS = ("attn", "cross_attn", "mlp")
 # Feature columns of `stage_features`, in order.

@@ -27,12 +27,12 @@ from typing import Sequence
 
 import numpy as np
 
-from genir_jax.config import T5Config
-from genir_jax.errors import DataError, GenIRError
-from genir_jax.interventions import Interventions, combine, mean_ablation, zero_ablation
-from genir_jax.patching import run_sweep
-from genir_jax.sites import COMPONENT_SITES
-from genir_jax.sweep import Sweep, stack
+from genir_jax.core.config import T5Config
+from genir_jax.base.errors import DataError, GenIRError
+from genir_jax.interp.interventions import Interventions, combine, mean_ablation, zero_ablation
+from genir_jax.interp.patching import run_sweep
+from genir_jax.core.sites import COMPONENT_SITES
+from genir_jax.interp.sweep import Sweep, stack
 
 RESULTS_JSON = "minimal_circuit.json"
 REFERENCE_RESULTS_JSON = "patching_results_best_circuit.json"  # eval_patching_all_stages.py's name (reference mode)
@@ -159,12 +159,12 @@ def sequence_circuit_report(circuit: Circuit, stages: Sequence[Sequence[int]], q
                             correct_queries: int, scheme: str) -> tuple[dict, list]:
     """(``minimal_circuit.json``'s content, the two runs [unpatched, circuit]) for naive / semantic docids.
 
-    `indices` / `scores` [2, N, R]: beam search (`genir_jax.retrieval.rank_docid_sequences`) without and with
+    `indices` / `scores` [2, N, R]: beam search (`genir_jax.docids.retrieval.rank_docid_sequences`) without and with
     the circuit, indices into `doc_ids` -> the retrieval metrics of both and their ratio, as for atomic docids.
     `worst_ranks` / `logprobs` [2, N]: a two-config sequence sweep over each query's relevant docid,
     teacher-forced -> greedy-decoding Hits@1 (worst step rank 0: greedy decoding reproduces the docid) and the
     mean sequence log-probability."""
-    from genir_jax.retrieval import evaluate_run, run_from_ranking
+    from genir_jax.docids.retrieval import evaluate_run, run_from_ranking
 
     runs = [run_from_ranking(query_ids, doc_ids, np.asarray(indices[k]), np.asarray(scores[k])) for k in range(2)]
     measured = [evaluate_run(run, qrels) for run in runs]
@@ -221,7 +221,7 @@ class DocidTargets:
 def docid_targets(tokenizer, queries: Sequence, queries_path, checkpoint) -> DocidTargets:
     """The docid candidates and the queries' targets; a `DataError` names the query (in `queries_path`) whose
     relevant document has no docid token in `checkpoint`."""
-    from genir_jax.docids import docid_vocabulary
+    from genir_jax.docids.tokens import docid_vocabulary
 
     vocabulary = docid_vocabulary(tokenizer)
     token_of = {doc: token_id for token_id, doc in vocabulary.items()}
@@ -241,7 +241,7 @@ def circuit_report(circuit: Circuit, stages: Sequence[Sequence[int]], query_ids:
     """(``minimal_circuit.json``'s content, the two runs [unpatched, circuit]) from the ranked docids of
     `rank_with_circuit` (`top_ids` [2, N, k] into `doc_ids`): retrieval metrics of both, the circuit's
     relative to the unpatched model's, and the reference's own metric names."""
-    from genir_jax.retrieval import evaluate_run, run_from_ranking
+    from genir_jax.docids.retrieval import evaluate_run, run_from_ranking
 
     runs = [run_from_ranking(query_ids, doc_ids, top_ids[k], top_logits[k]) for k in range(2)]
     unpatched, patched = (evaluate_run(r, qrels) for r in runs)

@@ -47,9 +47,9 @@ from tqdm.auto import tqdm
 
 from genir_jax.analysis.logit_lens import logit_lens
 from genir_jax.analysis.reading import query_batches
-from genir_jax.config import T5Config
-from genir_jax.docids import docid_vocabulary
-from genir_jax.errors import GenIRError
+from genir_jax.core.config import T5Config
+from genir_jax.docids.tokens import docid_vocabulary
+from genir_jax.base.errors import GenIRError
 
 CUTOFFS = (10, 100, 1000)
 SUMMARY_FILE = "crattn_writes_summary.json"
@@ -84,7 +84,7 @@ def docid_mask(tokenizer, vocab_size: int) -> np.ndarray:
 def _docid_counts(config: T5Config, params, input_ids, attention_mask, is_docid, layers: tuple[int, ...],
                   cutoffs: tuple[int, ...]):
     """[B, n_layers, n_cutoffs] int32: docid tokens among the top-k of each layer's cross_attn output."""
-    from genir_jax.model import forward_with_cache
+    from genir_jax.core.model import forward_with_cache
 
     decoder_ids = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, jnp.int32)
     sites = [f"decoder.{l}.hook_cross_attn_out" for l in layers]
@@ -162,7 +162,7 @@ def docid_shares(config: T5Config, params, tokenizer, texts: Sequence[str], *, s
 
 def write_docid_shares(directory: str | os.PathLike, result: DocidShareResult, summary: bool = True) -> None:
     """The reference's per_q_averages_s*.json and cr_attn_ratios.json, plus our summary, into `directory`
-    (use inside `genir_jax.io.atomic_directory`)."""
+    (use inside `genir_jax.base.io.atomic_directory`)."""
     directory = os.fspath(directory)
     for name, data in result.per_q_averages().items():
         with open(os.path.join(directory, f"per_q_averages_s{name}.json"), "w", encoding="utf-8") as handle:
@@ -200,7 +200,7 @@ def parse_heads(text: str, config: T5Config) -> list[tuple[int, int]]:
 def _head_top_tokens(config: T5Config, params, input_ids, attention_mask, is_docid, heads, top: int):
     """Top word tokens (ids [B, n_heads, top], logits) of each head's own cross-attention output, and its top
     tokens over the whole vocabulary, docids included (ids, logits)."""
-    from genir_jax.model import forward_with_cache
+    from genir_jax.core.model import forward_with_cache
 
     layers = sorted(set(l for l, _ in heads))
     decoder_ids = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, jnp.int32)
@@ -254,6 +254,6 @@ def head_top_tokens(config: T5Config, params, tokenizer, texts: Sequence[str], h
 
 
 def write_head_tokens(directory: str | os.PathLike, entries: list[dict]) -> None:
-    """``crattn_head_tokens.json`` into `directory` (use inside `genir_jax.io.atomic_directory`)."""
+    """``crattn_head_tokens.json`` into `directory` (use inside `genir_jax.base.io.atomic_directory`)."""
     with open(os.path.join(os.fspath(directory), HEAD_TOKENS_FILE), "w", encoding="utf-8") as handle:
         json.dump(entries, handle, indent=1, ensure_ascii=False)

@@ -31,12 +31,12 @@ from typing import Sequence
 import numpy as np
 
 from genir_jax.analysis.inputs import CorrectQuery
-from genir_jax.config import T5Config
-from genir_jax.docids import docid_token, is_docid_token
-from genir_jax.errors import GenIRError
-from genir_jax.interventions import FROM_SOURCE, encoder_swap
-from genir_jax.patching import Source, run_sweep
-from genir_jax.sweep import stack
+from genir_jax.core.config import T5Config
+from genir_jax.docids.tokens import docid_token, is_docid_token
+from genir_jax.base.errors import GenIRError
+from genir_jax.interp.interventions import FROM_SOURCE, encoder_swap
+from genir_jax.interp.patching import Source, run_sweep
+from genir_jax.interp.sweep import stack
 
 RESULTS_JSON = "swapped_encoder.json"
 

@@ -26,8 +26,8 @@ import sys
 import numpy as np
 
 from genir_jax.data.corpus import normalize_id, read_json, read_queries
-from genir_jax.docids import is_docid_token
-from genir_jax.errors import DataError
+from genir_jax.docids.tokens import is_docid_token
+from genir_jax.base.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ class CorrectQuery:
 
 def read_correct_valid(path: str | os.PathLike, scheme=None) -> list[tuple[str, str]]:
     """``[(docid, query_id)]`` from a reference `correct_valid.json`, validated. The docid is an atomic docid
-    token like ``@DOC_ID_7@``, or with a multi-token `scheme` (`genir_jax.docid_schemes.DocidScheme`) one of
+    token like ``@DOC_ID_7@``, or with a multi-token `scheme` (`genir_jax.docids.schemes.DocidScheme`) one of
     that scheme's docid strings (``1234``, ``3_0_17``) as `genir-jax evaluate` and the reference write them."""
     path = os.fspath(path)
     multi_token = scheme is not None and scheme.multi_token
@@ -115,8 +115,8 @@ class CorrectSequenceQuery:
 def load_correct_sequence_queries(val_queries_path: str | os.PathLike, correct_valid_path: str | os.PathLike,
                                   scheme, tokenizer) -> list[CorrectSequenceQuery]:
     """The correct queries of a naive / semantic model (order of correct_valid.json) with their docid token
-    sequences (`genir_jax.docid_schemes.docid_token_sequences`); errors name the file and record."""
-    from genir_jax.docid_schemes import docid_token_sequences
+    sequences (`genir_jax.docids.schemes.docid_token_sequences`); errors name the file and record."""
+    from genir_jax.docids.schemes import docid_token_sequences
 
     queries = {q.id: q for q in read_queries(val_queries_path)}
     pairs = read_correct_valid(correct_valid_path, scheme)

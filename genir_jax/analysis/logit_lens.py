@@ -16,9 +16,9 @@ import math
 
 import jax.numpy as jnp
 
-from genir_jax.config import T5Config
-from genir_jax.model import T5
-from genir_jax.modules import RMSNorm
+from genir_jax.core.config import T5Config
+from genir_jax.core.model import T5
+from genir_jax.core.modules import RMSNorm
 
 
 def logit_lens(config: T5Config, params, resid: jnp.ndarray) -> jnp.ndarray:

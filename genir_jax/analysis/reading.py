@@ -64,9 +64,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from genir_jax.analysis.inputs import encode_queries, tokenize_for_analysis
-from genir_jax.batching import Batch, batches
-from genir_jax.config import T5Config
-from genir_jax.errors import GenIRError
+from genir_jax.base.batching import Batch, batches
+from genir_jax.core.config import T5Config
+from genir_jax.base.errors import GenIRError
 
 SIM_TYPES = ("dot", "cosine")
 READERS = ("mlp", "cross_attn")
@@ -169,11 +169,11 @@ def topk_label(k: int | None) -> str:
 
 def query_batches(tokenizer, texts: Sequence[str], batch_size: int, *, reference_padding: bool = False,
                   block: int | None = None) -> list[Batch]:
-    """Batches (`genir_jax.batching.Batch`, arrays ``(input_ids [batch_size, T], attention_mask)``) covering
+    """Batches (`genir_jax.base.batching.Batch`, arrays ``(input_ids [batch_size, T], attention_mask)``) covering
     every query once.
 
     Default: all queries padded to the longest with a mask, consecutive rows per batch
-    (`genir_jax.batching.batches`). Reference mode (the reading and cross-attention-output scripts run each
+    (`genir_jax.base.batching.batches`). Reference mode (the reading and cross-attention-output scripts run each
     query alone, unpadded, without a mask): a batch holds queries of one token length, no padding, an
     all-ones mask; queries are grouped within consecutive blocks of `block` rows (all rows when None), so
     results complete block by block, and batches are ordered by their first row. Short batches are filled
@@ -248,7 +248,7 @@ def mlp_read_weights(config: T5Config, params) -> jnp.ndarray:
 @functools.partial(jax.jit, static_argnames=("config", "upto", "layers"))
 def _neuron_prepare(config: T5Config, params, input_ids, attention_mask, upto: int, layers: tuple[int, ...]):
     """The component catalogue [B, C, D] and the reader layers' neuron activations [B, n, F]."""
-    from genir_jax.model import forward_with_cache
+    from genir_jax.core.model import forward_with_cache
 
     sites = _needed_sites(upto, heads=True) + [f"decoder.{l}.mlp.hook_post" for l in layers]
     decoder_ids = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, jnp.int32)
@@ -282,7 +282,7 @@ def _neuron_values(config: T5Config, params, vectors, acts, layers: tuple[int, .
 @functools.partial(jax.jit, static_argnames=("config", "layers", "sim_type"))
 def _crattn_values(config: T5Config, params, input_ids, attention_mask, layers: tuple[int, ...], sim_type: str):
     """Per reader layer: (i_hat [B, H], readings [B, H, C])."""
-    from genir_jax.model import forward_with_cache
+    from genir_jax.core.model import forward_with_cache
 
     upto = max(layers) + 1
     sites = _needed_sites(upto, heads=False)
@@ -602,7 +602,7 @@ def stale_raw_files(directory: str | os.PathLike, reader: str, sim_type: str, ke
 
 def write_reading_outputs(directory: str | os.PathLike, result: ReadingResult, summary: bool = True) -> None:
     """The proportion files and (unless not `summary`) the summary into `directory` (use inside
-    `genir_jax.io.atomic_directory`)."""
+    `genir_jax.base.io.atomic_directory`)."""
     directory = os.fspath(directory)
     for name, data in result.ratio_files().items():
         with open(os.path.join(directory, name), "w", encoding="utf-8") as handle:

@@ -73,14 +73,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from genir_jax.analysis.logit_lens import logit_lens, rank_sum_bits, rank_sum_fits, vocabulary_rank_stats
-from genir_jax.batching import batches, num_batches
-from genir_jax.config import T5Config
-from genir_jax.docids import is_docid_token
-from genir_jax.errors import DataError, GenIRError
-from genir_jax.io import atomic_directory
-from genir_jax.model import T5, cache_specs
-from genir_jax.patching import ranks_of_targets
-from genir_jax.sites import expand_site_patterns
+from genir_jax.base.batching import batches, num_batches
+from genir_jax.core.config import T5Config
+from genir_jax.docids.tokens import is_docid_token
+from genir_jax.base.errors import DataError, GenIRError
+from genir_jax.base.io import atomic_directory
+from genir_jax.core.model import T5, cache_specs
+from genir_jax.interp.patching import ranks_of_targets
+from genir_jax.core.sites import expand_site_patterns
 
 # Contributions: functions and parts, in the reference's order, with its labels.
 FUNCS = (("ratio", "Ratio to Delta of Residual"), ("norm", "Absolute Value"), ("cosine", "Cosine Similarity"))
@@ -215,7 +215,7 @@ def run_residual_rank(config: T5Config, params, input_ids, attention_mask, targe
                       batch_size: int | None = None, progress: bool = True) -> ResidualRankResult:
     """Contributions and logit-lens ranks for queries [N, S] with relevant docid token ids [N].
 
-    `is_docid` [V] bool (`docid_mask`). Chunks of `batch_size` queries (`genir_jax.batching.batches`: the last
+    `is_docid` [V] bool (`docid_mask`). Chunks of `batch_size` queries (`genir_jax.base.batching.batches`: the last
     one padded with copies of its first row) run through one compiled function; results are gathered on the
     host.
     """

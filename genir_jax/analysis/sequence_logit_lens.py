@@ -2,7 +2,7 @@
 
 The single-step analysis (`genir_jax.analysis.residual`, paper Fig. 3 / Fig. 4) reads the decoder at its one
 position. With a docid of T tokens ``y_1 .. y_T`` (ending with EOS) the decoder runs T steps; teacher forcing
-(`genir_jax.sequence_targets`: decoder inputs ``[start, y_1, .., y_{T-1}]``) gives every step in one forward
+(`genir_jax.docids.sequence_targets`: decoder inputs ``[start, y_1, .., y_{T-1}]``) gives every step in one forward
 pass. At step t and decoder layer l this module computes:
 
 - the logit-lens rank (`genir_jax.analysis.logit_lens`: final norm + unembedding, 0-based, ties to the lower
@@ -34,13 +34,13 @@ from tqdm.auto import tqdm
 
 from genir_jax.analysis.logit_lens import logit_lens
 from genir_jax.analysis.residual import FUNCS, PARTS, contributions
-from genir_jax.batching import batches, num_batches
-from genir_jax.config import T5Config
-from genir_jax.errors import GenIRError
-from genir_jax.io import write_json, write_text
-from genir_jax.metrics import ranks_of_targets
-from genir_jax.model import T5, cache_specs
-from genir_jax.sites import expand_site_patterns
+from genir_jax.base.batching import batches, num_batches
+from genir_jax.core.config import T5Config
+from genir_jax.base.errors import GenIRError
+from genir_jax.base.io import write_json, write_text
+from genir_jax.interp.metrics import ranks_of_targets
+from genir_jax.core.model import T5, cache_specs
+from genir_jax.core.sites import expand_site_patterns
 
 LENS_SITES = (("resid_post", "hook_resid_post"), ("cross_attn_out", "hook_cross_attn_out"),
               ("mlp_out", "hook_mlp_out"))

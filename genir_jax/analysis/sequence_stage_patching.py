@@ -1,9 +1,9 @@
 """Stage patching for multi-token (naive / semantic) docids: the same configurations as
 `genir_jax.analysis.stage_patching`, measured on the teacher-forced docid sequence.
 
-Each configuration (component x stage x mode, built by the same `genir_jax.interventions` builders) patches
+Each configuration (component x stage x mode, built by the same `genir_jax.interp.interventions` builders) patches
 the component's output in every layer of the stage at EVERY decoder position of the teacher-forced run
-(decoder inputs ``[start, y_1, .., y_{T-1}]``, `genir_jax.sequence_targets`). Modes: ``zero``; ``mean`` (per
+(decoder inputs ``[start, y_1, .., y_{T-1}]``, `genir_jax.docids.sequence_targets`). Modes: ``zero``; ``mean`` (per
 position over the given queries, on the same teacher-forced inputs; padding positions averaged too, as the
 reference's mean cache); ``t5`` (the pretrained T5's output of the same component on the same query and
 decoder inputs, plus the encoder swap row). The metric is selectable: ``step_rank`` (each docid token's
@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 
 from genir_jax.analysis.encoder_swap import swap_site
 from genir_jax.analysis.stage_patching import COMPONENTS, MODES, THRESHOLDS, StageConfig, StagePatchingResult
-from genir_jax.batching import batches
-from genir_jax.config import T5Config
-from genir_jax.errors import GenIRError
-from genir_jax.interventions import encoder_swap, mean_activations, mean_ablation, replacement, zero_ablation
-from genir_jax.sequence_targets import (RANK_REDUCTIONS, SEQUENCE_METRICS, sequence_metric,
+from genir_jax.base.batching import batches
+from genir_jax.core.config import T5Config
+from genir_jax.base.errors import GenIRError
+from genir_jax.interp.interventions import encoder_swap, mean_activations, mean_ablation, replacement, zero_ablation
+from genir_jax.docids.sequence_targets import (RANK_REDUCTIONS, SEQUENCE_METRICS, sequence_metric,
                                         teacher_forced_logits, teacher_forcing_inputs)
-from genir_jax.sites import COMPONENT_SITES
+from genir_jax.core.sites import COMPONENT_SITES
 
 
 @dataclasses.dataclass
@@ -119,7 +119,7 @@ def run_sequence_stage_patching(config: T5Config, params, input_ids, attention_m
         ids, mask, tgt, tmask, dec = batch.arrays
         source_cache = None
         if "t5" in modes:
-            from genir_jax.model import forward_with_cache
+            from genir_jax.core.model import forward_with_cache
 
             names = [f"decoder.{layer}.{COMPONENT_SITES[c]}" for c in COMPONENTS for stage in stages for layer in stage]
             names.append(swap_site(config))

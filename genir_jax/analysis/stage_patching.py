@@ -10,8 +10,8 @@ component's output is patched in every layer of the stage at the decoder's singl
 The result per configuration is the fraction of correct queries whose relevant docid is no longer at
 rank 0 (and the fractions beyond rank 5, 10 and 100), plus every rank.
 
-Every configuration is made by a builder of `genir_jax.interventions`; `genir_jax.sweep.stack` labels them
-(component, stage, mode) and they run as one vmapped, jitted sweep (`genir_jax.patching.run_sweep`).
+Every configuration is made by a builder of `genir_jax.interp.interventions`; `genir_jax.interp.sweep.stack` labels them
+(component, stage, mode) and they run as one vmapped, jitted sweep (`genir_jax.interp.patching.run_sweep`).
 Output files and their layout are the reference's (`eval_patching_single_combis.py` /
 `eval_patching_t5.py`): ``patching_results_single_combis.csv`` with columns
 ``,component,stage,mode,!=0,>5,>10,>100`` (a pandas-style index column first; fractions) and
@@ -35,15 +35,15 @@ from typing import Sequence
 
 import numpy as np
 
-from genir_jax.config import T5Config
-from genir_jax.errors import GenIRError
+from genir_jax.core.config import T5Config
+from genir_jax.base.errors import GenIRError
 from genir_jax.analysis.encoder_swap import swap_site
-from genir_jax.interventions import (FROM_SOURCE, encoder_swap, mean_activations, mean_ablation, replacement,
+from genir_jax.interp.interventions import (FROM_SOURCE, encoder_swap, mean_activations, mean_ablation, replacement,
                                      zero_ablation)
-from genir_jax.io import atomic_directory
-from genir_jax.patching import Source, SweepResult, run_sweep
-from genir_jax.sites import COMPONENT_SITES
-from genir_jax.sweep import Sweep, stack
+from genir_jax.base.io import atomic_directory
+from genir_jax.interp.patching import Source, SweepResult, run_sweep
+from genir_jax.core.sites import COMPONENT_SITES
+from genir_jax.interp.sweep import Sweep, stack
 
 COMPONENTS = ("mlp", "cross_attn", "attn")  # the reference's order
 MODES = ("mean", "zero", "t5")              # the reference's row order (its two scripts, concatenated)

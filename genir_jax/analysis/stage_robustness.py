@@ -28,12 +28,12 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from genir_jax.analysis.stage_patching import COMPONENTS, PAPER_STAGES_24, THRESHOLDS, equal_stages, stage_configs
-from genir_jax.config import T5Config
-from genir_jax.errors import GenIRError
-from genir_jax.interventions import mean_activations, mean_ablation, zero_ablation
-from genir_jax.patching import run_sweep
-from genir_jax.sites import COMPONENT_SITES
-from genir_jax.sweep import component_grid, concat, relabel, stack
+from genir_jax.core.config import T5Config
+from genir_jax.base.errors import GenIRError
+from genir_jax.interp.interventions import mean_activations, mean_ablation, zero_ablation
+from genir_jax.interp.patching import run_sweep
+from genir_jax.core.sites import COMPONENT_SITES
+from genir_jax.interp.sweep import component_grid, concat, relabel, stack
 
 MODES = ("zero", "mean")
 KINDS = ("all_layers", "single_layer", "stage")
@@ -89,7 +89,7 @@ def standard_partitions(config: T5Config, params, input_ids, attention_mask, tar
 def write_stage_robustness(directory: str | os.PathLike, result: StageRobustnessResult, **extra) -> str:
     """``stage_robustness.json`` (rows, partitions, thresholds, the per-query ranks [K, N] and `extra`, e.g.
     how the partitions were found) into `directory`, atomically; returns its path."""
-    from genir_jax.io import write_json
+    from genir_jax.base.io import write_json
 
     path = os.path.join(os.fspath(directory), RESULTS_JSON)
     write_json(path, {**result.to_json(), "ranks": np.asarray(result.ranks).tolist(), **extra}, indent=1)

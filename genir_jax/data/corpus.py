@@ -26,9 +26,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from genir_jax.docids import DOCID_PREFIX, DOCID_SUFFIX, docid_token, doc_id_of_token, is_docid_token
-from genir_jax.errors import DataError
-from genir_jax.io import atomic_path, write_json
+from genir_jax.docids.tokens import DOCID_PREFIX, DOCID_SUFFIX, docid_token, doc_id_of_token, is_docid_token
+from genir_jax.base.errors import DataError
+from genir_jax.base.io import atomic_path, write_json
 
 QRELS_FIELDS = ("query", "q0", "docid", "rel")
 REFERENCE_TOP_GRADE = 4  # the reference's qrels: rel = 4 - position

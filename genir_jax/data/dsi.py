@@ -32,9 +32,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from genir_jax.data.corpus import Document, Query
-from genir_jax.docids import doc_id_of_token, docid_token_ids, is_docid_token
-from genir_jax.errors import DataError, GenIRError
-from genir_jax.io import atomic_path
+from genir_jax.docids.tokens import doc_id_of_token, docid_token_ids, is_docid_token
+from genir_jax.base.errors import DataError, GenIRError
+from genir_jax.base.io import atomic_path
 
 INDEX_TEXT_MAX_CHARS = 1000  # the reference's text_max_length
 INDEX, RETRIEVAL = "index", "retrieval"

@@ -58,8 +58,8 @@ from genir_jax.data.corpus import (Document, Query, qrels_from_queries, read_doc
 from genir_jax.data.sources import (CRANFIELD_DIR, NQ_DIR, SQUAD_DEV_SHA256, SQUAD_DEV_URL, RawCorpus,
                                     load_cranfield, load_nq_oracle, load_squad, sha256_of, squad_dev_file)
 from genir_jax.data.splits import as_fraction, split_groups
-from genir_jax.errors import DataError, GenIRError
-from genir_jax.io import atomic_directory, write_json
+from genir_jax.base.errors import DataError, GenIRError
+from genir_jax.base.io import atomic_directory, write_json
 
 DATASETS = ("squad-dev", "nq-oracle", "cranfield", "reference-json")
 SPLIT_SCHEMES = ("nq10k", "per-document", "random")
@@ -365,9 +365,9 @@ def prepare_dataset(name: str, out_dir: str | os.PathLike, data_dir: str | os.Pa
 def prepared_docids(documents, scheme: str, semantic_mapping=None, k=None, c=None, *, seed: int = 0
                     ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The manifest's ``docids`` record and the extra files of a docid scheme (see the module docstring)."""
-    from genir_jax.docid_schemes import (SEMANTIC_MAPPING_FILE, build_semantic_scheme, check_scheme,
+    from genir_jax.docids.schemes import (SEMANTIC_MAPPING_FILE, build_semantic_scheme, check_scheme,
                                          read_semantic_mapping)
-    from genir_jax.semantic_ids import DEFAULT_C, DEFAULT_K
+    from genir_jax.docids.semantic_ids import DEFAULT_C, DEFAULT_K
 
     check_scheme(scheme)
     if scheme != "semantic":

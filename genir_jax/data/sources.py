@@ -27,8 +27,8 @@ import urllib.error
 import urllib.request
 
 from genir_jax.data.corpus import Document, Query, _json_type, iter_json_lines, read_json
-from genir_jax.errors import DataError
-from genir_jax.io import atomic_path
+from genir_jax.base.errors import DataError
+from genir_jax.base.io import atomic_path
 
 SQUAD_DEV_DIR = "squad-v1.1-dev"
 SQUAD_DEV_FILE = "dev-v1.1.json"

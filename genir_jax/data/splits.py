@@ -27,7 +27,7 @@ from typing import Sequence, TypeVar
 
 import numpy as np
 
-from genir_jax.errors import GenIRError
+from genir_jax.base.errors import GenIRError
 
 T = TypeVar("T")
 SPLITS = ("train", "val", "test")

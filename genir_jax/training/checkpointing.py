@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from genir_jax.errors import CheckpointError
+from genir_jax.base.errors import CheckpointError
 
 
 def _manager(directory: str, *, every: int | None, keep: int) -> ocp.CheckpointManager:

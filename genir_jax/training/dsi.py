@@ -4,22 +4,22 @@ Steps (as the reference's preprocess.py + train.py, in JAX):
 
 1. Add one ``@DOC_ID_<id>@`` token per document of the corpus (removed documents too, as the reference
    adds every docid before dropping training examples) and resize the embeddings
-   (`genir_jax.docids.add_docid_tokens`, seeded; transformers' mean resizing or random rows, see
+   (`genir_jax.docids.tokens.add_docid_tokens`, seeded; transformers' mean resizing or random rows, see
    `with_docids`).
 2. Build the examples with `genir_jax.data.dsi.build_dsi_examples` (ratio, ``--remove``) and tokenize the
    indexing examples to `index_max_length` and the queries to `query_max_length` tokens
    (`tokenize_examples`); the two kinds form two batch groups, each padded to its own maximum length
    (one compiled step per distinct length).
 3. Train (`genir_jax.training.trainer.train_loop`): target = the docid token, one decoder step.
-4. Validate on (at most `max_val_queries` of) the validation queries with `genir_jax.retrieval`
+4. Validate on (at most `max_val_queries` of) the validation queries with `genir_jax.docids.retrieval`
    (Hits@1, Hits@10, ... from trec_eval), keep the parameters with the best Hits@1.
 5. Export the best model with its tokenizer (docid tokens included) as a Hugging Face directory and
    score it on the full validation and test splits.
 
-Naive and semantic docids (`genir_jax.docid_schemes`): step 1 adds no tokens (the docids are ordinary
+Naive and semantic docids (`genir_jax.docids.schemes`): step 1 adds no tokens (the docids are ordinary
 tokens; each is checked to survive the tokenizer before anything is written); the targets are the docid
 token sequences ending with EOS; validation ranks by trie-constrained beam search (10 beams,
-`genir_jax.retrieval.rank_docid_sequences`). The scheme and its docids are written to ``docids.json`` in
+`genir_jax.docids.retrieval.rank_docid_sequences`). The scheme and its docids are written to ``docids.json`` in
 the export (atomic models get ``{"scheme": "atomic"}``), where ``evaluate`` and the analyses read it.
 """
 
@@ -36,13 +36,13 @@ import numpy as np
 from genir_jax.data.corpus import Document, Query, qrels_from_queries
 from genir_jax.data.dsi import (INDEX, RETRIEVAL, DSIExample, build_dsi_examples, examples_fingerprint,
                                 tokenize_examples, tokenize_queries)
-from genir_jax.docid_schemes import DOCIDS_FILE, DocidScheme, docid_trie, write_scheme
-from genir_jax.docids import add_docid_tokens, docid_token_ids
-from genir_jax.errors import ConfigError, DataError
-from genir_jax.hf import PretrainedModel, save_pretrained
-from genir_jax.io import write_json
-from genir_jax.retrieval import evaluate_run, rank_docid_sequences, rank_docids, run_from_ranking
-from genir_jax.partitioning import fetch
+from genir_jax.docids.schemes import DOCIDS_FILE, DocidScheme, docid_trie, write_scheme
+from genir_jax.docids.tokens import add_docid_tokens, docid_token_ids
+from genir_jax.base.errors import ConfigError, DataError
+from genir_jax.checkpoints.hf import PretrainedModel, save_pretrained
+from genir_jax.base.io import write_json
+from genir_jax.docids.retrieval import evaluate_run, rank_docid_sequences, rank_docids, run_from_ranking
+from genir_jax.scale.partitioning import fetch
 from genir_jax.training.batching import ArraySource
 from genir_jax.training.presets import DSISettings
 from genir_jax.training.trainer import RunSpec, train_loop

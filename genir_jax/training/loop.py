@@ -6,7 +6,7 @@ the decoder start token (0) in front, as T5 trains; for atomic-docid DSI the tar
 token, so the decoder sees only the start token. The loss is the mean token cross-entropy over the
 target positions with ``target_mask == 1`` of the whole (global) batch.
 
-Placement: a `genir_jax.partitioning.Partitioner` (or a plain mesh, e.g. `data_mesh`'s one-axis
+Placement: a `genir_jax.scale.partitioning.Partitioner` (or a plain mesh, e.g. `data_mesh`'s one-axis
 ``"data"`` mesh, which is data parallel): the batch is split along its first axis over ``data``;
 parameters and the optimizer state are placed as the logical-axis rules say (replicated on a data-only
 mesh; `mlp` / `heads` / `vocab` split over ``model`` on a 2-D mesh); XLA inserts the collectives
@@ -31,10 +31,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from genir_jax.config import T5Config
-from genir_jax.errors import ConfigError
-from genir_jax.model import forward
-from genir_jax.partitioning import Partitioner
+from genir_jax.core.config import T5Config
+from genir_jax.base.errors import ConfigError
+from genir_jax.core.model import forward
+from genir_jax.scale.partitioning import Partitioner
 
 DATA_AXIS = "data"
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "target_mask")
@@ -123,7 +123,7 @@ def cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray, mask: jnp.ndarray) 
 def seq2seq_loss(config: T5Config, params, batch: dict, *, dropout_rng=None, compute_dtype=None, partitioner=None,
                  unroll_layers: bool = False):
     """(loss, metrics) of a batch; dropout is on when `dropout_rng` is given. The forward folds short
-    cross-attention (`genir_jax.model.forward_with_cache`: a DSI decoder's one step never projects the
+    cross-attention (`genir_jax.core.model.forward_with_cache`: a DSI decoder's one step never projects the
     encoder output to keys and values) and unrolls the layers if asked."""
     decoder_input_ids = shift_right(batch["targets"], config.decoder_start_token_id)
     logits = forward(config, params, batch["input_ids"], batch["attention_mask"], decoder_input_ids,

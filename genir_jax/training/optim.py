@@ -24,7 +24,7 @@ from typing import Callable
 import jax.numpy as jnp
 import optax
 
-from genir_jax.errors import ConfigError
+from genir_jax.base.errors import ConfigError
 
 SCHEDULES = ("constant", "linear", "cosine", "rsqrt")
 OPTIMIZERS = ("adafactor", "adamw")

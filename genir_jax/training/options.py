@@ -8,7 +8,7 @@ import os
 
 import jax
 
-from genir_jax.errors import ConfigError, GenIRError
+from genir_jax.base.errors import ConfigError, GenIRError
 from genir_jax.training.optim import OPTIMIZERS, SCHEDULES, OptimizerSpec
 from genir_jax.training.presets import PRESETS
 from genir_jax.training.trainer import RunSpec

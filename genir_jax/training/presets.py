@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from genir_jax.config import T5Config, t5_v1_0
-from genir_jax.errors import ConfigError
+from genir_jax.core.config import T5Config, t5_v1_0
+from genir_jax.base.errors import ConfigError
 from genir_jax.training.optim import OptimizerSpec
 from genir_jax.training.trainer import RunSpec
 

@@ -22,11 +22,11 @@ import jax
 import numpy as np
 
 from genir_jax.data.corpus import Document, Query
-from genir_jax.errors import CheckpointError
-from genir_jax.hf import PretrainedModel, save_pretrained
-from genir_jax.io import write_json
-from genir_jax.partitioning import fetch
-from genir_jax.model import init_params
+from genir_jax.base.errors import CheckpointError
+from genir_jax.checkpoints.hf import PretrainedModel, save_pretrained
+from genir_jax.base.io import write_json
+from genir_jax.scale.partitioning import fetch
+from genir_jax.core.model import init_params
 from genir_jax.training.batching import fingerprint_arrays
 from genir_jax.training.loop import make_eval_step
 from genir_jax.training.presets import T5_VOCAB_SIZE, ModelShape, PretrainSettings

@@ -16,7 +16,7 @@ Resume (``resume=True``) restores the newest checkpoint, checks that the data an
 ones it was written with, drops the metrics lines and best checkpoints written after it, and continues:
 the final parameters equal those of an uninterrupted run bit for bit (same devices, same settings).
 
-Multi-process runs (`genir_jax.distributed`; every process runs the same command): each process asks
+Multi-process runs (`genir_jax.scale.distributed`; every process runs the same command): each process asks
 its `DataSource` for only the rows of every batch that its devices hold (`loop.local_rows`) and the
 global batch is assembled from the processes' rows; checkpoints are collective orbax saves (each process
 writes its shards); only process 0 writes ``metrics.jsonl``; validation runs on gathered parameters in
@@ -36,10 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genir_jax.config import T5Config
-from genir_jax.errors import CheckpointError, ConfigError
-from genir_jax.io import write_text
-from genir_jax.partitioning import current, fetch
+from genir_jax.core.config import T5Config
+from genir_jax.base.errors import CheckpointError, ConfigError
+from genir_jax.base.io import write_text
+from genir_jax.scale.partitioning import current, fetch
 from genir_jax.training.batching import BatchPlan, DataSource
 from genir_jax.training.checkpointing import Checkpoints, abstract_like
 from genir_jax.training.loop import (as_partitioner, create_state, data_mesh, local_rows, make_train_step,
@@ -174,9 +174,9 @@ def train_loop(
 
     `evaluate(params) -> {name: value}` runs at validation steps; with `best_metric` the parameters with
     the best value of that metric (``best_mode`` "max" or "min") are kept and returned.
-    `partitioner` (`genir_jax.partitioning.Partitioner`): the mesh and rules that place parameters,
+    `partitioner` (`genir_jax.scale.partitioning.Partitioner`): the mesh and rules that place parameters,
     optimizer state and batches (checkpoints are saved and restored sharded); None: a command's ``--mesh``
-    (`genir_jax.partitioning.current`), else data parallel over `devices`.
+    (`genir_jax.scale.partitioning.current`), else data parallel over `devices`.
     """
     spec.validate()
     if best_mode not in ("max", "min"):

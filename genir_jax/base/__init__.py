@@ -1,0 +1,1 @@
+"""What every layer uses: library errors, atomic file output, fixed-size batching."""

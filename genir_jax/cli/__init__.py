@@ -1,0 +1,1 @@
+"""The `genir-jax` command: argument parsing over library calls."""

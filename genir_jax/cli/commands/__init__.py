@@ -1,0 +1,1 @@
+"""One module per `genir-jax` subcommand (see `genir_jax.cli.main`)."""

@@ -1,0 +1,144 @@
+"""`genir-jax circuit`: evaluate a minimal circuit on the test queries (paper Table 4)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+from genir_jax.cli.commands.common import (add_checkpoint_paths, add_reference, add_run_controls, reference_stages,
+                                       resolve_paths)
+from genir_jax.cli.commands.mesh_options import add_mesh_arguments
+from genir_jax.base.errors import GenIRError
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "circuit",
+        help="evaluate the model with only a minimal circuit of components left (Table 4)",
+        description=(
+            "Knock out components as a circuit file says (default: the paper's circuit - remove self-attention "
+            "in all layers and cross-attention in stage I, replace MLP outputs of stages I and II by their mean "
+            "over the correct validation queries) and evaluate on the test queries: Hits@1, Recall@5, Hits@10, "
+            "MRR@10, nDCG@10 (ir-measures, docid tokens only), absolute and relative to the unpatched model. Writes "
+            "minimal_circuit.json, the two TREC runs and stages.json. Default stages: the paper's for a 24-layer "
+            "decoder, otherwise found automatically (--stages auto). --reference: as the reference's "
+            "eval_patching_all_stages.py, writes only patching_results_best_circuit.json with its keys hits@1, "
+            "hits@10, recall@5 (top 100 over the full vocabulary, its own counting: every qrels entry is relevant, "
+            "recall@5 = relevant in the top 5 / the query's qrels entries) and config; reference padding; the "
+            "paper's stages for a 24-layer decoder."
+        ),
+    )
+    parser.add_argument("-c", "--checkpoint", required=True, help="HF-format GenIR checkpoint (with tokenizer)")
+    parser.add_argument("--test-queries", required=True, help="queries to evaluate, reference JSON format")
+    parser.add_argument("--qrels", default=None, help="their qrels (default: from the queries' relevant_docs)")
+    parser.add_argument("--val-queries", required=True, help="validation queries (for the means)")
+    add_checkpoint_paths(parser, ("-o", "--output-path", "--output"))
+    parser.add_argument("--circuit", default=None, help="circuit JSON file (default: the paper's circuit)")
+    parser.add_argument("--stages", default=None,
+                        help="decoder stages: 'auto', 'thirds', 'paper' or layer ranges, e.g. '0-6,7-17,18-23' "
+                             "(default: the paper's for a 24-layer decoder, otherwise auto); see stages.json")
+    add_reference(parser, "eval_patching_all_stages.py",
+                  "patching_results_best_circuit.json only, its metrics and config text, the paper's stages",
+                  "as the reference: pad to the longest correct validation query + 1 without attention mask (means "
+                  "and test queries), rank over the full vocabulary (word tokens count as non-relevant entries)")
+    parser.add_argument("--k", type=int, default=100, help="documents per query in the runs (default 100)")
+    add_run_controls(parser, "queries per device per step (default: from a 1 GiB logits budget)", None)
+    parser.set_defaults(handler=run)
+    add_mesh_arguments(parser)  # --mesh, --mesh-rules
+
+
+def run(args: argparse.Namespace) -> int:
+    from genir_jax.analysis.circuit import (PAPER_CIRCUIT, REFERENCE_CONFIG, REFERENCE_RESULTS_JSON, RESULTS_JSON,
+                                            circuit_from_json, circuit_interventions, circuit_report, docid_targets,
+                                            rank_with_circuit, reference_retrieval_metrics)
+    from genir_jax.analysis.inputs import (load_correct_queries, reference_padded_groups, reference_padding_length,
+                                           tokenize_for_analysis)
+    from genir_jax.data.corpus import qrels_from_queries, read_json, read_qrels, read_queries
+    from genir_jax.checkpoints.hf import load_for_analysis  # read-only tokenizer, no transformers
+    from genir_jax.interp.interventions import mean_activations
+    from genir_jax.base.io import atomic_directory, write_json
+    from genir_jax.docids.retrieval import check_run_covers, write_trec_run
+    from genir_jax.core.sites import COMPONENT_SITES
+
+    if args.k < 1:
+        raise GenIRError("--k must be >= 1")
+    resolve_paths(args, args.checkpoint)
+    args.reference_padding = args.reference_padding or args.reference
+    model = load_for_analysis(args.checkpoint)
+    if model.tokenizer is None:
+        raise GenIRError(f"{args.checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
+    config, tokenizer = model.config, model.tokenizer
+    test_queries = read_queries(args.test_queries)
+    qrels = read_qrels(args.qrels) if args.qrels else qrels_from_queries(test_queries)
+    check_run_covers([q.id for q in test_queries], qrels, args.qrels or args.test_queries)
+    correct = load_correct_queries(args.val_queries, args.correct_valid, tokenizer)
+    from genir_jax.cli.commands.common import resolve_stages, write_stages
+    reference_stages(args, config.num_decoder_layers, "paper")
+    stages, stages_record = resolve_stages(args, config, model.params, *tokenize_for_analysis(
+        tokenizer, [q.text for q in correct]), np.asarray([q.token_id for q in correct], dtype=np.int32))
+    circuit = circuit_from_json(read_json(args.circuit), args.circuit, len(stages)) if args.circuit else PAPER_CIRCUIT
+    docids = docid_targets(tokenizer, test_queries, args.test_queries, args.checkpoint)
+    vocabulary, candidates, targets = docids.vocabulary, docids.candidates, docids.targets
+    progress = not args.no_progress
+
+    texts = [q.text for q in correct]
+    needs_means = any(p.mode == "mean" for p in circuit.patches)
+    sites = [f"decoder.*.{site}" for site in COMPONENT_SITES.values()]
+    test_texts = [q.text for q in test_queries]
+    count = len(test_queries)
+    top_ids = np.zeros((2, count, min(args.k, config.vocab_size if args.reference_padding else len(candidates))),
+                       np.int64)
+    top_logits = np.zeros(top_ids.shape, np.float32)
+    if args.reference_padding:
+        length = reference_padding_length(tokenizer, texts)
+        val_ids, val_mask = tokenize_for_analysis(tokenizer, texts, reference_padding=True)
+        means = mean_activations(config, model.params, val_ids, val_mask, sites, progress=progress) \
+            if needs_means else None
+        interventions = circuit_interventions(config, circuit, stages, means)
+        for rows, ids in reference_padded_groups(tokenizer, test_texts, length):
+            ids_top, logits_top = rank_with_circuit(config, model.params, interventions, ids, np.ones_like(ids),
+                                                    targets[rows], None, top_k=top_ids.shape[2],
+                                                    query_chunk=args.batch_size, progress=progress)
+            top_ids[:, rows], top_logits[:, rows] = ids_top, logits_top
+        full_top_ids = top_ids.copy()
+        lookup = np.full(config.vocab_size, -1, dtype=np.int64)  # full-vocabulary ids -> docid indices
+        lookup[candidates] = np.arange(len(candidates))
+        top_ids = lookup[top_ids]
+    else:
+        val_ids, val_mask = tokenize_for_analysis(tokenizer, texts)
+        means = mean_activations(config, model.params, val_ids, val_mask, sites, progress=progress) \
+            if needs_means else None
+        interventions = circuit_interventions(config, circuit, stages, means)
+        ids, mask = tokenize_for_analysis(tokenizer, test_texts)
+        top_ids, top_logits = rank_with_circuit(config, model.params, interventions, ids, mask, targets, candidates,
+                                                top_k=top_ids.shape[2], query_chunk=args.batch_size,
+                                                progress=progress)
+
+    query_ids = [q.id for q in test_queries]
+    if args.reference:
+        report = reference_retrieval_metrics(full_top_ids[1], query_ids, qrels, vocabulary)
+        paper = circuit is PAPER_CIRCUIT and [list(x) for x in stages] == [list(range(7)), list(range(7, 18)),
+                                                                            list(range(18, 24))]
+        report["config"] = REFERENCE_CONFIG if paper else circuit.describe(stages)
+        with atomic_directory(args.output) as staging:
+            write_json(os.path.join(staging, REFERENCE_RESULTS_JSON), report)
+        print(json.dumps({"stages": stages, **report}, indent=1))
+        return 0
+    report, runs = circuit_report(
+        circuit, stages, query_ids, docids.doc_ids, top_ids, top_logits, qrels, correct_queries=len(correct),
+        ranking="full vocabulary, reference padding, no attention mask" if args.reference_padding
+        else "docid tokens only, masked padding")
+    unpatched, patched, relative = report["unpatched"], report["patched"], report["relative"]
+    with atomic_directory(args.output) as staging:
+        write_json(os.path.join(staging, RESULTS_JSON), report, indent=2)
+        write_stages(staging, stages_record)
+        system = os.path.basename(os.path.normpath(args.checkpoint))
+        write_trec_run(os.path.join(staging, "run_unpatched.trec"), runs[0], system)
+        write_trec_run(os.path.join(staging, "run_circuit.trec"), runs[1], system + "-circuit")
+    print(json.dumps({"config": report["config"], "stages": stages, "stages_method": stages_record["method"],
+                      "unpatched": unpatched, "patched": patched, "relative": relative},
+                     indent=1))
+    return 0

@@ -1,0 +1,129 @@
+"""Command-line options the analysis subcommands share, spelled as the reference scripts spell them."""
+
+from __future__ import annotations
+
+import argparse
+
+STAGES_HELP = ("decoder stages: 'auto' (three stages fitted to the model's per-layer curves on the correct "
+               "queries, see genir_jax.analysis.auto_stages), 'thirds' (three near-equal consecutive blocks), "
+               "'paper' (0-6,7-17,18-23; 24-layer decoders) or layer ranges, e.g. '0-6,7-17,18-23' (default: "
+               "the paper's for a 24-layer decoder, otherwise auto). The stages used are written to stages.json")
+STAGES_JSON = "stages.json"
+CHECKPOINT = "[checkpoint]"  # placeholder in path options, replaced by the checkpoint directory as the reference does
+
+
+def add_analysis_inputs(parser: argparse.ArgumentParser) -> None:
+    """-c/--checkpoint, --val-queries, --correct-valid and -o/--output (alias --output-path), with the
+    reference's defaults ``[checkpoint]/correct_valid.json`` and ``[checkpoint]`` (see `resolve_paths`)."""
+    parser.add_argument("-c", "--checkpoint", required=True,
+                        help="HF-format GenIR checkpoint directory (with its tokenizer)")
+    parser.add_argument("--val-queries", required=True, help="validation queries, reference JSON format")
+    add_checkpoint_paths(parser)
+
+
+def add_checkpoint_paths(parser: argparse.ArgumentParser, output_flags=("-o", "--output", "--output-path")) -> None:
+    """--correct-valid and the output option with the reference's ``[checkpoint]`` placeholders."""
+    parser.add_argument("--correct-valid", default=f"{CHECKPOINT}/correct_valid.json",
+                        help="correct_valid.json: [docid_token, query_id] pairs (from genir-jax evaluate); "
+                             f"'{CHECKPOINT}' stands for the checkpoint directory (default: %(default)s)")
+    parser.add_argument(*output_flags, dest="output", default=CHECKPOINT,
+                        help=f"output directory; '{CHECKPOINT}' stands for the checkpoint directory (default: "
+                             "%(default)s, the reference's)")
+
+
+def resolve_paths(args: argparse.Namespace, checkpoint: str) -> None:
+    """Replace the ``[checkpoint]`` placeholder in --correct-valid and the output option (as the reference's
+    scripts do), then refuse an output that cannot be written, before any computation."""
+    from genir_jax.base.io import check_output_dir
+
+    checkpoint = str(checkpoint)
+    for name in ("correct_valid", "output"):
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, value.replace(CHECKPOINT, checkpoint))
+    if isinstance(getattr(args, "output", None), str):
+        check_output_dir(args.output)
+
+
+REFERENCE_HELP = ("reference mode: behave as the reference's {script} in every output file, key, row order and "
+                  "number: {what}. Implies --reference-padding")
+
+
+def add_reference(parser: argparse.ArgumentParser, script: str, what: str, padding_help: str) -> None:
+    """--reference (the whole reference behaviour of one script) and --reference-padding (its padding only)."""
+    parser.add_argument("--reference", action="store_true", help=REFERENCE_HELP.format(script=script, what=what))
+    parser.add_argument("--reference-padding", action="store_true",
+                        help=padding_help + " (the padding part of --reference only)")
+
+
+def reference_stages(args: argparse.Namespace, layers: int, stages_24) -> None:
+    """In reference mode, the reference's hard-coded stages `stages_24` ("0-6,7-17,18-23" style text) for a
+    24-layer decoder unless --stages is given (the reference scripts cannot run other depths: there the usual
+    default applies)."""
+    if getattr(args, "reference", False) and not getattr(args, "stages", None) and layers == 24:
+        args.stages = stages_24
+
+
+def add_stages(parser: argparse.ArgumentParser, note: str = "") -> None:
+    parser.add_argument("--stages", default=None, help=STAGES_HELP + note)
+
+
+def add_run_controls(parser: argparse.ArgumentParser, batch_help: str = "queries per step (default: 16)",
+                     batch_default: int | None = 16) -> None:
+    """--batch-size and --no-progress."""
+    parser.add_argument("--batch-size", type=int, default=batch_default, help=batch_help)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def resolve_stages(args: argparse.Namespace, config, params, input_ids, attention_mask, target_ids
+                   ) -> tuple[list[list[int]], dict]:
+    """The decoder stages `--stages` asks for and their record (what `write_stages` puts in stages.json).
+
+    ``auto``: `genir_jax.analysis.auto_stages.auto_stages` (3 stages) on the given queries [N, S] and their
+    target token ids [N]; ``thirds``: three near-equal blocks (`equal_stages`); ``paper``: 0-6,7-17,18-23
+    (24-layer decoders); otherwise explicit ranges (`parse_stages`). Default: paper for 24 decoder layers,
+    else auto.
+    The record is ``{"method": "paper"|"auto"|"thirds"|"explicit", "stages": [[...]], "stages_text": ...}``
+    plus, for auto, its fit (k, per-layer features, cost).
+    """
+    from genir_jax.analysis.auto_stages import auto_stages, describe_stages
+    from genir_jax.analysis.stage_patching import PAPER_STAGES_24, equal_stages, parse_stages
+    from genir_jax.base.errors import GenIRError
+
+    layers = config.num_decoder_layers
+    spec = (getattr(args, "stages", None) or "").strip()
+    method = spec.lower() if spec.lower() in ("auto", "thirds", "paper") else ("explicit" if spec else
+                                                                              "paper" if layers == 24 else "auto")
+    if method == "auto":
+        found = auto_stages(config, params, input_ids, attention_mask, target_ids, k=3,
+                            batch_size=getattr(args, "batch_size", None),
+                            progress=not getattr(args, "no_progress", True))
+        record = found.as_json()
+        stages = [list(stage) for stage in found.stages]
+    else:
+        if method == "paper":
+            if layers != 24:
+                raise GenIRError(f"--stages paper: the paper's stages need a 24-layer decoder, the model has {layers}")
+            stages = [list(stage) for stage in PAPER_STAGES_24]
+        elif method == "thirds":
+            stages = equal_stages(layers)
+        else:
+            stages = parse_stages(spec, layers)
+        record = {"method": method, "stages": stages}
+        try:
+            record["stages_text"] = describe_stages(stages)
+        except GenIRError:
+            pass  # explicit stages need not be runs of consecutive layers
+        if method == "explicit":
+            record["spec"] = spec
+    record["num_decoder_layers"] = layers
+    return stages, record
+
+
+def write_stages(directory: str, record: dict) -> None:
+    """stages.json (the record of `resolve_stages`) in an output directory."""
+    import os
+
+    from genir_jax.base.io import write_json
+
+    write_json(os.path.join(directory, STAGES_JSON), record, indent=2)

@@ -1,0 +1,98 @@
+"""`genir-jax prepare-data`: read a corpus, split its queries and write a prepared directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(subparsers) -> None:
+    from genir_jax.data.prepare import DATA_ENV, DATASETS, DEFAULT_SPLITS, PAPER_SPLIT, SPLIT_SCHEMES
+
+    parser = subparsers.add_parser(
+        "prepare-data",
+        help="write documents, train/val/test queries and qrels of a corpus in the reference JSON format",
+        description="Read squad-dev, nq-oracle or cranfield from the data directory (or validate existing "
+                    "reference-format files) and write documents.json, {train,val,test}_queries.json, "
+                    "{val,test}_qrels.json, {val,test}.qrels and prepare.json into OUTPUT with deterministic, "
+                    "documented splits (see genir_jax.data.prepare); with --docids semantic also "
+                    "semantic_docids.json. Nothing is written when an input is bad.",
+    )
+    parser.add_argument("--dataset", required=True, choices=DATASETS)
+    parser.add_argument("-o", "--output", required=True, help="prepared directory to write")
+    parser.add_argument("--data-dir", default=None,
+                        help=f"where squad-v1.1-dev/, nq-open-oracle/, cranfield/ live (default: ${DATA_ENV}, "
+                             "else ../shared/data)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split permutations (default 0)")
+    parser.add_argument("--split", choices=SPLIT_SCHEMES, default=None,
+                        help="nq10k: validation/test documents have no training query (indexed only, the paper's "
+                             "NQ10k); per-document: every document keeps a training query; random: queries at "
+                             "random (default: " + ", ".join(f"{d} {s}" for d, s in DEFAULT_SPLITS.items()) +
+                             f"; {PAPER_SPLIT} with --paper-regime)")
+    parser.add_argument("--paper-regime", action="store_true",
+                        help=f"prepare for the paper's training regime: --split {PAPER_SPLIT} unless given, recorded "
+                             "as regime 'paper' in prepare.json (train with --paper-regime too)")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--test-fraction", type=float, default=0.1)
+    parser.add_argument("--download", action="store_true",
+                        help="squad-dev: fetch dev-v1.1.json (SHA-256 checked) into the data directory if missing")
+    parser.add_argument("--url", default=None, help="squad-dev download URL (default: the official one)")
+    parser.add_argument("--max-documents", type=int, default=None,
+                        help="keep only the first N documents and their queries (small corpora for smoke runs)")
+    from genir_jax.docids.schemes import add_scheme_arguments
+
+    schemes = parser.add_argument_group("docids")
+    add_scheme_arguments(schemes, default_help="recorded in prepare.json for `train` (default atomic); semantic "
+                                               "writes semantic_docids.json, built by hierarchical k-means over "
+                                               "TF-IDF/LSA document vectors unless a mapping file is given")
+    schemes.add_argument("--semantic-k", type=int, default=None, help="clusters per level (default 10, as DSI)")
+    schemes.add_argument("--semantic-c", type=int, default=None,
+                         help="largest leaf cluster; bigger ones are split again (default 100, as DSI)")
+    group = parser.add_argument_group("reference-json inputs")
+    group.add_argument("--documents", help="documents [{id, text}]")
+    group.add_argument("--train-queries", help="training queries [{id, query, relevant_docs}]")
+    group.add_argument("--val-queries", help="validation queries")
+    group.add_argument("--test-queries", help="test queries (optional)")
+    parser.set_defaults(handler=run)
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """--val-fraction / --test-fraction: finite, in [0, 1), summing to less than 1 (GenIRError naming them)."""
+    import math
+
+    from genir_jax.base.errors import GenIRError
+
+    for option, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if not math.isfinite(value) or not 0 <= value < 1:
+            raise GenIRError(f"{option} must be a number in [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1:
+        raise GenIRError(f"--val-fraction + --test-fraction must be < 1, got {val_fraction} + {test_fraction}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from genir_jax.data.prepare import prepare_dataset
+    from genir_jax.base.errors import GenIRError
+
+    check_fractions(args.val_fraction, args.test_fraction)
+    if args.max_documents is not None and args.max_documents < 1:
+        raise GenIRError(f"--max-documents must be >= 1, got {args.max_documents}")
+
+    if args.dataset == "reference-json":
+        if args.split is not None or args.paper_regime:
+            raise GenIRError("--split / --paper-regime do not apply to reference-json: its train/val/test files "
+                             "are the split")
+        options = dict(documents=args.documents, train_queries=args.train_queries, val_queries=args.val_queries,
+                       test_queries=args.test_queries)
+    else:
+        options = dict(seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                       download=args.download, split=args.split, paper_regime=args.paper_regime)
+        if args.url:
+            options["url"] = args.url
+        if args.max_documents is not None:
+            options["max_documents"] = args.max_documents
+    options.update(docids=args.docids or "atomic", semantic_mapping=args.semantic_docid_mapping,
+                   semantic_k=args.semantic_k, semantic_c=args.semantic_c)
+    manifest = prepare_dataset(args.dataset, args.output, args.data_dir, **options)
+    print(json.dumps({"output": args.output, "counts": manifest["counts"], "split": manifest["split"],
+                      "regime": manifest["regime"], "notes": manifest["notes"]}, indent=2))
+    return 0

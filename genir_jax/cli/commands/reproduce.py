@@ -1,0 +1,74 @@
+"""`genir-jax reproduce`: every experiment of the paper on one dataset and preset, with a report."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    from genir_jax.paper.reproduce import DATASETS, REMOVED_DOCUMENTS, REMOVED_MODELS, TINY_MAX_DOCUMENTS
+
+    parser = subparsers.add_parser(
+        "reproduce",
+        help="prepare data, pretrain a base T5, train the DSI models, run every analysis, write report.md",
+        description=(
+            "The whole paper on one dataset: prepare the data, pretrain a base T5 (span corruption), train the "
+            f"full DSI model and {REMOVED_MODELS} models each without {REMOVED_DOCUMENTS} documents, evaluate, run "
+            "every analysis (Tables 2-6, Figures 3-5) and write OUT/report.md with PNG figures and the paper's "
+            "numbers side by side. Re-running skips finished steps; --force STEP redoes one. Presets: tiny (a "
+            "smoke run on the first " + " / ".join(f"{n} ({d})" for d, n in TINY_MAX_DOCUMENTS.items()) + " documents, minutes on a CPU), cpu (the full corpus, "
+            "2-core CPU scale), t5-large (the paper's model shape, for GPU/TPU)."
+        ),
+    )
+    parser.add_argument("--dataset", default="squad-dev", choices=DATASETS, help="default: squad-dev")
+    parser.add_argument("--preset", default="tiny", choices=("tiny", "cpu", "t5-large"), help="default: tiny")
+    parser.add_argument("--out", default=None, help="output directory (default: runs/<dataset>-<preset>)")
+    parser.add_argument("--data-dir", default=None,
+                        help="where the raw datasets and t5-tokenizer/ live (default: $GENIR_JAX_DATA, else "
+                             "../shared/data)")
+    parser.add_argument("--base", default=None, metavar="PATH_OR_HUB_ID",
+                        help="fine-tune from this pretrained T5 (a directory with its tokenizer, or a hub id in the "
+                             "local Hugging Face cache, e.g. google-t5/t5-large) instead of pretraining our own "
+                             "corpus-only base; it is also the T5 of T5-mode patching and of the base encoder swap, "
+                             "so those rows become comparable with the paper's")
+    parser.add_argument("--docids", "--doc-ids", default="atomic", choices=("atomic", "naive", "semantic"),
+                        help="docid scheme of the DSI models (default: atomic, the paper's). naive / semantic run "
+                             "the analyses that handle multi-token docids (Table 1, Table 3 stage patching over the "
+                             "teacher-forced docid) and say in the report which they skip")
+    parser.add_argument("--paper-regime", action="store_true",
+                        help="the paper's data regime: the NQ10k-style split (validation/test documents indexed "
+                             "only), indexing:retrieval ratio 32, 32-token documents and queries")
+    parser.add_argument("--removed-models", type=int, default=REMOVED_MODELS,
+                        help=f"models trained without {REMOVED_DOCUMENTS} documents each, for the encoder swap "
+                             f"(default: {REMOVED_MODELS}, as in the paper; fewer makes a quicker run)")
+    parser.add_argument("--force", nargs="+", default=(), metavar="STEP", help="redo these steps")
+    parser.add_argument("--list-steps", action="store_true", help="print the steps and their state, then exit")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars in the analyses")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from genir_jax.base.errors import GenIRError
+    from genir_jax.paper.reproduce import Layout, Settings, reproduce, step_record, steps
+
+    out = args.out or f"runs/{args.dataset}-{args.preset}"
+    if args.removed_models < 1:
+        raise GenIRError(f"--removed-models {args.removed_models}: need at least 1 (the encoder swap needs one)")
+    base = None
+    if args.base is not None:
+        from genir_jax.paper.reproduce import resolve_base
+
+        base = resolve_base(args.base)
+    settings = Settings(dataset=args.dataset, preset=args.preset, data_dir=args.data_dir,
+                        removed_models=args.removed_models, progress=not args.no_progress, base=base,
+                        docids=args.docids, paper_regime=args.paper_regime)
+    if args.list_steps:
+        layout = Layout(__import__("pathlib").Path(out))
+        for step in steps(settings):
+            record = step_record(layout, step.name)
+            state = "not run" if record is None else record.get("skipped") or f"done in {record['seconds']:.0f} s"
+            print(f"{step.name:<16} {state}")
+        return 0
+    layout = reproduce(out, settings, force=tuple(args.force))
+    print(f"report: {layout.report}")
+    return 0

@@ -1,0 +1,110 @@
+"""`genir-jax swap-encoder`: the encoder-swap experiment (paper Table 2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+from genir_jax.cli.commands.common import add_checkpoint_paths, add_run_controls, resolve_paths
+from genir_jax.cli.commands.mesh_options import add_mesh_arguments
+from genir_jax.base.errors import DataError, GenIRError
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "swap-encoder",
+        help="run the full model's decoder on encoders of models trained without some documents (Table 2)",
+        description=(
+            "For each model in --missing-docs-for-model (trained without the listed documents) and optionally "
+            "the pretrained T5 (--t5), replace the full model's encoder output before its final norm "
+            "(encoder.{L-1}.hook_resid_post) by that model's, and record the rank of the relevant docid of every "
+            "correct query. Writes swapped_encoder.json with the reference's keys: 'Mean Rank of prev. correct' (a "
+            "true mean) and 'Median:' over all correct queries, the non-zero ranks, and for the removed documents "
+            "'missing_ranks', 'Mean of Missing document ranks' (a true mean), 'MRR:' and 'median' (torch.median: the "
+            "lower middle value); plus ours: 'Hits@1 (missing)', 'missing_documents', "
+            "'missing_without_correct_query'. Default: every correct query of a removed document counts (a "
+            "document with two correct queries has two entries in missing_ranks). --reference: as the reference's "
+            "swap_encoder.py, only the FIRST correct query (correct_valid order) of each removed document counts, "
+            "a removed document without one is refused, and only the reference's keys are written."
+        ),
+    )
+    parser.add_argument("--complete-model-path", required=True, help="the model trained on all documents")
+    parser.add_argument("--missing-docs-for-model", default=None,
+                        help="JSON object: model path -> removed document ids ('D1, D2' or a list; ids or docid "
+                             "tokens); relative paths are resolved from the current directory, then the file's")
+    parser.add_argument("--val-queries", required=True, help="validation queries, reference JSON format")
+    add_checkpoint_paths(parser, ("-o", "--output-path", "--output"))  # [checkpoint]: the complete model
+    parser.add_argument("--reference", action="store_true",
+                        help="reference mode (swap_encoder.py): first correct query per removed document, only the "
+                             "reference's keys. The reference runs each query unpadded, which masked batches "
+                             "reproduce, so the tokenisation is the same in both modes")
+    parser.add_argument("--t5", default=None, help="also swap in this pretrained T5's encoder")
+    add_run_controls(parser, "queries per device per step (default: from a 1 GiB logits budget)", None)
+    parser.set_defaults(handler=run)
+    add_mesh_arguments(parser)  # --mesh, --mesh-rules
+
+
+def _missing_map(path: str) -> dict[str, object]:
+    from genir_jax.data.corpus import read_json
+
+    data = read_json(path)
+    if not isinstance(data, dict) or not data:
+        raise DataError(f"{path}: expected a JSON object mapping model paths to removed document ids")
+    resolved = {}
+    for model_path, documents in data.items():
+        if not isinstance(documents, (str, list)):
+            raise DataError(f"{path}: key {model_path!r}: expected 'D1, D2' or a list of ids, got {documents!r}")
+        candidate = model_path if os.path.isdir(model_path) else os.path.join(os.path.dirname(path), model_path)
+        resolved[model_path] = (candidate, documents)
+    return resolved
+
+
+def run(args: argparse.Namespace) -> int:
+    from genir_jax.analysis.encoder_swap import RESULTS_JSON, encoder_swap_ranks, normalize_missing, summarize
+    from genir_jax.analysis.inputs import load_correct_queries, tokenize_for_analysis
+    from genir_jax.checkpoints.hf import load_for_analysis  # read-only tokenizer, no transformers
+    from genir_jax.base.io import atomic_directory, write_json
+    from genir_jax.interp.patching import Source
+
+    if not args.missing_docs_for_model and not args.t5:
+        raise GenIRError("nothing to swap in: give --missing-docs-for-model and/or --t5")
+    resolve_paths(args, args.complete_model_path)
+    others = _missing_map(args.missing_docs_for_model) if args.missing_docs_for_model else {}
+    full = load_for_analysis(args.complete_model_path)
+    if full.tokenizer is None:
+        raise GenIRError(f"{args.complete_model_path}: no tokenizer files; the checkpoint must include its tokenizer")
+    queries = load_correct_queries(args.val_queries, args.correct_valid, full.tokenizer)
+    input_ids, mask = tokenize_for_analysis(full.tokenizer, [q.text for q in queries])
+    targets = np.asarray([q.token_id for q in queries], dtype=np.int32)
+    vocab = full.tokenizer.get_vocab()
+    for key, (_, documents) in others.items():
+        unknown = [d for d in normalize_missing(documents) if d not in vocab]
+        if unknown:
+            raise DataError(f"{args.missing_docs_for_model}: key {key!r}: document(s) {unknown[:5]} have no docid "
+                            "token in the complete model's vocabulary")
+        if args.reference:  # refused before any computation (summarize would refuse it afterwards)
+            summarize(np.zeros(len(queries), np.int64), queries, documents, reference=True,
+                      source=f"{args.missing_docs_for_model}: key {key!r}")
+
+    results = {}
+    for key, (path, documents) in others.items():
+        other = load_for_analysis(path, load_tokenizer=False)
+        ranks = encoder_swap_ranks(full.config, full.params, Source(other.config, other.params), input_ids, mask,
+                                   targets, query_chunk=args.batch_size, progress=not args.no_progress)
+        results[key] = summarize(ranks, queries, documents, reference=args.reference,
+                                 source=args.missing_docs_for_model).as_reference_dict(reference=args.reference)
+    if args.t5:
+        base = load_for_analysis(args.t5, load_tokenizer=False)
+        if int(input_ids.max()) >= base.config.vocab_size:
+            raise GenIRError(f"{args.t5}: the T5's vocabulary ({base.config.vocab_size}) does not cover the queries")
+        ranks = encoder_swap_ranks(full.config, full.params, Source(base.config, base.params), input_ids, mask,
+                                   targets, query_chunk=args.batch_size, progress=not args.no_progress)
+        results[args.t5] = summarize(ranks, queries, []).as_reference_dict(reference=args.reference)
+    with atomic_directory(args.output) as staging:
+        write_json(os.path.join(staging, RESULTS_JSON), results)
+    print(json.dumps({k: {m: v for m, v in r.items() if not isinstance(v, list)} for k, r in results.items()},
+                     indent=1))
+    return 0

@@ -1,1 +1,0 @@
-"""One module per `genir-jax` subcommand (see `genir_jax.cli`)."""

@@ -1,0 +1,188 @@
+"""Named activation sites: TransformerLens 2.x names, their parsing, validation and shapes.
+
+Full names (what users write) and where they live in the model:
+
+- ``encoder.{l}.<layer site>`` / ``decoder.{l}.<layer site>`` with layer sites ``hook_resid_pre``,
+  ``hook_attn_out``, ``hook_resid_mid``, ``hook_cross_attn_out`` and ``hook_resid_mid_cross`` (decoder),
+  ``hook_mlp_out``, ``hook_resid_post``, ``attn.hook_{q,k,v,attn_scores,pattern,z}``,
+  ``cross_attn.hook_*`` (decoder), ``mlp.hook_{pre,pre_linear,post}`` (``pre_linear``: gated MLPs only).
+- ``hook_embed``: the encoder's input token embeddings (TransformerLens' name); ``decoder.hook_embed``
+  the decoder's (a genir-jax addition).
+- ``encoder_final_ln.hook_normalized`` / ``decoder_final_ln.hook_normalized``: the final RMS norm's output
+  before its learned scale (TransformerLens semantics).
+- ``encoder.hook_out`` / ``decoder.hook_out``: a stack's output after its final norm, i.e. what the
+  cross-attention reads / what is unembedded (genir-jax additions; TransformerLens has no hook there).
+  The encoder output *before* the final norm is ``encoder.{L-1}.hook_resid_post``.
+
+Internally a site is (stack, local name, layer or None). Activation shapes, per example and layer:
+residual sites [T, D]; q / z [T, H, K]; k / v [S, H, K] (S: the attended sequence); attention scores and
+pattern [H, T, S]; MLP sites [T, F]. A leading batch axis comes first.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from typing import Iterable, NamedTuple
+
+from genir_jax.core.config import T5Config
+from genir_jax.base.errors import GenIRError
+
+ATTENTION_SITES = ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z")
+RESIDUAL_SITES = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+DECODER_RESIDUAL_SITES = ("hook_cross_attn_out", "hook_resid_mid_cross")
+MLP_SITES = ("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post")
+STACK_SITES = ("hook_embed", "final_ln.hook_normalized", "hook_out")
+
+STACKS = ("encoder", "decoder")
+# The components of a layer, in layer order, and the site of each one's output.
+COMPONENT_SITES = {"attn": "hook_attn_out", "cross_attn": "hook_cross_attn_out", "mlp": "hook_mlp_out"}
+COMPONENTS = tuple(COMPONENT_SITES)
+
+
+class SiteError(GenIRError, KeyError):
+    """An unknown or malformed site name."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class Site(NamedTuple):
+    """A parsed site: stack ("encoder" / "decoder"), local name, and layer (None for stack sites)."""
+
+    stack: str
+    local: str
+    layer: int | None
+
+    @property
+    def name(self) -> str:
+        """The full (TransformerLens-style) name."""
+        if self.layer is not None:
+            return f"{self.stack}.{self.layer}.{self.local}"
+        if self.local == "hook_embed":
+            return "hook_embed" if self.stack == "encoder" else "decoder.hook_embed"
+        if self.local == "final_ln.hook_normalized":
+            return f"{self.stack}_final_ln.hook_normalized"
+        return f"{self.stack}.{self.local}"
+
+
+def site_name(stack: str, local: str, layer: int | None = None) -> str:
+    """The full name of a site: the one constructor of site names (TransformerLens' ``get_act_name`` idea).
+
+    ``site_name("decoder", "hook_mlp_out", 3)`` -> ``"decoder.3.hook_mlp_out"``;
+    ``site_name("decoder", "cross_attn.hook_q", 2)`` -> ``"decoder.2.cross_attn.hook_q"``;
+    ``site_name("encoder", "hook_out")`` -> ``"encoder.hook_out"``; ``site_name("encoder", "hook_embed")`` ->
+    ``"hook_embed"``. Layer sites need a layer, stack sites (`STACK_SITES`) take none; nothing is validated
+    against a model (`parse_site` does that).
+    """
+    if stack not in STACKS:
+        raise SiteError(f"unknown stack {stack!r}; expected one of {', '.join(STACKS)}")
+    if (layer is None) != (local in STACK_SITES):
+        raise SiteError(f"site {local!r} " + ("takes no layer" if local in STACK_SITES else "needs a layer"))
+    return Site(stack, local, layer).name
+
+
+def component_site(stack: str, component: str, layer: int) -> str:
+    """The full name of a component's output in one layer: ``component_site("decoder", "mlp", 3)`` ->
+    ``"decoder.3.hook_mlp_out"`` (components: `COMPONENTS`)."""
+    if component not in COMPONENT_SITES:
+        raise SiteError(f"unknown component {component!r}; expected one of {', '.join(COMPONENT_SITES)}")
+    return site_name(stack, COMPONENT_SITES[component], layer)
+
+
+def layer_sites(config: T5Config, stack: str) -> tuple[str, ...]:
+    """Local names of the per-layer sites of a stack."""
+    names = list(RESIDUAL_SITES) + [f"attn.{s}" for s in ATTENTION_SITES]
+    if stack == "decoder":
+        names += list(DECODER_RESIDUAL_SITES) + [f"cross_attn.{s}" for s in ATTENTION_SITES]
+    names += [s for s in MLP_SITES if config.is_gated_act or s != "mlp.hook_pre_linear"]
+    return tuple(names)
+
+
+def num_layers(config: T5Config, stack: str) -> int:
+    return config.num_decoder_layers if stack == "decoder" else config.num_layers
+
+
+def all_site_names(config: T5Config) -> list[str]:
+    """Every valid full site name of a model, in model order."""
+    names = []
+    for stack in ("encoder", "decoder"):
+        names.append(Site(stack, "hook_embed", None).name)
+        for layer in range(num_layers(config, stack)):
+            names += [f"{stack}.{layer}.{local}" for local in layer_sites(config, stack)]
+        names += [Site(stack, "final_ln.hook_normalized", None).name, Site(stack, "hook_out", None).name]
+    return names
+
+
+_LAYER_NAME = re.compile(r"(encoder|decoder)\.(\d+)\.(.+)")
+
+
+def parse_site(config: T5Config, name: str) -> Site:
+    """Parse and validate a full site name; unknown names raise `SiteError` suggesting the closest."""
+    site = _parse(name)
+    if site is not None:
+        if site.layer is None and site.local in STACK_SITES:
+            return site
+        if site.layer is not None and site.local in layer_sites(config, site.stack):
+            if site.layer < num_layers(config, site.stack):
+                return site
+            raise SiteError(
+                f"site '{name}': layer {site.layer} does not exist; the {site.stack} has "
+                f"{num_layers(config, site.stack)} layers (0-{num_layers(config, site.stack) - 1})"
+            )
+    close = difflib.get_close_matches(name, all_site_names(config), n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise SiteError(f"unknown site '{name}'{hint}")
+
+
+def _parse(name: str) -> Site | None:
+    if name == "hook_embed":
+        return Site("encoder", "hook_embed", None)
+    if name == "decoder.hook_embed":
+        return Site("decoder", "hook_embed", None)
+    for stack in ("encoder", "decoder"):
+        if name == f"{stack}_final_ln.hook_normalized":
+            return Site(stack, "final_ln.hook_normalized", None)
+        if name == f"{stack}.hook_out":
+            return Site(stack, "hook_out", None)
+    match = _LAYER_NAME.fullmatch(name)
+    if match:
+        return Site(match.group(1), match.group(3), int(match.group(2)))
+    return None
+
+
+def expand_site_patterns(config: T5Config, patterns: Iterable[str]) -> list[str]:
+    """Full names matching each name or shell-style pattern (``decoder.*.hook_mlp_out``), model order."""
+    everything = all_site_names(config)
+    selected: set[str] = set()
+    for pattern in patterns:
+        if any(ch in pattern for ch in "*?["):
+            matches = fnmatch.filter(everything, pattern)
+            if not matches:
+                raise SiteError(f"site pattern '{pattern}' matches no site")
+            selected.update(matches)
+        else:
+            selected.add(parse_site(config, pattern).name)
+    return [name for name in everything if name in selected]
+
+
+def site_shape(config: T5Config, site: Site, query_length: int, key_length: int) -> tuple[int, ...]:
+    """Per-example activation shape of a site (no batch or layer axis).
+
+    `query_length` is the stack's own sequence length; `key_length` the length attended to (the stack's
+    own for self-attention, the encoder's for cross-attention).
+    """
+    t, d, h, k, f = query_length, config.d_model, config.num_heads, config.d_kv, config.d_ff
+    local = site.local
+    if local.startswith("mlp."):
+        return (t, f)
+    if local.startswith(("attn.", "cross_attn.")):
+        s = key_length if local.startswith("cross_attn.") else query_length
+        leaf = local.split(".", 1)[1]
+        if leaf in ("hook_q", "hook_z"):
+            return (t, h, k)
+        if leaf in ("hook_k", "hook_v"):
+            return (s, h, k)
+        return (h, t, s)
+    return (t, d)

@@ -1,0 +1,1 @@
+"""Document identifiers: docid tokens, schemes, semantic ids, the trie and beam search, retrieval, BM25."""

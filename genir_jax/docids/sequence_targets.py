@@ -1,0 +1,124 @@
+"""Multi-token docid targets for analyses: teacher-forced decoder inputs and per-step metrics.
+
+With naive / semantic docids the target of a query is a token sequence ``y_1 .. y_T`` (ending with EOS).
+Teacher forcing feeds the gold prefix: decoder inputs ``[start, y_1, .., y_{T-1}]``, so one forward pass
+gives every step's logits ``[N, T, V]`` and step t's logits predict ``y_t`` given the gold prefix. Two
+selectable metrics reduce them (`SEQUENCE_METRICS`):
+
+- ``seq_logprob``: the target's sequence log-probability ``sum_t log p(y_t | y_<t, query)`` (masked steps
+  excluded) -- the score beam search ranks by (before its length normalisation);
+- ``step_rank``: the 0-based rank of each ``y_t`` in the full vocabulary at its step (ties: lower token id
+  first, as `genir_jax.interp.metrics.ranks_of_targets`), [N, T] with -1 on padding; reduced per query by
+  `reduce_step_ranks` (``max``: the worst step, 0 iff greedy decoding reproduces the docid; ``mean``;
+  ``first``: step 1 only, the atomic-like view).
+
+Arrays in, arrays out; `teacher_forced_logits` is the only function that runs the model.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+SEQUENCE_METRICS = ("seq_logprob", "step_rank")
+RANK_REDUCTIONS = ("max", "mean", "first")
+
+
+def pad_targets(sequences: Sequence[Sequence[int]], width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token sequences with 0: (targets [N, T] int32, mask [N, T] int32)."""
+    width = max((len(s) for s in sequences), default=1) if width is None else int(width)
+    targets = np.zeros((len(sequences), width), dtype=np.int32)
+    mask = np.zeros((len(sequences), width), dtype=np.int32)
+    for i, seq in enumerate(sequences):
+        if len(seq) > width:
+            raise ValueError(f"target {i} has {len(seq)} tokens, more than the width {width}")
+        targets[i, :len(seq)] = seq
+        mask[i, :len(seq)] = 1
+    return targets, mask
+
+
+def teacher_forcing_inputs(targets, start_id: int) -> np.ndarray:
+    """Decoder inputs [N, T]: the targets shifted right behind the decoder start token."""
+    targets = np.asarray(targets, dtype=np.int32)
+    start = np.full((targets.shape[0], 1), start_id, dtype=np.int32)
+    return np.concatenate([start, targets[:, :-1]], axis=1)
+
+
+def teacher_forced_logits(config, params, input_ids, attention_mask, targets, interventions=None):
+    """Float32 logits [N, T, V] of every target step given the gold prefix (one forward pass)."""
+    import jax.numpy as jnp
+
+    from genir_jax.core.model import forward
+
+    decoder_inputs = teacher_forcing_inputs(targets, config.decoder_start_token_id)
+    logits = forward(config, params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
+                     jnp.asarray(decoder_inputs), interventions=interventions)
+    return logits.astype(jnp.float32)
+
+
+def step_log_probs(logits, targets, mask):
+    """log p(y_t | y_<t) [N, T] (0 on padding)."""
+    import jax
+    import jax.numpy as jnp
+
+    log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(log_probs, jnp.asarray(targets)[..., None], axis=-1)[..., 0]
+    return jnp.where(jnp.asarray(mask) > 0, picked, 0.0)
+
+
+def sequence_log_prob(logits, targets, mask):
+    """The target sequence's log-probability [N] (sum of the masked step log-probabilities)."""
+    return step_log_probs(logits, targets, mask).sum(axis=-1)
+
+
+def step_ranks(logits, targets, mask):
+    """0-based rank of each target token at its step [N, T] (-1 on padding)."""
+    import jax.numpy as jnp
+
+    from genir_jax.interp.metrics import ranks_of_targets
+
+    ranks, _ = ranks_of_targets(jnp.asarray(logits, jnp.float32), jnp.asarray(targets))
+    return jnp.where(jnp.asarray(mask) > 0, ranks, -1)
+
+
+def reduce_step_ranks(ranks, mask, how: str = "max"):
+    """Per-query rank [N] from step ranks [N, T]: ``max``, ``mean`` (over real steps) or ``first``."""
+    import jax.numpy as jnp
+
+    ranks, mask = jnp.asarray(ranks), jnp.asarray(mask) > 0
+    if how == "max":
+        return jnp.max(jnp.where(mask, ranks, 0), axis=-1)
+    if how == "mean":
+        return jnp.sum(jnp.where(mask, ranks, 0), axis=-1) / jnp.maximum(mask.sum(axis=-1), 1)
+    if how == "first":
+        return ranks[:, 0]
+    raise ValueError(f"unknown rank reduction {how!r}; choose one of {', '.join(RANK_REDUCTIONS)}")
+
+
+def sequence_metric(logits, targets, mask, metric: str, reduction: str = "max"):
+    """The selected metric per query [N]: ``seq_logprob`` or ``step_rank`` reduced by `reduction`."""
+    if metric == "seq_logprob":
+        return sequence_log_prob(logits, targets, mask)
+    if metric == "step_rank":
+        return reduce_step_ranks(step_ranks(logits, targets, mask), mask, reduction)
+    raise ValueError(f"unknown sequence metric {metric!r}; choose one of {', '.join(SEQUENCE_METRICS)}")
+
+
+def greedy_consistent(config, params, input_ids, attention_mask, sequences, batch_size: int = 64) -> np.ndarray:
+    """bool [N]: whether every token of each query's docid sequence (ending with EOS) is the top token of the
+    whole vocabulary at its step given the gold prefix, i.e. greedy decoding produces exactly that docid
+    (rank 0 at every step: the multi-token counterpart of an atomic docid being the top token)."""
+    from genir_jax.base.batching import batches
+
+    targets, mask = pad_targets(sequences)
+    out = np.zeros(targets.shape[0], dtype=bool)
+    if targets.shape[0] == 0:
+        return out
+    rows = max(1, min(batch_size, targets.shape[0]))
+    for batch in batches((np.asarray(input_ids), np.asarray(attention_mask), targets, mask), rows):
+        ids, att, tgt, msk = batch.arrays
+        logits = teacher_forced_logits(config, params, ids, att, tgt)
+        worst = np.asarray(reduce_step_ranks(step_ranks(logits, tgt, msk), msk, "max"))
+        out[batch.rows] = worst[:batch.size] == 0
+    return out

@@ -1,0 +1,1 @@
+"""Interventions, sweeps and their grammar, the patching engine, metrics, rank window, attribution."""

@@ -1,0 +1,375 @@
+"""Attribution patching: estimate every config of a sweep from one forward and one backward pass.
+
+AtP (Nanda 2023; Kramár et al. 2024): the effect on a metric M of patching an activation x to a value v
+is estimated to first order as ``grad_x M . (v - x)``. With genir-jax's patches,
+``y = x + mask * (value - x)``, that product is exactly the gradient of M with respect to the mask at
+mask = 0, element by element. So attribution reuses the sweep's own configs: every term of the sweep gets
+a zero mask of the site's full shape, one backward pass gives the gradient density ``g * (v - x)`` for
+every element of every swept site, and each config's estimate is that density summed under its mask
+(a head: its slice of ``hook_z``; a neuron: its entry of ``mlp.hook_post``; a component: its output).
+Modes (zero, mean, resample / another model via `FROM_SOURCE`) only change v.
+
+AtP* (Kramár et al. 2024, "AtP*: An efficient and scalable method for localizing LLM behaviour to
+components") adds two fixes, both implemented:
+- QK fix (attention saturation): where a patch changes attention KEYS, the linear estimate through the
+  softmax is replaced by the exact change of the attention pattern, linearised only after the pattern.
+  In this model that is ``encoder.hook_out`` (every decoder layer's cross-attention keys and values read
+  it): per config, each cross-attention layer's pattern is recomputed exactly with the patched keys, times
+  the gradient at the pattern, plus the (linear) value path. Other sites (head outputs ``hook_z``,
+  neurons, component outputs) have no softmax between the patched activation and its output, so the fix
+  leaves them unchanged.
+- GradDrop (cancellation): for each decoder layer l the gradient is recomputed with layer l's residual
+  contributions blocked (their outputs patched to their own clean values, which keeps the forward and
+  zeroes the gradient through them); the magnitude estimate is ``sum_l |AtP_(-l)| / (L - 1)``. The
+  forward pass is shared: the plain gradient minus the gradient of the paths through layer l's outputs
+  (see `_gradients_body`) is each variant, so the L variants cost one vmapped backward pass and no forward.
+
+`attribute` returns signed estimates (``scores``: AtP, QK-fixed for atp*) and, for atp*, the GradDrop
+magnitudes; rank units by `ranking` (|scores| for atp, magnitudes for atp*).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from genir_jax.base.batching import batches
+from genir_jax.core.config import T5Config
+from genir_jax.interp.interventions import FromSource, InterventionError
+from genir_jax.core.model import T5, forward_with_cache
+from genir_jax.scale.partitioning import Partitioner, current, maybe_activate, put_rows
+from genir_jax.interp.metrics import DIFFERENTIABLE_METRICS, METRIC_TABLE
+from genir_jax.interp.patching import (
+    Source, _check_sequences, _check_token_ids, _decoder_inputs, _final_metrics, _plan, _source_names,
+    _validate_terms,
+)
+from genir_jax.core.sites import Site, num_layers, site_shape
+from genir_jax.interp.sweep import Sweep, Term, as_sweep
+from genir_jax.core.taps import Patch, Shift
+
+METHODS = ("atp", "atp*")
+_DROP_SITES = ("hook_attn_out", "hook_cross_attn_out", "hook_mlp_out")
+
+
+@dataclasses.dataclass
+class AttributionResult:
+    """Per config (axis 0): estimated effect of its patch on the metric (patched minus clean)."""
+
+    sweep: Sweep
+    method: str
+    metric: str
+    scores: np.ndarray                  # [K] signed estimate, mean over queries
+    magnitudes: np.ndarray | None       # [K] AtP* GradDrop magnitude (atp* only)
+    per_query: np.ndarray | None        # [K, N] signed estimates, when asked
+    clean: np.ndarray                   # [N] the clean metric
+
+    @property
+    def ranking(self) -> np.ndarray:
+        """What to rank units by: the GradDrop magnitude for atp*, |score| for atp."""
+        return self.magnitudes if self.magnitudes is not None else np.abs(self.scores)
+
+
+def _full_shape(config: T5Config, term: Term, batch: int, encoder_length: int, decoder_length: int = 1
+                ) -> tuple[int, ...]:
+    layer = 0 if term.is_layer_site else None
+    length = encoder_length if term.stack == "encoder" else decoder_length
+    shape = (batch,) + site_shape(config, Site(term.stack, term.local, layer), length, encoder_length)
+    return (num_layers(config, term.stack),) + shape if term.is_layer_site else shape
+
+
+@functools.partial(jax.jit, static_argnames=("config", "plan", "metric", "drop", "partitioner", "dtype"))
+def _gradients(params, input_ids, attention_mask, targets, foils, values, zero_masks, zero_probes,
+               target_mask=None, *, config, plan, metric, drop, partitioner=None, dtype=None):
+    """(clean metric [B], gradient densities of the metric w.r.t. every term's mask [V, ...], and the probes'
+    [V, ...]), V = 1 + (decoder layers when `drop`): variant 0 the plain gradient, variant 1 + l the gradient
+    with decoder layer l's residual contributions blocked (GradDrop)."""
+    with maybe_activate(partitioner):
+        return _gradients_body(params, input_ids, attention_mask, targets, foils, values, zero_masks,
+                               zero_probes, target_mask, config=config, plan=plan, metric=metric, drop=drop,
+                               dtype=dtype)
+
+
+def _gradients_body(params, input_ids, attention_mask, targets, foils, values, zero_masks, zero_probes,
+                    target_mask=None, *, config, plan, metric, drop, dtype):
+    """One forward pass, one backward pass for the plain gradient and, for GradDrop, one vmapped backward pass
+    over the decoder layers. Blocking layer l's outputs (attn, cross-attn, MLP: each added straight to the
+    residual) removes exactly the paths that leave through one of them; taking the last of them on each
+    path, the blocked paths' gradient is the vector-Jacobian product of the three outputs (all upstream
+    paths) with the gradient at the layer's output residual (the paths that bypass the later sub-layers).
+    So GradDrop costs one backward pass per layer and no further forward pass."""
+    model = T5(config, decoder_cache=tuple((local, None) for local in _DROP_SITES) if drop else (), dtype=dtype)
+    start = _decoder_inputs(config, input_ids, targets, target_mask)
+    layers = config.num_decoder_layers
+
+    def run(masks, probes, gate):
+        interventions: dict = {}
+
+        def add(stack, local, patch):
+            sites = interventions.setdefault(stack, {})
+            sites[local] = tuple(sites.get(local, ())) + (patch,)
+
+        for term, mask, value in sorted(zip(plan, masks, values), key=lambda z: z[0].order):
+            add(term.stack, term.local, Patch(mask, value))
+        for local, delta in probes.items():  # d/d delta = the gradient at the site (the QK fix reads them)
+            add("decoder", local, Shift(delta))
+        if drop:  # the same probe on each layer's MLP output: the gradient at the layer's output residual
+            add("decoder", "hook_mlp_out", Shift(gate))
+        encoded, _ = model.apply({"params": params}, input_ids, attention_mask, interventions, method=T5.encode)
+        hidden, cache = model.apply({"params": params}, encoded, attention_mask, start, None, interventions,
+                                    method=T5.decode)
+        # streamed over vocabulary blocks: the logit metrics need no unembedding matmul at all
+        per_query = _final_metrics(config, params, hidden, targets, (metric,), None, foils, 0, target_mask)[metric]
+        return per_query, tuple(cache[local] for local in _DROP_SITES) if drop else ()
+
+    gate_shape = (layers, input_ids.shape[0], start.shape[1], config.d_model) if drop else ()
+    (clean, outputs), backward = jax.vjp(run, zero_masks, zero_probes, jnp.zeros(gate_shape, jnp.float32))
+    no_outputs = jax.tree_util.tree_map(jnp.zeros_like, outputs)
+    plain_masks, plain_probes, at_output = backward((jnp.ones_like(clean), no_outputs))
+    plain = (plain_masks, plain_probes)
+    if not drop:
+        return clean, jax.tree_util.tree_map(lambda g: g[None], plain)
+
+    def blocked(layer):
+        only = (jnp.arange(layers) == layer).astype(at_output.dtype).reshape((layers,) + (1,) * (at_output.ndim - 1))
+        through, through_probes, _ = backward((jnp.zeros_like(clean), (at_output * only,) * len(_DROP_SITES)))
+        return jax.tree_util.tree_map(jnp.subtract, plain, (through, through_probes))
+
+    dropped = jax.vmap(blocked)(jnp.arange(layers))
+    return clean, jax.tree_util.tree_map(lambda p, d: jnp.concatenate([p[None], d]), plain, dropped)
+
+
+def _term_scores(config: T5Config, term: Term, density: np.ndarray) -> np.ndarray:
+    """Each config's estimate [V, K, B] from a term's density [V, (L,) B, *site]: sum under its mask."""
+    layer_site = term.is_layer_site
+    table = np.asarray(term.table, np.float32)  # [M, (L,) 1, *site-broadcast]
+    count = len(term.row)
+    out = np.zeros((density.shape[0], count, density.shape[2 if layer_site else 1]), np.float32)
+    site_axes_start = 3 if layer_site else 2  # in [V, (L,) B, *site]
+    unit_axis = None if term.unit is None else site_axes_start + term.unit_axis
+    for r in range(table.shape[0]):
+        users = np.flatnonzero(term.row == r)
+        if users.size == 0:
+            continue
+        product = density * table[r][None]  # [V, (L,) B, *site]
+        keep = {0, 1, 2} if layer_site else {0, 1}
+        if unit_axis is not None:
+            keep.add(unit_axis)
+        reduced = product.sum(axis=tuple(a for a in range(product.ndim) if a not in keep), keepdims=False)
+        # reduced: [V, (L,) B, (U)]
+        for k in users:
+            value = reduced
+            if layer_site:
+                value = value[:, term.layer[k]] if term.layer is not None else value.sum(axis=1)
+            if unit_axis is not None:
+                value = value[..., term.unit[k]]
+            out[:, k] = value
+    return out
+
+
+def _encoder_qk_scores(config: T5Config, params, term: Term, cache: dict, encoded: np.ndarray, value,
+                       attention_mask: np.ndarray, g_pattern: np.ndarray, g_v: np.ndarray) -> np.ndarray:
+    """AtP* estimate [V, K, B] of a term patching ``encoder.hook_out``: exact cross-attention patterns with
+    the patched keys (times the gradient at the pattern) plus the linear value path, every decoder layer."""
+    cross = params["decoder"]["layers"]["cross_attn"]
+    w_k, w_v = np.asarray(cross["key"], np.float32), np.asarray(cross["value"], np.float32)  # [L, D, H, Kd]
+    q = np.asarray(cache["q"], np.float32)[:, :, 0]                   # [L, B, H, Kd]
+    scores = np.asarray(cache["scores"], np.float32)[:, :, :, 0]      # [L, B, H, S]
+    encoded, g_pattern, g_v = (np.asarray(a, np.float32) for a in (encoded, g_pattern, g_v))  # bf16 runs
+    delta = np.broadcast_to(np.asarray(value, np.float32), encoded.shape) - encoded  # [B, S, D]
+    dk = np.einsum("bsd,ldhk,lbhk->lbhs", delta, w_k, q)
+    dv = np.einsum("bsd,ldhk->lbshk", delta, w_v)
+    value_path = np.einsum("vlbshk,lbshk->vbs", g_v, dv)            # [V, B, S]
+    valid = attention_mask.astype(bool)[None, :, None, :]
+    clean_pattern = _softmax(scores, valid)
+    table = np.asarray(term.table, np.float32)
+    out = np.zeros((g_pattern.shape[0], len(term.row), encoded.shape[0]), np.float32)
+    for k in np.flatnonzero(term.row >= 0):
+        row = table[term.row[k]]  # [1, S or 1, D or 1]
+        if row.shape[-1] != 1 and not np.all(row == row[..., :1]):
+            raise InterventionError("atp*: an encoder.hook_out patch must select whole positions (the same "
+                                    "mask for every d_model entry) for the QK fix")
+        selection = np.broadcast_to(row[0, :, 0], (encoded.shape[1],)).astype(np.float32)
+        if term.unit is not None:
+            selection = selection * (np.arange(encoded.shape[1]) == term.unit[k])
+        patched = _softmax(scores + dk * selection[None, None, None, :], valid)
+        key_path = np.einsum("vlbhs,lbhs->vb", g_pattern, patched - clean_pattern)
+        out[:, k] = key_path + np.einsum("vbs,s->vb", value_path, selection)
+    return out
+
+
+def _softmax(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    scores = np.where(valid, scores.astype(np.float64), -np.inf)
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    weights = np.exp(scores)
+    return weights / weights.sum(axis=-1, keepdims=True)
+
+
+def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, sweep, *, method: str = "atp",
+              metric: str = "logit", foil_ids=None, source: Source | None = None, query_chunk: int | None = None,
+              progress: bool = True, per_query: bool = False, partitioner: Partitioner | None = None,
+              dtype=None, target_mask=None) -> AttributionResult:
+    """Estimate, for every config of `sweep`, the change of `metric` its patch causes (see module docstring).
+
+    `metric`: one of `DIFFERENTIABLE_METRICS` (ranks and Hits@k are not differentiable); `foil_ids` [N] for
+    ``logit_diff``; `source` for `FROM_SOURCE` values; `query_chunk` queries per backward pass (default 32).
+    `partitioner` (`genir_jax.scale.partitioning.Partitioner`): parameters placed by its rules, queries split over
+    ``data`` (default: `genir_jax.scale.partitioning.current()`, else as the arrays lie). `dtype` (e.g.
+    ``"bfloat16"``): parameters stored and the model computed in it; metrics and estimates stay float32.
+    Multi-token docids: target_ids [N, T] with `target_mask` [N, T], as `genir_jax.interp.patching.run_sweep` takes
+    them (teacher-forced decoder runs, every decoder position patched); the metric is ``logprob`` (the
+    sequence's); AtP*'s QK fix of ``encoder.hook_out`` is single-step only and refused there.
+    """
+    if method not in METHODS:
+        raise InterventionError(f"attribution method '{method}' is not one of {', '.join(METHODS)}")
+    if metric not in DIFFERENTIABLE_METRICS:
+        raise InterventionError(f"metric '{metric}' cannot be attributed by {method}: it is not differentiable; "
+                                f"use one of {', '.join(DIFFERENTIABLE_METRICS)}")
+    sweep = as_sweep(sweep)
+    if sweep.receivers is not None:
+        raise InterventionError("attribution of path-patching sweeps is not supported; run them exactly")
+    input_ids = np.asarray(input_ids, np.int32)
+    attention_mask = np.asarray(attention_mask, np.int32)
+    target_ids = np.asarray(target_ids, np.int32)
+    count, length = input_ids.shape
+    if count == 0:
+        raise InterventionError("attribution: no queries given")
+    if target_mask is not None:
+        target_mask = _check_sequences(target_ids, target_mask, count, [metric], what="attribution")
+    elif target_ids.shape != (count,):
+        raise InterventionError(f"attribution: target_ids must have shape ({count},), got {target_ids.shape}")
+    _check_token_ids("target", target_ids, config.vocab_size)
+    decoder_length = 1 if target_mask is None else target_ids.shape[1]
+    if "foils" in METRIC_TABLE[metric].needs:
+        if foil_ids is None:
+            raise InterventionError(f"attribution: metric '{metric}' needs a foil token per query (`foil_ids`)")
+        foil_ids = np.asarray(foil_ids, np.int32).reshape(-1)
+        _check_token_ids("foil", foil_ids, config.vocab_size)
+        if foil_ids.shape != (count,) or np.any(foil_ids == target_ids):
+            raise InterventionError("attribution: foil_ids must have one token per query, none equal to its target")
+    _validate_terms(config, sweep, length, decoder_length)
+    dtype = None if dtype is None else jnp.dtype(dtype)
+    if dtype is not None:
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
+        if source is not None:
+            source = source._replace(params=jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), source.params))
+    partitioner = partitioner if partitioner is not None else current()
+    if partitioner is not None:
+        params = partitioner.shard_params(params, config)
+        if source is not None:
+            source = source._replace(params=partitioner.shard_params(source.params, source.config))
+    place = (lambda a: put_rows(a, partitioner)) if partitioner is not None else jnp.asarray
+    plan = _plan(sweep.terms)
+    names = _source_names(config, plan)
+    if names and source is None:
+        raise InterventionError("attribution: FROM_SOURCE values need a `source`")
+    star = method == "atp*"
+    qk_terms = [i for i, t in enumerate(sweep.terms) if star and t.stack == "encoder" and t.local == "hook_out"]
+    if qk_terms and target_mask is not None:
+        raise InterventionError("atp*: the QK fix of encoder.hook_out patches is implemented for single-token docids "
+                                "only; use atp (or an exact sweep) for docid sequences")
+    layers = config.num_decoder_layers
+    variants = 1 + (layers if star else 0)  # the plain gradient, then one per dropped layer (GradDrop)
+    chunk = query_chunk or min(count, 32)
+    # a clean forward pass first only for the QK fix, which recomputes cross-attention patterns from it
+    cache_sites = ["decoder.*.cross_attn.hook_q", "decoder.*.cross_attn.hook_attn_scores",
+                   "decoder.*.cross_attn.hook_pattern", "decoder.*.cross_attn.hook_v",
+                   "encoder.hook_out"] if qk_terms else []
+    scores = np.zeros((variants, sweep.size, count), np.float32)
+    clean = np.zeros(count, np.float32)
+    foils_all = foil_ids if foil_ids is not None else np.zeros(count, np.int32)
+    source_ids = np.asarray(source.input_ids if source is not None and source.input_ids is not None else input_ids,
+                            np.int32)
+    source_mask = np.asarray(source.attention_mask if source is not None and source.attention_mask is not None
+                             else (attention_mask if source is None or source.input_ids is None
+                                   else np.ones_like(source_ids)), np.int32)
+    mask_all = target_mask if target_mask is not None else np.zeros(count, np.int32)
+    steps = list(batches((input_ids, attention_mask, target_ids, foils_all, source_ids, source_mask, mask_all), chunk))
+    for batch in tqdm(steps, desc=f"attribution ({method})", unit="chunk", disable=not progress):
+        ids, mask, targets, foils, s_ids, s_mask, tmask = batch.arrays
+        tmask = tmask if target_mask is not None else None
+        start = np.asarray(_decoder_inputs(config, ids, targets, tmask))
+        cache = {}
+        if cache_sites:
+            _, cache = forward_with_cache(config, params, place(ids), place(mask), place(start),
+                                          cache_sites=cache_sites, partitioner=partitioner)
+        source_values = {}
+        if names:
+            _, source_cache = forward_with_cache(source.config, source.params, place(s_ids), place(s_mask),
+                                                 place(start), cache_sites=names, partitioner=partitioner)
+            for term in plan:
+                if term.from_source:
+                    if term.layer_site:
+                        source_values[(term.stack, term.local)] = jnp.stack(
+                            [source_cache[f"{term.stack}.{l}.{term.local}"] for l in range(num_layers(config, term.stack))])
+                    else:
+                        source_values[(term.stack, term.local)] = source_cache[Site(term.stack, term.local, None).name]
+        values = tuple(source_values[(t.stack, t.local)] if isinstance(t.value, FromSource) else jnp.asarray(t.value)
+                       for t in sweep.terms)
+        zero_masks = tuple(jnp.zeros(_full_shape(config, t, chunk, length, decoder_length), jnp.float32)
+                           for t in sweep.terms)
+
+        def stacked(local):
+            return jnp.stack([cache[f"decoder.{l}.{local}"] for l in range(layers)])
+
+        zero_probes = {local: jnp.zeros(stacked(local).shape, jnp.float32)
+                       for local in ("cross_attn.hook_pattern", "cross_attn.hook_v")} if qk_terms else {}
+        clean_metric, (term_grads, probe_grads) = _gradients(
+            params, place(ids), place(mask), place(targets), place(foils) if foil_ids is not None else None, values,
+            zero_masks, zero_probes, None if tmask is None else place(tmask), config=config, plan=plan,
+            metric=metric, drop=star, partitioner=partitioner, dtype=dtype)
+        rows = batch.rows
+        clean[rows] = np.asarray(clean_metric)[: batch.size]
+        if qk_terms:
+            qk_cache = {"q": stacked("cross_attn.hook_q"), "scores": stacked("cross_attn.hook_attn_scores")}
+        for i, term in enumerate(sweep.terms):
+            if i in qk_terms:
+                estimate = _encoder_qk_scores(
+                    config, params, term, qk_cache, np.asarray(cache["encoder.hook_out"]), np.asarray(values[i]),
+                    mask, np.asarray(probe_grads["cross_attn.hook_pattern"])[:, :, :, :, 0],
+                    np.asarray(probe_grads["cross_attn.hook_v"]))
+            else:
+                estimate = _term_scores(config, term, np.asarray(term_grads[i]))
+            scores[:, :, rows] += estimate[:, :, : batch.size]
+    signed = scores[0]
+    magnitudes = None
+    if star:
+        dropped = scores[1:].mean(axis=2)  # [L, K]: the query-averaged estimate with each layer dropped
+        magnitudes = np.abs(dropped).sum(axis=0) / max(1, layers - 1)
+    return AttributionResult(sweep=sweep, method=method, metric=metric, scores=signed.mean(axis=1),
+                             magnitudes=magnitudes, per_query=signed if per_query else None, clean=clean)
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.size < 2:
+        raise ValueError("spearman: need at least two values")
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
+    return float((ra * rb).sum() / denominator) if denominator else 0.0
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), np.float64)
+    ranks[order] = np.arange(len(values))
+    for value in np.unique(values):
+        tied = values == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def top_overlap(reference: np.ndarray, estimate: np.ndarray, k: int) -> float:
+    """Share of the reference's top-k (by value) that the estimate also puts in its top-k."""
+    k = min(k, len(reference))
+    top_ref = set(np.argsort(-np.asarray(reference), kind="stable")[:k].tolist())
+    top_est = set(np.argsort(-np.asarray(estimate), kind="stable")[:k].tolist())
+    return len(top_ref & top_est) / k

@@ -1,0 +1,1 @@
+"""The paper's pipeline: the reproduce steps and the report."""

@@ -1,0 +1,356 @@
+"""`genir-jax reproduce`: the paper end to end on one dataset and preset, resumable, ending in a report.
+
+Pipeline (each step is a `genir-jax` subcommand writing its own directory under OUT):
+
+    prepare          data/                   prepare-data (tiny: the first TINY_MAX_DOCUMENTS documents)
+    pretrain         models/base/            pretrain: span corruption -> the "base T5" (skipped with --base:
+                                             a pretrained T5 given by the user is the base instead)
+    train-full       models/full/            train: the DSI model on every document
+    evaluate-full    eval/full-{val,test}/   evaluate: metrics, run files, correct_valid.json
+    bm25             eval/bm25-test/         bm25 on the same test queries (context for Table 1)
+    patch-stages     analysis/patch-stages/  Table 3 (zero, mean, T5)
+    circuit          analysis/circuit/       Table 4 (test queries)
+    residual-rank    analysis/residual-rank/ Fig. 3 and Fig. 4
+    neuron-reading   analysis/neuron-reading/ Fig. 5 (MLP neurons)
+    crattn-reading   analysis/crattn-reading/ Fig. 5 (cross-attention heads)
+    crattn-writes    analysis/crattn-writes/  Table 5
+    head-tokens      analysis/head-tokens/    Table 6
+    stage-robustness analysis/stage-robustness/ stage checks beyond the paper
+    steps-logit-lens analysis/steps-logit-lens/ Fig. 3 / Fig. 4 per decoding step (naive / semantic docids only)
+    choose-removed   removed_documents.json  4 x 10 documents to leave out (correct validation queries first)
+    train-removed-K  models/removed-K/       train --remove: one model per document set, K = 0..3
+    swap-encoder     analysis/swap-encoder/  Table 2 (+ the base T5's encoder)
+    report           report.md, figures/      every table and figure, beside the paper's numbers
+
+``--docids naive|semantic`` trains every model on that scheme and runs only the experiments that handle
+multi-token docids (each experiment says which schemes it handles; the removed-document models are trained
+only when an experiment left needs them). ``--paper-regime`` prepares and trains in the paper's data regime.
+
+A finished step leaves ``.steps/<step>.json``; re-running skips it (the report is always rewritten).
+``--force STEP`` redoes that step (steps after it are not redone unless forced too). Analyses need correct
+validation queries; when the full model has none, they are skipped and the report says so. A failing analysis
+does not stop the pipeline (the training steps after it still run); the run then ends with an error naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import time
+from typing import Callable
+
+import numpy as np
+
+from genir_jax.base.errors import GenIRError
+from genir_jax.base.io import write_json
+
+DATASETS = ("squad-dev", "nq-oracle")
+REMOVED_MODELS = 4
+REMOVED_DOCUMENTS = 10
+# Documents kept by the tiny preset, per dataset, so that enough queries remain: squad-dev has about five
+# questions per paragraph (64 paragraphs: ~300 queries), nq-oracle about one per passage (the first 64
+# passages left 4 validation queries; the first 768 leave 57, squad-dev's first 64 paragraphs 86).
+TINY_MAX_DOCUMENTS = {"squad-dev": 64, "nq-oracle": 768}
+FEW_QUERIES = 30  # below this many correct validation queries the report warns that statistics are anecdotal
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where every step of a reproduction writes (all under `root`)."""
+
+    root: pathlib.Path
+
+    data = property(lambda self: self.root / "data")
+    base = property(lambda self: self.root / "models" / "base")
+    full = property(lambda self: self.root / "models" / "full")
+    eval_val = property(lambda self: self.root / "eval" / "full-val")
+    eval_test = property(lambda self: self.root / "eval" / "full-test")
+    bm25_test = property(lambda self: self.root / "eval" / "bm25-test")
+    removed_documents = property(lambda self: self.root / "removed_documents.json")
+    missing_docs = property(lambda self: self.root / "analysis" / "missing_docs_for_model.json")
+    figures = property(lambda self: self.root / "figures")
+    report = property(lambda self: self.root / "report.md")
+    steps = property(lambda self: self.root / ".steps")
+
+    def removed(self, index: int) -> pathlib.Path:
+        return self.root / "models" / f"removed-{index}"
+
+    def analysis(self, name: str) -> pathlib.Path:
+        return self.root / "analysis" / name
+
+    @property
+    def correct_valid(self) -> pathlib.Path:
+        return self.eval_val / "correct_valid.json"
+
+    def queries(self, split: str) -> pathlib.Path:
+        return self.data / f"{split}_queries.json"
+
+    def qrels(self, split: str) -> pathlib.Path:
+        return self.data / f"{split}_qrels.json"
+
+
+@dataclasses.dataclass
+class Settings:
+    dataset: str
+    preset: str
+    data_dir: str | None = None
+    removed_models: int = REMOVED_MODELS
+    removed_documents: int = REMOVED_DOCUMENTS
+    progress: bool = True
+    base: str | None = None  # a pretrained T5 (directory, resolved) instead of the pretrain step's model
+    docids: str = "atomic"   # docid scheme of every DSI model: atomic | naive | semantic (prepare-data --docids)
+    paper_regime: bool = False  # the paper's data regime: NQ10k split, ratio 32, 32-token inputs
+
+    @property
+    def record(self) -> dict:
+        """What a reproduction directory is bound to (settings.json): another value needs another --out."""
+        return {"dataset": self.dataset, "preset": self.preset, "removed_models": self.removed_models,
+                "removed_documents": self.removed_documents, "base": self.base, "docids": self.docids,
+                "paper_regime": self.paper_regime}
+
+
+def base_model(layout: Layout, settings: Settings) -> pathlib.Path:
+    """The base T5 every step fine-tunes from and compares with: `--base`, else the pretrain step's."""
+    return pathlib.Path(settings.base) if settings.base else layout.base
+
+
+def resolve_base(path_or_hub_id: str) -> str:
+    """`--base`: a T5 directory, or a hub id in the local Hugging Face cache (never downloaded), with its
+    tokenizer (the DSI models are trained with it)."""
+    from genir_jax.checkpoints.hf import resolve_checkpoint_dir
+
+    directory = resolve_checkpoint_dir(path_or_hub_id)
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise GenIRError(f"--base {path_or_hub_id}: {directory} has no config.json")
+    if not any(os.path.isfile(os.path.join(directory, name)) for name in ("tokenizer.json", "spiece.model")):
+        raise GenIRError(f"--base {path_or_hub_id}: {directory} has no tokenizer (tokenizer.json or spiece.model); "
+                         "save the model with its tokenizer")
+    return os.path.abspath(directory)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    name: str
+    run: Callable[[Layout, Settings], dict | None]
+    analysis: bool = False  # needs correct validation queries
+    always: bool = False    # cheap and depends on everything before it: never skipped
+
+
+def _cli(args: list[str]) -> None:
+    from genir_jax.cli.main import main
+
+    code = main([str(a) for a in args])
+    if code != 0:
+        raise GenIRError(f"step failed: genir-jax {' '.join(str(a) for a in args)} exited with code {code}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------------
+
+def _prepare(layout: Layout, settings: Settings):
+    args = ["prepare-data", "--dataset", settings.dataset, "-o", layout.data]
+    if settings.data_dir:
+        args += ["--data-dir", settings.data_dir]
+    if settings.preset == "tiny":
+        args += ["--max-documents", TINY_MAX_DOCUMENTS[settings.dataset]]
+    if settings.docids != "atomic":
+        args += ["--docids", settings.docids]
+    if settings.paper_regime:
+        args += ["--paper-regime"]
+    _cli(args)
+
+
+def _pretrain(layout: Layout, settings: Settings):
+    if settings.base:
+        return {"skipped_for_base": settings.base}
+    args = ["pretrain", "--data", layout.data, "--preset", settings.preset, "-o", layout.base, "--resume-if-any"]
+    if settings.data_dir:
+        args += ["--tokenizer", pathlib.Path(settings.data_dir) / "t5-tokenizer"]
+    _cli(args)
+
+
+def _train_args(layout: Layout, settings: Settings, output: pathlib.Path) -> list:
+    """`genir-jax train` for one DSI model of the run (the docid scheme comes from the prepared data)."""
+    args = ["train", "--data", layout.data, "--base", base_model(layout, settings), "--preset", settings.preset, "-o",
+            output, "--resume-if-any"]
+    return args + (["--paper-regime"] if settings.paper_regime else [])
+
+
+def _train_full(layout: Layout, settings: Settings):
+    _cli(_train_args(layout, settings, layout.full))
+
+
+def _evaluate_full(layout: Layout, settings: Settings):
+    _cli(["evaluate", "--checkpoint", layout.full, "--prepared", layout.data, "--split", "val", "-o",
+          layout.eval_val])
+    _cli(["evaluate", "--checkpoint", layout.full, "--prepared", layout.data, "--split", "test", "-o",
+          layout.eval_test])
+    correct = json.loads(layout.correct_valid.read_text())
+    return {"correct_validation_queries": len(correct)}
+
+
+def _bm25(layout: Layout, settings: Settings):
+    _cli(["bm25", "--prepared", layout.data, "--split", "test", "-o", layout.bm25_test])
+
+
+def choose_removed_documents(correct: list, val_queries: list, count: int, per_model: int, seed: int = 0
+                             ) -> list[list[str]]:
+    """`count` disjoint sets of `per_model` document ids: documents of correct validation queries first (their
+    queries measure the encoder swap), then other validation documents if there are too few; seeded."""
+    from genir_jax.docids.tokens import doc_id_of_token
+
+    rng = np.random.default_rng(seed)
+    preferred = sorted({doc_id_of_token(token) for token, _ in correct})
+    others = sorted({d for q in val_queries for d in q["relevant_docs"]} - set(preferred))
+    pool = [preferred[i] for i in rng.permutation(len(preferred))] + [others[i] for i in rng.permutation(len(others))]
+    if len(pool) < count * per_model:
+        per_model = max(1, len(pool) // count)
+    return [pool[k * per_model:(k + 1) * per_model] for k in range(count)]
+
+
+def _choose_removed(layout: Layout, settings: Settings):
+    correct = json.loads(layout.correct_valid.read_text())
+    val = json.loads(layout.queries("val").read_text())
+    sets = choose_removed_documents(correct, val, settings.removed_models, settings.removed_documents)
+    if not all(sets):
+        raise GenIRError(f"{layout.queries('val')}: too few validation documents to remove {settings.removed_models} "
+                         "sets")
+    write_json(layout.removed_documents, {f"removed-{k}": docs for k, docs in enumerate(sets)}, indent=2)
+    write_json(layout.missing_docs, {str(layout.removed(k)): ", ".join(docs) for k, docs in enumerate(sets)},
+               indent=2)
+    correct_docs = {token for token, _ in correct}
+    from genir_jax.docids.tokens import docid_token
+    return {"sets": len(sets), "documents_per_set": len(sets[0]),
+            "with_correct_queries": [sum(docid_token(d) in correct_docs for d in docs) for docs in sets]}
+
+
+def _train_removed(index: int):
+    def run(layout: Layout, settings: Settings):
+        sets = json.loads(layout.removed_documents.read_text())
+        _cli(_train_args(layout, settings, layout.removed(index)) + ["--remove", ",".join(sets[f"removed-{index}"])])
+    return run
+
+
+def _report(layout, settings):
+    from genir_jax.paper.report import write_report
+
+    write_report(layout, settings)
+
+
+def experiment_steps(experiment, after_removed_models: bool, docids: str = "atomic") -> list[Step]:
+    """The steps an experiment runs (its `runs`, bound to its configuration), if they belong to that phase and
+    the experiment handles the run's docid scheme."""
+    if experiment.after_removed_models != after_removed_models or not experiment.handles(docids):
+        return []
+    return [Step(name, functools.partial(_run_experiment, run, experiment.config), analysis=True)
+            for name, run in experiment.runs.items()]
+
+
+def _run_experiment(run, config, layout: Layout, settings: Settings):
+    return run(layout, settings, config)
+
+
+def steps(settings: Settings) -> list[Step]:
+    """The pipeline in order: data and training, every experiment's analyses (the `experiments` registry, in
+    its order), the models without some documents, the experiments that need them, the report. Experiments
+    that do not handle the run's docid scheme are left out, and so are the models without some documents when
+    no remaining experiment needs them."""
+    from experiments import registry
+
+    chosen = [experiment for experiment in registry() if experiment.handles(settings.docids)]
+
+    out = [
+        Step("prepare", _prepare),
+        Step("pretrain", _pretrain),
+        Step("train-full", _train_full),
+        Step("evaluate-full", _evaluate_full),
+        Step("bm25", _bm25),
+    ]
+    out += [step for experiment in chosen for step in experiment_steps(experiment, False, settings.docids)]
+    if any(experiment.after_removed_models for experiment in chosen):
+        out.append(Step("choose-removed", _choose_removed, analysis=True))
+        out += [Step(f"train-removed-{k}", _train_removed(k), analysis=True) for k in range(settings.removed_models)]
+    out += [step for experiment in chosen for step in experiment_steps(experiment, True, settings.docids)]
+    out.append(Step("report", _report, always=True))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+
+def step_record(layout: Layout, name: str) -> dict | None:
+    path = layout.steps / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def reproduce(out: str | os.PathLike, settings: Settings, force: tuple[str, ...] = (), log=print) -> Layout:
+    """Run every unfinished (or forced) step; returns the layout of `out`."""
+    if settings.dataset not in DATASETS:
+        raise GenIRError(f"unknown dataset {settings.dataset!r}; choose one of {', '.join(DATASETS)}")
+    layout = Layout(pathlib.Path(out))
+    pipeline = steps(settings)
+    known = {step.name for step in pipeline}
+    unknown = sorted(set(force) - known)
+    if unknown:
+        raise GenIRError(f"--force: unknown step(s) {unknown}; steps are: {', '.join(s.name for s in pipeline)}")
+    layout.root.mkdir(parents=True, exist_ok=True)
+    started = step_record(layout, "settings")
+    current = settings.record
+    defaults = {"docids": "atomic", "paper_regime": False}  # directories from before these settings existed
+    if started and {k: started.get(k, defaults.get(k)) for k in current} != current:
+        raise GenIRError(f"{layout.root} holds a reproduction with {started}; use another --out for {current}")
+    write_json(layout.steps / "settings.json", current, indent=2)
+    failed: list[str] = []
+    for index, step in enumerate(pipeline, start=1):
+        record = step_record(layout, step.name)
+        if record and step.name not in force and not step.always:
+            log(f"[{index}/{len(pipeline)}] {step.name}: done ({record.get('seconds', 0):.0f} s), skipped")
+            continue
+        if step.analysis and _no_correct_queries(layout):
+            write_json(layout.steps / f"{step.name}.json",
+                       {"skipped": "the full model ranks no validation query correctly", "seconds": 0}, indent=2)
+            log(f"[{index}/{len(pipeline)}] {step.name}: skipped (no correct validation queries)")
+            continue
+        log(f"[{index}/{len(pipeline)}] {step.name} ...")
+        start = time.time()
+        try:
+            details = step.run(layout, settings) or {}
+        except Exception as error:  # noqa: BLE001 - analyses only; everything else is re-raised
+            if not step.analysis or step.name.startswith(("choose-", "train-")):
+                raise
+            # One failed analysis must not cost the hours of training after it: note it, go on, fail at the end.
+            failed.append(step.name)
+            log(f"[{index}/{len(pipeline)}] {step.name}: FAILED ({error}); continuing")
+            continue
+        finally:
+            release_compiled_programs()
+        seconds = time.time() - start
+        write_json(layout.steps / f"{step.name}.json",
+                   {"seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **details}, indent=2)
+        log(f"[{index}/{len(pipeline)}] {step.name}: finished in {seconds:.0f} s")
+    if failed:
+        raise GenIRError(f"analysis step(s) failed: {', '.join(failed)}; fix the cause and re-run (finished steps "
+                         "are skipped)")
+    return layout
+
+
+def release_compiled_programs() -> None:
+    """Drop JAX's compiled programs between steps: no step reuses another's programs, and on the CPU every
+    compiled kernel holds about three memory mappings until its program is dropped, so a long pipeline in one
+    process would otherwise creep towards Linux's limit of 65,530 mappings (vm.max_map_count), where the
+    compiler's next mmap fails with a segmentation fault."""
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
+def _no_correct_queries(layout: Layout) -> bool:
+    return layout.correct_valid.is_file() and not json.loads(layout.correct_valid.read_text())

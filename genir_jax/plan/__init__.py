@@ -1,0 +1,1 @@
+"""Planning: compiled programs' cost, memory and time before running them."""

@@ -1,0 +1,95 @@
+"""Ctrl-C: SIGINT during a command's work exits 130 with one line, no traceback and no (partial) output;
+SIGINT during the commit of an output directory lets the commit finish, then interrupts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import genir_jax as gj
+from genir_jax.base import io
+
+QUERIES = ["who wrote the harry potter books", "what is the capital of france", "when did the war end",
+           "how many legs does a spider have", "where is the eiffel tower"]
+DOC_IDS = ["d1", "d2", "d3", "d4", "d5"]
+DIMS = dict(vocab_size=32128, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=3, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def dsi(tmp_path_factory, t5_tokenizer):
+    from tests.hf_fixtures import HFCheckpointFactory
+
+    root = tmp_path_factory.mktemp("interrupt")
+    directory, _ = HFCheckpointFactory(root)("base", tokenizer=t5_tokenizer, **DIMS)
+    gj.save_pretrained(root / "dsi", gj.add_docid_tokens(gj.load_pretrained(directory), DOC_IDS))
+    (root / "val.json").write_text(json.dumps([{"id": 100 + i, "query": q, "relevant_docs": [DOC_IDS[i]]}
+                                               for i, q in enumerate(QUERIES)]))
+    (root / "correct.json").write_text(json.dumps([[gj.docid_token(DOC_IDS[i]), 100 + i] for i in range(5)]))
+    return root
+
+
+def test_sigint_during_work_exits_130_without_traceback_or_output(dsi, tmp_path):
+    """The console command (`python -m genir_jax.cli.main`, argv from sys.argv) is interrupted once its progress
+    bar shows that it is computing."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "genir_jax.cli.main", "patch-stages", "-c", str(dsi / "dsi"), "--val-queries",
+               str(dsi / "val.json"), "--correct-valid", str(dsi / "correct.json"), "-o", str(out),
+               "--stages", "thirds", "--allow-incorrect"]
+    env = dict(os.environ, GENIR_JAX_CACHE="off", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    seen = b""
+    deadline = time.monotonic() + 120
+    while b"|" not in seen and time.monotonic() < deadline:  # tqdm's bar: the work has started
+        chunk = os.read(process.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    assert b"|" in seen, seen.decode(errors="replace")
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    stderr = (seen + stderr).decode(errors="replace")
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "genir-jax patch-stages: interrupted" in stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no staging directory left
+
+
+def test_sigint_during_a_commit_finishes_it_then_interrupts(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real_replace = os.replace
+    calls = []
+
+    def replace_and_interrupt(src, dst):
+        calls.append(dst)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives between the first and the second file
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", replace_and_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with io.atomic_directory(out) as staging:
+            for name in ("a.json", "b.json", "c.json"):
+                with open(os.path.join(staging, name), "w") as handle:
+                    handle.write("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "b.json", "c.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_sigint_in_process_returns_130(dsi, tmp_path, monkeypatch, capsys):
+    """`genir_jax.cli.main.main([...])` returns 130 (no os._exit when called with an argument list)."""
+    from genir_jax.analysis import stage_patching
+    from genir_jax.cli.main import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage_patching, "run_stage_patching", interrupted)
+    assert main(["patch-stages", "-c", str(dsi / "dsi"), "--val-queries", str(dsi / "val.json"), "--correct-valid",
+                 str(dsi / "correct.json"), "-o", str(tmp_path / "out"), "--stages", "thirds", "--no-progress"]) == 130
+    assert "interrupted" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -1,0 +1,197 @@
+"""Attribution patching (AtP, AtP*) checked against numbers computed other ways: an exactly linear site,
+finite differences, exact sweeps under small perturbations, and GradDrop's identity for last-layer units."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import genir_jax as gj
+from genir_jax.interp import interventions as ivs
+from genir_jax.interp import sweep as sw
+from genir_jax.interp.attribution import attribute, spearman, top_overlap
+from genir_jax.core.model import forward_with_cache
+from genir_jax.interp.patching import FROM_SOURCE, Source, run_sweep
+from tests.hf_fixtures import padded_batch
+
+CONFIG = gj.t5_v1_0(vocab_size=160, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=4,
+                           num_heads=4, dropout_rate=0.0)
+START = np.zeros((6, 1), np.int32)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params = gj.init_params(CONFIG, 1)
+    ids, mask, _ = padded_batch(CONFIG.vocab_size, [7, 3, 11, 5, 9, 4], seed=2)
+    logits = np.asarray(gj.forward(CONFIG, params, ids, mask, START))[:, 0]
+    return params, ids, mask, logits.argmax(-1).astype(np.int32)
+
+
+def _perturbed(params, scale, seed=5):
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_unflatten(tree, [np.asarray(x) + scale * rng.standard_normal(np.shape(x)).astype(np.float32)
+                                               for x in leaves])
+
+
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
+def test_atp_is_exact_for_a_linear_site(setup):
+    """The target logit is linear in the decoder output after its final norm: zeroing it removes the logit."""
+    params, ids, mask, targets = setup
+    grid = sw.site_grid(CONFIG, "decoder.hook_out")
+    result = attribute(CONFIG, params, ids, mask, targets, grid, metric="logit", progress=False, per_query=True)
+    np.testing.assert_allclose(result.per_query[0], -result.clean, rtol=1e-4, atol=1e-5)
+    exact = run_sweep(CONFIG, params, ids, mask, targets, grid, metrics=("logit",), progress=False)
+    np.testing.assert_allclose(result.scores, exact.aggregates["logit_effect"], rtol=1e-4, atol=1e-5)
+
+
+def test_atp_of_a_neuron_equals_minus_activation_times_finite_difference_gradient(setup):
+    params, ids, mask, targets = setup
+    units = [3, 17, 40]
+    grid = sw.site_grid(CONFIG, "decoder.1.mlp.hook_post", unit="neuron", units=units)
+    result = attribute(CONFIG, params, ids, mask, targets, grid, metric="logprob", progress=False, per_query=True)
+    _, cache = forward_with_cache(CONFIG, params, ids, mask, START, cache_sites=["decoder.1.mlp.hook_post"])
+    activation = np.asarray(cache["decoder.1.mlp.hook_post"])[:, 0]  # [B, F]
+    eps = 1e-2
+
+    def logprob_with_offset(neuron, offset):
+        value = np.array(activation)
+        value[:, neuron] += offset
+        iv = ivs.replacement(CONFIG, {"decoder.1.mlp.hook_post": value[:, None]})
+        logits = np.asarray(gj.forward(CONFIG, params, ids, mask, START, interventions=iv), np.float64)[:, 0]
+        return logits[np.arange(6), targets] - np.log(np.exp(logits).sum(-1))
+
+    for k, neuron in enumerate(units):
+        gradient = (logprob_with_offset(neuron, eps) - logprob_with_offset(neuron, -eps)) / (2 * eps)
+        np.testing.assert_allclose(result.per_query[k], -activation[:, neuron] * gradient, rtol=2e-2, atol=2e-4)
+
+
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
+@pytest.mark.parametrize("method", ["atp", "atp*"])
+def test_attribution_approaches_exact_for_small_patches(setup, method):
+    """Values from a slightly perturbed model: first-order estimates must match the exact sweep closely,
+    including the QK-fixed encoder positions of atp*."""
+    params, ids, mask, targets = setup
+    source = Source(CONFIG, _perturbed(params, 3e-3))
+    grid = sw.concat(
+        sw.site_grid(CONFIG, "decoder.*.cross_attn.hook_z", unit="head", value=FROM_SOURCE),
+        sw.component_grid(CONFIG, value=FROM_SOURCE),
+        sw.site_grid(CONFIG, "encoder.hook_out", unit="position", length=ids.shape[1], value=FROM_SOURCE),
+    )
+    exact = run_sweep(CONFIG, params, ids, mask, targets, grid, source=source, metrics=("logit",),
+                      per_query=False, progress=False).aggregates["logit_effect"]
+    result = attribute(CONFIG, params, ids, mask, targets, grid, method=method, metric="logit", source=source,
+                       progress=False)
+    scale = np.abs(exact).max()
+    assert scale > 1e-3
+    np.testing.assert_allclose(result.scores, exact, atol=0.05 * scale)
+    assert spearman(exact, result.scores) > 0.95
+
+
+def test_atp_star_graddrop_is_the_plain_estimate_for_last_layer_units(setup):
+    """A unit of the last decoder layer reaches the logits through no later layer: dropping any other layer
+    leaves its estimate unchanged and dropping its own zeroes it, so the GradDrop mean is |AtP|."""
+    params, ids, mask, targets = setup
+    grid = sw.site_grid(CONFIG, "decoder.3.mlp.hook_post", unit="neuron", units=range(12))
+    star = attribute(CONFIG, params, ids, mask, targets, grid, method="atp*", metric="logit", progress=False)
+    plain = attribute(CONFIG, params, ids, mask, targets, grid, method="atp", metric="logit", progress=False)
+    np.testing.assert_allclose(star.scores, plain.scores, atol=1e-6)
+    np.testing.assert_allclose(star.magnitudes, np.abs(plain.scores), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(star.ranking, star.magnitudes)
+
+
+def test_atp_star_graddrop_equals_its_definition(setup):
+    """GradDrop against its definition, computed with `jax.grad` through `gj.forward`: variant l is the AtP
+    estimate with decoder layer l's attention, cross-attention and MLP outputs replaced by their own clean
+    values (the forward pass unchanged, no gradient through them); the magnitude is
+    sum_l |mean over queries of variant l| / (L - 1). `attribute` gets it from one shared forward pass."""
+    params, ids, mask, targets = setup
+    layers, units = CONFIG.num_decoder_layers, range(8)
+    grid = sw.concat(*(sw.site_grid(CONFIG, f"decoder.{l}.mlp.hook_post", unit="neuron", units=units)
+                       for l in (0, 1)))
+    star = attribute(CONFIG, params, ids, mask, targets, grid, method="atp*", metric="logit", progress=False)
+    outputs = ("hook_attn_out", "hook_cross_attn_out", "hook_mlp_out")
+    _, cache = forward_with_cache(CONFIG, params, ids, mask, START, cache_sites=[
+        "decoder.*.mlp.hook_post"] + [f"decoder.*.{o}" for o in outputs])
+    rows = np.arange(len(targets))
+
+    def estimates(blocked):  # [2 layers x 8 units, queries]: gradient x (0 - activation) at each neuron
+        def total_logit(delta, layer):  # the neurons of one layer shifted by delta (its values + delta)
+            site = f"decoder.{layer}.mlp.hook_post"
+            shifted = ivs.replacement(CONFIG, {site: cache[site] + delta})
+            frozen = ivs.replacement(CONFIG, {f"decoder.{blocked}.{o}": cache[f"decoder.{blocked}.{o}"]
+                                              for o in outputs}) if blocked is not None else {}
+            logits = gj.forward(CONFIG, params, ids, mask, START, interventions=ivs.combine(shifted, frozen))
+            return logits[rows, 0, targets].sum()
+
+        per_layer = []
+        for layer in (0, 1):
+            activation = np.asarray(cache[f"decoder.{layer}.mlp.hook_post"])
+            gradient = np.asarray(jax.grad(total_logit)(np.zeros_like(activation), layer))
+            per_layer.append((-activation * gradient)[:, 0, :8].T)
+        return np.concatenate(per_layer)
+
+    np.testing.assert_allclose(star.scores, estimates(None).mean(axis=1), rtol=1e-4, atol=1e-6)
+    magnitude = sum(np.abs(estimates(l).mean(axis=1)) for l in range(layers)) / (layers - 1)
+    np.testing.assert_allclose(star.magnitudes, magnitude, rtol=1e-4, atol=1e-6)
+    assert np.abs(magnitude - np.abs(star.scores)).max() > 1e-3  # dropping layers changes the estimate here
+
+
+def test_attribution_errors(setup):
+    params, ids, mask, targets = setup
+    grid = sw.component_grid(CONFIG, layers=[0])
+    with pytest.raises(ivs.InterventionError, match="not differentiable"):
+        attribute(CONFIG, params, ids, mask, targets, grid, metric="rank", progress=False)
+    with pytest.raises(ivs.InterventionError, match="not one of"):
+        attribute(CONFIG, params, ids, mask, targets, grid, method="ig", progress=False)
+    with pytest.raises(ivs.InterventionError, match="need a `source`"):
+        attribute(CONFIG, params, ids, mask, targets, sw.component_grid(CONFIG, value=FROM_SOURCE), progress=False)
+    with pytest.raises(ivs.InterventionError, match="foil"):
+        attribute(CONFIG, params, ids, mask, targets, grid, metric="logit_diff", foil_ids=targets, progress=False)
+
+
+def test_rank_statistics_helpers():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2], [1, 1, 2]) == pytest.approx(1.0)
+    assert top_overlap(np.array([5, 4, 3, 2, 1]), np.array([5, 1, 4, 2, 3]), 2) == 0.5
+
+
+SEQUENCES = [[5, 9, 1], [7, 1], [12, 3, 4, 1], [5, 1], [20, 21, 1], [33, 1]]
+
+
+@pytest.mark.parametrize("method", ["atp", "atp*"])
+def test_sequence_attribution_approaches_exact_for_small_patches(setup, method):
+    """Docid sequences (teacher-forced, every decoder position patched): the sequence log-probability's
+    first-order estimates match the exact sequence sweep for values from a slightly perturbed model, and the
+    QK fix of encoder.hook_out (single-step only) is refused."""
+    from genir_jax.docids.sequence_targets import pad_targets
+
+    params, ids, mask, _ = setup
+    targets, tmask = pad_targets(SEQUENCES)
+    source = Source(CONFIG, _perturbed(params, 3e-3))
+    grid = sw.concat(sw.site_grid(CONFIG, "decoder.*.cross_attn.hook_z", unit="head", value=FROM_SOURCE),
+                     sw.component_grid(CONFIG, value=FROM_SOURCE),
+                     sw.site_grid(CONFIG, "decoder.2.hook_resid_post", unit="position", length=targets.shape[1],
+                                  value=FROM_SOURCE))
+    exact = run_sweep(CONFIG, params, ids, mask, targets, grid, target_mask=tmask, source=source,
+                      metrics=("logprob",), per_query=False, progress=False).aggregates["logprob_effect"]
+    result = attribute(CONFIG, params, ids, mask, targets, grid, method=method, metric="logprob", source=source,
+                       target_mask=tmask, progress=False, per_query=True)
+    scale = np.abs(exact).max()
+    assert scale > 1e-3
+    np.testing.assert_allclose(result.scores, exact, atol=0.05 * scale)
+    assert spearman(exact, result.scores) > 0.95
+    from genir_jax.docids.sequence_targets import sequence_log_prob, teacher_forced_logits
+
+    clean = sequence_log_prob(teacher_forced_logits(CONFIG, params, ids, mask, targets), targets, tmask)
+    np.testing.assert_allclose(result.clean, np.asarray(clean), atol=1e-4)
+    encoder = sw.site_grid(CONFIG, "encoder.hook_out", unit="position", length=ids.shape[1], value=FROM_SOURCE)
+    if method == "atp*":
+        with pytest.raises(ivs.InterventionError, match="QK fix .* single-token docids only"):
+            attribute(CONFIG, params, ids, mask, targets, encoder, method=method, metric="logprob", source=source,
+                      target_mask=tmask, progress=False)
+    with pytest.raises(ivs.InterventionError, match="attribution: metric 'logit' is not defined for multi-token"):
+        attribute(CONFIG, params, ids, mask, targets, grid, method=method, metric="logit", source=source,
+                  target_mask=tmask, progress=False)

@@ -1,0 +1,388 @@
+"""The reproduction report's panels compare like with like (issue 12, item 4): each render is fed a small
+synthetic OUT layout whose per-query values we choose, and the numbers it prints must be the paper's statistic
+of those values (a plain numpy computation), under labels that name the statistic and the stage."""
+
+import json
+
+import numpy as np
+import pytest
+
+from genir_jax.paper import reproduce as rp
+from genir_jax.core.config import T5Config
+from tests.analysis.test_analysis_crattn_writes import dsi  # noqa: F401  (the fixture: a small trained DSI model)
+
+LAYERS = 6  # equal thirds: I = 0-1, II = 2-3, III = 4-5
+
+
+def _layout(tmp_path, layers: int = LAYERS) -> rp.Layout:
+    layout = rp.Layout(tmp_path)
+    layout.full.mkdir(parents=True)
+    T5Config(vocab_size=64, d_model=8, d_kv=4, d_ff=16, num_layers=2, num_decoder_layers=layers,
+             num_heads=2).to_json_file(layout.full / "config.json")
+    return layout
+
+
+def _table(markdown: str, first_header: str) -> tuple[list[str], list[list[str]]]:
+    """The markdown table whose first header cell is `first_header`: (headers, rows of cells)."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    headers = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return headers, rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Fig. 4: means over queries (median for the non-docid tokens, per query)
+# --------------------------------------------------------------------------------------------------
+
+def test_figure4_prints_the_papers_means_over_queries(tmp_path):
+    from experiments import figure4_rank_development as fig4
+    from genir_jax.analysis.residual import LENS_SITES, ResidualRankResult, write_residual_rank
+
+    layout = _layout(tmp_path)
+    rng = np.random.default_rng(0)
+    queries, vocab, docids = 5, 64, 16
+    # Skewed per-query ranks: one outlier query makes mean and median differ clearly.
+    lens = rng.integers(0, 5, size=(queries, LAYERS, len(LENS_SITES)))
+    lens[0] += 40
+    docid_sum = rng.integers(docids * (docids - 1) // 2, docids * 40, size=(queries, LAYERS))
+    docid_sum[1] += 300
+    non_docid_median = rng.integers(10, 30, size=(queries, LAYERS))
+    non_docid_median[2] += 25
+    stats = {name: rng.integers(0, vocab, size=(queries, LAYERS)) for name in
+             ("docid_min", "docid_max", "non_docid_min", "non_docid_max")}
+    stats.update(non_docid_median=non_docid_median, docid_sum=docid_sum)
+    result = ResidualRankResult(query_ids=[f"q{i}" for i in range(queries)],
+                                contributions=rng.random((queries, LAYERS, 3, 5), dtype=np.float32),
+                                lens_ranks=lens, vocab_stats=stats, docid_count=docids, vocab_size=vocab,
+                                sum_ranks=rng.integers(0, 200, size=(queries, 2)),
+                                final_ranks=np.zeros(queries, np.int64))
+    write_residual_rank(layout.analysis("residual-rank"), result)
+    section = fig4.render(layout)
+    headers, rows = _table(section.markdown, "layer")
+    sites = [site for site, _ in LENS_SITES]
+    expected = {
+        "relevant docid (resid_post), mean": lens[:, :, sites.index("resid_post")].mean(axis=0),
+        "relevant docid (cross-attn out), mean": lens[:, :, sites.index("cross_attn_out")].mean(axis=0),
+        "relevant docid (MLP out), mean": lens[:, :, sites.index("mlp_out")].mean(axis=0),
+        "mean docid rank, mean": (docid_sum / docids).mean(axis=0),
+        "median non-docid rank, mean": non_docid_median.mean(axis=0),
+    }
+    assert len(rows) == LAYERS
+    for column, values in expected.items():
+        index = headers.index(column)
+        assert [float(row[index]) for row in rows] == pytest.approx(np.round(values, 1), abs=0.051), column
+    # Not the other statistic (the median over queries of the relevant rank differs here).
+    median = np.median(lens[:, :, sites.index("resid_post")], axis=0)
+    assert not np.allclose(median, expected["relevant docid (resid_post), mean"])
+    assert [row[1] for row in rows] == ["I", "I", "II", "II", "III", "III"]
+    assert "MEAN of these per-query values" in section.markdown and "median rank of the non-docid" in section.markdown
+    assert "Ranks count from 0" in section.markdown
+    assert section.figures and section.figures[0].read_bytes()[:4] == b"\x89PNG"
+
+
+# --------------------------------------------------------------------------------------------------
+# Thresholds: 0-based ranks, labels counted from 1 (Table 3, stage robustness)
+# --------------------------------------------------------------------------------------------------
+
+THRESHOLDS = (("!=0", 0), (">5", 5), (">10", 10), (">100", 100))
+
+
+def _stage_patching_csv(layout, ranks: dict) -> None:
+    """patching_results_single_combis.csv as the analysis writes it, from per-query ranks per (mode, component,
+    stage)."""
+    directory = layout.analysis("patch-stages")
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = [",component,stage,mode," + ",".join(label for label, _ in THRESHOLDS)]
+    for index, ((mode, component, stage), values) in enumerate(ranks.items()):
+        fractions = [repr(float(np.mean(np.asarray(values) > t))) for _, t in THRESHOLDS]
+        lines.append(",".join([str(index), component, str(stage), mode, *fractions]))
+    (directory / "patching_results_single_combis.csv").write_text("\n".join(lines) + "\n")
+    (directory / "stages.json").write_text(json.dumps({"method": "thirds", "stages": [[0, 1], [2, 3], [4, 5]]}))
+
+
+def test_table3_labels_count_from_1_and_shows_the_self_attention_rows(tmp_path):
+    from experiments import table3_stage_patching as table3
+
+    layout = _layout(tmp_path)
+    rng = np.random.default_rng(1)
+    ranks = {(mode, component, stage): rng.choice([0, 0, 3, 5, 6, 10, 11, 100, 101, 500], size=20)
+             for mode in ("zero", "mean") for component in ("mlp", "cross_attn", "attn") for stage in range(3)}
+    _stage_patching_csv(layout, ranks)
+    text = table3.render(layout).markdown
+    headers, rows = _table(text, "mode")
+    assert headers[2:] == [f"stage {n}: % not at rank 1, ours (paper)" for n in ("I", "II", "III")]
+    by_row = {(row[0], row[1]): row[2:] for row in rows}
+    for (mode, component), paper in (((m, c), table3.PAPER.get((m, c))) for m in ("zero", "mean")
+                                     for c in ("mlp", "cross_attn", "attn")):
+        for stage in range(3):
+            ours = 100 * np.mean(ranks[(mode, component, stage)] != 0)
+            expected = f"{ours:.2f}" + (f" ({paper[stage]:.2f})" if paper else " (no paper value)")
+            assert by_row[(mode, component)][stage] == expected
+    assert by_row[("zero", "attn")][0].endswith("(1.52)")  # the paper's self-attention row
+    assert "not in the top 6, 11 and 101" in text and "Ranks count from 0" in text
+    headers, rows = _table(text.split("Deeper drops")[1], "mode")
+    assert headers[3:] == ["% not in top 6 (rank > 5)", "% not in top 11 (rank > 10)",
+                           "% not in top 101 (rank > 100)"]
+    stage_index = {"I": 0, "II": 1, "III": 2}
+    for row in rows:
+        values = np.asarray(ranks[(row[0], row[1], stage_index[row[2]])])
+        # counted from 1: "not in top k" is a 1-based rank above k
+        expected = [100 * np.mean(values + 1 > k) for k in (6, 11, 101)]
+        assert [float(cell) for cell in row[3:]] == pytest.approx(expected, abs=0.006)
+    assert ">5" not in text.replace("`>5`", "") and "beyond rank" not in text
+
+
+def test_stage_robustness_labels_count_from_1(tmp_path):
+    from experiments import stage_robustness
+    from genir_jax.analysis.stage_robustness import StageRobustnessResult, write_stage_robustness
+
+    layout = _layout(tmp_path)
+    values = np.asarray([0, 0, 5, 6, 10, 11, 100, 101, 7, 0])
+    row = {"kind": "all_layers", "component": "mlp", "mode": "zero",
+           **{label: float(np.mean(values > t)) for label, t in THRESHOLDS}, "mean_rank": float(values.mean())}
+    result = StageRobustnessResult(rows=[row], ranks=values[None], partitions={"thirds": [[0, 1], [2, 3], [4, 5]]})
+    directory = layout.analysis("stage-robustness")
+    directory.mkdir(parents=True)
+    write_stage_robustness(directory, result, partition_records={"thirds": {"method": "thirds"}}, queries=10)
+    text = stage_robustness.EXPERIMENT.render(layout).markdown
+    headers, rows = _table(text, "component (every layer)")
+    assert headers[2:] == ["not at rank 1 (rank > 0)", "not in top 6 (rank > 5)", "not in top 11 (rank > 10)",
+                           "not in top 101 (rank > 100)", "mean rank (0-based)"]
+    expected = [np.mean(values + 1 > k) for k in (1, 6, 11, 101)] + [values.mean()]
+    assert [float(cell) for cell in rows[0][2:]] == pytest.approx(expected, abs=0.051)
+    assert "Ranks count from 0" in text and "beyond the top 5" not in text
+
+
+# --------------------------------------------------------------------------------------------------
+# Table 5: the paper's row is stage II only
+# --------------------------------------------------------------------------------------------------
+
+def test_table5_sets_the_paper_beside_stage_ii_only(tmp_path):
+    from experiments import table5_crattn_docid_share as table5
+    from genir_jax.analysis.cross_attention_writes import DocidShareResult, write_docid_shares
+
+    layout = _layout(tmp_path)
+    stages = [[0, 1], [2, 3], [4, 5]]
+    layers = [2, 3, 4, 5]
+    cutoffs = (10, 100, 1000)
+    rng = np.random.default_rng(2)
+    counts = np.stack([rng.integers(0, k // 2, size=(7, len(layers))) for k in cutoffs], axis=-1)
+    directory = layout.analysis("crattn-writes")
+    directory.mkdir(parents=True)
+    write_docid_shares(directory, DocidShareResult(counts, layers, stages, cutoffs))
+    text = table5.render(layout).markdown
+    headers, rows = _table(text, "")
+    assert headers[1:] == [f"% docids in top {k} (mean over queries and layers)" for k in cutoffs]
+    labels = [row[0] for row in rows]
+    assert labels == ["stage II (layers 2-3), ours", "stage II, paper (NQ10k)", "stage III (layers 4-5), ours",
+                      "stage III, paper"]
+    for row, columns in ((rows[0], [0, 1]), (rows[2], [2, 3])):
+        expected = [100 * np.mean(counts[:, columns, c] / k) for c, k in enumerate(cutoffs)]
+        assert [float(cell) for cell in row[1:]] == pytest.approx(expected, abs=0.006)
+    assert rows[1][1:] == ["0.00", "0.10", "2.30"]
+    assert rows[3][1:] == ["no paper value"] * 3
+
+
+# --------------------------------------------------------------------------------------------------
+# Table 6: stage-II heads, docid tokens shown, words beside them
+# --------------------------------------------------------------------------------------------------
+
+def test_table6_takes_stage_ii_heads():
+    from experiments.table6_crattn_head_tokens import middle_stage, spread_layers
+
+    paper = [list(range(0, 7)), list(range(7, 18)), list(range(18, 24))]
+    assert middle_stage(paper) == list(range(7, 18))
+    assert spread_layers(middle_stage(paper), 3) == [9, 12, 15]
+    assert middle_stage([[0, 1], [2, 3], [4, 5]]) == [2, 3] and spread_layers([2, 3], 3) == [2, 3]
+
+
+def test_table6_shows_docids_and_words_with_their_stage(tmp_path):
+    from experiments import table6_crattn_head_tokens as table6
+    from genir_jax.paper.report import record_settings
+
+    layout = _layout(tmp_path)
+    directory = layout.analysis("head-tokens")
+    directory.mkdir(parents=True)
+    entries = [{"query": "who wrote it", "layer": 2, "head": 0, "token_ids": [5, 6], "tokens": ["▁books", "▁book"],
+                "words": ["books", "book"], "logits": [3.0, 2.0], "top_token_ids": [40, 5],
+                "top_tokens": ["@DOC_ID_7@", "▁books"], "top_words": ["@DOC_ID_7@", "books"],
+                "top_logits": [4.0, 3.0], "top_is_docid": [True, False]}]
+    (directory / "crattn_head_tokens.json").write_text(json.dumps(entries))
+    record_settings(directory, "table6", table6.Config(), stages=[[0, 1], [2, 3], [4, 5]], head_stage=[2, 3],
+                    heads=["2.0"])
+    text = table6.render(layout).markdown
+    headers, rows = _table(text, "layer.head")
+    assert headers == ["layer.head", "stage", "top 2 tokens (docids included)", "top word tokens (docids left out)"]
+    assert rows == [["2.0", "II", "@DOC_ID_7@ (docid), books", "books, book"]]
+    assert "Heads of stage II (layers 2-3" in text
+
+
+def test_head_top_tokens_with_docids_equal_a_numpy_logit_lens(dsi):
+    from tests.analysis.test_analysis_crattn_writes import _docid_ids, _numpy_lens
+    import genir_jax as gj
+    from genir_jax.analysis import cross_attention_writes as cw
+
+    _, model = dsi
+    texts = ["who wrote the harry potter books", "when did the war end"]
+    heads = [(3, 1), (1, 0), (2, 1)]
+    plain = cw.head_top_tokens(model.config, model.params, model.tokenizer, texts, heads, top=5, progress=False)
+    entries = cw.head_top_tokens(model.config, model.params, model.tokenizer, texts, heads, top=5, with_docids=True,
+                                 progress=False)
+    docids = _docid_ids(model)
+    w_o = np.asarray(model.params["decoder"]["layers"]["cross_attn"]["out"], np.float64)
+    shown = 0
+    for entry, words_only in zip(entries, plain):
+        assert {k: entry[k] for k in words_only} == words_only  # the word tokens are unchanged
+        ids = np.asarray([model.tokenizer(entry["query"]).input_ids])
+        site = f"decoder.{entry['layer']}.cross_attn.hook_z"
+        _, cache = gj.forward_with_cache(model.config, model.params, ids, np.ones_like(ids), np.zeros((1, 1), np.int32),
+                                         cache_sites=[site])
+        z = np.asarray(cache[site], np.float64)[0, 0, entry["head"]]
+        logits = _numpy_lens(model, z @ w_o[entry["layer"], entry["head"]])
+        order = [int(t) for t in np.argsort(-logits, kind="stable")][:5]
+        assert entry["top_token_ids"] == order
+        np.testing.assert_allclose(entry["top_logits"], logits[order], rtol=1e-4, atol=1e-5)
+        assert entry["top_is_docid"] == [t in docids for t in order]
+        assert entry["top_tokens"] == model.tokenizer.convert_ids_to_tokens(order)
+        shown += any(entry["top_is_docid"])
+    assert shown > 0  # docids lead some heads, and are no longer dropped
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Table 2: the removed documents' MRR and Hits@1, labelled with their statistic
+# --------------------------------------------------------------------------------------------------
+
+def test_table2_prints_the_removed_documents_mrr_and_hits_at_1(tmp_path):
+    from experiments import table2_encoder_swap as table2
+    from genir_jax.analysis.encoder_swap import summarize
+    from genir_jax.analysis.inputs import CorrectQuery
+    from genir_jax.paper.report import record_settings
+
+    layout = _layout(tmp_path)
+    documents = [f"@DOC_ID_d{i}@" for i in range(8)]
+    queries = [CorrectQuery(f"q{i}", f"query {i}", documents[i % 8], 100 + i % 8) for i in range(12)]
+    ranks = np.asarray([0, 3, 0, 1, 9, 0, 2, 0, 0, 40, 0, 7])
+    removed = ["d1", "d2", "d3"]
+    layout.removed_documents.write_text(json.dumps({"removed-0": removed}))
+    directory = layout.analysis("swap-encoder")
+    directory.mkdir(parents=True)
+    results = {str(layout.removed(0)): summarize(ranks, queries, removed).as_reference_dict(),
+               "/models/base": summarize(ranks + 5, queries, []).as_reference_dict()}
+    (directory / "swapped_encoder.json").write_text(json.dumps(results))
+    record_settings(directory, "table2", table2.Config(), queries=len(queries))
+    text = table2.render(layout).markdown
+    headers, rows = _table(text, "encoder from")
+    assert headers == ["encoder from", "removed docs' correct queries", "MRR (removed docs: mean of 1/(rank+1))",
+                       "Hits@1 (removed docs: % at rank 1)", "mean rank (all correct queries, 0-based)",
+                       "median rank (all correct queries, 0-based)", "not at rank 1 (all correct queries), of 12"]
+    of_removed = np.asarray([r for r, q in zip(ranks, queries) if q.docid_token in {f"@DOC_ID_{d}@" for d in removed}])
+    ours = rows[0]
+    assert ours[0] == "removed-0, ours" and int(ours[1]) == of_removed.size == 6
+    assert float(ours[2]) == pytest.approx(np.mean(1 / (of_removed + 1)), abs=0.006)
+    assert float(ours[3]) == pytest.approx(100 * np.mean(of_removed == 0), abs=0.006)
+    assert float(ours[4]) == pytest.approx(ranks.mean(), abs=0.006)
+    assert float(ours[5]) == np.sort(ranks)[(len(ranks) - 1) // 2] and int(ours[6]) == np.sum(ranks != 0)
+    assert rows[1][0] == "base T5 (pretrained only), ours" and rows[1][2] == rows[1][3] == ""
+    assert rows[2][0] == "a model without the documents, paper (NQ10k)"
+    assert rows[2][2:4] == ["paper value not in PAPER.md"] * 2
+    assert rows[3][0] == "pretrained T5, paper (NQ10k)" and rows[3][4] == "21.66"
+
+
+# --------------------------------------------------------------------------------------------------
+# Fig. 3: per-stage ratio and cosine, and which residual the cosine is taken with
+# --------------------------------------------------------------------------------------------------
+
+def test_figure3_states_the_cosine_residual_and_prints_stage_means(tmp_path):
+    from experiments import figure3_residual_contributions as fig3
+    from genir_jax.analysis.residual import ResidualRankResult, write_residual_rank
+
+    layout = _layout(tmp_path)
+    rng = np.random.default_rng(3)
+    queries = 4
+    contributions = rng.random((queries, LAYERS, 3, 5), dtype=np.float32)
+    stats = {name: np.zeros((queries, LAYERS), np.int64) for name in
+             ("docid_min", "docid_max", "non_docid_min", "non_docid_max", "non_docid_median")}
+    stats["docid_sum"] = np.full((queries, LAYERS), 6, np.int64)
+    result = ResidualRankResult(query_ids=[f"q{i}" for i in range(queries)], contributions=contributions,
+                                lens_ranks=np.zeros((queries, LAYERS, 5), np.int64), vocab_stats=stats,
+                                docid_count=4, vocab_size=64, sum_ranks=np.zeros((queries, 2), np.int64),
+                                final_ranks=np.zeros(queries, np.int64))
+    write_residual_rank(layout.analysis("residual-rank"), result)
+    section = fig3.render(layout)
+    headers, rows = _table(section.markdown, "stage")
+    assert headers[2:] == [f"{func}: {label}" for func in ("ratio", "cosine")
+                           for label in ("self-attention", "cross-attention", "MLP")]
+    for row, layers in zip(rows, ([0, 1], [2, 3], [4, 5])):
+        expected = [contributions[:, layers, f, p].astype(np.float64).mean() for f in (0, 2) for p in range(3)]
+        assert [float(cell) for cell in row[2:]] == pytest.approx(expected, abs=0.006)
+    assert "computes it with the layer's OUTPUT residual, resid_post" in section.markdown
+    assert "We plot and tabulate the reference's: cosine(component, resid_post)" in section.markdown
+
+    # with stages chosen for the tables (patch-stages' stages.json, e.g. automatic ones), Fig. 3 uses the same
+    patch_stages = layout.analysis("patch-stages")
+    patch_stages.mkdir(parents=True)
+    (patch_stages / "stages.json").write_text(json.dumps({"method": "auto", "stages": [[0], [1, 2], [3, 4, 5]]}))
+    section = fig3.render(layout)
+    _, rows = _table(section.markdown, "stage")
+    assert [row[1] for row in rows] == ["0-0", "1-2", "3-5"]
+    for row, layers in zip(rows, ([0], [1, 2], [3, 4, 5])):
+        expected = [contributions[:, layers, f, p].astype(np.float64).mean() for f in (0, 2) for p in range(3)]
+        assert [float(cell) for cell in row[2:]] == pytest.approx(expected, abs=0.006)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fig. 5: one (stacked) bar and one table row per reader layer
+# --------------------------------------------------------------------------------------------------
+
+def _reading_summary(analysis: str, stages, per_layer: dict) -> dict:
+    mean = {"embedding": float(np.mean([v["embedding"] for v in per_layer.values()]))}
+    for kind in ("attn", "cross_attn", "mlp"):
+        mean[kind] = np.mean([v[kind] for v in per_layer.values()], axis=0).tolist()
+    return {"analysis": analysis, "sim_type": "dot", "queries": 9, "stages": stages,
+            "reader_layers": [int(layer) for layer in per_layer],
+            "results": {"all": {"per_layer": per_layer, "mean": mean}}}
+
+
+def test_figure5_shows_every_reader_layer(tmp_path):
+    from experiments import figure5_reading as fig5
+
+    layout = _layout(tmp_path)
+    stages = [[0, 1], [2, 3], [4, 5]]
+    rng = np.random.default_rng(5)
+
+    def shares(layers):
+        out = {}
+        for layer in layers:
+            values = rng.random(10)
+            values /= values.sum()
+            out[str(layer)] = {"readers": 3 + layer, "embedding": float(values[0]), "attn": values[1:4].tolist(),
+                               "cross_attn": values[4:7].tolist(), "mlp": values[7:10].tolist()}
+        return out
+
+    neurons, heads = shares([4, 5]), shares(range(6))
+    for step, file, analysis, per_layer in (("neuron-reading", "neuron_reading_summary.json", "neuron_reading", neurons),
+                                            ("crattn-reading", "crattn_reading_summary.json", "crattn_reading", heads)):
+        layout.analysis(step).mkdir(parents=True)
+        (layout.analysis(step) / file).write_text(json.dumps(_reading_summary(analysis, stages, per_layer)))
+    section = fig5.render(layout)
+    parts = section.markdown.split("cross-attention heads (top all")
+    for text, per_layer, layers in ((parts[0], neurons, [4, 5]), (parts[1], heads, [2, 3, 4, 5])):
+        headers, rows = _table(text, "reader layer")
+        assert headers[3:] == [f"{b} %" for b in ("embedding", "attn I", "attn II", "attn III", "cross_attn I",
+                                                  "cross_attn II", "cross_attn III", "mlp I", "mlp II", "mlp III")]
+        assert [row[0] for row in rows] == [str(layer) for layer in layers] + ["mean over these layers"]
+        for row, layer in zip(rows, layers):
+            entry = per_layer[str(layer)]
+            expected = 100 * np.asarray([entry["embedding"], *entry["attn"], *entry["cross_attn"], *entry["mlp"]])
+            assert [float(cell) for cell in row[3:]] == pytest.approx(expected, abs=0.051)
+            assert row[1] == {2: "II", 3: "II", 4: "III", 5: "III"}[layer] and int(row[2]) == entry["readers"]
+        mean = np.mean([[per_layer[str(l)]["embedding"], *per_layer[str(l)]["attn"], *per_layer[str(l)]["cross_attn"],
+                         *per_layer[str(l)]["mlp"]] for l in layers], axis=0)
+        assert [float(cell) for cell in rows[-1][3:]] == pytest.approx(100 * mean, abs=0.051)
+    assert section.figures[0].read_bytes()[:4] == b"\x89PNG"
