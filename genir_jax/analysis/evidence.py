@@ -1,0 +1,126 @@
+"""Evidence, not anecdote: 95% bootstrap intervals over queries, and verdicts computed from them.
+
+Every statistic the report gives about the paper (a share of queries, a mean or median rank) is a statistic
+of per-query values; its uncertainty comes from which queries happened to be correct. `bootstrap` resamples
+the queries with replacement (scipy's `scipy.stats.bootstrap`, percentile method, a seeded generator) and
+returns an `Interval` that records the query count, the confidence level, the number of resamples and the seed,
+so a number in the report can always be traced to how its interval was made.
+
+`verdict` turns an interval into "holds", "does not hold" or "undetermined" by one stated rule (`VERDICT_RULE`),
+never by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+
+from genir_jax.base.errors import GenIRError
+
+LEVEL = 0.95
+RESAMPLES = 10_000
+SEED = 0
+HOLDS, DOES_NOT_HOLD, UNDETERMINED = "holds", "does not hold", "undetermined"
+VERDICT_RULE = ("undetermined when the 95% interval is wider than the claim's stated width; otherwise holds when "
+                "the interval contains the paper's value or lies wholly on the claim's side of its threshold, "
+                "and does not hold when it does neither")
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """A statistic over `queries` per-query values and its bootstrap interval [low, high]."""
+
+    estimate: float
+    low: float
+    high: float
+    queries: int
+    level: float = LEVEL
+    resamples: int = RESAMPLES
+    seed: int = SEED
+
+    @property
+    def width(self) -> float:
+        return self.high - self.low
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+    def scaled(self, factor: float) -> "Interval":
+        """The same interval in other units (e.g. ``100`` for a share as a percentage)."""
+        return dataclasses.replace(self, estimate=self.estimate * factor, low=self.low * factor,
+                                   high=self.high * factor)
+
+    def format(self, digits: int = 2, unit: str = "") -> str:
+        """``"12.34 [10.01, 14.90]% (n=200)"``: the estimate, its interval and the query count."""
+        if math.isnan(self.low):
+            return f"{self.estimate:.{digits}f}{unit} (n={self.queries}, no interval)"
+        return f"{self.estimate:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]{unit} (n={self.queries})"
+
+    def record(self) -> dict:
+        """A JSON-ready record of the interval and how it was made."""
+        return dataclasses.asdict(self) | {"method": "percentile bootstrap over queries"}
+
+
+def bootstrap(values: Sequence[float], statistic: Callable = np.mean, *, level: float = LEVEL,
+              resamples: int = RESAMPLES, seed: int = SEED) -> Interval:
+    """`statistic` of the per-query `values` and its percentile-bootstrap interval (queries resampled with
+    replacement, `resamples` times, from a generator seeded with `seed`). `statistic` takes an array and an
+    ``axis`` keyword (numpy's mean, median, ...). With fewer than two queries there is no interval (NaN bounds)."""
+    from scipy.stats import bootstrap as scipy_bootstrap
+
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not 0 < level < 1:
+        raise GenIRError(f"confidence level must be in (0, 1), got {level}")
+    if resamples < 1:
+        raise GenIRError(f"bootstrap resamples must be at least 1, got {resamples}")
+    if len(values) == 0:
+        raise GenIRError("a statistic over no queries")
+    if not np.all(np.isfinite(values)):
+        raise GenIRError("bootstrap: the per-query values are not all finite")
+    estimate = float(statistic(values, axis=-1))
+    if len(values) < 2:
+        return Interval(estimate, math.nan, math.nan, 1, level, resamples, seed)
+    if np.all(values == values[0]):  # every resample is the same: the interval is the point
+        return Interval(estimate, estimate, estimate, len(values), level, resamples, seed)
+    result = scipy_bootstrap((values,), statistic, n_resamples=resamples, confidence_level=level,
+                             method="percentile", vectorized=True, rng=np.random.default_rng(seed))
+    low, high = result.confidence_interval
+    return Interval(estimate, float(low), float(high), len(values), level, resamples, seed)
+
+
+def share(flags: Sequence[bool], **options) -> Interval:
+    """The share of queries for which `flags` is true (a fraction in [0, 1]) and its bootstrap interval."""
+    return bootstrap(np.asarray(flags, dtype=bool).astype(np.float64), np.mean, **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """What the paper says of a statistic: its value, and/or a threshold and the side it lies on, and the widest
+    interval that can decide it."""
+
+    paper: float | None = None
+    threshold: float | None = None
+    side: str = "above"          # the claim: the statistic lies above (or below) `threshold`
+    max_width: float = math.inf
+
+    def __post_init__(self):
+        if self.paper is None and self.threshold is None:
+            raise GenIRError("a claim needs the paper's value or a threshold")
+        if self.side not in ("above", "below"):
+            raise GenIRError(f"a claim's side is 'above' or 'below', got {self.side!r}")
+
+
+def verdict(interval: Interval, claim: Claim) -> str:
+    """"holds", "does not hold" or "undetermined" for `interval` by `VERDICT_RULE`."""
+    if math.isnan(interval.low) or interval.width > claim.max_width:
+        return UNDETERMINED
+    if claim.paper is not None and interval.contains(claim.paper):
+        return HOLDS
+    if claim.threshold is not None:
+        on_side = interval.low > claim.threshold if claim.side == "above" else interval.high < claim.threshold
+        if on_side:
+            return HOLDS
+    return DOES_NOT_HOLD

@@ -1,0 +1,70 @@
+"""Bootstrap intervals against closed-form intervals on synthetic data, and verdicts by the stated rule."""
+
+import math
+
+import numpy as np
+import pytest
+
+from genir_jax.analysis.evidence import (DOES_NOT_HOLD, HOLDS, UNDETERMINED, Claim, Interval, bootstrap, share,
+                                         verdict)
+from genir_jax.base.errors import GenIRError
+
+
+def test_mean_interval_matches_the_normal_interval():
+    values = np.random.default_rng(0).normal(3.0, 2.0, size=4000)
+    interval = bootstrap(values, resamples=4000, seed=1)
+    half = 1.959964 * values.std(ddof=1) / math.sqrt(len(values))
+    assert interval.estimate == pytest.approx(values.mean())
+    assert interval.low == pytest.approx(values.mean() - half, abs=0.1 * half)
+    assert interval.high == pytest.approx(values.mean() + half, abs=0.1 * half)
+    assert (interval.queries, interval.resamples, interval.seed, interval.level) == (4000, 4000, 1, 0.95)
+
+
+def test_share_interval_matches_the_wilson_interval():
+    flags = np.zeros(1000, bool)
+    flags[:300] = True
+    interval = share(flags, resamples=4000, seed=2)
+    n, p, z = 1000, 0.3, 1.959964
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert interval.estimate == pytest.approx(0.3)
+    assert interval.low == pytest.approx(centre - half, abs=0.004)
+    assert interval.high == pytest.approx(centre + half, abs=0.004)
+
+
+def test_seeded_and_recorded():
+    values = np.random.default_rng(3).random(50)
+    assert bootstrap(values, seed=7) == bootstrap(values, seed=7)
+    assert bootstrap(values, seed=7) != bootstrap(values, seed=8)
+    record = bootstrap(values, np.median, seed=7, resamples=500).record()
+    assert record["resamples"] == 500 and record["seed"] == 7 and record["queries"] == 50
+    assert record["estimate"] == pytest.approx(np.median(values))
+
+
+def test_small_and_degenerate_samples():
+    single = bootstrap([0.4])
+    assert single.queries == 1 and math.isnan(single.low)
+    assert "no interval" in single.format()
+    constant = share([True] * 20)
+    assert (constant.low, constant.high) == (1.0, 1.0)
+    two_of_ten = share([True] * 2 + [False] * 8, seed=0)
+    assert two_of_ten.low <= 0.1 and two_of_ten.high >= 0.4  # ten queries decide little
+    with pytest.raises(GenIRError, match="no queries"):
+        bootstrap([])
+    with pytest.raises(GenIRError, match="finite"):
+        bootstrap([1.0, float("nan")])
+
+
+def test_verdict_rule():
+    narrow = Interval(0.9, 0.85, 0.95, 200)
+    assert verdict(narrow, Claim(paper=0.93)) == HOLDS
+    assert verdict(narrow, Claim(paper=0.5)) == DOES_NOT_HOLD
+    assert verdict(narrow, Claim(threshold=0.5, side="above")) == HOLDS
+    assert verdict(narrow, Claim(threshold=0.9, side="above")) == DOES_NOT_HOLD   # straddles the threshold
+    assert verdict(narrow, Claim(threshold=0.99, side="below")) == HOLDS
+    wide = Interval(0.2, 0.025, 0.556, 10)
+    assert verdict(wide, Claim(paper=0.3, max_width=0.3)) == UNDETERMINED
+    assert verdict(Interval(0.5, math.nan, math.nan, 1), Claim(paper=0.5)) == UNDETERMINED
+    assert narrow.scaled(100).format(unit="%") == "90.00 [85.00, 95.00]% (n=200)"
+    with pytest.raises(GenIRError):
+        Claim()
