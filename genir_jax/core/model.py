@@ -13,6 +13,9 @@ The functional boundary: `forward`, `forward_with_cache`, `encode`, `decode` and
 `T5Config`, the parameter pytree, arrays and an explicit ``interventions`` argument, and return arrays.
 Interventions are ``{"encoder"|"decoder": {local site: Patch | tuple[Patch, ...]}}`` where layer sites'
 patches carry a leading layer axis (see `genir_jax.core.taps`, `genir_jax.core.sites`, `genir_jax.interp.interventions`).
+`T5.init_decode_cache` / `T5.decode_step` run the same decoder one position at a time with a key/value
+cache (`DecodeCache`; beam search, `genir_jax.docids.decoding`), and `decode_suffix` from a layer on
+(prefix sharing).
 Caches are requested by full site name and recorded only for the layers asked for: a site wanted in all
 layers is stacked by the scan, one wanted in a few layers is written into a buffer of that many slots.
 """
@@ -42,7 +45,7 @@ StackCacheSpec = tuple[tuple[str, tuple[int, ...] | None], ...]
 
 
 class DecodeCache(NamedTuple):
-    """The decoder's key/value cache for decoding one position at a time (`init_decode_cache`,
+    """The decoder's key/value cache for decoding one position at a time (`T5.init_decode_cache`,
     `decode_step`): self-attention keys and values of all positions so far ``[L, N, T, H, dk]`` (zeros
     beyond), cross-attention keys and values of the encoder output ``[L, N, S, H, dk]``, computed once.
 
@@ -171,7 +174,7 @@ class _Stack(nn.Module):
         Three more ways to run the same layers (decoder only):
         - `start` (possibly traced): `embedded` is the residual entering layer `start`, and layers before
           it are skipped by `lax.cond` (prefix sharing, `decode_suffix`); `receivers` as there.
-        - `cache` without cross-attention keys: computes them from `encoded` (`init_decode_cache`); returns
+        - `cache` without cross-attention keys: computes them from `encoded` (`T5.init_decode_cache`); returns
           the filled `DecodeCache` only.
         - `cache` and `position` (possibly traced): `embedded` [B, 1, D] is that one decoder position, the
           self-attention reads the cache (`decode_step`); returns (output, recorded sites, updated cache).

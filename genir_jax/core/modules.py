@@ -193,7 +193,7 @@ class MultiHeadAttention(nn.Module):
         """inputs_q [B, T, D], inputs_kv [B, S, D], bias broadcastable to [B, H, T, S] (added to the
         scores), key_mask broadcastable to [B, H, T, S] (True = may attend). Returns [B, T, D].
 
-        Decoding mode (one query position at a time, `genir_jax.core.model.decode_step`): with `kv`, the
+        Decoding mode (one query position at a time, `genir_jax.core.model.T5.decode_step`): with `kv`, the
         keys and values [B, S, H, dk] were projected once (`project_kv`, cross-attention of the encoder
         output) and `inputs_kv` is not read; with `cache` ([B, T_max, H, dk] keys and values of earlier
         positions, self-attention), the keys and values of `inputs_kv` [B, 1, D] are written at `position`

@@ -192,7 +192,7 @@ def position_axis(local: str) -> int | None:
     """Axis of the decoder position in a decoder site's activation, counted from the end (`site_shape`
     ends with it: -2 for [T, D] / [T, F] and the query axis of [H, T, S] scores, -3 for [T, H, dk]); None
     for cross-attention keys and values, whose positions are the encoder's. Decoding one position at a
-    time (`genir_jax.core.model.decode_step`) cuts a patch's position axis at this axis."""
+    time (`genir_jax.core.model.T5.decode_step`) cuts a patch's position axis at this axis."""
     leaf = local.split(".", 1)[1] if local.startswith(("attn.", "cross_attn.")) else None
     if leaf is None:
         return -2

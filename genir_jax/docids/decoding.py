@@ -28,7 +28,7 @@ are the same (tests/docids/test_decoding.py compares with ``prefix_allowed_token
 
 Interventions (a `genir_jax.interp.interventions` pytree, validated as for a forward over ``max_length - 1``
 decoder positions) apply to the encoder once and to the decoder at every step, through the model's own
-decoding mode (`genir_jax.core.model.decode_step`: the same layers as a teacher-forced forward, with a
+decoding mode (`genir_jax.core.model.T5.decode_step`: the same layers as a teacher-forced forward, with a
 key/value cache): every site, head, neuron and position the site grammar accepts; a patch with a decoder
 position axis applies at the step's position, as a teacher-forced forward applies it there; per-query
 values (batch axis N) follow the query's beams. So a circuit can be evaluated by retrieval.
