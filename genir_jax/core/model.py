@@ -13,6 +13,9 @@ The functional boundary: `forward`, `forward_with_cache`, `encode`, `decode` and
 `T5Config`, the parameter pytree, arrays and an explicit ``interventions`` argument, and return arrays.
 Interventions are ``{"encoder"|"decoder": {local site: Patch | tuple[Patch, ...]}}`` where layer sites'
 patches carry a leading layer axis (see `genir_jax.core.taps`, `genir_jax.core.sites`, `genir_jax.interp.interventions`).
+`T5.init_decode_cache` / `T5.decode_step` run the same decoder one position at a time with a key/value
+cache (`DecodeCache`; beam search, `genir_jax.docids.decoding`), and `decode_suffix` from a layer on
+(prefix sharing).
 Caches are requested by full site name and recorded only for the layers asked for: a site wanted in all
 layers is stacked by the scan, one wanted in a few layers is written into a buffer of that many slots.
 """
@@ -20,7 +23,7 @@ layers is stacked by the scan, one wanted in a few layers is written into a buff
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -29,16 +32,31 @@ import numpy as np
 
 from genir_jax.core.config import T5Config
 from genir_jax.core.dropout import Dropout
-from genir_jax.interp.interventions import validate
 from genir_jax.core.modules import MLP, MultiHeadAttention, RelativePositionBias, RMSNorm, partitioned
 from genir_jax.scale.partitioning import constrain, maybe_activate
 from genir_jax.core.sites import STACK_SITES, Site, expand_site_patterns, num_layers, parse_site, site_shape
 from genir_jax.core.taps import Patch, SiteTap
+from genir_jax.core.validation import validate
 
 Params = Mapping[str, Any]
 Interventions = Mapping[str, Mapping[str, Any]]
 # Static cache request of one stack: ((local site, layers or None for all layers), ...), sorted.
 StackCacheSpec = tuple[tuple[str, tuple[int, ...] | None], ...]
+
+
+class DecodeCache(NamedTuple):
+    """The decoder's key/value cache for decoding one position at a time (`T5.init_decode_cache`,
+    `decode_step`): self-attention keys and values of all positions so far ``[L, N, T, H, dk]`` (zeros
+    beyond), cross-attention keys and values of the encoder output ``[L, N, S, H, dk]``, computed once.
+
+    An explicit pytree carried functionally, not flax's "cache" collection: the model keeps its boundary
+    (params, arrays and interventions in, arrays out), a search can reorder it like any array (beams
+    swap rows), and the same modules run teacher-forced and decoding with no mutable state."""
+
+    self_k: Any
+    self_v: Any
+    cross_k: Any
+    cross_v: Any
 
 
 class _Layer(nn.Module):
@@ -57,16 +75,21 @@ class _Layer(nn.Module):
 
     @nn.compact
     def __call__(self, carry, self_bias, self_mask, encoded, cross_mask, layer_index, layer_interventions,
-                 layer_receivers=None):
+                 layer_receivers=None, layer_cache=None, position=None):
         """`layer_receivers` (path patching, [3] for attn / cross_attn / mlp): the carry then holds a third
         item, the senders' summed effect on the residual stream so far; a component whose receiver entry
         is 0 reads the residual without it, and every component's sender effect (its patched output minus
-        its output without patches, from the same input) is added to it. None: ordinary patching."""
+        its output without patches, from the same input) is added to it. None: ordinary patching.
+
+        `layer_cache` (decoding mode, this layer's `DecodeCache` slice): without cross-attention keys yet,
+        only they are computed from `encoded` (the residual is untouched); else the carry's residual is
+        the one decoder `position` and the self-attention cache is updated. Outputs: (recorded sites, the
+        layer's cache or None)."""
         x, buffers = carry[0], carry[1]
         paths = layer_receivers is not None
         delta = carry[2] if paths else None
         cfg = self.config
-        tap = SiteTap(layer_interventions, self.record_all | {name for name, _ in self.record_some})
+        tap = SiteTap(layer_interventions, self.record_all | {name for name, _ in self.record_some}, position)
         unpatched = SiteTap(None)
         attention = functools.partial(
             MultiHeadAttention, num_heads=cfg.num_heads, d_kv=cfg.d_kv, d_model=cfg.d_model,
@@ -75,6 +98,10 @@ class _Layer(nn.Module):
         )
         norm = functools.partial(RMSNorm, epsilon=cfg.layer_norm_epsilon, dtype=self.dtype)
         dropout = Dropout(cfg.dropout_rate)
+        if layer_cache is not None and layer_cache.cross_k is None:  # decoding: cross-attention keys, once
+            cross_k, cross_v = attention(name="cross_attn").project_kv(encoded, tap.scoped("cross_attn."))
+            return carry, ({}, layer_cache._replace(cross_k=cross_k, cross_v=cross_v))
+        decoding = layer_cache is not None
 
         def read(index):  # the residual as component `index` reads it
             return x if not paths else x - (1.0 - layer_receivers[index]).astype(x.dtype) * delta
@@ -82,7 +109,13 @@ class _Layer(nn.Module):
         x = tap("hook_resid_pre", constrain(x, ("batch", "length", "embed")))
         normed = norm(name="self_attn_norm")(read(0))
         self_attn = attention(name="self_attn")
-        attn_out = self_attn(normed, normed, self_bias, self_mask, tap.scoped("attn."))
+        if decoding:
+            attn_out, (self_k, self_v) = self_attn(normed, normed, self_bias, self_mask, tap.scoped("attn."),
+                                                   cache=(layer_cache.self_k, layer_cache.self_v),
+                                                   position=position)
+            layer_cache = layer_cache._replace(self_k=self_k, self_v=self_v)
+        else:
+            attn_out = self_attn(normed, normed, self_bias, self_mask, tap.scoped("attn."))
         attn_out = tap("hook_attn_out", dropout(attn_out, deterministic=self.deterministic))
         if paths:
             delta = delta + attn_out - self_attn(normed, normed, self_bias, self_mask, unpatched.scoped("attn."))
@@ -90,7 +123,8 @@ class _Layer(nn.Module):
         if self.is_decoder:
             normed = norm(name="cross_attn_norm")(read(1))
             cross_attn = attention(name="cross_attn", fold_keys=self.fold_cross_attention)
-            cross_out = cross_attn(normed, encoded, None, cross_mask, tap.scoped("cross_attn."))
+            cross_kv = (layer_cache.cross_k, layer_cache.cross_v) if decoding else None
+            cross_out = cross_attn(normed, encoded, None, cross_mask, tap.scoped("cross_attn."), kv=cross_kv)
             cross_out = tap("hook_cross_attn_out", dropout(cross_out, deterministic=self.deterministic))
             if paths:
                 delta = delta + cross_out - cross_attn(normed, encoded, None, cross_mask, unpatched.scoped("cross_attn."))
@@ -113,7 +147,7 @@ class _Layer(nn.Module):
             slot = jnp.asarray(slots)[layer_index]
             new_buffers[name] = jax.lax.dynamic_update_index_in_dim(buffers[name], tap.cache[name], slot, 0)
         new_carry = (x, new_buffers, delta) if paths else (x, new_buffers)
-        return new_carry, {name: tap.cache[name] for name in self.record_all}
+        return new_carry, ({name: tap.cache[name] for name in self.record_all}, layer_cache)
 
     @property
     def _num_layers(self) -> int:
@@ -132,58 +166,101 @@ class _Stack(nn.Module):
     unroll_layers: bool = False
 
     @nn.compact
-    def __call__(self, embedded, self_mask, encoded=None, cross_mask=None, interventions=None):
+    def __call__(self, embedded, self_mask, encoded=None, cross_mask=None, interventions=None, *, start=None,
+                 receivers=None, cache: DecodeCache | None = None, position=None):
         """embedded [B, T, D]; self_mask broadcastable to [B, 1, T, T]. Returns (output, cache) where the
-        cache maps local names to [layers asked, B, ...] (stack sites: [B, ...])."""
+        cache maps local names to [layers asked, B, ...] (stack sites: [B, ...]).
+
+        Three more ways to run the same layers (decoder only):
+        - `start` (possibly traced): `embedded` is the residual entering layer `start`, and layers before
+          it are skipped by `lax.cond` (prefix sharing, `decode_suffix`); `receivers` as there.
+        - `cache` without cross-attention keys: computes them from `encoded` (`T5.init_decode_cache`); returns
+          the filled `DecodeCache` only.
+        - `cache` and `position` (possibly traced): `embedded` [B, 1, D] is that one decoder position, the
+          self-attention reads the cache (`decode_step`); returns (output, recorded sites, updated cache).
+        """
         cfg = self.config
         stack = "decoder" if self.is_decoder else "encoder"
         interventions = dict(interventions or {})
         stack_tap = SiteTap({k: v for k, v in interventions.items() if k in STACK_SITES},
-                            {name for name, _ in self.cache_spec if name in STACK_SITES})
+                            {name for name, _ in self.cache_spec if name in STACK_SITES}, position)
         count = num_layers(cfg, stack)
         layer_interventions = {k: _per_layer(v, count) for k, v in interventions.items() if k not in STACK_SITES}
         record_all = frozenset(n for n, layers in self.cache_spec if n not in STACK_SITES and layers is None)
         record_some = tuple((n, layers) for n, layers in self.cache_spec if n not in STACK_SITES and layers)
+        layer_kwargs = dict(config=cfg, is_decoder=self.is_decoder, deterministic=self.deterministic, dtype=self.dtype)
 
-        batch, length = embedded.shape[0], embedded.shape[1]
-        key_length = encoded.shape[1] if encoded is not None else length
+        def scanned_layers():
+            return nn.scan(
+                _Layer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, 0, 0, nn.broadcast),
+                length=count,
+                unroll=count if self.unroll_layers else 1,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(record_all=record_all, record_some=record_some, fold_cross_attention=self.fold_cross_attention,
+              name="layers", **layer_kwargs)
+
+        indices = jnp.arange(count, dtype=jnp.int32)
+        if cache is not None and cache.cross_k is None:
+            _, (_, cache) = scanned_layers()((None, {}), None, None, encoded, None, indices,
+                                             layer_interventions or None, None, cache, None)
+            return cache
+
+        if position is not None:  # one decoder position; keys 0..T-1 of the cache, those after it masked
+            length = cache.self_k.shape[2]
+            self_mask = (jnp.arange(length) <= position)[None, None, None, :]
+        else:
+            length = embedded.shape[1]
+        batch = embedded.shape[0]
+        key_length = encoded.shape[1] if encoded is not None else embedded.shape[1]
         self_bias = RelativePositionBias(
             num_buckets=cfg.relative_attention_num_buckets, max_distance=cfg.relative_attention_max_distance,
             num_heads=cfg.num_heads, bidirectional=not self.is_decoder,
             embedding_init=nn.initializers.normal(cfg.initializer_factor * cfg.d_model ** -0.5),
             dtype=self.dtype, name="relpos_bias",
-        )(length, length)
+        )(length, length, position)
 
         x = stack_tap("hook_embed", embedded)
         x = Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
-        buffers = {
-            name: jnp.zeros((len(layers) + 1, batch) + site_shape(cfg, Site(stack, name, 0), length, key_length),
-                            dtype=x.dtype)
-            for name, layers in record_some
-        }
-        layers = nn.scan(
-            _Layer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
-            length=count,
-            unroll=count if self.unroll_layers else 1,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(
-            config=cfg, is_decoder=self.is_decoder, record_all=record_all, record_some=record_some,
-            deterministic=self.deterministic, dtype=self.dtype, fold_cross_attention=self.fold_cross_attention,
-            name="layers",
-        )
-        (x, buffers), stacked = layers((x, buffers), self_bias, self_mask, encoded, cross_mask,
-                                       jnp.arange(count, dtype=jnp.int32), layer_interventions or None)
+        paths = receivers is not None
+        if start is not None:  # prefix sharing: the same layer, applied by lax.cond from layer `start` on
+            layer = _Layer(**layer_kwargs, parent=None)
+            carry = (x, {}, jnp.zeros_like(x)) if paths else (x, {})
+
+            def body(carry, xs):
+                layer_params, index, patches, layer_receivers = xs
+
+                def run(c):
+                    return layer.apply({"params": layer_params}, c, self_bias, self_mask, encoded, cross_mask, index,
+                                       patches or None, layer_receivers)[0]
+
+                return jax.lax.cond(index >= start, run, lambda c: c, carry), None
+
+            carry, _ = jax.lax.scan(body, carry, (self.variables["params"]["layers"], indices, layer_interventions,
+                                                  receivers[0] if paths else None))
+            x, stacked, buffers = carry[0], {}, {}
+            if paths:  # the output reads the senders' effect only if it is a receiver
+                x = x - (1.0 - jnp.asarray(receivers[1], x.dtype)) * carry[2]
+        else:
+            query_length = embedded.shape[1]
+            buffers = {
+                name: jnp.zeros((len(layers) + 1, batch) + site_shape(cfg, Site(stack, name, 0), query_length,
+                                                                      key_length), dtype=x.dtype)
+                for name, layers in record_some
+            }
+            (x, buffers), (stacked, cache) = scanned_layers()(
+                (x, buffers), self_bias, self_mask, encoded, cross_mask, indices, layer_interventions or None, None,
+                cache, position)
         x = RMSNorm(epsilon=cfg.layer_norm_epsilon, dtype=self.dtype, name="final_norm")(
             x, stack_tap.scoped("final_ln."))
         x = stack_tap("hook_out", x)
         x = Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
-        cache = dict(stacked)
-        cache.update({name: buffer[:-1] for name, buffer in buffers.items()})
-        cache.update(stack_tap.cache)
-        return x, cache
+        recorded = dict(stacked)
+        recorded.update({name: buffer[:-1] for name, buffer in buffers.items()})
+        recorded.update(stack_tap.cache)
+        return (x, recorded) if position is None else (x, recorded, cache)
 
 
 def _per_layer(patches, count: int):
@@ -235,13 +312,26 @@ class T5(nn.Module):
 
     def decode(self, encoded, attention_mask, decoder_input_ids, decoder_attention_mask=None, interventions=None):
         """Decoder output after its final norm [B, T, D], and the decoder cache."""
-        length = decoder_input_ids.shape[1]
-        causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
-        if decoder_attention_mask is not None:
-            causal = causal & decoder_attention_mask.astype(bool)[:, None, None, :]
-        cross_mask = attention_mask.astype(bool)[:, None, None, :]
+        causal, cross_mask = _decoder_masks(decoder_input_ids.shape[1], attention_mask, decoder_attention_mask)
         embedded = jnp.take(self._table(self.shared), decoder_input_ids, axis=0)
         return self.decoder(embedded, causal, encoded, cross_mask, interventions=(interventions or {}).get("decoder"))
+
+    def init_decode_cache(self, encoded, length: int, interventions=None) -> DecodeCache:
+        """An empty self-attention cache for `length` decoder positions and the cross-attention keys and
+        values of `encoded` [N, S, D] (decoder interventions on ``cross_attn.hook_k`` / ``hook_v`` apply)."""
+        cfg = self.config
+        shape = (cfg.num_decoder_layers, encoded.shape[0], length, cfg.num_heads, cfg.d_kv)
+        empty = DecodeCache(jnp.zeros(shape, encoded.dtype), jnp.zeros(shape, encoded.dtype), None, None)
+        return self.decoder(None, None, encoded, None, (interventions or {}).get("decoder"), cache=empty)
+
+    def decode_step(self, tokens, position, cache: DecodeCache, attention_mask, interventions=None):
+        """Logits [N, V] of decoder `position` (traced) reading `tokens` [N] there, and the updated cache.
+        The decoder's interventions apply as at that position of `decode` (`genir_jax.core.taps.at_position`)."""
+        cross_mask = attention_mask.astype(bool)[:, None, None, :]
+        embedded = jnp.take(self._table(self.shared), tokens[:, None], axis=0)
+        hidden, _, cache = self.decoder(embedded, None, None, cross_mask, (interventions or {}).get("decoder"),
+                                        cache=cache, position=position)
+        return self.unembed(hidden[:, 0]), cache
 
     def unembed(self, hidden):
         """Logits from decoder outputs after the final norm ([..., D] -> [..., V]): T5's unembedding."""
@@ -271,42 +361,18 @@ def decode_suffix(config: T5Config, params: Params, x, start, encoded, attention
     layer sites with a leading layer axis); ``decoder.hook_embed`` patches apply to `x` (use them only with
     start 0). `receivers` (path patching): ``(components [L, 3], logits scalar)``, see `_Layer`.
     """
-    cfg = config
-    count = cfg.num_decoder_layers
-    dec = params["decoder"]
-    length = x.shape[1]
-    interventions = dict(interventions or {})
-    stack_tap = SiteTap({k: v for k, v in interventions.items() if k in STACK_SITES})
-    layer_interventions = {k: _per_layer(v, count) for k, v in interventions.items() if k not in STACK_SITES}
-    self_bias = RelativePositionBias(
-        num_buckets=cfg.relative_attention_num_buckets, max_distance=cfg.relative_attention_max_distance,
-        num_heads=cfg.num_heads, bidirectional=False, dtype=dtype,
-    ).apply({"params": dec["relpos_bias"]}, length, length)
+    causal, cross_mask = _decoder_masks(x.shape[1], attention_mask)
+    out, _ = _Stack(config, is_decoder=True, dtype=dtype).apply(
+        {"params": params["decoder"]}, x, causal, encoded, cross_mask, interventions, start=start, receivers=receivers)
+    return out
+
+
+def _decoder_masks(length: int, attention_mask, decoder_attention_mask=None):
+    """The decoder's causal self-attention mask [B|1, 1, T, T] and cross-attention mask [B, 1, 1, S]."""
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
-    cross_mask = attention_mask.astype(bool)[:, None, None, :]
-    layer = _Layer(cfg, is_decoder=True, dtype=dtype)
-    x = stack_tap("hook_embed", x)
-    paths = receivers is not None
-    carry = (x, {}, jnp.zeros_like(x)) if paths else (x, {})
-    per_layer_receivers = receivers[0] if paths else None
-
-    def body(carry, xs):
-        layer_params, index, patches, layer_receivers = xs
-
-        def run(c):
-            return layer.apply({"params": layer_params}, c, self_bias, causal, encoded, cross_mask, index,
-                               patches or None, layer_receivers)[0]
-
-        return jax.lax.cond(index >= start, run, lambda c: c, carry), None
-
-    carry, _ = jax.lax.scan(body, carry, (dec["layers"], jnp.arange(count, dtype=jnp.int32), layer_interventions,
-                                          per_layer_receivers))
-    x = carry[0]
-    if paths:  # the logits read the senders' effect only if they are a receiver
-        x = x - (1.0 - jnp.asarray(receivers[1], x.dtype)) * carry[2]
-    x = RMSNorm(epsilon=cfg.layer_norm_epsilon, dtype=dtype).apply(
-        {"params": dec["final_norm"]}, x, stack_tap.scoped("final_ln."))
-    return stack_tap("hook_out", x)
+    if decoder_attention_mask is not None:
+        causal = causal & decoder_attention_mask.astype(bool)[:, None, None, :]
+    return causal, attention_mask.astype(bool)[:, None, None, :]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,7 +400,7 @@ def cache_specs(config: T5Config, names: Iterable[str]) -> tuple[StackCacheSpec,
     return spec("encoder"), spec("decoder")
 
 
-def _named_cache(config: T5Config, names: Iterable[str], raw: Mapping[str, Mapping[str, jnp.ndarray]],
+def named_cache(config: T5Config, names: Iterable[str], raw: Mapping[str, Mapping[str, jnp.ndarray]],
                  specs: tuple[StackCacheSpec, StackCacheSpec]) -> dict[str, jnp.ndarray]:
     """Per-stack raw caches -> {full site name: [B, ...]}."""
     layout = {"encoder": dict(specs[0]), "decoder": dict(specs[1])}
@@ -415,7 +481,7 @@ def forward_with_cache(
     logits, raw = _forward(config, params, _as_int(input_ids), _as_int(attention_mask), _as_int(decoder_input_ids),
                            dec_mask, interventions, _rngs(deterministic, dropout_rng), specs, deterministic,
                            _jnp_dtype(dtype), partitioner, fold_cross_attention, unroll_layers)
-    return logits, _named_cache(config, names, raw, specs)
+    return logits, named_cache(config, names, raw, specs)
 
 
 def forward(
@@ -469,7 +535,7 @@ def encode(config: T5Config, params: Params, input_ids, attention_mask, interven
     names, specs = _one_stack_request(config, cache_sites, "encoder")
     out, raw = _encode(config, params, _as_int(input_ids), _as_int(attention_mask), interventions, specs[0],
                        _jnp_dtype(dtype))
-    return out, _named_cache(config, names, {"encoder": raw, "decoder": {}}, specs)
+    return out, named_cache(config, names, {"encoder": raw, "decoder": {}}, specs)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "spec", "dtype"))
@@ -484,7 +550,7 @@ def decode(config: T5Config, params: Params, encoded, attention_mask, decoder_in
     names, specs = _one_stack_request(config, cache_sites, "decoder")
     out, raw = _decode(config, params, encoded, _as_int(attention_mask), _as_int(decoder_input_ids), interventions,
                        specs[1], _jnp_dtype(dtype))
-    return out, _named_cache(config, names, {"encoder": {}, "decoder": raw}, specs)
+    return out, named_cache(config, names, {"encoder": {}, "decoder": raw}, specs)
 
 
 def unembed(config: T5Config, params: Params, hidden, dtype=None) -> jnp.ndarray:

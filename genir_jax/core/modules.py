@@ -109,8 +109,9 @@ class RelativePositionBias(nn.Module):
     dtype: Dtype | None = None
 
     @nn.compact
-    def __call__(self, query_length: int, key_length: int) -> jnp.ndarray:
-        """Bias of shape [1, heads, query_length, key_length]."""
+    def __call__(self, query_length: int, key_length: int, query_position=None) -> jnp.ndarray:
+        """Bias of shape [1, heads, query_length, key_length]; with `query_position` (decoding mode,
+        possibly traced) only that query's row, [1, heads, 1, key_length]."""
         table = self.param(
             "embedding",
             partitioned(self.embedding_init, ("relpos_buckets", "heads")),
@@ -121,7 +122,10 @@ class RelativePositionBias(nn.Module):
         relative = np.arange(key_length)[None, :] - np.arange(query_length)[:, None]
         buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
         values = jnp.take(table, jnp.asarray(buckets, dtype=jnp.int32), axis=0)  # [q, k, heads]
-        return jnp.transpose(values, (2, 0, 1))[None]
+        bias = jnp.transpose(values, (2, 0, 1))[None]
+        if query_position is not None:
+            bias = jax.lax.dynamic_slice_in_dim(bias, query_position, 1, axis=2)
+        return bias
 
 
 _SCORE_SITES = ("hook_q", "hook_k", "hook_attn_scores", "hook_pattern")
@@ -168,23 +172,50 @@ class MultiHeadAttention(nn.Module):
                               (h, k, d), jnp.float32)
         self.attn_dropout = Dropout(self.dropout_rate)
 
+    def project_kv(self, inputs_kv: jnp.ndarray, tap: ScopedTap) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Keys and values [B, S, H, dk] of `inputs_kv` [B, S, D] (sites hook_k, hook_v)."""
+        k = tap("hook_k", jnp.einsum("bsd,dhk->bshk", inputs_kv, _cast(self.key, self.dtype)))
+        v = tap("hook_v", jnp.einsum("bsd,dhk->bshk", inputs_kv, _cast(self.value, self.dtype)))
+        return k, v
+
     def __call__(
         self,
         inputs_q: jnp.ndarray,
-        inputs_kv: jnp.ndarray,
+        inputs_kv: jnp.ndarray | None,
         bias: jnp.ndarray | None,
         key_mask: jnp.ndarray | None,
         tap: ScopedTap,
-    ) -> jnp.ndarray:
+        *,
+        cache: tuple[jnp.ndarray, jnp.ndarray] | None = None,
+        position=None,
+        kv: tuple[jnp.ndarray, jnp.ndarray] | None = None,
+    ):
         """inputs_q [B, T, D], inputs_kv [B, S, D], bias broadcastable to [B, H, T, S] (added to the
-        scores), key_mask broadcastable to [B, H, T, S] (True = may attend). Returns [B, T, D]."""
+        scores), key_mask broadcastable to [B, H, T, S] (True = may attend). Returns [B, T, D].
+
+        Decoding mode (one query position at a time, `genir_jax.core.model.T5.decode_step`): with `kv`, the
+        keys and values [B, S, H, dk] were projected once (`project_kv`, cross-attention of the encoder
+        output) and `inputs_kv` is not read; with `cache` ([B, T_max, H, dk] keys and values of earlier
+        positions, self-attention), the keys and values of `inputs_kv` [B, 1, D] are written at `position`
+        and the query attends over the cache; it then returns (output, updated cache)."""
         dtype = inputs_q.dtype
         value = _cast(self.value, self.dtype)
-        fold = (self.fold_keys and not tap.wants("hook_k") and not tap.wants("hook_v")
-                and folding_keys_is_cheaper(inputs_q.shape[1], inputs_kv.shape[1], self.d_model, self.num_heads,
-                                            self.d_kv))
-        v = None if fold else tap("hook_v", jnp.einsum("bsd,dhk->bshk", inputs_kv, value))
-        if inputs_kv.shape[1] == 1 and not any(tap.wants(name) for name in _SCORE_SITES):
+        if kv is not None or cache is not None:
+            if cache is not None:
+                k_new, v_new = self.project_kv(inputs_kv, tap)
+                k = jax.lax.dynamic_update_slice_in_dim(cache[0], k_new.astype(cache[0].dtype), position, axis=1)
+                v = jax.lax.dynamic_update_slice_in_dim(cache[1], v_new.astype(cache[1].dtype), position, axis=1)
+            else:
+                k, v = kv
+            fold, key_length = False, k.shape[1]
+        else:
+            k = None
+            key_length = inputs_kv.shape[1]
+            fold = (self.fold_keys and not tap.wants("hook_k") and not tap.wants("hook_v")
+                    and folding_keys_is_cheaper(inputs_q.shape[1], key_length, self.d_model, self.num_heads,
+                                                self.d_kv))
+            v = None if fold else tap("hook_v", jnp.einsum("bsd,dhk->bshk", inputs_kv, value))
+        if key_length == 1 and not any(tap.wants(name) for name in _SCORE_SITES):
             # One key (the decoder's self-attention at its first step, which is all a DSI model runs): the
             # softmax over it is 1 whatever the scores, so queries, keys and scores are never computed.
             pattern = jnp.ones((inputs_q.shape[0], self.num_heads, inputs_q.shape[1], 1), dtype)
@@ -194,7 +225,8 @@ class MultiHeadAttention(nn.Module):
                 scores = jnp.einsum("bthd,bsd->bhts", jnp.einsum("bthk,dhk->bthd", q, _cast(self.key, self.dtype)),
                                     inputs_kv)
             else:
-                k = tap("hook_k", jnp.einsum("bsd,dhk->bshk", inputs_kv, _cast(self.key, self.dtype)))
+                if k is None:
+                    k = tap("hook_k", jnp.einsum("bsd,dhk->bshk", inputs_kv, _cast(self.key, self.dtype)))
                 scores = jnp.einsum("bthk,bshk->bhts", q, k)
             if bias is not None:
                 scores = scores + _batch_broadcast(bias.astype(scores.dtype), scores.shape[0])
@@ -209,7 +241,8 @@ class MultiHeadAttention(nn.Module):
         else:
             z = jnp.einsum("bhts,bshk->bthk", pattern, v)
         z = tap("hook_z", z)
-        return jnp.einsum("bthk,hkd->btd", z, _cast(self.out, self.dtype))
+        out = jnp.einsum("bthk,hkd->btd", z, _cast(self.out, self.dtype))
+        return out if cache is None else (out, (k, v))
 
 
 def _batch_broadcast(bias: jnp.ndarray, batch: int) -> jnp.ndarray:

@@ -186,3 +186,16 @@ def site_shape(config: T5Config, site: Site, query_length: int, key_length: int)
             return (s, h, k)
         return (h, t, s)
     return (t, d)
+
+
+def position_axis(local: str) -> int | None:
+    """Axis of the decoder position in a decoder site's activation, counted from the end (`site_shape`
+    ends with it: -2 for [T, D] / [T, F] and the query axis of [H, T, S] scores, -3 for [T, H, dk]); None
+    for cross-attention keys and values, whose positions are the encoder's. Decoding one position at a
+    time (`genir_jax.core.model.T5.decode_step`) cuts a patch's position axis at this axis."""
+    leaf = local.split(".", 1)[1] if local.startswith(("attn.", "cross_attn.")) else None
+    if leaf is None:
+        return -2
+    if leaf in ("hook_k", "hook_v"):
+        return None if local.startswith("cross_attn.") else -3
+    return -3 if leaf in ("hook_q", "hook_z") else -2

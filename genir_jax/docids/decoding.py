@@ -26,12 +26,14 @@ transformers under a trie: beams 1..K-1 start dead (-inf) rather than at -1e9, s
 of the first beam cannot come back as duplicate docids with scores near -1e9 / length; the valid results
 are the same (tests/docids/test_decoding.py compares with ``prefix_allowed_tokens_fn``).
 
-Interventions: whole-layer patches of the decoder's component outputs (``decoder.L.hook_attn_out``,
-``hook_cross_attn_out``, ``hook_mlp_out``: zero, or one value per decoder position such as the means at
-teacher-forced positions; `decoder_output_patches`) apply at every step, as `genir_jax.core.model` applies them
-(``out + mask * (value - out)``), so a circuit can be evaluated by retrieval. Other sites are refused (the
-decoder step is a separate implementation of `genir_jax.core.model`'s decoder that shares its modules' numerics).
-Limitations: no dropout, computation in the parameters' dtype, one EOS id.
+Interventions (a `genir_jax.interp.interventions` pytree, validated as for a forward over ``max_length - 1``
+decoder positions) apply to the encoder once and to the decoder at every step, through the model's own
+decoding mode (`genir_jax.core.model.T5.decode_step`: the same layers as a teacher-forced forward, with a
+key/value cache): every site, head, neuron and position the site grammar accepts; a patch with a decoder
+position axis applies at the step's position, as a teacher-forced forward applies it there; per-query
+values (batch axis N) follow the query's beams. So a circuit can be evaluated by retrieval.
+Limitations: no dropout, computation in the parameters' dtype, one EOS id. A decoder patch that reads
+later positions (e.g. self-attention scores on keys after the query) sees the cache's zeros there.
 """
 
 from __future__ import annotations
@@ -46,63 +48,11 @@ import numpy as np
 from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
 from genir_jax.core.model import T5, Params
-from genir_jax.core.modules import MLP, RelativePositionBias, RMSNorm
-from genir_jax.core.taps import SiteTap
+from genir_jax.core.sites import STACK_SITES
+from genir_jax.core.taps import Patch
+from genir_jax.core.validation import validate
 
 _NEG = -1.0e9  # transformers' "very large negative" bookkeeping value
-_OUTPUTS = ("hook_attn_out", "hook_cross_attn_out", "hook_mlp_out")  # the patchable sites, in layer order
-
-
-def decoder_output_patches(config: T5Config, interventions, length: int):
-    """`interventions` (a `genir_jax.interp.interventions` pytree) as the cached decoder step applies them: per
-    component output (`_OUTPUTS`) a tuple of ``(mask [L], value [L, length, D])`` float32 pairs, in order;
-    None when there is nothing to apply. Only whole-layer patches of the decoder's component outputs with
-    one value for every query (a scalar, or per decoder position for at least `length` positions) are
-    supported; anything else raises `GenIRError` naming the site."""
-    from genir_jax.core.taps import Patch
-
-    if not interventions:
-        return None
-    layers, width = config.num_decoder_layers, config.d_model
-    unknown = [stack for stack in interventions if stack != "decoder"]
-    if unknown:
-        raise GenIRError(f"beam search: interventions on the {unknown[0]} are not supported (only the decoder's "
-                         f"component outputs {', '.join(_OUTPUTS)})")
-    unexpected = sorted(set(interventions["decoder"]) - set(_OUTPUTS))
-    if unexpected:
-        raise GenIRError(f"beam search: decoder.*.{unexpected[0]} cannot be patched during decoding (only "
-                         f"{', '.join(_OUTPUTS)})")
-    out = []
-    for local in _OUTPUTS:
-        patches = interventions["decoder"].get(local, ())
-        patches = (patches,) if isinstance(patches, Patch) else tuple(patches)
-        pairs = []
-        for patch in patches:
-            mask = np.asarray(patch.mask, np.float32)
-            if mask.ndim < 1 or mask.shape[0] != layers or any(n != 1 for n in mask.shape[1:]):
-                raise GenIRError(f"beam search: decoder.*.{local}: only whole-layer masks [L, 1, ...] are supported, "
-                                 f"got {mask.shape}")
-            value = np.asarray(patch.value, np.float32)
-            if value.ndim == 0:
-                value = np.full((layers, length, width), value, np.float32)
-            else:
-                per_position = value.ndim == 4 and value.shape[1] == 1 and value.shape[0] in (1, layers) \
-                    and value.shape[3] == width and (value.shape[2] == 1 or value.shape[2] >= length)
-                if not per_position:
-                    raise GenIRError(f"beam search: decoder.*.{local}: the value must be one per layer and decoder "
-                                     f"position for every query ([L, 1, >= {length}, D]), got {value.shape}")
-                value = np.broadcast_to(value[:, 0, :length], (layers, length, width))
-            pairs.append((jnp.asarray(mask.reshape(layers)), jnp.asarray(value)))
-        out.append(tuple(pairs))
-    return tuple(out) if any(out) else None
-
-
-def _patched(out, pairs, position):
-    """`out` [N, D] of one component at decoder `position` with its patches (mask scalar, value [P, D])."""
-    for mask, value in pairs:
-        at = jax.lax.dynamic_index_in_dim(value, position, axis=0, keepdims=False).astype(out.dtype)
-        out = out + mask.astype(out.dtype) * (at[None, :] - out)
-    return out
 
 
 class DocidTrie:
@@ -231,7 +181,7 @@ def beam_search(
     `max_length` counts the decoder start token (transformers' meaning): at most ``max_length - 1`` tokens
     are generated. With a `trie` it must leave room for the longest docid. `num_return` defaults to
     `num_beams`. Defaults (``length_penalty=1.0``, ``early_stopping=False``) are transformers'.
-    `interventions`: decoder component-output patches applied at every step (`decoder_output_patches`).
+    `interventions`: patches of any encoder or decoder site (see the module docstring).
     """
     num_return = num_beams if num_return is None else int(num_return)
     if num_beams < 1:
@@ -260,79 +210,36 @@ def beam_search(
         trie_arrays, max_children = trie.arrays(), trie.max_children
     else:
         trie_arrays, max_children = None, 0
-    patches = decoder_output_patches(config, interventions, max_length - 1)
+    if interventions:
+        validate(config, interventions, input_ids.shape[0], input_ids.shape[1], max_length - 1)
+    interventions = {stack: dict(sites) for stack, sites in (interventions or {}).items()}
     sequences, scores = _beam_search(
-        config, params, input_ids, attention_mask, trie_arrays, patches, num_beams=num_beams, max_length=max_length,
+        config, params, input_ids, attention_mask, interventions.get("encoder"),
+        _follow_beams(interventions.get("decoder"), input_ids.shape[0], num_beams), trie_arrays, num_beams=num_beams,
+        max_length=max_length,
         num_return=num_return, length_penalty=float(length_penalty), early_stopping=early_stopping,
         renormalize=bool(renormalize), max_children=max_children)
     return BeamSearchOutput(sequences, scores)
 
 
-# --------------------------------------------------------------------------------------------------
-# One decoder position with a key/value cache
-# --------------------------------------------------------------------------------------------------
+def _follow_beams(decoder_interventions, queries: int, num_beams: int):
+    """Decoder patches for the beam-major rows (query i's beams are rows i*K .. i*K+K-1): arrays with a
+    batch axis of one entry per query are repeated for each of its beams."""
+    if not decoder_interventions:
+        return None
 
-def _attend(q, k, v, bias, key_mask, out):
-    """q [N, H, dk], k / v [N, T, H, dk], bias [1, H, T] or None, key_mask [N|1, 1, T] -> [N, D]
-    (the numerics of `genir_jax.core.modules.MultiHeadAttention`)."""
-    scores = jnp.einsum("nhk,nthk->nht", q, k)
-    if bias is not None:
-        scores = scores + bias.astype(scores.dtype)
-    scores = jnp.where(key_mask, scores, jnp.finfo(scores.dtype).min)
-    pattern = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-    z = jnp.einsum("nht,nthk->nhk", pattern, v)
-    return jnp.einsum("nhk,hkd->nd", z, out)
+    def repeat(leaf, axis):
+        shape = np.shape(leaf)
+        if len(shape) <= axis or shape[axis] != queries or queries == 1:
+            return leaf
+        return jnp.repeat(jnp.asarray(leaf), num_beams, axis=axis)
 
-
-def _decoder_step(config: T5Config, params, tokens, position, self_k, self_v, cross_k, cross_v, cross_mask,
-                  bias_rows, patches=None):
-    """Logits [N, V] for `tokens` [N] at decoder `position` (traced), and the updated self-attention
-    caches [L, N, T, H, dk]. cross_k / cross_v [L, N, S, H, dk]; cross_mask [N, 1, S] bool;
-    bias_rows [T, H, T] (the causal relative position bias of every query position); `patches`: from
-    `decoder_output_patches`, or None."""
-    cfg = config
-    dec = params["decoder"]
-    length = self_k.shape[2]
-    bias = jax.lax.dynamic_index_in_dim(bias_rows, position, axis=0, keepdims=True)  # [1, H, T]
-    causal = (jnp.arange(length) <= position)[None, None, :]
-    x = jnp.take(params["shared"], tokens, axis=0)
-    mlp = MLP(d_model=cfg.d_model, d_ff=cfg.d_ff, activation=cfg.dense_act_fn, gated=cfg.is_gated_act)
-    norm = RMSNorm(epsilon=cfg.layer_norm_epsilon)
-    no_tap = SiteTap(None).scoped("mlp.")
-
-    layer_patches = ((), (), ()) if patches is None else patches  # scanned: [L] / [L, P, D] leaves
-
-    def layer(x, xs):
-        lp, k_cache, v_cache, ck, cv, own = xs
-        sa = lp["self_attn"]
-        h = norm.apply({"params": lp["self_attn_norm"]}, x)
-        q = jnp.einsum("nd,dhk->nhk", h, sa["query"])
-        k_new = jnp.einsum("nd,dhk->nhk", h, sa["key"])
-        v_new = jnp.einsum("nd,dhk->nhk", h, sa["value"])
-        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k_new[:, None], position, axis=1)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v_new[:, None], position, axis=1)
-        x = x + _patched(_attend(q, k_cache, v_cache, bias, causal, sa["out"]), own[0], position)
-        ca = lp["cross_attn"]
-        h = norm.apply({"params": lp["cross_attn_norm"]}, x)
-        q = jnp.einsum("nd,dhk->nhk", h, ca["query"])
-        x = x + _patched(_attend(q, ck, cv, None, cross_mask, ca["out"]), own[1], position)
-        h = norm.apply({"params": lp["mlp_norm"]}, x)
-        x = x + _patched(mlp.apply({"params": lp["mlp"]}, h, no_tap), own[2], position)
-        return x, (k_cache, v_cache)
-
-    x, (self_k, self_v) = jax.lax.scan(layer, x, (dec["layers"], self_k, self_v, cross_k, cross_v, layer_patches))
-    x = norm.apply({"params": dec["final_norm"]}, x)
-    logits = T5(cfg).apply({"params": params}, x, method=T5.unembed)
-    return logits.astype(jnp.float32), self_k, self_v
-
-
-def _bias_rows(config: T5Config, params, length: int):
-    """[T, H, T]: row t is the decoder's relative position bias of query position t over keys 0..T-1."""
-    bias = RelativePositionBias(
-        num_buckets=config.relative_attention_num_buckets, max_distance=config.relative_attention_max_distance,
-        num_heads=config.num_heads, bidirectional=False,
-    ).apply({"params": params["decoder"]["relpos_bias"]}, length, length)  # [1, H, T, T]
-    return jnp.transpose(bias[0], (1, 0, 2))
+    out = {}
+    for local, patches in decoder_interventions.items():
+        axis = 0 if local in STACK_SITES else 1  # layer sites: [L, N, ...]
+        patches = (patches,) if isinstance(patches, Patch) else tuple(patches)
+        out[local] = tuple(Patch(*(repeat(leaf, axis) for leaf in patch)) for patch in patches)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,23 +282,20 @@ def _trie_next(trie, states, tokens, max_children):
 
 @functools.partial(jax.jit, static_argnames=("config", "num_beams", "max_length", "num_return", "length_penalty",
                                              "early_stopping", "renormalize", "max_children"))
-def _beam_search(config, params, input_ids, attention_mask, trie, patches, *, num_beams, max_length, num_return,
-                 length_penalty, early_stopping, renormalize, max_children):
+def _beam_search(config, params, input_ids, attention_mask, encoder_patches, decoder_patches, trie=None, *,
+                 num_beams, max_length, num_return, length_penalty, early_stopping, renormalize, max_children):
     cfg = config
     B, K, T, V = input_ids.shape[0], num_beams, max_length, cfg.vocab_size
     steps = T - 1  # decoder input positions 0..T-2; the token chosen at step i goes to position i + 1
     eos, pad = cfg.eos_token_id, cfg.pad_token_id
-    heads, d_kv, layers = cfg.num_heads, cfg.d_kv, cfg.num_decoder_layers
+    model, variables = T5(cfg), {"params": params}
+    decoder_patches = {"decoder": decoder_patches} if decoder_patches else None
 
-    encoded, _ = T5(cfg).apply({"params": params}, input_ids, attention_mask, None, method=T5.encode)
+    encoded, _ = model.apply(variables, input_ids, attention_mask,
+                             {"encoder": encoder_patches} if encoder_patches else None, method=T5.encode)
     encoded = jnp.repeat(encoded, K, axis=0)  # [B*K, S, D], beam-major within a query
-    cross_mask = jnp.repeat(attention_mask.astype(bool), K, axis=0)[:, None, :]
-    cross = params["decoder"]["layers"]["cross_attn"]
-    cross_k = jnp.einsum("nsd,ldhk->lnshk", encoded, cross["key"])
-    cross_v = jnp.einsum("nsd,ldhk->lnshk", encoded, cross["value"])
-    bias_rows = _bias_rows(cfg, params, steps)
-    cache_shape = (layers, B * K, steps, heads, d_kv)
-    dtype = encoded.dtype
+    beam_mask = jnp.repeat(attention_mask, K, axis=0)
+    cache = model.apply(variables, encoded, steps, decoder_patches, method=T5.init_decode_cache)
 
     # Python-float powers cast to float32, as transformers divides float32 scores by Python floats.
     finish_denominator = jnp.asarray(np.array([float(n) ** length_penalty for n in range(1, T + 1)], np.float32))
@@ -412,17 +316,16 @@ def _beam_search(config, params, input_ids, attention_mask, trie, patches, *, nu
         running_state=jnp.zeros((B, K), jnp.int32).at[:, 1:].set(-1),
         seqs=running_seqs, scores=jnp.full((B, K), _NEG, jnp.float32), finished=jnp.zeros((B, K), bool),
         finished_state=jnp.full((B, K), -1, jnp.int32),
-        unsatisfied=jnp.ones((B, 1), bool),
-        self_k=jnp.zeros(cache_shape, dtype), self_v=jnp.zeros(cache_shape, dtype),
+        unsatisfied=jnp.ones((B, 1), bool), cache=cache,
     )
 
     def body(c):
         i = c["i"]
         cur_len = i + 1  # tokens in the running sequences, start token included
         tokens = c["running_seqs"][:, :, i].reshape(B * K)
-        logits, self_k, self_v = _decoder_step(cfg, params, tokens, i, c["self_k"], c["self_v"], cross_k, cross_v,
-                                               cross_mask, bias_rows, patches)
-        logits = logits.reshape(B, K, V)
+        logits, cache = model.apply(variables, tokens, i, c["cache"], beam_mask, decoder_patches,
+                                    method=T5.decode_step)
+        logits = logits.astype(jnp.float32).reshape(B, K, V)
         if trie is not None:
             window = _trie_window(trie, c["running_state"], max_children)  # [B, K, C]
             rows = jnp.arange(B * K, dtype=jnp.int32)[:, None]
@@ -471,8 +374,8 @@ def _beam_search(config, params, input_ids, attention_mask, trie, patches, *, nu
 
         # g. reorder the caches; early-stopping heuristic; loop condition
         flat_source = (source + jnp.arange(B, dtype=source.dtype)[:, None] * K).reshape(B * K)
-        self_k = jnp.take(self_k, flat_source, axis=1)
-        self_v = jnp.take(self_v, flat_source, axis=1)
+        cache = cache._replace(self_k=jnp.take(cache.self_k, flat_source, axis=1),
+                               self_v=jnp.take(cache.self_v, flat_source, axis=1))
         best_possible = running_scores[:, :1] / heuristic_denominator[i]
         worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), _NEG)
         unsatisfied = c["unsatisfied"] & jnp.any(best_possible > worst_finished, axis=-1, keepdims=True)
@@ -480,7 +383,7 @@ def _beam_search(config, params, input_ids, attention_mask, trie, patches, *, nu
               & (i + 1 < steps))
         return dict(i=i + 1, go=go, running_seqs=running_seqs, running_scores=running_scores,
                     running_state=running_state, seqs=seqs, scores=scores, finished=finished,
-                    finished_state=finished_state, unsatisfied=unsatisfied, self_k=self_k, self_v=self_v)
+                    finished_state=finished_state, unsatisfied=unsatisfied, cache=cache)
 
     out = jax.lax.while_loop(lambda c: c["go"], body, init)
     seqs, scores = out["seqs"][:, :num_return], out["scores"][:, :num_return]
@@ -498,4 +401,4 @@ def _beam_search(config, params, input_ids, attention_mask, trie, patches, *, nu
     return seqs, scores
 
 
-__all__ = ["BeamSearchOutput", "DocidTrie", "beam_search", "decoder_output_patches"]
+__all__ = ["BeamSearchOutput", "DocidTrie", "beam_search"]

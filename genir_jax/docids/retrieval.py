@@ -124,8 +124,8 @@ def rank_docid_sequences(config: T5Config, params, input_ids, attention_mask, tr
     decoded text, as the reference matches strings). Returns ``(indices [N, R] (-1: no docid of the corpus,
     or a document already ranked higher), scores [N, R] float32 (beam scores: summed log-probabilities /
     length), sequences [N, R, T])``. `batch_size` queries per jitted call (x `num_beams` decoder rows); the
-    last batch is padded, so it compiles once. `interventions`: decoder component-output patches applied at
-    every decoding step (`genir_jax.docids.decoding.decoder_output_patches`), e.g. a circuit.
+    last batch is padded, so it compiles once. `interventions`: patches of any site, applied at every
+    decoding step as in a forward (`genir_jax.docids.decoding.beam_search`), e.g. a circuit.
     """
     from genir_jax.docids.decoding import beam_search
 

@@ -28,15 +28,11 @@ from tqdm.auto import tqdm
 
 from genir_jax.base.batching import batches, num_batches
 from genir_jax.core.config import T5Config
-from genir_jax.base.errors import GenIRError
 from genir_jax.core.sites import STACK_SITES, Site, expand_site_patterns, num_layers, parse_site, site_shape
 from genir_jax.core.taps import Patch
+from genir_jax.core.validation import InterventionError, _check_broadcast, _is_array, validate  # noqa: F401 (re-export)
 
 Interventions = dict  # {"encoder"|"decoder": {local site: Patch | tuple[Patch, ...]}}
-
-
-class InterventionError(GenIRError, ValueError):
-    """An intervention that does not fit the model or the inputs (wrong shape, wrong axis)."""
 
 
 class FromSource:
@@ -294,54 +290,6 @@ def combine(*interventions: Interventions) -> Interventions:
 
 
 # --------------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------------
-
-def validate(config: T5Config, interventions: Interventions | None, batch: int, encoder_length: int,
-             decoder_length: int, leading: tuple[int, ...] = ()) -> None:
-    """Check every patch against the model and the input shapes; raise `InterventionError` naming the
-    site and the expected shape. `leading` is the shape of extra leading axes on masks (a sweep's K)."""
-    for stack, sites in (interventions or {}).items():
-        if stack not in ("encoder", "decoder"):
-            raise InterventionError(f"interventions: unknown stack '{stack}' (expected 'encoder' or 'decoder')")
-        length = encoder_length if stack == "encoder" else decoder_length
-        for local, patches in sites.items():
-            layer = None if local in STACK_SITES else 0
-            site = Site(stack, local, layer)
-            parse_site(config, site.name)  # unknown local names raise with a suggestion
-            full = (batch,) + site_shape(config, site, length, encoder_length)
-            if layer is not None:
-                full = (num_layers(config, stack),) + full
-            label = site.name if layer is None else f"{stack}.*.{local}"
-            for patch in (patches,) if isinstance(patches, Patch) else patches:
-                if not isinstance(patch, Patch):
-                    raise InterventionError(f"interventions['{stack}']['{local}']: expected Patch(mask, value), "
-                                            f"got {type(patch).__name__}")
-                _check_broadcast(label, "mask", np.shape(patch.mask), leading + full, leading)
-                if _is_array(patch.value):
-                    _check_broadcast(label, "value", np.shape(patch.value), full, ())
-
-
-def _is_array(value) -> bool:
-    return isinstance(value, (np.ndarray, jax.Array, float, int, np.number))
-
-
-def _check_broadcast(label: str, what: str, shape: tuple, expected: tuple, leading: tuple) -> None:
-    if what == "value" and shape == ():
-        return
-    ok = len(shape) == len(expected) and all(s in (1, e) for s, e in zip(shape, expected))
-    if leading and ok:
-        ok = tuple(shape[: len(leading)]) == leading
-    if not ok:
-        axes = "[K, " if leading else "["
-        layer_hint = "L, " if len(expected) - len(leading) > 0 else ""
-        raise InterventionError(
-            f"site '{label}': {what} has shape {tuple(shape)}, which does not broadcast to {tuple(expected)} "
-            f"({axes}{layer_hint}B, ...site] with each axis of that size or 1)"
-        )
-
-
-# --------------------------------------------------------------------------------------------------
 # Streaming means
 # --------------------------------------------------------------------------------------------------
 
@@ -384,7 +332,7 @@ def _batch_sums(config: T5Config, names: tuple[str, ...], params, input_ids, att
     Runs the encoder and decoder only (no unembedding: the logits are not needed) and sums each stack's
     stacked cache [layers, B, ...] once before splitting it by site, which halves the compile time of a
     24-layer model against per-site sums of a full forward."""
-    from genir_jax.core.model import T5, _named_cache, cache_specs
+    from genir_jax.core.model import T5, cache_specs, named_cache
 
     specs = cache_specs(config, names)
     model = T5(config, encoder_cache=specs[0], decoder_cache=specs[1])
@@ -398,4 +346,4 @@ def _batch_sums(config: T5Config, names: tuple[str, ...], params, input_ids, att
             batch_axis = 0 if local in STACK_SITES else 1  # layer sites are stacked [layers, B, ...]
             array = jnp.moveaxis(raw[local].astype(jnp.float32), batch_axis, -1)
             sums[stack][local] = jnp.einsum("...b,b->...", array, weights)
-    return _named_cache(config, names, sums, specs)
+    return named_cache(config, names, sums, specs)

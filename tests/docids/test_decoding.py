@@ -288,16 +288,14 @@ def test_trie_beam_search_with_interventions_equals_patched_exhaustive_scoring(p
     np.testing.assert_allclose(np.asarray(out.scores), np.take_along_axis(expected, order, 1), rtol=0, atol=1e-5)
 
 
-def test_unsupported_interventions_during_decoding_are_refused(params):
-    from genir_jax.interp import interventions as ivs
-
-    ids, mask, _ = padded_batch(CONFIG.vocab_size, [4, 5], seed=1)
+def test_interventions_that_do_not_fit_are_refused_by_the_core_validation(params):
     from genir_jax.core.taps import Patch
 
+    ids, mask, _ = padded_batch(CONFIG.vocab_size, [4, 5], seed=1)
+    # max_length 4: 3 decoder positions, so a mask over 4 positions does not fit
     per_position = {"decoder": {"hook_mlp_out": Patch(np.zeros((3, 1, 4, 1), np.float32), 0.0)}}
-    for bad, message in ((ivs.zero_ablation(CONFIG, ["decoder.1.mlp.hook_post"]), "cannot be patched during decoding"),
-                         (ivs.zero_ablation(CONFIG, ["encoder.0.hook_mlp_out"]), "interventions on the encoder"),
-                         (ivs.zero_ablation(CONFIG, ["decoder.1.hook_resid_post"]), "cannot be patched"),
-                         (per_position, "only whole-layer masks")):
+    for bad, message in ((per_position, r"decoder\.\*\.hook_mlp_out.*does not broadcast"),
+                         ({"middle": {}}, "unknown stack"),
+                         ({"decoder": {"hook_nope": Patch(1.0, 0.0)}}, "unknown site 'decoder.0.hook_nope'")):
         with pytest.raises(GenIRError, match=message):
             beam_search(CONFIG, params, ids, mask, num_beams=2, max_length=4, interventions=bad)
