@@ -18,6 +18,7 @@ import genir_jax as gj
 from genir_jax.interp import sweep as sw
 from genir_jax.cli.main import main
 from genir_jax.checkpoints.hf import load_pretrained
+from genir_jax.core.model import logical_axes, param_shapes
 from genir_jax.scale.partitioning import (DEFAULT_RULES, Partitioner, PartitioningError, make_mesh, merge_rules, parse_mesh,
                                     parse_rules)
 from genir_jax.interp.patching import run_sweep
@@ -57,8 +58,8 @@ def test_rules_errors_name_the_axis_parameter_and_dimension():
     odd = CONFIG.replace(num_heads=3, d_kv=8)  # 3 heads cannot be split 2 ways
     with pytest.raises(PartitioningError, match=r"parameter decoder/layers/cross_attn/key: dimension 2 \('heads', "
                                                 r"size 3\) cannot be split 2 ways"):
-        Partitioner("model=2").param_specs(odd)
-    Partitioner("model=2", merge_rules("heads=none")).param_specs(odd)  # replicating heads is fine
+        Partitioner("model=2").param_specs(logical_axes(odd), param_shapes(odd))
+    Partitioner("model=2", merge_rules("heads=none")).param_specs(logical_axes(odd), param_shapes(odd))  # replicating heads is fine
 
 
 def test_cli_refuses_a_bad_mesh_with_exit_2(capsys, tmp_path):
@@ -85,7 +86,7 @@ def test_sharded_safetensors_load_equals_the_plain_load_and_reads_slices(hf_chec
     flat_plain = jax.tree_util.tree_leaves_with_path(plain.params)
     flat_sharded = dict(jax.tree_util.tree_leaves_with_path(sharded))
     assert len(flat_plain) == len(flat_sharded)
-    specs = partitioner.param_shardings(config)
+    specs = partitioner.param_shardings(logical_axes(config), param_shapes(config))
     for path, array in flat_plain:
         got = flat_sharded[path]
         np.testing.assert_array_equal(np.asarray(got), np.asarray(array), err_msg=jax.tree_util.keystr(path))
