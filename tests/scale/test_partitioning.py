@@ -272,3 +272,19 @@ def test_bfloat16_sweep_ranks_agree_with_float32(mesh_cases):
     assert bf16["dtypes"] == ["float32"] and bf16["rank_dtype"] == "int32"
     assert bf16["identical"] >= 0.9 and bf16["configs_identical"] >= 0.6 and bf16["within_1"] >= 0.98, bf16
     assert 0 < bf16["logit_max_diff"] < 0.05 * bf16["logit_max"], bf16  # bf16 did change the numbers, a little
+
+
+def test_a_program_traced_under_one_mesh_or_rules_is_not_reused_under_another():
+    """`forward` (rules and mesh from ``Partitioner.activate``) and `run_sweep` under data=8, data=2,model=4 and
+    data=8 with batch=none, twice round with the same shapes (tests/partitioning_program_cases.py, 8 simulated
+    devices): the constrained ``hook_resid_pre`` is split as each partitioner says, results unchanged."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
+    done = subprocess.run([sys.executable, "-m", "tests.partitioning_program_cases"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = {"data=8": [1, 5, 16], "data=2,model=4": [4, 5, 16], "data=8 batch=none": [8, 5, 16]}
+    for name, shard in expected.items():
+        assert [run["resid_shard"] for run in out["forward"][name]] == [shard, shard], (name, out["forward"][name])
+        assert all(run["max_diff"] < 1e-5 for run in out["forward"][name]), out["forward"][name]
+        assert out["sweep"][name] == [True, True], name
