@@ -412,5 +412,6 @@ def put_rows(array, partitioner: Partitioner, leading: str = "batch"):
 
 
 __all__ = [
-    "DEFAULT_RULES", "LOGICAL_AXES", "MESH_AXES", "Partitioner", "PartitioningError", "active", "current", "fetch", "make_mesh", "maybe_activate", "merge_rules", "parse_mesh", "parse_rules", "put_rows", "use",
+    "DEFAULT_RULES", "LOGICAL_AXES", "MESH_AXES", "Partitioner", "PartitioningError", "active", "current", "fetch",
+    "make_mesh", "maybe_activate", "merge_rules", "parse_mesh", "parse_rules", "put_rows", "use",
 ]

@@ -59,7 +59,8 @@ def test_rules_errors_name_the_axis_parameter_and_dimension():
     with pytest.raises(PartitioningError, match=r"parameter decoder/layers/cross_attn/key: dimension 2 \('heads', "
                                                 r"size 3\) cannot be split 2 ways"):
         Partitioner("model=2").param_specs(logical_axes(odd), param_shapes(odd))
-    Partitioner("model=2", merge_rules("heads=none")).param_specs(logical_axes(odd), param_shapes(odd))  # replicating heads is fine
+    # replicating heads is fine
+    Partitioner("model=2", merge_rules("heads=none")).param_specs(logical_axes(odd), param_shapes(odd))
 
 
 def test_cli_refuses_a_bad_mesh_with_exit_2(capsys, tmp_path):
