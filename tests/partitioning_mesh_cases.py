@@ -65,8 +65,9 @@ def main(checkpoint: str | None = None) -> dict:
         model = p.axis_size("model")
         case = {}
         tick = time.perf_counter()
-        sharded = p.shard_params(params, CONFIG)
-        logits = forward(CONFIG, sharded, put_rows(ids, p), put_rows(mask, p), put_rows(start, p), partitioner=p)
+        sharded = p.shard_params(params, logical_axes(CONFIG))
+        with p.activate():
+            logits = forward(CONFIG, sharded, put_rows(ids, p), put_rows(mask, p), put_rows(start, p))
         case["forward_max_diff"] = float(np.abs(np.asarray(logits) - reference_logits).max())
         result = run_sweep(CONFIG, params, ids, mask, targets, grid, partitioner=p, prefix_sharing=False,
                            progress=False)

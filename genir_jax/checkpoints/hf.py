@@ -433,10 +433,10 @@ def sharded_params_from_safetensors(config: T5Config, files: "_WeightFiles", par
     by_path: dict[tuple[str, ...], dict] = {}
     for spec in specs:
         by_path.setdefault(spec.path, {})[spec.layer] = spec
-    from genir_jax.core.model import param_shapes
+    from genir_jax.core.model import logical_axes, param_shapes
 
     shapes = param_shapes(config)
-    shardings = partitioner.param_shardings(config)
+    shardings = partitioner.param_shardings(logical_axes(config), shapes)
 
     def lookup(tree, path):
         for key in path:
@@ -518,7 +518,9 @@ def load_pretrained(
     else:
         config, params = params_from_hf_tensors(config, files.get, files.names(), files.source, dtype=dtype)
         if partitioner is not None:
-            params = partitioner.shard_params(params, config)
+            from genir_jax.core.model import logical_axes
+
+            params = partitioner.shard_params(params, logical_axes(config))
     tokenizer = load_tokenizer_from(directory, fast=fast_tokenizer) if load_tokenizer else None
     if tokenizer is not None and len(tokenizer) > config.vocab_size:
         raise CheckpointError(

@@ -33,7 +33,6 @@ import numpy as np
 from genir_jax.core.config import T5Config
 from genir_jax.core.dropout import Dropout
 from genir_jax.core.modules import MLP, MultiHeadAttention, RelativePositionBias, RMSNorm, partitioned
-from genir_jax.scale.partitioning import constrain, maybe_activate
 from genir_jax.core.sites import STACK_SITES, Site, expand_site_patterns, num_layers, parse_site, site_shape
 from genir_jax.core.taps import Patch, SiteTap
 from genir_jax.core.validation import validate
@@ -106,7 +105,7 @@ class _Layer(nn.Module):
         def read(index):  # the residual as component `index` reads it
             return x if not paths else x - (1.0 - layer_receivers[index]).astype(x.dtype) * delta
 
-        x = tap("hook_resid_pre", constrain(x, ("batch", "length", "embed")))
+        x = tap("hook_resid_pre", nn.with_logical_constraint(x, ("batch", "length", "embed")))
         normed = norm(name="self_attn_norm")(read(0))
         self_attn = attention(name="self_attn")
         if decoding:
@@ -430,14 +429,21 @@ def _rngs(deterministic: bool, dropout_rng):
     return {"dropout": dropout_rng} if dropout_rng is not None else None
 
 
-@functools.partial(jax.jit, static_argnames=("config", "specs", "deterministic", "dtype", "partitioner",
+def _axis_rules() -> tuple:
+    """The enclosing ``nn.logical_axis_rules`` as a hashable static jit argument: flax's rules context is
+    not part of jit's cache key, so a program traced under one set of rules must not serve another."""
+    return tuple((name, tuple(axis) if isinstance(axis, list) else axis)
+                 for name, axis in nn.get_logical_axis_rules())
+
+
+@functools.partial(jax.jit, static_argnames=("config", "specs", "deterministic", "dtype", "axis_rules",
                                              "fold_cross_attention", "unroll_layers"))
 def _forward(config, params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
-             interventions, rngs, specs, deterministic, dtype, partitioner=None, fold_cross_attention=False,
+             interventions, rngs, specs, deterministic, dtype, axis_rules=(), fold_cross_attention=False,
              unroll_layers=False):
     model = T5(config, encoder_cache=specs[0], decoder_cache=specs[1], deterministic=deterministic, dtype=dtype,
                fold_cross_attention=fold_cross_attention, unroll_layers=unroll_layers)
-    with maybe_activate(partitioner):  # activations placed by logical name (genir_jax.scale.partitioning)
+    with nn.logical_axis_rules(axis_rules):  # activations placed by logical name (nn.with_logical_constraint)
         return model.apply({"params": params}, input_ids, attention_mask, decoder_input_ids,
                            decoder_attention_mask, interventions, rngs=rngs)
 
@@ -455,7 +461,6 @@ def forward_with_cache(
     deterministic: bool = True,
     dropout_rng: jax.Array | None = None,
     dtype=None,
-    partitioner=None,
     fold_cross_attention: bool = False,
     unroll_layers: bool = False,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
@@ -463,9 +468,9 @@ def forward_with_cache(
 
     `cache_sites` holds full names or shell-style patterns (``"decoder.*.hook_mlp_out"``). Only the
     requested (site, layer) pairs are kept in memory. `dtype` (e.g. ``jnp.bfloat16``) casts the
-    parameters at use; None computes in the parameters' dtype. `partitioner` (a
-    `genir_jax.scale.partitioning.Partitioner`): activations are constrained by its rules (place the parameters
-    with ``partitioner.shard_params`` and the inputs with its batch sharding); None: as the arrays lie.
+    parameters at use; None computes in the parameters' dtype. Activations are constrained by logical
+    axis name under the enclosing ``nn.logical_axis_rules`` and mesh (``with partitioner.activate():``,
+    `genir_jax.scale.partitioning`; place the parameters and inputs to match); outside one, as the arrays lie.
     `fold_cross_attention`: the decoder's cross-attention skips projecting keys and values where that
     costs less (few decoder positions; `genir_jax.core.modules.MultiHeadAttention.fold_keys`): faster, equal up
     to float rounding; training uses it, analyses keep the projected keys of the reference's computation.
@@ -480,7 +485,7 @@ def forward_with_cache(
     dec_mask = None if decoder_attention_mask is None else _as_int(decoder_attention_mask)
     logits, raw = _forward(config, params, _as_int(input_ids), _as_int(attention_mask), _as_int(decoder_input_ids),
                            dec_mask, interventions, _rngs(deterministic, dropout_rng), specs, deterministic,
-                           _jnp_dtype(dtype), partitioner, fold_cross_attention, unroll_layers)
+                           _jnp_dtype(dtype), _axis_rules(), fold_cross_attention, unroll_layers)
     return logits, named_cache(config, names, raw, specs)
 
 
@@ -496,7 +501,6 @@ def forward(
     deterministic: bool = True,
     dropout_rng: jax.Array | None = None,
     dtype=None,
-    partitioner=None,
     fold_cross_attention: bool = False,
     unroll_layers: bool = False,
 ) -> jnp.ndarray:
@@ -504,7 +508,7 @@ def forward(
     Options as `forward_with_cache`."""
     logits, _ = forward_with_cache(
         config, params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, interventions,
-        deterministic=deterministic, dropout_rng=dropout_rng, dtype=dtype, partitioner=partitioner,
+        deterministic=deterministic, dropout_rng=dropout_rng, dtype=dtype,
         fold_cross_attention=fold_cross_attention, unroll_layers=unroll_layers,
     )
     return logits

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from genir_jax.base.batching import batches
 from genir_jax.core.config import T5Config
 from genir_jax.interp.interventions import FromSource, InterventionError
-from genir_jax.core.model import T5, forward_with_cache
+from genir_jax.core.model import T5, forward_with_cache, logical_axes
 from genir_jax.scale.partitioning import Partitioner, current, maybe_activate, put_rows
 from genir_jax.interp.metrics import DIFFERENTIABLE_METRICS, METRIC_TABLE
 from genir_jax.interp.patching import (
@@ -260,9 +260,9 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
             source = source._replace(params=jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), source.params))
     partitioner = partitioner if partitioner is not None else current()
     if partitioner is not None:
-        params = partitioner.shard_params(params, config)
+        params = partitioner.shard_params(params, logical_axes(config))
         if source is not None:
-            source = source._replace(params=partitioner.shard_params(source.params, source.config))
+            source = source._replace(params=partitioner.shard_params(source.params, logical_axes(source.config)))
     place = (lambda a: put_rows(a, partitioner)) if partitioner is not None else jnp.asarray
     plan = _plan(sweep.terms)
     names = _source_names(config, plan)
@@ -296,12 +296,14 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
         start = np.asarray(_decoder_inputs(config, ids, targets, tmask))
         cache = {}
         if cache_sites:
-            _, cache = forward_with_cache(config, params, place(ids), place(mask), place(start),
-                                          cache_sites=cache_sites, partitioner=partitioner)
+            with maybe_activate(partitioner):  # forward keys its program by the rules it runs under
+                _, cache = forward_with_cache(config, params, place(ids), place(mask), place(start),
+                                              cache_sites=cache_sites)
         source_values = {}
         if names:
-            _, source_cache = forward_with_cache(source.config, source.params, place(s_ids), place(s_mask),
-                                                 place(start), cache_sites=names, partitioner=partitioner)
+            with maybe_activate(partitioner):
+                _, source_cache = forward_with_cache(source.config, source.params, place(s_ids), place(s_mask),
+                                                     place(start), cache_sites=names)
             for term in plan:
                 if term.from_source:
                     if term.layer_site:

@@ -48,7 +48,7 @@ from genir_jax.interp.metrics import (  # noqa: F401 (re-exported: the sweep's m
     DIFFERENTIABLE_METRICS, METRIC_TABLE, METRICS, RANK_METRICS, SEQUENCE_METRICS, THRESHOLDS, block_aggregates,
     ranks_of_targets, reduce_steps, VOCAB_BLOCK, streamed_target_metrics, target_metrics,
 )
-from genir_jax.core.model import T5, cache_specs, decode_suffix, unembedding_rows
+from genir_jax.core.model import T5, cache_specs, decode_suffix, logical_axes, unembedding_rows
 from genir_jax.scale.partitioning import Partitioner, current, fetch, maybe_activate
 from genir_jax.interp.rank_window import RANK_WINDOW, clean_window, windowed_ranks
 from genir_jax.core.sites import STACK_SITES, Site, num_layers, site_shape
@@ -455,9 +455,9 @@ def run_sweep(
         partitioner = current() if devices is None and current() is not None else Partitioner.data_parallel(devices)
     rows_sharding = partitioner.sharding(("batch",))
     replicated = partitioner.replicated
-    params = partitioner.shard_params(params, config)
+    params = partitioner.shard_params(params, logical_axes(config))
     if source_params is not None:
-        source_params = partitioner.shard_params(source_params, source_config)
+        source_params = partitioner.shard_params(source_params, logical_axes(source_config))
     num_configs = sweep.size
     shards = partitioner.data_size
     per_device = query_chunk or _balanced_chunk(-(-count // shards), 64)

@@ -152,10 +152,11 @@ def abstract_params(config: T5Config, partitioner, dtype) -> Any:
     """The parameters as `jax.ShapeDtypeStruct` (no memory) with the partitioner's shardings."""
     import jax
 
-    from genir_jax.core.model import param_shapes
+    from genir_jax.core.model import logical_axes, param_shapes
 
-    return jax.tree_util.tree_map(lambda s, sh: _sds(s.shape, dtype, sh), param_shapes(config),
-                                  partitioner.param_shardings(config))
+    shapes = param_shapes(config)
+    return jax.tree_util.tree_map(lambda s, sh: _sds(s.shape, dtype, sh), shapes,
+                                  partitioner.param_shardings(logical_axes(config), shapes))
 
 
 def _rows(partitioner, shape, dtype, leading: str = "batch"):
@@ -200,8 +201,9 @@ def _lower_forward(config, partitioner, work, dtype):
     ids, mask = _inputs(partitioner, work)
     dec = _rows(partitioner, (work.batch, work.target_length), jnp.int32)
 
-    def run(params, ids, mask, dec):
-        return forward(config, params, ids, mask, dec, dtype=dtype, partitioner=partitioner)
+    def run(params, ids, mask, dec):  # a new jit per call: keyed by this partitioner
+        with partitioner.activate():
+            return forward(config, params, ids, mask, dec, dtype=dtype)
 
     logits = partitioner.sharding(("batch", "length", "vocab"))
     return jax.jit(run, out_shardings=logits).lower(params, ids, mask, dec), {

@@ -1,9 +1,10 @@
 """Logical axes -> device mesh: one rules table and one partitioner for forward, sweeps, attribution, training.
 
 As in t5x (``partitioning.py``, ``standard_logical_axis_rules``): model code names the logical axes of its
-parameters (`genir_jax.core.model.logical_axes`) and of a few activations (`constrain`); one table of rules
-maps logical names to mesh axes; a `Partitioner` (mesh + rules) turns that into shardings. Model code
-never sees a mesh. Mapping names to mesh axes is flax's `nn.logical_to_mesh_axes`.
+parameters (`genir_jax.core.model.logical_axes`) and of a few activations (`nn.with_logical_constraint`);
+one table of rules maps logical names to mesh axes; a `Partitioner` (mesh + rules) turns that into
+shardings. Model code never sees a mesh, and this module imports nothing from the model: callers pass the
+logical axes tree (t5x's ``get_mesh_axes``). Mapping names to mesh axes is flax's `nn.logical_to_mesh_axes`.
 
 Mesh axes: ``data`` (batch / queries), ``configs`` (the config axis of a sweep) and ``model`` (tensor
 parallel: `mlp`, `heads`, `vocab`). A rule whose mesh axis is absent from the mesh (or has size 1) maps to
@@ -18,11 +19,14 @@ Public API (stable; `genir-jax plan` and the benchmarks build on it)::
     p = Partitioner("data=4,model=2" | {"data": 4} | Mesh, rules=DEFAULT_RULES, devices=None)
     p.mesh, p.rules, p.axis_size("data"), p.data_size, p.config_size
     p.spec(("batch", "length")) / p.sharding(names)              logical names -> PartitionSpec / NamedSharding
-    p.param_specs(config) / p.param_shardings(config)            per parameter (divisibility checked)
-    p.shard_params(params, config)                               place a parameter pytree as the rules say
-    p.opt_state_shardings(optimizer, params, config)             optax state: like its parameters
+    p.param_specs(axes, shapes) / p.param_shardings(axes, shapes)  per parameter (divisibility checked);
+                                                                 axes = genir_jax.core.model.logical_axes(config),
+                                                                 shapes = param_shapes(config) or the params
+    p.shard_params(params, axes)                                 place a parameter pytree as the rules say
+    p.opt_state_shardings(optimizer, params, axes)               optax state: like its parameters
     p.batch_sharding(ndim) / p.replicated                        leading axis on `data` / everywhere
-    with p.activate(): ... constrain(x, ("batch", "length", "embed"))   activations, inside jit
+    with p.activate(): ...                                       the rules and the mesh for the model's
+                                                                 nn.with_logical_constraint (in or outside jit)
     with use(p): ...  /  current()                               the partitioner a command's --mesh chose
     fetch(tree)                                                  host copies (gathered across processes)
 
@@ -32,14 +36,15 @@ mesh axis does not divide (naming the parameter and the dimension), an unknown l
 
 Jitted functions take the partitioner as a static argument and trace under ``with p.activate()``, so a
 compiled program is keyed by its mesh and rules (a context manager alone would not be part of jit's
-cache key).
+cache key; the model's own `forward` keys its program by the rules it finds). Dimensions a mesh axis does
+not divide are constrained all the same: XLA pads them, and results are unchanged (checked on 8
+simulated CPU devices, JAX 0.10.2).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -189,21 +194,6 @@ def _path_name(path) -> str:
 # The partitioner
 # --------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=32)
-def _param_specs(partitioner: "Partitioner", config) -> Any:
-    from genir_jax.core.model import logical_axes, param_shapes
-
-    names = logical_axes(config)
-    shapes = param_shapes(config)
-
-    def one(path, logical, shape):
-        spec = partitioner.spec(tuple(logical))
-        partitioner._check_divisible(_path_name(path), tuple(logical), shape.shape, spec)
-        return spec
-
-    return jax.tree_util.tree_map_with_path(one, names, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
 _ACTIVE: contextvars.ContextVar["Partitioner | None"] = contextvars.ContextVar("genir_partitioner", default=None)
 
 
@@ -286,34 +276,46 @@ class Partitioner:
         """An array whose leading axis is the batch (split on ``data``), the rest replicated."""
         return self.sharding(("batch",) + (None,) * (ndim - 1))
 
-    def param_specs(self, config) -> Any:
-        """Mesh `PartitionSpec` of every parameter of `config`, checking each split dimension divides."""
-        return _param_specs(self, config)
+    def param_specs(self, axes, shapes) -> Any:
+        """Mesh `PartitionSpec` of every parameter, checking each split dimension divides.
 
-    def param_shardings(self, config) -> Any:
-        return jax.tree_util.tree_map(lambda s: NamedSharding(self.mesh, s), self.param_specs(config),
+        `axes`: the logical axis names of each parameter (a pytree of `PartitionSpec`,
+        `genir_jax.core.model.logical_axes(config)`); `shapes`: a pytree of the same structure whose leaves
+        have a ``shape`` (`genir_jax.core.model.param_shapes(config)` or the parameters themselves)."""
+        def one(path, logical, shape):
+            spec = self.spec(tuple(logical))
+            self._check_divisible(_path_name(path), tuple(logical), np.shape(shape), spec)
+            return spec
+
+        return jax.tree_util.tree_map_with_path(one, axes, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+    def param_shardings(self, axes, shapes) -> Any:
+        """`param_specs` as `NamedSharding` on this mesh."""
+        return jax.tree_util.tree_map(lambda s: NamedSharding(self.mesh, s), self.param_specs(axes, shapes),
                                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
-    def shard_params(self, params, config) -> Any:
-        """`params` (host or device arrays, any dtype) placed as the rules say."""
-        by_path = {_path_name(path): spec for path, spec in jax.tree_util.tree_flatten_with_path(
-            self.param_specs(config), is_leaf=lambda x: isinstance(x, PartitionSpec))[0]}
+    def shard_params(self, params, axes) -> Any:
+        """`params` (host or device arrays, any dtype) placed as the rules say; `axes` as in `param_specs`."""
+        by_path = {_path_name(path): logical for path, logical in jax.tree_util.tree_flatten_with_path(
+            axes, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]}
 
         def place(path, array):
-            spec = by_path.get(_path_name(path))
-            if spec is None:
+            logical = by_path.get(_path_name(path))
+            if logical is None:
                 raise PartitioningError(f"parameter {_path_name(path)} is not a parameter of this model config")
+            spec = self.spec(tuple(logical))
+            self._check_divisible(_path_name(path), tuple(logical), np.shape(array), spec)
             return jax.device_put(array, NamedSharding(self.mesh, spec))
 
         return jax.tree_util.tree_map_with_path(place, params)
 
-    def opt_state_shardings(self, optimizer, params, config) -> Any:
+    def opt_state_shardings(self, optimizer, params, axes) -> Any:
         """Shardings of ``optimizer.init(params)``: a state leaf shaped like a parameter (Adam's moments)
         is placed like it; factored or scalar leaves (Adafactor's row/column statistics, counts) are
         replicated."""
         import optax
 
-        specs = self.param_specs(config)
+        specs = self.param_specs(axes, params)
         abstract = jax.eval_shape(optimizer.init, params)
         shapes = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", np.float32)), params)
@@ -341,10 +343,18 @@ class Partitioner:
     # ---------------------------------------------------------------- activations
     @contextlib.contextmanager
     def activate(self):
-        """Within (at trace time), `constrain` places activations on this mesh by these rules."""
+        """Within, ``nn.with_logical_constraint`` places activations on this mesh by these rules: flax's
+        logical axis rules and the mesh (``jax.set_mesh``; inside a jit trace, where that is refused, the
+        mesh's abstract mesh, the devices coming from the arguments). Neither is part of jit's cache key:
+        jit under it with this partitioner as a static argument."""
         token = _ACTIVE.set(self)
         try:
-            with nn.logical_axis_rules(self._effective):
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(nn.logical_axis_rules(self._effective))
+                try:
+                    stack.enter_context(jax.sharding.set_mesh(self.mesh))
+                except ValueError:  # "set_mesh can only be used outside of jax.jit"
+                    stack.enter_context(jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh))
                 yield self
         finally:
             _ACTIVE.reset(token)
@@ -375,25 +385,6 @@ def active() -> Partitioner | None:
     return _ACTIVE.get()
 
 
-def constrain(x, names: Sequence[str | None]):
-    """A sharding constraint on activation `x` by logical dimension names (a no-op outside
-    `Partitioner.activate`). Dimensions the mesh axis does not divide are left unconstrained."""
-    partitioner = _ACTIVE.get()
-    if partitioner is None or not hasattr(x, "shape"):
-        return x
-    if len(names) != x.ndim:
-        raise ValueError(f"constrain: {len(names)} names for an array of rank {x.ndim}")
-    spec = list(partitioner.spec(tuple(names))) + [None] * (x.ndim - len(partitioner.spec(tuple(names))))
-    for dim, axes in enumerate(spec):
-        if axes is not None:
-            ways = math.prod(partitioner.axis_size(a) for a in ((axes,) if isinstance(axes, str) else axes))
-            if x.shape[dim] % ways:
-                spec[dim] = None
-    if all(a is None for a in spec) and partitioner.mesh.devices.size == 1:
-        return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(partitioner.mesh, PartitionSpec(*spec)))
-
-
 def fetch(tree) -> Any:
     """Host numpy copies of a pytree of arrays; arrays spread over several processes (a multi-host mesh)
     are gathered from every process (every process must call this, as for any collective)."""
@@ -421,6 +412,6 @@ def put_rows(array, partitioner: Partitioner, leading: str = "batch"):
 
 
 __all__ = [
-    "DEFAULT_RULES", "LOGICAL_AXES", "MESH_AXES", "Partitioner", "PartitioningError", "active", "constrain",
-    "current", "fetch", "make_mesh", "maybe_activate", "merge_rules", "parse_mesh", "parse_rules", "put_rows", "use",
+    "DEFAULT_RULES", "LOGICAL_AXES", "MESH_AXES", "Partitioner", "PartitioningError", "active", "current", "fetch",
+    "make_mesh", "maybe_activate", "merge_rules", "parse_mesh", "parse_rules", "put_rows", "use",
 ]

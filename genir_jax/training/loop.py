@@ -33,8 +33,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from genir_jax.core.config import T5Config
 from genir_jax.base.errors import ConfigError
-from genir_jax.core.model import forward
-from genir_jax.scale.partitioning import Partitioner
+from genir_jax.core.model import forward, logical_axes
+from genir_jax.scale.partitioning import Partitioner, maybe_activate
 
 DATA_AXIS = "data"
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "target_mask")
@@ -88,8 +88,9 @@ def state_shardings(mesh: "Mesh | Partitioner", config: T5Config, optimizer: opt
     """Where each part of a `TrainState` lives: parameters and optimizer state as the partitioner's
     rules say, the step and the PRNG key replicated."""
     partitioner = as_partitioner(mesh)
-    return TrainState(step=partitioner.replicated, params=partitioner.param_shardings(config),
-                      opt_state=partitioner.opt_state_shardings(optimizer, params, config),
+    axes = logical_axes(config)
+    return TrainState(step=partitioner.replicated, params=partitioner.param_shardings(axes, params),
+                      opt_state=partitioner.opt_state_shardings(optimizer, params, axes),
                       rng=partitioner.replicated)
 
 
@@ -124,11 +125,13 @@ def seq2seq_loss(config: T5Config, params, batch: dict, *, dropout_rng=None, com
                  unroll_layers: bool = False):
     """(loss, metrics) of a batch; dropout is on when `dropout_rng` is given. The forward folds short
     cross-attention (`genir_jax.core.model.forward_with_cache`: a DSI decoder's one step never projects the
-    encoder output to keys and values) and unrolls the layers if asked."""
+    encoder output to keys and values) and unrolls the layers if asked. Activations are constrained by
+    `partitioner`'s rules (the caller's jit must be keyed by it: `make_train_step` makes one per partitioner)."""
     decoder_input_ids = shift_right(batch["targets"], config.decoder_start_token_id)
-    logits = forward(config, params, batch["input_ids"], batch["attention_mask"], decoder_input_ids,
-                     deterministic=dropout_rng is None, dropout_rng=dropout_rng, dtype=compute_dtype,
-                     partitioner=partitioner, fold_cross_attention=True, unroll_layers=unroll_layers)
+    with maybe_activate(partitioner):
+        logits = forward(config, params, batch["input_ids"], batch["attention_mask"], decoder_input_ids,
+                         deterministic=dropout_rng is None, dropout_rng=dropout_rng, dtype=compute_dtype,
+                         fold_cross_attention=True, unroll_layers=unroll_layers)
     return cross_entropy(logits, batch["targets"], batch["target_mask"])
 
 

@@ -41,7 +41,7 @@ def test_predicted_memory_matches_what_the_program_allocates(tmp_path, task):
 def test_parameters_are_split_as_the_mesh_says(tiny_shape):
     """model=2 halves the vocab / mlp / heads dimensions; data=2 replicates: the plan's per-device parameter
     bytes (abstract shardings) against the shards of real sharded arrays; and data=2 halves the FLOPs."""
-    from genir_jax.core.model import param_shapes
+    from genir_jax.core.model import logical_axes, param_shapes
     from genir_jax.scale.partitioning import Partitioner
     from genir_jax.plan.planning import abstract_params
 
@@ -49,7 +49,7 @@ def test_parameters_are_split_as_the_mesh_says(tiny_shape):
     full = sum(int(np.prod(x.shape)) * 4 for x in jax.tree_util.tree_leaves(params))
     for mesh in ("data=2", "model=2"):
         partitioner = Partitioner(mesh, devices=jax.devices()[:2])
-        real = partitioner.shard_params(params, TINY)
+        real = partitioner.shard_params(params, logical_axes(TINY))
         on_first = sum(s.data.nbytes for x in jax.tree_util.tree_leaves(real) for s in x.addressable_shards
                        if s.device == jax.devices()[0])
         predicted = per_device_bytes(abstract_params(TINY, partitioner, np.float32))

@@ -18,6 +18,7 @@ import genir_jax as gj
 from genir_jax.interp import sweep as sw
 from genir_jax.cli.main import main
 from genir_jax.checkpoints.hf import load_pretrained
+from genir_jax.core.model import logical_axes, param_shapes
 from genir_jax.scale.partitioning import (DEFAULT_RULES, Partitioner, PartitioningError, make_mesh, merge_rules, parse_mesh,
                                     parse_rules)
 from genir_jax.interp.patching import run_sweep
@@ -57,8 +58,9 @@ def test_rules_errors_name_the_axis_parameter_and_dimension():
     odd = CONFIG.replace(num_heads=3, d_kv=8)  # 3 heads cannot be split 2 ways
     with pytest.raises(PartitioningError, match=r"parameter decoder/layers/cross_attn/key: dimension 2 \('heads', "
                                                 r"size 3\) cannot be split 2 ways"):
-        Partitioner("model=2").param_specs(odd)
-    Partitioner("model=2", merge_rules("heads=none")).param_specs(odd)  # replicating heads is fine
+        Partitioner("model=2").param_specs(logical_axes(odd), param_shapes(odd))
+    # replicating heads is fine
+    Partitioner("model=2", merge_rules("heads=none")).param_specs(logical_axes(odd), param_shapes(odd))
 
 
 def test_cli_refuses_a_bad_mesh_with_exit_2(capsys, tmp_path):
@@ -85,7 +87,7 @@ def test_sharded_safetensors_load_equals_the_plain_load_and_reads_slices(hf_chec
     flat_plain = jax.tree_util.tree_leaves_with_path(plain.params)
     flat_sharded = dict(jax.tree_util.tree_leaves_with_path(sharded))
     assert len(flat_plain) == len(flat_sharded)
-    specs = partitioner.param_shardings(config)
+    specs = partitioner.param_shardings(logical_axes(config), param_shapes(config))
     for path, array in flat_plain:
         got = flat_sharded[path]
         np.testing.assert_array_equal(np.asarray(got), np.asarray(array), err_msg=jax.tree_util.keystr(path))
@@ -271,3 +273,19 @@ def test_bfloat16_sweep_ranks_agree_with_float32(mesh_cases):
     assert bf16["dtypes"] == ["float32"] and bf16["rank_dtype"] == "int32"
     assert bf16["identical"] >= 0.9 and bf16["configs_identical"] >= 0.6 and bf16["within_1"] >= 0.98, bf16
     assert 0 < bf16["logit_max_diff"] < 0.05 * bf16["logit_max"], bf16  # bf16 did change the numbers, a little
+
+
+def test_a_program_traced_under_one_mesh_or_rules_is_not_reused_under_another():
+    """`forward` (rules and mesh from ``Partitioner.activate``) and `run_sweep` under data=8, data=2,model=4 and
+    data=8 with batch=none, twice round with the same shapes (tests/partitioning_program_cases.py, 8 simulated
+    devices): the constrained ``hook_resid_pre`` is split as each partitioner says, results unchanged."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
+    done = subprocess.run([sys.executable, "-m", "tests.partitioning_program_cases"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = {"data=8": [1, 5, 16], "data=2,model=4": [4, 5, 16], "data=8 batch=none": [8, 5, 16]}
+    for name, shard in expected.items():
+        assert [run["resid_shard"] for run in out["forward"][name]] == [shard, shard], (name, out["forward"][name])
+        assert all(run["max_diff"] < 1e-5 for run in out["forward"][name]), out["forward"][name]
+        assert out["sweep"][name] == [True, True], name
