@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from genir_jax.base.errors import CheckpointError, SettingError
-from genir_jax.base.io import atomic_directory, check_output_dir, write_json
+from genir_jax.base.io import check_output_dir, write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +93,7 @@ def run_bm25(output: str | os.PathLike, *, prepared: str | os.PathLike | None = 
              ) -> EvaluationResult:
     """The bm25 step: index the documents with BM25 (bm25s), retrieve the top `k` for every query of `split`
     (or of the files given) and write metrics.json and run.trec into `output`."""
+    from genir_jax.base.io import atomic_directory
     from genir_jax.data.corpus import read_documents
     from genir_jax.docids.bm25 import bm25_run
     from genir_jax.docids.retrieval import evaluate_run, write_trec_run
@@ -213,6 +214,7 @@ def _check_qrels_known(qrels, qrels_source, doc_ids, why: str) -> None:
 
 
 def _write_outputs(output: str, checkpoint: str, report: dict, ranking, correct: list, name: str) -> tuple[str, ...]:
+    from genir_jax.base.io import atomic_directory
     from genir_jax.docids.retrieval import write_trec_run
 
     files = ("metrics.json", "run.trec", f"correct_{name}.json")
