@@ -299,7 +299,7 @@ def prepared_scheme(prepared_dir: str | os.PathLike | None, doc_ids, *, docids: 
 
     default = default_mapping = None
     if prepared_dir is not None:
-        default = prepared_scheme_name(prepared_dir)
+        default = prepared_scheme_name(prepared_dir) if docids is None else None
         candidate = os.path.join(os.fspath(prepared_dir), SEMANTIC_MAPPING_FILE)
         default_mapping = candidate if os.path.isfile(candidate) else None
     return resolve_scheme(docids, doc_ids, mapping=semantic_docid_mapping, default=default,

@@ -9,7 +9,7 @@ import os
 
 import jax
 
-from genir_jax.base.errors import SettingError
+from genir_jax.base.errors import GenIRError, SettingError
 from genir_jax.training.optim import OPTIMIZERS, SCHEDULES, OptimizerSpec
 from genir_jax.training.presets import PRESETS
 from genir_jax.training.trainer import RunSpec
@@ -50,12 +50,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 RESUME_MODES = ("never", "required", "if-any")
 
-# Settings of `RunOverrides` / the training functions as `genir-jax pretrain` / `train` spell them.
-FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "optimizer": "--optimizer",
-         "learning_rate": "--learning-rate", "schedule": "--schedule", "warmup_steps": "--warmup-steps",
-         "seed": "--seed", "eval_every": "--eval-every", "checkpoint_every": "--checkpoint-every",
-         "keep_checkpoints": "--keep-checkpoints", "log_every": "--log-every", "resume": "--resume",
-         "devices": "--devices", "preset": "--preset"}
+# Settings named by the errors of this module as `genir-jax pretrain` / `train` spell them (`RunSpec.validate`
+# names its fields as the preset does: 'steps', ...).
+FLAGS = {"resume": "--resume", "devices": "--devices"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +149,7 @@ def check_output_dir(path: str, resume: bool, require_checkpoint: bool = True) -
     """Refuse to train into a non-empty directory unless resuming, and to resume (with `require_checkpoint`)
     where there is no checkpoint (nothing is written before this)."""
     if os.path.isfile(path):
-        raise SettingError(f"{path}: the output must be a directory, found a file")
+        raise GenIRError(f"{path}: the output must be a directory, found a file")
     if resume and require_checkpoint and not has_checkpoint(path):
         raise SettingError("{0}: %s holds no checkpoint to resume from (no %s/<step>); drop {0} to start a new run"
                            % (path, os.path.join(path, "checkpoints")), "resume")

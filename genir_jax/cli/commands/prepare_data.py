@@ -75,12 +75,13 @@ def run(args: argparse.Namespace) -> int:
                        download=args.download, split=args.split, paper_regime=args.paper_regime)
         if args.url:
             options["url"] = args.url
-    if args.max_documents is not None:
-        options["max_documents"] = args.max_documents
+        if args.max_documents is not None:
+            options["max_documents"] = args.max_documents
     options.update(docids=args.docids or "atomic", semantic_mapping=args.semantic_docid_mapping,
                    semantic_k=args.semantic_k, semantic_c=args.semantic_c)
     with renaming_settings(FLAGS):
-        check_prepare_settings(args.dataset, val_fraction=args.val_fraction, test_fraction=args.test_fraction)
+        check_prepare_settings(args.dataset, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                               max_documents=args.max_documents)  # also where reference-json ignores them
         manifest = prepare_dataset(args.dataset, args.output, args.data_dir, **options)
     print(json.dumps({"output": args.output, "counts": manifest["counts"], "split": manifest["split"],
                       "regime": manifest["regime"], "notes": manifest["notes"]}, indent=2))
