@@ -21,3 +21,37 @@ class CheckpointError(GenIRError, ValueError):
 
 class DataError(GenIRError, ValueError):
     """A data file (documents, queries, qrels, run file, raw corpus) is malformed or inconsistent."""
+
+
+class SettingError(GenIRError, ValueError):
+    """A setting of a library call has a bad value. The message names the setting through placeholders
+    ``{0}``, ``{1}``, ... so a front end can show its own spelling of it (`renamed`: a CLI's flags)."""
+
+    def __init__(self, template: str, *settings: str):
+        self.template, self.settings = template, tuple(settings)
+        super().__init__(_fill(template, self.settings))
+
+    def renamed(self, names: dict[str, str]) -> "SettingError":
+        """The same error naming each setting as `names` spells it (settings not in `names` keep their name)."""
+        return SettingError(self.template, *(names.get(setting, setting) for setting in self.settings))
+
+
+def _fill(template: str, names: tuple[str, ...]) -> str:
+    for index, name in enumerate(names):  # str.replace, not str.format: values in the template may hold braces
+        template = template.replace("{%d}" % index, name)
+    return template
+
+
+def renaming_settings(names: dict[str, str]):
+    """Context manager re-raising a `SettingError` under the spelling `names` gives its settings (a command's
+    setting -> flag mapping)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        try:
+            yield
+        except SettingError as error:
+            raise error.renamed(names) from None
+
+    return scope()

@@ -7,6 +7,7 @@ file that a later run mistakes for a finished one. Everything genir-jax writes g
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import tempfile
 import time
 from typing import Any, Iterator
 
-from genir_jax.base.errors import GenIRError
+from genir_jax.base.errors import DataError, GenIRError
 
 # A staging directory of `atomic_directory` is named ``.<output name>.<pid>.<random>.tmp`` beside the output.
 # One left behind by a process that was killed (SIGKILL, power loss) is removed by the next
@@ -23,6 +24,29 @@ from genir_jax.base.errors import GenIRError
 # the process id says (ids are reused; a legacy name has none), when it was last modified more than
 # STALE_STAGING_SECONDS ago.
 STALE_STAGING_SECONDS = 7 * 24 * 3600
+
+
+def open_text(path: str):
+    """A text file (gzip when it ends in .gz) opened as UTF-8; DataError when it is missing or a directory."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, expected a file")
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse one JSON file (optionally gzip) into Python objects; errors name line and column."""
+    path = os.fspath(path)
+    try:
+        with open_text(path) as handle:
+            text = handle.read()
+    except (UnicodeDecodeError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
 
 
 def _umask() -> int:

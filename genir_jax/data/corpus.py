@@ -19,7 +19,6 @@ Every error is a `DataError` naming the file, the record (index or line, and id 
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import warnings
@@ -28,7 +27,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from genir_jax.docids.tokens import DOCID_PREFIX, DOCID_SUFFIX, docid_token, doc_id_of_token, is_docid_token
 from genir_jax.base.errors import DataError
-from genir_jax.base.io import atomic_path, write_json
+from genir_jax.base.io import atomic_path, read_json, write_json  # noqa: F401 (read_json: re-exported)
+from genir_jax.base.io import open_text as _open_text
 
 QRELS_FIELDS = ("query", "q0", "docid", "rel")
 REFERENCE_TOP_GRADE = 4  # the reference's qrels: rel = 4 - position
@@ -58,31 +58,9 @@ Qrels = dict[str, dict[str, int]]  # query id -> {doc id: relevance grade}, in f
 # Low-level reading
 # --------------------------------------------------------------------------------------------------
 
-def _open_text(path: str):
-    if not os.path.exists(path):
-        raise DataError(f"{path}: file not found")
-    if os.path.isdir(path):
-        raise DataError(f"{path}: is a directory, expected a file")
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
-
-
 def _is_json_lines(path: str) -> bool:
     name = path[:-3] if path.endswith(".gz") else path
     return name.endswith(".jsonl")
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    """Parse one JSON file (optionally gzip) into Python objects; errors name line and column."""
-    path = os.fspath(path)
-    try:
-        with _open_text(path) as handle:
-            text = handle.read()
-    except (UnicodeDecodeError, OSError, EOFError) as exc:
-        raise DataError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
 
 
 def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:

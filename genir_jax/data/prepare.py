@@ -58,8 +58,8 @@ from genir_jax.data.corpus import (Document, Query, qrels_from_queries, read_doc
 from genir_jax.data.sources import (CRANFIELD_DIR, NQ_DIR, SQUAD_DEV_SHA256, SQUAD_DEV_URL, RawCorpus,
                                     load_cranfield, load_nq_oracle, load_squad, sha256_of, squad_dev_file)
 from genir_jax.data.splits import as_fraction, split_groups
-from genir_jax.base.errors import DataError, GenIRError
-from genir_jax.base.io import atomic_directory, write_json
+from genir_jax.base.errors import DataError, GenIRError, SettingError
+from genir_jax.base.io import atomic_directory, check_output_dir, read_json, write_json
 
 DATASETS = ("squad-dev", "nq-oracle", "cranfield", "reference-json")
 SPLIT_SCHEMES = ("nq10k", "per-document", "random")
@@ -224,7 +224,7 @@ def build_prepared(name: str, data_dir: str | os.PathLike | None = None, *, seed
     if name not in DATASETS:
         raise GenIRError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if split is not None and name == "reference-json":
-        raise GenIRError("--split does not apply to reference-json: its train/val/test files are the split")
+        raise SettingError("{0} does not apply to reference-json: its train/val/test files are the split", "split")
     if split is not None and split not in SPLIT_SCHEMES:
         raise GenIRError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_SCHEMES)}")
     if name == "reference-json":
@@ -271,13 +271,46 @@ def restrict_documents(prepared: Prepared, max_documents: int) -> Prepared:
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
     """The ``prepare.json`` of a prepared directory as a dict (None when there is none: directories written
     by hand or before it existed)."""
-    from genir_jax.data.corpus import read_json
-
     path = os.path.join(os.fspath(directory), MANIFEST_FILE)
     if not os.path.isfile(path):
         return None
     record = read_json(path)
     return record if isinstance(record, dict) else None
+
+
+def prepared_scheme_name(prepared_dir: str | os.PathLike) -> str | None:
+    """The docid scheme a prepared directory was made for (``prepare.json`` field ``docids.scheme``), if any."""
+    from genir_jax.docids.schemes import SCHEMES
+
+    path = os.path.join(os.fspath(prepared_dir), MANIFEST_FILE)
+    record = read_manifest(prepared_dir)
+    record = record.get("docids") if record is not None else None
+    name = record.get("scheme") if isinstance(record, dict) else None
+    if name is not None and name not in SCHEMES:
+        raise DataError(f"{path}: field 'docids.scheme': unknown docid scheme {name!r}")
+    return name
+
+
+def prepared_scheme(prepared_dir: str | os.PathLike | None, doc_ids, *, docids: str | None = None,
+                    semantic_docid_mapping: str | None = None):
+    """The `DocidScheme` of `docids` (default: the one `prepared_dir` was made for, else atomic); semantic ids
+    from `semantic_docid_mapping`, else the prepared directory's `SEMANTIC_MAPPING_FILE`."""
+    from genir_jax.docids.schemes import SEMANTIC_MAPPING_FILE, resolve_scheme
+
+    default = default_mapping = None
+    if prepared_dir is not None:
+        default = prepared_scheme_name(prepared_dir) if docids is None else None
+        candidate = os.path.join(os.fspath(prepared_dir), SEMANTIC_MAPPING_FILE)
+        default_mapping = candidate if os.path.isfile(candidate) else None
+    return resolve_scheme(docids, doc_ids, mapping=semantic_docid_mapping, default=default,
+                          default_mapping=default_mapping)
+
+
+def prepared_split(directory: str | os.PathLike) -> dict | None:
+    """The split record of a prepared directory's prepare.json (scheme, indexed-only validation documents),
+    or None for directories prepared before it was recorded."""
+    split = (read_manifest(directory) or {}).get("split")
+    return split if isinstance(split, dict) else None
 
 
 def write_prepared(out_dir: str | os.PathLike, prepared: Prepared, manifest: dict[str, Any],
@@ -302,6 +335,26 @@ def write_prepared(out_dir: str | os.PathLike, prepared: Prepared, manifest: dic
         write_json(os.path.join(staging, MANIFEST_FILE), manifest, indent=2)
 
 
+def check_prepare_settings(name: str, *, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                           max_documents: int | None = None, split: str | None = None,
+                           paper_regime: bool = False) -> None:
+    """`prepare_dataset`'s settings, checked before anything is read (`SettingError` naming the setting)."""
+    import math
+
+    for setting, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value < 1:
+            raise SettingError("{0} must be a number in [0, 1), got %s" % value, setting)
+    if val_fraction + test_fraction >= 1:
+        raise SettingError("{0} + {1} must be < 1, got %s + %s" % (val_fraction, test_fraction),
+                           "val_fraction", "test_fraction")
+    if max_documents is not None and (not isinstance(max_documents, int) or isinstance(max_documents, bool)
+                                      or max_documents < 1):
+        raise SettingError("{0} must be a positive integer, got %r" % (max_documents,), "max_documents")
+    if name == "reference-json" and (split is not None or paper_regime):
+        raise SettingError("{0} / {1} do not apply to reference-json: its train/val/test files are the split",
+                           "split", "paper_regime")
+
+
 def prepare_dataset(name: str, out_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None,
                     **options: Any) -> dict[str, Any]:
     """Read, split and write dataset `name` to `out_dir` (layout in the module docstring); returns the manifest.
@@ -312,10 +365,12 @@ def prepare_dataset(name: str, out_dir: str | os.PathLike, data_dir: str | os.Pa
     ``url`` / ``sha256`` override the source), and for ``reference-json`` the paths ``documents``,
     ``train_queries``, ``val_queries``, ``test_queries``.
     """
+    check_output_dir(out_dir, "out_dir")  # a file, or a folder we cannot write: refused before any reading
     paper_regime = bool(options.pop("paper_regime", False))
-    if paper_regime and name == "reference-json":
-        raise GenIRError("--paper-regime needs a dataset prepare-data splits itself (squad-dev, nq-oracle); "
-                         "reference-json files bring their own split")
+    check_prepare_settings(name, val_fraction=options.get("val_fraction", 0.1),
+                           test_fraction=options.get("test_fraction", 0.1),
+                           max_documents=options.get("max_documents"), split=options.get("split"),
+                           paper_regime=paper_regime)
     if paper_regime and options.get("split") is None:
         options["split"] = PAPER_SPLIT
     if options.get("split") is None:
@@ -372,14 +427,14 @@ def prepared_docids(documents, scheme: str, semantic_mapping=None, k=None, c=Non
     check_scheme(scheme)
     if scheme != "semantic":
         if semantic_mapping is not None or k is not None or c is not None:
-            raise GenIRError(f"--semantic-docid-mapping / --semantic-k / --semantic-c need --docids semantic, "
-                             f"got --docids {scheme}")
+            raise SettingError("{0} / {1} / {2} need {3} semantic, got {3} %s" % scheme,
+                               "semantic_mapping", "semantic_k", "semantic_c", "docids")
         return {"scheme": scheme}, {}
     doc_ids = [doc.id for doc in documents]
     if semantic_mapping is not None:
         if k is not None or c is not None:
-            raise GenIRError("--semantic-k / --semantic-c build a mapping; they cannot go with "
-                             "--semantic-docid-mapping")
+            raise SettingError("{0} / {1} build a mapping; they cannot go with {2}",
+                               "semantic_k", "semantic_c", "semantic_mapping")
         built = read_semantic_mapping(semantic_mapping, doc_ids)
         record = {"scheme": "semantic", "file": SEMANTIC_MAPPING_FILE, "source": os.path.abspath(semantic_mapping),
                   "source_sha256": sha256_of(semantic_mapping)}

@@ -8,13 +8,15 @@ not return them.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from genir_jax.data.corpus import Document, Query
 from genir_jax.base.errors import DataError
 from genir_jax.docids.retrieval import Run
+
+if TYPE_CHECKING:  # the reader's records; docids sits below the data layer
+    from genir_jax.data.corpus import Document, Query
 
 
 def bm25_run(documents: Sequence[Document], queries: Sequence[Query], k: int = 100, *, k1: float = 1.5,

@@ -22,7 +22,7 @@ import dataclasses
 import os
 from typing import Any, Mapping, Sequence
 
-from genir_jax.base.errors import CheckpointError, DataError, GenIRError
+from genir_jax.base.errors import CheckpointError, DataError, GenIRError, SettingError
 
 SCHEMES = ("atomic", "naive", "semantic")
 DOCIDS_FILE = "docids.json"                  # scheme record in a trained model (and a prepared directory)
@@ -78,9 +78,10 @@ class DocidScheme:
         return data
 
 
-def check_scheme(name: str, option: str = "--docids") -> str:
+def check_scheme(name: str, setting: str = "docids") -> str:
+    """`name` if it is one of `SCHEMES`; else a `SettingError` naming `setting`."""
     if name not in SCHEMES:
-        raise GenIRError(f"{option}: unknown docid scheme {name!r}; choose one of {', '.join(SCHEMES)}")
+        raise SettingError("{0}: unknown docid scheme %r; choose one of %s" % (name, ", ".join(SCHEMES)), setting)
     return name
 
 
@@ -125,7 +126,7 @@ def semantic_scheme(mapping: Any, doc_ids: Sequence[str], source: str, build: Ma
 
 def read_semantic_mapping(path: str | os.PathLike, doc_ids: Sequence[str]) -> DocidScheme:
     """The reference's ``--semantic-doc-id-mapping`` JSON file, validated (see `semantic_scheme`)."""
-    from genir_jax.data.corpus import read_json
+    from genir_jax.base.io import read_json
 
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -183,7 +184,7 @@ def write_scheme(path: str | os.PathLike, scheme: DocidScheme) -> None:
 
 def read_scheme(path: str | os.PathLike) -> DocidScheme:
     """A `DOCIDS_FILE`, validated."""
-    from genir_jax.data.corpus import read_json
+    from genir_jax.base.io import read_json
 
     path = os.fspath(path)
     data = read_json(path)
@@ -212,38 +213,26 @@ def checkpoint_scheme(directory: str | os.PathLike) -> DocidScheme:
     return read_scheme(path) if os.path.isfile(path) else DocidScheme("atomic")
 
 
-def prepared_scheme_name(prepared_dir: str | os.PathLike) -> str | None:
-    """The scheme a prepared directory was made for (``prepare.json`` field ``docids.scheme``), if any."""
-    from genir_jax.data.prepare import MANIFEST_FILE, read_manifest
-
-    path = os.path.join(os.fspath(prepared_dir), MANIFEST_FILE)
-    record = read_manifest(prepared_dir)
-    record = record.get("docids") if record is not None else None
-    name = record.get("scheme") if isinstance(record, dict) else None
-    if name is not None and name not in SCHEMES:
-        raise DataError(f"{path}: field 'docids.scheme': unknown docid scheme {name!r}")
-    return name
-
-
 def resolve_scheme(name: str | None, doc_ids: Sequence[str], *, mapping: str | None = None,
-                   prepared_dir: str | os.PathLike | None = None) -> DocidScheme:
-    """The scheme of ``--docids NAME`` (default: the prepared directory's, else atomic) with its docids:
-    semantic ids from ``--semantic-docid-mapping FILE``, else the prepared directory's `SEMANTIC_MAPPING_FILE`."""
+                   default: str | None = None, default_mapping: str | os.PathLike | None = None) -> DocidScheme:
+    """The scheme called `name` (None: `default`, else atomic) with its docids: semantic ids from the file
+    `mapping`, else `default_mapping` (a prepared directory's; `genir_jax.data.prepare.prepared_scheme`).
+    Errors name the settings ``docids`` and ``semantic_docid_mapping``."""
     if name is None:
-        name = (prepared_scheme_name(prepared_dir) if prepared_dir is not None else None) or "atomic"
+        name = default or "atomic"
     check_scheme(name)
     if mapping is not None and name != "semantic":
-        raise GenIRError(f"--semantic-docid-mapping is for --docids semantic, not {name}")
+        raise SettingError("{0} is for {1} semantic, not %s" % name, "semantic_docid_mapping", "docids")
     if name == "atomic":
         return DocidScheme("atomic")
     if name == "naive":
         return naive_scheme(doc_ids)
-    if mapping is None and prepared_dir is not None:
-        candidate = os.path.join(os.fspath(prepared_dir), SEMANTIC_MAPPING_FILE)
-        mapping = candidate if os.path.isfile(candidate) else None
+    if mapping is None and default_mapping is not None:
+        mapping = os.fspath(default_mapping)
     if mapping is None:
-        raise GenIRError("--docids semantic needs --semantic-docid-mapping FILE (or a prepared directory made "
-                         f"with `genir-jax prepare-data --docids semantic`, which holds {SEMANTIC_MAPPING_FILE})")
+        raise SettingError("{0} semantic needs {1} FILE (or a prepared directory made with `genir-jax "
+                           "prepare-data --docids semantic`, which holds %s)" % SEMANTIC_MAPPING_FILE,
+                           "docids", "semantic_docid_mapping")
     return read_semantic_mapping(mapping, doc_ids)
 
 

@@ -1,6 +1,7 @@
 """`genir-jax reproduce`: the paper end to end on one dataset and preset, resumable, ending in a report.
 
-Pipeline (each step is a `genir-jax` subcommand writing its own directory under OUT):
+Pipeline (each step a library function, the one its `genir-jax` subcommand calls, writing its own directory
+under OUT; training shows its progress bars whatever --no-progress says, which is for the analyses):
 
     prepare          data/                   prepare-data (tiny: the first TINY_MAX_DOCUMENTS documents)
     pretrain         models/base/            pretrain: span corruption -> the "base T5" (skipped with --base:
@@ -139,62 +140,62 @@ class Step:
     always: bool = False    # cheap and depends on everything before it: never skipped
 
 
-def _cli(args: list[str]) -> None:
-    from genir_jax.cli.main import main
-
-    code = main([str(a) for a in args])
-    if code != 0:
-        raise GenIRError(f"step failed: genir-jax {' '.join(str(a) for a in args)} exited with code {code}")
-
-
 # --------------------------------------------------------------------------------------------------
 # Steps
 # --------------------------------------------------------------------------------------------------
 
+def _print_summary(summary: dict) -> None:
+    """A step's summary on stdout, as its `genir-jax` command prints it."""
+    print(json.dumps(summary, indent=2))
+
+
 def _prepare(layout: Layout, settings: Settings):
-    args = ["prepare-data", "--dataset", settings.dataset, "-o", layout.data]
-    if settings.data_dir:
-        args += ["--data-dir", settings.data_dir]
-    if settings.preset == "tiny":
-        args += ["--max-documents", TINY_MAX_DOCUMENTS[settings.dataset]]
-    if settings.docids != "atomic":
-        args += ["--docids", settings.docids]
-    if settings.paper_regime:
-        args += ["--paper-regime"]
-    _cli(args)
+    from genir_jax.data.prepare import prepare_dataset
+
+    options = {"max_documents": TINY_MAX_DOCUMENTS[settings.dataset]} if settings.preset == "tiny" else {}
+    manifest = prepare_dataset(settings.dataset, layout.data, settings.data_dir, docids=settings.docids,
+                               paper_regime=settings.paper_regime, **options)
+    _print_summary({"output": str(layout.data), "counts": manifest["counts"], "split": manifest["split"],
+                    "regime": manifest["regime"], "notes": manifest["notes"]})
 
 
 def _pretrain(layout: Layout, settings: Settings):
+    from genir_jax.training.pretrain import pretraining_summary, run_pretraining
+
     if settings.base:
         return {"skipped_for_base": settings.base}
-    args = ["pretrain", "--data", layout.data, "--preset", settings.preset, "-o", layout.base, "--resume-if-any"]
-    if settings.data_dir:
-        args += ["--tokenizer", pathlib.Path(settings.data_dir) / "t5-tokenizer"]
-    _cli(args)
+    tokenizer = pathlib.Path(settings.data_dir) / "t5-tokenizer" if settings.data_dir else None
+    summary = run_pretraining(layout.data, layout.base, preset=settings.preset, tokenizer=tokenizer,
+                              resume="if-any")
+    _print_summary(pretraining_summary(summary))
 
 
-def _train_args(layout: Layout, settings: Settings, output: pathlib.Path) -> list:
-    """`genir-jax train` for one DSI model of the run (the docid scheme comes from the prepared data)."""
-    args = ["train", "--data", layout.data, "--base", base_model(layout, settings), "--preset", settings.preset, "-o",
-            output, "--resume-if-any"]
-    return args + (["--paper-regime"] if settings.paper_regime else [])
+def _train(layout: Layout, settings: Settings, output: pathlib.Path, remove: list[str] = ()) -> None:
+    """One DSI model of the run (the docid scheme comes from the prepared data)."""
+    from genir_jax.training.dsi import train_dsi, training_summary
+
+    summary = train_dsi(layout.data, base_model(layout, settings), output, preset=settings.preset, remove=remove,
+                        paper_regime=settings.paper_regime, resume="if-any")
+    _print_summary(training_summary(summary))
 
 
 def _train_full(layout: Layout, settings: Settings):
-    _cli(_train_args(layout, settings, layout.full))
+    _train(layout, settings, layout.full)
 
 
 def _evaluate_full(layout: Layout, settings: Settings):
-    _cli(["evaluate", "--checkpoint", layout.full, "--prepared", layout.data, "--split", "val", "-o",
-          layout.eval_val])
-    _cli(["evaluate", "--checkpoint", layout.full, "--prepared", layout.data, "--split", "test", "-o",
-          layout.eval_test])
+    from genir_jax.training.evaluation import evaluate_checkpoint
+
+    for split, output in (("val", layout.eval_val), ("test", layout.eval_test)):
+        _print_summary(evaluate_checkpoint(layout.full, output, prepared=layout.data, split=split).printed())
     correct = json.loads(layout.correct_valid.read_text())
     return {"correct_validation_queries": len(correct)}
 
 
 def _bm25(layout: Layout, settings: Settings):
-    _cli(["bm25", "--prepared", layout.data, "--split", "test", "-o", layout.bm25_test])
+    from genir_jax.training.evaluation import run_bm25
+
+    _print_summary(run_bm25(layout.bm25_test, prepared=layout.data, split="test").printed())
 
 
 def choose_removed_documents(correct: list, val_queries: list, count: int, per_model: int, seed: int = 0
@@ -231,7 +232,7 @@ def _choose_removed(layout: Layout, settings: Settings):
 def _train_removed(index: int):
     def run(layout: Layout, settings: Settings):
         sets = json.loads(layout.removed_documents.read_text())
-        _cli(_train_args(layout, settings, layout.removed(index)) + ["--remove", ",".join(sets[f"removed-{index}"])])
+        _train(layout, settings, layout.removed(index), remove=sets[f"removed-{index}"])
     return run
 
 

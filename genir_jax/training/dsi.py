@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -46,6 +46,9 @@ from genir_jax.scale.partitioning import fetch
 from genir_jax.training.batching import ArraySource
 from genir_jax.training.presets import DSISettings
 from genir_jax.training.trainer import RunSpec, train_loop
+
+if TYPE_CHECKING:
+    from genir_jax.training.options import RunOverrides
 
 SUMMARY_FILE = "train.json"
 BEST_METRIC = "Hits@1"
@@ -262,3 +265,70 @@ def _settings_dict(settings: DSISettings) -> dict:
     data.pop("run")
     data.pop("adamw")
     return data
+
+
+def train_dsi(data: str | os.PathLike, base: str | os.PathLike, output: str | os.PathLike, *, preset: str = "cpu",
+              remove: Iterable[str] | str = (), ratio: int | None = None, paper_regime: bool = False,
+              docids: str | None = None, semantic_docid_mapping: str | None = None,
+              overrides: "RunOverrides | None" = None, resume: str = "never", devices: int | None = None,
+              progress: bool = True) -> dict:
+    """The train step: fine-tune the base T5 in directory `base` (with its tokenizer) into a DSI model on the
+    prepared directory `data` and export it to `output` (see `finetune`). `remove`: documents whose training
+    examples are dropped (ids or "D1,D2"); `ratio`: indexing:retrieval example ratio (None: the preset's, 0:
+    both as they are); `paper_regime`: ratio 32 and 32-token inputs; `docids`: the scheme (None: the one
+    `data` was prepared for, else atomic); `resume`: one of `RESUME_MODES`. Returns the summary written to
+    train.json. Bad settings raise `SettingError` naming the setting, bad files `GenIRError` naming the file."""
+    from genir_jax.base.errors import CheckpointError, SettingError
+    from genir_jax.base.io import check_output_dir as check_writable
+    from genir_jax.checkpoints.hf import load_pretrained
+    from genir_jax.data.dsi import parse_doc_id_list
+    from genir_jax.data.prepare import load_prepared, prepared_scheme, prepared_split
+    from genir_jax.training.options import RunOverrides, check_output_dir, resolve_run, resume_flags, select_devices
+    from genir_jax.training.presets import PAPER_RATIO, get_preset, is_paper_regime
+    from genir_jax.training.presets import paper_regime as in_paper_regime
+
+    output, data, base = os.fspath(output), os.fspath(data), os.fspath(base)
+    check_writable(output, "output")
+    chosen = get_preset(preset)
+    run_spec = resolve_run(overrides or RunOverrides(), chosen.dsi.run, chosen.dsi.adamw)
+    settings = chosen.dsi
+    if ratio is not None:
+        if ratio < 0:
+            raise SettingError("{0} must be >= 0, got %s" % ratio, "ratio")
+        if paper_regime and ratio != PAPER_RATIO:
+            raise SettingError("{0} trains at ratio %d; it cannot go with {1} %s" % (PAPER_RATIO, ratio),
+                               "paper_regime", "ratio")
+        settings = dataclasses.replace(settings, ratio=ratio or None)
+    if paper_regime:
+        settings = in_paper_regime(settings)
+    selected = select_devices(devices)
+    resuming, require_checkpoint = resume_flags(resume)
+    check_output_dir(output, resuming, require_checkpoint)
+    documents, splits = load_prepared(data)
+    for name in ("train", "val"):
+        if not splits.get(name):
+            raise DataError(f"{data}: no {name} queries (DSI training needs train and val queries)")
+    known = {doc.id for doc in documents}
+    removed = parse_doc_id_list(remove)
+    unknown = [d for d in removed if d not in known]
+    if unknown:
+        raise SettingError("{0}: documents %s are not in %s/documents.json" % (unknown[:5], data), "remove")
+    scheme = prepared_scheme(data, [doc.id for doc in documents], docids=docids,
+                             semantic_docid_mapping=semantic_docid_mapping)
+    model = load_pretrained(base)
+    if model.tokenizer is None:
+        raise CheckpointError(f"{base}: no tokenizer files; the base model must come with its tokenizer")
+    if scheme.multi_token:  # every docid must survive the tokenizer before anything is written
+        docid_trie(scheme, model.tokenizer, [doc.id for doc in documents], scheme.source or scheme.name)
+    return finetune(model, documents, splits, settings, run_spec, output, remove=removed, resume=resuming,
+                    progress=progress, devices=selected, scheme=scheme,
+                    extra_summary={"preset": chosen.name, "data_dir": os.path.abspath(data),
+                                   "base": os.path.abspath(base),
+                                   "regime": "paper" if is_paper_regime(settings) else "preset",
+                                   "data_split": prepared_split(data)})
+
+
+def training_summary(summary: dict) -> dict:
+    """The part of a DSI training summary that `genir-jax train` (and `reproduce`) print."""
+    return {key: summary[key] for key in ("docids", "best", "final", "examples_per_s", "train_seconds",
+                                          "wall_seconds")}

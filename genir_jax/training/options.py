@@ -1,4 +1,5 @@
-"""Command-line options shared by `genir-jax pretrain` and `genir-jax train`: preset overrides and outputs."""
+"""Settings shared by pretraining and DSI training (`run_pretraining`, `train_dsi`): preset overrides, resume
+mode and output checks, and the command-line options of `genir-jax pretrain` / `genir-jax train` that set them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 
 import jax
 
-from genir_jax.base.errors import ConfigError, GenIRError
+from genir_jax.base.errors import GenIRError, SettingError
 from genir_jax.training.optim import OPTIMIZERS, SCHEDULES, OptimizerSpec
 from genir_jax.training.presets import PRESETS
 from genir_jax.training.trainer import RunSpec
@@ -47,8 +48,56 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def resolve_run(args: argparse.Namespace, preset_run: RunSpec, adamw: OptimizerSpec) -> RunSpec:
-    """The preset's `RunSpec` with the command-line overrides applied (validated)."""
+RESUME_MODES = ("never", "required", "if-any")
+
+# Settings named by the errors of this module as `genir-jax pretrain` / `train` spell them (`RunSpec.validate`
+# names its fields as the preset does: 'steps', ...).
+FLAGS = {"resume": "--resume", "devices": "--devices"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOverrides:
+    """Changes to a preset's `RunSpec` (None: the preset's value); what the command-line overrides set."""
+
+    steps: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None
+    learning_rate: float | None = None
+    schedule: str | None = None
+    warmup_steps: int | None = None
+    seed: int | None = None
+    bf16: bool | None = None
+    no_dropout: bool = False
+    unroll_layers: bool | None = None
+    eval_every: int | None = None
+    checkpoint_every: int | None = None
+    keep_checkpoints: int | None = None
+    log_every: int | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "RunOverrides":
+        """The overrides of a parsed command line (`add_run_arguments`)."""
+        return cls(**{field.name: getattr(args, field.name, field.default) for field in dataclasses.fields(cls)})
+
+
+def resume_setting(args: argparse.Namespace) -> str:
+    """The `RESUME_MODES` entry of ``--resume`` / the hidden ``--resume-if-any``."""
+    if getattr(args, "resume_if_any", False):
+        return "if-any"
+    return "required" if args.resume else "never"
+
+
+def resume_flags(resume: str) -> tuple[bool, bool]:
+    """(resume, require_checkpoint) of a `RESUME_MODES` entry: ``required`` needs a checkpoint in the output
+    directory; ``if-any`` (what `genir-jax reproduce` uses) resumes one if there is one, else starts afresh."""
+    if resume not in RESUME_MODES:
+        raise SettingError("{0} must be one of %s, got %r" % (", ".join(RESUME_MODES), resume), "resume")
+    return resume != "never", resume == "required"
+
+
+def resolve_run(args, preset_run: RunSpec, adamw: OptimizerSpec) -> RunSpec:
+    """The preset's `RunSpec` with the overrides in `args` (`RunOverrides` or a parsed command line) applied
+    (validated)."""
     optimizer = preset_run.optimizer
     if args.optimizer and args.optimizer != optimizer.name:
         optimizer = adamw if args.optimizer == "adamw" else OptimizerSpec("adafactor")
@@ -76,7 +125,7 @@ def select_devices(count: int | None):
     if count is None:
         return None
     if not 1 <= count <= len(devices):
-        raise ConfigError(f"--devices {count}: there are {len(devices)} local devices")
+        raise SettingError("{0} %s: there are %d local devices" % (count, len(devices)), "devices")
     return devices[:count]
 
 
@@ -93,8 +142,7 @@ def has_checkpoint(path: str) -> bool:
 def resume_mode(args: argparse.Namespace) -> tuple[bool, bool]:
     """(resume, require_checkpoint): ``--resume`` needs a checkpoint in the output directory; the hidden
     ``--resume-if-any`` (what `genir-jax reproduce` passes) resumes one if there is one, else starts afresh."""
-    if_any = bool(getattr(args, "resume_if_any", False))
-    return bool(args.resume) or if_any, bool(args.resume) and not if_any
+    return resume_flags(resume_setting(args))
 
 
 def check_output_dir(path: str, resume: bool, require_checkpoint: bool = True) -> None:
@@ -103,8 +151,8 @@ def check_output_dir(path: str, resume: bool, require_checkpoint: bool = True) -
     if os.path.isfile(path):
         raise GenIRError(f"{path}: the output must be a directory, found a file")
     if resume and require_checkpoint and not has_checkpoint(path):
-        raise GenIRError(f"--resume: {path} holds no checkpoint to resume from (no {os.path.join(path, 'checkpoints')}"
-                         "/<step>); drop --resume to start a new run")
+        raise SettingError("{0}: %s holds no checkpoint to resume from (no %s/<step>); drop {0} to start a new run"
+                           % (path, os.path.join(path, "checkpoints")), "resume")
     if os.path.isdir(path) and os.listdir(path) and not resume:
-        raise GenIRError(f"{path}: output directory exists and is not empty; pass --resume to continue a run "
-                         "there, or choose a new directory")
+        raise SettingError("%s: output directory exists and is not empty; pass {0} to continue a run there, or "
+                           "choose a new directory" % path, "resume")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import jax
 import numpy as np
@@ -32,6 +32,9 @@ from genir_jax.training.loop import make_eval_step
 from genir_jax.training.presets import T5_VOCAB_SIZE, ModelShape, PretrainSettings
 from genir_jax.training.span_corruption import SpanCorruption, pack_tokens, tokens_length_for_inputs
 from genir_jax.training.trainer import RunSpec, train_loop
+
+if TYPE_CHECKING:
+    from genir_jax.training.options import RunOverrides
 
 NUM_SENTINELS = 100
 VALIDATION_NOISE_EPOCH = 2**31 - 1  # the noise seed of the held-out chunks (never a training epoch)
@@ -165,3 +168,49 @@ def pretrain(texts: Sequence[str], tokenizer, shape: ModelShape, settings: Pretr
     if writer:
         write_json(os.path.join(out_dir, SUMMARY_FILE), summary, indent=2)
     return summary
+
+
+def run_pretraining(data: str | os.PathLike, output: str | os.PathLike, *, preset: str = "cpu",
+                    tokenizer: str | os.PathLike | None = None, include_queries: bool = True,
+                    overrides: "RunOverrides | None" = None, resume: str = "never", devices: int | None = None,
+                    progress: bool = True) -> dict:
+    """The pretrain step: a fresh T5 (shape from `preset`) trained by span corruption on the documents (and,
+    with `include_queries` and the preset's leave, the training queries) of the prepared directory `data`,
+    the best model exported to `output` with checkpoints/, metrics.jsonl and pretrain.json. `tokenizer`: a
+    T5 tokenizer directory (default: the data directory's ``t5-tokenizer``); `resume`: one of `RESUME_MODES`;
+    `devices`: train on the first N local devices (None: all). Returns the summary written to pretrain.json.
+    Bad settings raise `SettingError` naming the setting, bad files `GenIRError` naming the file."""
+    from genir_jax.base.errors import SettingError
+    from genir_jax.base.io import check_output_dir as check_writable
+    from genir_jax.checkpoints.hf import load_tokenizer_from
+    from genir_jax.data.prepare import default_data_dir, load_prepared
+    from genir_jax.training.options import RunOverrides, check_output_dir, resolve_run, resume_flags, select_devices
+    from genir_jax.training.presets import get_preset
+
+    output, data = os.fspath(output), os.fspath(data)
+    check_writable(output, "output")
+    chosen = get_preset(preset)
+    run_spec = resolve_run(overrides or RunOverrides(), chosen.pretrain.run, chosen.pretrain.adamw)
+    selected = select_devices(devices)
+    resuming, require_checkpoint = resume_flags(resume)
+    check_output_dir(output, resuming, require_checkpoint)
+    tokenizer_dir = os.fspath(tokenizer) if tokenizer is not None else os.fspath(default_data_dir() / "t5-tokenizer")
+    if not os.path.isdir(tokenizer_dir):
+        raise SettingError(f"{tokenizer_dir}: tokenizer directory not found (pass {{0}} or set GENIR_JAX_DATA)",
+                           "tokenizer")
+    loaded = load_tokenizer_from(tokenizer_dir)
+    if loaded is None:
+        raise CheckpointError(f"{tokenizer_dir}: no tokenizer files (tokenizer.json / spiece.model)")
+    sentinel_ids(loaded, tokenizer_dir)
+    documents, splits = load_prepared(data)
+    texts = corpus_texts(documents, splits.get("train", ()),
+                         include_queries=include_queries and chosen.pretrain.include_train_queries)
+    return pretrain(texts, loaded, chosen.model, chosen.pretrain, run_spec, output, resume=resuming,
+                    progress=progress, devices=selected,
+                    extra_summary={"preset": chosen.name, "data_dir": os.path.abspath(data),
+                                   "tokenizer": os.path.abspath(tokenizer_dir)})
+
+
+def pretraining_summary(summary: dict) -> dict:
+    """The part of a pretraining summary that `genir-jax pretrain` (and `reproduce`) print."""
+    return {key: summary[key] for key in ("best", "examples_per_s", "train_seconds", "wall_seconds")}

@@ -182,8 +182,7 @@ def test_base_is_a_saved_t5_used_for_training_t5_mode_and_the_swap(tmp_path, mon
     directory, _ = hf_checkpoint("pretrained-t5", tokenizer=t5_tokenizer, vocab_size=len(t5_tokenizer))
     base = rp.resolve_base(str(directory))
     assert base == os.path.abspath(directory)
-    calls: list[list[str]] = []
-    monkeypatch.setattr(rp, "_cli", lambda args: calls.append([str(a) for a in args]))
+    calls = _record_pipeline_calls(monkeypatch)
     loads = _record_base_loads(monkeypatch)
     layout = rp.Layout(tmp_path / "run")
     settings = rp.Settings(dataset="squad-dev", preset="tiny", base=base)
@@ -193,9 +192,10 @@ def test_base_is_a_saved_t5_used_for_training_t5_mode_and_the_swap(tmp_path, mon
     layout.removed_documents.parent.mkdir(parents=True, exist_ok=True)
     layout.removed_documents.write_text(json.dumps({"removed-0": ["d1"]}))
     rp._train_removed(0)(layout, settings)
-    train_full, train_removed = calls
-    assert train_full[train_full.index("--base") + 1] == base
-    assert train_removed[train_removed.index("--base") + 1] == base
+    (step, train_full), (_, train_removed) = calls
+    assert step == "train_dsi" and str(train_full["base"]) == base and str(train_removed["base"]) == base
+    assert train_full["output"] == layout.full and train_removed["output"] == layout.removed(0)
+    assert list(train_removed["remove"]) == ["d1"] and train_full["resume"] == "if-any"
     pipeline = {step.name: step for step in rp.steps(settings)}
     for name in ("patch-stages", "swap-encoder"):  # T5-mode patching and the base encoder swap load the given T5
         with pytest.raises(_BaseLoaded):
@@ -278,8 +278,7 @@ def test_docids_and_paper_regime_reach_prepare_and_every_training(tmp_path, monk
     """`reproduce --docids naive --paper-regime`: prepare-data gets both, every `train` the regime (the docid
     scheme it reads from the prepared data); the steps are the experiments that handle multi-token docids,
     without the removed-document models (only the atomic encoder swap needs them)."""
-    calls: list[list[str]] = []
-    monkeypatch.setattr(rp, "_cli", lambda args: calls.append([str(a) for a in args]))
+    calls = _record_pipeline_calls(monkeypatch)
     layout = rp.Layout(tmp_path / "run")
     settings = rp.Settings(dataset="nq-oracle", preset="tiny", docids="naive", paper_regime=True)
     rp._prepare(layout, settings)
@@ -287,10 +286,11 @@ def test_docids_and_paper_regime_reach_prepare_and_every_training(tmp_path, monk
     layout.removed_documents.parent.mkdir(parents=True, exist_ok=True)
     layout.removed_documents.write_text(json.dumps({"removed-0": ["d1"]}))
     rp._train_removed(0)(layout, settings)
-    prepare, train_full, train_removed = calls
-    assert prepare[prepare.index("--docids") + 1] == "naive" and "--paper-regime" in prepare
-    assert "--paper-regime" in train_full and "--paper-regime" in train_removed
-    assert "--docids" not in train_full  # train takes the scheme from prepare.json
+    (_, prepare), (_, train_full), (_, train_removed) = calls
+    assert prepare["docids"] == "naive" and prepare["paper_regime"] is True
+    assert prepare["max_documents"] == rp.TINY_MAX_DOCUMENTS["nq-oracle"]
+    assert train_full["paper_regime"] is True and train_removed["paper_regime"] is True
+    assert "docids" not in train_full  # train takes the scheme from prepare.json
     names = [step.name for step in rp.steps(settings)]
     assert names == ["prepare", "pretrain", "train-full", "evaluate-full", "bm25", "patch-stages", "circuit",
                      "steps-logit-lens", "report"]
@@ -298,7 +298,30 @@ def test_docids_and_paper_regime_reach_prepare_and_every_training(tmp_path, monk
     assert "swap-encoder" in atomic and "train-removed-0" in atomic
     calls.clear()
     rp._prepare(layout, rp.Settings(dataset="nq-oracle", preset="tiny"))
-    assert "--docids" not in calls[0] and "--paper-regime" not in calls[0]
+    assert calls[0][1]["docids"] == "atomic" and calls[0][1]["paper_regime"] is False
+
+
+def _record_pipeline_calls(monkeypatch) -> list[tuple[str, dict]]:
+    """Replace the library functions the pipeline steps call by recorders of their arguments."""
+    from genir_jax.data import prepare
+    from genir_jax.training import dsi, pretrain
+
+    calls: list[tuple[str, dict]] = []
+
+    def prepare_dataset(name, out_dir, data_dir=None, **options):
+        calls.append(("prepare_dataset", {"name": name, "output": out_dir, "data_dir": data_dir, **options}))
+        return {"counts": {}, "split": None, "regime": None, "notes": []}
+
+    def trainer(step, keys):
+        def train(*args, **options):
+            calls.append((step, {**dict(zip(keys, args)), **options}))
+            return dict.fromkeys(("docids", "best", "final", "examples_per_s", "train_seconds", "wall_seconds"))
+        return train
+
+    monkeypatch.setattr(prepare, "prepare_dataset", prepare_dataset)
+    monkeypatch.setattr(dsi, "train_dsi", trainer("train_dsi", ("data", "base", "output")))
+    monkeypatch.setattr(pretrain, "run_pretraining", trainer("run_pretraining", ("data", "output")))
+    return calls
 
 
 def test_a_run_directory_is_bound_to_its_docids_and_regime(tmp_path, monkeypatch):

@@ -56,33 +56,20 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
-def check_fractions(val_fraction: float, test_fraction: float) -> None:
-    """--val-fraction / --test-fraction: finite, in [0, 1), summing to less than 1 (GenIRError naming them)."""
-    import math
-
-    from genir_jax.base.errors import GenIRError
-
-    for option, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
-        if not math.isfinite(value) or not 0 <= value < 1:
-            raise GenIRError(f"{option} must be a number in [0, 1), got {value}")
-    if val_fraction + test_fraction >= 1:
-        raise GenIRError(f"--val-fraction + --test-fraction must be < 1, got {val_fraction} + {test_fraction}")
+# Settings of `prepare_dataset` as this command spells them (errors name the flag).
+FLAGS = {"val_fraction": "--val-fraction", "test_fraction": "--test-fraction", "max_documents": "--max-documents",
+         "split": "--split", "paper_regime": "--paper-regime", "docids": "--docids",
+         "semantic_mapping": "--semantic-docid-mapping", "semantic_docid_mapping": "--semantic-docid-mapping",
+         "semantic_k": "--semantic-k", "semantic_c": "--semantic-c"}
 
 
 def run(args: argparse.Namespace) -> int:
-    from genir_jax.data.prepare import prepare_dataset
-    from genir_jax.base.errors import GenIRError
-
-    check_fractions(args.val_fraction, args.test_fraction)
-    if args.max_documents is not None and args.max_documents < 1:
-        raise GenIRError(f"--max-documents must be >= 1, got {args.max_documents}")
+    from genir_jax.base.errors import renaming_settings
+    from genir_jax.data.prepare import check_prepare_settings, prepare_dataset
 
     if args.dataset == "reference-json":
-        if args.split is not None or args.paper_regime:
-            raise GenIRError("--split / --paper-regime do not apply to reference-json: its train/val/test files "
-                             "are the split")
         options = dict(documents=args.documents, train_queries=args.train_queries, val_queries=args.val_queries,
-                       test_queries=args.test_queries)
+                       test_queries=args.test_queries, split=args.split, paper_regime=args.paper_regime)
     else:
         options = dict(seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                        download=args.download, split=args.split, paper_regime=args.paper_regime)
@@ -92,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
             options["max_documents"] = args.max_documents
     options.update(docids=args.docids or "atomic", semantic_mapping=args.semantic_docid_mapping,
                    semantic_k=args.semantic_k, semantic_c=args.semantic_c)
-    manifest = prepare_dataset(args.dataset, args.output, args.data_dir, **options)
+    with renaming_settings(FLAGS):
+        check_prepare_settings(args.dataset, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                               max_documents=args.max_documents)  # also where reference-json ignores them
+        manifest = prepare_dataset(args.dataset, args.output, args.data_dir, **options)
     print(json.dumps({"output": args.output, "counts": manifest["counts"], "split": manifest["split"],
                       "regime": manifest["regime"], "notes": manifest["notes"]}, indent=2))
     return 0

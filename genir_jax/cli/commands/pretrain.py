@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 
@@ -32,33 +31,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from genir_jax.data.prepare import default_data_dir, load_prepared
-    from genir_jax.base.errors import CheckpointError
-    from genir_jax.checkpoints.hf import load_tokenizer_from
-    from genir_jax.training.options import check_output_dir, resolve_run, resume_mode, select_devices
-    from genir_jax.training.presets import get_preset
-    from genir_jax.training.pretrain import corpus_texts, pretrain, sentinel_ids
+    from genir_jax.base.errors import renaming_settings
+    from genir_jax.training.options import FLAGS, RunOverrides, resume_setting
+    from genir_jax.training.pretrain import pretraining_summary, run_pretraining
 
-    preset = get_preset(args.preset)
-    run_spec = resolve_run(args, preset.pretrain.run, preset.pretrain.adamw)
-    devices = select_devices(args.devices)
-    resume, require_checkpoint = resume_mode(args)
-    check_output_dir(args.output, resume, require_checkpoint)
-    tokenizer_dir = args.tokenizer or os.fspath(default_data_dir() / "t5-tokenizer")
-    if not os.path.isdir(tokenizer_dir):
-        raise CheckpointError(f"{tokenizer_dir}: tokenizer directory not found (pass --tokenizer or set "
-                              "GENIR_JAX_DATA)")
-    tokenizer = load_tokenizer_from(tokenizer_dir)
-    if tokenizer is None:
-        raise CheckpointError(f"{tokenizer_dir}: no tokenizer files (tokenizer.json / spiece.model)")
-    sentinel_ids(tokenizer, tokenizer_dir)
-    documents, splits = load_prepared(args.data)
-    texts = corpus_texts(documents, splits.get("train", ()), include_queries=not args.no_queries
-                         and preset.pretrain.include_train_queries)
-    summary = pretrain(texts, tokenizer, preset.model, preset.pretrain, run_spec, args.output, resume=resume,
-                       progress=not args.no_progress, devices=devices,
-                       extra_summary={"preset": preset.name, "data_dir": os.path.abspath(args.data),
-                                      "tokenizer": os.path.abspath(tokenizer_dir)})
-    print(json.dumps({key: summary[key] for key in ("best", "examples_per_s", "train_seconds", "wall_seconds")},
-                     indent=2))
+    with renaming_settings({**FLAGS, "tokenizer": "--tokenizer", "include_queries": "--no-queries"}):
+        summary = run_pretraining(args.data, args.output, preset=args.preset, tokenizer=args.tokenizer,
+                                  include_queries=not args.no_queries, overrides=RunOverrides.from_args(args),
+                                  resume=resume_setting(args), devices=args.devices, progress=not args.no_progress)
+    print(json.dumps(pretraining_summary(summary), indent=2))
     return 0
