@@ -61,7 +61,7 @@ def render(layout) -> Section:
             "||component|| / ||resid_post - resid_pre|| (ratio) and of cosine(component, resid_post):\n\n")
     text += md_table(["stage", "layers", *(f"{func}: {label}" for func in ("ratio", "cosine") for _, label in PARTS)],
                      rows)
-    text += f"\n\nStages: {describe_stages(stages)} (paper, T5-large: {PAPER['stages_t5_large']}).\n"
+    text += f"\n\nStages: {describe_stages(stages, named=True)} (paper, T5-large: {PAPER['stages_t5_large']}).\n"
     text += ("\nCosine: the paper's text says the cosine similarity of each component's output with the residual "
              "stream without saying which; the reference code (eval_residual_rank.py) computes it with the "
              "layer's OUTPUT residual, resid_post (`decoder.{l}.hook_resid_post`, which already contains the "

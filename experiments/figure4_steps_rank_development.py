@@ -75,7 +75,7 @@ def render(layout) -> Section:
     text += ("\n\nContributions per step (Fig. 3's ratio ||component|| / ||resid_post - resid_pre||, mean over the "
              "stage's layers of the per-layer means over queries):\n\n")
     text += md_table(["step", *(f"{name}: {label}" for name in names for _, label in PARTS)], rows)
-    text += f"\n\nStages: {describe_stages(stages)}. {PAPER['note'].capitalize()}.\n"
+    text += f"\n\nStages: {describe_stages(stages, named=True)}. {PAPER['note'].capitalize()}.\n"
     return Section(text, [path])
 
 

@@ -30,7 +30,7 @@ def _run_reading(step: str, reader: str):
     cross-attention heads of every layer, as `genir-jax neuron-reading` / `crattn-reading` read them."""
     def run(layout, settings, config: Config) -> dict:
         from genir_jax.analysis.reading import RawEntryWriter, run_reading, stale_raw_files, write_reading_outputs
-        from genir_jax.cli.commands.common import write_stages
+        from genir_jax.analysis.stages import write_stages
         from genir_jax.base.io import atomic_directory
 
         inputs = correct_inputs(layout)

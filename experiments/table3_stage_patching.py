@@ -34,7 +34,7 @@ def run_patch_stages(layout, settings, config: Config) -> dict:
     correct validation queries; T5 mode takes the base T5's outputs. Writes what `genir-jax patch-stages`
     writes (CSV, ranks, stages.json)."""
     from genir_jax.analysis.stage_patching import StagePatchingResult, run_stage_patching, write_stage_patching
-    from genir_jax.cli.commands.common import STAGES_JSON
+    from genir_jax.analysis.stages import STAGES_JSON
     from genir_jax.interp.patching import Source
     from genir_jax.paper.reproduce import base_model
 
@@ -77,7 +77,7 @@ def _run_sequence_patch_stages(layout, settings, config: Config, base, base_path
     `config.rank_reduction`; the same files as the atomic run."""
     from genir_jax.analysis.sequence_stage_patching import run_sequence_stage_patching
     from genir_jax.analysis.stage_patching import write_stage_patching
-    from genir_jax.cli.commands.common import STAGES_JSON
+    from genir_jax.analysis.stages import STAGES_JSON
 
     inputs = correct_sequence_inputs(layout)
     model = inputs.model
@@ -149,7 +149,7 @@ def render(layout) -> Section:
     text = _docid_note(layout)
     text += md_table(["mode", "component", *(f"stage {n}: % not at rank 1, ours (paper)" for n in names)], table)
     text += (f"\n\nOurs, the paper's NQ10k value in parentheses (attn = self-attention). Stages: "
-             f"{describe_stages(stages)}. {RANKS_NOTE}\n")
+             f"{describe_stages(stages, named=True)}. {RANKS_NOTE}\n")
     if encoder:
         text += (f"\nT5 mode, encoder output (`{encoder[0]}`) replaced by the base T5's: {encoder[1]:.2f}% not at "
                  f"rank 1, {encoder[2]:.2f}% not in top 101 (rank > 100).\n")

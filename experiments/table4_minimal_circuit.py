@@ -55,7 +55,7 @@ def run_circuit(layout, settings, config: Config) -> dict:
 def _write_circuit(layout, config: Config, report: dict, runs, stages, stages_record: dict, **used) -> dict:
     """What `genir-jax circuit` writes (the report, stages.json, both runs), then experiment.json."""
     from genir_jax.analysis.circuit import RESULTS_JSON
-    from genir_jax.cli.commands.common import write_stages
+    from genir_jax.analysis.stages import write_stages
     from genir_jax.base.io import atomic_directory, write_json
     from genir_jax.docids.retrieval import write_trec_run
 

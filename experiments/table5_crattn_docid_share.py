@@ -20,7 +20,7 @@ def run_crattn_writes(layout, settings, config: Config) -> dict:
     """Docid shares among the top tokens of cross-attention outputs of every stage but the first
     (`genir_jax.analysis.cross_attention_writes`), as `genir-jax crattn-writes` writes them."""
     from genir_jax.analysis.cross_attention_writes import docid_shares, write_docid_shares
-    from genir_jax.cli.commands.common import write_stages
+    from genir_jax.analysis.stages import write_stages
     from genir_jax.base.io import atomic_directory
 
     inputs = correct_inputs(layout)

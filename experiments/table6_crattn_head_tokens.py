@@ -42,7 +42,7 @@ def run_head_tokens(layout, settings, config: Config) -> dict:
     (docids included) and over the words only (`genir_jax.analysis.cross_attention_writes.head_top_tokens`;
     the paper's example query is an NQ question, ours comes from the dataset)."""
     from genir_jax.analysis.cross_attention_writes import head_top_tokens, write_head_tokens
-    from genir_jax.cli.commands.common import write_stages
+    from genir_jax.analysis.stages import write_stages
     from genir_jax.base.io import atomic_directory
 
     correct = json.loads(layout.correct_valid.read_text())
@@ -90,7 +90,7 @@ def render(layout) -> Section:
     where = ""
     if "head_stage" in record:
         where = (f"Heads of stage II (layers {record['head_stage'][0]}-{record['head_stage'][-1]} of the stages used: "
-                 f"{describe_stages(stages)}), as the paper's examples (stage II, layers 12, 14, 16 of 24). ")
+                 f"{describe_stages(stages, named=True)}), as the paper's examples (stage II, layers 12, 14, 16 of 24). ")
     text += (f"\n\n{where}The first list is the logit lens of the head's output as it is; the second leaves the "
              f"docid tokens out, as the paper's Table 6 lists words. Paper (NQ10k, \"{PAPER['query']}\", layer "
              f"{PAPER['layer']} head {PAPER['head']}, stage II): {', '.join(PAPER['tokens'])}.\n")

@@ -189,3 +189,57 @@ def reference_padded_groups(tokenizer, texts: list[str], length: int) -> list[tu
             ids[i, :len(encoded[row])] = encoded[row]
         out.append((np.asarray(rows), ids))
     return out
+
+
+@dataclasses.dataclass
+class AnalysisInputs:
+    """A checkpoint loaded for analysis and the validation queries it answers correctly, tokenised (masked
+    padding, or the reference's padding). `targets`: the docid token ids [N] (atomic docids) or the docid
+    token sequences [N, T] (naive / semantic: ending with EOS, right-padded with 0, `target_mask` 1 on their
+    real tokens, `scheme` the model's docid scheme)."""
+
+    model: object
+    queries: list
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    targets: np.ndarray
+    target_mask: np.ndarray | None = None
+    scheme: object = None
+
+    @property
+    def texts(self) -> list[str]:
+        return [q.text for q in self.queries]
+
+
+def load_model(path: str | os.PathLike, *, tokenizer: bool = True, **kw):
+    """A checkpoint for analysis (`genir_jax.checkpoints.hf.load_for_analysis`, keyword arguments go to it);
+    with `tokenizer`, refuses one without tokenizer files."""
+    from genir_jax.base.errors import GenIRError
+    from genir_jax.checkpoints.hf import load_for_analysis  # read-only tokenizer, no transformers
+
+    model = load_for_analysis(str(path), load_tokenizer=tokenizer, **kw)
+    if tokenizer and model.tokenizer is None:
+        raise GenIRError(f"{os.fspath(path)}: no tokenizer files; the checkpoint must include its tokenizer")
+    return model
+
+
+def load_analysis_inputs(checkpoint: str | os.PathLike, val_queries: str | os.PathLike,
+                         correct_valid: str | os.PathLike, *, sequences: bool = False, scheme=None, model=None,
+                         reference_padding: bool = False, **load) -> AnalysisInputs:
+    """The checkpoint (or an already loaded `model` of it), its correct validation queries
+    (`load_correct_queries`; with `sequences`, `load_correct_sequence_queries` under `scheme`, by default the
+    checkpoint's own) and their tokenisation (`tokenize_for_analysis`). `load`: keyword arguments of
+    `load_model` (e.g. ``dtype``)."""
+    model = model if model is not None else load_model(checkpoint, **load)
+    if sequences:
+        from genir_jax.docids.schemes import checkpoint_scheme
+        from genir_jax.docids.sequence_targets import pad_targets
+
+        scheme = scheme if scheme is not None else checkpoint_scheme(checkpoint)
+        queries = load_correct_sequence_queries(val_queries, correct_valid, scheme, model.tokenizer)
+        targets, target_mask = pad_targets([q.tokens for q in queries])
+    else:
+        queries = load_correct_queries(val_queries, correct_valid, model.tokenizer)
+        targets, target_mask = np.asarray([q.token_id for q in queries], dtype=np.int32), None
+    ids, mask = tokenize_for_analysis(model.tokenizer, [q.text for q in queries], reference_padding=reference_padding)
+    return AnalysisInputs(model, queries, ids, mask, targets, target_mask=target_mask, scheme=scheme)

@@ -23,6 +23,7 @@ import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
 from genir_jax.base.io import write_text
+from genir_jax.analysis.stages import describe_stages, stage_names  # noqa: F401 (the panels name stages so)
 
 
 @dataclasses.dataclass
@@ -97,17 +98,6 @@ def percent(value: float | None) -> float | None:
 def read_json(path: pathlib.Path) -> Any:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
-
-
-def stage_names(count: int) -> list[str]:
-    """"I", "II", ... as the analyses' files name the stages."""
-    from genir_jax.analysis.cross_attention_writes import roman
-
-    return [roman(index) for index in range(1, count + 1)]
-
-
-def describe_stages(stages: Sequence[Sequence[int]]) -> str:
-    return ", ".join(f"{name} = layers {s[0]}-{s[-1]}" for name, s in zip(stage_names(len(stages)), stages))
 
 
 def figure(layout, name: str):
