@@ -8,8 +8,7 @@ import numpy as np
 from genir_jax.base.errors import GenIRError
 from genir_jax.paper.report import Experiment, Section, describe_stages, md_table, percent, record_settings, stage_names
 
-from experiments._common import (correct_inputs, correct_sequence_inputs, full_scheme, load_model, resolve_stages,
-                                stages_of)
+from experiments._common import correct_inputs, correct_sequence_inputs, full_scheme, load_model, stages_of
 
 PAPER = {  # NQ10k, % of correct queries no longer at rank 1, stages I / II / III
     ("zero", "mlp"): (92.86, 7.83, 96.72), ("zero", "cross_attn"): (4.29, 21.72, 39.65),
@@ -30,75 +29,31 @@ class Config:
 
 
 def run_patch_stages(layout, settings, config: Config) -> dict:
-    """Each component type patched in each stage, every mode (`genir_jax.analysis.stage_patching`), on the
-    correct validation queries; T5 mode takes the base T5's outputs. Writes what `genir-jax patch-stages`
-    writes (CSV, ranks, stages.json)."""
-    from genir_jax.analysis.stage_patching import StagePatchingResult, run_stage_patching, write_stage_patching
-    from genir_jax.analysis.stages import STAGES_JSON
-    from genir_jax.interp.patching import Source
+    """Each component type patched in each stage, every mode, on the correct validation queries
+    (`genir_jax.analysis.patch_stages`, as `genir-jax patch-stages`); T5 mode takes the base T5's outputs;
+    naive / semantic models run the teacher-forced variant, ranks reduced by `config.rank_reduction`. Writes
+    what `genir-jax patch-stages` writes (CSV, ranks, stages.json)."""
+    from genir_jax.analysis.patch_stages import patch_stages, write_patch_stages
+    from genir_jax.analysis.stages import resolve_stages
     from genir_jax.paper.reproduce import base_model
 
     base_path = base_model(layout, settings) if "t5" in config.modes else None
     base = load_model(base_path, tokenizer=False) if base_path else None  # a bad base fails before the analysis
-    if full_scheme(layout).multi_token:
-        return _run_sequence_patch_stages(layout, settings, config, base, base_path)
-    inputs = correct_inputs(layout)
+    sequences = full_scheme(layout).multi_token
+    inputs = correct_sequence_inputs(layout) if sequences else correct_inputs(layout)
     model = inputs.model
-    stages, stages_record = resolve_stages(config.stages, inputs, settings.progress)
-    parts = []
-    plain_modes = [m for m in ("mean", "zero") if m in config.modes]
-    if plain_modes:
-        parts.append(run_stage_patching(model.config, model.params, inputs.input_ids, inputs.attention_mask,
-                                        inputs.targets, stages=stages, modes=plain_modes,
-                                        query_chunk=config.batch_size, progress=settings.progress))
-    if base is not None:
-        if int(inputs.input_ids.max()) >= base.config.vocab_size:
-            raise GenIRError(f"{base_path}: the T5's vocabulary ({base.config.vocab_size}) does not cover the query "
-                             "tokens; it must share the GenIR model's word vocabulary")
-        parts.append(run_stage_patching(model.config, model.params, inputs.input_ids, inputs.attention_mask,
-                                        inputs.targets, stages=stages, modes=["t5"],
-                                        source=Source(base.config, base.params), query_chunk=config.batch_size,
-                                        progress=settings.progress))
-    clean = np.asarray(parts[-1].sweep.clean["rank"])
-    if np.any(clean != 0):
-        raise GenIRError(f"{layout.correct_valid}: {int(np.sum(clean != 0))} of {clean.size} queries are not ranked "
-                         "first by the full model; correct_valid.json must list the pairs it ranks first")
-    result = StagePatchingResult(rows=[row for part in parts for row in part.rows],
-                                 ranks=np.concatenate([part.ranks for part in parts]), sweep=parts[0].sweep)
-    output = layout.analysis("patch-stages")
-    write_stage_patching(output, result, extra_json={STAGES_JSON: stages_record})
-    return record_settings(output, "table3", config, checkpoint=layout.full, t5=base_path, stages=stages,
-                           stages_method=stages_record["method"], queries=len(inputs.queries))
-
-
-def _run_sequence_patch_stages(layout, settings, config: Config, base, base_path) -> dict:
-    """Table 3 for a naive / semantic model (`genir_jax.analysis.sequence_stage_patching`): the same
-    configurations at every decoder position of the teacher-forced docid, ranks reduced per query by
-    `config.rank_reduction`; the same files as the atomic run."""
-    from genir_jax.analysis.sequence_stage_patching import run_sequence_stage_patching
-    from genir_jax.analysis.stage_patching import write_stage_patching
-    from genir_jax.analysis.stages import STAGES_JSON
-
-    inputs = correct_sequence_inputs(layout)
-    model = inputs.model
-    stages, stages_record = resolve_stages(config.stages, inputs, settings.progress)
-    if base is not None and int(max(inputs.input_ids.max(), inputs.targets.max())) >= base.config.vocab_size:
-        raise GenIRError(f"{base_path}: the T5's vocabulary ({base.config.vocab_size}) does not cover the query "
-                         "and docid tokens; it must share the GenIR model's word vocabulary")
+    stages = resolve_stages(config.stages, model.config, model.params, inputs.input_ids, inputs.attention_mask,
+                            inputs.targets, progress=settings.progress)
     modes = [m for m in config.modes if m != "t5" or base is not None]
-    result = run_sequence_stage_patching(
-        model.config, model.params, inputs.input_ids, inputs.attention_mask, inputs.targets, inputs.target_mask,
-        stages=stages, modes=modes, source_params=base.params if base is not None else None, metric="step_rank",
-        reduction=config.rank_reduction, batch_size=config.batch_size or 32, progress=settings.progress)
-    if np.any(result.clean != 0) and config.rank_reduction == "max":
-        raise GenIRError(f"{layout.correct_valid}: greedy decoding does not give the docid of "
-                         f"{int(np.sum(result.clean != 0))} of {result.clean.size} listed queries; correct_valid.json "
-                         "must list the queries the model answers exactly")
+    result = patch_stages(inputs, stages, modes, base=base, base_name=str(base_path), correct_valid=layout.correct_valid,
+                          batch_size=config.batch_size, rank_reduction=config.rank_reduction,
+                          progress=settings.progress)
     output = layout.analysis("patch-stages")
-    write_stage_patching(output, result.as_rank_result(), extra_json={STAGES_JSON: stages_record})
-    return record_settings(output, "table3", config, checkpoint=layout.full, t5=base_path, stages=stages,
-                           stages_method=stages_record["method"], queries=len(inputs.queries),
-                           docids=inputs.scheme.name, metric="step_rank", rank_reduction=config.rank_reduction)
+    write_patch_stages(output, result, stages)
+    details = dict(docids=inputs.scheme.name, metric="step_rank", rank_reduction=config.rank_reduction) \
+        if sequences else {}
+    return record_settings(output, "table3", config, checkpoint=layout.full, t5=base_path, stages=stages.as_lists(),
+                           stages_method=stages.method, queries=len(inputs.queries), **details)
 
 
 RANKS_NOTE = ("Ranks count from 0 in our files, as in the reference code (rank 0 = first). \"Not at rank 1\" is "
