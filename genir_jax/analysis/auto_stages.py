@@ -8,7 +8,7 @@ target's logit-lens rank, single-component zero-ablation effects), z-scored per 
 with k pieces over the layers; the k pieces that minimise the total within-stage sum of squared deviations
 are the stages (`segment_layers`, exact dynamic programming, O(k L^2) after O(L F) prefix sums).
 
-`genir_jax.analysis.stages.describe_stages` writes stages in the syntax `stage_patching.parse_stages` reads
+`genir_jax.analysis.stage_patching.describe_stages` writes stages in the syntax `stage_patching.parse_stages` reads
 (``"0-6,7-17,18-23"``).
 """
 
@@ -19,8 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from genir_jax.analysis.stages import describe_stages  # noqa: F401 (the one description of stages)
 from genir_jax.analysis.residual import FUNCS, LENS_SITES, PARTS, run_residual_rank
+from genir_jax.analysis.stage_patching import describe_stages  # noqa: F401 (the one description of stages)
 from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
 from genir_jax.interp.patching import run_sweep

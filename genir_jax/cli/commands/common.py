@@ -8,7 +8,6 @@ STAGES_HELP = ("decoder stages: 'auto' (three stages fitted to the model's per-l
                "queries, see genir_jax.analysis.auto_stages), 'thirds' (three near-equal consecutive blocks), "
                "'paper' (0-6,7-17,18-23; 24-layer decoders) or layer ranges, e.g. '0-6,7-17,18-23' (default: "
                "the paper's for a 24-layer decoder, otherwise auto). The stages used are written to stages.json")
-from genir_jax.analysis.stages import STAGES_JSON  # noqa: F401 (re-exported for the commands)
 CHECKPOINT = "[checkpoint]"  # placeholder in path options, replaced by the checkpoint directory as the reference does
 
 
