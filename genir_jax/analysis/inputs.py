@@ -22,12 +22,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from typing import Sequence
 
 import numpy as np
 
 from genir_jax.data.corpus import normalize_id, read_json, read_queries
 from genir_jax.docids.tokens import is_docid_token
-from genir_jax.base.errors import DataError
+from genir_jax.base.batching import Batch, batches
+from genir_jax.base.errors import DataError, GenIRError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,3 +245,42 @@ def load_analysis_inputs(checkpoint: str | os.PathLike, val_queries: str | os.Pa
         targets, target_mask = np.asarray([q.token_id for q in queries], dtype=np.int32), None
     ids, mask = tokenize_for_analysis(model.tokenizer, [q.text for q in queries], reference_padding=reference_padding)
     return AnalysisInputs(model, queries, ids, mask, targets, target_mask=target_mask, scheme=scheme)
+
+
+def query_batches(tokenizer, texts: Sequence[str], batch_size: int, *, reference_padding: bool = False,
+                  block: int | None = None) -> list[Batch]:
+    """Batches (`genir_jax.base.batching.Batch`, arrays ``(input_ids [batch_size, T], attention_mask)``) covering
+    every query once.
+
+    Default: all queries padded to the longest with a mask, consecutive rows per batch
+    (`genir_jax.base.batching.batches`). Reference mode (the reading and cross-attention-output scripts run each
+    query alone, unpadded, without a mask): a batch holds queries of one token length, no padding, an
+    all-ones mask; queries are grouped within consecutive blocks of `block` rows (all rows when None), so
+    results complete block by block, and batches are ordered by their first row. Short batches are filled
+    up to `batch_size` with copies of their first row (callers keep ``batch.rows`` only), so each input
+    shape compiles once.
+    """
+    if batch_size < 1:
+        raise GenIRError("--batch-size must be >= 1")
+    if not reference_padding:
+        ids, mask = tokenize_for_analysis(tokenizer, list(texts))
+        return list(batches((ids, mask), batch_size))
+    if not texts:
+        raise GenIRError("no queries to tokenize")
+    count = len(texts)
+    encoded = [np.asarray(ids, dtype=np.int32) for ids in encode_queries(tokenizer, list(texts))]
+    block = block or count
+    out: list[Batch] = []
+    for block_start in range(0, count, block):
+        by_length: dict[int, list[int]] = {}
+        for row in range(block_start, min(block_start + block, count)):
+            by_length.setdefault(len(encoded[row]), []).append(row)
+        block_batches = []
+        for group in by_length.values():
+            group_rows = np.asarray(group)
+            ids = np.stack([encoded[r] for r in group])
+            for batch in batches((ids,), batch_size):
+                padded = batch.arrays[0]
+                block_batches.append(Batch(group_rows[batch.rows], (padded, np.ones_like(padded))))
+        out.extend(sorted(block_batches, key=lambda b: int(b.rows[0])))
+    return out

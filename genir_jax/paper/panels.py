@@ -23,7 +23,6 @@ import os
 import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
-from genir_jax.base.io import write_text
 from genir_jax.analysis.stages import describe_stages, stage_names  # noqa: F401 (the panels name stages so)
 
 

@@ -5,7 +5,6 @@ import dataclasses
 
 import numpy as np
 
-from genir_jax.base.errors import GenIRError
 from genir_jax.paper.panels import Experiment, Section, describe_stages, md_table, percent, record_settings, stage_names
 
 from genir_jax.paper.experiments._common import (correct_inputs, correct_sequence_inputs, full_scheme, load_model,
