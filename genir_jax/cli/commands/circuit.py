@@ -54,10 +54,9 @@ def run(args: argparse.Namespace) -> int:
     from genir_jax.analysis.circuit import (PAPER_CIRCUIT, REFERENCE_CONFIG, REFERENCE_RESULTS_JSON, RESULTS_JSON,
                                             circuit_from_json, circuit_interventions, circuit_report, docid_targets,
                                             rank_with_circuit, reference_retrieval_metrics)
-    from genir_jax.analysis.inputs import (load_correct_queries, reference_padded_groups, reference_padding_length,
-                                           tokenize_for_analysis)
+    from genir_jax.analysis.inputs import (load_analysis_inputs, load_model, reference_padded_groups,
+                                           reference_padding_length, tokenize_for_analysis)
     from genir_jax.data.corpus import qrels_from_queries, read_json, read_qrels, read_queries
-    from genir_jax.checkpoints.hf import load_for_analysis  # read-only tokenizer, no transformers
     from genir_jax.interp.interventions import mean_activations
     from genir_jax.base.io import atomic_directory, write_json
     from genir_jax.docids.retrieval import check_run_covers, write_trec_run
@@ -67,18 +66,17 @@ def run(args: argparse.Namespace) -> int:
         raise GenIRError("--k must be >= 1")
     resolve_paths(args, args.checkpoint)
     args.reference_padding = args.reference_padding or args.reference
-    model = load_for_analysis(args.checkpoint)
-    if model.tokenizer is None:
-        raise GenIRError(f"{args.checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
+    model = load_model(args.checkpoint)
     config, tokenizer = model.config, model.tokenizer
     test_queries = read_queries(args.test_queries)
     qrels = read_qrels(args.qrels) if args.qrels else qrels_from_queries(test_queries)
     check_run_covers([q.id for q in test_queries], qrels, args.qrels or args.test_queries)
-    correct = load_correct_queries(args.val_queries, args.correct_valid, tokenizer)
+    inputs = load_analysis_inputs(args.checkpoint, args.val_queries, args.correct_valid, model=model)
+    correct = inputs.queries
     from genir_jax.cli.commands.common import resolve_stages, write_stages
     reference_stages(args, config.num_decoder_layers, "paper")
-    stages, stages_record = resolve_stages(args, config, model.params, *tokenize_for_analysis(
-        tokenizer, [q.text for q in correct]), np.asarray([q.token_id for q in correct], dtype=np.int32))
+    stages, stages_record = resolve_stages(args, config, model.params, inputs.input_ids, inputs.attention_mask,
+                                           inputs.targets)
     circuit = circuit_from_json(read_json(args.circuit), args.circuit, len(stages)) if args.circuit else PAPER_CIRCUIT
     docids = docid_targets(tokenizer, test_queries, args.test_queries, args.checkpoint)
     vocabulary, candidates, targets = docids.vocabulary, docids.candidates, docids.targets

@@ -64,7 +64,7 @@ def _missing_map(path: str) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     from genir_jax.analysis.encoder_swap import RESULTS_JSON, encoder_swap_ranks, normalize_missing, summarize
-    from genir_jax.analysis.inputs import load_correct_queries, tokenize_for_analysis
+    from genir_jax.analysis.inputs import load_analysis_inputs
     from genir_jax.checkpoints.hf import load_for_analysis  # read-only tokenizer, no transformers
     from genir_jax.base.io import atomic_directory, write_json
     from genir_jax.interp.patching import Source
@@ -73,12 +73,9 @@ def run(args: argparse.Namespace) -> int:
         raise GenIRError("nothing to swap in: give --missing-docs-for-model and/or --t5")
     resolve_paths(args, args.complete_model_path)
     others = _missing_map(args.missing_docs_for_model) if args.missing_docs_for_model else {}
-    full = load_for_analysis(args.complete_model_path)
-    if full.tokenizer is None:
-        raise GenIRError(f"{args.complete_model_path}: no tokenizer files; the checkpoint must include its tokenizer")
-    queries = load_correct_queries(args.val_queries, args.correct_valid, full.tokenizer)
-    input_ids, mask = tokenize_for_analysis(full.tokenizer, [q.text for q in queries])
-    targets = np.asarray([q.token_id for q in queries], dtype=np.int32)
+    inputs = load_analysis_inputs(args.complete_model_path, args.val_queries, args.correct_valid)
+    full, queries, input_ids, mask, targets = inputs.model, inputs.queries, inputs.input_ids, \
+        inputs.attention_mask, inputs.targets
     vocab = full.tokenizer.get_vocab()
     for key, (_, documents) in others.items():
         unknown = [d for d in normalize_missing(documents) if d not in vocab]
