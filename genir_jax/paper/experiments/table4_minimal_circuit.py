@@ -1,7 +1,6 @@
 """Table 4: the minimal circuit on the test queries, absolute and relative to the unpatched model."""
 
 import dataclasses
-import os
 
 from genir_jax.paper.panels import Experiment, Section, md_table, percent, read_json, record_settings
 
@@ -20,32 +19,22 @@ class Config:
 def run_circuit(layout, settings, config: Config) -> dict:
     """The paper's minimal circuit (`genir_jax.analysis.circuit`) on the test queries, means over the correct
     validation queries, ranked over docid tokens; writes what `genir-jax circuit` writes."""
-    from genir_jax.analysis.circuit import (PAPER_CIRCUIT, circuit_interventions, circuit_report, docid_targets,
-                                            rank_with_circuit)
-    from genir_jax.analysis.inputs import tokenize_for_analysis
+    from genir_jax.analysis.circuit import PAPER_CIRCUIT, circuit_report, docid_targets
+    from genir_jax.analysis.circuit_runs import rank_test_queries
     from genir_jax.data.corpus import read_qrels, read_queries
-    from genir_jax.interp.interventions import mean_activations
     from genir_jax.docids.retrieval import check_run_covers
-    from genir_jax.core.sites import COMPONENT_SITES
 
     if full_scheme(layout).multi_token:
         return _run_sequence_circuit(layout, settings, config)
     inputs = correct_inputs(layout)
-    model, tokenizer = inputs.model, inputs.model.tokenizer
     test_queries = read_queries(layout.queries("test"))
     qrels = read_qrels(layout.qrels("test"))
     check_run_covers([q.id for q in test_queries], qrels, str(layout.qrels("test")))
     stages, stages_record = resolve_stages(config.stages, inputs, settings.progress)
-    docids = docid_targets(tokenizer, test_queries, layout.queries("test"), layout.full)
+    docids = docid_targets(inputs.model.tokenizer, test_queries, layout.queries("test"), layout.full)
     circuit = PAPER_CIRCUIT
-    sites = [f"decoder.*.{site}" for site in COMPONENT_SITES.values()]
-    means = mean_activations(model.config, model.params, inputs.input_ids, inputs.attention_mask, sites,
-                             progress=settings.progress) if any(p.mode == "mean" for p in circuit.patches) else None
-    interventions = circuit_interventions(model.config, circuit, stages, means)
-    ids, mask = tokenize_for_analysis(tokenizer, [q.text for q in test_queries])
-    top_ids, top_logits = rank_with_circuit(model.config, model.params, interventions, ids, mask, docids.targets,
-                                            docids.candidates, top_k=min(config.k, len(docids.candidates)),
-                                            query_chunk=config.batch_size, progress=settings.progress)
+    top_ids, top_logits, _ = rank_test_queries(inputs, test_queries, circuit, stages, docids, k=config.k,
+                                               batch_size=config.batch_size, progress=settings.progress)
     report, runs = circuit_report(circuit, stages, [q.id for q in test_queries], docids.doc_ids, top_ids, top_logits,
                                   qrels, correct_queries=len(inputs.queries),
                                   ranking="docid tokens only, masked padding")
@@ -54,17 +43,10 @@ def run_circuit(layout, settings, config: Config) -> dict:
 
 def _write_circuit(layout, config: Config, report: dict, runs, stages, stages_record: dict, **used) -> dict:
     """What `genir-jax circuit` writes (the report, stages.json, both runs), then experiment.json."""
-    from genir_jax.analysis.circuit import RESULTS_JSON
-    from genir_jax.analysis.stages import write_stages
-    from genir_jax.base.io import atomic_directory, write_json
-    from genir_jax.docids.retrieval import write_trec_run
+    from genir_jax.analysis.circuit_runs import write_circuit
 
     output = layout.analysis("circuit")
-    with atomic_directory(output) as staging:
-        write_json(os.path.join(staging, RESULTS_JSON), report, indent=2)
-        write_stages(staging, stages_record)
-        write_trec_run(os.path.join(staging, "run_unpatched.trec"), runs[0], "full")
-        write_trec_run(os.path.join(staging, "run_circuit.trec"), runs[1], "full-circuit")
+    write_circuit(output, report, runs, stages_record, "full")
     return record_settings(output, "table4", config, checkpoint=layout.full, stages=stages,
                            stages_method=stages_record["method"], **used)
 
