@@ -2,9 +2,7 @@
 
 import dataclasses
 import json
-import os
 
-from genir_jax.base.errors import DataError, GenIRError
 from genir_jax.paper.panels import EXPERIMENT_JSON, Experiment, Section, md_table, percent, read_json, record_settings
 
 from genir_jax.paper.experiments._common import correct_inputs, load_model
@@ -25,40 +23,19 @@ def run_swap_encoder(layout, settings, config: Config) -> dict:
     """The full model's decoder on the encoder of each model trained without some documents, and of the base
     T5 (`genir_jax.analysis.encoder_swap`), on the correct validation queries; writes swapped_encoder.json as
     `genir-jax swap-encoder` does (keys: the removed models' directories, then the base T5's)."""
-    from genir_jax.analysis.encoder_swap import RESULTS_JSON, encoder_swap_ranks, normalize_missing, summarize
-    from genir_jax.base.io import atomic_directory, write_json
-    from genir_jax.interp.patching import Source
+    from genir_jax.analysis.encoder_swap_runs import check_missing_documents, swap_encoders, write_swap_results
     from genir_jax.paper.panels import base_model
 
     base_path = base_model(layout, settings) if config.base_encoder else None
     base = load_model(base_path, tokenizer=False) if base_path else None  # a bad base fails before the analysis
     missing = json.loads(layout.missing_docs.read_text())
+    others = {key: (key, documents) for key, documents in missing.items()}
     inputs = correct_inputs(layout)
-    full = inputs.model
-    vocab = full.tokenizer.get_vocab()
-    for key, documents in missing.items():
-        unknown = [d for d in normalize_missing(documents) if d not in vocab]
-        if unknown:
-            raise DataError(f"{layout.missing_docs}: key {key!r}: document(s) {unknown[:5]} have no docid token in "
-                            "the complete model's vocabulary")
-
-    def ranks_with(other):
-        return encoder_swap_ranks(full.config, full.params, Source(other.config, other.params), inputs.input_ids,
-                                  inputs.attention_mask, inputs.targets, query_chunk=config.batch_size,
-                                  progress=settings.progress)
-
-    results = {}
-    for key, documents in missing.items():
-        ranks = ranks_with(load_model(key, tokenizer=False))
-        results[key] = summarize(ranks, inputs.queries, documents,
-                                 source=str(layout.missing_docs)).as_reference_dict(reference=False)
-    if base is not None:
-        if int(inputs.input_ids.max()) >= base.config.vocab_size:
-            raise GenIRError(f"{base_path}: the T5's vocabulary ({base.config.vocab_size}) does not cover the queries")
-        results[str(base_path)] = summarize(ranks_with(base), inputs.queries, []).as_reference_dict(reference=False)
+    check_missing_documents(inputs, others, str(layout.missing_docs))
+    results = swap_encoders(inputs, others, base=base, base_key=str(base_path), source=str(layout.missing_docs),
+                            batch_size=config.batch_size, progress=settings.progress)
     output = layout.analysis("swap-encoder")
-    with atomic_directory(output) as staging:
-        write_json(os.path.join(staging, RESULTS_JSON), results)
+    write_swap_results(output, results)
     return record_settings(output, "table2", config, checkpoint=layout.full, t5=base_path,
                            removed_models=list(missing), queries=len(inputs.queries))
 
