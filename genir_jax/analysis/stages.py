@@ -108,7 +108,7 @@ def fixed_stages(spec: str | None, num_decoder_layers: int) -> Stages | None:
         return None
     if method == "paper":
         if num_decoder_layers != 24:
-            raise GenIRError(f"--stages paper: the paper's stages need a 24-layer decoder, the model has "
+            raise GenIRError(f"stages 'paper': the paper's stages need a 24-layer decoder, the model has "
                              f"{num_decoder_layers}")
         layers = PAPER_STAGES_24
     elif method == "thirds":

@@ -74,14 +74,26 @@ def add_run_controls(parser: argparse.ArgumentParser, batch_help: str = "queries
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def resolve_stages(args: argparse.Namespace, config, params, input_ids, attention_mask, target_ids
-                   ) -> tuple[list[list[int]], dict]:
-    """The decoder stages `--stages` asks for and their stages.json record
-    (`genir_jax.analysis.stages.resolve_stages`, with the command's --batch-size and --no-progress)."""
-    from genir_jax.analysis.stages import resolve_stages as resolve
+def stages_option(args: argparse.Namespace, config, params, input_ids, attention_mask, target_ids):
+    """The `genir_jax.analysis.stages.Stages` `--stages` asks for (with the command's --batch-size and
+    --no-progress); a bad specification is refused as an error of --stages, before any computation."""
+    from genir_jax.analysis.stages import fixed_stages, resolve_stages as resolve
+    from genir_jax.base.errors import GenIRError
 
+    try:
+        fixed_stages(getattr(args, "stages", None), config.num_decoder_layers)  # a bad spec, before any computation
+    except GenIRError as error:
+        message = str(error)
+        raise GenIRError(message if message.startswith("--stages") else f"--stages: {message}") from None
     stages = resolve(getattr(args, "stages", None), config, params, input_ids, attention_mask, target_ids,
                      batch_size=getattr(args, "batch_size", None), progress=not getattr(args, "no_progress", True))
+    return stages
+
+
+def resolve_stages(args: argparse.Namespace, config, params, input_ids, attention_mask, target_ids
+                   ) -> tuple[list[list[int]], dict]:
+    """The decoder stages `--stages` asks for (`stages_option`) and their stages.json record."""
+    stages = stages_option(args, config, params, input_ids, attention_mask, target_ids)
     return stages.as_lists(), stages.record()
 
 
