@@ -23,7 +23,6 @@ import os
 import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
-from genir_jax.analysis.stages import describe_stages, stage_names  # noqa: F401 (the panels name stages so)
 
 
 @dataclasses.dataclass
@@ -113,6 +112,8 @@ def figure(layout, name: str):
 
 def shade_stages(axis, stages: Sequence[Sequence[int]]) -> None:
     """Grey bands and labels for the stages on a per-layer x axis."""
+    from genir_jax.analysis.stages import stage_names
+
     for index, (name, layers) in enumerate(zip(stage_names(len(stages)), stages)):
         if index % 2 == 1:
             axis.axvspan(layers[0] - 0.5, layers[-1] + 0.5, color="0.92", zorder=0)

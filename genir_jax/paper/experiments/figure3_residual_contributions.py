@@ -4,8 +4,8 @@ import dataclasses
 
 import numpy as np
 
-from genir_jax.paper.panels import (Experiment, Section, describe_stages, figure, md_table, read_json, record_settings,
-                              shade_stages, stage_names)
+from genir_jax.analysis.stages import describe_stages, stage_names
+from genir_jax.paper.panels import Experiment, Section, figure, md_table, read_json, record_settings, shade_stages
 
 from genir_jax.paper.experiments._common import correct_inputs, stages_of
 

@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from genir_jax.paper.panels import Experiment, Section, figure, md_table, percent, read_json, shade_stages, stage_names
+from genir_jax.analysis.stages import stage_names
+from genir_jax.paper.panels import Experiment, Section, figure, md_table, percent, read_json, shade_stages
 
 from genir_jax.paper.experiments._common import stages_of
 

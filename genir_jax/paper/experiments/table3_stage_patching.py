@@ -5,7 +5,8 @@ import dataclasses
 
 import numpy as np
 
-from genir_jax.paper.panels import Experiment, Section, describe_stages, md_table, percent, record_settings, stage_names
+from genir_jax.analysis.stages import describe_stages, stage_names
+from genir_jax.paper.panels import Experiment, Section, md_table, percent, record_settings
 
 from genir_jax.paper.experiments._common import (correct_inputs, correct_sequence_inputs, full_scheme, load_model,
                                                  stages_of)

@@ -2,7 +2,8 @@
 
 import dataclasses
 
-from genir_jax.paper.panels import Experiment, Section, md_table, read_json, record_settings, stage_names
+from genir_jax.analysis.stages import stage_names
+from genir_jax.paper.panels import Experiment, Section, md_table, read_json, record_settings
 
 from genir_jax.paper.experiments._common import correct_inputs, resolve_stages
 

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from genir_jax.paper.panels import (EXPERIMENT_JSON, Experiment, Section, describe_stages, md_table, read_json,
-                              record_settings, stage_names)
+from genir_jax.analysis.stages import describe_stages, stage_names
+from genir_jax.paper.panels import EXPERIMENT_JSON, Experiment, Section, md_table, read_json, record_settings
 
 from genir_jax.paper.experiments._common import correct_inputs, resolve_stages
 
