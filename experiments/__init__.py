@@ -1,44 +1,32 @@
-"""The experiments of `genir-jax reproduce`, one module each, found by discovery.
+"""Runnable entry points, one per table / figure: ``python -m experiments.table3_stage_patching --run DIR``
+runs that one experiment again on a `genir-jax reproduce` output folder DIR, through the library.
 
-Every module of this package whose name does not start with ``_`` defines ``EXPERIMENT`` (a
-`genir_jax.paper.report.Experiment`): its configuration, the pipeline steps it runs (library calls), the steps it
-reads, the paper's numbers and how its section of ``report.md`` is rendered. `registry` imports them all and
-orders them by ``EXPERIMENT.position`` (the paper's order), so a new analysis needs its analysis module and
-its experiment module here, nothing else.
+The experiments themselves (configuration, steps, paper numbers, rendering) and their registry live in
+`genir_jax.paper.experiments`; these modules only name which one to run.
 """
 
 from __future__ import annotations
 
-import functools
+import argparse
 import importlib
-import pkgutil
+import sys
 
 
-@functools.lru_cache(maxsize=None)
-def registry() -> tuple:
-    """Every experiment of this package, in report (and pipeline) order; refuses two experiments with the
-    same id or the same step name, or a module without ``EXPERIMENT``."""
+def main(module: str, argv: list[str] | None = None) -> int:
+    """Run the experiment of `genir_jax.paper.experiments.<module>` on ``--run DIR``; 2 on a refused input."""
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.{module}",
+                                     description=f"Run the {module} experiment on a genir-jax reproduce output "
+                                                 "folder (its settings, models and earlier steps).")
+    parser.add_argument("--run", required=True, metavar="DIR", help="output folder of genir-jax reproduce")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
     from genir_jax.base.errors import GenIRError
-    from genir_jax.paper.report import Experiment
+    from genir_jax.paper.reproduce import run_experiment
 
-    found = []
-    for module_info in pkgutil.iter_modules(__path__):
-        if module_info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{module_info.name}")
-        experiment = getattr(module, "EXPERIMENT", None)
-        if not isinstance(experiment, Experiment):
-            raise GenIRError(f"{module.__file__}: an experiment module must define EXPERIMENT (a "
-                             "genir_jax.paper.report.Experiment)")
-        found.append(experiment)
-    found.sort(key=lambda experiment: (experiment.position, experiment.id))
-    ids, steps = set(), set()
-    for experiment in found:
-        if experiment.id in ids:
-            raise GenIRError(f"two experiments have the id {experiment.id!r}")
-        ids.add(experiment.id)
-        for step in experiment.runs:
-            if step in steps:
-                raise GenIRError(f"experiment {experiment.id!r}: step {step!r} is already run by another experiment")
-            steps.add(step)
-    return tuple(found)
+    experiment = importlib.import_module(f"genir_jax.paper.experiments.{module}").EXPERIMENT
+    try:
+        run_experiment(args.run, experiment.id, progress=not args.no_progress)
+    except GenIRError as error:
+        print(f"python -m experiments.{module}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,57 +1,6 @@
-"""Stage robustness: every layer of a component type ablated, every single layer ablated, and the stage table
-under the automatic stages and the equal thirds side by side (do Table 3's stage claims depend on the split?)."""
+"""`python -m experiments.stage_robustness --run DIR`: that experiment alone on a reproduce folder."""
 
-import dataclasses
+from experiments import main
 
-from genir_jax.paper.report import Experiment, Section, record_settings
-
-from experiments._common import correct_inputs
-
-PAPER = {"stages_t5_large": "I = layers 0-6, II = 7-17, III = 18-23 (read off per-layer curves; one partition)",
-         "claim": "stage-I and stage-III MLPs are needed (92.86% / 96.72% leave rank 1 when zeroed), stage-II "
-                  "MLPs are not (7.83%); cross-attention matters most in stages II and III"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    modes: tuple[str, ...] = ("zero", "mean")
-    auto_k: int = 3                 # stages the automatic segmentation fits
-    batch_size: int | None = None   # queries per device per step (None: from a logits budget)
-
-
-def run_stage_robustness(layout, settings, config: Config) -> dict:
-    """`genir_jax.analysis.stage_robustness` on the correct validation queries, with the automatic stages,
-    the equal thirds (and the paper's, for a 24-layer decoder) as partitions."""
-    from genir_jax.analysis import stage_robustness as robustness
-
-    inputs = correct_inputs(layout)
-    model = inputs.model
-    partitions, records = robustness.standard_partitions(
-        model.config, model.params, inputs.input_ids, inputs.attention_mask, inputs.targets, k=config.auto_k,
-        batch_size=config.batch_size, progress=settings.progress)
-    result = robustness.run_stage_robustness(
-        model.config, model.params, inputs.input_ids, inputs.attention_mask, inputs.targets, partitions=partitions,
-        modes=config.modes, query_chunk=config.batch_size, progress=settings.progress)
-    output = layout.analysis("stage-robustness")
-    robustness.write_stage_robustness(output, result, partition_records=records, queries=len(inputs.queries))
-    return record_settings(output, "stage-robustness", config, checkpoint=layout.full, partitions=partitions,
-                           queries=len(inputs.queries))
-
-
-def render(layout) -> Section:
-    from genir_jax.analysis.stage_robustness import read_stage_robustness, render_markdown
-
-    result, stored = read_stage_robustness(layout.analysis("stage-robustness"))
-    methods = ", ".join(f"{name} ({record['method']})" for name, record in stored["partition_records"].items())
-    text = render_markdown(result, stored["queries"])
-    text += (f"\nPartitions: {methods}; the automatic stages are fitted to this model's per-layer curves "
-             "(genir_jax.analysis.auto_stages). Paper (T5-large, NQ10k): one partition, "
-             f"{PAPER['stages_t5_large']}; {PAPER['claim']}.\n")
-    return Section(text)
-
-
-EXPERIMENT = Experiment(
-    id="stage-robustness", title="Stage robustness", paper_ref="beyond the paper: checks Sec. 5.1's stages",
-    position=95, command="genir_jax.analysis.stage_robustness", paper=PAPER, render=render, config=Config(),
-    runs={"stage-robustness": run_stage_robustness},
-)
+if __name__ == "__main__":
+    raise SystemExit(main("stage_robustness"))

@@ -8,7 +8,8 @@ target's logit-lens rank, single-component zero-ablation effects), z-scored per 
 with k pieces over the layers; the k pieces that minimise the total within-stage sum of squared deviations
 are the stages (`segment_layers`, exact dynamic programming, O(k L^2) after O(L F) prefix sums).
 
-`describe_stages` writes stages in the syntax `stage_patching.parse_stages` reads (``"0-6,7-17,18-23"``).
+`genir_jax.analysis.stage_patching.describe_stages` writes stages in the syntax `stage_patching.parse_stages` reads
+(``"0-6,7-17,18-23"``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from genir_jax.analysis.residual import FUNCS, LENS_SITES, PARTS, run_residual_rank
+from genir_jax.analysis.stage_patching import describe_stages  # noqa: F401 (the one description of stages)
 from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
 from genir_jax.interp.patching import run_sweep
@@ -125,21 +127,6 @@ def segment_layers(features, k: int) -> list[list[int]]:
         stages.append(list(range(start, end)))
         start = end
     return stages
-
-
-def describe_stages(stages: Sequence[Sequence[int]]) -> str:
-    """Stages as ``"0-6,7-17,18-23"`` (single-layer stages as ``"5"``), the syntax `parse_stages` reads."""
-    parts = []
-    for stage in stages:
-        layers = [int(layer) for layer in stage]
-        if not layers:
-            raise GenIRError("cannot describe an empty stage")
-        if layers != list(range(layers[0], layers[0] + len(layers))):
-            raise GenIRError(f"stage {layers} is not a run of consecutive layers")
-        parts.append(str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}")
-    if not parts:
-        raise GenIRError("no stages to describe")
-    return ",".join(parts)
 
 
 def zero_ablation_configs(config: T5Config) -> tuple[Sweep, list[tuple[str, int]]]:

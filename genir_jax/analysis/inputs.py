@@ -22,12 +22,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from typing import Sequence
 
 import numpy as np
 
 from genir_jax.data.corpus import normalize_id, read_json, read_queries
 from genir_jax.docids.tokens import is_docid_token
-from genir_jax.base.errors import DataError
+from genir_jax.base.batching import Batch, batches
+from genir_jax.base.errors import DataError, GenIRError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,4 +190,97 @@ def reference_padded_groups(tokenizer, texts: list[str], length: int) -> list[tu
         for i, row in enumerate(rows):
             ids[i, :len(encoded[row])] = encoded[row]
         out.append((np.asarray(rows), ids))
+    return out
+
+
+@dataclasses.dataclass
+class AnalysisInputs:
+    """A checkpoint loaded for analysis and the validation queries it answers correctly, tokenised (masked
+    padding, or the reference's padding). `targets`: the docid token ids [N] (atomic docids) or the docid
+    token sequences [N, T] (naive / semantic: ending with EOS, right-padded with 0, `target_mask` 1 on their
+    real tokens, `scheme` the model's docid scheme)."""
+
+    model: object
+    queries: list
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    targets: np.ndarray
+    target_mask: np.ndarray | None = None
+    scheme: object = None
+
+    @property
+    def texts(self) -> list[str]:
+        return [q.text for q in self.queries]
+
+
+def load_model(path: str | os.PathLike, *, tokenizer: bool = True, **kw):
+    """A checkpoint for analysis (`genir_jax.checkpoints.hf.load_for_analysis`, keyword arguments go to it);
+    with `tokenizer`, refuses one without tokenizer files."""
+    from genir_jax.base.errors import GenIRError
+    from genir_jax.checkpoints.hf import load_for_analysis  # read-only tokenizer, no transformers
+
+    model = load_for_analysis(str(path), load_tokenizer=tokenizer, **kw)
+    if tokenizer and model.tokenizer is None:
+        raise GenIRError(f"{os.fspath(path)}: no tokenizer files; the checkpoint must include its tokenizer")
+    return model
+
+
+def load_analysis_inputs(checkpoint: str | os.PathLike, val_queries: str | os.PathLike,
+                         correct_valid: str | os.PathLike, *, sequences: bool = False, scheme=None, model=None,
+                         reference_padding: bool = False, **load) -> AnalysisInputs:
+    """The checkpoint (or an already loaded `model` of it), its correct validation queries
+    (`load_correct_queries`; with `sequences`, `load_correct_sequence_queries` under `scheme`, by default the
+    checkpoint's own) and their tokenisation (`tokenize_for_analysis`). `load`: keyword arguments of
+    `load_model` (e.g. ``dtype``)."""
+    model = model if model is not None else load_model(checkpoint, **load)
+    if sequences:
+        from genir_jax.docids.schemes import checkpoint_scheme
+        from genir_jax.docids.sequence_targets import pad_targets
+
+        scheme = scheme if scheme is not None else checkpoint_scheme(checkpoint)
+        queries = load_correct_sequence_queries(val_queries, correct_valid, scheme, model.tokenizer)
+        targets, target_mask = pad_targets([q.tokens for q in queries])
+    else:
+        queries = load_correct_queries(val_queries, correct_valid, model.tokenizer)
+        targets, target_mask = np.asarray([q.token_id for q in queries], dtype=np.int32), None
+    ids, mask = tokenize_for_analysis(model.tokenizer, [q.text for q in queries], reference_padding=reference_padding)
+    return AnalysisInputs(model, queries, ids, mask, targets, target_mask=target_mask, scheme=scheme)
+
+
+def query_batches(tokenizer, texts: Sequence[str], batch_size: int, *, reference_padding: bool = False,
+                  block: int | None = None) -> list[Batch]:
+    """Batches (`genir_jax.base.batching.Batch`, arrays ``(input_ids [batch_size, T], attention_mask)``) covering
+    every query once.
+
+    Default: all queries padded to the longest with a mask, consecutive rows per batch
+    (`genir_jax.base.batching.batches`). Reference mode (the reading and cross-attention-output scripts run each
+    query alone, unpadded, without a mask): a batch holds queries of one token length, no padding, an
+    all-ones mask; queries are grouped within consecutive blocks of `block` rows (all rows when None), so
+    results complete block by block, and batches are ordered by their first row. Short batches are filled
+    up to `batch_size` with copies of their first row (callers keep ``batch.rows`` only), so each input
+    shape compiles once.
+    """
+    if batch_size < 1:
+        raise GenIRError("--batch-size must be >= 1")
+    if not reference_padding:
+        ids, mask = tokenize_for_analysis(tokenizer, list(texts))
+        return list(batches((ids, mask), batch_size))
+    if not texts:
+        raise GenIRError("no queries to tokenize")
+    count = len(texts)
+    encoded = [np.asarray(ids, dtype=np.int32) for ids in encode_queries(tokenizer, list(texts))]
+    block = block or count
+    out: list[Batch] = []
+    for block_start in range(0, count, block):
+        by_length: dict[int, list[int]] = {}
+        for row in range(block_start, min(block_start + block, count)):
+            by_length.setdefault(len(encoded[row]), []).append(row)
+        block_batches = []
+        for group in by_length.values():
+            group_rows = np.asarray(group)
+            ids = np.stack([encoded[r] for r in group])
+            for batch in batches((ids,), batch_size):
+                padded = batch.arrays[0]
+                block_batches.append(Batch(group_rows[batch.rows], (padded, np.ones_like(padded))))
+        out.extend(sorted(block_batches, key=lambda b: int(b.rows[0])))
     return out

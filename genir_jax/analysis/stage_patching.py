@@ -100,6 +100,31 @@ def parse_stages(text: str, num_decoder_layers: int) -> list[list[int]]:
     return stages
 
 
+def describe_stages(stages: Sequence[Sequence[int]], *, named: bool = False) -> str:
+    """Stages as ``"0-6,7-17,18-23"`` (single-layer stages as ``"5"``), the syntax `parse_stages` reads; with
+    `named`, for reports: ``"I = layers 0-6, II = layers 7-17, ..."``."""
+    if named:
+        return ", ".join(f"{name} = layers {s[0]}-{s[-1]}" for name, s in zip(stage_names(len(stages)), stages))
+    parts = []
+    for stage in stages:
+        layers = [int(layer) for layer in stage]
+        if not layers:
+            raise GenIRError("cannot describe an empty stage")
+        if layers != list(range(layers[0], layers[0] + len(layers))):
+            raise GenIRError(f"stage {layers} is not a run of consecutive layers")
+        parts.append(str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}")
+    if not parts:
+        raise GenIRError("no stages to describe")
+    return ",".join(parts)
+
+
+def stage_names(count: int) -> list[str]:
+    """"I", "II", ... as the analyses' files name the stages."""
+    from genir_jax.analysis.cross_attention_writes import roman
+
+    return [roman(index) for index in range(1, count + 1)]
+
+
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
     """One row of the results: which component, stage index and mode."""

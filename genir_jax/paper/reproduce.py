@@ -47,6 +47,7 @@ import numpy as np
 
 from genir_jax.base.errors import GenIRError
 from genir_jax.base.io import write_json
+from genir_jax.paper.panels import FEW_QUERIES, base_model, step_record  # noqa: F401 (importable from here)
 
 DATASETS = ("squad-dev", "nq-oracle")
 REMOVED_MODELS = 4
@@ -55,7 +56,6 @@ REMOVED_DOCUMENTS = 10
 # questions per paragraph (64 paragraphs: ~300 queries), nq-oracle about one per passage (the first 64
 # passages left 4 validation queries; the first 768 leave 57, squad-dev's first 64 paragraphs 86).
 TINY_MAX_DOCUMENTS = {"squad-dev": 64, "nq-oracle": 768}
-FEW_QUERIES = 30  # below this many correct validation queries the report warns that statistics are anecdotal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,11 +111,6 @@ class Settings:
         return {"dataset": self.dataset, "preset": self.preset, "removed_models": self.removed_models,
                 "removed_documents": self.removed_documents, "base": self.base, "docids": self.docids,
                 "paper_regime": self.paper_regime}
-
-
-def base_model(layout: Layout, settings: Settings) -> pathlib.Path:
-    """The base T5 every step fine-tunes from and compares with: `--base`, else the pretrain step's."""
-    return pathlib.Path(settings.base) if settings.base else layout.base
 
 
 def resolve_base(path_or_hub_id: str) -> str:
@@ -239,7 +234,7 @@ def _train_removed(index: int):
 def _report(layout, settings):
     from genir_jax.paper.report import write_report
 
-    write_report(layout, settings)
+    write_report(layout, settings, steps(settings))
 
 
 def experiment_steps(experiment, after_removed_models: bool, docids: str = "atomic") -> list[Step]:
@@ -260,7 +255,7 @@ def steps(settings: Settings) -> list[Step]:
     its order), the models without some documents, the experiments that need them, the report. Experiments
     that do not handle the run's docid scheme are left out, and so are the models without some documents when
     no remaining experiment needs them."""
-    from experiments import registry
+    from genir_jax.paper.experiments import registry
 
     chosen = [experiment for experiment in registry() if experiment.handles(settings.docids)]
 
@@ -283,11 +278,6 @@ def steps(settings: Settings) -> list[Step]:
 # --------------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------------
-
-def step_record(layout: Layout, name: str) -> dict | None:
-    path = layout.steps / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
 
 def reproduce(out: str | os.PathLike, settings: Settings, force: tuple[str, ...] = (), log=print) -> Layout:
     """Run every unfinished (or forced) step; returns the layout of `out`."""
@@ -355,3 +345,37 @@ def release_compiled_programs() -> None:
 
 def _no_correct_queries(layout: Layout) -> bool:
     return layout.correct_valid.is_file() and not json.loads(layout.correct_valid.read_text())
+
+
+def run_experiment(out: str | os.PathLike, experiment_id: str, *, progress: bool = True, log=print) -> Layout:
+    """Run one experiment's steps (`genir_jax.paper.experiments`) again on a finished reproduction `out`, with
+    the settings it was made with (``.steps/settings.json``), recording each step as the pipeline does."""
+    from genir_jax.paper.experiments import registry
+
+    layout = Layout(pathlib.Path(out))
+    record = step_record(layout, "settings")
+    if record is None:
+        raise GenIRError(f"{layout.root}: not a reproduction directory (no .steps/settings.json); run genir-jax "
+                         "reproduce first")
+    known = {field.name for field in dataclasses.fields(Settings)}
+    settings = Settings(**{key: value for key, value in record.items() if key in known}, progress=progress)
+    found = {experiment.id: experiment for experiment in registry()}
+    if experiment_id not in found:
+        raise GenIRError(f"unknown experiment {experiment_id!r}; experiments are: {', '.join(found)}")
+    experiment = found[experiment_id]
+    if not experiment.handles(settings.docids):
+        raise GenIRError(f"experiment {experiment_id!r} handles {' and '.join(experiment.docids)} docids; "
+                         f"{layout.root} trains {settings.docids} docids")
+    for step in (experiment_steps(experiment, False, settings.docids)
+                 + experiment_steps(experiment, True, settings.docids)):
+        log(f"{step.name} ...")
+        start = time.time()
+        try:
+            details = step.run(layout, settings) or {}
+        finally:
+            release_compiled_programs()
+        seconds = time.time() - start
+        write_json(layout.steps / f"{step.name}.json",
+                   {"seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **details}, indent=2)
+        log(f"{step.name}: finished in {seconds:.0f} s")
+    return layout

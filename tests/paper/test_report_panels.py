@@ -40,7 +40,7 @@ def _table(markdown: str, first_header: str) -> tuple[list[str], list[list[str]]
 # --------------------------------------------------------------------------------------------------
 
 def test_figure4_prints_the_papers_means_over_queries(tmp_path):
-    from experiments import figure4_rank_development as fig4
+    from genir_jax.paper.experiments import figure4_rank_development as fig4
     from genir_jax.analysis.residual import LENS_SITES, ResidualRankResult, write_residual_rank
 
     layout = _layout(tmp_path)
@@ -106,7 +106,7 @@ def _stage_patching_csv(layout, ranks: dict) -> None:
 
 
 def test_table3_labels_count_from_1_and_shows_the_self_attention_rows(tmp_path):
-    from experiments import table3_stage_patching as table3
+    from genir_jax.paper.experiments import table3_stage_patching as table3
 
     layout = _layout(tmp_path)
     rng = np.random.default_rng(1)
@@ -138,7 +138,7 @@ def test_table3_labels_count_from_1_and_shows_the_self_attention_rows(tmp_path):
 
 
 def test_stage_robustness_labels_count_from_1(tmp_path):
-    from experiments import stage_robustness
+    from genir_jax.paper.experiments import stage_robustness
     from genir_jax.analysis.stage_robustness import StageRobustnessResult, write_stage_robustness
 
     layout = _layout(tmp_path)
@@ -163,7 +163,7 @@ def test_stage_robustness_labels_count_from_1(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 def test_table5_sets_the_paper_beside_stage_ii_only(tmp_path):
-    from experiments import table5_crattn_docid_share as table5
+    from genir_jax.paper.experiments import table5_crattn_docid_share as table5
     from genir_jax.analysis.cross_attention_writes import DocidShareResult, write_docid_shares
 
     layout = _layout(tmp_path)
@@ -193,7 +193,7 @@ def test_table5_sets_the_paper_beside_stage_ii_only(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 def test_table6_takes_stage_ii_heads():
-    from experiments.table6_crattn_head_tokens import middle_stage, spread_layers
+    from genir_jax.paper.experiments.table6_crattn_head_tokens import middle_stage, spread_layers
 
     paper = [list(range(0, 7)), list(range(7, 18)), list(range(18, 24))]
     assert middle_stage(paper) == list(range(7, 18))
@@ -202,7 +202,7 @@ def test_table6_takes_stage_ii_heads():
 
 
 def test_table6_shows_docids_and_words_with_their_stage(tmp_path):
-    from experiments import table6_crattn_head_tokens as table6
+    from genir_jax.paper.experiments import table6_crattn_head_tokens as table6
     from genir_jax.paper.report import record_settings
 
     layout = _layout(tmp_path)
@@ -259,7 +259,7 @@ def test_head_top_tokens_with_docids_equal_a_numpy_logit_lens(dsi):
 # --------------------------------------------------------------------------------------------------
 
 def test_table2_prints_the_removed_documents_mrr_and_hits_at_1(tmp_path):
-    from experiments import table2_encoder_swap as table2
+    from genir_jax.paper.experiments import table2_encoder_swap as table2
     from genir_jax.analysis.encoder_swap import summarize
     from genir_jax.analysis.inputs import CorrectQuery
     from genir_jax.paper.report import record_settings
@@ -299,7 +299,7 @@ def test_table2_prints_the_removed_documents_mrr_and_hits_at_1(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 def test_figure3_states_the_cosine_residual_and_prints_stage_means(tmp_path):
-    from experiments import figure3_residual_contributions as fig3
+    from genir_jax.paper.experiments import figure3_residual_contributions as fig3
     from genir_jax.analysis.residual import ResidualRankResult, write_residual_rank
 
     layout = _layout(tmp_path)
@@ -350,7 +350,7 @@ def _reading_summary(analysis: str, stages, per_layer: dict) -> dict:
 
 
 def test_figure5_shows_every_reader_layer(tmp_path):
-    from experiments import figure5_reading as fig5
+    from genir_jax.paper.experiments import figure5_reading as fig5
 
     layout = _layout(tmp_path)
     stages = [[0, 1], [2, 3], [4, 5]]

@@ -79,13 +79,13 @@ def test_registry_discovers_every_experiment_module_and_drives_the_steps():
     import importlib
     import pathlib
 
-    import experiments
+    from genir_jax.paper import experiments
 
     modules = sorted(p.stem for p in pathlib.Path(experiments.__file__).parent.glob("*.py")
                      if not p.stem.startswith("_"))
     found = experiments.registry()
     assert len(found) == len(modules)
-    assert all(importlib.import_module(f"experiments.{name}").EXPERIMENT in found for name in modules)
+    assert all(importlib.import_module(f"genir_jax.paper.experiments.{name}").EXPERIMENT in found for name in modules)
     assert [e.position for e in found] == sorted(e.position for e in found)
     assert [e.id for e in found][:2] == ["table1", "table2"] and "stage-robustness" in [e.id for e in found]
     names = [step.name for step in rp.steps(rp.Settings(dataset="squad-dev", preset="tiny", removed_models=2))]
@@ -101,7 +101,7 @@ def test_a_new_experiment_is_a_step_run_with_its_config_and_a_report_section(tmp
     configuration and a section of the report; without correct queries it is skipped like every analysis."""
     import dataclasses
 
-    import experiments
+    from genir_jax.paper import experiments
     from genir_jax.paper.report import Experiment, Section, record_settings
 
     @dataclasses.dataclass(frozen=True)
@@ -216,7 +216,7 @@ class _BaseLoaded(Exception):
 def _record_base_loads(monkeypatch) -> list[str]:
     """Make the experiments that compare with the base T5 record the checkpoint they load as the base (they
     load it first, without a tokenizer) and stop there."""
-    from experiments import table2_encoder_swap, table3_stage_patching
+    from genir_jax.paper.experiments import table2_encoder_swap, table3_stage_patching
 
     loads: list[str] = []
 
@@ -339,7 +339,7 @@ def test_a_run_directory_is_bound_to_its_docids_and_regime(tmp_path, monkeypatch
 
 
 def test_report_of_a_naive_run_names_the_experiments_it_skips(tmp_path):
-    from experiments import registry
+    from genir_jax.paper.experiments import registry
     from genir_jax.paper.report import write_report
 
     layout = rp.Layout(tmp_path)
@@ -364,7 +364,7 @@ def test_tiny_naive_reproduction_reports_stage_patching_over_docid_sequences(tmp
 
     import numpy as np
 
-    from experiments._common import correct_sequence_inputs
+    from genir_jax.paper.experiments._common import correct_sequence_inputs
     from genir_jax.docids.sequence_targets import greedy_consistent
 
     out = tmp_path / "run"

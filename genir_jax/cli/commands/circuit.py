@@ -6,8 +6,6 @@ import argparse
 import json
 import os
 
-import numpy as np
-
 from genir_jax.cli.commands.common import (add_checkpoint_paths, add_reference, add_run_controls, reference_stages,
                                        resolve_paths)
 from genir_jax.cli.commands.mesh_options import add_mesh_arguments
@@ -51,75 +49,41 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from genir_jax.analysis.circuit import (PAPER_CIRCUIT, REFERENCE_CONFIG, REFERENCE_RESULTS_JSON, RESULTS_JSON,
-                                            circuit_from_json, circuit_interventions, circuit_report, docid_targets,
-                                            rank_with_circuit, reference_retrieval_metrics)
-    from genir_jax.analysis.inputs import (load_correct_queries, reference_padded_groups, reference_padding_length,
-                                           tokenize_for_analysis)
+    from genir_jax.analysis.circuit import (PAPER_CIRCUIT, REFERENCE_CONFIG, REFERENCE_RESULTS_JSON,
+                                            circuit_from_json, circuit_report, docid_targets,
+                                            reference_retrieval_metrics)
+    from genir_jax.analysis.circuit_runs import rank_test_queries, write_circuit
+    from genir_jax.analysis.inputs import load_analysis_inputs, load_model
     from genir_jax.data.corpus import qrels_from_queries, read_json, read_qrels, read_queries
-    from genir_jax.checkpoints.hf import load_for_analysis  # read-only tokenizer, no transformers
-    from genir_jax.interp.interventions import mean_activations
     from genir_jax.base.io import atomic_directory, write_json
-    from genir_jax.docids.retrieval import check_run_covers, write_trec_run
-    from genir_jax.core.sites import COMPONENT_SITES
+    from genir_jax.docids.retrieval import check_run_covers
 
     if args.k < 1:
         raise GenIRError("--k must be >= 1")
     resolve_paths(args, args.checkpoint)
     args.reference_padding = args.reference_padding or args.reference
-    model = load_for_analysis(args.checkpoint)
-    if model.tokenizer is None:
-        raise GenIRError(f"{args.checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
+    model = load_model(args.checkpoint)
     config, tokenizer = model.config, model.tokenizer
     test_queries = read_queries(args.test_queries)
     qrels = read_qrels(args.qrels) if args.qrels else qrels_from_queries(test_queries)
     check_run_covers([q.id for q in test_queries], qrels, args.qrels or args.test_queries)
-    correct = load_correct_queries(args.val_queries, args.correct_valid, tokenizer)
-    from genir_jax.cli.commands.common import resolve_stages, write_stages
+    inputs = load_analysis_inputs(args.checkpoint, args.val_queries, args.correct_valid, model=model)
+    correct = inputs.queries
+    from genir_jax.cli.commands.common import resolve_stages
     reference_stages(args, config.num_decoder_layers, "paper")
-    stages, stages_record = resolve_stages(args, config, model.params, *tokenize_for_analysis(
-        tokenizer, [q.text for q in correct]), np.asarray([q.token_id for q in correct], dtype=np.int32))
+    stages, stages_record = resolve_stages(args, config, model.params, inputs.input_ids, inputs.attention_mask,
+                                           inputs.targets)
     circuit = circuit_from_json(read_json(args.circuit), args.circuit, len(stages)) if args.circuit else PAPER_CIRCUIT
     docids = docid_targets(tokenizer, test_queries, args.test_queries, args.checkpoint)
-    vocabulary, candidates, targets = docids.vocabulary, docids.candidates, docids.targets
     progress = not args.no_progress
 
-    texts = [q.text for q in correct]
-    needs_means = any(p.mode == "mean" for p in circuit.patches)
-    sites = [f"decoder.*.{site}" for site in COMPONENT_SITES.values()]
-    test_texts = [q.text for q in test_queries]
-    count = len(test_queries)
-    top_ids = np.zeros((2, count, min(args.k, config.vocab_size if args.reference_padding else len(candidates))),
-                       np.int64)
-    top_logits = np.zeros(top_ids.shape, np.float32)
-    if args.reference_padding:
-        length = reference_padding_length(tokenizer, texts)
-        val_ids, val_mask = tokenize_for_analysis(tokenizer, texts, reference_padding=True)
-        means = mean_activations(config, model.params, val_ids, val_mask, sites, progress=progress) \
-            if needs_means else None
-        interventions = circuit_interventions(config, circuit, stages, means)
-        for rows, ids in reference_padded_groups(tokenizer, test_texts, length):
-            ids_top, logits_top = rank_with_circuit(config, model.params, interventions, ids, np.ones_like(ids),
-                                                    targets[rows], None, top_k=top_ids.shape[2],
-                                                    query_chunk=args.batch_size, progress=progress)
-            top_ids[:, rows], top_logits[:, rows] = ids_top, logits_top
-        full_top_ids = top_ids.copy()
-        lookup = np.full(config.vocab_size, -1, dtype=np.int64)  # full-vocabulary ids -> docid indices
-        lookup[candidates] = np.arange(len(candidates))
-        top_ids = lookup[top_ids]
-    else:
-        val_ids, val_mask = tokenize_for_analysis(tokenizer, texts)
-        means = mean_activations(config, model.params, val_ids, val_mask, sites, progress=progress) \
-            if needs_means else None
-        interventions = circuit_interventions(config, circuit, stages, means)
-        ids, mask = tokenize_for_analysis(tokenizer, test_texts)
-        top_ids, top_logits = rank_with_circuit(config, model.params, interventions, ids, mask, targets, candidates,
-                                                top_k=top_ids.shape[2], query_chunk=args.batch_size,
-                                                progress=progress)
+    top_ids, top_logits, full_top_ids = rank_test_queries(inputs, test_queries, circuit, stages, docids, k=args.k,
+                                                          reference_padding=args.reference_padding,
+                                                          batch_size=args.batch_size, progress=progress)
 
     query_ids = [q.id for q in test_queries]
     if args.reference:
-        report = reference_retrieval_metrics(full_top_ids[1], query_ids, qrels, vocabulary)
+        report = reference_retrieval_metrics(full_top_ids[1], query_ids, qrels, docids.vocabulary)
         paper = circuit is PAPER_CIRCUIT and [list(x) for x in stages] == [list(range(7)), list(range(7, 18)),
                                                                             list(range(18, 24))]
         report["config"] = REFERENCE_CONFIG if paper else circuit.describe(stages)
@@ -132,12 +96,7 @@ def run(args: argparse.Namespace) -> int:
         ranking="full vocabulary, reference padding, no attention mask" if args.reference_padding
         else "docid tokens only, masked padding")
     unpatched, patched, relative = report["unpatched"], report["patched"], report["relative"]
-    with atomic_directory(args.output) as staging:
-        write_json(os.path.join(staging, RESULTS_JSON), report, indent=2)
-        write_stages(staging, stages_record)
-        system = os.path.basename(os.path.normpath(args.checkpoint))
-        write_trec_run(os.path.join(staging, "run_unpatched.trec"), runs[0], system)
-        write_trec_run(os.path.join(staging, "run_circuit.trec"), runs[1], system + "-circuit")
+    write_circuit(args.output, report, runs, stages_record, os.path.basename(os.path.normpath(args.checkpoint)))
     print(json.dumps({"config": report["config"], "stages": stages, "stages_method": stages_record["method"],
                       "unpatched": unpatched, "patched": patched, "relative": relative},
                      indent=1))

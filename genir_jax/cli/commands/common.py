@@ -8,7 +8,6 @@ STAGES_HELP = ("decoder stages: 'auto' (three stages fitted to the model's per-l
                "queries, see genir_jax.analysis.auto_stages), 'thirds' (three near-equal consecutive blocks), "
                "'paper' (0-6,7-17,18-23; 24-layer decoders) or layer ranges, e.g. '0-6,7-17,18-23' (default: "
                "the paper's for a 24-layer decoder, otherwise auto). The stages used are written to stages.json")
-STAGES_JSON = "stages.json"
 CHECKPOINT = "[checkpoint]"  # placeholder in path options, replaced by the checkpoint directory as the reference does
 
 
@@ -75,55 +74,31 @@ def add_run_controls(parser: argparse.ArgumentParser, batch_help: str = "queries
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def resolve_stages(args: argparse.Namespace, config, params, input_ids, attention_mask, target_ids
-                   ) -> tuple[list[list[int]], dict]:
-    """The decoder stages `--stages` asks for and their record (what `write_stages` puts in stages.json).
-
-    ``auto``: `genir_jax.analysis.auto_stages.auto_stages` (3 stages) on the given queries [N, S] and their
-    target token ids [N]; ``thirds``: three near-equal blocks (`equal_stages`); ``paper``: 0-6,7-17,18-23
-    (24-layer decoders); otherwise explicit ranges (`parse_stages`). Default: paper for 24 decoder layers,
-    else auto.
-    The record is ``{"method": "paper"|"auto"|"thirds"|"explicit", "stages": [[...]], "stages_text": ...}``
-    plus, for auto, its fit (k, per-layer features, cost).
-    """
-    from genir_jax.analysis.auto_stages import auto_stages, describe_stages
-    from genir_jax.analysis.stage_patching import PAPER_STAGES_24, equal_stages, parse_stages
+def stages_option(args: argparse.Namespace, config, params, input_ids, attention_mask, target_ids):
+    """The `genir_jax.analysis.stages.Stages` `--stages` asks for (with the command's --batch-size and
+    --no-progress); a bad specification is refused as an error of --stages, before any computation."""
+    from genir_jax.analysis.stages import fixed_stages, resolve_stages as resolve
     from genir_jax.base.errors import GenIRError
 
-    layers = config.num_decoder_layers
-    spec = (getattr(args, "stages", None) or "").strip()
-    method = spec.lower() if spec.lower() in ("auto", "thirds", "paper") else ("explicit" if spec else
-                                                                              "paper" if layers == 24 else "auto")
-    if method == "auto":
-        found = auto_stages(config, params, input_ids, attention_mask, target_ids, k=3,
-                            batch_size=getattr(args, "batch_size", None),
-                            progress=not getattr(args, "no_progress", True))
-        record = found.as_json()
-        stages = [list(stage) for stage in found.stages]
-    else:
-        if method == "paper":
-            if layers != 24:
-                raise GenIRError(f"--stages paper: the paper's stages need a 24-layer decoder, the model has {layers}")
-            stages = [list(stage) for stage in PAPER_STAGES_24]
-        elif method == "thirds":
-            stages = equal_stages(layers)
-        else:
-            stages = parse_stages(spec, layers)
-        record = {"method": method, "stages": stages}
-        try:
-            record["stages_text"] = describe_stages(stages)
-        except GenIRError:
-            pass  # explicit stages need not be runs of consecutive layers
-        if method == "explicit":
-            record["spec"] = spec
-    record["num_decoder_layers"] = layers
-    return stages, record
+    try:
+        fixed_stages(getattr(args, "stages", None), config.num_decoder_layers)  # a bad spec, before any computation
+    except GenIRError as error:
+        message = str(error)
+        raise GenIRError(message if message.startswith("--stages") else f"--stages: {message}") from None
+    stages = resolve(getattr(args, "stages", None), config, params, input_ids, attention_mask, target_ids,
+                     batch_size=getattr(args, "batch_size", None), progress=not getattr(args, "no_progress", True))
+    return stages
+
+
+def resolve_stages(args: argparse.Namespace, config, params, input_ids, attention_mask, target_ids
+                   ) -> tuple[list[list[int]], dict]:
+    """The decoder stages `--stages` asks for (`stages_option`) and their stages.json record."""
+    stages = stages_option(args, config, params, input_ids, attention_mask, target_ids)
+    return stages.as_lists(), stages.record()
 
 
 def write_stages(directory: str, record: dict) -> None:
     """stages.json (the record of `resolve_stages`) in an output directory."""
-    import os
+    from genir_jax.analysis.stages import write_stages as write
 
-    from genir_jax.base.io import write_json
-
-    write_json(os.path.join(directory, STAGES_JSON), record, indent=2)
+    write(directory, record)

@@ -37,15 +37,13 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from genir_jax.analysis.cross_attention_writes import head_top_tokens, parse_heads, write_head_tokens
-    from genir_jax.checkpoints.hf import load_for_analysis  # read-only tokenizer, no transformers
+    from genir_jax.analysis.inputs import load_model
     from genir_jax.base.io import atomic_directory
 
     queries = [q.strip() for q in args.queries]
     if not all(queries):
         raise GenIRError("--queries: empty query text")
-    model = load_for_analysis(args.checkpoint)
-    if model.tokenizer is None:
-        raise GenIRError(f"{args.checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
+    model = load_model(args.checkpoint)
     heads = parse_heads(args.heads, model.config)
     entries = head_top_tokens(model.config, model.params, model.tokenizer, queries, heads, top=args.top,
                               batch_size=args.batch_size, reference_padding=args.reference_padding,

@@ -77,9 +77,8 @@ def add_parser(subparsers) -> None:
 def load_inputs(args: argparse.Namespace):
     """(model, correct queries, their raw query ids as in correct_valid.json, stages, the stages' record for
     stages.json: see `genir_jax.cli.commands.common.resolve_stages`)."""
-    from genir_jax.analysis.inputs import load_correct_queries
+    from genir_jax.analysis.inputs import load_analysis_inputs
     from genir_jax.data.corpus import read_json
-    from genir_jax.checkpoints.hf import load_for_analysis  # read-only tokenizer, no transformers
 
     from genir_jax.cli.commands.common import resolve_paths
 
@@ -87,16 +86,13 @@ def load_inputs(args: argparse.Namespace):
         raise GenIRError("--batch-size must be >= 1")
     resolve_paths(args, args.checkpoint)
     args.reference_padding = args.reference_padding or args.reference
-    model = load_for_analysis(args.checkpoint)
-    if model.tokenizer is None:
-        raise GenIRError(f"{args.checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
-    queries = load_correct_queries(args.val_queries, args.correct_valid, model.tokenizer)
-    from genir_jax.analysis.inputs import tokenize_for_analysis
+    inputs = load_analysis_inputs(args.checkpoint, args.val_queries, args.correct_valid)
+    model, queries = inputs.model, inputs.queries
     from genir_jax.cli.commands.common import reference_stages, resolve_stages
     if getattr(args, "reference_stages", None):
         reference_stages(args, model.config.num_decoder_layers, args.reference_stages)
-    stages, stages_record = resolve_stages(args, model.config, model.params, *tokenize_for_analysis(
-        model.tokenizer, [q.text for q in queries]), [q.token_id for q in queries])
+    stages, stages_record = resolve_stages(args, model.config, model.params, inputs.input_ids, inputs.attention_mask,
+                                           inputs.targets)
     raw_ids = [entry[1] for entry in read_json(args.correct_valid)]  # the reference writes them as given
     return model, queries, raw_ids, stages, stages_record
 

@@ -6,8 +6,6 @@ import argparse
 import json
 import os
 
-import numpy as np
-
 from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 from genir_jax.base.errors import GenIRError
 
@@ -50,9 +48,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from genir_jax.analysis.inputs import load_correct_queries, tokenize_for_analysis
+    from genir_jax.analysis.inputs import load_analysis_inputs
     from genir_jax.analysis.residual import docid_mask, run_residual_rank, summary, write_residual_rank
-    from genir_jax.checkpoints.hf import load_for_analysis  # read-only tokenizer, no transformers
 
     if args.batch_size is not None and args.batch_size < 1:
         raise GenIRError("--batch-size must be >= 1")
@@ -63,13 +60,10 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_dir(output)
 
-    model = load_for_analysis(checkpoint)
-    if model.tokenizer is None:
-        raise GenIRError(f"{checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
-    queries = load_correct_queries(args.val_queries, correct_valid, model.tokenizer)
+    inputs = load_analysis_inputs(checkpoint, args.val_queries, correct_valid)
+    model, queries, ids, mask, targets = inputs.model, inputs.queries, inputs.input_ids, inputs.attention_mask, \
+        inputs.targets
     is_docid = docid_mask(model.tokenizer, model.config.vocab_size, reference=args.reference)
-    ids, mask = tokenize_for_analysis(model.tokenizer, [q.text for q in queries], reference_padding=False)
-    targets = np.asarray([q.token_id for q in queries], dtype=np.int32)
     result = run_residual_rank(model.config, model.params, ids, mask, targets, is_docid,
                                query_ids=[q.query_id for q in queries], reference=args.reference,
                                batch_size=args.batch_size, progress=not args.no_progress)

@@ -63,48 +63,23 @@ def _missing_map(path: str) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from genir_jax.analysis.encoder_swap import RESULTS_JSON, encoder_swap_ranks, normalize_missing, summarize
-    from genir_jax.analysis.inputs import load_correct_queries, tokenize_for_analysis
-    from genir_jax.checkpoints.hf import load_for_analysis  # read-only tokenizer, no transformers
-    from genir_jax.base.io import atomic_directory, write_json
-    from genir_jax.interp.patching import Source
+    from genir_jax.analysis.encoder_swap import summarize
+    from genir_jax.analysis.encoder_swap_runs import check_missing_documents, swap_encoders, write_swap_results
+    from genir_jax.analysis.inputs import load_analysis_inputs
 
     if not args.missing_docs_for_model and not args.t5:
         raise GenIRError("nothing to swap in: give --missing-docs-for-model and/or --t5")
     resolve_paths(args, args.complete_model_path)
     others = _missing_map(args.missing_docs_for_model) if args.missing_docs_for_model else {}
-    full = load_for_analysis(args.complete_model_path)
-    if full.tokenizer is None:
-        raise GenIRError(f"{args.complete_model_path}: no tokenizer files; the checkpoint must include its tokenizer")
-    queries = load_correct_queries(args.val_queries, args.correct_valid, full.tokenizer)
-    input_ids, mask = tokenize_for_analysis(full.tokenizer, [q.text for q in queries])
-    targets = np.asarray([q.token_id for q in queries], dtype=np.int32)
-    vocab = full.tokenizer.get_vocab()
-    for key, (_, documents) in others.items():
-        unknown = [d for d in normalize_missing(documents) if d not in vocab]
-        if unknown:
-            raise DataError(f"{args.missing_docs_for_model}: key {key!r}: document(s) {unknown[:5]} have no docid "
-                            "token in the complete model's vocabulary")
-        if args.reference:  # refused before any computation (summarize would refuse it afterwards)
-            summarize(np.zeros(len(queries), np.int64), queries, documents, reference=True,
+    inputs = load_analysis_inputs(args.complete_model_path, args.val_queries, args.correct_valid)
+    check_missing_documents(inputs, others, args.missing_docs_for_model)
+    if args.reference:  # refused before any computation (summarize would refuse it afterwards)
+        for key, (_, documents) in others.items():
+            summarize(np.zeros(len(inputs.queries), np.int64), inputs.queries, documents, reference=True,
                       source=f"{args.missing_docs_for_model}: key {key!r}")
-
-    results = {}
-    for key, (path, documents) in others.items():
-        other = load_for_analysis(path, load_tokenizer=False)
-        ranks = encoder_swap_ranks(full.config, full.params, Source(other.config, other.params), input_ids, mask,
-                                   targets, query_chunk=args.batch_size, progress=not args.no_progress)
-        results[key] = summarize(ranks, queries, documents, reference=args.reference,
-                                 source=args.missing_docs_for_model).as_reference_dict(reference=args.reference)
-    if args.t5:
-        base = load_for_analysis(args.t5, load_tokenizer=False)
-        if int(input_ids.max()) >= base.config.vocab_size:
-            raise GenIRError(f"{args.t5}: the T5's vocabulary ({base.config.vocab_size}) does not cover the queries")
-        ranks = encoder_swap_ranks(full.config, full.params, Source(base.config, base.params), input_ids, mask,
-                                   targets, query_chunk=args.batch_size, progress=not args.no_progress)
-        results[args.t5] = summarize(ranks, queries, []).as_reference_dict(reference=args.reference)
-    with atomic_directory(args.output) as staging:
-        write_json(os.path.join(staging, RESULTS_JSON), results)
+    results = swap_encoders(inputs, others, base=args.t5, base_key=args.t5, source=args.missing_docs_for_model,
+                            reference=args.reference, batch_size=args.batch_size, progress=not args.no_progress)
+    write_swap_results(args.output, results)
     print(json.dumps({k: {m: v for m, v in r.items() if not isinstance(v, list)} for k, r in results.items()},
                      indent=1))
     return 0

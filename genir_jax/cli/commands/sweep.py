@@ -196,7 +196,7 @@ def prepare(args, metrics: list[str]) -> Prepared:
     """Validate the options, load model and queries, build foils, replacement values and the sweep.
 
     Raises `GenIRError` for any bad input before anything is computed or written."""
-    from genir_jax.analysis.inputs import load_correct_queries, tokenize_for_analysis
+    from genir_jax.analysis.inputs import load_analysis_inputs, load_model
     from genir_jax.docids.schemes import checkpoint_scheme
     from genir_jax.docids.tokens import docid_vocabulary
     from genir_jax.checkpoints.hf import load_for_analysis
@@ -210,26 +210,22 @@ def prepare(args, metrics: list[str]) -> Prepared:
     output = check_output(args.output)
     started = time.perf_counter()
     dtype = getattr(args, "dtype", "float32")  # bfloat16: parameters and compute; metrics stay float32
-    model = load_for_analysis(args.checkpoint, dtype=dtype)
-    if model.tokenizer is None:
-        raise GenIRError(f"{args.checkpoint}: no tokenizer files; the checkpoint must include its tokenizer")
+    model = load_model(args.checkpoint, dtype=dtype)
     config, params, tokenizer = model.config, model.params, model.tokenizer
-    target_mask, decoder_inputs = None, None
+    inputs = load_analysis_inputs(args.checkpoint, args.val_queries, args.correct_valid, model=model,
+                                  sequences=scheme.multi_token, scheme=scheme)
+    queries, ids, mask, targets, target_mask = (inputs.queries, inputs.input_ids, inputs.attention_mask,
+                                                inputs.targets, inputs.target_mask)
+    decoder_inputs = None
     if scheme.multi_token:
-        from genir_jax.analysis.inputs import load_correct_sequence_queries
-        from genir_jax.docids.sequence_targets import pad_targets, teacher_forcing_inputs
+        from genir_jax.docids.sequence_targets import teacher_forcing_inputs
 
-        queries = load_correct_sequence_queries(args.val_queries, args.correct_valid, scheme, tokenizer)
-        targets, target_mask = pad_targets([q.tokens for q in queries])
         decoder_inputs = teacher_forcing_inputs(targets, config.decoder_start_token_id)
         candidates = None
     else:
-        queries = load_correct_queries(args.val_queries, args.correct_valid, tokenizer)
-        targets = np.asarray([q.token_id for q in queries], dtype=np.int32)
         candidates = np.asarray(sorted(docid_vocabulary(tokenizer)), dtype=np.int32)
         if "docid_rank" in metrics and candidates.size == 0:
             raise GenIRError(f"--metric docid_rank: {args.checkpoint}'s tokenizer has no @DOC_ID_...@ tokens")
-    ids, mask = tokenize_for_analysis(tokenizer, [q.text for q in queries])
     lengths = dict(length=ids.shape[1], decoder_length=1 if target_mask is None else targets.shape[1])
     # Parse the sites first (cheap): bad specs fail before means or foils are computed.
     sweep = _with_receivers(args, config, parse_sweep(config, args.sites, value=0.0, **lengths))

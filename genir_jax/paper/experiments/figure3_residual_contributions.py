@@ -1,0 +1,78 @@
+"""Figure 3: how much each component adds to the residual stream, per decoder layer (ratio and cosine)."""
+
+import dataclasses
+
+import numpy as np
+
+from genir_jax.analysis.stages import describe_stages, stage_names
+from genir_jax.paper.panels import Experiment, Section, figure, md_table, read_json, record_settings, shade_stages
+
+from genir_jax.paper.experiments._common import correct_inputs, stages_of
+
+PAPER = {"stages_t5_large": "I = layers 0-6, II = 7-17, III = 18-23"}
+PARTS = (("attn", "self-attention"), ("cross_attn", "cross-attention"), ("mlp", "MLP"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    batch_size: int | None = None  # queries per step (None: the analysis' default)
+
+
+def run_residual_rank(layout, settings, config: Config) -> dict:
+    """Residual contributions and logit-lens ranks of the correct validation queries (Fig. 3 and Fig. 4):
+    `genir_jax.analysis.residual`, as `genir-jax residual-rank` runs it."""
+    from genir_jax.analysis.residual import docid_mask, run_residual_rank, write_residual_rank
+
+    inputs = correct_inputs(layout)
+    model = inputs.model
+    result = run_residual_rank(model.config, model.params, inputs.input_ids, inputs.attention_mask, inputs.targets,
+                               docid_mask(model.tokenizer, model.config.vocab_size),
+                               query_ids=[q.query_id for q in inputs.queries], batch_size=config.batch_size,
+                               progress=settings.progress)
+    output = layout.analysis("residual-rank")
+    write_residual_rank(output, result)
+    return record_settings(output, "figure3", config, checkpoint=layout.full, queries=len(inputs.queries))
+
+
+def render(layout) -> Section:
+    summary = read_json(layout.analysis("residual-rank") / "residual_rank_summary.json")
+    stages = stages_of(layout)
+    layers = np.arange(summary["num_decoder_layers"])
+    plt, path = figure(layout, "figure3_residual_contributions")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for key, label in PARTS:
+        ratio = summary["contributions"]["ratio"][key]
+        axes[0].errorbar(layers, ratio["mean"], yerr=ratio["std"], label=label, marker="o", capsize=2)
+        axes[1].plot(layers, summary["contributions"]["cosine"][key]["mean"], label=label, marker="o")
+    axes[0].set(xlabel="decoder layer", ylabel="||component|| / ||resid_post - resid_pre||")
+    axes[1].set(xlabel="decoder layer", ylabel="cosine(component, resid_post)")
+    for axis in axes:
+        shade_stages(axis, stages)
+        axis.legend(fontsize=8)
+    fig.suptitle(f"Residual contributions ({summary['num_queries']} correct queries)", y=1.04)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    rows = []
+    for name, stage in zip(stage_names(len(stages)), stages):
+        cells = [f"{np.mean([summary['contributions'][func][k]['mean'][l] for l in stage]):.2f}"
+                 for func in ("ratio", "cosine") for k, _ in PARTS]
+        rows.append((name, f"{stage[0]}-{stage[-1]}", *cells))
+    text = ("Per stage, the mean over the stage's layers of the per-layer means over the correct queries of "
+            "||component|| / ||resid_post - resid_pre|| (ratio) and of cosine(component, resid_post):\n\n")
+    text += md_table(["stage", "layers", *(f"{func}: {label}" for func in ("ratio", "cosine") for _, label in PARTS)],
+                     rows)
+    text += f"\n\nStages: {describe_stages(stages, named=True)} (paper, T5-large: {PAPER['stages_t5_large']}).\n"
+    text += ("\nCosine: the paper's text says the cosine similarity of each component's output with the residual "
+             "stream without saying which; the reference code (eval_residual_rank.py) computes it with the "
+             "layer's OUTPUT residual, resid_post (`decoder.{l}.hook_resid_post`, which already contains the "
+             "component's output), not with the residual before the layer (resid_pre) nor with the layer's update "
+             "resid_post - resid_pre (the denominator of the ratio). We plot and tabulate the reference's: "
+             "cosine(component, resid_post).\n")
+    return Section(text, [path])
+
+
+EXPERIMENT = Experiment(
+    id="figure3", title="Residual stream contributions", paper_ref="Sec. 5, Fig. 3", position=30,
+    command="genir-jax residual-rank", paper=PAPER, render=render, config=Config(),
+    runs={"residual-rank": run_residual_rank},
+)

@@ -1,0 +1,87 @@
+"""Figures 3 and 4 per decoding step, for naive / semantic docids: logit-lens rank of each docid token at its
+step given the gold prefix, and the components' contributions, through the decoder layers."""
+
+import dataclasses
+
+import numpy as np
+
+from genir_jax.analysis.stages import describe_stages, stage_names
+from genir_jax.paper.panels import Experiment, Section, figure, md_table, read_json, record_settings, shade_stages
+
+from genir_jax.paper.experiments._common import correct_sequence_inputs, stages_of
+
+PAPER = {"note": "the paper's models use atomic docids (one decoding step); no per-step values"}
+SITES = (("resid_post", "residual after layer"), ("cross_attn_out", "cross-attention output"),
+         ("mlp_out", "MLP output"))
+PARTS = (("attn", "self-attn"), ("cross_attn", "cross-attn"), ("mlp", "MLP"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    batch_size: int = 8  # queries per step (lens logits of one layer: batch x docid length x vocabulary)
+
+
+def run_steps_logit_lens(layout, settings, config: Config) -> dict:
+    """`genir_jax.analysis.sequence_logit_lens` on the correct validation queries of a naive / semantic model."""
+    from genir_jax.analysis.sequence_logit_lens import run_sequence_logit_lens, write_sequence_logit_lens
+
+    inputs = correct_sequence_inputs(layout)
+    model = inputs.model
+    result = run_sequence_logit_lens(model.config, model.params, inputs.input_ids, inputs.attention_mask,
+                                     inputs.targets, inputs.target_mask, batch_size=config.batch_size,
+                                     progress=settings.progress)
+    output = layout.analysis("steps-logit-lens")
+    write_sequence_logit_lens(output, result, [q.query_id for q in inputs.queries])
+    return record_settings(output, "figure4-steps", config, checkpoint=layout.full, queries=len(inputs.queries),
+                           docids=inputs.scheme.name)
+
+
+def render(layout) -> Section:
+    from genir_jax.analysis.sequence_logit_lens import SUMMARY_JSON
+
+    summary = read_json(layout.analysis("steps-logit-lens") / SUMMARY_JSON)
+    stages = stages_of(layout)
+    layers = np.arange(summary["num_decoder_layers"])
+    steps = summary["steps"]
+    plt, path = figure(layout, "figure4_steps_rank_development")
+    fig, axes = plt.subplots(1, len(SITES), figsize=(5 * len(SITES), 3.8), sharey=True)
+    for axis, (site, label) in zip(axes, SITES):
+        for entry in steps:
+            style = dict(linestyle="--", color="black") if entry["label"].startswith("last") else dict(marker="o")
+            axis.plot(layers, np.asarray(entry["relevant_rank"][site]["mean"]) + 1,
+                      label=f"{entry['label']} ({entry['queries']} q.)", **style)
+        axis.set(yscale="log", xlabel="decoder layer", xticks=layers)
+        axis.set_title(label, pad=16)
+        shade_stages(axis, stages)
+    axes[0].set_ylabel("docid token rank + 1 (logit lens; mean over queries)")
+    axes[-1].legend(fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    lengths = ", ".join(f"{length} tokens: {count} queries" for length, count in summary["docid_lengths"].items())
+    text = (f"{summary['num_queries']} correct queries (docid lengths with EOS: {lengths}). At decoding step t the "
+            "decoder has the gold prefix (teacher forcing); each cell is the MEAN over the queries whose docid has "
+            "that step of the 0-based logit-lens rank of the step's docid token in the residual after the layer "
+            "(the paper's Fig. 4 statistic, per step). \"last step (EOS)\" is every docid's final step, which must "
+            "put EOS on top.\n\n")
+    text += md_table(["layer", *(f"{entry['label']}" for entry in steps)],
+                     [(int(layer), *(f"{entry['relevant_rank']['resid_post']['mean'][layer]:.1f}" for entry in steps))
+                      for layer in layers])
+    names = stage_names(len(stages))
+    rows = []
+    for entry in steps:
+        ratio = entry["contributions"]["ratio"]
+        rows.append((entry["label"], *(f"{np.mean([ratio[part][l] for l in stage]):.2f}"
+                                       for stage in stages for part, _ in PARTS)))
+    text += ("\n\nContributions per step (Fig. 3's ratio ||component|| / ||resid_post - resid_pre||, mean over the "
+             "stage's layers of the per-layer means over queries):\n\n")
+    text += md_table(["step", *(f"{name}: {label}" for name in names for _, label in PARTS)], rows)
+    text += f"\n\nStages: {describe_stages(stages, named=True)}. {PAPER['note'].capitalize()}.\n"
+    return Section(text, [path])
+
+
+EXPERIMENT = Experiment(
+    id="figure4-steps", title="Rank development per decoding step (logit lens, multi-token docids)",
+    paper_ref="beyond the paper: Fig. 3 and Fig. 4 per decoding step", position=61,
+    command="genir_jax.analysis.sequence_logit_lens", paper=PAPER, render=render, config=Config(),
+    runs={"steps-logit-lens": run_steps_logit_lens}, reads=("patch-stages",), docids=("naive", "semantic"),
+)

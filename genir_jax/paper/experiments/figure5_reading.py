@@ -1,0 +1,123 @@
+"""Figure 5: what stage-III MLP neurons and cross-attention heads read from (share of each component type)."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from genir_jax.analysis.stages import stage_names
+from genir_jax.paper.panels import Experiment, Section, figure, md_table, read_json, record_settings
+
+from genir_jax.paper.experiments._common import correct_inputs, resolve_stages
+
+PAPER = {"finding": "stage-III MLP neurons read mostly from MLPs and cross-attention of the earlier stages; "
+                    "cross-attention heads read mostly from the MLPs of stage I (priming)"}
+READERS = (("neuron-reading", "neuron_reading_summary.json", "MLP neurons"),
+           ("crattn-reading", "crattn_reading_summary.json", "cross-attention heads"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    sim_type: str = "dot"                         # similarity of a reader with a component
+    topks: tuple[int | None, ...] = (None, 10)    # top-k positive readings kept (None: all)
+    stages: str | None = None                     # None: the paper's for 24 decoder layers, else auto
+    batch_size: int = 16
+    queries_per_file: int = 50                    # queries per per-entry file (as the reference)
+
+
+def _run_reading(step: str, reader: str):
+    """The run of one reader (`genir_jax.analysis.reading`): MLP neurons of the last stage, or the
+    cross-attention heads of every layer, as `genir-jax neuron-reading` / `crattn-reading` read them."""
+    def run(layout, settings, config: Config) -> dict:
+        from genir_jax.analysis.reading import RawEntryWriter, run_reading, stale_raw_files, write_reading_outputs
+        from genir_jax.analysis.stages import write_stages
+        from genir_jax.base.io import atomic_directory
+
+        inputs = correct_inputs(layout)
+        model = inputs.model
+        stages, stages_record = resolve_stages(config.stages, inputs, settings.progress)
+        layers = list(stages[-1]) if reader == "mlp" else list(range(model.config.num_decoder_layers))
+        raw_ids = [entry[1] for entry in json.loads(layout.correct_valid.read_text())]
+        output = layout.analysis(step)
+        with atomic_directory(output) as staging:
+            writer = RawEntryWriter(staging, reader, config.sim_type, raw_ids, config.queries_per_file)
+            result = run_reading(model.config, model.params, model.tokenizer, inputs.texts, reader=reader,
+                                 layers=layers, stages=stages, sim_type=config.sim_type, topks=list(config.topks),
+                                 batch_size=config.batch_size, block=config.queries_per_file, sink=writer,
+                                 progress=settings.progress)
+            writer.close()
+            write_reading_outputs(staging, result)
+            write_stages(staging, stages_record)
+        for path in stale_raw_files(output, reader, config.sim_type, keep=writer.files):
+            os.remove(path)  # chunks of an earlier, longer run would be globbed with ours
+        return record_settings(output, "figure5", config, checkpoint=layout.full, reader=reader,
+                               reader_layers=layers, stages=stages, stages_method=stages_record["method"],
+                               queries=len(inputs.queries))
+    return run
+
+
+def _buckets(mean: dict, stages: int) -> list[tuple[str, float]]:
+    names = stage_names(stages)
+    out = [("embedding", mean.get("embedding", 0.0))]
+    for component in ("attn", "cross_attn", "mlp"):
+        out += [(f"{component} {names[i]}", value) for i, value in enumerate(mean.get(component, []))]
+    return out
+
+
+def _mean_over(per_layer: dict, layers: list[int]) -> dict:
+    """Unweighted mean of the per-layer proportions over the given reader layers."""
+    entries = [per_layer[str(layer)] for layer in layers]
+    mean = {"embedding": float(np.mean([e["embedding"] for e in entries]))}
+    for component in ("attn", "cross_attn", "mlp"):
+        mean[component] = list(np.mean([e[component] for e in entries], axis=0))
+    return mean
+
+
+def render(layout) -> Section:
+    plt, path = figure(layout, "figure5_reading")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    text_parts = []
+    for axis, (step, file, label) in zip(axes, READERS):
+        summary = read_json(layout.analysis(step) / file)
+        stages = summary["stages"]
+        names = stage_names(len(stages))
+        stage_of = {layer: name for name, stage in zip(names, stages) for layer in stage}
+        key = "all" if "all" in summary["results"] else sorted(summary["results"])[0]
+        result = summary["results"][key]
+        readers = sorted(int(layer) for layer in result["per_layer"])
+        if step == "crattn-reading":  # as the paper's figure: heads after stage I
+            readers = [layer for layer in readers if layer not in stages[0]] or readers
+        per_layer = {layer: _buckets(result["per_layer"][str(layer)], len(stages)) for layer in readers}
+        buckets = [name for name, _ in per_layer[readers[0]]]
+        # Stacked bars, one per reader layer (the paper's Fig. 5): each bar is that layer's shares.
+        bottom = np.zeros(len(readers))
+        colours = plt.get_cmap("tab20")
+        for b, bucket in enumerate(buckets):
+            values = np.asarray([dict(per_layer[layer])[bucket] for layer in readers])
+            axis.bar(range(len(readers)), values, bottom=bottom, label=bucket, color=colours(b % 20))
+            bottom += values
+        axis.set_xticks(range(len(readers)), [str(layer) for layer in readers], fontsize=8)
+        axis.set(xlabel="reader layer", ylabel=f"share of positive readings ({summary['sim_type']})",
+                 title=f"{label}, layers {readers[0]}-{readers[-1]}")
+        axis.legend(fontsize=6, ncol=2)
+        rows = [(layer, stage_of.get(layer, ""), result["per_layer"][str(layer)].get("readers", ""),
+                 *(f"{100 * value:.1f}" for _, value in per_layer[layer])) for layer in readers]
+        mean = _buckets(_mean_over(result["per_layer"], readers), len(stages))
+        rows.append(("mean over these layers", "", "", *(f"{100 * value:.1f}" for _, value in mean)))
+        text_parts.append(f"{label} (top {key} readings, {summary['queries']} queries): % of each reader layer's "
+                          "positive readings that come from each component type and stage (one stacked bar per "
+                          "layer in the figure):\n\n"
+                          + md_table(["reader layer", "stage", "readers", *(f"{b} %" for b in buckets)], rows))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    text = "\n\n".join(text_parts) + f"\n\nPaper: {PAPER['finding']}.\n"
+    return Section(text, [path])
+
+
+EXPERIMENT = Experiment(
+    id="figure5", title="Who reads from whom", paper_ref="Sec. 5.3, Fig. 5", position=70,
+    command="genir-jax neuron-reading / crattn-reading", paper=PAPER, render=render, config=Config(),
+    runs={"neuron-reading": _run_reading("neuron-reading", "mlp"),
+          "crattn-reading": _run_reading("crattn-reading", "cross_attn")},
+)

@@ -1,0 +1,140 @@
+"""Table 4: the minimal circuit on the test queries, absolute and relative to the unpatched model."""
+
+import dataclasses
+
+from genir_jax.paper.panels import Experiment, Section, md_table, percent, read_json, record_settings
+
+from genir_jax.paper.experiments._common import correct_inputs, correct_sequence_inputs, full_scheme, resolve_stages
+
+PAPER = {"Hits@1": (38.0, 94), "Recall@5": (56.9, 98), "Hits@10": (62.0, 97)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    stages: str | None = None      # None: the paper's for a 24-layer decoder, else auto (as circuit)
+    k: int = 100                   # documents per query in the runs
+    batch_size: int | None = None  # queries per device per step (None: from a logits budget)
+
+
+def run_circuit(layout, settings, config: Config) -> dict:
+    """The paper's minimal circuit (`genir_jax.analysis.circuit`) on the test queries, means over the correct
+    validation queries, ranked over docid tokens; writes what `genir-jax circuit` writes."""
+    from genir_jax.analysis.circuit import PAPER_CIRCUIT, circuit_report, docid_targets
+    from genir_jax.analysis.circuit_runs import rank_test_queries
+    from genir_jax.data.corpus import read_qrels, read_queries
+    from genir_jax.docids.retrieval import check_run_covers
+
+    if full_scheme(layout).multi_token:
+        return _run_sequence_circuit(layout, settings, config)
+    inputs = correct_inputs(layout)
+    test_queries = read_queries(layout.queries("test"))
+    qrels = read_qrels(layout.qrels("test"))
+    check_run_covers([q.id for q in test_queries], qrels, str(layout.qrels("test")))
+    stages, stages_record = resolve_stages(config.stages, inputs, settings.progress)
+    docids = docid_targets(inputs.model.tokenizer, test_queries, layout.queries("test"), layout.full)
+    circuit = PAPER_CIRCUIT
+    top_ids, top_logits, _ = rank_test_queries(inputs, test_queries, circuit, stages, docids, k=config.k,
+                                               batch_size=config.batch_size, progress=settings.progress)
+    report, runs = circuit_report(circuit, stages, [q.id for q in test_queries], docids.doc_ids, top_ids, top_logits,
+                                  qrels, correct_queries=len(inputs.queries),
+                                  ranking="docid tokens only, masked padding")
+    return _write_circuit(layout, config, report, runs, stages, stages_record, test_queries=len(test_queries))
+
+
+def _write_circuit(layout, config: Config, report: dict, runs, stages, stages_record: dict, **used) -> dict:
+    """What `genir-jax circuit` writes (the report, stages.json, both runs), then experiment.json."""
+    from genir_jax.analysis.circuit_runs import write_circuit
+
+    output = layout.analysis("circuit")
+    write_circuit(output, report, runs, stages_record, "full")
+    return record_settings(output, "table4", config, checkpoint=layout.full, stages=stages,
+                           stages_method=stages_record["method"], **used)
+
+
+def _run_sequence_circuit(layout, settings, config: Config) -> dict:
+    """The paper's circuit on a naive / semantic model, on the test queries: beam search (10 beams over the
+    docid trie) without and with the circuit patched at every decoding step -> retrieval metrics as for
+    atomic docids; and a two-config sequence sweep over each query's relevant docid, teacher-forced ->
+    greedy Hits@1 and log-probabilities (`analysis.circuit.sequence_circuit_report`). Means are per decoder
+    position over the correct validation queries' teacher-forced docids."""
+    from genir_jax.analysis.circuit import PAPER_CIRCUIT, circuit_interventions, sequence_circuit_report
+    from genir_jax.analysis.inputs import tokenize_for_analysis
+    from genir_jax.data.corpus import read_qrels, read_queries
+    from genir_jax.docids.schemes import docid_token_sequences, docid_trie
+    from genir_jax.interp.interventions import mean_activations
+    from genir_jax.interp.patching import run_sweep
+    from genir_jax.docids.retrieval import check_run_covers, rank_docid_sequences
+    from genir_jax.docids.sequence_targets import pad_targets, teacher_forcing_inputs
+    from genir_jax.core.sites import COMPONENT_SITES
+
+    inputs = correct_sequence_inputs(layout)
+    model, tokenizer, scheme = inputs.model, inputs.model.tokenizer, inputs.scheme
+    source = str(layout.full / "docids.json")
+    test_queries = read_queries(layout.queries("test"))
+    qrels = read_qrels(layout.qrels("test"))
+    check_run_covers([q.id for q in test_queries], qrels, str(layout.qrels("test")))
+    doc_ids = list(scheme.docids)
+    trie = docid_trie(scheme, tokenizer, doc_ids, source)
+    sequences = docid_token_sequences(scheme, tokenizer, [q.relevant_docs[0] for q in test_queries], source)
+    width = max(trie.max_docid_length, inputs.targets.shape[1])  # every decoding step and every docid
+    val_targets, _ = pad_targets([q.tokens for q in inputs.queries], width)
+    targets, target_mask = pad_targets(sequences, width)
+    stages, stages_record = resolve_stages(config.stages, inputs, settings.progress)
+    circuit = PAPER_CIRCUIT
+    means = mean_activations(model.config, model.params, inputs.input_ids, inputs.attention_mask,
+                             [f"decoder.*.{site}" for site in COMPONENT_SITES.values()],
+                             decoder_input_ids=teacher_forcing_inputs(val_targets, model.config.decoder_start_token_id),
+                             progress=settings.progress) if any(p.mode == "mean" for p in circuit.patches) else None
+    sweep = circuit_interventions(model.config, circuit, stages, means)
+    ids, mask = tokenize_for_analysis(tokenizer, [q.text for q in test_queries])
+    ranked = [rank_docid_sequences(model.config, model.params, ids, mask, trie, num_beams=10,
+                                   batch_size=config.batch_size or 32, progress=settings.progress,
+                                   interventions=sweep.config(model.config, k) or None)[:2] for k in range(2)]
+    result = run_sweep(model.config, model.params, ids, mask, targets, sweep, target_mask=target_mask,
+                       metrics=("rank", "logprob"), query_chunk=config.batch_size, progress=settings.progress)
+    report, runs = sequence_circuit_report(
+        circuit, stages, [q.id for q in test_queries], doc_ids, [r[0] for r in ranked], [r[1] for r in ranked], qrels,
+        result.values["rank"], result.values["logprob"], correct_queries=len(inputs.queries), scheme=scheme.name)
+    return _write_circuit(layout, config, report, runs, stages, stages_record, test_queries=len(test_queries),
+                          docids=scheme.name)
+
+
+def render(layout) -> Section:
+    report = read_json(layout.analysis("circuit") / "minimal_circuit.json")
+    if report.get("docids", "atomic") != "atomic":
+        return _render_sequences(report)
+    text = _metric_table(report, ("Hits@1", "Recall@5", "Hits@10", "MRR@10"))
+    text += f"\n\nCircuit: {report['config']} (means over {report['mean_over_correct_queries']} correct validation " \
+            f"queries; {report['queries']} test queries).\n"
+    return Section(text)
+
+
+def _metric_table(report: dict, metrics) -> str:
+    rows = []
+    for metric in metrics:
+        relative = report["relative"].get(metric)
+        paper = PAPER.get(metric)
+        rows.append((metric, percent(report["unpatched"][metric]), percent(report["patched"][metric]),
+                     None if relative is None else f"{100 * relative:.0f}%",
+                     None if paper is None else f"{paper[0]:.1f} ({paper[1]}%)"))
+    return md_table(["metric", "unpatched", "circuit", "circuit / unpatched", "paper: circuit (relative)"], rows)
+
+
+def _render_sequences(report: dict) -> Section:
+    text = _metric_table(report, ("Hits@1", "Recall@5", "Hits@10", "MRR@10", "greedy Hits@1"))
+    logprob = (report["unpatched"]["mean logprob"], report["patched"]["mean logprob"])
+    text += (f"\n\n{report['docids'].capitalize()} docids, {report['queries']} test queries: beam search (10 beams over the "
+             "docid trie) without and with the circuit patched at every decoding step; greedy Hits@1 counts the "
+             "queries whose relevant docid greedy decoding reproduces exactly (teacher-forced worst step rank 0). "
+             f"Mean log-probability of the relevant docid: {logprob[0]:.3f} unpatched, {logprob[1]:.3f} with the "
+             "circuit. The paper's values are for atomic docids. Circuit: "
+             f"{report['config']} (means per decoder position over {report['mean_over_correct_queries']} correct "
+             "validation queries).\n")
+    return Section(text)
+
+
+EXPERIMENT = Experiment(
+    id="table4", title="Minimal circuit", paper_ref="Table 4", position=50,
+    command="genir-jax circuit", paper=PAPER, render=render, config=Config(), runs={"circuit": run_circuit},
+    docids=("atomic", "naive", "semantic"),
+)
