@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     queries = read_queries(queries_path, documents)
     qrels = read_qrels(qrels_path) if qrels_path else qrels_from_queries(queries)
     check_run_covers([q.id for q in queries], qrels, qrels_path or queries_path)
-    run_ = bm25_run(documents, queries, k=args.k, k1=args.k1, b=args.b)
+    run_ = bm25_run(documents, queries, k=args.k, k1=args.k1, b=args.b, source=documents_path)
     metrics = evaluate_run(run_, qrels)
     report = {"system": "bm25", "metrics": metrics, "documents": documents_path, "queries": queries_path,
               "qrels": qrels_path, "k": args.k, "k1": args.k1, "b": args.b}
