@@ -83,9 +83,9 @@ def ours_loop(config, params, ids, mask, targets):
         # every term in every config (inactive ones with a zero mask): one pytree structure, one compilation
         per_config = {}
         for term in sorted(sweep.terms, key=lambda t: t.order):
-            mask = term.table[max(int(term.row[k]), 0)] * float(term.row[k] >= 0)
+            patch_mask = term.table[max(int(term.row[k]), 0)] * float(term.row[k] >= 0)
             sites = per_config.setdefault(term.stack, {})
-            sites[term.local] = sites.get(term.local, ()) + (gj.Patch(mask, term.value),)
+            sites[term.local] = sites.get(term.local, ()) + (gj.Patch(patch_mask, term.value),)
         logits = forward(config, params, ids, mask, dec, None, per_config)[:, 0]
         ranks.append(np.stack([np.asarray(x) for x in ranks_of_targets(logits, targets)]))
     return np.stack(ranks)  # [K, 2, N]: ranks and target logits

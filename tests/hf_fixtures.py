@@ -42,8 +42,17 @@ class HFCheckpointFactory:
         self.root = pathlib.Path(root)
 
     def __call__(self, name: str = "ckpt", *, seed: int = 0, fmt: str = "safetensors", config_style: str = "hf5",
-                 tokenizer=None, untied_lm_head: bool | None = None, **config: Any):
+                 tokenizer=None, untied_lm_head: bool | None = None, nonfinite: dict[str, float] | None = None,
+                 **config: Any):
+        """`nonfinite`: {HF tensor name: value} written into the first element of each (a corrupt checkpoint)."""
         model = build_torch_t5(seed=seed, untied_lm_head=untied_lm_head, **config)
+        if nonfinite:
+            import torch
+
+            state = model.state_dict()
+            with torch.no_grad():
+                for tensor_name, value in nonfinite.items():
+                    state[tensor_name].view(-1)[0] = value
         directory = self.root / name
         if fmt == "safetensors":
             model.save_pretrained(directory)
@@ -70,6 +79,16 @@ class HFCheckpointFactory:
 
             save_tokenizer(tokenizer, str(directory))
         return directory, model
+
+
+def poison_safetensors(directory, name: str, value: float, index: int = 0) -> None:
+    """Write `value` (NaN, inf) into element `index` of tensor `name` of a saved ``model.safetensors``."""
+    from safetensors.numpy import load_file, save_file
+
+    path = pathlib.Path(directory) / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors[name].reshape(-1)[index % tensors[name].size] = value
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def torch_logits(model, input_ids, attention_mask, decoder_input_ids, dtype=None) -> np.ndarray:

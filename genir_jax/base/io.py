@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any, Iterator
@@ -44,9 +45,53 @@ def read_json(path: str | os.PathLike) -> Any:
     except (UnicodeDecodeError, OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
     try:
-        return json.loads(text)
+        return loads_json(text, path)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+
+
+_TOO_LONG = object()  # stands for an integer too long to convert while locating it
+
+
+def loads_json(text: str, path: str, location: str | None = None) -> Any:
+    """`json.loads`; an integer longer than Python converts (`sys.get_int_max_str_digits`, e.g. a
+    5,000-digit id) is a `DataError` naming `path` and the record (`location`, else the list index)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:
+        lengths: list[int] = []
+
+        def keep(token: str):
+            try:
+                return int(token)
+            except ValueError:
+                lengths.append(len(token.lstrip("-")))
+                return _TOO_LONG
+
+        data = json.loads(text, parse_int=keep)  # parses now: the error was an integer, found here
+        if not lengths:
+            raise DataError(f"{path}: {location or 'file'}: cannot be parsed ({exc})") from None
+        where = location or _holding(data, _TOO_LONG)
+        raise DataError(f"{path}: {where}: an integer of {lengths[0]} digits, more than Python converts "
+                        f"({sys.get_int_max_str_digits()}); write such an id as a string") from None
+
+
+def _holding(data: Any, marker: object) -> str:
+    """Which record of a parsed JSON file holds `marker` (its list index, or its top-level key)."""
+    def holds(value) -> bool:
+        if value is marker:
+            return True
+        if isinstance(value, dict):
+            return any(holds(v) for v in value.values())
+        return isinstance(value, list) and any(holds(v) for v in value)
+
+    if isinstance(data, list):
+        return next(f"record index {i}" for i, record in enumerate(data) if holds(record))
+    if isinstance(data, dict):
+        return next(f"field {key!r}" for key, value in data.items() if holds(value))
+    return "the top-level value"
 
 
 def _umask() -> int:

@@ -350,7 +350,7 @@ def params_from_hf_tensors(
                 f"{source_of(spec.hf_name)}: tensor '{spec.hf_name}' has shape {tuple(tensor.shape)} but config.json "
                 f"implies {spec.hf_shape} ({_describe_dims(config)})"
             )
-        ours = _convert_dtype(spec.to_ours(np.asarray(tensor)), dtype)
+        ours = _checked_finite(_convert_dtype(spec.to_ours(np.asarray(tensor)), dtype), spec.hf_name, source_of)
         if spec.layer is None:
             flat[spec.path] = ours
         else:
@@ -365,6 +365,19 @@ def params_from_hf_tensors(
             node = node.setdefault(key, {})
         node[path[-1]] = jnp.asarray(array)
     return config, params
+
+
+def _checked_finite(array: np.ndarray, name: str, source_of, part: str = "") -> np.ndarray:
+    """`array` (HF tensor `name`, as loaded), refused if it holds a NaN or an infinity: such a weight makes
+    every logit NaN, which would otherwise pass silently as empty runs and rank-0 sweeps."""
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+        return array
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = int(array.size - np.count_nonzero(finite))
+        raise CheckpointError(f"{source_of(name)}: tensor '{name}' holds {bad} non-finite value(s) (NaN or inf){part}; "
+                              "the checkpoint is corrupt or was saved after training diverged")
+    return array
 
 
 def _decide_tying(config: T5Config, get_tensor, available: set[str], source_of) -> T5Config:
@@ -461,7 +474,9 @@ def sharded_params_from_safetensors(config: T5Config, files: "_WeightFiles", par
                     region = index[1:] if stacked else index
                     hf_index, convert = _hf_region(spec, region, config)
                     part = convert(files.read_slice(spec.hf_name, hf_index))
-                    parts.append(part if out_dtype is None else part.astype(out_dtype))
+                    part = part if out_dtype is None else part.astype(out_dtype)
+                    where = ", ".join(f"{r.start}:{r.stop}" for r in hf_index)
+                    parts.append(_checked_finite(part, spec.hf_name, source_of, f" in the slice [{where}] read"))
                 cache[key] = np.stack(parts) if stacked else parts[0]
             return cache[key]
 

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from genir_jax.docids.tokens import DOCID_PREFIX, DOCID_SUFFIX, docid_token, doc_id_of_token, is_docid_token
 from genir_jax.base.errors import DataError
-from genir_jax.base.io import atomic_path, read_json, write_json  # noqa: F401 (read_json: re-exported)
+from genir_jax.base.io import atomic_path, loads_json, read_json, write_json  # noqa: F401 (read_json: re-exported)
 from genir_jax.base.io import open_text as _open_text
 
 QRELS_FIELDS = ("query", "q0", "docid", "rel")
@@ -72,7 +73,7 @@ def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                 if not line.strip():
                     continue
                 try:
-                    yield number, json.loads(line)
+                    yield number, loads_json(line, path, f"line {number}")
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}: line {number}: invalid JSON at column {exc.colno}: {exc.msg}") from exc
     except (UnicodeDecodeError, OSError, EOFError) as exc:

@@ -12,6 +12,11 @@ command-line parsing stays light.
 - ``logit``: the target's logit; ``logprob``: its log-probability;
 - ``logit_diff``: the target's logit minus the foil's (e.g. the runner-up docid).
 
+Non-finite logits never look good (`ahead_of_target`, the one rule every rank here and in
+`genir_jax.interp.rank_window` uses): a NaN logit of another token counts as ahead of the target, and a NaN
+target logit has every other token ahead (rank V - 1; for ``docid_rank`` every other candidate), so a model
+that computes NaN ranks worst, not first. Infinities compare as numbers (+inf ties +inf: lower id first).
+
 Two ways to compute them: `target_metrics` from materialised logits ``[B, V]``, and
 `streamed_target_metrics` from the final hidden state and the unembedding table, in vocabulary blocks:
 it never holds ``[B, V]`` logits, and ranking costs little more than the unembedding matmul itself (the
@@ -49,9 +54,7 @@ def _rank(logits, targets, target_logit, candidates, foils):
 def _docid_rank(logits, targets, target_logit, candidates, foils):
     import jax.numpy as jnp
 
-    scores = logits[:, candidates]
-    before = (scores > target_logit[:, None]) | ((scores == target_logit[:, None]) &
-                                                (candidates[None, :] < targets[:, None]))
+    before = ahead_of_target(logits[:, candidates], candidates[None, :], target_logit[:, None], targets[:, None])
     return jnp.sum(before, axis=-1, dtype=jnp.int32)
 
 
@@ -102,17 +105,41 @@ def reduce_steps(metric: str, values, mask):
     return jnp.sum(jnp.where(real, values, 0), axis=-1)
 
 
+def tie_tolerance(target_logit, relative: float = 0.0):
+    """Absolute tie tolerance ``relative * max(|target_logit|, 1)``; finite even for a non-finite target logit
+    (an infinite tolerance would make every token a tie)."""
+    import jax.numpy as jnp
+
+    size = jnp.where(jnp.isfinite(target_logit), jnp.abs(target_logit), 1.0)
+    return relative * jnp.maximum(size, 1.0)
+
+
+def ahead_of_target(logits, tokens, target_logit, targets, tolerance=0.0):
+    """Which tokens rank before the target (broadcasting; `tolerance` absolute, see `tie_tolerance`).
+
+    Ahead: a logit above the target's by more than `tolerance`, or within it (or equal) with a lower token id
+    (the reference's stable sort), or NaN; every token when the target's own logit is NaN. Never the target.
+    """
+    import jax.numpy as jnp
+
+    gap = logits - target_logit
+    tie = (logits == target_logit) | (jnp.abs(gap) <= tolerance)
+    ahead = (gap > tolerance) | (tie & (tokens < targets)) | jnp.isnan(logits) | jnp.isnan(target_logit)
+    return ahead & (tokens != targets)
+
+
 def ranks_of_targets(logits, targets):
     """Rank (tokens scoring higher, plus equal-scoring tokens with a lower id) and logit of each target.
 
-    logits [..., V], targets [...]. Equals the position in a stable descending sort.
+    logits [..., V], targets [...]. Equals the position in a stable descending sort; NaN logits rank as
+    `ahead_of_target` says (a NaN target: V - 1).
     """
     import jax.numpy as jnp
 
     logits, targets = jnp.asarray(logits), jnp.asarray(targets)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)
     token = jnp.arange(logits.shape[-1]).reshape((1,) * (logits.ndim - 1) + (-1,))
-    before = (logits > target_logit) | ((logits == target_logit) & (token < targets[..., None]))
+    before = ahead_of_target(logits, token, target_logit, targets[..., None])
     return jnp.sum(before, axis=-1, dtype=jnp.int32), target_logit[..., 0]
 
 
@@ -165,12 +192,10 @@ def streamed_target_metrics(hidden, table, targets, metrics: Sequence[str], *, c
     # The dot product and the block matmul may round the same logit differently, so logits within
     # `TIE_TOLERANCE` (relative) of the target's count as ties, which go to the lower token id as in the
     # reference's stable sort; an exact tie (two equal unembedding rows) is thus ranked as the reference ranks it.
-    tolerance = TIE_TOLERANCE * jnp.maximum(jnp.abs(target_logit), 1.0)
+    tolerance = tie_tolerance(target_logit, TIE_TOLERANCE)
 
     def before_target(logits, token):
-        gap = logits - target_logit
-        ahead = (gap > tolerance) | ((jnp.abs(gap) <= tolerance) & (token < targets[:, None]))
-        return ahead & (token != targets[:, None])
+        return ahead_of_target(logits, token, target_logit, targets[:, None], tolerance)
 
     streamed_top = top_k and candidates is None
     if {"rank", "logsumexp"} & wanted or streamed_top:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from genir_jax.interp.metrics import TIE_TOLERANCE, streamed_target_metrics
+from genir_jax.interp.metrics import TIE_TOLERANCE, ahead_of_target, streamed_target_metrics, tie_tolerance
 
 RANK_WINDOW = 256  # tokens per query whose logits every config computes
 FLOAT_MARGIN = 1e-5  # relative to the largest logit |w_v| (|h| + |h0|): float32 roundings of both ways (the
@@ -70,14 +70,13 @@ def windowed_ranks(hidden, table, targets, window: dict, *, capacity: int | None
     reach_per_unit = window["row_norm"][None]  # max_v |w_v|
     reach = reach_per_unit * jnp.sqrt(jnp.sum(jnp.square(h - clean[None]), axis=-1))
     size = jnp.sqrt(jnp.sum(jnp.square(h), axis=-1)) + jnp.sqrt(jnp.sum(jnp.square(clean), axis=-1))[None]
-    tolerance = TIE_TOLERANCE * jnp.maximum(jnp.abs(target_logit), 1.0)
+    tolerance = tie_tolerance(target_logit, TIE_TOLERANCE)
     margin = reach + 2.0 * tolerance + FLOAT_MARGIN * reach_per_unit * (size + 1.0)
+    # a NaN target logit (or margin) is never decided here: the streamed rank gives it the worst rank
     decided = (target_logit + margin < window["upper"][None]) & (target_logit - margin > window["lower"][None])
 
-    gap = logits - target_logit[..., None]
     tokens, wanted = window["tokens"][None], targets[None, :, None]
-    tol = tolerance[..., None]
-    ahead = ((gap > tol) | ((jnp.abs(gap) <= tol) & (tokens < wanted))) & (tokens != wanted)
+    ahead = ahead_of_target(logits, tokens, target_logit[..., None], wanted, tolerance[..., None])
     ranks = (window["before"][None] + jnp.sum(ahead, axis=-1, dtype=jnp.int32)).reshape(-1)
 
     flat_hidden = hidden.reshape(configs * rows, width)

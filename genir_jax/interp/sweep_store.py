@@ -17,6 +17,9 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
+import zipfile
+import zlib
 from typing import Any, Mapping
 
 import numpy as np
@@ -92,8 +95,11 @@ class DirectoryStore:
         try:
             with np.load(path, allow_pickle=False) as data:
                 return {name: data[name] for name in data.files}
-        except (OSError, ValueError, EOFError):
-            return None  # unreadable (should not happen with atomic writes): recompute it
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            # truncated or corrupt (a copy cut short, a full disk): recompute it rather than fail the resume
+            warnings.warn(f"{path}: unreadable sweep chunk ({type(exc).__name__}: {exc}); recomputing it",
+                          stacklevel=2)
+            return None
 
     def put(self, key: str, arrays: Mapping[str, Any]) -> None:
         path = self._chunk_path(key)

@@ -13,12 +13,17 @@ The best parameters (by validation) live in a second manager under ``best/`` tha
 Sharded states: orbax writes each array's shards as they lie on the devices (every process its own) and
 restores into the shardings of the target (`abstract_like` with the run's state shardings), so a model
 split over a ``model`` axis is never gathered onto one host.
+
+A checkpoint that cannot be read back (truncated or corrupted on disk after it was written: a copy cut
+short, a full disk, bit rot) is skipped with a warning and the next older one is used (`_newest_readable`);
+when none is readable, a `CheckpointError` names the directory and each step's error.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -62,26 +67,50 @@ class Checkpoints:
         self.periodic.wait_until_finished()
         return bool(saved)
 
+    def _newest_readable(self, step: int, read: Callable[[int], Any], what: str) -> tuple[int, Any]:
+        """(s, read(s)) for the newest checkpoint s <= `step` that `read` can read; each one skipped is warned
+        about. orbax raises plain `Exception`s for torn files, hence the broad catch (the error is reported)."""
+        failures = []
+        for candidate in sorted((s for s in self.periodic.all_steps() if s <= step), reverse=True):
+            try:
+                value = read(candidate)
+            except Exception as exc:  # noqa: BLE001 - orbax / tensorstore errors have no common type
+                while exc.__cause__ is not None:  # the innermost error says what is wrong with the files
+                    exc = exc.__cause__
+                failures.append(f"step {candidate}: {type(exc).__name__}: {(str(exc) or '?').splitlines()[0][:300]}")
+                continue
+            if failures:
+                warnings.warn(f"{self.run_dir}/checkpoints: {what} unreadable ({'; '.join(failures)}); "
+                              f"using step {candidate}", stacklevel=3)
+            return candidate, value
+        raise CheckpointError(f"{self.run_dir}/checkpoints: no checkpoint at or before step {step} can be read "
+                              f"(into this run's model and optimizer) ({'; '.join(failures) or 'none saved'})")
+
     def restore_meta(self, step: int) -> dict:
-        """The JSON metadata of checkpoint `step` (cheap: no arrays are read)."""
-        try:
-            restored = self.periodic.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, FileNotFoundError) as exc:
-            raise CheckpointError(f"{self.run_dir}/checkpoints/{step}: unreadable metadata ({exc})") from exc
-        return dict(restored["meta"])
+        """The JSON metadata of checkpoint `step` (cheap: no arrays are read); of the newest older readable
+        one when `step`'s cannot be read."""
+        def read(candidate):
+            return dict(self.periodic.restore(candidate, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+        return self._newest_readable(step, read, "metadata")[1]
 
     def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict]:
-        """(state, meta) of `step` (default: the latest), placed like `abstract_state`."""
+        """(state, meta) of `step` (default: the latest), placed like `abstract_state`. A checkpoint that
+        cannot be restored is skipped for the next older one (warned about, then deleted, so the resumed run
+        writes that step again); the meta's ``step`` says which was used."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{self.run_dir}/checkpoints: no checkpoint to resume from")
-        try:
-            restored = self.periodic.restore(step, args=ocp.args.Composite(
+
+        def read(candidate):
+            restored = self.periodic.restore(candidate, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, FileNotFoundError) as exc:
-            raise CheckpointError(f"{self.run_dir}/checkpoints/{step}: cannot be restored into this run's "
-                                  f"model and optimizer ({exc})") from exc
-        return restored["state"], dict(restored["meta"])
+            return restored["state"], {**dict(restored["meta"]), "step": candidate}
+
+        used, (state, meta) = self._newest_readable(step, read, "newer checkpoint(s)")
+        for bad in [s for s in self.periodic.all_steps() if used < s <= step]:
+            self.periodic.delete(bad)
+        return state, meta
 
     # -------------------------------------------------------------------------------- best
     def save_best(self, step: int, params, meta: dict) -> None:

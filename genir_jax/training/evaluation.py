@@ -105,7 +105,7 @@ def run_bm25(output: str | os.PathLike, *, prepared: str | os.PathLike | None = 
                                                                  documents=documents, queries=queries, qrels=qrels)
     corpus = read_documents(documents_path)
     judged, qrels_, _ = _read_judged_queries(queries_path, qrels_path, corpus)
-    ranking = bm25_run(corpus, judged, k=k, k1=k1, b=b)
+    ranking = bm25_run(corpus, judged, k=k, k1=k1, b=b, source=documents_path)
     metrics = evaluate_run(ranking, qrels_)
     report = {"system": "bm25", "metrics": metrics, "documents": documents_path, "queries": queries_path,
               "qrels": qrels_path, "k": k, "k1": k1, "b": b}

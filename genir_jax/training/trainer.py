@@ -222,6 +222,7 @@ def train_loop(
                         f"({_describe_difference(meta.get(key), value)}); resume with the original settings "
                         "or choose another output directory")
             state, meta = checkpoints.restore(abstract_like(state, shardings), latest)
+            latest = meta["step"]  # an unreadable newest checkpoint falls back to an older one
             best = meta.get("best")
             evaluations = list(meta.get("evaluations", []))
             resumed_from = latest

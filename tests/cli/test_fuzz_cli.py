@@ -196,3 +196,41 @@ def test_swap_encoder_on_fuzzed_files(checkpoint, tmp_path, pairs, missing, refe
             str(tmp_path / "missing.json"), "--val-queries", str(checkpoint / "val.json"), "--correct-valid",
             str(tmp_path / "correct.json"), "-o", str(output), "--no-progress"]
     _run_cli(argv + (["--reference"] if reference else []), output, {"swapped_encoder.json"})
+
+
+# --------------------------------------------------------------------------------------------------
+# Corrupt checkpoints: a non-finite weight is refused (exit 2, one line naming the tensor), never run
+# --------------------------------------------------------------------------------------------------
+
+NONFINITE_TENSORS = ["shared.weight", "encoder.block.0.layer.0.SelfAttention.q.weight",
+                     "decoder.block.2.layer.1.EncDecAttention.o.weight", "decoder.block.1.layer.2.DenseReluDense.wo.weight",
+                     "decoder.final_layer_norm.weight", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+
+
+@CLI
+@example(command="evaluate", tensor="decoder.final_layer_norm.weight", value=float("nan"), index=0)
+@example(command="sweep", tensor="shared.weight", value=float("nan"), index=7)
+@example(command="attribute", tensor="decoder.block.1.layer.2.DenseReluDense.wo.weight", value=float("inf"), index=3)
+@given(command=st.sampled_from(["evaluate", "sweep", "attribute"]), tensor=st.sampled_from(NONFINITE_TENSORS),
+       value=st.sampled_from([float("nan"), float("inf"), float("-inf")]), index=st.integers(0, 10_000))
+def test_commands_refuse_a_checkpoint_with_a_non_finite_weight(checkpoint, tmp_path, command, tensor, value, index):
+    from tests.hf_fixtures import poison_safetensors
+
+    corrupt = tmp_path / "corrupt"
+    if corrupt.exists():
+        shutil.rmtree(corrupt)
+    shutil.copytree(checkpoint / "dsi", corrupt)
+    poison_safetensors(corrupt, tensor, value, index)
+    output = tmp_path / "out"
+    if command == "evaluate":
+        argv = ["evaluate", "--checkpoint", str(corrupt), "--queries", str(checkpoint / "val.json"), "--k", "2"]
+    else:
+        argv = [command, "--checkpoint", str(corrupt), "--val-queries", str(checkpoint / "val.json"),
+                "--correct-valid", str(checkpoint / "correct.json"), "--sites", "decoder.*.mlp", "--no-progress"]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["--no-compile-cache"] + argv + ["-o", str(output)])
+    lines = stderr.getvalue().strip().splitlines()
+    assert code == 2 and len(lines) == 1, (code, stderr.getvalue()[-2000:])
+    assert f"tensor '{tensor}' holds 1 non-finite value(s)" in lines[0] and str(corrupt) in lines[0]
+    assert not output.exists()

@@ -268,3 +268,25 @@ def test_json_lines_read_like_json_lists(tmp_path, corpus, packed):
     suffix = ".jsonl.gz" if packed else ".jsonl"
     assert read_documents(tmp_path / f"d{suffix}") == documents
     assert read_queries(tmp_path / f"q{suffix}", documents) == queries
+
+
+@pytest.mark.parametrize("name", ["docs.json", "docs.jsonl", "docs.json.gz"])
+def test_an_integer_too_long_for_python_is_named(tmp_path, name):
+    """A 5,000-digit integer id is over Python's int-string limit (4,300 digits): a DataError naming the file
+    and the record, not a bare ValueError from the JSON parser."""
+    huge = "7" * 5000
+    records = ['{"id": 1, "text": "a b"}', '{"id": %s, "text": "c d"}' % huge]
+    text = "\n".join(records) if ".jsonl" in name else "[" + ", ".join(records) + "]"
+    path = tmp_path / name
+    if name.endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as handle:
+            handle.write(text)
+    else:
+        path.write_text(text)
+    where = "line 2" if ".jsonl" in name else "record index 1"
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}: {where}: an integer of 5000 digits"):
+        read_documents(path)
+    queries = tmp_path / ("q" + name)
+    queries.write_bytes(path.read_bytes())
+    with pytest.raises(DataError, match=rf"{where}: an integer of 5000 digits"):
+        read_queries(queries)

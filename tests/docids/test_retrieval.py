@@ -174,3 +174,12 @@ def test_bm25_scores_follow_the_lucene_formula():
     assert run["c"] == []                                                    # no shared term: nothing retrieved
     metrics = evaluate_run(run, {"a": {"1": 4}, "b": {"2": 4}, "c": {"3": 4}})
     assert metrics["Hits@1"] == pytest.approx((1 + (run["b"][0][0] == "2")) / 3)
+
+
+def test_bm25_refuses_a_corpus_without_indexable_terms():
+    """Only stop words and one-letter words: bm25s would fail inside its scorer (max() of an empty sequence)."""
+    from genir_jax.docids.bm25 import bm25_run
+
+    documents = [Document("1", "the a of"), Document("2", "is it x, and y!")]
+    with pytest.raises(DataError, match=r"^docs\.json: bm25: no document has an indexable term .* in 2 document"):
+        bm25_run(documents, [Query("a", "wing", ("1",))], k=2, progress=False, source="docs.json")

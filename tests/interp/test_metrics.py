@@ -78,3 +78,35 @@ def test_unembedding_rows_reproduce_unembed(tied):
     full_ranks, _ = ranks_of_targets(unembed(config, params, hidden), jnp.arange(5))
     streamed = streamed_target_metrics(hidden * scale, table, jnp.arange(5), ("rank",), block=64)
     np.testing.assert_array_equal(np.asarray(streamed["rank"]), np.asarray(full_ranks))
+
+
+def test_non_finite_logits_never_rank_first():
+    """A NaN target logit ranks last (V - 1, every other docid for docid_rank); a NaN elsewhere counts as
+    ahead of the target; an all-NaN row is as bad as a row can be, in every way of computing the rank."""
+    vocab = 6
+    logits = jnp.asarray(np.array([
+        [np.nan] * vocab,                        # all NaN (a NaN model)
+        [5.0, np.nan, 1.0, 0.0, -1.0, -2.0],     # the target (0) is the best finite logit, one NaN
+        [np.nan, 3.0, 2.0, 1.0, 0.0, -1.0],      # NaN target (0), finite others
+        [1.0, 2.0, np.inf, 0.0, -np.inf, 0.5],   # infinities compare as numbers: target 1 is behind +inf
+    ], np.float32))
+    targets = jnp.asarray([0, 0, 0, 1], jnp.int32)
+    candidates = jnp.asarray([0, 1, 2, 3], jnp.int32)
+    ranks, _ = ranks_of_targets(logits, targets)
+    assert np.asarray(ranks).tolist() == [vocab - 1, 1, vocab - 1, 1]
+    docid = target_metrics(logits, targets, ("docid_rank",), candidates=candidates)["docid_rank"]
+    assert np.asarray(docid).tolist() == [3, 1, 3, 1]
+    # streamed (vocabulary blocks of 4): one NaN unembedding row is ahead of the best token; a NaN state ranks last
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((10, 8)).astype(np.float32)
+    table[3] = np.nan
+    hidden = rng.standard_normal((2, 8)).astype(np.float32)
+    hidden[1] = np.nan
+    finite = hidden[0] @ np.delete(table, 3, axis=0).T
+    best = int(np.delete(np.arange(10), 3)[finite.argmax()])
+    targets = jnp.asarray([best, best], jnp.int32)
+    candidates = jnp.asarray([best, 3, 9 if best != 9 else 8], jnp.int32)
+    streamed = streamed_target_metrics(jnp.asarray(hidden), jnp.asarray(table), targets, ("rank", "docid_rank"),
+                                       candidates=candidates, block=4)
+    assert np.asarray(streamed["rank"]).tolist() == [1, 10 - 1]
+    assert np.asarray(streamed["docid_rank"]).tolist() == [1, 2]

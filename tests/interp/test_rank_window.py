@@ -113,3 +113,18 @@ def test_sweep_uses_the_window_only_where_it_is_exact(model):
     for extra in (dict(metrics=("rank", "logprob"), top_k=0), dict(metrics=("rank",), top_k=5),
                   dict(metrics=("rank",), top_k=0, dtype="bfloat16")):
         assert run_sweep(CONFIG, params, ids, mask, targets, grid, **extra, **kwargs).stats["rank_window"] == 0
+
+
+def test_nan_states_get_the_worst_rank():
+    """A config whose final state is NaN (a diverged or broken model) is never decided by the bound, and its
+    rank is the worst, V - 1, not 0; NaN clean states (every window edge NaN) give the same."""
+    hidden, table, targets, clean = _states(vocab=1000, queries=6, configs=4)
+    hidden[1, 2] = np.nan
+    window = clean_window(jnp.asarray(clean), jnp.asarray(table), jnp.asarray(targets), 64)
+    ranks, decided, _ = windowed_ranks(jnp.asarray(hidden), jnp.asarray(table), jnp.asarray(targets), window)
+    assert not bool(np.asarray(decided)[1, 2]) and int(np.asarray(ranks)[1, 2]) == 1000 - 1
+    nan_clean = np.full_like(clean, np.nan)
+    window = clean_window(jnp.asarray(nan_clean), jnp.asarray(table), jnp.asarray(targets), 64)
+    ranks, decided, _ = windowed_ranks(jnp.asarray(np.full_like(hidden, np.nan)), jnp.asarray(table),
+                                       jnp.asarray(targets), window)
+    assert not np.asarray(decided).any() and (np.asarray(ranks) == 1000 - 1).all()

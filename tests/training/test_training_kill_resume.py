@@ -85,3 +85,38 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, t5_tokenizer):
         np.testing.assert_array_equal(export_a[name], export_b[name], err_msg=name)
     strip = [{k: v for k, v in e.items()} for e in _evals(uninterrupted)]
     assert strip == _evals(killed)  # the same validation curve, without duplicated lines
+
+
+@pytest.mark.slow
+def test_resume_from_a_truncated_checkpoint_falls_back_or_exits_2(tmp_path, t5_tokenizer):
+    """`train --resume` whose newest checkpoint was truncated on disk resumes from the previous one (a warning,
+    the same final state as an uninterrupted run); with every checkpoint truncated it exits 2 with one line
+    naming the checkpoint directory, not an orbax traceback."""
+    from tests.training.test_checkpointing import _truncate
+
+    steps = 20
+    prepared = make_prepared(tmp_path / "prepared")
+    base = make_base(tmp_path / "base", t5_tokenizer)
+    args = [sys.executable, "-m", "genir_jax.cli.main", "train", "--data", str(prepared), "--base", str(base),
+            "--preset", "tiny", "--steps", str(steps), "--checkpoint-every", "10", "--keep-checkpoints", "2",
+            "--log-every", "5", "--no-progress"]
+    run = tmp_path / "run"
+    done = subprocess.run(args + ["-o", str(run)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reference = _state_arrays(run, steps)
+    _truncate(run, steps)
+
+    resumed = subprocess.run(args + ["-o", str(run), "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"checkpoints: newer checkpoint(s) unreadable (step {steps}: " in resumed.stderr
+    assert json.loads((run / "train.json").read_text())["resumed_from"] == 10
+    again = _state_arrays(run, steps)
+    for name in reference:
+        np.testing.assert_array_equal(reference[name], again[name], err_msg=name)
+
+    for step in (10, steps):
+        _truncate(run, step)
+    failed = subprocess.run(args + ["-o", str(run), "--resume"], capture_output=True, text=True, timeout=600)
+    lines = [line for line in failed.stderr.splitlines() if "Warning" not in line and line.strip()]
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+    assert any(f"{run}/checkpoints: no checkpoint at or before step {steps} can be read" in line for line in lines)
