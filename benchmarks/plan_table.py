@@ -1,4 +1,4 @@
-"""The README's table of plans: t5-large / t5-xl / t5-xxl x forward / sweep / train on v5e-16, v4-64, 8 x H100.
+"""The plan table of docs/meshes-and-pods.md: t5-large / t5-xl / t5-xxl x forward / sweep / train on v5e-16, v4-64, 8 x H100.
 
 Each cell is one ``genir-jax plan --devices N --json`` run (a fresh process with N simulated CPU devices);
 finished cells are kept in `--out` and not computed again. Prints the markdown table.

@@ -40,7 +40,7 @@ _INTERPRETED_KEYS = frozenset(
 )
 
 
-# Bounds on a configuration (README "Bounded resources"): a config.json beyond them is refused with a ConfigError
+# Bounds on a configuration (docs/index.md): a config.json beyond them is refused with a ConfigError
 # before any parameter, name or mask is enumerated or allocated. Real T5s: t5-11b has 24+24 layers, 128 heads,
 # d_model 1024, d_kv 128, d_ff 65536; mT5's vocabulary is 250,112; every T5 uses 32 buckets, distance 128.
 MAX_SIZES = {

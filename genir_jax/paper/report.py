@@ -32,7 +32,7 @@ def _header(layout, settings, pipeline=()) -> str:
     lines.append("")
     regime = ("the paper's (`--paper-regime`: validation and test documents only indexed, the NQ10k split; "
               "indexing:retrieval examples 32:1; 32-token documents and queries)" if getattr(settings, "paper_regime", False)
-              else f"the `{settings.preset}` preset's (see the README's presets table)")
+              else f"the `{settings.preset}` preset's (see the presets table in docs/training-and-presets.md)")
     scheme = getattr(settings, "docids", "atomic")
     lines += [f"Data regime: {regime}. Docids: {scheme}"
               + (" (one new token per document, as the paper's)." if scheme == "atomic" else

@@ -5,7 +5,7 @@ for the backward pass, dropout masks) anew on every call. glibc serves allocatio
 threshold (32 MiB at most) with a fresh ``mmap`` that ``free`` unmaps again, and threads other than the
 main one allocate from arenas of at most 64 MiB that shrink when memory is freed. So every step of the
 `cpu` preset's DSI training touched about 570 MB of new pages: 139,000 page faults and about 265 ms of
-kernel time in a 128-token step of 524 ms (``benchmarks/bench_train.py``, README "Training speed").
+kernel time in a 128-token step of 524 ms (``benchmarks/bench_train.py``, docs/speed.md).
 
 `keep_freed_host_memory` asks glibc (``mallopt``) to serve every allocation from one arena on the heap
 (``M_ARENA_MAX`` 1, ``M_MMAP_MAX`` 0) and to give memory back to the system only when more than 2 GiB

@@ -12,7 +12,7 @@ from tests.hf_fixtures import padded_batch, torch_logits
 
 FLOAT32_TOLERANCE = 1e-4
 # bfloat16 has an 8-bit mantissa: after a few layers logits carry ~1% relative error. The documented
-# bound (README, "Numerics"): max |bf16 - fp32| <= 0.05 * max |fp32 logit|.
+# bound (docs/reference-agreement.md, "Parity with transformers"): max |bf16 - fp32| <= 0.05 * max |fp32 logit|.
 BFLOAT16_RELATIVE_TOLERANCE = 0.05
 
 CASES = {
