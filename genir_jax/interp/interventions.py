@@ -62,7 +62,7 @@ jax.tree_util.register_pytree_node(FromSource, lambda x: ((), None), lambda aux,
 # Masks
 # --------------------------------------------------------------------------------------------------
 
-def _axis_of(site: Site, kind: str) -> int:
+def site_unit_axis(site: Site, kind: str) -> int:
     """Index (in the per-example site shape) of the position / head / neuron axis."""
     local = site.local
     leaf = local.split(".")[-1]
@@ -89,7 +89,7 @@ def _selection_mask(config: T5Config, site: Site, positions, heads, neurons, len
     for kind, chosen in (("positions", positions), ("heads", heads), ("neurons", neurons)):
         if chosen is None:
             continue
-        axis = _axis_of(site, kind)
+        axis = site_unit_axis(site, kind)
         if kind == "positions":
             if length is None:
                 raise InterventionError(f"site '{site.name}': selecting positions needs the sequence `length`")

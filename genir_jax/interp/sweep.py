@@ -31,7 +31,7 @@ import numpy as np
 
 from genir_jax.core.config import T5Config
 from genir_jax.interp.interventions import (
-    FromSource, InterventionError, Interventions, _axis_of, mean_value,
+    FromSource, InterventionError, Interventions, site_unit_axis, mean_value,
 )
 from genir_jax.core.sites import COMPONENT_SITES, STACK_SITES, Site, expand_site_patterns, num_layers, parse_site, site_shape
 from genir_jax.core.taps import Patch
@@ -279,7 +279,7 @@ def site_grid(config: T5Config, sites: str | Iterable[str], *, unit: str | None 
     if unit is not None:
         kind = {"head": "heads", "neuron": "neurons", "position": "positions"}[unit]
         for site in parsed:
-            _axis_of(site, kind)  # raises for sites without that axis
+            site_unit_axis(site, kind)  # raises for sites without that axis
         if unit == "position":
             if length is None:
                 raise InterventionError("site_grid: unit 'position' needs the sequence `length`")
@@ -316,7 +316,7 @@ def site_grid(config: T5Config, sites: str | Iterable[str], *, unit: str | None 
         axis = None
         if unit is not None:
             kind = {"head": "heads", "neuron": "neurons", "position": "positions"}[unit]
-            axis = _axis_of(template, kind)
+            axis = site_unit_axis(template, kind)
         terms.append(Term(stack_name, local, _site_value(config, stack_name, local, value), table, row,
                           layer=layer if local not in STACK_SITES else None, unit=unit_index, unit_axis=axis,
                           unit_size=size))
