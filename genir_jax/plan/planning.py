@@ -290,12 +290,11 @@ def _lower_attribute(config, partitioner, work, dtype):
         shape = attribution.mask_shape(config, term, work.batch, work.query_length)
         zero_masks.append(_batch_axis(partitioner, _sds(shape, jnp.float32, None), work.batch) if term.is_layer_site
                           else _rows(partitioner, shape, jnp.float32))
-    variants = _sds((1,), jnp.int32, replicated)
     lowered = attribution.gradient_step.lower(
-        params, ids, mask, targets, None, values, tuple(zero_masks), {}, {}, variants, config=config, plan=plan,
-        metric="logit", probe=False, drop=False, partitioner=partitioner, dtype=None if dtype == jnp.float32 else dtype)
-    inputs = (ids, mask, targets, values, tuple(zero_masks), variants)
-    args = (params, ids, mask, targets, None, values, tuple(zero_masks), {}, {}, variants)
+        params, ids, mask, targets, None, values, tuple(zero_masks), {}, None, config=config, plan=plan,
+        metric="logit", drop=False, partitioner=partitioner, dtype=None if dtype == jnp.float32 else dtype)
+    inputs = (ids, mask, targets, values, tuple(zero_masks))
+    args = (params, ids, mask, targets, None, values, tuple(zero_masks), {}, None)
     return lowered, {"args": args, "params": params, "inputs": inputs, "sweep_size": sweep.size}
 
 
