@@ -31,7 +31,7 @@ from genir_jax.core.config import T5Config
 from genir_jax.base.errors import DataError, GenIRError
 from genir_jax.interp.interventions import Interventions, combine, mean_ablation, zero_ablation
 from genir_jax.interp.patching import run_sweep
-from genir_jax.core.sites import COMPONENT_SITES
+from genir_jax.core.sites import COMPONENT_SITES, site_name
 from genir_jax.interp.sweep import Sweep, stack
 
 RESULTS_JSON = "minimal_circuit.json"
@@ -129,7 +129,7 @@ def circuit_configuration(config: T5Config, circuit: Circuit, stages: Sequence[S
                              for layer in p.layers(stages)})
             if not layers:
                 continue
-            sites = [f"decoder.{layer}.{site}" for layer in layers]
+            sites = [site_name("decoder", site, layer) for layer in layers]
             if mode == "zero":
                 parts.append(zero_ablation(config, sites))
             else:

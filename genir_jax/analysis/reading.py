@@ -67,6 +67,7 @@ from genir_jax.analysis.inputs import encode_queries, tokenize_for_analysis
 from genir_jax.base.batching import Batch, batches
 from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
+from genir_jax.core.sites import site_name
 
 SIM_TYPES = ("dot", "cosine")
 READERS = ("mlp", "cross_attn")
@@ -92,10 +93,10 @@ def _block_names(layer: int, num_heads: int, heads: bool) -> list[str]:
     """The vectors of one decoder layer in the reference's order (per-head attention outputs optional)."""
     names = []
     for site in LAYER_COMPONENTS:
-        names.append(f"decoder.{layer}.{site}")
+        names.append(site_name("decoder", site, layer))
         if heads and site in ("hook_attn_out", "hook_cross_attn_out"):
             kind = site[5:-4]
-            names += [f"decoder.{layer}.{kind}.head{h}" for h in range(num_heads)]
+            names += [site_name("decoder", f"{kind}.head{h}", layer) for h in range(num_heads)]
     return names
 
 
@@ -103,7 +104,7 @@ def component_names(config: T5Config, layer: int, reader: str) -> list[str]:
     """The reference's keys, in its order, of every vector a reader of `layer` is compared with."""
     heads = reader == "mlp"
     names = [n for p in range(layer) for n in _block_names(p, config.num_heads, heads)]
-    return names + [f"decoder.{layer}.{site}" for site in CURRENT_LAYER[reader]]
+    return names + [site_name("decoder", site, layer) for site in CURRENT_LAYER[reader]]
 
 
 def _component_index(config: T5Config, layer: int, reader: str) -> tuple[int, ...]:
@@ -111,7 +112,7 @@ def _component_index(config: T5Config, layer: int, reader: str) -> tuple[int, ..
     heads = reader == "mlp"
     block = _block_names(0, config.num_heads, heads)
     size = len(block)
-    local = [block.index(f"decoder.0.{site}") for site in CURRENT_LAYER[reader]]
+    local = [block.index(site_name("decoder", site, 0)) for site in CURRENT_LAYER[reader]]
     return tuple(range(layer * size)) + tuple(layer * size + i for i in local)
 
 
@@ -211,16 +212,16 @@ def query_batches(tokenizer, texts: Sequence[str], batch_size: int, *, reference
 # --------------------------------------------------------------------------------------------------
 
 def _needed_sites(upto: int, heads: bool) -> list[str]:
-    names = [f"decoder.{l}.{site}" for l in range(upto) for site in LAYER_COMPONENTS]
+    names = [site_name("decoder", site, l) for l in range(upto) for site in LAYER_COMPONENTS]
     if heads:
-        names += [f"decoder.{l}.{kind}.hook_z" for l in range(upto) for kind in ("attn", "cross_attn")]
+        names += [site_name("decoder", f"{kind}.hook_z", l) for l in range(upto) for kind in ("attn", "cross_attn")]
     return names
 
 
 def _vector_blocks(config: T5Config, params, cache, upto: int, heads: bool) -> jnp.ndarray:
     """[B, upto * P, D]: the vectors of layers 0..upto-1 in `_block_names` order, flattened."""
     def stacked(site):  # [B, upto, D] at decoder position 0
-        return jnp.stack([cache[f"decoder.{l}.{site}"][:, 0] for l in range(upto)], axis=1).astype(jnp.float32)
+        return jnp.stack([cache[site_name("decoder", site, l)][:, 0] for l in range(upto)], axis=1).astype(jnp.float32)
 
     layers = params["decoder"]["layers"]
     parts = []
@@ -228,7 +229,8 @@ def _vector_blocks(config: T5Config, params, cache, upto: int, heads: bool) -> j
         parts.append(stacked(site)[:, :, None, :])
         if heads and site in ("hook_attn_out", "hook_cross_attn_out"):
             kind = site[5:-4]
-            z = jnp.stack([cache[f"decoder.{l}.{kind}.hook_z"][:, 0] for l in range(upto)], axis=1)  # [B,upto,H,K]
+            z = jnp.stack([cache[site_name("decoder", f"{kind}.hook_z", l)][:, 0] for l in range(upto)],
+                          axis=1)  # [B,upto,H,K]
             w_o = layers["self_attn" if kind == "attn" else "cross_attn"]["out"][:upto]                # [upto,H,K,D]
             parts.append(jnp.einsum("blhk,lhkd->blhd", z.astype(jnp.float32), w_o.astype(jnp.float32)))
     blocks = jnp.concatenate(parts, axis=2)
@@ -250,11 +252,12 @@ def _neuron_prepare(config: T5Config, params, input_ids, attention_mask, upto: i
     """The component catalogue [B, C, D] and the reader layers' neuron activations [B, n, F]."""
     from genir_jax.core.model import forward_with_cache
 
-    sites = _needed_sites(upto, heads=True) + [f"decoder.{l}.mlp.hook_post" for l in layers]
+    sites = _needed_sites(upto, heads=True) + [site_name("decoder", "mlp.hook_post", l) for l in layers]
     decoder_ids = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, jnp.int32)
     _, cache = forward_with_cache(config, params, input_ids, attention_mask, decoder_ids, cache_sites=sites)
     vectors = _vector_blocks(config, params, cache, upto, heads=True)
-    acts = jnp.stack([cache[f"decoder.{l}.mlp.hook_post"][:, 0] for l in layers], axis=1).astype(jnp.float32)
+    acts = jnp.stack([cache[site_name("decoder", "mlp.hook_post", l)][:, 0] for l in layers],
+                     axis=1).astype(jnp.float32)
     return vectors, acts
 
 
@@ -286,15 +289,16 @@ def _crattn_values(config: T5Config, params, input_ids, attention_mask, layers: 
 
     upto = max(layers) + 1
     sites = _needed_sites(upto, heads=False)
-    sites += [f"decoder.{l}.cross_attn.{s}" for l in layers for s in ("hook_attn_scores", "hook_k")]
+    sites += [site_name("decoder", f"cross_attn.{s}", l) for l in layers for s in ("hook_attn_scores", "hook_k")]
     decoder_ids = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, jnp.int32)
     _, cache = forward_with_cache(config, params, input_ids, attention_mask, decoder_ids, cache_sites=sites)
     vectors = _vector_blocks(config, params, cache, upto, heads=False)
     w_q = params["decoder"]["layers"]["cross_attn"]["query"]  # [L, D, H, K]
     out = []
     for layer in layers:
-        best = jnp.argmax(cache[f"decoder.{layer}.cross_attn.hook_attn_scores"][:, :, 0], axis=-1)   # [B, H]
-        keys = cache[f"decoder.{layer}.cross_attn.hook_k"].astype(jnp.float32)                      # [B, S, H, K]
+        scores = cache[site_name("decoder", "cross_attn.hook_attn_scores", layer)]
+        best = jnp.argmax(scores[:, :, 0], axis=-1)                                     # [B, H]
+        keys = cache[site_name("decoder", "cross_attn.hook_k", layer)].astype(jnp.float32)  # [B, S, H, K]
         key = keys[jnp.arange(keys.shape[0])[:, None], best, jnp.arange(keys.shape[2])[None, :]]   # [B, H, K]
         comps = vectors[:, np.asarray(_component_index(config, layer, "cross_attn"))]               # [B, C, D]
         queries = jnp.einsum("bcd,dhk->bhck", comps, w_q[layer].astype(jnp.float32))               # [B, H, C, K]

@@ -29,7 +29,7 @@ from genir_jax.base.errors import GenIRError
 from genir_jax.interp.interventions import encoder_swap, mean_activations, mean_ablation, replacement, zero_ablation
 from genir_jax.docids.sequence_targets import (RANK_REDUCTIONS, SEQUENCE_METRICS, sequence_metric,
                                         teacher_forced_logits, teacher_forcing_inputs)
-from genir_jax.core.sites import COMPONENT_SITES
+from genir_jax.core.sites import COMPONENT_SITES, component_site
 
 
 @dataclasses.dataclass
@@ -71,7 +71,7 @@ def _configs(config: T5Config, stages, modes, means, source_cache):
     for mode in (m for m in MODES if m in modes):
         for component in COMPONENTS:
             for index, stage in enumerate(stages):
-                sites = [f"decoder.{layer}.{COMPONENT_SITES[component]}" for layer in stage]
+                sites = [component_site("decoder", component, layer) for layer in stage]
                 if mode == "zero":
                     iv = zero_ablation(config, sites)
                 elif mode == "mean":
@@ -121,7 +121,7 @@ def run_sequence_stage_patching(config: T5Config, params, input_ids, attention_m
         if "t5" in modes:
             from genir_jax.core.model import forward_with_cache
 
-            names = [f"decoder.{layer}.{COMPONENT_SITES[c]}" for c in COMPONENTS for stage in stages for layer in stage]
+            names = [component_site("decoder", c, layer) for c in COMPONENTS for stage in stages for layer in stage]
             names.append(swap_site(config))
             _, source_cache = forward_with_cache(config, source_params, ids, mask, dec, cache_sites=names)
         configs = _configs(config, stages, modes, means, source_cache)

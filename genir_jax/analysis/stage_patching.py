@@ -42,7 +42,7 @@ from genir_jax.interp.interventions import (FROM_SOURCE, encoder_swap, mean_acti
                                      zero_ablation)
 from genir_jax.base.io import atomic_directory
 from genir_jax.interp.patching import Source, SweepResult, run_sweep
-from genir_jax.core.sites import COMPONENT_SITES
+from genir_jax.core.sites import COMPONENT_SITES, component_site
 from genir_jax.interp.sweep import Sweep, stack
 
 COMPONENTS = ("mlp", "cross_attn", "attn")  # the reference's order
@@ -130,7 +130,7 @@ def stage_configs(config: T5Config, stages: Sequence[Sequence[int]], modes: Sequ
     for mode in (m for m in MODES if m in modes):
         for component in COMPONENTS:
             for index, stage in enumerate(stages):
-                sites = [f"decoder.{layer}.{COMPONENT_SITES[component]}" for layer in stage]
+                sites = [component_site("decoder", component, layer) for layer in stage]
                 if mode == "zero":
                     configs.append(zero_ablation(config, sites))
                 elif mode == "mean":
@@ -233,9 +233,9 @@ def stage_patching_files(result: StagePatchingResult, *, reference: bool = False
 def t5_all_and_attn_config(config: T5Config, stages: Sequence[Sequence[int]]):
     """eval_patching_t5.py's last configuration: attn, cross_attn and mlp outputs of every stage but the last
     and the last stage's attn output replaced by the T5's (`replacement` by `FROM_SOURCE`)."""
-    sites = [f"decoder.{layer}.{COMPONENT_SITES[c]}" for stage in stages[:-1] for layer in stage
+    sites = [component_site("decoder", c, layer) for stage in stages[:-1] for layer in stage
              for c in ("attn", "cross_attn", "mlp")]
-    sites += [f"decoder.{layer}.{COMPONENT_SITES['attn']}" for layer in stages[-1]]
+    sites += [component_site("decoder", "attn", layer) for layer in stages[-1]]
     return replacement(config, {site: FROM_SOURCE for site in sites})
 
 

@@ -49,7 +49,7 @@ from genir_jax.interp.patching import (
     Source, check_sequences, check_token_ids, decoder_inputs, final_metrics, plan_terms, source_site_names,
     validate_terms,
 )
-from genir_jax.core.sites import Site, num_layers, site_shape
+from genir_jax.core.sites import Site, num_layers, site_name, site_shape
 from genir_jax.interp.sweep import Sweep, Term, as_sweep
 from genir_jax.core.taps import Patch, Shift
 
@@ -309,7 +309,8 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
                 if term.from_source:
                     if term.layer_site:
                         source_values[(term.stack, term.local)] = jnp.stack(
-                            [source_cache[f"{term.stack}.{l}.{term.local}"] for l in range(num_layers(config, term.stack))])
+                            [source_cache[site_name(term.stack, term.local, l)]
+                             for l in range(num_layers(config, term.stack))])
                     else:
                         source_values[(term.stack, term.local)] = source_cache[Site(term.stack, term.local, None).name]
         values = tuple(source_values[(t.stack, t.local)] if isinstance(t.value, FromSource) else jnp.asarray(t.value)
@@ -318,7 +319,7 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
                            for t in sweep.terms)
 
         def stacked(local):
-            return jnp.stack([cache[f"decoder.{l}.{local}"] for l in range(layers)])
+            return jnp.stack([cache[site_name("decoder", local, l)] for l in range(layers)])
 
         zero_probes = {local: jnp.zeros(stacked(local).shape, jnp.float32)
                        for local in ("cross_attn.hook_pattern", "cross_attn.hook_v")} if qk_terms else {}

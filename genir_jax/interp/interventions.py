@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from genir_jax.base.batching import batches, num_batches
 from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
-from genir_jax.core.sites import STACK_SITES, Site, expand_site_patterns, num_layers, parse_site, site_shape
+from genir_jax.core.sites import STACK_SITES, Site, expand_site_patterns, num_layers, parse_site, site_name, site_shape
 from genir_jax.core.taps import Patch
 
 Interventions = dict  # {"encoder"|"decoder": {local site: Patch | tuple[Patch, ...]}}
@@ -171,7 +171,7 @@ def _stacked_values(config: T5Config, masks, per_site: Mapping[str, Any], with_b
     for (stack, local) in masks:
         if (stack, local) in sourced:
             names = [Site(stack, local, None).name] if local in STACK_SITES else \
-                [f"{stack}.{layer}.{local}" for layer in range(num_layers(config, stack))]
+                [site_name(stack, local, layer) for layer in range(num_layers(config, stack))]
             mixed = [n for n in names if n in per_site and not isinstance(per_site[n], FromSource)]
             if mixed:
                 raise InterventionError(f"site '{mixed[0]}': values of one site are either all FROM_SOURCE or "
@@ -185,7 +185,7 @@ def _stacked_values(config: T5Config, masks, per_site: Mapping[str, Any], with_b
         layers = []
         template = None
         for layer in range(num_layers(config, stack)):
-            name = f"{stack}.{layer}.{local}"
+            name = site_name(stack, local, layer)
             if name in per_site:
                 template = _value_for(per_site, name, with_batch)
             layers.append(name)

@@ -51,7 +51,7 @@ from genir_jax.interp.metrics import (  # noqa: F401 (re-exported: the sweep's m
 from genir_jax.core.model import T5, cache_specs, decode_suffix, unembedding_rows
 from genir_jax.scale.partitioning import Partitioner, current, fetch, maybe_activate
 from genir_jax.interp.rank_window import RANK_WINDOW, clean_window, windowed_ranks
-from genir_jax.core.sites import STACK_SITES, Site, num_layers, site_shape
+from genir_jax.core.sites import STACK_SITES, Site, num_layers, site_name, site_shape
 from genir_jax.interp.sweep import Sweep, Term, as_sweep, first_decoder_layer
 from genir_jax.core.taps import Patch, apply_patch
 
@@ -135,7 +135,7 @@ def source_site_names(config: T5Config, plan: Sequence[TermPlan]) -> list[str]:
         if not term.layer_site:
             names.append(Site(term.stack, term.local, None).name)
         else:
-            names += [f"{term.stack}.{layer}.{term.local}" for layer in range(num_layers(config, term.stack))]
+            names += [site_name(term.stack, term.local, layer) for layer in range(num_layers(config, term.stack))]
     return sorted(set(names))
 
 

@@ -33,7 +33,9 @@ from genir_jax.core.config import T5Config
 from genir_jax.interp.interventions import (
     FromSource, InterventionError, Interventions, site_unit_axis, mean_value,
 )
-from genir_jax.core.sites import COMPONENT_SITES, STACK_SITES, Site, expand_site_patterns, num_layers, parse_site, site_shape
+from genir_jax.core.sites import (
+    COMPONENT_SITES, STACK_SITES, Site, component_site, expand_site_patterns, num_layers, parse_site, site_shape,
+)
 from genir_jax.core.taps import Patch
 
 UNIT_KINDS = ("head", "neuron", "position")
@@ -356,7 +358,7 @@ def component_grid(config: T5Config, *, components: Sequence[str] | None = None,
     for layer in layers:
         if not 0 <= layer < count:
             raise InterventionError(f"layer {layer} out of range: the {stack} has layers 0-{count - 1}")
-    names = [f"{stack}.{l}.{COMPONENT_SITES[c]}" for l in layers for c in components]
+    names = [component_site(stack, c, l) for l in layers for c in components]
     grid = site_grid(config, names, value=value)
     # site_grid orders configs by model order of the names; re-order to (layer, component) as asked.
     order = {name: i for i, name in enumerate(grid.labels["site"])}
