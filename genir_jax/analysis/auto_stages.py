@@ -23,10 +23,9 @@ from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
 from genir_jax.interp.patching import run_sweep
 from genir_jax.interp.interventions import zero_ablation
-from genir_jax.core.sites import component_site
+from genir_jax.core.sites import COMPONENTS, component_site
 from genir_jax.interp.sweep import Sweep, stack
 
-COMPONENTS = ("attn", "cross_attn", "mlp")
 # Feature columns of `stage_features`, in order.
 FEATURE_NAMES = tuple([f"ratio_{c}" for c in COMPONENTS] + ["lens_log1p_rank"]
                       + [f"zero_drop_{c}" for c in COMPONENTS])

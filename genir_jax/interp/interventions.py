@@ -55,6 +55,9 @@ class FromSource:
 
 
 FROM_SOURCE = FromSource()
+# Ablation modes, what replaces an ablated activation: zero, its mean over queries (these two need only the
+# patched model), another query's activation (resample) or a source model's on the same query (source).
+ABLATION_MODES = ("zero", "mean", "resample", "source")
 jax.tree_util.register_pytree_node(FromSource, lambda x: ((), None), lambda aux, children: FROM_SOURCE)
 
 

@@ -45,7 +45,7 @@ from genir_jax.base.batching import batches, pad_rows
 from genir_jax.core.config import T5Config
 from genir_jax.interp.interventions import FROM_SOURCE, FromSource, InterventionError, validate  # noqa: F401 (re-export)
 from genir_jax.interp.metrics import (  # noqa: F401 (re-exported: the sweep's metrics)
-    DIFFERENTIABLE_METRICS, METRIC_TABLE, METRICS, RANK_METRICS, SEQUENCE_METRICS, THRESHOLDS, block_aggregates,
+    DIFFERENTIABLE_METRICS, METRIC_TABLE, METRICS, RANK_METRICS, STEP_REDUCTIONS, THRESHOLDS, block_aggregates,
     ranks_of_targets, reduce_steps, VOCAB_BLOCK, streamed_target_metrics, target_metrics,
 )
 from genir_jax.core.model import T5, cache_specs, decode_suffix, unembedding_rows
@@ -163,7 +163,7 @@ def _build_interventions(config: T5Config, plan, tables, values, source_values, 
 def final_metrics(config, params, hidden, targets, metrics, candidates, foils, top_k, target_mask=None):
     """The metrics of the final decoder states [B, T, D], streamed over vocabulary blocks (clean run and
     configs alike, so effects compare like with like): of the one step (single-token targets [B]), or of
-    every step of teacher-forced target sequences [B, T] reduced per query (`SEQUENCE_METRICS`)."""
+    every step of teacher-forced target sequences [B, T] reduced per query (`STEP_REDUCTIONS`)."""
     table, scale = unembedding_rows(config, params)
     if target_mask is None:
         return streamed_target_metrics(hidden[:, 0] * scale, table, targets, metrics, candidates=candidates,
@@ -410,7 +410,7 @@ def run_sweep(
     Multi-token targets (naive / semantic docids): target_ids [N, T] (each docid's tokens ending with EOS,
     right-padded) with `target_mask` [N, T] (1 on real tokens, a prefix of each row); every decoder run,
     the source's included, then reads the teacher-forced docid, configs patch every decoder position, and
-    the metrics (`SEQUENCE_METRICS`: ``rank``, the worst step's rank; ``logprob``, the sequence's) are
+    the metrics (`STEP_REDUCTIONS`: ``rank``, the worst step's rank; ``logprob``, the sequence's) are
     reduced per query; no top-k;
     `candidates`: token ids (e.g. the docid tokens) for ``docid_rank`` and for the top-k (``top_ids``
     then index into `candidates`). `query_chunk`: queries per device per step; `config_chunk`: configs per
@@ -603,10 +603,10 @@ def check_sequences(targets: np.ndarray, target_mask, count: int, metrics: Seque
     if lengths.min() < 1 or np.any(target_mask != (np.arange(targets.shape[1])[None] < lengths[:, None])):
         raise InterventionError(f"{what}: every target_mask row must be a non-empty prefix (the docid's tokens, "
                                 "then padding)")
-    other = [m for m in metrics if m not in SEQUENCE_METRICS]
+    other = [m for m in metrics if m not in STEP_REDUCTIONS]
     if other:
         raise InterventionError(f"{what}: metric '{other[0]}' is not defined for multi-token targets; use "
-                                f"{' or '.join(SEQUENCE_METRICS)}")
+                                f"{' or '.join(STEP_REDUCTIONS)}")
     return target_mask
 
 

@@ -34,7 +34,9 @@ import numpy as np
 
 from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
-from genir_jax.core.sites import COMPONENT_SITES, STACK_SITES, Site, layer_sites, num_layers, parse_site, site_name
+from genir_jax.core.sites import (
+    COMPONENT_SITES, COMPONENTS, STACK_SITES, Site, layer_sites, num_layers, parse_site, site_name,
+)
 
 UNIT_ALIASES = {"head": "head", "heads": "head", "neuron": "neuron", "neurons": "neuron",
                 "position": "position", "positions": "position", "pos": "position"}
@@ -292,7 +294,7 @@ def parse_receivers(config: T5Config, spec: str):
     text = spec.strip()
     layers = config.num_decoder_layers
     if text == "all":
-        return sw.receivers(config, components={c: "all" for c in sw.COMPONENTS}, logits=True, label="all")
+        return sw.receivers(config, components={c: "all" for c in COMPONENTS}, logits=True, label="all")
     if text == "none":
         return sw.receivers(config, label="none")
     components: dict[str, list[int]] = {}

@@ -34,12 +34,12 @@ from genir_jax.interp.interventions import (
     FromSource, InterventionError, Interventions, site_unit_axis, mean_value,
 )
 from genir_jax.core.sites import (
-    COMPONENT_SITES, STACK_SITES, Site, component_site, expand_site_patterns, num_layers, parse_site, site_shape,
+    COMPONENT_SITES, COMPONENTS, STACK_SITES, Site, component_site, expand_site_patterns, num_layers, parse_site,
+    site_shape,
 )
 from genir_jax.core.taps import Patch
 
 UNIT_KINDS = ("head", "neuron", "position")
-COMPONENTS = ("attn", "cross_attn", "mlp")  # the order of a layer's components, and of receiver columns
 ZERO = 0.0
 
 
