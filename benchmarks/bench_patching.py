@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import genir_jax as gj
-from genir_jax.analysis.stage_patching import COMPONENTS, run_stage_patching, stage_configs
+from genir_jax.analysis.stage_patching import REFERENCE_ROW_ORDER, run_stage_patching, stage_configs
 from genir_jax.interp.interventions import mean_activations
 from genir_jax.interp.patching import default_query_chunk, ranks_of_targets
 from genir_jax.core.sites import COMPONENT_SITES
@@ -73,7 +73,8 @@ def ours_sweep(config, params, ids, mask, targets, chunk):
 
 def ours_loop(config, params, ids, mask, targets):
     """One config at a time: the same interventions, one jitted batched forward per config."""
-    means = mean_activations(config, params, ids, mask, [f"decoder.*.{COMPONENT_SITES[c]}" for c in COMPONENTS],
+    means = mean_activations(config, params, ids, mask,
+                             [f"decoder.*.{COMPONENT_SITES[c]}" for c in REFERENCE_ROW_ORDER],
                              progress=False)
     sweep, rows = stage_configs(config, STAGES, ("mean", "zero"), means)
     forward = jax.jit(gj.forward, static_argnums=0)
@@ -102,7 +103,7 @@ def transformer_lens_sweep(directory, ids, mask, targets):
     bridge = TransformerBridge.boot_transformers(directory, device="cpu")
     load_s = time.perf_counter() - start
     hook = {"attn": "self_attn", "cross_attn": "cross_attn", "mlp": "mlp"}
-    names = [f"decoder_blocks.{l}.{hook[c]}.hook_out" for c in COMPONENTS for l in range(24)]
+    names = [f"decoder_blocks.{l}.{hook[c]}.hook_out" for c in REFERENCE_ROW_ORDER for l in range(24)]
     decoder_input = torch.zeros((1, 1), dtype=torch.long)
     queries = [torch.as_tensor(ids[i:i + 1, : int(mask[i].sum())], dtype=torch.long) for i in range(len(ids))]
     start = time.perf_counter()
@@ -114,7 +115,7 @@ def transformer_lens_sweep(directory, ids, mask, targets):
     means = {name: value / len(queries) for name, value in sums.items()}
     ranks = []
     for mode in ("mean", "zero"):
-        for component in COMPONENTS:
+        for component in REFERENCE_ROW_ORDER:
             for stage in STAGES:
                 def patch(activation, hook, mode=mode):
                     if mode == "zero":

@@ -42,6 +42,7 @@ import genir_jax as gj
 from genir_jax.interp.attribution import attribute, spearman, top_overlap
 from genir_jax.interp.patching import default_config_chunk, run_sweep
 from genir_jax.interp.sweep import component_grid, concat, site_grid
+from genir_jax.core.sites import site_name
 
 from bench_patching import make_queries, matmul_gflops  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
@@ -106,7 +107,7 @@ def near_tie(config, params, ids, mask, targets, sweep, k: int, q: int, rank_a: 
     """A rank two computations disagree on: the config's logits from one plain forward, and the gap between
     the target's logit and the closest other token's (relative to the target's), to show it is a float tie."""
     layer, neuron = int(sweep.labels["layer"][k]), int(sweep.labels["neuron"][k])
-    iv = gj.neuron_ablation(config, {f"decoder.{layer}.mlp": [neuron]})
+    iv = gj.neuron_ablation(config, {site_name("decoder", "mlp", layer): [neuron]})
     logits = np.asarray(gj.forward(config, params, ids[q:q + 1], mask[q:q + 1], np.zeros((1, 1), np.int32),
                                    interventions=iv), np.float64)[0, 0]
     target = int(targets[q])
@@ -165,7 +166,7 @@ def run(layer, neuron, q):
         act[..., neuron] = 0.0
         return act
     logits = model.run_with_hooks(queries[q], decoder_input=decoder_input,
-                                  fwd_hooks=[(f"decoder.{layer}.mlp.hook_post", hook)])[0, 0]
+                                  fwd_hooks=[(site_name("decoder", "mlp.hook_post", layer), hook)])[0, 0]
     return rank_of(logits, targets[q])
 
 for layer, neuron in spec["pairs"][:2]:  # warm-up

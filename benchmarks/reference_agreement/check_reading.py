@@ -236,15 +236,17 @@ def compare_proportions(ref: dict, ours: dict) -> tuple[bool, str]:
 
 def compare_buckets(ref: dict, summary_layers: dict) -> tuple[bool, str]:
     """The notebook's stage buckets vs our summary's per-layer buckets."""
+    from genir_jax.core.sites import component_site, site_name
+
     diff, missing = FloatDiff(), sorted(set(ref) - set(summary_layers))
     for layer, buckets in ref.items():
         if layer not in summary_layers:
             continue
         ours = summary_layers[layer]
-        expected = {"embedding": buckets.get("decoder.0.hook_resid_pre", 0.0)}
+        expected = {"embedding": buckets.get(site_name("decoder", "hook_resid_pre", 0), 0.0)}
         for kind in ("attn", "cross_attn", "mlp"):
             for stage in range(len(ours[kind])):
-                expected[(kind, stage)] = buckets.get(f"decoder.{stage}.hook_{kind}_out", 0.0)
+                expected[(kind, stage)] = buckets.get(component_site("decoder", kind, stage), 0.0)
         diff.add(expected.pop("embedding"), ours["embedding"], (layer, "embedding"))
         for (kind, stage), value in expected.items():
             diff.add(value, ours[kind][stage], (layer, kind, stage))

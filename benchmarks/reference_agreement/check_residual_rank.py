@@ -110,7 +110,9 @@ class Lens:
         self.first_docid = min(i for t, i in self.model.tokenizer.get_vocab().items() if t.startswith("@DOC_ID_"))
 
     def logits(self, query: str, layer: int, site: str) -> np.ndarray:
-        r = self.cache[f"decoder.{layer}.{site}"][self.row[query]]
+        from genir_jax.core.sites import site_name
+
+        r = self.cache[site_name("decoder", site, layer)][self.row[query]]
         cfg = self.model.config
         normed = r / np.sqrt(np.mean(r ** 2) + cfg.layer_norm_epsilon) * self.scale * cfg.d_model ** -0.5
         return self.table @ normed

@@ -25,10 +25,9 @@ from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
 from genir_jax.interp.patching import run_sweep
 from genir_jax.interp.interventions import zero_ablation
-from genir_jax.core.sites import COMPONENT_SITES
+from genir_jax.core.sites import COMPONENTS, component_site
 from genir_jax.interp.sweep import Sweep, stack
 
-COMPONENTS = ("attn", "cross_attn", "mlp")
 # Feature columns of `stage_features`, in order.
 FEATURE_NAMES = tuple([f"ratio_{c}" for c in COMPONENTS] + ["lens_log1p_rank"]
                       + [f"zero_drop_{c}" for c in COMPONENTS])
@@ -135,7 +134,7 @@ def zero_ablation_configs(config: T5Config) -> tuple[Sweep, list[tuple[str, int]
     clean config has component None, layer -1) and the (component, layer) of each config after the first."""
     L = config.num_decoder_layers
     rows = [(c, layer) for c in COMPONENTS for layer in range(L)]
-    configs = [{}] + [zero_ablation(config, [f"decoder.{layer}.{COMPONENT_SITES[c]}"]) for c, layer in rows]
+    configs = [{}] + [zero_ablation(config, [component_site("decoder", c, layer)]) for c, layer in rows]
     labels = [{"component": None, "layer": -1}] + [{"component": c, "layer": layer} for c, layer in rows]
     return stack(configs, labels=labels), rows
 

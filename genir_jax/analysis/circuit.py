@@ -29,16 +29,16 @@ import numpy as np
 
 from genir_jax.core.config import T5Config
 from genir_jax.base.errors import DataError, GenIRError
-from genir_jax.interp.interventions import Interventions, combine, mean_ablation, zero_ablation
+from genir_jax.interp.interventions import ABLATION_MODES, Interventions, combine, mean_ablation, zero_ablation
 from genir_jax.interp.patching import run_sweep
-from genir_jax.core.sites import COMPONENT_SITES
+from genir_jax.core.sites import COMPONENT_SITES, site_name
 from genir_jax.interp.sweep import Sweep, stack
 
 RESULTS_JSON = "minimal_circuit.json"
 REFERENCE_RESULTS_JSON = "patching_results_best_circuit.json"  # eval_patching_all_stages.py's name (reference mode)
 # eval_patching_all_stages.py's "config" text for its (the paper's) circuit on the paper's stages
 REFERENCE_CONFIG = "0-7 remove attn, remove cr-attn, mlp mean, 7 - 17 remove attn, mean mlp, 18 - 23 remove attn"
-MODES = ("zero", "mean")
+CIRCUIT_MODES = ABLATION_MODES[:2]  # zero and mean: the circuit's components are ablated within the model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +104,7 @@ def circuit_from_json(data, source: str, num_stages: int) -> Circuit:
         if component not in COMPONENT_SITES:
             raise DataError(f"{where}: field 'component' must be one of {', '.join(COMPONENT_SITES)}, "
                             f"got {component!r}")
-        if mode not in MODES:
+        if mode not in CIRCUIT_MODES:
             raise DataError(f"{where}: field 'mode' must be 'zero' or 'mean', got {mode!r}")
         if stages != "all":
             if not isinstance(stages, list) or not all(isinstance(s, int) and not isinstance(s, bool)
@@ -124,12 +124,12 @@ def circuit_configuration(config: T5Config, circuit: Circuit, stages: Sequence[S
     mean-replaced layers (`mean_ablation` with `means`), `combine`d (so mean wins where both apply)."""
     parts = []
     for component, site in COMPONENT_SITES.items():
-        for mode in MODES:
+        for mode in CIRCUIT_MODES:
             layers = sorted({layer for p in circuit.patches if p.component == component and p.mode == mode
                              for layer in p.layers(stages)})
             if not layers:
                 continue
-            sites = [f"decoder.{layer}.{site}" for layer in layers]
+            sites = [site_name("decoder", site, layer) for layer in layers]
             if mode == "zero":
                 parts.append(zero_ablation(config, sites))
             else:

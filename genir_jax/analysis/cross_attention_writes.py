@@ -50,6 +50,7 @@ from genir_jax.analysis.reading import query_batches
 from genir_jax.core.config import T5Config
 from genir_jax.docids.tokens import docid_vocabulary
 from genir_jax.base.errors import GenIRError
+from genir_jax.core.sites import site_name
 
 CUTOFFS = (10, 100, 1000)
 SUMMARY_FILE = "crattn_writes_summary.json"
@@ -87,7 +88,7 @@ def _docid_counts(config: T5Config, params, input_ids, attention_mask, is_docid,
     from genir_jax.core.model import forward_with_cache
 
     decoder_ids = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, jnp.int32)
-    sites = [f"decoder.{l}.hook_cross_attn_out" for l in layers]
+    sites = [site_name("decoder", "hook_cross_attn_out", l) for l in layers]
     _, cache = forward_with_cache(config, params, input_ids, attention_mask, decoder_ids, cache_sites=sites)
     outputs = jnp.stack([cache[name][:, 0] for name in sites], axis=1)   # [B, n, D]
     _, top = jax.lax.top_k(logit_lens(config, params, outputs), max(cutoffs))  # [B, n, kmax], descending
@@ -204,10 +205,10 @@ def _head_top_tokens(config: T5Config, params, input_ids, attention_mask, is_doc
 
     layers = sorted(set(l for l, _ in heads))
     decoder_ids = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, jnp.int32)
-    sites = [f"decoder.{l}.cross_attn.hook_z" for l in layers]
+    sites = [site_name("decoder", "cross_attn.hook_z", l) for l in layers]
     _, cache = forward_with_cache(config, params, input_ids, attention_mask, decoder_ids, cache_sites=sites)
     w_o = params["decoder"]["layers"]["cross_attn"]["out"]  # [L, H, K, D]
-    outputs = jnp.stack([cache[f"decoder.{l}.cross_attn.hook_z"][:, 0, h].astype(jnp.float32)
+    outputs = jnp.stack([cache[site_name("decoder", "cross_attn.hook_z", l)][:, 0, h].astype(jnp.float32)
                          @ w_o[l, h].astype(jnp.float32) for l, h in heads], axis=1)       # [B, n, D]
     logits = logit_lens(config, params, outputs)
     all_values, all_ids = jax.lax.top_k(logits, top)

@@ -37,13 +37,14 @@ from genir_jax.base.errors import GenIRError
 from genir_jax.interp.interventions import FROM_SOURCE, encoder_swap
 from genir_jax.interp.patching import Source, run_sweep
 from genir_jax.interp.sweep import stack
+from genir_jax.core.sites import site_name
 
 RESULTS_JSON = "swapped_encoder.json"
 
 
 def swap_site(config: T5Config) -> str:
     """The reference's swapped site: the encoder's last residual stream before the final norm."""
-    return f"encoder.{config.num_layers - 1}.hook_resid_post"
+    return site_name("encoder", "hook_resid_post", config.num_layers - 1)
 
 
 def encoder_swap_ranks(config: T5Config, params, other: Source, input_ids, attention_mask, target_ids, *,

@@ -18,6 +18,7 @@ from genir_jax.analysis.reading_sites import (ANALYSIS_NAME, COMPONENT_TYPES, EM
                                               _component_index, component_names, is_aggregated, topk_label)
 from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
+from genir_jax.core.sites import site_name
 
 _EPS = 1e-8  # torch.cosine_similarity's
 
@@ -27,16 +28,16 @@ _EPS = 1e-8  # torch.cosine_similarity's
 # --------------------------------------------------------------------------------------------------
 
 def _needed_sites(upto: int, heads: bool) -> list[str]:
-    names = [f"decoder.{l}.{site}" for l in range(upto) for site in LAYER_COMPONENTS]
+    names = [site_name("decoder", site, l) for l in range(upto) for site in LAYER_COMPONENTS]
     if heads:
-        names += [f"decoder.{l}.{kind}.hook_z" for l in range(upto) for kind in ("attn", "cross_attn")]
+        names += [site_name("decoder", f"{kind}.hook_z", l) for l in range(upto) for kind in ("attn", "cross_attn")]
     return names
 
 
 def _vector_blocks(config: T5Config, params, cache, upto: int, heads: bool) -> jnp.ndarray:
     """[B, upto * P, D]: the vectors of layers 0..upto-1 in `_block_names` order, flattened."""
     def stacked(site):  # [B, upto, D] at decoder position 0
-        return jnp.stack([cache[f"decoder.{l}.{site}"][:, 0] for l in range(upto)], axis=1).astype(jnp.float32)
+        return jnp.stack([cache[site_name("decoder", site, l)][:, 0] for l in range(upto)], axis=1).astype(jnp.float32)
 
     layers = params["decoder"]["layers"]
     parts = []
@@ -44,7 +45,8 @@ def _vector_blocks(config: T5Config, params, cache, upto: int, heads: bool) -> j
         parts.append(stacked(site)[:, :, None, :])
         if heads and site in ("hook_attn_out", "hook_cross_attn_out"):
             kind = site[5:-4]
-            z = jnp.stack([cache[f"decoder.{l}.{kind}.hook_z"][:, 0] for l in range(upto)], axis=1)  # [B,upto,H,K]
+            z = jnp.stack([cache[site_name("decoder", f"{kind}.hook_z", l)][:, 0] for l in range(upto)],
+                          axis=1)  # [B,upto,H,K]
             w_o = layers["self_attn" if kind == "attn" else "cross_attn"]["out"][:upto]                # [upto,H,K,D]
             parts.append(jnp.einsum("blhk,lhkd->blhd", z.astype(jnp.float32), w_o.astype(jnp.float32)))
     blocks = jnp.concatenate(parts, axis=2)
@@ -66,11 +68,12 @@ def _neuron_prepare(config: T5Config, params, input_ids, attention_mask, upto: i
     """The component catalogue [B, C, D] and the reader layers' neuron activations [B, n, F]."""
     from genir_jax.core.model import forward_with_cache
 
-    sites = _needed_sites(upto, heads=True) + [f"decoder.{l}.mlp.hook_post" for l in layers]
+    sites = _needed_sites(upto, heads=True) + [site_name("decoder", "mlp.hook_post", l) for l in layers]
     decoder_ids = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, jnp.int32)
     _, cache = forward_with_cache(config, params, input_ids, attention_mask, decoder_ids, cache_sites=sites)
     vectors = _vector_blocks(config, params, cache, upto, heads=True)
-    acts = jnp.stack([cache[f"decoder.{l}.mlp.hook_post"][:, 0] for l in layers], axis=1).astype(jnp.float32)
+    acts = jnp.stack([cache[site_name("decoder", "mlp.hook_post", l)][:, 0] for l in layers],
+                     axis=1).astype(jnp.float32)
     return vectors, acts
 
 
@@ -102,15 +105,16 @@ def _crattn_values(config: T5Config, params, input_ids, attention_mask, layers: 
 
     upto = max(layers) + 1
     sites = _needed_sites(upto, heads=False)
-    sites += [f"decoder.{l}.cross_attn.{s}" for l in layers for s in ("hook_attn_scores", "hook_k")]
+    sites += [site_name("decoder", f"cross_attn.{s}", l) for l in layers for s in ("hook_attn_scores", "hook_k")]
     decoder_ids = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, jnp.int32)
     _, cache = forward_with_cache(config, params, input_ids, attention_mask, decoder_ids, cache_sites=sites)
     vectors = _vector_blocks(config, params, cache, upto, heads=False)
     w_q = params["decoder"]["layers"]["cross_attn"]["query"]  # [L, D, H, K]
     out = []
     for layer in layers:
-        best = jnp.argmax(cache[f"decoder.{layer}.cross_attn.hook_attn_scores"][:, :, 0], axis=-1)   # [B, H]
-        keys = cache[f"decoder.{layer}.cross_attn.hook_k"].astype(jnp.float32)                      # [B, S, H, K]
+        scores = cache[site_name("decoder", "cross_attn.hook_attn_scores", layer)]
+        best = jnp.argmax(scores[:, :, 0], axis=-1)                                          # [B, H]
+        keys = cache[site_name("decoder", "cross_attn.hook_k", layer)].astype(jnp.float32)  # [B, S, H, K]
         key = keys[jnp.arange(keys.shape[0])[:, None], best, jnp.arange(keys.shape[2])[None, :]]   # [B, H, K]
         comps = vectors[:, np.asarray(_component_index(config, layer, "cross_attn"))]               # [B, C, D]
         queries = jnp.einsum("bcd,dhk->bhck", comps, w_q[layer].astype(jnp.float32))               # [B, H, C, K]

@@ -8,6 +8,7 @@ from typing import Sequence
 
 from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
+from genir_jax.core.sites import site_name
 
 SIM_TYPES = ("dot", "cosine")
 READERS = ("mlp", "cross_attn")
@@ -29,10 +30,10 @@ def _block_names(layer: int, num_heads: int, heads: bool) -> list[str]:
     """The vectors of one decoder layer in the reference's order (per-head attention outputs optional)."""
     names = []
     for site in LAYER_COMPONENTS:
-        names.append(f"decoder.{layer}.{site}")
+        names.append(site_name("decoder", site, layer))
         if heads and site in ("hook_attn_out", "hook_cross_attn_out"):
             kind = site[5:-4]
-            names += [f"decoder.{layer}.{kind}.head{h}" for h in range(num_heads)]
+            names += [site_name("decoder", f"{kind}.head{h}", layer) for h in range(num_heads)]
     return names
 
 
@@ -40,7 +41,7 @@ def component_names(config: T5Config, layer: int, reader: str) -> list[str]:
     """The reference's keys, in its order, of every vector a reader of `layer` is compared with."""
     heads = reader == "mlp"
     names = [n for p in range(layer) for n in _block_names(p, config.num_heads, heads)]
-    return names + [f"decoder.{layer}.{site}" for site in CURRENT_LAYER[reader]]
+    return names + [site_name("decoder", site, layer) for site in CURRENT_LAYER[reader]]
 
 
 def _component_index(config: T5Config, layer: int, reader: str) -> tuple[int, ...]:
@@ -48,7 +49,7 @@ def _component_index(config: T5Config, layer: int, reader: str) -> tuple[int, ..
     heads = reader == "mlp"
     block = _block_names(0, config.num_heads, heads)
     size = len(block)
-    local = [block.index(f"decoder.0.{site}") for site in CURRENT_LAYER[reader]]
+    local = [block.index(site_name("decoder", site, 0)) for site in CURRENT_LAYER[reader]]
     return tuple(range(layer * size)) + tuple(layer * size + i for i in local)
 
 

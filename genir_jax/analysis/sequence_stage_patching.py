@@ -22,14 +22,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from genir_jax.analysis.encoder_swap import swap_site
-from genir_jax.analysis.stage_patching import COMPONENTS, MODES, THRESHOLDS, StageConfig, StagePatchingResult
+from genir_jax.analysis.stage_patching import (
+    REFERENCE_MODE_ORDER, REFERENCE_ROW_ORDER, THRESHOLDS, StageConfig, StagePatchingResult,
+)
 from genir_jax.base.batching import batches
 from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
 from genir_jax.interp.interventions import encoder_swap, mean_activations, mean_ablation, replacement, zero_ablation
-from genir_jax.docids.sequence_targets import (RANK_REDUCTIONS, SEQUENCE_METRICS, sequence_metric,
+from genir_jax.docids.sequence_targets import (RANK_REDUCTIONS, TEACHER_FORCED_METRICS, sequence_metric,
                                         teacher_forced_logits, teacher_forcing_inputs)
-from genir_jax.core.sites import COMPONENT_SITES
+from genir_jax.core.sites import COMPONENT_SITES, component_site
 
 
 @dataclasses.dataclass
@@ -68,10 +70,10 @@ class SequenceStagePatchingResult:
 def _configs(config: T5Config, stages, modes, means, source_cache):
     """(row, interventions) per configuration, in `stage_patching`'s row order."""
     out = []
-    for mode in (m for m in MODES if m in modes):
-        for component in COMPONENTS:
+    for mode in (m for m in REFERENCE_MODE_ORDER if m in modes):
+        for component in REFERENCE_ROW_ORDER:
             for index, stage in enumerate(stages):
-                sites = [f"decoder.{layer}.{COMPONENT_SITES[component]}" for layer in stage]
+                sites = [component_site("decoder", component, layer) for layer in stage]
                 if mode == "zero":
                     iv = zero_ablation(config, sites)
                 elif mode == "mean":
@@ -91,13 +93,14 @@ def run_sequence_stage_patching(config: T5Config, params, input_ids, attention_m
                                 batch_size: int = 32, progress: bool = True) -> SequenceStagePatchingResult:
     """Stage patching on queries (input_ids / attention_mask [N, S]) with docid targets [N, T] (ending with
     EOS, `target_mask` 1 on real tokens). `source_params`: the pretrained T5 (same shape) for ``t5`` mode."""
-    if metric not in SEQUENCE_METRICS:
-        raise GenIRError(f"unknown sequence metric {metric!r}; choose one of {', '.join(SEQUENCE_METRICS)}")
+    if metric not in TEACHER_FORCED_METRICS:
+        raise GenIRError(f"unknown sequence metric {metric!r}; choose one of {', '.join(TEACHER_FORCED_METRICS)}")
     if reduction not in RANK_REDUCTIONS:
         raise GenIRError(f"unknown rank reduction {reduction!r}; choose one of {', '.join(RANK_REDUCTIONS)}")
-    unknown = set(modes) - set(MODES)
+    unknown = set(modes) - set(REFERENCE_MODE_ORDER)
     if unknown:
-        raise GenIRError(f"unknown patching mode(s) {sorted(unknown)}; expected some of {', '.join(MODES)}")
+        raise GenIRError(f"unknown patching mode(s) {sorted(unknown)}; expected some of "
+                         f"{', '.join(REFERENCE_MODE_ORDER)}")
     if "t5" in modes and source_params is None:
         raise GenIRError("t5 mode needs the pretrained T5's parameters (source_params)")
     input_ids, attention_mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
@@ -108,7 +111,7 @@ def run_sequence_stage_patching(config: T5Config, params, input_ids, attention_m
     decoder_inputs = teacher_forcing_inputs(targets, config.decoder_start_token_id)
     means = None
     if "mean" in modes:
-        sites = [f"decoder.*.{COMPONENT_SITES[c]}" for c in COMPONENTS]
+        sites = [f"decoder.*.{COMPONENT_SITES[c]}" for c in REFERENCE_ROW_ORDER]
         means = mean_activations(config, params, input_ids, attention_mask, sites, decoder_input_ids=decoder_inputs,
                                  progress=progress)
     rows_out: list[StageConfig] | None = None
@@ -121,7 +124,8 @@ def run_sequence_stage_patching(config: T5Config, params, input_ids, attention_m
         if "t5" in modes:
             from genir_jax.core.model import forward_with_cache
 
-            names = [f"decoder.{layer}.{COMPONENT_SITES[c]}" for c in COMPONENTS for stage in stages for layer in stage]
+            names = [component_site("decoder", c, layer)
+                     for c in REFERENCE_ROW_ORDER for stage in stages for layer in stage]
             names.append(swap_site(config))
             _, source_cache = forward_with_cache(config, source_params, ids, mask, dec, cache_sites=names)
         configs = _configs(config, stages, modes, means, source_cache)

@@ -42,11 +42,13 @@ from genir_jax.interp.interventions import (FROM_SOURCE, encoder_swap, mean_acti
                                      zero_ablation)
 from genir_jax.base.io import atomic_directory
 from genir_jax.interp.patching import Source, SweepResult, run_sweep
-from genir_jax.core.sites import COMPONENT_SITES
+from genir_jax.core.sites import COMPONENT_SITES, COMPONENTS, component_site
 from genir_jax.interp.sweep import Sweep, stack
 
-COMPONENTS = ("mlp", "cross_attn", "attn")  # the reference's order
-MODES = ("mean", "zero", "t5")              # the reference's row order (its two scripts, concatenated)
+# Table 3's row order in the reference: components last to first (mlp, cross_attn, attn), and the modes as its
+# two scripts, concatenated, write them ("t5": the pretrained T5's activations, i.e. source patching).
+REFERENCE_ROW_ORDER = tuple(reversed(COMPONENTS))
+REFERENCE_MODE_ORDER = ("mean", "zero", "t5")
 PAPER_STAGES_24 = ([0, 1, 2, 3, 4, 5, 6], list(range(7, 18)), list(range(18, 24)))
 RESULTS_CSV = "patching_results_single_combis.csv"
 RANKS_JSON = "ranks_correct_queries_patching_single_combis.json"
@@ -146,16 +148,17 @@ def stage_configs(config: T5Config, stages: Sequence[Sequence[int]], modes: Sequ
     `mean_ablation` (with `means`, as `mean_activations` returns them) or `replacement` by `FROM_SOURCE`
     (the T5 run); with t5 the encoder swap (`encoder_swap` at ``encoder.{L-1}.hook_resid_post``) is last.
     """
-    unknown = set(modes) - set(MODES)
+    unknown = set(modes) - set(REFERENCE_MODE_ORDER)
     if unknown:
-        raise GenIRError(f"unknown patching mode(s) {sorted(unknown)}; expected some of {', '.join(MODES)}")
+        raise GenIRError(f"unknown patching mode(s) {sorted(unknown)}; expected some of "
+                         f"{', '.join(REFERENCE_MODE_ORDER)}")
     if "mean" in modes and means is None:
         raise GenIRError("mean mode needs the means of the component outputs (`mean_activations`)")
     configs, labels = [], []
-    for mode in (m for m in MODES if m in modes):
-        for component in COMPONENTS:
+    for mode in (m for m in REFERENCE_MODE_ORDER if m in modes):
+        for component in REFERENCE_ROW_ORDER:
             for index, stage in enumerate(stages):
-                sites = [f"decoder.{layer}.{COMPONENT_SITES[component]}" for layer in stage]
+                sites = [component_site("decoder", component, layer) for layer in stage]
                 if mode == "zero":
                     configs.append(zero_ablation(config, sites))
                 elif mode == "mean":
@@ -203,7 +206,7 @@ def run_stage_patching(config: T5Config, params, input_ids, attention_mask, targ
     """Run the stage-patching sweep on the given (correct) queries; means come from the same queries."""
     means = None
     if "mean" in modes:
-        sites = [f"decoder.*.{COMPONENT_SITES[c]}" for c in COMPONENTS]
+        sites = [f"decoder.*.{COMPONENT_SITES[c]}" for c in REFERENCE_ROW_ORDER]
         means = mean_activations(config, params, input_ids, attention_mask, sites, progress=progress)
     sweep, rows = stage_configs(config, stages, modes, means)
     if "t5" in modes and source is None:
@@ -258,9 +261,9 @@ def stage_patching_files(result: StagePatchingResult, *, reference: bool = False
 def t5_all_and_attn_config(config: T5Config, stages: Sequence[Sequence[int]]):
     """eval_patching_t5.py's last configuration: attn, cross_attn and mlp outputs of every stage but the last
     and the last stage's attn output replaced by the T5's (`replacement` by `FROM_SOURCE`)."""
-    sites = [f"decoder.{layer}.{COMPONENT_SITES[c]}" for stage in stages[:-1] for layer in stage
+    sites = [component_site("decoder", c, layer) for stage in stages[:-1] for layer in stage
              for c in ("attn", "cross_attn", "mlp")]
-    sites += [f"decoder.{layer}.{COMPONENT_SITES['attn']}" for layer in stages[-1]]
+    sites += [component_site("decoder", "attn", layer) for layer in stages[-1]]
     return replacement(config, {site: FROM_SOURCE for site in sites})
 
 

@@ -27,15 +27,17 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from genir_jax.analysis.stage_patching import COMPONENTS, PAPER_STAGES_24, THRESHOLDS, equal_stages, stage_configs
+from genir_jax.analysis.stage_patching import (
+    PAPER_STAGES_24, REFERENCE_ROW_ORDER, THRESHOLDS, equal_stages, stage_configs,
+)
 from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
-from genir_jax.interp.interventions import mean_activations, mean_ablation, zero_ablation
+from genir_jax.interp.interventions import ABLATION_MODES, mean_activations, mean_ablation, zero_ablation
 from genir_jax.interp.patching import run_sweep
 from genir_jax.core.sites import COMPONENT_SITES
 from genir_jax.interp.sweep import component_grid, concat, relabel, stack
 
-MODES = ("zero", "mean")
+ROBUSTNESS_MODES = ABLATION_MODES[:2]  # zero and mean ablation
 KINDS = ("all_layers", "single_layer", "stage")
 NOT_FIRST = THRESHOLDS[0][0]  # the reference's label of "rank > 0" ("!=0")
 RESULTS_JSON = "stage_robustness.json"
@@ -128,23 +130,24 @@ def _check_partitions(config: T5Config, partitions: Mapping[str, Sequence[Sequen
 
 
 def stage_robustness_sweep(config: T5Config, partitions: Mapping[str, Sequence[Sequence[int]]],
-                           modes: Sequence[str] = MODES, means: dict | None = None):
+                           modes: Sequence[str] = ROBUSTNESS_MODES, means: dict | None = None):
     """The sweep of every row (labels: kind, component, mode, layer, partition, stage)."""
-    unknown = sorted(set(modes) - set(MODES))
+    unknown = sorted(set(modes) - set(ROBUSTNESS_MODES))
     if unknown or not modes:
-        raise GenIRError(f"stage robustness: modes must be some of {', '.join(MODES)}, got {list(modes)}")
+        raise GenIRError(f"stage robustness: modes must be some of {', '.join(ROBUSTNESS_MODES)}, got {list(modes)}")
     if "mean" in modes and means is None:
         raise GenIRError("stage robustness: mean mode needs the means of the component outputs")
     partitions = _check_partitions(config, partitions)
     parts = []
     for mode in modes:
         configs, labels = [], []
-        for component in COMPONENTS:
+        for component in REFERENCE_ROW_ORDER:
             sites = [f"decoder.*.{COMPONENT_SITES[component]}"]
             configs.append(zero_ablation(config, sites) if mode == "zero" else mean_ablation(config, means, sites=sites))
             labels.append({"component": component})
         parts.append(relabel(stack(configs, labels=labels), kind="all_layers", mode=mode))
-        grid = component_grid(config, components=list(COMPONENTS), **({} if mode == "zero" else {"value": means}))
+        grid = component_grid(config, components=list(REFERENCE_ROW_ORDER),
+                              **({} if mode == "zero" else {"value": means}))
         parts.append(relabel(grid, kind="single_layer", mode=mode))
     for name, stages in partitions.items():
         sweep, _ = stage_configs(config, stages, [m for m in ("mean", "zero") if m in modes], means)
@@ -153,12 +156,12 @@ def stage_robustness_sweep(config: T5Config, partitions: Mapping[str, Sequence[S
 
 
 def run_stage_robustness(config: T5Config, params, input_ids, attention_mask, target_ids, *,
-                         partitions: Mapping[str, Sequence[Sequence[int]]], modes: Sequence[str] = MODES,
+                         partitions: Mapping[str, Sequence[Sequence[int]]], modes: Sequence[str] = ROBUSTNESS_MODES,
                          query_chunk: int | None = None, progress: bool = True) -> StageRobustnessResult:
     """Run every row on the given (correct) queries; means come from the same queries."""
     means = None
     if "mean" in modes:
-        sites = [f"decoder.*.{COMPONENT_SITES[c]}" for c in COMPONENTS]
+        sites = [f"decoder.*.{COMPONENT_SITES[c]}" for c in REFERENCE_ROW_ORDER]
         means = mean_activations(config, params, input_ids, attention_mask, sites, progress=progress)
     sweep, partitions = stage_robustness_sweep(config, partitions, modes, means)
     result = run_sweep(config, params, input_ids, attention_mask, target_ids, sweep, metrics=("rank",),
@@ -189,7 +192,7 @@ def render_markdown(result: StageRobustnessResult, queries: int) -> str:
         lines += ["", f"Single layers, {mode} ablation, share of queries no longer at rank 1 (rank > 0):", "",
                   "| component | " + " | ".join(str(layer) for layer in layers) + " |",
                   "|---|" + "---|" * len(layers)]
-        for component in COMPONENTS:
+        for component in REFERENCE_ROW_ORDER:
             cells = {r["layer"]: r[NOT_FIRST] for r in result.select("single_layer", component=component, mode=mode)}
             lines.append(f"| {component} | " + " | ".join(f"{cells[layer]:.2f}" for layer in layers) + " |")
     names = list(result.partitions)
@@ -198,7 +201,7 @@ def render_markdown(result: StageRobustnessResult, queries: int) -> str:
         f"{name}: " + ", ".join(f"{s[0]}-{s[-1]}" for s in result.partitions[name]) for name in names) + " |",
         "|---|---|" + "---|" * len(names)]
     for mode in modes:
-        for component in COMPONENTS:
+        for component in REFERENCE_ROW_ORDER:
             cells = []
             for name in names:
                 rows = sorted(result.select("stage", partition=name, component=component, mode=mode),

@@ -85,11 +85,12 @@ def _records(path: str, what: str) -> list[tuple[str, Any]]:
         return [(f"line {number}", record) for number, record in iter_json_lines(path)]
     data = read_json(path)
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of {what} records, got a JSON {_json_type(data)}")
+        raise DataError(f"{path}: expected a JSON list of {what} records, got a JSON {json_type(data)}")
     return [(f"record index {index}", record) for index, record in enumerate(data)]
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type ("object", "list", "string", ...), for error messages."""
     if isinstance(value, bool):
         return "boolean"
     if value is None:
@@ -105,7 +106,7 @@ def _json_type(value: Any) -> str:
 def normalize_id(value: Any) -> str:
     """A document or query id as we hold it: ``str(value).strip()`` for a str or int (as the reference)."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise TypeError(f"must be a string or an integer, got a JSON {_json_type(value)} ({value!r})")
+        raise TypeError(f"must be a string or an integer, got a JSON {json_type(value)} ({value!r})")
     text = str(value).strip()
     if not text:
         raise ValueError("is empty")
@@ -123,7 +124,7 @@ def _where(path: str, location: str, record: Any, id_field: str = "id") -> str:
 
 def _field(record: Any, name: str, where: str) -> Any:
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got a JSON {_json_type(record)}")
+        raise DataError(f"{where}: expected a JSON object, got a JSON {json_type(record)}")
     if name not in record:
         raise DataError(f"{where}: missing field {name!r}")
     return record[name]
@@ -140,7 +141,7 @@ def _id_field(record: Any, name: str, where: str) -> str:
 def _text_field(record: Any, name: str, where: str) -> str:
     value = _field(record, name, where)
     if not isinstance(value, str):
-        raise DataError(f"{where}: field {name!r} must be a string, got a JSON {_json_type(value)}")
+        raise DataError(f"{where}: field {name!r} must be a string, got a JSON {json_type(value)}")
     if not value.strip():
         raise DataError(f"{where}: field {name!r} is empty")
     return value
@@ -200,7 +201,7 @@ def _relevant_docs(record: Any, where: str) -> tuple[str, ...]:
     value = _field(record, "relevant_docs", where)
     if not isinstance(value, list):
         raise DataError(f"{where}: field 'relevant_docs' must be a list of document ids, got a JSON "
-                        f"{_json_type(value)}")
+                        f"{json_type(value)}")
     if not value:
         raise DataError(f"{where}: field 'relevant_docs' is empty (a query needs a relevant document)")
     docs: list[str] = []
@@ -363,12 +364,12 @@ def read_qrels(path: str | os.PathLike) -> Qrels:
     data = read_json(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object with lists {list(QRELS_FIELDS)}, got a JSON "
-                        f"{_json_type(data)}")
+                        f"{json_type(data)}")
     for name in QRELS_FIELDS:
         if name not in data:
             raise DataError(f"{path}: missing field {name!r} (qrels need {list(QRELS_FIELDS)})")
         if not isinstance(data[name], list):
-            raise DataError(f"{path}: field {name!r} must be a list, got a JSON {_json_type(data[name])}")
+            raise DataError(f"{path}: field {name!r} must be a list, got a JSON {json_type(data[name])}")
     lengths = {name: len(data[name]) for name in QRELS_FIELDS}
     if len(set(lengths.values())) != 1:
         raise DataError(f"{path}: the lists must have equal lengths, got {lengths}")
@@ -385,7 +386,7 @@ def read_qrels(path: str | os.PathLike) -> Qrels:
         doc_id = _qrels_doc_id(data["docid"][index], where)
         rel = data["rel"][index]
         if isinstance(rel, bool) or not isinstance(rel, int):
-            raise DataError(f"{where}: field 'rel' must be an integer, got a JSON {_json_type(rel)} ({rel!r})")
+            raise DataError(f"{where}: field 'rel' must be an integer, got a JSON {json_type(rel)} ({rel!r})")
         docs = qrels.setdefault(query_id, {})
         if doc_id in docs:
             raise DataError(f"{where}: field 'docid': document {doc_id!r} is judged twice for this query")

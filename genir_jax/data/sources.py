@@ -26,7 +26,7 @@ import re
 import urllib.error
 import urllib.request
 
-from genir_jax.data.corpus import Document, Query, _json_type, iter_json_lines, read_json
+from genir_jax.data.corpus import Document, Query, json_type, iter_json_lines, read_json
 from genir_jax.base.errors import DataError
 from genir_jax.base.io import atomic_path
 
@@ -101,13 +101,13 @@ def squad_dev_file(data_dir: str | os.PathLike, *, download_missing: bool = Fals
 
 def _get(record, name: str, kind: type, where: str):
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got a JSON {_json_type(record)}")
+        raise DataError(f"{where}: expected a JSON object, got a JSON {json_type(record)}")
     if name not in record:
         raise DataError(f"{where}: missing field {name!r}")
     value = record[name]
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise DataError(f"{where}: field {name!r} must be a JSON {_json_type(kind())}, got a JSON "
-                        f"{_json_type(value)}")
+        raise DataError(f"{where}: field {name!r} must be a JSON {json_type(kind())}, got a JSON "
+                        f"{json_type(value)}")
     if kind is str and not value.strip():
         raise DataError(f"{where}: field {name!r} is empty")
     return value

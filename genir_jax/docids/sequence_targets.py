@@ -3,7 +3,7 @@
 With naive / semantic docids the target of a query is a token sequence ``y_1 .. y_T`` (ending with EOS).
 Teacher forcing feeds the gold prefix: decoder inputs ``[start, y_1, .., y_{T-1}]``, so one forward pass
 gives every step's logits ``[N, T, V]`` and step t's logits predict ``y_t`` given the gold prefix. Two
-selectable metrics reduce them (`SEQUENCE_METRICS`):
+selectable metrics reduce them (`TEACHER_FORCED_METRICS`):
 
 - ``seq_logprob``: the target's sequence log-probability ``sum_t log p(y_t | y_<t, query)`` (masked steps
   excluded) -- the score beam search ranks by (before its length normalisation);
@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-SEQUENCE_METRICS = ("seq_logprob", "step_rank")
+TEACHER_FORCED_METRICS = ("seq_logprob", "step_rank")
 RANK_REDUCTIONS = ("max", "mean", "first")
 
 
@@ -102,7 +102,7 @@ def sequence_metric(logits, targets, mask, metric: str, reduction: str = "max"):
         return sequence_log_prob(logits, targets, mask)
     if metric == "step_rank":
         return reduce_step_ranks(step_ranks(logits, targets, mask), mask, reduction)
-    raise ValueError(f"unknown sequence metric {metric!r}; choose one of {', '.join(SEQUENCE_METRICS)}")
+    raise ValueError(f"unknown sequence metric {metric!r}; choose one of {', '.join(TEACHER_FORCED_METRICS)}")
 
 
 def greedy_consistent(config, params, input_ids, attention_mask, sequences, batch_size: int = 64) -> np.ndarray:

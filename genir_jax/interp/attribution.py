@@ -46,10 +46,10 @@ from genir_jax.core.model import T5, forward_with_cache, logical_axes
 from genir_jax.scale.partitioning import Partitioner, current, maybe_activate, put_rows
 from genir_jax.interp.metrics import DIFFERENTIABLE_METRICS, METRIC_TABLE
 from genir_jax.interp.patching import (
-    Source, _check_sequences, _check_token_ids, _decoder_inputs, _final_metrics, _plan, _source_names,
-    _validate_terms,
+    Source, check_sequences, check_token_ids, decoder_inputs, final_metrics, plan_terms, source_site_names,
+    validate_terms,
 )
-from genir_jax.core.sites import Site, num_layers, site_shape
+from genir_jax.core.sites import Site, num_layers, site_name, site_shape
 from genir_jax.interp.sweep import Sweep, Term, as_sweep
 from genir_jax.core.taps import Patch, Shift
 
@@ -75,8 +75,10 @@ class AttributionResult:
         return self.magnitudes if self.magnitudes is not None else np.abs(self.scores)
 
 
-def _full_shape(config: T5Config, term: Term, batch: int, encoder_length: int, decoder_length: int = 1
+def mask_shape(config: T5Config, term: Term, batch: int, encoder_length: int, decoder_length: int = 1
                 ) -> tuple[int, ...]:
+    """The shape of a term's full mask for `batch` queries ([layers, B, ...] for layer sites): the shape of
+    `gradient_step`'s ``zero_masks``."""
     layer = 0 if term.is_layer_site else None
     length = encoder_length if term.stack == "encoder" else decoder_length
     shape = (batch,) + site_shape(config, Site(term.stack, term.local, layer), length, encoder_length)
@@ -84,10 +86,11 @@ def _full_shape(config: T5Config, term: Term, batch: int, encoder_length: int, d
 
 
 @functools.partial(jax.jit, static_argnames=("config", "plan", "metric", "drop", "partitioner", "dtype"))
-def _gradients(params, input_ids, attention_mask, targets, foils, values, zero_masks, zero_probes,
-               target_mask=None, *, config, plan, metric, drop, partitioner=None, dtype=None):
-    """(clean metric [B], gradient densities of the metric w.r.t. every term's mask [V, ...], and the probes'
-    [V, ...]), V = 1 + (decoder layers when `drop`): variant 0 the plain gradient, variant 1 + l the gradient
+def gradient_step(params, input_ids, attention_mask, targets, foils, values, zero_masks, zero_probes,
+                  target_mask=None, *, config, plan, metric, drop, partitioner=None, dtype=None):
+    """Attribution's gradient step (jitted), run per query chunk; ``plan``: `genir_jax.interp.patching.plan_terms`,
+    ``zero_masks``: zeros of `mask_shape`. Returns (clean metric [B], gradient densities of the metric w.r.t.
+    every term's mask [V, ...], and the probes' [V, ...]), V = 1 + (decoder layers when `drop`): variant 0 the plain gradient, variant 1 + l the gradient
     with decoder layer l's residual contributions blocked (GradDrop)."""
     with maybe_activate(partitioner):
         return _gradients_body(params, input_ids, attention_mask, targets, foils, values, zero_masks,
@@ -104,7 +107,7 @@ def _gradients_body(params, input_ids, attention_mask, targets, foils, values, z
     paths) with the gradient at the layer's output residual (the paths that bypass the later sub-layers).
     So GradDrop costs one backward pass per layer and no further forward pass."""
     model = T5(config, decoder_cache=tuple((local, None) for local in _DROP_SITES) if drop else (), dtype=dtype)
-    start = _decoder_inputs(config, input_ids, targets, target_mask)
+    start = decoder_inputs(config, input_ids, targets, target_mask)
     layers = config.num_decoder_layers
 
     def run(masks, probes, gate):
@@ -124,7 +127,7 @@ def _gradients_body(params, input_ids, attention_mask, targets, foils, values, z
         hidden, cache = model.apply({"params": params}, encoded, attention_mask, start, None, interventions,
                                     method=T5.decode)
         # streamed over vocabulary blocks: the logit metrics need no unembedding matmul at all
-        per_query = _final_metrics(config, params, hidden, targets, (metric,), None, foils, 0, target_mask)[metric]
+        per_query = final_metrics(config, params, hidden, targets, (metric,), None, foils, 0, target_mask)[metric]
         return per_query, tuple(cache[local] for local in _DROP_SITES) if drop else ()
 
     gate_shape = (layers, input_ids.shape[0], start.shape[1], config.d_model) if drop else ()
@@ -240,19 +243,19 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
     if count == 0:
         raise InterventionError("attribution: no queries given")
     if target_mask is not None:
-        target_mask = _check_sequences(target_ids, target_mask, count, [metric], what="attribution")
+        target_mask = check_sequences(target_ids, target_mask, count, [metric], what="attribution")
     elif target_ids.shape != (count,):
         raise InterventionError(f"attribution: target_ids must have shape ({count},), got {target_ids.shape}")
-    _check_token_ids("target", target_ids, config.vocab_size)
+    check_token_ids("target", target_ids, config.vocab_size)
     decoder_length = 1 if target_mask is None else target_ids.shape[1]
     if "foils" in METRIC_TABLE[metric].needs:
         if foil_ids is None:
             raise InterventionError(f"attribution: metric '{metric}' needs a foil token per query (`foil_ids`)")
         foil_ids = np.asarray(foil_ids, np.int32).reshape(-1)
-        _check_token_ids("foil", foil_ids, config.vocab_size)
+        check_token_ids("foil", foil_ids, config.vocab_size)
         if foil_ids.shape != (count,) or np.any(foil_ids == target_ids):
             raise InterventionError("attribution: foil_ids must have one token per query, none equal to its target")
-    _validate_terms(config, sweep, length, decoder_length)
+    validate_terms(config, sweep, length, decoder_length)
     dtype = None if dtype is None else jnp.dtype(dtype)
     if dtype is not None:
         params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
@@ -264,8 +267,8 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
         if source is not None:
             source = source._replace(params=partitioner.shard_params(source.params, logical_axes(source.config)))
     place = (lambda a: put_rows(a, partitioner)) if partitioner is not None else jnp.asarray
-    plan = _plan(sweep.terms)
-    names = _source_names(config, plan)
+    plan = plan_terms(sweep.terms)
+    names = source_site_names(config, plan)
     if names and source is None:
         raise InterventionError("attribution: FROM_SOURCE values need a `source`")
     star = method == "atp*"
@@ -293,7 +296,7 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
     for batch in tqdm(steps, desc=f"attribution ({method})", unit="chunk", disable=not progress):
         ids, mask, targets, foils, s_ids, s_mask, tmask = batch.arrays
         tmask = tmask if target_mask is not None else None
-        start = np.asarray(_decoder_inputs(config, ids, targets, tmask))
+        start = np.asarray(decoder_inputs(config, ids, targets, tmask))
         cache = {}
         if cache_sites:
             with maybe_activate(partitioner):  # forward keys its program by the rules it runs under
@@ -308,20 +311,21 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
                 if term.from_source:
                     if term.layer_site:
                         source_values[(term.stack, term.local)] = jnp.stack(
-                            [source_cache[f"{term.stack}.{l}.{term.local}"] for l in range(num_layers(config, term.stack))])
+                            [source_cache[site_name(term.stack, term.local, l)]
+                             for l in range(num_layers(config, term.stack))])
                     else:
                         source_values[(term.stack, term.local)] = source_cache[Site(term.stack, term.local, None).name]
         values = tuple(source_values[(t.stack, t.local)] if isinstance(t.value, FromSource) else jnp.asarray(t.value)
                        for t in sweep.terms)
-        zero_masks = tuple(jnp.zeros(_full_shape(config, t, chunk, length, decoder_length), jnp.float32)
+        zero_masks = tuple(jnp.zeros(mask_shape(config, t, chunk, length, decoder_length), jnp.float32)
                            for t in sweep.terms)
 
         def stacked(local):
-            return jnp.stack([cache[f"decoder.{l}.{local}"] for l in range(layers)])
+            return jnp.stack([cache[site_name("decoder", local, l)] for l in range(layers)])
 
         zero_probes = {local: jnp.zeros(stacked(local).shape, jnp.float32)
                        for local in ("cross_attn.hook_pattern", "cross_attn.hook_v")} if qk_terms else {}
-        clean_metric, (term_grads, probe_grads) = _gradients(
+        clean_metric, (term_grads, probe_grads) = gradient_step(
             params, place(ids), place(mask), place(targets), place(foils) if foil_ids is not None else None, values,
             zero_masks, zero_probes, None if tmask is None else place(tmask), config=config, plan=plan,
             metric=metric, drop=star, partitioner=partitioner, dtype=dtype)

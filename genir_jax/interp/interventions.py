@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from genir_jax.base.batching import batches, num_batches
 from genir_jax.core.config import T5Config
-from genir_jax.core.sites import STACK_SITES, Site, expand_site_patterns, num_layers, parse_site, site_shape
+from genir_jax.base.errors import GenIRError
+from genir_jax.core.sites import STACK_SITES, Site, expand_site_patterns, num_layers, parse_site, site_name, site_shape
 from genir_jax.core.taps import Patch
 from genir_jax.core.validation import InterventionError, _check_broadcast, _is_array, validate  # noqa: F401 (re-export)
 
@@ -51,6 +52,9 @@ class FromSource:
 
 
 FROM_SOURCE = FromSource()
+# Ablation modes, what replaces an ablated activation: zero, its mean over queries (these two need only the
+# patched model), another query's activation (resample) or a source model's on the same query (source).
+ABLATION_MODES = ("zero", "mean", "resample", "source")
 jax.tree_util.register_pytree_node(FromSource, lambda x: ((), None), lambda aux, children: FROM_SOURCE)
 
 
@@ -58,7 +62,7 @@ jax.tree_util.register_pytree_node(FromSource, lambda x: ((), None), lambda aux,
 # Masks
 # --------------------------------------------------------------------------------------------------
 
-def _axis_of(site: Site, kind: str) -> int:
+def site_unit_axis(site: Site, kind: str) -> int:
     """Index (in the per-example site shape) of the position / head / neuron axis."""
     local = site.local
     leaf = local.split(".")[-1]
@@ -85,7 +89,7 @@ def _selection_mask(config: T5Config, site: Site, positions, heads, neurons, len
     for kind, chosen in (("positions", positions), ("heads", heads), ("neurons", neurons)):
         if chosen is None:
             continue
-        axis = _axis_of(site, kind)
+        axis = site_unit_axis(site, kind)
         if kind == "positions":
             if length is None:
                 raise InterventionError(f"site '{site.name}': selecting positions needs the sequence `length`")
@@ -167,7 +171,7 @@ def _stacked_values(config: T5Config, masks, per_site: Mapping[str, Any], with_b
     for (stack, local) in masks:
         if (stack, local) in sourced:
             names = [Site(stack, local, None).name] if local in STACK_SITES else \
-                [f"{stack}.{layer}.{local}" for layer in range(num_layers(config, stack))]
+                [site_name(stack, local, layer) for layer in range(num_layers(config, stack))]
             mixed = [n for n in names if n in per_site and not isinstance(per_site[n], FromSource)]
             if mixed:
                 raise InterventionError(f"site '{mixed[0]}': values of one site are either all FROM_SOURCE or "
@@ -181,7 +185,7 @@ def _stacked_values(config: T5Config, masks, per_site: Mapping[str, Any], with_b
         layers = []
         template = None
         for layer in range(num_layers(config, stack)):
-            name = f"{stack}.{layer}.{local}"
+            name = site_name(stack, local, layer)
             if name in per_site:
                 template = _value_for(per_site, name, with_batch)
             layers.append(name)

@@ -92,7 +92,7 @@ THRESHOLDS = (0, 5, 10, 100)
 # and how it reduces them per query. ``rank``: the worst step's rank (0 iff greedy decoding reproduces the
 # whole docid); ``logprob``: the sequence's log-probability (sum over its steps). The others have no
 # agreed sequence form (docid ranks and foils are single-token notions) and are refused for sequences.
-SEQUENCE_METRICS = {"rank": "max", "logprob": "sum"}
+STEP_REDUCTIONS = {"rank": "max", "logprob": "sum"}
 
 
 def reduce_steps(metric: str, values, mask):
@@ -100,7 +100,7 @@ def reduce_steps(metric: str, values, mask):
     import jax.numpy as jnp
 
     real = jnp.asarray(mask) > 0
-    if SEQUENCE_METRICS[metric] == "max":
+    if STEP_REDUCTIONS[metric] == "max":
         return jnp.max(jnp.where(real, values, 0), axis=-1)
     return jnp.sum(jnp.where(real, values, 0), axis=-1)
 

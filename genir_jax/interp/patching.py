@@ -45,13 +45,13 @@ from genir_jax.base.batching import batches, pad_rows
 from genir_jax.core.config import T5Config
 from genir_jax.interp.interventions import FROM_SOURCE, FromSource, InterventionError, validate  # noqa: F401 (re-export)
 from genir_jax.interp.metrics import (  # noqa: F401 (re-exported: the sweep's metrics)
-    DIFFERENTIABLE_METRICS, METRIC_TABLE, METRICS, RANK_METRICS, SEQUENCE_METRICS, THRESHOLDS, block_aggregates,
+    DIFFERENTIABLE_METRICS, METRIC_TABLE, METRICS, RANK_METRICS, STEP_REDUCTIONS, THRESHOLDS, block_aggregates,
     ranks_of_targets, reduce_steps, VOCAB_BLOCK, streamed_target_metrics, target_metrics,
 )
 from genir_jax.core.model import T5, cache_specs, decode_suffix, logical_axes, unembedding_rows
 from genir_jax.scale.partitioning import Partitioner, current, fetch, maybe_activate
 from genir_jax.interp.rank_window import RANK_WINDOW, clean_window, windowed_ranks
-from genir_jax.core.sites import STACK_SITES, Site, num_layers, site_shape
+from genir_jax.core.sites import STACK_SITES, Site, num_layers, site_name, site_shape
 from genir_jax.interp.sweep import Sweep, Term, as_sweep, first_decoder_layer
 from genir_jax.core.taps import Patch, apply_patch
 
@@ -106,8 +106,8 @@ class SweepResult:
 # Compiled pieces
 # --------------------------------------------------------------------------------------------------
 
-class _TermPlan(NamedTuple):
-    """What the compiled function needs to know about a term statically."""
+class TermPlan(NamedTuple):
+    """What the compiled step needs to know about a sweep term statically (hashable: a jit static argument)."""
 
     stack: str
     local: str
@@ -119,12 +119,15 @@ class _TermPlan(NamedTuple):
     order: int
 
 
-def _plan(terms: Sequence[Term]) -> tuple[_TermPlan, ...]:
-    return tuple(_TermPlan(t.stack, t.local, t.is_layer_site, t.layer is not None, t.unit_axis if t.unit is not None
+def plan_terms(terms: Sequence[Term]) -> tuple[TermPlan, ...]:
+    """The plan of a sweep's terms: the static ``plan`` argument of `config_chunk_step` (and of attribution's
+    gradient step)."""
+    return tuple(TermPlan(t.stack, t.local, t.is_layer_site, t.layer is not None, t.unit_axis if t.unit is not None
                            else None, t.unit_size, isinstance(t.value, FromSource), t.order) for t in terms)
 
 
-def _source_names(config: T5Config, plan: Sequence[_TermPlan]) -> list[str]:
+def source_site_names(config: T5Config, plan: Sequence[TermPlan]) -> list[str]:
+    """The full names of the sites whose `FROM_SOURCE` values the planned terms read from the source run."""
     names = []
     for term in plan:
         if not term.from_source:
@@ -132,7 +135,7 @@ def _source_names(config: T5Config, plan: Sequence[_TermPlan]) -> list[str]:
         if not term.layer_site:
             names.append(Site(term.stack, term.local, None).name)
         else:
-            names += [f"{term.stack}.{layer}.{term.local}" for layer in range(num_layers(config, term.stack))]
+            names += [site_name(term.stack, term.local, layer) for layer in range(num_layers(config, term.stack))]
     return sorted(set(names))
 
 
@@ -157,10 +160,10 @@ def _build_interventions(config: T5Config, plan, tables, values, source_values, 
     return out
 
 
-def _final_metrics(config, params, hidden, targets, metrics, candidates, foils, top_k, target_mask=None):
+def final_metrics(config, params, hidden, targets, metrics, candidates, foils, top_k, target_mask=None):
     """The metrics of the final decoder states [B, T, D], streamed over vocabulary blocks (clean run and
     configs alike, so effects compare like with like): of the one step (single-token targets [B]), or of
-    every step of teacher-forced target sequences [B, T] reduced per query (`SEQUENCE_METRICS`)."""
+    every step of teacher-forced target sequences [B, T] reduced per query (`STEP_REDUCTIONS`)."""
     table, scale = unembedding_rows(config, params)
     if target_mask is None:
         return streamed_target_metrics(hidden[:, 0] * scale, table, targets, metrics, candidates=candidates,
@@ -170,7 +173,7 @@ def _final_metrics(config, params, hidden, targets, metrics, candidates, foils, 
     return {m: reduce_steps(m, per_step[m].reshape(rows, steps), target_mask) for m in metrics}
 
 
-def _decoder_inputs(config, input_ids, targets, target_mask):
+def decoder_inputs(config, input_ids, targets, target_mask):
     """The decoder's inputs: the start token (single-token targets) or the teacher-forced sequence."""
     start = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=jnp.int32)
     if target_mask is None:
@@ -180,9 +183,13 @@ def _decoder_inputs(config, input_ids, targets, target_mask):
 
 @functools.partial(jax.jit, static_argnames=("config", "source_config", "source_spec", "metrics", "top_k",
                                              "window", "partitioner"))
-def _clean_state(params, source_params, input_ids, attention_mask, source_ids, source_mask, targets, foils,
+def clean_state(params, source_params, input_ids, attention_mask, source_ids, source_mask, targets, foils,
                  candidates, target_mask=None, *, config, source_config, source_spec, metrics, top_k, window=0,
                  partitioner=None):
+    """The sweep's clean-state step (jitted), run once per query chunk: ``(state, clean metrics)``, where
+    ``state`` (encoder output, residual entering each decoder layer, source activations, rank window) is what
+    every `config_chunk_step` of that chunk reads. ``source_spec``: `genir_jax.core.model.cache_specs` of the
+    source sites (None without a source)."""
     with maybe_activate(partitioner):
         return _clean_state_body(params, source_params, input_ids, attention_mask, source_ids, source_mask, targets,
                                  foils, candidates, target_mask, config=config, source_config=source_config,
@@ -196,15 +203,15 @@ def _clean_state_body(params, source_params, input_ids, attention_mask, source_i
     target sequences every decoder run (the source's too) reads the query's teacher-forced docid."""
     model = T5(config, decoder_cache=(("hook_embed", None), ("hook_resid_post", None)))
     variables = {"params": params}
-    decoder_inputs = _decoder_inputs(config, input_ids, targets, target_mask)
+    inputs = decoder_inputs(config, input_ids, targets, target_mask)
     encoded, _ = model.apply(variables, input_ids, attention_mask, method=T5.encode)
-    hidden, cache = model.apply(variables, encoded, attention_mask, decoder_inputs, None, None, method=T5.decode)
+    hidden, cache = model.apply(variables, encoded, attention_mask, inputs, None, None, method=T5.decode)
     states = jnp.concatenate([cache["hook_embed"][None], cache["hook_resid_post"]], axis=0)  # [L+1, B, T, D]
-    clean = _final_metrics(config, params, hidden, targets, metrics, candidates, foils, top_k, target_mask)
+    clean = final_metrics(config, params, hidden, targets, metrics, candidates, foils, top_k, target_mask)
     source_values = {}
     if source_spec is not None:
         source = T5(source_config, encoder_cache=source_spec[0], decoder_cache=source_spec[1])
-        source_start = _decoder_inputs(source_config, source_ids, targets, target_mask)
+        source_start = decoder_inputs(source_config, source_ids, targets, target_mask)
         _, raw = source.apply({"params": source_params}, source_ids, source_mask, source_start)
         source_values = {(stack, local): array for stack, sites in raw.items() for local, array in sites.items()}
     state = {"encoded": encoded, "states": states, "source": source_values}
@@ -216,10 +223,13 @@ def _clean_state_body(params, source_params, input_ids, attention_mask, source_i
 
 @functools.partial(jax.jit, static_argnames=("config", "plan", "encoder_kind", "paths", "metrics", "top_k",
                                              "partitioner"))
-def _sweep_chunk(params, state, input_ids, attention_mask, targets, foils, candidates, tables, values, index,
+def config_chunk_step(params, state, input_ids, attention_mask, targets, foils, candidates, tables, values, index,
                  receivers, start, target_mask=None, *, config, plan, encoder_kind, paths, metrics, top_k,
                  partitioner=None):
-    """Metrics [Kc, B] of a chunk of configs (vmapped) on a chunk of queries. With a rank window in `state`,
+    """The sweep's per-chunk step (jitted): metrics [Kc, B] of a chunk of configs (vmapped) on a chunk of
+    queries, from the query chunk's `clean_state`. ``plan``: `plan_terms`; ``tables`` / ``values`` / ``index``:
+    the terms' mask tables, values and each config's (row, layer, unit) integers; ``start``: the first decoder
+    layer the chunk's configs touch; ``encoder_kind`` 2: they patch inside the encoder (run per config). With a rank window in `state`,
     ``rank`` comes from `windowed_ranks` over all the chunk's rows at once (``decided`` [Kc, B]: the rows its
     bound decided; ``full_rows``: how many rows it ranked over the whole vocabulary)."""
     model = T5(config)
@@ -238,7 +248,7 @@ def _sweep_chunk(params, state, input_ids, attention_mask, targets, foils, candi
                                receivers=config_receivers if paths else None)
         if windowed:
             return hidden
-        return _final_metrics(config, params, hidden, targets, metrics, candidates, foils, top_k, target_mask)
+        return final_metrics(config, params, hidden, targets, metrics, candidates, foils, top_k, target_mask)
 
     windowed = "window" in state
     # The config axis lies on the mesh's `configs` axis (when it has one); activations are constrained by name.
@@ -249,12 +259,26 @@ def _sweep_chunk(params, state, input_ids, attention_mask, targets, foils, candi
             return out
         hidden = out  # [Kc, B, 1, D]
         others = tuple(m for m in metrics if m != "rank")
-        out = jax.vmap(lambda h: _final_metrics(config, params, h, targets, others, candidates, foils, top_k),
+        out = jax.vmap(lambda h: final_metrics(config, params, h, targets, others, candidates, foils, top_k),
                        spmd_axis_name=spmd)(hidden) if others or top_k else {}
         table, scale = unembedding_rows(config, params)
         out["rank"], out["decided"], out["full_rows"] = windowed_ranks(hidden[:, :, 0] * scale, table, targets,
                                                                        state["window"])
         return out
+
+
+class SweepSteps(NamedTuple):
+    """The compiled pieces of a sweep: the plan of its terms, its clean-state step and its per-chunk step."""
+
+    plan: tuple[TermPlan, ...]
+    clean_state: Any
+    config_chunk_step: Any
+
+
+def sweep_steps(sweep: Sweep) -> SweepSteps:
+    """The steps `run_sweep` runs for `sweep` (both jitted: call them, or ``.lower`` them to plan a run, as
+    `genir_jax.plan.planning` does), with the plan of its terms they take as ``plan``."""
+    return SweepSteps(plan_terms(sweep.terms), clean_state, config_chunk_step)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,7 +304,8 @@ def default_config_chunk(query_rows: int, vocab_size: int, budget_bytes: int = 1
     return int(max(1, min(512, budget_bytes // max(1, query_rows * _row_bytes(vocab_size, candidates)))))
 
 
-def _validate_terms(config: T5Config, sweep: Sweep, encoder_length: int, decoder_length: int = 1) -> None:
+def validate_terms(config: T5Config, sweep: Sweep, encoder_length: int, decoder_length: int = 1) -> None:
+    """Raise `InterventionError` for sweep terms the model or the input lengths cannot take."""
     for term in sweep.terms:
         validate(config, {term.stack: {term.local: (Patch(term.table[:1], term.value),)}}, 1, encoder_length,
                  decoder_length, leading=(1,))
@@ -312,7 +337,7 @@ def _validate_paths(sweep: Sweep) -> None:
 
 
 def _source_inputs(config, source, plan, input_ids, attention_mask):
-    names = _source_names(config, plan)
+    names = source_site_names(config, plan)
     if not names:
         return None, None, input_ids, attention_mask
     if source is None:
@@ -385,7 +410,7 @@ def run_sweep(
     Multi-token targets (naive / semantic docids): target_ids [N, T] (each docid's tokens ending with EOS,
     right-padded) with `target_mask` [N, T] (1 on real tokens, a prefix of each row); every decoder run,
     the source's included, then reads the teacher-forced docid, configs patch every decoder position, and
-    the metrics (`SEQUENCE_METRICS`: ``rank``, the worst step's rank; ``logprob``, the sequence's) are
+    the metrics (`STEP_REDUCTIONS`: ``rank``, the worst step's rank; ``logprob``, the sequence's) are
     reduced per query; no top-k;
     `candidates`: token ids (e.g. the docid tokens) for ``docid_rank`` and for the top-k (``top_ids``
     then index into `candidates`). `query_chunk`: queries per device per step; `config_chunk`: configs per
@@ -412,12 +437,12 @@ def run_sweep(
     if count == 0:
         raise InterventionError("sweep: no queries given")
     if target_mask is not None:
-        target_mask = _check_sequences(target_ids, target_mask, count, metrics)
+        target_mask = check_sequences(target_ids, target_mask, count, metrics)
         top_k = 0
     elif target_ids.shape != (count,):
         raise InterventionError(f"sweep: target_ids must have shape ({count},) (or [{count}, T] with a target_mask), "
                                 f"got {target_ids.shape}")
-    _check_token_ids("target", target_ids, config.vocab_size)
+    check_token_ids("target", target_ids, config.vocab_size)
     if candidates is not None:
         candidates = np.asarray(candidates, dtype=np.int32).reshape(-1)
         if candidates.size == 0 or candidates.min() < 0 or candidates.max() >= config.vocab_size:
@@ -433,17 +458,17 @@ def run_sweep(
         foil_ids = np.asarray(foil_ids, dtype=np.int32).reshape(-1)
         if foil_ids.shape != (count,):
             raise InterventionError(f"sweep: foil_ids must have shape ({count},), got {foil_ids.shape}")
-        _check_token_ids("foil", foil_ids, config.vocab_size)
+        check_token_ids("foil", foil_ids, config.vocab_size)
         same = np.flatnonzero(foil_ids == target_ids)
         if same.size:
             raise InterventionError(f"sweep: the foil equals the target for query index {int(same[0])}")
     top_k = int(top_k) if per_query else 0
     decoder_length = 1 if target_mask is None else target_ids.shape[1]
-    _validate_terms(config, sweep, length, decoder_length)
+    validate_terms(config, sweep, length, decoder_length)
     paths = sweep.receivers is not None
     if paths:
         _validate_paths(sweep)
-    plan = _plan(sweep.terms)
+    plan = plan_terms(sweep.terms)
     source_spec, source_config, source_ids, source_mask = _source_inputs(config, source, plan, input_ids,
                                                                          attention_mask)
     source_params = source.params if source_spec is not None else None
@@ -480,7 +505,7 @@ def run_sweep(
         ids, mask, s_ids, s_mask, targets, foils, tmask = (jax.device_put(a, rows_sharding) for a in batch.arrays)
         foils = foils if foil_ids is not None else None
         tmask = tmask if target_mask is not None else None
-        state, clean = _clean_state(params, source_params, ids, mask, s_ids, s_mask, targets, foils, cand_dev,
+        state, clean = clean_state(params, source_params, ids, mask, s_ids, s_mask, targets, foils, cand_dev,
                                     tmask, config=config, source_config=source_config or config,
                                     source_spec=source_spec, metrics=metrics, top_k=0, window=window,
                                     partitioner=partitioner)
@@ -567,7 +592,7 @@ def _balanced_chunk(count: int, limit: int) -> int:
     return -(-count // chunks)
 
 
-def _check_sequences(targets: np.ndarray, target_mask, count: int, metrics: Sequence[str], what: str = "sweep"
+def check_sequences(targets: np.ndarray, target_mask, count: int, metrics: Sequence[str], what: str = "sweep"
                      ) -> np.ndarray:
     """Validate multi-token targets [N, T] and their mask; returns the mask as int32."""
     target_mask = np.asarray(target_mask, dtype=np.int32)
@@ -578,14 +603,15 @@ def _check_sequences(targets: np.ndarray, target_mask, count: int, metrics: Sequ
     if lengths.min() < 1 or np.any(target_mask != (np.arange(targets.shape[1])[None] < lengths[:, None])):
         raise InterventionError(f"{what}: every target_mask row must be a non-empty prefix (the docid's tokens, "
                                 "then padding)")
-    other = [m for m in metrics if m not in SEQUENCE_METRICS]
+    other = [m for m in metrics if m not in STEP_REDUCTIONS]
     if other:
         raise InterventionError(f"{what}: metric '{other[0]}' is not defined for multi-token targets; use "
-                                f"{' or '.join(SEQUENCE_METRICS)}")
+                                f"{' or '.join(STEP_REDUCTIONS)}")
     return target_mask
 
 
-def _check_token_ids(what: str, ids: np.ndarray, vocab_size: int) -> None:
+def check_token_ids(what: str, ids: np.ndarray, vocab_size: int) -> None:
+    """Raise `InterventionError` for `what` token ids outside the vocabulary."""
     bad = ids[(ids < 0) | (ids >= vocab_size)]
     if bad.size:
         raise InterventionError(f"sweep: {what} token id {int(bad[0])} is outside the vocabulary [0, {vocab_size})")
@@ -628,7 +654,7 @@ def _run_block(config, params, chunks, sweep, plan, tables, values, index, kind,
         if top_k else None
     work = {"decided": 0, "full_rows": 0}
     for rows, ids, mask, targets, foils, tmask, state in chunks:
-        out = _sweep_chunk(params, state, ids, mask, targets, foils, candidates, tables, values, tuple(term_index),
+        out = config_chunk_step(params, state, ids, mask, targets, foils, candidates, tables, values, tuple(term_index),
                            receivers, jnp.int32(start), tmask, config=config, plan=plan, encoder_kind=kind,
                            paths=paths, metrics=metrics, top_k=top_k, partitioner=partitioner)
         out = fetch(out)  # gathered from every process on a multi-host mesh

@@ -34,7 +34,9 @@ import numpy as np
 
 from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
-from genir_jax.core.sites import COMPONENT_SITES, STACK_SITES, Site, layer_sites, num_layers, parse_site
+from genir_jax.core.sites import (
+    COMPONENT_SITES, COMPONENTS, STACK_SITES, Site, layer_sites, num_layers, parse_site, site_name,
+)
 
 UNIT_ALIASES = {"head": "head", "heads": "head", "neuron": "neuron", "neurons": "neuron",
                 "position": "position", "positions": "position", "pos": "position"}
@@ -191,11 +193,11 @@ def parse_atom(config: T5Config, spec: str, *, value, length: int | None = None,
     local = COMPONENT_SITES.get(site_text, site_text)
     if local not in layer_sites(config, stack):
         try:
-            parse_site(config, f"{stack}.{layers[0]}.{local}")
+            parse_site(config, Site(stack, local, layers[0]).name)
         except GenIRError as exc:
             raise SiteSpecError(f"site spec '{spec}': {exc}") from None
         raise SiteSpecError(f"site spec '{spec}': unknown site '{local}'")  # pragma: no cover
-    names = [f"{stack}.{l}.{local}" for l in layers]
+    names = [site_name(stack, local, l) for l in layers]
     sites = [Site(stack, local, l) for l in layers]
     grid = _grid(config, names, sites, unit, index_text, value, length, spec, decoder_length)
     # site_grid orders configs in model order: follow the order the layers were given, axis "layer".
@@ -271,7 +273,7 @@ def swept_sites(config: T5Config, sweep) -> list[str]:
             count = num_layers(config, term.stack)
             per_layer = np.asarray(tables).reshape(tables.shape[0], tables.shape[1], -1).any(axis=(0, 2))
             layers = np.arange(count) if per_layer.shape[0] == 1 else np.flatnonzero(per_layer)
-        names.update(f"{term.stack}.{int(l)}.{term.local}" for l in layers)
+        names.update(site_name(term.stack, term.local, int(l)) for l in layers)
     return [n for n in all_site_names(config) if n in names]
 
 
@@ -292,7 +294,7 @@ def parse_receivers(config: T5Config, spec: str):
     text = spec.strip()
     layers = config.num_decoder_layers
     if text == "all":
-        return sw.receivers(config, components={c: "all" for c in sw.COMPONENTS}, logits=True, label="all")
+        return sw.receivers(config, components={c: "all" for c in COMPONENTS}, logits=True, label="all")
     if text == "none":
         return sw.receivers(config, label="none")
     components: dict[str, list[int]] = {}

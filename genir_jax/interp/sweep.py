@@ -31,13 +31,15 @@ import numpy as np
 
 from genir_jax.core.config import T5Config
 from genir_jax.interp.interventions import (
-    FromSource, InterventionError, Interventions, _axis_of, mean_value,
+    FromSource, InterventionError, Interventions, site_unit_axis, mean_value,
 )
-from genir_jax.core.sites import COMPONENT_SITES, STACK_SITES, Site, expand_site_patterns, num_layers, parse_site, site_shape
+from genir_jax.core.sites import (
+    COMPONENT_SITES, COMPONENTS, STACK_SITES, Site, component_site, expand_site_patterns, num_layers, parse_site,
+    site_shape,
+)
 from genir_jax.core.taps import Patch
 
 UNIT_KINDS = ("head", "neuron", "position")
-COMPONENTS = ("attn", "cross_attn", "mlp")  # the order of a layer's components, and of receiver columns
 ZERO = 0.0
 
 
@@ -279,7 +281,7 @@ def site_grid(config: T5Config, sites: str | Iterable[str], *, unit: str | None 
     if unit is not None:
         kind = {"head": "heads", "neuron": "neurons", "position": "positions"}[unit]
         for site in parsed:
-            _axis_of(site, kind)  # raises for sites without that axis
+            site_unit_axis(site, kind)  # raises for sites without that axis
         if unit == "position":
             if length is None:
                 raise InterventionError("site_grid: unit 'position' needs the sequence `length`")
@@ -316,7 +318,7 @@ def site_grid(config: T5Config, sites: str | Iterable[str], *, unit: str | None 
         axis = None
         if unit is not None:
             kind = {"head": "heads", "neuron": "neurons", "position": "positions"}[unit]
-            axis = _axis_of(template, kind)
+            axis = site_unit_axis(template, kind)
         terms.append(Term(stack_name, local, _site_value(config, stack_name, local, value), table, row,
                           layer=layer if local not in STACK_SITES else None, unit=unit_index, unit_axis=axis,
                           unit_size=size))
@@ -356,7 +358,7 @@ def component_grid(config: T5Config, *, components: Sequence[str] | None = None,
     for layer in layers:
         if not 0 <= layer < count:
             raise InterventionError(f"layer {layer} out of range: the {stack} has layers 0-{count - 1}")
-    names = [f"{stack}.{l}.{COMPONENT_SITES[c]}" for l in layers for c in components]
+    names = [component_site(stack, c, l) for l in layers for c in components]
     grid = site_grid(config, names, value=value)
     # site_grid orders configs by model order of the names; re-order to (layer, component) as asked.
     order = {name: i for i, name in enumerate(grid.labels["site"])}

@@ -217,7 +217,7 @@ def _sweep_terms(config, work):
 
 
 def _lower_sweep(config, partitioner, work, dtype):
-    """`genir_jax.interp.patching._sweep_chunk` (the program `run_sweep` runs per config chunk x query chunk) on a
+    """`genir_jax.interp.patching.config_chunk_step` (the program `run_sweep` runs per config chunk x query chunk) on a
     grid of `work.sites` (one config per site x unit; `work.configs` of them per step), metrics rank and logit,
     with the rank window where `run_sweep` would use it (float32 parameters)."""
     import jax
@@ -230,16 +230,16 @@ def _lower_sweep(config, partitioner, work, dtype):
     from genir_jax.interp.sweep import first_decoder_layer
 
     sweep = _sweep_terms(config, work)
-    plan = patching._plan(sweep.terms)
+    steps = patching.sweep_steps(sweep)
     metrics = tuple(m for m in METRICS if m in ("rank", "logit"))
     params = abstract_params(config, partitioner, dtype)
     ids, mask = _inputs(partitioner, work)
     targets = _rows(partitioner, (work.batch,), jnp.int32)
     window = RANK_WINDOW if dtype is None or jnp.dtype(dtype) == jnp.float32 else 0
     state, _ = jax.eval_shape(
-        lambda p, i, m, t: patching._clean_state(p, None, i, m, None, None, t, None, None, config=config,
-                                                 source_config=config, source_spec=None, metrics=metrics, top_k=0,
-                                                 window=window, partitioner=partitioner),
+        lambda p, i, m, t: steps.clean_state(p, None, i, m, None, None, t, None, None, config=config,
+                                             source_config=config, source_spec=None, metrics=metrics, top_k=0,
+                                             window=window, partitioner=partitioner),
         params, ids, mask, targets)
     state = jax.tree_util.tree_map(lambda s: _rows(partitioner, s.shape, s.dtype) if s.ndim and s.shape[0] == work.batch
                                    else _batch_axis(partitioner, s, work.batch), state)
@@ -252,9 +252,9 @@ def _lower_sweep(config, partitioner, work, dtype):
     start = _sds((), jnp.int32, replicated)
     # the costliest config group of the grid: configs patching inside the encoder run it per config (kind 2)
     encoder_kind = int(np.max(first_decoder_layer(config, sweep)[1]))
-    lowered = patching._sweep_chunk.lower(
+    lowered = steps.config_chunk_step.lower(
         params, state, ids, mask, targets, None, None, tables, values, index, receivers, start, config=config,
-        plan=plan, encoder_kind=encoder_kind, paths=False, metrics=metrics, top_k=0, partitioner=partitioner)
+        plan=steps.plan, encoder_kind=encoder_kind, paths=False, metrics=metrics, top_k=0, partitioner=partitioner)
     inputs = (state, ids, mask, targets, tables, values, index, receivers, start)
     args = (params, state, ids, mask, targets, None, None, tables, values, index, receivers, start)
     return lowered, {"args": args, "params": params, "inputs": inputs, "sweep_size": sweep.size, "configs_per_step": configs}
@@ -272,7 +272,7 @@ def _batch_axis(partitioner, struct, batch):
 
 
 def _lower_attribute(config, partitioner, work, dtype):
-    """`genir_jax.interp.attribution._gradients` (AtP: one forward + backward per query chunk) for the masks of
+    """`genir_jax.interp.attribution.gradient_step` (AtP: one forward + backward per query chunk) for the masks of
     the `work.sites` grid (zero ablation, logit metric)."""
     import jax.numpy as jnp
 
@@ -281,7 +281,7 @@ def _lower_attribute(config, partitioner, work, dtype):
     from genir_jax.interp import patching
 
     sweep = _sweep_terms(config, work)
-    plan = patching._plan(sweep.terms)
+    plan = patching.plan_terms(sweep.terms)
     params = abstract_params(config, partitioner, dtype)
     ids, mask = _inputs(partitioner, work)
     targets = _rows(partitioner, (work.batch,), jnp.int32)
@@ -289,15 +289,14 @@ def _lower_attribute(config, partitioner, work, dtype):
     values = tuple(_sds((), jnp.float32, replicated) for _ in sweep.terms)
     zero_masks = []
     for term in sweep.terms:
-        shape = attribution._full_shape(config, term, work.batch, work.query_length)
+        shape = attribution.mask_shape(config, term, work.batch, work.query_length)
         zero_masks.append(_batch_axis(partitioner, _sds(shape, jnp.float32, None), work.batch) if term.is_layer_site
                           else _rows(partitioner, shape, jnp.float32))
-    variants = _sds((1,), jnp.int32, replicated)
-    lowered = attribution._gradients.lower(
-        params, ids, mask, targets, None, values, tuple(zero_masks), {}, {}, variants, config=config, plan=plan,
-        metric="logit", probe=False, drop=False, partitioner=partitioner, dtype=None if dtype == jnp.float32 else dtype)
-    inputs = (ids, mask, targets, values, tuple(zero_masks), variants)
-    args = (params, ids, mask, targets, None, values, tuple(zero_masks), {}, {}, variants)
+    lowered = attribution.gradient_step.lower(
+        params, ids, mask, targets, None, values, tuple(zero_masks), {}, None, config=config, plan=plan,
+        metric="logit", drop=False, partitioner=partitioner, dtype=None if dtype == jnp.float32 else dtype)
+    inputs = (ids, mask, targets, values, tuple(zero_masks))
+    args = (params, ids, mask, targets, None, values, tuple(zero_masks), {}, None)
     return lowered, {"args": args, "params": params, "inputs": inputs, "sweep_size": sweep.size}
 
 

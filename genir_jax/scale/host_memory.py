@@ -36,15 +36,23 @@ _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_pl
 
 
 def jax_backend_started() -> bool:
-    """Whether JAX has already created its backends (then arenas exist and tuning comes too late)."""
+    """Whether JAX has already created its backends (then arenas exist and tuning comes too late).
+
+    Asked through JAX's public config: ``jax_num_cpu_devices`` refuses a new value once the backends exist
+    (its documented "must be set before JAX is initialized"); the probe puts the old value back."""
     if "jax" not in sys.modules:
         return False
+    import jax
+
     try:
-        from jax._src import xla_bridge
-    except ImportError:  # pragma: no cover - JAX's private layout changed: assume the worst
+        current = jax.config.jax_num_cpu_devices
+        jax.config.update("jax_num_cpu_devices", current + 1)
+    except RuntimeError:  # the backends exist
         return True
-    started = getattr(xla_bridge, "backends_are_initialized", None)
-    return bool(started()) if callable(started) else True
+    except AttributeError:  # pragma: no cover - a JAX without the option: assume the worst
+        return True
+    jax.config.update("jax_num_cpu_devices", current)
+    return False
 
 
 def computes_on_cpu() -> bool:

@@ -104,9 +104,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _cpu_devices(needed: int):
     """`needed` CPU devices of this process (asking XLA for them if JAX has not started yet), or None."""
-    from jax._src import xla_bridge
+    from genir_jax.scale.host_memory import jax_backend_started
 
-    if not xla_bridge.backends_are_initialized():
+    if not jax_backend_started():
         os.environ["XLA_FLAGS"] = _with_device_count(os.environ.get("XLA_FLAGS", ""), needed)
     import jax
 

@@ -21,7 +21,6 @@ from genir_jax.base.errors import GenIRError
 from genir_jax.interp.metrics import METRIC_TABLE, METRICS as ALL_METRICS
 
 SUMMARY = "exact activation patching of any sites, heads, neurons or positions (resumable, tidy CSV, heatmaps)"
-MODES = ("zero", "mean", "resample", "source")
 STORE_DIR = ".sweep-chunks"
 
 SITES_HELP = (
@@ -130,8 +129,10 @@ def _fingerprint(path: str | None) -> dict | str | None:
 
 
 def _validate_common(args, metrics: list[str]) -> None:
-    if args.mode not in MODES:
-        raise GenIRError(f"--mode: unknown mode '{args.mode}'; expected one of {', '.join(MODES)}")
+    from genir_jax.interp.interventions import ABLATION_MODES
+
+    if args.mode not in ABLATION_MODES:
+        raise GenIRError(f"--mode: unknown mode '{args.mode}'; expected one of {', '.join(ABLATION_MODES)}")
     if args.mode == "source" and not args.source_model:
         raise GenIRError("--mode source needs --source-model CHECKPOINT_DIR (e.g. the pretrained T5)")
     if args.source_model and args.mode != "source":
@@ -161,14 +162,14 @@ def default_metrics(args, atomic: str, sequences: str) -> str:
 
 def _validate_scheme(args, metrics: list[str], scheme) -> None:
     """Multi-token (naive / semantic) docids: only the sequence metrics."""
-    from genir_jax.interp.metrics import SEQUENCE_METRICS
+    from genir_jax.interp.metrics import STEP_REDUCTIONS
 
     if not scheme.multi_token:
         return
-    bad = [m for m in metrics if m not in SEQUENCE_METRICS]
+    bad = [m for m in metrics if m not in STEP_REDUCTIONS]
     if bad:
         raise GenIRError(f"--metric {bad[0]}: {args.checkpoint} has {scheme.name} docids (token sequences); over them "
-                         f"the metrics are {' and '.join(SEQUENCE_METRICS)} (the worst step's rank and the sequence "
+                         f"the metrics are {' and '.join(STEP_REDUCTIONS)} (the worst step's rank and the sequence "
                          "log-probability, teacher-forced)")
 
 
