@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 
 from genir_jax.analysis.inputs import query_batches
 from genir_jax.analysis.reading_sites import (ANALYSIS_NAME, COMPONENT_TYPES, EMBEDDING,
-                                              LAYER_COMPONENTS, RATIO_PREFIX, READERS, SIM_TYPES, _block_names,
-                                              _component_index, component_names, is_aggregated, topk_label)
+                                              LAYER_COMPONENTS, RATIO_PREFIX, READERS, SIM_TYPES, block_names,
+                                              component_index, component_names, is_aggregated, topk_label)
 from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
 from genir_jax.core.sites import site_name
@@ -35,7 +35,7 @@ def _needed_sites(upto: int, heads: bool) -> list[str]:
 
 
 def _vector_blocks(config: T5Config, params, cache, upto: int, heads: bool) -> jnp.ndarray:
-    """[B, upto * P, D]: the vectors of layers 0..upto-1 in `_block_names` order, flattened."""
+    """[B, upto * P, D]: the vectors of layers 0..upto-1 in `block_names` order, flattened."""
     def stacked(site):  # [B, upto, D] at decoder position 0
         return jnp.stack([cache[site_name("decoder", site, l)][:, 0] for l in range(upto)], axis=1).astype(jnp.float32)
 
@@ -90,7 +90,7 @@ def _neuron_values(config: T5Config, params, vectors, acts, layers: tuple[int, .
         active = acts[:, j] > 0
         index = jax.vmap(lambda a: jnp.nonzero(a, size=capacity, fill_value=0)[0])(active)   # [B, cap]
         read = jnp.take(weights[layer].astype(jnp.float32).T, index, axis=0)                # [B, cap, D]
-        comps = vectors[:, np.asarray(_component_index(config, layer, "mlp"))]               # [B, C, D]
+        comps = vectors[:, np.asarray(component_index(config, layer, "mlp"))]               # [B, C, D]
         values = jnp.einsum("bnd,bcd->bnc", read, comps)
         if sim_type == "cosine":
             values = values / _safe_norm(read)[:, :, None] / _safe_norm(comps)[:, None, :]
@@ -116,7 +116,7 @@ def _crattn_values(config: T5Config, params, input_ids, attention_mask, layers: 
         best = jnp.argmax(scores[:, :, 0], axis=-1)                                          # [B, H]
         keys = cache[site_name("decoder", "cross_attn.hook_k", layer)].astype(jnp.float32)  # [B, S, H, K]
         key = keys[jnp.arange(keys.shape[0])[:, None], best, jnp.arange(keys.shape[2])[None, :]]   # [B, H, K]
-        comps = vectors[:, np.asarray(_component_index(config, layer, "cross_attn"))]               # [B, C, D]
+        comps = vectors[:, np.asarray(component_index(config, layer, "cross_attn"))]               # [B, C, D]
         queries = jnp.einsum("bcd,dhk->bhck", comps, w_q[layer].astype(jnp.float32))               # [B, H, C, K]
         values = jnp.einsum("bhck,bhk->bhc", queries, key)
         if sim_type == "cosine":

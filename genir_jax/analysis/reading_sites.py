@@ -26,7 +26,7 @@ ANALYSIS_NAME = {"mlp": "neuron_reading", "cross_attn": "crattn_reading"}
 
 
 
-def _block_names(layer: int, num_heads: int, heads: bool) -> list[str]:
+def block_names(layer: int, num_heads: int, heads: bool) -> list[str]:
     """The vectors of one decoder layer in the reference's order (per-head attention outputs optional)."""
     names = []
     for site in LAYER_COMPONENTS:
@@ -40,14 +40,14 @@ def _block_names(layer: int, num_heads: int, heads: bool) -> list[str]:
 def component_names(config: T5Config, layer: int, reader: str) -> list[str]:
     """The reference's keys, in its order, of every vector a reader of `layer` is compared with."""
     heads = reader == "mlp"
-    names = [n for p in range(layer) for n in _block_names(p, config.num_heads, heads)]
+    names = [n for p in range(layer) for n in block_names(p, config.num_heads, heads)]
     return names + [site_name("decoder", site, layer) for site in CURRENT_LAYER[reader]]
 
 
-def _component_index(config: T5Config, layer: int, reader: str) -> tuple[int, ...]:
+def component_index(config: T5Config, layer: int, reader: str) -> tuple[int, ...]:
     """Positions of `component_names` in the flattened [layer, vector] catalogue of `_vector_blocks`."""
     heads = reader == "mlp"
-    block = _block_names(0, config.num_heads, heads)
+    block = block_names(0, config.num_heads, heads)
     size = len(block)
     local = [block.index(site_name("decoder", site, 0)) for site in CURRENT_LAYER[reader]]
     return tuple(range(layer * size)) + tuple(layer * size + i for i in local)

@@ -31,7 +31,7 @@ from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
 from genir_jax.core.sites import STACK_SITES, Site, expand_site_patterns, num_layers, parse_site, site_name, site_shape
 from genir_jax.core.taps import Patch
-from genir_jax.core.validation import InterventionError, _check_broadcast, _is_array, validate  # noqa: F401 (re-export)
+from genir_jax.core.validation import InterventionError, validate  # noqa: F401 (re-export)
 
 Interventions = dict  # {"encoder"|"decoder": {local site: Patch | tuple[Patch, ...]}}
 
