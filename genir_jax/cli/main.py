@@ -8,8 +8,9 @@ a file, a link to one, or lies in a folder we cannot write is refused before the
 (`genir_jax.base.io.check_output_dir`). Ctrl-C (SIGINT) exits with code 130 and one line, no traceback: staged
 outputs are removed, and a commit of finished files is completed first (`genir_jax.base.io.deferred_interrupt`).
 
-Only the chosen subcommand's module is imported to parse a command line (the others are listed by their
-one-line summary in `COMMANDS`), and handlers import JAX, Flax and transformers themselves, so
+Subcommands are discovered (`_discover`: every command module with ``add_parser``, listed by its ``ORDER``
+with its ``SUMMARY``); only the chosen one registers its arguments, and handlers import JAX, Flax and
+transformers themselves, so
 ``genir-jax --help`` and argument errors answer without loading them. Every command runs with the
 persistent XLA compilation cache (`genir_jax.scale.compile_cache`) unless ``--no-compile-cache`` is given or
 ``GENIR_JAX_CACHE=off``. As the console command computing on the CPU, glibc is first asked to keep freed
@@ -29,29 +30,26 @@ from typing import Iterable
 from genir_jax import __version__
 from genir_jax.base.errors import GenIRError
 
-# Subcommands in the order `--help` lists them, with the summary their own `add_parser` gives as `help`
-# (tests/cli/test_startup.py checks that the two agree).
-COMMANDS = {
-    "reproduce": "prepare data, pretrain a base T5, train the DSI models, run every analysis, write report.md",
-    "prepare-data": "write documents, train/val/test queries and qrels of a corpus in the reference JSON format",
-    "pretrain": "pre-train a T5 from scratch with span corruption on a prepared corpus (a base for `train`)",
-    "train": "fine-tune a base T5 into a DSI model (indexing + retrieval; atomic, naive or semantic docids)",
-    "evaluate": "evaluate a DSI checkpoint: Hits@1/10, Recall@5, MRR@10, nDCG@10, run file, correct_valid.json",
-    "bm25": "rank documents with BM25 and evaluate like `evaluate` (baseline for a DSI model)",
-    "inspect": "describe a Hugging Face T5 checkpoint as genir-jax loads it",
-    "patch-stages": "zero / mean / T5 patching of each component type in each decoder stage (paper Table 3)",
-    "sweep": "exact activation patching of any sites, heads, neurons or positions (resumable, tidy CSV, heatmaps)",
-    "attribute": "attribution patching (AtP, AtP*) or exact effects of any sites, heads or neurons on a logit metric",
-    "swap-encoder": "run the full model's decoder on encoders of models trained without some documents (Table 2)",
-    "circuit": "evaluate the model with only a minimal circuit of components left (Table 4)",
-    "residual-rank": "residual contributions per decoder layer and logit-lens ranks (paper Fig. 3 and Fig. 4)",
-    "neuron-reading": "what MLP neurons read from earlier components (paper Fig. 5, MLPs)",
-    "crattn-reading": "what cross-attention heads read from earlier components (paper Fig. 5, cross-attention)",
-    "crattn-writes": "share of docid tokens among the top tokens of cross-attention outputs (paper Table 5)",
-    "crattn-head-tokens": "top word tokens of single cross-attention heads' outputs for given queries (paper Table 6)",
-    "plan": "per-device memory, FLOPs and projected time of a run on a mesh, compiled ahead of time without weights",
-}
-COMMAND_MODULES = tuple(COMMANDS)
+
+def _discover() -> dict[str, str]:
+    """Every subcommand: each module of `genir_jax.cli.commands` that defines ``add_parser`` is one, named by its
+    module (``patch_stages`` -> ``patch-stages``), listed by its ``ORDER`` with its ``SUMMARY`` (command modules
+    import only argparse-level code at the top, so discovering them loads neither JAX nor transformers). A new
+    command is its module, nothing else."""
+    import pkgutil
+
+    from genir_jax.cli import commands
+
+    found = []
+    for info in pkgutil.iter_modules(commands.__path__):
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        if hasattr(module, "add_parser"):
+            found.append((module.ORDER, info.name.replace("_", "-"), module.SUMMARY))
+    return {name: summary for _, name, summary in sorted(found)}
+
+
+# Subcommand -> the summary its module gives (its `add_parser` uses the same text as `help`).
+COMMANDS = _discover()
 
 
 def command_module(name: str):

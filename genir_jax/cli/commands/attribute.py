@@ -21,6 +21,7 @@ from genir_jax.cli.commands.sweep import (
 from genir_jax.base.errors import GenIRError
 from genir_jax.interp.metrics import DIFFERENTIABLE_METRICS as DIFFERENTIABLE
 
+ORDER = 100  # where `genir-jax --help` lists it
 SUMMARY = "attribution patching (AtP, AtP*) or exact effects of any sites, heads or neurons on a logit metric"
 METHODS = ("atp", "atp*", "exact")
 

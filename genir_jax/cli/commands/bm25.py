@@ -6,10 +6,14 @@ import argparse
 import json
 
 
+ORDER = 60  # where `genir-jax --help` lists it
+SUMMARY = "rank documents with BM25 and evaluate like `evaluate` (baseline for a DSI model)"
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "bm25",
-        help="rank documents with BM25 and evaluate like `evaluate` (baseline for a DSI model)",
+        help=SUMMARY,
         description="Index the documents with BM25 (bm25s, Lucene scoring, English stop words, no stemming), "
                     "retrieve the top k for every query and write metrics.json and run.trec into OUTPUT.",
     )

@@ -12,10 +12,14 @@ from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 from genir_jax.base.errors import GenIRError
 
 
+ORDER = 120  # where `genir-jax --help` lists it
+SUMMARY = "evaluate the model with only a minimal circuit of components left (Table 4)"
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "circuit",
-        help="evaluate the model with only a minimal circuit of components left (Table 4)",
+        help=SUMMARY,
         description=(
             "Knock out components as a circuit file says (default: the paper's circuit - remove self-attention "
             "in all layers and cross-attention in stage I, replace MLP outputs of stages I and II by their mean "

@@ -9,10 +9,14 @@ from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 from genir_jax.base.errors import GenIRError
 
 
+ORDER = 170  # where `genir-jax --help` lists it
+SUMMARY = "top word tokens of single cross-attention heads' outputs for given queries (paper Table 6)"
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "crattn-head-tokens",
-        help="top word tokens of single cross-attention heads' outputs for given queries (paper Table 6)",
+        help=SUMMARY,
         description=(
             "For each query and each head LAYER.HEAD, the logit lens (final norm, unembedding) of the head's own "
             "output z_h @ W_O[h] at the decoder's single position, and its top word tokens (docid tokens "

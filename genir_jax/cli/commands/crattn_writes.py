@@ -10,10 +10,14 @@ from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 from genir_jax.base.errors import GenIRError
 
 
+ORDER = 160  # where `genir-jax --help` lists it
+SUMMARY = "share of docid tokens among the top tokens of cross-attention outputs (paper Table 5)"
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "crattn-writes",
-        help="share of docid tokens among the top tokens of cross-attention outputs (paper Table 5)",
+        help=SUMMARY,
         description=(
             "For every correct validation query and every decoder layer of the analysed stages (all stages but the "
             "first), the logit lens of the layer's cross-attention output (final norm, unembedding) and the "

@@ -8,10 +8,14 @@ import json
 from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 
 
+ORDER = 50  # where `genir-jax --help` lists it
+SUMMARY = "evaluate a DSI checkpoint: Hits@1/10, Recall@5, MRR@10, nDCG@10, run file, correct_valid.json"
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "evaluate",
-        help="evaluate a DSI checkpoint: Hits@1/10, Recall@5, MRR@10, nDCG@10, run file, correct_valid.json",
+        help=SUMMARY,
         description="Atomic docids: rank the checkpoint's docid tokens (@DOC_ID_<id>@) for every query from the "
                     "first decoder step's logits. Naive / semantic docids (the scheme recorded in the checkpoint's "
                     "docids.json, or --docids): beam search (--num-beams 10, 10 returned), constrained to the "

@@ -6,10 +6,14 @@ import argparse
 import json
 
 
+ORDER = 70  # where `genir-jax --help` lists it
+SUMMARY = "describe a Hugging Face T5 checkpoint as genir-jax loads it"
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "inspect",
-        help="describe a Hugging Face T5 checkpoint as genir-jax loads it",
+        help=SUMMARY,
         description="Load a T5/mT5 checkpoint directory (or a hub id in the local HF cache) through genir-jax "
                     "and print its architecture, parameter count, tokenizer size and number of docid tokens.",
     )

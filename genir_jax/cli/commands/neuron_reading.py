@@ -69,9 +69,13 @@ def add_reading_parser(subparsers, name: str, reader: str, help_text: str) -> No
     add_mesh_arguments(parser)  # --mesh, --mesh-rules
 
 
+ORDER = 140  # where `genir-jax --help` lists it
+SUMMARY = "what MLP neurons read from earlier components (paper Fig. 5, MLPs)"
+
+
 def add_parser(subparsers) -> None:
     add_reading_parser(subparsers, "neuron-reading", "mlp",
-                       "what MLP neurons read from earlier components (paper Fig. 5, MLPs)")
+                       SUMMARY)
 
 
 def load_inputs(args: argparse.Namespace):

@@ -11,10 +11,14 @@ from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 from genir_jax.base.errors import GenIRError
 
 
+ORDER = 80  # where `genir-jax --help` lists it
+SUMMARY = "zero / mean / T5 patching of each component type in each decoder stage (paper Table 3)"
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "patch-stages",
-        help="zero / mean / T5 patching of each component type in each decoder stage (paper Table 3)",
+        help=SUMMARY,
         description=(
             "For each component type (attn, cross_attn, mlp), each stage of decoder layers and each mode, patch "
             "the component's output in every layer of the stage and record the rank of the relevant docid for "

@@ -18,10 +18,14 @@ import sys
 _CHILD_ENV = "GENIR_JAX_PLAN_CHILD"
 
 
+ORDER = 180  # where `genir-jax --help` lists it
+SUMMARY = "per-device memory, FLOPs and projected time of a run on a mesh, compiled ahead of time without weights"
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "plan",
-        help="per-device memory, FLOPs and projected time of a run on a mesh, compiled ahead of time without weights",
+        help=SUMMARY,
         description="Compile a run's step (forward, sweep, attribute or train) for a model shape on a device mesh "
                     "with abstract arrays (no weights, simulated CPU devices) and print, per device, parameter / "
                     "activation / temporary memory from the compiled program's memory analysis, FLOPs per step "

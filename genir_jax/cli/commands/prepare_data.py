@@ -6,12 +6,16 @@ import argparse
 import json
 
 
+ORDER = 20  # where `genir-jax --help` lists it
+SUMMARY = "write documents, train/val/test queries and qrels of a corpus in the reference JSON format"
+
+
 def add_parser(subparsers) -> None:
     from genir_jax.data.prepare import DATA_ENV, DATASETS, DEFAULT_SPLITS, PAPER_SPLIT, SPLIT_SCHEMES
 
     parser = subparsers.add_parser(
         "prepare-data",
-        help="write documents, train/val/test queries and qrels of a corpus in the reference JSON format",
+        help=SUMMARY,
         description="Read squad-dev, nq-oracle or cranfield from the data directory (or validate existing "
                     "reference-format files) and write documents.json, {train,val,test}_queries.json, "
                     "{val,test}_qrels.json, {val,test}.qrels and prepare.json into OUTPUT with deterministic, "

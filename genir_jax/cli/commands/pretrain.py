@@ -8,12 +8,16 @@ import json
 from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 
 
+ORDER = 30  # where `genir-jax --help` lists it
+SUMMARY = "pre-train a T5 from scratch with span corruption on a prepared corpus (a base for `train`)"
+
+
 def add_parser(subparsers) -> None:
     from genir_jax.training.options import add_run_arguments
 
     parser = subparsers.add_parser(
         "pretrain",
-        help="pre-train a T5 from scratch with span corruption on a prepared corpus (a base for `train`)",
+        help=SUMMARY,
         description="Build a fresh T5 (shape from --preset) with the real T5 tokenizer, train it with T5's span "
                     "corruption (noise density 0.15, mean span 3) on the documents and training queries of a "
                     "prepared directory, and export the best model (validation loss on held-out text) as a "

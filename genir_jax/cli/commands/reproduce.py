@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 
 
+ORDER = 10  # where `genir-jax --help` lists it
+SUMMARY = "prepare data, pretrain a base T5, train the DSI models, run every analysis, write report.md"
+
+
 def add_parser(subparsers) -> None:
     from genir_jax.paper.reproduce import DATASETS, REMOVED_DOCUMENTS, REMOVED_MODELS, TINY_MAX_DOCUMENTS
 
     parser = subparsers.add_parser(
         "reproduce",
-        help="prepare data, pretrain a base T5, train the DSI models, run every analysis, write report.md",
+        help=SUMMARY,
         description=(
             "The whole paper on one dataset: prepare the data, pretrain a base T5 (span corruption), train the "
             f"full DSI model and {REMOVED_MODELS} models each without {REMOVED_DOCUMENTS} documents, evaluate, run "

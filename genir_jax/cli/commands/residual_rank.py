@@ -12,10 +12,14 @@ from genir_jax.base.errors import GenIRError
 _CHECKPOINT = "[checkpoint]"  # placeholder in path defaults, as the reference's options use it
 
 
+ORDER = 130  # where `genir-jax --help` lists it
+SUMMARY = "residual contributions per decoder layer and logit-lens ranks (paper Fig. 3 and Fig. 4)"
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "residual-rank",
-        help="residual contributions per decoder layer and logit-lens ranks (paper Fig. 3 and Fig. 4)",
+        help=SUMMARY,
         description=(
             "For every correct validation query and decoder layer: norms of the attn, cross_attn and mlp outputs "
             "relative to the layer's residual change, their norms and cosine with the layer's output residual; "

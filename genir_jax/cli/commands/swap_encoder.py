@@ -13,10 +13,14 @@ from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 from genir_jax.base.errors import DataError, GenIRError
 
 
+ORDER = 110  # where `genir-jax --help` lists it
+SUMMARY = "run the full model's decoder on encoders of models trained without some documents (Table 2)"
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "swap-encoder",
-        help="run the full model's decoder on encoders of models trained without some documents (Table 2)",
+        help=SUMMARY,
         description=(
             "For each model in --missing-docs-for-model (trained without the listed documents) and optionally "
             "the pretrained T5 (--t5), replace the full model's encoder output before its final norm "

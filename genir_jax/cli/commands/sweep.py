@@ -20,6 +20,7 @@ from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 from genir_jax.base.errors import GenIRError
 from genir_jax.interp.metrics import METRIC_TABLE, METRICS as ALL_METRICS
 
+ORDER = 90  # where `genir-jax --help` lists it
 SUMMARY = "exact activation patching of any sites, heads, neurons or positions (resumable, tidy CSV, heatmaps)"
 STORE_DIR = ".sweep-chunks"
 

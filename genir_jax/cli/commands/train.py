@@ -8,12 +8,16 @@ import json
 from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 
 
+ORDER = 40  # where `genir-jax --help` lists it
+SUMMARY = "fine-tune a base T5 into a DSI model (indexing + retrieval; atomic, naive or semantic docids)"
+
+
 def add_parser(subparsers) -> None:
     from genir_jax.training.options import add_run_arguments
 
     parser = subparsers.add_parser(
         "train",
-        help="fine-tune a base T5 into a DSI model (indexing + retrieval; atomic, naive or semantic docids)",
+        help=SUMMARY,
         description="With atomic docids add a @DOC_ID_<id>@ token per document to BASE (naive / semantic docids "
                     "are sequences of ordinary tokens ending with EOS, validated against the tokenizer), train "
                     "indexing (document -> docid) and "
