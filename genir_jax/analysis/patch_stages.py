@@ -15,7 +15,8 @@ from typing import Sequence
 import numpy as np
 
 from genir_jax.analysis.inputs import AnalysisInputs, tokenize_for_analysis
-from genir_jax.analysis.stage_patching import (MODES, T5_ALL_AND_ATTN_JSON, StagePatchingResult,  # noqa: F401
+from genir_jax.analysis.stage_patching import (REFERENCE_MODE_ORDER, T5_ALL_AND_ATTN_JSON,  # noqa: F401
+                                              StagePatchingResult,
                                               run_stage_patching, write_stage_patching)
 from genir_jax.analysis.stages import STAGES_JSON, Stages
 from genir_jax.base.errors import DataError, GenIRError
@@ -24,7 +25,7 @@ from genir_jax.base.errors import DataError, GenIRError
 def check_modes(modes: Sequence[str], base) -> list[str]:
     """The modes, validated: some of zero, mean, t5; t5 needs the base T5."""
     modes = [m.strip() for m in modes if m.strip()]
-    unknown = sorted(set(modes) - set(MODES))
+    unknown = sorted(set(modes) - set(REFERENCE_MODE_ORDER))
     if unknown or not modes:
         raise GenIRError(f"--modes: unknown mode(s) {unknown or modes}; expected some of zero, mean, t5")
     if "t5" in modes and base is None:

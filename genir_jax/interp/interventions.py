@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from genir_jax.base.batching import batches, num_batches
 from genir_jax.core.config import T5Config
-from genir_jax.base.errors import GenIRError
 from genir_jax.core.sites import STACK_SITES, Site, expand_site_patterns, num_layers, parse_site, site_name, site_shape
 from genir_jax.core.taps import Patch
 from genir_jax.core.validation import InterventionError, validate  # noqa: F401 (re-export)

@@ -3,7 +3,6 @@
 import csv
 import dataclasses
 
-import numpy as np
 
 from genir_jax.analysis.stages import describe_stages, stage_names
 from genir_jax.paper.panels import Experiment, Section, md_table, percent, record_settings
