@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from genir_jax.analysis.logit_lens import logit_lens
 from genir_jax.base.batching import batches
-from genir_jax.base.errors import GenIRError
+from genir_jax.base.errors import GenIRError, SettingError
 from genir_jax.base.io import atomic_path, write_json
 from genir_jax.core.config import T5Config
 from genir_jax.core.model import forward_with_cache
@@ -100,7 +100,7 @@ def run_head_logit_lens(config: T5Config, params, input_ids, attention_mask, tar
         raise GenIRError(f"head logit lens: the docid mask has {is_docid.shape} entries for a vocabulary of "
                          f"{config.vocab_size}")
     if not 1 <= top <= config.vocab_size:
-        raise GenIRError(f"head logit lens: top must be in 1..{config.vocab_size}, got {top}")
+        raise SettingError(f"head logit lens: {{0}} must be in 1..{config.vocab_size}, got {top}", "top")
     ranks, counts = [], []
     chunks = batches((input_ids, attention_mask, target_ids), batch_size)
     for batch in tqdm(list(chunks), desc="head logit lens", unit="batch", disable=not progress):
