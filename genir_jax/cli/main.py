@@ -103,8 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             from genir_jax.scale.compile_cache import enable_compilation_cache
 
             enable_compilation_cache()
+        from genir_jax.cli.paths import resolve_placeholders
+
+        resolve_placeholders(args)
         output = getattr(args, "output", None)
-        if isinstance(output, str) and "[checkpoint]" not in output:  # placeholders: checked once resolved
+        if isinstance(output, str):
             from genir_jax.base.io import check_output_dir
 
             check_output_dir(output)  # a file, a link to one, a read-only folder: refused before any computation

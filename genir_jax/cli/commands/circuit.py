@@ -6,8 +6,7 @@ import argparse
 import json
 import os
 
-from genir_jax.cli.commands.common import (add_checkpoint_paths, add_reference, add_run_controls, reference_stages,
-                                       resolve_paths)
+from genir_jax.cli.commands.common import (add_checkpoint_paths, add_reference, add_run_controls, reference_stages)
 from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 from genir_jax.base.errors import GenIRError
 
@@ -64,7 +63,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise GenIRError("--k must be >= 1")
-    resolve_paths(args, args.checkpoint)
     args.reference_padding = args.reference_padding or args.reference
     model = load_model(args.checkpoint)
     config, tokenizer = model.config, model.tokenizer

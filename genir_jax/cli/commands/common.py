@@ -8,12 +8,12 @@ STAGES_HELP = ("decoder stages: 'auto' (three stages fitted to the model's per-l
                "queries, see genir_jax.analysis.auto_stages), 'thirds' (three near-equal consecutive blocks), "
                "'paper' (0-6,7-17,18-23; 24-layer decoders) or layer ranges, e.g. '0-6,7-17,18-23' (default: "
                "the paper's for a 24-layer decoder, otherwise auto). The stages used are written to stages.json")
-CHECKPOINT = "[checkpoint]"  # placeholder in path options, replaced by the checkpoint directory as the reference does
+from genir_jax.cli.paths import CHECKPOINT  # placeholder in path options (resolved by `resolve_placeholders`)
 
 
 def add_analysis_inputs(parser: argparse.ArgumentParser) -> None:
     """-c/--checkpoint, --val-queries, --correct-valid and -o/--output (alias --output-path), with the
-    reference's defaults ``[checkpoint]/correct_valid.json`` and ``[checkpoint]`` (see `resolve_paths`)."""
+    reference's defaults ``[checkpoint]/correct_valid.json`` and ``[checkpoint]`` (resolved by `genir_jax.cli.paths.resolve_placeholders`)."""
     parser.add_argument("-c", "--checkpoint", required=True,
                         help="HF-format GenIR checkpoint directory (with its tokenizer)")
     parser.add_argument("--val-queries", required=True, help="validation queries, reference JSON format")
@@ -28,20 +28,6 @@ def add_checkpoint_paths(parser: argparse.ArgumentParser, output_flags=("-o", "-
     parser.add_argument(*output_flags, dest="output", default=CHECKPOINT,
                         help=f"output directory; '{CHECKPOINT}' stands for the checkpoint directory (default: "
                              "%(default)s, the reference's)")
-
-
-def resolve_paths(args: argparse.Namespace, checkpoint: str) -> None:
-    """Replace the ``[checkpoint]`` placeholder in --correct-valid and the output option (as the reference's
-    scripts do), then refuse an output that cannot be written, before any computation."""
-    from genir_jax.base.io import check_output_dir
-
-    checkpoint = str(checkpoint)
-    for name in ("correct_valid", "output"):
-        value = getattr(args, name, None)
-        if isinstance(value, str):
-            setattr(args, name, value.replace(CHECKPOINT, checkpoint))
-    if isinstance(getattr(args, "output", None), str):
-        check_output_dir(args.output)
 
 
 REFERENCE_HELP = ("reference mode: behave as the reference's {script} in every output file, key, row order and "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from genir_jax.cli.commands.common import add_analysis_inputs, add_run_controls, resolve_paths
+from genir_jax.cli.commands.common import add_analysis_inputs, add_run_controls
 from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 
 ORDER = 175  # where `genir-jax --help` lists it
@@ -34,8 +34,6 @@ def run(args: argparse.Namespace) -> int:
     from genir_jax.analysis.inputs import load_analysis_inputs
     from genir_jax.analysis.residual import docid_mask
     from genir_jax.base.errors import GenIRError, renaming_settings
-
-    resolve_paths(args, args.checkpoint)
     if args.batch_size < 1:
         raise GenIRError("--batch-size must be >= 1")
     inputs = load_analysis_inputs(args.checkpoint, args.val_queries, args.correct_valid)

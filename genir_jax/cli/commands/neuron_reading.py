@@ -84,11 +84,8 @@ def load_inputs(args: argparse.Namespace):
     from genir_jax.analysis.inputs import load_analysis_inputs
     from genir_jax.data.corpus import read_json
 
-    from genir_jax.cli.commands.common import resolve_paths
-
     if args.batch_size < 1:
         raise GenIRError("--batch-size must be >= 1")
-    resolve_paths(args, args.checkpoint)
     args.reference_padding = args.reference_padding or args.reference
     inputs = load_analysis_inputs(args.checkpoint, args.val_queries, args.correct_valid)
     model, queries = inputs.model, inputs.queries

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from genir_jax.cli.commands.common import (add_analysis_inputs, add_reference, add_run_controls, add_stages,
-                                       reference_stages, resolve_paths)
+                                       reference_stages)
 from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 from genir_jax.base.errors import GenIRError
 
@@ -70,8 +70,6 @@ def run(args: argparse.Namespace) -> int:
     modes = check_modes(args.modes.split(","), args.t5 or None)
     if args.batch_size is not None and args.batch_size < 1:
         raise GenIRError("--batch-size must be >= 1")
-
-    resolve_paths(args, args.checkpoint)
     args.reference_padding = args.reference_padding or args.reference
     qrels = None
     if args.qrels:

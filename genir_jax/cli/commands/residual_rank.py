@@ -9,7 +9,7 @@ import os
 from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 from genir_jax.base.errors import GenIRError
 
-_CHECKPOINT = "[checkpoint]"  # placeholder in path defaults, as the reference's options use it
+from genir_jax.cli.paths import CHECKPOINT as _CHECKPOINT  # resolved by `resolve_placeholders`
 
 
 ORDER = 130  # where `genir-jax --help` lists it
@@ -58,11 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise GenIRError("--batch-size must be >= 1")
     checkpoint = os.fspath(args.checkpoint)
-    correct_valid = args.correct_valid.replace(_CHECKPOINT, checkpoint)
-    output = args.output.replace(_CHECKPOINT, checkpoint)
-    from genir_jax.base.io import check_output_dir
-
-    check_output_dir(output)
+    correct_valid, output = args.correct_valid, args.output
 
     inputs = load_analysis_inputs(checkpoint, args.val_queries, correct_valid)
     model, queries, ids, mask, targets = inputs.model, inputs.queries, inputs.input_ids, inputs.attention_mask, \

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from genir_jax.cli.commands.common import add_checkpoint_paths, add_run_controls, resolve_paths
+from genir_jax.cli.commands.common import add_checkpoint_paths, add_run_controls
 from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 from genir_jax.base.errors import DataError, GenIRError
 
@@ -47,7 +47,7 @@ def add_parser(subparsers) -> None:
                              "reproduce, so the tokenisation is the same in both modes")
     parser.add_argument("--t5", default=None, help="also swap in this pretrained T5's encoder")
     add_run_controls(parser, "queries per device per step (default: from a 1 GiB logits budget)", None)
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, checkpoint_option="complete_model_path")  # [checkpoint]: the complete model
     add_mesh_arguments(parser)  # --mesh, --mesh-rules
 
 
@@ -73,7 +73,6 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.missing_docs_for_model and not args.t5:
         raise GenIRError("nothing to swap in: give --missing-docs-for-model and/or --t5")
-    resolve_paths(args, args.complete_model_path)
     others = _missing_map(args.missing_docs_for_model) if args.missing_docs_for_model else {}
     inputs = load_analysis_inputs(args.complete_model_path, args.val_queries, args.correct_valid)
     check_missing_documents(inputs, others, args.missing_docs_for_model)
