@@ -118,3 +118,14 @@ def test_more_devices_than_this_process_has_runs_in_a_fresh_process(tiny_shape, 
     assert code == 0
     assert json.loads(out.read_text())["devices"] == 8
     assert "8 devices" in capfd.readouterr().out
+
+
+def test_mesh_defaults_to_every_device_on_data(tiny_shape, tmp_path, capsys):
+    """As every other command: no --mesh is all devices on data (--devices of them, else the local devices)."""
+    out = tmp_path / "plan.json"
+    assert cli.main(["--no-compile-cache", "plan", "--shape", tiny_shape, "--task", "sweep", "--batch", "8",
+                     "--configs", "4", "--query-length", "16", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["mesh"] == {"data": jax.local_device_count(), "configs": 1, "model": 1}
+    assert cli.main(["--no-compile-cache", "plan", "--shape", tiny_shape, "--devices", "2", "--batch", "8",
+                     "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["mesh"] == {"data": 2, "configs": 1, "model": 1}

@@ -36,9 +36,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--shape", required=True,
                         help="t5-large, t5-xl, t5-xxl (the Hugging Face configs; xl/xxl are T5 v1.1), or a "
                              "config.json / checkpoint directory")
-    parser.add_argument("--mesh", required=True,
+    parser.add_argument("--mesh", default=None,
                         help="mesh, e.g. 'data=4,model=2' (axes data, configs, model; data takes the devices "
-                             "the others leave over when --devices is given)")
+                             "the others leave over when --devices is given). Default: as every other command, "
+                             "all devices on data (--devices of them, else this process's local devices)")
     parser.add_argument("--mesh-rules", default=None,
                         help="overrides of the logical-axis rules, e.g. 'vocab=none' (genir_jax.scale.partitioning)")
     parser.add_argument("--devices", type=int, default=None,
@@ -88,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         unknown = [a for a in accelerators if a not in ACCELERATORS]
         if unknown:
             raise ConfigError(f"--accelerators: unknown {unknown[0]!r}; expected some of {', '.join(ACCELERATORS)}")
+    if args.mesh is None:
+        args.mesh = f"data={args.devices if args.devices is not None else _local_device_count()}"
     needed = required_devices(args.mesh, args.devices)
     work = Workload(task=args.task, batch=args.batch, query_length=args.query_length,
                     target_length=args.target_length, configs=args.configs, total_configs=args.total_configs,
@@ -104,6 +107,12 @@ def run(args: argparse.Namespace) -> int:
 
         write_json(args.json, plan.to_dict(), indent=2)
     return 0
+
+
+def _local_device_count() -> int:
+    import jax
+
+    return jax.local_device_count()
 
 
 def _cpu_devices(needed: int):
