@@ -42,6 +42,12 @@ def _fill(template: str, names: tuple[str, ...]) -> str:
     return template
 
 
+
+class MissingDataError(SettingError, DataError):
+    """A raw data file is missing; the message names the settings that fix it (the download switch, the data
+    directory), so each front end can spell them as its own options."""
+
+
 def renaming_settings(names: dict[str, str]):
     """Context manager re-raising a `SettingError` under the spelling `names` gives its settings (a command's
     setting -> flag mapping)."""

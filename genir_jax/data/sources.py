@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 
 from genir_jax.data.corpus import Document, Query, json_type, iter_json_lines, read_json
-from genir_jax.base.errors import DataError
+from genir_jax.base.errors import DataError, MissingDataError
 from genir_jax.base.io import atomic_path
 
 SQUAD_DEV_DIR = "squad-v1.1-dev"
@@ -90,7 +90,8 @@ def squad_dev_file(data_dir: str | os.PathLike, *, download_missing: bool = Fals
     path = os.path.join(os.fspath(data_dir), SQUAD_DEV_DIR, SQUAD_DEV_FILE)
     if not os.path.isfile(path):
         if not download_missing:
-            raise DataError(f"{path}: file not found (pass --download to fetch it from {url})")
+            raise MissingDataError(f"{path}: file not found (pass {{0}} to fetch it from {url}, or give {{1}} the folder "
+                                   "that holds it)", "download", "data_dir")
         download(url, path, sha256)
     return path
 

@@ -289,13 +289,48 @@ def reproduce(out: str | os.PathLike, settings: Settings, force: tuple[str, ...]
     unknown = sorted(set(force) - known)
     if unknown:
         raise GenIRError(f"--force: unknown step(s) {unknown}; steps are: {', '.join(s.name for s in pipeline)}")
+    check_same_settings(layout, settings)
+    fresh = step_record(layout, "settings") is None
     layout.root.mkdir(parents=True, exist_ok=True)
+    write_json(layout.steps / "settings.json", settings.record, indent=2)
+    try:
+        return _run_steps(layout, settings, pipeline, force, log)
+    except BaseException:
+        if fresh and not any(step_record(layout, step.name) for step in pipeline):
+            (layout.steps / "settings.json").unlink(missing_ok=True)  # nothing done: the folder is not bound
+        raise
+
+
+def default_out(settings: Settings) -> str:
+    """The default output folder: ``runs/<dataset>-<preset>``, plus the docid scheme when it is not atomic and
+    ``-paper-regime`` in the paper's data regime, so runs with other settings never share a folder."""
+    name = f"runs/{settings.dataset}-{settings.preset}"
+    if settings.docids != "atomic":
+        name += f"-{settings.docids}"
+    return name + ("-paper-regime" if settings.paper_regime else "")
+
+
+def settings_differences(layout: Layout, settings: Settings) -> list[str]:
+    """``name: there -> here`` for each setting in which the reproduction in `layout` differs from `settings`
+    (empty when the folder holds no reproduction yet, or the same one)."""
     started = step_record(layout, "settings")
-    current = settings.record
+    if started is None:
+        return []
     defaults = {"docids": "atomic", "paper_regime": False}  # directories from before these settings existed
-    if started and {k: started.get(k, defaults.get(k)) for k in current} != current:
-        raise GenIRError(f"{layout.root} holds a reproduction with {started}; use another --out for {current}")
-    write_json(layout.steps / "settings.json", current, indent=2)
+    return [f"{name}: {started.get(name, defaults.get(name))!r} there, {value!r} here"
+            for name, value in settings.record.items() if started.get(name, defaults.get(name)) != value]
+
+
+def check_same_settings(layout: Layout, settings: Settings) -> None:
+    """Refuse a folder that holds a reproduction with other settings, naming each difference."""
+    differences = settings_differences(layout, settings)
+    if differences:
+        raise GenIRError(f"{layout.root} holds a reproduction with other settings ({'; '.join(differences)}); "
+                         "choose another --out (the default folder names the dataset, preset, docid scheme and "
+                         "regime)")
+
+
+def _run_steps(layout: Layout, settings: Settings, pipeline: list[Step], force: tuple[str, ...], log) -> Layout:
     failed: list[str] = []
     for index, step in enumerate(pipeline, start=1):
         record = step_record(layout, step.name)

@@ -211,7 +211,7 @@ def test_squad_download_checks_the_sha256(tmp_path):
     source = _tiny_squad(tmp_path / "served.json")
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     data_dir = tmp_path / "data"
-    with pytest.raises(DataError, match=r"dev-v1\.1\.json: file not found \(pass --download"):
+    with pytest.raises(DataError, match=r"dev-v1\.1\.json: file not found \(pass download to fetch it"):
         prepare_dataset("squad-dev", tmp_path / "out", data_dir)
     with pytest.raises(DataError, match=r"SHA-256 .* does not match the expected 0000; nothing was written"):
         prepare_dataset("squad-dev", tmp_path / "out", data_dir, download=True, url=source.as_uri(), sha256="0000")

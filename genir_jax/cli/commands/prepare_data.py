@@ -64,7 +64,8 @@ def add_parser(subparsers) -> None:
 FLAGS = {"val_fraction": "--val-fraction", "test_fraction": "--test-fraction", "max_documents": "--max-documents",
          "split": "--split", "paper_regime": "--paper-regime", "docids": "--docids",
          "semantic_mapping": "--semantic-docid-mapping", "semantic_docid_mapping": "--semantic-docid-mapping",
-         "semantic_k": "--semantic-k", "semantic_c": "--semantic-c"}
+         "semantic_k": "--semantic-k", "semantic_c": "--semantic-c", "download": "--download",
+         "data_dir": "--data-dir"}
 
 
 def run(args: argparse.Namespace) -> int:

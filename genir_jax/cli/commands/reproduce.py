@@ -26,7 +26,8 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--dataset", default="squad-dev", choices=DATASETS, help="default: squad-dev")
     parser.add_argument("--preset", default="tiny", choices=("tiny", "cpu", "t5-large"), help="default: tiny")
-    parser.add_argument("--out", default=None, help="output directory (default: runs/<dataset>-<preset>)")
+    parser.add_argument("--out", default=None, help="output directory (default: runs/<dataset>-<preset>, then -<docids> unless atomic and "
+                             "-paper-regime in the paper's regime)")
     parser.add_argument("--data-dir", default=None,
                         help="where the raw datasets and t5-tokenizer/ live (default: $GENIR_JAX_DATA, else "
                              "../shared/data)")
@@ -53,9 +54,9 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from genir_jax.base.errors import GenIRError
-    from genir_jax.paper.reproduce import Layout, Settings, reproduce, step_record, steps
+    from genir_jax.paper.reproduce import (Layout, Settings, check_same_settings, default_out, reproduce, step_record,
+                                           steps)
 
-    out = args.out or f"runs/{args.dataset}-{args.preset}"
     if args.removed_models < 1:
         raise GenIRError(f"--removed-models {args.removed_models}: need at least 1 (the encoder swap needs one)")
     base = None
@@ -66,13 +67,18 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings(dataset=args.dataset, preset=args.preset, data_dir=args.data_dir,
                         removed_models=args.removed_models, progress=not args.no_progress, base=base,
                         docids=args.docids, paper_regime=args.paper_regime)
+    out = args.out or default_out(settings)
     if args.list_steps:
         layout = Layout(__import__("pathlib").Path(out))
+        check_same_settings(layout, settings)  # another run's steps are not this run's
         for step in steps(settings):
             record = step_record(layout, step.name)
             state = "not run" if record is None else record.get("skipped") or f"done in {record['seconds']:.0f} s"
             print(f"{step.name:<16} {state}")
         return 0
-    layout = reproduce(out, settings, force=tuple(args.force))
+    from genir_jax.base.errors import renaming_settings
+
+    with renaming_settings({"download": "`genir-jax prepare-data --download`", "data_dir": "--data-dir"}):
+        layout = reproduce(out, settings, force=tuple(args.force))
     print(f"report: {layout.report}")
     return 0
