@@ -57,11 +57,21 @@ def command_module(name: str):
     return importlib.import_module(f"genir_jax.cli.commands.{name.replace('-', '_')}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the range errors of `genir_jax.base.options` read as "--seed must be >= 0, got -1"."""
+
+    def error(self, message: str):
+        if message.startswith("argument ") and ": must be " in message:
+            flag, _, reason = message[len("argument "):].partition(": ")
+            message = f"{flag} {reason}"
+        super().error(message)
+
+
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser. `commands`: the subcommands registered in full (their modules imported); the
     others are listed with their summary only. None: all of them in full."""
     full = set(COMMANDS) if commands is None else set(commands)
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="genir-jax",
         description="Mechanistic interpretability of generative retrieval (DSI-style T5) models in JAX.",
     )
@@ -92,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = _chosen_command(argv)
     parser = build_parser([chosen] if chosen else [])
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # a usage error (exit 2) is returned as every other bad input; --help still exits
+        if not argv_given or not stop.code:
+            raise
+        return int(stop.code)
     if not argv_given:
         from genir_jax.scale.host_memory import computes_on_cpu, keep_freed_host_memory
 

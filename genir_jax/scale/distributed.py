@@ -42,13 +42,15 @@ def settings_from(coordinator: str | None = None, num_processes: int | None = No
         raise DistributedError(f"a multi-process run needs --coordinator, --num-processes and --process-id "
                                f"(or {', '.join(ENVIRONMENT.values())}); missing {', '.join(missing)}")
     host, _, port = str(given["coordinator"]).rpartition(":")
-    if not host or not port.isdigit():
-        raise DistributedError(f"--coordinator {given['coordinator']!r}: expected HOST:PORT")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise DistributedError(f"--coordinator {given['coordinator']!r}: expected HOST:PORT (port in 1..65535)")
     try:
         count, index = int(given["num_processes"]), int(given["process_id"])
     except (TypeError, ValueError):
         raise DistributedError("--num-processes and --process-id must be integers") from None
-    if count < 1 or not 0 <= index < count:
+    if count < 1:
+        raise DistributedError(f"--num-processes must be >= 1, got {count}")
+    if not 0 <= index < count:
         raise DistributedError(f"--process-id {index} must be in 0..{count - 1} (--num-processes {count})")
     return {"coordinator_address": str(given["coordinator"]), "num_processes": count, "process_id": index}
 

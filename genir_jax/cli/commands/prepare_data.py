@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from genir_jax.base.options import POSITIVE, SEED, bounded_float, bounded_int
 import argparse
 import json
 
@@ -27,7 +28,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--data-dir", default=None,
                         help=f"where squad-v1.1-dev/, nq-open-oracle/, cranfield/ live (default: ${DATA_ENV}, "
                              "else ../shared/data)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split permutations (default 0)")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the split permutations (default 0)")
     parser.add_argument("--split", choices=SPLIT_SCHEMES, default=None,
                         help="nq10k: validation/test documents have no training query (indexed only, the paper's "
                              "NQ10k); per-document: every document keeps a training query; random: queries at "
@@ -36,12 +37,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--paper-regime", action="store_true",
                         help=f"prepare for the paper's training regime: --split {PAPER_SPLIT} unless given, recorded "
                              "as regime 'paper' in prepare.json (train with --paper-regime too)")
-    parser.add_argument("--val-fraction", type=float, default=0.1)
-    parser.add_argument("--test-fraction", type=float, default=0.1)
+    parser.add_argument("--val-fraction", type=bounded_float(0, 1, open_high=True), default=0.1)
+    parser.add_argument("--test-fraction", type=bounded_float(0, 1, open_high=True), default=0.1)
     parser.add_argument("--download", action="store_true",
                         help="squad-dev: fetch dev-v1.1.json (SHA-256 checked) into the data directory if missing")
     parser.add_argument("--url", default=None, help="squad-dev download URL (default: the official one)")
-    parser.add_argument("--max-documents", type=int, default=None,
+    parser.add_argument("--max-documents", type=POSITIVE, default=None,
                         help="keep only the first N documents and their queries (small corpora for smoke runs)")
     from genir_jax.docids.schemes import add_scheme_arguments
 
@@ -49,8 +50,8 @@ def add_parser(subparsers) -> None:
     add_scheme_arguments(schemes, default_help="recorded in prepare.json for `train` (default atomic); semantic "
                                                "writes semantic_docids.json, built by hierarchical k-means over "
                                                "TF-IDF/LSA document vectors unless a mapping file is given")
-    schemes.add_argument("--semantic-k", type=int, default=None, help="clusters per level (default 10, as DSI)")
-    schemes.add_argument("--semantic-c", type=int, default=None,
+    schemes.add_argument("--semantic-k", type=bounded_int(2), default=None, help="clusters per level (default 10, as DSI)")
+    schemes.add_argument("--semantic-c", type=POSITIVE, default=None,
                          help="largest leaf cluster; bigger ones are split again (default 100, as DSI)")
     group = parser.add_argument_group("reference-json inputs")
     group.add_argument("--documents", help="documents [{id, text}]")
