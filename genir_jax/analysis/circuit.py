@@ -91,15 +91,28 @@ def _ranges(layers: Sequence[int]) -> str:
     return ",".join(out) or "none"
 
 
+CIRCUIT_KEYS = ("name", "patches")  # the fields of a circuit JSON, and of each of its patches
+PATCH_KEYS = ("component", "stages", "mode")
+
+
+def _refuse_unknown_keys(entry: dict, known: Sequence[str], where: str) -> None:
+    unknown = [key for key in entry if key not in known]
+    if unknown:
+        raise DataError(f"{where}: unknown field {unknown[0]!r}; the fields are {', '.join(known)}")
+
+
 def circuit_from_json(data, source: str, num_stages: int) -> Circuit:
     """Validate a circuit description; errors name the file and the patch."""
     if not isinstance(data, dict) or not isinstance(data.get("patches"), list):
         raise DataError(f"{source}: expected an object with a 'patches' list")
+    _refuse_unknown_keys(data, CIRCUIT_KEYS, source)
     patches = []
+    modes_by_stage: dict[tuple[str, int], tuple[str, int]] = {}  # (component, stage) -> (mode, patch index)
     for index, entry in enumerate(data["patches"]):
         where = f"{source}: patches[{index}]"
         if not isinstance(entry, dict):
             raise DataError(f"{where}: expected an object")
+        _refuse_unknown_keys(entry, PATCH_KEYS, where)
         component, mode, stages = entry.get("component"), entry.get("mode"), entry.get("stages")
         if component not in COMPONENT_SITES:
             raise DataError(f"{where}: field 'component' must be one of {', '.join(COMPONENT_SITES)}, "
@@ -114,6 +127,11 @@ def circuit_from_json(data, source: str, num_stages: int) -> Circuit:
             if len(set(stages)) != len(stages):
                 raise DataError(f"{where}: field 'stages' lists a stage twice: {stages!r}")
             stages = tuple(stages)
+        for stage in range(num_stages) if stages == "all" else stages:
+            other_mode, other = modes_by_stage.setdefault((component, stage), (mode, index))
+            if other_mode != mode:
+                raise DataError(f"{where}: {component} of stage {stage} is patched with {mode!r} here and with "
+                                f"{other_mode!r} by patches[{other}]; a stage's component takes one mode")
         patches.append(CircuitPatch(component, stages, mode))
     return Circuit(str(data.get("name", os.path.basename(source))), tuple(patches))
 
@@ -121,9 +139,15 @@ def circuit_from_json(data, source: str, num_stages: int) -> Circuit:
 def circuit_configuration(config: T5Config, circuit: Circuit, stages: Sequence[Sequence[int]], means: dict | None
                           ) -> Interventions:
     """The circuit as one configuration: per component, its zeroed layers (`zero_ablation`), then its
-    mean-replaced layers (`mean_ablation` with `means`), `combine`d (so mean wins where both apply)."""
+    mean-replaced layers (`mean_ablation` with `means`), `combine`d. A layer whose component is both zeroed
+    and mean-replaced is refused (one would silently win)."""
     parts = []
     for component, site in COMPONENT_SITES.items():
+        zeroed, meaned = ({layer for p in circuit.patches if p.component == component and p.mode == mode
+                           for layer in p.layers(stages)} for mode in ("zero", "mean"))
+        if zeroed & meaned:
+            raise GenIRError(f"circuit {circuit.name!r}: {component} of layer(s) {sorted(zeroed & meaned)} is both "
+                             "zeroed and mean-replaced; a layer's component takes one mode")
         for mode in CIRCUIT_MODES:
             layers = sorted({layer for p in circuit.patches if p.component == component and p.mode == mode
                              for layer in p.layers(stages)})

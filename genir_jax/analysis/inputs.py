@@ -135,14 +135,21 @@ def load_correct_sequence_queries(val_queries_path: str | os.PathLike, correct_v
 MAX_QUERY_TOKENS = 512
 
 
+_TRUNCATION_REPORTED: set[str] = set()  # queries whose truncation was already reported by this process
+
+
 def encode_queries(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each query with its ``</s>``, truncated to `MAX_QUERY_TOKENS` (see the module docstring)."""
+    """Token ids of each query with its ``</s>``, truncated to `MAX_QUERY_TOKENS` (see the module docstring).
+    Each truncated query is reported once per process: the analyses tokenise the same queries more than once
+    (masked, then reference-padded, then batched), and one warning per query is what the user needs."""
     encoded, truncated = [], 0
     for text in texts:
         ids = list(tokenizer(text).input_ids)
         if len(ids) > MAX_QUERY_TOKENS:
             ids = ids[:MAX_QUERY_TOKENS - 1] + [tokenizer.eos_token_id]
-            truncated += 1
+            if text not in _TRUNCATION_REPORTED:
+                _TRUNCATION_REPORTED.add(text)
+                truncated += 1
         encoded.append(ids)
     if truncated:
         print(f"genir-jax: warning: {truncated} quer{'y' if truncated == 1 else 'ies'} longer than "

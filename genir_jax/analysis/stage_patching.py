@@ -90,6 +90,9 @@ def parse_stages(text: str, num_decoder_layers: int) -> list[list[int]]:
                 first = last = int(part)
         except ValueError:
             raise GenIRError(f"--stages: cannot parse {part!r}; expected e.g. '0-6,7-17,18-23'") from None
+        if last < first:  # the wording of the sweep grammar (`genir_jax.interp.site_grammar.parse_indices`)
+            raise GenIRError(f"--stages: range {part!r} is reversed (the end is below the start); write "
+                             f"'{last}-{first}'")
         if not 0 <= first <= last < num_decoder_layers:
             raise GenIRError(f"--stages: {part!r} is outside the decoder's layers 0-{num_decoder_layers - 1}")
         overlap = sorted(set(range(first, last + 1)) & {layer for stage in stages for layer in stage})

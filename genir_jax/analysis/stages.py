@@ -22,7 +22,10 @@ METHODS = ("paper", "thirds", "auto", "explicit")
 
 def parse_spec(spec: str | None, num_decoder_layers: int) -> tuple[str, str]:
     """(method, spec) of a stage specification: method one of `METHODS`; no specification means paper for
-    24 decoder layers, else auto."""
+    24 decoder layers, else auto. A specification given but empty is refused (not read as no specification)."""
+    if spec is not None and not spec.strip():
+        raise GenIRError(f"--stages: empty stage specification {spec!r}; give ranges such as '0-6,7-17,18-23', "
+                         "or 'paper', 'thirds' or 'auto', or leave the option out")
     spec = (spec or "").strip()
     if spec.lower() in ("auto", "thirds", "paper"):
         return spec.lower(), spec

@@ -44,6 +44,8 @@ def read_json(path: str | os.PathLike) -> Any:
             text = handle.read()
     except (UnicodeDecodeError, OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
+    if not text.strip():  # not "invalid JSON at line 1": the file holds nothing at all
+        raise DataError(f"{path}: is empty; expected JSON")
     try:
         return loads_json(text, path)
     except json.JSONDecodeError as exc:

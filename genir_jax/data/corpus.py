@@ -359,7 +359,9 @@ def read_qrels(path: str | os.PathLike) -> Qrels:
             text = handle.read()
     except (UnicodeDecodeError, OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
-    if not text.lstrip().startswith(("{", "[", '"')) and text.strip():
+    if not text.strip():
+        raise DataError(f"{path}: is empty; expected qrels (a JSON object or TREC lines 'query 0 docid rel')")
+    if not text.lstrip().startswith(("{", "[", '"')):
         return _read_trec_qrels(path, text)
     data = read_json(path)
     if not isinstance(data, dict):

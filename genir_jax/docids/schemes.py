@@ -91,7 +91,7 @@ def naive_scheme(doc_ids: Sequence[str]) -> DocidScheme:
 
 
 def semantic_scheme(mapping: Any, doc_ids: Sequence[str], source: str, build: Mapping | None = None) -> DocidScheme:
-    """Validate a ``{doc id: "a_b_c"}`` mapping against the corpus: every document present, values strings of
+    """Validate a ``{doc id: "a_b_c"}`` mapping against the corpus: every document present and no other, values strings of
     non-empty ``_``-separated parts without whitespace, unique and prefix-free (as part sequences)."""
     if not isinstance(mapping, dict):
         raise DataError(f"{source}: expected a JSON object {{doc id: semantic id}}, got {type(mapping).__name__}")
@@ -100,6 +100,11 @@ def semantic_scheme(mapping: Any, doc_ids: Sequence[str], source: str, build: Ma
     if missing:
         raise DataError(f"{source}: document {missing[0]!r} has no semantic id (field missing for "
                         f"{len(missing)} of {len(doc_ids)} documents, e.g. {missing[:5]})")
+    known = set(doc_ids)
+    unknown = [key for key in by_key if key not in known]
+    if unknown:  # a mapping made for another corpus (or a typo), not silently ignored
+        raise DataError(f"{source}: document {unknown[0]!r} is not in the corpus ({len(unknown)} of the mapping's "
+                        f"{len(by_key)} entries name no document of the corpus)")
     docids: dict[str, str] = {}
     owner: dict[tuple[str, ...], str] = {}
     for doc_id in doc_ids:

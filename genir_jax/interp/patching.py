@@ -431,6 +431,9 @@ def run_sweep(
     target_ids = np.asarray(target_ids, dtype=np.int32)
     count, length = input_ids.shape
     unknown = sorted(set(metrics) - set(METRICS))
+    twice = next((m for i, m in enumerate(metrics) if m in list(metrics)[:i]), None)
+    if twice is not None:
+        raise InterventionError(f"sweep: metric {twice!r} is listed twice")
     metrics = tuple(m for m in METRICS if m in metrics)
     if unknown or not metrics:
         raise InterventionError(f"sweep: unknown metric(s) {unknown}; expected some of {', '.join(METRICS)}")

@@ -250,7 +250,23 @@ def parse_sweep(config: T5Config, spec_or_specs: str | Sequence[str], *, value=0
     if not specs:
         raise SiteSpecError(f"no site spec given; expected {GRAMMAR}")
     sweeps = [parse_spec(config, spec, value=value, length=length, decoder_length=decoder_length) for spec in specs]
-    return sweeps[0] if len(sweeps) == 1 else concat(*sweeps)
+    sweep = sweeps[0] if len(sweeps) == 1 else concat(*sweeps)
+    _refuse_duplicate_configs(sweep, specs)
+    return sweep
+
+
+def _refuse_duplicate_configs(sweep, specs: Sequence[str]) -> None:
+    """Two configs patching the same sites (``decoder.*.mlp`` and ``decoder.0.mlp``, a spec given twice) are
+    refused, naming the first repeated one: they would be computed twice and counted twice."""
+    columns = {name: values.tolist() for name, values in sweep.labels.items()}
+    seen: set = set()
+    for index in range(sweep.size):
+        row = tuple((name, repr(values[index])) for name, values in columns.items() if values[index] is not None)
+        if row in seen:
+            described = ", ".join(f"{name}={values[index]}" for name, values in columns.items()
+                                  if values[index] is not None and not name.startswith("stack"))
+            raise SiteSpecError(f"site specs {list(specs)}: config {described} is listed twice")
+        seen.add(row)
 
 
 def swept_sites(config: T5Config, sweep) -> list[str]:
@@ -301,6 +317,8 @@ def parse_receivers(config: T5Config, spec: str):
     logits = False
     for part in (p.strip() for p in text.split("+")):
         if part == "logits":
+            if logits:
+                raise SiteSpecError(f"--receivers '{spec}': 'logits' is listed twice")
             logits = True
             continue
         match = re.fullmatch(r"(attn|cross_attn|mlp)\s*\[\s*([^\]]*)\]", part)
@@ -312,6 +330,9 @@ def parse_receivers(config: T5Config, spec: str):
                                                                              size=layers)
         except SiteSpecError as exc:
             raise SiteSpecError(str(exc).replace(f"site spec '{spec}'", f"--receivers '{spec}'", 1)) from None
-        components.setdefault(match.group(1), [])
-        components[match.group(1)] += [l for l in indices if l not in components[match.group(1)]]
+        listed = components.setdefault(match.group(1), [])
+        twice = [layer for layer in indices if layer in listed]
+        if twice:
+            raise SiteSpecError(f"--receivers '{spec}': {match.group(1)} layer {twice[0]} is listed twice")
+        listed += indices
     return sw.receivers(config, components=components, logits=logits, label=text)

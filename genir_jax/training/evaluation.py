@@ -142,13 +142,13 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
     beam search with `num_beams` beams, constrained to the corpus's docids unless `unconstrained`."""
     from genir_jax.checkpoints.hf import load_pretrained
 
+    check_name(name)  # first: a bad name is refused before any file is looked at
     checkpoint, output = os.fspath(checkpoint), os.fspath(output)
     check_output_dir(output, "output")
     if k < 1 or (batch_size is not None and batch_size < 1) or num_beams < 1:
         raise SettingError("{0}, {1} and {2} must be >= 1", "k", "batch_size", "num_beams")
     if max_length < 1:
         raise SettingError("{0} must be >= 1, got %s" % max_length, "max_length")
-    check_name(name)
     _, queries_path, qrels_path = evaluation_inputs(prepared=prepared, split=split, queries=queries, qrels=qrels,
                                                     need_documents=False)
     judged, qrels_, qrels_source = _read_judged_queries(queries_path, qrels_path)

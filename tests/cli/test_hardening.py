@@ -118,7 +118,7 @@ def test_read_qrels_reads_the_trec_qrels_prepare_data_writes(prepared):
 
 
 @pytest.mark.parametrize("text, message", [("q1 0 d1\n", "expected 4 fields"), ("q1 0 d1 high\n", "must be an integer"),
-                                           ("q1 0 d1 1\nq1 0 d1 2\n", "judged twice"), ("\n\n", "invalid JSON|no judgements")])
+                                           ("q1 0 d1 1\nq1 0 d1 2\n", "judged twice"), ("\n\n", "is empty")])
 def test_bad_trec_qrels_name_the_line(tmp_path, text, message):
     from genir_jax.data.corpus import read_qrels
     from genir_jax.base.errors import DataError

@@ -70,7 +70,9 @@ def _metrics(values: list[str] | None, default: str) -> list[str]:
     for entry in values or [default]:
         for name in entry.split(","):
             name = name.strip()
-            if name and name not in metrics:
+            if name in metrics:
+                raise GenIRError(f"--metric: {name!r} is listed twice")
+            if name:
                 metrics.append(name)
     if not metrics:
         raise GenIRError("--metric: no metric given")
