@@ -70,6 +70,9 @@ def parse_layers(text: str, num_decoder_layers: int, option: str = "--layers") -
             first, last = (int(x) for x in part.split("-")) if "-" in part else (int(part), int(part))
         except ValueError:
             raise GenIRError(f"{option}: cannot parse {part!r}; expected 'all' or e.g. '18-23' or '7,9-11'") from None
+        if last < first:
+            raise GenIRError(f"{option}: range {part!r} is reversed (the end is below the start); write "
+                             f"'{last}-{first}'")
         if not 0 <= first <= last < num_decoder_layers:
             raise GenIRError(f"{option}: {part!r} is outside the decoder's layers 0-{num_decoder_layers - 1}")
         layers.update(range(first, last + 1))

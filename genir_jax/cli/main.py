@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module under `genir_jax.cli.commands` and exposes ``add_parser(subparsers)``,
 which registers its arguments and a ``handler(args) -> int``. Errors caused by bad input (`GenIRError`)
-print one clear line and exit with code 2; nothing half-written is left behind. So does any `OSError`
+print one clear line and exit with code 2; nothing half-written is left behind. So do argparse's usage
+errors (`main(argv)` returns their 2); numeric options are range-checked while parsing (`genir_jax.base.options`). So does any `OSError`
 (writing an output: permission denied, disk full, ...), naming the path. An output directory (`-o`) that is
 a file, a link to one, or lies in a folder we cannot write is refused before the command computes anything
 (`genir_jax.base.io.check_output_dir`). Ctrl-C (SIGINT) exits with code 130 and one line, no traceback: staged

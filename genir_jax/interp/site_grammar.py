@@ -16,11 +16,11 @@ Stack-level sites have no layers: ``encoder.hook_out``, ``decoder.hook_embed``, 
 ``[position]``.
 
 Specs joined by `` x `` form a product (every combination, patches applied left to right); a list of
-specs (separate ``--sites`` arguments) is concatenated. Errors are `SiteSpecError` (a `GenIRError`)
-naming the spec and what was expected.
+specs (separate ``--sites`` arguments) is concatenated; a config listed twice (the same sites) is refused.
+Errors are `SiteSpecError` (a `GenIRError`) naming the spec and what was expected.
 
     parse_sweep(cfg, "decoder.*.cross_attn.hook_z[head]", value=0.0)         # every layer x head
-    parse_sweep(cfg, ["decoder.10-17.mlp", "decoder.*.{attn,mlp}"], value=FROM_SOURCE)
+    parse_sweep(cfg, ["decoder.10-17.mlp", "decoder.*.attn"], value=FROM_SOURCE)
     parse_sweep(cfg, "decoder.3.mlp.hook_post[neuron=0-99] x encoder.hook_out", value=means)
 """
 

@@ -9,6 +9,7 @@ import pytest
 
 from genir_jax.analysis.circuit import Circuit, CircuitPatch, circuit_configuration, circuit_from_json
 from genir_jax.analysis.inputs import encode_queries
+from genir_jax.analysis.reading import parse_layers
 from genir_jax.analysis.stage_patching import parse_stages
 from genir_jax.analysis.stages import fixed_stages
 from genir_jax.base.errors import DataError, GenIRError
@@ -32,6 +33,8 @@ def test_a_reversed_stage_range_is_called_reversed():
     assert "outside" not in str(info.value)
     with pytest.raises(GenIRError, match="outside the decoder's layers 0-2"):
         parse_stages("1-3", 3)
+    with pytest.raises(GenIRError, match="--layers: range '2-1' is reversed"):
+        parse_layers("2-1", 3)
 
 
 def test_an_empty_file_is_called_empty(tmp_path):
