@@ -11,21 +11,40 @@ Modes (zero, mean, resample / another model via `FROM_SOURCE`) only change v.
 
 AtP* (Kramár et al. 2024, "AtP*: An efficient and scalable method for localizing LLM behaviour to
 components") adds two fixes, both implemented:
-- QK fix (attention saturation): where a patch changes attention KEYS, the linear estimate through the
-  softmax is replaced by the exact change of the attention pattern, linearised only after the pattern.
-  In this model that is ``encoder.hook_out`` (every decoder layer's cross-attention keys and values read
-  it): per config, each cross-attention layer's pattern is recomputed exactly with the patched keys, times
-  the gradient at the pattern, plus the (linear) value path. Other sites (head outputs ``hook_z``,
-  neurons, component outputs) have no softmax between the patched activation and its output, so the fix
-  leaves them unchanged.
+- QK fix (attention saturation): where a patch changes attention queries, keys or scores, the linear
+  estimate through the softmax is replaced by the exact change of the attention pattern, linearised only
+  after the pattern (the gradient at the pattern times the pattern's exact change):
+  * ``attn.hook_q`` / ``hook_k`` / ``hook_attn_scores`` (both stacks) and ``cross_attn.hook_q`` / ``hook_k``
+    / ``hook_attn_scores``: per config and layer, the patched scores (q' k, q k' or the patched scores
+    themselves) go through the softmax exactly (`_score_qk_scores`); they reach the output through nothing
+    else.
+  * ``encoder.hook_out`` and ``encoder_final_ln.hook_normalized`` (hook_out = normalized x the norm's
+    scale, so the same patch there): every decoder layer's cross-attention keys and values read it; each
+    cross-attention pattern is recomputed exactly with the patched keys, plus the (linear) value path
+    (`_encoder_qk_scores`; single-token docids only, positions patched whole).
+  * ``hook_pattern``: the softmax is upstream of the patched pattern, so AtP's estimate (linear from the
+    pattern on) already is AtP*'s.
+  * Head outputs, values, neurons and component outputs are not queries or keys: AtP*'s QK fix (which the
+    paper defines for query and key nodes) leaves them unchanged, as it does the decoder residual stream.
+  * Encoder residual sites (``hook_resid_*``) and ``encoder.hook_embed`` reach every later self-attention's
+    queries and keys and the cross-attention keys through norms and further softmaxes: there is no QK fix
+    for them yet, and ``atp*`` refuses them (use ``atp`` or an exact sweep); never plain AtP under the name.
 - GradDrop (cancellation): for each decoder layer l the gradient is recomputed with layer l's residual
   contributions blocked (their outputs patched to their own clean values, which keeps the forward and
-  zeroes the gradient through them); the magnitude estimate is ``sum_l |AtP_(-l)| / (L - 1)``. The
-  forward pass is shared: the plain gradient minus the gradient of the paths through layer l's outputs
-  (see `_gradients_body`) is each variant, so the L variants cost one vmapped backward pass and no forward.
+  zeroes the gradient through them). The paper defines, per prompt pair (x_clean, x_noise),
+  ``I_AtP+GD(n) := 1/(L-1) sum_{l=1..L} |I_AtP+GD_l(n)|`` with
+  ``I_AtP+GD_l(n) := (n(x_noise) - n(x_clean))^T dL^l/dn(x_clean)``, L^l the metric with the gradient
+  through layer l's output set to zero: the absolute value is taken per query (prompt pair), then the
+  magnitude is the mean over queries. L - 1 counts the variants that can be non-zero: a node inside layer
+  l (its attention, cross-attention or MLP) has every path blocked when layer l is dropped. Nodes outside
+  every decoder layer's blocks (encoder sites, decoder residual and stack sites) have L such variants, so
+  they are divided by L (`_own_layer_counts`), else they would be inflated by L / (L - 1). The forward
+  pass is shared: the plain gradient minus the gradient of the paths through layer l's outputs (see
+  `_gradients_body`) is each variant, so the L variants cost one vmapped backward pass and no forward.
 
-`attribute` returns signed estimates (``scores``: AtP, QK-fixed for atp*) and, for atp*, the GradDrop
-magnitudes; rank units by `ranking` (|scores| for atp, magnitudes for atp*).
+`attribute` returns signed estimates (``scores``: AtP, QK-fixed for atp*), ``absolute`` (|AtP|: the mean
+over queries of |the per-query estimate|, QK-fixed for atp*, no GradDrop; what GradDrop is compared with)
+and, for atp*, the GradDrop magnitudes; rank units by `ranking` (|scores| for atp, magnitudes for atp*).
 """
 
 from __future__ import annotations
@@ -58,7 +77,8 @@ _DROP_SITES = ("hook_attn_out", "hook_cross_attn_out", "hook_mlp_out")
 # AtP*'s QK fix: sites whose patch changes one attention's scores (recomputed exactly, see `_score_qk_scores`)
 _QK_LOCALS = tuple(f"{a}.{s}" for a in ("attn", "cross_attn") for s in ("hook_q", "hook_k", "hook_attn_scores"))
 _RESIDUAL_LOCALS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_mid_cross", "hook_resid_post")
-_UNFIXED_STACK_LOCALS = ("hook_embed", "final_ln.hook_normalized")
+_UNFIXED_STACK_LOCALS = ("hook_embed",)
+_KEY_INPUTS = ("hook_out", "final_ln.hook_normalized")  # encoder sites read (linearly) by every cross-attention
 
 
 @dataclasses.dataclass
@@ -314,10 +334,11 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
     star = method == "atp*"
     if star:
         _refuse_unfixed(sweep.terms)
-    qk_terms = [i for i, t in enumerate(sweep.terms) if star and t.stack == "encoder" and t.local == "hook_out"]
+    qk_terms = [i for i, t in enumerate(sweep.terms) if star and t.stack == "encoder" and t.local in _KEY_INPUTS]
     if qk_terms and target_mask is not None:
-        raise InterventionError("atp*: the QK fix of encoder.hook_out patches is implemented for single-token docids "
-                                "only; use atp (or an exact sweep) for docid sequences")
+        raise InterventionError("atp*: the QK fix of encoder.hook_out (and encoder_final_ln.hook_normalized) patches "
+                                "is implemented for single-token docids only; use atp (or an exact sweep) for docid "
+                                "sequences")
     score_terms = {i: t.local.rsplit(".", 1)[0] for i, t in enumerate(sweep.terms)
                    if star and t.local in _QK_LOCALS}  # term -> its attention ("attn" or "cross_attn")
     attentions = sorted({(sweep.terms[i].stack, prefix) for i, prefix in score_terms.items()})
@@ -327,7 +348,7 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
     # a clean forward pass first only for the QK fix, which recomputes attention patterns from it
     cache_sites = ["decoder.*.cross_attn.hook_q", "decoder.*.cross_attn.hook_attn_scores",
                    "decoder.*.cross_attn.hook_pattern", "decoder.*.cross_attn.hook_v",
-                   "encoder.hook_out"] if qk_terms else []
+                   "encoder.hook_out", "encoder_final_ln.hook_normalized"] if qk_terms else []
     cache_sites += [f"{stack}.*.{prefix}.{site}" for stack, prefix in attentions
                     for site in ("hook_q", "hook_k", "hook_attn_scores", "hook_pattern")]
     cache_sites = list(dict.fromkeys(cache_sites))
@@ -385,8 +406,12 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
             qk_cache = {"q": stacked("cross_attn.hook_q"), "scores": stacked("cross_attn.hook_attn_scores")}
         for i, term in enumerate(sweep.terms):
             if i in qk_terms:
+                encoded, value = np.asarray(cache["encoder.hook_out"], np.float32), np.asarray(values[i], np.float32)
+                if term.local == "final_ln.hook_normalized":  # hook_out = normalized * scale: the same patch there
+                    scale = np.asarray(params["encoder"]["final_norm"]["scale"], np.float32)
+                    value = encoded + (value - np.asarray(cache["encoder_final_ln.hook_normalized"], np.float32)) * scale
                 estimate = _encoder_qk_scores(
-                    config, params, term, qk_cache, np.asarray(cache["encoder.hook_out"]), np.asarray(values[i]),
+                    config, params, term, qk_cache, encoded, value,
                     mask, np.asarray(probe_grads["decoder.cross_attn.hook_pattern"])[:, :, :, :, 0],
                     np.asarray(probe_grads["decoder.cross_attn.hook_v"]))
             elif i in score_terms:

@@ -174,9 +174,25 @@ def test_atp_star_qk_fix_matches_exact_patching_of_queries_and_keys(setup):
     assert plain > 1.0 and fixed < 0.25, (plain, fixed)
 
 
+def test_atp_star_qk_fix_of_the_encoder_final_norm(setup):
+    """encoder.hook_out = encoder_final_ln.hook_normalized x the norm's scale, so zeroing a position of either is
+    the same patch: AtP* fixes the norm's site as it fixes encoder.hook_out (exact cross-attention patterns with
+    the patched keys), and that differs from plain AtP (the fix ran)."""
+    params, ids, mask, targets = setup
+    results = {}
+    for site in ("encoder_final_ln.hook_normalized", "encoder.hook_out"):
+        grid = sw.site_grid(CONFIG, site, unit="position", length=ids.shape[1])
+        for method in ("atp", "atp*"):
+            results[site, method] = attribute(CONFIG, params, ids, mask, targets, grid, method=method,
+                                              metric="logit", progress=False).scores
+    norm, out = "encoder_final_ln.hook_normalized", "encoder.hook_out"
+    np.testing.assert_allclose(results[norm, "atp*"], results[out, "atp*"], rtol=1e-4, atol=1e-6)
+    assert np.abs(results[norm, "atp*"] - results[norm, "atp"]).max() > 1e-3
+
+
 def test_atp_star_refuses_sites_without_a_qk_fix(setup):
     params, ids, mask, targets = setup
-    for site in ("encoder.1.hook_resid_post", "encoder_final_ln.hook_normalized"):
+    for site in ("encoder.1.hook_resid_post", "encoder.hook_embed"):
         grid = sw.site_grid(CONFIG, site)
         with pytest.raises(ivs.InterventionError, match=r"AtP\* has no QK fix for encoder[._].*--method atp"):
             attribute(CONFIG, params, ids, mask, targets, grid, method="atp*", metric="logit", progress=False)
