@@ -3,6 +3,8 @@ finite differences, exact sweeps under small perturbations, and GradDrop's ident
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -192,9 +194,10 @@ def test_atp_star_qk_fix_of_the_encoder_final_norm(setup):
 
 def test_atp_star_refuses_sites_without_a_qk_fix(setup):
     params, ids, mask, targets = setup
-    for site in ("encoder.1.hook_resid_post", "encoder.hook_embed"):
+    for site, named in (("encoder.1.hook_resid_post", "encoder.*.hook_resid_post"), ("hook_embed", "hook_embed")):
         grid = sw.site_grid(CONFIG, site)
-        with pytest.raises(ivs.InterventionError, match=r"AtP\* has no QK fix for encoder[._].*--method atp"):
+        with pytest.raises(ivs.InterventionError, match=re.escape(f"AtP* has no QK fix for {named} patches") +
+                           ".*--method atp"):
             attribute(CONFIG, params, ids, mask, targets, grid, method="atp*", metric="logit", progress=False)
 
 
