@@ -369,9 +369,9 @@ def test_attribute_atp_with_the_real_module(dsi, inputs, tmp_path, capsys):  # n
     assert "top 2 of 6 configs" in printed and "|atp|" in printed and "graddrop" in printed
     refused = tmp_path / "refused"
     assert main(_args(root, refused, "attribute") + ["--sites", "encoder.0.hook_resid_post", "--method", "atp*",
-                                                     "--metric", "logit"]) != 0
+                                                     "--metric", "logit"]) == 2
     err = capsys.readouterr().err
-    assert "no QK fix for encoder.*.hook_resid_post" in err and "--method atp" in err
+    assert "no QK fix for encoder.*.hook_resid_post" in err and "--method atp" in err and not refused.exists()
     linear = tmp_path / "linear"
     assert main(_args(root, linear, "attribute") + ["--sites", "decoder.hook_out", "--metric", "logit"]) == 0
     exact = run_sweep(model.config, model.params, ids, mask, targets, parse_sweep(model.config, "decoder.hook_out"),
