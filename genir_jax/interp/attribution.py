@@ -249,20 +249,19 @@ def _score_qk_scores(term: Term, cache: dict, value, g_pattern: np.ndarray) -> n
     unit_axis = None if term.unit is None else 2 + term.unit_axis                  # in [L, B, *site]
     out = np.zeros((g_pattern.shape[0], len(term.row), x.shape[1]), np.float32)
     for c in np.flatnonzero(term.row >= 0):
-        mask = np.broadcast_to(table[term.row[c]], x.shape).copy()
-        if term.layer is not None:
-            mask[np.arange(x.shape[0]) != term.layer[c]] = 0.0
+        at = slice(None) if term.layer is None else slice(term.layer[c], term.layer[c] + 1)  # layers it patches
+        mask = np.broadcast_to(table[term.row[c]], x.shape)[at]
         if unit_axis is not None:
             keep = (np.arange(x.shape[unit_axis]) == term.unit[c]).reshape(
                 (-1,) + (1,) * (x.ndim - unit_axis - 1))
             mask = mask * keep
-        change = mask * delta
+        change = mask * delta[at]
         if site == "hook_q":
-            change = np.einsum("lbthk,lbshk->lbhts", change, k)
+            change = np.einsum("lbthk,lbshk->lbhts", change, k[at])
         elif site == "hook_k":
-            change = np.einsum("lbthk,lbshk->lbhts", q, change)
-        patched = _softmax(scores + change, True)
-        out[:, c] = np.einsum("vlbhts,lbhts->vb", g_pattern, patched - clean_pattern)
+            change = np.einsum("lbthk,lbshk->lbhts", q[at], change)
+        patched = _softmax(scores[at] + change, True)
+        out[:, c] = np.einsum("vlbhts,lbhts->vb", g_pattern[:, at], patched - clean_pattern[at])
     return out
 
 

@@ -115,36 +115,37 @@ def test_atp_star_graddrop_equals_its_definition(setup):
     """GradDrop against its definition, computed with `jax.grad` through `gj.forward`: variant l is the AtP
     estimate with decoder layer l's attention, cross-attention and MLP outputs replaced by their own clean
     values (the forward pass unchanged, no gradient through them); the magnitude is
-    mean over queries of sum_l |variant l| / (L - 1) (a neuron's own layer's variant is zero by construction).
+    mean over queries of sum_l |variant l| / (L - 1) for a decoder neuron (its own layer's variant is zero by
+    construction), / L for an encoder neuron (no decoder layer is its own: all L variants count).
     `attribute` gets it from one shared forward pass."""
     params, ids, mask, targets = setup
     layers, units = CONFIG.num_decoder_layers, range(8)
-    grid = sw.concat(*(sw.site_grid(CONFIG, f"decoder.{l}.mlp.hook_post", unit="neuron", units=units)
-                       for l in (0, 1)))
+    sites = ("decoder.0.mlp.hook_post", "decoder.1.mlp.hook_post", "encoder.1.mlp.hook_post")
+    grid = sw.concat(*(sw.site_grid(CONFIG, site, unit="neuron", units=units) for site in sites))
     star = attribute(CONFIG, params, ids, mask, targets, grid, method="atp*", metric="logit", progress=False)
     outputs = ("hook_attn_out", "hook_cross_attn_out", "hook_mlp_out")
-    _, cache = forward_with_cache(CONFIG, params, ids, mask, START, cache_sites=[
-        "decoder.*.mlp.hook_post"] + [f"decoder.*.{o}" for o in outputs])
+    _, cache = forward_with_cache(CONFIG, params, ids, mask, START, cache_sites=list(sites) + [
+        f"decoder.*.{o}" for o in outputs])
     rows = np.arange(len(targets))
 
-    def estimates(blocked):  # [2 layers x 8 units, queries]: gradient x (0 - activation) at each neuron
-        def total_logit(delta, layer):  # the neurons of one layer shifted by delta (its values + delta)
-            site = f"decoder.{layer}.mlp.hook_post"
+    def estimates(blocked):  # [3 sites x 8 units, queries]: gradient x (0 - activation) at each neuron
+        def total_logit(delta, site):  # the neurons of one site shifted by delta (its values + delta)
             shifted = ivs.replacement(CONFIG, {site: cache[site] + delta})
             frozen = ivs.replacement(CONFIG, {f"decoder.{blocked}.{o}": cache[f"decoder.{blocked}.{o}"]
                                               for o in outputs}) if blocked is not None else {}
             logits = gj.forward(CONFIG, params, ids, mask, START, interventions=ivs.combine(shifted, frozen))
             return logits[rows, 0, targets].sum()
 
-        per_layer = []
-        for layer in (0, 1):
-            activation = np.asarray(cache[f"decoder.{layer}.mlp.hook_post"])
-            gradient = np.asarray(jax.grad(total_logit)(np.zeros_like(activation), layer))
-            per_layer.append((-activation * gradient)[:, 0, :8].T)
-        return np.concatenate(per_layer)
+        per_site = []
+        for site in sites:
+            activation = np.asarray(cache[site])  # [B, positions, F]: a neuron is patched at every position
+            gradient = np.asarray(jax.grad(total_logit)(np.zeros_like(activation), site))
+            per_site.append((-activation * gradient).sum(axis=1)[:, :8].T)
+        return np.concatenate(per_site)
 
     np.testing.assert_allclose(star.scores, estimates(None).mean(axis=1), rtol=1e-4, atol=1e-6)
-    magnitude = (sum(np.abs(estimates(l)) for l in range(layers)) / (layers - 1)).mean(axis=1)
+    divisor = np.repeat([layers - 1, layers - 1, layers], 8)[:, None]
+    magnitude = (sum(np.abs(estimates(l)) for l in range(layers)) / divisor).mean(axis=1)
     np.testing.assert_allclose(star.magnitudes, magnitude, rtol=1e-4, atol=1e-6)
     assert np.abs(magnitude - star.absolute).max() > 1e-3  # dropping layers changes the estimate here
 
