@@ -11,21 +11,40 @@ Modes (zero, mean, resample / another model via `FROM_SOURCE`) only change v.
 
 AtP* (Kramár et al. 2024, "AtP*: An efficient and scalable method for localizing LLM behaviour to
 components") adds two fixes, both implemented:
-- QK fix (attention saturation): where a patch changes attention KEYS, the linear estimate through the
-  softmax is replaced by the exact change of the attention pattern, linearised only after the pattern.
-  In this model that is ``encoder.hook_out`` (every decoder layer's cross-attention keys and values read
-  it): per config, each cross-attention layer's pattern is recomputed exactly with the patched keys, times
-  the gradient at the pattern, plus the (linear) value path. Other sites (head outputs ``hook_z``,
-  neurons, component outputs) have no softmax between the patched activation and its output, so the fix
-  leaves them unchanged.
+- QK fix (attention saturation): where a patch changes attention queries, keys or scores, the linear
+  estimate through the softmax is replaced by the exact change of the attention pattern, linearised only
+  after the pattern (the gradient at the pattern times the pattern's exact change):
+  * ``attn.hook_q`` / ``hook_k`` / ``hook_attn_scores`` (both stacks) and ``cross_attn.hook_q`` / ``hook_k``
+    / ``hook_attn_scores``: per config and layer, the patched scores (q' k, q k' or the patched scores
+    themselves) go through the softmax exactly (`_score_qk_scores`); they reach the output through nothing
+    else.
+  * ``encoder.hook_out`` and ``encoder_final_ln.hook_normalized`` (hook_out = normalized x the norm's
+    scale, so the same patch there): every decoder layer's cross-attention keys and values read it; each
+    cross-attention pattern is recomputed exactly with the patched keys, plus the (linear) value path
+    (`_encoder_qk_scores`; single-token docids only, positions patched whole).
+  * ``hook_pattern``: the softmax is upstream of the patched pattern, so AtP's estimate (linear from the
+    pattern on) already is AtP*'s.
+  * Head outputs, values, neurons and component outputs are not queries or keys: AtP*'s QK fix (which the
+    paper defines for query and key nodes) leaves them unchanged, as it does the decoder residual stream.
+  * Encoder residual sites (``hook_resid_*``) and ``encoder.hook_embed`` reach every later self-attention's
+    queries and keys and the cross-attention keys through norms and further softmaxes: there is no QK fix
+    for them yet, and ``atp*`` refuses them (use ``atp`` or an exact sweep); never plain AtP under the name.
 - GradDrop (cancellation): for each decoder layer l the gradient is recomputed with layer l's residual
   contributions blocked (their outputs patched to their own clean values, which keeps the forward and
-  zeroes the gradient through them); the magnitude estimate is ``sum_l |AtP_(-l)| / (L - 1)``. The
-  forward pass is shared: the plain gradient minus the gradient of the paths through layer l's outputs
-  (see `_gradients_body`) is each variant, so the L variants cost one vmapped backward pass and no forward.
+  zeroes the gradient through them). The paper defines, per prompt pair (x_clean, x_noise),
+  ``I_AtP+GD(n) := 1/(L-1) sum_{l=1..L} |I_AtP+GD_l(n)|`` with
+  ``I_AtP+GD_l(n) := (n(x_noise) - n(x_clean))^T dL^l/dn(x_clean)``, L^l the metric with the gradient
+  through layer l's output set to zero: the absolute value is taken per query (prompt pair), then the
+  magnitude is the mean over queries. L - 1 counts the variants that can be non-zero: a node inside layer
+  l (its attention, cross-attention or MLP) has every path blocked when layer l is dropped. Nodes outside
+  every decoder layer's blocks (encoder sites, decoder residual and stack sites) have L such variants, so
+  they are divided by L (`_own_layer_counts`), else they would be inflated by L / (L - 1). The forward
+  pass is shared: the plain gradient minus the gradient of the paths through layer l's outputs (see
+  `_gradients_body`) is each variant, so the L variants cost one vmapped backward pass and no forward.
 
-`attribute` returns signed estimates (``scores``: AtP, QK-fixed for atp*) and, for atp*, the GradDrop
-magnitudes; rank units by `ranking` (|scores| for atp, magnitudes for atp*).
+`attribute` returns signed estimates (``scores``: AtP, QK-fixed for atp*), ``absolute`` (|AtP|: the mean
+over queries of |the per-query estimate|, QK-fixed for atp*, no GradDrop; what GradDrop is compared with)
+and, for atp*, the GradDrop magnitudes; rank units by `ranking` (|scores| for atp, magnitudes for atp*).
 """
 
 from __future__ import annotations
@@ -55,6 +74,11 @@ from genir_jax.core.taps import Patch, Shift
 
 METHODS = ("atp", "atp*")
 _DROP_SITES = ("hook_attn_out", "hook_cross_attn_out", "hook_mlp_out")
+# AtP*'s QK fix: sites whose patch changes one attention's scores (recomputed exactly, see `_score_qk_scores`)
+_QK_LOCALS = tuple(f"{a}.{s}" for a in ("attn", "cross_attn") for s in ("hook_q", "hook_k", "hook_attn_scores"))
+_RESIDUAL_LOCALS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_mid_cross", "hook_resid_post")
+_UNFIXED_STACK_LOCALS = ("hook_embed",)
+_KEY_INPUTS = ("hook_out", "final_ln.hook_normalized")  # encoder sites read (linearly) by every cross-attention
 
 
 @dataclasses.dataclass
@@ -68,6 +92,7 @@ class AttributionResult:
     magnitudes: np.ndarray | None       # [K] AtP* GradDrop magnitude (atp* only)
     per_query: np.ndarray | None        # [K, N] signed estimates, when asked
     clean: np.ndarray                   # [N] the clean metric
+    absolute: np.ndarray | None = None  # [K] |AtP|: mean over queries of |signed estimate| (no GradDrop)
 
     @property
     def ranking(self) -> np.ndarray:
@@ -119,8 +144,9 @@ def _gradients_body(params, input_ids, attention_mask, targets, foils, values, z
 
         for term, mask, value in sorted(zip(plan, masks, values), key=lambda z: z[0].order):
             add(term.stack, term.local, Patch(mask, value))
-        for local, delta in probes.items():  # d/d delta = the gradient at the site (the QK fix reads them)
-            add("decoder", local, Shift(delta))
+        for key, delta in probes.items():  # d/d delta = the gradient at the site (the QK fix reads them)
+            stack, local = key.split(".", 1)
+            add(stack, local, Shift(delta))
         if drop:  # the same probe on each layer's MLP output: the gradient at the layer's output residual
             add("decoder", "hook_mlp_out", Shift(gate))
         encoded, _ = model.apply({"params": params}, input_ids, attention_mask, interventions, method=T5.encode)
@@ -206,7 +232,40 @@ def _encoder_qk_scores(config: T5Config, params, term: Term, cache: dict, encode
     return out
 
 
-def _softmax(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
+def _score_qk_scores(term: Term, cache: dict, value, g_pattern: np.ndarray) -> np.ndarray:
+    """AtP* estimate [V, K, B] of a term patching an attention layer's ``hook_q``, ``hook_k`` or
+    ``hook_attn_scores`` (either stack, self- or cross-attention): per config, the patched scores of every
+    layer it touches, the softmax evaluated exactly, times the gradient at the pattern (``g_pattern``
+    [V, L, B, H, T, S]). Queries and keys reach the output only through the scores, so there is no other
+    path to linearise. ``cache``: the clean q [L, B, T, H, K], k [L, B, S, H, K] and scores [L, B, H, T, S]
+    (masked entries at the dtype's minimum, so the softmax keeps them at zero)."""
+    site = term.local.rsplit(".", 1)[1]
+    q, k, scores = (np.asarray(cache[name], np.float64) for name in ("q", "k", "scores"))
+    x = {"hook_q": q, "hook_k": k, "hook_attn_scores": scores}[site]
+    delta = np.broadcast_to(np.asarray(value, np.float64), x.shape) - x           # [L, B, *site]
+    clean_pattern = _softmax(scores, True)
+    g_pattern = np.asarray(g_pattern, np.float64)
+    table = np.asarray(term.table, np.float64)                                     # [M, (L,) 1, *site]
+    unit_axis = None if term.unit is None else 2 + term.unit_axis                  # in [L, B, *site]
+    out = np.zeros((g_pattern.shape[0], len(term.row), x.shape[1]), np.float32)
+    for c in np.flatnonzero(term.row >= 0):
+        at = slice(None) if term.layer is None else slice(term.layer[c], term.layer[c] + 1)  # layers it patches
+        mask = np.broadcast_to(table[term.row[c]], x.shape)[at]
+        if unit_axis is not None:
+            keep = (np.arange(x.shape[unit_axis]) == term.unit[c]).reshape(
+                (-1,) + (1,) * (x.ndim - unit_axis - 1))
+            mask = mask * keep
+        change = mask * delta[at]
+        if site == "hook_q":
+            change = np.einsum("lbthk,lbshk->lbhts", change, k[at])
+        elif site == "hook_k":
+            change = np.einsum("lbthk,lbshk->lbhts", q[at], change)
+        patched = _softmax(scores[at] + change, True)
+        out[:, c] = np.einsum("vlbhts,lbhts->vb", g_pattern[:, at], patched - clean_pattern[at])
+    return out
+
+
+def _softmax(scores: np.ndarray, valid) -> np.ndarray:
     scores = np.where(valid, scores.astype(np.float64), -np.inf)
     scores = scores - scores.max(axis=-1, keepdims=True)
     weights = np.exp(scores)
@@ -272,17 +331,26 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
     if names and source is None:
         raise InterventionError("attribution: FROM_SOURCE values need a `source`")
     star = method == "atp*"
-    qk_terms = [i for i, t in enumerate(sweep.terms) if star and t.stack == "encoder" and t.local == "hook_out"]
+    if star:
+        _refuse_unfixed(sweep.terms)
+    qk_terms = [i for i, t in enumerate(sweep.terms) if star and t.stack == "encoder" and t.local in _KEY_INPUTS]
     if qk_terms and target_mask is not None:
-        raise InterventionError("atp*: the QK fix of encoder.hook_out patches is implemented for single-token docids "
-                                "only; use atp (or an exact sweep) for docid sequences")
+        raise InterventionError("atp*: the QK fix of encoder.hook_out (and encoder_final_ln.hook_normalized) patches "
+                                "is implemented for single-token docids only; use atp (or an exact sweep) for docid "
+                                "sequences")
+    score_terms = {i: t.local.rsplit(".", 1)[0] for i, t in enumerate(sweep.terms)
+                   if star and t.local in _QK_LOCALS}  # term -> its attention ("attn" or "cross_attn")
+    attentions = sorted({(sweep.terms[i].stack, prefix) for i, prefix in score_terms.items()})
     layers = config.num_decoder_layers
     variants = 1 + (layers if star else 0)  # the plain gradient, then one per dropped layer (GradDrop)
     chunk = query_chunk or min(count, 32)
-    # a clean forward pass first only for the QK fix, which recomputes cross-attention patterns from it
+    # a clean forward pass first only for the QK fix, which recomputes attention patterns from it
     cache_sites = ["decoder.*.cross_attn.hook_q", "decoder.*.cross_attn.hook_attn_scores",
                    "decoder.*.cross_attn.hook_pattern", "decoder.*.cross_attn.hook_v",
-                   "encoder.hook_out"] if qk_terms else []
+                   "encoder.hook_out", "encoder_final_ln.hook_normalized"] if qk_terms else []
+    cache_sites += [f"{stack}.*.{prefix}.{site}" for stack, prefix in attentions
+                    for site in ("hook_q", "hook_k", "hook_attn_scores", "hook_pattern")]
+    cache_sites = list(dict.fromkeys(cache_sites))
     scores = np.zeros((variants, sweep.size, count), np.float32)
     clean = np.zeros(count, np.float32)
     foils_all = foil_ids if foil_ids is not None else np.zeros(count, np.int32)
@@ -320,11 +388,13 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
         zero_masks = tuple(jnp.zeros(mask_shape(config, t, chunk, length, decoder_length), jnp.float32)
                            for t in sweep.terms)
 
-        def stacked(local):
-            return jnp.stack([cache[site_name("decoder", local, l)] for l in range(layers)])
+        def stacked(local, stack="decoder"):
+            return jnp.stack([cache[site_name(stack, local, l)] for l in range(num_layers(config, stack))])
 
-        zero_probes = {local: jnp.zeros(stacked(local).shape, jnp.float32)
-                       for local in ("cross_attn.hook_pattern", "cross_attn.hook_v")} if qk_terms else {}
+        probe_sites = ([("decoder", "cross_attn.hook_pattern"), ("decoder", "cross_attn.hook_v")] if qk_terms else [])
+        probe_sites += [(stack, f"{prefix}.hook_pattern") for stack, prefix in attentions]
+        zero_probes = {f"{stack}.{local}": jnp.zeros(stacked(local, stack).shape, jnp.float32)
+                       for stack, local in dict.fromkeys(probe_sites)}
         clean_metric, (term_grads, probe_grads) = gradient_step(
             params, place(ids), place(mask), place(targets), place(foils) if foil_ids is not None else None, values,
             zero_masks, zero_probes, None if tmask is None else place(tmask), config=config, plan=plan,
@@ -335,20 +405,56 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
             qk_cache = {"q": stacked("cross_attn.hook_q"), "scores": stacked("cross_attn.hook_attn_scores")}
         for i, term in enumerate(sweep.terms):
             if i in qk_terms:
+                encoded, value = np.asarray(cache["encoder.hook_out"], np.float32), np.asarray(values[i], np.float32)
+                if term.local == "final_ln.hook_normalized":  # hook_out = normalized * scale: the same patch there
+                    scale = np.asarray(params["encoder"]["final_norm"]["scale"], np.float32)
+                    value = encoded + (value - np.asarray(cache["encoder_final_ln.hook_normalized"], np.float32)) * scale
                 estimate = _encoder_qk_scores(
-                    config, params, term, qk_cache, np.asarray(cache["encoder.hook_out"]), np.asarray(values[i]),
-                    mask, np.asarray(probe_grads["cross_attn.hook_pattern"])[:, :, :, :, 0],
-                    np.asarray(probe_grads["cross_attn.hook_v"]))
+                    config, params, term, qk_cache, encoded, value,
+                    mask, np.asarray(probe_grads["decoder.cross_attn.hook_pattern"])[:, :, :, :, 0],
+                    np.asarray(probe_grads["decoder.cross_attn.hook_v"]))
+            elif i in score_terms:
+                prefix = score_terms[i]
+                estimate = _score_qk_scores(
+                    term, {name: stacked(f"{prefix}.hook_{site}", term.stack)
+                           for name, site in (("q", "q"), ("k", "k"), ("scores", "attn_scores"))},
+                    np.asarray(values[i]), np.asarray(probe_grads[f"{term.stack}.{prefix}.hook_pattern"]))
             else:
                 estimate = _term_scores(config, term, np.asarray(term_grads[i]))
             scores[:, :, rows] += estimate[:, :, : batch.size]
     signed = scores[0]
     magnitudes = None
-    if star:
-        dropped = scores[1:].mean(axis=2)  # [L, K]: the query-averaged estimate with each layer dropped
-        magnitudes = np.abs(dropped).sum(axis=0) / max(1, layers - 1)
+    if star:  # per query pair: sum_l |estimate with layer l dropped| / (layers whose drop can reach it)
+        divisor = np.maximum(1, layers - _own_layer_counts(sweep)).astype(np.float32)
+        magnitudes = (np.abs(scores[1:]).sum(axis=0) / divisor[:, None]).mean(axis=1)
     return AttributionResult(sweep=sweep, method=method, metric=metric, scores=signed.mean(axis=1),
-                             magnitudes=magnitudes, per_query=signed if per_query else None, clean=clean)
+                             magnitudes=magnitudes, per_query=signed if per_query else None, clean=clean,
+                             absolute=np.abs(signed).mean(axis=1))
+
+
+def _own_layer_counts(sweep: Sweep) -> np.ndarray:
+    """Per config: 1 when it sits inside one decoder layer's attention, cross-attention or MLP (dropping that
+    layer's outputs blocks every path out of it, so that GradDrop variant is zero by construction), else 0."""
+    own = np.zeros(sweep.size, np.int64)
+    for term in sweep.terms:
+        if term.stack != "decoder" or not term.is_layer_site or term.local in _RESIDUAL_LOCALS:
+            continue
+        users = np.flatnonzero(term.row >= 0)
+        if term.layer is not None:
+            users = users[np.asarray(term.layer)[users] >= 0]
+            own[users] = 1
+    return own
+
+
+def _refuse_unfixed(terms) -> None:
+    """atp*: refuse the sites whose patches change attention keys or queries downstream through a norm, where
+    no QK fix is implemented yet (never plain AtP under the atp* name)."""
+    for term in terms:
+        if term.stack == "encoder" and (term.local in _RESIDUAL_LOCALS or term.local in _UNFIXED_STACK_LOCALS):
+            where = f"encoder.*.{term.local}" if term.is_layer_site else Site("encoder", term.local, None).name
+            raise InterventionError(
+                f"atp*: AtP* has no QK fix for {where} patches yet (they change every later attention's queries "
+                f"and keys and the cross-attention keys through a norm); use --method atp (plain AtP) or exact")
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:

@@ -359,9 +359,19 @@ def test_attribute_atp_with_the_real_module(dsi, inputs, tmp_path, capsys):  # n
     rows = _csv(out / "attribution.csv")
     assert len(rows) == 6 and list(rows[0])[:5] == ["site", "stack", "component", "layer", "head"]
     assert all(np.isfinite(float(r["score"])) for r in rows)
-    assert np.load(out / "per_query.npz")["score"].shape == (6, 4)
+    assert list(rows[0])[-3:] == ["score", "magnitude", "abs_atp"]  # GradDrop, and |AtP| without it
+    per_query = np.load(out / "per_query.npz")["score"]
+    assert per_query.shape == (6, 4)
+    np.testing.assert_allclose([float(r["abs_atp"]) for r in rows], np.abs(per_query).mean(axis=1), rtol=1e-5,
+                               atol=1e-7)
     assert (out / "heatmap_logit_diff.png").exists()
-    assert "top 2 of 6 configs" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "top 2 of 6 configs" in printed and "|atp|" in printed and "graddrop" in printed
+    refused = tmp_path / "refused"
+    assert main(_args(root, refused, "attribute") + ["--sites", "encoder.0.hook_resid_post", "--method", "atp*",
+                                                     "--metric", "logit"]) == 2
+    err = capsys.readouterr().err
+    assert "no QK fix for encoder.*.hook_resid_post" in err and "--method atp" in err and not refused.exists()
     linear = tmp_path / "linear"
     assert main(_args(root, linear, "attribute") + ["--sites", "decoder.hook_out", "--metric", "logit"]) == 0
     exact = run_sweep(model.config, model.params, ids, mask, targets, parse_sweep(model.config, "decoder.hook_out"),

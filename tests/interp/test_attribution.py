@@ -3,6 +3,8 @@ finite differences, exact sweeps under small perturbations, and GradDrop's ident
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -95,47 +97,109 @@ def test_atp_star_graddrop_is_the_plain_estimate_for_last_layer_units(setup):
     params, ids, mask, targets = setup
     grid = sw.site_grid(CONFIG, "decoder.3.mlp.hook_post", unit="neuron", units=range(12))
     star = attribute(CONFIG, params, ids, mask, targets, grid, method="atp*", metric="logit", progress=False)
-    plain = attribute(CONFIG, params, ids, mask, targets, grid, method="atp", metric="logit", progress=False)
+    plain = attribute(CONFIG, params, ids, mask, targets, grid, method="atp", metric="logit", progress=False,
+                      per_query=True)
     np.testing.assert_allclose(star.scores, plain.scores, atol=1e-6)
-    np.testing.assert_allclose(star.magnitudes, np.abs(plain.scores), rtol=1e-4, atol=1e-6)
+    # GradDrop takes |.| per query pair (the paper's per-prompt-pair estimate), then the mean over queries
+    np.testing.assert_allclose(star.magnitudes, np.abs(plain.per_query).mean(axis=1), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(star.absolute, np.abs(plain.per_query).mean(axis=1), rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(star.ranking, star.magnitudes)
+    # no decoder layer's drop zeroes a stack site after the last layer: all L variants count, divided by L
+    out = sw.site_grid(CONFIG, "decoder.hook_out")
+    star = attribute(CONFIG, params, ids, mask, targets, out, method="atp*", metric="logit", progress=False,
+                     per_query=True)
+    np.testing.assert_allclose(star.magnitudes, np.abs(star.per_query).mean(axis=1), rtol=1e-4, atol=1e-6)
 
 
 def test_atp_star_graddrop_equals_its_definition(setup):
     """GradDrop against its definition, computed with `jax.grad` through `gj.forward`: variant l is the AtP
     estimate with decoder layer l's attention, cross-attention and MLP outputs replaced by their own clean
     values (the forward pass unchanged, no gradient through them); the magnitude is
-    sum_l |mean over queries of variant l| / (L - 1). `attribute` gets it from one shared forward pass."""
+    mean over queries of sum_l |variant l| / (L - 1) for a decoder neuron (its own layer's variant is zero by
+    construction), / L for an encoder neuron (no decoder layer is its own: all L variants count).
+    `attribute` gets it from one shared forward pass."""
     params, ids, mask, targets = setup
     layers, units = CONFIG.num_decoder_layers, range(8)
-    grid = sw.concat(*(sw.site_grid(CONFIG, f"decoder.{l}.mlp.hook_post", unit="neuron", units=units)
-                       for l in (0, 1)))
+    sites = ("decoder.0.mlp.hook_post", "decoder.1.mlp.hook_post", "encoder.1.mlp.hook_post")
+    grid = sw.concat(*(sw.site_grid(CONFIG, site, unit="neuron", units=units) for site in sites))
     star = attribute(CONFIG, params, ids, mask, targets, grid, method="atp*", metric="logit", progress=False)
     outputs = ("hook_attn_out", "hook_cross_attn_out", "hook_mlp_out")
-    _, cache = forward_with_cache(CONFIG, params, ids, mask, START, cache_sites=[
-        "decoder.*.mlp.hook_post"] + [f"decoder.*.{o}" for o in outputs])
+    _, cache = forward_with_cache(CONFIG, params, ids, mask, START, cache_sites=list(sites) + [
+        f"decoder.*.{o}" for o in outputs])
     rows = np.arange(len(targets))
 
-    def estimates(blocked):  # [2 layers x 8 units, queries]: gradient x (0 - activation) at each neuron
-        def total_logit(delta, layer):  # the neurons of one layer shifted by delta (its values + delta)
-            site = f"decoder.{layer}.mlp.hook_post"
+    def estimates(blocked):  # [3 sites x 8 units, queries]: gradient x (0 - activation) at each neuron
+        def total_logit(delta, site):  # the neurons of one site shifted by delta (its values + delta)
             shifted = ivs.replacement(CONFIG, {site: cache[site] + delta})
             frozen = ivs.replacement(CONFIG, {f"decoder.{blocked}.{o}": cache[f"decoder.{blocked}.{o}"]
                                               for o in outputs}) if blocked is not None else {}
             logits = gj.forward(CONFIG, params, ids, mask, START, interventions=ivs.combine(shifted, frozen))
             return logits[rows, 0, targets].sum()
 
-        per_layer = []
-        for layer in (0, 1):
-            activation = np.asarray(cache[f"decoder.{layer}.mlp.hook_post"])
-            gradient = np.asarray(jax.grad(total_logit)(np.zeros_like(activation), layer))
-            per_layer.append((-activation * gradient)[:, 0, :8].T)
-        return np.concatenate(per_layer)
+        per_site = []
+        for site in sites:
+            activation = np.asarray(cache[site])  # [B, positions, F]: a neuron is patched at every position
+            gradient = np.asarray(jax.grad(total_logit)(np.zeros_like(activation), site))
+            per_site.append((-activation * gradient).sum(axis=1)[:, :8].T)
+        return np.concatenate(per_site)
 
     np.testing.assert_allclose(star.scores, estimates(None).mean(axis=1), rtol=1e-4, atol=1e-6)
-    magnitude = sum(np.abs(estimates(l).mean(axis=1)) for l in range(layers)) / (layers - 1)
+    divisor = np.repeat([layers - 1, layers - 1, layers], 8)[:, None]
+    magnitude = (sum(np.abs(estimates(l)) for l in range(layers)) / divisor).mean(axis=1)
     np.testing.assert_allclose(star.magnitudes, magnitude, rtol=1e-4, atol=1e-6)
-    assert np.abs(magnitude - np.abs(star.scores)).max() > 1e-3  # dropping layers changes the estimate here
+    assert np.abs(magnitude - star.absolute).max() > 1e-3  # dropping layers changes the estimate here
+
+
+def _qk_errors(params, ids, mask, targets, site, metric, scale, target_mask=None):
+    """Max |estimate - exact| of atp and atp* over the heads of `site`, relative to the largest exact effect."""
+    source = Source(CONFIG, _perturbed(params, scale))
+    grid = sw.site_grid(CONFIG, site, unit="head", value=FROM_SOURCE)
+    exact = run_sweep(CONFIG, params, ids, mask, targets, grid, source=source, metrics=(metric,), per_query=False,
+                      target_mask=target_mask, progress=False).aggregates[f"{metric}_effect"]
+    errors = []
+    for method in ("atp", "atp*"):
+        result = attribute(CONFIG, params, ids, mask, targets, grid, method=method, metric=metric, source=source,
+                           target_mask=target_mask, progress=False)
+        errors.append(np.abs(result.scores - exact).max() / np.abs(exact).max())
+    return errors
+
+
+def test_atp_star_qk_fix_matches_exact_patching_of_queries_and_keys(setup):
+    """Queries and keys from a strongly perturbed model move the softmax far from its linear range: plain AtP
+    is off by more than the largest effect, AtP*'s exact softmax (the rest linearised) is close to exact."""
+    from genir_jax.docids.sequence_targets import pad_targets
+
+    params, ids, mask, targets = setup
+    plain, fixed = _qk_errors(params, ids, mask, targets, "decoder.*.cross_attn.hook_k", "logit", 1.0)
+    assert plain > 1.0 and fixed < 0.3, (plain, fixed)
+    sequences, tmask = pad_targets(SEQUENCES)  # decoder self-attention has several keys only for sequences
+    plain, fixed = _qk_errors(params, ids, mask, sequences, "decoder.3.attn.hook_q", "logprob", 1.0, tmask)
+    assert plain > 1.0 and fixed < 0.25, (plain, fixed)
+
+
+def test_atp_star_qk_fix_of_the_encoder_final_norm(setup):
+    """encoder.hook_out = encoder_final_ln.hook_normalized x the norm's scale, so zeroing a position of either is
+    the same patch: AtP* fixes the norm's site as it fixes encoder.hook_out (exact cross-attention patterns with
+    the patched keys), and that differs from plain AtP (the fix ran)."""
+    params, ids, mask, targets = setup
+    results = {}
+    for site in ("encoder_final_ln.hook_normalized", "encoder.hook_out"):
+        grid = sw.site_grid(CONFIG, site, unit="position", length=ids.shape[1])
+        for method in ("atp", "atp*"):
+            results[site, method] = attribute(CONFIG, params, ids, mask, targets, grid, method=method,
+                                              metric="logit", progress=False).scores
+    norm, out = "encoder_final_ln.hook_normalized", "encoder.hook_out"
+    np.testing.assert_allclose(results[norm, "atp*"], results[out, "atp*"], rtol=1e-4, atol=1e-6)
+    assert np.abs(results[norm, "atp*"] - results[norm, "atp"]).max() > 1e-3
+
+
+def test_atp_star_refuses_sites_without_a_qk_fix(setup):
+    params, ids, mask, targets = setup
+    for site, named in (("encoder.1.hook_resid_post", "encoder.*.hook_resid_post"), ("hook_embed", "hook_embed")):
+        grid = sw.site_grid(CONFIG, site)
+        with pytest.raises(ivs.InterventionError, match=re.escape(f"AtP* has no QK fix for {named} patches") +
+                           ".*--method atp"):
+            attribute(CONFIG, params, ids, mask, targets, grid, method="atp*", metric="logit", progress=False)
 
 
 def test_attribution_errors(setup):

@@ -35,7 +35,9 @@ def add_parser(subparsers) -> None:
             "validation queries) on a differentiable metric of the relevant docid. --method atp: attribution "
             "patching (a first-order estimate from one forward and backward pass); atp*: AtP with the "
             "corrections of Kramar et al. 2024 (attention saturation, cancellation); exact: real patching (as "
-            "`genir-jax sweep`, resumable). Writes attribution.csv (one row per config: its labels, then score), "
+            "`genir-jax sweep`, resumable). Writes attribution.csv (one row per config: its labels, then score; "
+            "atp / atp* add abs_atp, the mean |estimate| over queries without GradDrop, and atp* magnitude, "
+            "the GradDrop estimate), "
             "attribution.json (settings, sweep axes, timing), heatmap_<metric>.png (layer x head / neuron / "
             "component sweeps) and with --per-query per_query.npz; prints the --top units by |score|."),
     )
@@ -79,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     store = None
     magnitudes = None
+    absolute = None
     if args.method == "exact":
         prep.settings["method"] = "exact"
         result, store = run_with_store(prep, [metric], [], per_query=args.per_query, config_chunk=args.config_chunk,
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
             raise RuntimeError(f"attribution returned {scores.shape} scores for {sweep.size} configs")
         stats = dict(getattr(out, "stats", None) or {})
         magnitudes = getattr(out, "magnitudes", None)
+        absolute = getattr(out, "absolute", None)
     stats["seconds"] = time.perf_counter() - started
     stats["load_seconds"] = prep.load_seconds
 
@@ -109,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         columns = {"score": scores}
         if magnitudes is not None:  # AtP*'s GradDrop magnitude
             columns["magnitude"] = np.asarray(magnitudes, np.float64).reshape(-1)
+        if absolute is not None:  # |AtP| (QK-fixed for atp*) without GradDrop: shows what GradDrop changes
+            columns["abs_atp"] = np.asarray(absolute, np.float64).reshape(-1)
         write_table(os.path.join(staging, "attribution.csv"), sweep, columns)
         if args.per_query and per_query is not None:
             np.savez(os.path.join(staging, "per_query.npz"), score=per_query,
@@ -129,5 +135,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"top {len(order)} of {sweep.size} configs by |score| ({args.method}, {metric}, patched - clean):")
         for place, k in enumerate(order, 1):
             labels = " ".join(f"{n}={v}" for n, v in sweep.label(int(k)).items() if v is not None and n != "stack")
-            print(f"{place:4d}  {scores[k]: .6g}  {labels}")
+            extra = "" if magnitudes is None else f"  |atp| {absolute[k]:.6g}  graddrop {magnitudes[k]:.6g}"
+            print(f"{place:4d}  {scores[k]: .6g}{extra}  {labels}")
     return 0
