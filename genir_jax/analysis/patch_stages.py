@@ -14,10 +14,11 @@ from typing import Sequence
 
 import numpy as np
 
+from genir_jax.analysis import stage_patching  # looked up at call time, so the one runner can be replaced
 from genir_jax.analysis.inputs import AnalysisInputs, tokenize_for_analysis
 from genir_jax.analysis.stage_patching import (REFERENCE_MODE_ORDER, T5_ALL_AND_ATTN_JSON,  # noqa: F401
                                               StagePatchingResult,
-                                              run_stage_patching, write_stage_patching)
+                                              write_stage_patching)
 from genir_jax.analysis.stages import STAGES_JSON, Stages
 from genir_jax.base.errors import DataError, GenIRError
 
@@ -58,17 +59,18 @@ def patch_stages(inputs: AnalysisInputs, stages: Stages, modes: Sequence[str], *
         ids, mask = inputs.input_ids, inputs.attention_mask
         if reference_padding:
             ids, mask = tokenize_for_analysis(model.tokenizer, inputs.texts, reference_padding=True)
-        parts.append(run_stage_patching(model.config, model.params, ids, mask, inputs.targets, stages=layers,
-                                        modes=plain, query_chunk=batch_size, progress=progress))
+        parts.append(stage_patching.run_stage_patching(model.config, model.params, ids, mask, inputs.targets,
+                                                       stages=layers, modes=plain, query_chunk=batch_size,
+                                                       progress=progress))
     if "t5" in modes:
         # The reference runs T5 mode on unpadded single queries: masks give the same result in a batch.
         if int(inputs.input_ids.max()) >= base.config.vocab_size:
             raise GenIRError(f"{base_name}: the T5's vocabulary ({base.config.vocab_size}) does not cover the query "
                              "tokens; it must share the GenIR model's word vocabulary")
-        parts.append(run_stage_patching(model.config, model.params, inputs.input_ids, inputs.attention_mask,
-                                        inputs.targets, stages=layers, modes=["t5"],
-                                        source=Source(base.config, base.params), query_chunk=batch_size,
-                                        progress=progress))
+        parts.append(stage_patching.run_stage_patching(model.config, model.params, inputs.input_ids,
+                                                       inputs.attention_mask, inputs.targets, stages=layers,
+                                                       modes=["t5"], source=Source(base.config, base.params),
+                                                       query_chunk=batch_size, progress=progress))
     if check_clean and ("t5" in modes or not reference_padding):  # the clean ranks of a masked run
         check_ranked_first(correct_valid, inputs.queries, parts[-1].sweep.clean["rank"])
     return StagePatchingResult(rows=[row for part in parts for row in part.rows],
