@@ -114,6 +114,20 @@ def main(argv: list[str] | None = None) -> int:
 
         if computes_on_cpu():
             keep_freed_host_memory()  # before JAX starts: XLA:CPU's step buffers then stop page-faulting
+    code = _run(args)
+    if not argv_given and code == 130:  # Ctrl-C as the console command: no clean-up, which can race JAX's threads
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    if not argv_given and "jax" in sys.modules:
+        _leave_now(code)  # the console command: skip the interpreter's tear-down of JAX, slow and, after an error
+        # with background threads still running (orbax's), noisy
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The chosen command's handler, with bad input (`GenIRError`, `OSError`) as one line and exit code 2, and
+    Ctrl-C as one line and exit code 130."""
     try:
         if not args.no_compile_cache:
             from genir_jax.scale.compile_cache import enable_compilation_cache
@@ -127,10 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             from genir_jax.base.io import check_output_dir
 
             check_output_dir(output)  # a file, a link to one, a read-only folder: refused before any computation
-        code = int(args.handler(args) or 0)
-        if not argv_given and "jax" in sys.modules:
-            _leave_now(code)  # the console command: skip the interpreter's slow tear-down of JAX
-        return code
+        return int(args.handler(args) or 0)
     except GenIRError as exc:
         print(f"genir-jax {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -141,12 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C: outputs are staged and removed, or were committed whole (genir_jax.base.io)
         print(f"genir-jax {args.command}: interrupted", file=sys.stderr)
-        if argv_given:
-            return 130
-        # as the console command: leave without interpreter finalisation, which can race JAX's threads
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+        return 130
 
 
 def _leave_now(code: int) -> None:
