@@ -101,22 +101,21 @@ def _child(spec_path: str, out_path: str) -> None:
         finally:
             handle.remove()
 
-    def batched(pairs):
+    def one_config_per_forward(pairs, encoded=None):
+        """Each configuration in its own forward over all queries; the encoder rerun unless `encoded`."""
+        inputs = {"input_ids": ids} if encoded is None else {"encoder_outputs": encoded}
         out = []
         for layer, neuron in pairs:
             logits = with_hook(layer, torch.full((queries,), neuron), lambda: model(
-                input_ids=ids, attention_mask=mask, decoder_input_ids=start).logits[:, 0])
+                attention_mask=mask, decoder_input_ids=start, **inputs).logits[:, 0])
             out.append(ranks_of(logits, targets).tolist())
         return out
 
+    def batched(pairs):
+        return one_config_per_forward(pairs)
+
     def encoder_cached(pairs):
-        encoded = model.encoder(input_ids=ids, attention_mask=mask)
-        out = []
-        for layer, neuron in pairs:
-            logits = with_hook(layer, torch.full((queries,), neuron), lambda: model(
-                encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=start).logits[:, 0])
-            out.append(ranks_of(logits, targets).tolist())
-        return out
+        return one_config_per_forward(pairs, model.encoder(input_ids=ids, attention_mask=mask))
 
     def configs_batched(pairs):
         per_batch = int(spec.get("configs_per_batch", 16))

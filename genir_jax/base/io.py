@@ -36,14 +36,20 @@ def open_text(path: str):
     return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Parse one JSON file (optionally gzip) into Python objects; errors name line and column."""
+def read_text_file(path: str | os.PathLike) -> str:
+    """The whole text of a UTF-8 file (optionally gzip); an unreadable one is a `DataError` naming it."""
     path = os.fspath(path)
     try:
         with open_text(path) as handle:
-            text = handle.read()
+            return handle.read()
     except (UnicodeDecodeError, OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse one JSON file (optionally gzip) into Python objects; errors name line and column."""
+    path = os.fspath(path)
+    text = read_text_file(path)
     if not text.strip():  # not "invalid JSON at line 1": the file holds nothing at all
         raise DataError(f"{path}: is empty; expected JSON")
     try:

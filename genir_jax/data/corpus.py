@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from genir_jax.docids.tokens import DOCID_PREFIX, DOCID_SUFFIX, docid_token, doc_id_of_token, is_docid_token
 from genir_jax.base.errors import DataError
-from genir_jax.base.io import atomic_path, loads_json, read_json, write_json  # noqa: F401 (read_json: re-exported)
+from genir_jax.base.io import atomic_path, loads_json, read_json, read_text_file, write_json  # noqa: F401 (read_json: re-exported)
 from genir_jax.base.io import open_text as _open_text
 
 QRELS_FIELDS = ("query", "q0", "docid", "rel")
@@ -354,11 +354,7 @@ def read_qrels(path: str | os.PathLike) -> Qrels:
     """Qrels as ``{query id: {doc id: rel}}``: the reference's qrels JSON (docids may be docid tokens or plain
     ids) or plain TREC qrels (``query iteration docid rel``, as `prepare-data` writes ``val.qrels``)."""
     path = os.fspath(path)
-    try:
-        with _open_text(path) as handle:
-            text = handle.read()
-    except (UnicodeDecodeError, OSError, EOFError) as exc:
-        raise DataError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
+    text = read_text_file(path)
     if not text.strip():
         raise DataError(f"{path}: is empty; expected qrels (a JSON object or TREC lines 'query 0 docid rel')")
     if not text.lstrip().startswith(("{", "[", '"')):
