@@ -356,13 +356,18 @@ def _run_steps(layout: Layout, settings: Settings, pipeline: list[Step], force: 
         finally:
             release_compiled_programs()
         seconds = time.time() - start
-        write_json(layout.steps / f"{step.name}.json",
-                   {"seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **details}, indent=2)
+        _record_step(layout, step, seconds, details)
         log(f"[{index}/{len(pipeline)}] {step.name}: finished in {seconds:.0f} s")
     if failed:
         raise GenIRError(f"analysis step(s) failed: {', '.join(failed)}; fix the cause and re-run (finished steps "
                          "are skipped)")
     return layout
+
+
+def _record_step(layout: Layout, step: Step, seconds: float, details: dict) -> None:
+    """``.steps/<step>.json``: how long a finished step took, when it finished, and what it returned."""
+    write_json(layout.steps / f"{step.name}.json",
+               {"seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **details}, indent=2)
 
 
 def release_compiled_programs() -> None:
@@ -410,7 +415,6 @@ def run_experiment(out: str | os.PathLike, experiment_id: str, *, progress: bool
         finally:
             release_compiled_programs()
         seconds = time.time() - start
-        write_json(layout.steps / f"{step.name}.json",
-                   {"seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **details}, indent=2)
+        _record_step(layout, step, seconds, details)
         log(f"{step.name}: finished in {seconds:.0f} s")
     return layout
