@@ -16,12 +16,18 @@ split over a ``model`` axis is never gathered onto one host.
 
 A checkpoint that cannot be read back (truncated or corrupted on disk after it was written: a copy cut
 short, a full disk, bit rot) is skipped with a warning and the next older one is used (`_newest_readable`);
-when none is readable, a `CheckpointError` names the directory and each step's error.
+when none is readable, a `CheckpointError` names the directory and each step's error. orbax abandons the
+other reads of a failed restore: their late errors (``Event loop is closed``, the same read error again,
+"exception was never retrieved") would reach stderr at any moment after, so `_quiet_abandoned_reads` drops
+those, and only those, once a read has failed (the error itself is reported once, as above).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import sys
 import warnings
 from typing import Any, Callable
 
@@ -40,6 +46,46 @@ def _manager(directory: str, *, every: int | None, keep: int) -> ocp.CheckpointM
         enable_async_checkpointing=False,
     )
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "meta"))
+
+
+def _abandoned_read_noise(exc: BaseException | None, origin: object) -> bool:
+    """Whether an unreported error is a leftover of an orbax restore that already failed: a tensorstore read
+    completing into the closed event loop, or an orbax read coroutine collected with its (reported) error."""
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return True
+    code = getattr(origin, "cr_code", None)
+    return code is not None and "orbax" in code.co_filename
+
+
+_READ_MARKS = ("orbax", "OCDBT", "TensorStore", "while reading array index")
+
+
+class _AbandonedReadLogFilter(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" records for the reads of a failed orbax restore."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("never retrieved" in text and any(mark in text for mark in _READ_MARKS))
+
+
+_QUIETED = False
+
+
+def _quiet_abandoned_reads() -> None:
+    """Install (once per process) the filters that drop a failed restore's late, already-reported errors;
+    every other unraisable error and log record goes where it went before."""
+    global _QUIETED
+    if _QUIETED:
+        return
+    _QUIETED = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _abandoned_read_noise(unraisable.exc_value, unraisable.object):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger(asyncio.__name__).addFilter(_AbandonedReadLogFilter())
 
 
 class Checkpoints:
@@ -75,6 +121,7 @@ class Checkpoints:
             try:
                 value = read(candidate)
             except Exception as exc:  # noqa: BLE001 - orbax / tensorstore errors have no common type
+                _quiet_abandoned_reads()
                 while exc.__cause__ is not None:  # the innermost error says what is wrong with the files
                     exc = exc.__cause__
                 failures.append(f"step {candidate}: {type(exc).__name__}: {(str(exc) or '?').splitlines()[0][:300]}")
