@@ -11,6 +11,10 @@ Measured in ONE run (so rates compare like with like):
   1b. the rank window (`genir_jax.interp.rank_window`): every 4th neuron with rank_window=0 vs the default, warm,
      ranks compared;
   2. prefix sharing: every 8th neuron with prefix_sharing=False vs True;
+  3a. the PyTorch loops a capable user writes (`benchmarks/torch_baselines.py`, own interpreter, thread count
+     stated): batched hooks, encoder cached, configurations batched; on a sample of configs with all N
+     queries, ranks checked against ours, every ratio against the fastest of the three first. A load check
+     (/proc/stat) before the run: on a busy machine the ratios are not reported (``--allow-busy`` overrides);
   3. TransformerLens 2.x HookedEncoderDecoder (run in its own interpreter, --tl-python): one
      run_with_hooks per (config, query) zeroing one neuron on decoder.{l}.mlp.hook_post, timed on a sample
      and extrapolated to 12,288 x N; its ranks are checked against ours on the sampled pairs;
@@ -20,7 +24,8 @@ Measured in ONE run (so rates compare like with like):
   6. peak RSS of the neuron sweep for 12,288 and 98,304 configs (8 copies via sweep.concat) on 8
      queries with the same chunk sizes, each in its own subprocess.
 
-    python benchmarks/bench_sweeps.py [--queries 200] [--skip-tl] [--json out.json]
+    python benchmarks/bench_sweeps.py [--queries 200] [--skip-tl] [--skip-attribution] [--json out.json]
+        [--torch-configs 48] [--torch-threads 2] [--allow-busy]
         [--tl-python /tmp/tl-venv/bin/python]   # a venv with transformer-lens>=2.15,<3 and torch
 """
 
@@ -45,6 +50,7 @@ from genir_jax.interp.sweep import component_grid, concat, site_grid
 from genir_jax.core.sites import site_name
 
 from bench_patching import make_queries, matmul_gflops  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+from torch_baselines import machine_is_idle, run_baselines  # noqa: E402
 
 LAYERS, D_MODEL, HEADS, D_FF, VOCAB = 24, 128, 4, 512, 32128
 NEURONS = "decoder.*.mlp.hook_post"
@@ -66,10 +72,25 @@ def build_model(d_ff: int = D_FF) -> gj.PretrainedModel:
 
 
 def layer_macs(config, s: int) -> int:
-    """MACs of one decoder layer for one decoder token (cross-attention keys/values excluded)."""
+    """MACs of one decoder layer for one decoder token (cross-attention keys/values excluded). The
+    self-attention over its one position is its value and output projections alone (the softmax over one key
+    is 1: `MultiHeadAttention` computes no queries, keys or scores there); cross-attention: the query and
+    output projections and the scores and weighted sum over the `s` encoder positions."""
     d, inner, f = config.d_model, config.inner_dim, config.d_ff
     mlp = (3 if config.is_gated_act else 2) * d * f
-    return 4 * d * inner + 2 * inner + 2 * d * inner + 2 * s * inner + mlp
+    return 2 * d * inner + 2 * d * inner + 2 * s * inner + mlp
+
+
+def minimum_neuron_patch_flops(config, s: int, starts: np.ndarray, window: int) -> float:
+    """Mean FLOPs per config-query that any exact zero-ablation of one decoder MLP neuron needs, given the
+    clean run (encoder output, cross-attention keys/values, residual stream before the neuron's layer)
+    computed once per query: the rank-1 update of the neuron's layer output (``out - a_n * W_out[n]``, d
+    MACs), every later decoder layer for the one decoder token (`layer_macs`), and the final norm and the
+    logits of the `window` tokens the rank window ranks from (d MACs each)."""
+    d, layers = config.d_model, config.num_decoder_layers
+    starts = np.asarray(starts)
+    later_layers = (layers - 1 - starts).astype(np.float64)
+    return float(2.0 * np.mean(d + later_layers * layer_macs(config, s) + d * window))
 
 
 def neuron_sweep_flops(config, s: int, queries_executed: int, query_chunk: int, config_chunk: int,
@@ -238,89 +259,10 @@ def memory_run(copies: int, queries: int, query_chunk: int, config_chunk: int) -
 # Main
 # --------------------------------------------------------------------------------------------------
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--skip-tl", action="store_true")
-    parser.add_argument("--tl-python", default="/tmp/tl-venv/bin/python")
-    parser.add_argument("--tl-configs", type=int, default=30)
-    parser.add_argument("--tl-queries", type=int, default=5)
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--query-chunk", type=int, default=32, help="queries per sweep step")
-    parser.add_argument("--config-chunk", type=int, default=None, help="configs per sweep step (default: run_sweep's)")
-    parser.add_argument("--memory-queries", type=int, default=8)
-    parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--memory-only", action="store_true", help="run only part 6")
-    parser.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.memory_child:
-        memory_child(args.memory_child, args.queries, args.query_chunk, args.config_chunk)
-        return
-    if args.memory_only:
-        model = build_model()
-        mq = args.memory_queries
-        mcc = args.config_chunk or default_config_chunk(min(args.query_chunk, 200), VOCAB)
-        log(f"6. peak RSS, {mq} queries, query chunk {mq}, config chunk {mcc} (separate processes)")
-        memory = {}
-        for copies in (1, 8):
-            memory[str(copies * 12288)] = memory_run(copies, mq, mq, mcc)
-            log(f"   {copies * 12288} configs: {memory[str(copies * 12288)]}")
-        if args.json:
-            with open(args.json, "w") as handle:
-                json.dump({"memory": memory, "loadavg_end": loadavg()}, handle, indent=2)
-        return
-
-    out: dict = {"loadavg_start": loadavg(), "devices": str(jax.devices()), "cpu_count": os.cpu_count(),
-                 "queries": args.queries}
-    log(f"devices {jax.devices()}, {os.cpu_count()} CPUs")
-    tmp = tempfile.TemporaryDirectory()
-    directory = os.path.join(tmp.name, "t5-24l-d128")
-    model = build_model()
-    gj.save_pretrained(directory, model)
-    (model, load_s) = timed(lambda: gj.load_pretrained(directory))
-    config, params = model.config, model.params
-    n = args.queries
-    ids, mask, targets = make_queries(config, params, n)
-    s = ids.shape[1]
-    qc = min(args.query_chunk, n)
-    cc = args.config_chunk or default_config_chunk(qc, config.vocab_size)
-    executed_rows = -(-n // qc) * qc
-    out.update(load_s=load_s, padded_length=s, query_chunk=qc, config_chunk=cc)
-    log(f"model loaded in {load_s:.1f} s; {n} queries padded to {s} tokens; query chunk {qc}, config chunk {cc}")
-
-    matmul_before = matmul_gflops()
-    log(f"plain float32 matmul (2048^3, jitted): {matmul_before:.1f} GFLOP/s")
-
-    # 1. exact neuron sweep --------------------------------------------------------------------------------
-    grid = site_grid(config, NEURONS, unit="neuron")
-    sweep_kwargs = dict(metrics=("rank", "logit"), per_query=False, query_chunk=qc, config_chunk=cc, progress=False)
-    log(f"1. exact neuron sweep: {grid.size} configs x {n} queries (cold: compile included)")
-    exact, exact_s = timed(lambda: run_sweep(config, params, ids, mask, targets, grid, **sweep_kwargs))
-    log(f"   done in {exact_s:.1f} s (run_sweep stats: {exact.stats})")
-    # compile time: clear the caches, run one block cold and warm with the same shapes
-    jax.clear_caches()
-    small = grid.take(np.arange(cc) + 23 * 512)
-    _, small_cold = timed(lambda: run_sweep(config, params, ids[:qc], mask[:qc], targets[:qc], small, **sweep_kwargs))
-    _, small_warm = timed(lambda: run_sweep(config, params, ids[:qc], mask[:qc], targets[:qc], small, **sweep_kwargs))
-    compile_s = max(0.0, small_cold - small_warm)
-    steady_s = exact_s - compile_s
-    cq = grid.size * n
-    starts = grid.labels["layer"]
-    flops = neuron_sweep_flops(config, s, executed_rows, qc, cc, starts, window=exact.stats["rank_window"],
-                               full_rows=exact.stats["rank_rows_full_vocabulary"])
-    matmul_after = matmul_gflops()
-    matmul = max(matmul_before, matmul_after)
-    achieved = flops["flops"] / steady_s / 1e9
-    out["exact"] = {"configs": grid.size, "end_to_end_s": exact_s, "compile_s": compile_s, "steady_s": steady_s,
-                    "steady_cq_per_s": cq / steady_s, "end_to_end_cq_per_s": cq / exact_s,
-                    "flops": flops["flops"], "flops_per_config_query": flops["per_config_query_flops"],
-                    "achieved_gflops": achieved, "matmul_gflops_before": matmul_before,
-                    "matmul_gflops_after": matmul_after, "ratio_to_matmul": achieved / matmul, "stats": exact.stats,
-                    "clean_rank0_fraction": float(np.mean(exact.clean["rank"] == 0)),
-                    "configs_with_any_rank_change": int(np.sum(exact.aggregates["rank>0"] > 0))}
-    log(f"   compile {compile_s:.1f} s, steady {cq / steady_s:.0f} cq/s, {achieved:.1f} GFLOP/s = "
-        f"{achieved / matmul:.0%} of matmul ({matmul_before:.1f} / {matmul_after:.1f} GFLOP/s before/after)")
-
+def window_and_prefix_sharing(out, config, params, ids, mask, targets, grid, sweep_kwargs, qc, cc, s,
+                              executed_rows) -> None:
+    """Parts 1b (the rank window, off vs on) and 2 (prefix sharing, off vs on), into `out`."""
+    n = len(ids)
     # 1b. the rank window --------------------------------------------------------------------------------------
     subset = grid.take(np.arange(0, grid.size, 4))
     log(f"1b. rank window on every 4th neuron ({subset.size} configs x {n} queries): off vs on (warm)")
@@ -364,6 +306,142 @@ def main() -> None:
     log(f"   shared {shared_s:.1f} s, unshared {unshared_s:.1f} s: {unshared_s / shared_s:.2f}x "
         f"(analytic FLOP ratio {flops_unshared / flops_shared:.2f}x); logit effects agree within {same:.1e}")
 
+
+def torch_loops(out, args, directory, config, params, ids, mask, targets, grid, ours_cq_per_s: float) -> None:
+    """Part 3a: the three PyTorch loops (`torch_baselines`) on a sample of configs (two neurons per layer and
+    more, spread evenly) with all queries; their ranks against ours; ratios against the fastest loop first."""
+    if args.torch_configs <= 0:
+        return
+    picks = np.linspace(0, grid.size - 1, args.torch_configs).round().astype(int)
+    pairs = [[int(grid.labels["layer"][k]), int(grid.labels["neuron"][k])] for k in picks]
+    idle, load_line = machine_is_idle()
+    log(f"3a. PyTorch loops: {len(pairs)} configs x {len(ids)} queries, torch threads {args.torch_threads}; "
+        f"load check: {load_line}")
+    spec = {"checkpoint": directory, "ids": np.asarray(ids).tolist(), "mask": np.asarray(mask).tolist(),
+            "targets": np.asarray(targets).tolist(), "pairs": pairs, "threads": args.torch_threads,
+            "configs_per_batch": 16}
+    try:
+        result = run_baselines(spec)
+    except Exception as exc:  # report, do not hide
+        out["torch_loops"] = {"error": str(exc)[-2000:]}
+        log(f"   PyTorch loops failed: {str(exc)[-1500:]}")
+        return
+    ours = run_sweep(config, params, ids, mask, targets, grid.take(picks), metrics=("rank",), per_query=True,
+                     top_k=0, progress=False)
+    loops = {}
+    for name in ("batched", "encoder_cached", "configs_batched"):
+        ranks = np.asarray(result[name]["ranks"])
+        loops[name] = {"cq_per_s": result[name]["config_queries_per_s"], "seconds": result[name]["seconds"],
+                       "ranks_equal_fraction": float(np.mean(ranks == ours.ranks))}
+    fastest = max(loops, key=lambda name: loops[name]["cq_per_s"])
+    reportable = idle or args.allow_busy
+    out["torch_loops"] = {"configs": len(pairs), "queries": len(ids), "threads": result["threads"],
+                          "torch": result["torch"], "load_check": load_line, "machine_idle": idle,
+                          "loops": loops, "fastest": fastest, "ours_steady_cq_per_s": ours_cq_per_s,
+                          "ratios": ({name: ours_cq_per_s / loop["cq_per_s"] for name, loop in loops.items()}
+                                     if reportable else None)}
+    for name, loop in sorted(loops.items(), key=lambda item: -item[1]["cq_per_s"]):
+        ratio = f"ours {ours_cq_per_s / loop['cq_per_s']:.1f}x" if reportable else "ratio not reported (busy)"
+        log(f"   {name}: {loop['cq_per_s']:.1f} cq/s, ranks equal ours {loop['ranks_equal_fraction']:.2%}; {ratio}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--skip-tl", action="store_true")
+    parser.add_argument("--tl-python", default="/tmp/tl-venv/bin/python")
+    parser.add_argument("--tl-configs", type=int, default=30)
+    parser.add_argument("--tl-queries", type=int, default=5)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--query-chunk", type=int, default=32, help="queries per sweep step")
+    parser.add_argument("--config-chunk", type=int, default=None, help="configs per sweep step (default: run_sweep's)")
+    parser.add_argument("--torch-configs", type=int, default=48, help="configs timed in the PyTorch loops (0: skip)")
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
+    parser.add_argument("--allow-busy", action="store_true", help="report ratios although the machine is busy")
+    parser.add_argument("--skip-attribution", action="store_true", help="skip parts 1b, 2, 4 and 5")
+    parser.add_argument("--memory-queries", type=int, default=8)
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-only", action="store_true", help="run only part 6")
+    parser.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, args.queries, args.query_chunk, args.config_chunk)
+        return
+    if args.memory_only:
+        model = build_model()
+        mq = args.memory_queries
+        mcc = args.config_chunk or default_config_chunk(min(args.query_chunk, 200), VOCAB)
+        log(f"6. peak RSS, {mq} queries, query chunk {mq}, config chunk {mcc} (separate processes)")
+        memory = {}
+        for copies in (1, 8):
+            memory[str(copies * 12288)] = memory_run(copies, mq, mq, mcc)
+            log(f"   {copies * 12288} configs: {memory[str(copies * 12288)]}")
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"memory": memory, "loadavg_end": loadavg()}, handle, indent=2)
+        return
+
+    idle, load_line = machine_is_idle()
+    out: dict = {"loadavg_start": loadavg(), "devices": str(jax.devices()), "cpu_count": os.cpu_count(),
+                 "queries": args.queries, "machine_idle_at_start": idle, "load_check": load_line}
+    log(f"load check: {load_line}: {'idle' if idle else 'BUSY'}")
+    log(f"devices {jax.devices()}, {os.cpu_count()} CPUs")
+    tmp = tempfile.TemporaryDirectory()
+    directory = os.path.join(tmp.name, "t5-24l-d128")
+    model = build_model()
+    gj.save_pretrained(directory, model)
+    (model, load_s) = timed(lambda: gj.load_pretrained(directory))
+    config, params = model.config, model.params
+    n = args.queries
+    ids, mask, targets = make_queries(config, params, n)
+    s = ids.shape[1]
+    qc = min(args.query_chunk, n)
+    cc = args.config_chunk or default_config_chunk(qc, config.vocab_size)
+    executed_rows = -(-n // qc) * qc
+    out.update(load_s=load_s, padded_length=s, query_chunk=qc, config_chunk=cc)
+    log(f"model loaded in {load_s:.1f} s; {n} queries padded to {s} tokens; query chunk {qc}, config chunk {cc}")
+
+    matmul_before = matmul_gflops()
+    log(f"plain float32 matmul (2048^3, jitted): {matmul_before:.1f} GFLOP/s")
+
+    # 1. exact neuron sweep --------------------------------------------------------------------------------
+    grid = site_grid(config, NEURONS, unit="neuron")
+    sweep_kwargs = dict(metrics=("rank", "logit"), per_query=False, query_chunk=qc, config_chunk=cc, progress=False)
+    log(f"1. exact neuron sweep: {grid.size} configs x {n} queries (cold: compile included)")
+    exact, exact_s = timed(lambda: run_sweep(config, params, ids, mask, targets, grid, **sweep_kwargs))
+    log(f"   done in {exact_s:.1f} s (run_sweep stats: {exact.stats})")
+    # compile time: clear the caches, run one block cold and warm with the same shapes
+    jax.clear_caches()
+    small = grid.take(np.arange(cc) + 23 * 512)
+    _, small_cold = timed(lambda: run_sweep(config, params, ids[:qc], mask[:qc], targets[:qc], small, **sweep_kwargs))
+    _, small_warm = timed(lambda: run_sweep(config, params, ids[:qc], mask[:qc], targets[:qc], small, **sweep_kwargs))
+    compile_s = max(0.0, small_cold - small_warm)
+    steady_s = exact_s - compile_s
+    cq = grid.size * n
+    starts = grid.labels["layer"]
+    flops = neuron_sweep_flops(config, s, executed_rows, qc, cc, starts, window=exact.stats["rank_window"],
+                               full_rows=exact.stats["rank_rows_full_vocabulary"])
+    matmul_after = matmul_gflops()
+    matmul = max(matmul_before, matmul_after)
+    achieved = flops["flops"] / steady_s / 1e9
+    minimum = minimum_neuron_patch_flops(config, s, starts, exact.stats["rank_window"])
+    out["exact"] = {"configs": grid.size, "end_to_end_s": exact_s, "compile_s": compile_s, "steady_s": steady_s,
+                    "minimum_flops_per_config_query": minimum,
+                    "executed_over_minimum": flops["per_config_query_flops"] / minimum,
+                    "steady_cq_per_s": cq / steady_s, "end_to_end_cq_per_s": cq / exact_s,
+                    "flops": flops["flops"], "flops_per_config_query": flops["per_config_query_flops"],
+                    "achieved_gflops": achieved, "matmul_gflops_before": matmul_before,
+                    "matmul_gflops_after": matmul_after, "ratio_to_matmul": achieved / matmul, "stats": exact.stats,
+                    "clean_rank0_fraction": float(np.mean(exact.clean["rank"] == 0)),
+                    "configs_with_any_rank_change": int(np.sum(exact.aggregates["rank>0"] > 0))}
+    log(f"   compile {compile_s:.1f} s, steady {cq / steady_s:.0f} cq/s, {achieved:.1f} GFLOP/s = "
+        f"{achieved / matmul:.0%} of matmul ({matmul_before:.1f} / {matmul_after:.1f} GFLOP/s before/after)")
+
+    if not args.skip_attribution:
+        window_and_prefix_sharing(out, config, params, ids, mask, targets, grid, sweep_kwargs, qc, cc, s,
+                                  executed_rows)
+    torch_loops(out, args, directory, config, params, ids, mask, targets, grid, cq / steady_s)
+
     # 3. TransformerLens ------------------------------------------------------------------------------------
     tl = None
     if not args.skip_tl:
@@ -397,47 +475,48 @@ def main() -> None:
             log(f"   TransformerLens failed: {str(exc)[-1500:]}")
             tl = None
 
-    # 4. AtP* / AtP for all neurons --------------------------------------------------------------------------
-    log(f"4. AtP* for {grid.size} neurons on {n} queries")
-    atp_star, atp_star_s = timed(lambda: attribute(config, params, ids, mask, targets, grid, method="atp*",
-                                                   metric="logit", query_chunk=qc, progress=False))
-    log(f"   AtP* {atp_star_s:.1f} s = {atp_star_s / exact_s:.2%} of the exact sweep")
-    atp, atp_s = timed(lambda: attribute(config, params, ids, mask, targets, grid, method="atp", metric="logit",
-                                         query_chunk=qc, progress=False))
-    log(f"   AtP {atp_s:.1f} s = {atp_s / exact_s:.2%} of the exact sweep")
-    out["attribution_time"] = {"atp_star_s": atp_star_s, "atp_s": atp_s,
-                               "atp_star_fraction_of_exact": atp_star_s / exact_s,
-                               "atp_fraction_of_exact": atp_s / exact_s}
-
-    # 5. attribution vs exact --------------------------------------------------------------------------------
-    log("5. attribution vs exact (heads, components, neurons)")
     agreement = {}
+    if not args.skip_attribution:
+        # 4. AtP* / AtP for all neurons --------------------------------------------------------------------------
+        log(f"4. AtP* for {grid.size} neurons on {n} queries")
+        atp_star, atp_star_s = timed(lambda: attribute(config, params, ids, mask, targets, grid, method="atp*",
+                                                       metric="logit", query_chunk=qc, progress=False))
+        log(f"   AtP* {atp_star_s:.1f} s = {atp_star_s / exact_s:.2%} of the exact sweep")
+        atp, atp_s = timed(lambda: attribute(config, params, ids, mask, targets, grid, method="atp", metric="logit",
+                                             query_chunk=qc, progress=False))
+        log(f"   AtP {atp_s:.1f} s = {atp_s / exact_s:.2%} of the exact sweep")
+        out["attribution_time"] = {"atp_star_s": atp_star_s, "atp_s": atp_s,
+                                   "atp_star_fraction_of_exact": atp_star_s / exact_s,
+                                   "atp_fraction_of_exact": atp_s / exact_s}
 
-    def compare(name, sweep, exact_effect, star, plain):
-        agreement[name] = {
-            "configs": sweep.size,
-            "spearman_effect_vs_atp": spearman(exact_effect, plain.scores),
-            "spearman_effect_vs_atpstar_scores": spearman(exact_effect, star.scores),
-            "spearman_abs_effect_vs_atpstar_ranking": spearman(np.abs(exact_effect), star.ranking),
-            "spearman_abs_effect_vs_atp_ranking": spearman(np.abs(exact_effect), plain.ranking),
-        }
-        if sweep.size > 200:
-            agreement[name]["top100_overlap_atpstar"] = top_overlap(np.abs(exact_effect), star.ranking, 100)
-            agreement[name]["top100_overlap_atp"] = top_overlap(np.abs(exact_effect), plain.ranking, 100)
-        log(f"   {name}: {agreement[name]}")
+        # 5. attribution vs exact --------------------------------------------------------------------------------
+        log("5. attribution vs exact (heads, components, neurons)")
 
-    for name, sweep in (("cross_attn heads", site_grid(config, "decoder.*.cross_attn.hook_z", unit="head")),
-                        ("self-attn heads", site_grid(config, "decoder.*.attn.hook_z", unit="head")),
-                        ("layer x component", component_grid(config))):
-        result = run_sweep(config, params, ids, mask, targets, sweep, metrics=("rank", "logit"), per_query=False,
-                           query_chunk=qc, progress=False)
-        star = attribute(config, params, ids, mask, targets, sweep, method="atp*", metric="logit", query_chunk=qc,
-                         progress=False)
-        plain = attribute(config, params, ids, mask, targets, sweep, method="atp", metric="logit", query_chunk=qc,
-                          progress=False)
-        compare(name, sweep, result.aggregates["logit_effect"], star, plain)
-    compare("neurons", grid, exact.aggregates["logit_effect"], atp_star, atp)
-    out["agreement"] = agreement
+        def compare(name, sweep, exact_effect, star, plain):
+            agreement[name] = {
+                "configs": sweep.size,
+                "spearman_effect_vs_atp": spearman(exact_effect, plain.scores),
+                "spearman_effect_vs_atpstar_scores": spearman(exact_effect, star.scores),
+                "spearman_abs_effect_vs_atpstar_ranking": spearman(np.abs(exact_effect), star.ranking),
+                "spearman_abs_effect_vs_atp_ranking": spearman(np.abs(exact_effect), plain.ranking),
+            }
+            if sweep.size > 200:
+                agreement[name]["top100_overlap_atpstar"] = top_overlap(np.abs(exact_effect), star.ranking, 100)
+                agreement[name]["top100_overlap_atp"] = top_overlap(np.abs(exact_effect), plain.ranking, 100)
+            log(f"   {name}: {agreement[name]}")
+
+        for name, sweep in (("cross_attn heads", site_grid(config, "decoder.*.cross_attn.hook_z", unit="head")),
+                            ("self-attn heads", site_grid(config, "decoder.*.attn.hook_z", unit="head")),
+                            ("layer x component", component_grid(config))):
+            result = run_sweep(config, params, ids, mask, targets, sweep, metrics=("rank", "logit"), per_query=False,
+                               query_chunk=qc, progress=False)
+            star = attribute(config, params, ids, mask, targets, sweep, method="atp*", metric="logit", query_chunk=qc,
+                             progress=False)
+            plain = attribute(config, params, ids, mask, targets, sweep, method="atp", metric="logit", query_chunk=qc,
+                              progress=False)
+            compare(name, sweep, result.aggregates["logit_effect"], star, plain)
+        compare("neurons", grid, exact.aggregates["logit_effect"], atp_star, atp)
+        out["agreement"] = agreement
 
     # 6. memory ------------------------------------------------------------------------------------------------
     if not args.skip_memory:
@@ -463,21 +542,35 @@ def main() -> None:
         ("   steady config-queries/s", f"{e['steady_cq_per_s']:,.0f}"),
         ("   achieved FLOP/s (analytic)", f"{e['achieved_gflops']:.1f} GFLOP/s = {e['ratio_to_matmul']:.0%} of matmul "
                                          f"({max(e['matmul_gflops_before'], e['matmul_gflops_after']):.1f} GFLOP/s)"),
-        ("   FLOPs per config-query (sweep part)", f"{e['flops_per_config_query'] / 1e6:.1f} MFLOP"),
-        ("1b. rank window (every 4th neuron)", f"{out['rank_window']['off_s']:.1f} s off vs "
-                                                f"{out['rank_window']['on_s']:.1f} s on = "
-                                                f"{out['rank_window']['speedup']:.2f}x; "
-                                                f"{out['rank_window']['rows_decided']:.1%} decided by the bound; "
-                                                f"ranks equal: {out['rank_window']['ranks_equal']}"
-                                                + (f" ({out['rank_window']['ranks_differing']} differ, closest "
-                                                   f"relative logit gap at most "
-                                                   f"{max(d['closest_relative_gap'] for d in out['rank_window_differences']):.1e})"
-                                                   if out['rank_window_differences'] else "")),
-        ("2. prefix sharing (every 8th neuron)", f"{out['prefix_sharing']['unshared_s']:.1f} s off vs "
-                                                 f"{out['prefix_sharing']['shared_s']:.1f} s on = "
-                                                 f"{out['prefix_sharing']['speedup']:.2f}x (analytic "
-                                                 f"{out['prefix_sharing']['analytic_flop_ratio']:.2f}x)"),
+        ("   FLOPs per config-query (sweep part)", f"{e['flops_per_config_query'] / 1e6:.2f} MFLOP executed (analytic), "
+                                                  f"{e['minimum_flops_per_config_query'] / 1e6:.2f} MFLOP the minimum "
+                                                  f"an exact patch needs = {e['executed_over_minimum']:.2f}x"),
     ]
+    if "rank_window" in out:
+        rows += [
+            ("1b. rank window (every 4th neuron)", f"{out['rank_window']['off_s']:.1f} s off vs "
+                                                    f"{out['rank_window']['on_s']:.1f} s on = "
+                                                    f"{out['rank_window']['speedup']:.2f}x; "
+                                                    f"{out['rank_window']['rows_decided']:.1%} decided by the bound; "
+                                                    f"ranks equal: {out['rank_window']['ranks_equal']}"
+                                                    + (f" ({out['rank_window']['ranks_differing']} differ, closest "
+                                                       f"relative logit gap at most "
+                                                       f"{max(d['closest_relative_gap'] for d in out['rank_window_differences']):.1e})"
+                                                       if out['rank_window_differences'] else "")),
+            ("2. prefix sharing (every 8th neuron)", f"{out['prefix_sharing']['unshared_s']:.1f} s off vs "
+                                                     f"{out['prefix_sharing']['shared_s']:.1f} s on = "
+                                                     f"{out['prefix_sharing']['speedup']:.2f}x (analytic "
+                                                     f"{out['prefix_sharing']['analytic_flop_ratio']:.2f}x)"),
+        ]
+    torch_out = out.get("torch_loops")
+    if torch_out and "error" not in torch_out:
+        for name, loop in sorted(torch_out["loops"].items(), key=lambda item: -item[1]["cq_per_s"]):
+            ratio = (f"ours {torch_out['ratios'][name]:.1f}x" if torch_out["ratios"] else "ratio not reported: busy")
+            rows.append((f"3a. torch {name} ({torch_out['configs']} x {torch_out['queries']})",
+                         f"{loop['cq_per_s']:.1f} cq/s, {torch_out['threads']} threads, ranks equal "
+                         f"{loop['ranks_equal_fraction']:.2%}; {ratio}"))
+    elif torch_out:
+        rows.append(("3a. torch loops", "FAILED: " + torch_out["error"].splitlines()[-1][:100]))
     t = out.get("transformer_lens")
     if t and "error" not in t:
         rows += [("3. TransformerLens run_with_hooks", f"{t['cq_per_s']:.1f} cq/s ({t['sample_configs']} x "
@@ -489,9 +582,10 @@ def main() -> None:
         rows.append(("3. TransformerLens", "FAILED: " + t["error"].splitlines()[-1][:100]))
     else:
         rows.append(("3. TransformerLens", "skipped"))
-    a = out["attribution_time"]
-    rows += [("4. AtP* all neurons", f"{a['atp_star_s']:.1f} s = {a['atp_star_fraction_of_exact']:.2%} of exact"),
-             ("   AtP all neurons", f"{a['atp_s']:.1f} s = {a['atp_fraction_of_exact']:.2%} of exact")]
+    if "attribution_time" in out:
+        a = out["attribution_time"]
+        rows += [("4. AtP* all neurons", f"{a['atp_star_s']:.1f} s = {a['atp_star_fraction_of_exact']:.2%} of exact"),
+                 ("   AtP all neurons", f"{a['atp_s']:.1f} s = {a['atp_fraction_of_exact']:.2%} of exact")]
     for name, values in agreement.items():
         text = (f"rho(effect, AtP) {values['spearman_effect_vs_atp']:.3f}, "
                 f"rho(|effect|, AtP* ranking) {values['spearman_abs_effect_vs_atpstar_ranking']:.3f}, "
