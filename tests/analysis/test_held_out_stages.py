@@ -102,9 +102,21 @@ def queries(model):
     return ids, mask, logits.argmax(-1).astype(np.int32)
 
 
-def test_held_out_queries_never_reach_the_fit(model, queries, monkeypatch):
-    """Perturbing the held-out queries (tokens and targets) leaves the fitted features and boundaries exactly
-    unchanged; perturbing one fit query changes the features. The model only ever sees the fit rows."""
+def _synthetic_features(config, params, input_ids, attention_mask, target_ids, *, per_query=False, **kw):
+    """Stand-in for `stage_features` (a pure function of each query's tokens and target): per-query curves
+    [N, L, 2] with a step after layer 2 whose heights depend on the query."""
+    ids = np.asarray(input_ids, dtype=np.float64)
+    weight = (ids * np.asarray(attention_mask)).sum(axis=1) % 17 + np.asarray(target_ids) % 5 + 1.0
+    L = config.num_decoder_layers
+    step = (np.arange(L) >= 3).astype(np.float64)
+    curves = np.stack([weight[:, None] * step[None, :], np.log1p(weight)[:, None] * (1.0 - step)[None, :]], axis=-1)
+    return (curves if per_query else curves.mean(axis=0)), ["step", "drop"]
+
+
+def _check_held_out_never_reaches_the_fit(model, queries, monkeypatch, resamples):
+    """Perturbing the held-out queries (tokens and targets) leaves the fitted features, boundaries and whole
+    record exactly unchanged; perturbing one fit query changes the features; stage_features only ever sees
+    the fit rows. Returns the first fit."""
     ids, mask, targets = queries
     query_ids = [f"q{i}" for i in range(len(ids))]
     fit_rows, held_rows = split_queries(len(ids))
@@ -116,7 +128,7 @@ def test_held_out_queries_never_reach_the_fit(model, queries, monkeypatch):
         return original(config, params, input_ids, *args, **kw)
 
     monkeypatch.setattr(auto, "stage_features", spy)
-    first = resolve_stages("auto", CONFIG, model, ids, mask, targets, query_ids=query_ids, resamples=5)
+    first = resolve_stages("auto", CONFIG, model, ids, mask, targets, query_ids=query_ids, resamples=resamples)
     assert len(seen) == 1 and np.array_equal(seen[0], ids[fit_rows])
 
     rng = np.random.default_rng(9)
@@ -124,43 +136,69 @@ def test_held_out_queries_never_reach_the_fit(model, queries, monkeypatch):
     other_ids[held_rows] = np.where(mask[held_rows] == 1, rng.integers(2, CONFIG.vocab_size, ids[held_rows].shape),
                                     ids[held_rows])
     other_targets[held_rows] = (targets[held_rows] + 7) % CONFIG.vocab_size
-    second = resolve_stages("auto", CONFIG, model, other_ids, mask, other_targets, query_ids=query_ids, resamples=5)
+    second = resolve_stages("auto", CONFIG, model, other_ids, mask, other_targets, query_ids=query_ids,
+                            resamples=resamples)
     assert second.layers == first.layers and second.record() == first.record()
 
     changed_ids = ids.copy()
     changed_ids[fit_rows[0], 0] = (ids[fit_rows[0], 0] + 5) % CONFIG.vocab_size
-    third = resolve_stages("auto", CONFIG, model, changed_ids, mask, targets, query_ids=query_ids, resamples=5)
+    third = resolve_stages("auto", CONFIG, model, changed_ids, mask, targets, query_ids=query_ids,
+                           resamples=resamples)
     assert third.fit["features"] != first.fit["features"]
 
     record = json.loads(json.dumps(first.record()))
-    split = record["split"]
-    assert split == {"seed": 0, "fit_queries": 3, "held_out_queries": 4, "fit_rows": fit_rows,
-                     "held_out_rows": held_rows, "fit_query_ids": [query_ids[r] for r in fit_rows],
-                     "held_out_query_ids": [query_ids[r] for r in held_rows]}
+    assert record["split"] == {"seed": 0, "fit_queries": len(fit_rows), "held_out_queries": len(held_rows),
+                               "fit_rows": fit_rows, "held_out_rows": held_rows,
+                               "fit_query_ids": [query_ids[r] for r in fit_rows],
+                               "held_out_query_ids": [query_ids[r] for r in held_rows]}
     assert record["k"] == len(record["stages"]) and record["k_selection"]["chosen"] == record["k"]
     assert set(record["k_selection"]["values"]) == {"2", "3", "4", "5"}
-    assert record["stability"]["resamples"] == 5 and len(record["stability"]["boundaries"]) == record["k"] - 1
-    again = Stages.from_record(record)
-    assert again.held_out_rows(len(ids)).tolist() == held_rows
+    assert record["stability"]["resamples"] == resamples
+    assert len(record["stability"]["boundaries"]) == record["k"] - 1
+    return first
+
+
+@pytest.fixture(scope="module")
+def small_queries():
+    ids, mask, _ = padded_batch(CONFIG.vocab_size, [7, 3, 11, 5, 9, 6, 8, 4, 10], seed=4)
+    return ids, mask, np.arange(len(ids), dtype=np.int32) * 13 % CONFIG.vocab_size
+
+
+def test_held_out_queries_never_reach_the_fit(small_queries, monkeypatch):
+    monkeypatch.setattr(auto, "stage_features", _synthetic_features)
+    first = _check_held_out_never_reaches_the_fit(None, small_queries, monkeypatch, resamples=20)
+    assert first.as_lists() == [[0, 1, 2], [3, 4, 5]]  # the planted step: k = 2
+    again = Stages.from_record(json.loads(json.dumps(first.record())))
+    _, held_rows = split_queries(9)
+    assert again.held_out_rows(9).tolist() == held_rows
     sentence = again.describe_fit()
-    assert "fitted on 3 of the correct queries" in sentence and "the other 4 only" in sentence
-    assert "chosen by a penalised cost" in sentence and "Bootstrap stability over 5 resamples" in sentence
-    with pytest.raises(GenIRError, match="fitted with 7 queries"):
-        again.held_out_rows(6)
+    assert "fitted on 4 of the correct queries" in sentence and "the other 5 only" in sentence
+    assert "chosen by a penalised cost" in sentence and "Bootstrap stability over 20 resamples" in sentence
+    assert "layer 3 (first of stage II) in 100%" in sentence
+    with pytest.raises(GenIRError, match="fitted with 9 queries"):
+        again.held_out_rows(8)
 
 
-def test_analyses_get_only_the_held_out_queries(model, queries):
+@pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
+def test_held_out_queries_never_reach_the_fit_of_a_model(model, queries, monkeypatch):
+    """The same with the real per-layer features of a random-weight model."""
+    _check_held_out_never_reaches_the_fit(model, queries, monkeypatch, resamples=5)
+
+
+def test_analyses_get_only_the_held_out_queries(small_queries, monkeypatch):
     """`resolve_for_inputs` / `report_inputs`: automatic stages hand the analyses the held-out queries only (ids,
     tokens and targets), fixed stages all of them."""
-    ids, mask, targets = queries
+    monkeypatch.setattr(auto, "stage_features", _synthetic_features)
+    ids, mask, targets = small_queries
     correct = [CorrectQuery(f"q{i}", f"text {i}", f"@DOC_ID_{i}@", int(t)) for i, t in enumerate(targets)]
-    inputs = AnalysisInputs(model=type("M", (), {"config": CONFIG, "params": model})(), queries=correct,
+    inputs = AnalysisInputs(model=type("M", (), {"config": CONFIG, "params": None})(), queries=correct,
                             input_ids=ids, attention_mask=mask, targets=targets)
     stages, held_out = resolve_for_inputs("auto", inputs)
     _, held_rows = split_queries(len(ids))
     assert [q.query_id for q in held_out.queries] == stages.record()["split"]["held_out_query_ids"] == \
         [f"q{r}" for r in held_rows]
     np.testing.assert_array_equal(held_out.input_ids, ids[held_rows])
+    np.testing.assert_array_equal(held_out.attention_mask, mask[held_rows])
     np.testing.assert_array_equal(held_out.targets, targets[held_rows])
     thirds, everything = resolve_for_inputs("thirds", inputs)
     assert everything is inputs and thirds.held_out_rows(len(ids)).tolist() == list(range(len(ids)))
