@@ -110,7 +110,7 @@ class Stages:
     def describe_fit(self) -> str:
         """One sentence on how the stages were obtained: for automatic stages the split, k and its criterion,
         and the boundaries' bootstrap stability."""
-        text = self.describe(named=True) if self.method != "explicit" or self.spec is None else self.spec
+        text = self.describe(named=True)
         how = {"paper": "the paper's stages", "thirds": "equal thirds", "explicit": "given as layer ranges",
                "auto": "fitted automatically"}[self.method]
         if self.method != "auto" or "split" not in self.fit:
