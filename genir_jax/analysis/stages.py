@@ -117,10 +117,11 @@ class Stages:
             return f"Stages {text}: {how}."
         split, selection = self.fit["split"], self.fit.get("k_selection", {})
         values = ", ".join(f"k={k}: {v:.1f}" for k, v in selection.get("values", {}).items())
+        chosen = values and "fixed_k" not in selection
         sentence = (f"Stages {text}: fitted on {split['fit_queries']} of the correct queries (seed {split['seed']}); "
                     f"every table that uses them reports the other {split['held_out_queries']} only. k = {len(self)}"
-                    + (f" chosen by a penalised cost (BIC, penalty doubled: {values}; least wins)" if values and "fixed_k" not in selection else " fixed")
-                    + ".")
+                    + (f" chosen by a penalised cost (BIC, penalty doubled: {values}; least wins)." if chosen
+                       else " fixed."))
         stability = self.fit.get("stability") or {}
         if stability.get("resamples"):
             parts = [f"layer {b['layer']} (first of stage {stage_names(len(self))[b['first_layer_of_stage'] - 1]}) in "

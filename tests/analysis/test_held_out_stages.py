@@ -203,3 +203,17 @@ def test_analyses_get_only_the_held_out_queries(small_queries, monkeypatch):
     thirds, everything = resolve_for_inputs("thirds", inputs)
     assert everything is inputs and thirds.held_out_rows(len(ids)).tolist() == list(range(len(ids)))
     assert report_inputs(thirds, inputs) is inputs
+
+
+def test_a_wrong_held_out_query_is_named_by_its_record_in_correct_valid(tmp_path):
+    """patch-stages' check of the clean ranks runs on the held-out half: the error names the record's index in
+    correct_valid.json, not its row in the half."""
+    from genir_jax.analysis.patch_stages import check_ranked_first
+    from genir_jax.base.errors import DataError
+
+    path = tmp_path / "correct_valid.json"
+    path.write_text(json.dumps([[f"@DOC_ID_{i}@", f"q{i}"] for i in range(6)]))
+    held_out = [CorrectQuery(f"q{i}", "text", f"@DOC_ID_{i}@", i) for i in (1, 4, 5)]
+    with pytest.raises(DataError, match=r"record index 4: field 0 \(docid_token\) '@DOC_ID_4@' is at rank 2"):
+        check_ranked_first(path, held_out, [0, 2, 0])
+    check_ranked_first(path, held_out, [0, 0, 0])
