@@ -9,7 +9,8 @@ with k pieces over the layers; the k pieces that minimise the total within-stage
 are the stages (`segment_layers`, exact dynamic programming, O(k L^2) after O(L F) prefix sums).
 
 `fit_stages` works on per-query features [N, L, F]: it chooses k in 2..5 by a penalised cost of the
-piecewise-constant fit (BIC with a doubled penalty, `choose_k`) and refits the boundaries on bootstrap resamples of the queries (`bootstrap_stability`).
+piecewise-constant fit (BIC with a doubled penalty, `choose_k`) and refits the boundaries on bootstrap
+resamples of the queries (`bootstrap_stability`).
 `genir_jax.analysis.stages.resolve_stages` calls it on one half of the correct queries only, so that the
 tables report stage effects on queries the fit never saw.
 
@@ -217,7 +218,8 @@ def choose_k(z, ks: Sequence[int] = K_RANGE) -> tuple[int, dict]:
         stages = segment_layers(z, k)
         rss = segment_cost(z, stages)
         fits[k] = stages
-        values[k] = 0.0 if n == 0 else n * float(np.log(max(rss, _RSS_FLOOR * n) / n)) + 2 * (k * columns + k - 1) * float(np.log(n))
+        penalty = 2 * (k * columns + k - 1) * float(np.log(n)) if n else 0.0
+        values[k] = 0.0 if n == 0 else n * float(np.log(max(rss, _RSS_FLOOR * n) / n)) + penalty
     chosen = min(values, key=lambda k: (values[k], k))
     record = {"criterion": CRITERION, "chosen": chosen,
               "values": {str(k): value for k, value in values.items()},

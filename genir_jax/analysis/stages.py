@@ -8,8 +8,8 @@ it into a `Stages`; `Stages.record` is what stages.json holds and `Stages.from_r
 
 Held-out fitting: ``auto`` fits on a seeded random half of the correct queries (`split_queries`) and every
 analysis that uses the stages reports on the other half only (`Stages.held_out_rows`, `report_inputs`), so
-no table reports effects on the queries whose effects placed the boundaries. The fit chooses k in 2..5 (a penalised cost,
-`genir_jax.analysis.auto_stages.choose_k`) and records the boundaries' bootstrap stability; stages.json holds
+no table reports effects on the queries whose effects placed the boundaries. The fit chooses k in 2..5 (a
+penalised cost, `genir_jax.analysis.auto_stages.choose_k`) and records the boundaries' bootstrap stability; stages.json holds
 the split (seed, sizes, query ids), the criterion values and the stability.
 """
 

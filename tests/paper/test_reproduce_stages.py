@@ -94,7 +94,8 @@ def test_report_says_which_stages_and_how_they_were_fitted(tmp_path):
     Stages(((0, 1, 2), (3, 4, 5)), "auto", 6, fit=fit).write(layout.analysis("patch-stages"))
     report = write_report(layout, rp.Settings("squad-dev", "tiny", stages="auto")).read_text()
     assert "Decoder stages: `--stages auto`." in report
-    assert "fitted on 10 of the correct queries (seed 0); every table that uses them reports the other 11 only" in report
+    assert ("fitted on 10 of the correct queries (seed 0); every table that uses them reports the other 11 only"
+            in report)
     assert "k = 2 chosen by a penalised cost (BIC, penalty doubled: k=2: -40.0, k=3: -35.5; least wins)" in report
     assert "layer 3 (first of stage II) in 90%" in report and "k chosen 2 in 48, 3 in 2" in report
     Stages(((0, 1), (2, 3), (4, 5)), "thirds", 6).write(layout.analysis("patch-stages"))

@@ -40,8 +40,10 @@ def add_parser(subparsers) -> None:
     add_checkpoint_paths(parser, ("-o", "--output-path", "--output"))
     parser.add_argument("--circuit", default=None, help="circuit JSON file (default: the paper's circuit)")
     parser.add_argument("--stages", default=None,
-                        help="decoder stages: 'auto', 'thirds', 'paper' or layer ranges, e.g. '0-6,7-17,18-23' "
-                             "(default: the paper's for a 24-layer decoder, otherwise auto); see stages.json")
+                        help="decoder stages: 'auto' (fitted on a seeded half of the correct queries; the means "
+                             "then come from the other half), 'thirds', 'paper' or layer ranges, e.g. "
+                             "'0-6,7-17,18-23' (default: the paper's for a 24-layer decoder, otherwise auto); see "
+                             "stages.json")
     add_reference(parser, "eval_patching_all_stages.py",
                   "patching_results_best_circuit.json only, its metrics and config text, the paper's stages",
                   "as the reference: pad to the longest correct validation query + 1 without attention mask (means "

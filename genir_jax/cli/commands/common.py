@@ -5,8 +5,9 @@ from __future__ import annotations
 from genir_jax.base.options import POSITIVE
 import argparse
 
-STAGES_HELP = ("decoder stages: 'auto' (three stages fitted to the model's per-layer curves on the correct "
-               "queries, see genir_jax.analysis.auto_stages), 'thirds' (three near-equal consecutive blocks), "
+STAGES_HELP = ("decoder stages: 'auto' (fitted to the model's per-layer curves on a seeded half of the correct "
+               "queries, k in 2-5 chosen by a penalised cost, see genir_jax.analysis.auto_stages; the results are "
+               "then reported on the other, held-out half only), 'thirds' (three near-equal consecutive blocks), "
                "'paper' (0-6,7-17,18-23; 24-layer decoders) or layer ranges, e.g. '0-6,7-17,18-23' (default: "
                "the paper's for a 24-layer decoder, otherwise auto). The stages used are written to stages.json")
 from genir_jax.cli.paths import CHECKPOINT  # placeholder in path options (resolved by `resolve_placeholders`)

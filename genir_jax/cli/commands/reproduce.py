@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from genir_jax.base.options import POSITIVE
+from genir_jax.cli.commands.common import STAGES_HELP
 import argparse
 
 
@@ -45,11 +46,8 @@ def add_parser(subparsers) -> None:
                         help="the paper's data regime: the NQ10k-style split (validation/test documents indexed "
                              "only), indexing:retrieval ratio 32, 32-token documents and queries")
     parser.add_argument("--stages", default=None,
-                        help="decoder stages of every experiment that uses them: 'auto' (fitted to the model's "
-                             "per-layer curves on a seeded half of the correct validation queries, k in 2-5 chosen "
-                             "by a penalised cost; the tables report the other half), 'thirds', 'paper' (0-6,7-17,18-23; "
-                             "24-layer decoders) or layer ranges, e.g. '0-1,2-3,4-5' (default: each experiment's, "
-                             "the paper's for a 24-layer decoder, otherwise auto). Recorded in the run's settings")
+                        help=STAGES_HELP.replace("decoder stages:", "decoder stages of every experiment that uses "
+                                                 "them:", 1) + " under analysis/; recorded in the run's settings")
     parser.add_argument("--removed-models", type=POSITIVE, default=REMOVED_MODELS,
                         help=f"models trained without {REMOVED_DOCUMENTS} documents each, for the encoder swap "
                              f"(default: {REMOVED_MODELS}, as in the paper; fewer makes a quicker run)")
