@@ -8,6 +8,12 @@ target's logit-lens rank, single-component zero-ablation effects), z-scored per 
 with k pieces over the layers; the k pieces that minimise the total within-stage sum of squared deviations
 are the stages (`segment_layers`, exact dynamic programming, O(k L^2) after O(L F) prefix sums).
 
+`fit_stages` works on per-query features [N, L, F]: it chooses k in 2..5 by a penalised cost of the
+piecewise-constant fit (BIC with a doubled penalty, `choose_k`) and refits the boundaries on bootstrap
+resamples of the queries (`bootstrap_stability`).
+`genir_jax.analysis.stages.resolve_stages` calls it on one half of the correct queries only, so that the
+tables report stage effects on queries the fit never saw.
+
 `genir_jax.analysis.stage_patching.describe_stages` writes stages in the syntax `stage_patching.parse_stages` reads
 (``"0-6,7-17,18-23"``).
 """
@@ -35,6 +41,14 @@ FEATURE_NAMES = tuple([f"ratio_{c}" for c in COMPONENTS] + ["lens_log1p_rank"]
 _CONSTANT_RTOL = 1e-12
 # Relative tolerance under which two DP candidates count as tied (costs equal up to rounding).
 _TIE_RTOL = 1e-9
+# The numbers of stages `choose_k` compares, and how.
+K_RANGE = (2, 3, 4, 5)
+CRITERION = ("penalised cost of the piecewise-constant fit to the standardized curves (BIC, penalty doubled): "
+             "n ln(RSS_k / n) + 2 (k F + k - 1) ln n, n = layers x non-constant features F; least wins")
+# Bootstrap resamples of the fit queries for the stability of the boundaries.
+BOOTSTRAP_RESAMPLES = 100
+# RSS below this share of the values counts as a perfect fit (keeps ln finite).
+_RSS_FLOOR = 1e-12
 
 
 def _check_features(features) -> np.ndarray:
@@ -140,9 +154,10 @@ def zero_ablation_configs(config: T5Config) -> tuple[Sweep, list[tuple[str, int]
 
 
 def stage_features(config: T5Config, params, input_ids, attention_mask, target_ids, *,
-                   batch_size: int | None = None, progress: bool = False) -> tuple[np.ndarray, list[str]]:
-    """Per-layer curves [L, F] averaged over the queries [N, S] with target token ids [N], and their names
-    (`FEATURE_NAMES`):
+                   batch_size: int | None = None, progress: bool = False,
+                   per_query: bool = False) -> tuple[np.ndarray, list[str]]:
+    """Per-layer curves [L, F] averaged over the queries [N, S] with target token ids [N] (with `per_query`,
+    each query's own curves [N, L, F], which `fit_stages` resamples), and their names (`FEATURE_NAMES`):
 
     - ``ratio_{attn,cross_attn,mlp}``: ||component output|| / ||resid_post - resid_pre|| (paper Fig. 3),
     - ``lens_log1p_rank``: log(1 + rank of the target) in the logit lens of resid_post (Fig. 4),
@@ -168,27 +183,128 @@ def stage_features(config: T5Config, params, input_ids, attention_mask, target_i
     sweep = run_sweep(config, params, input_ids, attention_mask, target_ids, interventions,
                       query_chunk=batch_size, progress=progress)
     logits = np.asarray(sweep.target_logits, dtype=np.float64)       # [1 + 3L, N]
-    drops = (logits[:1] - logits[1:]).mean(axis=1)                    # [3L], ordered as rows
+    drops = logits[:1] - logits[1:]                                   # [3L, N], ordered as rows
     L = config.num_decoder_layers
-    zero = drops.reshape(len(COMPONENTS), L).T                        # [L, 3]
+    zero = drops.reshape(len(COMPONENTS), L, -1).transpose(2, 1, 0)   # [N, L, 3]
 
-    features = np.concatenate([ratios.astype(np.float64).mean(axis=0), lens.mean(axis=0)[:, None], zero], axis=1)
-    return features, list(FEATURE_NAMES)
+    features = np.concatenate([ratios.astype(np.float64), lens[:, :, None], zero], axis=2)  # [N, L, F]
+    return (features if per_query else features.mean(axis=0)), list(FEATURE_NAMES)
+
+
+def stage_counts(num_layers: int, ks: Sequence[int] = K_RANGE) -> list[int]:
+    """The numbers of stages `choose_k` compares for a decoder of `num_layers` layers: `ks` (2..5 by default)
+    cut to 1..L (a 1-layer decoder has one stage)."""
+    counts = [int(k) for k in ks if 1 <= int(k) <= num_layers]
+    return counts or [min(num_layers, max(1, min(int(k) for k in ks)))]
+
+
+def choose_k(z, ks: Sequence[int] = K_RANGE) -> tuple[int, dict]:
+    """The number of stages for standardized per-layer features `z` [L, F], by a penalised segmentation cost:
+    with n = L x F' values (F' the non-constant columns) and RSS_k the least within-stage sum of squares in k
+    stages (`segment_layers`),
+
+        C(k) = n ln(RSS_k / n) + 2 (k F' + k - 1) ln n     (k F' stage means, k - 1 boundaries),
+
+    i.e. the Bayesian information criterion with its penalty doubled, because the boundaries are the best of
+    many positions searched (plain BIC lets a split of pure noise through, as tests/analysis show). The least
+    C(k) over `stage_counts(L, ks)` wins, ties to fewer stages: each extra stage must cut RSS by a factor
+    exp(2 (F' + 1) ln(n) / n). Returns (k, record: criterion, chosen, values and stages per k)."""
+    z = _check_features(z)
+    L = z.shape[0]
+    columns = int(np.sum(np.any(z != 0.0, axis=0)))
+    n = L * columns
+    values, fits = {}, {}
+    for k in stage_counts(L, ks):
+        stages = segment_layers(z, k)
+        rss = segment_cost(z, stages)
+        fits[k] = stages
+        penalty = 2 * (k * columns + k - 1) * float(np.log(n)) if n else 0.0
+        values[k] = 0.0 if n == 0 else n * float(np.log(max(rss, _RSS_FLOOR * n) / n)) + penalty
+    chosen = min(values, key=lambda k: (values[k], k))
+    record = {"criterion": CRITERION, "chosen": chosen,
+              "values": {str(k): value for k, value in values.items()},
+              "stages": {str(k): describe_stages(stages) for k, stages in fits.items()}}
+    return chosen, record
+
+
+def bootstrap_stability(per_query, stages: Sequence[Sequence[int]], *, resamples: int = BOOTSTRAP_RESAMPLES,
+                        seed: int = 0, ks: Sequence[int] = K_RANGE) -> dict:
+    """How stable `stages` are: the queries of `per_query` [N, L, F] resampled with replacement `resamples`
+    times (seeded), each resample's mean curves standardized and segmented again into as many stages; for each
+    boundary (the first layer of stage II, III, ...) the share of resamples that put it on the same layer and
+    the distribution of where they put it; the share that reproduce every boundary; and the distribution of
+    the k `choose_k` picks on the resamples."""
+    per_query = np.asarray(per_query, dtype=np.float64)
+    if per_query.ndim != 3 or per_query.shape[0] == 0:
+        raise GenIRError(f"per-query stage features must be [queries, layers, features] with at least one query, "
+                         f"got shape {per_query.shape}")
+    if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) or resamples < 0:
+        raise GenIRError(f"bootstrap resamples must be an integer >= 0, got {resamples!r}")
+    starts = [int(stage[0]) for stage in stages[1:]]
+    rng = np.random.default_rng(seed)
+    found, picked = [], []
+    for _ in range(int(resamples)):
+        rows = rng.integers(0, per_query.shape[0], size=per_query.shape[0])
+        z = standardize(per_query[rows].mean(axis=0))
+        found.append([stage[0] for stage in segment_layers(z, len(stages))[1:]])
+        picked.append(choose_k(z, ks)[0])
+    found = np.asarray(found, dtype=np.int64).reshape(int(resamples), len(starts))
+    share = (lambda hits: float(np.mean(hits)) if resamples else None)
+    boundaries = []
+    for i, start in enumerate(starts):
+        layers, counts = np.unique(found[:, i], return_counts=True)
+        boundaries.append({"first_layer_of_stage": i + 2, "layer": start, "agreement": share(found[:, i] == start),
+                           "distribution": {str(int(l)): int(c) for l, c in zip(layers, counts)}})
+    ks_found, k_counts = np.unique(np.asarray(picked, dtype=np.int64), return_counts=True)
+    return {"resamples": int(resamples), "seed": int(seed), "resampled": "the fit queries, with replacement",
+            "boundaries": boundaries, "all_boundaries_agree": share(np.all(found == np.asarray(starts), axis=1)),
+            "k_distribution": {str(int(k)): int(c) for k, c in zip(ks_found, k_counts)}}
+
+
+def fit_stages(per_query, feature_names: Sequence[str] = FEATURE_NAMES, *, k: int | None = None,
+               ks: Sequence[int] = K_RANGE, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> "AutoStages":
+    """Stages from per-query per-layer features [N, L, F]: the mean curves, standardized, segmented into `k`
+    stages (None: `choose_k` over `ks`), and their `bootstrap_stability` over `resamples` resamples."""
+    per_query = np.asarray(per_query, dtype=np.float64)
+    if per_query.ndim != 3 or per_query.shape[0] == 0:
+        raise GenIRError(f"per-query stage features must be [queries, layers, features] with at least one query, "
+                         f"got shape {per_query.shape}")
+    features = per_query.mean(axis=0)
+    z = standardize(features)
+    L = z.shape[0]
+    chosen, selection = choose_k(z, ks)
+    if k is None:
+        k = chosen
+    elif isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= L:
+        raise GenIRError(f"cannot split the decoder's {L} layers into {k!r} non-empty stages; "
+                         f"need an integer 1 <= k <= {L}")
+    else:
+        selection = {**selection, "fixed_k": int(k)}  # "chosen" stays what the criterion would pick
+    stages = segment_layers(z, int(k))
+    stability = bootstrap_stability(per_query, stages, resamples=resamples, seed=seed, ks=ks)
+    return AutoStages(stages=stages, features=features, feature_names=list(feature_names),
+                      cost=segment_cost(z, stages), k_selection=selection, stability=stability,
+                      queries=int(per_query.shape[0]))
 
 
 @dataclasses.dataclass(frozen=True)
 class AutoStages:
-    """Automatically found stages, the raw per-layer features they were fitted to and the fit's cost (on
-    the standardized features)."""
+    """Automatically found stages, the raw per-layer features they were fitted to, the fit's cost (on
+    the standardized features), how k was chosen (`choose_k`), their bootstrap stability and the number of
+    queries fitted."""
 
     stages: list[list[int]]
     features: np.ndarray          # [L, F], raw (not standardized)
     feature_names: list[str]
     cost: float
+    k_selection: dict | None = None
+    stability: dict | None = None
+    queries: int | None = None
 
     def as_json(self) -> dict:
-        """A JSON-able description: method, k, stages (lists and ``"0-6,..."`` text), features per name."""
-        return {
+        """A JSON-able description: method, k, stages (lists and ``"0-6,..."`` text), features per name, cost,
+        and the k selection and stability where computed."""
+        out = {
             "method": "auto",
             "k": len(self.stages),
             "stages": [[int(layer) for layer in stage] for stage in self.stages],
@@ -197,17 +313,20 @@ class AutoStages:
                          for f, name in enumerate(self.feature_names)},
             "cost": float(self.cost),
         }
+        for key in ("k_selection", "stability"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
 
-def auto_stages(config: T5Config, params, input_ids, attention_mask, target_ids, k: int = 3,
-                **kw) -> AutoStages:
-    """k decoder stages for the model on these (usually correctly answered) queries: `stage_features`
-    (keyword arguments go to it), standardized, segmented by `segment_layers`."""
+def auto_stages(config: T5Config, params, input_ids, attention_mask, target_ids, k: int | None = 3, *,
+                resamples: int = 0, seed: int = 0, **kw) -> AutoStages:
+    """Decoder stages for the model on these (usually correctly answered) queries: `stage_features` per query
+    (keyword arguments go to it), then `fit_stages` (k stages; None: chosen by `choose_k`; `resamples`
+    bootstrap resamples for the stability record)."""
     L = config.num_decoder_layers
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= L:
+    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= L):
         raise GenIRError(f"cannot split the decoder's {L} layers into {k!r} non-empty stages; "
                          f"need an integer 1 <= k <= {L}")
-    features, names = stage_features(config, params, input_ids, attention_mask, target_ids, **kw)
-    z = standardize(features)
-    stages = segment_layers(z, k)
-    return AutoStages(stages=stages, features=features, feature_names=names, cost=segment_cost(z, stages))
+    per_query, names = stage_features(config, params, input_ids, attention_mask, target_ids, per_query=True, **kw)
+    return fit_stages(per_query, names, k=k, resamples=resamples, seed=seed)

@@ -219,6 +219,15 @@ class AnalysisInputs:
     def texts(self) -> list[str]:
         return [q.text for q in self.queries]
 
+    def subset(self, rows) -> "AnalysisInputs":
+        """The same model and only the queries at `rows` (in that order), e.g. the held-out half of an
+        automatic stage fit; the tokenisation keeps its padded width."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return dataclasses.replace(
+            self, queries=[self.queries[int(r)] for r in rows], input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows], targets=self.targets[rows],
+            target_mask=None if self.target_mask is None else self.target_mask[rows])
+
 
 def load_model(path: str | os.PathLike, *, tokenizer: bool = True, **kw):
     """A checkpoint for analysis (`genir_jax.checkpoints.hf.load_for_analysis`, keyword arguments go to it);

@@ -101,13 +101,18 @@ def _sequence_patch_stages(inputs, stages, modes, base, base_name, correct_valid
 def check_ranked_first(path: str | os.PathLike, queries, clean_ranks) -> None:
     """Refuse correct_valid.json records whose docid is not the clean model's top token (what `evaluate` writes
     there), naming the first such record; the reference checks nothing and silently counts them as patched."""
+    from genir_jax.analysis.inputs import read_correct_valid
+
     clean_ranks = np.asarray(clean_ranks)
     wrong = np.flatnonzero(clean_ranks != 0)
     if wrong.size:
-        first = int(wrong[0])
-        query = queries[first]
+        query = queries[int(wrong[0])]
+        # its record in the file (the queries may be a subset, e.g. the held-out half of automatic stages)
+        pairs = read_correct_valid(path) if os.path.isfile(path) else []
+        first = pairs.index((query.docid_token, query.query_id)) if (query.docid_token, query.query_id) in pairs \
+            else int(wrong[0])
         raise DataError(f"{os.fspath(path)}: record index {first}: field 0 (docid_token) {query.docid_token!r} is at "
-                        f"rank {int(clean_ranks[first])}, not first, for query {query.query_id!r} ({wrong.size} of "
+                        f"rank {int(clean_ranks[wrong[0]])}, not first, for query {query.query_id!r} ({wrong.size} of "
                         f"{clean_ranks.size} records are not ranked first; correct_valid.json must list the pairs "
                         "the model ranks first, as genir-jax evaluate writes it; --allow-incorrect accepts them)")
 

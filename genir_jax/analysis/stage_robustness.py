@@ -70,18 +70,19 @@ class StageRobustnessResult:
                    partitions={name: [list(stage) for stage in stages] for name, stages in data["partitions"].items()})
 
 
-def standard_partitions(config: T5Config, params, input_ids, attention_mask, target_ids, *, k: int = 3,
+def standard_partitions(config: T5Config, params, input_ids, attention_mask, target_ids, *, query_ids=None,
                         batch_size: int | None = None, progress: bool = True) -> tuple[dict, dict]:
-    """The partitions compared by default and how each was found: ``auto`` (`auto_stages` fitted to these
-    queries, k stages), ``thirds`` (`equal_stages`) and, for a 24-layer decoder, ``paper`` (0-6, 7-17, 18-23).
-    Returns ({name: stages}, {name: record}); the auto record holds its fit (features, cost)."""
-    from genir_jax.analysis.auto_stages import auto_stages
+    """The partitions compared by default and how each was found: ``auto`` (`genir_jax.analysis.stages.
+    resolve_stages`: fitted to one half of these queries, k chosen; compare the partitions on the other half,
+    ``Stages.from_record(records["auto"]).held_out_rows``), ``thirds`` (`equal_stages`) and, for a 24-layer
+    decoder, ``paper`` (0-6, 7-17, 18-23). Returns ({name: stages}, {name: record}); the auto record is its
+    stages.json record (fit, split, stability)."""
+    from genir_jax.analysis.stages import resolve_stages
 
-    found = auto_stages(config, params, input_ids, attention_mask, target_ids, k=k, batch_size=batch_size,
-                        progress=progress)
-    partitions = {"auto": [list(stage) for stage in found.stages],
-                  "thirds": equal_stages(config.num_decoder_layers)}
-    records = {"auto": found.as_json(), "thirds": {"method": "thirds", "stages": partitions["thirds"]}}
+    found = resolve_stages("auto", config, params, input_ids, attention_mask, target_ids, query_ids=query_ids,
+                           batch_size=batch_size, progress=progress)
+    partitions = {"auto": found.as_lists(), "thirds": equal_stages(config.num_decoder_layers)}
+    records = {"auto": found.record(), "thirds": {"method": "thirds", "stages": partitions["thirds"]}}
     if config.num_decoder_layers == 24:
         partitions["paper"] = [list(stage) for stage in PAPER_STAGES_24]
         records["paper"] = {"method": "paper", "stages": partitions["paper"]}

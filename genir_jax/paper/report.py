@@ -37,6 +37,7 @@ def _header(layout, settings, pipeline=()) -> str:
     lines += [f"Data regime: {regime}. Docids: {scheme}"
               + (" (one new token per document, as the paper's)." if scheme == "atomic" else
                  " (token sequences decoded step by step; the paper's models use atomic docids)."), ""]
+    lines += [_stages_note(layout, settings), ""]
     if layout.correct_valid.is_file():
         correct = len(read_json(layout.correct_valid))
         if correct < FEW_QUERIES:
@@ -56,6 +57,21 @@ def _header(layout, settings, pipeline=()) -> str:
     lines += ["## Pipeline", "", md_table(["step", "state", "seconds"], rows), "",
               f"Total step time: {total / 60:.1f} min.", ""]
     return "\n".join(lines)
+
+
+def _stages_note(layout, settings) -> str:
+    """Which decoder stages the tables use (`--stages`) and how they were obtained: Table 3's stages.json, which
+    every panel shares (for automatic stages: fit and held-out sizes, k and its criterion, bootstrap stability)."""
+    from genir_jax.analysis.stages import STAGES_JSON, Stages
+    from genir_jax.paper.experiments._common import REPORT_STAGES_STEP
+
+    asked = getattr(settings, "stages", None)
+    text = (f"Decoder stages: `--stages {asked}`." if asked else
+            "Decoder stages: each experiment's default (the paper's for a 24-layer decoder, otherwise `auto`).")
+    directory = layout.analysis(REPORT_STAGES_STEP)
+    if (directory / STAGES_JSON).is_file():
+        text += " " + Stages.read(directory).describe_fit()
+    return text
 
 
 def _missing_steps(layout, experiment: Experiment) -> list[str]:

@@ -23,6 +23,10 @@ under OUT; training shows its progress bars whatever --no-progress says, which i
     swap-encoder     analysis/swap-encoder/  Table 2 (+ the base T5's encoder)
     report           report.md, figures/      every table and figure, beside the paper's numbers
 
+``--stages auto|thirds|paper|RANGES`` sets the decoder stages of every experiment that uses stages (default:
+each experiment's, the paper's for a 24-layer decoder, else auto); automatic stages are fitted on half the
+correct validation queries and the tables report the other half (`genir_jax.analysis.stages`).
+
 ``--docids naive|semantic`` trains every model on that scheme and runs only the experiments that handle
 multi-token docids (each experiment says which schemes it handles; the removed-document models are trained
 only when an experiment left needs them). ``--paper-regime`` prepares and trains in the paper's data regime.
@@ -104,13 +108,14 @@ class Settings:
     base: str | None = None  # a pretrained T5 (directory, resolved) instead of the pretrain step's model
     docids: str = "atomic"   # docid scheme of every DSI model: atomic | naive | semantic (prepare-data --docids)
     paper_regime: bool = False  # the paper's data regime: NQ10k split, ratio 32, 32-token inputs
+    stages: str | None = None   # decoder stages of every experiment that uses them (None: each one's default)
 
     @property
     def record(self) -> dict:
         """What a reproduction directory is bound to (settings.json): another value needs another --out."""
         return {"dataset": self.dataset, "preset": self.preset, "removed_models": self.removed_models,
                 "removed_documents": self.removed_documents, "base": self.base, "docids": self.docids,
-                "paper_regime": self.paper_regime}
+                "paper_regime": self.paper_regime, "stages": self.stages}
 
 
 def resolve_base(path_or_hub_id: str) -> str:
@@ -247,7 +252,15 @@ def experiment_steps(experiment, after_removed_models: bool, docids: str = "atom
 
 
 def _run_experiment(run, config, layout: Layout, settings: Settings):
-    return run(layout, settings, config)
+    return run(layout, settings, experiment_config(config, settings))
+
+
+def experiment_config(config, settings: Settings):
+    """An experiment's configuration under the run's settings: reproduce's ``--stages`` replaces the stages of
+    every experiment that has them."""
+    if settings.stages is not None and any(field.name == "stages" for field in dataclasses.fields(config)):
+        return dataclasses.replace(config, stages=settings.stages)
+    return config
 
 
 def steps(settings: Settings) -> list[Step]:
@@ -316,7 +329,7 @@ def settings_differences(layout: Layout, settings: Settings) -> list[str]:
     started = step_record(layout, "settings")
     if started is None:
         return []
-    defaults = {"docids": "atomic", "paper_regime": False}  # directories from before these settings existed
+    defaults = {"docids": "atomic", "paper_regime": False, "stages": None}  # directories from before these settings
     return [f"{name}: {started.get(name, defaults.get(name))!r} there, {value!r} here"
             for name, value in settings.record.items() if started.get(name, defaults.get(name)) != value]
 

@@ -286,7 +286,11 @@ def test_cli_writes_the_reference_files(dsi, tmp_path):
     assert record["method"] == "auto" and [l for stage in record["stages"] for l in stage] == [0, 1, 2, 3]
     assert json.loads((out2 / "crattn_reading_summary.json").read_text())["stages"] == record["stages"]
     entries = list(rd.iter_raw_entries(out2, "cross_attn", "cosine"))
-    assert len(entries) == 5 * 4 * 2
+    held_out = record["split"]["held_out_rows"]  # automatic stages: fitted on 2 queries, the other 3 reported
+    assert record["split"]["fit_queries"] == 2 and len(held_out) == 3
+    assert len(entries) == 3 * 4 * 2
+    assert list(dict.fromkeys(e["q_id"] for e in entries)) == [100 + CORRECT[row] for row in held_out]
+    assert json.loads((out2 / "crattn_reading_summary.json").read_text())["queries"] == 3
     assert all(list(e) == ["sim_type", "value", "layer", "head", "q_id", "enc_position"] for e in entries)
     assert all(-1 - 1e-6 <= v <= 1 + 1e-6 for e in entries for v in e["value"].values())
 

@@ -127,6 +127,7 @@ def test_empty_circuit_reproduces_plain_evaluation(setup, tmp_path):
     plain = json.loads((tmp_path / "e" / "metrics.json").read_text())["metrics"]
     stages = json.loads((tmp_path / "c" / "stages.json").read_text())  # default below 24 decoder layers: auto
     assert stages["method"] == "auto" and stages["stages"] == circuit["stages"]
+    assert circuit["mean_over_correct_queries"] == stages["split"]["held_out_queries"]  # means: held-out half
     assert [l for stage in stages["stages"] for l in stage] == list(range(len(stages["features"]["ratio_mlp"])))
     for metric in ("Hits@1", "Hits@10", "Recall@5", "MRR@10", "nDCG@10"):
         assert circuit["unpatched"][metric] == pytest.approx(plain[metric])

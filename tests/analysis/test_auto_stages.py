@@ -208,21 +208,25 @@ def test_auto_stages_deterministic_and_json(model, queries, features):
 
 
 def test_resolve_stages_methods_and_defaults(model, queries):
-    """--stages: auto (the fit on the given queries), thirds, paper, explicit; default paper at 24 decoder
-    layers, auto otherwise. The record is what stages.json holds."""
+    """--stages: auto (the fit on the fit half of the given queries, k chosen), thirds, paper, explicit; default
+    paper at 24 decoder layers, auto otherwise. The record is what stages.json holds."""
     from argparse import Namespace
 
     from genir_jax.analysis.stage_patching import default_stages
+    from genir_jax.analysis.stages import split_queries
     from genir_jax.cli.commands.common import resolve_stages
 
     ids, mask, targets = queries
-    expected = auto_stages(CONFIG, model, ids, mask, targets, k=3, batch_size=3)
+    fit_rows, _ = split_queries(len(ids))
+    expected = auto_stages(CONFIG, model, ids[fit_rows], mask[fit_rows], targets[fit_rows], k=None, batch_size=3)
     for spec in ("auto", None):
         stages, record = resolve_stages(Namespace(stages=spec, batch_size=3, no_progress=True), CONFIG, model,
                                         ids, mask, targets)
         assert stages == expected.stages and record["method"] == "auto" and record["stages"] == stages
         assert [layer for stage in stages for layer in stage] == list(range(CONFIG.num_decoder_layers))
-        assert len(stages) == 3 and all(stage == list(range(stage[0], stage[-1] + 1)) for stage in stages)
+        assert len(stages) == record["k"] == record["k_selection"]["chosen"] and 2 <= len(stages) <= 5
+        assert all(stage == list(range(stage[0], stage[-1] + 1)) for stage in stages)
+        assert record["split"]["fit_rows"] == fit_rows
         assert set(record["features"]) == set(FEATURE_NAMES) and record["num_decoder_layers"] == 6
         assert json.loads(json.dumps(record)) == record
     stages, record = resolve_stages(Namespace(stages="thirds"), CONFIG, None, None, None, None)

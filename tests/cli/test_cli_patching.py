@@ -120,8 +120,14 @@ def test_stages_json_names_the_stages(dsi, tmp_path, capsys):
         assert all(stage == list(range(stage[0], stage[-1] + 1)) for stage in stages)
         rows, ranks = _read(out)
         assert len(rows) == 1 + 3 * len(stages) and len(ranks) == 3 * len(stages)
-        if method == "auto":
-            assert record["k"] == 3 and set(record["features"]) >= {"ratio_mlp", "lens_log1p_rank"}
+        queries = {len(per_query) for per_query in ranks.values()}
+        if method == "auto":  # fitted on 2 of the 4 correct queries, reported on the other 2
+            assert record["k"] == len(stages) and set(record["features"]) >= {"ratio_mlp", "lens_log1p_rank"}
+            assert record["split"]["fit_queries"] == record["split"]["held_out_queries"] == 2
+            assert queries == {2} and printed["queries"] == 2
+            assert set(record["split"]["held_out_query_ids"]).isdisjoint(record["split"]["fit_query_ids"])
+        else:
+            assert queries == {4} and printed["queries"] == 4 and "split" not in record
         if method == "thirds":
             assert stages == default_stages(3) == [[0], [1], [2]]
         if method == "explicit":

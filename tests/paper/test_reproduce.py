@@ -171,6 +171,12 @@ def test_tiny_reproduction_end_to_end(tmp_path, shared_data):
     # The report's Table 1 DSI row is the evaluation's test metrics.
     test_metrics = json.loads((out / "eval" / "full-test" / "metrics.json").read_text())["metrics"]
     assert f"| DSI (ours, test) | {100 * test_metrics['Hits@1']:.2f} |" in report
+    # A 3-layer decoder's default stages are automatic: fitted on half the correct queries, reported on the rest.
+    stages = json.loads((out / "analysis" / "patch-stages" / "stages.json").read_text())
+    held_out = stages["split"]["held_out_queries"]
+    assert stages["method"] == "auto" and stages["split"]["fit_queries"] + held_out == len(correct)
+    assert f"every table that uses them reports the other {held_out} only" in report
+    assert records["patch-stages"]["queries"] == held_out
     second = _genir_jax(args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("skipped") == len(names) - 1

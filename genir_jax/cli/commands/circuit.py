@@ -40,8 +40,10 @@ def add_parser(subparsers) -> None:
     add_checkpoint_paths(parser, ("-o", "--output-path", "--output"))
     parser.add_argument("--circuit", default=None, help="circuit JSON file (default: the paper's circuit)")
     parser.add_argument("--stages", default=None,
-                        help="decoder stages: 'auto', 'thirds', 'paper' or layer ranges, e.g. '0-6,7-17,18-23' "
-                             "(default: the paper's for a 24-layer decoder, otherwise auto); see stages.json")
+                        help="decoder stages: 'auto' (fitted on a seeded half of the correct queries; the means "
+                             "then come from the other half), 'thirds', 'paper' or layer ranges, e.g. "
+                             "'0-6,7-17,18-23' (default: the paper's for a 24-layer decoder, otherwise auto); see "
+                             "stages.json")
     add_reference(parser, "eval_patching_all_stages.py",
                   "patching_results_best_circuit.json only, its metrics and config text, the paper's stages",
                   "as the reference: pad to the longest correct validation query + 1 without attention mask (means "
@@ -71,11 +73,10 @@ def run(args: argparse.Namespace) -> int:
     qrels = read_qrels(args.qrels) if args.qrels else qrels_from_queries(test_queries)
     check_run_covers([q.id for q in test_queries], qrels, args.qrels or args.test_queries)
     inputs = load_analysis_inputs(args.checkpoint, args.val_queries, args.correct_valid, model=model)
-    correct = inputs.queries
-    from genir_jax.cli.commands.common import resolve_stages
+    from genir_jax.cli.commands.common import stages_for_inputs
     reference_stages(args, config.num_decoder_layers, "paper")
-    stages, stages_record = resolve_stages(args, config, model.params, inputs.input_ids, inputs.attention_mask,
-                                           inputs.targets)
+    found, inputs = stages_for_inputs(args, inputs)  # automatic stages: means over the held-out half
+    stages, stages_record, correct = found.as_lists(), found.record(), inputs.queries
     circuit = circuit_from_json(read_json(args.circuit), args.circuit, len(stages)) if args.circuit else PAPER_CIRCUIT
     docids = docid_targets(tokenizer, test_queries, args.test_queries, args.checkpoint)
     progress = not args.no_progress

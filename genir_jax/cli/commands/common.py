@@ -5,8 +5,9 @@ from __future__ import annotations
 from genir_jax.base.options import POSITIVE
 import argparse
 
-STAGES_HELP = ("decoder stages: 'auto' (three stages fitted to the model's per-layer curves on the correct "
-               "queries, see genir_jax.analysis.auto_stages), 'thirds' (three near-equal consecutive blocks), "
+STAGES_HELP = ("decoder stages: 'auto' (fitted to the model's per-layer curves on a seeded half of the correct "
+               "queries, k in 2-5 chosen by a penalised cost, see genir_jax.analysis.auto_stages; the results are "
+               "then reported on the other, held-out half only), 'thirds' (three near-equal consecutive blocks), "
                "'paper' (0-6,7-17,18-23; 24-layer decoders) or layer ranges, e.g. '0-6,7-17,18-23' (default: "
                "the paper's for a 24-layer decoder, otherwise auto). The stages used are written to stages.json")
 from genir_jax.cli.paths import CHECKPOINT  # placeholder in path options (resolved by `resolve_placeholders`)
@@ -61,9 +62,10 @@ def add_run_controls(parser: argparse.ArgumentParser, batch_help: str = "queries
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def stages_option(args: argparse.Namespace, config, params, input_ids, attention_mask, target_ids):
+def stages_option(args: argparse.Namespace, config, params, input_ids, attention_mask, target_ids, query_ids=None):
     """The `genir_jax.analysis.stages.Stages` `--stages` asks for (with the command's --batch-size and
-    --no-progress); a bad specification is refused as an error of --stages, before any computation."""
+    --no-progress; automatic stages are fitted on half the queries, `query_ids` recorded); a bad
+    specification is refused as an error of --stages, before any computation."""
     from genir_jax.analysis.stages import fixed_stages, resolve_stages as resolve
     from genir_jax.base.errors import GenIRError
 
@@ -73,8 +75,20 @@ def stages_option(args: argparse.Namespace, config, params, input_ids, attention
         message = str(error)
         raise GenIRError(message if message.startswith("--stages") else f"--stages: {message}") from None
     stages = resolve(getattr(args, "stages", None), config, params, input_ids, attention_mask, target_ids,
-                     batch_size=getattr(args, "batch_size", None), progress=not getattr(args, "no_progress", True))
+                     query_ids=query_ids, batch_size=getattr(args, "batch_size", None),
+                     progress=not getattr(args, "no_progress", True))
     return stages
+
+
+def stages_for_inputs(args: argparse.Namespace, inputs):
+    """`stages_option` on analysis inputs (`genir_jax.analysis.inputs.AnalysisInputs`), and the inputs the
+    command reports on: the held-out half of the correct queries for automatic stages, else all of them."""
+    from genir_jax.analysis.stages import report_inputs
+
+    model = inputs.model
+    stages = stages_option(args, model.config, model.params, inputs.input_ids, inputs.attention_mask, inputs.targets,
+                           query_ids=[q.query_id for q in inputs.queries])
+    return stages, report_inputs(stages, inputs)
 
 
 def resolve_stages(args: argparse.Namespace, config, params, input_ids, attention_mask, target_ids

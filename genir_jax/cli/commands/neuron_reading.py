@@ -80,8 +80,9 @@ def add_parser(subparsers) -> None:
 
 
 def load_inputs(args: argparse.Namespace):
-    """(model, correct queries, their raw query ids as in correct_valid.json, stages, the stages' record for
-    stages.json: see `genir_jax.cli.commands.common.resolve_stages`)."""
+    """(model, the correct queries to report on and their raw query ids as in correct_valid.json: all, or the
+    held-out half of automatic stages; stages, the stages' record for stages.json: see
+    `genir_jax.cli.commands.common.stages_for_inputs`)."""
     from genir_jax.analysis.inputs import load_analysis_inputs
     from genir_jax.data.corpus import read_json
 
@@ -89,14 +90,14 @@ def load_inputs(args: argparse.Namespace):
         raise GenIRError("--batch-size must be >= 1")
     args.reference_padding = args.reference_padding or args.reference
     inputs = load_analysis_inputs(args.checkpoint, args.val_queries, args.correct_valid)
-    model, queries = inputs.model, inputs.queries
-    from genir_jax.cli.commands.common import reference_stages, resolve_stages
+    model = inputs.model
+    from genir_jax.cli.commands.common import reference_stages, stages_for_inputs
     if getattr(args, "reference_stages", None):
         reference_stages(args, model.config.num_decoder_layers, args.reference_stages)
-    stages, stages_record = resolve_stages(args, model.config, model.params, inputs.input_ids, inputs.attention_mask,
-                                           inputs.targets)
+    found, held_out = stages_for_inputs(args, inputs)  # automatic stages: the held-out half only
     raw_ids = [entry[1] for entry in read_json(args.correct_valid)]  # the reference writes them as given
-    return model, queries, raw_ids, stages, stages_record
+    raw_ids = [raw_ids[row] for row in found.held_out_rows(len(raw_ids))]
+    return model, held_out.queries, raw_ids, found.as_lists(), found.record()
 
 
 def run_reading_command(args: argparse.Namespace, reader: str) -> int:

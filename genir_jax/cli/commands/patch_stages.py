@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from genir_jax.analysis.inputs import load_analysis_inputs, load_model
     from genir_jax.analysis.patch_stages import T5_ALL_AND_ATTN_JSON, check_modes, patch_stages, t5_all_and_attn
     from genir_jax.analysis.patch_stages import write_patch_stages
-    from genir_jax.cli.commands.common import stages_option
+    from genir_jax.cli.commands.common import stages_for_inputs
 
     modes = check_modes(args.modes.split(","), args.t5 or None)
     if args.batch_size is not None and args.batch_size < 1:
@@ -80,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
     model = inputs.model
     reference_stages(args, model.config.num_decoder_layers, "paper")
     progress = not args.no_progress
-    stages = stages_option(args, model.config, model.params, inputs.input_ids, inputs.attention_mask,
-                           inputs.targets)
+    stages, inputs = stages_for_inputs(args, inputs)
     base = load_model(args.t5, tokenizer=False) if "t5" in modes else None
     result = patch_stages(inputs, stages, modes, base=base, base_name=args.t5, correct_valid=args.correct_valid,
                           batch_size=args.batch_size, reference_padding=args.reference_padding,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from genir_jax.base.options import POSITIVE
+from genir_jax.cli.commands.common import STAGES_HELP
 import argparse
 
 
@@ -44,6 +45,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--paper-regime", action="store_true",
                         help="the paper's data regime: the NQ10k-style split (validation/test documents indexed "
                              "only), indexing:retrieval ratio 32, 32-token documents and queries")
+    parser.add_argument("--stages", default=None,
+                        help=STAGES_HELP.replace("decoder stages:", "decoder stages of every experiment that uses "
+                                                 "them:", 1) + " under analysis/; recorded in the run's settings")
     parser.add_argument("--removed-models", type=POSITIVE, default=REMOVED_MODELS,
                         help=f"models trained without {REMOVED_DOCUMENTS} documents each, for the encoder swap "
                              f"(default: {REMOVED_MODELS}, as in the paper; fewer makes a quicker run)")
@@ -60,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.removed_models < 1:
         raise GenIRError(f"--removed-models {args.removed_models}: need at least 1 (the encoder swap needs one)")
+    if args.stages is not None:
+        from genir_jax.analysis.stages import check_spec
+
+        args.stages = check_spec(args.stages)
     base = None
     if args.base is not None:
         from genir_jax.paper.reproduce import resolve_base
@@ -67,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         base = resolve_base(args.base)
     settings = Settings(dataset=args.dataset, preset=args.preset, data_dir=args.data_dir,
                         removed_models=args.removed_models, progress=not args.no_progress, base=base,
-                        docids=args.docids, paper_regime=args.paper_regime)
+                        docids=args.docids, paper_regime=args.paper_regime, stages=args.stages)
     out = args.out or default_out(settings)
     if args.list_steps:
         layout = Layout(__import__("pathlib").Path(out))

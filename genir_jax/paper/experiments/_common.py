@@ -51,11 +51,12 @@ def correct_sequence_inputs(layout) -> CorrectInputs:
                                 scheme=full_scheme(layout))
 
 
-def resolve_stages(spec: str | None, inputs: CorrectInputs, progress: bool) -> tuple[list[list[int]], dict]:
-    """The stages `spec` names and their stages.json record (`genir_jax.analysis.stages.resolve_stages`, as
-    every analysis command resolves its --stages)."""
-    from genir_jax.analysis.stages import resolve_stages as resolve
+def resolve_stages(spec: str | None, inputs: CorrectInputs, progress: bool
+                   ) -> tuple[list[list[int]], dict, CorrectInputs]:
+    """The stages `spec` names, their stages.json record and the inputs to report on: the held-out half of the
+    correct queries for automatic stages, else all (`genir_jax.analysis.stages.resolve_for_inputs`, as every
+    analysis command resolves its --stages)."""
+    from genir_jax.analysis.stages import resolve_for_inputs
 
-    stages = resolve(spec, inputs.model.config, inputs.model.params, inputs.input_ids, inputs.attention_mask,
-                     inputs.targets, progress=progress)
-    return stages.as_lists(), stages.record()
+    stages, held_out = resolve_for_inputs(spec, inputs, progress=progress)
+    return stages.as_lists(), stages.record(), held_out

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from genir_jax.analysis.stages import stage_names
+from genir_jax.analysis.stages import Stages, stage_names
 from genir_jax.paper.panels import Experiment, Section, figure, md_table, read_json, record_settings
 
 from genir_jax.paper.experiments._common import correct_inputs, resolve_stages
@@ -34,11 +34,11 @@ def _run_reading(step: str, reader: str):
         from genir_jax.analysis.stages import write_stages
         from genir_jax.base.io import atomic_directory
 
-        inputs = correct_inputs(layout)
+        stages, stages_record, inputs = resolve_stages(config.stages, correct_inputs(layout), settings.progress)
         model = inputs.model
-        stages, stages_record = resolve_stages(config.stages, inputs, settings.progress)
         layers = list(stages[-1]) if reader == "mlp" else list(range(model.config.num_decoder_layers))
         raw_ids = [entry[1] for entry in json.loads(layout.correct_valid.read_text())]
+        raw_ids = [raw_ids[row] for row in Stages.from_record(stages_record).held_out_rows(len(raw_ids))]
         output = layout.analysis(step)
         with atomic_directory(output) as staging:
             writer = RawEntryWriter(staging, reader, config.sim_type, raw_ids, config.queries_per_file)

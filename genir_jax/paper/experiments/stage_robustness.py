@@ -15,20 +15,22 @@ PAPER = {"stages_t5_large": "I = layers 0-6, II = 7-17, III = 18-23 (read off pe
 @dataclasses.dataclass(frozen=True)
 class Config:
     modes: tuple[str, ...] = ("zero", "mean")
-    auto_k: int = 3                 # stages the automatic segmentation fits
     batch_size: int | None = None   # queries per device per step (None: from a logits budget)
 
 
 def run_stage_robustness(layout, settings, config: Config) -> dict:
-    """`genir_jax.analysis.stage_robustness` on the correct validation queries, with the automatic stages,
-    the equal thirds (and the paper's, for a 24-layer decoder) as partitions."""
+    """`genir_jax.analysis.stage_robustness` with the automatic stages (fitted on one half of the correct
+    validation queries), the equal thirds (and the paper's, for a 24-layer decoder) as partitions, all compared
+    on the other half."""
     from genir_jax.analysis import stage_robustness as robustness
+    from genir_jax.analysis.stages import Stages, report_inputs
 
     inputs = correct_inputs(layout)
     model = inputs.model
     partitions, records = robustness.standard_partitions(
-        model.config, model.params, inputs.input_ids, inputs.attention_mask, inputs.targets, k=config.auto_k,
-        batch_size=config.batch_size, progress=settings.progress)
+        model.config, model.params, inputs.input_ids, inputs.attention_mask, inputs.targets,
+        query_ids=[q.query_id for q in inputs.queries], batch_size=config.batch_size, progress=settings.progress)
+    inputs = report_inputs(Stages.from_record(records["auto"]), inputs)
     result = robustness.run_stage_robustness(
         model.config, model.params, inputs.input_ids, inputs.attention_mask, inputs.targets, partitions=partitions,
         modes=config.modes, query_chunk=config.batch_size, progress=settings.progress)
@@ -40,12 +42,15 @@ def run_stage_robustness(layout, settings, config: Config) -> dict:
 
 def render(layout) -> Section:
     from genir_jax.analysis.stage_robustness import read_stage_robustness, render_markdown
+    from genir_jax.analysis.stages import Stages
 
     result, stored = read_stage_robustness(layout.analysis("stage-robustness"))
-    methods = ", ".join(f"{name} ({record['method']})" for name, record in stored["partition_records"].items())
+    records = stored["partition_records"]
+    methods = ", ".join(f"{name} ({record['method']})" for name, record in records.items())
     text = render_markdown(result, stored["queries"])
+    auto = f" {Stages.from_record(records['auto']).describe_fit()}" if "auto" in records else ""
     text += (f"\nPartitions: {methods}; the automatic stages are fitted to this model's per-layer curves "
-             "(genir_jax.analysis.auto_stages). Paper (T5-large, NQ10k): one partition, "
+             f"(genir_jax.analysis.auto_stages).{auto} Paper (T5-large, NQ10k): one partition, "
              f"{PAPER['stages_t5_large']}; {PAPER['claim']}.\n")
     return Section(text)
 

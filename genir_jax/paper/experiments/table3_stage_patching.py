@@ -34,16 +34,14 @@ def run_patch_stages(layout, settings, config: Config) -> dict:
     naive / semantic models run the teacher-forced variant, ranks reduced by `config.rank_reduction`. Writes
     what `genir-jax patch-stages` writes (CSV, ranks, stages.json)."""
     from genir_jax.analysis.patch_stages import patch_stages, write_patch_stages
-    from genir_jax.analysis.stages import resolve_stages
+    from genir_jax.analysis.stages import resolve_for_inputs
     from genir_jax.paper.panels import base_model
 
     base_path = base_model(layout, settings) if "t5" in config.modes else None
     base = load_model(base_path, tokenizer=False) if base_path else None  # a bad base fails before the analysis
     sequences = full_scheme(layout).multi_token
     inputs = correct_sequence_inputs(layout) if sequences else correct_inputs(layout)
-    model = inputs.model
-    stages = resolve_stages(config.stages, model.config, model.params, inputs.input_ids, inputs.attention_mask,
-                            inputs.targets, progress=settings.progress)
+    stages, inputs = resolve_for_inputs(config.stages, inputs, progress=settings.progress)
     modes = [m for m in config.modes if m != "t5" or base is not None]
     result = patch_stages(inputs, stages, modes, base=base, base_name=str(base_path),
                           correct_valid=layout.correct_valid,

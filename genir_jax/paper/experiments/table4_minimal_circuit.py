@@ -30,7 +30,7 @@ def run_circuit(layout, settings, config: Config) -> dict:
     test_queries = read_queries(layout.queries("test"))
     qrels = read_qrels(layout.qrels("test"))
     check_run_covers([q.id for q in test_queries], qrels, str(layout.qrels("test")))
-    stages, stages_record = resolve_stages(config.stages, inputs, settings.progress)
+    stages, stages_record, inputs = resolve_stages(config.stages, inputs, settings.progress)
     docids = docid_targets(inputs.model.tokenizer, test_queries, layout.queries("test"), layout.full)
     circuit = PAPER_CIRCUIT
     top_ids, top_logits, _ = rank_test_queries(inputs, test_queries, circuit, stages, docids, k=config.k,
@@ -68,6 +68,7 @@ def _run_sequence_circuit(layout, settings, config: Config) -> dict:
     from genir_jax.core.sites import COMPONENT_SITES
 
     inputs = correct_sequence_inputs(layout)
+    stages, stages_record, inputs = resolve_stages(config.stages, inputs, settings.progress)
     model, tokenizer, scheme = inputs.model, inputs.model.tokenizer, inputs.scheme
     source = str(layout.full / "docids.json")
     test_queries = read_queries(layout.queries("test"))
@@ -79,7 +80,6 @@ def _run_sequence_circuit(layout, settings, config: Config) -> dict:
     width = max(trie.max_docid_length, inputs.targets.shape[1])  # every decoding step and every docid
     val_targets, _ = pad_targets([q.tokens for q in inputs.queries], width)
     targets, target_mask = pad_targets(sequences, width)
-    stages, stages_record = resolve_stages(config.stages, inputs, settings.progress)
     circuit = PAPER_CIRCUIT
     means = mean_activations(model.config, model.params, inputs.input_ids, inputs.attention_mask,
                              [f"decoder.*.{site}" for site in COMPONENT_SITES.values()],

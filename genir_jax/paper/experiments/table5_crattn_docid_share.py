@@ -24,9 +24,8 @@ def run_crattn_writes(layout, settings, config: Config) -> dict:
     from genir_jax.analysis.stages import write_stages
     from genir_jax.base.io import atomic_directory
 
-    inputs = correct_inputs(layout)
+    stages, stages_record, inputs = resolve_stages(config.stages, correct_inputs(layout), settings.progress)
     model = inputs.model
-    stages, stages_record = resolve_stages(config.stages, inputs, settings.progress)
     result = docid_shares(model.config, model.params, model.tokenizer, inputs.texts, stages=stages,
                           cutoffs=list(config.cutoffs), batch_size=config.batch_size, progress=settings.progress)
     output = layout.analysis("crattn-writes")

@@ -45,15 +45,13 @@ def run_head_tokens(layout, settings, config: Config) -> dict:
     from genir_jax.analysis.stages import write_stages
     from genir_jax.base.io import atomic_directory
 
-    correct = json.loads(layout.correct_valid.read_text())
     queries = {str(q["id"]): q["query"] for q in json.loads(layout.queries("val").read_text())}
-    inputs = correct_inputs(layout)
+    stages, stages_record, inputs = resolve_stages(config.stages, correct_inputs(layout), settings.progress)
     model = inputs.model
-    stages, stages_record = resolve_stages(config.stages, inputs, settings.progress)
     stage = middle_stage(stages)
     heads = [(layer, head) for layer in spread_layers(stage, config.layers_of_middle_stage)
              for head in range(min(model.config.num_heads, config.heads_per_layer))]
-    query = queries[str(correct[0][1])].strip()
+    query = queries[str(inputs.queries[0].query_id)].strip()  # the first correct (held-out) query
     entries = head_top_tokens(model.config, model.params, model.tokenizer, [query], heads, top=config.top,
                               batch_size=config.batch_size, with_docids=True, progress=settings.progress)
     output = layout.analysis("head-tokens")
