@@ -23,7 +23,7 @@ def test_component_site_and_errors():
         site_name("decoder", "hook_mlp_out")
     with pytest.raises(SiteError, match="takes no layer"):
         site_name("decoder", "hook_out", 2)
-    with pytest.raises(SiteError, match="unknown stack"):
-        site_name("blocks", "hook_mlp_out", 1)
+    with pytest.raises(SiteError, match="unknown stack"):  # ("blocks" is the decoder-only models' stack)
+        site_name("layers", "hook_mlp_out", 1)
     with pytest.raises(SiteError, match="unknown component"):
         component_site("decoder", "ffn", 1)
