@@ -107,7 +107,7 @@ class DecoderOnly(nn.Module):
         to the slots up to its own that `key_mask` allows, and the updated cache is returned."""
         cfg = self.config
         count, length = cfg.num_layers, input_ids.shape[1]
-        interventions = dict(interventions or {})
+        interventions = dict((interventions or {}).get(BLOCKS) or {})
         stack_tap = SiteTap({k: v for k, v in interventions.items() if k in BLOCK_STACK_SITES},
                             self.record & set(BLOCK_STACK_SITES), index, length)
         layer_interventions = {k: _per_layer(v, count) for k, v in interventions.items() if k not in BLOCK_STACK_SITES}
