@@ -31,7 +31,7 @@ from genir_jax.core.decoder_config import DecoderConfig
 from genir_jax.core.decoder_modules import INIT_STD, CausalSelfAttention, DecoderMLP, LayerNorm
 from genir_jax.core.modules import RMSNorm, partitioned
 from genir_jax.core.sites import BLOCK_STACK_SITES, BLOCKS, expand_site_patterns, parse_site
-from genir_jax.core.taps import SiteTap
+from genir_jax.core.taps import SiteTap, per_layer
 from genir_jax.core.validation import validate
 
 Params = Mapping[str, Any]
@@ -78,15 +78,6 @@ class _Block(nn.Module):
         return x, ({name: tap.cache[name] for name in self.record}, kv)
 
 
-def _per_layer(patches, count: int):
-    """Every array of a layer site's patches with a full leading layer axis, as `nn.scan` slices it."""
-    def expand(leaf):
-        leaf = jnp.asarray(leaf)
-        return jnp.broadcast_to(leaf, (count,) + leaf.shape[1:] if leaf.ndim else (count,))
-
-    return jax.tree_util.tree_map(expand, patches)
-
-
 class DecoderOnly(nn.Module):
     """A decoder-only language model. `record`: local site names to record (layer sites at every layer)."""
 
@@ -110,7 +101,7 @@ class DecoderOnly(nn.Module):
         interventions = dict((interventions or {}).get(BLOCKS) or {})
         stack_tap = SiteTap({k: v for k, v in interventions.items() if k in BLOCK_STACK_SITES},
                             self.record & set(BLOCK_STACK_SITES), index, length)
-        layer_interventions = {k: _per_layer(v, count) for k, v in interventions.items() if k not in BLOCK_STACK_SITES}
+        layer_interventions = {k: per_layer(v, count) for k, v in interventions.items() if k not in BLOCK_STACK_SITES}
         normal = nn.initializers.normal(INIT_STD)
         embed = self.param("embed", partitioned(normal, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model),
                            jnp.float32)

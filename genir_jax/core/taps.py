@@ -61,6 +61,16 @@ def apply_patch(x: jnp.ndarray, patch: Patch | Shift) -> jnp.ndarray:
     return x + mask * (value - x)
 
 
+def per_layer(patches, count: int):
+    """Give every array of a layer site's patches a full leading layer axis, as `nn.scan` slices it
+    (scalars and size-1 layer axes broadcast to all layers)."""
+    def expand(leaf):
+        leaf = jnp.asarray(leaf)
+        return jnp.broadcast_to(leaf, (count,) + leaf.shape[1:] if leaf.ndim else (count,))
+
+    return jax.tree_util.tree_map(expand, patches)
+
+
 class SiteTap:
     """Applies the interventions of one scope (e.g. one decoder layer) and records requested sites.
 
