@@ -230,6 +230,68 @@ def decode_step(config: DecoderConfig, params: Params, input_ids, cache: Decoder
                         jnp.asarray(index, dtype=jnp.int32), interventions, _jnp_dtype(dtype))
 
 
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _from_layer(config, params, x, start, positions, key_mask, interventions, dtype):
+    count, length = config.num_layers, x.shape[1]
+    sites = dict((interventions or {}).get(BLOCKS) or {})
+    stack_tap = SiteTap({k: v for k, v in sites.items() if k in BLOCK_STACK_SITES})
+    layer_interventions = {k: per_layer(v, count) for k, v in sites.items() if k not in BLOCK_STACK_SITES}
+    mask = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None] & key_mask.astype(bool)[:, None, None, :]
+    block = _Block(config, span=length, dtype=dtype)
+
+    def body(carry, xs):
+        layer_params, index, patches = xs
+
+        def run(c):
+            return block.apply({"params": layer_params}, c, positions, mask, patches or None, None, None)[0]
+
+        return jax.lax.cond(index >= start, run, lambda c: c, carry), None
+
+    x, _ = jax.lax.scan(body, x, (params["layers"], jnp.arange(count, dtype=jnp.int32), layer_interventions))
+    norm = _norm(config, dtype, "final_norm").clone(parent=None, name=None)
+    return norm.apply({"params": params["final_norm"]}, x, stack_tap.scoped("final_ln."))
+
+
+def forward_from_layer(config: DecoderConfig, params: Params, x, start, attention_mask=None, interventions=None, *,
+                       positions=None, dtype=None) -> jnp.ndarray:
+    """The residual stream `x` [B, T, D] entering layer `start` run through layers start..L-1 and the final
+    norm: hidden states [B, T, D] (``unembed`` them). Traceable; `start` may be traced (layers before it are
+    skipped by `lax.cond`), so configurations that leave layers 0..start-1 untouched reuse a clean prefix,
+    as `genir_jax.core.model.decode_suffix` does for T5. Interventions as `forward` (``hook_embed`` ignored)."""
+    mask = jnp.ones(x.shape[:2], jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    positions = positions_from_mask(mask) if positions is None else jnp.asarray(positions, jnp.int32)
+    return _from_layer(config, params, x, jnp.asarray(start, jnp.int32), positions, mask, interventions,
+                       _jnp_dtype(dtype))
+
+
+def unembedding_rows(config: DecoderConfig, params: Params):
+    """The unembedding as (table [V, D], scale): ``logits = (scale * hidden) @ table.T`` (the token embedding
+    when tied, else ``lm_head`` transposed; scale 1), as `genir_jax.core.model.unembedding_rows` for T5."""
+    return (params["embed"] if config.tie_word_embeddings else jnp.transpose(params["lm_head"])), 1.0
+
+
+def unembed(config: DecoderConfig, params: Params, hidden) -> jnp.ndarray:
+    """Logits [..., V] of final-norm hidden states [..., D]."""
+    table, scale = unembedding_rows(config, params)
+    return jnp.einsum("...d,vd->...v", hidden * scale, table)
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_variables(config: DecoderConfig):
+    dummy = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+    return jax.eval_shape(DecoderOnly(config).init, jax.random.PRNGKey(0), dummy, dummy, dummy)
+
+
+def param_shapes(config: DecoderConfig) -> dict:
+    """Parameter shapes (a pytree of `jax.ShapeDtypeStruct`) without allocating anything."""
+    return nn.meta.unbox(_abstract_variables(config)["params"])
+
+
+def logical_axes(config: DecoderConfig) -> dict:
+    """Logical axis names of every parameter (a pytree of `PartitionSpec`), for sharding rules."""
+    return nn.get_partition_spec(_abstract_variables(config))["params"]
+
+
 def init_params(config: DecoderConfig, rng: jax.Array | int = 0) -> dict:
     """Fresh parameters (normal(0.02) kernels, zero biases, unit norms), a plain nested dict of float32 arrays."""
     if isinstance(rng, int):
@@ -239,5 +301,6 @@ def init_params(config: DecoderConfig, rng: jax.Array | int = 0) -> dict:
     return nn.meta.unbox(variables["params"])
 
 
-__all__ = ["BLOCKS", "DecoderOnly", "DecoderOnlyCache", "decode_step", "forward", "forward_with_cache",
-           "init_kv_cache", "init_params", "positions_from_mask"]
+__all__ = ["BLOCKS", "DecoderOnly", "DecoderOnlyCache", "decode_step", "forward", "forward_from_layer",
+           "forward_with_cache", "init_kv_cache", "init_params", "logical_axes", "param_shapes", "positions_from_mask",
+           "unembed", "unembedding_rows"]
