@@ -29,6 +29,7 @@ from genir_jax.checkpoints.weights import (
     transpose, write_checkpoint,
 )
 from genir_jax.core.config import T5Config
+from genir_jax.core.decoder_config import DECODER_MODEL_TYPES
 
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
 
@@ -302,7 +303,7 @@ def load_pretrained(
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise ConfigError(f"{config_path}: config file not found in checkpoint directory {directory}")
-    config = T5Config.from_json_file(config_path)
+    config = _t5_config(config_path)
     files = WeightFiles(directory)
     from genir_jax.scale.partitioning import current
 
@@ -325,6 +326,22 @@ def load_pretrained(
             f"{config.vocab_size} (config.json); tokenizer and weights come from different vocabularies"
         )
     return PretrainedModel(config=config, params=params, tokenizer=tokenizer, path=directory)
+
+
+def _t5_config(config_path: str) -> T5Config:
+    """The T5 config of `config_path`; a decoder-only model's is refused with where to load it instead."""
+    try:
+        return T5Config.from_json_file(config_path)
+    except ConfigError:
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                model_type = json.load(handle).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None
+        if model_type in DECODER_MODEL_TYPES:
+            raise ConfigError(f"{config_path}: model_type {model_type!r} is a decoder-only model, not a T5; load it "
+                              "with genir_jax.checkpoints.decoder_hf.load_decoder_only") from None
+        raise
 
 
 def load_for_analysis(path_or_hub_id: str | os.PathLike, **options: Any) -> PretrainedModel:

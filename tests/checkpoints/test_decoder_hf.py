@@ -102,3 +102,12 @@ def test_missing_and_misshapen_tensors_are_refused(tmp_path):
     save_file(tensors, str(path), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="missing tensor.*'lm_head.weight'"):
         load_decoder_only(directory)
+
+
+def test_the_t5_loader_points_decoder_only_checkpoints_to_their_loader(tmp_path):
+    from genir_jax.base.errors import ConfigError
+    from genir_jax.checkpoints.hf import load_pretrained
+
+    directory = save_causal_lm(build_torch_causal_lm("qwen2"), tmp_path / "q")
+    with pytest.raises(ConfigError, match="model_type 'qwen2' is a decoder-only model.*load_decoder_only"):
+        load_pretrained(directory)
