@@ -224,6 +224,13 @@ def decode_step(config: DecoderConfig, params: Params, input_ids, cache: Decoder
     slots (`genir_jax.core.taps.at_position`)."""
     ids = jnp.asarray(input_ids, dtype=jnp.int32)
     key_mask = jnp.asarray(key_mask, dtype=jnp.int32)
+    slots = cache.k.shape[2]
+    if np.shape(key_mask) != (ids.shape[0], slots):
+        raise ValueError(f"decode_step: key_mask has shape {np.shape(key_mask)}, expected (batch, cache slots) = "
+                         f"{(ids.shape[0], slots)}")
+    if isinstance(index, (int, np.integer)) and not 0 <= index <= slots - ids.shape[1]:
+        # (a traced index is not checked: lax.dynamic_update_slice would clamp it silently)
+        raise ValueError(f"decode_step: {ids.shape[1]} token(s) at slot {index} do not fit a cache of {slots} slots")
     if positions is None:
         positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(key_mask), index, ids.shape[1], axis=1)
     return _decode_step(config, params, ids, jnp.asarray(positions, dtype=jnp.int32), key_mask, cache,

@@ -54,3 +54,13 @@ def test_unembedding_rows_shapes_and_axes():
         axes = do.logical_axes(cfg)
         assert tuple(axes["layers"]["attn"]["key"]) == ("layers", "embed", "heads", "kv")
         assert tuple(axes["embed"]) == ("vocab", "embed")
+
+
+def test_decode_step_refuses_tokens_beyond_the_cache():
+    cfg = CONFIGS["llama_gqa"]
+    params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), do.param_shapes(cfg))
+    cache = do.init_kv_cache(cfg, 2, 6)
+    with pytest.raises(ValueError, match="2 token\\(s\\) at slot 5 do not fit a cache of 6 slots"):
+        do.decode_step(cfg, params, IDS[:, :2], cache, 5, MASK)
+    with pytest.raises(ValueError, match=r"key_mask has shape \(2, 5\), expected \(batch, cache slots\) = \(2, 6\)"):
+        do.decode_step(cfg, params, IDS[:, :1], cache, 0, MASK[:, :5])
