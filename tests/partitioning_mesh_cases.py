@@ -118,7 +118,7 @@ def sharded_load(directory: str) -> dict:
 
     plain = hf.load_pretrained(directory, load_tokenizer=False)
     p = Partitioner("data=4,model=2")
-    files = hf._WeightFiles(directory)
+    files = hf.WeightFiles(directory)
     config, sharded = hf.sharded_params_from_safetensors(plain.config, files, p)
     files.close()
     leaves = jax.tree_util.tree_leaves_with_path(plain.params)

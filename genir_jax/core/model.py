@@ -34,7 +34,7 @@ from genir_jax.core.config import T5Config
 from genir_jax.core.dropout import Dropout
 from genir_jax.core.modules import MLP, MultiHeadAttention, RelativePositionBias, RMSNorm, partitioned
 from genir_jax.core.sites import STACK_SITES, Site, expand_site_patterns, num_layers, parse_site, site_shape
-from genir_jax.core.taps import Patch, SiteTap
+from genir_jax.core.taps import Patch, SiteTap, per_layer
 from genir_jax.core.validation import validate
 
 Params = Mapping[str, Any]
@@ -184,7 +184,7 @@ class _Stack(nn.Module):
         stack_tap = SiteTap({k: v for k, v in interventions.items() if k in STACK_SITES},
                             {name for name, _ in self.cache_spec if name in STACK_SITES}, position)
         count = num_layers(cfg, stack)
-        layer_interventions = {k: _per_layer(v, count) for k, v in interventions.items() if k not in STACK_SITES}
+        layer_interventions = {k: per_layer(v, count) for k, v in interventions.items() if k not in STACK_SITES}
         record_all = frozenset(n for n, layers in self.cache_spec if n not in STACK_SITES and layers is None)
         record_some = tuple((n, layers) for n, layers in self.cache_spec if n not in STACK_SITES and layers)
         layer_kwargs = dict(config=cfg, is_decoder=self.is_decoder, deterministic=self.deterministic, dtype=self.dtype)
@@ -260,16 +260,6 @@ class _Stack(nn.Module):
         recorded.update({name: buffer[:-1] for name, buffer in buffers.items()})
         recorded.update(stack_tap.cache)
         return (x, recorded) if position is None else (x, recorded, cache)
-
-
-def _per_layer(patches, count: int):
-    """Give every array of a layer site's patches a full leading layer axis, as `nn.scan` slices it
-    (scalars and size-1 layer axes broadcast to all layers)."""
-    def expand(leaf):
-        leaf = jnp.asarray(leaf)
-        return jnp.broadcast_to(leaf, (count,) + leaf.shape[1:] if leaf.ndim else (count,))
-
-    return jax.tree_util.tree_map(expand, patches)
 
 
 class T5(nn.Module):

@@ -14,6 +14,13 @@ Full names (what users write) and where they live in the model:
   cross-attention reads / what is unembedded (genir-jax additions; TransformerLens has no hook there).
   The encoder output *before* the final norm is ``encoder.{L-1}.hook_resid_post``.
 
+Decoder-only models (`genir_jax.core.decoder_only`, a `DecoderConfig`) have one stack, ``blocks``, and
+TransformerLens' own names: ``blocks.{l}.<layer site>`` with the layer sites above less the cross-attention
+ones (``mlp.hook_pre_linear``: the SwiGLU up projection of Llama / Qwen2), ``hook_embed`` (token
+embeddings; GPT-2's learned positions are added after it) and ``ln_final.hook_normalized``. Their keys and
+values (``attn.hook_k`` / ``hook_v``) have the model's key/value heads (fewer under grouped-query attention);
+``attn.hook_q`` / ``hook_k`` are before the rotary embedding, as in TransformerLens.
+
 Internally a site is (stack, local name, layer or None). Activation shapes, per example and layer:
 residual sites [T, D]; q / z [T, H, K]; k / v [S, H, K] (S: the attended sequence); attention scores and
 pattern [H, T, S]; MLP sites [T, F]. A leading batch axis comes first.
@@ -26,8 +33,9 @@ import fnmatch
 import re
 from typing import Iterable, NamedTuple
 
-from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
+from genir_jax.core.config import T5Config
+from genir_jax.core.decoder_config import DecoderConfig
 
 ATTENTION_SITES = ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z")
 RESIDUAL_SITES = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
@@ -36,9 +44,13 @@ MLP_SITES = ("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post")
 STACK_SITES = ("hook_embed", "final_ln.hook_normalized", "hook_out")
 
 STACKS = ("encoder", "decoder")
+# The decoder-only family: its one stack and the sites of that stack that take no layer.
+BLOCKS = "blocks"
+BLOCK_STACK_SITES = ("hook_embed", "final_ln.hook_normalized")
 # The components of a layer, in layer order, and the site of each one's output.
 COMPONENT_SITES = {"attn": "hook_attn_out", "cross_attn": "hook_cross_attn_out", "mlp": "hook_mlp_out"}
 COMPONENTS = tuple(COMPONENT_SITES)
+BLOCK_COMPONENTS = ("attn", "mlp")  # a decoder-only layer has no cross-attention
 
 
 class SiteError(GenIRError, KeyError):
@@ -49,7 +61,8 @@ class SiteError(GenIRError, KeyError):
 
 
 class Site(NamedTuple):
-    """A parsed site: stack ("encoder" / "decoder"), local name, and layer (None for stack sites)."""
+    """A parsed site: stack ("encoder" / "decoder", or "blocks" for decoder-only models), local name, and
+    layer (None for stack sites)."""
 
     stack: str
     local: str
@@ -61,9 +74,9 @@ class Site(NamedTuple):
         if self.layer is not None:
             return f"{self.stack}.{self.layer}.{self.local}"
         if self.local == "hook_embed":
-            return "hook_embed" if self.stack == "encoder" else "decoder.hook_embed"
+            return "hook_embed" if self.stack in ("encoder", BLOCKS) else "decoder.hook_embed"
         if self.local == "final_ln.hook_normalized":
-            return f"{self.stack}_final_ln.hook_normalized"
+            return "ln_final.hook_normalized" if self.stack == BLOCKS else f"{self.stack}_final_ln.hook_normalized"
         return f"{self.stack}.{self.local}"
 
 
@@ -73,25 +86,49 @@ def site_name(stack: str, local: str, layer: int | None = None) -> str:
     ``site_name("decoder", "hook_mlp_out", 3)`` -> ``"decoder.3.hook_mlp_out"``;
     ``site_name("decoder", "cross_attn.hook_q", 2)`` -> ``"decoder.2.cross_attn.hook_q"``;
     ``site_name("encoder", "hook_out")`` -> ``"encoder.hook_out"``; ``site_name("encoder", "hook_embed")`` ->
-    ``"hook_embed"``. Layer sites need a layer, stack sites (`STACK_SITES`) take none; nothing is validated
-    against a model (`parse_site` does that).
+    ``"hook_embed"``; decoder-only models: ``site_name("blocks", "attn.hook_z", 1)`` -> ``"blocks.1.attn.hook_z"``,
+    ``site_name("blocks", "final_ln.hook_normalized")`` -> ``"ln_final.hook_normalized"``. Layer sites need a
+    layer, stack sites (`stack_sites`) take none; nothing is validated against a model (`parse_site` does that).
     """
-    if stack not in STACKS:
-        raise SiteError(f"unknown stack {stack!r}; expected one of {', '.join(STACKS)}")
+    if stack not in STACKS + (BLOCKS,):
+        raise SiteError(f"unknown stack {stack!r}; expected one of {', '.join(STACKS + (BLOCKS,))}")
+    if layer is None and local in STACK_SITES and local not in stack_sites(stack):
+        raise SiteError(f"site {local!r} does not exist in the {stack!r} stack")
     if (layer is None) != (local in STACK_SITES):
         raise SiteError(f"site {local!r} " + ("takes no layer" if local in STACK_SITES else "needs a layer"))
     return Site(stack, local, layer).name
 
 
+def stack_sites(stack: str) -> tuple[str, ...]:
+    """Local names of the sites of `stack` that take no layer."""
+    return BLOCK_STACK_SITES if stack == BLOCKS else STACK_SITES
+
+
+def is_decoder_only(config) -> bool:
+    """Whether `config` is of the decoder-only family (one ``blocks`` stack) rather than T5."""
+    return isinstance(config, DecoderConfig)
+
+
+def stacks(config) -> tuple[str, ...]:
+    """The stacks of a model: ("encoder", "decoder") for T5, ("blocks",) for a decoder-only model."""
+    return (BLOCKS,) if is_decoder_only(config) else STACKS
+
+
+def components(config) -> tuple[str, ...]:
+    """The components of a layer of the model's last stack, in layer order (T5: `COMPONENTS`)."""
+    return BLOCK_COMPONENTS if is_decoder_only(config) else COMPONENTS
+
+
 def component_site(stack: str, component: str, layer: int) -> str:
     """The full name of a component's output in one layer: ``component_site("decoder", "mlp", 3)`` ->
     ``"decoder.3.hook_mlp_out"`` (components: `COMPONENTS`)."""
-    if component not in COMPONENT_SITES:
-        raise SiteError(f"unknown component {component!r}; expected one of {', '.join(COMPONENT_SITES)}")
+    if component not in COMPONENT_SITES or (stack == BLOCKS and component not in BLOCK_COMPONENTS):
+        known = BLOCK_COMPONENTS if stack == BLOCKS else tuple(COMPONENT_SITES)
+        raise SiteError(f"unknown component {component!r}; expected one of {', '.join(known)}")
     return site_name(stack, COMPONENT_SITES[component], layer)
 
 
-def layer_sites(config: T5Config, stack: str) -> tuple[str, ...]:
+def layer_sites(config: T5Config | DecoderConfig, stack: str) -> tuple[str, ...]:
     """Local names of the per-layer sites of a stack."""
     names = list(RESIDUAL_SITES) + [f"attn.{s}" for s in ATTENTION_SITES]
     if stack == "decoder":
@@ -100,29 +137,30 @@ def layer_sites(config: T5Config, stack: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def num_layers(config: T5Config, stack: str) -> int:
+def num_layers(config: T5Config | DecoderConfig, stack: str) -> int:
     return config.num_decoder_layers if stack == "decoder" else config.num_layers
 
 
-def all_site_names(config: T5Config) -> list[str]:
+def all_site_names(config: T5Config | DecoderConfig) -> list[str]:
     """Every valid full site name of a model, in model order."""
     names = []
-    for stack in ("encoder", "decoder"):
+    for stack in stacks(config):
         names.append(Site(stack, "hook_embed", None).name)
         for layer in range(num_layers(config, stack)):
             names += [f"{stack}.{layer}.{local}" for local in layer_sites(config, stack)]
-        names += [Site(stack, "final_ln.hook_normalized", None).name, Site(stack, "hook_out", None).name]
+        names += [Site(stack, local, None).name for local in stack_sites(stack) if local != "hook_embed"]
     return names
 
 
 _LAYER_NAME = re.compile(r"(encoder|decoder)\.(\d+)\.(.+)")
+_BLOCK_NAME = re.compile(r"blocks\.(\d+)\.(.+)")
 
 
-def parse_site(config: T5Config, name: str) -> Site:
+def parse_site(config: T5Config | DecoderConfig, name: str) -> Site:
     """Parse and validate a full site name; unknown names raise `SiteError` suggesting the closest."""
-    site = _parse(name)
+    site = _parse_blocks(name) if is_decoder_only(config) else _parse(name)
     if site is not None:
-        if site.layer is None and site.local in STACK_SITES:
+        if site.layer is None and site.local in stack_sites(site.stack):
             return site
         if site.layer is not None and site.local in layer_sites(config, site.stack):
             if site.layer < num_layers(config, site.stack):
@@ -152,7 +190,16 @@ def _parse(name: str) -> Site | None:
     return None
 
 
-def expand_site_patterns(config: T5Config, patterns: Iterable[str]) -> list[str]:
+def _parse_blocks(name: str) -> Site | None:
+    if name == "hook_embed":
+        return Site(BLOCKS, "hook_embed", None)
+    if name == "ln_final.hook_normalized":
+        return Site(BLOCKS, "final_ln.hook_normalized", None)
+    match = _BLOCK_NAME.fullmatch(name)
+    return Site(BLOCKS, match.group(2), int(match.group(1))) if match else None
+
+
+def expand_site_patterns(config: T5Config | DecoderConfig, patterns: Iterable[str]) -> list[str]:
     """Full names matching each name or shell-style pattern (``decoder.*.hook_mlp_out``), model order."""
     everything = all_site_names(config)
     selected: set[str] = set()
@@ -167,11 +214,13 @@ def expand_site_patterns(config: T5Config, patterns: Iterable[str]) -> list[str]
     return [name for name in everything if name in selected]
 
 
-def site_shape(config: T5Config, site: Site, query_length: int, key_length: int) -> tuple[int, ...]:
+def site_shape(config: T5Config | DecoderConfig, site: Site, query_length: int, key_length: int
+               ) -> tuple[int, ...]:
     """Per-example activation shape of a site (no batch or layer axis).
 
     `query_length` is the stack's own sequence length; `key_length` the length attended to (the stack's
-    own for self-attention, the encoder's for cross-attention).
+    own for self-attention, the encoder's for cross-attention). Keys and values have the key/value heads
+    (`DecoderConfig.num_kv_heads` under grouped-query attention).
     """
     t, d, h, k, f = query_length, config.d_model, config.num_heads, config.d_kv, config.d_ff
     local = site.local
@@ -183,7 +232,7 @@ def site_shape(config: T5Config, site: Site, query_length: int, key_length: int)
         if leaf in ("hook_q", "hook_z"):
             return (t, h, k)
         if leaf in ("hook_k", "hook_v"):
-            return (s, h, k)
+            return (s, getattr(config, "num_kv_heads", h), k)
         return (h, t, s)
     return (t, d)
 

@@ -37,16 +37,17 @@ class Shift(NamedTuple):
     delta: Any
 
 
-def at_position(patch: Patch | Shift, local: str, position) -> Patch | Shift:
+def at_position(patch: Patch | Shift, local: str, position, length: int = 1) -> Patch | Shift:
     """`patch` of decoder site `local` as it applies at one decoder `position` (traced): every array with
     a position axis longer than 1 is cut to that position (kept as an axis of size 1), so a patch applies
-    in a one-position decoding step exactly as at that position of a forward over the whole sequence."""
+    in a one-position decoding step exactly as at that position of a forward over the whole sequence.
+    `length` > 1: the positions ``position .. position + length - 1`` (a decoder-only model's cached chunk)."""
     axis = position_axis(local)
 
     def cut(leaf):
         if axis is None or not hasattr(leaf, "shape") or len(leaf.shape) < -axis or leaf.shape[axis] == 1:
             return leaf
-        return jax.lax.dynamic_slice_in_dim(jnp.asarray(leaf), position, 1, axis=len(leaf.shape) + axis)
+        return jax.lax.dynamic_slice_in_dim(jnp.asarray(leaf), position, length, axis=len(leaf.shape) + axis)
 
     return type(patch)(*(cut(leaf) for leaf in patch))
 
@@ -60,6 +61,16 @@ def apply_patch(x: jnp.ndarray, patch: Patch | Shift) -> jnp.ndarray:
     return x + mask * (value - x)
 
 
+def per_layer(patches, count: int):
+    """Give every array of a layer site's patches a full leading layer axis, as `nn.scan` slices it
+    (scalars and size-1 layer axes broadcast to all layers)."""
+    def expand(leaf):
+        leaf = jnp.asarray(leaf)
+        return jnp.broadcast_to(leaf, (count,) + leaf.shape[1:] if leaf.ndim else (count,))
+
+    return jax.tree_util.tree_map(expand, patches)
+
+
 class SiteTap:
     """Applies the interventions of one scope (e.g. one decoder layer) and records requested sites.
 
@@ -67,22 +78,23 @@ class SiteTap:
     tuple of them (applied in order);
     `cache_sites` is the static set of local names to record. After the forward, `cache` holds them.
     `position` (decoding mode, possibly traced): the activations are of that one decoder position, and
-    patches are cut to it (`at_position`).
+    patches are cut to it (`at_position`); `span` positions from it where a chunk of several is run.
     """
 
     def __init__(self, interventions: Mapping[str, Patch] | None, cache_sites: frozenset[str] | tuple = (),
-                 position=None):
+                 position=None, span: int = 1):
         self.interventions = dict(interventions or {})
         self.cache_sites = frozenset(cache_sites)
         self.cache: dict[str, jnp.ndarray] = {}
         self.position = position
+        self.span = span
 
     def __call__(self, name: str, x: jnp.ndarray) -> jnp.ndarray:
         patches = self.interventions.get(name)
         if isinstance(patches, Patch):
             patches = (patches,)
         for patch in patches or ():  # several patches of one site apply in order
-            x = apply_patch(x, patch if self.position is None else at_position(patch, name, self.position))
+            x = apply_patch(x, patch if self.position is None else at_position(patch, name, self.position, self.span))
         if name in self.cache_sites:
             self.cache[name] = x
         return x

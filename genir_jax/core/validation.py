@@ -13,7 +13,7 @@ import numpy as np
 
 from genir_jax.base.errors import GenIRError
 from genir_jax.core.config import T5Config
-from genir_jax.core.sites import STACK_SITES, Site, num_layers, parse_site, site_shape
+from genir_jax.core.sites import STACK_SITES, Site, num_layers, parse_site, site_shape, stacks
 from genir_jax.core.taps import Patch
 
 Interventions = Mapping[str, Mapping[str, Any]]
@@ -26,10 +26,13 @@ class InterventionError(GenIRError, ValueError):
 def validate(config: T5Config, interventions: Interventions | None, batch: int, encoder_length: int,
              decoder_length: int, leading: tuple[int, ...] = ()) -> None:
     """Check every patch against the model and the input shapes; raise `InterventionError` naming the
-    site and the expected shape. `leading` is the shape of extra leading axes on masks (a sweep's K)."""
+    site and the expected shape. `leading` is the shape of extra leading axes on masks (a sweep's K).
+    A decoder-only model (stack ``blocks``) passes its sequence length as both lengths."""
+    known = stacks(config)
     for stack, sites in (interventions or {}).items():
-        if stack not in ("encoder", "decoder"):
-            raise InterventionError(f"interventions: unknown stack '{stack}' (expected 'encoder' or 'decoder')")
+        if stack not in known:
+            raise InterventionError(f"interventions: unknown stack '{stack}' (expected "
+                                    f"{' or '.join(repr(k) for k in known)})")
         length = encoder_length if stack == "encoder" else decoder_length
         for local, patches in sites.items():
             layer = None if local in STACK_SITES else 0

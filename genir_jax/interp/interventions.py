@@ -93,8 +93,8 @@ def _selection_mask(config: T5Config, site: Site, positions, heads, neurons, len
             if length is None:
                 raise InterventionError(f"site '{site.name}': selecting positions needs the sequence `length`")
             size = length
-        else:
-            size = config.num_heads if kind == "heads" else config.d_ff
+        else:  # heads of this site (key/value heads under grouped-query attention) or neurons
+            size = site_shape(config, site, 1, 1)[axis]
         chosen = np.asarray(list(chosen), dtype=np.int64)
         if chosen.size and (chosen.min() < 0 or chosen.max() >= size):
             raise InterventionError(f"site '{site.name}': {kind} {chosen.tolist()} out of range [0, {size})")

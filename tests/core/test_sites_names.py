@@ -3,7 +3,10 @@
 import pytest
 
 import genir_jax as gj
-from genir_jax.core.sites import COMPONENTS, SiteError, all_site_names, component_site, parse_site, site_name
+from genir_jax.core.decoder_config import DecoderConfig, gpt2_config
+from genir_jax.core.sites import (
+    COMPONENTS, SiteError, all_site_names, component_site, components, parse_site, site_name, site_shape, stacks,
+)
 
 CONFIG = gj.t5_v1_1(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=3, num_heads=2)
 
@@ -23,7 +26,44 @@ def test_component_site_and_errors():
         site_name("decoder", "hook_mlp_out")
     with pytest.raises(SiteError, match="takes no layer"):
         site_name("decoder", "hook_out", 2)
-    with pytest.raises(SiteError, match="unknown stack"):
-        site_name("blocks", "hook_mlp_out", 1)
+    with pytest.raises(SiteError, match="unknown stack"):  # ("blocks" is the decoder-only models' stack)
+        site_name("layers", "hook_mlp_out", 1)
     with pytest.raises(SiteError, match="unknown component"):
         component_site("decoder", "ffn", 1)
+
+
+DECODER = DecoderConfig(vocab_size=64, d_model=16, num_layers=3, num_heads=4, num_kv_heads=2, d_ff=24)
+
+
+def test_decoder_only_sites_use_transformer_lens_names_and_round_trip():
+    names = all_site_names(DECODER)
+    assert names[0] == "hook_embed" and names[-1] == "ln_final.hook_normalized"
+    for local in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+                  "attn.hook_z", "attn.hook_pattern", "attn.hook_attn_scores", "hook_attn_out", "mlp.hook_pre",
+                  "mlp.hook_pre_linear", "mlp.hook_post", "hook_mlp_out"):
+        assert f"blocks.2.{local}" in names
+    assert not any("cross_attn" in name or name.startswith(("encoder", "decoder")) for name in names)
+    for name in names:
+        site = parse_site(DECODER, name)
+        assert site_name(site.stack, site.local, site.layer) == name
+    assert "blocks.0.mlp.hook_pre_linear" not in all_site_names(gpt2_config(vocab_size=64, d_model=16, num_layers=1,
+                                                                            num_heads=2, d_ff=32))
+
+
+def test_decoder_only_components_shapes_and_errors():
+    assert components(DECODER) == ("attn", "mlp") and components(CONFIG) == COMPONENTS
+    assert stacks(DECODER) == ("blocks",) and stacks(CONFIG) == ("encoder", "decoder")
+    assert component_site("blocks", "mlp", 1) == "blocks.1.hook_mlp_out"
+    assert site_name("blocks", "final_ln.hook_normalized") == "ln_final.hook_normalized"
+    assert site_shape(DECODER, parse_site(DECODER, "blocks.0.attn.hook_k"), 5, 5) == (5, 2, 4)  # key/value heads
+    assert site_shape(DECODER, parse_site(DECODER, "blocks.0.attn.hook_z"), 5, 5) == (5, 4, 4)
+    with pytest.raises(SiteError, match="unknown component 'cross_attn'; expected one of attn, mlp"):
+        component_site("blocks", "cross_attn", 0)
+    with pytest.raises(SiteError, match="does not exist in the 'blocks' stack"):
+        site_name("blocks", "hook_out")
+    with pytest.raises(SiteError, match="layer 3 does not exist; the blocks has 3 layers"):
+        parse_site(DECODER, "blocks.3.hook_mlp_out")
+    with pytest.raises(SiteError, match="unknown site 'decoder.0.hook_mlp_out'; did you mean 'blocks.0.hook_mlp_out'"):
+        parse_site(DECODER, "decoder.0.hook_mlp_out")
+    with pytest.raises(SiteError, match="unknown site 'blocks.0.hook_mlp_out'"):
+        parse_site(CONFIG, "blocks.0.hook_mlp_out")

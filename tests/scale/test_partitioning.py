@@ -80,7 +80,7 @@ def test_sharded_safetensors_load_equals_the_plain_load_and_reads_slices(hf_chec
     partitioner = Partitioner("data=2,model=2")
     import genir_jax.checkpoints.hf as hf
 
-    files = hf._WeightFiles(str(directory))
+    files = hf.WeightFiles(str(directory))
     config, sharded = hf.sharded_params_from_safetensors(plain.config, files, partitioner)
     files.close()
     assert config == plain.config
