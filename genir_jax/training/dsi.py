@@ -41,6 +41,7 @@ from genir_jax.docids.tokens import add_docid_tokens, docid_token_ids
 from genir_jax.base.errors import ConfigError, DataError
 from genir_jax.checkpoints.hf import PretrainedModel, save_pretrained
 from genir_jax.base.io import write_json
+from genir_jax.base.progress import compiling_bar
 from genir_jax.docids.retrieval import evaluate_run, rank_docid_sequences, rank_docids, run_from_ranking
 from genir_jax.scale.partitioning import fetch
 from genir_jax.training.batching import ArraySource
@@ -232,9 +233,9 @@ def finetune(base: PretrainedModel, documents: Sequence[Document], splits: Mappi
         write_scheme(os.path.join(out_dir, DOCIDS_FILE), recorded)  # before the weights: no model without it
         save_pretrained(out_dir, model.replace(params=params, path=None))
     final = {}
-    for name in ("val", "test"):
-        if splits.get(name):
-            final[name] = make_evaluator(splits[name])(params)
+    for name in compiling_bar([name for name in ("val", "test") if splits.get(name)], unit="split",
+                              desc="evaluating the best model", disable=not progress):
+        final[name] = make_evaluator(splits[name])(params)
     summary = {
         "stage": "dsi", "docids": scheme.name,
         "data": {**stats, "documents": len(documents), "docids": len(doc_ids),

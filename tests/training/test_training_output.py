@@ -120,6 +120,7 @@ def test_train_prints_labelled_lines_or_json_lines_and_writes_tensorboard(tmp_pa
 
     quiet = _command(*common, "-o", tmp_path / "quiet")
     assert ADVISORY not in quiet.stderr and "compiling the step" in quiet.stderr
+    assert "evaluating the best model" in quiet.stderr
     lines = quiet.stdout.splitlines()
     assert not any(line.lstrip().startswith(("{", "}", '"')) for line in lines), quiet.stdout
     assert lines[0].startswith("best validation (step ") and lines[0].endswith("(n=16 queries)")
