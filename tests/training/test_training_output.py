@@ -103,6 +103,7 @@ def test_bm25_command_is_quiet_and_labelled_and_verbose_shows_debug(tmp_path):
     prepared = make_prepared(tmp_path / "prepared")
     quiet = _command("bm25", "--prepared", prepared, "-o", tmp_path / "quiet")
     assert "bm25s" not in quiet.stderr and ADVISORY not in quiet.stderr
+    assert "Split strings" not in quiet.stderr and "Create Vocab" not in quiet.stderr  # one bar: retrieval
     assert quiet.stdout.splitlines() == [
         "test: Hits@1 100.00 Hits@10 100.00 Recall@5 100.00 MRR@10 100.00 nDCG@10 100.00 (n=16 queries)",
         f"outputs: {tmp_path / 'quiet'}"]
