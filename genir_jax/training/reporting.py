@@ -51,18 +51,22 @@ def metrics_line(label: str, metrics: Mapping[str, Any]) -> str:
 
 def training_lines(summary: Mapping[str, Any], output: str | os.PathLike | None = None) -> list[str]:
     """The end of a `train` / `pretrain` run for people: the best validation, the final metrics of each
-    split, the throughput and where the model went."""
+    split, the throughput and where the model went (entries a summary lacks, or holds as None, are left out)."""
     lines = []
     best = summary.get("best")
     if best:
         lines.append(metrics_line(f"best validation (step {int(best['step'])})", best))
     for split, metrics in (summary.get("final") or {}).items():
         lines.append(metrics_line(split_label(split), metrics))
-    speed = summary.get("examples_per_s")
-    timing = f"training: {float(summary['train_seconds']):.1f} s in steps"
-    if speed:
-        timing += f" ({float(speed):.1f} examples/s)"
-    lines.append(timing + f", {float(summary['wall_seconds']):.1f} s in all")
+    timing = []
+    if summary.get("train_seconds") is not None:
+        timing.append(f"{float(summary['train_seconds']):.1f} s in steps")
+        if summary.get("examples_per_s"):
+            timing[-1] += f" ({float(summary['examples_per_s']):.1f} examples/s)"
+    if summary.get("wall_seconds") is not None:
+        timing.append(f"{float(summary['wall_seconds']):.1f} s in all")
+    if timing:
+        lines.append("training: " + ", ".join(timing))
     if output is not None:
         lines.append(f"model: {os.fspath(output)}")
     return lines

@@ -61,6 +61,7 @@ def test_metrics_line_labels_percentages_and_integer_counts():
                             "examples_per_s": None, "wall_seconds": 2.0}, "out")
     assert lines == ["validation: Hits@1 100.00 (n=4 queries)", "training: 1.0 s in steps, 2.0 s in all",
                      "model: out"]
+    assert training_lines(dict.fromkeys(("best", "final", "train_seconds", "wall_seconds"))) == []
 
 
 def test_validation_keeps_the_query_count_an_integer():
