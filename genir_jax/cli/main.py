@@ -15,8 +15,9 @@ transformers themselves, so
 ``genir-jax --help`` and argument errors answer without loading them. Every command runs with the
 persistent XLA compilation cache (`genir_jax.scale.compile_cache`) unless ``--no-compile-cache`` is given or
 ``GENIR_JAX_CACHE=off``. The libraries' log lines (transformers, bm25s) are hidden below warnings
-(`genir_jax.base.verbosity`) unless ``-v/--verbose`` is given (before or after the command's name). As the console command computing on the CPU,
-glibc is first asked to keep freed memory (`genir_jax.scale.host_memory`; ``GENIR_JAX_HOST_MEMORY=default`` opts out). As the console command, a
+(`genir_jax.base.verbosity`) unless ``-v/--verbose`` is given (before or after the command's name). As the
+console command computing on the CPU, glibc is first asked to keep freed memory
+(`genir_jax.scale.host_memory`; ``GENIR_JAX_HOST_MEMORY=default`` opts out). As the console command, a
 finished command that loaded JAX ends after the atexit handlers without the interpreter's slow tear-down
 of JAX (`_leave_now`); `main(argv)` returns normally and changes neither.
 """
