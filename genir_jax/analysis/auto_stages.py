@@ -172,7 +172,7 @@ def stage_features(config: T5Config, params, input_ids, attention_mask, target_i
     is_docid = np.zeros(config.vocab_size, dtype=bool)
     is_docid[-1] = True
     residual = run_residual_rank(config, params, input_ids, attention_mask, target_ids, is_docid,
-                                 batch_size=batch_size, progress=progress)
+                                 batch_size=batch_size, progress=progress, desc="auto stages: layer curves")
     func = [name for name, _ in FUNCS].index("ratio")
     parts = [name for name, _, _ in PARTS]
     ratios = np.stack([residual.contributions[:, :, func, parts.index(c)] for c in COMPONENTS], axis=-1)
@@ -181,7 +181,7 @@ def stage_features(config: T5Config, params, input_ids, attention_mask, target_i
 
     interventions, rows = zero_ablation_configs(config)
     sweep = run_sweep(config, params, input_ids, attention_mask, target_ids, interventions,
-                      query_chunk=batch_size, progress=progress)
+                      query_chunk=batch_size, progress=progress, desc="auto stages: zero ablations")
     logits = np.asarray(sweep.target_logits, dtype=np.float64)       # [1 + 3L, N]
     drops = logits[:1] - logits[1:]                                   # [3L, N], ordered as rows
     L = config.num_decoder_layers

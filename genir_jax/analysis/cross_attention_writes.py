@@ -43,7 +43,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from genir_jax.base.progress import compiling_bar
 
 from genir_jax.analysis.logit_lens import logit_lens
 from genir_jax.analysis.reading import query_batches
@@ -154,7 +154,7 @@ def docid_shares(config: T5Config, params, tokenizer, texts: Sequence[str], *, s
         is_docid = jnp.asarray(docid_mask(tokenizer, config.vocab_size))
     counts = np.zeros((len(texts), len(layers), len(cutoffs)), np.int32)
     plan = query_batches(tokenizer, texts, batch_size, reference_padding=reference_padding)
-    for batch in tqdm(plan, desc="crattn writes (query batches)", disable=not progress, unit="batch"):
+    for batch in compiling_bar(plan, desc="crattn writes (query batches)", disable=not progress, unit="batch"):
         ids, mask = batch.arrays
         out = _docid_counts(config, params, jnp.asarray(ids), jnp.asarray(mask), is_docid, tuple(layers), cutoffs)
         counts[batch.rows] = np.asarray(out)[:batch.size]
@@ -231,7 +231,7 @@ def head_top_tokens(config: T5Config, params, tokenizer, texts: Sequence[str], h
     logits_out = np.zeros((len(texts), len(heads), top), np.float32)
     all_ids_out, all_logits_out = np.zeros_like(ids_out), np.zeros_like(logits_out)
     plan = query_batches(tokenizer, texts, batch_size, reference_padding=reference_padding)
-    for batch in tqdm(plan, desc="head tokens (query batches)", disable=not progress, unit="batch"):
+    for batch in compiling_bar(plan, desc="head tokens (query batches)", disable=not progress, unit="batch"):
         ids, mask = batch.arrays
         top_ids, top_logits, all_ids, all_logits = jax.device_get(
             _head_top_tokens(config, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(is_docid), heads, top))

@@ -23,7 +23,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from genir_jax.base.progress import compiling_bar
 
 from genir_jax.analysis.logit_lens import logit_lens
 from genir_jax.base.batching import batches
@@ -103,7 +103,7 @@ def run_head_logit_lens(config: T5Config, params, input_ids, attention_mask, tar
         raise SettingError(f"head logit lens: {{0}} must be in 1..{config.vocab_size}, got {top}", "top")
     ranks, counts = [], []
     chunks = batches((input_ids, attention_mask, target_ids), batch_size)
-    for batch in tqdm(list(chunks), desc="head logit lens", unit="batch", disable=not progress):
+    for batch in compiling_bar(list(chunks), desc="head logit lens", unit="batch", disable=not progress):
         rank, count = _chunk(params, *batch.arrays, jnp.asarray(is_docid), config=config, top=top)
         ranks.append(np.asarray(rank)[:batch.size])
         counts.append(np.asarray(count)[:batch.size])

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from genir_jax.base.progress import compiling_bar
 
 from genir_jax.analysis.inputs import query_batches
 from genir_jax.analysis.reading_sites import (ANALYSIS_NAME, COMPONENT_TYPES, EMBEDDING,
@@ -311,7 +311,8 @@ def run_reading(config: T5Config, params, tokenizer, texts: Sequence[str], *, re
         raise GenIRError(f"--stages: layers {missing} are read from but belong to no stage")
     aggregators = [RatioAggregator(k) for k in topks]
     plan = query_batches(tokenizer, texts, batch_size, reference_padding=reference_padding, block=block)
-    for batch in tqdm(plan, desc=f"{ANALYSIS_NAME[reader]} (query batches)", disable=not progress, unit="batch"):
+    for batch in compiling_bar(plan, desc=f"{ANALYSIS_NAME[reader]} (query batches)", disable=not progress,
+                               unit="batch"):
         rows, (ids, mask) = batch.rows, batch.arrays
         readings = reading_batch(config, params, ids, mask, reader=reader, layers=layers, sim_type=sim_type,
                                  valid_rows=batch.size)

@@ -70,7 +70,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from genir_jax.base.progress import compiling_bar
 
 from genir_jax.analysis.logit_lens import logit_lens, rank_sum_bits, rank_sum_fits, vocabulary_rank_stats
 from genir_jax.base.batching import batches, num_batches
@@ -212,12 +212,13 @@ def default_batch_size(vocab_size: int, budget_bytes: int = 1 << 30) -> int:
 
 def run_residual_rank(config: T5Config, params, input_ids, attention_mask, target_ids, is_docid, *,
                       query_ids: Sequence[str] | None = None, reference: bool = False,
-                      batch_size: int | None = None, progress: bool = True) -> ResidualRankResult:
+                      batch_size: int | None = None, progress: bool = True,
+                      desc: str = "residual / logit lens") -> ResidualRankResult:
     """Contributions and logit-lens ranks for queries [N, S] with relevant docid token ids [N].
 
     `is_docid` [V] bool (`docid_mask`). Chunks of `batch_size` queries (`genir_jax.base.batching.batches`: the last
     one padded with copies of its first row) run through one compiled function; results are gathered on the
-    host.
+    host. `desc`: the progress bar's name (a caller's sub-step names itself).
     """
     input_ids = np.asarray(input_ids, dtype=np.int32)
     attention_mask = np.asarray(attention_mask, dtype=np.int32)
@@ -246,8 +247,8 @@ def run_residual_rank(config: T5Config, params, input_ids, attention_mask, targe
     bits = rank_sum_bits(config.vocab_size)
     device_mask = jnp.asarray(is_docid)
     params = jax.device_put(params)  # once, not per chunk
-    for batch in tqdm(batches((input_ids, attention_mask, target_ids), chunk), desc="residual / logit lens",
-                      unit="chunk", total=num_batches(count, chunk), disable=not progress):
+    for batch in compiling_bar(batches((input_ids, attention_mask, target_ids), chunk), desc=desc, unit="chunk",
+                               total=num_batches(count, chunk), disable=not progress):
         ids, mask, targets = batch.arrays
         out = _chunk(params, ids, mask, targets, device_mask, config=config)
         c, r, s, sr, fr = jax.device_get(out)

@@ -30,7 +30,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from genir_jax.base.progress import compiling_bar
 
 from genir_jax.analysis.logit_lens import logit_lens
 from genir_jax.analysis.residual import FUNCS, PARTS, contributions
@@ -130,8 +130,8 @@ def run_sequence_logit_lens(config: T5Config, params, input_ids, attention_mask,
     final = np.zeros((count, steps), np.int64)
     chunk = max(1, min(batch_size, count))
     params = jax.device_put(params)
-    for batch in tqdm(batches((input_ids, attention_mask, targets), chunk), desc="logit lens per step",
-                      unit="chunk", total=num_batches(count, chunk), disable=not progress):
+    for batch in compiling_bar(batches((input_ids, attention_mask, targets), chunk), desc="logit lens per step",
+                               unit="chunk", total=num_batches(count, chunk), disable=not progress):
         ids, mask, tgt = batch.arrays
         c, r, f = jax.device_get(_chunk(params, ids, mask, tgt, config=config))
         rows, n = batch.rows, batch.size

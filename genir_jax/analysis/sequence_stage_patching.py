@@ -19,7 +19,7 @@ import dataclasses
 from typing import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
+from genir_jax.base.progress import compiling_bar
 
 from genir_jax.analysis.encoder_swap import swap_site
 from genir_jax.analysis.stage_patching import (
@@ -117,8 +117,8 @@ def run_sequence_stage_patching(config: T5Config, params, input_ids, attention_m
     rows_out: list[StageConfig] | None = None
     values, clean = [], np.zeros(count, np.float64)
     rows = max(1, min(batch_size, count))
-    for batch in tqdm(list(batches((input_ids, attention_mask, targets, target_mask, decoder_inputs), rows)),
-                      desc="sequence stage patching", unit="batch", disable=not progress):
+    for batch in compiling_bar(list(batches((input_ids, attention_mask, targets, target_mask, decoder_inputs), rows)),
+                               desc="sequence stage patching", unit="batch", disable=not progress):
         ids, mask, tgt, tmask, dec = batch.arrays
         source_cache = None
         if "t5" in modes:

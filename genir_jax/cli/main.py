@@ -14,8 +14,10 @@ with its ``SUMMARY``); only the chosen one registers its arguments, and handlers
 transformers themselves, so
 ``genir-jax --help`` and argument errors answer without loading them. Every command runs with the
 persistent XLA compilation cache (`genir_jax.scale.compile_cache`) unless ``--no-compile-cache`` is given or
-``GENIR_JAX_CACHE=off``. As the console command computing on the CPU, glibc is first asked to keep freed
-memory (`genir_jax.scale.host_memory`; ``GENIR_JAX_HOST_MEMORY=default`` opts out). As the console command, a
+``GENIR_JAX_CACHE=off``. The libraries' log lines (transformers, bm25s) are hidden below warnings
+(`genir_jax.base.verbosity`) unless ``-v/--verbose`` is given (before or after the command's name). As the
+console command computing on the CPU, glibc is first asked to keep freed memory
+(`genir_jax.scale.host_memory`; ``GENIR_JAX_HOST_MEMORY=default`` opts out). As the console command, a
 finished command that loaded JAX ends after the atexit handlers without the interpreter's slow tear-down
 of JAX (`_leave_now`); `main(argv)` returns normally and changes neither.
 """
@@ -68,6 +70,10 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+VERBOSE_HELP = ("show the libraries' log lines (transformers, bm25s, JAX) down to debug level; by default only "
+                "their warnings and errors")
+
+
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser. `commands`: the subcommands registered in full (their modules imported); the
     others are listed with their summary only. None: all of them in full."""
@@ -77,6 +83,7 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
         description="Mechanistic interpretability of generative retrieval (DSI-style T5) models in JAX.",
     )
     parser.add_argument("--version", action="version", version=f"genir-jax {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)  # and after every command
     parser.add_argument("--no-compile-cache", action="store_true",
                         help="do not use the persistent XLA compilation cache ($GENIR_JAX_CACHE, default "
                              "~/.cache/genir-jax/xla; GENIR_JAX_CACHE=off also disables it)")
@@ -85,6 +92,9 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
     for name, summary in COMMANDS.items():
         if name in full:
             command_module(name).add_parser(subparsers)
+            # also after the command's name; SUPPRESS: absent there, it leaves `genir-jax -v COMMAND`'s value
+            subparsers.choices[name].add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                                  help=VERBOSE_HELP)
         else:
             subparsers.add_parser(name, help=summary)
     return parser
@@ -128,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     """The chosen command's handler, with bad input (`GenIRError`, `OSError`) as one line and exit code 2, and
     Ctrl-C as one line and exit code 130."""
+    from genir_jax.base.verbosity import set_verbosity
+
+    set_verbosity(getattr(args, "verbose", False))  # before any handler imports transformers or bm25s
     try:
         if not args.no_compile_cache:
             from genir_jax.scale.compile_cache import enable_compilation_cache

@@ -21,7 +21,9 @@ if TYPE_CHECKING:  # the reader's records; docids sits below the data layer
 
 def bm25_run(documents: Sequence[Document], queries: Sequence[Query], k: int = 100, *, k1: float = 1.5,
              b: float = 0.75, progress: bool = True, source: str = "documents") -> Run:
-    """The top-`k` documents of every query by BM25 (best first). `source`: the documents' file, for errors."""
+    """The top-`k` documents of every query by BM25 (best first). `source`: the documents' file, for errors.
+    `progress`: one bar, bm25s' retrieval (its tokenizing and indexing bars are quick, and each would be one
+    more line)."""
     import bm25s
 
     if not documents:
@@ -29,12 +31,12 @@ def bm25_run(documents: Sequence[Document], queries: Sequence[Query], k: int = 1
     if k < 1:
         raise DataError(f"bm25: k must be >= 1, got {k}")
     corpus_tokens = bm25s.tokenize([doc.text for doc in documents], stopwords="en", return_ids=False,
-                                   show_progress=progress)
+                                   show_progress=False)
     if not any(len(tokens) for tokens in corpus_tokens):  # bm25s would fail on an empty vocabulary
         raise DataError(f"{source}: bm25: no document has an indexable term (every word is an English stop word "
                         f"or shorter than two characters) in {len(documents)} document(s)")
     retriever = bm25s.BM25(k1=k1, b=b, method="lucene")
-    retriever.index(corpus_tokens, show_progress=progress)
+    retriever.index(corpus_tokens, show_progress=False)
     query_tokens = bm25s.tokenize([query.text for query in queries], stopwords="en", return_ids=False,
                                   show_progress=False)
     k = min(int(k), len(documents))

@@ -33,7 +33,7 @@ from typing import Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from genir_jax.base.progress import compiling_bar
 
 from genir_jax.base.batching import batches, num_batches
 from genir_jax.core.config import T5Config
@@ -95,8 +95,8 @@ def rank_docids(config: T5Config, params, input_ids, attention_mask, docid_token
     batch_rows = max(1, min(int(batch_size), count))
     chunks = num_batches(count, batch_rows)
     indices, scores, top_tokens = [], [], []
-    for batch in tqdm(batches((input_ids, attention_mask), batch_rows), desc="ranking", unit="batch", total=chunks,
-                      disable=not progress or chunks < 2):
+    for batch in compiling_bar(batches((input_ids, attention_mask), batch_rows), desc="ranking", unit="batch",
+                               total=chunks, disable=not progress or chunks < 2):
         ids, mask = batch.arrays  # the last batch padded with copies of its first row: one compilation
         real = batch.size
         top_scores, top, top_token = _top_k_first_step(config, params, ids, mask, columns, k, full_vocabulary)
@@ -141,8 +141,8 @@ def rank_docid_sequences(config: T5Config, params, input_ids, attention_mask, tr
     rows = max(1, min(int(batch_size), count))
     chunks = num_batches(count, rows)
     seqs, scores = [], []
-    for batch in tqdm(batches((input_ids, attention_mask), rows), desc="beam search", unit="batch", total=chunks,
-                      disable=not progress or chunks < 2):
+    for batch in compiling_bar(batches((input_ids, attention_mask), rows), desc="beam search", unit="batch",
+                               total=chunks, disable=not progress or chunks < 2):
         ids, mask = batch.arrays
         out = beam_search(config, params, ids, mask, num_beams=num_beams, num_return=num_return,
                           max_length=max_length, trie=trie if constrained else None, interventions=interventions)

@@ -56,7 +56,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from genir_jax.base.progress import compiling_bar
 
 from genir_jax.base.batching import batches
 from genir_jax.core.config import T5Config
@@ -361,7 +361,7 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
                                    else np.ones_like(source_ids)), np.int32)
     mask_all = target_mask if target_mask is not None else np.zeros(count, np.int32)
     steps = list(batches((input_ids, attention_mask, target_ids, foils_all, source_ids, source_mask, mask_all), chunk))
-    for batch in tqdm(steps, desc=f"attribution ({method})", unit="chunk", disable=not progress):
+    for batch in compiling_bar(steps, desc=f"attribution ({method})", unit="chunk", disable=not progress):
         ids, mask, targets, foils, s_ids, s_mask, tmask = batch.arrays
         tmask = tmask if target_mask is not None else None
         start = np.asarray(decoder_inputs(config, ids, targets, tmask))

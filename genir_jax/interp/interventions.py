@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from genir_jax.base.progress import compiling_bar
 
 from genir_jax.base.batching import batches, num_batches
 from genir_jax.core.config import T5Config
@@ -318,8 +318,8 @@ def mean_activations(config: T5Config, params, input_ids, attention_mask, sites:
 
     totals = None
     chunks = num_batches(count, batch_size)
-    for batch in tqdm(batches((input_ids, attention_mask, decoder_input_ids), batch_size), desc="mean activations",
-                      total=chunks, disable=not progress or chunks < 2, leave=False):
+    for batch in compiling_bar(batches((input_ids, attention_mask, decoder_input_ids), batch_size),
+                               desc="mean activations", total=chunks, disable=not progress or chunks < 2, leave=False):
         weights = np.zeros(batch_size, np.float32)
         weights[:batch.size] = 1.0  # padding rows (copies of the batch's first query) count for nothing
         sums = _batch_sums(config, tuple(names), params, *batch.arrays, weights)

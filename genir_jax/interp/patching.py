@@ -39,7 +39,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from genir_jax.base.progress import compiling_bar
 
 from genir_jax.base.batching import batches, pad_rows
 from genir_jax.core.config import T5Config
@@ -534,8 +534,8 @@ def run_sweep(
     top_ids = np.zeros((num_configs, count, top_k), np.int32) if top_k else None
     top_logits = np.zeros((num_configs, count, top_k), np.float32) if top_k else None
     started = time.perf_counter()
-    bar = tqdm(total=num_configs * count, desc=desc, unit="cfg·q", unit_scale=True, disable=not progress,
-               smoothing=0.1)
+    bar = compiling_bar(total=num_configs * count, desc=desc, unit="cfg·q", unit_scale=True, disable=not progress,
+                        smoothing=0.1)
     computed_configs, window_work = 0, {"decided": 0, "full_rows": 0}
     for block_number, (kind, start, index) in enumerate(blocks):
         key = f"block-{block_number:06d}"

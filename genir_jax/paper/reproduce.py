@@ -109,6 +109,7 @@ class Settings:
     docids: str = "atomic"   # docid scheme of every DSI model: atomic | naive | semantic (prepare-data --docids)
     paper_regime: bool = False  # the paper's data regime: NQ10k split, ratio 32, 32-token inputs
     stages: str | None = None   # decoder stages of every experiment that uses them (None: each one's default)
+    tensorboard: bool = False  # training also writes TensorBoard event files (<model>/tensorboard/)
 
     @property
     def record(self) -> dict:
@@ -149,6 +150,18 @@ def _print_summary(summary: dict) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _print_lines(lines: list[str]) -> None:
+    """A training or evaluation step's labelled lines, as its `genir-jax` command prints them."""
+    print("\n".join(lines))
+
+
+def _sinks(settings: Settings, output) -> list:
+    """The metric sinks of a training step: TensorBoard event files with ``--tensorboard``."""
+    from genir_jax.training.metric_sinks import metric_sinks
+
+    return metric_sinks(output, tensorboard=settings.tensorboard)
+
+
 def _prepare(layout: Layout, settings: Settings):
     from genir_jax.data.prepare import prepare_dataset
 
@@ -161,22 +174,24 @@ def _prepare(layout: Layout, settings: Settings):
 
 def _pretrain(layout: Layout, settings: Settings):
     from genir_jax.training.pretrain import pretraining_summary, run_pretraining
+    from genir_jax.training.reporting import training_lines
 
     if settings.base:
         return {"skipped_for_base": settings.base}
     tokenizer = pathlib.Path(settings.data_dir) / "t5-tokenizer" if settings.data_dir else None
     summary = run_pretraining(layout.data, layout.base, preset=settings.preset, tokenizer=tokenizer,
-                              resume="if-any")
-    _print_summary(pretraining_summary(summary))
+                              resume="if-any", sinks=_sinks(settings, layout.base))
+    _print_lines(training_lines(pretraining_summary(summary), layout.base))
 
 
 def _train(layout: Layout, settings: Settings, output: pathlib.Path, remove: list[str] = ()) -> None:
     """One DSI model of the run (the docid scheme comes from the prepared data)."""
     from genir_jax.training.dsi import train_dsi, training_summary
+    from genir_jax.training.reporting import training_lines
 
     summary = train_dsi(layout.data, base_model(layout, settings), output, preset=settings.preset, remove=remove,
-                        paper_regime=settings.paper_regime, resume="if-any")
-    _print_summary(training_summary(summary))
+                        paper_regime=settings.paper_regime, resume="if-any", sinks=_sinks(settings, output))
+    _print_lines(training_lines(training_summary(summary), output))
 
 
 def _train_full(layout: Layout, settings: Settings):
@@ -185,9 +200,11 @@ def _train_full(layout: Layout, settings: Settings):
 
 def _evaluate_full(layout: Layout, settings: Settings):
     from genir_jax.training.evaluation import evaluate_checkpoint
+    from genir_jax.training.reporting import split_label
 
     for split, output in (("val", layout.eval_val), ("test", layout.eval_test)):
-        _print_summary(evaluate_checkpoint(layout.full, output, prepared=layout.data, split=split).printed())
+        _print_lines(evaluate_checkpoint(layout.full, output, prepared=layout.data, split=split).lines(
+            split_label(split)))
     correct = json.loads(layout.correct_valid.read_text())
     return {"correct_validation_queries": len(correct)}
 
@@ -195,7 +212,7 @@ def _evaluate_full(layout: Layout, settings: Settings):
 def _bm25(layout: Layout, settings: Settings):
     from genir_jax.training.evaluation import run_bm25
 
-    _print_summary(run_bm25(layout.bm25_test, prepared=layout.data, split="test").printed())
+    _print_lines(run_bm25(layout.bm25_test, prepared=layout.data, split="test").lines("bm25, test"))
 
 
 def choose_removed_documents(correct: list, val_queries: list, count: int, per_model: int, seed: int = 0

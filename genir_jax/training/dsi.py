@@ -41,6 +41,7 @@ from genir_jax.docids.tokens import add_docid_tokens, docid_token_ids
 from genir_jax.base.errors import ConfigError, DataError
 from genir_jax.checkpoints.hf import PretrainedModel, save_pretrained
 from genir_jax.base.io import write_json
+from genir_jax.base.progress import compiling_bar
 from genir_jax.docids.retrieval import evaluate_run, rank_docid_sequences, rank_docids, run_from_ranking
 from genir_jax.scale.partitioning import fetch
 from genir_jax.training.batching import ArraySource
@@ -187,12 +188,13 @@ def sequence_retrieval_evaluator(config, tokenizer, queries: Sequence[Query], do
 def finetune(base: PretrainedModel, documents: Sequence[Document], splits: Mapping[str, Sequence[Query]],
              settings: DSISettings, run: RunSpec, out_dir: str, *, remove: Iterable[str] | str = (),
              resume: bool = False, progress: bool = True, devices=None, cache_dir: str | None = None,
-             extra_summary: dict | None = None, scheme: DocidScheme | None = None) -> dict:
+             extra_summary: dict | None = None, scheme: DocidScheme | None = None, sinks: Sequence = ()) -> dict:
     """Fine-tune `base` into a DSI model on a prepared corpus and export the best one to `out_dir`.
 
     `splits` holds ``train`` and ``val`` queries (``test`` optional). Returns the summary also written to
     ``out_dir/train.json``: data counts, the validation curve, the best step, final val/test metrics and
-    the training throughput. `scheme`: the docid scheme (default atomic; see the module docstring).
+    the training throughput. `scheme`: the docid scheme (default atomic; see the module docstring); `sinks`:
+    more receivers of the metrics records (`genir_jax.training.metric_sinks`).
     """
     started = time.perf_counter()
     for name in ("train", "val"):
@@ -222,7 +224,7 @@ def finetune(base: PretrainedModel, documents: Sequence[Document], splits: Mappi
     evaluate = make_evaluator(val_queries)
     result = train_loop(model.config, model.params, source, run, out_dir, evaluate=evaluate,
                         best_metric=BEST_METRIC, best_mode="max", resume=resume, progress=progress,
-                        devices=devices, description="train")
+                        devices=devices, description="train", sinks=sinks)
     params = fetch(result.params)  # host copies (gathered from every process of a multi-process run)
     recorded = scheme if not scheme.multi_token else dataclasses.replace(
         scheme, docids={d: scheme.docids[d] for d in doc_ids})
@@ -231,9 +233,9 @@ def finetune(base: PretrainedModel, documents: Sequence[Document], splits: Mappi
         write_scheme(os.path.join(out_dir, DOCIDS_FILE), recorded)  # before the weights: no model without it
         save_pretrained(out_dir, model.replace(params=params, path=None))
     final = {}
-    for name in ("val", "test"):
-        if splits.get(name):
-            final[name] = make_evaluator(splits[name])(params)
+    for name in compiling_bar([name for name in ("val", "test") if splits.get(name)], unit="split",
+                              desc="evaluating the best model", disable=not progress):
+        final[name] = make_evaluator(splits[name])(params)
     summary = {
         "stage": "dsi", "docids": scheme.name,
         "data": {**stats, "documents": len(documents), "docids": len(doc_ids),
@@ -271,12 +273,12 @@ def train_dsi(data: str | os.PathLike, base: str | os.PathLike, output: str | os
               remove: Iterable[str] | str = (), ratio: int | None = None, paper_regime: bool = False,
               docids: str | None = None, semantic_docid_mapping: str | None = None,
               overrides: "RunOverrides | None" = None, resume: str = "never", devices: int | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, sinks: Sequence = ()) -> dict:
     """The train step: fine-tune the base T5 in directory `base` (with its tokenizer) into a DSI model on the
     prepared directory `data` and export it to `output` (see `finetune`). `remove`: documents whose training
     examples are dropped (ids or "D1,D2"); `ratio`: indexing:retrieval example ratio (None: the preset's, 0:
     both as they are); `paper_regime`: ratio 32 and 32-token inputs; `docids`: the scheme (None: the one
-    `data` was prepared for, else atomic); `resume`: one of `RESUME_MODES`. Returns the summary written to
+    `data` was prepared for, else atomic); `resume`: one of `RESUME_MODES`; `sinks`: see `finetune`. Returns the summary written to
     train.json. Bad settings raise `SettingError` naming the setting, bad files `GenIRError` naming the file."""
     from genir_jax.base.errors import CheckpointError, SettingError
     from genir_jax.base.io import check_output_dir as check_writable
@@ -321,7 +323,7 @@ def train_dsi(data: str | os.PathLike, base: str | os.PathLike, output: str | os
     if scheme.multi_token:  # every docid must survive the tokenizer before anything is written
         docid_trie(scheme, model.tokenizer, [doc.id for doc in documents], scheme.source or scheme.name)
     return finetune(model, documents, splits, settings, run_spec, output, remove=removed, resume=resuming,
-                    progress=progress, devices=selected, scheme=scheme,
+                    progress=progress, devices=selected, scheme=scheme, sinks=sinks,
                     extra_summary={"preset": chosen.name, "data_dir": os.path.abspath(data),
                                    "base": os.path.abspath(base),
                                    "regime": "paper" if is_paper_regime(settings) else "preset",

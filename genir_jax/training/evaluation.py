@@ -37,6 +37,12 @@ class EvaluationResult:
         decoding = self.report.get("decoding")
         return {**self.metrics, "queries_per_s": decoding["queries_per_s"]} if decoding else dict(self.metrics)
 
+    def lines(self, label: str) -> list[str]:
+        """The summary for people: ``<label>: Hits@1 12.34 ... (n=86 queries)`` and where the outputs went."""
+        from genir_jax.training.reporting import metrics_line
+
+        return [metrics_line(label, self.printed()), f"outputs: {self.output}"]
+
 
 def evaluation_inputs(*, prepared: str | os.PathLike | None = None, split: str = "test",
                       documents: str | os.PathLike | None = None, queries: str | os.PathLike | None = None,

@@ -17,7 +17,8 @@ from genir_jax.training.trainer import RunSpec
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """--preset and the overrides of its `RunSpec`, plus --resume / --devices / --no-progress."""
+    """--preset and the overrides of its `RunSpec`, plus --resume / --devices / --no-progress / --json /
+    --tensorboard."""
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
                         help="model shape and training settings (default: cpu); see genir_jax.training.presets")
     group = parser.add_argument_group("overrides of the preset")
@@ -47,6 +48,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", type=POSITIVE, default=None,
                         help="train data-parallel on the first N local devices (default: all)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true",
+                        help="print each metrics.jsonl record and the final summary as JSON lines on stdout "
+                             "(default: labelled lines at the end)")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write the metrics as TensorBoard event files into OUTPUT/tensorboard/")
 
 
 RESUME_MODES = ("never", "required", "if-any")
@@ -157,3 +163,14 @@ def check_output_dir(path: str, resume: bool, require_checkpoint: bool = True) -
     if os.path.isdir(path) and os.listdir(path) and not resume:
         raise SettingError("%s: output directory exists and is not empty; pass {0} to continue a run there, or "
                            "choose a new directory" % path, "resume")
+
+
+def print_summary(summary: dict, args: argparse.Namespace) -> None:
+    """A finished run's summary on stdout: one JSON line with ``--json`` (after the metrics records), else
+    labelled lines (`genir_jax.training.reporting.training_lines`) ending with the output directory."""
+    from genir_jax.training.reporting import json_line, training_lines
+
+    if args.json:
+        print(json_line({"event": "summary", **summary}))
+    else:
+        print("\n".join(training_lines(summary, args.output)))

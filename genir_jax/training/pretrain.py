@@ -134,11 +134,11 @@ def span_corruption_evaluator(config, val: dict[str, np.ndarray], batch_size: in
 
 def pretrain(texts: Sequence[str], tokenizer, shape: ModelShape, settings: PretrainSettings, run: RunSpec,
              out_dir: str, *, resume: bool = False, progress: bool = True, devices=None,
-             extra_summary: dict | None = None) -> dict:
+             extra_summary: dict | None = None, sinks: Sequence = ()) -> dict:
     """Pre-train a fresh T5 on `texts` and export the best one (by validation loss) to `out_dir`.
 
-    `run` is ``settings.run`` possibly with command-line overrides. Returns the summary also written to
-    ``out_dir/pretrain.json``.
+    `run` is ``settings.run`` possibly with command-line overrides; `sinks`: more receivers of the metrics
+    records (`genir_jax.training.metric_sinks`). Returns the summary also written to ``out_dir/pretrain.json``.
     """
     started = time.perf_counter()
     sentinel_ids(tokenizer)
@@ -148,7 +148,7 @@ def pretrain(texts: Sequence[str], tokenizer, shape: ModelShape, settings: Pretr
     evaluate = span_corruption_evaluator(config, val, run.batch_size) if val else None
     result = train_loop(config, params, source, run, out_dir, evaluate=evaluate,
                         best_metric="val_loss" if val else None, best_mode="min", resume=resume,
-                        progress=progress, devices=devices, description="pretrain")
+                        progress=progress, devices=devices, description="pretrain", sinks=sinks)
     params = fetch(result.params)  # host copies (gathered from every process of a multi-process run)
     writer = jax.process_index() == 0  # every process computes the same; process 0 writes
     if writer:
@@ -173,12 +173,12 @@ def pretrain(texts: Sequence[str], tokenizer, shape: ModelShape, settings: Pretr
 def run_pretraining(data: str | os.PathLike, output: str | os.PathLike, *, preset: str = "cpu",
                     tokenizer: str | os.PathLike | None = None, include_queries: bool = True,
                     overrides: "RunOverrides | None" = None, resume: str = "never", devices: int | None = None,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, sinks: Sequence = ()) -> dict:
     """The pretrain step: a fresh T5 (shape from `preset`) trained by span corruption on the documents (and,
     with `include_queries` and the preset's leave, the training queries) of the prepared directory `data`,
     the best model exported to `output` with checkpoints/, metrics.jsonl and pretrain.json. `tokenizer`: a
     T5 tokenizer directory (default: the data directory's ``t5-tokenizer``); `resume`: one of `RESUME_MODES`;
-    `devices`: train on the first N local devices (None: all). Returns the summary written to pretrain.json.
+    `devices`: train on the first N local devices (None: all); `sinks`: see `pretrain`. Returns the summary written to pretrain.json.
     Bad settings raise `SettingError` naming the setting, bad files `GenIRError` naming the file."""
     from genir_jax.base.errors import SettingError
     from genir_jax.base.io import check_output_dir as check_writable
@@ -206,7 +206,7 @@ def run_pretraining(data: str | os.PathLike, output: str | os.PathLike, *, prese
     texts = corpus_texts(documents, splits.get("train", ()),
                          include_queries=include_queries and chosen.pretrain.include_train_queries)
     return pretrain(texts, loaded, chosen.model, chosen.pretrain, run_spec, output, resume=resuming,
-                    progress=progress, devices=selected,
+                    progress=progress, devices=selected, sinks=sinks,
                     extra_summary={"preset": chosen.name, "data_dir": os.path.abspath(data),
                                    "tokenizer": os.path.abspath(tokenizer_dir)})
 

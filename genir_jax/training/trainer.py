@@ -108,11 +108,13 @@ class TrainResult:
 
 class MetricsLog:
     """Append-only JSON lines; on resume the lines after the resumed step are dropped. In a multi-process
-    run only process 0 writes (`enabled`); every process computes the same lines."""
+    run only process 0 writes (`enabled`); every process computes the same lines. `sinks`
+    (`genir_jax.training.metric_sinks`) get each written record too."""
 
-    def __init__(self, path: str, enabled: bool = True):
+    def __init__(self, path: str, enabled: bool = True, sinks: Sequence[Callable[[dict], None]] = ()):
         self.path = path
         self.enabled = enabled
+        self.sinks = tuple(sinks)
 
     def records(self) -> list[dict]:
         if not os.path.isfile(self.path):
@@ -142,6 +144,15 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(dict(record)) + "\n")
             handle.flush()
+        for sink in self.sinks:
+            sink(dict(record))
+
+    def close(self) -> None:
+        """Close the sinks that need it (TensorBoard's writer)."""
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
 
 
 def _better(value: float, best: float | None, mode: str) -> bool:
@@ -169,6 +180,7 @@ def train_loop(
     devices: Sequence[jax.Device] | None = None,
     description: str = "train",
     partitioner=None,
+    sinks: Sequence[Callable[[dict], None]] = (),
 ) -> TrainResult:
     """Train `params` of `config` on `source` as `spec` says, with checkpoints and metrics in `run_dir`.
 
@@ -176,7 +188,9 @@ def train_loop(
     the best value of that metric (``best_mode`` "max" or "min") are kept and returned.
     `partitioner` (`genir_jax.scale.partitioning.Partitioner`): the mesh and rules that place parameters,
     optimizer state and batches (checkpoints are saved and restored sharded); None: a command's ``--mesh``
-    (`genir_jax.scale.partitioning.current`), else data parallel over `devices`.
+    (`genir_jax.scale.partitioning.current`), else data parallel over `devices`. `sinks`
+    (`genir_jax.training.metric_sinks`): more receivers of the metrics records (stdout, TensorBoard).
+    The progress bar (`description`) says when it is compiling the step and validating.
     """
     spec.validate()
     if best_mode not in ("max", "min"):
@@ -200,7 +214,7 @@ def train_loop(
     barrier("genir_jax.train_loop.start")  # every process has checked the output directory before any writes
     os.makedirs(run_dir, exist_ok=True)
     checkpoints = Checkpoints(run_dir, every=spec.checkpoint_every, keep=spec.keep_checkpoints)
-    log = MetricsLog(os.path.join(run_dir, METRICS_FILE), enabled=jax.process_index() == 0)
+    log = MetricsLog(os.path.join(run_dir, METRICS_FILE), enabled=jax.process_index() == 0, sinks=sinks)
     fingerprint = source.fingerprint()
     identity = {"fingerprint": fingerprint, "spec": spec.resume_key(), "config": config.to_hf_dict()}
 
@@ -209,6 +223,7 @@ def train_loop(
     evaluations: list[dict] = []
     resumed_from = None
     latest = checkpoints.latest_step()
+    bar = None
     try:
         if latest is not None and not resume:
             raise CheckpointError(f"{run_dir}: already holds checkpoints (newest: step {latest}); "
@@ -232,6 +247,11 @@ def train_loop(
             log.reset()
 
         start = int(jax.device_get(state.step))
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=spec.steps, initial=start, desc=f"{description} (compiling the step)", unit="step",
+                   disable=not progress, dynamic_ncols=True, smoothing=0.1)
+        bar.refresh()  # shown while XLA compiles, which can take a minute
         rows = local_rows(partitioner, spec.batch_size)  # this process loads only its rows of every batch
         # Compile the step for every group's batch shape up front, so compilation never lands inside a
         # timed interval (each group has its own array widths).
@@ -253,10 +273,9 @@ def train_loop(
         train_seconds, timed_examples = 0.0, 0
         interval_start, interval_examples = time.perf_counter(), 0
         pending: list[dict] = []
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=spec.steps, initial=start, desc=description, unit="step", disable=not progress,
-                   dynamic_ncols=True, smoothing=0.1)
+        bar.reset(total=spec.steps)  # the rate and the elapsed time count from here, not from before compilation
+        bar.n = start
+        bar.set_description(description)
         run_started = time.perf_counter()
         for step in range(start, spec.steps):
             group, indices, epoch = plan.at(step)
@@ -290,7 +309,9 @@ def train_loop(
                 pending = []
                 interval_start, interval_examples = time.perf_counter(), 0
             if is_eval:
+                bar.set_description(f"{description} (validating)")
                 result = evaluate_everywhere(evaluate, state.params)
+                bar.set_description(description, refresh=False)
                 improved = best_metric is not None and _better(result[best_metric], None if best is None
                                                                else best[best_metric], best_mode)
                 entry = {"step": done, **result}
@@ -306,12 +327,14 @@ def train_loop(
             if is_eval or is_ckpt:
                 interval_start, interval_examples = time.perf_counter(), 0
         bar.close()
-
         last_params = state.params
         final = last_params
         if best_metric is not None and checkpoints.best_step() is not None:
             final, _ = checkpoints.restore_best(abstract_like(last_params, shardings.params))
     finally:
+        if bar is not None:
+            bar.close()  # an error's line comes after the bar, not inside it
+        log.close()
         checkpoints.close()
     return TrainResult(
         params=final, last_params=last_params, best=best, evaluations=evaluations, steps=spec.steps,
@@ -331,18 +354,24 @@ def barrier(name: str) -> None:
 
 
 def evaluate_everywhere(evaluate: Callable[[Any], dict], params) -> dict[str, float]:
-    """``evaluate(params)`` as floats. In a multi-process run every process evaluates host copies of the
-    parameters (gathered once) and process 0's values are broadcast, so every process takes the same
-    best-checkpoint decisions (they are collective saves)."""
+    """``evaluate(params)`` as floats, counts (integers: ``queries``) as integers. In a multi-process run every
+    process evaluates host copies of the parameters (gathered once) and process 0's values are broadcast, so
+    every process takes the same best-checkpoint decisions (they are collective saves)."""
     if jax.process_count() == 1:
-        return {name: float(value) for name, value in evaluate(params).items()}
+        return _as_numbers(evaluate(params))
     from jax.experimental import multihost_utils
 
-    result = {name: float(value) for name, value in evaluate(fetch(params)).items()}
+    result = _as_numbers(evaluate(fetch(params)))
     names = sorted(result)
     bits = np.asarray([result[n] for n in names], dtype=np.float64).view(np.uint32)  # exact, without x64
     values = np.asarray(multihost_utils.broadcast_one_to_all(bits), dtype=np.uint32).view(np.float64)
-    return {name: float(value) for name, value in zip(names, values)}
+    return {name: type(result[name])(value) for name, value in zip(names, values)}
+
+
+def _as_numbers(result: Mapping[str, Any]) -> dict[str, float | int]:
+    """Python numbers: integers (a query count) stay integers, everything else becomes a float."""
+    return {name: int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+            else float(value) for name, value in result.items()}
 
 
 def _abstract_key(tree) -> tuple:

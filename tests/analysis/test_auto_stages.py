@@ -244,3 +244,23 @@ def test_resolve_stages_methods_and_defaults(model, queries):
         assert stages == paper and record["method"] == "paper" and record["stages_text"] == "0-6,7-17,18-23"
     assert resolve_stages(Namespace(stages="thirds"), deep, None, None, None, None)[0] == \
         [list(range(0, 8)), list(range(8, 16)), list(range(16, 24))]
+
+
+def test_stage_features_names_its_progress_bar_after_itself(monkeypatch):
+    """The residual pass inside patch-stages, crattn-writes, ... shows "auto stages: ...", not the bar of the
+    residual-rank command."""
+    import genir_jax.analysis.auto_stages as auto
+
+    names = []
+
+    class Stop(Exception):
+        pass
+
+    def residual_pass(*args, desc, **options):
+        names.append(desc)
+        raise Stop
+
+    monkeypatch.setattr(auto, "run_residual_rank", residual_pass)
+    with pytest.raises(Stop):
+        stage_features(CONFIG, None, np.zeros((1, 2), np.int32), np.ones((1, 2), np.int32), np.zeros(1, np.int32))
+    assert names == ["auto stages: layer curves"]

@@ -36,8 +36,9 @@ def reference_files(tmp_path) -> dict[str, str]:
 
 
 def _printed(capsys, argv) -> dict:
+    """What a command prints with --json (one JSON line)."""
     capsys.readouterr()
-    assert main([str(a) for a in argv]) == 0
+    assert main([str(a) for a in argv] + ["--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 

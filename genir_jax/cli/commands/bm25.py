@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from genir_jax.base.options import POSITIVE, bounded_float
 import argparse
-import json
 
+from genir_jax.cli.commands.common import add_json_output, print_evaluation
 
 ORDER = 60  # where `genir-jax --help` lists it
 SUMMARY = "rank documents with BM25 and evaluate like `evaluate` (baseline for a DSI model)"
@@ -27,6 +27,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--k", type=POSITIVE, default=100, help="documents retrieved per query (default 100)")
     parser.add_argument("--k1", type=bounded_float(0), default=1.5)
     parser.add_argument("--b", type=bounded_float(0, 1), default=0.75)
+    add_json_output(parser)
     parser.set_defaults(handler=run)
 
 
@@ -42,5 +43,5 @@ def run(args: argparse.Namespace) -> int:
     with renaming_settings(FLAGS):
         result = run_bm25(args.output, prepared=args.prepared, split=args.split, documents=args.documents,
                           queries=args.queries, qrels=args.qrels, k=args.k, k1=args.k1, b=args.b)
-    print(json.dumps(result.printed(), indent=2))
+    print_evaluation(result, args)
     return 0

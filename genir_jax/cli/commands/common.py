@@ -62,6 +62,24 @@ def add_run_controls(parser: argparse.ArgumentParser, batch_help: str = "queries
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_json_output(parser: argparse.ArgumentParser) -> None:
+    """--json: the summary as one JSON line instead of labelled lines (`print_evaluation`)."""
+    parser.add_argument("--json", action="store_true",
+                        help="print the metrics as one JSON line (default: a labelled line, e.g. 'validation: "
+                             "Hits@1 12.34 ... (n=86 queries)')")
+
+
+def print_evaluation(result, args: argparse.Namespace) -> None:
+    """An `EvaluationResult` on stdout as --json asks: one JSON line, or labelled lines named after the
+    split (or the --queries file)."""
+    from genir_jax.training.reporting import evaluation_label, json_line
+
+    if args.json:
+        print(json_line(result.printed()))
+    else:
+        print("\n".join(result.lines(evaluation_label(args.split, args.queries))))
+
+
 def stages_option(args: argparse.Namespace, config, params, input_ids, attention_mask, target_ids, query_ids=None):
     """The `genir_jax.analysis.stages.Stages` `--stages` asks for (with the command's --batch-size and
     --no-progress; automatic stages are fitted on half the queries, `query_ids` recorded); a bad

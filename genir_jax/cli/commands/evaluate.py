@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from genir_jax.base.options import POSITIVE
 import argparse
-import json
 
+from genir_jax.cli.commands.common import add_json_output, print_evaluation
 from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 
 
@@ -55,6 +55,7 @@ def add_parser(subparsers) -> None:
     schemes.add_argument("--unconstrained", action="store_true",
                          help="free beam search as the reference (beams that are no docid count as non-relevant); "
                               "default: constrained to the corpus's docids by a prefix trie")
+    add_json_output(parser)
     parser.set_defaults(handler=run)
     add_mesh_arguments(parser)  # --mesh, --mesh-rules
 
@@ -78,5 +79,5 @@ def run(args: argparse.Namespace) -> int:
                                      dtype=args.dtype, reference_mode=args.reference_mode, docids=args.docids,
                                      semantic_docid_mapping=args.semantic_docid_mapping, documents=args.documents,
                                      num_beams=args.num_beams, unconstrained=args.unconstrained)
-    print(json.dumps(result.printed(), indent=2))
+    print_evaluation(result, args)
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 
@@ -36,12 +35,14 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from genir_jax.base.errors import renaming_settings
-    from genir_jax.training.options import FLAGS, RunOverrides, resume_setting
+    from genir_jax.training.metric_sinks import metric_sinks
+    from genir_jax.training.options import FLAGS, RunOverrides, print_summary, resume_setting
     from genir_jax.training.pretrain import pretraining_summary, run_pretraining
 
     with renaming_settings({**FLAGS, "tokenizer": "--tokenizer", "include_queries": "--no-queries"}):
         summary = run_pretraining(args.data, args.output, preset=args.preset, tokenizer=args.tokenizer,
                                   include_queries=not args.no_queries, overrides=RunOverrides.from_args(args),
-                                  resume=resume_setting(args), devices=args.devices, progress=not args.no_progress)
-    print(json.dumps(pretraining_summary(summary), indent=2))
+                                  resume=resume_setting(args), devices=args.devices, progress=not args.no_progress,
+                                  sinks=metric_sinks(args.output, json_lines=args.json, tensorboard=args.tensorboard))
+    print_summary(pretraining_summary(summary), args)
     return 0

@@ -54,6 +54,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--force", nargs="+", default=(), metavar="STEP", help="redo these steps")
     parser.add_argument("--list-steps", action="store_true", help="print the steps and their state, then exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars in the analyses")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="training also writes its metrics as TensorBoard event files (<model>/tensorboard/)")
     parser.set_defaults(handler=run)
 
 
@@ -75,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         base = resolve_base(args.base)
     settings = Settings(dataset=args.dataset, preset=args.preset, data_dir=args.data_dir,
                         removed_models=args.removed_models, progress=not args.no_progress, base=base,
-                        docids=args.docids, paper_regime=args.paper_regime, stages=args.stages)
+                        docids=args.docids, paper_regime=args.paper_regime, stages=args.stages,
+                        tensorboard=args.tensorboard)
     out = args.out or default_out(settings)
     if args.list_steps:
         layout = Layout(__import__("pathlib").Path(out))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from genir_jax.base.options import NON_NEGATIVE
 import argparse
-import json
 
 from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 
@@ -50,7 +49,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from genir_jax.base.errors import renaming_settings
     from genir_jax.training.dsi import train_dsi, training_summary
-    from genir_jax.training.options import FLAGS, RunOverrides, resume_setting
+    from genir_jax.training.metric_sinks import metric_sinks
+    from genir_jax.training.options import FLAGS, RunOverrides, print_summary, resume_setting
 
     flags = {**FLAGS, "remove": "--remove", "ratio": "--ratio", "paper_regime": "--paper-regime",
              "docids": "--docids", "semantic_docid_mapping": "--semantic-docid-mapping"}
@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
                             ratio=args.ratio, paper_regime=args.paper_regime, docids=args.docids,
                             semantic_docid_mapping=args.semantic_docid_mapping,
                             overrides=RunOverrides.from_args(args), resume=resume_setting(args),
-                            devices=args.devices, progress=not args.no_progress)
-    print(json.dumps(training_summary(summary), indent=2))
+                            devices=args.devices, progress=not args.no_progress,
+                            sinks=metric_sinks(args.output, json_lines=args.json, tensorboard=args.tensorboard))
+    print_summary(training_summary(summary), args)
     return 0
