@@ -63,6 +63,45 @@ def test_rules_errors_name_the_axis_parameter_and_dimension():
     Partitioner("model=2", merge_rules("heads=none")).param_specs(logical_axes(odd), param_shapes(odd))
 
 
+# Each parameter's shard on a data=2,model=2 mesh, written out by hand from the model's shapes (vocab 160,
+# d_model 32, 4 heads of 8, d_ff 64; 1 encoder and 2 decoder layers): the vocabulary, the heads and d_ff are
+# halved over `model`; norms, d_model, head size, layers and relative-position buckets are whole.
+MODEL_2_SHARDS = {
+    "shared": (80, 32),
+    **{f"{stack}/relpos_bias/embedding": (32, 2) for stack in ("encoder", "decoder")},
+    **{f"{stack}/final_norm/scale": (32,) for stack in ("encoder", "decoder")},
+    **{f"{stack}/layers/{attn}/{name}": (layers, 32, 2, 8)
+       for stack, layers, attns in (("encoder", 1, ("self_attn",)), ("decoder", 2, ("self_attn", "cross_attn")))
+       for attn in attns for name in ("query", "key", "value")},
+    **{f"{stack}/layers/{attn}/out": (layers, 2, 8, 32)
+       for stack, layers, attns in (("encoder", 1, ("self_attn",)), ("decoder", 2, ("self_attn", "cross_attn")))
+       for attn in attns},
+    **{f"{stack}/layers/{norm}/scale": (layers, 32)
+       for stack, layers, norms in (("encoder", 1, ("self_attn_norm", "mlp_norm")),
+                                    ("decoder", 2, ("self_attn_norm", "cross_attn_norm", "mlp_norm")))
+       for norm in norms},
+    **{f"{stack}/layers/mlp/wi": (layers, 32, 32) for stack, layers in (("encoder", 1), ("decoder", 2))},
+    **{f"{stack}/layers/mlp/wo": (layers, 32, 32) for stack, layers in (("encoder", 1), ("decoder", 2))},
+}
+
+
+def test_parameter_shards_under_model_2_are_the_hand_written_shapes():
+    """Parameters placed on data=2,model=2 (4 simulated devices, tests/conftest.py): every device holds the
+    shard shape written out above, independently of the rules table, and each shard is the parameter's
+    own slice."""
+    params = jax.tree_util.tree_map(lambda leaf: np.arange(np.prod(leaf.shape), dtype=np.float32).reshape(leaf.shape),
+                                    param_shapes(CONFIG))
+    placed = Partitioner("data=2,model=2").shard_params(params, logical_axes(CONFIG))
+    found = {}
+    for (path, array), whole in zip(jax.tree_util.tree_flatten_with_path(placed)[0], jax.tree_util.tree_leaves(params)):
+        name = "/".join(str(getattr(key, "key", key)) for key in path)
+        shapes = {tuple(shard.data.shape) for shard in array.addressable_shards}
+        assert len(array.addressable_shards) == 4 and len(shapes) == 1, name
+        found[name] = shapes.pop()
+        for shard in array.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), whole[shard.index], err_msg=name)
+    assert found == MODEL_2_SHARDS
+
 def test_cli_refuses_a_bad_mesh_with_exit_2(capsys, tmp_path):
     common = ["residual-rank", "--checkpoint", str(tmp_path / "missing"), "--val-queries", str(tmp_path / "q.json")]
     code = main(common + ["--mesh", "data=3"])
