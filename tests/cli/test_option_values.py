@@ -48,6 +48,7 @@ def test_every_numeric_option_refuses_a_bad_value_naming_the_flag(capsys, comman
     (["evaluate", "--num-beams", "0"], "--num-beams must be >= 1, got 0"),
     (["sweep", "--num-processes", "0"], "--num-processes must be >= 1, got 0"),
     (["evaluate", "--batch-size", "2.5"], "--batch-size must be an integer >= 1, got '2.5'"),
+    (["sweep", "--coordinator-timeout", "86401"], "--coordinator-timeout must be in 1..86400, got 86401"),
 ])
 def test_messages_name_flag_and_range(capsys, argv, message):
     assert main(argv) == 2

@@ -243,6 +243,67 @@ def test_a_coordinator_that_does_not_answer_is_exit_2(capsys, tmp_path):
                                   "GENIR_JAX_PROCESS_ID": "0"})["num_processes"] == 2
 
 
+def test_a_process_that_never_starts_is_exit_2_with_one_line_on_every_process(tmp_path):
+    """Process 0 waits for a process 1 that never comes (it was given another port, where nothing listens):
+    both exit 2 with one line naming --coordinator within the short timeout; process 0 used to die of
+    JAX's abort (SIGABRT, exit 134, a C++ check-failure stack)."""
+    with socket_port() as first, socket_port() as second:
+        pass  # two free ports, released
+    commands = [["residual-rank", "--checkpoint", str(tmp_path / "m"), "--val-queries", str(tmp_path / "q"),
+                 "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(index),
+                 "--coordinator-timeout", "3"] for index, port in enumerate((first, second))]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    workers = [subprocess.Popen([sys.executable, "-m", "genir_jax.cli.main", *command], cwd=REPO_ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for command in commands]
+    outputs = [worker.communicate(timeout=120) for worker in workers]
+    for worker, (out, err), port in zip(workers, outputs, (first, second)):
+        lines = err.strip().splitlines()
+        assert worker.returncode == 2 and len(lines) == 1 and out == "", (worker.returncode, err[-2000:])
+        assert f"--coordinator localhost:{port}:" in lines[0] and "Check failed" not in err
+    assert "process(es) 1 of 2 did not join within 3 s" in outputs[0][1]
+    assert "did not answer within 3 s" in outputs[1][1]
+
+
+def test_the_rendezvous_joins_refuses_a_port_in_use_and_different_counts():
+    """The meeting before `jax.distributed.initialize` (threads on localhost, no JAX): three processes
+    meet; process 0 refuses a port already in use at once; counts that differ fail on both sides."""
+    import threading
+
+    from genir_jax.scale.distributed import DistributedError, _rendezvous
+
+    def run(results, key, *args):
+        try:
+            _rendezvous(*args)
+            results[key] = "joined"
+        except DistributedError as exc:
+            results[key] = str(exc)
+
+    def meet(port, counts, timeout=10.0):
+        results = {}
+        threads = [threading.Thread(target=run, args=(results, index, f"localhost:{port}", count, index, timeout))
+                   for index, count in enumerate(counts)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        return results
+
+    with socket_port() as port:
+        pass
+    assert meet(port, [3, 3, 3]) == {0: "joined", 1: "joined", 2: "joined"}
+    with socket_port() as port:
+        pass
+    results = meet(port, [2, 3], timeout=5.0)
+    assert "--num-processes 3 there, 2 on process 0" in results[0] and "refused this process" in results[1]
+    import socket
+
+    with socket.create_server(("localhost", 0)) as busy:
+        taken = busy.getsockname()[1]
+        with pytest.raises(DistributedError, match=f"--coordinator localhost:{taken}: process 0 cannot listen on "
+                                                   f"port {taken}"):
+            _rendezvous(f"localhost:{taken}", 2, 0, 30.0)
+
+
 def socket_port():
     """A context holding a free localhost port (bound, not listening)."""
     import contextlib

@@ -10,7 +10,7 @@ local devices, parameters replicated).
 
 from __future__ import annotations
 
-from genir_jax.base.options import NON_NEGATIVE, POSITIVE
+from genir_jax.base.options import NON_NEGATIVE, POSITIVE, bounded_int
 import argparse
 import functools
 
@@ -36,8 +36,8 @@ def add_mesh_arguments(parser: argparse.ArgumentParser, *, dtype: bool = False) 
     group.add_argument("--distributed", choices=["auto"], default=None,
                        help="auto: join the processes of a Cloud TPU pod slice / SLURM / Open MPI job as JAX "
                             "detects them")
-    group.add_argument("--coordinator-timeout", type=POSITIVE, default=300,
-                       help="seconds to wait for the other processes (default 300)")
+    group.add_argument("--coordinator-timeout", type=bounded_int(1, 86_400), default=300,
+                       help="seconds to wait for the other processes (default 300, at most a day)")
     if dtype:
         group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                            help="parameter and compute dtype (logits, ranks and metrics stay float32)")
