@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from genir_jax.base.options import MAX_CONFIGS
 from genir_jax.core.config import T5Config
 from genir_jax.interp.interventions import (
     FromSource, InterventionError, Interventions, site_unit_axis, mean_value,
@@ -41,11 +42,6 @@ from genir_jax.core.taps import Patch
 
 UNIT_KINDS = ("head", "neuron", "position")
 ZERO = 0.0
-# The most configurations one sweep may hold. Its per-config tables (a few integers per term, and the labels:
-# about 1.4 KB a config for one grid, 2.2 KB for a product of three) are built on the host before any
-# chunking, so this bounds them (to about 2 GB) and the time to build them; every MLP neuron of T5-large's
-# both stacks (196,608) and of T5-3B's decoder (393,216) fits.
-MAX_CONFIGS = 1 << 20
 
 
 def check_config_count(count: int, what: str, error: type[Exception] = InterventionError) -> None:

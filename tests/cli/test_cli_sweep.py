@@ -297,7 +297,7 @@ def test_sweep_modes_and_layouts(dsi, inputs, tmp_path, mode):  # noqa: F811
     (["--sites", "decoder.*.mlp", "--mode", "median"], "--mode: unknown mode 'median'"),
     (["--sites", "decoder.*.mlp", "--mode", "source"], "--mode source needs --source-model"),
     (["--sites", "decoder.*.mlp", "--method", "atp"], "use `genir-jax attribute"),
-    (["--sites", "decoder.*.mlp", "--config-chunk", "0"], "--config-chunk must be >= 1"),
+    (["--sites", "decoder.*.mlp", "--config-chunk", "0"], "--config-chunk must be in 1..65536"),
     (["attribute", "--sites", "decoder.*.mlp", "--metric", "rank"],
      "--metric rank is not differentiable for --method atp"),
     (["attribute", "--sites", "decoder.*.mlp", "--metric", "docid_rank", "--method", "exact"],

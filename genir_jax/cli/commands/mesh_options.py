@@ -10,7 +10,7 @@ local devices, parameters replicated).
 
 from __future__ import annotations
 
-from genir_jax.base.options import NON_NEGATIVE, POSITIVE, bounded_int
+from genir_jax.base.options import MAX_PROCESSES, NON_NEGATIVE, bounded_int
 import argparse
 import functools
 
@@ -31,7 +31,7 @@ def add_mesh_arguments(parser: argparse.ArgumentParser, *, dtype: bool = False) 
                        help="multi-process run: the coordinator (process 0's host and a free port); with "
                             "--num-processes and --process-id (or GENIR_JAX_COORDINATOR / _NUM_PROCESSES / "
                             "_PROCESS_ID). Every process runs the same command and computes the same results")
-    group.add_argument("--num-processes", type=POSITIVE, default=None, help="multi-process run: how many processes")
+    group.add_argument("--num-processes", type=bounded_int(1, MAX_PROCESSES), default=None, help="multi-process run: how many processes")
     group.add_argument("--process-id", type=NON_NEGATIVE, default=None, help="multi-process run: this process (0..N-1)")
     group.add_argument("--distributed", choices=["auto"], default=None,
                        help="auto: join the processes of a Cloud TPU pod slice / SLURM / Open MPI job as JAX "

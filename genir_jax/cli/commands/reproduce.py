@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genir_jax.base.options import POSITIVE
+from genir_jax.base.options import FACTOR
 import argparse
 
 
@@ -44,7 +44,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--paper-regime", action="store_true",
                         help="the paper's data regime: the NQ10k-style split (validation/test documents indexed "
                              "only), indexing:retrieval ratio 32, 32-token documents and queries")
-    parser.add_argument("--removed-models", type=POSITIVE, default=REMOVED_MODELS,
+    parser.add_argument("--removed-models", type=FACTOR, default=REMOVED_MODELS,
                         help=f"models trained without {REMOVED_DOCUMENTS} documents each, for the encoder swap "
                              f"(default: {REMOVED_MODELS}, as in the paper; fewer makes a quicker run)")
     parser.add_argument("--force", nargs="+", default=(), metavar="STEP", help="redo these steps")
