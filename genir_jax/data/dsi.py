@@ -38,6 +38,7 @@ from genir_jax.data.corpus import Document, Query
 from genir_jax.docids.tokens import doc_id_of_token, docid_token_ids, is_docid_token
 from genir_jax.base.errors import DataError, GenIRError
 from genir_jax.base.io import atomic_path
+from genir_jax.base.options import MAX_TOKENS
 
 INDEX_TEXT_MAX_CHARS = 1000  # the reference's text_max_length
 INDEX, RETRIEVAL = "index", "retrieval"
@@ -173,8 +174,11 @@ def _pad(rows: Sequence[Sequence[int]], max_length: int, pad_to_max_length: bool
 
 
 def _check_max_length(max_length: int) -> None:
-    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
-        raise GenIRError(f"max_length must be an integer >= 2 (room for a token and </s>), got {max_length!r}")
+    """2 (a token and ``</s>``) to `MAX_TOKENS`: rows are padded to it, so it bounds what is allocated."""
+    if (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer))
+            or not 2 <= max_length <= MAX_TOKENS):
+        raise GenIRError(f"max_length must be an integer in 2..{MAX_TOKENS} (room for a token and </s>; rows are "
+                         f"padded to it), got {max_length!r}")
 
 
 def sequence_labels(examples: Sequence[DSIExample], docid_sequences) -> tuple[np.ndarray, np.ndarray]:

@@ -84,6 +84,18 @@ def test_clipping_before_tokenising_keeps_the_first_tokens(shared_data):
     assert clip_text("ab " * 100, 1) == ("ab " * 100)[:62]  # 64 characters end inside a word: cut before it
 
 
+def test_a_length_limit_beyond_the_token_bound_is_refused_before_padding(shared_data):
+    """Rows are padded to the length limit (the reference's padding), so a huge limit is refused at once."""
+    from genir_jax.checkpoints.tokenizer import load_tokenizer
+    from genir_jax.data.dsi import tokenize_queries
+
+    tokenizer = load_tokenizer(shared_data / "t5-tokenizer")
+    with pytest.raises(GenIRError, match=r"max_length must be an integer in 2\.\.8192 .*got 10000000"):
+        tokenize_queries(["a query"], tokenizer, 10_000_000, pad_to_max_length=True, progress=False)
+    ids, _ = tokenize_queries(["a query"], tokenizer, 8192, pad_to_max_length=True, progress=False)
+    assert ids.shape == (1, 8192)
+
+
 def test_a_two_million_word_query_tokenises_in_bounded_memory_and_time(shared_data):
     """2,000,000 words (10 MB of text) as a query: the training and evaluation path (`tokenize_queries`), the
     analyses' path (`tokenize_for_analysis`, both paddings) and the reference padding length stay within
