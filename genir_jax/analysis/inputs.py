@@ -14,7 +14,9 @@ Tokenisation, two modes:
 Bounded length: a query longer than `MAX_QUERY_TOKENS` (512, the length T5 was pre-trained at and its
 tokenizer's ``model_max_length``) is truncated to its first 511 tokens plus ``</s>`` (as transformers'
 ``truncation=True``), with a warning on stderr, so a single huge query cannot make every batch allocate
-quadratic attention and position-bias matrices. Queries within the bound are unchanged in both modes.
+quadratic attention and position-bias matrices. Queries within the bound are unchanged in both modes. The
+text is cut before it is tokenised (`genir_jax.checkpoints.tokenizer.clip_text`), so tokenising a huge
+query takes the time and memory of its first tokens only.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
+from genir_jax.checkpoints.tokenizer import clip_text
 from genir_jax.data.corpus import normalize_id, read_json, read_queries
 from genir_jax.docids.tokens import is_docid_token
 from genir_jax.base.batching import Batch, batches
@@ -144,12 +147,14 @@ def encode_queries(tokenizer, texts: list[str]) -> list[list[int]]:
     (masked, then reference-padded, then batched), and one warning per query is what the user needs."""
     encoded, truncated = [], 0
     for text in texts:
-        ids = list(tokenizer(text).input_ids)
+        clipped = clip_text(text, MAX_QUERY_TOKENS)
+        ids = list(tokenizer(clipped).input_ids)
+        cut = len(ids) > MAX_QUERY_TOKENS or len(clipped) < len(text)
         if len(ids) > MAX_QUERY_TOKENS:
             ids = ids[:MAX_QUERY_TOKENS - 1] + [tokenizer.eos_token_id]
-            if text not in _TRUNCATION_REPORTED:
-                _TRUNCATION_REPORTED.add(text)
-                truncated += 1
+        if cut and text not in _TRUNCATION_REPORTED:
+            _TRUNCATION_REPORTED.add(text)
+            truncated += 1
         encoded.append(ids)
     if truncated:
         print(f"genir-jax: warning: {truncated} quer{'y' if truncated == 1 else 'ies'} longer than "
@@ -180,7 +185,7 @@ def tokenize_for_analysis(tokenizer, texts: list[str], *, reference_padding: boo
 def reference_padding_length(tokenizer, texts: list[str]) -> int:
     """The reference's padded length for a query set: longest query in sub-word tokens (no ``</s>``) + 1, at
     most `MAX_QUERY_TOKENS`."""
-    return min(max(len(tokenizer.tokenize(text)) for text in texts) + 1, MAX_QUERY_TOKENS)
+    return min(max(len(tokenizer.tokenize(clip_text(text, MAX_QUERY_TOKENS))) for text in texts) + 1, MAX_QUERY_TOKENS)
 
 
 def reference_padded_groups(tokenizer, texts: list[str], length: int) -> list[tuple[np.ndarray, np.ndarray]]:

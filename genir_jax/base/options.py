@@ -34,6 +34,7 @@ def bounded_int(low: int, high: int | None = None):
         return value
 
     parse.__name__ = "integer"
+    parse.high = high  # what `tests/cli/test_option_values.py` checks every size-like option has
     return parse
 
 
@@ -54,9 +55,33 @@ def bounded_float(low: float, high: float | None = None, *, open_low: bool = Fal
         return value
 
     parse.__name__ = "number"
+    parse.high = high
     return parse
 
 
 SEED = bounded_int(0, 2**32 - 1)  # numpy's and JAX's seeds: unsigned 32-bit
-POSITIVE = bounded_int(1)  # counts, batch sizes, steps, beams, top-k
-NON_NEGATIVE = bounded_int(0)  # "0: off / as is" options (warmup, eval interval, ratio)
+POSITIVE = bounded_int(1)  # counts with no size behind them (a cap such as --max-documents, --devices)
+NON_NEGATIVE = bounded_int(0)  # "0: off / as is" options without a size behind them (--process-id)
+
+# Upper bounds of the options whose value sets how much is allocated or computed, so that no value makes
+# memory or time grow without limit (each far beyond what a T5 run needs):
+MAX_STEPS = 2**31 - 1     # updates, and step intervals: the training state counts steps in int32
+MAX_ROWS = 1 << 16        # rows per step: batch sizes, query and config chunks
+MAX_TOKENS = 8192         # tokens per input or target (T5 was pre-trained at 512)
+MAX_LISTED = 10_000       # results per query or listed: --k, --top, --queries-per-file
+MAX_BEAMS = 1024          # beams of a beam search (each keeps a row of the decoder)
+MAX_FACTOR = 1024         # multipliers of the data: --ratio, clusters per level, removed-document models
+MAX_PROCESSES = 65_536    # processes of a multi-process run
+# The most configurations one sweep may hold (`genir_jax.interp.sweep`): its per-config tables (a few
+# integers per term, and the labels: about 1.4 KB a config for one grid, 2.2 KB for a product of three) are
+# built on the host before any chunking, so this bounds them (to about 2 GB) and the time to build them;
+# every MLP neuron of T5-large's both stacks (196,608) and of T5-3B's decoder (393,216) fits.
+MAX_CONFIGS = 1 << 20
+
+STEPS = bounded_int(1, MAX_STEPS)
+STEP_INTERVAL = bounded_int(0, MAX_STEPS)  # 0: off
+ROWS = bounded_int(1, MAX_ROWS)
+TOKENS = bounded_int(1, MAX_TOKENS)
+LISTED = bounded_int(1, MAX_LISTED)
+BEAMS = bounded_int(1, MAX_BEAMS)
+FACTOR = bounded_int(1, MAX_FACTOR)

@@ -27,6 +27,27 @@ TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 _T5_CLASSES = frozenset({"T5Tokenizer", "T5TokenizerFast"})
 
+# Characters of raw text per token that a query's first tokens can come from: no T5 piece is longer than 16
+# characters, and natural text averages about 4; the rest is room for whitespace and characters the
+# normaliser drops.
+CHARS_PER_TOKEN = 64
+
+
+def clip_text(text: str, max_tokens: int) -> str:
+    """`text` cut, before tokenising, to what its first `max_tokens` tokens can come from: at most
+    `max_tokens` x `CHARS_PER_TOKEN` characters, ending at a whitespace so no word is split (T5 splits on
+    whitespace before it segments words). So a query of millions of words never tokenises whole (the
+    tokeniser's per-character alignments took gigabytes), and the first `max_tokens` tokens are those of
+    the whole text wherever its first part has fewer than 64 characters per token (any natural text)."""
+    budget = int(max_tokens) * CHARS_PER_TOKEN
+    if len(text) <= budget:
+        return text
+    head = text[:budget]
+    if text[budget].isspace():  # the cut falls between words
+        return head
+    words = head.rsplit(maxsplit=1)
+    return words[0] if len(words) == 2 else head
+
 
 class Encoding(dict):
     """What a call returns: a dict (``input_ids``, ``attention_mask``) with attribute access, as

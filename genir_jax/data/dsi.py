@@ -16,8 +16,10 @@
   reference's ``text_target`` tokenization), right-padded with 0 to the longest docid of the corpus (one
   label width for every batch) with a 0/1 ``label_mask``.
 - Tokenization: ``tokenizer(text, max_length=max_length, truncation=True)`` as the reference (T5 keeps the
-  final ``</s>`` inside `max_length`), every distinct text once; results can be cached on disk under a hash
-  of the examples, the tokenizer's vocabulary and settings, and `max_length`.
+  final ``</s>`` inside `max_length`), every distinct text once, each cut first to what its first
+  `max_length` tokens can come from (`genir_jax.checkpoints.tokenizer.clip_text`: a huge text never
+  tokenises whole); results can be cached on disk under a hash of the examples, the tokenizer's
+  vocabulary and settings, and `max_length`.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ from typing import Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from genir_jax.checkpoints.tokenizer import clip_text
 from genir_jax.data.corpus import Document, Query
 from genir_jax.docids.tokens import doc_id_of_token, docid_token_ids, is_docid_token
 from genir_jax.base.errors import DataError, GenIRError
 from genir_jax.base.io import atomic_path
+from genir_jax.base.options import MAX_TOKENS
 
 INDEX_TEXT_MAX_CHARS = 1000  # the reference's text_max_length
 INDEX, RETRIEVAL = "index", "retrieval"
@@ -154,7 +158,7 @@ def _encode(texts: Sequence[str], tokenizer, max_length: int, progress: bool) ->
     encoded: list[list[int]] = []
     starts = range(0, len(texts), _TOKENIZE_BATCH)
     for start in tqdm(starts, desc="tokenizing", unit="batch", disable=not progress or len(starts) < 4):
-        batch = list(texts[start:start + _TOKENIZE_BATCH])
+        batch = [clip_text(text, max_length) for text in texts[start:start + _TOKENIZE_BATCH]]
         encoded.extend(tokenizer(batch, max_length=max_length, truncation=True)["input_ids"])
     return encoded
 
@@ -170,8 +174,11 @@ def _pad(rows: Sequence[Sequence[int]], max_length: int, pad_to_max_length: bool
 
 
 def _check_max_length(max_length: int) -> None:
-    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
-        raise GenIRError(f"max_length must be an integer >= 2 (room for a token and </s>), got {max_length!r}")
+    """2 (a token and ``</s>``) to `MAX_TOKENS`: rows are padded to it, so it bounds what is allocated."""
+    if (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer))
+            or not 2 <= max_length <= MAX_TOKENS):
+        raise GenIRError(f"max_length must be an integer in 2..{MAX_TOKENS} (room for a token and </s>; rows are "
+                         f"padded to it), got {max_length!r}")
 
 
 def sequence_labels(examples: Sequence[DSIExample], docid_sequences) -> tuple[np.ndarray, np.ndarray]:

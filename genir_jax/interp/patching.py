@@ -21,7 +21,8 @@ How the work is shared:
 - placement is a `genir_jax.scale.partitioning.Partitioner`: queries split over its ``data`` axis, configs over
   ``configs``, parameters as its rules say (``model``); by default every local device is on ``data``.
   Configs and queries are chunked, so peak memory is set by
-  the chunk sizes, not by K. With ``per_query=False`` only per-config aggregates are kept on the host.
+  the chunk sizes, not by K, beyond the host's per-config tables and results (K is at most
+  `genir_jax.interp.sweep.MAX_CONFIGS`). With ``per_query=False`` only per-config aggregates are kept on the host.
 - full-vocabulary ranks compute few logits: a config's final state differs little from the clean one,
   which bounds how far every token's logit can move, so each row computes only the logits of the
   `RANK_WINDOW` tokens around its target and ranks over the whole vocabulary only the rows the bound

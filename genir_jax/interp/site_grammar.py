@@ -59,6 +59,7 @@ class SiteSpecError(GenIRError, ValueError):
 def parse_indices(text: str, *, what: str, spec: str, size: int | None = None) -> list[int]:
     """``'1,3,5-7'`` -> [1, 3, 5, 6, 7] (order kept, duplicates refused); checked against ``0..size-1``."""
     out: list[int] = []
+    seen: set[int] = set()  # membership in the list would make a long range quadratic
     for part in text.split(","):
         part = part.strip()
         match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
@@ -72,8 +73,9 @@ def parse_indices(text: str, *, what: str, spec: str, size: int | None = None) -
         for index in range(low, high + 1):
             if size is not None and index >= size:
                 raise SiteSpecError(f"site spec '{spec}': {what} {index} out of range; expected 0-{size - 1}")
-            if index in out:
+            if index in seen:
                 raise SiteSpecError(f"site spec '{spec}': {what} {index} is listed twice")
+            seen.add(index)
             out.append(index)
     return out
 
@@ -121,6 +123,7 @@ def _grid(config, names, sites, unit, index_text, value, length, spec, decoder_l
         size = _unit_size(config, sites[0], unit, length, spec, decoder_length)
         if index_text is not None:
             units = parse_indices(index_text, what=unit, spec=spec, size=size)
+    _check_count(len(names) * (1 if unit is None else len(units) if units is not None else size), spec)
     try:
         return site_grid(config, names, unit=unit, units=units, value=value, length=size if unit == "position" else None)
     except (InterventionError, GenIRError) as exc:
@@ -210,6 +213,13 @@ def parse_atom(config: T5Config, spec: str, *, value, length: int | None = None,
     return dataclasses.replace(result, axes=axes, shape=shape)
 
 
+def _check_count(count: int, spec: str) -> None:
+    """Refuse specs of more configurations than a sweep holds, before their tables are built."""
+    from genir_jax.interp.sweep import check_config_count
+
+    check_config_count(count, f"--sites '{spec}'", SiteSpecError)
+
+
 def _stack_site(name: str) -> Site | None:
     for stack in ("encoder", "decoder"):
         for local in STACK_SITES:
@@ -229,6 +239,7 @@ def parse_spec(config: T5Config, spec: str, *, value, length: int | None = None,
     sweeps = [parse_atom(config, part, value=value, length=length, decoder_length=decoder_length) for part in parts]
     if len(sweeps) == 1:
         return sweeps[0]
+    _check_count(int(np.prod([s.size for s in sweeps], dtype=object)), spec)
     try:
         return product(*sweeps)
     except GenIRError as exc:
@@ -250,6 +261,7 @@ def parse_sweep(config: T5Config, spec_or_specs: str | Sequence[str], *, value=0
     if not specs:
         raise SiteSpecError(f"no site spec given; expected {GRAMMAR}")
     sweeps = [parse_spec(config, spec, value=value, length=length, decoder_length=decoder_length) for spec in specs]
+    _check_count(sum(s.size for s in sweeps), " ".join(specs))
     sweep = sweeps[0] if len(sweeps) == 1 else concat(*sweeps)
     _refuse_duplicate_configs(sweep, specs)
     return sweep

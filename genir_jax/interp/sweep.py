@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from genir_jax.base.options import MAX_CONFIGS
 from genir_jax.core.config import T5Config
 from genir_jax.interp.interventions import (
     FromSource, InterventionError, Interventions, site_unit_axis, mean_value,
@@ -41,6 +42,14 @@ from genir_jax.core.taps import Patch
 
 UNIT_KINDS = ("head", "neuron", "position")
 ZERO = 0.0
+
+
+def check_config_count(count: int, what: str, error: type[Exception] = InterventionError) -> None:
+    """Refuse (`error`, naming `what`) a sweep of more than `MAX_CONFIGS` configurations, before anything per
+    configuration is allocated."""
+    if count > MAX_CONFIGS:
+        raise error(f"{what}: {count:,} configurations; a sweep holds at most {MAX_CONFIGS:,} (its per-config "
+                    "tables are built before any chunking): split it into several sweeps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,6 +306,7 @@ def site_grid(config: T5Config, sites: str | Iterable[str], *, unit: str | None 
                                     f"{size} {unit}s (0-{size - 1})")
     per_site = len(chosen)
     count = len(parsed) * per_site
+    check_config_count(count, f"site_grid {names[0]}...")
     groups: dict[tuple[str, str], list[int]] = {}
     for i, site in enumerate(parsed):
         groups.setdefault((site.stack, site.local), []).append(i)
@@ -381,6 +391,7 @@ def product(*sweeps: Sweep) -> Sweep:
     in the order of the sweeps. Labels are merged (a name used twice gets a ``_2`` suffix)."""
     if not sweeps:
         raise InterventionError("product: no sweeps given")
+    check_config_count(int(np.prod([s.size for s in sweeps], dtype=object)), "product")
     result = sweeps[0]
     for other in sweeps[1:]:
         result = _product2(result, other)
@@ -424,6 +435,7 @@ def concat(*sweeps: Sweep, axis: str = "config") -> Sweep:
         raise InterventionError("concat: no sweeps given")
     sizes = [s.size for s in sweeps]
     total = sum(sizes)
+    check_config_count(total, "concat")
     terms = []
     start = 0
     for sweep, size in zip(sweeps, sizes):

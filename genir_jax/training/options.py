@@ -3,7 +3,7 @@ mode and output checks, and the command-line options of `genir-jax pretrain` / `
 
 from __future__ import annotations
 
-from genir_jax.base.options import NON_NEGATIVE, POSITIVE, SEED, bounded_float
+from genir_jax.base.options import LISTED, POSITIVE, ROWS, SEED, STEPS, STEP_INTERVAL, bounded_float
 import argparse
 import dataclasses
 import os
@@ -22,13 +22,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
                         help="model shape and training settings (default: cpu); see genir_jax.training.presets")
     group = parser.add_argument_group("overrides of the preset")
-    group.add_argument("--steps", type=POSITIVE, help="number of updates")
-    group.add_argument("--batch-size", type=POSITIVE, help="global batch size (split over the devices)")
+    group.add_argument("--steps", type=STEPS, help="number of updates")
+    group.add_argument("--batch-size", type=ROWS, help="global batch size (split over the devices)")
     group.add_argument("--optimizer", choices=OPTIMIZERS,
                        help="adafactor (T5/DSI, the presets' default) or adamw (with the preset's AdamW settings)")
     group.add_argument("--learning-rate", type=bounded_float(0, open_low=True), help="peak learning rate")
     group.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule after the warmup")
-    group.add_argument("--warmup-steps", type=NON_NEGATIVE, help="linear warmup length in updates")
+    group.add_argument("--warmup-steps", type=STEP_INTERVAL, help="linear warmup length in updates")
     group.add_argument("--seed", type=SEED, help="seed of initialisation, data order, noise and dropout")
     group.add_argument("--bf16", action="store_true", default=None,
                        help="compute in bfloat16 (float32 master weights)")
@@ -37,10 +37,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                        help="run each stack's layers as straight-line code instead of a loop: faster steps for "
                             "a few small layers, longer compilation for many (default: the preset's; tiny and "
                             "cpu unroll)")
-    group.add_argument("--eval-every", type=NON_NEGATIVE, help="validate every N updates (0: only at the end)")
-    group.add_argument("--checkpoint-every", type=POSITIVE, help="checkpoint every N updates")
-    group.add_argument("--keep-checkpoints", type=POSITIVE, help="number of newest checkpoints kept")
-    group.add_argument("--log-every", type=POSITIVE, help="write a metrics line every N updates")
+    group.add_argument("--eval-every", type=STEP_INTERVAL, help="validate every N updates (0: only at the end)")
+    group.add_argument("--checkpoint-every", type=STEPS, help="checkpoint every N updates")
+    group.add_argument("--keep-checkpoints", type=LISTED, help="number of newest checkpoints kept")
+    group.add_argument("--log-every", type=STEPS, help="write a metrics line every N updates")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in the output directory (same settings); "
                              "refused when there is none")

@@ -315,7 +315,7 @@ def test_cli_reference_mode_and_the_reference_defaults(checkpoint, result):
     ("unknown_query", "record index 1: query id '999' is not in"),
     ("unknown_docid", "docid token '@DOC_ID_zzz@' is not in the model's vocabulary"),
     ("not_a_list", "expected a JSON list of [docid_token, query_id] pairs"),
-    ("bad_batch", "--batch-size must be >= 1"),
+    ("bad_batch", "--batch-size must be in 1..65536, got 0"),
     ("no_checkpoint", "config file not found"),
 ])
 def test_cli_bad_input_exits_2_without_outputs(checkpoint, tmp_path, capsys, problem, message):

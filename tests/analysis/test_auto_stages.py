@@ -121,6 +121,38 @@ def test_invalid_standardize_and_describe():
         describe_stages([[0], []])
 
 
+
+def test_stage_feature_columns_from_planted_residual_and_sweep_results(monkeypatch):
+    """Quick: `stage_features` on planted results of its two passes (every value distinct by query, layer,
+    site and component), so a wrong lens site, a log instead of log1p, a mean over the wrong axis (or before
+    the log), a wrong ratio or a wrong component's drop changes a column. The passes themselves are checked
+    against a model in the slow tests below."""
+    from types import SimpleNamespace
+
+    from genir_jax.analysis import auto_stages as module
+    from genir_jax.analysis.residual import FUNCS, LENS_SITES, PARTS
+
+    queries, L = 3, CONFIG.num_decoder_layers
+    n, layer = np.arange(queries)[:, None, None], np.arange(L)[None, :, None]
+    lens_ranks = (np.arange(len(LENS_SITES))[None, None, :] + 1) * 100 + layer * 10 + n * n  # [N, L, 5]
+    contributions = (np.arange(len(FUNCS))[None, None, :, None] * 1000 + np.arange(len(PARTS)) * 100
+                     + layer[..., None] * 10 + n[..., None]).astype(np.float32)               # [N, L, 3, 5]
+    residual = SimpleNamespace(contributions=contributions, lens_ranks=lens_ranks)
+    target_logits = np.arange(1 + 3 * L)[:, None] * 0.5 + np.arange(queries)[None, :] * np.arange(1 + 3 * L)[:, None]
+    monkeypatch.setattr(module, "run_residual_rank", lambda *args, **kw: residual)
+    monkeypatch.setattr(module, "run_sweep", lambda *args, **kw: SimpleNamespace(target_logits=target_logits))
+    values, names = stage_features(CONFIG, None, np.zeros((queries, 4), np.int32), np.ones((queries, 4), np.int32),
+                                   np.zeros(queries, np.int32))
+    post = [name for name, _ in LENS_SITES].index("resid_post")
+    expected_lens = [np.mean(np.log1p([(post + 1) * 100 + l * 10 + q * q for q in range(queries)])) for l in range(L)]
+    np.testing.assert_allclose(values[:, names.index("lens_log1p_rank")], expected_lens, rtol=1e-12)
+    for c, component in enumerate(("attn", "cross_attn", "mlp")):  # ratio = FUNCS[0]; PARTS in this order
+        np.testing.assert_allclose(values[:, names.index(f"ratio_{component}")], c * 100 + np.arange(L) * 10 + 1.0)
+        rows = 1 + c * L + np.arange(L)  # the sweep's configs: clean, then component-major, layer-minor
+        drops = (target_logits[0][None, :] - target_logits[rows]).mean(axis=1)
+        np.testing.assert_allclose(values[:, names.index(f"zero_drop_{component}")], drops)
+
+
 # --------------------------------------------------------------------------------------------------
 # Features from a model
 # --------------------------------------------------------------------------------------------------

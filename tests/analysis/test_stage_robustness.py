@@ -70,6 +70,41 @@ def test_stage_rows_equal_stage_patching(setup):
     assert "thirds: 0-1, 2-3, 4-5" in text and "uneven: 0-0, 1-4, 5-5" in text
 
 
+
+def test_mean_mode_rows_put_each_layers_own_mean_where_the_row_says():
+    """Quick, without a model: every mean-mode row of the sweep, applied to random activations, replaces
+    exactly the (component, layer) outputs its labels name (every layer, one layer, or one stage of a
+    partition) by that layer's own mean and leaves every other output as it was."""
+    from genir_jax.analysis.stage_robustness import stage_robustness_sweep
+
+    layers, width = CONFIG.num_decoder_layers, CONFIG.d_model
+    rng = np.random.default_rng(0)
+    means = {f"decoder.{layer}.{site}": rng.normal(size=(1, width)).astype(np.float32)
+             for layer in range(layers) for site in SITES.values()}
+    partitions = {"uneven": [[0], [1, 2, 3, 4], [5]], "halves": [[0, 1, 2], [3, 4, 5]]}
+    sweep, _ = stage_robustness_sweep(CONFIG, partitions, ("mean",), means)
+    clean = {site: rng.normal(size=(layers, 2, 1, width)).astype(np.float32) for site in SITES.values()}
+    seen = set()
+    for k in range(sweep.size):
+        label = sweep.label(k)
+        assert label["mode"] == "mean"
+        chosen = {"all_layers": lambda: range(layers), "single_layer": lambda: [label["layer"]],
+                  "stage": lambda: partitions[label["partition"]][label["stage"]]}[label["kind"]]()
+        seen.add((label["kind"], label["component"], label["partition"], tuple(chosen)))
+        patches = sweep.config(CONFIG, k)["decoder"]
+        for component, site in SITES.items():
+            patched = clean[site]
+            for patch in patches.get(site, ()):
+                patched = patched + np.asarray(patch.mask) * (np.asarray(patch.value) - patched)
+            expected = clean[site].copy()
+            if component == label["component"]:
+                for layer in chosen:
+                    expected[layer] = means[f"decoder.{layer}.{site}"]
+            np.testing.assert_allclose(patched, expected, atol=1e-6, err_msg=f"{label} {site}")
+    stage_rows = sum(len(stages) for stages in partitions.values())
+    assert len(seen) == sweep.size == len(SITES) * (1 + layers + stage_rows)
+
+
 @pytest.mark.parametrize("partition,message", [
     ([[0, 1], [1, 2]], "in two stages"),
     ([[0, True]], "not a decoder layer"),

@@ -34,5 +34,5 @@ def test_command_writes_the_library_result(dsi, tmp_path, capsys):  # noqa: F811
 def test_bad_top_names_the_flag(dsi, tmp_path, capsys):  # noqa: F811
     root, _, _ = dsi
     assert main(_args(root, tmp_path / "out", "--top", "0")) == 2
-    assert "--top must be >= 1, got 0" in capsys.readouterr().err  # refused by argparse, before loading
+    assert "--top must be in 1..10000, got 0" in capsys.readouterr().err  # refused by argparse, before loading
     assert not (tmp_path / "out" / "head_logit_lens.json").exists()

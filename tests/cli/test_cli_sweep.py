@@ -94,6 +94,38 @@ def test_grammar_errors_name_the_spec(spec, message):
     assert message in str(info.value)
 
 
+def test_a_sweep_beyond_the_config_bound_is_refused_before_it_is_built():
+    """Three neuron grids of 192 configs each (7,077,888 combinations; their tables took over 6 GB and minutes
+    to build) are refused at once, naming --sites and the bound, with almost nothing allocated; so are the
+    library's product, concat and site_grid beyond the bound."""
+    import time
+    import tracemalloc
+
+    from genir_jax.interp import sweep as sw
+
+    config = CFG.replace(d_ff=64)
+    spec = " x ".join(["decoder.*.mlp.hook_post[neuron]"] * 3)
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(SiteSpecError) as info:
+            parse_sweep(config, spec, value=0.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - started < 5 and peak < 20e6, peak
+    assert str(info.value).startswith(f"--sites '{spec}': 7,077,888 configurations; a sweep holds at most 1,048,576")
+    grid = sw.site_grid(config, "decoder.*.mlp.hook_post", unit="neuron")
+    with pytest.raises(GenIRError, match="product: 7,077,888 configurations"):
+        sw.product(grid, grid, grid)
+    with pytest.raises(GenIRError, match="concat: 1,050,624 configurations"):
+        sw.concat(*[grid] * 5472)
+    with pytest.raises(GenIRError, match="site_grid decoder.0.mlp.hook_post...: 3,145,728 configurations"):
+        sw.site_grid(config.replace(d_ff=1 << 20), "decoder.*.mlp.hook_post", unit="neuron")
+    many = parse_sweep(config.replace(d_ff=1 << 16), "decoder.0.mlp.hook_post[neuron=0-65535]", value=0.0)
+    assert many.size == 1 << 16  # a long index range parses in linear time (it was quadratic)
+
+
 def test_grammar_position_on_encoder_needs_the_length():
     with pytest.raises(SiteSpecError, match="needs the query length"):
         parse_sweep(CFG, "encoder.hook_out[position]", value=0.0)
@@ -265,7 +297,10 @@ def test_sweep_modes_and_layouts(dsi, inputs, tmp_path, mode):  # noqa: F811
     (["--sites", "decoder.*.mlp", "--mode", "median"], "--mode: unknown mode 'median'"),
     (["--sites", "decoder.*.mlp", "--mode", "source"], "--mode source needs --source-model"),
     (["--sites", "decoder.*.mlp", "--method", "atp"], "use `genir-jax attribute"),
-    (["--sites", "decoder.*.mlp", "--config-chunk", "0"], "--config-chunk must be >= 1"),
+    (["--sites", "decoder.*.mlp", "--config-chunk", "0"], "--config-chunk must be in 1..65536"),
+    (["--sites", " x ".join(["decoder.*.mlp.hook_post[neuron]"] * 4)], "configurations; a sweep holds at most 1,048,576"),
+    (["attribute", "--sites", " x ".join(["decoder.*.mlp.hook_post[neuron]"] * 4)],
+     "configurations; a sweep holds at most 1,048,576"),
     (["attribute", "--sites", "decoder.*.mlp", "--metric", "rank"],
      "--metric rank is not differentiable for --method atp"),
     (["attribute", "--sites", "decoder.*.mlp", "--metric", "docid_rank", "--method", "exact"],

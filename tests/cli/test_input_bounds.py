@@ -5,6 +5,8 @@ field, before any computation."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -15,6 +17,7 @@ from genir_jax.analysis.stage_patching import parse_stages
 from genir_jax.cli.main import main
 from genir_jax.core.config import MAX_PARAMETERS, MAX_SIZES, T5Config
 from genir_jax.base.errors import ConfigError, DataError, GenIRError
+from tests.conftest import REPO_ROOT
 
 
 class _WordTokenizer:
@@ -48,6 +51,82 @@ def test_a_very_long_query_is_truncated_to_the_bound(capsys):
     # within the bound nothing changes
     exact = " ".join(["w"] * (MAX_QUERY_TOKENS - 1))
     assert encode_queries(tokenizer, [exact])[0] == [3] * (MAX_QUERY_TOKENS - 1) + [1]
+
+
+
+def _long_text(shared_data, words: int) -> str:
+    """Natural words (SQuAD contexts, punctuation and all) repeated to `words` words."""
+    data = json.loads((shared_data / "squad-v1.1-dev" / "dev-v1.1.json").read_text(encoding="utf-8"))
+    pool = " ".join(paragraph["context"] for paragraph in data["data"][0]["paragraphs"]).split()
+    return " ".join(pool[i % len(pool)] for i in range(words))
+
+
+def test_clipping_before_tokenising_keeps_the_first_tokens(shared_data):
+    """A text cut by `clip_text` tokenises, truncated, to exactly the tokens of the whole text truncated
+    (natural text, at the data path's 32 tokens and the analyses' 512); the cut ends between words."""
+    from genir_jax.checkpoints.tokenizer import CHARS_PER_TOKEN, clip_text, load_tokenizer
+    from genir_jax.data.dsi import tokenize_queries
+
+    tokenizer = load_tokenizer(shared_data / "t5-tokenizer")
+    text = _long_text(shared_data, 8000)
+    for max_tokens in (32, MAX_QUERY_TOKENS):
+        clipped = clip_text(text, max_tokens)
+        assert len(clipped) <= max_tokens * CHARS_PER_TOKEN < len(text) and text.startswith(clipped)
+        assert text[len(clipped)].isspace()
+        whole = tokenizer([text], max_length=max_tokens, truncation=True)["input_ids"][0]
+        assert tokenizer([clipped], max_length=max_tokens, truncation=True)["input_ids"][0] == whole
+    ids, _ = tokenize_queries([text], tokenizer, 32, progress=False)
+    assert ids[0].tolist() == tokenizer([text], max_length=32, truncation=True)["input_ids"][0]
+    whole = tokenizer(text).input_ids
+    assert encode_queries(tokenizer, [text])[0] == whole[:MAX_QUERY_TOKENS - 1] + [tokenizer.eos_token_id]
+    assert clip_text("a short query", 2) == "a short query"
+    assert clip_text("x" * 200, 2) == "x" * 128  # one huge word: cut inside it, nothing else to keep
+    assert clip_text("ab " * 100, 1) == ("ab " * 100)[:62]  # 64 characters end inside a word: cut before it
+
+
+def test_a_length_limit_beyond_the_token_bound_is_refused_before_padding(shared_data):
+    """Rows are padded to the length limit (the reference's padding), so a huge limit is refused at once."""
+    from genir_jax.checkpoints.tokenizer import load_tokenizer
+    from genir_jax.data.dsi import tokenize_queries
+
+    tokenizer = load_tokenizer(shared_data / "t5-tokenizer")
+    with pytest.raises(GenIRError, match=r"max_length must be an integer in 2\.\.8192 .*got 10000000"):
+        tokenize_queries(["a query"], tokenizer, 10_000_000, pad_to_max_length=True, progress=False)
+    ids, _ = tokenize_queries(["a query"], tokenizer, 8192, pad_to_max_length=True, progress=False)
+    assert ids.shape == (1, 8192)
+
+
+def test_a_two_million_word_query_tokenises_in_bounded_memory_and_time(shared_data):
+    """2,000,000 words (10 MB of text) as a query: the training and evaluation path (`tokenize_queries`), the
+    analyses' path (`tokenize_for_analysis`, both paddings) and the reference padding length stay within
+    200 MB of peak memory and a few seconds (tokenising it whole took 2.3 GB), in a fresh process so the
+    peak is this work's."""
+    script = f"""
+import json, resource, sys, time
+from genir_jax.checkpoints.tokenizer import load_tokenizer
+from genir_jax.data.dsi import tokenize_queries
+from genir_jax.analysis.inputs import reference_padding_length, tokenize_for_analysis
+tokenizer = load_tokenizer({str(shared_data / "t5-tokenizer")!r})
+tokenize_queries(["warm up"], tokenizer, 32, progress=False); tokenize_for_analysis(tokenizer, ["warm up"])
+huge = " ".join(["word"] * 2_000_000)
+before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
+ids, _ = tokenize_queries([huge, "short"], tokenizer, 32, progress=False)
+analysis, _ = tokenize_for_analysis(tokenizer, [huge])
+padded, _ = tokenize_for_analysis(tokenizer, [huge, "short"], reference_padding=True)
+length = reference_padding_length(tokenizer, [huge])
+seconds = time.monotonic() - start
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+print(json.dumps({{"shapes": [ids.shape, analysis.shape, padded.shape], "length": length,
+                  "megabytes": grown, "seconds": seconds}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["shapes"] == [[2, 32], [1, MAX_QUERY_TOKENS], [2, MAX_QUERY_TOKENS]]
+    assert result["length"] == MAX_QUERY_TOKENS
+    assert result["megabytes"] < 200, result
+    assert result["seconds"] < 10, result
 
 
 @pytest.mark.parametrize("field", sorted(k for k in MAX_SIZES if k != "num_heads*d_kv"))

@@ -64,6 +64,23 @@ def test_hierarchical_ids_end_on_identical_vectors():
     assert len(set(ids)) == 25 and max(len(i) for i in ids) >= 3
 
 
+
+def test_a_cluster_of_exactly_c_documents_is_a_leaf():
+    """Three far-apart groups of 4, 5 and 2 documents, k = 3, c = 4: the group of exactly c documents is a
+    leaf (ids "cluster_position", positions 0..3); only the group of 5 is clustered again."""
+    rng = np.random.default_rng(0)
+    centres = np.eye(3) * 100.0
+    sizes = (4, 5, 2)
+    points = np.concatenate([centres[g] + rng.normal(scale=0.01, size=(n, 3)) for g, n in enumerate(sizes)])
+    ids = hierarchical_ids(points, k=3, c=4, seed=0, progress=False)
+    groups = np.repeat(np.arange(3), sizes)
+    exact_c = [ids[i] for i in np.flatnonzero(groups == 0)]
+    assert all(len(i) == 2 for i in exact_c) and len({i[0] for i in exact_c}) == 1
+    assert sorted(i[1] for i in exact_c) == [0, 1, 2, 3]
+    assert all(len(ids[i]) == 3 for i in np.flatnonzero(groups == 1))  # c + 1 documents: split once more
+    assert all(len(ids[i]) == 2 for i in np.flatnonzero(groups == 2))
+
+
 @pytest.mark.parametrize("mapping, message", [
     ({"d0": "0_0", "d1": "0_1"}, "document 'd2' has no semantic id"),
     ({"d0": "0_0", "d1": "0_1", "d2": "0_1"}, "record 'd2': semantic id '0_1' duplicates that of document 'd1'"),

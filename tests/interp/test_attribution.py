@@ -177,6 +177,40 @@ def test_atp_star_qk_fix_matches_exact_patching_of_queries_and_keys(setup):
     assert plain > 1.0 and fixed < 0.25, (plain, fixed)
 
 
+def _softmax_row(scores):
+    weights = np.exp(np.asarray(scores, np.float64) - np.max(scores))
+    return weights / weights.sum()
+
+
+@pytest.mark.parametrize("site", ["hook_attn_scores", "hook_q", "hook_k"])
+def test_atp_star_qk_fix_value_and_sign_by_hand(site):
+    """The QK fix of one query over three keys (one layer, head and query): the estimate is the gradient at
+    the pattern times the exact change of the softmax, written out here by hand; it has the sign of that
+    change (a second gradient of the opposite sign flips it), and a config the term does not act in is 0.
+    Plain AtP, linear through the softmax, gives another number (0.169 for the exact 0.155 of the first case)."""
+    from genir_jax.interp.attribution import _score_qk_scores
+
+    q = np.ones((1, 1, 1, 1, 1))                                        # [L, B, T, H, K]
+    k = np.asarray([1.0, 0.0, 0.0]).reshape(1, 1, 3, 1, 1)              # [L, B, S, H, K]
+    scores = np.einsum("lbthk,lbshk->lbhts", q, k)                      # [1, 0, 0]
+    if site == "hook_attn_scores":   # scores [1, 0, 0] -> [1 + ln 2, 0, 0]: the first key's weight rises
+        value, patched, reader = scores + np.log([2.0, 1.0, 1.0]), [1 + np.log(2.0), 0, 0], 0
+    elif site == "hook_q":           # q 1 -> -2: scores [-2, 0, 0], the first key's weight falls
+        value, patched, reader = np.full_like(q, -2.0), [-2.0, 0, 0], 0
+    else:                            # the second key 0 -> 3: scores [1, 3, 0], its weight rises
+        value, patched, reader = np.asarray([1.0, 3.0, 0.0]).reshape(k.shape), [1.0, 3.0, 0], 1
+    expected = _softmax_row(patched)[reader] - _softmax_row([1.0, 0, 0])[reader]
+    term = sw.Term(stack="decoder", local=f"cross_attn.{site}", value=value,
+                   table=np.ones((1,) + (1,) * value.ndim), row=np.asarray([0, -1]))
+    g_pattern = np.zeros((2, 1, 1, 1, 1, 3))                            # [V, L, B, H, T, S]
+    g_pattern[0, ..., reader], g_pattern[1, ..., reader] = 1.0, -2.0
+    out = _score_qk_scores(term, {"q": q, "k": k, "scores": scores}, value, g_pattern)
+    assert out.shape == (2, 2, 1)
+    np.testing.assert_allclose(out[:, 0, 0], [expected, -2.0 * expected], rtol=1e-6)
+    np.testing.assert_array_equal(out[:, 1, 0], [0.0, 0.0])
+    assert np.sign(out[0, 0, 0]) == (1 if site != "hook_q" else -1)
+
+
 def test_atp_star_qk_fix_of_the_encoder_final_norm(setup):
     """encoder.hook_out = encoder_final_ln.hook_normalized x the norm's scale, so zeroing a position of either is
     the same patch: AtP* fixes the norm's site as it fixes encoder.hook_out (exact cross-attention patterns with

@@ -128,3 +128,53 @@ def test_nan_states_get_the_worst_rank():
     ranks, decided, _ = windowed_ranks(jnp.asarray(np.full_like(hidden, np.nan)), jnp.asarray(table),
                                        jnp.asarray(targets), window)
     assert not np.asarray(decided).any() and (np.asarray(ranks) == 1000 - 1).all()
+
+
+def _separated_window_states(vocab=1000, width=4, big=1000.0):
+    """A table whose clean logits (state e0) put tokens 100..107 in a window far from both edges (gaps of
+    about 0.85), with unit rows except the last token's, norm `big`, whose logit sits at the bottom; the
+    target is token 104."""
+    cosines = np.concatenate([np.linspace(0.95, 0.9, 100), np.linspace(0.08, 0.01, 8),
+                              np.linspace(-0.8, -0.9, vocab - 109)])
+    table = np.zeros((vocab, width), np.float32)
+    table[:vocab - 1, 0] = cosines
+    table[:vocab - 1, 2] = np.sqrt(1.0 - cosines ** 2)
+    table[vocab - 1] = [-0.95, big, 0.0, 0.0]
+    clean = np.zeros((1, width), np.float32)
+    clean[0, 0] = 1.0
+    return table, clean, np.asarray([104], np.int32)
+
+
+def test_the_reach_uses_the_largest_row_norm():
+    """Moving the state by 0.01 along the one long row lifts that token (norm 1000, clean logit -0.95)
+    from the bottom to the top (+10). Every other row has norm 1, so a reach from any smaller norm (the mean
+    row norm is about 2) keeps the target's logit well inside the window's edges, would decide the row and
+    miss the token that overtook it; the largest norm (reach 10) leaves it to the exact count: rank 105."""
+    table, clean, targets = _separated_window_states()
+    hidden = np.stack([clean, clean + np.asarray([[0.0, 0.01, 0.0, 0.0]], np.float32),
+                       clean + np.asarray([[0.0, 0.0, 0.0, 0.01]], np.float32)])  # [3 configs, 1, 4]
+    window = clean_window(jnp.asarray(clean), jnp.asarray(table), jnp.asarray(targets), 8)
+    ranks, decided, _ = windowed_ranks(jnp.asarray(hidden), jnp.asarray(table), jnp.asarray(targets), window)
+    assert np.asarray(ranks)[:, 0].tolist() == [104, 105, 104]
+    assert float(window["row_norm"][0]) == pytest.approx(np.linalg.norm(table[-1]), rel=1e-6)
+    assert int(window["before"][0]) == 100
+    assert np.asarray(decided)[:, 0].tolist() == [True, False, False]  # a reach of 10 decides no moved state
+    _assert_equal_but_near_ties(np.asarray(ranks), hidden, table, targets)
+
+
+def test_an_exact_tie_inside_the_window_gets_the_tie_rule():
+    """Token 103's row equals the target's (104): the lower id ranks first (`ahead_of_target`), so the
+    windowed rank of 104 counts 103 and the rank of 103 does not count 104; rows the bound decides."""
+    table, clean, _ = _separated_window_states(big=1.0)
+    table[103] = table[104]
+    hidden = clean[None] + np.asarray([[[0.0, 0.0, 0.0, 1e-3]], [[0.0, 0.0, 0.0, 0.0]]], np.float32)
+    for target, expected in ((104, 104), (103, 103)):
+        targets = np.asarray([target], np.int32)
+        window = clean_window(jnp.asarray(clean), jnp.asarray(table), jnp.asarray(targets), 8)
+        ranks, decided, full_rows = windowed_ranks(jnp.asarray(hidden), jnp.asarray(table), jnp.asarray(targets),
+                                                   window)
+        assert np.asarray(decided).all() and int(full_rows) == 0  # ranked inside the window
+        assert np.asarray(ranks)[:, 0].tolist() == [expected, expected]
+        materialised = ranks_of_targets(jnp.asarray(np.einsum("kbd,vd->kbv", hidden, table)),
+                                        jnp.asarray(np.broadcast_to(targets, (2, 1))))[0]
+        assert np.asarray(materialised)[:, 0].tolist() == [expected, expected]

@@ -63,6 +63,45 @@ def test_rules_errors_name_the_axis_parameter_and_dimension():
     Partitioner("model=2", merge_rules("heads=none")).param_specs(logical_axes(odd), param_shapes(odd))
 
 
+# Each parameter's shard on a data=2,model=2 mesh, written out by hand from the model's shapes (vocab 160,
+# d_model 32, 4 heads of 8, d_ff 64; 1 encoder and 2 decoder layers): the vocabulary, the heads and d_ff are
+# halved over `model`; norms, d_model, head size, layers and relative-position buckets are whole.
+MODEL_2_SHARDS = {
+    "shared": (80, 32),
+    **{f"{stack}/relpos_bias/embedding": (32, 2) for stack in ("encoder", "decoder")},
+    **{f"{stack}/final_norm/scale": (32,) for stack in ("encoder", "decoder")},
+    **{f"{stack}/layers/{attn}/{name}": (layers, 32, 2, 8)
+       for stack, layers, attns in (("encoder", 1, ("self_attn",)), ("decoder", 2, ("self_attn", "cross_attn")))
+       for attn in attns for name in ("query", "key", "value")},
+    **{f"{stack}/layers/{attn}/out": (layers, 2, 8, 32)
+       for stack, layers, attns in (("encoder", 1, ("self_attn",)), ("decoder", 2, ("self_attn", "cross_attn")))
+       for attn in attns},
+    **{f"{stack}/layers/{norm}/scale": (layers, 32)
+       for stack, layers, norms in (("encoder", 1, ("self_attn_norm", "mlp_norm")),
+                                    ("decoder", 2, ("self_attn_norm", "cross_attn_norm", "mlp_norm")))
+       for norm in norms},
+    **{f"{stack}/layers/mlp/wi": (layers, 32, 32) for stack, layers in (("encoder", 1), ("decoder", 2))},
+    **{f"{stack}/layers/mlp/wo": (layers, 32, 32) for stack, layers in (("encoder", 1), ("decoder", 2))},
+}
+
+
+def test_parameter_shards_under_model_2_are_the_hand_written_shapes():
+    """Parameters placed on data=2,model=2 (4 simulated devices, tests/conftest.py): every device holds the
+    shard shape written out above, independently of the rules table, and each shard is the parameter's
+    own slice."""
+    params = jax.tree_util.tree_map(lambda leaf: np.arange(np.prod(leaf.shape), dtype=np.float32).reshape(leaf.shape),
+                                    param_shapes(CONFIG))
+    placed = Partitioner("data=2,model=2").shard_params(params, logical_axes(CONFIG))
+    found = {}
+    for (path, array), whole in zip(jax.tree_util.tree_flatten_with_path(placed)[0], jax.tree_util.tree_leaves(params)):
+        name = "/".join(str(getattr(key, "key", key)) for key in path)
+        shapes = {tuple(shard.data.shape) for shard in array.addressable_shards}
+        assert len(array.addressable_shards) == 4 and len(shapes) == 1, name
+        found[name] = shapes.pop()
+        for shard in array.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), whole[shard.index], err_msg=name)
+    assert found == MODEL_2_SHARDS
+
 def test_cli_refuses_a_bad_mesh_with_exit_2(capsys, tmp_path):
     common = ["residual-rank", "--checkpoint", str(tmp_path / "missing"), "--val-queries", str(tmp_path / "q.json")]
     code = main(common + ["--mesh", "data=3"])
@@ -202,6 +241,67 @@ def test_a_coordinator_that_does_not_answer_is_exit_2(capsys, tmp_path):
     assert settings_from(environ={}) is None
     assert settings_from(environ={"GENIR_JAX_COORDINATOR": "h:1", "GENIR_JAX_NUM_PROCESSES": "2",
                                   "GENIR_JAX_PROCESS_ID": "0"})["num_processes"] == 2
+
+
+def test_a_process_that_never_starts_is_exit_2_with_one_line_on_every_process(tmp_path):
+    """Process 0 waits for a process 1 that never comes (it was given another port, where nothing listens):
+    both exit 2 with one line naming --coordinator within the short timeout; process 0 used to die of
+    JAX's abort (SIGABRT, exit 134, a C++ check-failure stack)."""
+    with socket_port() as first, socket_port() as second:
+        pass  # two free ports, released
+    commands = [["residual-rank", "--checkpoint", str(tmp_path / "m"), "--val-queries", str(tmp_path / "q"),
+                 "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(index),
+                 "--coordinator-timeout", "3"] for index, port in enumerate((first, second))]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    workers = [subprocess.Popen([sys.executable, "-m", "genir_jax.cli.main", *command], cwd=REPO_ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for command in commands]
+    outputs = [worker.communicate(timeout=120) for worker in workers]
+    for worker, (out, err), port in zip(workers, outputs, (first, second)):
+        lines = err.strip().splitlines()
+        assert worker.returncode == 2 and len(lines) == 1 and out == "", (worker.returncode, err[-2000:])
+        assert f"--coordinator localhost:{port}:" in lines[0] and "Check failed" not in err
+    assert "process(es) 1 of 2 did not join within 3 s" in outputs[0][1]
+    assert "did not answer within 3 s" in outputs[1][1]
+
+
+def test_the_rendezvous_joins_refuses_a_port_in_use_and_different_counts():
+    """The meeting before `jax.distributed.initialize` (threads on localhost, no JAX): three processes
+    meet; process 0 refuses a port already in use at once; counts that differ fail on both sides."""
+    import threading
+
+    from genir_jax.scale.distributed import DistributedError, _rendezvous
+
+    def run(results, key, *args):
+        try:
+            _rendezvous(*args)
+            results[key] = "joined"
+        except DistributedError as exc:
+            results[key] = str(exc)
+
+    def meet(port, counts, timeout=10.0):
+        results = {}
+        threads = [threading.Thread(target=run, args=(results, index, f"localhost:{port}", count, index, timeout))
+                   for index, count in enumerate(counts)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        return results
+
+    with socket_port() as port:
+        pass
+    assert meet(port, [3, 3, 3]) == {0: "joined", 1: "joined", 2: "joined"}
+    with socket_port() as port:
+        pass
+    results = meet(port, [2, 3], timeout=5.0)
+    assert "--num-processes 3 there, 2 on process 0" in results[0] and "refused this process" in results[1]
+    import socket
+
+    with socket.create_server(("localhost", 0)) as busy:
+        taken = busy.getsockname()[1]
+        with pytest.raises(DistributedError, match=f"--coordinator localhost:{taken}: process 0 cannot listen on "
+                                                   f"port {taken}"):
+            _rendezvous(f"localhost:{taken}", 2, 0, 30.0)
 
 
 def socket_port():

@@ -120,6 +120,28 @@ def test_same_seed_same_params_other_seed_other_dropout():
                                                          jax.tree_util.tree_leaves(c.params)))
 
 
+def test_each_step_draws_new_dropout_masks_and_a_step_reproduces_its_own():
+    """The step number is folded into the run's key: on the same parameters and batch, steps 0 and 1 see
+    different dropout masks (different losses), step 0 again sees the same ones (the same loss), and the
+    loss is the one the forward gives with the key ``fold_in(PRNGKey(seed), step)`` (what a resumed run
+    draws). The step is the one the seed test above compiled (compiling is the slow part)."""
+    from genir_jax.training.loop import seq2seq_loss
+
+    optimizer, mesh, step = _step(tuple(jax.local_devices()[:4]), 3, True, False)
+    config, params, batch = CONFIG, _params(), _batch(0)
+
+    def loss_at(number):
+        state = create_state(params, optimizer, 3).replace(step=jnp.asarray(number, jnp.int32))
+        return float(step(put_state(state, mesh), put_batch(batch, mesh))[1]["loss"])
+
+    first, second, again = loss_at(0), loss_at(1), loss_at(0)
+    assert first == again
+    assert abs(first - second) > 1e-4
+    reference = jax.jit(lambda key: seq2seq_loss(config, params, batch, dropout_rng=key)[0])
+    for number, loss in ((0, first), (1, second)):
+        assert loss == pytest.approx(float(reference(jax.random.fold_in(jax.random.PRNGKey(3), number))), rel=1e-5)
+
+
 @pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
 def test_bfloat16_compute_keeps_float32_master_weights():
     state, losses = _run(jax.local_devices()[:1], steps=2, bf16=True, dropout=False)

@@ -7,7 +7,7 @@ and a backward pass (`genir_jax.interp.attribution.attribute`); ``--method exact
 
 from __future__ import annotations
 
-from genir_jax.base.options import POSITIVE
+from genir_jax.base.options import LISTED, ROWS
 import argparse
 import json
 import os
@@ -47,9 +47,9 @@ def add_parser(subparsers) -> None:
                         help="one of logit, logprob, logit_diff (needs --foil); default logit. Rank metrics and "
                              "hits@K are not differentiable (use `genir-jax sweep`). Naive / semantic checkpoints: "
                              "logprob (the docid sequence's, teacher-forced)")
-    parser.add_argument("--top", type=POSITIVE, default=20, help="print the top N configs by |score| (default 20)")
+    parser.add_argument("--top", type=LISTED, default=20, help="print the top N configs by |score| (default 20)")
     parser.add_argument("--per-query", action="store_true", help="also write per_query.npz ([configs, queries])")
-    parser.add_argument("--config-chunk", type=POSITIVE, default=None, help="configs per step (exact method)")
+    parser.add_argument("--config-chunk", type=ROWS, default=None, help="configs per step (exact method)")
     parser.set_defaults(handler=run)
     add_mesh_arguments(parser, dtype=True)  # --mesh, --mesh-rules, --dtype
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genir_jax.base.options import POSITIVE, bounded_float
+from genir_jax.base.options import LISTED, bounded_float
 import argparse
 
 from genir_jax.cli.commands.common import add_json_output, print_evaluation
@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--queries", help="queries file (instead of --prepared)")
     parser.add_argument("--qrels", help="qrels file (default: the queries' relevant_docs, rel = 4 - position)")
     parser.add_argument("-o", "--output", required=True, help="directory for metrics.json and run.trec")
-    parser.add_argument("--k", type=POSITIVE, default=100, help="documents retrieved per query (default 100)")
+    parser.add_argument("--k", type=LISTED, default=100, help="documents retrieved per query (default 100)")
     parser.add_argument("--k1", type=bounded_float(0), default=1.5)
     parser.add_argument("--b", type=bounded_float(0, 1), default=0.75)
     add_json_output(parser)

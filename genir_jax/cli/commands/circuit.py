@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genir_jax.base.options import POSITIVE
+from genir_jax.base.options import LISTED
 import argparse
 import json
 import os
@@ -48,7 +48,7 @@ def add_parser(subparsers) -> None:
                   "patching_results_best_circuit.json only, its metrics and config text, the paper's stages",
                   "as the reference: pad to the longest correct validation query + 1 without attention mask (means "
                   "and test queries), rank over the full vocabulary (word tokens count as non-relevant entries)")
-    parser.add_argument("--k", type=POSITIVE, default=100, help="documents per query in the runs (default 100)")
+    parser.add_argument("--k", type=LISTED, default=100, help="documents per query in the runs (default 100)")
     add_run_controls(parser, "queries per device per step (default: from a 1 GiB logits budget)", None)
     parser.set_defaults(handler=run)
     add_mesh_arguments(parser)  # --mesh, --mesh-rules

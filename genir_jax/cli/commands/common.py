@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genir_jax.base.options import POSITIVE
+from genir_jax.base.options import ROWS
 import argparse
 
 STAGES_HELP = ("decoder stages: 'auto' (fitted to the model's per-layer curves on a seeded half of the correct "
@@ -58,7 +58,7 @@ def add_stages(parser: argparse.ArgumentParser, note: str = "") -> None:
 def add_run_controls(parser: argparse.ArgumentParser, batch_help: str = "queries per step (default: 16)",
                      batch_default: int | None = 16) -> None:
     """--batch-size and --no-progress."""
-    parser.add_argument("--batch-size", type=POSITIVE, default=batch_default, help=batch_help)
+    parser.add_argument("--batch-size", type=ROWS, default=batch_default, help=batch_help)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genir_jax.base.options import POSITIVE
+from genir_jax.base.options import LISTED
 import argparse
 
 from genir_jax.cli.commands.common import add_run_controls
@@ -29,7 +29,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--queries", nargs="+", required=True,
                         help="query texts, e.g. \"who wrote the harry potter books\"")
     parser.add_argument("--heads", required=True, help="comma-separated LAYER.HEAD, e.g. '16.1,17.3'")
-    parser.add_argument("--top", type=POSITIVE, default=5, help="tokens per head (default: 5)")
+    parser.add_argument("--top", type=LISTED, default=5, help="tokens per head (default: 5)")
     parser.add_argument("-o", "--output", "--output-path", dest="output", required=True, help="output directory")
     parser.add_argument("--reference", "--reference-padding", dest="reference_padding", action="store_true",
                         help="every query unpadded and without attention mask (as the reference scripts run "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genir_jax.base.options import POSITIVE
+from genir_jax.base.options import BEAMS, LISTED, ROWS, TOKENS
 import argparse
 
 from genir_jax.cli.commands.common import add_json_output, print_evaluation
@@ -34,10 +34,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("-o", "--output", required=True, help="directory for the outputs")
     parser.add_argument("--name", default=None,
                         help="suffix of correct_<name>.json (default: 'valid' for val queries, else the split)")
-    parser.add_argument("--max-length", type=POSITIVE, default=128,
+    parser.add_argument("--max-length", type=TOKENS, default=128,
                         help="query truncation in tokens, as in training (default 128, the reference's)")
-    parser.add_argument("--k", type=POSITIVE, default=100, help="atomic docids: documents per query in the run (default 100); beam search lists --num-beams")
-    parser.add_argument("--batch-size", type=POSITIVE, default=None,
+    parser.add_argument("--k", type=LISTED, default=100, help="atomic docids: documents per query in the run (default 100); beam search lists --num-beams")
+    parser.add_argument("--batch-size", type=ROWS, default=None,
                         help="queries per jitted call (default 256 atomic, 32 beam search)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     parser.add_argument("--reference-mode", action="store_true",
@@ -51,7 +51,7 @@ def add_parser(subparsers) -> None:
                                                "without docids.json (e.g. the reference's) needs --docids and the "
                                                "documents (--prepared or --documents)")
     schemes.add_argument("--documents", help="documents file [{id, text}] whose ids are the naive docids")
-    schemes.add_argument("--num-beams", type=POSITIVE, default=10, help="beams, and docids returned (default 10)")
+    schemes.add_argument("--num-beams", type=BEAMS, default=10, help="beams, and docids returned (default 10)")
     schemes.add_argument("--unconstrained", action="store_true",
                          help="free beam search as the reference (beams that are no docid count as non-relevant); "
                               "default: constrained to the corpus's docids by a prefix trie")

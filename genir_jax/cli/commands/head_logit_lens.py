@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genir_jax.base.options import POSITIVE
+from genir_jax.base.options import LISTED
 import argparse
 import json
 
@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
                      "([queries, layers, heads] ranks)."),
     )
     add_analysis_inputs(parser)
-    parser.add_argument("--top", type=POSITIVE, default=10, help="top tokens per head (default: 10)")
+    parser.add_argument("--top", type=LISTED, default=10, help="top tokens per head (default: 10)")
     add_run_controls(parser)
     parser.set_defaults(handler=run)
     add_mesh_arguments(parser)  # --mesh, --mesh-rules

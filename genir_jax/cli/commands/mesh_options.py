@@ -10,7 +10,7 @@ local devices, parameters replicated).
 
 from __future__ import annotations
 
-from genir_jax.base.options import NON_NEGATIVE, POSITIVE
+from genir_jax.base.options import MAX_PROCESSES, NON_NEGATIVE, bounded_int
 import argparse
 import functools
 
@@ -31,13 +31,13 @@ def add_mesh_arguments(parser: argparse.ArgumentParser, *, dtype: bool = False) 
                        help="multi-process run: the coordinator (process 0's host and a free port); with "
                             "--num-processes and --process-id (or GENIR_JAX_COORDINATOR / _NUM_PROCESSES / "
                             "_PROCESS_ID). Every process runs the same command and computes the same results")
-    group.add_argument("--num-processes", type=POSITIVE, default=None, help="multi-process run: how many processes")
+    group.add_argument("--num-processes", type=bounded_int(1, MAX_PROCESSES), default=None, help="multi-process run: how many processes")
     group.add_argument("--process-id", type=NON_NEGATIVE, default=None, help="multi-process run: this process (0..N-1)")
     group.add_argument("--distributed", choices=["auto"], default=None,
                        help="auto: join the processes of a Cloud TPU pod slice / SLURM / Open MPI job as JAX "
                             "detects them")
-    group.add_argument("--coordinator-timeout", type=POSITIVE, default=300,
-                       help="seconds to wait for the other processes (default 300)")
+    group.add_argument("--coordinator-timeout", type=bounded_int(1, 86_400), default=300,
+                       help="seconds to wait for the other processes (default 300, at most a day)")
     if dtype:
         group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                            help="parameter and compute dtype (logits, ranks and metrics stay float32)")

@@ -5,7 +5,7 @@ The shared plumbing of both reading subcommands (`neuron-reading`, `crattn-readi
 
 from __future__ import annotations
 
-from genir_jax.base.options import POSITIVE
+from genir_jax.base.options import LISTED
 import argparse
 import json
 import os
@@ -62,7 +62,7 @@ def add_reading_parser(subparsers, name: str, reader: str, help_text: str) -> No
                   "as the reference scripts: every query unpadded and without attention mask (queries are batched "
                   "by token length); default: padded batches with attention masks")
     add_run_controls(parser)
-    parser.add_argument("--queries-per-file", type=POSITIVE, default=50,
+    parser.add_argument("--queries-per-file", type=LISTED, default=50,
                         help="queries per all_queries_* file (default: 50, as the reference)")
     parser.add_argument("--summary-only", action="store_true",
                         help="skip the (large) per-entry all_queries_* files")

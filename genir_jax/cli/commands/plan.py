@@ -9,7 +9,8 @@ already initialised, the command runs itself again in a fresh process with
 
 from __future__ import annotations
 
-from genir_jax.base.options import NON_NEGATIVE, POSITIVE
+from genir_jax.base.options import MAX_CONFIGS, POSITIVE, ROWS, TOKENS, bounded_int
+from genir_jax.core.config import MAX_SIZES
 import argparse
 import os
 import re
@@ -50,13 +51,13 @@ def add_parser(subparsers) -> None:
                              "attribute (AtP gradients), train (one DSI update with Adafactor). Default: forward")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="parameters and compute (train: float32 master weights, bfloat16 compute)")
-    parser.add_argument("--batch", type=POSITIVE, default=64,
+    parser.add_argument("--batch", type=ROWS, default=64,
                         help="queries (forward / sweep / attribute) or training examples per step, over the "
                              "whole mesh (default 64)")
-    parser.add_argument("--query-length", type=POSITIVE, default=32, help="encoder tokens per query / example (32)")
-    parser.add_argument("--target-length", type=POSITIVE, default=1, help="decoder tokens (1: atomic docids)")
-    parser.add_argument("--configs", type=POSITIVE, default=64, help="sweep: configs per step (default 64)")
-    parser.add_argument("--total-configs", type=POSITIVE, default=None,
+    parser.add_argument("--query-length", type=TOKENS, default=32, help="encoder tokens per query / example (32)")
+    parser.add_argument("--target-length", type=TOKENS, default=1, help="decoder tokens (1: atomic docids)")
+    parser.add_argument("--configs", type=ROWS, default=64, help="sweep: configs per step (default 64)")
+    parser.add_argument("--total-configs", type=bounded_int(1, MAX_CONFIGS), default=None,
                         help="sweep: configs of the whole sweep (default: the size of the --sites grid)")
     parser.add_argument("--total-queries", type=POSITIVE, default=None,
                         help="queries of the whole job, for the projected total time (default: one step's)")
@@ -64,7 +65,7 @@ def add_parser(subparsers) -> None:
                         help="sweep / attribute: the site grid (default: every decoder MLP activation)")
     parser.add_argument("--unit", default="neuron", choices=["neuron", "head", "position", "none"],
                         help="sweep / attribute: one config per site x this unit (default neuron; none: whole sites)")
-    parser.add_argument("--docids", type=NON_NEGATIVE, default=0,
+    parser.add_argument("--docids", type=bounded_int(0, MAX_SIZES["vocab_size"]), default=0,
                         help="extra vocabulary rows, one per document (atomic docid tokens); default 0")
     parser.add_argument("--accelerators", default=None,
                         help="comma-separated subset of tpu-v4, tpu-v5e, tpu-v5p, a100-80gb, h100, h200 (default all)")

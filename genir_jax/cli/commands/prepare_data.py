@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genir_jax.base.options import POSITIVE, SEED, bounded_float, bounded_int
+from genir_jax.base.options import MAX_FACTOR, POSITIVE, SEED, bounded_float, bounded_int
 import argparse
 import json
 
@@ -50,7 +50,7 @@ def add_parser(subparsers) -> None:
     add_scheme_arguments(schemes, default_help="recorded in prepare.json for `train` (default atomic); semantic "
                                                "writes semantic_docids.json, built by hierarchical k-means over "
                                                "TF-IDF/LSA document vectors unless a mapping file is given")
-    schemes.add_argument("--semantic-k", type=bounded_int(2), default=None, help="clusters per level (default 10, as DSI)")
+    schemes.add_argument("--semantic-k", type=bounded_int(2, MAX_FACTOR), default=None, help="clusters per level (default 10, as DSI)")
     schemes.add_argument("--semantic-c", type=POSITIVE, default=None,
                          help="largest leaf cluster; bigger ones are split again (default 100, as DSI)")
     group = parser.add_argument_group("reference-json inputs")

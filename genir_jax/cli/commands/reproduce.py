@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genir_jax.base.options import POSITIVE
+from genir_jax.base.options import FACTOR
 from genir_jax.cli.commands.common import STAGES_HELP
 import argparse
 
@@ -48,7 +48,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--stages", default=None,
                         help=STAGES_HELP.replace("decoder stages:", "decoder stages of every experiment that uses "
                                                  "them:", 1) + " under analysis/; recorded in the run's settings")
-    parser.add_argument("--removed-models", type=POSITIVE, default=REMOVED_MODELS,
+    parser.add_argument("--removed-models", type=FACTOR, default=REMOVED_MODELS,
                         help=f"models trained without {REMOVED_DOCUMENTS} documents each, for the encoder swap "
                              f"(default: {REMOVED_MODELS}, as in the paper; fewer makes a quicker run)")
     parser.add_argument("--force", nargs="+", default=(), metavar="STEP", help="redo these steps")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genir_jax.base.options import POSITIVE
+from genir_jax.base.options import ROWS
 import argparse
 import json
 import os
@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
                              "first docid token on counts as a docid. The reference runs each query unpadded, "
                              "which masked batches reproduce, so the tokenisation is the same in both modes. Only the "
                              "reference's two CSV files are written (not ranks_component_sums.csv and the summary)")
-    parser.add_argument("--batch-size", type=POSITIVE, default=None, help="queries per step (default: from a 1 GiB "
+    parser.add_argument("--batch-size", type=ROWS, default=None, help="queries per step (default: from a 1 GiB "
                                                                       "budget for one layer's lens logits)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run)

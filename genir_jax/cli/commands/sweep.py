@@ -6,7 +6,7 @@ The inputs, sites, mode and foil options are shared with `genir-jax attribute` (
 
 from __future__ import annotations
 
-from genir_jax.base.options import POSITIVE, SEED
+from genir_jax.base.options import ROWS, SEED
 import argparse
 import csv
 import hashlib
@@ -59,7 +59,7 @@ def add_sweep_inputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--foil", default=None,
                         help="foil docid for logit_diff: 'runner-up' (per query the clean model's best-scoring "
                              "docid other than the target) or a document id / docid token (one foil for all)")
-    parser.add_argument("--query-chunk", type=POSITIVE, default=None,
+    parser.add_argument("--query-chunk", type=ROWS, default=None,
                         help="queries per device per step (default: the queries per device in as few steps of at "
                              "most 64 as possible, balanced)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -403,7 +403,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--method", default="exact",
                         help="exact (the only method here; atp and atp* belong to `genir-jax attribute`)")
     parser.add_argument("--per-query", action="store_true", help="also write per_query.npz")
-    parser.add_argument("--config-chunk", type=POSITIVE, default=None,
+    parser.add_argument("--config-chunk", type=ROWS, default=None,
                         help="configs per step (default: from a 1 GiB logits budget); also the resume granularity")
     parser.set_defaults(handler=run)
     add_mesh_arguments(parser, dtype=True)  # --mesh, --mesh-rules, --dtype

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genir_jax.base.options import NON_NEGATIVE
+from genir_jax.base.options import MAX_FACTOR, bounded_int
 import argparse
 
 from genir_jax.cli.commands.mesh_options import add_mesh_arguments
@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("-o", "--output", required=True, help="output directory (the DSI model)")
     parser.add_argument("--remove", default="",
                         help="documents whose training examples are dropped, 'D1,D2,...' (the reference's --remove)")
-    parser.add_argument("--ratio", type=NON_NEGATIVE, default=None,
+    parser.add_argument("--ratio", type=bounded_int(0, MAX_FACTOR), default=None,
                         help="indexing:retrieval example ratio (default: the preset's); 0 keeps both as they are")
     parser.add_argument("--paper-regime", action="store_true",
                         help="the paper's data regime on any preset: ratio 32 and 32-token documents and queries "
