@@ -386,3 +386,51 @@ def test_figure5_shows_every_reader_layer(tmp_path):
                          *per_layer[str(l)]["mlp"]] for l in layers], axis=0)
         assert [float(cell) for cell in rows[-1][3:]] == pytest.approx(100 * mean, abs=0.051)
     assert section.figures[0].read_bytes()[:4] == b"\x89PNG"
+
+
+# --------------------------------------------------------------------------------------------------
+# Table 4: both rankings, each labelled, with intervals over the test queries
+# --------------------------------------------------------------------------------------------------
+
+def _circuit_record(layout, rng, queries: int = 40):
+    """minimal_circuit.json from synthetic rankings (`circuit_report`): ranked docid indices per query, the
+    full-vocabulary ranking with word tokens (-1) above the docid for some queries."""
+    from genir_jax.analysis.circuit import PAPER_CIRCUIT, circuit_report
+    from genir_jax.analysis.circuit_runs import write_circuit
+
+    doc_ids = [f"d{i}" for i in range(12)]
+    query_ids = [f"t{i}" for i in range(queries)]
+    qrels = {q: {doc_ids[i % 12]: 1} for i, q in enumerate(query_ids)}
+    docid_top = np.stack([np.stack([rng.permutation(12) for _ in query_ids]) for _ in range(2)])
+    full_top = docid_top.copy()
+    full_top[:, rng.random(queries) < 0.4, 0] = -1  # a word token ranked first
+    logits = np.sort(rng.random(docid_top.shape), axis=-1)[..., ::-1]
+    rankings = {"full vocabulary": (full_top, logits, None), "docid tokens only": (docid_top, logits, None)}
+    report, runs = circuit_report(PAPER_CIRCUIT, [[0, 1], [2, 3], [4, 5]], query_ids, doc_ids, rankings, qrels,
+                                  correct_queries=9, padding="masked padding")
+    write_circuit(layout.analysis("circuit"), report, runs, {"method": "thirds", "stages": [[0, 1], [2, 3], [4, 5]]},
+                  "full")
+    return report, docid_top, full_top
+
+
+def test_table4_shows_both_rankings_with_intervals(tmp_path):
+    from genir_jax.analysis.evidence import bootstrap, ratio
+    from genir_jax.paper.experiments import table4_minimal_circuit as table4
+
+    layout = _layout(tmp_path)
+    rng = np.random.default_rng(4)
+    report, docid_top, full_top = _circuit_record(layout, rng)
+    text = table4.render(layout).markdown
+    headers, rows = _table(text, "ranking")
+    assert headers == ["ranking", "metric", "unpatched [95% CI]", "circuit [95% CI]", "circuit / unpatched [95% CI]",
+                       "paper: circuit (relative)"]
+    assert [row[0] for row in rows] == ["full vocabulary"] * 4 + ["docid tokens only"] * 4
+    targets = np.arange(40) % 12
+    for ranking, top in (("full vocabulary", full_top), ("docid tokens only", docid_top)):
+        hits = (top[:, :, 0] == targets).astype(float)  # [2, N] per-query Hits@1 from the ranked ids
+        row = next(r for r in rows if r[0] == ranking and r[1] == "Hits@1")
+        assert row[2] == bootstrap(hits[0]).scaled(100).format(2) and row[2].endswith(f"(n=40)")
+        assert row[3] == bootstrap(hits[1]).scaled(100).format(2)
+        assert row[4] == ratio(hits[1], hits[0]).scaled(100).format(0, "%")
+        assert f"{100 * hits[1].mean():.2f} [" in row[3]
+    assert "**full vocabulary**" in text and "**docid tokens only**" in text and "10,000 resamples" in text

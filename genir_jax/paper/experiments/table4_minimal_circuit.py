@@ -18,7 +18,8 @@ class Config:
 
 def run_circuit(layout, settings, config: Config) -> dict:
     """The paper's minimal circuit (`genir_jax.analysis.circuit`) on the test queries, means over the correct
-    validation queries, ranked over docid tokens; writes what `genir-jax circuit` writes."""
+    validation queries, ranked over the full vocabulary (as the reference) and over the docid tokens only;
+    writes what `genir-jax circuit` writes."""
     from genir_jax.analysis.circuit import PAPER_CIRCUIT, circuit_report, docid_targets
     from genir_jax.analysis.circuit_runs import rank_test_queries
     from genir_jax.data.corpus import read_qrels, read_queries
@@ -33,11 +34,10 @@ def run_circuit(layout, settings, config: Config) -> dict:
     stages, stages_record = resolve_stages(config.stages, inputs, settings.progress)
     docids = docid_targets(inputs.model.tokenizer, test_queries, layout.queries("test"), layout.full)
     circuit = PAPER_CIRCUIT
-    top_ids, top_logits, _ = rank_test_queries(inputs, test_queries, circuit, stages, docids, k=config.k,
-                                               batch_size=config.batch_size, progress=settings.progress)
-    report, runs = circuit_report(circuit, stages, [q.id for q in test_queries], docids.doc_ids, top_ids, top_logits,
-                                  qrels, correct_queries=len(inputs.queries),
-                                  ranking="docid tokens only, masked padding")
+    rankings = rank_test_queries(inputs, test_queries, circuit, stages, docids, k=config.k,
+                                 batch_size=config.batch_size, progress=settings.progress)
+    report, runs = circuit_report(circuit, stages, [q.id for q in test_queries], docids.doc_ids, rankings, qrels,
+                                  correct_queries=len(inputs.queries), padding="masked padding")
     return _write_circuit(layout, config, report, runs, stages, stages_record, test_queries=len(test_queries))
 
 
@@ -104,20 +104,40 @@ def render(layout) -> Section:
     if report.get("docids", "atomic") != "atomic":
         return _render_sequences(report)
     text = _metric_table(report, ("Hits@1", "Recall@5", "Hits@10", "MRR@10"))
-    text += f"\n\nCircuit: {report['config']} (means over {report['mean_over_correct_queries']} correct validation " \
-            f"queries; {report['queries']} test queries).\n"
+    text += (f"\n\nCircuit: {report['config']} (means over {report['mean_over_correct_queries']} correct validation "
+             f"queries; {report['queries']} test queries). Two rankings: over the **full vocabulary**, as the "
+             "reference ranks (a word token above the relevant docid counts as a non-relevant entry: a circuit "
+             "that removes the priming MLPs may let words rise), and over the **docid tokens only** (as "
+             f"`genir-jax evaluate`). {INTERVALS_NOTE}\n")
     return Section(text)
 
 
+INTERVALS_NOTE = ("Intervals: 95% percentile bootstrap over the test queries (10,000 resamples, seed 0; the ratio "
+                  "resamples the queries in pairs).")
+
+
 def _metric_table(report: dict, metrics) -> str:
+    """One row per ranking and metric: unpatched, circuit and their ratio, each with its interval over queries,
+    beside the paper's (the paper ranks the full vocabulary)."""
+    from genir_jax.analysis.evidence import bootstrap, ratio
+
     rows = []
-    for metric in metrics:
-        relative = report["relative"].get(metric)
-        paper = PAPER.get(metric)
-        rows.append((metric, percent(report["unpatched"][metric]), percent(report["patched"][metric]),
-                     None if relative is None else f"{100 * relative:.0f}%",
-                     None if paper is None else f"{paper[0]:.1f} ({paper[1]}%)"))
-    return md_table(["metric", "unpatched", "circuit", "circuit / unpatched", "paper: circuit (relative)"], rows)
+    for ranking, measured in report.get("rankings", {report.get("ranking", "docid tokens only"): report}).items():
+        per_query = measured.get("per_query", {})
+        for metric in metrics:
+            paper = PAPER.get(metric)
+            values = per_query.get(metric)
+            if values is None:  # a record without per-query values: no interval
+                relative = measured["relative"].get(metric)
+                cells = (f"{percent(measured['unpatched'][metric]):.2f}", f"{percent(measured['patched'][metric]):.2f}",
+                         None if relative is None else f"{100 * relative:.0f}%")
+            else:
+                relative = ratio(values[1], values[0])
+                cells = (bootstrap(values[0]).scaled(100).format(2), bootstrap(values[1]).scaled(100).format(2),
+                         "no ratio (unpatched 0)" if relative is None else relative.scaled(100).format(0, "%"))
+            rows.append((ranking, metric, *cells, None if paper is None else f"{paper[0]:.1f} ({paper[1]}%)"))
+    return md_table(["ranking", "metric", "unpatched [95% CI]", "circuit [95% CI]", "circuit / unpatched [95% CI]",
+                     "paper: circuit (relative)"], rows)
 
 
 def _render_sequences(report: dict) -> Section:
