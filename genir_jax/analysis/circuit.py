@@ -182,34 +182,41 @@ def rank_with_circuit(config: T5Config, params, circuit_interventions_: Sweep, i
 
 
 def sequence_circuit_report(circuit: Circuit, stages: Sequence[Sequence[int]], query_ids: Sequence[str],
-                            doc_ids: Sequence[str], indices, scores, qrels, worst_ranks, logprobs, *,
+                            doc_ids: Sequence[str], indices, scores, qrels, step_ranks, logprobs, *,
                             correct_queries: int, scheme: str) -> tuple[dict, list]:
     """(``minimal_circuit.json``'s content, the two runs [unpatched, circuit]) for naive / semantic docids.
 
     `indices` / `scores` [2, N, R]: beam search (`genir_jax.docids.retrieval.rank_docid_sequences`) without and with
     the circuit, indices into `doc_ids` -> the retrieval metrics of both and their ratio, as for atomic docids.
-    `worst_ranks` / `logprobs` [2, N]: a two-config sequence sweep over each query's relevant docid,
-    teacher-forced -> greedy-decoding Hits@1 (worst step rank 0: greedy decoding reproduces the docid) and the
-    mean sequence log-probability."""
-    from genir_jax.docids.retrieval import evaluate_run, run_from_ranking
+    `step_ranks` [2, N, T] (-1 on padding) / `logprobs` [2, N]: each query's relevant docid teacher-forced
+    without and with the circuit -> the shares of queries whose docid token keeps rank 0 at the first step
+    (``first-step Hits@1``), at each step and at every step (``greedy Hits@1``: greedy decoding reproduces the
+    docid), and the mean sequence log-probability; per query: each step's rank and the log-probability."""
+    from genir_jax.docids.retrieval import run_from_ranking
+    from genir_jax.docids.sequence_targets import kept_at_rank_0
 
     runs = [run_from_ranking(query_ids, doc_ids, np.asarray(indices[k]), np.asarray(scores[k])) for k in range(2)]
-    measured = [evaluate_run(run, qrels) for run in runs]
-    worst_ranks, logprobs = np.asarray(worst_ranks), np.asarray(logprobs, np.float64)
-    for k in range(2):
-        measured[k]["greedy Hits@1"] = float(np.mean(worst_ranks[k] == 0))
-        measured[k]["mean logprob"] = float(logprobs[k].mean())
-    unpatched, patched = measured
-    relative = {m: (patched[m] / unpatched[m] if unpatched[m] else None) for m in unpatched
-                if m not in ("queries", "mean logprob")}
+    measured = measure_runs(runs, qrels)
+    step_ranks, logprobs = np.asarray(step_ranks), np.asarray(logprobs, np.float64)
+    for k, name in enumerate(("unpatched", "patched")):
+        kept = kept_at_rank_0(step_ranks[k])
+        measured[name]["first-step Hits@1"] = float(np.mean(kept["first step"]))
+        measured[name]["greedy Hits@1"] = float(np.mean(kept["every step"]))
+        measured[name]["per-step Hits@1"] = [float(np.mean(flags)) for flags in kept["steps"]]
+        measured[name]["mean logprob"] = float(logprobs[k].mean())
+    unpatched, patched = measured["unpatched"], measured["patched"]
+    for metric in ("first-step Hits@1", "greedy Hits@1"):
+        measured["relative"][metric] = patched[metric] / unpatched[metric] if unpatched[metric] else None
     report = {
         "circuit": circuit.as_json(), "config": circuit.describe(stages), "stages": [list(s) for s in stages],
         "docids": scheme, "queries": len(query_ids), "mean_over_correct_queries": correct_queries,
-        "ranking": "beam search over the docid trie (10 beams), patched at every decoding step; greedy Hits@1 "
+        "ranking": "beam search over the docid trie (10 beams), patched at every decoding step; step ranks "
                    "and log-probabilities teacher-forced",
-        "unpatched": unpatched, "patched": patched, "relative": relative,
-        "per_query": {"query_ids": [str(q) for q in query_ids], "worst_rank": worst_ranks.tolist(),
-                      "logprob": logprobs.tolist()},
+        "unpatched": unpatched, "patched": patched, "relative": measured["relative"],
+        "retrieval_per_query": measured["per_query"],
+        "per_query": {"query_ids": [str(q) for q in query_ids],
+                      "step_ranks": [[[int(r) for r in row if r >= 0] for row in ranks] for ranks in step_ranks],
+                      "worst_rank": step_ranks.max(axis=-1).tolist(), "logprob": logprobs.tolist()},
     }
     return report, runs
 

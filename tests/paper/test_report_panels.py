@@ -434,3 +434,133 @@ def test_table4_shows_both_rankings_with_intervals(tmp_path):
         assert row[4] == ratio(hits[1], hits[0]).scaled(100).format(0, "%")
         assert f"{100 * hits[1].mean():.2f} [" in row[3]
     assert "**full vocabulary**" in text and "**docid tokens only**" in text and "10,000 resamples" in text
+
+
+def test_table3_reports_first_each_and_every_step_for_docid_sequences(tmp_path):
+    """Naive / semantic docids: the share of correct queries whose docid token keeps rank 0 at the first step,
+    at each step and at every step, each with its bootstrap interval and query count."""
+    from genir_jax.analysis.evidence import share
+    from genir_jax.analysis.stage_patching import STEP_RANKS_JSON
+    from genir_jax.paper.experiments import table3_stage_patching as table3
+
+    layout = _layout(tmp_path)
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(2, 5, size=30)  # docids of 2-4 tokens (EOS included)
+    steps = {(mode, component, stage): [rng.choice([0, 0, 0, 1, 7], size=n).tolist() for n in lengths]
+             for mode in ("zero", "mean") for component in ("mlp", "cross_attn", "attn") for stage in range(3)}
+    _stage_patching_csv(layout, {key: [max(q) for q in value] for key, value in steps.items()})
+    (layout.analysis("patch-stages") / STEP_RANKS_JSON).write_text(json.dumps(
+        {f"{stage}-{component}-{mode}": value for (mode, component, stage), value in steps.items()}))
+    text = table3.render(layout).markdown
+    headers, rows = _table(text.split("Multi-token docids")[1], "mode")
+    assert headers == ["mode", "component", "stage", "first step", "step 1", "step 2", "step 3", "step 4",
+                       "every step"]
+    assert len(rows) == len(steps)
+    for row in rows:
+        queries = steps[(row[0], row[1], "I II III".split().index(row[2]))]
+        expected = [share([q[0] == 0 for q in queries])]
+        expected += [share([q[t] == 0 for q in queries if len(q) > t]) for t in range(4)]
+        expected += [share([max(q) == 0 for q in queries])]
+        assert row[3:] == [interval.scaled(100).format(1, "%") for interval in expected]
+        assert row[3].endswith("(n=30)") and row[-1].endswith("(n=30)")
+        assert row[7].endswith(f"(n={int(np.sum(lengths > 3))})")  # step 4: the four-token docids only
+    assert "first decoding step" in text and "every step (greedy decoding still gives the whole docid)" in text
+
+
+def test_table4_reports_first_each_and_every_step_for_docid_sequences(tmp_path):
+    """Naive / semantic Table 4: the circuit's first-step, per-step and every-step (greedy Hits@1) shares of test
+    queries at rank 0, each with its interval and query count, from the teacher-forced step ranks."""
+    from genir_jax.analysis.circuit import PAPER_CIRCUIT, sequence_circuit_report
+    from genir_jax.analysis.circuit_runs import write_circuit
+    from genir_jax.analysis.evidence import share
+    from genir_jax.paper.experiments import table4_minimal_circuit as table4
+
+    layout = _layout(tmp_path)
+    rng = np.random.default_rng(6)
+    queries, doc_ids = 25, [f"d{i}" for i in range(10)]
+    query_ids = [f"t{i}" for i in range(queries)]
+    qrels = {q: {doc_ids[i % 10]: 1} for i, q in enumerate(query_ids)}
+    indices = np.stack([np.stack([rng.permutation(10) for _ in query_ids]) for _ in range(2)])
+    scores = np.sort(rng.random(indices.shape), axis=-1)[..., ::-1]
+    lengths = rng.integers(2, 4, size=queries)
+    steps = np.full((2, queries, 3), -1)
+    for k in range(2):
+        for q, n in enumerate(lengths):
+            steps[k, q, :n] = rng.choice([0, 0, 2], size=n)
+    report, runs = sequence_circuit_report(PAPER_CIRCUIT, [[0, 1], [2, 3], [4, 5]], query_ids, doc_ids, indices,
+                                           scores, qrels, steps, rng.normal(size=(2, queries)), correct_queries=7,
+                                           scheme="naive")
+    write_circuit(layout.analysis("circuit"), report, runs, {"method": "thirds", "stages": [[0, 1], [2, 3], [4, 5]]},
+                  "full")
+    text = table4.render(layout).markdown
+    headers, rows = _table(text, "model")
+    assert headers == ["model", "first step", "step 1", "step 2", "step 3", "every step (greedy Hits@1)",
+                       "mean log-probability"]
+    for k, row in enumerate(rows):
+        real = steps[k] >= 0
+        expected = [share(steps[k, :, 0] == 0)] + [share(steps[k, real[:, t], t] == 0) for t in range(3)]
+        expected.append(share(np.all((steps[k] == 0) | ~real, axis=1)))
+        assert row[1:6] == [interval.scaled(100).format(1, "%") for interval in expected]
+        assert row[4].endswith(f"(n={int(np.sum(lengths == 3))})")
+    assert report["patched"]["greedy Hits@1"] == pytest.approx(np.mean(np.all((steps[1] == 0) | (steps[1] < 0), 1)))
+    assert report["patched"]["first-step Hits@1"] == pytest.approx(np.mean(steps[1, :, 0] == 0))
+    _, retrieval = _table(text, "ranking")
+    assert [row[1] for row in retrieval] == ["Hits@1", "Recall@5", "Hits@10", "MRR@10"]
+    hits = (indices[:, :, 0] == np.arange(queries) % 10).astype(float)
+    assert retrieval[0][2].startswith(f"{100 * hits[0].mean():.2f} [") and retrieval[0][2].endswith("(n=25)")
+
+
+@pytest.mark.slow  # about a minute on 2 cores: run by the full suite (.ci/run), not the quick one
+def test_table4_sequence_run_keeps_each_steps_rank_of_the_circuit(tmp_path, t5_tokenizer):
+    """The naive Table 4 run on a tiny random model: the per-step ranks it keeps (without and with the circuit)
+    are those of the teacher-forced docid under the same interventions, and the shares follow from them."""
+    from genir_jax.analysis.circuit import PAPER_CIRCUIT, circuit_interventions
+    from genir_jax.analysis.inputs import tokenize_for_analysis
+    from genir_jax.base.io import write_json
+    from genir_jax.checkpoints.hf import PretrainedModel, save_pretrained
+    from genir_jax.core.config import t5_v1_0
+    from genir_jax.core.model import init_params
+    from genir_jax.core.sites import COMPONENT_SITES
+    from genir_jax.docids.sequence_targets import (pad_targets, step_ranks, teacher_forced_logits,
+                                                   teacher_forcing_inputs)
+    from genir_jax.interp.interventions import mean_activations
+    from genir_jax.paper.experiments import table4_minimal_circuit as table4
+
+    layout = rp.Layout(tmp_path)
+    config = t5_v1_0(vocab_size=32128, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=3, num_heads=2)
+    params = init_params(config, 1)
+    params = {**params, "shared": np.asarray(params["shared"]) * 3.0}
+    save_pretrained(layout.full, PretrainedModel(config, params, t5_tokenizer))
+    docids = {f"d{i}": str(10 * i + 3) for i in range(6)}
+    write_json(layout.full / "docids.json", {"format": 1, "scheme": "naive", "docids": docids})
+    layout.data.mkdir(parents=True)
+    texts = ["who wrote the books", "capital of france", "when did the war end", "spider legs", "eiffel tower",
+             "mona lisa painter"]
+    for split in ("val", "test"):
+        write_json(layout.queries(split), [{"id": f"{split}{i}", "query": t, "relevant_docs": [f"d{i}"]}
+                                           for i, t in enumerate(texts)])
+        layout.qrels(split).write_text("".join(f"{split}{i} 0 d{i} 1\n" for i in range(6)))
+    layout.correct_valid.parent.mkdir(parents=True)
+    write_json(layout.correct_valid, [[docids[f"d{i}"], f"val{i}"] for i in (0, 2, 3)])
+    settings = rp.Settings(dataset="squad-dev", preset="tiny", docids="naive", progress=False)
+    table4.run_circuit(layout, settings, table4.Config(stages="0,1,2", batch_size=4))
+    report = json.loads((layout.analysis("circuit") / "minimal_circuit.json").read_text())
+    sequences = [t5_tokenizer(docids[f"d{i}"])["input_ids"] for i in range(6)]
+    targets, mask = pad_targets(sequences)
+    ids, attention = tokenize_for_analysis(t5_tokenizer, texts)
+    val = [t5_tokenizer(docids[f"d{i}"])["input_ids"] for i in (0, 2, 3)]
+    val_ids, val_mask = tokenize_for_analysis(t5_tokenizer, [texts[i] for i in (0, 2, 3)])
+    val_targets, _ = pad_targets(val, targets.shape[1])
+    means = mean_activations(config, params, val_ids, val_mask, [f"decoder.*.{s}" for s in COMPONENT_SITES.values()],
+                             decoder_input_ids=teacher_forcing_inputs(val_targets, config.decoder_start_token_id),
+                             progress=False)
+    sweep = circuit_interventions(config, PAPER_CIRCUIT, [[0], [1], [2]], means)
+    for k in range(2):
+        logits = teacher_forced_logits(config, params, ids, attention, targets,
+                                       interventions=sweep.config(config, k) or None)
+        expected = np.asarray(step_ranks(logits, targets, mask))
+        assert report["per_query"]["step_ranks"][k] == [row[row >= 0].tolist() for row in expected]
+        name = ("unpatched", "patched")[k]
+        assert report[name]["first-step Hits@1"] == pytest.approx(np.mean(expected[:, 0] == 0))
+        assert report[name]["greedy Hits@1"] == pytest.approx(np.mean(np.all((expected == 0) | (expected < 0), 1)))
+    assert "every step (greedy Hits@1)" in table4.render(layout).markdown

@@ -83,6 +83,36 @@ def _docid_note(layout) -> str:
             "step); they are shown for orientation, not as a like-for-like comparison.\n\n")
 
 
+def _step_shares(layout, names) -> str:
+    """Multi-token docids: per configuration, the share of correct queries whose docid token keeps rank 0 at the
+    first decoding step, at each step and at every step (greedy decoding still gives the docid), with
+    intervals; empty for atomic docids (no step_ranks.json)."""
+    import json
+
+    from genir_jax.analysis.evidence import share
+    from genir_jax.analysis.stage_patching import STEP_RANKS_JSON
+    from genir_jax.docids.sequence_targets import kept_at_rank_0
+
+    path = layout.analysis("patch-stages") / STEP_RANKS_JSON
+    if not path.is_file():
+        return ""
+    per_row = json.loads(path.read_text())
+    width = max((len(query) for queries in per_row.values() for query in queries), default=0)
+    rows = []
+    for key, queries in per_row.items():
+        stage, component, mode = key.split("-", 2)
+        kept = kept_at_rank_0(queries)
+        cells = [share(flags).scaled(100).format(1, "%") for flags in
+                 (kept["first step"], *kept["steps"], kept["every step"])]
+        rows.append((mode, component, names[int(stage)] if int(stage) < len(names) else stage, *cells))
+    return ("\nMulti-token docids: % of correct queries whose docid token keeps rank 1 (0-based rank 0) under the "
+            "patch, at the first decoding step (the atomic-like view), at each step t (over the queries whose docid "
+            "has a step t) and at every step (greedy decoding still gives the whole docid). 95% percentile "
+            "bootstrap intervals over queries (10,000 resamples, seed 0), n queries:\n\n"
+            + md_table(["mode", "component", "stage", "first step", *(f"step {t + 1}" for t in range(width)),
+                        "every step"], rows) + "\n")
+
+
 def render(layout) -> Section:
     with open(layout.analysis("patch-stages") / "patching_results_single_combis.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -112,6 +142,7 @@ def render(layout) -> Section:
     beyond = [(r["mode"], r["component"], names[int(r["stage"])] if int(r["stage"]) < len(names) else r["stage"],
                *(percent(float(r[key])) for key, _ in DEEPER)) for r in rows
               if not r["component"].startswith("encoder")]
+    text += _step_shares(layout, names)
     text += "\nDeeper drops (% of correct queries; no paper values):\n\n"
     text += md_table(["mode", "component", "stage", *(label for _, label in DEEPER)], beyond)
     return Section(text)
