@@ -102,10 +102,13 @@ def _stage_patching_csv(layout, ranks: dict) -> None:
         fractions = [repr(float(np.mean(np.asarray(values) > t))) for _, t in THRESHOLDS]
         lines.append(",".join([str(index), component, str(stage), mode, *fractions]))
     (directory / "patching_results_single_combis.csv").write_text("\n".join(lines) + "\n")
+    (directory / "ranks_correct_queries_patching_single_combis.json").write_text(json.dumps(
+        {f"{stage}-{component}-{mode}": [int(r) for r in values] for (mode, component, stage), values in ranks.items()}))
     (directory / "stages.json").write_text(json.dumps({"method": "thirds", "stages": [[0, 1], [2, 3], [4, 5]]}))
 
 
 def test_table3_labels_count_from_1_and_shows_the_self_attention_rows(tmp_path):
+    from genir_jax.analysis.evidence import share
     from genir_jax.paper.experiments import table3_stage_patching as table3
 
     layout = _layout(tmp_path)
@@ -115,14 +118,16 @@ def test_table3_labels_count_from_1_and_shows_the_self_attention_rows(tmp_path):
     _stage_patching_csv(layout, ranks)
     text = table3.render(layout).markdown
     headers, rows = _table(text, "mode")
-    assert headers[2:] == [f"stage {n}: % not at rank 1, ours (paper)" for n in ("I", "II", "III")]
+    assert headers[2:] == [f"stage {n}: % not at rank 1, ours [95% CI] (paper)" for n in ("I", "II", "III")]
     by_row = {(row[0], row[1]): row[2:] for row in rows}
     for (mode, component), paper in (((m, c), table3.PAPER.get((m, c))) for m in ("zero", "mean")
                                      for c in ("mlp", "cross_attn", "attn")):
         for stage in range(3):
             ours = 100 * np.mean(ranks[(mode, component, stage)] != 0)
-            expected = f"{ours:.2f}" + (f" ({paper[stage]:.2f})" if paper else " (no paper value)")
+            interval = share(ranks[(mode, component, stage)] != 0).scaled(100)
+            expected = interval.format(2) + (f" ({paper[stage]:.2f})" if paper else " (no paper value)")
             assert by_row[(mode, component)][stage] == expected
+            assert expected.startswith(f"{ours:.2f} [") and "(n=20)" in expected
     assert by_row[("zero", "attn")][0].endswith("(1.52)")  # the paper's self-attention row
     assert "not in the top 6, 11 and 101" in text and "Ranks count from 0" in text
     headers, rows = _table(text.split("Deeper drops")[1], "mode")
@@ -133,7 +138,8 @@ def test_table3_labels_count_from_1_and_shows_the_self_attention_rows(tmp_path):
         values = np.asarray(ranks[(row[0], row[1], stage_index[row[2]])])
         # counted from 1: "not in top k" is a 1-based rank above k
         expected = [100 * np.mean(values + 1 > k) for k in (6, 11, 101)]
-        assert [float(cell) for cell in row[3:]] == pytest.approx(expected, abs=0.006)
+        assert [float(cell.split(" [")[0]) for cell in row[3:]] == pytest.approx(expected, abs=0.006)
+        assert row[3:] == [share(values + 1 > k).scaled(100).format(2) for k in (6, 11, 101)]
     assert ">5" not in text.replace("`>5`", "") and "beyond rank" not in text
 
 
