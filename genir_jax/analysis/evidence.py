@@ -153,3 +153,15 @@ def verdict(interval: Interval, claim: Claim) -> str:
         if on_side:
             return HOLDS
     return DOES_NOT_HOLD
+
+
+def run_intervals(run_path, qrels) -> dict[str, Interval]:
+    """Each retrieval metric of a TREC run file (`genir_jax.docids.retrieval.METRICS`) over the queries of
+    `qrels` (a path or qrels), as `evaluate_run` averages it, with its bootstrap interval over those queries."""
+    from genir_jax.data.corpus import read_qrels
+    from genir_jax.docids.retrieval import METRICS, per_query_metrics, read_trec_run
+
+    if not isinstance(qrels, dict):
+        qrels = read_qrels(qrels)
+    values = per_query_metrics(read_trec_run(run_path), qrels)
+    return {metric: bootstrap([v[metric] for v in values.values()]) for metric in METRICS}

@@ -570,3 +570,36 @@ def test_table4_sequence_run_keeps_each_steps_rank_of_the_circuit(tmp_path, t5_t
         assert report[name]["first-step Hits@1"] == pytest.approx(np.mean(expected[:, 0] == 0))
         assert report[name]["greedy Hits@1"] == pytest.approx(np.mean(np.all((expected == 0) | (expected < 0), 1)))
     assert "every step (greedy Hits@1)" in table4.render(layout).markdown
+
+
+def test_table1_gives_every_metric_an_interval_over_the_queries(tmp_path):
+    from genir_jax.analysis.evidence import bootstrap
+    from genir_jax.docids.retrieval import per_query_metrics, write_trec_run
+    from genir_jax.paper.experiments import table1_retrieval as table1
+
+    layout = _layout(tmp_path)
+    rng = np.random.default_rng(7)
+    layout.data.mkdir(parents=True)
+    qrels = {}
+    for split, count in (("test", 30), ("val", 20)):
+        qrels[split] = {f"{split}{i}": {f"d{i % 12}": 1} for i in range(count)}
+        layout.qrels(split).write_text("".join(f"{q} 0 {d} 1\n" for q, docs in qrels[split].items() for d in docs))
+    runs = {}
+    for name, directory, split in (("dsi", layout.eval_test, "test"), ("bm25", layout.bm25_test, "test"),
+                                   ("val", layout.eval_val, "val")):
+        directory.mkdir(parents=True)
+        runs[name] = {q: [(f"d{j}", float(12 - r)) for r, j in enumerate(rng.permutation(12))] for q in qrels[split]}
+        write_trec_run(directory / "run.trec", runs[name], name)
+    (layout.eval_val / "metrics.json").write_text(json.dumps({"metrics": {"Hits@1": 0.1, "queries": 20},
+                                                              "correct_first": 2}))
+    (layout.full / "train.json").write_text(json.dumps({}))
+    text = table1.render(layout).markdown
+    headers, rows = _table(text, "model")
+    assert headers[1:5] == ["Hits@1 [95% CI] (n)", "R@5 [95% CI] (n)", "Hits@10 [95% CI] (n)", "MRR@10 [95% CI] (n)"]
+    for row, name in zip(rows, ("dsi", "bm25")):
+        values = per_query_metrics(runs[name], qrels["test"])
+        for cell, metric in zip(row[1:5], ("Hits@1", "Recall@5", "Hits@10", "MRR@10")):
+            assert cell == bootstrap([v[metric] for v in values.values()]).scaled(100).format(2)
+            assert cell.endswith("(n=30)")
+    validation = per_query_metrics(runs["val"], qrels["val"])
+    assert f"Hits@1 {bootstrap([v['Hits@1'] for v in validation.values()]).scaled(100).format(2)}" in text
