@@ -68,10 +68,11 @@ def bootstrap(values: Sequence[float], statistic: Callable = np.mean, *, level: 
               resamples: int = RESAMPLES, seed: int = SEED) -> Interval:
     """`statistic` of the per-query `values` and its percentile-bootstrap interval (queries resampled with
     replacement, `resamples` times, from a generator seeded with `seed`). `statistic` takes an array and an
-    ``axis`` keyword (numpy's mean, median, ...). With fewer than two queries there is no interval (NaN bounds)."""
+    ``axis`` keyword (numpy's mean, median, ...). The values are sorted first, so the interval does not depend on
+    the queries' order. With fewer than two queries there is no interval (NaN bounds)."""
     from scipy.stats import bootstrap as scipy_bootstrap
 
-    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    values = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))  # the same interval in any query order
     _check(values, level, resamples)
     estimate = float(statistic(values, axis=-1))
     if len(values) < 2:

@@ -83,3 +83,8 @@ def test_ratio_resamples_the_queries_in_pairs():
     assert ratio([1.0, 0.0], [0.0, 0.0]) is None  # no ratio of a zero mean
     with pytest.raises(GenIRError, match="2 numerator values for 3"):
         ratio([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def test_interval_does_not_depend_on_the_order_of_the_queries():
+    values = np.random.default_rng(4).random(40)
+    assert bootstrap(values) == bootstrap(values[::-1]) == bootstrap(np.random.default_rng(5).permutation(values))

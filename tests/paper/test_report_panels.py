@@ -265,6 +265,7 @@ def test_head_top_tokens_with_docids_equal_a_numpy_logit_lens(dsi):
 # --------------------------------------------------------------------------------------------------
 
 def test_table2_prints_the_removed_documents_mrr_and_hits_at_1(tmp_path):
+    from genir_jax.analysis.evidence import bootstrap, share
     from genir_jax.paper.experiments import table2_encoder_swap as table2
     from genir_jax.analysis.encoder_swap import summarize
     from genir_jax.analysis.inputs import CorrectQuery
@@ -284,16 +285,23 @@ def test_table2_prints_the_removed_documents_mrr_and_hits_at_1(tmp_path):
     record_settings(directory, "table2", table2.Config(), queries=len(queries))
     text = table2.render(layout).markdown
     headers, rows = _table(text, "encoder from")
-    assert headers == ["encoder from", "removed docs' correct queries", "MRR (removed docs: mean of 1/(rank+1))",
-                       "Hits@1 (removed docs: % at rank 1)", "mean rank (all correct queries, 0-based)",
-                       "median rank (all correct queries, 0-based)", "not at rank 1 (all correct queries), of 12"]
+    assert headers == ["encoder from", "removed docs' correct queries",
+                       "MRR (removed docs: mean of 1/(rank+1)) [95% CI]", "Hits@1 (removed docs: % at rank 1) [95% CI]",
+                       "mean rank (all correct queries, 0-based) [95% CI]",
+                       "median rank (all correct queries, 0-based) [95% CI]",
+                       "not at rank 1 (all correct queries), of 12"]
     of_removed = np.asarray([r for r, q in zip(ranks, queries) if q.docid_token in {f"@DOC_ID_{d}@" for d in removed}])
     ours = rows[0]
     assert ours[0] == "removed-0, ours" and int(ours[1]) == of_removed.size == 6
-    assert float(ours[2]) == pytest.approx(np.mean(1 / (of_removed + 1)), abs=0.006)
-    assert float(ours[3]) == pytest.approx(100 * np.mean(of_removed == 0), abs=0.006)
-    assert float(ours[4]) == pytest.approx(ranks.mean(), abs=0.006)
-    assert float(ours[5]) == np.sort(ranks)[(len(ranks) - 1) // 2] and int(ours[6]) == np.sum(ranks != 0)
+    estimate = [float(cell.split(" [")[0]) for cell in ours[2:6]]
+    assert estimate[0] == pytest.approx(np.mean(1 / (of_removed + 1)), abs=0.0006)
+    assert estimate[1] == pytest.approx(100 * np.mean(of_removed == 0), abs=0.006)
+    assert estimate[2] == pytest.approx(ranks.mean(), abs=0.006)
+    assert estimate[3] == np.sort(ranks)[(len(ranks) - 1) // 2] and int(ours[6]) == np.sum(ranks != 0)
+    assert ours[2] == bootstrap(1 / (of_removed + 1)).format(3) and ours[2].endswith("(n=6)")
+    assert ours[3] == share(of_removed == 0).scaled(100).format(2)
+    assert ours[4] == bootstrap(ranks).format(2) and ours[4].endswith("(n=12)")
+    assert ours[5] == bootstrap(ranks, table2.lower_median).format(1)
     assert rows[1][0] == "base T5 (pretrained only), ours" and rows[1][2] == rows[1][3] == ""
     assert rows[2][0] == "a model without the documents, paper (NQ10k)"
     assert rows[2][2:4] == ["paper value not in PAPER.md"] * 2
