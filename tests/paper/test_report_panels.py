@@ -611,3 +611,25 @@ def test_table1_gives_every_metric_an_interval_over_the_queries(tmp_path):
             assert cell.endswith("(n=30)")
     validation = per_query_metrics(runs["val"], qrels["val"])
     assert f"Hits@1 {bootstrap([v['Hits@1'] for v in validation.values()]).scaled(100).format(2)}" in text
+
+
+def test_figure4_component_sums_carry_intervals(tmp_path):
+    from genir_jax.analysis.evidence import bootstrap, share
+    from genir_jax.analysis.residual import LENS_SITES, ResidualRankResult, write_residual_rank
+    from genir_jax.paper.experiments import figure4_rank_development as fig4
+
+    layout = _layout(tmp_path)
+    rng = np.random.default_rng(8)
+    queries = 25
+    stats = {name: rng.integers(0, 64, size=(queries, LAYERS)) for name in
+             ("docid_min", "docid_max", "non_docid_min", "non_docid_max", "non_docid_median", "docid_sum")}
+    sums = rng.choice([0, 0, 3, 12, 150], size=(queries, 2))
+    write_residual_rank(layout.analysis("residual-rank"), ResidualRankResult(
+        query_ids=[f"q{i}" for i in range(queries)], contributions=rng.random((queries, LAYERS, 3, 5), dtype=np.float32),
+        lens_ranks=rng.integers(0, 5, size=(queries, LAYERS, len(LENS_SITES))), vocab_stats=stats, docid_count=16,
+        vocab_size=64, sum_ranks=sums, final_ranks=np.zeros(queries, np.int64)))
+    headers, rows = _table(fig4.render(layout).markdown, "logits from")
+    for row, column in zip(rows, (0, 1)):
+        ranks = sums[:, column]
+        assert row[1:4] == [share(ranks > t).scaled(100).format(2) for t in (0, 10, 100)]
+        assert row[4] == bootstrap(ranks, np.median).format(1) and row[4].endswith(f"(n={queries})")

@@ -88,18 +88,14 @@ def _circuit_row(layout) -> tuple:
 
 
 def _component_sum_rows(layout) -> list[tuple]:
-    import csv
-
-    from genir_jax.analysis.residual import SUMS, SUMS_CSV
+    from genir_jax.analysis.residual import SUMS_CSV
+    from genir_jax.paper.experiments.figure4_rank_development import component_sum_ranks
 
     texts = ("MLP outputs alone keep the docid in the top 10 (rank <= 10)",
              "Cross-attention outputs alone put the docid beyond rank 100")
-    path = layout.analysis("residual-rank") / SUMS_CSV
-    if not path.is_file():
+    if not (layout.analysis("residual-rank") / SUMS_CSV).is_file():
         return [_missing(text, "Fig. 4 has not run") for text in texts]
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    ranks = {key: np.asarray([float(r["value"]) for r in rows if r["component"] == label]) for key, label, _ in SUMS}
+    ranks = component_sum_ranks(layout)
     return [_row(texts[0], "% correct queries with the docid beyond rank 10", share(ranks["mlp"] > 10),
                  Claim(paper=0.0, threshold=0.10, side="below", max_width=WIDEST), "0% (33% leave rank 1)"),
             _row(texts[1], "% correct queries with the docid beyond rank 100", share(ranks["cross_attn"] > 100),

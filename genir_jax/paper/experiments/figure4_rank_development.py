@@ -3,7 +3,7 @@
 import numpy as np
 
 from genir_jax.analysis.stages import stage_names
-from genir_jax.paper.panels import Experiment, Section, figure, md_table, percent, read_json, shade_stages
+from genir_jax.paper.panels import Experiment, Section, figure, md_table, read_json, shade_stages
 
 from genir_jax.paper.experiments._common import stages_of
 
@@ -28,7 +28,21 @@ def paper_series(summary: dict) -> list[tuple[str, np.ndarray]]:
     return [(label, np.asarray(summary[group][key]["mean"], dtype=np.float64)) for group, key, label in STATISTICS]
 
 
+def component_sum_ranks(layout) -> dict[str, np.ndarray]:
+    """{"mlp" / "cross_attn": [N] 0-based rank of the relevant docid in the logit lens of the component type's
+    outputs summed over all layers}, per correct query (ranks_component_sums.csv)."""
+    import csv
+
+    from genir_jax.analysis.residual import SUMS, SUMS_CSV
+
+    with open(layout.analysis("residual-rank") / SUMS_CSV, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return {key: np.asarray([float(r["value"]) for r in rows if r["component"] == label]) for key, label, _ in SUMS}
+
+
 def render(layout) -> Section:
+    from genir_jax.analysis.evidence import bootstrap, share
+
     summary = read_json(layout.analysis("residual-rank") / "residual_rank_summary.json")
     stages = stages_of(layout)
     layers = np.arange(summary["num_decoder_layers"])
@@ -55,11 +69,12 @@ def render(layout) -> Section:
             "column is the MEAN of these per-query values over the queries. Ranks count from 0 (0 = top), as in "
             "the reference code; the figure plots rank + 1 on a log axis.\n\n")
     text += md_table(["layer", "stage", *short], per_layer) + "\n\n"
-    sums = summary["component_sums"]
-    rows = [(label, percent(sums[key]["fraction_not_rank_0"]), percent(sums[key]["fraction_above_10"]),
-             percent(sums[key]["fraction_above_100"]), sums[key]["median"])
+    sums = component_sum_ranks(layout)
+    rows = [(label, *(share(sums[key] > t).scaled(100).format(2) for t in (0, 10, 100)),
+             bootstrap(sums[key], np.median).format(1))
             for key, label in (("mlp", "sum of MLP outputs only"), ("cross_attn", "sum of cross-attention outputs only"))]
-    text += "Logits from one component type alone (logit lens of the sum over all layers):\n\n"
+    text += ("Logits from one component type alone (logit lens of the sum over all layers; 95% bootstrap intervals "
+             "over the correct queries, n queries):\n\n")
     text += md_table(["logits from", "% not at rank 1", "% not in top 11 (0-based rank > 10)",
                       "% not in top 101 (0-based rank > 100)", "median rank (0-based)"], rows)
     text += ("\n\nPaper (NQ10k): from the MLP outputs alone 33% of correct queries leave rank 1 but stay within the "
