@@ -79,3 +79,13 @@ def test_encoder_swap_is_not_testable_when_the_control_breaks_retrieval(tmp_path
     control = claims.control_ranks(json.loads((layout.analysis("swap-encoder") / "swapped_encoder.json")
                                               .read_text())[str(layout.removed(0))], 80)
     assert sorted(control.tolist()) == [0] * 64
+
+
+def test_the_report_states_the_bootstrap_once(tmp_path):
+    from genir_jax.paper.report import write_report
+
+    layout = rp.Layout(tmp_path)
+    report = write_report(layout, rp.Settings(dataset="squad-dev", preset="tiny")).read_text()
+    assert report.count("10,000 resamples, seed 0") == 1
+    assert "## Which of the paper's claims hold at this scale" in report
+    assert "not available: Table 3 has not run" in report  # rows without their inputs say so

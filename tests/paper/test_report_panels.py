@@ -447,7 +447,7 @@ def test_table4_shows_both_rankings_with_intervals(tmp_path):
         assert row[3] == bootstrap(hits[1]).scaled(100).format(2)
         assert row[4] == ratio(hits[1], hits[0]).scaled(100).format(0, "%")
         assert f"{100 * hits[1].mean():.2f} [" in row[3]
-    assert "**full vocabulary**" in text and "**docid tokens only**" in text and "10,000 resamples" in text
+    assert "**full vocabulary**" in text and "**docid tokens only**" in text and "95% bootstrap" in text
 
 
 def test_table3_reports_first_each_and_every_step_for_docid_sequences(tmp_path):

@@ -16,8 +16,7 @@ import json
 
 import numpy as np
 
-from genir_jax.analysis.evidence import (DOES_NOT_HOLD, HOLDS, RESAMPLES, SEED, VERDICT_RULE, Claim, bootstrap,
-                                         ratio, share, verdict)
+from genir_jax.analysis.evidence import DOES_NOT_HOLD, HOLDS, VERDICT_RULE, Claim, bootstrap, ratio, share, verdict
 from genir_jax.paper.panels import EXPERIMENT_JSON, Experiment, Section, md_table, read_json
 
 NOT_TESTABLE = "not testable at this scale"
@@ -170,7 +169,7 @@ def render_claims(layout, base_given: bool = False) -> str:
     text = md_table(["the paper's claim (NQ10k, T5-large)", "statistic", "ours [95% CI] (n)",
                      "paper; the claim's side", "verdict"], rows)
     text += (f"\n\nVerdicts by one rule: {VERDICT_RULE}; an interval wider than {100 * WIDEST:.0f} points is "
-             f"undetermined. Intervals: percentile bootstrap over queries ({RESAMPLES:,} resamples, seed {SEED}). "
+             "undetermined. Intervals: 95% bootstrap over queries, n queries. "
              f"The encoder-swap claim is {NOT_TESTABLE!r} when its control (the same swap on the queries of "
              f"documents the encoder's model saw) keeps less than {100 * CONTROL_KEPT:.0f}% of them at rank 1 "
              "(interval wholly below): then any foreign encoder breaks retrieval. Why a claim fails here is not "

@@ -163,7 +163,7 @@ def render(layout) -> Section:
     return Section(text)
 
 
-INTERVALS = "Intervals: 95% percentile bootstrap over the correct queries (10,000 resamples, seed 0), n queries."
+INTERVALS = "Intervals: 95% bootstrap over the correct queries, n queries."
 
 
 EXPERIMENT = Experiment(

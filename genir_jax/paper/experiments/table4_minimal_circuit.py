@@ -118,8 +118,7 @@ def render(layout) -> Section:
     return Section(text)
 
 
-INTERVALS_NOTE = ("Intervals: 95% percentile bootstrap over the test queries (10,000 resamples, seed 0; the ratio "
-                  "resamples the queries in pairs).")
+INTERVALS_NOTE = "Intervals: 95% bootstrap over the test queries, n queries (the ratio resamples them in pairs)."
 
 
 def _metric_table(report: dict, metrics) -> str:
