@@ -144,6 +144,7 @@ def test_table3_labels_count_from_1_and_shows_the_self_attention_rows(tmp_path):
 
 
 def test_stage_robustness_labels_count_from_1(tmp_path):
+    from genir_jax.analysis.evidence import bootstrap, share
     from genir_jax.paper.experiments import stage_robustness
     from genir_jax.analysis.stage_robustness import StageRobustnessResult, write_stage_robustness
 
@@ -160,7 +161,9 @@ def test_stage_robustness_labels_count_from_1(tmp_path):
     assert headers[2:] == ["not at rank 1 (rank > 0)", "not in top 6 (rank > 5)", "not in top 11 (rank > 10)",
                            "not in top 101 (rank > 100)", "mean rank (0-based)"]
     expected = [np.mean(values + 1 > k) for k in (1, 6, 11, 101)] + [values.mean()]
-    assert [float(cell) for cell in rows[0][2:]] == pytest.approx(expected, abs=0.051)
+    assert [float(cell.split(" [")[0]) for cell in rows[0][2:]] == pytest.approx(expected, abs=0.051)
+    assert rows[0][2:6] == [share(values + 1 > k).format(2) for k in (1, 6, 11, 101)]
+    assert rows[0][6] == bootstrap(values).format(1) and rows[0][6].endswith("(n=10)")
     assert "Ranks count from 0" in text and "beyond the top 5" not in text
 
 
