@@ -89,3 +89,19 @@ def test_the_report_states_the_bootstrap_once(tmp_path):
     assert report.count("10,000 resamples, seed 0") == 1
     assert "## Which of the paper's claims hold at this scale" in report
     assert "not available: Table 3 has not run" in report  # rows without their inputs say so
+
+
+def test_docid_share_claim_is_judged_from_the_per_query_shares(tmp_path):
+    from genir_jax.analysis.cross_attention_writes import DocidShareResult, write_docid_shares
+    from genir_jax.analysis.evidence import bootstrap
+
+    layout = rp.Layout(tmp_path)
+    counts = np.stack([np.random.default_rng(3).integers(5, 9, size=(40, 2)) for _ in (10, 100, 1000)], axis=-1)
+    directory = layout.analysis("crattn-writes")
+    directory.mkdir(parents=True)
+    write_docid_shares(directory, DocidShareResult(counts, [2, 3, 4, 5][:2], [[0, 1], [2, 3]], (10, 100, 1000)))
+    row = _rows(layout)["Cross-attention writes words, not document identities (stage II)"]
+    interval = bootstrap(np.mean(counts[:, :, 0] / 10, axis=1))
+    assert row[2] == interval.scaled(100).format(2)
+    assert row[4] == verdict(interval, Claim(paper=0.0, threshold=0.05, side="below", max_width=claims.WIDEST))
+    assert row[4] == "does not hold"  # 50-90% docids: cross-attention writes document identities here

@@ -172,6 +172,7 @@ def test_stage_robustness_labels_count_from_1(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 def test_table5_sets_the_paper_beside_stage_ii_only(tmp_path):
+    from genir_jax.analysis.evidence import bootstrap
     from genir_jax.paper.experiments import table5_crattn_docid_share as table5
     from genir_jax.analysis.cross_attention_writes import DocidShareResult, write_docid_shares
 
@@ -186,13 +187,16 @@ def test_table5_sets_the_paper_beside_stage_ii_only(tmp_path):
     write_docid_shares(directory, DocidShareResult(counts, layers, stages, cutoffs))
     text = table5.render(layout).markdown
     headers, rows = _table(text, "")
-    assert headers[1:] == [f"% docids in top {k} (mean over queries and layers)" for k in cutoffs]
+    assert headers[1:] == [f"% docids in top {k} (mean over queries and layers) [95% CI]" for k in cutoffs]
     labels = [row[0] for row in rows]
     assert labels == ["stage II (layers 2-3), ours", "stage II, paper (NQ10k)", "stage III (layers 4-5), ours",
                       "stage III, paper"]
     for row, columns in ((rows[0], [0, 1]), (rows[2], [2, 3])):
         expected = [100 * np.mean(counts[:, columns, c] / k) for c, k in enumerate(cutoffs)]
-        assert [float(cell) for cell in row[1:]] == pytest.approx(expected, abs=0.006)
+        assert [float(cell.split(" [")[0]) for cell in row[1:]] == pytest.approx(expected, abs=0.006)
+        assert row[1:] == [bootstrap(np.mean(counts[:, columns, c] / k, axis=1)).scaled(100).format(2)
+                           for c, k in enumerate(cutoffs)]
+        assert row[1].endswith("(n=7)")
     assert rows[1][1:] == ["0.00", "0.10", "2.30"]
     assert rows[3][1:] == ["no paper value"] * 3
 

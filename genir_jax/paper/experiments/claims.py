@@ -101,6 +101,17 @@ def _component_sum_rows(layout) -> list[tuple]:
                  Claim(paper=1.0, threshold=0.90, side="above", max_width=WIDEST), "100%")]
 
 
+def _docid_share_row(layout) -> tuple:
+    from genir_jax.paper.experiments.table5_crattn_docid_share import PAPER_STAGE, per_query_shares
+
+    text = "Cross-attention writes words, not document identities (stage II)"
+    if not (layout.analysis("crattn-writes") / f"per_q_averages_s{PAPER_STAGE}.json").is_file():
+        return _missing(text, "Table 5 has not run (or the model has no stage II)")
+    return _row(text, "% docids among the top 10 tokens of its logit lens", bootstrap(
+        per_query_shares(layout, PAPER_STAGE, "10")), Claim(paper=0.0, threshold=0.05, side="below",
+                                                             max_width=WIDEST), "0.00%")
+
+
 def swap_ranks(values: dict, queries: int) -> np.ndarray:
     """Every correct query's rank with a swapped-in encoder, from swapped_encoder.json's entry (its non-zero
     ranks and, for the others, rank 0; the order does not matter for the statistics)."""
@@ -164,8 +175,8 @@ def _base_encoder_row(layout, settings_base: bool) -> tuple:
 
 
 def render_claims(layout, base_given: bool = False) -> str:
-    rows = [*_stage_rows(layout), _circuit_row(layout), *_component_sum_rows(layout), *encoder_swap_rows(layout),
-            _base_encoder_row(layout, base_given)]
+    rows = [*_stage_rows(layout), _circuit_row(layout), _docid_share_row(layout), *_component_sum_rows(layout),
+            *encoder_swap_rows(layout), _base_encoder_row(layout, base_given)]
     text = md_table(["the paper's claim (NQ10k, T5-large)", "statistic", "ours [95% CI] (n)",
                      "paper; the claim's side", "verdict"], rows)
     text += (f"\n\nVerdicts by one rule: {VERDICT_RULE}; an interval wider than {100 * WIDEST:.0f} points is "
