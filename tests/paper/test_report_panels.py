@@ -320,6 +320,7 @@ def test_table2_prints_the_removed_documents_mrr_and_hits_at_1(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 def test_figure3_states_the_cosine_residual_and_prints_stage_means(tmp_path):
+    from genir_jax.analysis.evidence import bootstrap
     from genir_jax.paper.experiments import figure3_residual_contributions as fig3
     from genir_jax.analysis.residual import ResidualRankResult, write_residual_rank
 
@@ -341,7 +342,9 @@ def test_figure3_states_the_cosine_residual_and_prints_stage_means(tmp_path):
                            for label in ("self-attention", "cross-attention", "MLP")]
     for row, layers in zip(rows, ([0, 1], [2, 3], [4, 5])):
         expected = [contributions[:, layers, f, p].astype(np.float64).mean() for f in (0, 2) for p in range(3)]
-        assert [float(cell) for cell in row[2:]] == pytest.approx(expected, abs=0.006)
+        assert [float(cell.split(" [")[0]) for cell in row[2:]] == pytest.approx(expected, abs=0.006)
+        assert row[2:] == [bootstrap(contributions[:, layers, f, p].astype(np.float64).mean(axis=1)).format(2)
+                           for f in (0, 2) for p in range(3)]
     assert "computes it with the layer's OUTPUT residual, resid_post" in section.markdown
     assert "We plot and tabulate the reference's: cosine(component, resid_post)" in section.markdown
 
@@ -354,7 +357,9 @@ def test_figure3_states_the_cosine_residual_and_prints_stage_means(tmp_path):
     assert [row[1] for row in rows] == ["0-0", "1-2", "3-5"]
     for row, layers in zip(rows, ([0], [1, 2], [3, 4, 5])):
         expected = [contributions[:, layers, f, p].astype(np.float64).mean() for f in (0, 2) for p in range(3)]
-        assert [float(cell) for cell in row[2:]] == pytest.approx(expected, abs=0.006)
+        assert [float(cell.split(" [")[0]) for cell in row[2:]] == pytest.approx(expected, abs=0.006)
+        assert row[2:] == [bootstrap(contributions[:, layers, f, p].astype(np.float64).mean(axis=1)).format(2)
+                           for f in (0, 2) for p in range(3)]
 
 
 # --------------------------------------------------------------------------------------------------
