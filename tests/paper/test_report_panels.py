@@ -40,6 +40,7 @@ def _table(markdown: str, first_header: str) -> tuple[list[str], list[list[str]]
 # --------------------------------------------------------------------------------------------------
 
 def test_figure4_prints_the_papers_means_over_queries(tmp_path):
+    from genir_jax.analysis.evidence import bootstrap
     from genir_jax.paper.experiments import figure4_rank_development as fig4
     from genir_jax.analysis.residual import LENS_SITES, ResidualRankResult, write_residual_rank
 
@@ -73,9 +74,18 @@ def test_figure4_prints_the_papers_means_over_queries(tmp_path):
         "median non-docid rank, mean": non_docid_median.mean(axis=0),
     }
     assert len(rows) == LAYERS
+    per_query = {
+        "relevant docid (resid_post), mean": lens[:, :, sites.index("resid_post")],
+        "relevant docid (cross-attn out), mean": lens[:, :, sites.index("cross_attn_out")],
+        "relevant docid (MLP out), mean": lens[:, :, sites.index("mlp_out")],
+        "mean docid rank, mean": docid_sum / docids, "median non-docid rank, mean": non_docid_median,
+    }
     for column, values in expected.items():
         index = headers.index(column)
-        assert [float(row[index]) for row in rows] == pytest.approx(np.round(values, 1), abs=0.051), column
+        assert [float(row[index].split(" [")[0]) for row in rows] == pytest.approx(np.round(values, 1), abs=0.051), \
+            column
+        assert [row[index] for row in rows] == [bootstrap(per_query[column][:, layer].astype(np.float64)).format(1)
+                                                for layer in range(LAYERS)], column
     # Not the other statistic (the median over queries of the relevant rank differs here).
     median = np.median(lens[:, :, sites.index("resid_post")], axis=0)
     assert not np.allclose(median, expected["relevant docid (resid_post), mean"])

@@ -61,13 +61,20 @@ def render(layout) -> Section:
     stage_of = {layer: name for name, stage in zip(names, stages) for layer in stage}
     short = ["relevant docid (resid_post), mean", "relevant docid (cross-attn out), mean",
              "relevant docid (MLP out), mean", "mean docid rank, mean", "median non-docid rank, mean"]
-    per_layer = [(int(layer), stage_of.get(int(layer), ""), *(f"{values[layer]:.1f}" for _, values in series))
-                 for layer in layers]
+    per_query = summary.get("per_query")  # absent in runs from before it was recorded: no intervals then
+    if per_query is not None:
+        arrays = [np.asarray(per_query[group][key], dtype=np.float64) for group, key, _ in STATISTICS]
+        per_layer = [(int(layer), stage_of.get(int(layer), ""), *(bootstrap(values[:, layer]).format(1)
+                                                                  for values in arrays)) for layer in layers]
+    else:
+        per_layer = [(int(layer), stage_of.get(int(layer), ""), *(f"{values[layer]:.1f}" for _, values in series))
+                     for layer in layers]
     text = (f"Logit-lens ranks per decoder layer over {summary['num_queries']} correct queries, with the paper's "
             "statistics: for each query the relevant docid's rank, the mean rank of all docid tokens and the "
             "median rank of the non-docid tokens (the reference code's value; the paper's text says mean); each "
             "column is the MEAN of these per-query values over the queries. Ranks count from 0 (0 = top), as in "
-            "the reference code; the figure plots rank + 1 on a log axis.\n\n")
+            "the reference code; the figure plots rank + 1 on a log axis. Each cell: the mean with its 95% "
+            "bootstrap interval over the queries, n queries.\n\n")
     text += md_table(["layer", "stage", *short], per_layer) + "\n\n"
     sums = component_sum_ranks(layout)
     rows = [(label, *(share(sums[key] > t).scaled(100).format(2) for t in (0, 10, 100)),
