@@ -655,3 +655,33 @@ def test_figure4_component_sums_carry_intervals(tmp_path):
         ranks = sums[:, column]
         assert row[1:4] == [share(ranks > t).scaled(100).format(2) for t in (0, 10, 100)]
         assert row[4] == bootstrap(ranks, np.median).format(1) and row[4].endswith(f"(n={queries})")
+
+
+def test_figure4_steps_cells_carry_intervals_over_the_steps_queries(tmp_path):
+    from genir_jax.analysis.evidence import bootstrap
+    from genir_jax.analysis.sequence_logit_lens import SequenceLensResult, write_sequence_logit_lens
+    from genir_jax.paper.experiments import figure4_steps_rank_development as steps_figure
+
+    layout = _layout(tmp_path)
+    rng = np.random.default_rng(9)
+    queries, width = 12, 3
+    lengths = rng.integers(2, width + 1, size=queries)
+    lens = rng.integers(0, 50, size=(queries, width, LAYERS, 3))
+    contributions = rng.random((queries, width, LAYERS, 3, 5))
+    for n, length in enumerate(lengths):
+        lens[n, length:], contributions[n, length:] = -1, np.nan
+    write_sequence_logit_lens(layout.analysis("steps-logit-lens"),
+                              SequenceLensResult(lens, contributions, lengths, np.zeros((queries, width), np.int64)),
+                              [f"q{i}" for i in range(queries)])
+    text = steps_figure.render(layout).markdown
+    headers, rows = _table(text, "layer")
+    assert headers[1:] == ["step 1", "step 2", "step 3", "last step (EOS)"]
+    chosen = [np.ones(queries, bool), lengths > 1, lengths > 2]
+    for layer, row in enumerate(rows):
+        for t in range(width):
+            assert row[1 + t] == bootstrap(lens[chosen[t], t, layer, 0].astype(np.float64)).format(1)
+        last = lens[np.arange(queries), lengths - 1, layer, 0].astype(np.float64)
+        assert row[4] == bootstrap(last).format(1) and row[4].endswith(f"(n={queries})")
+    _, rows = _table(text, "step")
+    ratio = contributions[:, 1, :, 0, :]  # step 2, func ratio
+    assert rows[1][1] == bootstrap(ratio[lengths > 1][:, [0, 1], 0].mean(axis=1)).format(2)  # stage I, self-attn
