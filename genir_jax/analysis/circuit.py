@@ -38,6 +38,9 @@ RESULTS_JSON = "minimal_circuit.json"
 REFERENCE_RESULTS_JSON = "patching_results_best_circuit.json"  # eval_patching_all_stages.py's name (reference mode)
 # eval_patching_all_stages.py's "config" text for its (the paper's) circuit on the paper's stages
 REFERENCE_CONFIG = "0-7 remove attn, remove cr-attn, mlp mean, 7 - 17 remove attn, mean mlp, 18 - 23 remove attn"
+# Table 4's two rankings: the full vocabulary (as the reference ranks: word tokens may rise above the docid)
+# and the docid tokens only (as `genir-jax evaluate`)
+FULL_VOCABULARY, DOCID_TOKENS = "full vocabulary", "docid tokens only"
 CIRCUIT_MODES = ABLATION_MODES[:2]  # zero and mean: the circuit's components are ablated within the model
 
 
@@ -179,34 +182,41 @@ def rank_with_circuit(config: T5Config, params, circuit_interventions_: Sweep, i
 
 
 def sequence_circuit_report(circuit: Circuit, stages: Sequence[Sequence[int]], query_ids: Sequence[str],
-                            doc_ids: Sequence[str], indices, scores, qrels, worst_ranks, logprobs, *,
+                            doc_ids: Sequence[str], indices, scores, qrels, step_ranks, logprobs, *,
                             correct_queries: int, scheme: str) -> tuple[dict, list]:
     """(``minimal_circuit.json``'s content, the two runs [unpatched, circuit]) for naive / semantic docids.
 
     `indices` / `scores` [2, N, R]: beam search (`genir_jax.docids.retrieval.rank_docid_sequences`) without and with
     the circuit, indices into `doc_ids` -> the retrieval metrics of both and their ratio, as for atomic docids.
-    `worst_ranks` / `logprobs` [2, N]: a two-config sequence sweep over each query's relevant docid,
-    teacher-forced -> greedy-decoding Hits@1 (worst step rank 0: greedy decoding reproduces the docid) and the
-    mean sequence log-probability."""
-    from genir_jax.docids.retrieval import evaluate_run, run_from_ranking
+    `step_ranks` [2, N, T] (-1 on padding) / `logprobs` [2, N]: each query's relevant docid teacher-forced
+    without and with the circuit -> the shares of queries whose docid token keeps rank 0 at the first step
+    (``first-step Hits@1``), at each step and at every step (``greedy Hits@1``: greedy decoding reproduces the
+    docid), and the mean sequence log-probability; per query: each step's rank and the log-probability."""
+    from genir_jax.docids.retrieval import run_from_ranking
+    from genir_jax.docids.sequence_targets import kept_at_rank_0
 
     runs = [run_from_ranking(query_ids, doc_ids, np.asarray(indices[k]), np.asarray(scores[k])) for k in range(2)]
-    measured = [evaluate_run(run, qrels) for run in runs]
-    worst_ranks, logprobs = np.asarray(worst_ranks), np.asarray(logprobs, np.float64)
-    for k in range(2):
-        measured[k]["greedy Hits@1"] = float(np.mean(worst_ranks[k] == 0))
-        measured[k]["mean logprob"] = float(logprobs[k].mean())
-    unpatched, patched = measured
-    relative = {m: (patched[m] / unpatched[m] if unpatched[m] else None) for m in unpatched
-                if m not in ("queries", "mean logprob")}
+    measured = measure_runs(runs, qrels)
+    step_ranks, logprobs = np.asarray(step_ranks), np.asarray(logprobs, np.float64)
+    for k, name in enumerate(("unpatched", "patched")):
+        kept = kept_at_rank_0(step_ranks[k])
+        measured[name]["first-step Hits@1"] = float(np.mean(kept["first step"]))
+        measured[name]["greedy Hits@1"] = float(np.mean(kept["every step"]))
+        measured[name]["per-step Hits@1"] = [float(np.mean(flags)) for flags in kept["steps"]]
+        measured[name]["mean logprob"] = float(logprobs[k].mean())
+    unpatched, patched = measured["unpatched"], measured["patched"]
+    for metric in ("first-step Hits@1", "greedy Hits@1"):
+        measured["relative"][metric] = patched[metric] / unpatched[metric] if unpatched[metric] else None
     report = {
         "circuit": circuit.as_json(), "config": circuit.describe(stages), "stages": [list(s) for s in stages],
         "docids": scheme, "queries": len(query_ids), "mean_over_correct_queries": correct_queries,
-        "ranking": "beam search over the docid trie (10 beams), patched at every decoding step; greedy Hits@1 "
+        "ranking": "beam search over the docid trie (10 beams), patched at every decoding step; step ranks "
                    "and log-probabilities teacher-forced",
-        "unpatched": unpatched, "patched": patched, "relative": relative,
-        "per_query": {"query_ids": [str(q) for q in query_ids], "worst_rank": worst_ranks.tolist(),
-                      "logprob": logprobs.tolist()},
+        "unpatched": unpatched, "patched": patched, "relative": measured["relative"],
+        "retrieval_per_query": measured["per_query"],
+        "per_query": {"query_ids": [str(q) for q in query_ids],
+                      "step_ranks": [[[int(r) for r in row if r >= 0] for row in ranks] for ranks in step_ranks],
+                      "worst_rank": step_ranks.max(axis=-1).tolist(), "logprob": logprobs.tolist()},
     }
     return report, runs
 
@@ -259,22 +269,45 @@ def docid_targets(tokenizer, queries: Sequence, queries_path, checkpoint) -> Doc
                         np.asarray([token_of[q.relevant_docs[0]] for q in queries], dtype=np.int32))
 
 
-def circuit_report(circuit: Circuit, stages: Sequence[Sequence[int]], query_ids: Sequence[str],
-                   doc_ids: Sequence[str], top_ids, top_logits, qrels, *, correct_queries: int,
-                   ranking: str) -> tuple[dict, list]:
-    """(``minimal_circuit.json``'s content, the two runs [unpatched, circuit]) from the ranked docids of
-    `rank_with_circuit` (`top_ids` [2, N, k] into `doc_ids`): retrieval metrics of both, the circuit's
-    relative to the unpatched model's, and the reference's own metric names."""
-    from genir_jax.docids.retrieval import evaluate_run, run_from_ranking
+def measure_runs(runs, qrels) -> dict:
+    """``unpatched`` / ``patched`` metrics of two runs [unpatched, circuit], the circuit's ``relative`` to the
+    unpatched model's, and ``per_query`` {metric: [2][N] values, ``query_ids``: the qrels' queries} for
+    intervals over queries."""
+    from genir_jax.docids.retrieval import METRICS, per_query_metrics
 
-    runs = [run_from_ranking(query_ids, doc_ids, top_ids[k], top_logits[k]) for k in range(2)]
-    unpatched, patched = (evaluate_run(r, qrels) for r in runs)
-    relative = {m: (patched[m] / unpatched[m] if unpatched[m] else None) for m in unpatched if m != "queries"}
+    values = [per_query_metrics(run, qrels) for run in runs]
+    query_ids = list(values[0])
+    per_query = {m: [[v[q][m] for q in query_ids] for v in values] for m in METRICS}
+    unpatched, patched = ({m: float(np.mean(per_query[m][k])) for m in METRICS} | {"queries": len(query_ids)}
+                          for k in range(2))
+    relative = {m: (patched[m] / unpatched[m] if unpatched[m] else None) for m in METRICS}
+    return {"unpatched": unpatched, "patched": patched, "relative": relative,
+            "per_query": {"query_ids": query_ids, **per_query}}
+
+
+def circuit_report(circuit: Circuit, stages: Sequence[Sequence[int]], query_ids: Sequence[str],
+                   doc_ids: Sequence[str], rankings: dict, qrels, *, correct_queries: int,
+                   padding: str) -> tuple[dict, list]:
+    """(``minimal_circuit.json``'s content, the two runs [unpatched, circuit]) from the ranked docids of
+    `genir_jax.analysis.circuit_runs.rank_test_queries` (`rankings`: {ranking: (top_ids [2, N, k] into
+    `doc_ids`, -1 for a word token; top_logits; ...)}): per ranking (``rankings`` in the file: the full
+    vocabulary, as the reference ranks, and the docid tokens only) the retrieval metrics of both, the circuit's
+    relative to the unpatched model's and the per-query values; at the top level those of the docid-token
+    ranking (the first ranking when it is absent), its runs, and the reference's own metric names."""
+    from genir_jax.docids.retrieval import run_from_ranking
+
+    runs_of = {name: [run_from_ranking(query_ids, doc_ids, top_ids[k], top_logits[k]) for k in range(2)]
+               for name, (top_ids, top_logits, *_) in rankings.items()}
+    measured = {name: measure_runs(runs, qrels) for name, runs in runs_of.items()}
+    main = DOCID_TOKENS if DOCID_TOKENS in measured else next(iter(measured))
+    primary = measured[main]
     report = {
         "circuit": circuit.as_json(), "config": circuit.describe(stages), "stages": [list(s) for s in stages],
-        "unpatched": unpatched, "patched": patched, "relative": relative, "queries": len(query_ids),
-        "mean_over_correct_queries": correct_queries, "ranking": ranking,
+        "unpatched": primary["unpatched"], "patched": primary["patched"], "relative": primary["relative"],
+        "queries": len(query_ids), "mean_over_correct_queries": correct_queries, "ranking": f"{main}, {padding}",
+        "rankings": measured,
         # the reference's own names
-        "hits@1": patched["Hits@1"], "hits@10": patched["Hits@10"], "recall@5": patched["Recall@5"],
+        "hits@1": primary["patched"]["Hits@1"], "hits@10": primary["patched"]["Hits@10"],
+        "recall@5": primary["patched"]["Recall@5"],
     }
-    return report, runs
+    return report, runs_of[main]

@@ -7,18 +7,22 @@ import os
 
 import numpy as np
 
-from genir_jax.analysis.circuit import RESULTS_JSON, circuit_interventions, rank_with_circuit
+from genir_jax.analysis.circuit import (DOCID_TOKENS, FULL_VOCABULARY, RESULTS_JSON, circuit_interventions,
+                                        rank_with_circuit)
 from genir_jax.analysis.inputs import (AnalysisInputs, reference_padded_groups, reference_padding_length,
                                        tokenize_for_analysis)
 
 
 def rank_test_queries(inputs: AnalysisInputs, test_queries, circuit, stages, docids, *, k: int,
-                      reference_padding: bool = False, batch_size: int | None = None, progress: bool = True):
-    """(top_ids, top_logits, full_top_ids) [2, N, k] of the unpatched model and of `circuit` on `test_queries`,
-    the circuit's means over the correct queries of `inputs`. Default: masked padding, ranked over the docid
-    tokens (`docids`, `genir_jax.analysis.circuit.docid_targets`); `reference_padding`: the reference's
-    padding without masks, ranked over the full vocabulary (`full_top_ids`; `top_ids` then maps them to docid
-    indices, -1 for other tokens)."""
+                      reference_padding: bool = False, batch_size: int | None = None, progress: bool = True,
+                      rankings=(FULL_VOCABULARY, DOCID_TOKENS)) -> dict:
+    """{ranking: (top_ids, top_logits, full_top_ids) [2, N, k]} of the unpatched model and of `circuit` on
+    `test_queries`, the circuit's means over the correct queries of `inputs`, for each of `rankings`, from one
+    set of means. `FULL_VOCABULARY`: as the reference ranks (a circuit that removes the priming MLPs may let
+    word tokens rise above the docid); `top_ids` then maps the token ids (`full_top_ids`) to docid indices,
+    -1 for other tokens. `DOCID_TOKENS`: the docid tokens only (`docids`,
+    `genir_jax.analysis.circuit.docid_targets`; as `genir-jax evaluate`), `full_top_ids` None. Padding: masked,
+    or `reference_padding` (the reference's, without masks)."""
     from genir_jax.core.sites import COMPONENT_SITES
     from genir_jax.interp.interventions import mean_activations
 
@@ -28,29 +32,32 @@ def rank_test_queries(inputs: AnalysisInputs, test_queries, circuit, stages, doc
     candidates, targets = docids.candidates, docids.targets
     needs_means = any(p.mode == "mean" for p in circuit.patches)
     sites = [f"decoder.*.{site}" for site in COMPONENT_SITES.values()]
-    top_k = min(k, config.vocab_size if reference_padding else len(candidates))
     if reference_padding:
         length = reference_padding_length(tokenizer, texts)
         val_ids, val_mask = tokenize_for_analysis(tokenizer, texts, reference_padding=True)
+        groups = reference_padded_groups(tokenizer, test_texts, length)
+        groups = [(rows, ids, np.ones_like(ids)) for rows, ids in groups]
     else:
         val_ids, val_mask = inputs.input_ids, inputs.attention_mask
+        ids, mask = tokenize_for_analysis(tokenizer, test_texts)
+        groups = [(np.arange(len(test_texts)), ids, mask)]
     means = mean_activations(config, model.params, val_ids, val_mask, sites, progress=progress) if needs_means else None
     interventions = circuit_interventions(config, circuit, stages, means)
-    if not reference_padding:
-        ids, mask = tokenize_for_analysis(tokenizer, test_texts)
-        top_ids, top_logits = rank_with_circuit(config, model.params, interventions, ids, mask, targets, candidates,
-                                                top_k=top_k, query_chunk=batch_size, progress=progress)
-        return top_ids, top_logits, None
-    top_ids = np.zeros((2, len(test_queries), top_k), np.int64)
-    top_logits = np.zeros(top_ids.shape, np.float32)
-    for rows, ids in reference_padded_groups(tokenizer, test_texts, length):
-        ids_top, logits_top = rank_with_circuit(config, model.params, interventions, ids, np.ones_like(ids),
-                                                targets[rows], None, top_k=top_k, query_chunk=batch_size,
-                                                progress=progress)
-        top_ids[:, rows], top_logits[:, rows] = ids_top, logits_top
     lookup = np.full(config.vocab_size, -1, dtype=np.int64)  # full-vocabulary ids -> docid indices
     lookup[candidates] = np.arange(len(candidates))
-    return lookup[top_ids], top_logits, top_ids
+    out = {}
+    for ranking in rankings:
+        full = ranking == FULL_VOCABULARY
+        top_k = min(k, config.vocab_size if full else len(candidates))
+        top_ids = np.zeros((2, len(test_queries), top_k), np.int64)
+        top_logits = np.zeros(top_ids.shape, np.float32)
+        for rows, ids, mask in groups:
+            ids_top, logits_top = rank_with_circuit(config, model.params, interventions, ids, mask, targets[rows],
+                                                    None if full else candidates, top_k=top_k,
+                                                    query_chunk=batch_size, progress=progress)
+            top_ids[:, rows], top_logits[:, rows] = ids_top, logits_top
+        out[ranking] = (lookup[top_ids], top_logits, top_ids) if full else (top_ids, top_logits, None)
+    return out
 
 
 def write_circuit(output: str | os.PathLike, report: dict, runs, stages, system: str) -> None:

@@ -68,18 +68,12 @@ def bootstrap(values: Sequence[float], statistic: Callable = np.mean, *, level: 
               resamples: int = RESAMPLES, seed: int = SEED) -> Interval:
     """`statistic` of the per-query `values` and its percentile-bootstrap interval (queries resampled with
     replacement, `resamples` times, from a generator seeded with `seed`). `statistic` takes an array and an
-    ``axis`` keyword (numpy's mean, median, ...). With fewer than two queries there is no interval (NaN bounds)."""
+    ``axis`` keyword (numpy's mean, median, ...). The values are sorted first, so the interval does not depend on
+    the queries' order. With fewer than two queries there is no interval (NaN bounds)."""
     from scipy.stats import bootstrap as scipy_bootstrap
 
-    values = np.asarray(values, dtype=np.float64).reshape(-1)
-    if not 0 < level < 1:
-        raise GenIRError(f"confidence level must be in (0, 1), got {level}")
-    if resamples < 1:
-        raise GenIRError(f"bootstrap resamples must be at least 1, got {resamples}")
-    if len(values) == 0:
-        raise GenIRError("a statistic over no queries")
-    if not np.all(np.isfinite(values)):
-        raise GenIRError("bootstrap: the per-query values are not all finite")
+    values = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))  # the same interval in any query order
+    _check(values, level, resamples)
     estimate = float(statistic(values, axis=-1))
     if len(values) < 2:
         return Interval(estimate, math.nan, math.nan, 1, level, resamples, seed)
@@ -89,6 +83,42 @@ def bootstrap(values: Sequence[float], statistic: Callable = np.mean, *, level: 
                              method="percentile", vectorized=True, rng=np.random.default_rng(seed))
     low, high = result.confidence_interval
     return Interval(estimate, float(low), float(high), len(values), level, resamples, seed)
+
+
+def ratio(numerator: Sequence[float], denominator: Sequence[float], *, level: float = LEVEL,
+          resamples: int = RESAMPLES, seed: int = SEED) -> Interval | None:
+    """mean(`numerator`) / mean(`denominator`), two per-query values of the same queries (e.g. a metric with and
+    without a patch), and its percentile-bootstrap interval with the queries resampled in pairs; None when the
+    denominator's mean is 0 (no ratio). Resamples whose denominator's mean is 0 are left out of the interval."""
+    numerator = np.asarray(numerator, dtype=np.float64).reshape(-1)
+    denominator = np.asarray(denominator, dtype=np.float64).reshape(-1)
+    if numerator.shape != denominator.shape:
+        raise GenIRError(f"ratio: {numerator.size} numerator values for {denominator.size} denominator values")
+    _check(numerator, level, resamples)
+    _check(denominator, level, resamples)
+    if denominator.mean() == 0:
+        return None
+    estimate = float(numerator.mean() / denominator.mean())
+    if len(numerator) < 2:
+        return Interval(estimate, math.nan, math.nan, 1, level, resamples, seed)
+    rows = np.random.default_rng(seed).integers(0, len(numerator), size=(resamples, len(numerator)))
+    over = denominator[rows].mean(axis=1)
+    kept = over != 0
+    values = numerator[rows].mean(axis=1)[kept] / over[kept]
+    low, high = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return Interval(estimate, float(low), float(high), len(numerator), level, resamples, seed)
+
+
+def _check(values: np.ndarray, level: float, resamples: int) -> None:
+    """Refuse what no interval can be made of: a bad level or resample count, no values, non-finite values."""
+    if not 0 < level < 1:
+        raise GenIRError(f"confidence level must be in (0, 1), got {level}")
+    if resamples < 1:
+        raise GenIRError(f"bootstrap resamples must be at least 1, got {resamples}")
+    if len(values) == 0:
+        raise GenIRError("a statistic over no queries")
+    if not np.all(np.isfinite(values)):
+        raise GenIRError("bootstrap: the per-query values are not all finite")
 
 
 def share(flags: Sequence[bool], **options) -> Interval:
@@ -124,3 +154,15 @@ def verdict(interval: Interval, claim: Claim) -> str:
         if on_side:
             return HOLDS
     return DOES_NOT_HOLD
+
+
+def run_intervals(run_path, qrels) -> dict[str, Interval]:
+    """Each retrieval metric of a TREC run file (`genir_jax.docids.retrieval.METRICS`) over the queries of
+    `qrels` (a path or qrels), as `evaluate_run` averages it, with its bootstrap interval over those queries."""
+    from genir_jax.data.corpus import read_qrels
+    from genir_jax.docids.retrieval import METRICS, per_query_metrics, read_trec_run
+
+    if not isinstance(qrels, dict):
+        qrels = read_qrels(qrels)
+    values = per_query_metrics(read_trec_run(run_path), qrels)
+    return {metric: bootstrap([v[metric] for v in values.values()]) for metric in METRICS}

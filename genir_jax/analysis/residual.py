@@ -54,6 +54,7 @@ layer, each a statistic over the queries):
          non_docid_median (logit lens of resid_post; per query, then over queries)
      "component_sums": {"mlp" | "cross_attn": {"mean": x, "median": x, "max": x,
          "fraction_not_rank_0": x, "fraction_above_5": x, "fraction_above_10": x, "fraction_above_100": x}},
+     "per_query": {"relevant_rank": {SITE: [N][L]}, "vocabulary_rank": {docid_mean | non_docid_median: [N][L]}},
      "labels": {"contributions": {"funcs": {FUNC: label}, "parts": {PART: label}},
                 "relevant_rank": {SITE: label}, "vocabulary_rank": {STAT: label}, "component_sums": {..}}}
          the CSV labels of our keys; in reference mode "Mean Non-Doc-IDs" labels non_docid_median.
@@ -354,6 +355,11 @@ def summary(result: ResidualRankResult) -> dict:
         "vocabulary_rank": {key: _series(value, median=True) for key, value in vocabulary.items()},
         "component_sums": sums,
         "labels": labels,
+        # [N][L] per query and layer, for intervals over queries (the report's Fig. 4 table)
+        "per_query": {"relevant_rank": {site: result.lens_ranks[:, :, s].tolist()
+                                        for s, (site, _) in enumerate(LENS_SITES)},
+                      "vocabulary_rank": {key: np.asarray(vocabulary[key]).tolist()
+                                          for key in ("docid_mean", "non_docid_median")}},
     }
 
 

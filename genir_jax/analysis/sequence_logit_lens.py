@@ -81,7 +81,13 @@ class SequenceLensResult:
                                        for k, (name, _) in enumerate(LENS_SITES)},
                      "contributions": {func: {part: contrib[:, :, f, p].mean(axis=0).tolist()
                                               for p, (part, _, _) in enumerate(PARTS)}
-                                       for f, (func, _) in enumerate(FUNCS)}}
+                                       for f, (func, _) in enumerate(FUNCS)},
+                     # [n][L] per query and layer, for intervals over queries
+                     "per_query": {"relevant_rank": {name: ranks[:, :, k].tolist()
+                                                     for k, (name, _) in enumerate(LENS_SITES)},
+                                   "contributions": {func: {part: contrib[:, :, f, p].tolist()
+                                                            for p, (part, _, _) in enumerate(PARTS)}
+                                                     for f, (func, _) in enumerate(FUNCS)}}}
             out["steps"].append(entry)
         return out
 

@@ -29,8 +29,9 @@ from genir_jax.base.batching import batches
 from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
 from genir_jax.interp.interventions import encoder_swap, mean_activations, mean_ablation, replacement, zero_ablation
-from genir_jax.docids.sequence_targets import (RANK_REDUCTIONS, TEACHER_FORCED_METRICS, sequence_metric,
-                                        teacher_forced_logits, teacher_forcing_inputs)
+from genir_jax.docids.sequence_targets import (RANK_REDUCTIONS, TEACHER_FORCED_METRICS, reduce_step_ranks,
+                                               sequence_metric, step_ranks, teacher_forced_logits,
+                                               teacher_forcing_inputs)
 from genir_jax.core.sites import COMPONENT_SITES, component_site
 
 
@@ -41,6 +42,7 @@ class SequenceStagePatchingResult:
     clean: np.ndarray   # [N]: the metric without patching
     metric: str
     reduction: str
+    step_ranks: np.ndarray | None = None  # [K, N, T] each docid token's rank at its step (-1 on padding)
 
     def fractions(self) -> list[dict]:
         """Per row: component, stage, mode and, for ranks, the fractions beyond each threshold; for
@@ -64,7 +66,8 @@ class SequenceStagePatchingResult:
         if self.metric != "step_rank" or self.reduction == "mean":
             raise GenIRError(f"rank files need integer ranks (metric step_rank, reduction max or first), not "
                              f"{self.metric} / {self.reduction}")
-        return StagePatchingResult(rows=list(self.rows), ranks=np.asarray(self.values, dtype=np.int64), sweep=None)
+        return StagePatchingResult(rows=list(self.rows), ranks=np.asarray(self.values, dtype=np.int64), sweep=None,
+                                   step_ranks=self.step_ranks)
 
 
 def _configs(config: T5Config, stages, modes, means, source_cache):
@@ -115,7 +118,7 @@ def run_sequence_stage_patching(config: T5Config, params, input_ids, attention_m
         means = mean_activations(config, params, input_ids, attention_mask, sites, decoder_input_ids=decoder_inputs,
                                  progress=progress)
     rows_out: list[StageConfig] | None = None
-    values, clean = [], np.zeros(count, np.float64)
+    values, steps, clean = [], [], np.zeros(count, np.float64)
     rows = max(1, min(batch_size, count))
     for batch in compiling_bar(list(batches((input_ids, attention_mask, targets, target_mask, decoder_inputs), rows)),
                                desc="sequence stage patching", unit="batch", disable=not progress):
@@ -133,8 +136,16 @@ def run_sequence_stage_patching(config: T5Config, params, input_ids, attention_m
         logits = teacher_forced_logits(config, params, ids, mask, tgt)
         clean[batch.rows] = np.asarray(sequence_metric(logits, tgt, tmask, metric, reduction))[:batch.size]
         batch_values = np.zeros((len(configs), batch.size))
+        batch_steps = np.zeros((len(configs), batch.size, tgt.shape[1]), np.int64)
         for k, (_, iv) in enumerate(configs):
             logits = teacher_forced_logits(config, params, ids, mask, tgt, interventions=iv)
-            batch_values[k] = np.asarray(sequence_metric(logits, tgt, tmask, metric, reduction))[:batch.size]
+            if metric == "step_rank":
+                ranks = step_ranks(logits, tgt, tmask)
+                batch_steps[k] = np.asarray(ranks)[:batch.size]
+                batch_values[k] = np.asarray(reduce_step_ranks(ranks, tmask, reduction))[:batch.size]
+            else:
+                batch_values[k] = np.asarray(sequence_metric(logits, tgt, tmask, metric, reduction))[:batch.size]
         values.append(batch_values)
-    return SequenceStagePatchingResult(rows_out, np.concatenate(values, axis=1), clean, metric, reduction)
+        steps.append(batch_steps)
+    return SequenceStagePatchingResult(rows_out, np.concatenate(values, axis=1), clean, metric, reduction,
+                                       np.concatenate(steps, axis=1) if metric == "step_rank" else None)

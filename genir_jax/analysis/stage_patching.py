@@ -17,7 +17,9 @@ Output files and their layout are the reference's (`eval_patching_single_combis.
 ``,component,stage,mode,!=0,>5,>10,>100`` (a pandas-style index column first; fractions) and
 ``ranks_correct_queries_patching_single_combis.json`` keyed ``"{stage}-{component}-{mode}"``.
 Rows are ordered as the reference orders them: modes mean, zero, t5; within a mode components mlp,
-cross_attn, attn (then the encoder row for t5); within a component the stages.
+cross_attn, attn (then the encoder row for t5); within a component the stages. Multi-token docids
+(`genir_jax.analysis.sequence_stage_patching`) add ``step_ranks.json`` (ours): per row key, per query, the rank of
+each docid token at its step, for the first-step, per-step and every-step shares of Table 3.
 
 Reference file layout (``reference=True`` in `write_stage_patching`): the zero / mean rows go to the files
 above (eval_patching_single_combis.py) and the t5 rows to eval_patching_t5.py's own files
@@ -52,6 +54,7 @@ REFERENCE_MODE_ORDER = ("mean", "zero", "t5")
 PAPER_STAGES_24 = ([0, 1, 2, 3, 4, 5, 6], list(range(7, 18)), list(range(18, 24)))
 RESULTS_CSV = "patching_results_single_combis.csv"
 RANKS_JSON = "ranks_correct_queries_patching_single_combis.json"
+STEP_RANKS_JSON = "step_ranks.json"  # ours, multi-token docids: {row key: per query, each step's rank}
 THRESHOLDS = (("!=0", 0), (">5", 5), (">10", 10), (">100", 100))
 T5_RESULTS_CSV = "patching_results_t5_single_combis.csv"            # eval_patching_t5.py (reference mode)
 T5_RANKS_JSON = "ranks_correct_queries_patching_t5_single_combis.json"
@@ -187,6 +190,7 @@ class StagePatchingResult:
     rows: list[StageConfig]
     ranks: np.ndarray  # [K, N]
     sweep: SweepResult | None  # None when built from another engine (`SequenceStagePatchingResult.as_rank_result`)
+    step_ranks: np.ndarray | None = None  # [K, N, T] multi-token docids: each token's rank at its step (-1: none)
 
     def fractions(self) -> list[dict]:
         """One dict per row: component, stage, mode and the fractions of queries beyond each threshold."""
@@ -241,7 +245,11 @@ def stage_patching_files(result: StagePatchingResult, *, reference: bool = False
 
     entries, ranks = result.fractions(), result.ranks_by_key()
     if not reference:
-        return {RESULTS_CSV: _csv_text(entries), RANKS_JSON: json.dumps(ranks)}
+        files = {RESULTS_CSV: _csv_text(entries), RANKS_JSON: json.dumps(ranks)}
+        if result.step_ranks is not None:
+            files[STEP_RANKS_JSON] = json.dumps({row.key: [[int(r) for r in query if r >= 0] for query in steps]
+                                                 for row, steps in zip(result.rows, result.step_ranks)})
+        return files
     files = {}
     plain = [e for e in entries if e["mode"] != "t5"]
     if plain:

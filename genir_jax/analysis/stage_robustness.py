@@ -176,17 +176,25 @@ def run_stage_robustness(config: T5Config, params, input_ids, attention_mask, ta
 
 def render_markdown(result: StageRobustnessResult, queries: int) -> str:
     """Three tables: component types ablated in every layer, the per-layer profile (fraction > 0), and the
-    stage table under each partition side by side."""
+    stage table under each partition side by side; every share and mean rank with its 95% bootstrap interval
+    over the queries (`genir_jax.analysis.evidence`)."""
+    from genir_jax.analysis.evidence import bootstrap, share
+
+    def cell(row: dict, threshold: int | None) -> str:
+        """The share of the row's queries beyond `threshold` (None: their mean rank) with its interval."""
+        ranks = result.ranks[next(k for k, other in enumerate(result.rows) if other is row)]
+        return bootstrap(ranks).format(1) if threshold is None else share(ranks > threshold).format(2)
+
     lines = [f"Shares (fractions) of the {queries} queries whose target is no longer at rank 1, and not in the top "
              "6, 11 and 101. Ranks count from 0 (rank 0 = first), as in the reference code, whose thresholds "
              "`>5`, `>10`, `>100` apply to the 0-based rank: \"not in top 6\" is rank > 5. Mean rank counted "
-             "from 0.", ""]
+             "from 0. Each with its 95% bootstrap interval over the queries and n.", ""]
     lines += ["| component (every layer) | mode | not at rank 1 (rank > 0) | not in top 6 (rank > 5) | "
               "not in top 11 (rank > 10) | not in top 101 (rank > 100) | mean rank (0-based) |",
               "|---|---|---|---|---|---|---|"]
     for row in result.select("all_layers"):
         lines.append(f"| {row['component']} | {row['mode']} | " + " | ".join(
-            f"{row[label]:.2f}" for label, _ in THRESHOLDS) + f" | {row['mean_rank']:.1f} |")
+            cell(row, threshold) for _, threshold in THRESHOLDS) + f" | {cell(row, None)} |")
     modes = sorted({r["mode"] for r in result.rows})
     layers = sorted({r["layer"] for r in result.select("single_layer")})
     for mode in modes:
@@ -194,8 +202,8 @@ def render_markdown(result: StageRobustnessResult, queries: int) -> str:
                   "| component | " + " | ".join(str(layer) for layer in layers) + " |",
                   "|---|" + "---|" * len(layers)]
         for component in REFERENCE_ROW_ORDER:
-            cells = {r["layer"]: r[NOT_FIRST] for r in result.select("single_layer", component=component, mode=mode)}
-            lines.append(f"| {component} | " + " | ".join(f"{cells[layer]:.2f}" for layer in layers) + " |")
+            cells = {r["layer"]: cell(r, 0) for r in result.select("single_layer", component=component, mode=mode)}
+            lines.append(f"| {component} | " + " | ".join(cells[layer] for layer in layers) + " |")
     names = list(result.partitions)
     lines += ["", "Stages under each partition (share of queries no longer at rank 1, stage by stage):", ""]
     lines += ["| component | mode | " + " | ".join(
@@ -207,6 +215,6 @@ def render_markdown(result: StageRobustnessResult, queries: int) -> str:
             for name in names:
                 rows = sorted(result.select("stage", partition=name, component=component, mode=mode),
                               key=lambda r: r["stage"])
-                cells.append(" / ".join(f"{r[NOT_FIRST]:.2f}" for r in rows))
+                cells.append(" / ".join(cell(r, 0) for r in rows))
             lines.append(f"| {component} | {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -13,6 +13,10 @@ Layout of a prepared directory (all JSON in the reference code's formats, see `g
                           check (``split``), the regime (``"paper"`` or null) and the docid scheme
     semantic_docids.json  with ``--docids semantic`` only: {doc id: "3_0_17"} (the reference's mapping format),
                           built by hierarchical k-means or validated from a given mapping file
+    naive_docids.json     with ``--docids naive`` only (unless ``--naive-order corpus``): {doc id: "17"}, the
+                          documents numbered in a seeded random order (the split's ``seed``, recorded in
+                          prepare.json's ``docids``), so neighbouring ids do not share an article; with
+                          ``corpus`` the naive ids are the document ids (article order)
 
 Split schemes (``split``; deterministic for a given seed; counts by cumulative rounding, see
 `genir_jax.data.splits`). Every document is indexed whatever the scheme; the scheme decides which queries
@@ -294,16 +298,20 @@ def prepared_scheme_name(prepared_dir: str | os.PathLike) -> str | None:
 def prepared_scheme(prepared_dir: str | os.PathLike | None, doc_ids, *, docids: str | None = None,
                     semantic_docid_mapping: str | None = None):
     """The `DocidScheme` of `docids` (default: the one `prepared_dir` was made for, else atomic); semantic ids
-    from `semantic_docid_mapping`, else the prepared directory's `SEMANTIC_MAPPING_FILE`."""
-    from genir_jax.docids.schemes import SEMANTIC_MAPPING_FILE, resolve_scheme
+    from `semantic_docid_mapping`, else the prepared directory's `SEMANTIC_MAPPING_FILE`; naive ids from its
+    `NAIVE_MAPPING_FILE` (shuffled), else the document ids (a directory prepared with ``naive_order="corpus"``
+    or for another scheme)."""
+    from genir_jax.docids.schemes import NAIVE_MAPPING_FILE, SEMANTIC_MAPPING_FILE, resolve_scheme
 
-    default = default_mapping = None
+    default = None
+    files = {SEMANTIC_MAPPING_FILE: None, NAIVE_MAPPING_FILE: None}
     if prepared_dir is not None:
         default = prepared_scheme_name(prepared_dir) if docids is None else None
-        candidate = os.path.join(os.fspath(prepared_dir), SEMANTIC_MAPPING_FILE)
-        default_mapping = candidate if os.path.isfile(candidate) else None
+        for name in files:
+            candidate = os.path.join(os.fspath(prepared_dir), name)
+            files[name] = candidate if os.path.isfile(candidate) else None
     return resolve_scheme(docids, doc_ids, mapping=semantic_docid_mapping, default=default,
-                          default_mapping=default_mapping)
+                          default_mapping=files[SEMANTIC_MAPPING_FILE], naive_mapping=files[NAIVE_MAPPING_FILE])
 
 
 def prepared_split(directory: str | os.PathLike) -> dict | None:
@@ -377,6 +385,7 @@ def prepare_dataset(name: str, out_dir: str | os.PathLike, data_dir: str | os.Pa
         options.pop("split", None)
     max_documents = options.pop("max_documents", None)
     docids = options.pop("docids", "atomic")
+    naive_order = options.pop("naive_order", None)
     semantic_mapping = options.pop("semantic_mapping", None)
     semantic_k = options.pop("semantic_k", None)
     semantic_c = options.pop("semantic_c", None)
@@ -400,7 +409,7 @@ def prepare_dataset(name: str, out_dir: str | os.PathLike, data_dir: str | os.Pa
             recorded["max_documents"] = options["max_documents"]
     written = {split: queries for split, queries in prepared.splits.items() if queries}
     docid_record, extra = prepared_docids(prepared.documents, docids, semantic_mapping, semantic_k, semantic_c,
-                                          seed=options.get("seed", 0))
+                                          seed=options.get("seed", 0), naive_order=naive_order)
     manifest = {
         "dataset": name,
         "options": recorded,
@@ -417,14 +426,27 @@ def prepare_dataset(name: str, out_dir: str | os.PathLike, data_dir: str | os.Pa
     return manifest
 
 
-def prepared_docids(documents, scheme: str, semantic_mapping=None, k=None, c=None, *, seed: int = 0
-                    ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The manifest's ``docids`` record and the extra files of a docid scheme (see the module docstring)."""
-    from genir_jax.docids.schemes import (SEMANTIC_MAPPING_FILE, build_semantic_scheme, check_scheme,
-                                         read_semantic_mapping)
+def prepared_docids(documents, scheme: str, semantic_mapping=None, k=None, c=None, *, seed: int = 0,
+                    naive_order: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The manifest's ``docids`` record and the extra files of a docid scheme (see the module docstring);
+    `naive_order` (naive only; default ``"shuffled"``, one of `genir_jax.docids.schemes.NAIVE_ORDERS`)."""
+    from genir_jax.docids.schemes import (NAIVE_MAPPING_FILE, NAIVE_ORDERS, SEMANTIC_MAPPING_FILE,
+                                         build_semantic_scheme, check_scheme, read_semantic_mapping,
+                                         shuffled_naive_scheme)
     from genir_jax.docids.semantic_ids import DEFAULT_C, DEFAULT_K
 
     check_scheme(scheme)
+    if naive_order is not None and scheme != "naive":
+        raise SettingError("{0} needs {1} naive, got {1} %s" % scheme, "naive_order", "docids")
+    if scheme == "naive":
+        order = naive_order or NAIVE_ORDERS[0]
+        if order not in NAIVE_ORDERS:
+            raise SettingError("{0} must be one of %s, got %r" % (", ".join(NAIVE_ORDERS), order), "naive_order")
+        if order == "corpus":
+            return {"scheme": "naive", "order": "corpus"}, {}
+        built = shuffled_naive_scheme([doc.id for doc in documents], seed)
+        return {"scheme": "naive", "order": "shuffled", "seed": seed, "file": NAIVE_MAPPING_FILE}, \
+            {NAIVE_MAPPING_FILE: dict(built.docids)}
     if scheme != "semantic":
         if semantic_mapping is not None or k is not None or c is not None:
             raise SettingError("{0} / {1} / {2} need {3} semantic, got {3} %s" % scheme,

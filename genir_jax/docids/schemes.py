@@ -27,6 +27,11 @@ from genir_jax.base.errors import CheckpointError, DataError, GenIRError, Settin
 SCHEMES = ("atomic", "naive", "semantic")
 DOCIDS_FILE = "docids.json"                  # scheme record in a trained model (and a prepared directory)
 SEMANTIC_MAPPING_FILE = "semantic_docids.json"  # a prepared directory's mapping, in the reference's format
+NAIVE_MAPPING_FILE = "naive_docids.json"        # a prepared directory's shuffled naive ids {doc id: "17"}
+# How `prepare-data --docids naive` numbers the documents: "shuffled" (default: a seeded permutation, so that
+# neighbouring ids do not share an article and with it a leading token) or "corpus" (each document's own id,
+# numbered in article order by the sources)
+NAIVE_ORDERS = ("shuffled", "corpus")
 _FORMAT = 1
 
 
@@ -88,6 +93,44 @@ def check_scheme(name: str, setting: str = "docids") -> str:
 def naive_scheme(doc_ids: Sequence[str]) -> DocidScheme:
     """Each document's id string is its docid."""
     return DocidScheme("naive", {d: str(d).strip() for d in doc_ids}, source="document ids")
+
+
+def shuffled_naive_scheme(doc_ids: Sequence[str], seed: int) -> DocidScheme:
+    """Naive ids by a seeded shuffle: the documents in a random order (``numpy.random.default_rng(seed)``) are
+    numbered ``"0"``, ``"1"``, ... (`NAIVE_ORDERS`)."""
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(doc_ids))
+    docids = {str(doc_ids[index]).strip(): str(number) for number, index in enumerate(order.tolist())}
+    return DocidScheme("naive", {d: docids[str(d).strip()] for d in doc_ids}, source=f"shuffled with seed {seed}")
+
+
+def read_naive_mapping(path: str | os.PathLike, doc_ids: Sequence[str]) -> DocidScheme:
+    """A prepared directory's `NAIVE_MAPPING_FILE` ({doc id: naive id}), validated: every document of the
+    corpus and no other, unique non-empty ids without whitespace."""
+    from genir_jax.base.io import read_json
+
+    path = os.fspath(path)
+    mapping = read_json(path)
+    if not isinstance(mapping, dict):
+        raise DataError(f"{path}: expected a JSON object {{doc id: naive id}}, got {type(mapping).__name__}")
+    missing = [d for d in doc_ids if d not in mapping]
+    unknown = [key for key in mapping if key not in set(doc_ids)]
+    if missing or unknown:
+        raise DataError(f"{path}: " + (f"document {missing[0]!r} has no naive id" if missing else
+                                       f"document {unknown[0]!r} is not in the corpus")
+                        + " (the mapping was made for another corpus)")
+    owner: dict[str, str] = {}
+    for doc_id in doc_ids:
+        value = mapping[doc_id]
+        if not isinstance(value, str) or not value or any(ch.isspace() for ch in value):
+            raise DataError(f"{path}: record {doc_id!r}: the naive id must be a non-empty string without "
+                            f"whitespace, got {value!r}")
+        if value in owner:
+            raise DataError(f"{path}: record {doc_id!r}: naive id {value!r} duplicates that of document "
+                            f"{owner[value]!r} (ids must be unique)")
+        owner[value] = doc_id
+    return DocidScheme("naive", {d: mapping[d] for d in doc_ids}, source=path)
 
 
 def semantic_scheme(mapping: Any, doc_ids: Sequence[str], source: str, build: Mapping | None = None) -> DocidScheme:
@@ -219,9 +262,11 @@ def checkpoint_scheme(directory: str | os.PathLike) -> DocidScheme:
 
 
 def resolve_scheme(name: str | None, doc_ids: Sequence[str], *, mapping: str | None = None,
-                   default: str | None = None, default_mapping: str | os.PathLike | None = None) -> DocidScheme:
+                   default: str | None = None, default_mapping: str | os.PathLike | None = None,
+                   naive_mapping: str | os.PathLike | None = None) -> DocidScheme:
     """The scheme called `name` (None: `default`, else atomic) with its docids: semantic ids from the file
-    `mapping`, else `default_mapping` (a prepared directory's; `genir_jax.data.prepare.prepared_scheme`).
+    `mapping`, else `default_mapping` (a prepared directory's; `genir_jax.data.prepare.prepared_scheme`); naive
+    ids from `naive_mapping` (a prepared directory's shuffled ids), else the document ids.
     Errors name the settings ``docids`` and ``semantic_docid_mapping``."""
     if name is None:
         name = default or "atomic"
@@ -231,7 +276,7 @@ def resolve_scheme(name: str | None, doc_ids: Sequence[str], *, mapping: str | N
     if name == "atomic":
         return DocidScheme("atomic")
     if name == "naive":
-        return naive_scheme(doc_ids)
+        return read_naive_mapping(naive_mapping, doc_ids) if naive_mapping is not None else naive_scheme(doc_ids)
     if mapping is None and default_mapping is not None:
         mapping = os.fspath(default_mapping)
     if mapping is None:

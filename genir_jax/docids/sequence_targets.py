@@ -96,6 +96,24 @@ def reduce_step_ranks(ranks, mask, how: str = "max"):
     raise ValueError(f"unknown rank reduction {how!r}; choose one of {', '.join(RANK_REDUCTIONS)}")
 
 
+STEP_SHARES = ("first step", "every step")  # besides the per-step shares (`kept_at_rank_0`)
+
+
+def kept_at_rank_0(ranks) -> dict:
+    """Which queries keep their docid token at rank 0, from step ranks [N, T] (-1 on padding; or per query a
+    list of its steps' ranks, as the result files keep them): ``first step`` [N] (the first token: the
+    atomic-like view), ``every step`` [N] (greedy decoding gives the whole docid) and ``steps``: for each step
+    t, the flags of the queries whose docid has a step t."""
+    if not isinstance(ranks, np.ndarray):
+        rows = [list(row) for row in ranks]
+        ranks = np.full((len(rows), max(map(len, rows), default=1)), -1, np.int64)
+        for index, row in enumerate(rows):
+            ranks[index, :len(row)] = row
+    real = ranks >= 0
+    return {"first step": ranks[:, 0] == 0, "every step": np.all((ranks == 0) | ~real, axis=1),
+            "steps": [ranks[real[:, t], t] == 0 for t in range(ranks.shape[1]) if real[:, t].any()]}
+
+
 def sequence_metric(logits, targets, mask, metric: str, reduction: str = "max"):
     """The selected metric per query [N]: ``seq_logprob`` or ``step_rank`` reduced by `reduction`."""
     if metric == "seq_logprob":
@@ -109,16 +127,24 @@ def greedy_consistent(config, params, input_ids, attention_mask, sequences, batc
     """bool [N]: whether every token of each query's docid sequence (ending with EOS) is the top token of the
     whole vocabulary at its step given the gold prefix, i.e. greedy decoding produces exactly that docid
     (rank 0 at every step: the multi-token counterpart of an atomic docid being the top token)."""
+    targets, mask = pad_targets(sequences)
+    if targets.shape[0] == 0:
+        return np.zeros(0, dtype=bool)
+    ranks = teacher_forced_step_ranks(config, params, input_ids, attention_mask, targets, mask, batch_size=batch_size)
+    return np.asarray(reduce_step_ranks(ranks, mask, "max")) == 0
+
+
+def teacher_forced_step_ranks(config, params, input_ids, attention_mask, targets, mask, *, interventions=None,
+                              batch_size: int = 64) -> np.ndarray:
+    """`step_ranks` [N, T] of the docids `targets` / `mask` [N, T] given the gold prefix, in batches of
+    `batch_size` queries, with `interventions` (e.g. a circuit) at every decoder position."""
     from genir_jax.base.batching import batches
 
-    targets, mask = pad_targets(sequences)
-    out = np.zeros(targets.shape[0], dtype=bool)
-    if targets.shape[0] == 0:
-        return out
+    targets, mask = np.asarray(targets, np.int32), np.asarray(mask, np.int32)
+    out = np.full(targets.shape, -1, dtype=np.int64)
     rows = max(1, min(batch_size, targets.shape[0]))
     for batch in batches((np.asarray(input_ids), np.asarray(attention_mask), targets, mask), rows):
         ids, att, tgt, msk = batch.arrays
-        logits = teacher_forced_logits(config, params, ids, att, tgt)
-        worst = np.asarray(reduce_step_ranks(step_ranks(logits, tgt, msk), msk, "max"))
-        out[batch.rows] = worst[:batch.size] == 0
+        logits = teacher_forced_logits(config, params, ids, att, tgt, interventions=interventions)
+        out[batch.rows] = np.asarray(step_ranks(logits, tgt, msk))[:batch.size]
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pathlib
 
+from genir_jax.analysis.evidence import RESAMPLES, SEED
 from genir_jax.base.io import write_text
 from genir_jax.paper.panels import *  # noqa: F401,F403 (the panels' helpers, also importable from here)
 from genir_jax.paper.panels import FEW_QUERIES, Experiment, md_table, read_json, step_record
@@ -15,6 +16,10 @@ from genir_jax.paper.panels import FEW_QUERIES, Experiment, md_table, read_json,
 # --------------------------------------------------------------------------------------------------
 # The report
 # --------------------------------------------------------------------------------------------------
+
+INTERVALS_HEADER = ("Intervals: every share, mean and rank statistic over queries below is given as `estimate [low, "
+                    "high] (n=queries)`, a 95% percentile bootstrap interval over the queries ({resamples:,} "
+                    "resamples, seed {seed}; `genir_jax.analysis.evidence`); counts and settings have none.")
 
 def _header(layout, settings, pipeline=()) -> str:
     lines = [f"# genir-jax reproduction: {settings.dataset}, preset {settings.preset}", ""]
@@ -38,6 +43,7 @@ def _header(layout, settings, pipeline=()) -> str:
               + (" (one new token per document, as the paper's)." if scheme == "atomic" else
                  " (token sequences decoded step by step; the paper's models use atomic docids)."), ""]
     lines += [_stages_note(layout, settings), ""]
+    lines += [INTERVALS_HEADER.format(resamples=RESAMPLES, seed=SEED), ""]
     if layout.correct_valid.is_file():
         correct = len(read_json(layout.correct_valid))
         if correct < FEW_QUERIES:

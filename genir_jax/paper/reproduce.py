@@ -110,13 +110,16 @@ class Settings:
     paper_regime: bool = False  # the paper's data regime: NQ10k split, ratio 32, 32-token inputs
     stages: str | None = None   # decoder stages of every experiment that uses them (None: each one's default)
     tensorboard: bool = False  # training also writes TensorBoard event files (<model>/tensorboard/)
+    naive_order: str = "shuffled"  # naive docids: shuffled or corpus order (prepare-data --naive-order)
 
     @property
     def record(self) -> dict:
-        """What a reproduction directory is bound to (settings.json): another value needs another --out."""
-        return {"dataset": self.dataset, "preset": self.preset, "removed_models": self.removed_models,
-                "removed_documents": self.removed_documents, "base": self.base, "docids": self.docids,
-                "paper_regime": self.paper_regime, "stages": self.stages}
+        """What a reproduction directory is bound to (settings.json): another value needs another --out; naive
+        runs also record the order of their ids (folders from before it existed hold corpus-order ids)."""
+        record = {"dataset": self.dataset, "preset": self.preset, "removed_models": self.removed_models,
+                  "removed_documents": self.removed_documents, "base": self.base, "docids": self.docids,
+                  "paper_regime": self.paper_regime, "stages": self.stages}
+        return record | ({"naive_order": self.naive_order} if self.docids == "naive" else {})
 
 
 def resolve_base(path_or_hub_id: str) -> str:
@@ -166,6 +169,8 @@ def _prepare(layout: Layout, settings: Settings):
     from genir_jax.data.prepare import prepare_dataset
 
     options = {"max_documents": TINY_MAX_DOCUMENTS[settings.dataset]} if settings.preset == "tiny" else {}
+    if settings.docids == "naive":
+        options["naive_order"] = settings.naive_order
     manifest = prepare_dataset(settings.dataset, layout.data, settings.data_dir, docids=settings.docids,
                                paper_regime=settings.paper_regime, **options)
     _print_summary({"output": str(layout.data), "counts": manifest["counts"], "split": manifest["split"],
@@ -346,7 +351,8 @@ def settings_differences(layout: Layout, settings: Settings) -> list[str]:
     started = step_record(layout, "settings")
     if started is None:
         return []
-    defaults = {"docids": "atomic", "paper_regime": False, "stages": None}  # directories from before these settings
+    # directories from before these settings existed (naive ids were numbered in corpus order then)
+    defaults = {"docids": "atomic", "paper_regime": False, "stages": None, "naive_order": "corpus"}
     return [f"{name}: {started.get(name, defaults.get(name))!r} there, {value!r} here"
             for name, value in settings.record.items() if started.get(name, defaults.get(name)) != value]
 

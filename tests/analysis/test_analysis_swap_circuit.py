@@ -184,3 +184,62 @@ def test_reference_padding_groups_keep_longer_queries_whole(t5_tokenizer):
         for row, padded in zip(rows, ids):
             real = t5_tokenizer(texts[row]).input_ids
             assert list(padded[:len(real)]) == real and not padded[len(real):].any()
+
+
+def _numpy_top(logits: np.ndarray, columns: np.ndarray, k: int) -> np.ndarray:
+    """[N, k] token ids of the top `k` of `columns` by logit (ties: lower token id first)."""
+    order = np.argsort(-logits[:, columns], axis=1, kind="stable")[:, :k]
+    return columns[order]
+
+
+def _numpy_metrics(top: np.ndarray, targets: np.ndarray) -> dict:
+    """Per-query Hits@1, Hits@10 and MRR@10 of one relevant token per query, from ranked token ids."""
+    found = [np.flatnonzero(row[:10] == target) for row, target in zip(top, targets)]
+    return {"Hits@1": [float(top[i, 0] == t) for i, t in enumerate(targets)],
+            "Hits@10": [float(f.size > 0) for f in found],
+            "MRR@10": [1.0 / (f[0] + 1) if f.size else 0.0 for f in found]}
+
+
+def test_circuit_ranks_the_full_vocabulary_and_the_docid_tokens(setup, tmp_path):
+    """Table 4 both ways: ranked over the full vocabulary (as the reference: a word token above the docid is a
+    miss) and over the docid tokens only, each equal to a numpy ranking of the patched model's logits."""
+    root, full, _, _ = setup
+    # docid embeddings scaled up: docid and word tokens mix at the top of the vocabulary, so the rankings differ
+    token_ids = gj.docid_token_ids(full.tokenizer, DOCS)
+    shared = np.array(full.params["shared"])
+    shared[token_ids] *= 3.0
+    mixed = full.replace(params={**full.params, "shared": shared})
+    gj.save_pretrained(tmp_path / "mixed", mixed)
+    assert main(["circuit", "-c", str(tmp_path / "mixed"), "--test-queries", str(root / "test.json"),
+                 "--val-queries", str(root / "val.json"), "--correct-valid", str(root / "correct.json"),
+                 "--stages", "0-1,2-4,5", "-o", str(tmp_path / "c"), "--no-progress", "--k", "20"]) == 0
+    report = json.loads((tmp_path / "c" / "minimal_circuit.json").read_text())
+    assert set(report["rankings"]) == {"full vocabulary", "docid tokens only"}
+    val_ids, val_mask = _batch(mixed, [VAL[i] for i in (2, 0, 5, 1)])
+    means = ivs.mean_activations(mixed.config, mixed.params, val_ids, val_mask, ["decoder.*.hook_mlp_out"],
+                                 progress=False)
+    circuit = ivs.combine(ivs.zero_ablation(mixed.config, ["decoder.*.hook_attn_out"]),
+                          ivs.zero_ablation(mixed.config, ["decoder.0.hook_cross_attn_out",
+                                                           "decoder.1.hook_cross_attn_out"]),
+                          ivs.mean_ablation(mixed.config, means, [f"decoder.{l}.hook_mlp_out" for l in range(5)]))
+    ids, mask = _batch(mixed, TEST)
+    targets = np.asarray(token_ids[:6])
+    docid_columns = np.asarray(sorted(gj.docid_vocabulary(mixed.tokenizer)))
+    everything = np.arange(mixed.config.vocab_size)
+    differ = hit_anywhere = False
+    for config, interventions in enumerate((None, circuit)):
+        logits = np.asarray(gj.forward(mixed.config, mixed.params, ids, mask, np.zeros((6, 1), np.int32),
+                                       interventions=interventions))[:, 0]
+        full_vocabulary = _numpy_metrics(_numpy_top(logits, everything, 20), targets)
+        docid_only = _numpy_metrics(_numpy_top(logits, docid_columns, 20), targets)
+        for ranking, expected in (("full vocabulary", full_vocabulary), ("docid tokens only", docid_only)):
+            per_query = report["rankings"][ranking]["per_query"]
+            assert per_query["query_ids"] == [f"t{i}" for i in range(6)]
+            for metric, values in expected.items():
+                assert per_query[metric][config] == pytest.approx(values), (ranking, metric, config)
+            name = ("unpatched", "patched")[config]
+            assert report["rankings"][ranking][name]["Hits@1"] == pytest.approx(np.mean(expected["Hits@1"]))
+        differ |= full_vocabulary != docid_only
+        hit_anywhere |= any(full_vocabulary["MRR@10"])
+        assert report[("unpatched", "patched")[config]]["Hits@1"] == pytest.approx(np.mean(docid_only["Hits@1"]))
+    assert hit_anywhere and differ  # word tokens above some docid: the two rankings tell different stories

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from genir_jax.analysis.evidence import (DOES_NOT_HOLD, HOLDS, UNDETERMINED, Claim, Interval, bootstrap, share,
-                                         verdict)
+from genir_jax.analysis.evidence import (DOES_NOT_HOLD, HOLDS, UNDETERMINED, Claim, Interval, bootstrap, ratio,
+                                         share, verdict)
 from genir_jax.base.errors import GenIRError
 
 
@@ -68,3 +68,23 @@ def test_verdict_rule():
     assert narrow.scaled(100).format(unit="%") == "90.00 [85.00, 95.00]% (n=200)"
     with pytest.raises(GenIRError):
         Claim()
+
+
+def test_ratio_resamples_the_queries_in_pairs():
+    rng = np.random.default_rng(5)
+    before = rng.random(300)
+    same = ratio(before, before)
+    assert (same.estimate, same.low, same.high, same.queries) == (1.0, 1.0, 1.0, 300)  # pairs: every resample is 1
+    after = 0.8 * before + 0.05 * rng.random(300)
+    interval = ratio(after, before, seed=3)
+    assert interval.estimate == pytest.approx(after.mean() / before.mean())
+    assert interval.low < interval.estimate < interval.high and interval.width < 0.05
+    assert ratio(after, before, seed=3) == interval and interval.seed == 3
+    assert ratio([1.0, 0.0], [0.0, 0.0]) is None  # no ratio of a zero mean
+    with pytest.raises(GenIRError, match="2 numerator values for 3"):
+        ratio([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def test_interval_does_not_depend_on_the_order_of_the_queries():
+    values = np.random.default_rng(4).random(40)
+    assert bootstrap(values) == bootstrap(values[::-1]) == bootstrap(np.random.default_rng(5).permutation(values))

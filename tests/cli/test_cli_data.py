@@ -177,3 +177,19 @@ def test_evaluate_bad_input_writes_nothing(reference_files, hf_checkpoint, t5_to
     _fails(capsys, ["bm25", "--prepared", str(prepared), "--split", "val", "--qrels", other_qrels, "-o", str(out)],
            "other_qrels.json: the queries and the qrels do not match: 10 queries without judgements")
     assert not out.exists() and not list(tmp_path.glob(".eval*"))
+
+
+def test_prepare_data_naive_order(shared_data, tmp_path, capsys):
+    """--docids naive shuffles the ids by default (naive_docids.json, its seed in prepare.json); --naive-order
+    corpus keeps the document ids; --naive-order without naive docids is refused naming the flags."""
+    common = ["prepare-data", "--dataset", "squad-dev", "--data-dir", str(shared_data), "--max-documents", "30"]
+    assert main([*common, "--docids", "naive", "--seed", "5", "-o", str(tmp_path / "shuffled")]) == 0
+    assert json.loads((tmp_path / "shuffled" / "prepare.json").read_text())["docids"]["seed"] == 5
+    assert (tmp_path / "shuffled" / "naive_docids.json").is_file()
+    assert main([*common, "--docids", "naive", "--naive-order", "corpus", "-o", str(tmp_path / "corpus")]) == 0
+    assert json.loads((tmp_path / "corpus" / "prepare.json").read_text())["docids"] == {"scheme": "naive",
+                                                                                         "order": "corpus"}
+    capsys.readouterr()
+    assert main([*common, "--naive-order", "corpus", "-o", str(tmp_path / "never")]) == 2
+    assert "--naive-order needs --docids naive, got --docids atomic" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

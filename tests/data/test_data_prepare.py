@@ -269,3 +269,40 @@ def test_max_documents_keeps_a_prefix_and_its_queries(shared_data, tmp_path):
     with pytest.raises(GenIRError, match="max_documents must be a positive integer"):
         prepare_dataset("squad-dev", tmp_path / "never", shared_data, max_documents=0)
     assert not (tmp_path / "never").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Naive docids: a seeded shuffle by default, the corpus order on request
+# --------------------------------------------------------------------------------------------------
+
+def test_naive_ids_are_a_seeded_shuffle_of_the_documents(shared_data, tmp_path):
+    from genir_jax.base.errors import SettingError
+    from genir_jax.data.prepare import prepared_scheme
+    from genir_jax.docids.schemes import naive_scheme
+
+    manifest = prepare_dataset("squad-dev", tmp_path / "a", shared_data, max_documents=60, seed=3, docids="naive")
+    documents, _ = load_prepared(tmp_path / "a")
+    doc_ids = [d.id for d in documents]
+    assert manifest["docids"] == {"scheme": "naive", "order": "shuffled", "seed": 3, "file": "naive_docids.json"}
+    assert "naive_docids.json" in manifest["files"]
+    ids = json.loads((tmp_path / "a" / "naive_docids.json").read_text())
+    assert list(ids) == doc_ids and sorted(ids.values(), key=int) == [str(i) for i in range(60)]  # a permutation
+    assert list(ids.values()) != doc_ids  # squad-dev's document ids are numbered in article order
+    neighbours = sum(abs(int(ids[a]) - int(ids[b])) == 1 for a, b in zip(doc_ids, doc_ids[1:]))
+    assert neighbours < 10  # neighbouring documents (often one article) rarely get neighbouring ids
+    assert prepared_scheme(tmp_path / "a", doc_ids).docids == ids  # what `train` and `evaluate` use
+    prepare_dataset("squad-dev", tmp_path / "b", shared_data, max_documents=60, seed=3, docids="naive")
+    prepare_dataset("squad-dev", tmp_path / "c", shared_data, max_documents=60, seed=4, docids="naive")
+    assert json.loads((tmp_path / "b" / "naive_docids.json").read_text()) == ids
+    assert json.loads((tmp_path / "c" / "naive_docids.json").read_text()) != ids
+    corpus = prepare_dataset("squad-dev", tmp_path / "d", shared_data, max_documents=60, seed=3, docids="naive",
+                             naive_order="corpus")
+    assert corpus["docids"] == {"scheme": "naive", "order": "corpus"}
+    assert not (tmp_path / "d" / "naive_docids.json").exists()
+    assert prepared_scheme(tmp_path / "d", doc_ids).docids == naive_scheme(doc_ids).docids  # the old ids
+    with pytest.raises(SettingError, match="naive_order needs docids naive"):
+        prepare_dataset("squad-dev", tmp_path / "never", shared_data, max_documents=60, naive_order="corpus")
+    with pytest.raises(SettingError, match="naive_order must be one of shuffled, corpus"):
+        prepare_dataset("squad-dev", tmp_path / "never", shared_data, max_documents=60, docids="naive",
+                        naive_order="sorted")
+    assert not (tmp_path / "never").exists()

@@ -123,7 +123,10 @@ def test_prepare_data_naive_and_semantic(tmp_path, capsys):
     assert main(["prepare-data", *_reference_json_args(source), "-o", str(tmp_path / "naive"),
                  "--docids", "naive"]) == 0
     manifest = json.loads((tmp_path / "naive" / "prepare.json").read_text())
-    assert manifest["docids"] == {"scheme": "naive"}
+    # naive ids by a seeded shuffle (the default order), written beside the manifest
+    assert manifest["docids"] == {"scheme": "naive", "order": "shuffled", "seed": 0, "file": "naive_docids.json"}
+    assert sorted(json.loads((tmp_path / "naive" / "naive_docids.json").read_text()).values(), key=int) == \
+        [str(i) for i in range(16)]
     assert not (tmp_path / "naive" / "semantic_docids.json").exists()
 
     out = tmp_path / "semantic"
@@ -314,3 +317,22 @@ def test_train_bad_docids_exit_2_without_output(tmp_path, base_dir, case, capsys
     err = capsys.readouterr().err
     assert all(part in err for part in expected), err
     assert not out.exists()
+
+
+def test_naive_mapping_file_is_validated(tmp_path):
+    from genir_jax.docids.schemes import read_naive_mapping, shuffled_naive_scheme
+
+    doc_ids = ["a", "b", "c"]
+    shuffled = shuffled_naive_scheme(doc_ids, 1)
+    assert sorted(shuffled.docids.values()) == ["0", "1", "2"] and shuffled == shuffled_naive_scheme(doc_ids, 1)
+    path = tmp_path / "naive_docids.json"
+    path.write_text(json.dumps(dict(shuffled.docids)))
+    assert read_naive_mapping(path, doc_ids).docids == shuffled.docids
+    for mapping, message in (({"a": "0", "b": "1"}, "document 'c' has no naive id"),
+                             ({"a": "0", "b": "1", "c": "2", "z": "3"}, "document 'z' is not in the corpus"),
+                             ({"a": "0", "b": "0", "c": "2"}, "record 'b': naive id '0' duplicates that of document "
+                                                              "'a'"),
+                             ({"a": "0", "b": "1 2", "c": "2"}, "record 'b': the naive id must be a non-empty")):
+        path.write_text(json.dumps(mapping))
+        with pytest.raises(DataError, match=message):
+            read_naive_mapping(path, doc_ids)

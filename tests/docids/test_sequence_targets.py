@@ -7,8 +7,8 @@ import pytest
 
 from genir_jax.core.config import t5_v1_0
 from genir_jax.core.model import forward, init_params
-from genir_jax.docids.sequence_targets import (greedy_consistent, pad_targets, reduce_step_ranks, sequence_log_prob,
-                                        sequence_metric, step_ranks, teacher_forced_logits)
+from genir_jax.docids.sequence_targets import (greedy_consistent, kept_at_rank_0, pad_targets, reduce_step_ranks,
+                                               sequence_log_prob, sequence_metric, step_ranks, teacher_forced_logits)
 
 CONFIG = t5_v1_0(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=3, num_heads=2)
 
@@ -99,3 +99,38 @@ def test_sequence_stage_patching_zero_mlp_equals_zeroed_weights(setup):
     assert not np.allclose(result.values[keys.index("0-attn-t5")], clean, atol=1e-3)
     entries = result.fractions()
     assert entries[0]["mode"] == "zero" and "mean_effect" in entries[0]
+
+
+def test_kept_at_rank_0_first_each_and_every_step():
+    ranks = np.asarray([[0, 0, -1], [0, 3, 0], [2, 0, 0], [0, 0, 0]])
+    kept = kept_at_rank_0(ranks)
+    assert kept["first step"].tolist() == [True, True, False, True]
+    assert kept["every step"].tolist() == [True, False, False, True]  # padding is no step
+    assert [flags.tolist() for flags in kept["steps"]] == [[True, True, False, True], [True, False, True, True],
+                                                           [True, True, True]]  # step 3: the three longer docids
+
+
+def test_sequence_stage_patching_keeps_each_steps_rank(setup, tmp_path):
+    """The per-step ranks behind the first-step / per-step / every-step shares: those of the zeroed-weights
+    model, reduced to the per-query rank, and written to step_ranks.json."""
+    import json
+
+    from genir_jax.analysis.sequence_stage_patching import run_sequence_stage_patching
+    from genir_jax.analysis.stage_patching import STEP_RANKS_JSON, write_stage_patching
+
+    params, ids, mask, sequences = setup
+    targets, tmask = pad_targets(sequences)
+    result = run_sequence_stage_patching(CONFIG, params, ids, mask, targets, tmask, stages=[[0], [1, 2]],
+                                         modes=("zero",), batch_size=3, progress=False)
+    keys = [row.key for row in result.rows]
+    wo = np.array(params["decoder"]["layers"]["mlp"]["wo"])
+    wo[1:] = 0.0
+    zeroed = {**params, "decoder": {**params["decoder"], "layers": {**params["decoder"]["layers"],
+                                                                    "mlp": {**params["decoder"]["layers"]["mlp"],
+                                                                            "wo": wo}}}}
+    expected = np.asarray(step_ranks(teacher_forced_logits(CONFIG, zeroed, ids, mask, targets), targets, tmask))
+    np.testing.assert_array_equal(result.step_ranks[keys.index("1-mlp-zero")], expected)
+    np.testing.assert_array_equal(result.values, result.step_ranks.max(axis=-1))
+    write_stage_patching(tmp_path / "out", result.as_rank_result())
+    written = json.loads((tmp_path / "out" / STEP_RANKS_JSON).read_text())
+    assert written["1-mlp-zero"] == [row[row >= 0].tolist() for row in expected]

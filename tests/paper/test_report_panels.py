@@ -40,6 +40,7 @@ def _table(markdown: str, first_header: str) -> tuple[list[str], list[list[str]]
 # --------------------------------------------------------------------------------------------------
 
 def test_figure4_prints_the_papers_means_over_queries(tmp_path):
+    from genir_jax.analysis.evidence import bootstrap
     from genir_jax.paper.experiments import figure4_rank_development as fig4
     from genir_jax.analysis.residual import LENS_SITES, ResidualRankResult, write_residual_rank
 
@@ -73,9 +74,18 @@ def test_figure4_prints_the_papers_means_over_queries(tmp_path):
         "median non-docid rank, mean": non_docid_median.mean(axis=0),
     }
     assert len(rows) == LAYERS
+    per_query = {
+        "relevant docid (resid_post), mean": lens[:, :, sites.index("resid_post")],
+        "relevant docid (cross-attn out), mean": lens[:, :, sites.index("cross_attn_out")],
+        "relevant docid (MLP out), mean": lens[:, :, sites.index("mlp_out")],
+        "mean docid rank, mean": docid_sum / docids, "median non-docid rank, mean": non_docid_median,
+    }
     for column, values in expected.items():
         index = headers.index(column)
-        assert [float(row[index]) for row in rows] == pytest.approx(np.round(values, 1), abs=0.051), column
+        assert [float(row[index].split(" [")[0]) for row in rows] == pytest.approx(np.round(values, 1), abs=0.051), \
+            column
+        assert [row[index] for row in rows] == [bootstrap(per_query[column][:, layer].astype(np.float64)).format(1)
+                                                for layer in range(LAYERS)], column
     # Not the other statistic (the median over queries of the relevant rank differs here).
     median = np.median(lens[:, :, sites.index("resid_post")], axis=0)
     assert not np.allclose(median, expected["relevant docid (resid_post), mean"])
@@ -102,10 +112,13 @@ def _stage_patching_csv(layout, ranks: dict) -> None:
         fractions = [repr(float(np.mean(np.asarray(values) > t))) for _, t in THRESHOLDS]
         lines.append(",".join([str(index), component, str(stage), mode, *fractions]))
     (directory / "patching_results_single_combis.csv").write_text("\n".join(lines) + "\n")
+    (directory / "ranks_correct_queries_patching_single_combis.json").write_text(json.dumps(
+        {f"{stage}-{component}-{mode}": [int(r) for r in values] for (mode, component, stage), values in ranks.items()}))
     (directory / "stages.json").write_text(json.dumps({"method": "thirds", "stages": [[0, 1], [2, 3], [4, 5]]}))
 
 
 def test_table3_labels_count_from_1_and_shows_the_self_attention_rows(tmp_path):
+    from genir_jax.analysis.evidence import share
     from genir_jax.paper.experiments import table3_stage_patching as table3
 
     layout = _layout(tmp_path)
@@ -115,14 +128,16 @@ def test_table3_labels_count_from_1_and_shows_the_self_attention_rows(tmp_path):
     _stage_patching_csv(layout, ranks)
     text = table3.render(layout).markdown
     headers, rows = _table(text, "mode")
-    assert headers[2:] == [f"stage {n}: % not at rank 1, ours (paper)" for n in ("I", "II", "III")]
+    assert headers[2:] == [f"stage {n}: % not at rank 1, ours [95% CI] (paper)" for n in ("I", "II", "III")]
     by_row = {(row[0], row[1]): row[2:] for row in rows}
     for (mode, component), paper in (((m, c), table3.PAPER.get((m, c))) for m in ("zero", "mean")
                                      for c in ("mlp", "cross_attn", "attn")):
         for stage in range(3):
             ours = 100 * np.mean(ranks[(mode, component, stage)] != 0)
-            expected = f"{ours:.2f}" + (f" ({paper[stage]:.2f})" if paper else " (no paper value)")
+            interval = share(ranks[(mode, component, stage)] != 0).scaled(100)
+            expected = interval.format(2) + (f" ({paper[stage]:.2f})" if paper else " (no paper value)")
             assert by_row[(mode, component)][stage] == expected
+            assert expected.startswith(f"{ours:.2f} [") and "(n=20)" in expected
     assert by_row[("zero", "attn")][0].endswith("(1.52)")  # the paper's self-attention row
     assert "not in the top 6, 11 and 101" in text and "Ranks count from 0" in text
     headers, rows = _table(text.split("Deeper drops")[1], "mode")
@@ -133,11 +148,13 @@ def test_table3_labels_count_from_1_and_shows_the_self_attention_rows(tmp_path):
         values = np.asarray(ranks[(row[0], row[1], stage_index[row[2]])])
         # counted from 1: "not in top k" is a 1-based rank above k
         expected = [100 * np.mean(values + 1 > k) for k in (6, 11, 101)]
-        assert [float(cell) for cell in row[3:]] == pytest.approx(expected, abs=0.006)
+        assert [float(cell.split(" [")[0]) for cell in row[3:]] == pytest.approx(expected, abs=0.006)
+        assert row[3:] == [share(values + 1 > k).scaled(100).format(2) for k in (6, 11, 101)]
     assert ">5" not in text.replace("`>5`", "") and "beyond rank" not in text
 
 
 def test_stage_robustness_labels_count_from_1(tmp_path):
+    from genir_jax.analysis.evidence import bootstrap, share
     from genir_jax.paper.experiments import stage_robustness
     from genir_jax.analysis.stage_robustness import StageRobustnessResult, write_stage_robustness
 
@@ -154,7 +171,9 @@ def test_stage_robustness_labels_count_from_1(tmp_path):
     assert headers[2:] == ["not at rank 1 (rank > 0)", "not in top 6 (rank > 5)", "not in top 11 (rank > 10)",
                            "not in top 101 (rank > 100)", "mean rank (0-based)"]
     expected = [np.mean(values + 1 > k) for k in (1, 6, 11, 101)] + [values.mean()]
-    assert [float(cell) for cell in rows[0][2:]] == pytest.approx(expected, abs=0.051)
+    assert [float(cell.split(" [")[0]) for cell in rows[0][2:]] == pytest.approx(expected, abs=0.051)
+    assert rows[0][2:6] == [share(values + 1 > k).format(2) for k in (1, 6, 11, 101)]
+    assert rows[0][6] == bootstrap(values).format(1) and rows[0][6].endswith("(n=10)")
     assert "Ranks count from 0" in text and "beyond the top 5" not in text
 
 
@@ -163,6 +182,7 @@ def test_stage_robustness_labels_count_from_1(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 def test_table5_sets_the_paper_beside_stage_ii_only(tmp_path):
+    from genir_jax.analysis.evidence import bootstrap
     from genir_jax.paper.experiments import table5_crattn_docid_share as table5
     from genir_jax.analysis.cross_attention_writes import DocidShareResult, write_docid_shares
 
@@ -177,13 +197,16 @@ def test_table5_sets_the_paper_beside_stage_ii_only(tmp_path):
     write_docid_shares(directory, DocidShareResult(counts, layers, stages, cutoffs))
     text = table5.render(layout).markdown
     headers, rows = _table(text, "")
-    assert headers[1:] == [f"% docids in top {k} (mean over queries and layers)" for k in cutoffs]
+    assert headers[1:] == [f"% docids in top {k} (mean over queries and layers) [95% CI]" for k in cutoffs]
     labels = [row[0] for row in rows]
     assert labels == ["stage II (layers 2-3), ours", "stage II, paper (NQ10k)", "stage III (layers 4-5), ours",
                       "stage III, paper"]
     for row, columns in ((rows[0], [0, 1]), (rows[2], [2, 3])):
         expected = [100 * np.mean(counts[:, columns, c] / k) for c, k in enumerate(cutoffs)]
-        assert [float(cell) for cell in row[1:]] == pytest.approx(expected, abs=0.006)
+        assert [float(cell.split(" [")[0]) for cell in row[1:]] == pytest.approx(expected, abs=0.006)
+        assert row[1:] == [bootstrap(np.mean(counts[:, columns, c] / k, axis=1)).scaled(100).format(2)
+                           for c, k in enumerate(cutoffs)]
+        assert row[1].endswith("(n=7)")
     assert rows[1][1:] == ["0.00", "0.10", "2.30"]
     assert rows[3][1:] == ["no paper value"] * 3
 
@@ -259,6 +282,7 @@ def test_head_top_tokens_with_docids_equal_a_numpy_logit_lens(dsi):
 # --------------------------------------------------------------------------------------------------
 
 def test_table2_prints_the_removed_documents_mrr_and_hits_at_1(tmp_path):
+    from genir_jax.analysis.evidence import bootstrap, share
     from genir_jax.paper.experiments import table2_encoder_swap as table2
     from genir_jax.analysis.encoder_swap import summarize
     from genir_jax.analysis.inputs import CorrectQuery
@@ -278,16 +302,23 @@ def test_table2_prints_the_removed_documents_mrr_and_hits_at_1(tmp_path):
     record_settings(directory, "table2", table2.Config(), queries=len(queries))
     text = table2.render(layout).markdown
     headers, rows = _table(text, "encoder from")
-    assert headers == ["encoder from", "removed docs' correct queries", "MRR (removed docs: mean of 1/(rank+1))",
-                       "Hits@1 (removed docs: % at rank 1)", "mean rank (all correct queries, 0-based)",
-                       "median rank (all correct queries, 0-based)", "not at rank 1 (all correct queries), of 12"]
+    assert headers == ["encoder from", "removed docs' correct queries",
+                       "MRR (removed docs: mean of 1/(rank+1)) [95% CI]", "Hits@1 (removed docs: % at rank 1) [95% CI]",
+                       "mean rank (all correct queries, 0-based) [95% CI]",
+                       "median rank (all correct queries, 0-based) [95% CI]",
+                       "not at rank 1 (all correct queries), of 12"]
     of_removed = np.asarray([r for r, q in zip(ranks, queries) if q.docid_token in {f"@DOC_ID_{d}@" for d in removed}])
     ours = rows[0]
     assert ours[0] == "removed-0, ours" and int(ours[1]) == of_removed.size == 6
-    assert float(ours[2]) == pytest.approx(np.mean(1 / (of_removed + 1)), abs=0.006)
-    assert float(ours[3]) == pytest.approx(100 * np.mean(of_removed == 0), abs=0.006)
-    assert float(ours[4]) == pytest.approx(ranks.mean(), abs=0.006)
-    assert float(ours[5]) == np.sort(ranks)[(len(ranks) - 1) // 2] and int(ours[6]) == np.sum(ranks != 0)
+    estimate = [float(cell.split(" [")[0]) for cell in ours[2:6]]
+    assert estimate[0] == pytest.approx(np.mean(1 / (of_removed + 1)), abs=0.0006)
+    assert estimate[1] == pytest.approx(100 * np.mean(of_removed == 0), abs=0.006)
+    assert estimate[2] == pytest.approx(ranks.mean(), abs=0.006)
+    assert estimate[3] == np.sort(ranks)[(len(ranks) - 1) // 2] and int(ours[6]) == np.sum(ranks != 0)
+    assert ours[2] == bootstrap(1 / (of_removed + 1)).format(3) and ours[2].endswith("(n=6)")
+    assert ours[3] == share(of_removed == 0).scaled(100).format(2)
+    assert ours[4] == bootstrap(ranks).format(2) and ours[4].endswith("(n=12)")
+    assert ours[5] == bootstrap(ranks, table2.lower_median).format(1)
     assert rows[1][0] == "base T5 (pretrained only), ours" and rows[1][2] == rows[1][3] == ""
     assert rows[2][0] == "a model without the documents, paper (NQ10k)"
     assert rows[2][2:4] == ["paper value not in PAPER.md"] * 2
@@ -299,6 +330,7 @@ def test_table2_prints_the_removed_documents_mrr_and_hits_at_1(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 def test_figure3_states_the_cosine_residual_and_prints_stage_means(tmp_path):
+    from genir_jax.analysis.evidence import bootstrap
     from genir_jax.paper.experiments import figure3_residual_contributions as fig3
     from genir_jax.analysis.residual import ResidualRankResult, write_residual_rank
 
@@ -320,7 +352,9 @@ def test_figure3_states_the_cosine_residual_and_prints_stage_means(tmp_path):
                            for label in ("self-attention", "cross-attention", "MLP")]
     for row, layers in zip(rows, ([0, 1], [2, 3], [4, 5])):
         expected = [contributions[:, layers, f, p].astype(np.float64).mean() for f in (0, 2) for p in range(3)]
-        assert [float(cell) for cell in row[2:]] == pytest.approx(expected, abs=0.006)
+        assert [float(cell.split(" [")[0]) for cell in row[2:]] == pytest.approx(expected, abs=0.006)
+        assert row[2:] == [bootstrap(contributions[:, layers, f, p].astype(np.float64).mean(axis=1)).format(2)
+                           for f in (0, 2) for p in range(3)]
     assert "computes it with the layer's OUTPUT residual, resid_post" in section.markdown
     assert "We plot and tabulate the reference's: cosine(component, resid_post)" in section.markdown
 
@@ -333,7 +367,9 @@ def test_figure3_states_the_cosine_residual_and_prints_stage_means(tmp_path):
     assert [row[1] for row in rows] == ["0-0", "1-2", "3-5"]
     for row, layers in zip(rows, ([0], [1, 2], [3, 4, 5])):
         expected = [contributions[:, layers, f, p].astype(np.float64).mean() for f in (0, 2) for p in range(3)]
-        assert [float(cell) for cell in row[2:]] == pytest.approx(expected, abs=0.006)
+        assert [float(cell.split(" [")[0]) for cell in row[2:]] == pytest.approx(expected, abs=0.006)
+        assert row[2:] == [bootstrap(contributions[:, layers, f, p].astype(np.float64).mean(axis=1)).format(2)
+                           for f in (0, 2) for p in range(3)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,3 +422,266 @@ def test_figure5_shows_every_reader_layer(tmp_path):
                          *per_layer[str(l)]["mlp"]] for l in layers], axis=0)
         assert [float(cell) for cell in rows[-1][3:]] == pytest.approx(100 * mean, abs=0.051)
     assert section.figures[0].read_bytes()[:4] == b"\x89PNG"
+
+
+# --------------------------------------------------------------------------------------------------
+# Table 4: both rankings, each labelled, with intervals over the test queries
+# --------------------------------------------------------------------------------------------------
+
+def _circuit_record(layout, rng, queries: int = 40):
+    """minimal_circuit.json from synthetic rankings (`circuit_report`): ranked docid indices per query, the
+    full-vocabulary ranking with word tokens (-1) above the docid for some queries."""
+    from genir_jax.analysis.circuit import PAPER_CIRCUIT, circuit_report
+    from genir_jax.analysis.circuit_runs import write_circuit
+
+    doc_ids = [f"d{i}" for i in range(12)]
+    query_ids = [f"t{i}" for i in range(queries)]
+    qrels = {q: {doc_ids[i % 12]: 1} for i, q in enumerate(query_ids)}
+    docid_top = np.stack([np.stack([rng.permutation(12) for _ in query_ids]) for _ in range(2)])
+    full_top = docid_top.copy()
+    full_top[:, rng.random(queries) < 0.4, 0] = -1  # a word token ranked first
+    logits = np.sort(rng.random(docid_top.shape), axis=-1)[..., ::-1]
+    rankings = {"full vocabulary": (full_top, logits, None), "docid tokens only": (docid_top, logits, None)}
+    report, runs = circuit_report(PAPER_CIRCUIT, [[0, 1], [2, 3], [4, 5]], query_ids, doc_ids, rankings, qrels,
+                                  correct_queries=9, padding="masked padding")
+    write_circuit(layout.analysis("circuit"), report, runs, {"method": "thirds", "stages": [[0, 1], [2, 3], [4, 5]]},
+                  "full")
+    return report, docid_top, full_top
+
+
+def test_table4_shows_both_rankings_with_intervals(tmp_path):
+    from genir_jax.analysis.evidence import bootstrap, ratio
+    from genir_jax.paper.experiments import table4_minimal_circuit as table4
+
+    layout = _layout(tmp_path)
+    rng = np.random.default_rng(4)
+    report, docid_top, full_top = _circuit_record(layout, rng)
+    text = table4.render(layout).markdown
+    headers, rows = _table(text, "ranking")
+    assert headers == ["ranking", "metric", "unpatched [95% CI]", "circuit [95% CI]", "circuit / unpatched [95% CI]",
+                       "paper: circuit (relative)"]
+    assert [row[0] for row in rows] == ["full vocabulary"] * 4 + ["docid tokens only"] * 4
+    targets = np.arange(40) % 12
+    for ranking, top in (("full vocabulary", full_top), ("docid tokens only", docid_top)):
+        hits = (top[:, :, 0] == targets).astype(float)  # [2, N] per-query Hits@1 from the ranked ids
+        row = next(r for r in rows if r[0] == ranking and r[1] == "Hits@1")
+        assert row[2] == bootstrap(hits[0]).scaled(100).format(2) and row[2].endswith(f"(n=40)")
+        assert row[3] == bootstrap(hits[1]).scaled(100).format(2)
+        assert row[4] == ratio(hits[1], hits[0]).scaled(100).format(0, "%")
+        assert f"{100 * hits[1].mean():.2f} [" in row[3]
+    assert "**full vocabulary**" in text and "**docid tokens only**" in text and "95% bootstrap" in text
+
+
+def test_table3_reports_first_each_and_every_step_for_docid_sequences(tmp_path):
+    """Naive / semantic docids: the share of correct queries whose docid token keeps rank 0 at the first step,
+    at each step and at every step, each with its bootstrap interval and query count."""
+    from genir_jax.analysis.evidence import share
+    from genir_jax.analysis.stage_patching import STEP_RANKS_JSON
+    from genir_jax.paper.experiments import table3_stage_patching as table3
+
+    layout = _layout(tmp_path)
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(2, 5, size=30)  # docids of 2-4 tokens (EOS included)
+    steps = {(mode, component, stage): [rng.choice([0, 0, 0, 1, 7], size=n).tolist() for n in lengths]
+             for mode in ("zero", "mean") for component in ("mlp", "cross_attn", "attn") for stage in range(3)}
+    _stage_patching_csv(layout, {key: [max(q) for q in value] for key, value in steps.items()})
+    (layout.analysis("patch-stages") / STEP_RANKS_JSON).write_text(json.dumps(
+        {f"{stage}-{component}-{mode}": value for (mode, component, stage), value in steps.items()}))
+    text = table3.render(layout).markdown
+    headers, rows = _table(text.split("Multi-token docids")[1], "mode")
+    assert headers == ["mode", "component", "stage", "first step", "step 1", "step 2", "step 3", "step 4",
+                       "every step"]
+    assert len(rows) == len(steps)
+    for row in rows:
+        queries = steps[(row[0], row[1], "I II III".split().index(row[2]))]
+        expected = [share([q[0] == 0 for q in queries])]
+        expected += [share([q[t] == 0 for q in queries if len(q) > t]) for t in range(4)]
+        expected += [share([max(q) == 0 for q in queries])]
+        assert row[3:] == [interval.scaled(100).format(1, "%") for interval in expected]
+        assert row[3].endswith("(n=30)") and row[-1].endswith("(n=30)")
+        assert row[7].endswith(f"(n={int(np.sum(lengths > 3))})")  # step 4: the four-token docids only
+    assert "first decoding step" in text and "every step (greedy decoding still gives the whole docid)" in text
+
+
+def test_table4_reports_first_each_and_every_step_for_docid_sequences(tmp_path):
+    """Naive / semantic Table 4: the circuit's first-step, per-step and every-step (greedy Hits@1) shares of test
+    queries at rank 0, each with its interval and query count, from the teacher-forced step ranks."""
+    from genir_jax.analysis.circuit import PAPER_CIRCUIT, sequence_circuit_report
+    from genir_jax.analysis.circuit_runs import write_circuit
+    from genir_jax.analysis.evidence import share
+    from genir_jax.paper.experiments import table4_minimal_circuit as table4
+
+    layout = _layout(tmp_path)
+    rng = np.random.default_rng(6)
+    queries, doc_ids = 25, [f"d{i}" for i in range(10)]
+    query_ids = [f"t{i}" for i in range(queries)]
+    qrels = {q: {doc_ids[i % 10]: 1} for i, q in enumerate(query_ids)}
+    indices = np.stack([np.stack([rng.permutation(10) for _ in query_ids]) for _ in range(2)])
+    scores = np.sort(rng.random(indices.shape), axis=-1)[..., ::-1]
+    lengths = rng.integers(2, 4, size=queries)
+    steps = np.full((2, queries, 3), -1)
+    for k in range(2):
+        for q, n in enumerate(lengths):
+            steps[k, q, :n] = rng.choice([0, 0, 2], size=n)
+    report, runs = sequence_circuit_report(PAPER_CIRCUIT, [[0, 1], [2, 3], [4, 5]], query_ids, doc_ids, indices,
+                                           scores, qrels, steps, rng.normal(size=(2, queries)), correct_queries=7,
+                                           scheme="naive")
+    write_circuit(layout.analysis("circuit"), report, runs, {"method": "thirds", "stages": [[0, 1], [2, 3], [4, 5]]},
+                  "full")
+    text = table4.render(layout).markdown
+    headers, rows = _table(text, "model")
+    assert headers == ["model", "first step", "step 1", "step 2", "step 3", "every step (greedy Hits@1)",
+                       "mean log-probability"]
+    for k, row in enumerate(rows):
+        real = steps[k] >= 0
+        expected = [share(steps[k, :, 0] == 0)] + [share(steps[k, real[:, t], t] == 0) for t in range(3)]
+        expected.append(share(np.all((steps[k] == 0) | ~real, axis=1)))
+        assert row[1:6] == [interval.scaled(100).format(1, "%") for interval in expected]
+        assert row[4].endswith(f"(n={int(np.sum(lengths == 3))})")
+    assert report["patched"]["greedy Hits@1"] == pytest.approx(np.mean(np.all((steps[1] == 0) | (steps[1] < 0), 1)))
+    assert report["patched"]["first-step Hits@1"] == pytest.approx(np.mean(steps[1, :, 0] == 0))
+    _, retrieval = _table(text, "ranking")
+    assert [row[1] for row in retrieval] == ["Hits@1", "Recall@5", "Hits@10", "MRR@10"]
+    hits = (indices[:, :, 0] == np.arange(queries) % 10).astype(float)
+    assert retrieval[0][2].startswith(f"{100 * hits[0].mean():.2f} [") and retrieval[0][2].endswith("(n=25)")
+
+
+@pytest.mark.slow  # about a minute on 2 cores: run by the full suite (.ci/run), not the quick one
+def test_table4_sequence_run_keeps_each_steps_rank_of_the_circuit(tmp_path, t5_tokenizer):
+    """The naive Table 4 run on a tiny random model: the per-step ranks it keeps (without and with the circuit)
+    are those of the teacher-forced docid under the same interventions, and the shares follow from them."""
+    from genir_jax.analysis.circuit import PAPER_CIRCUIT, circuit_interventions
+    from genir_jax.analysis.inputs import tokenize_for_analysis
+    from genir_jax.base.io import write_json
+    from genir_jax.checkpoints.hf import PretrainedModel, save_pretrained
+    from genir_jax.core.config import t5_v1_0
+    from genir_jax.core.model import init_params
+    from genir_jax.core.sites import COMPONENT_SITES
+    from genir_jax.docids.sequence_targets import (pad_targets, step_ranks, teacher_forced_logits,
+                                                   teacher_forcing_inputs)
+    from genir_jax.interp.interventions import mean_activations
+    from genir_jax.paper.experiments import table4_minimal_circuit as table4
+
+    layout = rp.Layout(tmp_path)
+    config = t5_v1_0(vocab_size=32128, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=3, num_heads=2)
+    params = init_params(config, 1)
+    params = {**params, "shared": np.asarray(params["shared"]) * 3.0}
+    save_pretrained(layout.full, PretrainedModel(config, params, t5_tokenizer))
+    docids = {f"d{i}": str(10 * i + 3) for i in range(6)}
+    write_json(layout.full / "docids.json", {"format": 1, "scheme": "naive", "docids": docids})
+    layout.data.mkdir(parents=True)
+    texts = ["who wrote the books", "capital of france", "when did the war end", "spider legs", "eiffel tower",
+             "mona lisa painter"]
+    for split in ("val", "test"):
+        write_json(layout.queries(split), [{"id": f"{split}{i}", "query": t, "relevant_docs": [f"d{i}"]}
+                                           for i, t in enumerate(texts)])
+        layout.qrels(split).write_text("".join(f"{split}{i} 0 d{i} 1\n" for i in range(6)))
+    layout.correct_valid.parent.mkdir(parents=True)
+    write_json(layout.correct_valid, [[docids[f"d{i}"], f"val{i}"] for i in (0, 2, 3)])
+    settings = rp.Settings(dataset="squad-dev", preset="tiny", docids="naive", progress=False)
+    table4.run_circuit(layout, settings, table4.Config(stages="0,1,2", batch_size=4))
+    report = json.loads((layout.analysis("circuit") / "minimal_circuit.json").read_text())
+    sequences = [t5_tokenizer(docids[f"d{i}"])["input_ids"] for i in range(6)]
+    targets, mask = pad_targets(sequences)
+    ids, attention = tokenize_for_analysis(t5_tokenizer, texts)
+    val = [t5_tokenizer(docids[f"d{i}"])["input_ids"] for i in (0, 2, 3)]
+    val_ids, val_mask = tokenize_for_analysis(t5_tokenizer, [texts[i] for i in (0, 2, 3)])
+    val_targets, _ = pad_targets(val, targets.shape[1])
+    means = mean_activations(config, params, val_ids, val_mask, [f"decoder.*.{s}" for s in COMPONENT_SITES.values()],
+                             decoder_input_ids=teacher_forcing_inputs(val_targets, config.decoder_start_token_id),
+                             progress=False)
+    sweep = circuit_interventions(config, PAPER_CIRCUIT, [[0], [1], [2]], means)
+    for k in range(2):
+        logits = teacher_forced_logits(config, params, ids, attention, targets,
+                                       interventions=sweep.config(config, k) or None)
+        expected = np.asarray(step_ranks(logits, targets, mask))
+        assert report["per_query"]["step_ranks"][k] == [row[row >= 0].tolist() for row in expected]
+        name = ("unpatched", "patched")[k]
+        assert report[name]["first-step Hits@1"] == pytest.approx(np.mean(expected[:, 0] == 0))
+        assert report[name]["greedy Hits@1"] == pytest.approx(np.mean(np.all((expected == 0) | (expected < 0), 1)))
+    assert "every step (greedy Hits@1)" in table4.render(layout).markdown
+
+
+def test_table1_gives_every_metric_an_interval_over_the_queries(tmp_path):
+    from genir_jax.analysis.evidence import bootstrap
+    from genir_jax.docids.retrieval import per_query_metrics, write_trec_run
+    from genir_jax.paper.experiments import table1_retrieval as table1
+
+    layout = _layout(tmp_path)
+    rng = np.random.default_rng(7)
+    layout.data.mkdir(parents=True)
+    qrels = {}
+    for split, count in (("test", 30), ("val", 20)):
+        qrels[split] = {f"{split}{i}": {f"d{i % 12}": 1} for i in range(count)}
+        layout.qrels(split).write_text("".join(f"{q} 0 {d} 1\n" for q, docs in qrels[split].items() for d in docs))
+    runs = {}
+    for name, directory, split in (("dsi", layout.eval_test, "test"), ("bm25", layout.bm25_test, "test"),
+                                   ("val", layout.eval_val, "val")):
+        directory.mkdir(parents=True)
+        runs[name] = {q: [(f"d{j}", float(12 - r)) for r, j in enumerate(rng.permutation(12))] for q in qrels[split]}
+        write_trec_run(directory / "run.trec", runs[name], name)
+    (layout.eval_val / "metrics.json").write_text(json.dumps({"metrics": {"Hits@1": 0.1, "queries": 20},
+                                                              "correct_first": 2}))
+    (layout.full / "train.json").write_text(json.dumps({}))
+    text = table1.render(layout).markdown
+    headers, rows = _table(text, "model")
+    assert headers[1:5] == ["Hits@1 [95% CI] (n)", "R@5 [95% CI] (n)", "Hits@10 [95% CI] (n)", "MRR@10 [95% CI] (n)"]
+    for row, name in zip(rows, ("dsi", "bm25")):
+        values = per_query_metrics(runs[name], qrels["test"])
+        for cell, metric in zip(row[1:5], ("Hits@1", "Recall@5", "Hits@10", "MRR@10")):
+            assert cell == bootstrap([v[metric] for v in values.values()]).scaled(100).format(2)
+            assert cell.endswith("(n=30)")
+    validation = per_query_metrics(runs["val"], qrels["val"])
+    assert f"Hits@1 {bootstrap([v['Hits@1'] for v in validation.values()]).scaled(100).format(2)}" in text
+
+
+def test_figure4_component_sums_carry_intervals(tmp_path):
+    from genir_jax.analysis.evidence import bootstrap, share
+    from genir_jax.analysis.residual import LENS_SITES, ResidualRankResult, write_residual_rank
+    from genir_jax.paper.experiments import figure4_rank_development as fig4
+
+    layout = _layout(tmp_path)
+    rng = np.random.default_rng(8)
+    queries = 25
+    stats = {name: rng.integers(0, 64, size=(queries, LAYERS)) for name in
+             ("docid_min", "docid_max", "non_docid_min", "non_docid_max", "non_docid_median", "docid_sum")}
+    sums = rng.choice([0, 0, 3, 12, 150], size=(queries, 2))
+    write_residual_rank(layout.analysis("residual-rank"), ResidualRankResult(
+        query_ids=[f"q{i}" for i in range(queries)], contributions=rng.random((queries, LAYERS, 3, 5), dtype=np.float32),
+        lens_ranks=rng.integers(0, 5, size=(queries, LAYERS, len(LENS_SITES))), vocab_stats=stats, docid_count=16,
+        vocab_size=64, sum_ranks=sums, final_ranks=np.zeros(queries, np.int64)))
+    headers, rows = _table(fig4.render(layout).markdown, "logits from")
+    for row, column in zip(rows, (0, 1)):
+        ranks = sums[:, column]
+        assert row[1:4] == [share(ranks > t).scaled(100).format(2) for t in (0, 10, 100)]
+        assert row[4] == bootstrap(ranks, np.median).format(1) and row[4].endswith(f"(n={queries})")
+
+
+def test_figure4_steps_cells_carry_intervals_over_the_steps_queries(tmp_path):
+    from genir_jax.analysis.evidence import bootstrap
+    from genir_jax.analysis.sequence_logit_lens import SequenceLensResult, write_sequence_logit_lens
+    from genir_jax.paper.experiments import figure4_steps_rank_development as steps_figure
+
+    layout = _layout(tmp_path)
+    rng = np.random.default_rng(9)
+    queries, width = 12, 3
+    lengths = rng.integers(2, width + 1, size=queries)
+    lens = rng.integers(0, 50, size=(queries, width, LAYERS, 3))
+    contributions = rng.random((queries, width, LAYERS, 3, 5))
+    for n, length in enumerate(lengths):
+        lens[n, length:], contributions[n, length:] = -1, np.nan
+    write_sequence_logit_lens(layout.analysis("steps-logit-lens"),
+                              SequenceLensResult(lens, contributions, lengths, np.zeros((queries, width), np.int64)),
+                              [f"q{i}" for i in range(queries)])
+    text = steps_figure.render(layout).markdown
+    headers, rows = _table(text, "layer")
+    assert headers[1:] == ["step 1", "step 2", "step 3", "last step (EOS)"]
+    chosen = [np.ones(queries, bool), lengths > 1, lengths > 2]
+    for layer, row in enumerate(rows):
+        for t in range(width):
+            assert row[1 + t] == bootstrap(lens[chosen[t], t, layer, 0].astype(np.float64)).format(1)
+        last = lens[np.arange(queries), lengths - 1, layer, 0].astype(np.float64)
+        assert row[4] == bootstrap(last).format(1) and row[4].endswith(f"(n={queries})")
+    _, rows = _table(text, "step")
+    ratio = contributions[:, 1, :, 0, :]  # step 2, func ratio
+    assert rows[1][1] == bootstrap(ratio[lengths > 1][:, [0, 1], 0].mean(axis=1)).format(2)  # stage I, self-attn

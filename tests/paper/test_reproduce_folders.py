@@ -41,3 +41,20 @@ def test_missing_data_names_what_reproduce_takes_and_leaves_nothing_bound(tmp_pa
     assert "file not found" in err and "genir-jax prepare-data --download" in err and "--data-dir" in err
     assert "pass --download" not in err
     assert not (out / ".steps" / "settings.json").exists()
+
+
+def test_naive_runs_record_the_order_of_their_ids(tmp_path, capsys):
+    """A naive run binds its folder to the order of its ids; a naive folder from before the order was recorded
+    holds corpus-order ids, so the shuffled default refuses it instead of mixing the two."""
+    assert Settings(dataset="squad-dev", preset="tiny", docids="naive").record["naive_order"] == "shuffled"
+    assert "naive_order" not in Settings(dataset="squad-dev", preset="tiny").record
+    layout = _bind(tmp_path / "run", dataset="squad-dev", preset="tiny", docids="naive")
+    check_same_settings(layout, Settings(dataset="squad-dev", preset="tiny", docids="naive"))
+    old = Settings(dataset="squad-dev", preset="tiny", docids="naive").record
+    del old["naive_order"]
+    (layout.steps / "settings.json").write_text(json.dumps(old))
+    assert main(["reproduce", "--preset", "tiny", "--out", str(tmp_path / "run"), "--docids", "naive",
+                 "--list-steps"]) == 2
+    assert "naive_order: 'corpus' there, 'shuffled' here" in capsys.readouterr().err
+    assert main(["reproduce", "--preset", "tiny", "--out", str(tmp_path / "run"), "--docids", "naive",
+                 "--naive-order", "corpus", "--list-steps"]) == 0

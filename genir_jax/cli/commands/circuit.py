@@ -24,7 +24,9 @@ def add_parser(subparsers) -> None:
             "Knock out components as a circuit file says (default: the paper's circuit - remove self-attention "
             "in all layers and cross-attention in stage I, replace MLP outputs of stages I and II by their mean "
             "over the correct validation queries) and evaluate on the test queries: Hits@1, Recall@5, Hits@10, "
-            "MRR@10, nDCG@10 (ir-measures, docid tokens only), absolute and relative to the unpatched model. Writes "
+            "MRR@10, nDCG@10 (ir-measures), absolute and relative to the unpatched model, ranked two ways: over the "
+            "full vocabulary (as the reference: word tokens count as non-relevant entries) and over the docid "
+            "tokens only (the top-level metrics and the runs). Writes "
             "minimal_circuit.json, the two TREC runs and stages.json. Default stages: the paper's for a 24-layer "
             "decoder, otherwise found automatically (--stages auto). --reference: as the reference's "
             "eval_patching_all_stages.py, writes only patching_results_best_circuit.json with its keys hits@1, "
@@ -47,7 +49,8 @@ def add_parser(subparsers) -> None:
     add_reference(parser, "eval_patching_all_stages.py",
                   "patching_results_best_circuit.json only, its metrics and config text, the paper's stages",
                   "as the reference: pad to the longest correct validation query + 1 without attention mask (means "
-                  "and test queries), rank over the full vocabulary (word tokens count as non-relevant entries)")
+                  "and test queries), rank over the full vocabulary (word tokens count as non-relevant entries); "
+                  "both rankings are still written")
     parser.add_argument("--k", type=LISTED, default=100, help="documents per query in the runs (default 100)")
     add_run_controls(parser, "queries per device per step (default: from a 1 GiB logits budget)", None)
     parser.set_defaults(handler=run)
@@ -55,9 +58,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from genir_jax.analysis.circuit import (PAPER_CIRCUIT, REFERENCE_CONFIG, REFERENCE_RESULTS_JSON,
-                                            circuit_from_json, circuit_report, docid_targets,
-                                            reference_retrieval_metrics)
+    from genir_jax.analysis.circuit import (DOCID_TOKENS, FULL_VOCABULARY, PAPER_CIRCUIT, REFERENCE_CONFIG,
+                                            REFERENCE_RESULTS_JSON, circuit_from_json, circuit_report,
+                                            docid_targets, reference_retrieval_metrics)
     from genir_jax.analysis.circuit_runs import rank_test_queries, write_circuit
     from genir_jax.analysis.inputs import load_analysis_inputs, load_model
     from genir_jax.data.corpus import qrels_from_queries, read_json, read_qrels, read_queries
@@ -81,12 +84,14 @@ def run(args: argparse.Namespace) -> int:
     docids = docid_targets(tokenizer, test_queries, args.test_queries, args.checkpoint)
     progress = not args.no_progress
 
-    top_ids, top_logits, full_top_ids = rank_test_queries(inputs, test_queries, circuit, stages, docids, k=args.k,
-                                                          reference_padding=args.reference_padding,
-                                                          batch_size=args.batch_size, progress=progress)
+    rankings = rank_test_queries(inputs, test_queries, circuit, stages, docids, k=args.k,
+                                 reference_padding=args.reference_padding, batch_size=args.batch_size,
+                                 progress=progress, rankings=(FULL_VOCABULARY,) if args.reference else
+                                 (FULL_VOCABULARY, DOCID_TOKENS))
 
     query_ids = [q.id for q in test_queries]
     if args.reference:
+        full_top_ids = rankings[FULL_VOCABULARY][2]
         report = reference_retrieval_metrics(full_top_ids[1], query_ids, qrels, docids.vocabulary)
         paper = circuit is PAPER_CIRCUIT and [list(x) for x in stages] == [list(range(7)), list(range(7, 18)),
                                                                             list(range(18, 24))]
@@ -96,12 +101,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"stages": stages, **report}, indent=1))
         return 0
     report, runs = circuit_report(
-        circuit, stages, query_ids, docids.doc_ids, top_ids, top_logits, qrels, correct_queries=len(correct),
-        ranking="full vocabulary, reference padding, no attention mask" if args.reference_padding
-        else "docid tokens only, masked padding")
-    unpatched, patched, relative = report["unpatched"], report["patched"], report["relative"]
+        circuit, stages, query_ids, docids.doc_ids, rankings, qrels, correct_queries=len(correct),
+        padding="reference padding, no attention mask" if args.reference_padding else "masked padding")
     write_circuit(args.output, report, runs, stages_record, os.path.basename(os.path.normpath(args.checkpoint)))
     print(json.dumps({"config": report["config"], "stages": stages, "stages_method": stages_record["method"],
-                      "unpatched": unpatched, "patched": patched, "relative": relative},
-                     indent=1))
+                      **{ranking: {key: measured[key] for key in ("unpatched", "patched", "relative")}
+                         for ranking, measured in report["rankings"].items()}}, indent=1))
     return 0

@@ -21,7 +21,8 @@ def add_parser(subparsers) -> None:
                     "reference-format files) and write documents.json, {train,val,test}_queries.json, "
                     "{val,test}_qrels.json, {val,test}.qrels and prepare.json into OUTPUT with deterministic, "
                     "documented splits (see genir_jax.data.prepare); with --docids semantic also "
-                    "semantic_docids.json. Nothing is written when an input is bad.",
+                    "semantic_docids.json, with --docids naive also naive_docids.json (shuffled ids). Nothing is "
+                    "written when an input is bad.",
     )
     parser.add_argument("--dataset", required=True, choices=DATASETS)
     parser.add_argument("-o", "--output", required=True, help="prepared directory to write")
@@ -50,6 +51,12 @@ def add_parser(subparsers) -> None:
     add_scheme_arguments(schemes, default_help="recorded in prepare.json for `train` (default atomic); semantic "
                                                "writes semantic_docids.json, built by hierarchical k-means over "
                                                "TF-IDF/LSA document vectors unless a mapping file is given")
+    from genir_jax.docids.schemes import NAIVE_ORDERS
+
+    schemes.add_argument("--naive-order", choices=NAIVE_ORDERS, default=None,
+                         help="naive docids: shuffled (default) numbers the documents in a random order seeded by "
+                              "--seed and writes naive_docids.json, so neighbouring ids do not share an article "
+                              "and with it a leading token; corpus keeps the document ids (article order)")
     schemes.add_argument("--semantic-k", type=bounded_int(2, MAX_FACTOR), default=None, help="clusters per level (default 10, as DSI)")
     schemes.add_argument("--semantic-c", type=POSITIVE, default=None,
                          help="largest leaf cluster; bigger ones are split again (default 100, as DSI)")
@@ -65,7 +72,8 @@ def add_parser(subparsers) -> None:
 FLAGS = {"val_fraction": "--val-fraction", "test_fraction": "--test-fraction", "max_documents": "--max-documents",
          "split": "--split", "paper_regime": "--paper-regime", "docids": "--docids",
          "semantic_mapping": "--semantic-docid-mapping", "semantic_docid_mapping": "--semantic-docid-mapping",
-         "semantic_k": "--semantic-k", "semantic_c": "--semantic-c", "download": "--download",
+         "semantic_k": "--semantic-k", "semantic_c": "--semantic-c", "naive_order": "--naive-order",
+         "download": "--download",
          "data_dir": "--data-dir"}
 
 
@@ -84,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         if args.max_documents is not None:
             options["max_documents"] = args.max_documents
     options.update(docids=args.docids or "atomic", semantic_mapping=args.semantic_docid_mapping,
-                   semantic_k=args.semantic_k, semantic_c=args.semantic_c)
+                   semantic_k=args.semantic_k, semantic_c=args.semantic_c, naive_order=args.naive_order)
     with renaming_settings(FLAGS):
         check_prepare_settings(args.dataset, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                                max_documents=args.max_documents)  # also where reference-json ignores them

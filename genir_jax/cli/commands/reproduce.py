@@ -42,6 +42,11 @@ def add_parser(subparsers) -> None:
                         help="docid scheme of the DSI models (default: atomic, the paper's). naive / semantic run "
                              "the analyses that handle multi-token docids (Table 1, Table 3 stage patching over the "
                              "teacher-forced docid) and say in the report which they skip")
+    from genir_jax.docids.schemes import NAIVE_ORDERS
+
+    parser.add_argument("--naive-order", choices=NAIVE_ORDERS, default=NAIVE_ORDERS[0],
+                        help="naive docids: shuffled (default: the documents numbered in a seeded random order) or "
+                             "corpus (the document ids, in article order); see prepare-data --naive-order")
     parser.add_argument("--paper-regime", action="store_true",
                         help="the paper's data regime: the NQ10k-style split (validation/test documents indexed "
                              "only), indexing:retrieval ratio 32, 32-token documents and queries")
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings(dataset=args.dataset, preset=args.preset, data_dir=args.data_dir,
                         removed_models=args.removed_models, progress=not args.no_progress, base=base,
                         docids=args.docids, paper_regime=args.paper_regime, stages=args.stages,
-                        tensorboard=args.tensorboard)
+                        tensorboard=args.tensorboard, naive_order=args.naive_order)
     out = args.out or default_out(settings)
     if args.list_steps:
         layout = Layout(__import__("pathlib").Path(out))

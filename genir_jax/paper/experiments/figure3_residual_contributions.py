@@ -34,7 +34,27 @@ def run_residual_rank(layout, settings, config: Config) -> dict:
     return record_settings(output, "figure3", config, checkpoint=layout.full, queries=len(inputs.queries))
 
 
+def per_query_contributions(layout) -> dict[tuple[str, str], np.ndarray]:
+    """{(func, part): [N, L]} per correct query and decoder layer, from all_dec_resid_results.csv (funcs
+    ratio / norm / cosine, parts attn / cross_attn / mlp / resid_pre / resid_post)."""
+    import csv
+
+    from genir_jax.analysis.residual import FUNCS, PARTS as RESIDUAL_PARTS, RESID_CSV
+
+    func_of = {label: key for key, label in FUNCS}
+    part_of = {label: key for key, label, _ in RESIDUAL_PARTS}
+    values: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
+    with open(layout.analysis("residual-rank") / RESID_CSV, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            key = (func_of[row["func"]], part_of[row["component"]])
+            values.setdefault(key, {}).setdefault(row["query"], {})[int(row["layer"])] = float(row["value"])
+    return {key: np.asarray([[layers[l] for l in sorted(layers)] for layers in queries.values()])
+            for key, queries in values.items()}
+
+
 def render(layout) -> Section:
+    from genir_jax.analysis.evidence import bootstrap
+
     summary = read_json(layout.analysis("residual-rank") / "residual_rank_summary.json")
     stages = stages_of(layout)
     layers = np.arange(summary["num_decoder_layers"])
@@ -52,13 +72,15 @@ def render(layout) -> Section:
     fig.suptitle(f"Residual contributions ({summary['num_queries']} correct queries)", y=1.04)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+    per_query = per_query_contributions(layout)
     rows = []
     for name, stage in zip(stage_names(len(stages)), stages):
-        cells = [f"{np.mean([summary['contributions'][func][k]['mean'][l] for l in stage]):.2f}"
+        cells = [bootstrap(per_query[func, k][:, stage].mean(axis=1)).format(2)
                  for func in ("ratio", "cosine") for k, _ in PARTS]
         rows.append((name, f"{stage[0]}-{stage[-1]}", *cells))
     text = ("Per stage, the mean over the stage's layers of the per-layer means over the correct queries of "
-            "||component|| / ||resid_post - resid_pre|| (ratio) and of cosine(component, resid_post):\n\n")
+            "||component|| / ||resid_post - resid_pre|| (ratio) and of cosine(component, resid_post), with its "
+            "95% bootstrap interval over the queries (of their means over the stage's layers) and n:\n\n")
     text += md_table(["stage", "layers", *(f"{func}: {label}" for func in ("ratio", "cosine") for _, label in PARTS)],
                      rows)
     text += f"\n\nStages: {describe_stages(stages, named=True)} (paper, T5-large: {PAPER['stages_t5_large']}).\n"

@@ -3,7 +3,7 @@
 import numpy as np
 
 from genir_jax.analysis.stages import stage_names
-from genir_jax.paper.panels import Experiment, Section, figure, md_table, percent, read_json, shade_stages
+from genir_jax.paper.panels import Experiment, Section, figure, md_table, read_json, shade_stages
 
 from genir_jax.paper.experiments._common import stages_of
 
@@ -28,7 +28,21 @@ def paper_series(summary: dict) -> list[tuple[str, np.ndarray]]:
     return [(label, np.asarray(summary[group][key]["mean"], dtype=np.float64)) for group, key, label in STATISTICS]
 
 
+def component_sum_ranks(layout) -> dict[str, np.ndarray]:
+    """{"mlp" / "cross_attn": [N] 0-based rank of the relevant docid in the logit lens of the component type's
+    outputs summed over all layers}, per correct query (ranks_component_sums.csv)."""
+    import csv
+
+    from genir_jax.analysis.residual import SUMS, SUMS_CSV
+
+    with open(layout.analysis("residual-rank") / SUMS_CSV, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return {key: np.asarray([float(r["value"]) for r in rows if r["component"] == label]) for key, label, _ in SUMS}
+
+
 def render(layout) -> Section:
+    from genir_jax.analysis.evidence import bootstrap, share
+
     summary = read_json(layout.analysis("residual-rank") / "residual_rank_summary.json")
     stages = stages_of(layout)
     layers = np.arange(summary["num_decoder_layers"])
@@ -47,19 +61,27 @@ def render(layout) -> Section:
     stage_of = {layer: name for name, stage in zip(names, stages) for layer in stage}
     short = ["relevant docid (resid_post), mean", "relevant docid (cross-attn out), mean",
              "relevant docid (MLP out), mean", "mean docid rank, mean", "median non-docid rank, mean"]
-    per_layer = [(int(layer), stage_of.get(int(layer), ""), *(f"{values[layer]:.1f}" for _, values in series))
-                 for layer in layers]
+    per_query = summary.get("per_query")  # absent in runs from before it was recorded: no intervals then
+    if per_query is not None:
+        arrays = [np.asarray(per_query[group][key], dtype=np.float64) for group, key, _ in STATISTICS]
+        per_layer = [(int(layer), stage_of.get(int(layer), ""), *(bootstrap(values[:, layer]).format(1)
+                                                                  for values in arrays)) for layer in layers]
+    else:
+        per_layer = [(int(layer), stage_of.get(int(layer), ""), *(f"{values[layer]:.1f}" for _, values in series))
+                     for layer in layers]
     text = (f"Logit-lens ranks per decoder layer over {summary['num_queries']} correct queries, with the paper's "
             "statistics: for each query the relevant docid's rank, the mean rank of all docid tokens and the "
             "median rank of the non-docid tokens (the reference code's value; the paper's text says mean); each "
             "column is the MEAN of these per-query values over the queries. Ranks count from 0 (0 = top), as in "
-            "the reference code; the figure plots rank + 1 on a log axis.\n\n")
+            "the reference code; the figure plots rank + 1 on a log axis. Each cell: the mean with its 95% "
+            "bootstrap interval over the queries, n queries.\n\n")
     text += md_table(["layer", "stage", *short], per_layer) + "\n\n"
-    sums = summary["component_sums"]
-    rows = [(label, percent(sums[key]["fraction_not_rank_0"]), percent(sums[key]["fraction_above_10"]),
-             percent(sums[key]["fraction_above_100"]), sums[key]["median"])
+    sums = component_sum_ranks(layout)
+    rows = [(label, *(share(sums[key] > t).scaled(100).format(2) for t in (0, 10, 100)),
+             bootstrap(sums[key], np.median).format(1))
             for key, label in (("mlp", "sum of MLP outputs only"), ("cross_attn", "sum of cross-attention outputs only"))]
-    text += "Logits from one component type alone (logit lens of the sum over all layers):\n\n"
+    text += ("Logits from one component type alone (logit lens of the sum over all layers; 95% bootstrap intervals "
+             "over the correct queries, n queries):\n\n")
     text += md_table(["logits from", "% not at rank 1", "% not in top 11 (0-based rank > 10)",
                       "% not in top 101 (0-based rank > 100)", "median rank (0-based)"], rows)
     text += ("\n\nPaper (NQ10k): from the MLP outputs alone 33% of correct queries leave rank 1 but stay within the "

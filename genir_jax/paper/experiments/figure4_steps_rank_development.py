@@ -36,6 +36,24 @@ def run_steps_logit_lens(layout, settings, config: Config) -> dict:
                            docids=inputs.scheme.name)
 
 
+def _cell(entry: dict, keys: tuple[str, ...], layers, digits: int) -> str:
+    """The mean over the entry's queries of their mean over `layers` of the statistic at `keys`, with its 95%
+    bootstrap interval over those queries (runs from before the per-query values were kept: the mean only)."""
+    from genir_jax.analysis.evidence import bootstrap
+
+    per_query = entry.get("per_query")
+    if per_query is None:
+        means = entry[keys[0]]
+        for key in keys[1:]:
+            means = means[key]
+        means = means["mean"] if isinstance(means, dict) else means
+        return f"{np.mean([means[l] for l in layers]):.{digits}f}"
+    values = per_query
+    for key in keys:
+        values = values[key]
+    return bootstrap(np.asarray(values, dtype=np.float64)[:, list(layers)].mean(axis=1)).format(digits)
+
+
 def render(layout) -> Section:
     from genir_jax.analysis.sequence_logit_lens import SUMMARY_JSON
 
@@ -62,16 +80,13 @@ def render(layout) -> Section:
             "decoder has the gold prefix (teacher forcing); each cell is the MEAN over the queries whose docid has "
             "that step of the 0-based logit-lens rank of the step's docid token in the residual after the layer "
             "(the paper's Fig. 4 statistic, per step). \"last step (EOS)\" is every docid's final step, which must "
-            "put EOS on top.\n\n")
+            "put EOS on top. Each cell: the mean with its 95% bootstrap interval over those queries, n queries.\n\n")
     text += md_table(["layer", *(f"{entry['label']}" for entry in steps)],
-                     [(int(layer), *(f"{entry['relevant_rank']['resid_post']['mean'][layer]:.1f}" for entry in steps))
+                     [(int(layer), *(_cell(entry, ("relevant_rank", "resid_post"), [layer], 1) for entry in steps))
                       for layer in layers])
     names = stage_names(len(stages))
-    rows = []
-    for entry in steps:
-        ratio = entry["contributions"]["ratio"]
-        rows.append((entry["label"], *(f"{np.mean([ratio[part][l] for l in stage]):.2f}"
-                                       for stage in stages for part, _ in PARTS)))
+    rows = [(entry["label"], *(_cell(entry, ("contributions", "ratio", part), stage, 2)
+                               for stage in stages for part, _ in PARTS)) for entry in steps]
     text += ("\n\nContributions per step (Fig. 3's ratio ||component|| / ||resid_post - resid_pre||, mean over the "
              "stage's layers of the per-layer means over queries):\n\n")
     text += md_table(["step", *(f"{name}: {label}" for name in names for _, label in PARTS)], rows)

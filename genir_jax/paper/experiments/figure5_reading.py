@@ -111,7 +111,9 @@ def render(layout) -> Section:
                           + md_table(["reader layer", "stage", "readers", *(f"{b} %" for b in buckets)], rows))
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    text = "\n\n".join(text_parts) + f"\n\nPaper: {PAPER['finding']}.\n"
+    text = "\n\n".join(text_parts) + (f"\n\nPaper: {PAPER['finding']}. These shares have no intervals: each is "
+                                       "an aggregate over readers (per reader, averaged over the queries that "
+                                       "activate it, then renormalised), not a statistic of per-query values.\n")
     return Section(text, [path])
 
 

@@ -3,7 +3,9 @@
 import dataclasses
 import json
 
-from genir_jax.paper.panels import EXPERIMENT_JSON, Experiment, Section, md_table, percent, read_json, record_settings
+import numpy as np
+
+from genir_jax.paper.panels import EXPERIMENT_JSON, Experiment, Section, md_table, read_json, record_settings
 
 from genir_jax.paper.experiments._common import correct_inputs, load_model
 
@@ -40,34 +42,52 @@ def run_swap_encoder(layout, settings, config: Config) -> dict:
                            removed_models=list(missing), queries=len(inputs.queries))
 
 
-HEADERS = ["encoder from", "removed docs' correct queries", "MRR (removed docs: mean of 1/(rank+1))",
-           "Hits@1 (removed docs: % at rank 1)", "mean rank (all correct queries, 0-based)",
-           "median rank (all correct queries, 0-based)", "not at rank 1 (all correct queries)"]
+HEADERS = ["encoder from", "removed docs' correct queries", "MRR (removed docs: mean of 1/(rank+1)) [95% CI]",
+           "Hits@1 (removed docs: % at rank 1) [95% CI]", "mean rank (all correct queries, 0-based) [95% CI]",
+           "median rank (all correct queries, 0-based) [95% CI]", "not at rank 1 (all correct queries)"]
 NOT_IN_DIGEST = "paper value not in PAPER.md"
 
 
+def lower_median(values, axis=-1):
+    """The lower of the two middle values (torch.median's, the reference's median), along `axis`."""
+    ordered = np.sort(values, axis=axis)
+    return np.take(ordered, (ordered.shape[axis] - 1) // 2, axis=axis)
+
+
 def render(layout) -> Section:
+    from genir_jax.analysis.evidence import bootstrap, share
+    from genir_jax.paper.experiments.claims import swap_ranks
+
     results = read_json(layout.analysis("swap-encoder") / "swapped_encoder.json")
     removed = read_json(layout.removed_documents)
+    record = layout.analysis("swap-encoder") / EXPERIMENT_JSON
+    queries = read_json(record).get("queries") if record.is_file() else None
     rows = []
     for key, values in results.items():
         name = next((label for label in removed if key.rstrip("/").endswith(label)), "base T5 (pretrained only)")
         missing = values.get("missing_ranks")
-        rows.append((f"{name}, ours", len(missing) if missing is not None else None, values.get("MRR:"),
-                     percent(values.get("Hits@1 (missing)")), values["Mean Rank of prev. correct"], values["Median:"],
+        removed_cells = (None, None)
+        if missing:
+            missing = np.asarray(missing, dtype=np.float64)
+            removed_cells = (bootstrap(1 / (missing + 1)).format(3), share(missing == 0).scaled(100).format(2))
+        if queries:
+            ranks = swap_ranks(values, queries)
+            rank_cells = (bootstrap(ranks).format(2), bootstrap(ranks, lower_median).format(1))
+        else:  # an older run without the query count: the reference's values alone
+            rank_cells = (values["Mean Rank of prev. correct"], values["Median:"])
+        rows.append((f"{name}, ours", len(missing) if missing is not None else None, *removed_cells, *rank_cells,
                      values["Number of non 0 ranks"]))
     rows.append(("a model without the documents, paper (NQ10k)", "", NOT_IN_DIGEST, NOT_IN_DIGEST, "", "", ""))
     rows.append(("pretrained T5, paper (NQ10k)", "", "", "", PAPER["t5_encoder_mean_rank_previously_correct"], "",
                  ""))
-    record = layout.analysis("swap-encoder") / EXPERIMENT_JSON
-    queries = read_json(record).get("queries") if record.is_file() else None
     headers = HEADERS[:-1] + [HEADERS[-1] + (f", of {queries}" if queries else "")]
     text = md_table(headers, rows)
     text += ("\n\nMRR and Hits@1 are over the correct validation queries of the documents the encoder's model never "
              "saw (each of their correct queries; the reference takes the first only, the same when a document has "
              "one); mean and median rank (the lower median, as the reference's torch.median) over all correct "
              "queries. Ranks count from 0 (rank 0 = first), as in the reference code: MRR is the mean of "
-             "1/(rank+1), Hits@1 the share at rank 0.\n\n"
+             "1/(rank+1), Hits@1 the share at rank 0. Intervals: 95% percentile bootstrap over those queries, n "
+             "queries.\n\n"
              "Paper (NQ10k): its Table 2 reports MRR and Hits@1 of the removed documents for each removed-documents "
              "model (our digest of the paper does not hold those values); encoders of models that never saw a "
              "document still let the full model's decoder retrieve it. Swapping in the pretrained T5's encoder "

@@ -5,7 +5,7 @@ import dataclasses
 
 
 from genir_jax.analysis.stages import describe_stages, stage_names
-from genir_jax.paper.panels import Experiment, Section, md_table, percent, record_settings
+from genir_jax.paper.panels import Experiment, Section, md_table, record_settings
 
 from genir_jax.paper.experiments._common import (correct_inputs, correct_sequence_inputs, full_scheme, load_model,
                                                  stages_of)
@@ -81,38 +81,87 @@ def _docid_note(layout) -> str:
             "step); they are shown for orientation, not as a like-for-like comparison.\n\n")
 
 
+def _step_shares(layout, names) -> str:
+    """Multi-token docids: per configuration, the share of correct queries whose docid token keeps rank 0 at the
+    first decoding step, at each step and at every step (greedy decoding still gives the docid), with
+    intervals; empty for atomic docids (no step_ranks.json)."""
+    import json
+
+    from genir_jax.analysis.evidence import share
+    from genir_jax.analysis.stage_patching import STEP_RANKS_JSON
+    from genir_jax.docids.sequence_targets import kept_at_rank_0
+
+    path = layout.analysis("patch-stages") / STEP_RANKS_JSON
+    if not path.is_file():
+        return ""
+    per_row = json.loads(path.read_text())
+    width = max((len(query) for queries in per_row.values() for query in queries), default=0)
+    rows = []
+    for key, queries in per_row.items():
+        stage, component, mode = key.split("-", 2)
+        kept = kept_at_rank_0(queries)
+        cells = [share(flags).scaled(100).format(1, "%") for flags in
+                 (kept["first step"], *kept["steps"], kept["every step"])]
+        rows.append((mode, component, names[int(stage)] if int(stage) < len(names) else stage, *cells))
+    return ("\nMulti-token docids: % of correct queries whose docid token keeps rank 1 (0-based rank 0) under the "
+            "patch, at the first decoding step (the atomic-like view), at each step t (over the queries whose docid "
+            f"has a step t) and at every step (greedy decoding still gives the whole docid). {INTERVALS}\n\n"
+            + md_table(["mode", "component", "stage", "first step", *(f"step {t + 1}" for t in range(width)),
+                        "every step"], rows) + "\n")
+
+
+THRESHOLD_OF = {"!=0": 0, ">5": 5, ">10": 10, ">100": 100}  # the CSV's columns: rank above this
+
+
 def render(layout) -> Section:
-    with open(layout.analysis("patch-stages") / "patching_results_single_combis.csv", newline="") as handle:
+    import json
+
+    from genir_jax.analysis.evidence import share
+    from genir_jax.analysis.stage_patching import RANKS_JSON
+
+    directory = layout.analysis("patch-stages")
+    with open(directory / "patching_results_single_combis.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
+    ranks = json.loads((directory / RANKS_JSON).read_text())
+
+    def cell(r: dict, column: str) -> str:
+        """% of the row's correct queries beyond the column's rank, with its interval and n."""
+        values = ranks[f"{r['stage']}-{r['component']}-{r['mode']}"]
+        return share([rank > THRESHOLD_OF[column] for rank in values]).scaled(100).format(2)
+
     stages = stages_of(layout)
     names = stage_names(len(stages))
     table, encoder = [], None
     for mode in ("zero", "mean", "t5"):
         for component in ("mlp", "cross_attn", "attn"):
-            cells = {int(r["stage"]): percent(float(r["!=0"])) for r in rows
-                     if r["mode"] == mode and r["component"] == component}
+            cells = {int(r["stage"]): cell(r, "!=0") for r in rows if r["mode"] == mode and r["component"] == component}
             if not cells:
                 continue
             paper = PAPER.get((mode, component))
-            table.append((mode, component, *(f"{cells[i]:.2f}" + (f" ({paper[i]:.2f})" if paper and i < 3 else
-                                                                   " (no paper value)")
+            table.append((mode, component, *(cells[i] + (f" ({paper[i]:.2f})" if paper and i < 3 else
+                                                         " (no paper value)")
                                              for i in range(len(stages)))))
         for r in rows:
             if r["mode"] == mode and r["component"].startswith("encoder"):
-                encoder = (r["component"], percent(float(r["!=0"])), percent(float(r[">100"])))
+                encoder = (r["component"], cell(r, "!=0"), cell(r, ">100"))
     text = _docid_note(layout)
-    text += md_table(["mode", "component", *(f"stage {n}: % not at rank 1, ours (paper)" for n in names)], table)
+    text += md_table(["mode", "component", *(f"stage {n}: % not at rank 1, ours [95% CI] (paper)" for n in names)],
+                     table)
     text += (f"\n\nOurs, the paper's NQ10k value in parentheses (attn = self-attention). Stages: "
-             f"{describe_stages(stages, named=True)}. {RANKS_NOTE}\n")
+             f"{describe_stages(stages, named=True)}. {RANKS_NOTE} {INTERVALS}\n")
     if encoder:
-        text += (f"\nT5 mode, encoder output (`{encoder[0]}`) replaced by the base T5's: {encoder[1]:.2f}% not at "
-                 f"rank 1, {encoder[2]:.2f}% not in top 101 (rank > 100).\n")
+        text += (f"\nT5 mode, encoder output (`{encoder[0]}`) replaced by the base T5's: {encoder[1]}% not at "
+                 f"rank 1, {encoder[2]}% not in top 101 (rank > 100).\n")
     beyond = [(r["mode"], r["component"], names[int(r["stage"])] if int(r["stage"]) < len(names) else r["stage"],
-               *(percent(float(r[key])) for key, _ in DEEPER)) for r in rows
+               *(cell(r, key) for key, _ in DEEPER)) for r in rows
               if not r["component"].startswith("encoder")]
-    text += "\nDeeper drops (% of correct queries; no paper values):\n\n"
+    text += _step_shares(layout, names)
+    text += "\nDeeper drops (% of correct queries [95% CI] (n); no paper values):\n\n"
     text += md_table(["mode", "component", "stage", *(label for _, label in DEEPER)], beyond)
     return Section(text)
+
+
+INTERVALS = "Intervals: 95% bootstrap over the correct queries, n queries."
 
 
 EXPERIMENT = Experiment(

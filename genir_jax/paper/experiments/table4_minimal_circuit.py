@@ -2,6 +2,8 @@
 
 import dataclasses
 
+import numpy as np
+
 from genir_jax.paper.panels import Experiment, Section, md_table, percent, read_json, record_settings
 
 from genir_jax.paper.experiments._common import correct_inputs, correct_sequence_inputs, full_scheme, resolve_stages
@@ -18,7 +20,8 @@ class Config:
 
 def run_circuit(layout, settings, config: Config) -> dict:
     """The paper's minimal circuit (`genir_jax.analysis.circuit`) on the test queries, means over the correct
-    validation queries, ranked over docid tokens; writes what `genir-jax circuit` writes."""
+    validation queries, ranked over the full vocabulary (as the reference) and over the docid tokens only;
+    writes what `genir-jax circuit` writes."""
     from genir_jax.analysis.circuit import PAPER_CIRCUIT, circuit_report, docid_targets
     from genir_jax.analysis.circuit_runs import rank_test_queries
     from genir_jax.data.corpus import read_qrels, read_queries
@@ -33,11 +36,10 @@ def run_circuit(layout, settings, config: Config) -> dict:
     stages, stages_record, inputs = resolve_stages(config.stages, inputs, settings.progress)
     docids = docid_targets(inputs.model.tokenizer, test_queries, layout.queries("test"), layout.full)
     circuit = PAPER_CIRCUIT
-    top_ids, top_logits, _ = rank_test_queries(inputs, test_queries, circuit, stages, docids, k=config.k,
-                                               batch_size=config.batch_size, progress=settings.progress)
-    report, runs = circuit_report(circuit, stages, [q.id for q in test_queries], docids.doc_ids, top_ids, top_logits,
-                                  qrels, correct_queries=len(inputs.queries),
-                                  ranking="docid tokens only, masked padding")
+    rankings = rank_test_queries(inputs, test_queries, circuit, stages, docids, k=config.k,
+                                 batch_size=config.batch_size, progress=settings.progress)
+    report, runs = circuit_report(circuit, stages, [q.id for q in test_queries], docids.doc_ids, rankings, qrels,
+                                  correct_queries=len(inputs.queries), padding="masked padding")
     return _write_circuit(layout, config, report, runs, stages, stages_record, test_queries=len(test_queries))
 
 
@@ -54,8 +56,9 @@ def _write_circuit(layout, config: Config, report: dict, runs, stages, stages_re
 def _run_sequence_circuit(layout, settings, config: Config) -> dict:
     """The paper's circuit on a naive / semantic model, on the test queries: beam search (10 beams over the
     docid trie) without and with the circuit patched at every decoding step -> retrieval metrics as for
-    atomic docids; and a two-config sequence sweep over each query's relevant docid, teacher-forced ->
-    greedy Hits@1 and log-probabilities (`analysis.circuit.sequence_circuit_report`). Means are per decoder
+    atomic docids; and each query's relevant docid teacher-forced without and with the circuit -> each
+    step's rank (first-step, per-step and every-step shares at rank 0; every step: greedy Hits@1) and the
+    log-probabilities (`analysis.circuit.sequence_circuit_report`). Means are per decoder
     position over the correct validation queries' teacher-forced docids."""
     from genir_jax.analysis.circuit import PAPER_CIRCUIT, circuit_interventions, sequence_circuit_report
     from genir_jax.analysis.inputs import tokenize_for_analysis
@@ -64,7 +67,7 @@ def _run_sequence_circuit(layout, settings, config: Config) -> dict:
     from genir_jax.interp.interventions import mean_activations
     from genir_jax.interp.patching import run_sweep
     from genir_jax.docids.retrieval import check_run_covers, rank_docid_sequences
-    from genir_jax.docids.sequence_targets import pad_targets, teacher_forcing_inputs
+    from genir_jax.docids.sequence_targets import pad_targets, teacher_forced_step_ranks, teacher_forcing_inputs
     from genir_jax.core.sites import COMPONENT_SITES
 
     inputs = correct_sequence_inputs(layout)
@@ -91,10 +94,13 @@ def _run_sequence_circuit(layout, settings, config: Config) -> dict:
                                    batch_size=config.batch_size or 32, progress=settings.progress,
                                    interventions=sweep.config(model.config, k) or None)[:2] for k in range(2)]
     result = run_sweep(model.config, model.params, ids, mask, targets, sweep, target_mask=target_mask,
-                       metrics=("rank", "logprob"), query_chunk=config.batch_size, progress=settings.progress)
+                       metrics=("logprob",), query_chunk=config.batch_size, progress=settings.progress)
+    steps = np.stack([teacher_forced_step_ranks(model.config, model.params, ids, mask, targets, target_mask,
+                                                interventions=sweep.config(model.config, k) or None,
+                                                batch_size=config.batch_size or 32) for k in range(2)])
     report, runs = sequence_circuit_report(
         circuit, stages, [q.id for q in test_queries], doc_ids, [r[0] for r in ranked], [r[1] for r in ranked], qrels,
-        result.values["rank"], result.values["logprob"], correct_queries=len(inputs.queries), scheme=scheme.name)
+        steps, result.values["logprob"], correct_queries=len(inputs.queries), scheme=scheme.name)
     return _write_circuit(layout, config, report, runs, stages, stages_record, test_queries=len(test_queries),
                           docids=scheme.name)
 
@@ -104,32 +110,68 @@ def render(layout) -> Section:
     if report.get("docids", "atomic") != "atomic":
         return _render_sequences(report)
     text = _metric_table(report, ("Hits@1", "Recall@5", "Hits@10", "MRR@10"))
-    text += f"\n\nCircuit: {report['config']} (means over {report['mean_over_correct_queries']} correct validation " \
-            f"queries; {report['queries']} test queries).\n"
+    text += (f"\n\nCircuit: {report['config']} (means over {report['mean_over_correct_queries']} correct validation "
+             f"queries; {report['queries']} test queries). Two rankings: over the **full vocabulary**, as the "
+             "reference ranks (a word token above the relevant docid counts as a non-relevant entry: a circuit "
+             "that removes the priming MLPs may let words rise), and over the **docid tokens only** (as "
+             f"`genir-jax evaluate`). {INTERVALS_NOTE}\n")
     return Section(text)
 
 
+INTERVALS_NOTE = "Intervals: 95% bootstrap over the test queries, n queries (the ratio resamples them in pairs)."
+
+
 def _metric_table(report: dict, metrics) -> str:
+    """One row per ranking and metric: unpatched, circuit and their ratio, each with its interval over queries,
+    beside the paper's (the paper ranks the full vocabulary)."""
+    from genir_jax.analysis.evidence import bootstrap, ratio
+
     rows = []
-    for metric in metrics:
-        relative = report["relative"].get(metric)
-        paper = PAPER.get(metric)
-        rows.append((metric, percent(report["unpatched"][metric]), percent(report["patched"][metric]),
-                     None if relative is None else f"{100 * relative:.0f}%",
-                     None if paper is None else f"{paper[0]:.1f} ({paper[1]}%)"))
-    return md_table(["metric", "unpatched", "circuit", "circuit / unpatched", "paper: circuit (relative)"], rows)
+    for ranking, measured in report.get("rankings", {report.get("ranking", "docid tokens only"): report}).items():
+        per_query = measured.get("per_query", {})
+        for metric in metrics:
+            paper = PAPER.get(metric)
+            values = per_query.get(metric)
+            if values is None:  # a record without per-query values: no interval
+                relative = measured["relative"].get(metric)
+                cells = (f"{percent(measured['unpatched'][metric]):.2f}", f"{percent(measured['patched'][metric]):.2f}",
+                         None if relative is None else f"{100 * relative:.0f}%")
+            else:
+                relative = ratio(values[1], values[0])
+                cells = (bootstrap(values[0]).scaled(100).format(2), bootstrap(values[1]).scaled(100).format(2),
+                         "no ratio (unpatched 0)" if relative is None else relative.scaled(100).format(0, "%"))
+            rows.append((ranking, metric, *cells, None if paper is None else f"{paper[0]:.1f} ({paper[1]}%)"))
+    return md_table(["ranking", "metric", "unpatched [95% CI]", "circuit [95% CI]", "circuit / unpatched [95% CI]",
+                     "paper: circuit (relative)"], rows)
 
 
 def _render_sequences(report: dict) -> Section:
-    text = _metric_table(report, ("Hits@1", "Recall@5", "Hits@10", "MRR@10", "greedy Hits@1"))
-    logprob = (report["unpatched"]["mean logprob"], report["patched"]["mean logprob"])
-    text += (f"\n\n{report['docids'].capitalize()} docids, {report['queries']} test queries: beam search (10 beams over the "
-             "docid trie) without and with the circuit patched at every decoding step; greedy Hits@1 counts the "
-             "queries whose relevant docid greedy decoding reproduces exactly (teacher-forced worst step rank 0). "
-             f"Mean log-probability of the relevant docid: {logprob[0]:.3f} unpatched, {logprob[1]:.3f} with the "
-             "circuit. The paper's values are for atomic docids. Circuit: "
+    from genir_jax.analysis.evidence import bootstrap, share
+    from genir_jax.docids.sequence_targets import kept_at_rank_0
+
+    beams = {**report, "per_query": report.get("retrieval_per_query", {})}
+    text = _metric_table({"rankings": {"beam search over the docid trie": beams}},
+                         ("Hits@1", "Recall@5", "Hits@10", "MRR@10"))
+    per_query = report["per_query"]
+    rows = []
+    for k, name in enumerate(("unpatched", "circuit")):
+        kept = kept_at_rank_0(per_query["step_ranks"][k])
+        rows.append((name, *(share(flags).scaled(100).format(1, "%") for flags in
+                             (kept["first step"], *kept["steps"], kept["every step"])),
+                     bootstrap(per_query["logprob"][k]).format(3)))
+    width = len(rows[0]) - 4  # model, first step, the steps, every step, log-probability
+    text += ("\n\nThe relevant docid teacher-forced (gold prefix), without and with the circuit at every decoder "
+             "position: % of test queries whose docid token keeps rank 1 (0-based rank 0) at the first decoding "
+             "step (the atomic-like view), at each step t (over the queries whose docid has a step t) and at every "
+             "step (greedy decoding reproduces the docid exactly: greedy Hits@1), and the mean log-probability of "
+             "the docid:\n\n")
+    text += md_table(["model", "first step", *(f"step {t + 1}" for t in range(width)), "every step (greedy Hits@1)",
+                      "mean log-probability"], rows)
+    text += (f"\n\n{report['docids'].capitalize()} docids, {report['queries']} test queries; retrieval by beam search "
+             "(10 beams over the docid trie) without and with the circuit patched at every decoding step. The "
+             "paper's values are for atomic docids. Circuit: "
              f"{report['config']} (means per decoder position over {report['mean_over_correct_queries']} correct "
-             "validation queries).\n")
+             f"validation queries). {INTERVALS_NOTE}\n")
     return Section(text)
 
 

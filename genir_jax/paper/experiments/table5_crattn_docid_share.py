@@ -2,6 +2,8 @@
 
 import dataclasses
 
+import numpy as np
+
 from genir_jax.analysis.stages import stage_names
 from genir_jax.paper.panels import Experiment, Section, md_table, read_json, record_settings
 
@@ -39,23 +41,38 @@ def run_crattn_writes(layout, settings, config: Config) -> dict:
 PAPER_STAGE = "II"  # the paper's Table 5 is for the stage-II cross-attention outputs only
 
 
+def per_query_shares(layout, stage: str, cutoff: str) -> np.ndarray:
+    """[N] per correct query, the docid share among the top `cutoff` tokens averaged over the stage's layers
+    (the reference's per_q_averages_s<stage>.json, query-major)."""
+    directory = layout.analysis("crattn-writes")
+    queries = read_json(directory / "crattn_writes_summary.json")["queries"]
+    values = read_json(directory / f"per_q_averages_s{stage}.json")[str(cutoff)]
+    return np.reshape(values, (queries, -1)).mean(axis=1)
+
+
 def render(layout) -> Section:
-    summary = read_json(layout.analysis("crattn-writes") / "crattn_writes_summary.json")
+    from genir_jax.analysis.evidence import bootstrap
+
+    directory = layout.analysis("crattn-writes")
+    summary = read_json(directory / "crattn_writes_summary.json")
     cutoffs = [str(c) for c in summary["cutoffs"]]
     stages = summary.get("stages", [])
     rows = []
-    for stage, shares in summary["docid_share"].items():
+    for stage in summary["docid_share"]:
         index = stage_names(len(stages)).index(stage) if stage in stage_names(len(stages)) else None
         layers = f" (layers {stages[index][0]}-{stages[index][-1]})" if index is not None else ""
-        rows.append((f"stage {stage}{layers}, ours", *(f"{100 * shares[c]:.2f}" for c in cutoffs)))
+        rows.append((f"stage {stage}{layers}, ours",
+                     *(bootstrap(per_query_shares(layout, stage, c)).scaled(100).format(2) for c in cutoffs)))
         if stage == PAPER_STAGE:
             rows.append((f"stage {stage}, paper (NQ10k)",
                          *(f"{PAPER['top' + c]:.2f}" if "top" + c in PAPER else "no paper value" for c in cutoffs)))
         else:
             rows.append((f"stage {stage}, paper", *("no paper value" for _ in cutoffs)))
-    text = md_table(["", *(f"% docids in top {c} (mean over queries and layers)" for c in cutoffs)], rows)
+    text = md_table(["", *(f"% docids in top {c} (mean over queries and layers) [95% CI]" for c in cutoffs)],
+                    rows)
     text += (f"\n\n{summary['queries']} correct queries; each share is the fraction of docid tokens among the top-k "
-             "tokens of a layer's cross-attention output (logit lens), averaged over queries and the stage's layers. "
+             "tokens of a layer's cross-attention output (logit lens), averaged over queries and the stage's layers "
+             "(intervals: 95% bootstrap over the queries of their mean over the stage's layers, n queries). "
              f"The paper reports stage {PAPER_STAGE} only, so only our stage {PAPER_STAGE} has a paper row beside "
              "it. A docid share near 0 means cross-attention writes word information, not document identities.\n")
     return Section(text)
