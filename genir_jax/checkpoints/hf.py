@@ -29,6 +29,7 @@ import numpy as np
 
 from genir_jax.core.config import T5Config
 from genir_jax.base.errors import CheckpointError, ConfigError
+from genir_jax.base.interrupts import raise_if_interrupted
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -628,6 +629,7 @@ def save_pretrained(
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2)
         if model.tokenizer is not None:
             save_tokenizer(model.tokenizer, staging)
+        raise_if_interrupted()  # an interrupt some handler swallowed still stops the commit
         os.makedirs(path, exist_ok=True)
         for existing in os.listdir(path):  # weights of an earlier save must not mix with these
             if existing in _WEIGHT_FILE_NAMES or _SHARD_PATTERN.fullmatch(existing):
