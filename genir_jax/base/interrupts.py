@@ -59,7 +59,11 @@ def _unraisable(previous):
         if isinstance(unraisable.exc_value, KeyboardInterrupt) and _interrupted:
             import _thread
 
-            _thread.interrupt_main(signal.SIGINT)  # raise it again where it can stop the command
+            # raise it again where it can stop the command: from another thread, once this context (a gc pass,
+            # a __del__) is left; here it would be dropped again
+            redeliver = threading.Timer(0.01, _thread.interrupt_main, args=(signal.SIGINT,))
+            redeliver.daemon = True
+            redeliver.start()
             return
         previous(unraisable)
 
