@@ -19,7 +19,7 @@ from genir_jax.base.errors import GenIRError
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _hold_lock(path):
+def hold_lock(path):
     """A process that holds `path`'s run lock until it is killed."""
     code = ("import sys, time\nfrom genir_jax.base.runs import output_lock\n"
             f"with output_lock({str(path)!r}):\n    print('locked', flush=True)\n    time.sleep(600)\n")
@@ -30,7 +30,7 @@ def _hold_lock(path):
 
 def test_a_held_lock_refuses_a_second_run_and_dies_with_its_process(tmp_path):
     out = tmp_path / "out"
-    holder = _hold_lock(out)
+    holder = hold_lock(out)
     try:
         with pytest.raises(GenIRError, match=rf"-o/--output {out}: another genir-jax run \(process {holder.pid}\) is "
                                              "writing into this folder"):
