@@ -54,16 +54,34 @@ def record_and_raise(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+_in_hook = 0  # > 0 while the main thread is inside the unraisable hook below
+
+
+def _redeliver() -> None:
+    """Raise KeyboardInterrupt in the main thread again once it has left the hook (from a helper thread: in
+    the hook, or in the gc pass or ``__del__`` it reports on, it would be dropped again)."""
+    import _thread
+    import time
+
+    def later() -> None:
+        while _in_hook:
+            time.sleep(0.01)
+        _thread.interrupt_main(signal.SIGINT)
+
+    threading.Thread(target=later, name="genir-jax-interrupt", daemon=True).start()
+
+
 def _unraisable(previous):
     def hook(unraisable) -> None:
+        global _in_hook
         if isinstance(unraisable.exc_value, KeyboardInterrupt) and _interrupted:
-            import _thread
-
-            # raise it again where it can stop the command: from another thread, once this context (a gc pass,
-            # a __del__) is left; here it would be dropped again
-            redeliver = threading.Timer(0.01, _thread.interrupt_main, args=(signal.SIGINT,))
-            redeliver.daemon = True
-            redeliver.start()
+            _in_hook += 1
+            try:
+                _redeliver()
+            except KeyboardInterrupt:  # a second Ctrl-C meanwhile: the flag holds it
+                pass
+            finally:
+                _in_hook -= 1
             return
         previous(unraisable)
 

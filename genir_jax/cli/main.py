@@ -160,10 +160,15 @@ def _run(args: argparse.Namespace) -> int:
     Ctrl-C as one line and exit code 130. Holds the run lock of the output folder (`-o`) while it runs."""
     try:
         with contextlib.ExitStack() as stack:
-            if not args.no_compile_cache:
-                from genir_jax.scale.compile_cache import enable_compilation_cache
+            from genir_jax.base.io import deferred_interrupt
 
-                enable_compilation_cache()
+            with deferred_interrupt():  # a KeyboardInterrupt inside jaxlib's native start-up aborts the process
+                import jax  # noqa: F401  (SIGABRT, a C++ traceback): Ctrl-C is raised once it has loaded
+
+                if not args.no_compile_cache:
+                    from genir_jax.scale.compile_cache import enable_compilation_cache
+
+                    enable_compilation_cache()
             from genir_jax.cli.paths import resolve_placeholders
 
             resolve_placeholders(args)

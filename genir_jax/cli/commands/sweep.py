@@ -349,8 +349,8 @@ def run_with_store(prep: Prepared, metrics: list[str], hits: list[int], *, per_q
                            top_k=0, hits=hits, query_chunk=prep.query_chunk, target_mask=prep.target_mask,
                            config_chunk=config_chunk, per_query=per_query, store=store, progress=prep.progress,
                            desc=desc)
-    except GenIRError:
-        if len(store) == 0:  # bad input found before anything was computed: leave nothing behind
+    except (GenIRError, KeyboardInterrupt):
+        if len(store) == 0:  # bad input, or Ctrl-C, before anything was computed: leave nothing behind
             store.clear()
             if not existed:
                 try:
