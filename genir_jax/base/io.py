@@ -244,7 +244,7 @@ def atomic_directory(path: str | os.PathLike, *, stale: Iterable[str] = ()) -> I
             os.makedirs(path, exist_ok=True)
             new = os.listdir(staging)
             for name in sorted(set(stale) - set(new)):
-                _remove_entry(os.path.join(path, name))
+                remove_path(os.path.join(path, name))
             for name in new:
                 target = os.path.join(path, name)
                 if os.path.isdir(target) and not os.path.islink(target):
@@ -254,7 +254,8 @@ def atomic_directory(path: str | os.PathLike, *, stale: Iterable[str] = ()) -> I
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _remove_entry(path: str) -> None:
+def remove_path(path: str | os.PathLike) -> None:
+    """Remove a file, a link or a whole directory tree; nothing when it does not exist."""
     if not os.path.lexists(path):
         return
     if os.path.isdir(path) and not os.path.islink(path):

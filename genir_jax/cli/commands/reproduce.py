@@ -5,6 +5,8 @@ from __future__ import annotations
 from genir_jax.base.options import POSITIVE
 import argparse
 
+from genir_jax.cli.commands.common import add_overwrite
+
 
 ORDER = 10  # where `genir-jax --help` lists it
 SUMMARY = "prepare data, pretrain a base T5, train the DSI models, run every analysis, write report.md"
@@ -50,6 +52,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--force", nargs="+", default=(), metavar="STEP", help="redo these steps")
     parser.add_argument("--list-steps", action="store_true", help="print the steps and their state, then exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars in the analyses")
+    add_overwrite(parser)
     parser.set_defaults(handler=run)
 
 
@@ -78,8 +81,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{step.name:<16} {state}")
         return 0
     from genir_jax.base.errors import renaming_settings
+    from genir_jax.base.runs import output_lock
 
-    with renaming_settings({"download": "`genir-jax prepare-data --download`", "data_dir": "--data-dir"}):
-        layout = reproduce(out, settings, force=tuple(args.force))
+    with output_lock(out, "--out"), \
+            renaming_settings({"download": "`genir-jax prepare-data --download`", "data_dir": "--data-dir"}):
+        layout = reproduce(out, settings, force=tuple(args.force), overwrite=args.overwrite)
     print(f"report: {layout.report}")
     return 0
