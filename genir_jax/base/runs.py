@@ -3,9 +3,10 @@
 `output_lock(path)` holds an exclusive `fcntl.flock` on a lock file for `path` while a command writes there,
 so a second run into the same folder is refused at once (one line naming the folder) instead of interleaving
 its files with the first's. The kernel releases the lock when the process ends, however it ends (SIGKILL
-too), so a killed run never leaves a stale lock. Lock files live outside the output, in a per-user runtime
-folder (``$XDG_RUNTIME_DIR/genir-jax-locks``, else ``<tmp>/genir-jax-<uid>/locks``), named by a hash of the
-output's real path: the output folder holds only the command's outputs, and its parent gains nothing.
+too), so a killed run never leaves a stale lock. Lock files live outside the output, in a per-user folder
+(``/tmp/genir-jax-<uid>/locks``), named by a hash of the output's real path: the output folder holds only the
+command's outputs, and its parent gains nothing. (Runs on other machines sharing a network folder are not
+seen.)
 
 `claim_output(path, record, settings, outputs)` tells whether the outputs a folder holds are this run's own:
 the settings record the command writes (``record``, a JSON file with a ``"settings"`` object, e.g.
@@ -29,14 +30,13 @@ _held: dict[str, int] = {}  # lock file -> nesting depth, for locks this process
 
 
 def lock_directory() -> str:
-    """The per-user folder of lock files (created 0700; refused when another user owns it)."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK | os.X_OK):
-        folder = os.path.join(runtime, "genir-jax-locks")
-    else:
-        folder = os.path.join(tempfile.gettempdir(), f"genir-jax-{os.getuid()}", "locks")
+    """The per-user folder of lock files, ``/tmp/genir-jax-<uid>/locks`` (created 0700; refused when another
+    user owns it). Fixed, not taken from the environment ($TMPDIR, $XDG_RUNTIME_DIR): two sessions of one
+    user with different environments must still find each other's locks."""
+    base = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
+    owner = os.path.join(base, f"genir-jax-{os.getuid()}")
+    folder = os.path.join(owner, "locks")
     os.makedirs(folder, mode=0o700, exist_ok=True)
-    owner = os.path.dirname(folder) if folder.endswith(f"{os.sep}locks") else folder
     for checked in (owner, folder):
         status = os.lstat(checked)
         if os.path.islink(checked) or status.st_uid != os.getuid():

@@ -127,3 +127,15 @@ def test_an_interrupt_dropped_in_a_gc_callback_is_raised_again(capsys):
         interrupts.clear_interrupt()
     assert fired and "Exception ignored" not in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_the_lock_file_does_not_depend_on_the_environment(tmp_path, monkeypatch):
+    """Two sessions of one user with other $TMPDIR / $XDG_RUNTIME_DIR must find the same lock."""
+    import tempfile
+
+    first = runs.lock_file(tmp_path / "out")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert runs.lock_file(tmp_path / "out") == first
+    assert runs.lock_file(tmp_path / "other") != first
