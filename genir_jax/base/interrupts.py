@@ -18,11 +18,7 @@ import threading
 from typing import Iterator
 
 _interrupted = False
-
-
-def interrupted() -> bool:
-    """Whether SIGINT arrived while `console_interrupts` (or `note_interrupt`'s callers) watched."""
-    return _interrupted
+_watching = 0  # > 0 inside `console_interrupts`: only there does a recorded interrupt stop commits
 
 
 def note_interrupt() -> None:
@@ -38,8 +34,9 @@ def clear_interrupt() -> None:
 
 
 def raise_if_interrupted() -> None:
-    """KeyboardInterrupt when an interrupt was recorded: call before committing outputs."""
-    if _interrupted:
+    """KeyboardInterrupt when an interrupt was recorded under `console_interrupts`: call before committing
+    outputs. (A library user's interrupt, in a notebook say, does not block the session's later commits.)"""
+    if _interrupted and _watching:
         raise KeyboardInterrupt
 
 
@@ -93,14 +90,17 @@ def console_interrupts() -> Iterator[None]:
     """Run the block with SIGINT recorded and raised (`record_and_raise`) and KeyboardInterrupts that an
     "Exception ignored" context would drop raised again. Restores the previous handler and
     `sys.unraisablehook` afterwards; outside the main thread it changes nothing."""
+    global _watching
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signal.SIGINT, record_and_raise)
     previous_hook = sys.unraisablehook
     sys.unraisablehook = _unraisable(previous_hook)
+    _watching += 1
     try:
         yield
     finally:
+        _watching -= 1
         sys.unraisablehook = previous_hook
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
