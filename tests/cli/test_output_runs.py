@@ -71,16 +71,20 @@ def test_a_killed_sweep_with_other_settings_restarts_with_overwrite(dsi, tmp_pat
     from genir_jax.interp import sweep_store
 
     out = tmp_path / "out"
+    original_put = sweep_store.DirectoryStore.put
 
     def dying_put(self, key, arrays):
-        raise KeyboardInterrupt
+        if self.puts:
+            raise KeyboardInterrupt  # the kill, after one finished chunk
+        original_put(self, key, arrays)
 
-    original_put = sweep_store.DirectoryStore.put
     monkeypatch.setattr(sweep_store.DirectoryStore, "put", dying_put)
-    assert main(_sweep(dsi, out, "--mode", "zero")) == 130
+    assert main(_sweep(dsi, out, "--mode", "zero", "--config-chunk", "2")) == 130
     monkeypatch.setattr(sweep_store.DirectoryStore, "put", original_put)
-    assert main(_sweep(dsi, out, "--mode", "mean")) == 2  # the store's own refusal, as before
-    assert main(_sweep(dsi, out, "--mode", "mean", "--overwrite")) == 0
+    assert sorted(p.name for p in out.iterdir()) == [".sweep-chunks"]
+    assert main(_sweep(dsi, out, "--mode", "mean", "--config-chunk", "2")) == 2  # the store's own refusal
+    assert "holds a partial run with other settings" in capsys.readouterr().err
+    assert main(_sweep(dsi, out, "--mode", "mean", "--config-chunk", "2", "--overwrite")) == 0
     assert json.loads((out / "sweep.json").read_text())["settings"]["mode"] == "mean"
 
 
