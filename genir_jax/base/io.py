@@ -15,9 +15,10 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from genir_jax.base.errors import DataError, GenIRError
+from genir_jax.base.interrupts import note_interrupt, raise_if_interrupted
 
 # A staging directory of `atomic_directory` is named ``.<output name>.<pid>.<random>.tmp`` beside the output.
 # One left behind by a process that was killed (SIGKILL, power loss) is removed by the next
@@ -120,6 +121,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         yield temp
         if os.path.isfile(temp):  # mkstemp creates 0600; give the file the mode a plain open() would
             os.chmod(temp, 0o666 & ~_umask())
+        raise_if_interrupted()  # an interrupt some handler swallowed still stops the commit
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -218,11 +220,13 @@ def remove_stale_staging(path: str | os.PathLike) -> list[str]:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
+def atomic_directory(path: str | os.PathLike, *, stale: Iterable[str] = ()) -> Iterator[str]:
     """Yield a temporary directory; on success its files are moved into `path` (created if needed).
 
-    Files already in `path` with other names are kept; files with the same names are replaced.
-    On error the temporary directory is removed and `path` is left as it was. The temporary directory is
+    Files already in `path` with other names are kept, except those named in `stale` (another run's outputs
+    being overwritten, `genir_jax.base.runs.claim_output`), which are removed in the same commit; files with
+    the same names are replaced.
+    Nothing is committed after an interrupt (`genir_jax.base.interrupts`). On error the temporary directory is removed and `path` is left as it was. The temporary directory is
     ``.<name>.<pid>.<random>.tmp`` beside `path`; those of killed runs are removed first (see
     `remove_stale_staging`).
     """
@@ -235,15 +239,29 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     try:
         yield staging
         with deferred_interrupt():  # Ctrl-C while moving files in would leave some old, some new
+            raise_if_interrupted()
             os.chmod(staging, 0o777 & ~_umask())
             os.makedirs(path, exist_ok=True)
-            for name in os.listdir(staging):
+            new = os.listdir(staging)
+            for name in sorted(set(stale) - set(new)):
+                remove_path(os.path.join(path, name))
+            for name in new:
                 target = os.path.join(path, name)
                 if os.path.isdir(target) and not os.path.islink(target):
                     shutil.rmtree(target)
                 os.replace(os.path.join(staging, name), target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_path(path: str | os.PathLike) -> None:
+    """Remove a file, a link or a whole directory tree; nothing when it does not exist."""
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
 
 
 @contextlib.contextmanager
@@ -258,7 +276,7 @@ def deferred_interrupt() -> Iterator[None]:
         return
     received = []
     try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: (note_interrupt(), received.append(signum)))
     except ValueError:  # not the main interpreter
         yield
         return

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' numpy reader needs)
 import numpy as np
 
+from genir_jax.base.interrupts import raise_if_interrupted
 from genir_jax.base.errors import CheckpointError
 
 CONFIG_NAME = "config.json"
@@ -316,6 +317,7 @@ def write_checkpoint(path: str | os.PathLike, tensors: dict[str, np.ndarray], wr
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2)
         if write_extra is not None:
             write_extra(staging)
+        raise_if_interrupted()  # an interrupt some handler swallowed still stops the commit
         os.makedirs(path, exist_ok=True)
         for existing in os.listdir(path):  # weights of an earlier save must not mix with these
             if existing in WEIGHT_FILE_NAMES or SHARD_PATTERN.fullmatch(existing):

@@ -8,6 +8,11 @@ errors (`main(argv)` returns their 2); numeric options are range-checked while p
 a file, a link to one, or lies in a folder we cannot write is refused before the command computes anything
 (`genir_jax.base.io.check_output_dir`). Ctrl-C (SIGINT) exits with code 130 and one line, no traceback: staged
 outputs are removed, and a commit of finished files is completed first (`genir_jax.base.io.deferred_interrupt`).
+That holds at any moment: as the console command, SIGINT is recorded from the first line of this module on,
+and an interrupt that some "Exception ignored" context swallowed still stops every later commit
+(`genir_jax.base.interrupts`); once the command has returned, SIGINT no longer changes its exit code. Two runs
+never write into one output folder at once: `-o` is locked for the command's lifetime
+(`genir_jax.base.runs.output_lock`), and a second run into it exits 2 naming the folder.
 
 Subcommands are discovered (`_discover`: every command module with ``add_parser``, listed by its ``ORDER``
 with its ``SUMMARY``); only the chosen one registers its arguments, and handlers import JAX, Flax and
@@ -24,14 +29,23 @@ of JAX (`_leave_now`); `main(argv)` returns normally and changes neither.
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
+import signal
 import sys
-from typing import Iterable
 
-from genir_jax import __version__
-from genir_jax.base.errors import GenIRError
+from genir_jax.base import interrupts
+
+_CONSOLE = __name__ == "__main__" or os.path.basename(sys.argv[0] if sys.argv else "") == "genir-jax"
+if _CONSOLE:  # Ctrl-C while the modules below load: recorded, then honoured by main() (no import traceback)
+    signal.signal(signal.SIGINT, interrupts.record_only)
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import importlib  # noqa: E402
+from typing import Iterable  # noqa: E402
+
+from genir_jax import __version__  # noqa: E402
+from genir_jax.base.errors import GenIRError  # noqa: E402
 
 
 def _discover() -> dict[str, str]:
@@ -112,6 +126,30 @@ def main(argv: list[str] | None = None) -> int:
     argv_given = argv is not None
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = _chosen_command(argv)
+    if argv_given:
+        interrupts.clear_interrupt()  # an earlier command of this process was interrupted: not this one
+    with interrupts.console_interrupts():
+        try:
+            try:
+                interrupts.raise_if_interrupted()  # Ctrl-C while this module was loading
+                code = _parse_and_run(argv, argv_given, chosen)
+            finally:
+                if not argv_given:  # the command has finished: a Ctrl-C from now on changes neither outputs nor code
+                    signal.signal(signal.SIGINT, interrupts.record_only)
+        except KeyboardInterrupt:  # while parsing or starting, before `_run` could catch it
+            print(f"genir-jax{' ' + chosen if chosen else ''}: interrupted", file=sys.stderr)
+            code = 130
+    if not argv_given and code == 130:  # Ctrl-C as the console command: no clean-up, which can race JAX's threads
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    if not argv_given and "jax" in sys.modules:
+        _leave_now(code)  # the console command: skip the interpreter's tear-down of JAX, slow and, after an error
+        # with background threads still running (orbax's), noisy
+    return code
+
+
+def _parse_and_run(argv: list[str], argv_given: bool, chosen: str | None) -> int:
     parser = build_parser([chosen] if chosen else [])
     try:
         args = parser.parse_args(argv)
@@ -124,37 +162,37 @@ def main(argv: list[str] | None = None) -> int:
 
         if computes_on_cpu():
             keep_freed_host_memory()  # before JAX starts: XLA:CPU's step buffers then stop page-faulting
-    code = _run(args)
-    if not argv_given and code == 130:  # Ctrl-C as the console command: no clean-up, which can race JAX's threads
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
-    if not argv_given and "jax" in sys.modules:
-        _leave_now(code)  # the console command: skip the interpreter's tear-down of JAX, slow and, after an error
-        # with background threads still running (orbax's), noisy
-    return code
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
     """The chosen command's handler, with bad input (`GenIRError`, `OSError`) as one line and exit code 2, and
-    Ctrl-C as one line and exit code 130."""
+    Ctrl-C as one line and exit code 130. Holds the run lock of the output folder (`-o`) while it runs."""
     from genir_jax.base.verbosity import set_verbosity
 
     set_verbosity(getattr(args, "verbose", False))  # before any handler imports transformers or bm25s
     try:
-        if not args.no_compile_cache:
-            from genir_jax.scale.compile_cache import enable_compilation_cache
+        with contextlib.ExitStack() as stack:
+            from genir_jax.base.io import deferred_interrupt
 
-            enable_compilation_cache()
-        from genir_jax.cli.paths import resolve_placeholders
+            with deferred_interrupt():  # a KeyboardInterrupt inside jaxlib's native start-up aborts the process
+                import jax  # noqa: F401  (SIGABRT, a C++ traceback): Ctrl-C is raised once it has loaded
 
-        resolve_placeholders(args)
-        output = getattr(args, "output", None)
-        if isinstance(output, str):
-            from genir_jax.base.io import check_output_dir
+                if not args.no_compile_cache:
+                    from genir_jax.scale.compile_cache import enable_compilation_cache
 
-            check_output_dir(output)  # a file, a link to one, a read-only folder: refused before any computation
-        return int(args.handler(args) or 0)
+                    enable_compilation_cache()
+            from genir_jax.cli.paths import resolve_placeholders
+
+            resolve_placeholders(args)
+            output = getattr(args, "output", None)
+            if isinstance(output, str):
+                from genir_jax.base.io import check_output_dir
+                from genir_jax.base.runs import output_lock
+
+                check_output_dir(output)  # a file, a link to one, a read-only folder: refused before any computation
+                stack.enter_context(output_lock(output))  # one run at a time writes into one folder
+            return int(args.handler(args) or 0)
     except GenIRError as exc:
         print(f"genir-jax {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from genir_jax.base.errors import GenIRError
+from genir_jax.base.runs import normalise_settings, settings_difference
 
 SETTINGS = "settings.json"
 CHUNKS = "chunks"
@@ -37,26 +38,10 @@ class StoreError(GenIRError, ValueError):
 def _normalise(settings: Mapping[str, Any]) -> dict:
     """Settings as JSON gives them back (tuples -> lists, keys -> str), for comparison."""
     try:
-        return json.loads(json.dumps(dict(settings), sort_keys=True))
+        json.dumps(dict(settings))
     except TypeError as exc:
         raise StoreError(f"store settings must be JSON data: {exc}") from None
-
-
-_ABSENT = object()
-
-
-def _show(value) -> str:
-    return "<absent>" if value is _ABSENT else json.dumps(value)
-
-
-def settings_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """``key: stored X, now Y`` for every key whose value differs (missing keys shown as <absent>)."""
-    lines = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
-        if a != b:
-            lines.append(f"{key}: stored {_show(a)}, now {_show(b)}")
-    return lines
+    return normalise_settings(settings)
 
 
 class DirectoryStore:

@@ -314,8 +314,10 @@ def steps(settings: Settings) -> list[Step]:
 # Running
 # --------------------------------------------------------------------------------------------------
 
-def reproduce(out: str | os.PathLike, settings: Settings, force: tuple[str, ...] = (), log=print) -> Layout:
-    """Run every unfinished (or forced) step; returns the layout of `out`."""
+def reproduce(out: str | os.PathLike, settings: Settings, force: tuple[str, ...] = (), log=print, *,
+              overwrite: bool = False) -> Layout:
+    """Run every unfinished (or forced) step; returns the layout of `out`. A reproduction with other settings
+    in `out` is refused, or with `overwrite` removed first (all of it: no file of it stays beside this one)."""
     if settings.dataset not in DATASETS:
         raise GenIRError(f"unknown dataset {settings.dataset!r}; choose one of {', '.join(DATASETS)}")
     layout = Layout(pathlib.Path(out))
@@ -324,6 +326,11 @@ def reproduce(out: str | os.PathLike, settings: Settings, force: tuple[str, ...]
     unknown = sorted(set(force) - known)
     if unknown:
         raise GenIRError(f"--force: unknown step(s) {unknown}; steps are: {', '.join(s.name for s in pipeline)}")
+    if overwrite and settings_differences(layout, settings):
+        from genir_jax.base.io import remove_path
+
+        for entry in layout.root.iterdir():
+            remove_path(entry)
     check_same_settings(layout, settings)
     fresh = step_record(layout, "settings") is None
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -363,7 +370,7 @@ def check_same_settings(layout: Layout, settings: Settings) -> None:
     if differences:
         raise GenIRError(f"{layout.root} holds a reproduction with other settings ({'; '.join(differences)}); "
                          "choose another --out (the default folder names the dataset, preset, docid scheme and "
-                         "regime)")
+                         "regime), or pass --overwrite to replace it")
 
 
 def _run_steps(layout: Layout, settings: Settings, pipeline: list[Step], force: tuple[str, ...], log) -> Layout:

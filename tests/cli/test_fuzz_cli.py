@@ -130,8 +130,9 @@ def checkpoint(tmp_path_factory, t5_tokenizer):
     return root
 
 
-def _run_cli(argv, output, expected_files):
-    """Run main in-process; assert exit 0/2, no escaping exception, all-or-nothing output."""
+def _run_cli(argv, output, expected_files, errors=None):
+    """Run main in-process; assert exit 0/2, no escaping exception, all-or-nothing output. `errors`: a list
+    that receives the command's stderr."""
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
         try:
@@ -140,6 +141,8 @@ def _run_cli(argv, output, expected_files):
             code = exc.code
     assert code in (0, 2), (code, stderr.getvalue()[-2000:])
     assert "Traceback" not in stderr.getvalue()
+    if errors is not None:
+        errors.append(stderr.getvalue())
     leftovers = [p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.")]
     assert not leftovers, leftovers
     if code == 0:
@@ -234,3 +237,33 @@ def test_commands_refuse_a_checkpoint_with_a_non_finite_weight(checkpoint, tmp_p
     assert code == 2 and len(lines) == 1, (code, stderr.getvalue()[-2000:])
     assert f"tensor '{tensor}' holds 1 non-finite value(s)" in lines[0] and str(corrupt) in lines[0]
     assert not output.exists()
+
+
+@pytest.mark.parametrize("command", ["circuit", "swap-encoder", "patch-stages"])
+def test_concurrent_writers_into_one_folder_are_refused(checkpoint, tmp_path, command):
+    """The concurrent-writers class: while another run holds an output folder (here a process holding its
+    run lock, as a running command does), every command into it exits 2 with one line and writes nothing."""
+    from tests.base.test_runs import hold_lock
+
+    output = tmp_path / "out"
+    inputs = {
+        "circuit": ["-c", str(checkpoint / "dsi"), "--test-queries", str(checkpoint / "val.json"),
+                    "--circuit", str(tmp_path / "circuit.json")],
+        "swap-encoder": ["--complete-model-path", str(checkpoint / "dsi"), "--missing-docs-for-model",
+                         str(tmp_path / "missing.json")],
+        "patch-stages": ["-c", str(checkpoint / "dsi"), "--allow-incorrect"],
+    }[command]
+    _write(tmp_path / "circuit.json", {"patches": [{"component": "mlp", "stages": [0, 2], "mode": "mean"}]})
+    _write(tmp_path / "missing.json", {str(checkpoint / "dsi"): "d1"})
+    argv = ["--no-compile-cache", command, *inputs, "--val-queries", str(checkpoint / "val.json"), "--correct-valid",
+            str(checkpoint / "correct.json"), "-o", str(output), "--no-progress"]
+    holder, errors = hold_lock(output), []
+    try:
+        assert _run_cli(argv, output, set(), errors) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert errors[0].strip() == (f"genir-jax {command}: error: -o/--output {output}: another genir-jax run (process "
+                                 f"{holder.pid}) is writing into this folder; wait for it to finish or choose another "
+                                 "folder")
+    assert _run_cli(argv, output, set()) == 0  # the holder gone (killed: no stale lock), the same run goes through

@@ -93,3 +93,49 @@ def test_sigint_in_process_returns_130(dsi, tmp_path, monkeypatch, capsys):
     assert main(["patch-stages", "-c", str(dsi / "dsi"), "--val-queries", str(dsi / "val.json"), "--correct-valid",
                  str(dsi / "correct.json"), "-o", str(tmp_path / "out"), "--stages", "thirds", "--no-progress"]) == 130
     assert "interrupted" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+COMMANDS = {
+    "sweep": ["--sites", "decoder.*.cross_attn.hook_z[head]"],
+    "patch-stages": ["--stages", "thirds", "--allow-incorrect"],
+}
+OUTPUTS = {"sweep": "sweep.json", "patch-stages": "stages.json"}  # the last file a finished run commits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_sigint_at_any_early_moment_exits_130_with_one_line_and_no_output(dsi, tmp_path, command):
+    """Ctrl-C while Python loads the modules, while JAX starts, inside JAX's gc callback (where a KeyboardInterrupt
+    used to be printed as "Exception ignored" and dropped, the command then finishing and writing its outputs)
+    or in its exit clean-up: exit 130 with the one line and nothing written, or exit 0 with complete outputs
+    when the command had truly finished."""
+    env = dict(os.environ, GENIR_JAX_CACHE="off", PYTHONUNBUFFERED="1")
+    seen = {}
+    for delay in (0.05, 0.2, 0.5, 1.0, 2.0, 3.5):
+        out = tmp_path / f"out-{delay}"
+        argv = [command, "-c", str(dsi / "dsi"), "--val-queries", str(dsi / "val.json"), "--correct-valid",
+                str(dsi / "correct.json"), "-o", str(out), "--no-progress", *COMMANDS[command]]
+        # `python -m genir_jax.cli.main ARGV`, with the delay counted from the moment the interpreter has started
+        # and imported the parent packages (a busy machine can take longer than the shortest delay to get there;
+        # a Ctrl-C in Python's own start-up is Python's to report)
+        code = ("import runpy, sys\nimport genir_jax.cli\nprint('started', flush=True)\n"
+                f"sys.argv = ['-m'] + {argv!r}\nrunpy.run_module('genir_jax.cli.main', run_name='__main__', "
+                "alter_sys=True)\n")
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env=env)
+        assert process.stdout.readline().strip() == b"started"
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=300)
+        stderr = stderr.decode(errors="replace")
+        seen[delay] = process.returncode
+        assert "Traceback" not in stderr and "Exception ignored" not in stderr, (delay, stderr[-3000:])
+        if process.returncode == 130:
+            assert stderr.strip() == f"genir-jax {command}: interrupted", (delay, stderr[-3000:])
+            # nothing, or only the resumable store of a sweep that had finished chunks (a rerun resumes them)
+            assert not out.exists() or os.listdir(out) == [".sweep-chunks"], (delay, sorted(os.listdir(out)))
+        else:
+            assert process.returncode == 0, (delay, process.returncode, stderr[-3000:])
+            assert (out / OUTPUTS[command]).is_file(), delay
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.")]  # no staging left
+    assert seen[0.05] == seen[0.2] == 130, seen

@@ -344,6 +344,22 @@ def test_a_run_directory_is_bound_to_its_docids_and_regime(tmp_path, monkeypatch
     rp.reproduce(tmp_path, rp.Settings(dataset="squad-dev", preset="tiny"), log=lambda *_: None)
 
 
+def test_overwrite_replaces_a_reproduction_with_other_settings(tmp_path, monkeypatch):
+    """--overwrite: another reproduction in --out is removed whole (no step record or file of it stays);
+    with the same settings it changes nothing (finished steps are still skipped)."""
+    calls: list[str] = []
+    _fake_pipeline(monkeypatch, calls, [["@DOC_ID_1@", "q1"]])
+    rp.reproduce(tmp_path, rp.Settings(dataset="squad-dev", preset="tiny"), log=lambda *_: None)
+    (tmp_path / "stale.txt").write_text("of the first run")
+    calls.clear()
+    rp.reproduce(tmp_path, rp.Settings(dataset="squad-dev", preset="tiny"), log=lambda *_: None, overwrite=True)
+    assert calls == ["report"] and (tmp_path / "stale.txt").exists()
+    rp.reproduce(tmp_path, rp.Settings(dataset="squad-dev", preset="tiny", docids="naive"), log=lambda *_: None,
+                 overwrite=True)
+    assert not (tmp_path / "stale.txt").exists()
+    assert json.loads((tmp_path / ".steps" / "settings.json").read_text())["docids"] == "naive"
+
+
 def test_report_of_a_naive_run_names_the_experiments_it_skips(tmp_path):
     from genir_jax.paper.experiments import registry
     from genir_jax.paper.report import write_report

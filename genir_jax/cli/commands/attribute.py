@@ -25,6 +25,8 @@ from genir_jax.interp.metrics import DIFFERENTIABLE_METRICS as DIFFERENTIABLE
 ORDER = 100  # where `genir-jax --help` lists it
 SUMMARY = "attribution patching (AtP, AtP*) or exact effects of any sites, heads or neurons on a logit metric"
 METHODS = ("atp", "atp*", "exact")
+# What an attribution writes into OUTPUT; another run's such files are refused, or removed with --overwrite.
+OUTPUTS = ("attribution.json", "attribution.csv", "per_query.npz", "heatmap_*.png")
 
 
 def add_parser(subparsers) -> None:
@@ -76,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
                 raise
             raise GenIRError(f"--method {args.method} needs genir_jax.interp.attribution, which this installation lacks; "
                              "use --method exact") from None
-    prep = prepare(args, [metric])
-    settings = {**prep.settings, "method": args.method, "per_query": args.per_query}
+    prep = prepare(args, [metric], "attribution.json", OUTPUTS, {"method": args.method, "per_query": args.per_query})
+    settings = prep.record_settings
     started = time.perf_counter()
     store = None
     magnitudes = None
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
     from genir_jax.base.io import atomic_directory
 
-    with atomic_directory(prep.output) as staging:
+    with atomic_directory(prep.output, stale=prep.stale) as staging:
         columns = {"score": scores}
         if magnitudes is not None:  # AtP*'s GradDrop magnitude
             columns["magnitude"] = np.asarray(magnitudes, np.float64).reshape(-1)

@@ -32,6 +32,13 @@ def add_checkpoint_paths(parser: argparse.ArgumentParser, output_flags=("-o", "-
                              "%(default)s, the reference's)")
 
 
+def add_overwrite(parser: argparse.ArgumentParser) -> None:
+    """--overwrite: replace another run's outputs in the output folder (refused without it)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="the output folder may hold another run's outputs (other settings, or another command): "
+                             "replace them, removing every file of that run (default: refuse)")
+
+
 REFERENCE_HELP = ("reference mode: behave as the reference's {script} in every output file, key, row order and "
                   "number: {what}. Implies --reference-padding")
 

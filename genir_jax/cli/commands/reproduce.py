@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from genir_jax.base.options import FACTOR
-from genir_jax.cli.commands.common import STAGES_HELP
 import argparse
+
+from genir_jax.base.options import FACTOR
+from genir_jax.cli.commands.common import STAGES_HELP, add_overwrite
 
 
 ORDER = 10  # where `genir-jax --help` lists it
@@ -61,6 +62,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars in the analyses")
     parser.add_argument("--tensorboard", action="store_true",
                         help="training also writes its metrics as TensorBoard event files (<model>/tensorboard/)")
+    add_overwrite(parser)
     parser.set_defaults(handler=run)
 
 
@@ -94,8 +96,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{step.name:<16} {state}")
         return 0
     from genir_jax.base.errors import renaming_settings
+    from genir_jax.base.runs import output_lock
 
-    with renaming_settings({"download": "`genir-jax prepare-data --download`", "data_dir": "--data-dir"}):
-        layout = reproduce(out, settings, force=tuple(args.force))
+    with output_lock(out, "--out"), \
+            renaming_settings({"download": "`genir-jax prepare-data --download`", "data_dir": "--data-dir"}):
+        layout = reproduce(out, settings, force=tuple(args.force), overwrite=args.overwrite)
     print(f"report: {layout.report}")
     return 0

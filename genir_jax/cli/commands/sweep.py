@@ -12,11 +12,13 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import time
 
 import numpy as np
 
-from genir_jax.cli.commands.common import add_analysis_inputs
+from genir_jax.base.runs import claim_output
+from genir_jax.cli.commands.common import add_analysis_inputs, add_overwrite
 from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 from genir_jax.base.errors import GenIRError
 from genir_jax.interp.metrics import METRIC_TABLE, METRICS as ALL_METRICS
@@ -24,6 +26,8 @@ from genir_jax.interp.metrics import METRIC_TABLE, METRICS as ALL_METRICS
 ORDER = 90  # where `genir-jax --help` lists it
 SUMMARY = "exact activation patching of any sites, heads, neurons or positions (resumable, tidy CSV, heatmaps)"
 STORE_DIR = ".sweep-chunks"
+# What a sweep writes into OUTPUT; another run's such files are refused, or removed with --overwrite.
+OUTPUTS = ("sweep.json", "results.csv", "clean.json", "per_query.npz", "heatmap_*.png")
 
 SITES_HELP = (
     "sites to patch, one config per matched site and unit: STACK.LAYERS.SITE[UNIT], e.g. "
@@ -63,6 +67,7 @@ def add_sweep_inputs(parser: argparse.ArgumentParser) -> None:
                         help="queries per device per step (default: the queries per device in as few steps of at "
                              "most 64 as possible, balanced)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_overwrite(parser)
 
 
 def _metrics(values: list[str] | None, default: str) -> list[str]:
@@ -197,10 +202,12 @@ class Prepared:
         self.__dict__.update(fields)
 
 
-def prepare(args, metrics: list[str]) -> Prepared:
+def prepare(args, metrics: list[str], record: str, outputs: tuple[str, ...], extra: dict) -> Prepared:
     """Validate the options, load model and queries, build foils, replacement values and the sweep.
 
-    Raises `GenIRError` for any bad input before anything is computed or written."""
+    `record`, `outputs`, `extra`: the command's settings record, the names it writes and its settings beyond
+    the sweep's, to refuse another run's outputs in OUTPUT (`genir_jax.base.runs.claim_output`) before any
+    loading. Raises `GenIRError` for any bad input before anything is computed or written."""
     from genir_jax.analysis.inputs import load_analysis_inputs, load_model
     from genir_jax.docids.schemes import checkpoint_scheme
     from genir_jax.docids.tokens import docid_vocabulary
@@ -215,6 +222,28 @@ def prepare(args, metrics: list[str]) -> Prepared:
     output = check_output(args.output)
     started = time.perf_counter()
     dtype = getattr(args, "dtype", "float32")  # bfloat16: parameters and compute; metrics stay float32
+    settings = {
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "checkpoint_sha256": _fingerprint(args.checkpoint),
+        "val_queries": os.path.abspath(args.val_queries),
+        "val_queries_sha256": _fingerprint(args.val_queries),
+        "correct_valid": os.path.abspath(args.correct_valid),
+        "correct_valid_sha256": _fingerprint(args.correct_valid),
+        "sites": list(args.sites),
+        "mode": args.mode,
+        "seed": args.seed if args.mode == "resample" else None,
+        "source_model": os.path.abspath(args.source_model) if args.source_model else None,
+        "source_model_sha256": _fingerprint(args.source_model) if args.source_model else None,
+        "docids": scheme.name,
+        "metrics": list(metrics),
+        "foil": args.foil if any("foils" in METRIC_TABLE[m].needs for m in metrics) else None,
+        "receivers": getattr(args, "receivers", None),
+        "query_chunk": args.query_chunk,
+        "config_chunk": getattr(args, "config_chunk", None),
+        **({"dtype": dtype} if dtype != "float32" else {}),
+    }
+    record_settings = {**settings, **extra}
+    stale = claim_output(output, record, record_settings, outputs, overwrite=args.overwrite)
     model = load_model(args.checkpoint, dtype=dtype)
     config, params, tokenizer = model.config, model.params, model.tokenizer
     inputs = load_analysis_inputs(args.checkpoint, args.val_queries, args.correct_valid, model=model,
@@ -265,31 +294,11 @@ def prepare(args, metrics: list[str]) -> Prepared:
         source = Source(base.config, base.params)
         sweep = _with_receivers(args, config, parse_sweep(config, args.sites, value=FROM_SOURCE, **lengths))
 
-    settings = {
-        "checkpoint": os.path.abspath(args.checkpoint),
-        "checkpoint_sha256": _fingerprint(args.checkpoint),
-        "val_queries": os.path.abspath(args.val_queries),
-        "val_queries_sha256": _fingerprint(args.val_queries),
-        "correct_valid": os.path.abspath(args.correct_valid),
-        "correct_valid_sha256": _fingerprint(args.correct_valid),
-        "sites": list(args.sites),
-        "mode": args.mode,
-        "seed": args.seed if args.mode == "resample" else None,
-        "source_model": os.path.abspath(args.source_model) if args.source_model else None,
-        "source_model_sha256": _fingerprint(args.source_model) if args.source_model else None,
-        "docids": scheme.name,
-        "metrics": list(metrics),
-        "foil": args.foil if any("foils" in METRIC_TABLE[m].needs for m in metrics) else None,
-        "receivers": getattr(args, "receivers", None),
-        "query_chunk": args.query_chunk,
-        "config_chunk": getattr(args, "config_chunk", None),
-        **({"dtype": dtype} if dtype != "float32" else {}),
-    }
     return Prepared(output=output, model=model, config=config, params=params, tokenizer=tokenizer, queries=queries,
                     ids=ids, mask=mask, targets=targets, target_mask=target_mask, candidates=candidates, foils=foils,
                     source=source,
                     sweep=sweep, settings=settings, progress=progress, query_chunk=args.query_chunk,
-                    load_seconds=time.perf_counter() - started)
+                    record_settings=record_settings, stale=stale, overwrite=args.overwrite, load_seconds=time.perf_counter() - started)
 
 
 def _foils(args, config, params, ids, mask, targets, candidates, queries, tokenizer) -> np.ndarray:
@@ -324,18 +333,24 @@ def run_with_store(prep: Prepared, metrics: list[str], hits: list[int], *, per_q
     """run_sweep with the chunk store in OUTPUT/.sweep-chunks (resumed after a kill, refused with other
     settings). Returns (result, store); the caller clears the store once its outputs are written."""
     from genir_jax.interp.patching import run_sweep
-    from genir_jax.interp.sweep_store import DirectoryStore
+    from genir_jax.interp.sweep_store import DirectoryStore, StoreError
 
     existed = os.path.isdir(prep.output)
-    store = DirectoryStore(os.path.join(prep.output, STORE_DIR), prep.settings)
+    try:
+        store = DirectoryStore(os.path.join(prep.output, STORE_DIR), prep.settings)
+    except StoreError:
+        if not prep.overwrite:
+            raise
+        shutil.rmtree(os.path.join(prep.output, STORE_DIR))  # --overwrite: another run's partial store too
+        store = DirectoryStore(os.path.join(prep.output, STORE_DIR), prep.settings)
     try:
         result = run_sweep(prep.config, prep.params, prep.ids, prep.mask, prep.targets, prep.sweep,
                            source=prep.source, metrics=metrics, candidates=prep.candidates, foil_ids=prep.foils,
                            top_k=0, hits=hits, query_chunk=prep.query_chunk, target_mask=prep.target_mask,
                            config_chunk=config_chunk, per_query=per_query, store=store, progress=prep.progress,
                            desc=desc)
-    except GenIRError:
-        if len(store) == 0:  # bad input found before anything was computed: leave nothing behind
+    except (GenIRError, KeyboardInterrupt):
+        if len(store) == 0:  # bad input, or Ctrl-C, before anything was computed: leave nothing behind
             store.clear()
             if not existed:
                 try:
@@ -415,7 +430,7 @@ def run(args: argparse.Namespace) -> int:
         hint = " (use `genir-jax attribute --method ...`)" if args.method in ("atp", "atp*") else ""
         raise GenIRError(f"--method {args.method}: `genir-jax sweep` computes exact patching only{hint}")
     hits = _hits(args.hits)
-    prep = prepare(args, metrics)
+    prep = prepare(args, metrics, "sweep.json", OUTPUTS, {"hits": hits, "per_query": args.per_query, "method": "exact"})
     result, store = run_with_store(prep, metrics, hits, per_query=args.per_query, config_chunk=args.config_chunk)
     write_sweep_outputs(prep, result, metrics, hits, per_query=args.per_query)
     store.clear()
@@ -441,8 +456,8 @@ def clean_summary(prep: Prepared, result, metrics, hits) -> dict:
 def write_sweep_outputs(prep: Prepared, result, metrics, hits, *, per_query: bool) -> None:
     from genir_jax.base.io import atomic_directory
 
-    settings = {**prep.settings, "hits": hits, "per_query": per_query, "method": "exact"}
-    with atomic_directory(prep.output) as staging:
+    settings = prep.record_settings
+    with atomic_directory(prep.output, stale=prep.stale) as staging:
         write_table(os.path.join(staging, "results.csv"), result.sweep, result.aggregates)
         with open(os.path.join(staging, "clean.json"), "w", encoding="utf-8") as handle:
             json.dump({"queries": len(prep.queries), "clean": clean_summary(prep, result, metrics, hits),
