@@ -2,7 +2,7 @@
 palettes, integer layer ticks, legends outside the data and a message on empty panels.
 
 Palettes: lines take the Okabe-Ito colours (Okabe & Ito 2008; safe under the common colour-vision deficiencies),
-up to ten categories Paul Tol's "muted" qualitative set (no light/dark pairs of one hue), signed values the
+up to ten categories a grey and Paul Tol's nine "muted" hues (no light/dark pairs of one hue), signed values the
 diverging ColorBrewer RdBu map centred on 0.
 """
 
@@ -13,9 +13,9 @@ from typing import Sequence
 # Okabe-Ito, without its yellow (too pale for lines on white): orange, sky blue, bluish green, blue, vermillion,
 # reddish purple, black.
 LINE_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#000000")
-# Paul Tol's "muted" scheme: ten distinct hues for up to ten categories (stacked bars).
-CATEGORY_COLOURS = ("#332288", "#88CCEE", "#44AA99", "#117733", "#999933", "#DDCC77", "#CC6677", "#882255",
-                    "#AA4499", "#DDDDDD")
+# Ten categories (stacked bars): a mid grey first (e.g. the embedding), then Paul Tol's nine "muted" hues.
+CATEGORY_COLOURS = ("#666666", "#332288", "#88CCEE", "#44AA99", "#117733", "#999933", "#DDCC77", "#CC6677",
+                    "#882255", "#AA4499")
 DIVERGING_CMAP = "RdBu_r"  # blue < 0 < red; colour-blind safe (ColorBrewer)
 STAGE_SHADES = ("0.95", "0.88")  # alternating greys of the stage bands
 
