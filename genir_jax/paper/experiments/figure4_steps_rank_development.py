@@ -83,7 +83,8 @@ def render(layout) -> Section:
             "decoder has the gold prefix (teacher forcing); each cell is the MEAN over the queries whose docid has "
             "that step of the 0-based logit-lens rank of the step's docid token in the residual after the layer "
             "(the paper's Fig. 4 statistic, per step). \"last step (EOS)\" is every docid's final step, which must "
-            "put EOS on top.\n\n")
+            "put EOS on top; the figure draws it as a wide grey dashed line under the other steps, so a step with "
+            "the same ranks stays visible.\n\n")
     text += md_table(["layer", *(f"{entry['label']}" for entry in steps)],
                      [(int(layer), *(f"{entry['relevant_rank']['resid_post']['mean'][layer]:.1f}" for entry in steps))
                       for layer in layers])
