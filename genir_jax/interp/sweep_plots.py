@@ -155,11 +155,9 @@ def heatmap_figure(sweep, values, *, metric: str = "value", what: str = "mean ef
     clipped = vmax is not None and finite.size and np.abs(finite).max() > bound
     fig.colorbar(image, ax=ax, label=f"{metric} {what}", extend="both" if clipped else "neither",
                  pad=0.15 if neurons else 0.05)
-    lines = [f"{metric}: {what} (patched - clean)",
-             f"{sweep_site(sweep)}, {mode or 'unknown'} patching, "
-             + (f"{queries} quer{'y' if queries == 1 else 'ies'}" if queries is not None else "queries not given")]
-    if note:
-        lines.append(note)
+    where = [sweep_site(sweep)] + ([f"{mode} patching"] if mode else []) \
+        + ([f"{queries} quer{'y' if queries == 1 else 'ies'}"] if queries is not None else [])
+    lines = [f"{metric}: {what} (patched - clean)", ", ".join(where)] + ([note] if note else [])
     ax.set_title("\n".join(lines), fontsize=10)
     fig.tight_layout()
     return fig
