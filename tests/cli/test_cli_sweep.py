@@ -380,6 +380,28 @@ def test_attribute_checks_its_top_units_against_exact_patching(dsi, tmp_path, ca
     assert "exact patching of the top" not in capsys.readouterr().out
 
 
+def test_attribute_warns_in_one_line_where_the_estimate_disagrees(dsi, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """An exact check whose effects have the estimates' opposite signs: one warning line on stderr, the same
+    warning in attribution.json."""
+    from genir_jax.interp import attribution
+
+    def opposite(config, params, ids, mask, targets, result, *, top, **_):
+        configs = np.arange(min(top, result.sweep.size))
+        return attribution.Agreement(result.method, result.metric, configs, result.scores[configs],
+                                     -result.scores[configs])
+
+    monkeypatch.setattr(attribution, "check_against_exact", opposite)
+    root, _, _ = dsi
+    assert main(_args(root, tmp_path / "attr", "attribute") + ["--sites", "decoder.*.cross_attn.hook_z[head]",
+                                                               "--method", "atp", "--metric", "logit"]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "genir-jax: warning: atp disagrees with exact patching on its top 6 units: Spearman -1.00, same sign 0%")
+    check = json.loads((tmp_path / "attr" / "attribution.json").read_text())["exact_check"]
+    assert check["sign_agreement"] == 0.0 and check["warning"] == warnings[0].split("warning: ", 1)[1]
+
+
 def test_attribute_atp_with_the_real_module(dsi, inputs, tmp_path, capsys):  # noqa: F811
     from genir_jax.interp.patching import run_sweep
 
