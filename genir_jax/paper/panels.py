@@ -114,6 +114,11 @@ def save_figure(fig, path) -> None:
     pyplot().close(fig)
 
 
+def layer_span(layers: Sequence[int]) -> str:
+    """A stage's layers in a label: '7-17', or '4' for a stage of one layer."""
+    return f"{layers[0]}" if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
+
+
 def shade_stages(axis, stages: Sequence[Sequence[int]]) -> None:
     """A per-layer x axis: integer layer ticks, every stage a shaded band (alternating greys) labelled above the
     axes with its name and layers, e.g. 'I (0-6)'."""
@@ -123,9 +128,8 @@ def shade_stages(axis, stages: Sequence[Sequence[int]]) -> None:
     integer_ticks(axis, "x")
     for index, (name, layers) in enumerate(zip(stage_names(len(stages)), stages)):
         axis.axvspan(layers[0] - 0.5, layers[-1] + 0.5, color=STAGE_SHADES[index % 2], zorder=0, linewidth=0)
-        span = f"{layers[0]}" if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
-        axis.text((layers[0] + layers[-1]) / 2, 1.01, f"{name} ({span})", transform=axis.get_xaxis_transform(),
-                  ha="center", va="bottom", fontsize=8)
+        axis.text((layers[0] + layers[-1]) / 2, 1.01, f"{name} ({layer_span(layers)})",
+                  transform=axis.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
     axis.set_xlim(stages[0][0] - 0.5, stages[-1][-1] + 0.5)
 
 

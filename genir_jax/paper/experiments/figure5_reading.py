@@ -7,7 +7,9 @@ import os
 import numpy as np
 
 from genir_jax.analysis.stages import stage_names
-from genir_jax.paper.panels import Experiment, Section, figure, md_table, read_json, record_settings, save_figure
+from genir_jax.paper.panels import (
+    Experiment, Section, figure, layer_span, md_table, read_json, record_settings, save_figure,
+)
 
 from genir_jax.paper.experiments._common import correct_inputs, model_description, resolve_stages
 
@@ -99,7 +101,7 @@ def _bucket_label(bucket: str, stages) -> str:
         return "embedding"
     component, name = bucket.split(" ")
     layers = stages[stage_names(len(stages)).index(name)]
-    return f"{COMPONENT_NAMES[component]} {name} ({layers[0]}-{layers[-1]})"
+    return f"{COMPONENT_NAMES[component]} {name} ({layer_span(layers)})"
 
 
 def draw(layout):
