@@ -449,7 +449,7 @@ def test_figure3_error_bars_are_said_to_be_standard_deviations(tmp_path, close_f
     legend = axes[1].get_legend()
     assert "standard deviation" in legend.get_title().get_text()
     assert _legend_outside(fig, legend, axes)
-    title = fig._suptitle.get_text()
+    title = fig.get_suptitle()
     assert "7 correct validation queries" in title and "DSI T5, 2+6 layers, d_model 8" in title
     assert "error bars: ±1 standard deviation over the queries" in fig3.render(layout).markdown
 
@@ -481,7 +481,7 @@ def test_figure4_steps_draws_the_eos_line_under_the_steps(tmp_path, close_figure
         assert lines["step 2"].get_marker() not in (None, "None", "")
         assert _integer_layer_ticks(axis)
     assert _legend_outside(fig, fig.axes[-1].get_legend(), fig.axes)
-    assert "5 correct validation queries" in fig._suptitle.get_text()
+    assert "5 correct validation queries" in fig.get_suptitle()
 
 
 def test_figure5_keeps_bar_width_and_explains_its_axis(tmp_path, close_figures):
