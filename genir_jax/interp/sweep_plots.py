@@ -60,11 +60,20 @@ def heatmap_layout(sweep) -> str | None:
 
 
 def sweep_site(sweep) -> str:
-    """The swept site(s) with layers as '*' (e.g. 'decoder.*.cross_attn.hook_z'), for titles."""
+    """The swept site(s) with layers as '*', for titles: 'decoder.*.cross_attn.hook_z', or several in braces
+    ('decoder.*.hook_{attn,cross_attn,mlp}_out')."""
     names = sweep.labels.get("site")
     if names is None:
         return "sweep"
-    return ", ".join(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", str(name)) for name in names.tolist()))
+    names = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", str(name)) for name in names.tolist()))
+    if len(names) == 1:
+        return names[0]
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[:max(prefix.rfind("."), prefix.rfind("_")) + 1]  # braces open after a separator
+    rests = [name[len(prefix):] for name in names]
+    suffix = os.path.commonprefix([rest[::-1] for rest in rests])[::-1]
+    suffix = suffix[min([i for i in (suffix.find("."), suffix.find("_")) if i >= 0], default=len(suffix)):]
+    return f"{prefix}{{{','.join(rest[:len(rest) - len(suffix)] for rest in rests)}}}{suffix}"
 
 
 def colour_bound(values, vmax: float | None = None) -> float:

@@ -39,8 +39,11 @@ def test_title_names_metric_site_mode_and_queries(close_figures):
     title = fig.axes[0].get_title()
     assert "logit" in title and "decoder.*.cross_attn.hook_z" in title
     assert "resample patching" in title and "37 queries" in title
-    assert sweep_site(_sweep("decoder.*.*")) == "decoder.*.hook_attn_out, decoder.*.hook_cross_attn_out, " \
-                                                "decoder.*.hook_mlp_out"
+    assert sweep_site(_sweep("decoder.*.*")) == "decoder.*.hook_{attn,cross_attn,mlp}_out"
+    assert sweep_site(_sweep("decoder.*.{attn,mlp}")) == "decoder.*.hook_{attn,mlp}_out"
+    both = parse_sweep(SMALL, ["decoder.*.attn.hook_z[head]", "decoder.*.cross_attn.hook_z[head]"], value=0.0,
+                       length=5, decoder_length=1)
+    assert sweep_site(both) == "decoder.*.{attn,cross_attn}.hook_z"
 
 
 @pytest.mark.parametrize("spec", ["decoder.*.cross_attn.hook_z[head]", "decoder.*.*", "decoder.*.mlp",
