@@ -485,3 +485,86 @@ def top_overlap(reference: np.ndarray, estimate: np.ndarray, k: int) -> float:
     top_ref = set(np.argsort(-np.asarray(reference), kind="stable")[:k].tolist())
     top_est = set(np.argsort(-np.asarray(estimate), kind="stable")[:k].tolist())
     return len(top_ref & top_est) / k
+
+
+# --------------------------------------------------------------------------------------------------
+# Agreement with exact patching
+# --------------------------------------------------------------------------------------------------
+
+CHECK_TOP = 20             # units re-run exactly by `check_against_exact` (the top by `ranking`)
+MIN_SIGN_AGREEMENT = 0.8   # below: the estimate's signs are not to be trusted (warned)
+MIN_SPEARMAN = 0.5         # below: its order is not to be trusted (warned)
+
+
+def sign_agreement(estimate: Sequence[float], exact: Sequence[float]) -> float:
+    """Share of configs whose estimate has the exact effect's sign (0 counts as its own sign)."""
+    estimate, exact = np.asarray(estimate, np.float64), np.asarray(exact, np.float64)
+    if estimate.shape != exact.shape or estimate.size == 0:
+        raise ValueError(f"sign_agreement: need two equally long non-empty vectors, got {estimate.shape} and "
+                         f"{exact.shape}")
+    return float(np.mean(np.sign(estimate) == np.sign(exact)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Agreement:
+    """Attribution estimates beside the exact effects of the same configs (a sample: the top units)."""
+
+    method: str
+    metric: str
+    configs: np.ndarray    # [n] indices into the attribution's sweep
+    estimate: np.ndarray   # [n] the attribution's signed scores
+    exact: np.ndarray      # [n] the exact mean effects (patched - clean)
+
+    @property
+    def spearman(self) -> float | None:
+        """Spearman rank correlation of estimate and exact effect (None for fewer than two configs)."""
+        return spearman(self.estimate, self.exact) if len(self.configs) >= 2 else None
+
+    @property
+    def sign_agreement(self) -> float:
+        return sign_agreement(self.estimate, self.exact)
+
+    @property
+    def warning(self) -> str | None:
+        """One line when the estimate disagrees with exact patching (signs or order), else None."""
+        rho = self.spearman
+        if self.sign_agreement >= MIN_SIGN_AGREEMENT and (rho is None or rho >= MIN_SPEARMAN):
+            return None
+        return (f"{self.method} disagrees with exact patching on its top {len(self.configs)} units: "
+                f"{self.describe()} (trust its scores below {MIN_SIGN_AGREEMENT:.0%} sign agreement or Spearman "
+                f"{MIN_SPEARMAN} only after exact patching)")
+
+    def describe(self) -> str:
+        rho = self.spearman
+        return (f"Spearman {'n/a' if rho is None else f'{rho:.2f}'}, same sign {self.sign_agreement:.0%} "
+                f"(n={len(self.configs)})")
+
+    def as_dict(self, sweep: Sweep | None = None) -> dict:
+        """JSON-ready: the statistics, the thresholds and per config its labels, estimate and exact effect."""
+        return {"method": self.method, "metric": self.metric, "configs": len(self.configs),
+                "spearman": self.spearman, "sign_agreement": self.sign_agreement,
+                "thresholds": {"sign_agreement": MIN_SIGN_AGREEMENT, "spearman": MIN_SPEARMAN},
+                "warning": self.warning,
+                "units": [{**({} if sweep is None else sweep.label(int(k))), "config": int(k),
+                           "estimate": float(e), "exact": float(x)}
+                          for k, e, x in zip(self.configs, self.estimate, self.exact)]}
+
+
+def check_against_exact(config: T5Config, params, input_ids, attention_mask, target_ids, result: AttributionResult,
+                        *, top: int = CHECK_TOP, foil_ids=None, source: Source | None = None, target_mask=None,
+                        query_chunk: int | None = None, partitioner: Partitioner | None = None, dtype=None,
+                        progress: bool = True) -> Agreement:
+    """Re-run the `top` units of an attribution (by its `ranking`) with exact patching
+    (`genir_jax.interp.patching.run_sweep`, the same queries, values and metric) and set the estimates beside
+    the exact mean effects. AtP can get signs wrong (e.g. saturated attention): this says where it does."""
+    from genir_jax.interp.patching import run_sweep
+
+    if top < 1:
+        raise ValueError(f"check_against_exact: top must be >= 1, got {top}")
+    configs = np.argsort(-np.asarray(result.ranking, np.float64), kind="stable")[:top]
+    exact = run_sweep(config, params, input_ids, attention_mask, target_ids, result.sweep.take(configs),
+                      source=source, metrics=(result.metric,), foil_ids=foil_ids, top_k=0, hits=(),
+                      target_mask=target_mask, query_chunk=query_chunk, partitioner=partitioner, dtype=dtype,
+                      per_query=False, progress=progress, desc=f"exact check of the top {len(configs)}")
+    return Agreement(result.method, result.metric, configs, np.asarray(result.scores, np.float64)[configs],
+                     np.asarray(exact.aggregates[f"{result.metric}_effect"], np.float64))

@@ -99,25 +99,38 @@ def read_json(path: pathlib.Path) -> Any:
 
 
 def figure(layout, name: str):
-    """A new matplotlib figure and the path it will be saved to (headless backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """pyplot (headless, `genir_jax.base.figures`) and the path figure `name` will be saved to (`save_figure`)."""
+    from genir_jax.base.figures import pyplot
 
     layout.figures.mkdir(parents=True, exist_ok=True)
-    return plt, layout.figures / f"{name}.png"
+    return pyplot(), layout.figures / f"{name}.png"
+
+
+def save_figure(fig, path) -> None:
+    """Write a report figure (legends outside the axes included) and close it."""
+    from genir_jax.base.figures import pyplot
+
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    pyplot().close(fig)
+
+
+def layer_span(layers: Sequence[int]) -> str:
+    """A stage's layers in a label: '7-17', or '4' for a stage of one layer."""
+    return f"{layers[0]}" if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
 
 
 def shade_stages(axis, stages: Sequence[Sequence[int]]) -> None:
-    """Grey bands and labels for the stages on a per-layer x axis."""
+    """A per-layer x axis: integer layer ticks, every stage a shaded band (alternating greys) labelled above the
+    axes with its name and layers, e.g. 'I (0-6)'."""
     from genir_jax.analysis.stages import stage_names
+    from genir_jax.base.figures import STAGE_SHADES, integer_ticks
 
+    integer_ticks(axis, "x")
     for index, (name, layers) in enumerate(zip(stage_names(len(stages)), stages)):
-        if index % 2 == 1:
-            axis.axvspan(layers[0] - 0.5, layers[-1] + 0.5, color="0.92", zorder=0)
-        axis.text((layers[0] + layers[-1]) / 2, 1.01, name, transform=axis.get_xaxis_transform(), ha="center",
-                  va="bottom", fontsize=9)
+        axis.axvspan(layers[0] - 0.5, layers[-1] + 0.5, color=STAGE_SHADES[index % 2], zorder=0, linewidth=0)
+        axis.text((layers[0] + layers[-1]) / 2, 1.01, f"{name} ({layer_span(layers)})",
+                  transform=axis.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
+    axis.set_xlim(stages[0][0] - 0.5, stages[-1][-1] + 0.5)
 
 
 FEW_QUERIES = 30  # below this many correct validation queries the report warns that statistics are anecdotal

@@ -381,6 +381,62 @@ def test_attribute_exact_reports_the_mean_effect(dsi, tmp_path, capsys):  # noqa
     assert json.loads((tmp_path / "attr" / "attribution.json").read_text())["method"] == "exact"
 
 
+def test_attribute_checks_its_top_units_against_exact_patching(dsi, tmp_path, capsys):  # noqa: F811
+    """atp* re-runs its top units exactly: attribution.json's exact_check holds the exact effects (equal to a
+    `sweep` of the same sites), the estimates of attribution.csv, their Spearman correlation and sign
+    agreement; the printout says them, with a warning exactly when the record has one."""
+    from genir_jax.interp.attribution import sign_agreement, spearman
+
+    root, _, _ = dsi
+    spec = ["--sites", "decoder.*.cross_attn.hook_z[head]", "--metric", "logit", "--heatmap-vmax", "2.5"]
+    assert main(_args(root, tmp_path / "sweep") + spec) == 0
+    capsys.readouterr()
+    assert main(_args(root, tmp_path / "attr", "attribute") + spec + ["--method", "atp*", "--check-exact", "4"]) == 0
+    captured = capsys.readouterr()
+    record = json.loads((tmp_path / "attr" / "attribution.json").read_text())
+    check = record["exact_check"]
+    exact = {int(u["config"]): u["exact"] for u in check["units"]}
+    effects = [float(r["logit_effect"]) for r in _csv(tmp_path / "sweep" / "results.csv")]
+    scores = [float(r["score"]) for r in _csv(tmp_path / "attr" / "attribution.csv")]
+    magnitudes = [float(r["magnitude"]) for r in _csv(tmp_path / "attr" / "attribution.csv")]
+    assert list(exact) == list(np.argsort(-np.asarray(magnitudes), kind="stable")[:4])
+    np.testing.assert_allclose(list(exact.values()), [effects[k] for k in exact], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([u["estimate"] for u in check["units"]], [scores[k] for k in exact], rtol=1e-6)
+    assert check["spearman"] == pytest.approx(spearman([scores[k] for k in exact], list(exact.values())))
+    assert check["sign_agreement"] == sign_agreement([scores[k] for k in exact], list(exact.values()))
+    assert check["units"][0]["layer"] is not None and check["units"][0]["head"] is not None
+    assert "exact patching of the top 4 by GradDrop magnitude: Spearman" in captured.out
+    assert ("disagrees with exact patching" in captured.err) == (check["warning"] is not None)
+    # both maps on the one colour scale asked for
+    assert record["heatmap_vmax"] == {"logit": 2.5}
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["heatmap_vmax"] == {"logit": 2.5}
+    assert main(_args(root, tmp_path / "unchecked", "attribute") + spec + ["--method", "atp", "--check-exact", "0"]) == 0
+    assert "exact_check" not in json.loads((tmp_path / "unchecked" / "attribution.json").read_text())
+    assert "exact patching of the top" not in capsys.readouterr().out
+
+
+def test_attribute_warns_in_one_line_where_the_estimate_disagrees(dsi, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """An exact check whose effects have the estimates' opposite signs: one warning line on stderr, the same
+    warning in attribution.json."""
+    from genir_jax.interp import attribution
+
+    def opposite(config, params, ids, mask, targets, result, *, top, **_):
+        configs = np.arange(min(top, result.sweep.size))
+        return attribution.Agreement(result.method, result.metric, configs, result.scores[configs],
+                                     -result.scores[configs])
+
+    monkeypatch.setattr(attribution, "check_against_exact", opposite)
+    root, _, _ = dsi
+    assert main(_args(root, tmp_path / "attr", "attribute") + ["--sites", "decoder.*.cross_attn.hook_z[head]",
+                                                               "--method", "atp", "--metric", "logit"]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "genir-jax: warning: atp disagrees with exact patching on its top 6 units: Spearman -1.00, same sign 0%")
+    check = json.loads((tmp_path / "attr" / "attribution.json").read_text())["exact_check"]
+    assert check["sign_agreement"] == 0.0 and check["warning"] == warnings[0].split("warning: ", 1)[1]
+
+
 def test_attribute_atp_with_the_real_module(dsi, inputs, tmp_path, capsys):  # noqa: F811
     from genir_jax.interp.patching import run_sweep
 

@@ -256,6 +256,45 @@ def test_rank_statistics_helpers():
     assert top_overlap(np.array([5, 4, 3, 2, 1]), np.array([5, 1, 4, 2, 3]), 2) == 0.5
 
 
+def test_agreement_with_exact_patching_by_hand():
+    """Estimates [1, -2, 3, -4] against exact effects [2, -1, -3, -5]: the third has the wrong sign (3 of 4
+    agree), ranks (2, 1, 3, 0) against (3, 2, 1, 0), d^2 = 1 + 1 + 4 + 0 = 6, rho = 1 - 6 * 6 / (4 * 15) = 0.4."""
+    from genir_jax.interp.attribution import Agreement, sign_agreement
+
+    agreement = Agreement("atp*", "logit", np.arange(4), np.array([1.0, -2, 3, -4]), np.array([2.0, -1, -3, -5]))
+    assert agreement.sign_agreement == 0.75 and agreement.spearman == pytest.approx(0.4)
+    assert agreement.describe() == "Spearman 0.40, same sign 75% (n=4)"
+    assert agreement.warning.startswith("atp* disagrees with exact patching on its top 4 units: Spearman 0.40")
+    record = agreement.as_dict()
+    assert record["spearman"] == pytest.approx(0.4) and record["sign_agreement"] == 0.75
+    assert [u["exact"] for u in record["units"]] == [2, -1, -3, -5]
+    # the issue's case: six of twelve heads estimated positive where every exact effect is negative
+    half = Agreement("atp*", "logit", np.arange(12), np.r_[np.linspace(1, 2, 6), -np.linspace(1, 2, 6)],
+                     -np.linspace(0.5, 3, 12))
+    assert half.sign_agreement == 0.5 and half.warning is not None
+    agreeing = Agreement("atp", "logit", np.arange(3), np.array([1.0, 2, -3]), np.array([1.5, 2.5, -1]))
+    assert agreeing.warning is None and agreeing.spearman == pytest.approx(1.0)
+    assert Agreement("atp", "logit", np.arange(1), np.array([1.0]), np.array([-1.0])).spearman is None
+    assert sign_agreement([0.0, 1.0], [0.0, -1.0]) == 0.5
+    with pytest.raises(ValueError, match="equally long"):
+        sign_agreement([1.0], [1.0, 2.0])
+
+
+def test_check_against_exact_reruns_the_top_units(setup):
+    from genir_jax.interp.attribution import check_against_exact
+
+    params, ids, mask, targets = setup
+    grid = sw.site_grid(CONFIG, "decoder.*.cross_attn.hook_z", unit="head", value=0.0)
+    result = attribute(CONFIG, params, ids, mask, targets, grid, method="atp*", metric="logit", progress=False)
+    agreement = check_against_exact(CONFIG, params, ids, mask, targets, result, top=5, progress=False)
+    order = np.argsort(-result.magnitudes, kind="stable")[:5]
+    np.testing.assert_array_equal(agreement.configs, order)
+    np.testing.assert_allclose(agreement.estimate, result.scores[order])
+    whole = run_sweep(CONFIG, params, ids, mask, targets, grid, metrics=["logit"], top_k=0, progress=False)
+    np.testing.assert_allclose(agreement.exact, whole.aggregates["logit_effect"][order], rtol=1e-5, atol=1e-6)
+    assert agreement.spearman == pytest.approx(spearman(result.scores[order], agreement.exact))
+
+
 SEQUENCES = [[5, 9, 1], [7, 1], [12, 3, 4, 1], [5, 1], [20, 21, 1], [33, 1]]
 
 

@@ -685,3 +685,124 @@ def test_figure4_steps_cells_carry_intervals_over_the_steps_queries(tmp_path):
     _, rows = _table(text, "step")
     ratio = contributions[:, 1, :, 0, :]  # step 2, func ratio
     assert rows[1][1] == bootstrap(ratio[lengths > 1][:, [0, 1], 0].mean(axis=1)).format(2)  # stage I, self-attn
+# Figures a reviewer would accept (issue 23, item 4): the Figure objects the panels draw
+# --------------------------------------------------------------------------------------------------
+
+def _residual_layout(tmp_path, queries: int = 7, layers: int = LAYERS):
+    from genir_jax.analysis.residual import LENS_SITES, ResidualRankResult, write_residual_rank
+
+    layout = _layout(tmp_path, layers)
+    rng = np.random.default_rng(7)
+    stats = {name: rng.integers(0, 64, size=(queries, layers)) for name in
+             ("docid_min", "docid_max", "non_docid_min", "non_docid_max", "non_docid_median")}
+    stats["docid_sum"] = rng.integers(120, 600, size=(queries, layers))
+    result = ResidualRankResult(query_ids=[f"q{i}" for i in range(queries)],
+                                contributions=rng.random((queries, layers, 3, 5), dtype=np.float32),
+                                lens_ranks=rng.integers(0, 50, size=(queries, layers, len(LENS_SITES))),
+                                vocab_stats=stats, docid_count=16, vocab_size=64,
+                                sum_ranks=rng.integers(0, 200, size=(queries, 2)), final_ranks=np.zeros(queries, np.int64))
+    write_residual_rank(layout.analysis("residual-rank"), result)
+    return layout
+
+
+def _legend_outside(fig, legend, axes) -> bool:
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = legend.get_window_extent(renderer)
+    return all(not box.overlaps(axis.get_window_extent(renderer)) for axis in axes)
+
+
+def _integer_layer_ticks(axis) -> bool:
+    low, high = axis.get_xlim()
+    ticks = [t for t in axis.get_xticks() if low <= t <= high]
+    return len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
+
+
+def _stage_labels(axis) -> list[str]:
+    return [t.get_text() for t in axis.texts]
+
+
+@pytest.fixture
+def close_figures():
+    from genir_jax.base.figures import pyplot
+
+    yield
+    pyplot().close("all")
+
+
+def test_figure3_error_bars_are_said_to_be_standard_deviations(tmp_path, close_figures):
+    from matplotlib.container import ErrorbarContainer
+    from genir_jax.paper.experiments import figure3_residual_contributions as fig3
+
+    layout = _residual_layout(tmp_path)
+    fig, _ = fig3.draw(layout)
+    axes = fig.axes
+    for axis in axes:  # both panels: ratio and cosine, three components with error bars each
+        bars = [c for c in axis.containers if isinstance(c, ErrorbarContainer)]
+        assert len(bars) == 3 and all(c.has_yerr for c in bars)
+        assert _integer_layer_ticks(axis)
+        assert _stage_labels(axis) == ["I (0-1)", "II (2-3)", "III (4-5)"]
+    legend = axes[1].get_legend()
+    assert "standard deviation" in legend.get_title().get_text()
+    assert _legend_outside(fig, legend, axes)
+    title = fig.get_suptitle()
+    assert "7 correct validation queries" in title and "DSI T5, 2+6 layers, d_model 8" in title
+    assert "error bars: ±1 standard deviation over the queries" in fig3.render(layout).markdown
+
+
+def test_figure4_legend_sits_beside_the_lines_and_the_title_says_what(tmp_path, close_figures):
+    from genir_jax.paper.experiments import figure4_rank_development as fig4
+
+    fig, _ = fig4.draw(_residual_layout(tmp_path, queries=9, layers=3))  # 3 layers: matplotlib would tick 0.5
+    (axis,) = fig.axes
+    assert _legend_outside(fig, axis.get_legend(), [axis]) and _integer_layer_ticks(axis)
+    assert "logit lens" in axis.get_title() and "9 correct validation queries" in axis.get_title()
+    assert _stage_labels(axis) == ["I (0)", "II (1)", "III (2)"]
+
+
+def test_figure4_steps_draws_the_eos_line_under_the_steps(tmp_path, close_figures):
+    from genir_jax.analysis.sequence_logit_lens import SUMMARY_JSON
+    from genir_jax.paper.experiments import figure4_steps_rank_development as fig4s
+
+    layout = _layout(tmp_path)
+    ranks = {site: {"mean": np.linspace(8, 0, LAYERS).tolist()} for site, _ in fig4s.SITES}
+    steps = [{"label": label, "queries": 5, "relevant_rank": ranks} for label in ("step 1", "step 2", "last step (EOS)")]
+    directory = layout.analysis("steps-logit-lens")
+    directory.mkdir(parents=True)
+    (directory / SUMMARY_JSON).write_text(json.dumps({"num_decoder_layers": LAYERS, "num_queries": 5, "steps": steps}))
+    fig, _ = fig4s.draw(layout)
+    for axis in fig.axes:
+        lines = {line.get_label().split(" (")[0]: line for line in axis.get_lines()}
+        assert all(lines[step].get_zorder() > lines["last step"].get_zorder() for step in ("step 1", "step 2"))
+        assert lines["step 2"].get_marker() not in (None, "None", "")
+        assert _integer_layer_ticks(axis)
+    assert _legend_outside(fig, fig.axes[-1].get_legend(), fig.axes)
+    assert "5 correct validation queries" in fig.get_suptitle()
+
+
+def test_figure5_keeps_bar_width_and_explains_its_axis(tmp_path, close_figures):
+    from genir_jax.base.figures import CATEGORY_COLOURS
+    from genir_jax.paper.experiments import figure5_reading as fig5
+    from matplotlib.colors import to_hex
+
+    layout = _layout(tmp_path)
+    stages = [[0, 1], [2, 3], [4, 5]]
+    shares = {"readers": 4, "embedding": 0.1, "attn": [0.1] * 3, "cross_attn": [0.1] * 3, "mlp": [0.1] * 3}
+    for step, file, analysis, layers in (("neuron-reading", "neuron_reading_summary.json", "neuron_reading", [5]),
+                                         ("crattn-reading", "crattn_reading_summary.json", "crattn_reading", range(6))):
+        layout.analysis(step).mkdir(parents=True)
+        summary = _reading_summary(analysis, stages, {str(layer): shares for layer in layers})
+        (layout.analysis(step) / file).write_text(json.dumps(summary))
+    fig, _ = fig5.draw(layout)
+    neurons, heads = fig.axes
+    low, high = neurons.get_xlim()
+    assert high - low >= fig5.MIN_BAR_SLOTS  # one reader layer: one bar of ordinary width, not the whole panel
+    assert all(patch.get_width() <= 0.7 + 1e-9 for patch in neurons.patches)
+    colours = [to_hex(neurons.patches[b].get_facecolor()) for b in range(10)]  # one patch per bucket (1 layer)
+    assert len(set(colours)) == 10 and set(colours) <= {c.lower() for c in CATEGORY_COLOURS}
+    legend = heads.get_legend()
+    assert _legend_outside(fig, legend, fig.axes) and all(t.get_fontsize() >= 8 for t in legend.get_texts())
+    assert [t.get_text() for t in legend.get_texts()][-2:] == ["self-attention I (0-1)", "embedding"]
+    assert neurons.get_ylabel() == "share of positive readings"
+    assert any("dot product" in t.get_text() for t in fig.texts)
+    assert "9 queries" in neurons.get_title() and "9 queries" in heads.get_title()

@@ -7,21 +7,23 @@ and a backward pass (`genir_jax.interp.attribution.attribute`); ``--method exact
 
 from __future__ import annotations
 
-from genir_jax.base.options import LISTED, ROWS
+from genir_jax.base.options import LISTED, MAX_LISTED, ROWS, bounded_int
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
 
 from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 from genir_jax.cli.commands.sweep import (
-    add_sweep_inputs, prepare, run_with_store, sweep_description, write_table,
+    add_sweep_inputs, draw_heatmaps, prepare, run_with_store, sweep_description, write_table,
 )
 from genir_jax.base.errors import GenIRError
 from genir_jax.interp.metrics import DIFFERENTIABLE_METRICS as DIFFERENTIABLE
 
+CHECK_TOP = 20  # units re-run exactly after atp / atp* (`genir_jax.interp.attribution.CHECK_TOP`)
 ORDER = 100  # where `genir-jax --help` lists it
 SUMMARY = "attribution patching (AtP, AtP*) or exact effects of any sites, heads or neurons on a logit metric"
 METHODS = ("atp", "atp*", "exact")
@@ -41,7 +43,10 @@ def add_parser(subparsers) -> None:
             "atp / atp* add abs_atp, the mean |estimate| over queries without GradDrop, and atp* magnitude, "
             "the GradDrop estimate), "
             "attribution.json (settings, sweep axes, timing), heatmap_<metric>.png (layer x head / neuron / "
-            "component sweeps) and with --per-query per_query.npz; prints the --top units by |score|."),
+            "component sweeps) and with --per-query per_query.npz; prints the --top units by |score|. atp / atp* "
+            "then re-run their --check-exact top units (by |score|, GradDrop magnitude for atp*) with exact "
+            "patching and print and record (attribution.json: exact_check) the Spearman correlation and the sign "
+            "agreement of estimate and exact effect, with a warning where they disagree."),
     )
     add_sweep_inputs(parser)
     parser.add_argument("--method", default="atp", help="atp (default), atp* or exact")
@@ -52,6 +57,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--top", type=LISTED, default=20, help="print the top N configs by |score| (default 20)")
     parser.add_argument("--per-query", action="store_true", help="also write per_query.npz ([configs, queries])")
     parser.add_argument("--config-chunk", type=ROWS, default=None, help="configs per step (exact method)")
+    parser.add_argument("--check-exact", type=bounded_int(0, MAX_LISTED), default=CHECK_TOP, metavar="N",
+                        help=f"atp / atp*: re-run the top N units exactly and compare (default {CHECK_TOP}; 0: skip)")
     parser.set_defaults(handler=run)
     add_mesh_arguments(parser, dtype=True)  # --mesh, --mesh-rules, --dtype
 
@@ -82,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     settings = prep.record_settings
     started = time.perf_counter()
     store = None
+    agreement = None
     magnitudes = None
     absolute = None
     if args.method == "exact":
@@ -106,6 +114,11 @@ def run(args: argparse.Namespace) -> int:
         stats = dict(getattr(out, "stats", None) or {})
         magnitudes = getattr(out, "magnitudes", None)
         absolute = getattr(out, "absolute", None)
+        if args.check_exact:
+            agreement = attribution.check_against_exact(
+                prep.config, prep.params, prep.ids, prep.mask, prep.targets, out, top=args.check_exact,
+                foil_ids=prep.foils, source=prep.source, target_mask=prep.target_mask, query_chunk=args.query_chunk,
+                progress=prep.progress)
     stats["seconds"] = time.perf_counter() - started
     stats["load_seconds"] = prep.load_seconds
 
@@ -123,12 +136,15 @@ def run(args: argparse.Namespace) -> int:
                      query_ids=np.asarray([q.query_id for q in prep.queries]), targets=prep.targets,
                      **({"foils": prep.foils} if prep.foils is not None else {}))
         what = "mean effect" if args.method == "exact" else f"{args.method} estimate"
-        from genir_jax.interp.sweep_plots import write_heatmaps
-
-        heatmaps = write_heatmaps(staging, sweep, {metric: scores}, what=what)
+        note = None
+        if agreement is not None:
+            note = (f"vs exact patching, top {len(agreement.configs)}: {agreement.describe()}"
+                    + (": DISAGREES" if agreement.warning else ""))
+        heatmaps = draw_heatmaps(staging, prep, sweep, {metric: scores}, what=what, note=note)
         with open(os.path.join(staging, "attribution.json"), "w", encoding="utf-8") as handle:
             json.dump({"settings": settings, "metric": metric, "method": args.method,
-                       "sweep": sweep_description(sweep), "queries": len(prep.queries), "heatmaps": heatmaps,
+                       "sweep": sweep_description(sweep), "queries": len(prep.queries), **heatmaps,
+                       **({"exact_check": agreement.as_dict(sweep)} if agreement is not None else {}),
                        "stats": stats}, handle, indent=1, default=str)
     if store is not None:
         store.clear()
@@ -139,4 +155,9 @@ def run(args: argparse.Namespace) -> int:
             labels = " ".join(f"{n}={v}" for n, v in sweep.label(int(k)).items() if v is not None and n != "stack")
             extra = "" if magnitudes is None else f"  |atp| {absolute[k]:.6g}  graddrop {magnitudes[k]:.6g}"
             print(f"{place:4d}  {scores[k]: .6g}{extra}  {labels}")
+    if agreement is not None:
+        by = "GradDrop magnitude" if magnitudes is not None else "|score|"
+        print(f"exact patching of the top {len(agreement.configs)} by {by}: {agreement.describe()}")
+        if agreement.warning:
+            print(f"genir-jax: warning: {agreement.warning}", file=sys.stderr)
     return 0

@@ -6,7 +6,7 @@ The inputs, sites, mode and foil options are shared with `genir-jax attribute` (
 
 from __future__ import annotations
 
-from genir_jax.base.options import ROWS, SEED
+from genir_jax.base.options import ROWS, SEED, bounded_float
 import argparse
 import csv
 import hashlib
@@ -68,6 +68,10 @@ def add_sweep_inputs(parser: argparse.ArgumentParser) -> None:
                              "most 64 as possible, balanced)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_overwrite(parser)
+    parser.add_argument("--heatmap-vmax", type=bounded_float(0, open_low=True), default=None, metavar="V",
+                        help="colour scale of the heatmaps: -V..V around 0 (default: each map's largest |value|); "
+                             "give an exact sweep and an attribution of the same sites the same V to compare "
+                             "their maps by eye")
 
 
 def _metrics(values: list[str] | None, default: str) -> list[str]:
@@ -298,7 +302,8 @@ def prepare(args, metrics: list[str], record: str, outputs: tuple[str, ...], ext
                     ids=ids, mask=mask, targets=targets, target_mask=target_mask, candidates=candidates, foils=foils,
                     source=source,
                     sweep=sweep, settings=settings, progress=progress, query_chunk=args.query_chunk,
-                    record_settings=record_settings, stale=stale, overwrite=args.overwrite, load_seconds=time.perf_counter() - started)
+                    record_settings=record_settings, stale=stale, overwrite=args.overwrite,
+                    heatmap_vmax=args.heatmap_vmax, load_seconds=time.perf_counter() - started)
 
 
 def _foils(args, config, params, ids, mask, targets, candidates, queries, tokenizer) -> np.ndarray:
@@ -381,6 +386,19 @@ def write_table(path: str, sweep, columns: dict[str, np.ndarray]) -> None:
         writer.writerow(names)
         for k, labels in enumerate(sweep.label_table()):
             writer.writerow([_cell(labels[n]) for n in sweep.labels] + [_cell(float(columns[c][k])) for c in columns])
+
+
+def draw_heatmaps(directory: str, prep: Prepared, sweep, effects: dict, *, what: str = "mean effect",
+                  note: str | None = None) -> dict:
+    """The heatmaps of `effects` (metric -> per-config values) titled with the sweep's mode and query count, on
+    --heatmap-vmax's colour scale; returns the JSON record's ``heatmaps`` (file names) and ``heatmap_vmax``
+    (metric -> the colour bound used: pass it as --heatmap-vmax to draw another map on the same scale)."""
+    from genir_jax.interp.sweep_plots import colour_bound, write_heatmaps
+
+    files = write_heatmaps(directory, sweep, effects, what=what, mode=prep.settings["mode"],
+                           queries=len(prep.queries), vmax=prep.heatmap_vmax, note=note)
+    return {"heatmaps": files,
+            "heatmap_vmax": {m: colour_bound(v, prep.heatmap_vmax) for m, v in effects.items()} if files else {}}
 
 
 def sweep_description(sweep) -> dict:
@@ -468,10 +486,9 @@ def write_sweep_outputs(prep: Prepared, result, metrics, hits, *, per_query: boo
                      **{f"clean_{m}": result.clean[m] for m in metrics},
                      query_ids=np.asarray([q.query_id for q in prep.queries]), targets=prep.targets,
                      **({"foils": prep.foils} if prep.foils is not None else {}))
-        from genir_jax.interp.sweep_plots import write_heatmaps
-
-        heatmaps = write_heatmaps(staging, result.sweep, {m: result.aggregates[f"{m}_effect"] for m in metrics})
+        effects = {m: result.aggregates[f"{m}_effect"] for m in metrics}
+        heatmaps = draw_heatmaps(staging, prep, result.sweep, effects)
         with open(os.path.join(staging, "sweep.json"), "w", encoding="utf-8") as handle:
             json.dump({"settings": settings, "sweep": sweep_description(result.sweep), "queries": len(prep.queries),
-                       "heatmaps": heatmaps, "stats": {**result.stats, "load_seconds": prep.load_seconds}},
+                       **heatmaps, "stats": {**result.stats, "load_seconds": prep.load_seconds}},
                       handle, indent=1, default=str)

@@ -14,6 +14,12 @@ def full_config(layout) -> T5Config:
     return T5Config.from_json_file(layout.full / "config.json")
 
 
+def model_description(layout) -> str:
+    """The analysed model in a few words, for figure titles: e.g. 'DSI T5, 24+24 layers, d_model 1024'."""
+    config = full_config(layout)
+    return f"DSI T5, {config.num_layers}+{config.num_decoder_layers} layers, d_model {config.d_model}"
+
+
 REPORT_STAGES_STEP = "patch-stages"  # the run whose stages (Table 3's) every panel of a report shares
 
 

@@ -5,9 +5,11 @@ import dataclasses
 import numpy as np
 
 from genir_jax.analysis.stages import describe_stages, stage_names
-from genir_jax.paper.panels import Experiment, Section, figure, md_table, read_json, record_settings, shade_stages
+from genir_jax.paper.panels import (
+    Experiment, Section, figure, md_table, read_json, record_settings, save_figure, shade_stages,
+)
 
-from genir_jax.paper.experiments._common import correct_inputs, stages_of
+from genir_jax.paper.experiments._common import correct_inputs, model_description, stages_of
 
 PAPER = {"stages_t5_large": "I = layers 0-6, II = 7-17, III = 18-23"}
 PARTS = (("attn", "self-attention"), ("cross_attn", "cross-attention"), ("mlp", "MLP"))
@@ -52,26 +54,42 @@ def per_query_contributions(layout) -> dict[tuple[str, str], np.ndarray]:
             for key, queries in values.items()}
 
 
-def render(layout) -> Section:
-    from genir_jax.analysis.evidence import bootstrap
+ERROR_BARS = "error bars: ±1 standard deviation over the queries"
+
+
+def draw(layout):
+    """(Figure, PNG path): per decoder layer the mean over the correct queries (±1 SD) of each component's ratio
+    and cosine, stages shaded."""
+    from genir_jax.base.figures import LINE_COLOURS, legend_outside
 
     summary = read_json(layout.analysis("residual-rank") / "residual_rank_summary.json")
     stages = stages_of(layout)
     layers = np.arange(summary["num_decoder_layers"])
     plt, path = figure(layout, "figure3_residual_contributions")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for key, label in PARTS:
-        ratio = summary["contributions"]["ratio"][key]
-        axes[0].errorbar(layers, ratio["mean"], yerr=ratio["std"], label=label, marker="o", capsize=2)
-        axes[1].plot(layers, summary["contributions"]["cosine"][key]["mean"], label=label, marker="o")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    for index, (key, label) in enumerate(PARTS):
+        offset = (index - 1) * 0.12  # side by side, so the error bars do not hide each other
+        for axis, func in zip(axes, ("ratio", "cosine")):
+            values = summary["contributions"][func][key]
+            axis.errorbar(layers + offset, values["mean"], yerr=values["std"], label=label, marker="o",
+                          markersize=4, capsize=2, color=LINE_COLOURS[index])
     axes[0].set(xlabel="decoder layer", ylabel="||component|| / ||resid_post - resid_pre||")
     axes[1].set(xlabel="decoder layer", ylabel="cosine(component, resid_post)")
     for axis in axes:
         shade_stages(axis, stages)
-        axis.legend(fontsize=8)
-    fig.suptitle(f"Residual contributions ({summary['num_queries']} correct queries)", y=1.04)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    legend_outside(axes[1], title=ERROR_BARS.replace(": ", ":\n"), title_fontsize=8)
+    fig.suptitle(f"Residual stream contributions per decoder layer: mean over {summary['num_queries']} correct "
+                 f"validation queries ({model_description(layout)})", y=1.06)
+    return fig, path
+
+
+def render(layout) -> Section:
+    from genir_jax.analysis.evidence import bootstrap
+
+    summary = read_json(layout.analysis("residual-rank") / "residual_rank_summary.json")
+    stages = stages_of(layout)
+    fig, path = draw(layout)
+    save_figure(fig, path)
     per_query = per_query_contributions(layout)
     rows = []
     for name, stage in zip(stage_names(len(stages)), stages):
@@ -84,6 +102,9 @@ def render(layout) -> Section:
     text += md_table(["stage", "layers", *(f"{func}: {label}" for func in ("ratio", "cosine") for _, label in PARTS)],
                      rows)
     text += f"\n\nStages: {describe_stages(stages, named=True)} (paper, T5-large: {PAPER['stages_t5_large']}).\n"
+    text += (f"\nFigure: per decoder layer the mean over the {summary['num_queries']} correct queries, "
+             f"{ERROR_BARS}; the three components are drawn side by side "
+             "within each layer.\n")
     text += ("\nCosine: the paper's text says the cosine similarity of each component's output with the residual "
              "stream without saying which; the reference code (eval_residual_rank.py) computes it with the "
              "layer's OUTPUT residual, resid_post (`decoder.{l}.hook_resid_post`, which already contains the "

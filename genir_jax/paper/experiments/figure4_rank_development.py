@@ -3,9 +3,11 @@
 import numpy as np
 
 from genir_jax.analysis.stages import stage_names
-from genir_jax.paper.panels import Experiment, Section, figure, md_table, read_json, shade_stages
+from genir_jax.paper.panels import (
+    Experiment, Section, figure, md_table, read_json, save_figure, shade_stages,
+)
 
-from genir_jax.paper.experiments._common import stages_of
+from genir_jax.paper.experiments._common import model_description, stages_of
 
 PAPER = {"mlp_only_leave_rank_1_percent": 33, "mlp_only_within_top_10": True,
          "cross_attn_only_beyond_rank_100": True}
@@ -40,6 +42,28 @@ def component_sum_ranks(layout) -> dict[str, np.ndarray]:
     return {key: np.asarray([float(r["value"]) for r in rows if r["component"] == label]) for key, label, _ in SUMS}
 
 
+def draw(layout):
+    """(Figure, PNG path): the paper's Fig. 4 curves (rank + 1, log axis) per decoder layer, stages shaded,
+    the legend beside the axes."""
+    from genir_jax.base.figures import LINE_COLOURS, legend_outside
+
+    summary = read_json(layout.analysis("residual-rank") / "residual_rank_summary.json")
+    layers = np.arange(summary["num_decoder_layers"])
+    plt, path = figure(layout, "figure4_rank_development")
+    fig, axis = plt.subplots(figsize=(8, 4))
+    styles = {3: dict(linestyle="--"), 4: dict(linestyle=":")}
+    for index, (label, values) in enumerate(paper_series(summary)):
+        axis.plot(layers, values + 1, **styles.get(index, dict(marker="o", markersize=4)), label=label,
+                  color=LINE_COLOURS[index])
+    axis.set(yscale="log", xlabel="decoder layer", ylabel="rank + 1 (logit lens; 1 = top)")
+    shade_stages(axis, stages_of(layout))
+    legend_outside(axis)
+    axis.set_title(f"Rank of the relevant docid through the decoder (logit lens): mean over "
+                   f"{summary['num_queries']} correct validation queries\n({model_description(layout)})", pad=18,
+                   fontsize=10)
+    return fig, path
+
+
 def render(layout) -> Section:
     from genir_jax.analysis.evidence import bootstrap, share
 
@@ -47,16 +71,8 @@ def render(layout) -> Section:
     stages = stages_of(layout)
     layers = np.arange(summary["num_decoder_layers"])
     series = paper_series(summary)
-    plt, path = figure(layout, "figure4_rank_development")
-    fig, axis = plt.subplots(figsize=(8, 4))
-    styles = {3: dict(linestyle="--"), 4: dict(linestyle=":")}
-    for index, (label, values) in enumerate(series):
-        axis.plot(layers, values + 1, **styles.get(index, dict(marker="o")), label=label)
-    axis.set(yscale="log", xlabel="decoder layer", ylabel="rank + 1 (logit lens; 1 = top)")
-    shade_stages(axis, stages)
-    axis.legend(fontsize=7)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    fig, path = draw(layout)
+    save_figure(fig, path)
     names = stage_names(len(stages))
     stage_of = {layer: name for name, stage in zip(names, stages) for layer in stage}
     short = ["relevant docid (resid_post), mean", "relevant docid (cross-attn out), mean",

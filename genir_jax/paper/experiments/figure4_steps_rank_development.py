@@ -6,9 +6,11 @@ import dataclasses
 import numpy as np
 
 from genir_jax.analysis.stages import describe_stages, stage_names
-from genir_jax.paper.panels import Experiment, Section, figure, md_table, read_json, record_settings, shade_stages
+from genir_jax.paper.panels import (
+    Experiment, Section, figure, md_table, read_json, record_settings, save_figure, shade_stages,
+)
 
-from genir_jax.paper.experiments._common import correct_sequence_inputs, stages_of
+from genir_jax.paper.experiments._common import correct_sequence_inputs, model_description, stages_of
 
 PAPER = {"note": "the paper's models use atomic docids (one decoding step); no per-step values"}
 SITES = (("resid_post", "residual after layer"), ("cross_attn_out", "cross-attention output"),
@@ -54,6 +56,37 @@ def _cell(entry: dict, keys: tuple[str, ...], layers, digits: int) -> str:
     return bootstrap(np.asarray(values, dtype=np.float64)[:, list(layers)].mean(axis=1)).format(digits)
 
 
+def draw(layout):
+    """(Figure, PNG path): per site the logit-lens rank + 1 of each step's docid token through the decoder.
+    The EOS step is a grey dashed line drawn underneath, so a step whose ranks equal it stays visible."""
+    from genir_jax.analysis.sequence_logit_lens import SUMMARY_JSON
+    from genir_jax.base.figures import LINE_COLOURS, legend_outside
+
+    summary = read_json(layout.analysis("steps-logit-lens") / SUMMARY_JSON)
+    stages = stages_of(layout)
+    layers = np.arange(summary["num_decoder_layers"])
+    plt, path = figure(layout, "figure4_steps_rank_development")
+    fig, axes = plt.subplots(1, len(SITES), figsize=(5 * len(SITES), 3.8), sharey=True)
+    markers = "osD^vP*X"
+    for axis, (site, label) in zip(axes, SITES):
+        for index, entry in enumerate(summary["steps"]):
+            if entry["label"].startswith("last"):
+                style = dict(linestyle="--", linewidth=4, color="0.6", zorder=2)
+            else:
+                style = dict(marker=markers[index % len(markers)], markersize=5, linewidth=1.5, zorder=3,
+                             color=LINE_COLOURS[index % len(LINE_COLOURS)])
+            axis.plot(layers, np.asarray(entry["relevant_rank"][site]["mean"]) + 1,
+                      label=f"{entry['label']} ({entry['queries']} q.)", **style)
+        axis.set(yscale="log", xlabel="decoder layer")
+        axis.set_title(label, pad=16)
+        shade_stages(axis, stages)
+    axes[0].set_ylabel("docid token rank + 1 (logit lens; mean over queries)")
+    legend_outside(axes[-1])
+    fig.suptitle(f"Rank of each docid token at its decoding step (teacher forcing): {summary['num_queries']} "
+                 f"correct validation queries ({model_description(layout)})", y=1.07)
+    return fig, path
+
+
 def render(layout) -> Section:
     from genir_jax.analysis.sequence_logit_lens import SUMMARY_JSON
 
@@ -61,26 +94,16 @@ def render(layout) -> Section:
     stages = stages_of(layout)
     layers = np.arange(summary["num_decoder_layers"])
     steps = summary["steps"]
-    plt, path = figure(layout, "figure4_steps_rank_development")
-    fig, axes = plt.subplots(1, len(SITES), figsize=(5 * len(SITES), 3.8), sharey=True)
-    for axis, (site, label) in zip(axes, SITES):
-        for entry in steps:
-            style = dict(linestyle="--", color="black") if entry["label"].startswith("last") else dict(marker="o")
-            axis.plot(layers, np.asarray(entry["relevant_rank"][site]["mean"]) + 1,
-                      label=f"{entry['label']} ({entry['queries']} q.)", **style)
-        axis.set(yscale="log", xlabel="decoder layer", xticks=layers)
-        axis.set_title(label, pad=16)
-        shade_stages(axis, stages)
-    axes[0].set_ylabel("docid token rank + 1 (logit lens; mean over queries)")
-    axes[-1].legend(fontsize=7)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    fig, path = draw(layout)
+    save_figure(fig, path)
     lengths = ", ".join(f"{length} tokens: {count} queries" for length, count in summary["docid_lengths"].items())
     text = (f"{summary['num_queries']} correct queries (docid lengths with EOS: {lengths}). At decoding step t the "
             "decoder has the gold prefix (teacher forcing); each cell is the MEAN over the queries whose docid has "
             "that step of the 0-based logit-lens rank of the step's docid token in the residual after the layer "
             "(the paper's Fig. 4 statistic, per step). \"last step (EOS)\" is every docid's final step, which must "
-            "put EOS on top. Each cell: the mean with its 95% bootstrap interval over those queries, n queries.\n\n")
+            "put EOS on top; the figure draws it as a wide grey dashed line under the other steps, so a step with "
+            "the same ranks stays visible. Each cell: the mean with its 95% bootstrap interval over those queries, "
+            "n queries.\n\n")
     text += md_table(["layer", *(f"{entry['label']}" for entry in steps)],
                      [(int(layer), *(_cell(entry, ("relevant_rank", "resid_post"), [layer], 1) for entry in steps))
                       for layer in layers])

@@ -7,9 +7,11 @@ import os
 import numpy as np
 
 from genir_jax.analysis.stages import Stages, stage_names
-from genir_jax.paper.panels import Experiment, Section, figure, md_table, read_json, record_settings
+from genir_jax.paper.panels import (
+    Experiment, Section, figure, layer_span, md_table, read_json, record_settings, save_figure,
+)
 
-from genir_jax.paper.experiments._common import correct_inputs, resolve_stages
+from genir_jax.paper.experiments._common import correct_inputs, model_description, resolve_stages
 
 PAPER = {"finding": "stage-III MLP neurons read mostly from MLPs and cross-attention of the earlier stages; "
                     "cross-attention heads read mostly from the MLPs of stage I (priming)"}
@@ -74,33 +76,79 @@ def _mean_over(per_layer: dict, layers: list[int]) -> dict:
     return mean
 
 
-def render(layout) -> Section:
+COMPONENT_NAMES = {"attn": "self-attention", "cross_attn": "cross-attention", "mlp": "MLP"}
+MIN_BAR_SLOTS = 4  # a panel is at least this many bars wide: one reader layer is one bar, not the whole panel
+
+
+def _reading(layout, step: str, file: str) -> dict:
+    """One reader's summary, the readings kept (top k or all), its reader layers (cross-attention heads: those
+    after stage I, as the paper's figure) and per layer the shares per bucket."""
+    summary = read_json(layout.analysis(step) / file)
+    stages = summary["stages"]
+    key = "all" if "all" in summary["results"] else sorted(summary["results"])[0]
+    result = summary["results"][key]
+    readers = sorted(int(layer) for layer in result["per_layer"])
+    if step == "crattn-reading":
+        readers = [layer for layer in readers if layer not in stages[0]] or readers
+    per_layer = {layer: _buckets(result["per_layer"][str(layer)], len(stages)) for layer in readers}
+    return dict(summary=summary, stages=stages, key=key, result=result, readers=readers, per_layer=per_layer,
+                buckets=[name for name, _ in per_layer[readers[0]]])
+
+
+def _bucket_label(bucket: str, stages) -> str:
+    """A legend entry: the component type in words and the stage with its layers ('MLP I (0-6)')."""
+    if bucket == "embedding":
+        return "embedding"
+    component, name = bucket.split(" ")
+    layers = stages[stage_names(len(stages)).index(name)]
+    return f"{COMPONENT_NAMES[component]} {name} ({layer_span(layers)})"
+
+
+def draw(layout):
+    """(Figure, PNG path): one stacked bar per reader layer, the shares of its positive readings per component
+    type and stage, ten colour-blind-safe colours; one legend beside the panels."""
+    from genir_jax.base.figures import CATEGORY_COLOURS, legend_outside
+
     plt, path = figure(layout, "figure5_reading")
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-    text_parts = []
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
     for axis, (step, file, label) in zip(axes, READERS):
-        summary = read_json(layout.analysis(step) / file)
-        stages = summary["stages"]
-        names = stage_names(len(stages))
-        stage_of = {layer: name for name, stage in zip(names, stages) for layer in stage}
-        key = "all" if "all" in summary["results"] else sorted(summary["results"])[0]
-        result = summary["results"][key]
-        readers = sorted(int(layer) for layer in result["per_layer"])
-        if step == "crattn-reading":  # as the paper's figure: heads after stage I
-            readers = [layer for layer in readers if layer not in stages[0]] or readers
-        per_layer = {layer: _buckets(result["per_layer"][str(layer)], len(stages)) for layer in readers}
-        buckets = [name for name, _ in per_layer[readers[0]]]
-        # Stacked bars, one per reader layer (the paper's Fig. 5): each bar is that layer's shares.
+        reading = _reading(layout, step, file)
+        readers, per_layer, summary = reading["readers"], reading["per_layer"], reading["summary"]
         bottom = np.zeros(len(readers))
-        colours = plt.get_cmap("tab20")
-        for b, bucket in enumerate(buckets):
+        for b, bucket in enumerate(reading["buckets"]):
             values = np.asarray([dict(per_layer[layer])[bucket] for layer in readers])
-            axis.bar(range(len(readers)), values, bottom=bottom, label=bucket, color=colours(b % 20))
+            axis.bar(range(len(readers)), values, bottom=bottom, width=0.7, color=CATEGORY_COLOURS[b % 10],
+                     edgecolor="white", linewidth=0.4, label=_bucket_label(bucket, reading["stages"]))
             bottom += values
+        pad = max(0, MIN_BAR_SLOTS - len(readers)) / 2
+        axis.set_xlim(-0.5 - pad, len(readers) - 0.5 + pad)
         axis.set_xticks(range(len(readers)), [str(layer) for layer in readers], fontsize=8)
-        axis.set(xlabel="reader layer", ylabel=f"share of positive readings ({summary['sim_type']})",
-                 title=f"{label}, layers {readers[0]}-{readers[-1]}")
-        axis.legend(fontsize=6, ncol=2)
+        axis.set(xlabel="reader layer", ylim=(0, 1))
+        kept = "all positive readings" if reading["key"] == "all" else f"top {reading['key']} positive readings"
+        axis.set_title(f"{label}: {kept}, {summary['queries']} queries", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    legend_outside(axes[1], handles[::-1], labels[::-1], title="read from (stack order)", title_fontsize=8)
+    sim = {"dot": "dot product", "cosine": "cosine"}.get(summary["sim_type"], summary["sim_type"])
+    axes[0].set_ylabel("share of positive readings")
+    fig.suptitle(f"Who reads from whom: where stage-III MLP neurons and cross-attention heads read from "
+                 f"({model_description(layout)})", y=1.02)
+    fig.text(0.0, -0.03, f"A reading: the {sim} of a reader's input direction with an earlier component's output (an "
+             "active MLP neuron: its W_in column; a cross-attention head: the key of its most attended encoder "
+             "position, with the output\nprojected by the head's W_Q). A bar: the share of a reader layer's positive "
+             "readings that come from each component type and stage, averaged over the queries and the layer's "
+             "readers (sums to 1).", fontsize=8, va="top")
+    return fig, path
+
+
+def render(layout) -> Section:
+    fig, path = draw(layout)
+    save_figure(fig, path)
+    text_parts = []
+    for step, file, label in READERS:
+        reading = _reading(layout, step, file)
+        summary, stages, key, result = reading["summary"], reading["stages"], reading["key"], reading["result"]
+        readers, per_layer, buckets = reading["readers"], reading["per_layer"], reading["buckets"]
+        stage_of = {layer: name for name, stage in zip(stage_names(len(stages)), stages) for layer in stage}
         rows = [(layer, stage_of.get(layer, ""), result["per_layer"][str(layer)].get("readers", ""),
                  *(f"{100 * value:.1f}" for _, value in per_layer[layer])) for layer in readers]
         mean = _buckets(_mean_over(result["per_layer"], readers), len(stages))
@@ -109,8 +157,6 @@ def render(layout) -> Section:
                           "positive readings that come from each component type and stage (one stacked bar per "
                           "layer in the figure):\n\n"
                           + md_table(["reader layer", "stage", "readers", *(f"{b} %" for b in buckets)], rows))
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     text = "\n\n".join(text_parts) + (f"\n\nPaper: {PAPER['finding']}. These shares have no intervals: each is "
                                        "an aggregate over readers (per reader, averaged over the queries that "
                                        "activate it, then renormalised), not a statistic of per-query values.\n")
