@@ -105,14 +105,14 @@ def sequence_metric(logits, targets, mask, metric: str, reduction: str = "max"):
     raise ValueError(f"unknown sequence metric {metric!r}; choose one of {', '.join(TEACHER_FORCED_METRICS)}")
 
 
-def greedy_consistent(config, params, input_ids, attention_mask, sequences, batch_size: int = 64) -> np.ndarray:
-    """bool [N]: whether every token of each query's docid sequence (ending with EOS) is the top token of the
-    whole vocabulary at its step given the gold prefix, i.e. greedy decoding produces exactly that docid
-    (rank 0 at every step: the multi-token counterpart of an atomic docid being the top token)."""
+def worst_step_ranks(config, params, input_ids, attention_mask, sequences, batch_size: int = 64) -> np.ndarray:
+    """int [N]: each query's worst (largest) full-vocabulary rank of a token of its docid sequence (ending with
+    EOS) given the gold prefix, one teacher-forced forward per batch; 0 iff greedy decoding produces exactly
+    that docid. A one-token sequence is an atomic docid: its rank at the first decoder step."""
     from genir_jax.base.batching import batches
 
     targets, mask = pad_targets(sequences)
-    out = np.zeros(targets.shape[0], dtype=bool)
+    out = np.zeros(targets.shape[0], dtype=np.int64)
     if targets.shape[0] == 0:
         return out
     rows = max(1, min(batch_size, targets.shape[0]))
@@ -120,5 +120,13 @@ def greedy_consistent(config, params, input_ids, attention_mask, sequences, batc
         ids, att, tgt, msk = batch.arrays
         logits = teacher_forced_logits(config, params, ids, att, tgt)
         worst = np.asarray(reduce_step_ranks(step_ranks(logits, tgt, msk), msk, "max"))
-        out[batch.rows] = worst[:batch.size] == 0
+        out[batch.rows] = worst[:batch.size]
     return out
+
+
+def greedy_consistent(config, params, input_ids, attention_mask, sequences, batch_size: int = 64) -> np.ndarray:
+    """bool [N]: whether every token of each query's docid sequence (ending with EOS) is the top token of the
+    whole vocabulary at its step given the gold prefix, i.e. greedy decoding produces exactly that docid
+    (rank 0 at every step, `worst_step_ranks`: the multi-token counterpart of an atomic docid being the top
+    token)."""
+    return worst_step_ranks(config, params, input_ids, attention_mask, sequences, batch_size) == 0
