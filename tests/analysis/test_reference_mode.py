@@ -219,7 +219,7 @@ def test_crattn_writes_reference_files_and_placeholders(ref, tmp_path):
     shutil.copy(root / "correct.json", checkpoint / "correct_valid.json")
     before = _files(checkpoint)
     assert main(["crattn-writes", "-c", str(checkpoint), "--val-queries", str(root / "val.json"), "--reference",
-                 "--stages", "thirds", "--no-progress"]) == 0
+                 "--stages", "thirds", "--no-progress", "--allow-incorrect"]) == 0  # as `_inputs`
     assert _files(checkpoint) - before == CRATTN_WRITES_FILES
     assert list(json.loads((checkpoint / "cr_attn_ratios.json").read_text())) == CRATTN_RATIO_KEYS
     per_q = json.loads((checkpoint / "per_q_averages_sII.json").read_text())
