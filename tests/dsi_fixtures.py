@@ -18,3 +18,35 @@ def tiny_dsi_model(hf_checkpoint, tokenizer, doc_ids, *, docid_scale: float = 4.
     shared = np.array(model.params["shared"])
     shared[token_ids] *= docid_scale
     return model.replace(params={**model.params, "shared": shared}), token_ids
+
+
+def answering_model(model, texts, doc_ids):
+    """`model` (atomic docids) made to answer: query `texts[i]` ranks the docid token of `doc_ids[i]` first over
+    the whole vocabulary (masked queries, as `genir-jax evaluate` ranks), so hand-written correct_valid.json
+    pairs can be truly correct. Only those docid tokens' unembedding rows change (no query holds a docid
+    token): solved by least squares from the queries' first-step decoder outputs (themselves recovered from the
+    logits) so that each query gives its docid a logit far above every word logit and the other docids 0
+    (exact for at most d_model queries). Asserts the result."""
+    from genir_jax.analysis.inputs import tokenize_for_analysis
+    from genir_jax.core.model import unembedding_rows
+
+    config, tokenizer = model.config, model.tokenizer
+    ids, mask = tokenize_for_analysis(tokenizer, list(texts))
+    start = np.zeros((len(texts), 1), np.int32)
+    logits = np.asarray(gj.forward(config, model.params, ids, mask, start), np.float64)[:, 0]
+    table, _ = unembedding_rows(config, model.params)
+    outputs = np.linalg.lstsq(np.asarray(table, np.float64), logits.T, rcond=None)[0].T  # scale * decoder output
+    tokens = gj.docid_token_ids(tokenizer, list(doc_ids))
+    answers = sorted(set(tokens.tolist()))
+    wanted = 100.0 * np.abs(logits).max() * (tokens[:, None] == np.asarray(answers)[None, :])  # [queries, docids]
+    rows = np.array(table, np.float32)
+    rows[answers] = np.linalg.lstsq(outputs, wanted, rcond=None)[0].T
+    params = dict(model.params)
+    if config.tie_word_embeddings:
+        params["shared"] = rows
+    else:
+        params["lm_head"] = rows.T
+    answering = model.replace(params=params)
+    top = np.asarray(gj.forward(config, answering.params, ids, mask, start))[:, 0].argmax(-1)
+    assert top.tolist() == tokens.tolist(), "the docid rows did not make the model answer every query"
+    return answering

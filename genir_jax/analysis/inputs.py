@@ -3,7 +3,9 @@
 `correct_valid.json` (written by `genir-jax evaluate`, as the reference's eval script) lists
 ``[docid, query_id]`` for the validation queries whose relevant document the model ranks first: the docid
 token (atomic docids) or the docid string (naive / semantic, with its token sequence from the scheme).
-Analyses run on those queries, in that order.
+Analyses run on those queries, in that order. `load_analysis_inputs` checks that every pair is such a pair
+(`check_correct_pairs`): its docid relevant to the query (the query's ``relevant_docs``) and ranked first by
+the model, as `evaluate` decides it; other pairs are refused, or kept with a warning (``allow_incorrect``).
 
 Tokenisation, two modes:
 - default: each query tokenised with its ``</s>``, right-padded to the longest, with an attention mask;
@@ -30,7 +32,7 @@ import numpy as np
 
 from genir_jax.checkpoints.tokenizer import clip_text
 from genir_jax.data.corpus import normalize_id, read_json, read_queries
-from genir_jax.docids.tokens import is_docid_token
+from genir_jax.docids.tokens import doc_id_of_token, is_docid_token
 from genir_jax.base.batching import Batch, batches
 from genir_jax.base.errors import DataError, GenIRError
 
@@ -43,6 +45,7 @@ class CorrectQuery:
     text: str
     docid_token: str
     token_id: int
+    relevant: bool = True  # the docid is one of the query's relevant documents (`load_correct_queries`)
 
 
 def read_correct_valid(path: str | os.PathLike, scheme=None) -> list[tuple[str, str]]:
@@ -87,7 +90,8 @@ def read_correct_valid(path: str | os.PathLike, scheme=None) -> list[tuple[str, 
 
 def load_correct_queries(val_queries_path: str | os.PathLike, correct_valid_path: str | os.PathLike,
                          tokenizer) -> list[CorrectQuery]:
-    """The correct queries (order of correct_valid.json) with their text and target token id.
+    """The correct queries (order of correct_valid.json) with their text, target token id and whether the
+    docid is relevant to the query (checked by `check_correct_pairs`, not here).
 
     Errors name the file and record: unknown query ids, docid tokens the tokenizer does not know.
     """
@@ -101,7 +105,9 @@ def load_correct_queries(val_queries_path: str | os.PathLike, correct_valid_path
         if token not in vocab:
             raise DataError(f"{os.fspath(correct_valid_path)}: record index {index}: docid token {token!r} is not in "
                             "the model's vocabulary (was correct_valid.json made for another model?)")
-        out.append(CorrectQuery(query_id, queries[query_id].text, token, int(vocab[token])))
+        query = queries[query_id]
+        out.append(CorrectQuery(query_id, query.text, token, int(vocab[token]),
+                                doc_id_of_token(token) in query.relevant_docs))
     return out
 
 
@@ -115,12 +121,19 @@ class CorrectSequenceQuery:
     docid: str          # the docid string (as correct_valid.json spells it)
     doc_id: str         # the document it names
     tokens: tuple[int, ...]
+    relevant: bool = True  # the document is one of the query's relevant documents
+
+    @property
+    def docid_token(self) -> str:
+        """The docid as correct_valid.json spells it (the name `CorrectQuery` gives it)."""
+        return self.docid
 
 
 def load_correct_sequence_queries(val_queries_path: str | os.PathLike, correct_valid_path: str | os.PathLike,
                                   scheme, tokenizer) -> list[CorrectSequenceQuery]:
     """The correct queries of a naive / semantic model (order of correct_valid.json) with their docid token
-    sequences (`genir_jax.docids.schemes.docid_token_sequences`); errors name the file and record."""
+    sequences (`genir_jax.docids.schemes.docid_token_sequences`) and relevance (as `load_correct_queries`);
+    errors name the file and record."""
     from genir_jax.docids.schemes import docid_token_sequences
 
     queries = {q.id: q for q in read_queries(val_queries_path)}
@@ -131,7 +144,8 @@ def load_correct_sequence_queries(val_queries_path: str | os.PathLike, correct_v
                             f"{os.fspath(val_queries_path)}")
     doc_ids = [scheme.doc_id_of(docid) for docid, _ in pairs]
     sequences = docid_token_sequences(scheme, tokenizer, doc_ids, scheme.source or os.fspath(correct_valid_path))
-    return [CorrectSequenceQuery(query_id, queries[query_id].text, docid, doc_id, tuple(tokens))
+    return [CorrectSequenceQuery(query_id, queries[query_id].text, docid, doc_id, tuple(tokens),
+                                 doc_id in queries[query_id].relevant_docs)
             for (docid, query_id), doc_id, tokens in zip(pairs, doc_ids, sequences)]
 
 
@@ -248,11 +262,12 @@ def load_model(path: str | os.PathLike, *, tokenizer: bool = True, **kw):
 
 def load_analysis_inputs(checkpoint: str | os.PathLike, val_queries: str | os.PathLike,
                          correct_valid: str | os.PathLike, *, sequences: bool = False, scheme=None, model=None,
-                         reference_padding: bool = False, **load) -> AnalysisInputs:
+                         reference_padding: bool = False, allow_incorrect: bool = False, **load) -> AnalysisInputs:
     """The checkpoint (or an already loaded `model` of it), its correct validation queries
     (`load_correct_queries`; with `sequences`, `load_correct_sequence_queries` under `scheme`, by default the
-    checkpoint's own) and their tokenisation (`tokenize_for_analysis`). `load`: keyword arguments of
-    `load_model` (e.g. ``dtype``)."""
+    checkpoint's own), checked to be correct (`check_correct_pairs`, which `allow_incorrect` turns into a
+    warning) and their tokenisation (`tokenize_for_analysis`). `load`: keyword arguments of `load_model`
+    (e.g. ``dtype``)."""
     model = model if model is not None else load_model(checkpoint, **load)
     if sequences:
         from genir_jax.docids.schemes import checkpoint_scheme
@@ -264,8 +279,49 @@ def load_analysis_inputs(checkpoint: str | os.PathLike, val_queries: str | os.Pa
     else:
         queries = load_correct_queries(val_queries, correct_valid, model.tokenizer)
         targets, target_mask = np.asarray([q.token_id for q in queries], dtype=np.int32), None
-    ids, mask = tokenize_for_analysis(model.tokenizer, [q.text for q in queries], reference_padding=reference_padding)
-    return AnalysisInputs(model, queries, ids, mask, targets, target_mask=target_mask, scheme=scheme)
+    texts = [q.text for q in queries]
+    inputs = AnalysisInputs(model, queries, *tokenize_for_analysis(model.tokenizer, texts), targets,
+                            target_mask=target_mask, scheme=scheme)
+    check_correct_pairs(inputs, correct_valid, val_queries, allow_incorrect=allow_incorrect)
+    if reference_padding:
+        ids, mask = tokenize_for_analysis(model.tokenizer, texts, reference_padding=True)
+        inputs = dataclasses.replace(inputs, input_ids=ids, attention_mask=mask)
+    return inputs
+
+
+def check_correct_pairs(inputs: AnalysisInputs, correct_valid: str | os.PathLike, val_queries: str | os.PathLike,
+                        *, allow_incorrect: bool = False) -> np.ndarray:
+    """bool [N]: which pairs of `correct_valid` (`inputs.queries`) are correct as `genir-jax evaluate` decides
+    it: the docid is one of the query's relevant documents and the model ranks it first (every docid token
+    the top token of the whole vocabulary at its step, masked queries, one teacher-forced forward:
+    `genir_jax.docids.sequence_targets.worst_step_ranks`, the rank rule of the analyses; `inputs` tokenised
+    with masks, as evaluate ranks). An analysis of other pairs silently measures something else, so they are
+    refused (a `DataError` naming the file, the first such pair and their count); `allow_incorrect` keeps
+    them with a one-line warning on stderr."""
+    from genir_jax.docids.sequence_targets import worst_step_ranks
+
+    model, queries, path = inputs.model, inputs.queries, os.fspath(correct_valid)
+    ranks = worst_step_ranks(model.config, model.params, inputs.input_ids, inputs.attention_mask,
+                             [q.tokens if inputs.target_mask is not None else (q.token_id,) for q in queries])
+    relevant = np.asarray([q.relevant for q in queries], dtype=bool)
+    correct = relevant & (ranks == 0)
+    wrong = np.flatnonzero(~correct)
+    if not wrong.size:
+        return correct
+    counts = (f"{wrong.size} of {len(queries)} pairs are not correct: {int(np.sum(~relevant))} not relevant to "
+              f"their query in {os.fspath(val_queries)}, {int(np.sum(ranks != 0))} not ranked first by the model")
+    if allow_incorrect:
+        print(f"genir-jax: warning: {path}: {counts}; kept (--allow-incorrect)", file=sys.stderr)
+        return correct
+    first = int(wrong[0])
+    query = queries[first]
+    field = "docid" if inputs.target_mask is not None else "docid_token"
+    why = (f"is not a relevant document of query {query.query_id!r}" if not relevant[first] else
+           f"is at rank {int(ranks[first])}, not first, for query {query.query_id!r}"
+           + (" (its worst step)" if inputs.target_mask is not None else ""))
+    raise DataError(f"{path}: record index {first}: field 0 ({field}) {query.docid_token!r} {why} ({counts}; "
+                    "correct_valid.json must list the pairs whose relevant docid the model ranks first, as "
+                    "genir-jax evaluate writes it; --allow-incorrect accepts them)")
 
 
 def query_batches(tokenizer, texts: Sequence[str], batch_size: int, *, reference_padding: bool = False,

@@ -1,5 +1,6 @@
-"""Table 3 put together once: every requested patching mode on a model's correct queries, the check of
-the clean ranks, and the output files, for `genir-jax patch-stages` and the reproduction's Table 3 alike.
+"""Table 3 put together once: every requested patching mode on a model's correct queries (checked by
+`genir_jax.analysis.inputs.check_correct_pairs`) and the output files, for `genir-jax patch-stages` and the
+reproduction's Table 3 alike.
 
 Atomic docids run the single-step sweep (`genir_jax.analysis.stage_patching`): zero and mean modes on the
 queries as given (masked, or the reference's padding), ``t5`` mode with the base T5's outputs on masked
@@ -20,7 +21,7 @@ from genir_jax.analysis.stage_patching import (REFERENCE_MODE_ORDER, T5_ALL_AND_
                                               StagePatchingResult,
                                               write_stage_patching)
 from genir_jax.analysis.stages import STAGES_JSON, Stages
-from genir_jax.base.errors import DataError, GenIRError
+from genir_jax.base.errors import GenIRError
 
 
 def check_modes(modes: Sequence[str], base) -> list[str]:
@@ -35,21 +36,16 @@ def check_modes(modes: Sequence[str], base) -> list[str]:
 
 
 def patch_stages(inputs: AnalysisInputs, stages: Stages, modes: Sequence[str], *, base=None, base_name: str = "",
-                 correct_valid: str | os.PathLike = "correct_valid.json", batch_size: int | None = None,
-                 reference_padding: bool = False, check_clean: bool = True, rank_reduction: str = "max",
+                 batch_size: int | None = None, reference_padding: bool = False, rank_reduction: str = "max",
                  progress: bool = True) -> StagePatchingResult:
     """Each component type patched in each stage, in every mode of `modes` (``t5``: `base`, the pretrained
-    T5 loaded for analysis, named `base_name` in errors), on `inputs` (`load_analysis_inputs`).
-
-    `check_clean`: refuse queries whose docid the unpatched model does not rank first (atomic: the clean
-    ranks of a masked run, naming the first such record of `correct_valid`; not checked when only reference
-    padded runs are made) or does not decode exactly (sequences, ``max`` reduction). `batch_size`: queries
-    per device per step (atomic; None: from a logits budget) or per step (sequences; None: 32)."""
+    T5 loaded for analysis, named `base_name` in errors), on `inputs` (`load_analysis_inputs`, which checked
+    that the model ranks each query's relevant docid first). `batch_size`: queries per device per step
+    (atomic; None: from a logits budget) or per step (sequences; None: 32)."""
     modes = check_modes(modes, base)
     model = inputs.model
     if inputs.target_mask is not None:
-        return _sequence_patch_stages(inputs, stages, modes, base, base_name, correct_valid, batch_size,
-                                      check_clean, rank_reduction, progress)
+        return _sequence_patch_stages(inputs, stages, modes, base, base_name, batch_size, rank_reduction, progress)
     from genir_jax.interp.patching import Source
 
     layers = stages.as_lists()
@@ -71,14 +67,12 @@ def patch_stages(inputs: AnalysisInputs, stages: Stages, modes: Sequence[str], *
                                                        inputs.attention_mask, inputs.targets, stages=layers,
                                                        modes=["t5"], source=Source(base.config, base.params),
                                                        query_chunk=batch_size, progress=progress))
-    if check_clean and ("t5" in modes or not reference_padding):  # the clean ranks of a masked run
-        check_ranked_first(correct_valid, inputs.queries, parts[-1].sweep.clean["rank"])
     return StagePatchingResult(rows=[row for part in parts for row in part.rows],
                                ranks=np.concatenate([part.ranks for part in parts]), sweep=parts[0].sweep)
 
 
-def _sequence_patch_stages(inputs, stages, modes, base, base_name, correct_valid, batch_size, check_clean,
-                           rank_reduction, progress) -> StagePatchingResult:
+def _sequence_patch_stages(inputs, stages, modes, base, base_name, batch_size, rank_reduction,
+                           progress) -> StagePatchingResult:
     """Table 3 for naive / semantic docids: the same configurations at every decoder position of the
     teacher-forced docid, ranks reduced per query by `rank_reduction`."""
     from genir_jax.analysis.sequence_stage_patching import run_sequence_stage_patching
@@ -91,30 +85,7 @@ def _sequence_patch_stages(inputs, stages, modes, base, base_name, correct_valid
         model.config, model.params, inputs.input_ids, inputs.attention_mask, inputs.targets, inputs.target_mask,
         stages=stages.as_lists(), modes=modes, source_params=base.params if base is not None else None,
         metric="step_rank", reduction=rank_reduction, batch_size=batch_size or 32, progress=progress)
-    if check_clean and np.any(result.clean != 0) and rank_reduction == "max":
-        raise GenIRError(f"{os.fspath(correct_valid)}: greedy decoding does not give the docid of "
-                         f"{int(np.sum(result.clean != 0))} of {result.clean.size} listed queries; correct_valid.json "
-                         "must list the queries the model answers exactly")
     return result.as_rank_result()
-
-
-def check_ranked_first(path: str | os.PathLike, queries, clean_ranks) -> None:
-    """Refuse correct_valid.json records whose docid is not the clean model's top token (what `evaluate` writes
-    there), naming the first such record; the reference checks nothing and silently counts them as patched."""
-    from genir_jax.analysis.inputs import read_correct_valid
-
-    clean_ranks = np.asarray(clean_ranks)
-    wrong = np.flatnonzero(clean_ranks != 0)
-    if wrong.size:
-        query = queries[int(wrong[0])]
-        # its record in the file (the queries may be a subset, e.g. the held-out half of automatic stages)
-        pairs = read_correct_valid(path) if os.path.isfile(path) else []
-        first = pairs.index((query.docid_token, query.query_id)) if (query.docid_token, query.query_id) in pairs \
-            else int(wrong[0])
-        raise DataError(f"{os.fspath(path)}: record index {first}: field 0 (docid_token) {query.docid_token!r} is at "
-                        f"rank {int(clean_ranks[wrong[0]])}, not first, for query {query.query_id!r} ({wrong.size} of "
-                        f"{clean_ranks.size} records are not ranked first; correct_valid.json must list the pairs "
-                        "the model ranks first, as genir-jax evaluate writes it; --allow-incorrect accepts them)")
 
 
 def t5_all_and_attn(model, base, val_queries: str | os.PathLike, stages: Stages, *, qrels=None,

@@ -123,17 +123,6 @@ def sequence_metric(logits, targets, mask, metric: str, reduction: str = "max"):
     raise ValueError(f"unknown sequence metric {metric!r}; choose one of {', '.join(TEACHER_FORCED_METRICS)}")
 
 
-def greedy_consistent(config, params, input_ids, attention_mask, sequences, batch_size: int = 64) -> np.ndarray:
-    """bool [N]: whether every token of each query's docid sequence (ending with EOS) is the top token of the
-    whole vocabulary at its step given the gold prefix, i.e. greedy decoding produces exactly that docid
-    (rank 0 at every step: the multi-token counterpart of an atomic docid being the top token)."""
-    targets, mask = pad_targets(sequences)
-    if targets.shape[0] == 0:
-        return np.zeros(0, dtype=bool)
-    ranks = teacher_forced_step_ranks(config, params, input_ids, attention_mask, targets, mask, batch_size=batch_size)
-    return np.asarray(reduce_step_ranks(ranks, mask, "max")) == 0
-
-
 def teacher_forced_step_ranks(config, params, input_ids, attention_mask, targets, mask, *, interventions=None,
                               batch_size: int = 64) -> np.ndarray:
     """`step_ranks` [N, T] of the docids `targets` / `mask` [N, T] given the gold prefix, in batches of
@@ -148,3 +137,22 @@ def teacher_forced_step_ranks(config, params, input_ids, attention_mask, targets
         logits = teacher_forced_logits(config, params, ids, att, tgt, interventions=interventions)
         out[batch.rows] = np.asarray(step_ranks(logits, tgt, msk))[:batch.size]
     return out
+
+
+def worst_step_ranks(config, params, input_ids, attention_mask, sequences, batch_size: int = 64) -> np.ndarray:
+    """int [N]: each query's worst (largest) full-vocabulary rank of a token of its docid sequence (ending with
+    EOS) given the gold prefix (`teacher_forced_step_ranks`); 0 iff greedy decoding produces exactly that docid.
+    A one-token sequence is an atomic docid: its rank at the first decoder step."""
+    targets, mask = pad_targets(sequences)
+    if targets.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    ranks = teacher_forced_step_ranks(config, params, input_ids, attention_mask, targets, mask, batch_size=batch_size)
+    return np.asarray(reduce_step_ranks(ranks, mask, "max")).astype(np.int64)
+
+
+def greedy_consistent(config, params, input_ids, attention_mask, sequences, batch_size: int = 64) -> np.ndarray:
+    """bool [N]: whether every token of each query's docid sequence (ending with EOS) is the top token of the
+    whole vocabulary at its step given the gold prefix, i.e. greedy decoding produces exactly that docid
+    (rank 0 at every step, `worst_step_ranks`: the multi-token counterpart of an atomic docid being the top
+    token)."""
+    return worst_step_ranks(config, params, input_ids, attention_mask, sequences, batch_size) == 0

@@ -109,7 +109,8 @@ def test_head_top_tokens_equal_a_numpy_logit_lens(dsi):
 
 def _run(root, out, *extra):
     return main(["crattn-writes", "--checkpoint", str(root / "dsi"), "--val-queries", str(root / "val.json"),
-                 "--correct-valid", str(root / "correct.json"), "-o", str(out), "--no-progress", *extra])
+                 "--correct-valid", str(root / "correct.json"), "-o", str(out), "--no-progress", "--allow-incorrect",
+                 *extra])  # a random model: its pairs are relevant, not its top tokens
 
 
 def test_cli_writes_the_reference_files(dsi, tmp_path):
@@ -149,7 +150,7 @@ def test_bad_input_exits_2_without_outputs(dsi, tmp_path, capsys, command, extra
     out = tmp_path / "never"
     if command == "crattn-writes":
         argv = [command, "--checkpoint", str(root / "dsi"), "--val-queries", str(root / "val.json"),
-                "--correct-valid", str(root / "correct.json")]
+                "--correct-valid", str(root / "correct.json"), "--allow-incorrect"]
     else:
         argv = [command, "--checkpoint", str(root / "dsi"), "--queries", "who wrote the harry potter books"]
     assert main(argv + ["-o", str(out), "--no-progress", *extra]) == 2

@@ -247,7 +247,8 @@ def test_proportions_equal_a_dict_based_recomputation(dsi, reader):
 
 def _run(root, command, out, *extra):
     return main([command, "--checkpoint", str(root / "dsi"), "--val-queries", str(root / "val.json"),
-                 "--correct-valid", str(root / "correct.json"), "-o", str(out), "--no-progress", *extra])
+                 "--correct-valid", str(root / "correct.json"), "-o", str(out), "--no-progress", "--allow-incorrect",
+                 *extra])  # a random model: its pairs are relevant, not its top tokens
 
 
 @pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
@@ -311,7 +312,8 @@ def test_bad_input_exits_2_without_outputs(dsi, tmp_path, capsys, problem, messa
              "stages_gap": ["--stages", "0,3", "--layers", "3"]}.get(problem, [])
     out = tmp_path / "never"
     code = main(["neuron-reading", "--checkpoint", str(root / "dsi"), "--val-queries", str(root / "val.json"),
-                 "--correct-valid", str(root / "correct_bad.json"), "-o", str(out), "--no-progress", *extra])
+                 "--correct-valid", str(root / "correct_bad.json"), "-o", str(out), "--no-progress",
+                 "--allow-incorrect", *extra])
     assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()

@@ -98,7 +98,8 @@ def test_swap_cli(setup, tmp_path):
     (tmp_path / "missing.json").write_text(json.dumps(missing))
     args = ["swap-encoder", "--complete-model-path", str(root / "full"), "--missing-docs-for-model",
             str(tmp_path / "missing.json"), "--val-queries", str(root / "val.json"), "--correct-valid",
-            str(root / "correct.json"), "-o", str(tmp_path / "out"), "--t5", str(base_dir), "--no-progress"]
+            str(root / "correct.json"), "-o", str(tmp_path / "out"), "--t5", str(base_dir), "--no-progress",
+            "--allow-incorrect"]  # a random model: its pairs are relevant, not its top tokens
     assert main(args) == 0
     results = json.loads((tmp_path / "out" / "swapped_encoder.json").read_text())
     assert list(results) == [str(root / "other"), str(root / "full"), str(base_dir)]
@@ -119,7 +120,8 @@ def test_empty_circuit_reproduces_plain_evaluation(setup, tmp_path):
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps({"name": "nothing", "patches": []}))
     common = ["-c", str(root / "full"), "--test-queries", str(root / "test.json"), "--val-queries",
-              str(root / "val.json"), "--correct-valid", str(root / "correct.json"), "--no-progress"]
+              str(root / "val.json"), "--correct-valid", str(root / "correct.json"), "--no-progress",
+              "--allow-incorrect"]  # a random model: its pairs are relevant, not its top tokens
     assert main(["circuit", *common, "--circuit", str(empty), "-o", str(tmp_path / "c")]) == 0
     assert main(["evaluate", "--checkpoint", str(root / "full"), "--queries", str(root / "test.json"),
                  "-o", str(tmp_path / "e")]) == 0
@@ -140,7 +142,8 @@ def test_empty_circuit_reproduces_plain_evaluation(setup, tmp_path):
 def test_paper_circuit_equals_independent_patching(setup, tmp_path):
     root, full, _, _ = setup
     assert main(["circuit", "-c", str(root / "full"), "--test-queries", str(root / "test.json"), "--val-queries",
-                 str(root / "val.json"), "--correct-valid", str(root / "correct.json"), "--stages", "0-1,2-4,5",
+                 str(root / "val.json"), "--correct-valid", str(root / "correct.json"), "--allow-incorrect",
+                 "--stages", "0-1,2-4,5",
                  "-o", str(tmp_path / "c"), "--no-progress", "--k", "5"]) == 0
     report = json.loads((tmp_path / "c" / "minimal_circuit.json").read_text())
     assert report["config"] == ("remove attn in layers 0-5; remove cross_attn in layers 0-1; "

@@ -66,7 +66,7 @@ def ref(tmp_path_factory, t5_tokenizer):
 
 def _inputs(root, *extra):
     return ["--val-queries", str(root / "val.json"), "--correct-valid", str(root / "correct.json"), "--no-progress",
-            *extra]
+            "--allow-incorrect", *extra]  # a random model, and d0 is not v3's relevant document
 
 
 def _files(directory):
@@ -219,7 +219,7 @@ def test_crattn_writes_reference_files_and_placeholders(ref, tmp_path):
     shutil.copy(root / "correct.json", checkpoint / "correct_valid.json")
     before = _files(checkpoint)
     assert main(["crattn-writes", "-c", str(checkpoint), "--val-queries", str(root / "val.json"), "--reference",
-                 "--stages", "thirds", "--no-progress"]) == 0
+                 "--stages", "thirds", "--no-progress", "--allow-incorrect"]) == 0  # as `_inputs`
     assert _files(checkpoint) - before == CRATTN_WRITES_FILES
     assert list(json.loads((checkpoint / "cr_attn_ratios.json").read_text())) == CRATTN_RATIO_KEYS
     per_q = json.loads((checkpoint / "per_q_averages_sII.json").read_text())
@@ -234,8 +234,8 @@ def test_residual_rank_reference_writes_only_its_files(ref, tmp_path):
 
 
 def test_patch_stages_refuses_pairs_the_model_does_not_rank_first(ref, tmp_path, capsys):
-    """The clean run's ranks (computed by the sweep anyway) must be 0 for every correct_valid pair, as
-    `evaluate` writes it; docid rows scaled up 1000x make a docid every query's top token here."""
+    """Every correct_valid pair must be ranked first by the model (rank 0), as `evaluate` writes it; docid rows
+    scaled up 1000x make a docid every query's top token here, and that docid its relevant document."""
     root, full, _ = ref
     token_ids = gj.docid_token_ids(full.tokenizer, DOCS)
     shared = np.array(full.params["shared"])
@@ -247,17 +247,20 @@ def test_patch_stages_refuses_pairs_the_model_does_not_rank_first(ref, tmp_path,
     top = top.argmax(-1)
     assert set(top.tolist()) <= set(token_ids)
     tokens = {t: d for t, d in zip(token_ids, DOCS)}
-    pairs = [[gj.docid_token(tokens[int(top[i])]), f"v{i}"] for i in (4, 1, 2)]
+    answers = [tokens[int(t)] for t in top]
+    wrong = next(d for d in DOCS if d != answers[1])  # also relevant to v1, but not its top token
+    (tmp_path / "val.json").write_text(json.dumps([{"id": f"v{i}", "query": q, "relevant_docs": [answers[i]] + (
+        [wrong] if i == 1 else [])} for i, q in enumerate(VAL)]))
+    pairs = [[gj.docid_token(answers[i]), f"v{i}"] for i in (4, 1, 2)]
     (tmp_path / "correct.json").write_text(json.dumps(pairs))
-    argv = ["patch-stages", "-c", str(tmp_path / "dsi"), "--val-queries", str(root / "val.json"), "--correct-valid",
-            str(tmp_path / "correct.json"), "--modes", "zero", "--stages", "thirds", "--no-progress"]
+    argv = ["patch-stages", "-c", str(tmp_path / "dsi"), "--val-queries", str(tmp_path / "val.json"),
+            "--correct-valid", str(tmp_path / "correct.json"), "--modes", "zero", "--stages", "thirds", "--no-progress"]
     assert main(argv + ["-o", str(tmp_path / "good")]) == 0
-    wrong = next(d for d in DOCS if gj.docid_token(d) != pairs[1][0])
     pairs[1][0] = gj.docid_token(wrong)
     (tmp_path / "correct.json").write_text(json.dumps(pairs))
     capsys.readouterr()
     assert main(argv + ["-o", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert f"correct.json: record index 1: field 0 (docid_token) '{pairs[1][0]}' is at rank" in err
-    assert "for query 'v1' (1 of 3 records are not ranked first" in err and not (tmp_path / "bad").exists()
+    assert "for query 'v1' (1 of 3 pairs are not correct: 0 not relevant" in err and not (tmp_path / "bad").exists()
     assert main(argv + ["-o", str(tmp_path / "allowed"), "--allow-incorrect"]) == 0

@@ -15,13 +15,14 @@ from tests.cli.test_cli_patching import dsi  # noqa: F401 (the module-scoped tin
 
 def _args(root, out, *extra):
     return ["head-logit-lens", "--checkpoint", str(root / "dsi"), "--val-queries", str(root / "val.json"),
-            "--correct-valid", str(root / "correct.json"), "-o", str(out), "--no-progress", *extra]
+            "--correct-valid", str(root / "correct.json"), "-o", str(out), "--no-progress", "--allow-incorrect",
+            *extra]  # a random model: its pairs are relevant, not its top tokens
 
 
 def test_command_writes_the_library_result(dsi, tmp_path, capsys):  # noqa: F811
     root, model, _ = dsi
     assert main(_args(root, tmp_path / "out", "--top", "5")) == 0
-    inputs = load_analysis_inputs(root / "dsi", root / "val.json", root / "correct.json")
+    inputs = load_analysis_inputs(root / "dsi", root / "val.json", root / "correct.json", allow_incorrect=True)
     expected = run_head_logit_lens(model.config, model.params, inputs.input_ids, inputs.attention_mask, inputs.targets,
                                    docid_mask(model.tokenizer, model.config.vocab_size), top=5)
     np.testing.assert_array_equal(np.load(tmp_path / "out" / "head_logit_lens_ranks.npy"), expected.target_rank)

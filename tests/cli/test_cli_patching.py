@@ -154,7 +154,8 @@ def test_bad_input_exits_2_without_outputs(dsi, tmp_path, capsys, problem, messa
              "bad_stages": ["--stages", "0-9"]}.get(problem, [])
     out = tmp_path / "never"
     code = main(["patch-stages", "--checkpoint", str(root / "dsi"), "--val-queries", str(root / "val.json"),
-                 "--correct-valid", str(root / "correct_bad.json"), "-o", str(out), "--no-progress", *extra])
+                 "--correct-valid", str(root / "correct_bad.json"), "-o", str(out), "--no-progress",
+                 "--allow-incorrect", *extra])
     assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()

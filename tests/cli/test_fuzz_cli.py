@@ -41,6 +41,7 @@ READERS = settings(max_examples=400 if DEEP else 40, deadline=None, database=Non
                    suppress_health_check=[HealthCheck.too_slow])
 CLI = settings(max_examples=200 if DEEP else 10, deadline=None, database=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+PAIRS = settings(CLI, max_examples=50 if DEEP else 4)  # each example runs a whole analysis
 
 DOCS = ["d1", "d2", "d3"]
 QUERIES = ["who wrote the harry potter books", "what is the capital of france", "when did the war end"]
@@ -122,9 +123,12 @@ def test_option_parsers_return_or_raise_genir_errors(text, topk, missing):
 def checkpoint(tmp_path_factory, t5_tokenizer):
     from tests.hf_fixtures import HFCheckpointFactory
 
+    from tests.dsi_fixtures import answering_model
+
     root = tmp_path_factory.mktemp("fuzz")
     directory, _ = HFCheckpointFactory(root)("base", tokenizer=t5_tokenizer, **DIMS)
-    gj.save_pretrained(root / "dsi", gj.add_docid_tokens(gj.load_pretrained(directory), DOCS))
+    model = gj.add_docid_tokens(gj.load_pretrained(directory), DOCS)
+    gj.save_pretrained(root / "dsi", answering_model(model, QUERIES, DOCS))  # its correct.json pairs are correct
     _write(root / "val.json", [{"id": 100 + i, "query": q, "relevant_docs": [DOCS[i]]} for i, q in enumerate(QUERIES)])
     _write(root / "correct.json", [["@DOC_ID_d1@", 100], ["@DOC_ID_d3@", 102]])
     return root
@@ -199,6 +203,39 @@ def test_swap_encoder_on_fuzzed_files(checkpoint, tmp_path, pairs, missing, refe
             str(tmp_path / "missing.json"), "--val-queries", str(checkpoint / "val.json"), "--correct-valid",
             str(tmp_path / "correct.json"), "-o", str(output), "--no-progress"]
     _run_cli(argv + (["--reference"] if reference else []), output, {"swapped_encoder.json"})
+
+
+@PAIRS
+@example(pairs=[("d1", 100), ("d3", 102)], allow=False, command="sweep")  # correct: exit 0
+@example(pairs=[("d1", 100), ("d1", 102)], allow=False, command="patch-stages")  # not relevant: refused
+@example(pairs=[("d2", 100), ("d2", 101)], allow=True, command="attribute")  # kept, with a warning
+@given(pairs=st.lists(st.tuples(st.sampled_from(DOCS), st.sampled_from([100, 101, 102])), min_size=1, max_size=4,
+                      unique=True), allow=st.booleans(),
+       command=st.sampled_from(["sweep", "attribute", "patch-stages"]))
+def test_incorrect_pairs_are_refused_unless_allowed(checkpoint, tmp_path, pairs, allow, command):
+    """The model ranks query 100 + i's relevant document DOCS[i] first (`answering_model`), so a pair is correct
+    iff it is [DOCS[i], 100 + i]: any other pair is refused in one line naming the first one and the count, or
+    with --allow-incorrect kept with a warning counting them."""
+    _write(tmp_path / "correct.json", [[gj.docid_token(doc), query] for doc, query in pairs])
+    output = tmp_path / "out"
+    options = ["--modes", "zero", "--stages", "thirds"] if command == "patch-stages" else ["--sites", "decoder.*.mlp"]
+    argv = ["--no-compile-cache", command, "-c", str(checkpoint / "dsi"), "--val-queries", str(checkpoint / "val.json"),
+            "--correct-valid", str(tmp_path / "correct.json"), "-o", str(output), "--no-progress", *options]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv + (["--allow-incorrect"] if allow else []))
+    wrong = [index for index, (doc, query) in enumerate(pairs) if DOCS.index(doc) != query - 100]
+    err = stderr.getvalue()
+    if wrong and not allow:
+        doc, query = pairs[wrong[0]]
+        assert code == 2 and len(err.strip().splitlines()) == 1 and not output.exists(), err
+        assert f"correct.json: record index {wrong[0]}: field 0 (docid_token) '@DOC_ID_{doc}@' is not a relevant " \
+            f"document of query '{query}' ({len(wrong)} of {len(pairs)} pairs are not correct" in err, err
+        assert "--allow-incorrect accepts them" in err
+    else:
+        assert code == 0, err
+        assert (f"{len(wrong)} of {len(pairs)} pairs are not correct" in err) == bool(wrong), err
+        shutil.rmtree(output)
 
 
 # --------------------------------------------------------------------------------------------------

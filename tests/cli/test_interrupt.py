@@ -91,7 +91,8 @@ def test_sigint_in_process_returns_130(dsi, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(stage_patching, "run_stage_patching", interrupted)
     assert main(["patch-stages", "-c", str(dsi / "dsi"), "--val-queries", str(dsi / "val.json"), "--correct-valid",
-                 str(dsi / "correct.json"), "-o", str(tmp_path / "out"), "--stages", "thirds", "--no-progress"]) == 130
+                 str(dsi / "correct.json"), "-o", str(tmp_path / "out"), "--stages", "thirds", "--no-progress",
+                 "--allow-incorrect"]) == 130
     assert "interrupted" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 

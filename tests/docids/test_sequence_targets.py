@@ -8,7 +8,8 @@ import pytest
 from genir_jax.core.config import t5_v1_0
 from genir_jax.core.model import forward, init_params
 from genir_jax.docids.sequence_targets import (greedy_consistent, kept_at_rank_0, pad_targets, reduce_step_ranks,
-                                               sequence_log_prob, sequence_metric, step_ranks, teacher_forced_logits)
+                                               sequence_log_prob, sequence_metric, step_ranks, teacher_forced_logits,
+                                               worst_step_ranks)
 
 CONFIG = t5_v1_0(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=3, num_heads=2)
 
@@ -73,6 +74,15 @@ def test_greedy_consistent_matches_greedy_decoding(setup):
     assert greedy_consistent(CONFIG, params, ids, mask, greedy).all()
     changed = [seq[:-1] + [(seq[-1] + 1) % 64] for seq in greedy]
     assert not greedy_consistent(CONFIG, params, ids, mask, changed).any()
+
+
+def test_worst_step_ranks_in_small_batches_equal_the_prefix_by_prefix_ranks(setup):
+    """The rank behind the correct-pairs check: the worst step's rank (a one-token sequence: the first decoder
+    step's, an atomic docid), batch by batch (here 2 rows, the last batch padded) as in one batch."""
+    params, ids, mask, sequences = setup
+    sequences = sequences[:4] + [[20]]
+    expected = [_numpy_step_log_probs(params, ids[i], mask[i], seq)[1].max() for i, seq in enumerate(sequences)]
+    assert worst_step_ranks(CONFIG, params, ids, mask, sequences, batch_size=2).tolist() == expected
 
 
 @pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one

@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     test_queries = read_queries(args.test_queries)
     qrels = read_qrels(args.qrels) if args.qrels else qrels_from_queries(test_queries)
     check_run_covers([q.id for q in test_queries], qrels, args.qrels or args.test_queries)
-    inputs = load_analysis_inputs(args.checkpoint, args.val_queries, args.correct_valid, model=model)
+    inputs = load_analysis_inputs(args.checkpoint, args.val_queries, args.correct_valid, model=model,
+                                  allow_incorrect=args.allow_incorrect)
     from genir_jax.cli.commands.common import stages_for_inputs
     reference_stages(args, config.num_decoder_layers, "paper")
     found, inputs = stages_for_inputs(args, inputs)  # automatic stages: means over the held-out half

@@ -23,13 +23,27 @@ def add_analysis_inputs(parser: argparse.ArgumentParser) -> None:
 
 
 def add_checkpoint_paths(parser: argparse.ArgumentParser, output_flags=("-o", "--output", "--output-path")) -> None:
-    """--correct-valid and the output option with the reference's ``[checkpoint]`` placeholders."""
+    """--correct-valid (and --allow-incorrect) and the output option with the reference's ``[checkpoint]``
+    placeholders."""
     parser.add_argument("--correct-valid", default=f"{CHECKPOINT}/correct_valid.json",
                         help="correct_valid.json: [docid_token, query_id] pairs (from genir-jax evaluate); "
                              f"'{CHECKPOINT}' stands for the checkpoint directory (default: %(default)s)")
     parser.add_argument(*output_flags, dest="output", default=CHECKPOINT,
                         help=f"output directory; '{CHECKPOINT}' stands for the checkpoint directory (default: "
                              "%(default)s, the reference's)")
+    add_allow_incorrect(parser)
+
+
+def add_allow_incorrect(parser: argparse.ArgumentParser) -> None:
+    """--allow-incorrect, for every command that reads correct_valid.json pairs (checked by
+    `genir_jax.analysis.inputs.check_correct_pairs`; pass ``allow_incorrect=args.allow_incorrect`` to
+    `load_analysis_inputs`)."""
+    parser.add_argument("--allow-incorrect", action="store_true",
+                        help="accept correct_valid.json pairs that are not correct: a docid that is not one of the "
+                             "query's relevant documents (--val-queries), or that the model does not rank first "
+                             "(the top token of the whole vocabulary; naive / semantic docids: at every step, as "
+                             "genir-jax evaluate decides it). By default such a pair is refused (exit 2, naming it); "
+                             "with this option they are kept and a warning counts them")
 
 
 def add_overwrite(parser: argparse.ArgumentParser) -> None:

@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from genir_jax.base.errors import GenIRError, renaming_settings
     if args.batch_size < 1:
         raise GenIRError("--batch-size must be >= 1")
-    inputs = load_analysis_inputs(args.checkpoint, args.val_queries, args.correct_valid)
+    inputs = load_analysis_inputs(args.checkpoint, args.val_queries, args.correct_valid,
+                                  allow_incorrect=args.allow_incorrect)
     model = inputs.model
     with renaming_settings({"top": "--top"}):
         result = run_head_logit_lens(model.config, model.params, inputs.input_ids, inputs.attention_mask,

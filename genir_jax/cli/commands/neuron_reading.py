@@ -89,7 +89,8 @@ def load_inputs(args: argparse.Namespace):
     if args.batch_size < 1:
         raise GenIRError("--batch-size must be >= 1")
     args.reference_padding = args.reference_padding or args.reference
-    inputs = load_analysis_inputs(args.checkpoint, args.val_queries, args.correct_valid)
+    inputs = load_analysis_inputs(args.checkpoint, args.val_queries, args.correct_valid,
+                                  allow_incorrect=args.allow_incorrect)
     model = inputs.model
     from genir_jax.cli.commands.common import reference_stages, stages_for_inputs
     if getattr(args, "reference_stages", None):

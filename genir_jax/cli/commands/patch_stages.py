@@ -43,10 +43,6 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--modes", default="zero,mean",
                         help="comma-separated modes among zero, mean, t5 (default: zero,mean)")
     parser.add_argument("--t5", default=None, help="pretrained (base) T5 checkpoint directory, needed for t5 mode")
-    parser.add_argument("--allow-incorrect", action="store_true",
-                        help="accept correct_valid.json pairs whose docid the model does not rank first (by default "
-                             "the clean run's full-vocabulary ranks, computed anyway, are checked and such a pair is "
-                             "refused, naming its record; not checked when only reference-padded runs are made)")
     parser.add_argument("--qrels", default=None,
                         help="qrels of --val-queries (reference JSON or TREC), as the reference's eval_patching_t5.py "
                              "takes them: used by --reference with t5 mode for patching_results_t5_all_and_attn.json "
@@ -76,15 +72,15 @@ def run(args: argparse.Namespace) -> int:
         from genir_jax.data.corpus import read_qrels
 
         qrels = read_qrels(args.qrels)
-    inputs = load_analysis_inputs(args.checkpoint, args.val_queries, args.correct_valid)
+    inputs = load_analysis_inputs(args.checkpoint, args.val_queries, args.correct_valid,
+                                  allow_incorrect=args.allow_incorrect)
     model = inputs.model
     reference_stages(args, model.config.num_decoder_layers, "paper")
     progress = not args.no_progress
     stages, inputs = stages_for_inputs(args, inputs)
     base = load_model(args.t5, tokenizer=False) if "t5" in modes else None
-    result = patch_stages(inputs, stages, modes, base=base, base_name=args.t5, correct_valid=args.correct_valid,
-                          batch_size=args.batch_size, reference_padding=args.reference_padding,
-                          check_clean=not args.allow_incorrect, progress=progress)
+    result = patch_stages(inputs, stages, modes, base=base, base_name=args.t5, batch_size=args.batch_size,
+                          reference_padding=args.reference_padding, progress=progress)
     extra = {}
     if args.reference and "t5" in modes:
         extra[T5_ALL_AND_ATTN_JSON] = t5_all_and_attn(model, base, args.val_queries, stages, qrels=qrels,

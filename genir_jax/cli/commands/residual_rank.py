@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 
+from genir_jax.cli.commands.common import add_allow_incorrect
 from genir_jax.cli.commands.mesh_options import add_mesh_arguments
 from genir_jax.base.errors import GenIRError
 
@@ -36,6 +37,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--val-queries", required=True, help="validation queries, reference JSON format")
     parser.add_argument("--correct-valid", default=f"{_CHECKPOINT}/correct_valid.json",
                         help="correct_valid.json: [docid_token, query_id] pairs (default: %(default)s)")
+    add_allow_incorrect(parser)
     parser.add_argument("-o", "--output", "--output-path", dest="output", default=_CHECKPOINT,
                         help="output directory (default: the checkpoint directory, as the reference)")
     parser.add_argument("--reference", "--reference-padding", "--reference-mode", dest="reference", action="store_true",
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = os.fspath(args.checkpoint)
     correct_valid, output = args.correct_valid, args.output
 
-    inputs = load_analysis_inputs(checkpoint, args.val_queries, correct_valid)
+    inputs = load_analysis_inputs(checkpoint, args.val_queries, correct_valid, allow_incorrect=args.allow_incorrect)
     model, queries, ids, mask, targets = inputs.model, inputs.queries, inputs.input_ids, inputs.attention_mask, \
         inputs.targets
     is_docid = docid_mask(model.tokenizer, model.config.vocab_size, reference=args.reference)

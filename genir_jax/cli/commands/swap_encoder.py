@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.missing_docs_for_model and not args.t5:
         raise GenIRError("nothing to swap in: give --missing-docs-for-model and/or --t5")
     others = _missing_map(args.missing_docs_for_model) if args.missing_docs_for_model else {}
-    inputs = load_analysis_inputs(args.complete_model_path, args.val_queries, args.correct_valid)
+    inputs = load_analysis_inputs(args.complete_model_path, args.val_queries, args.correct_valid,
+                                  allow_incorrect=args.allow_incorrect)
     check_missing_documents(inputs, others, args.missing_docs_for_model)
     if args.reference:  # refused before any computation (summarize would refuse it afterwards)
         for key, (_, documents) in others.items():

@@ -251,7 +251,7 @@ def prepare(args, metrics: list[str], record: str, outputs: tuple[str, ...], ext
     model = load_model(args.checkpoint, dtype=dtype)
     config, params, tokenizer = model.config, model.params, model.tokenizer
     inputs = load_analysis_inputs(args.checkpoint, args.val_queries, args.correct_valid, model=model,
-                                  sequences=scheme.multi_token, scheme=scheme)
+                                  sequences=scheme.multi_token, scheme=scheme, allow_incorrect=args.allow_incorrect)
     queries, ids, mask, targets, target_mask = (inputs.queries, inputs.input_ids, inputs.attention_mask,
                                                 inputs.targets, inputs.target_mask)
     decoder_inputs = None

@@ -44,7 +44,6 @@ def run_patch_stages(layout, settings, config: Config) -> dict:
     stages, inputs = resolve_for_inputs(config.stages, inputs, progress=settings.progress)
     modes = [m for m in config.modes if m != "t5" or base is not None]
     result = patch_stages(inputs, stages, modes, base=base, base_name=str(base_path),
-                          correct_valid=layout.correct_valid,
                           batch_size=config.batch_size, rank_reduction=config.rank_reduction,
                           progress=settings.progress)
     output = layout.analysis("patch-stages")
