@@ -205,15 +205,23 @@ def test_analyses_get_only_the_held_out_queries(small_queries, monkeypatch):
     assert report_inputs(thirds, inputs) is inputs
 
 
-def test_a_wrong_held_out_query_is_named_by_its_record_in_correct_valid(tmp_path):
-    """patch-stages' check of the clean ranks runs on the held-out half: the error names the record's index in
-    correct_valid.json, not its row in the half."""
-    from genir_jax.analysis.patch_stages import check_ranked_first
+def test_a_wrong_held_out_query_is_named_by_its_record_in_correct_valid(tmp_path, monkeypatch):
+    """The correct-pairs check runs on every record, before any held-out split (`load_analysis_inputs`), so a
+    wrong query that the split would put in the held-out half is named by its record index in
+    correct_valid.json, not by its row in the half."""
+    from genir_jax.analysis import inputs as inputs_module
     from genir_jax.base.errors import DataError
+    from genir_jax.docids import sequence_targets
 
     path = tmp_path / "correct_valid.json"
     path.write_text(json.dumps([[f"@DOC_ID_{i}@", f"q{i}"] for i in range(6)]))
-    held_out = [CorrectQuery(f"q{i}", "text", f"@DOC_ID_{i}@", i) for i in (1, 4, 5)]
+    queries = [CorrectQuery(f"q{i}", "text", f"@DOC_ID_{i}@", i) for i in range(6)]
+    rows = np.zeros((6, 3), np.int32)
+    inputs = AnalysisInputs(model=gj.PretrainedModel(config=None, params=None), queries=queries, input_ids=rows,
+                            attention_mask=rows + 1, targets=np.arange(6))
+    assert 4 in list(split_queries(6)[1])  # record 4 is in the held-out half, at row 1 or 2 of it
+    monkeypatch.setattr(sequence_targets, "worst_step_ranks", lambda *args, **kw: np.array([0, 0, 0, 0, 2, 0]))
     with pytest.raises(DataError, match=r"record index 4: field 0 \(docid_token\) '@DOC_ID_4@' is at rank 2"):
-        check_ranked_first(path, held_out, [0, 2, 0])
-    check_ranked_first(path, held_out, [0, 0, 0])
+        inputs_module.check_correct_pairs(inputs, path, tmp_path / "val.json")
+    monkeypatch.setattr(sequence_targets, "worst_step_ranks", lambda *args, **kw: np.zeros(6, np.int64))
+    assert inputs_module.check_correct_pairs(inputs, path, tmp_path / "val.json").all()
