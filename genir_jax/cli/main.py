@@ -191,7 +191,8 @@ def _run(args: argparse.Namespace) -> int:
                 from genir_jax.base.runs import output_lock
 
                 check_output_dir(output)  # a file, a link to one, a read-only folder: refused before any computation
-                stack.enter_context(output_lock(output))  # one run at a time writes into one folder
+                if getattr(args, "process_id", None) in (None, 0):  # a multi-process run's other processes share
+                    stack.enter_context(output_lock(output))  # its folder; one run at a time writes into one folder
             return int(args.handler(args) or 0)
     except GenIRError as exc:
         print(f"genir-jax {args.command}: error: {exc}", file=sys.stderr)

@@ -215,6 +215,7 @@ def test_circuit_ranks_the_full_vocabulary_and_the_docid_tokens(setup, tmp_path)
     gj.save_pretrained(tmp_path / "mixed", mixed)
     assert main(["circuit", "-c", str(tmp_path / "mixed"), "--test-queries", str(root / "test.json"),
                  "--val-queries", str(root / "val.json"), "--correct-valid", str(root / "correct.json"),
+                 "--allow-incorrect",  # a random model: its pairs are relevant, not its top tokens
                  "--stages", "0-1,2-4,5", "-o", str(tmp_path / "c"), "--no-progress", "--k", "20"]) == 0
     report = json.loads((tmp_path / "c" / "minimal_circuit.json").read_text())
     assert set(report["rankings"]) == {"full vocabulary", "docid tokens only"}

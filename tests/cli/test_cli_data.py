@@ -103,9 +103,9 @@ def test_evaluate_and_bm25(reference_files, hf_checkpoint, t5_tokenizer, tmp_pat
 
     out = tmp_path / "eval"
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--prepared", str(prepared), "--split", "val",
-                 "-o", str(out), "--k", "5", "--max-length", "16", "--batch-size", "4"]) == 0
+                 "-o", str(out), "--k", "5", "--max-length", "16", "--batch-size", "4", "--json"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["correct_valid.json", "metrics.json", "run.trec"]
-    printed = json.loads(capsys.readouterr().out)
+    printed = json.loads(capsys.readouterr().out)  # --json: the metrics as one JSON line
 
     # Brute force: the checkpoint as saved, the queries as tokenized, argsort of the docid logits.
     loaded = gj.load_pretrained(checkpoint)

@@ -39,6 +39,7 @@ UNBOUNDED = {
     "--process-id": "checked against --num-processes",
     "--total-queries": "plan: a count in the projected time's arithmetic, nothing allocated",
     "--learning-rate": "not a size", "--k1": "not a size",
+    "--heatmap-vmax": "a colour scale: not a size",
 }
 
 

@@ -20,7 +20,8 @@ SITES = ["--sites", "decoder.*.cross_attn.hook_z[head]"]
 
 def _sweep(root, out, *extra):
     return ["sweep", "--checkpoint", str(root / "dsi"), "--val-queries", str(root / "val.json"), "--correct-valid",
-            str(root / "correct.json"), "-o", str(out), "--no-progress", *SITES, *extra]
+            str(root / "correct.json"), "-o", str(out), "--no-progress", *SITES, *extra,
+            "--allow-incorrect"]  # a random model: its pairs are relevant, not its top tokens
 
 
 def _contents(out):
@@ -60,7 +61,7 @@ def test_a_sweep_into_its_checkpoint_folder_leaves_the_checkpoint_alone(dsi, tmp
     shutil.copytree(dsi / "dsi", checkpoint)
     before = sorted(p.name for p in checkpoint.iterdir())
     args = ["sweep", "--checkpoint", str(checkpoint), "--val-queries", str(dsi / "val.json"), "--correct-valid",
-            str(dsi / "correct.json"), "--no-progress", *SITES]
+            str(dsi / "correct.json"), "--no-progress", *SITES, "--allow-incorrect"]  # a random model
     assert main(args) == 0
     assert main(args + ["--mode", "mean"]) == 2
     assert main(args + ["--mode", "mean", "--overwrite"]) == 0
