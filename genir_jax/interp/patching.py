@@ -48,10 +48,11 @@ from genir_jax.interp.metrics import (  # noqa: F401 (re-exported: the sweep's m
     DIFFERENTIABLE_METRICS, METRIC_TABLE, METRICS, RANK_METRICS, STEP_REDUCTIONS, THRESHOLDS, block_aggregates,
     ranks_of_targets, reduce_steps, VOCAB_BLOCK, streamed_target_metrics, target_metrics,
 )
-from genir_jax.core.model import T5, cache_specs, decode_suffix, logical_axes, unembedding_rows
+from genir_jax.core import decoder_only, model as t5_model
+from genir_jax.core.model import T5, cache_specs, decode_suffix
 from genir_jax.scale.partitioning import Partitioner, current, fetch, maybe_activate
 from genir_jax.interp.rank_window import RANK_WINDOW, clean_window, windowed_ranks
-from genir_jax.core.sites import STACK_SITES, Site, num_layers, site_name, site_shape
+from genir_jax.core.sites import STACK_SITES, Site, is_decoder_only, num_layers, site_name, site_shape, stacks
 from genir_jax.interp.sweep import Sweep, Term, as_sweep, first_decoder_layer
 from genir_jax.core.taps import Patch, apply_patch
 
@@ -160,6 +161,60 @@ def _build_interventions(config: T5Config, plan, tables, values, source_values, 
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# Family dispatch: the few places where T5 and decoder-only models differ
+# --------------------------------------------------------------------------------------------------
+
+def unembedding_rows(config, params):
+    """The unembedding (table [V, D], scale) of the config's family (T5 or decoder-only)."""
+    family = decoder_only if is_decoder_only(config) else t5_model
+    return family.unembedding_rows(config, params)
+
+
+def logical_axes(config):
+    """The parameters' logical axis names of the config's family (T5 or decoder-only)."""
+    family = decoder_only if is_decoder_only(config) else t5_model
+    return family.logical_axes(config)
+
+
+def prediction_states(config, hidden, attention_mask):
+    """The final states that predict the targets: T5's decoder states as they are (position 0 predicts an
+    atomic docid, teacher-forced steps the others); for a decoder-only model [B, 1, D], the state at each
+    prompt's last real token (`genir_jax.core.decoder_only.last_positions`), whose next token is the docid."""
+    if not is_decoder_only(config):
+        return hidden
+    last = decoder_only.last_positions(attention_mask)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)
+
+
+def _clean_run(config, params, input_ids, attention_mask, targets, target_mask):
+    """The clean run of a query chunk: (final states [B, T, D], residual stream entering each layer of the
+    last stack and leaving its last layer [L+1, B, T, D], the encoder output or None). Decoder-only models
+    run the prompt once (their logits are never used, so XLA drops the unembedding)."""
+    if is_decoder_only(config):
+        record = frozenset({"hook_resid_pre", "hook_resid_post"})
+        _, raw, _ = decoder_only.DecoderOnly(config, record=record).apply(
+            {"params": params}, input_ids, decoder_only.positions_from_mask(attention_mask), attention_mask)
+        states = jnp.concatenate([raw["hook_resid_pre"], raw["hook_resid_post"][-1:]], axis=0)
+        return _suffix(config, params, states[-1], config.num_layers, None, attention_mask, None, None), states, None
+    model = T5(config, decoder_cache=(("hook_embed", None), ("hook_resid_post", None)))
+    variables = {"params": params}
+    inputs = decoder_inputs(config, input_ids, targets, target_mask)
+    encoded, _ = model.apply(variables, input_ids, attention_mask, method=T5.encode)
+    hidden, cache = model.apply(variables, encoded, attention_mask, inputs, None, None, method=T5.decode)
+    states = jnp.concatenate([cache["hook_embed"][None], cache["hook_resid_post"]], axis=0)  # [L+1, B, T, D]
+    return hidden, states, encoded
+
+
+def _suffix(config, params, x, start, encoded, attention_mask, interventions, receivers):
+    """The last stack from the residual stream `x` entering layer `start` to its final-norm output (prefix
+    sharing): T5's `decode_suffix` (reading `encoded`) or `genir_jax.core.decoder_only.forward_from_layer`."""
+    if is_decoder_only(config):
+        return decoder_only.forward_from_layer(config, params, x, start, attention_mask, interventions)
+    return decode_suffix(config, params, x, start, encoded, attention_mask, (interventions or {}).get("decoder"),
+                         receivers=receivers)
+
+
 def final_metrics(config, params, hidden, targets, metrics, candidates, foils, top_k, target_mask=None):
     """The metrics of the final decoder states [B, T, D], streamed over vocabulary blocks (clean run and
     configs alike, so effects compare like with like): of the one step (single-token targets [B]), or of
@@ -201,12 +256,8 @@ def _clean_state_body(params, source_params, input_ids, attention_mask, source_i
     """Per query chunk: encoder output, residual entering each decoder layer (and the last one's output),
     source activations, the clean metrics and, with `window` > 0, the rank window (`clean_window`). With
     target sequences every decoder run (the source's too) reads the query's teacher-forced docid."""
-    model = T5(config, decoder_cache=(("hook_embed", None), ("hook_resid_post", None)))
-    variables = {"params": params}
-    inputs = decoder_inputs(config, input_ids, targets, target_mask)
-    encoded, _ = model.apply(variables, input_ids, attention_mask, method=T5.encode)
-    hidden, cache = model.apply(variables, encoded, attention_mask, inputs, None, None, method=T5.decode)
-    states = jnp.concatenate([cache["hook_embed"][None], cache["hook_resid_post"]], axis=0)  # [L+1, B, T, D]
+    hidden, states, encoded = _clean_run(config, params, input_ids, attention_mask, targets, target_mask)
+    hidden = prediction_states(config, hidden, attention_mask)
     clean = final_metrics(config, params, hidden, targets, metrics, candidates, foils, top_k, target_mask)
     source_values = {}
     if source_spec is not None:
@@ -232,20 +283,19 @@ def config_chunk_step(params, state, input_ids, attention_mask, targets, foils, 
     layer the chunk's configs touch; ``encoder_kind`` 2: they patch inside the encoder (run per config). With a rank window in `state`,
     ``rank`` comes from `windowed_ranks` over all the chunk's rows at once (``decided`` [Kc, B]: the rows its
     bound decided; ``full_rows``: how many rows it ranked over the whole vocabulary)."""
-    model = T5(config)
-    variables = {"params": params}
-
     def one_config(config_index, config_receivers):
         interventions = _build_interventions(config, plan, tables, values, state["source"], config_index)
         if encoder_kind == 2:
-            encoded, _ = model.apply(variables, input_ids, attention_mask, interventions, method=T5.encode)
+            encoded, _ = T5(config).apply({"params": params}, input_ids, attention_mask, interventions,
+                                          method=T5.encode)
         else:
             encoded = state["encoded"]
             for patch in interventions.get("encoder", {}).get("hook_out", ()):
                 encoded = apply_patch(encoded, patch)
         x = jax.lax.dynamic_index_in_dim(state["states"], start, axis=0, keepdims=False)
-        hidden = decode_suffix(config, params, x, start, encoded, attention_mask, interventions.get("decoder"),
-                               receivers=config_receivers if paths else None)
+        hidden = _suffix(config, params, x, start, encoded, attention_mask, interventions,
+                         config_receivers if paths else None)
+        hidden = prediction_states(config, hidden, attention_mask)
         if windowed:
             return hidden
         return final_metrics(config, params, hidden, targets, metrics, candidates, foils, top_k, target_mask)
@@ -322,6 +372,20 @@ def validate_terms(config: T5Config, sweep: Sweep, encoder_length: int, decoder_
             used = term.layer[term.row >= 0]
             if used.size and (used.min() < 0 or used.max() >= count):
                 raise InterventionError(f"{term.stack}.*.{term.local}: layer index out of range 0-{count - 1}")
+
+
+def _refuse_decoder_only(sweep: Sweep, source, target_mask) -> None:
+    """Raise `InterventionError` for what the sweep engine does not support on decoder-only models yet."""
+    if sweep.receivers is not None:
+        raise InterventionError("sweep: path patching (receivers) is not supported for decoder-only models")
+    if target_mask is not None:
+        raise InterventionError("sweep: decoder-only models take atomic (one-token) docids only, no target_mask")
+    if source is not None or any(isinstance(t.value, FromSource) for t in sweep.terms):
+        raise InterventionError("sweep: FROM_SOURCE / Source patching is not supported for decoder-only models")
+    embed = next((t for t in sweep.terms if t.local == "hook_embed"), None)
+    if embed is not None:
+        raise InterventionError("sweep: 'hook_embed' patches are not supported for decoder-only models (GPT-2 adds "
+                                "positions after it); patch 'blocks.0.hook_resid_pre' instead")
 
 
 def _validate_paths(sweep: Sweep) -> None:
@@ -466,7 +530,11 @@ def run_sweep(
         if same.size:
             raise InterventionError(f"sweep: the foil equals the target for query index {int(same[0])}")
     top_k = int(top_k) if per_query else 0
-    decoder_length = 1 if target_mask is None else target_ids.shape[1]
+    if is_decoder_only(config):
+        _refuse_decoder_only(sweep, source, target_mask)
+        decoder_length = length  # the prompt: patches cover its positions, the last real one predicts the docid
+    else:
+        decoder_length = 1 if target_mask is None else target_ids.shape[1]
     validate_terms(config, sweep, length, decoder_length)
     paths = sweep.receivers is not None
     if paths:
@@ -564,7 +632,7 @@ def run_sweep(
         if top_k:
             top_ids[index], top_logits[index] = block_top
     bar.close()
-    layers = config.num_decoder_layers
+    layers = num_layers(config, stacks(config)[-1])
     stats = {
         "configs": num_configs, "queries": count, "blocks": len(blocks), "config_chunk": config_chunk,
         "query_rows_per_step": rows_per_step, "configs_computed": computed_configs, "rank_window": window,

@@ -1,0 +1,113 @@
+"""The sweep engine (`run_sweep`) on decoder-only models: neuron and head sweeps with zero and mean ablation
+equal a loop of single patched `decoder_only.forward` calls read at each prompt's last real token."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from genir_jax.checkpoints.decoder_hf import load_decoder_only
+from genir_jax.core import decoder_only as do
+from genir_jax.interp.attribution import attribute
+from genir_jax.interp.interventions import FROM_SOURCE, InterventionError
+from genir_jax.interp.patching import run_sweep
+from genir_jax.interp.sweep import component_grid, first_decoder_layer, receivers, site_grid, stack
+from tests.decoder_fixtures import build_torch_causal_lm, padded_causal_batch, save_causal_lm
+
+LENGTHS = [7, 4, 6, 5]
+# (family, padding side, MLP width override): GPT-2 left-padded, Llama right-padded; few neurons.
+CASES = {"gpt2": ("left", {"n_inner": 12}), "llama": ("right", {"intermediate_size": 12})}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = {}
+    for seed, (kind, (side, overrides)) in enumerate(CASES.items()):
+        torch_model = build_torch_causal_lm(kind, seed=seed + 30, **overrides)
+        model = load_decoder_only(save_causal_lm(torch_model, tmp_path_factory.mktemp(kind)))
+        ids, mask = padded_causal_batch(model.config.vocab_size, LENGTHS, side, seed=seed + 3)
+        targets = np.random.default_rng(seed).integers(0, model.config.vocab_size, len(LENGTHS)).astype(np.int32)
+        out[kind] = (model, ids, mask, targets)
+    return out
+
+
+def _loop(cfg, params, ids, mask, targets, sweep):
+    """Per config and query: (rank over the vocabulary, logit) of the target from single patched forwards at
+    the last real prompt token (ties broken by token id, lower first)."""
+    last = np.asarray(mask).shape[1] - 1 - np.argmax(np.asarray(mask)[:, ::-1], axis=1)
+    rows = np.arange(len(ids))
+    ranks, logits = [], []
+    for k in range(sweep.size):
+        out = np.asarray(do.forward(cfg, params, ids, mask, sweep.config(cfg, k)))[rows, last]  # [N, V]
+        target = out[rows, targets][:, None]
+        ids_ = np.arange(out.shape[1])[None]
+        ranks.append(((out > target) | ((out == target) & (ids_ < targets[:, None]))).sum(axis=1))
+        logits.append(target[:, 0])
+    return np.stack(ranks), np.stack(logits)
+
+
+def _means(cfg, params, ids, mask, pattern):
+    _, cache = do.forward_with_cache(cfg, params, ids, mask, cache_sites=[pattern])
+    return {name: np.asarray(value).mean(axis=0) for name, value in cache.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(CASES))
+def test_neuron_and_head_sweeps_equal_a_loop_of_patched_forwards(models, kind):
+    model, ids, mask, targets = models[kind]
+    cfg, params = model.config, model.params
+    neuron = "blocks.*.mlp.hook_post"
+    head = "blocks.*.attn.hook_z"
+    sweeps = {
+        "neuron zero": site_grid(cfg, neuron, unit="neuron"),
+        "neuron mean": site_grid(cfg, neuron, unit="neuron", value=_means(cfg, params, ids, mask, neuron)),
+        "head zero": site_grid(cfg, head, unit="head"),
+        "head mean": site_grid(cfg, head, unit="head", value=_means(cfg, params, ids, mask, head)),
+        "components": component_grid(cfg),
+    }
+    assert sweeps["neuron zero"].size == cfg.num_layers * cfg.d_ff == 24
+    assert tuple(component_grid(cfg).labels["component"][:2]) == ("attn", "mlp")
+    first, _ = first_decoder_layer(cfg, sweeps["head zero"])
+    assert first.tolist() == [0] * cfg.num_heads + [1] * cfg.num_heads
+    clean_ranks, clean_logits = _loop(cfg, params, ids, mask, targets, stack([{}]))
+    for name, sweep in sweeps.items():
+        result = run_sweep(cfg, params, ids, mask, targets, sweep, metrics=("rank", "logit"), progress=False)
+        ranks, logits = _loop(cfg, params, ids, mask, targets, sweep)
+        np.testing.assert_array_equal(result.ranks, ranks, err_msg=name)
+        np.testing.assert_allclose(result.target_logits, logits, atol=1e-4, err_msg=name)
+        assert np.abs(logits - clean_logits).max() > 1e-3, name  # the ablations change something
+        assert result.stats["decoder_layers_skipped_fraction"] > 0, name  # prefix sharing at work
+        # no prefix sharing and no rank window: the same numbers
+        plain = run_sweep(cfg, params, ids, mask, targets, sweep, metrics=("rank", "logit"), progress=False,
+                          prefix_sharing=False, rank_window=0)
+        np.testing.assert_array_equal(plain.ranks, ranks, err_msg=name)
+        np.testing.assert_allclose(plain.target_logits, logits, atol=1e-4, err_msg=name)
+    np.testing.assert_array_equal(result.clean["rank"], clean_ranks[0])
+    np.testing.assert_allclose(result.clean["logit"], clean_logits[0], atol=1e-4)
+
+
+def test_unsupported_decoder_only_sweeps_are_refused(models):
+    model, ids, mask, targets = models["llama"]
+    cfg, params = model.config, model.params
+
+    def sweep(grid, **kwargs):
+        return run_sweep(cfg, params, ids, mask, targets, grid, progress=False, **kwargs)
+
+    with pytest.raises(InterventionError, match="path patching .* not supported for decoder-only"):
+        receivers(cfg, logits=True)
+    with pytest.raises(InterventionError, match="FROM_SOURCE / Source patching is not supported"):
+        sweep(site_grid(cfg, "blocks.*.hook_mlp_out", value=FROM_SOURCE))
+    with pytest.raises(InterventionError, match="'hook_embed' patches are not supported"):
+        sweep(site_grid(cfg, "hook_embed"))
+    with pytest.raises(InterventionError, match="atomic .* docids only"):
+        run_sweep(cfg, params, ids, mask, np.stack([targets, targets], 1), site_grid(cfg, "blocks.0.hook_mlp_out"),
+                  target_mask=np.ones((len(targets), 2), np.int32), metrics=("rank",), progress=False)
+    with pytest.raises(InterventionError, match="attribution is not supported for decoder-only"):
+        attribute(cfg, params, ids, mask, targets, site_grid(cfg, "blocks.0.hook_mlp_out"), progress=False)
+    with pytest.raises(InterventionError, match="unknown stack 'decoder'"):
+        component_grid(cfg, stack="decoder")
+
+
+def test_last_positions_of_left_and_right_padding():
+    mask = np.array([[0, 0, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    assert np.asarray(do.last_positions(mask)).tolist() == [3, 2, 3, 0]
