@@ -9,7 +9,7 @@ import pytest
 from genir_jax.checkpoints.decoder_hf import load_decoder_only
 from genir_jax.core import decoder_only as do
 from genir_jax.interp.attribution import attribute
-from genir_jax.interp.interventions import FROM_SOURCE, InterventionError
+from genir_jax.interp.interventions import FROM_SOURCE, InterventionError, mean_activations
 from genir_jax.interp.patching import run_sweep
 from genir_jax.interp.sweep import component_grid, first_decoder_layer, receivers, site_grid, stack
 from tests.decoder_fixtures import build_torch_causal_lm, padded_causal_batch, save_causal_lm
@@ -47,8 +47,7 @@ def _loop(cfg, params, ids, mask, targets, sweep):
 
 
 def _means(cfg, params, ids, mask, pattern):
-    _, cache = do.forward_with_cache(cfg, params, ids, mask, cache_sites=[pattern])
-    return {name: np.asarray(value).mean(axis=0) for name, value in cache.items()}
+    return mean_activations(cfg, params, ids, mask, [pattern], progress=False)
 
 
 @pytest.mark.slow
@@ -106,6 +105,19 @@ def test_unsupported_decoder_only_sweeps_are_refused(models):
         attribute(cfg, params, ids, mask, targets, site_grid(cfg, "blocks.0.hook_mlp_out"), progress=False)
     with pytest.raises(InterventionError, match="unknown stack 'decoder'"):
         component_grid(cfg, stack="decoder")
+
+
+def test_mean_activations_of_a_decoder_only_model(models):
+    model, ids, mask, _ = models["gpt2"]
+    cfg, params = model.config, model.params
+    sites = ["blocks.*.attn.hook_z", "blocks.1.mlp.hook_post", "ln_final.hook_normalized"]
+    _, cache = do.forward_with_cache(cfg, params, ids, mask, cache_sites=sites)
+    means = mean_activations(cfg, params, ids, mask, sites, batch_size=3, progress=False)  # a padded last batch
+    assert sorted(means) == sorted(cache)
+    for name, value in cache.items():
+        np.testing.assert_allclose(np.asarray(means[name]), np.asarray(value).mean(axis=0), atol=1e-5, err_msg=name)
+    with pytest.raises(InterventionError, match="decoder-only models take no decoder_input_ids"):
+        mean_activations(cfg, params, ids, mask, sites, decoder_input_ids=ids, progress=False)
 
 
 def test_last_positions_of_left_and_right_padding():
