@@ -764,22 +764,27 @@ def resample_source(config: T5Config, params, input_ids, attention_mask, seed: i
     return Source(config, params, np.asarray(input_ids)[permutation], np.asarray(attention_mask)[permutation])
 
 
+_t5_forward = jax.jit(t5_model.forward, static_argnums=0)
+
+
 def runner_up_foils(config: T5Config, params, input_ids, attention_mask, target_ids, candidates,
                     chunk: int | None = None) -> np.ndarray:
     """Per query, the candidate (docid) token the clean model scores highest besides the target: the
-    natural foil of ``logit_diff``."""
-    from genir_jax.core.model import forward
-
+    natural foil of ``logit_diff`` (decoder-only models: scored at the last real prompt token)."""
     candidates = np.asarray(candidates, np.int32)
     target_ids = np.asarray(target_ids, np.int32)
     if candidates.size < 2:
         raise InterventionError("runner-up foils need at least 2 candidate tokens")
-    step = jax.jit(forward, static_argnums=0)
     out = []
     for batch in batches((np.asarray(input_ids), np.asarray(attention_mask)), chunk or min(32, len(input_ids))):
-        start = np.full((batch.arrays[0].shape[0], 1), config.decoder_start_token_id, dtype=np.int32)
-        logits = np.asarray(step(config, params, batch.arrays[0], batch.arrays[1], start)[:, 0], np.float32)
-        out.append(logits[: batch.size][:, candidates])
+        ids, mask = batch.arrays
+        if is_decoder_only(config):
+            logits = decoder_only.forward(config, params, ids, mask)
+            logits = prediction_states(config, logits, mask)[:, 0]
+        else:
+            start = np.full((ids.shape[0], 1), config.decoder_start_token_id, dtype=np.int32)
+            logits = _t5_forward(config, params, ids, mask, start)[:, 0]
+        out.append(np.asarray(logits, np.float32)[: batch.size][:, candidates])
     scores = np.concatenate(out)
     scores[candidates[None, :] == target_ids[:, None]] = -np.inf
     return candidates[np.argmax(scores, axis=1)].astype(np.int32)

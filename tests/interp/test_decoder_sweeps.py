@@ -10,7 +10,7 @@ from genir_jax.checkpoints.decoder_hf import load_decoder_only
 from genir_jax.core import decoder_only as do
 from genir_jax.interp.attribution import attribute
 from genir_jax.interp.interventions import FROM_SOURCE, InterventionError, mean_activations
-from genir_jax.interp.patching import run_sweep
+from genir_jax.interp.patching import run_sweep, runner_up_foils
 from genir_jax.interp.sweep import component_grid, first_decoder_layer, receivers, site_grid, stack
 from tests.decoder_fixtures import build_torch_causal_lm, padded_causal_batch, save_causal_lm
 
@@ -31,19 +31,24 @@ def models(tmp_path_factory):
     return out
 
 
-def _loop(cfg, params, ids, mask, targets, sweep):
-    """Per config and query: (rank over the vocabulary, logit) of the target from single patched forwards at
-    the last real prompt token (ties broken by token id, lower first)."""
+def _last_logits(cfg, params, ids, mask, interventions=None):
+    """Logits [N, V] of single patched forwards at each prompt's last real token."""
     last = np.asarray(mask).shape[1] - 1 - np.argmax(np.asarray(mask)[:, ::-1], axis=1)
-    rows = np.arange(len(ids))
-    ranks, logits = [], []
-    for k in range(sweep.size):
-        out = np.asarray(do.forward(cfg, params, ids, mask, sweep.config(cfg, k)))[rows, last]  # [N, V]
-        target = out[rows, targets][:, None]
-        ids_ = np.arange(out.shape[1])[None]
-        ranks.append(((out > target) | ((out == target) & (ids_ < targets[:, None]))).sum(axis=1))
-        logits.append(target[:, 0])
-    return np.stack(ranks), np.stack(logits)
+    return np.asarray(do.forward(cfg, params, ids, mask, interventions))[np.arange(len(ids)), last]
+
+
+def _ranks(logits, targets, token_ids):
+    """Rank of each target among `token_ids` (columns of `logits`), ties broken by token id, lower first."""
+    target = np.take_along_axis(logits, np.searchsorted(token_ids, targets)[:, None], axis=1)
+    return ((logits > target) | ((logits == target) & (token_ids[None] < targets[:, None]))).sum(axis=1)
+
+
+def _loop(cfg, params, ids, mask, targets, sweep):
+    """Per config and query: (rank over the vocabulary, logit) of the target from single patched forwards."""
+    outs = [_last_logits(cfg, params, ids, mask, sweep.config(cfg, k)) for k in range(sweep.size)]
+    vocabulary = np.arange(cfg.vocab_size)
+    return (np.stack([_ranks(out, targets, vocabulary) for out in outs]),
+            np.stack([out[np.arange(len(ids)), targets] for out in outs]))
 
 
 def _means(cfg, params, ids, mask, pattern):
@@ -83,6 +88,28 @@ def test_neuron_and_head_sweeps_equal_a_loop_of_patched_forwards(models, kind):
         np.testing.assert_allclose(plain.target_logits, logits, atol=1e-4, err_msg=name)
     np.testing.assert_array_equal(result.clean["rank"], clean_ranks[0])
     np.testing.assert_allclose(result.clean["logit"], clean_logits[0], atol=1e-4)
+
+
+def test_docid_rank_logprob_logit_diff_and_top_k_on_a_decoder_only_model(models):
+    model, ids, mask, targets = models["gpt2"]
+    cfg, params = model.config, model.params
+    candidates = np.unique(np.concatenate([targets, np.arange(3, 60, 5)])).astype(np.int32)
+    clean = _last_logits(cfg, params, ids, mask)
+    others = np.where(candidates[None] == targets[:, None], -np.inf, clean[:, candidates])
+    foils = runner_up_foils(cfg, params, ids, mask, targets, candidates)
+    np.testing.assert_array_equal(foils, candidates[np.argmax(others, axis=1)])
+    grid = component_grid(cfg)
+    result = run_sweep(cfg, params, ids, mask, targets, grid, metrics=("rank", "docid_rank", "logprob", "logit_diff"),
+                       candidates=candidates, foil_ids=foils, top_k=3, progress=False)
+    rows = np.arange(len(ids))
+    for k in range(grid.size):
+        out = _last_logits(cfg, params, ids, mask, grid.config(cfg, k))
+        np.testing.assert_array_equal(result.values["rank"][k], _ranks(out, targets, np.arange(cfg.vocab_size)))
+        np.testing.assert_array_equal(result.values["docid_rank"][k], _ranks(out[:, candidates], targets, candidates))
+        logprob = out[rows, targets] - np.log(np.exp(out - out.max(1, keepdims=True)).sum(1)) - out.max(1)
+        np.testing.assert_allclose(result.values["logprob"][k], logprob, atol=1e-4)
+        np.testing.assert_allclose(result.values["logit_diff"][k], out[rows, targets] - out[rows, foils], atol=1e-4)
+        np.testing.assert_array_equal(result.top_ids[k], np.argsort(-out[:, candidates], axis=1, kind="stable")[:, :3])
 
 
 def test_unsupported_decoder_only_sweeps_are_refused(models):
