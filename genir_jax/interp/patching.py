@@ -27,6 +27,15 @@ How the work is shared:
   `RANK_WINDOW` tokens around its target and ranks over the whole vocabulary only the rows the bound
   cannot decide (`genir_jax.interp.rank_window`; ``rank_window=0`` turns it off);
 - a `store` (see `genir_jax.interp.sweep_store`) makes a long sweep resumable by chunk.
+
+Decoder-only models (a `genir_jax.core.decoder_config.DecoderConfig`, sites ``blocks.*``) run through the same
+engine: a query is a prompt (left- or right-padded) whose next token is an atomic docid, predicted at its
+last real token (`prediction_states`); the clean run is one forward over the prompt, and a config group
+starting at layer l runs `genir_jax.core.decoder_only.forward_from_layer` from the clean residual entering l.
+The few family differences sit in the dispatch functions below (`unembedding_rows`, `logical_axes`,
+`prediction_states`, the clean run and the suffix). Not supported there yet, refused with an
+`InterventionError`: path patching (receivers), `FROM_SOURCE` / `Source` values, multi-token targets and
+``hook_embed`` patches.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ equal a loop of single patched `decoder_only.forward` calls read at each prompt'
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -12,6 +13,7 @@ from genir_jax.interp.attribution import attribute
 from genir_jax.interp.interventions import FROM_SOURCE, InterventionError, mean_activations
 from genir_jax.interp.patching import run_sweep, runner_up_foils
 from genir_jax.interp.sweep import component_grid, first_decoder_layer, receivers, site_grid, stack
+from genir_jax.scale.partitioning import Partitioner
 from tests.decoder_fixtures import build_torch_causal_lm, padded_causal_batch, save_causal_lm
 
 LENGTHS = [7, 4, 6, 5]
@@ -110,6 +112,19 @@ def test_docid_rank_logprob_logit_diff_and_top_k_on_a_decoder_only_model(models)
         np.testing.assert_allclose(result.values["logprob"][k], logprob, atol=1e-4)
         np.testing.assert_allclose(result.values["logit_diff"][k], out[rows, targets] - out[rows, foils], atol=1e-4)
         np.testing.assert_array_equal(result.top_ids[k], np.argsort(-out[:, candidates], axis=1, kind="stable")[:, :3])
+
+
+def test_devices_model_parallel_and_chunks_change_nothing_on_a_decoder_only_model(models):
+    model, ids, mask, targets = models["llama"]
+    cfg, params = model.config, model.params
+    grid = site_grid(cfg, "blocks.*.attn.hook_z", unit="head")
+    one = run_sweep(cfg, params, ids, mask, targets, grid, devices=jax.local_devices()[:1], progress=False)
+    runs = {"4 devices, chunked": dict(devices=jax.local_devices()[:4], query_chunk=1, config_chunk=3),
+            "data=2,model=2": dict(partitioner=Partitioner("data=2,model=2", devices=jax.local_devices()[:4]))}
+    for name, options in runs.items():
+        other = run_sweep(cfg, params, ids, mask, targets, grid, progress=False, **options)
+        np.testing.assert_array_equal(one.ranks, other.ranks, err_msg=name)
+        np.testing.assert_allclose(one.target_logits, other.target_logits, atol=1e-5, err_msg=name)
 
 
 def test_unsupported_decoder_only_sweeps_are_refused(models):
