@@ -9,9 +9,11 @@ import pytest
 
 from genir_jax.checkpoints.decoder_hf import load_decoder_only
 from genir_jax.core import decoder_only as do
+from genir_jax.core.decoder_config import DecoderConfig
 from genir_jax.interp.attribution import attribute
 from genir_jax.interp.interventions import FROM_SOURCE, InterventionError, mean_activations
 from genir_jax.interp.patching import run_sweep, runner_up_foils
+from genir_jax.interp.site_grammar import SiteSpecError, parse_receivers, parse_sweep
 from genir_jax.interp.sweep import component_grid, first_decoder_layer, receivers, site_grid, stack
 from genir_jax.scale.partitioning import Partitioner
 from tests.decoder_fixtures import build_torch_causal_lm, padded_causal_batch, save_causal_lm
@@ -160,6 +162,28 @@ def test_mean_activations_of_a_decoder_only_model(models):
         np.testing.assert_allclose(np.asarray(means[name]), np.asarray(value).mean(axis=0), atol=1e-5, err_msg=name)
     with pytest.raises(InterventionError, match="decoder-only models take no decoder_input_ids"):
         mean_activations(cfg, params, ids, mask, sites, decoder_input_ids=ids, progress=False)
+
+
+def test_site_specs_of_a_decoder_only_model():
+    cfg = DecoderConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, d_ff=12)
+    neurons = parse_sweep(cfg, "blocks.*.mlp.hook_post[neuron]")
+    grid = site_grid(cfg, "blocks.*.mlp.hook_post", unit="neuron")
+    assert neurons.size == grid.size == 24 and neurons.axes == ("layer", "neuron")
+    assert neurons.labels["site"].tolist() == grid.labels["site"].tolist()
+    assert neurons.labels["neuron"].tolist() == grid.labels["neuron"].tolist()
+    heads = parse_sweep(cfg, "blocks.1.attn.hook_z[head=0,3]")
+    assert heads.labels["site"].tolist() == ["blocks.1.attn.hook_z"] * 2 and heads.labels["head"].tolist() == [0, 3]
+    components = parse_sweep(cfg, "blocks.*.*")
+    assert components.labels["site"].tolist() == [f"blocks.{l}.hook_{c}_out" for l in (0, 1) for c in ("attn", "mlp")]
+    assert parse_sweep(cfg, "blocks.*.hook_resid_pre[position]", length=5).shape == (2, 5)  # the prompt's length
+    assert parse_sweep(cfg, ["ln_final.hook_normalized", "hook_embed"]).labels["site"].tolist() == \
+        ["ln_final.hook_normalized", "hook_embed"]
+    with pytest.raises(SiteSpecError, match="no 'decoder' stack; its layers are 'blocks'.LAYERS"):
+        parse_sweep(cfg, "decoder.*.mlp")
+    with pytest.raises(SiteSpecError, match="unknown component"):
+        parse_sweep(cfg, "blocks.*.{attn,cross_attn}")
+    with pytest.raises(InterventionError, match="path patching .* not supported for decoder-only"):
+        parse_receivers(cfg, "mlp[1]+logits")
 
 
 def test_last_positions_of_left_and_right_padding():
