@@ -73,6 +73,7 @@ def test_neuron_and_head_sweeps_equal_a_loop_of_patched_forwards(models, kind):
         "head mean": site_grid(cfg, head, unit="head", value=_means(cfg, params, ids, mask, head)),
         "components": component_grid(cfg),
         "position zero": site_grid(cfg, "blocks.*.attn.hook_v", unit="position", length=ids.shape[1]),
+        "final norm": site_grid(cfg, "ln_final.hook_normalized", unit="position", length=ids.shape[1]),
     }
     assert sweeps["neuron zero"].size == cfg.num_layers * cfg.d_ff == 24
     assert tuple(component_grid(cfg).labels["component"][:2]) == ("attn", "mlp")
