@@ -145,6 +145,13 @@ def positions_from_mask(attention_mask):
     return jnp.where(mask == 0, 1, jnp.cumsum(mask, axis=-1) - 1)
 
 
+def last_positions(attention_mask):
+    """Per row of an attention mask [B, T], the index of its last real token: where a prompt (left- or
+    right-padded) predicts its next token, e.g. a generative-retrieval query its atomic docid."""
+    mask = jnp.asarray(attention_mask, dtype=jnp.int32)
+    return mask.shape[1] - 1 - jnp.argmax(mask[:, ::-1], axis=1)
+
+
 def _inputs(input_ids, attention_mask, positions):
     ids = jnp.asarray(input_ids, dtype=jnp.int32)
     mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, dtype=jnp.int32)
@@ -309,5 +316,5 @@ def init_params(config: DecoderConfig, rng: jax.Array | int = 0) -> dict:
 
 
 __all__ = ["BLOCKS", "DecoderOnly", "DecoderOnlyCache", "decode_step", "forward", "forward_from_layer",
-           "forward_with_cache", "init_kv_cache", "init_params", "logical_axes", "param_shapes", "positions_from_mask",
-           "unembed", "unembedding_rows"]
+           "forward_with_cache", "init_kv_cache", "init_params", "last_positions", "logical_axes", "param_shapes",
+           "positions_from_mask", "unembed", "unembedding_rows"]

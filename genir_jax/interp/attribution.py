@@ -68,7 +68,7 @@ from genir_jax.interp.patching import (
     Source, check_sequences, check_token_ids, decoder_inputs, final_metrics, plan_terms, source_site_names,
     validate_terms,
 )
-from genir_jax.core.sites import Site, num_layers, site_name, site_shape
+from genir_jax.core.sites import Site, is_decoder_only, num_layers, site_name, site_shape
 from genir_jax.interp.sweep import Sweep, Term, as_sweep
 from genir_jax.core.taps import Patch, Shift
 
@@ -292,6 +292,9 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
     if metric not in DIFFERENTIABLE_METRICS:
         raise InterventionError(f"metric '{metric}' cannot be attributed by {method}: it is not differentiable; "
                                 f"use one of {', '.join(DIFFERENTIABLE_METRICS)}")
+    if is_decoder_only(config):
+        raise InterventionError("attribution is not supported for decoder-only models; run the sweep exactly "
+                                "(`genir_jax.interp.patching.run_sweep`)")
     sweep = as_sweep(sweep)
     if sweep.receivers is not None:
         raise InterventionError("attribution of path-patching sweeps is not supported; run them exactly")

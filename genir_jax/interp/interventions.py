@@ -28,7 +28,9 @@ from genir_jax.base.progress import compiling_bar
 
 from genir_jax.base.batching import batches, num_batches
 from genir_jax.core.config import T5Config
-from genir_jax.core.sites import STACK_SITES, Site, expand_site_patterns, num_layers, parse_site, site_name, site_shape
+from genir_jax.core.sites import (
+    STACK_SITES, Site, expand_site_patterns, is_decoder_only, num_layers, parse_site, site_name, site_shape,
+)
 from genir_jax.core.taps import Patch
 from genir_jax.core.validation import InterventionError, validate  # noqa: F401 (re-export)
 
@@ -302,6 +304,7 @@ def mean_activations(config: T5Config, params, input_ids, attention_mask, sites:
 
     Streams over batches (only running sums are kept). Like the reference's mean cache, the mean is
     taken per position over all queries, so with padded inputs padding positions are averaged too.
+    Decoder-only models (``blocks.*`` sites) run the prompts alone (no `decoder_input_ids`).
     """
     names = expand_site_patterns(config, sites)
     input_ids = np.asarray(input_ids)
@@ -309,7 +312,12 @@ def mean_activations(config: T5Config, params, input_ids, attention_mask, sites:
     count = input_ids.shape[0]
     if count == 0:
         raise InterventionError("mean_activations: no queries given")
-    if decoder_input_ids is None:
+    if is_decoder_only(config):
+        if decoder_input_ids is not None:
+            raise InterventionError("mean_activations: decoder-only models take no decoder_input_ids (the prompt "
+                                    "is the whole input)")
+        decoder_input_ids = np.zeros((count, 1), dtype=np.int32)  # unused
+    elif decoder_input_ids is None:
         decoder_input_ids = np.full((count, 1), config.decoder_start_token_id, dtype=np.int32)
     decoder_input_ids = np.asarray(decoder_input_ids)
     if batch_size < 1:
@@ -334,8 +342,15 @@ def _batch_sums(config: T5Config, names: tuple[str, ...], params, input_ids, att
 
     Runs the encoder and decoder only (no unembedding: the logits are not needed) and sums each stack's
     stacked cache [layers, B, ...] once before splitting it by site, which halves the compile time of a
-    24-layer model against per-site sums of a full forward."""
+    24-layer model against per-site sums of a full forward. Decoder-only models: one forward recording the
+    sites (its logits are unused, so XLA drops the unembedding)."""
     from genir_jax.core.model import T5, cache_specs, named_cache
+
+    if is_decoder_only(config):
+        from genir_jax.core.decoder_only import forward_with_cache
+
+        _, cache = forward_with_cache(config, params, input_ids, attention_mask, cache_sites=names)
+        return {name: jnp.einsum("b...,b->...", cache[name].astype(jnp.float32), weights) for name in names}
 
     specs = cache_specs(config, names)
     model = T5(config, encoder_cache=specs[0], decoder_cache=specs[1])

@@ -28,6 +28,15 @@ How the work is shared:
   `RANK_WINDOW` tokens around its target and ranks over the whole vocabulary only the rows the bound
   cannot decide (`genir_jax.interp.rank_window`; ``rank_window=0`` turns it off);
 - a `store` (see `genir_jax.interp.sweep_store`) makes a long sweep resumable by chunk.
+
+Decoder-only models (a `genir_jax.core.decoder_config.DecoderConfig`, sites ``blocks.*``) run through the same
+engine: a query is a prompt (left- or right-padded) whose next token is an atomic docid, predicted at its
+last real token (`prediction_states`); the clean run is one forward over the prompt, and a config group
+starting at layer l runs `genir_jax.core.decoder_only.forward_from_layer` from the clean residual entering l.
+The few family differences sit in the dispatch functions below (`unembedding_rows`, `logical_axes`,
+`prediction_states`, the clean run and the suffix). Not supported there yet, refused with an
+`InterventionError`: path patching (receivers), `FROM_SOURCE` / `Source` values, multi-token targets and
+``hook_embed`` patches.
 """
 
 from __future__ import annotations
@@ -49,10 +58,11 @@ from genir_jax.interp.metrics import (  # noqa: F401 (re-exported: the sweep's m
     DIFFERENTIABLE_METRICS, METRIC_TABLE, METRICS, RANK_METRICS, STEP_REDUCTIONS, THRESHOLDS, block_aggregates,
     ranks_of_targets, reduce_steps, VOCAB_BLOCK, streamed_target_metrics, target_metrics,
 )
-from genir_jax.core.model import T5, cache_specs, decode_suffix, logical_axes, unembedding_rows
+from genir_jax.core import decoder_only, model as t5_model
+from genir_jax.core.model import T5, cache_specs, decode_suffix
 from genir_jax.scale.partitioning import Partitioner, current, fetch, maybe_activate
 from genir_jax.interp.rank_window import RANK_WINDOW, clean_window, windowed_ranks
-from genir_jax.core.sites import STACK_SITES, Site, num_layers, site_name, site_shape
+from genir_jax.core.sites import STACK_SITES, Site, is_decoder_only, num_layers, site_name, site_shape, stacks
 from genir_jax.interp.sweep import Sweep, Term, as_sweep, first_decoder_layer
 from genir_jax.core.taps import Patch, apply_patch
 
@@ -161,6 +171,60 @@ def _build_interventions(config: T5Config, plan, tables, values, source_values, 
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# Family dispatch: the few places where T5 and decoder-only models differ
+# --------------------------------------------------------------------------------------------------
+
+def unembedding_rows(config, params):
+    """The unembedding (table [V, D], scale) of the config's family (T5 or decoder-only)."""
+    family = decoder_only if is_decoder_only(config) else t5_model
+    return family.unembedding_rows(config, params)
+
+
+def logical_axes(config):
+    """The parameters' logical axis names of the config's family (T5 or decoder-only)."""
+    family = decoder_only if is_decoder_only(config) else t5_model
+    return family.logical_axes(config)
+
+
+def prediction_states(config, hidden, attention_mask):
+    """The final states that predict the targets: T5's decoder states as they are (position 0 predicts an
+    atomic docid, teacher-forced steps the others); for a decoder-only model [B, 1, D], the state at each
+    prompt's last real token (`genir_jax.core.decoder_only.last_positions`), whose next token is the docid."""
+    if not is_decoder_only(config):
+        return hidden
+    last = decoder_only.last_positions(attention_mask)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)
+
+
+def _clean_run(config, params, input_ids, attention_mask, targets, target_mask):
+    """The clean run of a query chunk: (final states [B, T, D], residual stream entering each layer of the
+    last stack and leaving its last layer [L+1, B, T, D], the encoder output or None). Decoder-only models
+    run the prompt once (their logits are never used, so XLA drops the unembedding)."""
+    if is_decoder_only(config):
+        record = frozenset({"hook_resid_pre", "hook_resid_post"})
+        _, raw, _ = decoder_only.DecoderOnly(config, record=record).apply(
+            {"params": params}, input_ids, decoder_only.positions_from_mask(attention_mask), attention_mask)
+        states = jnp.concatenate([raw["hook_resid_pre"], raw["hook_resid_post"][-1:]], axis=0)
+        return _suffix(config, params, states[-1], config.num_layers, None, attention_mask, None, None), states, None
+    model = T5(config, decoder_cache=(("hook_embed", None), ("hook_resid_post", None)))
+    variables = {"params": params}
+    inputs = decoder_inputs(config, input_ids, targets, target_mask)
+    encoded, _ = model.apply(variables, input_ids, attention_mask, method=T5.encode)
+    hidden, cache = model.apply(variables, encoded, attention_mask, inputs, None, None, method=T5.decode)
+    states = jnp.concatenate([cache["hook_embed"][None], cache["hook_resid_post"]], axis=0)  # [L+1, B, T, D]
+    return hidden, states, encoded
+
+
+def _suffix(config, params, x, start, encoded, attention_mask, interventions, receivers):
+    """The last stack from the residual stream `x` entering layer `start` to its final-norm output (prefix
+    sharing): T5's `decode_suffix` (reading `encoded`) or `genir_jax.core.decoder_only.forward_from_layer`."""
+    if is_decoder_only(config):
+        return decoder_only.forward_from_layer(config, params, x, start, attention_mask, interventions)
+    return decode_suffix(config, params, x, start, encoded, attention_mask, (interventions or {}).get("decoder"),
+                         receivers=receivers)
+
+
 def final_metrics(config, params, hidden, targets, metrics, candidates, foils, top_k, target_mask=None):
     """The metrics of the final decoder states [B, T, D], streamed over vocabulary blocks (clean run and
     configs alike, so effects compare like with like): of the one step (single-token targets [B]), or of
@@ -202,12 +266,8 @@ def _clean_state_body(params, source_params, input_ids, attention_mask, source_i
     """Per query chunk: encoder output, residual entering each decoder layer (and the last one's output),
     source activations, the clean metrics and, with `window` > 0, the rank window (`clean_window`). With
     target sequences every decoder run (the source's too) reads the query's teacher-forced docid."""
-    model = T5(config, decoder_cache=(("hook_embed", None), ("hook_resid_post", None)))
-    variables = {"params": params}
-    inputs = decoder_inputs(config, input_ids, targets, target_mask)
-    encoded, _ = model.apply(variables, input_ids, attention_mask, method=T5.encode)
-    hidden, cache = model.apply(variables, encoded, attention_mask, inputs, None, None, method=T5.decode)
-    states = jnp.concatenate([cache["hook_embed"][None], cache["hook_resid_post"]], axis=0)  # [L+1, B, T, D]
+    hidden, states, encoded = _clean_run(config, params, input_ids, attention_mask, targets, target_mask)
+    hidden = prediction_states(config, hidden, attention_mask)
     clean = final_metrics(config, params, hidden, targets, metrics, candidates, foils, top_k, target_mask)
     source_values = {}
     if source_spec is not None:
@@ -233,20 +293,19 @@ def config_chunk_step(params, state, input_ids, attention_mask, targets, foils, 
     layer the chunk's configs touch; ``encoder_kind`` 2: they patch inside the encoder (run per config). With a rank window in `state`,
     ``rank`` comes from `windowed_ranks` over all the chunk's rows at once (``decided`` [Kc, B]: the rows its
     bound decided; ``full_rows``: how many rows it ranked over the whole vocabulary)."""
-    model = T5(config)
-    variables = {"params": params}
-
     def one_config(config_index, config_receivers):
         interventions = _build_interventions(config, plan, tables, values, state["source"], config_index)
         if encoder_kind == 2:
-            encoded, _ = model.apply(variables, input_ids, attention_mask, interventions, method=T5.encode)
+            encoded, _ = T5(config).apply({"params": params}, input_ids, attention_mask, interventions,
+                                          method=T5.encode)
         else:
             encoded = state["encoded"]
             for patch in interventions.get("encoder", {}).get("hook_out", ()):
                 encoded = apply_patch(encoded, patch)
         x = jax.lax.dynamic_index_in_dim(state["states"], start, axis=0, keepdims=False)
-        hidden = decode_suffix(config, params, x, start, encoded, attention_mask, interventions.get("decoder"),
-                               receivers=config_receivers if paths else None)
+        hidden = _suffix(config, params, x, start, encoded, attention_mask, interventions,
+                         config_receivers if paths else None)
+        hidden = prediction_states(config, hidden, attention_mask)
         if windowed:
             return hidden
         return final_metrics(config, params, hidden, targets, metrics, candidates, foils, top_k, target_mask)
@@ -323,6 +382,20 @@ def validate_terms(config: T5Config, sweep: Sweep, encoder_length: int, decoder_
             used = term.layer[term.row >= 0]
             if used.size and (used.min() < 0 or used.max() >= count):
                 raise InterventionError(f"{term.stack}.*.{term.local}: layer index out of range 0-{count - 1}")
+
+
+def _refuse_decoder_only(sweep: Sweep, source, target_mask) -> None:
+    """Raise `InterventionError` for what the sweep engine does not support on decoder-only models yet."""
+    if sweep.receivers is not None:
+        raise InterventionError("sweep: path patching (receivers) is not supported for decoder-only models")
+    if target_mask is not None:
+        raise InterventionError("sweep: decoder-only models take atomic (one-token) docids only, no target_mask")
+    if source is not None or any(isinstance(t.value, FromSource) for t in sweep.terms):
+        raise InterventionError("sweep: FROM_SOURCE / Source patching is not supported for decoder-only models")
+    embed = next((t for t in sweep.terms if t.local == "hook_embed"), None)
+    if embed is not None:
+        raise InterventionError("sweep: 'hook_embed' patches are not supported for decoder-only models (GPT-2 adds "
+                                "positions after it); patch 'blocks.0.hook_resid_pre' instead")
 
 
 def _validate_paths(sweep: Sweep) -> None:
@@ -467,7 +540,11 @@ def run_sweep(
         if same.size:
             raise InterventionError(f"sweep: the foil equals the target for query index {int(same[0])}")
     top_k = int(top_k) if per_query else 0
-    decoder_length = 1 if target_mask is None else target_ids.shape[1]
+    if is_decoder_only(config):
+        _refuse_decoder_only(sweep, source, target_mask)
+        decoder_length = length  # the prompt: patches cover its positions, the last real one predicts the docid
+    else:
+        decoder_length = 1 if target_mask is None else target_ids.shape[1]
     validate_terms(config, sweep, length, decoder_length)
     paths = sweep.receivers is not None
     if paths:
@@ -565,7 +642,7 @@ def run_sweep(
         if top_k:
             top_ids[index], top_logits[index] = block_top
     bar.close()
-    layers = config.num_decoder_layers
+    layers = num_layers(config, stacks(config)[-1])
     stats = {
         "configs": num_configs, "queries": count, "blocks": len(blocks), "config_chunk": config_chunk,
         "query_rows_per_step": rows_per_step, "configs_computed": computed_configs, "rank_window": window,
@@ -697,22 +774,27 @@ def resample_source(config: T5Config, params, input_ids, attention_mask, seed: i
     return Source(config, params, np.asarray(input_ids)[permutation], np.asarray(attention_mask)[permutation])
 
 
+_t5_forward = jax.jit(t5_model.forward, static_argnums=0)
+
+
 def runner_up_foils(config: T5Config, params, input_ids, attention_mask, target_ids, candidates,
                     chunk: int | None = None) -> np.ndarray:
     """Per query, the candidate (docid) token the clean model scores highest besides the target: the
-    natural foil of ``logit_diff``."""
-    from genir_jax.core.model import forward
-
+    natural foil of ``logit_diff`` (decoder-only models: scored at the last real prompt token)."""
     candidates = np.asarray(candidates, np.int32)
     target_ids = np.asarray(target_ids, np.int32)
     if candidates.size < 2:
         raise InterventionError("runner-up foils need at least 2 candidate tokens")
-    step = jax.jit(forward, static_argnums=0)
     out = []
     for batch in batches((np.asarray(input_ids), np.asarray(attention_mask)), chunk or min(32, len(input_ids))):
-        start = np.full((batch.arrays[0].shape[0], 1), config.decoder_start_token_id, dtype=np.int32)
-        logits = np.asarray(step(config, params, batch.arrays[0], batch.arrays[1], start)[:, 0], np.float32)
-        out.append(logits[: batch.size][:, candidates])
+        ids, mask = batch.arrays
+        if is_decoder_only(config):
+            logits = decoder_only.forward(config, params, ids, mask)
+            logits = prediction_states(config, logits, mask)[:, 0]
+        else:
+            start = np.full((ids.shape[0], 1), config.decoder_start_token_id, dtype=np.int32)
+            logits = _t5_forward(config, params, ids, mask, start)[:, 0]
+        out.append(np.asarray(logits, np.float32)[: batch.size][:, candidates])
     scores = np.concatenate(out)
     scores[candidates[None, :] == target_ids[:, None]] = -np.inf
     return candidates[np.argmax(scores, axis=1)].astype(np.int32)

@@ -35,18 +35,19 @@ import numpy as np
 from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
 from genir_jax.core.sites import (
-    COMPONENT_SITES, COMPONENTS, STACK_SITES, Site, layer_sites, num_layers, parse_site, site_name,
+    COMPONENT_SITES, COMPONENTS, Site, components as layer_components, is_decoder_only, layer_sites, num_layers,
+    parse_site, site_name, stack_sites, stacks,
 )
 
 UNIT_ALIASES = {"head": "head", "heads": "head", "neuron": "neuron", "neurons": "neuron",
                 "position": "position", "positions": "position", "pos": "position"}
 PRODUCT = re.compile(r"\s+x\s+")
 _UNIT = re.compile(r"^(?P<base>[^\[\]]+?)\s*(?:\[\s*(?P<unit>[A-Za-z_]+)\s*(?:=\s*(?P<index>[^\]]*))?\])?$")
-_LAYERED = re.compile(r"^(?P<stack>encoder|decoder)\.(?P<layers>\*|[0-9][0-9,\s-]*)\.(?P<site>.+)$")
+_LAYERED = re.compile(r"^(?P<stack>encoder|decoder|blocks)\.(?P<layers>\*|[0-9][0-9,\s-]*)\.(?P<site>.+)$")
 _STACK_ALIASES = {"encoder.final_ln.hook_normalized": "encoder_final_ln.hook_normalized",
                   "decoder.final_ln.hook_normalized": "decoder_final_ln.hook_normalized",
                   "encoder.hook_embed": "hook_embed"}
-GRAMMAR = ("STACK.LAYERS.SITE[UNIT] with STACK encoder|decoder, LAYERS '*', '7', '10-17' or '1,3,5-7', SITE a "
+GRAMMAR = ("STACK.LAYERS.SITE[UNIT] with STACK encoder|decoder (blocks for decoder-only models), LAYERS '*', '7', '10-17' or '1,3,5-7', SITE a "
            "local site name (hook_mlp_out, mlp.hook_post, cross_attn.hook_z, ...), a component (attn, cross_attn, "
            "mlp), '{attn,mlp}' or '*', and optional [head], [neuron] or [position] (e.g. [head=0,3]); or a "
            "stack-level site (encoder.hook_out, decoder.hook_embed, ...)")
@@ -83,13 +84,14 @@ def parse_indices(text: str, *, what: str, spec: str, size: int | None = None) -
 def _unit_length(config: T5Config, site: Site, length: int | None, spec: str, decoder_length: int = 1) -> int:
     """Size of a site's position axis: the encoder's length for encoder sites and cross-attention keys /
     values, the decoder's otherwise (1, the start position, for single-token docids; a docid's teacher-forced
-    steps for multi-token ones)."""
-    uses_encoder = site.stack == "encoder" or site.local in ("cross_attn.hook_k", "cross_attn.hook_v")
+    steps for multi-token ones); a decoder-only model's prompt length (`length`)."""
+    uses_encoder = site.stack == "encoder" or site.local in ("cross_attn.hook_k", "cross_attn.hook_v") or \
+        is_decoder_only(config)
     if not uses_encoder:
         return int(decoder_length)
     if length is None:
-        raise SiteSpecError(f"site spec '{spec}': [position] on an encoder site needs the query length (the "
-                            "command takes it from the tokenised queries)")
+        raise SiteSpecError(f"site spec '{spec}': [position] on an encoder (or decoder-only) site needs the query "
+                            "length (the command takes it from the tokenised queries)")
     return int(length)
 
 
@@ -154,7 +156,7 @@ def parse_atom(config: T5Config, spec: str, *, value, length: int | None = None,
     base = _STACK_ALIASES.get(base, base)
 
     # Stack-level sites (no layers).
-    stack_site = _stack_site(base)
+    stack_site = _stack_site(config, base)
     if stack_site is not None:
         if unit in ("head", "neuron"):
             raise SiteSpecError(f"site spec '{spec}': [{unit}] does not apply to the stack-level site '{base}' "
@@ -165,6 +167,9 @@ def parse_atom(config: T5Config, spec: str, *, value, length: int | None = None,
     if not match:
         raise SiteSpecError(f"site spec '{spec}': cannot parse '{base}'; expected {GRAMMAR}")
     stack, layer_text, site_text = match.group("stack"), match.group("layers"), match.group("site").strip()
+    if stack not in stacks(config):
+        raise SiteSpecError(f"site spec '{spec}': the model has no {stack!r} stack; its layers are "
+                            f"{' and '.join(repr(k) + '.LAYERS' for k in stacks(config))}")
     count = num_layers(config, stack)
     if layer_text == "*":
         layers = list(range(count))
@@ -174,7 +179,7 @@ def parse_atom(config: T5Config, spec: str, *, value, length: int | None = None,
         raise SiteSpecError(f"site spec '{spec}': the {stack} has no layers")
 
     # Component grids.
-    available = tuple(c for c in COMPONENT_SITES if stack == "decoder" or c != "cross_attn")
+    available = layer_components(config) if stack == stacks(config)[-1] else ("attn", "mlp")
     if site_text == "*" or site_text.startswith("{"):
         if site_text == "*":
             components = list(available)
@@ -220,9 +225,9 @@ def _check_count(count: int, spec: str) -> None:
     check_config_count(count, f"--sites '{spec}'", SiteSpecError)
 
 
-def _stack_site(name: str) -> Site | None:
-    for stack in ("encoder", "decoder"):
-        for local in STACK_SITES:
+def _stack_site(config: T5Config, name: str) -> Site | None:
+    for stack in stacks(config):
+        for local in stack_sites(stack):
             site = Site(stack, local, None)
             if site.name == name:
                 return site
@@ -320,7 +325,7 @@ def parse_receivers(config: T5Config, spec: str):
     from genir_jax.interp import sweep as sw
 
     text = spec.strip()
-    layers = config.num_decoder_layers
+    layers = num_layers(config, stacks(config)[-1])
     if text == "all":
         return sw.receivers(config, components={c: "all" for c in COMPONENTS}, logits=True, label="all")
     if text == "none":

@@ -35,8 +35,8 @@ from genir_jax.interp.interventions import (
     FromSource, InterventionError, Interventions, site_unit_axis, mean_value,
 )
 from genir_jax.core.sites import (
-    COMPONENT_SITES, COMPONENTS, STACK_SITES, Site, component_site, expand_site_patterns, num_layers, parse_site,
-    site_shape,
+    BLOCKS, COMPONENT_SITES, COMPONENTS, STACK_SITES, STACKS, Site, component_site, components as layer_components,
+    expand_site_patterns, is_decoder_only, num_layers, parse_site, site_shape, stacks,
 )
 from genir_jax.core.taps import Patch
 
@@ -206,7 +206,7 @@ def stack(configs: Sequence[Interventions], *, labels: Sequence[Mapping[str, Any
     groups: dict[tuple, dict] = {}
     for k, iv in enumerate(configs):
         for stack_name, sites in (iv or {}).items():
-            if stack_name not in ("encoder", "decoder"):
+            if stack_name not in STACKS + (BLOCKS,):
                 raise InterventionError(f"configuration {k}: unknown stack '{stack_name}'")
             for local, patches in sites.items():
                 patches = (patches,) if isinstance(patches, Patch) else tuple(patches)
@@ -353,12 +353,16 @@ def _component_of(local: str) -> str:
 
 
 def component_grid(config: T5Config, *, components: Sequence[str] | None = None, layers: Sequence[int] | None = None,
-                   value=ZERO, stack: str = "decoder") -> Sweep:
+                   value=ZERO, stack: str | None = None) -> Sweep:
     """One config per layer x component of a stack (the component's output patched): axes ("layer",
-    "component"). Components default to the stack's: attn, cross_attn, mlp (decoder) or attn, mlp (encoder)."""
-    if stack not in ("encoder", "decoder"):
-        raise InterventionError(f"unknown stack '{stack}'; expected 'encoder' or 'decoder'")
-    available = COMPONENTS if stack == "decoder" else ("attn", "mlp")
+    "component"). `stack` defaults to the model's last ("decoder" for T5, "blocks" for decoder-only models).
+    Components default to the stack's: attn, cross_attn, mlp (T5's decoder) or attn, mlp (T5's encoder,
+    decoder-only blocks)."""
+    known = stacks(config)
+    stack = known[-1] if stack is None else stack
+    if stack not in known:
+        raise InterventionError(f"unknown stack '{stack}'; expected {' or '.join(repr(k) for k in known)}")
+    available = layer_components(config) if stack == known[-1] else ("attn", "mlp")
     components = list(available if components is None else components)
     unknown = [c for c in components if c not in available]
     if unknown:
@@ -485,6 +489,8 @@ def receivers(config: T5Config, *, components: Mapping[str, Iterable[int] | str]
     Senders reach a receiver only if they are upstream of it. ``receivers(cfg, components={c: "all" for c
     in COMPONENTS}, logits=True)`` is ordinary patching; ``receivers(cfg)`` reaches nothing (the clean run).
     """
+    if is_decoder_only(config):
+        raise InterventionError("path patching (receivers) is not supported for decoder-only models yet")
     layers = config.num_decoder_layers
     table = np.zeros((1, layers, len(COMPONENTS)), np.float32)
     for component, chosen in (components or {}).items():
@@ -516,14 +522,15 @@ def _describe_receivers(table: np.ndarray, logits: bool) -> str:
 # --------------------------------------------------------------------------------------------------
 
 def first_decoder_layer(config: T5Config, sweep: Sweep) -> tuple[np.ndarray, np.ndarray]:
-    """Per config: (first decoder layer any patch touches (num_decoder_layers if none), encoder touch kind).
+    """Per config: (first layer of the model's last stack any patch touches (its layer count if none),
+    encoder touch kind). The last stack is T5's decoder or a decoder-only model's ``blocks``.
 
     Encoder touch kind: 0 none, 1 only ``encoder.hook_out`` (the clean encoder output can be patched
     directly), 2 anything else in the encoder (the encoder runs per config). A config that touches the
-    encoder, or the decoder's embedding, starts at decoder layer 0.
+    encoder, or the last stack's embedding, starts at layer 0.
     """
     count = sweep.size
-    layers = config.num_decoder_layers
+    layers = num_layers(config, stacks(config)[-1])
     first = np.full(count, layers, np.int64)
     encoder = np.zeros(count, np.int64)
     for term in sweep.terms:
