@@ -178,3 +178,27 @@ def test_an_exact_tie_inside_the_window_gets_the_tie_rule():
         materialised = ranks_of_targets(jnp.asarray(np.einsum("kbd,vd->kbv", hidden, table)),
                                         jnp.asarray(np.broadcast_to(targets, (2, 1))))[0]
         assert np.asarray(materialised)[:, 0].tolist() == [expected, expected]
+
+
+def test_a_single_undecided_row_is_ranked_over_the_whole_vocabulary():
+    """One row the bound cannot decide (the state moved along the long row: that token overtakes the target
+    from outside the window) is ranked exactly, 105 not the window's 104, in a gathered block of one row."""
+    table, clean, targets = _separated_window_states()
+    hidden = np.stack([clean, clean + np.asarray([[0.0, 0.01, 0.0, 0.0]], np.float32)])  # [2 configs, 1, 4]
+    window = clean_window(jnp.asarray(clean), jnp.asarray(table), jnp.asarray(targets), 8)
+    ranks, decided, full_rows = windowed_ranks(jnp.asarray(hidden), jnp.asarray(table), jnp.asarray(targets),
+                                               window, capacity=1)
+    assert np.asarray(decided)[:, 0].tolist() == [True, False]
+    assert np.asarray(ranks)[:, 0].tolist() == [104, 105] and int(full_rows) == 1
+
+
+def test_the_default_capacity_of_a_large_sweep():
+    """Beyond 1024 rows the default capacity is 1/16 of the rows (an integer: it sizes the gathered block)."""
+    table, clean, targets = _separated_window_states()
+    hidden = np.broadcast_to(clean, (1040, 1, 4)).copy()  # 1040 configs, all decided but one
+    hidden[7] += np.asarray([0.0, 0.01, 0.0, 0.0], np.float32)
+    window = clean_window(jnp.asarray(clean), jnp.asarray(table), jnp.asarray(targets), 8)
+    ranks, decided, full_rows = windowed_ranks(jnp.asarray(hidden), jnp.asarray(table), jnp.asarray(targets),
+                                               window)
+    assert int(np.sum(~np.asarray(decided))) == 1 and int(full_rows) == 1040 // 16
+    assert int(np.asarray(ranks)[7, 0]) == 105 and (np.delete(np.asarray(ranks)[:, 0], 7) == 104).all()
