@@ -170,7 +170,7 @@ def test_tiny_reproduction_end_to_end(tmp_path, shared_data):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"figures/{figure}.png" in report
     # The report's Table 1 DSI row is the evaluation's test metrics.
     test_metrics = json.loads((out / "eval" / "full-test" / "metrics.json").read_text())["metrics"]
-    assert f"| DSI (ours, test) | {100 * test_metrics['Hits@1']:.2f} |" in report
+    assert f"| DSI (ours, test) | {100 * test_metrics['Hits@1']:.2f} [" in report  # with its 95% interval
     # A 3-layer decoder's default stages are automatic: fitted on half the correct queries, reported on the rest.
     stages = json.loads((out / "analysis" / "patch-stages" / "stages.json").read_text())
     held_out = stages["split"]["held_out_queries"]
@@ -402,12 +402,17 @@ def test_tiny_naive_reproduction_reports_stage_patching_over_docid_sequences(tmp
     assert json.loads((out / "models" / "full" / "docids.json").read_text())["scheme"] == "naive"
     inputs = correct_sequence_inputs(layout)
     assert len(inputs.queries) >= 10
-    stages = json.loads((layout.analysis("patch-stages") / "stages.json").read_text())["stages"]
+    record = json.loads((layout.analysis("patch-stages") / "stages.json").read_text())
+    stages = record["stages"]
     with open(layout.analysis("patch-stages") / "patching_results_single_combis.csv", newline="") as handle:
         rows = {(r["mode"], r["component"], int(r["stage"])): float(r["!=0"]) for r in csv.DictReader(handle)}
     model = inputs.model
     sequences = [list(q.tokens) for q in inputs.queries]
     assert greedy_consistent(model.config, model.params, inputs.input_ids, inputs.attention_mask, sequences).all()
+    if record.get("split"):  # automatic stages: Table 3 reports on the held-out half of the correct queries
+        held_out = record["split"]["held_out_rows"]
+        inputs = inputs.subset(held_out)
+        sequences = [sequences[row] for row in held_out]
     for index, stage in enumerate(stages):
         wo = np.array(model.params["decoder"]["layers"]["mlp"]["wo"])
         wo[stage] = 0.0
@@ -438,7 +443,7 @@ def test_tiny_naive_reproduction_reports_stage_patching_over_docid_sequences(tmp
                                            [q["relevant_docs"][0] for q in test_queries], "test")
     greedy = greedy_consistent(model.config, model.params, test_ids, test_mask, test_sequences)
     np.testing.assert_array_equal(worst[0] == 0, greedy)  # unpatched: greedy decoding gives the docid
-    assert "| greedy Hits@1 |" in report
+    assert "every step (greedy Hits@1)" in report  # Table 4's per-step shares
     assert (out / "figures" / "figure4_steps_rank_development.png").read_bytes()[:4] == b"\x89PNG"
 
 
