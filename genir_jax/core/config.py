@@ -246,14 +246,7 @@ class T5Config:
     def from_json_file(cls, path: str | os.PathLike) -> "T5Config":
         """Read a Hugging Face `config.json`; errors name the file."""
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-        return cls.from_hf_dict(data, source=path)
+        return cls.from_hf_dict(read_config_json(path), source=path)
 
     def to_json_file(self, path: str | os.PathLike, dtype: str = "float32") -> None:
         """Write the Hugging Face `config.json`."""
@@ -273,3 +266,14 @@ def t5_v1_1(**overrides: Any) -> T5Config:
     """A T5 v1.1 / Flan-T5-style config (gated-GELU, untied, not rescaled); override any field."""
     return T5Config(**{"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False,
                        "scale_decoder_outputs": False, **overrides})
+
+
+def read_config_json(path: str) -> dict:
+    """The JSON object of a Hugging Face `config.json`; a missing file or bad JSON is a `ConfigError` naming it."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc

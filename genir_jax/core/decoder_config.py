@@ -22,7 +22,7 @@ import os
 from typing import Any, Mapping
 
 from genir_jax.base.errors import ConfigError
-from genir_jax.core.config import MAX_PARAMETERS, SUPPORTED_ACTIVATIONS
+from genir_jax.core.config import MAX_PARAMETERS, SUPPORTED_ACTIVATIONS, read_config_json
 
 DECODER_MODEL_TYPES = ("gpt2", "llama", "qwen2")
 _ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -170,12 +170,7 @@ class DecoderConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "DecoderConfig":
         path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-        return cls.from_hf_dict(data, source=path)
+        return cls.from_hf_dict(read_config_json(path), source=path)
 
     def to_json_file(self, path: str | os.PathLike, dtype: str = "float32") -> None:
         with open(path, "w", encoding="utf-8") as handle:

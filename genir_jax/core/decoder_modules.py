@@ -18,15 +18,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from genir_jax.core.modules import activation_fn, partitioned
+from genir_jax.core.modules import activation_fn, cast_to, partitioned
 from genir_jax.core.taps import ScopedTap
 
 Dtype = Any
 INIT_STD = 0.02  # transformers' initializer_range for GPT-2, Llama and Qwen2
-
-
-def _cast(x: jnp.ndarray, dtype: Dtype | None) -> jnp.ndarray:
-    return x if dtype is None else x.astype(dtype)
 
 
 class LayerNorm(nn.Module):
@@ -39,9 +35,9 @@ class LayerNorm(nn.Module):
     def __call__(self, x: jnp.ndarray, tap: ScopedTap | None = None) -> jnp.ndarray:
         """Site ``hook_normalized``: the normalised x before scale and bias (TransformerLens semantics)."""
         width = x.shape[-1]
-        scale = _cast(self.param("scale", partitioned(nn.initializers.ones, ("embed",)), (width,), jnp.float32),
+        scale = cast_to(self.param("scale", partitioned(nn.initializers.ones, ("embed",)), (width,), jnp.float32),
                       self.dtype)
-        bias = _cast(self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (width,), jnp.float32),
+        bias = cast_to(self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (width,), jnp.float32),
                      self.dtype)
         x32 = x.astype(jnp.float32)
         centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
@@ -95,9 +91,9 @@ class CausalSelfAttention(nn.Module):
 
         def project(name, heads, site):
             kernel = self.param(name, partitioned(normal, ("embed", "heads", "kv")), (d, heads, k), jnp.float32)
-            y = jnp.einsum("btd,dhk->bthk", x, _cast(kernel, self.dtype))
+            y = jnp.einsum("btd,dhk->bthk", x, cast_to(kernel, self.dtype))
             if self.qkv_bias:
-                y = y + _cast(self.param(f"{name}_bias", partitioned(zeros, ("heads", "kv")), (heads, k),
+                y = y + cast_to(self.param(f"{name}_bias", partitioned(zeros, ("heads", "kv")), (heads, k),
                                          jnp.float32), self.dtype)[None, None]
             return tap(site, y)
 
@@ -116,9 +112,9 @@ class CausalSelfAttention(nn.Module):
         z = tap("hook_z", jnp.einsum("bhts,bshk->bthk", pattern, jnp.repeat(value, group, axis=2) if group > 1
                                      else value))
         kernel = self.param("out", partitioned(normal, ("heads", "kv", "embed")), (h, k, d), jnp.float32)
-        out = jnp.einsum("bthk,hkd->btd", z, _cast(kernel, self.dtype))
+        out = jnp.einsum("bthk,hkd->btd", z, cast_to(kernel, self.dtype))
         if self.out_bias:
-            out = out + _cast(self.param("out_bias", partitioned(zeros, ("embed",)), (d,), jnp.float32),
+            out = out + cast_to(self.param("out_bias", partitioned(zeros, ("embed",)), (d,), jnp.float32),
                               self.dtype)[None, None]
         return out, (key, value)
 
@@ -140,10 +136,10 @@ class DecoderMLP(nn.Module):
         normal, zeros = nn.initializers.normal(INIT_STD), nn.initializers.zeros
 
         def dense(name, y, shape, axes):
-            out = y @ _cast(self.param(name, partitioned(normal, axes), shape, jnp.float32), self.dtype)
+            out = y @ cast_to(self.param(name, partitioned(normal, axes), shape, jnp.float32), self.dtype)
             if self.bias:
                 bias = self.param(f"{name}_bias", partitioned(zeros, axes[-1:]), shape[-1:], jnp.float32)
-                out = out + _cast(bias, self.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+                out = out + cast_to(bias, self.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
             return out
 
         d, f = self.d_model, self.d_ff

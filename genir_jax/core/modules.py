@@ -44,7 +44,8 @@ def activation_fn(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
     raise ValueError(f"unsupported activation {name!r}")  # T5Config.validate rejects these earlier
 
 
-def _cast(x: jnp.ndarray, dtype: Dtype | None) -> jnp.ndarray:
+def cast_to(x: jnp.ndarray, dtype: Dtype | None) -> jnp.ndarray:
+    """`x` in `dtype` (None: as it is): parameters are stored in float32 and cast for the computation."""
     return x if dtype is None else x.astype(dtype)
 
 
@@ -58,7 +59,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jnp.ndarray, tap: ScopedTap | None = None) -> jnp.ndarray:
         """Site ``hook_normalized``: x / rms(x), before the learned scale (TransformerLens semantics)."""
         scale = self.param("scale", partitioned(nn.initializers.ones, ("embed",)), (x.shape[-1],), jnp.float32)
-        scale = _cast(scale, self.dtype)
+        scale = cast_to(scale, self.dtype)
         x32 = x.astype(jnp.float32)
         variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         normed = (x32 * jax.lax.rsqrt(variance + self.epsilon)).astype(scale.dtype)
@@ -118,7 +119,7 @@ class RelativePositionBias(nn.Module):
             (self.num_buckets, self.num_heads),
             jnp.float32,
         )
-        table = _cast(table, self.dtype)
+        table = cast_to(table, self.dtype)
         relative = np.arange(key_length)[None, :] - np.arange(query_length)[:, None]
         buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
         values = jnp.take(table, jnp.asarray(buckets, dtype=jnp.int32), axis=0)  # [q, k, heads]
@@ -174,8 +175,8 @@ class MultiHeadAttention(nn.Module):
 
     def project_kv(self, inputs_kv: jnp.ndarray, tap: ScopedTap) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Keys and values [B, S, H, dk] of `inputs_kv` [B, S, D] (sites hook_k, hook_v)."""
-        k = tap("hook_k", jnp.einsum("bsd,dhk->bshk", inputs_kv, _cast(self.key, self.dtype)))
-        v = tap("hook_v", jnp.einsum("bsd,dhk->bshk", inputs_kv, _cast(self.value, self.dtype)))
+        k = tap("hook_k", jnp.einsum("bsd,dhk->bshk", inputs_kv, cast_to(self.key, self.dtype)))
+        v = tap("hook_v", jnp.einsum("bsd,dhk->bshk", inputs_kv, cast_to(self.value, self.dtype)))
         return k, v
 
     def __call__(
@@ -199,7 +200,7 @@ class MultiHeadAttention(nn.Module):
         positions, self-attention), the keys and values of `inputs_kv` [B, 1, D] are written at `position`
         and the query attends over the cache; it then returns (output, updated cache)."""
         dtype = inputs_q.dtype
-        value = _cast(self.value, self.dtype)
+        value = cast_to(self.value, self.dtype)
         if kv is not None or cache is not None:
             if cache is not None:
                 k_new, v_new = self.project_kv(inputs_kv, tap)
@@ -220,13 +221,13 @@ class MultiHeadAttention(nn.Module):
             # softmax over it is 1 whatever the scores, so queries, keys and scores are never computed.
             pattern = jnp.ones((inputs_q.shape[0], self.num_heads, inputs_q.shape[1], 1), dtype)
         else:
-            q = tap("hook_q", jnp.einsum("btd,dhk->bthk", inputs_q, _cast(self.query, self.dtype)))
+            q = tap("hook_q", jnp.einsum("btd,dhk->bthk", inputs_q, cast_to(self.query, self.dtype)))
             if fold:  # q . (W_k x) = (W_k^T q) . x
-                scores = jnp.einsum("bthd,bsd->bhts", jnp.einsum("bthk,dhk->bthd", q, _cast(self.key, self.dtype)),
+                scores = jnp.einsum("bthd,bsd->bhts", jnp.einsum("bthk,dhk->bthd", q, cast_to(self.key, self.dtype)),
                                     inputs_kv)
             else:
                 if k is None:
-                    k = tap("hook_k", jnp.einsum("bsd,dhk->bshk", inputs_kv, _cast(self.key, self.dtype)))
+                    k = tap("hook_k", jnp.einsum("bsd,dhk->bshk", inputs_kv, cast_to(self.key, self.dtype)))
                 scores = jnp.einsum("bthk,bshk->bhts", q, k)
             if bias is not None:
                 scores = scores + _batch_broadcast(bias.astype(scores.dtype), scores.shape[0])
@@ -241,7 +242,7 @@ class MultiHeadAttention(nn.Module):
         else:
             z = jnp.einsum("bhts,bshk->bthk", pattern, v)
         z = tap("hook_z", z)
-        out = jnp.einsum("bthk,hkd->btd", z, _cast(self.out, self.dtype))
+        out = jnp.einsum("bthk,hkd->btd", z, cast_to(self.out, self.dtype))
         return out if cache is None else (out, (k, v))
 
 
@@ -278,14 +279,14 @@ class MLP(nn.Module):
         if self.gated:
             wi_0 = self.param("wi_0", partitioned(normal(f * d ** -0.5), ("embed", "mlp")), (d, ff), jnp.float32)
             wi_1 = self.param("wi_1", partitioned(normal(f * d ** -0.5), ("embed", "mlp")), (d, ff), jnp.float32)
-            pre = tap("hook_pre", x @ _cast(wi_0, self.dtype))
-            linear = tap("hook_pre_linear", x @ _cast(wi_1, self.dtype))
+            pre = tap("hook_pre", x @ cast_to(wi_0, self.dtype))
+            linear = tap("hook_pre_linear", x @ cast_to(wi_1, self.dtype))
             post = act(pre) * linear
         else:
             wi = self.param("wi", partitioned(normal(f * d ** -0.5), ("embed", "mlp")), (d, ff), jnp.float32)
-            pre = tap("hook_pre", x @ _cast(wi, self.dtype))
+            pre = tap("hook_pre", x @ cast_to(wi, self.dtype))
             post = act(pre)
         post = tap("hook_post", post)
         post = Dropout(self.dropout_rate)(post, deterministic=self.deterministic)
         wo = self.param("wo", partitioned(normal(f * ff ** -0.5), ("mlp", "embed")), (ff, d), jnp.float32)
-        return post @ _cast(wo, self.dtype)
+        return post @ cast_to(wo, self.dtype)
