@@ -71,7 +71,7 @@ def _redeliver() -> None:
 def _unraisable(previous):
     def hook(unraisable) -> None:
         global _in_hook
-        if isinstance(unraisable.exc_value, KeyboardInterrupt) and _interrupted:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and _interrupted and _watching:
             _in_hook += 1
             try:
                 _redeliver()
@@ -89,18 +89,21 @@ def _unraisable(previous):
 def console_interrupts() -> Iterator[None]:
     """Run the block with SIGINT recorded and raised (`record_and_raise`) and KeyboardInterrupts that an
     "Exception ignored" context would drop raised again. Restores the previous handler and
-    `sys.unraisablehook` afterwards; outside the main thread it changes nothing."""
+    `sys.unraisablehook` afterwards, unless another hook was installed on top of ours meanwhile (the
+    checkpoint reader's filter for a failed restore's late errors, say): that one stays, and ours, left
+    beneath it, passes everything through once no block watches. Outside the main thread it changes nothing."""
     global _watching
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signal.SIGINT, record_and_raise)
     previous_hook = sys.unraisablehook
-    sys.unraisablehook = _unraisable(previous_hook)
+    ours = sys.unraisablehook = _unraisable(previous_hook)
     _watching += 1
     try:
         yield
     finally:
         _watching -= 1
-        sys.unraisablehook = previous_hook
+        if sys.unraisablehook is ours:
+            sys.unraisablehook = previous_hook
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)

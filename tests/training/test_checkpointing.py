@@ -123,3 +123,46 @@ def test_a_failed_restore_leaves_no_late_noise_on_stderr(tmp_path):
              or "OUT_OF_RANGE" in line or "reading array index" in line]
     assert not noise, done.stderr[-3000:]
     assert any("unrelated" in line for line in lines)
+
+
+_LATE_READ_AFTER_THE_COMMAND = r'''
+import asyncio, sys, time
+import numpy as np
+import tensorstore as ts
+from genir_jax.base.interrupts import console_interrupts
+from genir_jax.training.checkpointing import _quiet_abandoned_reads
+
+array = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": sys.argv[1]},
+                 "metadata": {"shape": [3000, 3000], "dtype": "<f8", "chunks": [100, 100]}},
+                create=True, delete_existing=True).result()
+array.write(np.ones((3000, 3000))).result()
+with console_interrupts():  # what the command line runs a command in
+    _quiet_abandoned_reads()  # a restore failed inside the command
+# the command has returned; a read it abandoned completes into its closed event loop only now
+loop = asyncio.new_event_loop()
+async def read():
+    await array.read()
+async def start():
+    loop.create_task(read())
+    await asyncio.sleep(0)
+loop.run_until_complete(start())
+loop.close()
+time.sleep(1.5)
+print("done", file=sys.stderr)
+'''
+
+
+def test_the_late_read_filter_outlives_the_command_block(tmp_path):
+    """CI found "RuntimeError: Event loop is closed" tracebacks after `train --resume`'s one-line refusal:
+    `console_interrupts` restored the unraisable hook it had found on entry, dropping the checkpoint filter
+    installed on top of it inside the command, and the abandoned reads completed after the command returned.
+    Here the late completion is forced after the block (a tensorstore read pending on a closed loop)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "late.py"
+    script.write_text(_LATE_READ_AFTER_THE_COMMAND)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "array")],
+                          capture_output=True, text=True, timeout=300, cwd=os.getcwd())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "done" in done.stderr and "Event loop is closed" not in done.stderr, done.stderr[-3000:]
