@@ -426,6 +426,25 @@ def prepare_dataset(name: str, out_dir: str | os.PathLike, data_dir: str | os.Pa
     return manifest
 
 
+def preparation_lines(manifest: dict[str, Any], out_dir: str | os.PathLike) -> list[str]:
+    """What `prepare-data` (and reproduce's prepare step) prints: labelled lines from a `prepare_dataset`
+    manifest (``--json`` prints the manifest's summary fields instead)."""
+    counts, split = manifest["counts"], manifest.get("split") or {}
+    queries = " / ".join(f"{name} {counts[f'{name}_queries']}" for name in ("train", "val", "test")
+                         if f"{name}_queries" in counts)
+    scheme = (manifest.get("docids") or {}).get("scheme", "atomic")
+    lines = [f"prepared {manifest['dataset']}: {out_dir}",
+             f"  {counts['documents']} documents, {scheme} docids; queries {queries}"]
+    if split.get("scheme"):
+        held_out = ", ".join(f"{name} documents {split[f'{name}_documents']} ({split[f'{name}_documents_indexed_only']} "
+                             "indexed only)" for name in ("val", "test") if f"{name}_documents" in split)
+        lines.append(f"  split {split['scheme']}" + (f": {held_out}" if held_out else ""))
+    if manifest.get("regime"):
+        lines.append(f"  regime {manifest['regime']}")
+    lines += [f"  note: {note}" for note in manifest.get("notes") or []]
+    return lines
+
+
 def prepared_docids(documents, scheme: str, semantic_mapping=None, k=None, c=None, *, seed: int = 0,
                     naive_order: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The manifest's ``docids`` record and the extra files of a docid scheme (see the module docstring);

@@ -148,13 +148,8 @@ class Step:
 # Steps
 # --------------------------------------------------------------------------------------------------
 
-def _print_summary(summary: dict) -> None:
-    """A step's summary on stdout, as its `genir-jax` command prints it."""
-    print(json.dumps(summary, indent=2))
-
-
 def _print_lines(lines: list[str]) -> None:
-    """A training or evaluation step's labelled lines, as its `genir-jax` command prints them."""
+    """A step's labelled lines, as its `genir-jax` command prints them."""
     print("\n".join(lines))
 
 
@@ -166,15 +161,14 @@ def _sinks(settings: Settings, output) -> list:
 
 
 def _prepare(layout: Layout, settings: Settings):
-    from genir_jax.data.prepare import prepare_dataset
+    from genir_jax.data.prepare import prepare_dataset, preparation_lines
 
     options = {"max_documents": TINY_MAX_DOCUMENTS[settings.dataset]} if settings.preset == "tiny" else {}
     if settings.docids == "naive":
         options["naive_order"] = settings.naive_order
     manifest = prepare_dataset(settings.dataset, layout.data, settings.data_dir, docids=settings.docids,
                                paper_regime=settings.paper_regime, **options)
-    _print_summary({"output": str(layout.data), "counts": manifest["counts"], "split": manifest["split"],
-                    "regime": manifest["regime"], "notes": manifest["notes"]})
+    _print_lines(preparation_lines(manifest, layout.data))
 
 
 def _pretrain(layout: Layout, settings: Settings):

@@ -47,7 +47,8 @@ def _prepare(files, out):
 
 def test_prepare_data_on_real_data(shared_data, tmp_path, capsys):
     out = tmp_path / "squad"
-    assert main(["prepare-data", "--dataset", "squad-dev", "--data-dir", str(shared_data), "-o", str(out)]) == 0
+    assert main(["prepare-data", "--dataset", "squad-dev", "--data-dir", str(shared_data), "-o", str(out),
+                 "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["counts"]["documents"] == 2067
     assert printed["counts"]["train_queries"] + printed["counts"]["val_queries"] + \
@@ -56,6 +57,19 @@ def test_prepare_data_on_real_data(shared_data, tmp_path, capsys):
     assert manifest["dataset"] == "squad-dev" and manifest["options"]["seed"] == 0
     assert manifest["sources_sha256"]["dev-v1.1.json"] == \
         "95aa6a52d5d6a735563366753ca50492a658031da74f301ac5238b03966972c9"     # SOURCE.md
+
+
+def test_prepare_data_prints_labelled_lines(shared_data, tmp_path, capsys):
+    """Without --json, prepare-data prints what it wrote as labelled lines, with the counts of prepare.json."""
+    out = tmp_path / "squad"
+    assert main(["prepare-data", "--dataset", "squad-dev", "--data-dir", str(shared_data), "-o", str(out),
+                 "--max-documents", "50"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    counts = json.loads((out / "prepare.json").read_text())["counts"]
+    assert printed[0] == f"prepared squad-dev: {out}"
+    assert printed[1] == (f"  50 documents, atomic docids; queries train {counts['train_queries']} / val "
+                          f"{counts['val_queries']} / test {counts['test_queries']}")
+    assert printed[2].startswith("  split per-document: val documents ") and "{" not in "".join(printed)
 
 
 @pytest.mark.parametrize("broken, fragments", [

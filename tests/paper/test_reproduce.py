@@ -316,7 +316,7 @@ def _record_pipeline_calls(monkeypatch) -> list[tuple[str, dict]]:
 
     def prepare_dataset(name, out_dir, data_dir=None, **options):
         calls.append(("prepare_dataset", {"name": name, "output": out_dir, "data_dir": data_dir, **options}))
-        return {"counts": {}, "split": None, "regime": None, "notes": []}
+        return {"dataset": name, "counts": {"documents": 0}, "split": None, "regime": None, "notes": []}
 
     def trainer(step, keys):
         def train(*args, **options):

@@ -65,6 +65,9 @@ def add_parser(subparsers) -> None:
     group.add_argument("--train-queries", help="training queries [{id, query, relevant_docs}]")
     group.add_argument("--val-queries", help="validation queries")
     group.add_argument("--test-queries", help="test queries (optional)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the summary (output, counts, split, regime, notes) as JSON instead of labelled "
+                             "lines")
     parser.set_defaults(handler=run)
 
 
@@ -79,7 +82,7 @@ FLAGS = {"val_fraction": "--val-fraction", "test_fraction": "--test-fraction", "
 
 def run(args: argparse.Namespace) -> int:
     from genir_jax.base.errors import renaming_settings
-    from genir_jax.data.prepare import check_prepare_settings, prepare_dataset
+    from genir_jax.data.prepare import check_prepare_settings, prepare_dataset, preparation_lines
 
     if args.dataset == "reference-json":
         options = dict(documents=args.documents, train_queries=args.train_queries, val_queries=args.val_queries,
@@ -97,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
         check_prepare_settings(args.dataset, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                                max_documents=args.max_documents)  # also where reference-json ignores them
         manifest = prepare_dataset(args.dataset, args.output, args.data_dir, **options)
-    print(json.dumps({"output": args.output, "counts": manifest["counts"], "split": manifest["split"],
-                      "regime": manifest["regime"], "notes": manifest["notes"]}, indent=2))
+    if args.json:
+        print(json.dumps({"output": args.output, "counts": manifest["counts"], "split": manifest["split"],
+                          "regime": manifest["regime"], "notes": manifest["notes"]}, indent=2))
+    else:
+        print("\n".join(preparation_lines(manifest, args.output)))
     return 0
