@@ -42,6 +42,8 @@ METRIC = "logit"
 TOP_SHARE, TOP_MIN, TOP_MAX = 0.1, 3, 100
 MAX_WIDTH = 0.5   # a Spearman interval wider than this decides nothing (`order_verdict`)
 ORDER_CLAIM = Claim(threshold=MIN_SPEARMAN, side="above", max_width=MAX_WIDTH)
+ORDER_RULE = (f"holds when the interval lies wholly above {MIN_SPEARMAN}, undetermined when it is wider than "
+              f"{MAX_WIDTH} (or there is none), does not hold otherwise")
 AGREEMENT_JSON = "agreement.json"
 _CHUNK_ELEMENTS = 1 << 23  # resampled means computed this many [resample, unit] entries at a time
 
@@ -66,8 +68,8 @@ def family_grid(config, family: str, value=0.0):
 
 def order_verdict(signed: Interval) -> str:
     """Does the method order the units as exact patching does? `genir_jax.analysis.evidence.verdict` of the signed
-    Spearman's interval against `ORDER_CLAIM` (above `MIN_SPEARMAN`, decided only by intervals at most
-    `MAX_WIDTH` wide)."""
+    Spearman's interval against `ORDER_CLAIM` (`ORDER_RULE`: above `MIN_SPEARMAN`, the threshold below which
+    `genir-jax attribute --check-exact` warns, decided only by intervals at most `MAX_WIDTH` wide)."""
     return verdict(signed, ORDER_CLAIM)
 
 

@@ -36,14 +36,15 @@ def _target_logits(params, ids, mask, targets, interventions=None):
                       np.float64)[ROWS, 0, targets]
 
 
-def _by_hand(params, ids, mask, targets, site, unit_axis, mode):
+def _by_hand(params, ids, mask, targets, site, unit_axis, mode, exact=True):
     """Per unit of `site` (heads or neurons, every layer), per query: the exact effect of setting the unit to 0
-    or to its mean over the queries (one patched forward each), and AtP's (value - activation) . gradient with
-    the gradient of the summed target logits at the site from `jax.grad`. Both [L x units, N]."""
+    or to its mean over the queries (one patched forward each; None without `exact`), and AtP's
+    (value - activation) . gradient with the gradient of the summed target logits at the site from `jax.grad`.
+    Both [L x units, N]."""
     layers = [f"decoder.{layer}.{site}" for layer in range(CONFIG.num_decoder_layers)]
     _, cache = forward_with_cache(CONFIG, params, ids, mask, START, cache_sites=layers)
     clean = _target_logits(params, ids, mask, targets)
-    exact, estimate = [], []
+    exact, estimate = ([] if exact else None), []
     for name in layers:
         activation = np.asarray(cache[name], np.float64)
         value = np.zeros_like(activation) if mode == "zero" else np.broadcast_to(activation.mean(axis=0),
@@ -57,11 +58,12 @@ def _by_hand(params, ids, mask, targets, site, unit_axis, mode):
         for unit in range(activation.shape[unit_axis]):
             selected = np.zeros(activation.shape, bool)
             np.moveaxis(selected, unit_axis, 0)[unit] = True
-            patched = np.where(selected, value, activation).astype(np.float32)
-            exact.append(_target_logits(params, ids, mask, targets, ivs.replacement(CONFIG, {name: patched})) - clean)
+            if exact is not None:
+                patched = ivs.replacement(CONFIG, {name: np.where(selected, value, activation).astype(np.float32)})
+                exact.append(_target_logits(params, ids, mask, targets, patched) - clean)
             change = np.where(selected, value - activation, 0.0) * gradient
             estimate.append(change.reshape(QUERIES, -1).sum(axis=1))
-    return np.asarray(exact), np.asarray(estimate)
+    return None if exact is None else np.asarray(exact), np.asarray(estimate)
 
 
 def _top_overlap_by_hand(reference, estimate, k):
@@ -96,7 +98,6 @@ def test_mean_ablation_atp_of_neurons_is_mean_minus_activation_times_gradient(se
     over the queries (`mean_activations`, the value the exact sweep patches in too)."""
     from genir_jax.interp.attribution import attribute
     from genir_jax.interp.interventions import mean_activations
-    from genir_jax.interp.patching import run_sweep
     from genir_jax.interp.site_grammar import swept_sites
 
     params, ids, mask, targets = setup
@@ -105,10 +106,9 @@ def test_mean_ablation_atp_of_neurons_is_mean_minus_activation_times_gradient(se
     grid = agreement.family_grid(CONFIG, "neurons", means)
     assert grid.size == CONFIG.num_decoder_layers * CONFIG.d_ff
     result = attribute(CONFIG, params, ids, mask, targets, grid, metric="logit", progress=False, per_query=True)
-    exact, estimate = _by_hand(params, ids, mask, targets, "mlp.hook_post", -1, "mean")
+    _, estimate = _by_hand(params, ids, mask, targets, "mlp.hook_post", -1, "mean", exact=False)
     np.testing.assert_allclose(result.per_query, estimate, rtol=1e-4, atol=1e-5)
-    swept = run_sweep(CONFIG, params, ids, mask, targets, grid, metrics=("logit",), top_k=0, hits=(), progress=False)
-    np.testing.assert_allclose(swept.values["logit"] - swept.clean["logit"][None], exact, rtol=1e-4, atol=1e-5)
+    assert np.abs(estimate).max() > 1e-3
 
 
 def test_bootstrap_intervals_contain_the_estimate_and_are_seeded():
