@@ -81,3 +81,34 @@ def test_record_round_trip(tmp_path):
     assert agreement.read_attribution_agreement(tmp_path) == result
     with pytest.raises(FileNotFoundError):
         agreement.read_attribution_agreement(tmp_path / "missing")
+
+
+@pytest.mark.slow  # a minute or more on 2 cores (every family's sweep and attributions compiled)
+def test_the_step_runs_the_analysis_on_the_full_model_and_renders(tmp_path, monkeypatch):
+    """The experiment's step on a small random model standing in for the full model and its correct queries:
+    it writes agreement.json and experiment.json, records its query count, and the section renders every row."""
+    import types
+
+    import numpy as np
+
+    import genir_jax as gj
+    from genir_jax.paper.experiments import attribution_agreement as experiment
+    from tests.hf_fixtures import padded_batch
+
+    config = gj.t5_v1_0(vocab_size=160, d_model=16, d_kv=4, d_ff=8, num_layers=1, num_decoder_layers=2,
+                        num_heads=2, dropout_rate=0.0)
+    params = gj.init_params(config, 0)
+    ids, mask, _ = padded_batch(config.vocab_size, [5, 3, 7, 4, 6], seed=1)
+    logits = np.asarray(gj.forward(config, params, ids, mask, np.zeros((5, 1), np.int32)))[:, 0]
+    inputs = types.SimpleNamespace(model=types.SimpleNamespace(config=config, params=params), input_ids=ids,
+                                   attention_mask=mask, targets=logits.argmax(-1).astype(np.int32))
+    monkeypatch.setattr(experiment, "correct_inputs", lambda layout: inputs)
+    layout = rp.Layout(tmp_path)
+    settings = rp.Settings(dataset="squad-dev", preset="tiny", progress=False, attribution_agreement=True)
+    record = experiment.EXPERIMENT.runs[experiment.STEP](layout, settings, experiment.Config(modes=("zero",)))
+    assert record["queries"] == 5 and list(record["config"]["modes"]) == ["zero"]
+    stored = agreement.read_attribution_agreement(layout.analysis(experiment.STEP))
+    assert [(r.family, r.items) for r in stored.rows[::2]] == [
+        ("cross-attention heads", 4), ("self-attention heads", 4), ("neurons", 16), ("layer x component", 6)]
+    text = experiment.EXPERIMENT.render(layout).markdown
+    assert text.count("(n=5)") == 3 * len(stored.rows)
