@@ -4,8 +4,8 @@ For every unit family (decoder self- and cross-attention heads at ``hook_z``, th
 layer, decoder layer x component) and ablation mode (zero; mean: the unit's mean activation over the same
 queries, one set of means shared by both methods through the sweep), the exact sweep
 (`genir_jax.interp.patching.run_sweep`) and the attributions (`genir_jax.interp.attribution.attribute`) run on the
-same queries and metric, the target docid's logit. Per (family, mode, method) it reports, as the
-benchmark ``benchmarks/attribution_vs_exact.py`` pairs them:
+same queries and metric, the target docid's logit. Per (family, mode, method) it reports (printed with
+timings by ``benchmarks/attribution_vs_exact.py``, shown by ``reproduce --attribution-agreement``):
 
 - ``signed``: Spearman of the exact mean effect against the signed estimate (AtP; AtP*'s QK fix does not touch
   head outputs, neurons or component outputs, so its signed estimate is AtP's for these units),
