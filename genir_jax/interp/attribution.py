@@ -93,6 +93,7 @@ class AttributionResult:
     per_query: np.ndarray | None        # [K, N] signed estimates, when asked
     clean: np.ndarray                   # [N] the clean metric
     absolute: np.ndarray | None = None  # [K] |AtP|: mean over queries of |signed estimate| (no GradDrop)
+    per_query_magnitudes: np.ndarray | None = None  # [K, N] GradDrop magnitudes per query (atp*, when asked)
 
     @property
     def ranking(self) -> np.ndarray:
@@ -426,13 +427,15 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
                 estimate = _term_scores(config, term, np.asarray(term_grads[i]))
             scores[:, :, rows] += estimate[:, :, : batch.size]
     signed = scores[0]
-    magnitudes = None
+    magnitudes = per_query_magnitudes = None
     if star:  # per query pair: sum_l |estimate with layer l dropped| / (layers whose drop can reach it)
         divisor = np.maximum(1, layers - _own_layer_counts(sweep)).astype(np.float32)
-        magnitudes = (np.abs(scores[1:]).sum(axis=0) / divisor[:, None]).mean(axis=1)
+        per_query_magnitudes = np.abs(scores[1:]).sum(axis=0) / divisor[:, None]
+        magnitudes = per_query_magnitudes.mean(axis=1)
     return AttributionResult(sweep=sweep, method=method, metric=metric, scores=signed.mean(axis=1),
                              magnitudes=magnitudes, per_query=signed if per_query else None, clean=clean,
-                             absolute=np.abs(signed).mean(axis=1))
+                             absolute=np.abs(signed).mean(axis=1),
+                             per_query_magnitudes=per_query_magnitudes if per_query else None)
 
 
 def _own_layer_counts(sweep: Sweep) -> np.ndarray:
@@ -465,29 +468,36 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.size < 2:
         raise ValueError("spearman: need at least two values")
-    ra, rb = _average_ranks(a), _average_ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denominator = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
-    return float((ra * rb).sum() / denominator) if denominator else 0.0
+    return float(spearman_rows(a, b))
 
 
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values), np.float64)
-    ranks[order] = np.arange(len(values))
-    for value in np.unique(values):
-        tied = values == value
-        if tied.sum() > 1:
-            ranks[tied] = ranks[tied].mean()
-    return ranks
+def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation along the last axis, row by row (e.g. one row per bootstrap resample): the
+    Pearson correlation of average ranks (ties share their mean rank); 0 for a constant row."""
+    from scipy.stats import rankdata
+
+    ra = rankdata(np.asarray(a, np.float64), axis=-1)
+    rb = rankdata(np.asarray(b, np.float64), axis=-1)
+    ra, rb = ra - ra.mean(axis=-1, keepdims=True), rb - rb.mean(axis=-1, keepdims=True)
+    denominator = np.sqrt((ra ** 2).sum(axis=-1) * (rb ** 2).sum(axis=-1))
+    numerator = (ra * rb).sum(axis=-1)
+    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
 
 
 def top_overlap(reference: np.ndarray, estimate: np.ndarray, k: int) -> float:
     """Share of the reference's top-k (by value) that the estimate also puts in its top-k."""
-    k = min(k, len(reference))
-    top_ref = set(np.argsort(-np.asarray(reference), kind="stable")[:k].tolist())
-    top_est = set(np.argsort(-np.asarray(estimate), kind="stable")[:k].tolist())
-    return len(top_ref & top_est) / k
+    return float(top_overlap_rows(np.asarray(reference), np.asarray(estimate), k))
+
+
+def top_overlap_rows(reference: np.ndarray, estimate: np.ndarray, k: int) -> np.ndarray:
+    """`top_overlap` along the last axis, row by row (ties: the lower index first, in both)."""
+    reference, estimate = np.asarray(reference, np.float64), np.asarray(estimate, np.float64)
+    k = min(k, reference.shape[-1])
+    top_ref = np.argsort(-reference, axis=-1, kind="stable")[..., :k]
+    top_est = np.argsort(-estimate, axis=-1, kind="stable")[..., :k]
+    chosen = np.zeros(reference.shape, bool)
+    np.put_along_axis(chosen, top_ref, True, axis=-1)
+    return np.take_along_axis(chosen, top_est, axis=-1).sum(axis=-1) / k
 
 
 # --------------------------------------------------------------------------------------------------

@@ -48,9 +48,20 @@ class Experiment:
     reads: tuple[str, ...] = ()    # steps of the pipeline (or of other experiments) whose outputs it reads
     after_removed_models: bool = False  # its runs need the models trained without some documents
     docids: tuple[str, ...] = ("atomic",)  # docid schemes it handles (`reproduce --docids`); others skip it
+    opt_in: str | None = None  # a reproduce setting (e.g. "attribution_agreement") without which it does not run
 
     def handles(self, scheme: str) -> bool:
         return scheme in self.docids
+
+    def chosen(self, settings) -> bool:
+        """Whether the pipeline under `settings` runs it: it handles the docid scheme and, if opt-in, was asked."""
+        return self.handles(getattr(settings, "docids", "atomic")) and (
+            self.opt_in is None or bool(getattr(settings, self.opt_in, False)))
+
+    @property
+    def opt_in_flag(self) -> str:
+        """The `genir-jax reproduce` flag of an opt-in experiment."""
+        return "--" + str(self.opt_in).replace("_", "-")
 
     @property
     def steps(self) -> tuple[str, ...]:

@@ -106,6 +106,10 @@ def write_report(layout, settings, pipeline=()) -> pathlib.Path:
                          f"trains {scheme} docids.\n")
             continue
         problems = _missing_steps(layout, experiment)
+        if problems and not experiment.chosen(settings):  # opt-in, not asked for (and not run before)
+            parts.append(f"Not run: opt-in; add `{experiment.opt_in_flag}` to `genir-jax reproduce`, or run it on "
+                         f"this folder with `python -m experiments {experiment.id} --run OUT`.\n")
+            continue
         if problems:
             parts.append("Not available: " + "; ".join(problems) + ".\n")
             continue

@@ -17,6 +17,8 @@ under OUT; training shows its progress bars whatever --no-progress says, which i
     crattn-writes    analysis/crattn-writes/  Table 5
     head-tokens      analysis/head-tokens/    Table 6
     stage-robustness analysis/stage-robustness/ stage checks beyond the paper
+    attribution-agreement analysis/attribution-agreement/ AtP / AtP* against exact patching (opt-in:
+                                             --attribution-agreement)
     steps-logit-lens analysis/steps-logit-lens/ Fig. 3 / Fig. 4 per decoding step (naive / semantic docids only)
     choose-removed   removed_documents.json  4 x 10 documents to leave out (correct validation queries first)
     train-removed-K  models/removed-K/       train --remove: one model per document set, K = 0..3
@@ -111,6 +113,7 @@ class Settings:
     stages: str | None = None   # decoder stages of every experiment that uses them (None: each one's default)
     tensorboard: bool = False  # training also writes TensorBoard event files (<model>/tensorboard/)
     naive_order: str = "shuffled"  # naive docids: shuffled or corpus order (prepare-data --naive-order)
+    attribution_agreement: bool = False  # opt-in: AtP / AtP* against exact patching (not in `record`: an addition)
 
     @property
     def record(self) -> dict:
@@ -286,7 +289,7 @@ def steps(settings: Settings) -> list[Step]:
     no remaining experiment needs them."""
     from genir_jax.paper.experiments import registry
 
-    chosen = [experiment for experiment in registry() if experiment.handles(settings.docids)]
+    chosen = [experiment for experiment in registry() if experiment.chosen(settings)]
 
     out = [
         Step("prepare", _prepare),

@@ -332,3 +332,20 @@ def test_sequence_attribution_approaches_exact_for_small_patches(setup, method):
     with pytest.raises(ivs.InterventionError, match="attribution: metric 'logit' is not defined for multi-token"):
         attribute(CONFIG, params, ids, mask, targets, grid, method=method, metric="logit", source=source,
                   target_mask=tmask, progress=False)
+
+
+def test_rank_statistics_row_by_row_equal_scipy_and_a_loop():
+    """`spearman_rows` / `top_overlap_rows` (the bootstrap's per-resample statistics) row by row against
+    scipy's Spearman (ties included) and a set intersection of each row's top-k."""
+    from scipy.stats import spearmanr
+
+    from genir_jax.interp.attribution import spearman_rows, top_overlap_rows
+
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 6, (20, 15)).astype(float), rng.normal(size=(20, 15))
+    np.testing.assert_allclose(spearman_rows(a, b), [spearmanr(x, y).statistic for x, y in zip(a, b)], atol=1e-12)
+    assert spearman_rows(np.ones(4), np.arange(4.0)) == 0.0  # a constant row: no order, 0
+    expected = [len(set(np.argsort(-x, kind="stable")[:4]) & set(np.argsort(-y, kind="stable")[:4])) / 4
+                for x, y in zip(a, b)]
+    np.testing.assert_allclose(top_overlap_rows(a, b, 4), expected)
+    assert top_overlap_rows(a[0], b[0], 99) == 1.0  # k beyond the units: all of them

@@ -88,9 +88,13 @@ def test_registry_discovers_every_experiment_module_and_drives_the_steps():
     assert all(importlib.import_module(f"genir_jax.paper.experiments.{name}").EXPERIMENT in found for name in modules)
     assert [e.position for e in found] == sorted(e.position for e in found)
     assert [e.id for e in found][:2] == ["table1", "table2"] and "stage-robustness" in [e.id for e in found]
-    names = [step.name for step in rp.steps(rp.Settings(dataset="squad-dev", preset="tiny", removed_models=2))]
-    early = [step for e in found if not e.after_removed_models and e.handles("atomic") for step in e.runs]
-    late = [step for e in found if e.after_removed_models and e.handles("atomic") for step in e.runs]
+    settings = rp.Settings(dataset="squad-dev", preset="tiny", removed_models=2)
+    names = [step.name for step in rp.steps(settings)]
+    # every experiment that handles atomic docids, but opt-in ones only when asked (none is, here)
+    early = [step for e in found if not e.after_removed_models and e.chosen(settings) for step in e.runs]
+    late = [step for e in found if e.after_removed_models and e.chosen(settings) for step in e.runs]
+    assert [e for e in found if e.handles("atomic") and not e.chosen(settings)] == [
+        e for e in found if e.handles("atomic") and e.opt_in]
     assert names == ["prepare", "pretrain", "train-full", "evaluate-full", "bm25", *early, "choose-removed",
                      "train-removed-0", "train-removed-1", *late, "report"]
     assert "stage-robustness" in early and late == ["swap-encoder"]

@@ -57,6 +57,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--removed-models", type=FACTOR, default=REMOVED_MODELS,
                         help=f"models trained without {REMOVED_DOCUMENTS} documents each, for the encoder swap "
                              f"(default: {REMOVED_MODELS}, as in the paper; fewer makes a quicker run)")
+    parser.add_argument("--attribution-agreement", action="store_true",
+                        help="also compare AtP / AtP* with exact patching over every decoder head, neuron and "
+                             "component, zero and mean ablation (a report section with intervals; opt-in: it "
+                             "patches every unit exactly, minutes even on the tiny preset)")
     parser.add_argument("--force", nargs="+", default=(), metavar="STEP", help="redo these steps")
     parser.add_argument("--list-steps", action="store_true", help="print the steps and their state, then exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars in the analyses")
@@ -85,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings(dataset=args.dataset, preset=args.preset, data_dir=args.data_dir,
                         removed_models=args.removed_models, progress=not args.no_progress, base=base,
                         docids=args.docids, paper_regime=args.paper_regime, stages=args.stages,
-                        tensorboard=args.tensorboard, naive_order=args.naive_order)
+                        tensorboard=args.tensorboard, naive_order=args.naive_order,
+                        attribution_agreement=args.attribution_agreement)
     out = args.out or default_out(settings)
     if args.list_steps:
         layout = Layout(__import__("pathlib").Path(out))
