@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from genir_jax.training.metric_sinks import metric_sinks
     from genir_jax.training.options import FLAGS, RunOverrides, print_summary, resume_setting
 
-    flags = {**FLAGS, "model_type": "--model-type", "remove": "--remove", "ratio": "--ratio", "paper_regime": "--paper-regime",
+    flags = {**FLAGS, "model_type": "--model-type", "preset": "--preset", "remove": "--remove", "ratio": "--ratio", "paper_regime": "--paper-regime",
              "docids": "--docids", "semantic_docid_mapping": "--semantic-docid-mapping"}
     with renaming_settings(flags):
         summary = train_dsi(args.data, args.base, args.output, preset=args.preset, remove=args.remove,
