@@ -102,3 +102,34 @@ def test_ranking_scores_equal_transformers_logits_after_the_prompt(tmp_path, kin
         expected = torch_causal_logits(torch_model, ids, np.ones_like(ids))[0, -1, token_ids]
         np.testing.assert_allclose(scores[row], expected[indices[row]], atol=1e-4)
         assert indices[row, 0] == int(np.argmax(expected))
+
+
+@pytest.mark.slow  # about a minute on 2 cores: two short training runs
+def test_resumed_decoder_training_equals_an_uninterrupted_run(tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from genir_jax.data.prepare import load_prepared
+    from genir_jax.training.dsi import train_dsi
+    from genir_jax.training.options import RunOverrides
+    from tests.training.test_training_cli import make_prepared
+
+    prepared = make_prepared(tmp_path / "prepared", documents=6)
+    documents, splits = load_prepared(prepared)
+    tokenizer = train_tokenizer([d.text for d in documents] + [q.text for q in splits["train"]])
+    base = save_decoder_base(tmp_path / "base", "gpt2", tokenizer)
+    overrides = RunOverrides(steps=12, batch_size=4, eval_every=6, checkpoint_every=6)
+    runs = {}
+    for name in ("whole", "resumed"):
+        runs[name] = train_dsi(prepared, base, tmp_path / name, preset="tiny", overrides=overrides,
+                               progress=False, model_type="decoder")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "12")  # as if killed between steps 6 and 12
+    (tmp_path / "resumed" / "model.safetensors").unlink()
+    resumed = train_dsi(prepared, base, tmp_path / "resumed", preset="tiny", overrides=overrides, progress=False,
+                        model_type="decoder", resume="required")
+    assert resumed["resumed_from"] == 6 and resumed["best"] == runs["whole"]["best"]
+    whole, again = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("whole", "resumed"))
+    assert whole.keys() == again.keys()
+    for key in whole:
+        np.testing.assert_array_equal(again[key], whole[key])
