@@ -4,7 +4,9 @@ A batch is a dict of int32 arrays: ``input_ids`` / ``attention_mask`` [B, S] for
 ``targets`` / ``target_mask`` [B, T] for the decoder. Decoder inputs are the targets shifted right with
 the decoder start token (0) in front, as T5 trains; for atomic-docid DSI the target is the single docid
 token, so the decoder sees only the start token. The loss is the mean token cross-entropy over the
-target positions with ``target_mask == 1`` of the whole (global) batch.
+target positions with ``target_mask == 1`` of the whole (global) batch. A decoder-only model's batch
+(`genir_jax.training.decoder_dsi`, `causal_lm_loss`) has the same four arrays: ``targets`` are the next tokens
+of ``input_ids`` and ``target_mask`` marks the positions that predict a docid.
 
 Placement: a `genir_jax.scale.partitioning.Partitioner` (or a plain mesh, e.g. `data_mesh`'s one-axis
 ``"data"`` mesh, which is data parallel): the batch is split along its first axis over ``data``;

@@ -11,7 +11,8 @@ t5-large   d_model 1024, 24+24 layers, 16 heads, d_ff 4096         the paper's m
 
 Each preset has a `PretrainSettings` (span corruption on the corpus text, `genir-jax pretrain`) and a
 `DSISettings` (indexing + retrieval fine-tuning, `genir-jax train`); both carry a `RunSpec` (steps,
-batch, optimizer, validation and checkpoint intervals) that the command line can override.
+batch, optimizer, validation and checkpoint intervals) that the command line can override. `tiny` also has
+`decoder_dsi` settings for `genir-jax train --model-type decoder` (a given GPT-2 / Llama / Qwen2 base).
 
 The paper regime (`paper_regime`, ``train --paper-regime``) is a data regime, not a model: it applies to
 any preset's `DSISettings` the paper's indexing:retrieval ratio 32 and 32-token inputs (documents and

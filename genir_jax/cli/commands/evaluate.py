@@ -24,7 +24,8 @@ def add_parser(subparsers) -> None:
                     "metrics.json (with decoding throughput for beam search), run.trec and correct_<name>.json "
                     "(the reference's [[docid, query_id], ...] of queries whose relevant document is ranked first "
                     "and is also what the model's top tokens give: atomic, the top token of the whole vocabulary; "
-                    "naive / semantic, greedy decoding) into OUTPUT.",
+                    "naive / semantic, greedy decoding) into OUTPUT. --model-type decoder: a decoder-only "
+                    "checkpoint (atomic docids) ranked by the logits after 'QUERY Document:'.",
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory with its tokenizer")
     parser.add_argument("--model-type", default="encoder-decoder", choices=MODEL_TYPES,

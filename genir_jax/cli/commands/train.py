@@ -1,4 +1,5 @@
-"""`genir-jax train`: fine-tune a base T5 into a DSI (atomic docid) model on a prepared corpus."""
+"""`genir-jax train`: fine-tune a base T5 (or, with --model-type decoder, a decoder-only model) into a DSI model on a
+prepared corpus."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ def add_parser(subparsers) -> None:
                     "periodically keeping the best parameters, and export them with the tokenizer as a Hugging "
                     "Face directory in OUTPUT (with checkpoints/, metrics.jsonl and train.json: the curve and the "
                     "final val/test metrics, docids.json: the docid scheme). Naive / semantic models are "
-                    "validated by trie-constrained beam search (10 beams).",
+                    "validated by trie-constrained beam search (10 beams). --model-type decoder: a GPT-2 / Llama / "
+                    "Qwen2 base trained on 'TEXT Document: @DOC_ID_<id>@' sequences, the loss on the docid token "
+                    "(atomic docids only).",
     )
     parser.add_argument("--data", required=True, help="prepared directory (genir-jax prepare-data)")
     parser.add_argument("--base", required=True,
