@@ -22,11 +22,12 @@ position, ``target_mask`` [N, S] = 1 exactly at the position whose next token is
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
 
-from genir_jax.base.errors import DataError
+from genir_jax.base.errors import DataError, SettingError
 from genir_jax.data.corpus import Query
 from genir_jax.data.dsi import DSIExample
 from genir_jax.docids.tokens import docid_token_ids
@@ -104,3 +105,26 @@ def encode_examples(examples: Sequence[DSIExample], tokenizer, max_length: int, 
     target_mask = np.zeros_like(input_ids)
     target_mask[np.arange(len(rows)), [len(r) - 2 for r in rows]] = 1  # the last prompt token predicts the docid
     return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets, "target_mask": target_mask}
+
+
+def load_model_of_type(path: str, model_type: str, *, dtype: str = "float32"):
+    """The checkpoint in `path` as `model_type` (`genir_jax.base.options.MODEL_TYPES`) says: a T5
+    (`genir_jax.checkpoints.hf.load_pretrained`) or a decoder-only model (`load_decoder_only`). A directory whose
+    config.json says the other family is refused naming the setting ``model_type`` (``--model-type``)."""
+    from genir_jax.checkpoints.decoder_hf import load_decoder_only
+    from genir_jax.checkpoints.hf import load_pretrained
+    from genir_jax.core.config import read_config_json
+    from genir_jax.core.decoder_config import DECODER_MODEL_TYPES
+
+    decoder = model_type == "decoder"
+    config_path = os.path.join(path, "config.json")
+    if os.path.isfile(config_path):
+        found = read_config_json(config_path)
+        found = found.get("model_type") if isinstance(found, dict) else None
+        if not decoder and found in DECODER_MODEL_TYPES:
+            raise SettingError("%s: model_type %r is a decoder-only model; give {0} decoder" % (config_path, found),
+                               "model_type")
+        if decoder and found not in DECODER_MODEL_TYPES:
+            raise SettingError("%s: model_type %r is not a decoder-only model (%s); drop {0} decoder"
+                               % (config_path, found, ", ".join(DECODER_MODEL_TYPES)), "model_type")
+    return load_decoder_only(path, dtype=dtype) if decoder else load_pretrained(path, dtype=dtype)

@@ -310,9 +310,9 @@ def train_dsi(data: str | os.PathLike, base: str | os.PathLike, output: str | os
     train.json. Bad settings raise `SettingError` naming the setting, bad files `GenIRError` naming the file."""
     from genir_jax.base.errors import CheckpointError
     from genir_jax.base.io import check_output_dir as check_writable
-    from genir_jax.checkpoints.hf import load_pretrained
     from genir_jax.data.dsi import parse_doc_id_list
     from genir_jax.data.prepare import load_prepared, prepared_scheme, prepared_split
+    from genir_jax.training.decoder_dsi import load_model_of_type
     from genir_jax.training.options import RunOverrides, check_output_dir, resolve_run, resume_flags, select_devices
     from genir_jax.training.presets import PAPER_RATIO, PRESETS, get_preset, is_paper_regime
     from genir_jax.training.presets import paper_regime as in_paper_regime
@@ -358,12 +358,7 @@ def train_dsi(data: str | os.PathLike, base: str | os.PathLike, output: str | os
                              semantic_docid_mapping=semantic_docid_mapping)
     if decoder and scheme.multi_token:
         raise SettingError(DECODER_ATOMIC_ONLY % scheme.name, "model_type")
-    if decoder:
-        from genir_jax.checkpoints.decoder_hf import load_decoder_only
-
-        model = load_decoder_only(base)
-    else:
-        model = load_pretrained(base)
+    model = load_model_of_type(base, model_type)
     if model.tokenizer is None:
         raise CheckpointError(f"{base}: no tokenizer files; the base model must come with its tokenizer")
     if scheme.multi_token:  # every docid must survive the tokenizer before anything is written

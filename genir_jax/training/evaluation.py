@@ -150,7 +150,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
     ``model_type="decoder"``: a decoder-only checkpoint (`genir-jax train --model-type decoder`), atomic docids
     ranked by the logits after each query's prompt (`genir_jax.training.decoder_dsi`)."""
     from genir_jax.base.options import MODEL_TYPES
-    from genir_jax.checkpoints.hf import load_pretrained
+    from genir_jax.training.decoder_dsi import load_model_of_type
 
     check_name(name)  # first: a bad name is refused before any file is looked at
     if model_type not in MODEL_TYPES:
@@ -173,12 +173,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
     _, queries_path, qrels_path = evaluation_inputs(prepared=prepared, split=split, queries=queries, qrels=qrels,
                                                     need_documents=False)
     judged, qrels_, qrels_source = _read_judged_queries(queries_path, qrels_path)
-    if decoder:
-        from genir_jax.checkpoints.decoder_hf import load_decoder_only
-
-        model = load_decoder_only(checkpoint, dtype=dtype)
-    else:
-        model = load_pretrained(checkpoint, dtype=dtype)
+    model = load_model_of_type(checkpoint, model_type, dtype=dtype)
     if model.tokenizer is None:
         raise CheckpointError(f"{checkpoint}: no tokenizer files; evaluation needs the tokenizer that holds the "
                               "docid tokens")

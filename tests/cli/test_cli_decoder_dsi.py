@@ -89,3 +89,18 @@ def test_a_preset_without_decoder_settings_is_refused(tmp_path, capsys):
                  "--preset", "cpu", "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "--preset cpu has no settings for decoder-only models (--model-type decoder); choose one of tiny" in err
+
+
+def test_a_checkpoint_of_the_other_family_names_model_type(tmp_path, capsys):
+    prepared = make_prepared(tmp_path / "prepared", documents=4)
+    base = _base(tmp_path, prepared)
+    assert main(["train", "--data", str(prepared), "--base", str(base), "--preset", "tiny",
+                 "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model_type 'gpt2' is a decoder-only model; give --model-type decoder" in err
+    (base / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    assert main(["evaluate", "--model-type", "decoder", "--checkpoint", str(base), "--prepared", str(prepared),
+                 "-o", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model_type 't5' is not a decoder-only model" in err
+    assert "drop --model-type decoder" in err

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 from genir_jax.checkpoints.decoder_hf import load_decoder_only, save_decoder_only
-from genir_jax.data.corpus import Document, Query
+from genir_jax.data.corpus import Document, Query, write_queries
 from genir_jax.data.dsi import DSIExample
-from genir_jax.docids.retrieval import rank_docids
+from genir_jax.docids.retrieval import rank_docids, read_trec_run
 from genir_jax.docids.tokens import docid_token_ids
 from genir_jax.training.decoder_dsi import PROMPT, encode_examples, encode_prompts, start_tokens
 from genir_jax.training.dsi import with_docids
+from genir_jax.training.evaluation import evaluate_checkpoint
 from genir_jax.training.loop import training_loss
 from tests.decoder_fixtures import save_decoder_base, torch_causal_logits, train_tokenizer
 from tests.training.test_training_cli import WORDS
@@ -96,12 +97,24 @@ def test_ranking_scores_equal_transformers_logits_after_the_prompt(tmp_path, kin
     indices, scores = rank_docids(reloaded.config, reloaded.params, input_ids, attention_mask, token_ids,
                                   k=len(DOCS), progress=False)
     torch_model = AutoModelForCausalLM.from_pretrained(saved, attn_implementation="eager").eval()
+    torch_scores = {}
     for row in range(len(queries)):
         length = int(attention_mask[row].sum())
         ids = input_ids[row:row + 1, :length]  # the prompt alone, unpadded
         expected = torch_causal_logits(torch_model, ids, np.ones_like(ids))[0, -1, token_ids]
         np.testing.assert_allclose(scores[row], expected[indices[row]], atol=1e-4)
         assert indices[row, 0] == int(np.argmax(expected))
+        torch_scores[queries[row].id] = dict(zip([d.id for d in DOCS], expected.tolist()))
+    # the evaluate step writes the same scores into its run (6 significant digits)
+    write_queries(tmp_path / "queries.json", queries)
+    result = evaluate_checkpoint(saved, tmp_path / "eval", queries=tmp_path / "queries.json", max_length=32,
+                                 model_type="decoder")
+    run = read_trec_run(tmp_path / "eval" / "run.trec")
+    assert result.metrics["queries"] == 3 and (tmp_path / "eval" / "correct_valid.json").is_file()
+    for query_id, ranked in run.items():
+        assert [doc for doc, _ in ranked] == sorted(torch_scores[query_id], key=lambda d: -torch_scores[query_id][d])
+        np.testing.assert_allclose([score for _, score in ranked], [torch_scores[query_id][d] for d, _ in ranked],
+                                   rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.slow  # about a minute on 2 cores: two short training runs
