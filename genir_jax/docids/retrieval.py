@@ -57,11 +57,15 @@ NON_DOCID = "NON_DOCID@"  # run entries standing for word tokens in the referenc
 def docid_step_logits(config, params, input_ids, attention_mask) -> jnp.ndarray:
     """Logits [N, V] of the step that predicts an atomic docid: T5's first decoder step (from the start token);
     a decoder-only model's (`genir_jax.core.decoder_only`) position of each row's last real token (the prompt's
-    end, `decoder_only.last_positions`; rows are right- or left-padded)."""
+    end, `decoder_only.last_positions`; rows are right- or left-padded). Only that position is unembedded (no
+    [N, T, V] array: under jit the full forward's unused logits are dropped)."""
     if is_decoder_only(config):
-        logits = decoder_only.forward(config, params, input_ids, attention_mask)
+        top = f"blocks.{config.num_layers - 1}.hook_resid_post"  # the residual stream after the last layer
+        _, sites = decoder_only.forward_with_cache(config, params, input_ids, attention_mask, cache_sites=[top])
         last = decoder_only.last_positions(attention_mask)
-        return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0, :]
+        resid = jnp.take_along_axis(sites[top], last[:, None, None], axis=1)  # [N, 1, D]
+        hidden = decoder_only.forward_from_layer(config, params, resid, config.num_layers)  # the final norm only
+        return decoder_only.unembed(config, params, hidden[:, 0, :])
     start = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=jnp.int32)
     return forward(config, params, input_ids, attention_mask, start)[:, 0, :]
 
