@@ -104,3 +104,11 @@ def test_a_checkpoint_of_the_other_family_names_model_type(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model_type 't5' is not a decoder-only model" in err
     assert "drop --model-type decoder" in err
+
+
+def test_reference_mode_is_refused_for_decoder_models(tmp_path, capsys):
+    prepared = make_prepared(tmp_path / "prepared", documents=4)
+    assert main(["evaluate", "--model-type", "decoder", "--reference-mode", "--checkpoint", str(tmp_path / "nowhere"),
+                 "--prepared", str(prepared), "-o", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--reference-mode reproduces the reference's T5 evaluation" in err
