@@ -35,6 +35,20 @@ from genir_jax.docids.tokens import docid_token_ids
 PROMPT = " Document:"  # the reference's separator between the text and the docid
 
 
+def check_model_type(model_type: str, docids: str | None = None) -> bool:
+    """Whether `model_type` (one of `genir_jax.base.options.MODEL_TYPES`) is "decoder"; an unknown type, or
+    `docids` other than atomic for a decoder-only model, is a `SettingError` naming ``model_type``."""
+    from genir_jax.base.options import MODEL_TYPES
+
+    if model_type not in MODEL_TYPES:
+        raise SettingError("{0} must be one of %s, got %r" % (", ".join(MODEL_TYPES), model_type), "model_type")
+    decoder = model_type == "decoder"
+    if decoder and docids not in (None, "atomic"):
+        raise SettingError("%s docids: only atomic docids are supported for decoder-only models so far ({0} decoder)"
+                           % docids, "model_type")
+    return decoder
+
+
 def start_tokens(tokenizer) -> list[int]:
     """The special tokens the tokenizer puts before a text (Llama's BOS; none for GPT-2)."""
     full = list(tokenizer("a", add_special_tokens=True)["input_ids"])

@@ -39,7 +39,6 @@ from genir_jax.data.dsi import (INDEX, RETRIEVAL, DSIExample, build_dsi_examples
 from genir_jax.docids.schemes import DOCIDS_FILE, DocidScheme, docid_trie, write_scheme
 from genir_jax.docids.tokens import add_docid_tokens, docid_token_ids
 from genir_jax.base.errors import ConfigError, DataError, SettingError
-from genir_jax.base.options import MODEL_TYPES
 from genir_jax.checkpoints.hf import PretrainedModel, save_pretrained
 from genir_jax.base.io import write_json
 from genir_jax.base.progress import compiling_bar
@@ -47,6 +46,7 @@ from genir_jax.docids.retrieval import evaluate_run, rank_docid_sequences, rank_
 from genir_jax.core.sites import is_decoder_only
 from genir_jax.scale.partitioning import fetch
 from genir_jax.training.batching import ArraySource
+from genir_jax.training.decoder_dsi import check_model_type, encode_examples, encode_prompts, load_model_of_type
 from genir_jax.training.presets import DSISettings
 from genir_jax.training.trainer import RunSpec, train_loop
 
@@ -55,8 +55,6 @@ if TYPE_CHECKING:
 
 SUMMARY_FILE = "train.json"
 BEST_METRIC = "Hits@1"
-DECODER_ATOMIC_ONLY = ("%s docids: only atomic docids are supported for decoder-only models so far "
-                       "({0} decoder)")  # a SettingError template naming "model_type"
 
 
 def with_docids(base: PretrainedModel, documents: Sequence[Document], *, seed: int,
@@ -164,8 +162,6 @@ def retrieval_evaluator(config, tokenizer, queries: Sequence[Query], doc_ids: Se
     """``params -> {"Hits@1", "Hits@10", "Recall@5", "MRR@10", "nDCG@10", "queries"}`` on `queries` (a
     decoder-only `config`: the queries as `genir_jax.training.decoder_dsi.encode_prompts` prompts)."""
     if is_decoder_only(config):
-        from genir_jax.training.decoder_dsi import encode_prompts
-
         input_ids, attention_mask = encode_prompts(queries, tokenizer, max_length)
     else:
         input_ids, attention_mask = tokenize_queries(queries, tokenizer, max_length)
@@ -217,9 +213,7 @@ def finetune(base: PretrainedModel, documents: Sequence[Document], splits: Mappi
             raise DataError(f"DSI training needs {name} queries (the prepared directory has none)")
     scheme = scheme or DocidScheme("atomic")
     doc_ids = [doc.id for doc in documents]
-    decoder = is_decoder_only(base.config)
-    if decoder and scheme.multi_token:
-        raise SettingError(DECODER_ATOMIC_ONLY % scheme.name, "model_type")
+    decoder = check_model_type("decoder" if is_decoder_only(base.config) else "encoder-decoder", scheme.name)
     if scheme.multi_token:
         trie = docid_trie(scheme, base.tokenizer, doc_ids, scheme.source or scheme.name)
         model = base if settings.dropout_rate is None else base.replace(
@@ -236,11 +230,9 @@ def finetune(base: PretrainedModel, documents: Sequence[Document], splits: Mappi
 
         def make_evaluator(queries):
             return retrieval_evaluator(model.config, model.tokenizer, queries, doc_ids, settings.query_max_length)
-    encode = None
-    if decoder:
-        from genir_jax.training.decoder_dsi import encode_examples as encode
     source, stats = dsi_source(documents, splits["train"], model.tokenizer, settings, remove=remove,
-                               cache_dir=cache_dir, progress=progress, docid_sequences=sequences, encode=encode)
+                               cache_dir=cache_dir, progress=progress, docid_sequences=sequences,
+                               encode=encode_examples if decoder else None)
     val_queries = list(splits["val"])[:settings.max_val_queries]
     evaluate = make_evaluator(val_queries)
     result = train_loop(model.config, model.params, source, run, out_dir, evaluate=evaluate,
@@ -312,17 +304,12 @@ def train_dsi(data: str | os.PathLike, base: str | os.PathLike, output: str | os
     from genir_jax.base.io import check_output_dir as check_writable
     from genir_jax.data.dsi import parse_doc_id_list
     from genir_jax.data.prepare import load_prepared, prepared_scheme, prepared_split
-    from genir_jax.training.decoder_dsi import load_model_of_type
     from genir_jax.training.options import RunOverrides, check_output_dir, resolve_run, resume_flags, select_devices
     from genir_jax.training.presets import PAPER_RATIO, PRESETS, get_preset, is_paper_regime
     from genir_jax.training.presets import paper_regime as in_paper_regime
 
     output, data, base = os.fspath(output), os.fspath(data), os.fspath(base)
-    if model_type not in MODEL_TYPES:
-        raise SettingError("{0} must be one of %s, got %r" % (", ".join(MODEL_TYPES), model_type), "model_type")
-    decoder = model_type == "decoder"
-    if decoder and docids not in (None, "atomic"):  # refused before anything is loaded
-        raise SettingError(DECODER_ATOMIC_ONLY % docids, "model_type")
+    decoder = check_model_type(model_type, docids)  # refused before anything is loaded
     check_writable(output, "output")
     chosen = get_preset(preset)
     settings = chosen.dsi
@@ -356,8 +343,7 @@ def train_dsi(data: str | os.PathLike, base: str | os.PathLike, output: str | os
         raise SettingError("{0}: documents %s are not in %s/documents.json" % (unknown[:5], data), "remove")
     scheme = prepared_scheme(data, [doc.id for doc in documents], docids=docids,
                              semantic_docid_mapping=semantic_docid_mapping)
-    if decoder and scheme.multi_token:
-        raise SettingError(DECODER_ATOMIC_ONLY % scheme.name, "model_type")
+    check_model_type(model_type, scheme.name)  # a directory prepared for naive / semantic docids
     model = load_model_of_type(base, model_type)
     if model.tokenizer is None:
         raise CheckpointError(f"{base}: no tokenizer files; the base model must come with its tokenizer")

@@ -149,21 +149,14 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
     beam search with `num_beams` beams, constrained to the corpus's docids unless `unconstrained`.
     ``model_type="decoder"``: a decoder-only checkpoint (`genir-jax train --model-type decoder`), atomic docids
     ranked by the logits after each query's prompt (`genir_jax.training.decoder_dsi`)."""
-    from genir_jax.base.options import MODEL_TYPES
-    from genir_jax.training.decoder_dsi import load_model_of_type
+    from genir_jax.training.decoder_dsi import check_model_type, load_model_of_type
 
     check_name(name)  # first: a bad name is refused before any file is looked at
-    if model_type not in MODEL_TYPES:
-        raise SettingError("{0} must be one of %s, got %r" % (", ".join(MODEL_TYPES), model_type), "model_type")
-    decoder = model_type == "decoder"
+    decoder = check_model_type(model_type, docids)  # refused before anything is loaded
     if decoder and reference_mode:
         raise SettingError("{0} reproduces the reference's T5 evaluation; decoder-only models ({1} decoder) are "
                            "ranked as the reference does already (logits at the last prompt token)",
                            "reference_mode", "model_type")
-    if decoder and docids not in (None, "atomic"):  # refused before anything is loaded
-        from genir_jax.training.dsi import DECODER_ATOMIC_ONLY
-
-        raise SettingError(DECODER_ATOMIC_ONLY % docids, "model_type")
     checkpoint, output = os.fspath(checkpoint), os.fspath(output)
     check_output_dir(output, "output")
     if k < 1 or (batch_size is not None and batch_size < 1) or num_beams < 1:
@@ -183,10 +176,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
         name = "valid" if prepared is None or split == "val" else split
     common = dict(checkpoint=checkpoint, output=output, queries=judged, qrels=qrels_, qrels_source=qrels_source,
                   queries_path=queries_path, qrels_path=qrels_path, max_length=max_length, name=name)
-    if decoder and scheme.multi_token:
-        from genir_jax.training.dsi import DECODER_ATOMIC_ONLY
-
-        raise SettingError(DECODER_ATOMIC_ONLY % scheme.name, "model_type")
+    check_model_type(model_type, scheme.name)  # a checkpoint that records naive / semantic docids
     if scheme.multi_token:
         if reference_mode:
             raise SettingError("{0} applies to atomic docids; naive / semantic docids are ranked by beam search "
