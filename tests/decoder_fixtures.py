@@ -72,3 +72,29 @@ def padded_causal_batch(vocab_size: int, lengths: list[int], side: str, seed: in
         ids[row, span] = rng.integers(1, vocab_size, size=length)
         mask[row, span] = 1
     return ids, mask
+
+
+def train_tokenizer(texts, *, bos: bool = False, vocab_size: int = 1000):
+    """A byte-level BPE tokenizer (GPT-2's kind) trained on `texts`, as a transformers fast tokenizer with EOS
+    ``<|endoftext|>``; ``bos=True`` makes it put ``<s>`` before every text, as Llama's does."""
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    trained = ByteLevelBPETokenizer()
+    trained.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1,
+                                special_tokens=["<|endoftext|>", "<s>"])
+    if bos:
+        trained.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    options = {"bos_token": "<s>"} if bos else {}
+    return PreTrainedTokenizerFast(tokenizer_object=trained._tokenizer, eos_token="<|endoftext|>", **options)
+
+
+def save_decoder_base(directory: pathlib.Path, kind: str, tokenizer, seed: int = 0) -> pathlib.Path:
+    """A random transformers causal LM of `kind` sized to `tokenizer` (128 positions), saved with it."""
+    positions = {"n_positions": 128} if kind == "gpt2" else {"max_position_embeddings": 128}
+    specials = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = build_torch_causal_lm(kind, seed=seed, vocab_size=len(tokenizer), **positions, **specials)
+    save_causal_lm(model, directory)
+    tokenizer.save_pretrained(directory)
+    return pathlib.Path(directory)

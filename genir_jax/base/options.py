@@ -3,7 +3,8 @@
 Every integer and float option of every command (and of the experiments' entry points) takes its type from
 here, so a bad value is refused while parsing, naming the flag and the range ("--seed must be >= 0, got -1"),
 before anything is loaded or computed. Values that depend on another option (a process id below
-``--num-processes``) are checked after parsing by the library that takes them.
+``--num-processes``) are checked after parsing by the library that takes them. `MODEL_TYPES` (the values of
+``train`` / ``evaluate --model-type``) lives here too, so the commands can offer it without loading the library.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def bounded_float(low: float, high: float | None = None, *, open_low: bool = Fal
     parse.high = high
     return parse
 
+
+MODEL_TYPES = ("encoder-decoder", "decoder")  # T5, or decoder-only (GPT-2 / Llama / Qwen2): the reference's names
 
 SEED = bounded_int(0, 2**32 - 1)  # numpy's and JAX's seeds: unsigned 32-bit
 POSITIVE = bounded_int(1)  # counts with no size behind them (a cap such as --max-documents, --devices)

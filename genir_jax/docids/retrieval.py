@@ -40,7 +40,9 @@ from genir_jax.core.config import T5Config
 from genir_jax.docids.tokens import docid_token
 from genir_jax.base.errors import CheckpointError, DataError
 from genir_jax.base.io import atomic_path
+from genir_jax.core import decoder_only
 from genir_jax.core.model import forward
+from genir_jax.core.sites import is_decoder_only
 
 Run = dict[str, list[tuple[str, float]]]   # query id -> [(doc id, score), ...], best first
 METRICS = ("Hits@1", "Hits@10", "Recall@5", "MRR@10", "nDCG@10")
@@ -52,11 +54,26 @@ NON_DOCID = "NON_DOCID@"  # run entries standing for word tokens in the referenc
 # Ranking
 # --------------------------------------------------------------------------------------------------
 
+def docid_step_logits(config, params, input_ids, attention_mask) -> jnp.ndarray:
+    """Logits [N, V] of the step that predicts an atomic docid: T5's first decoder step (from the start token);
+    a decoder-only model's (`genir_jax.core.decoder_only`) position of each row's last real token (the prompt's
+    end, `decoder_only.last_positions`; rows are right- or left-padded). Only that position is unembedded (no
+    [N, T, V] array: under jit the full forward's unused logits are dropped)."""
+    if is_decoder_only(config):
+        top = f"blocks.{config.num_layers - 1}.hook_resid_post"  # the residual stream after the last layer
+        _, sites = decoder_only.forward_with_cache(config, params, input_ids, attention_mask, cache_sites=[top])
+        last = decoder_only.last_positions(attention_mask)
+        resid = jnp.take_along_axis(sites[top], last[:, None, None], axis=1)  # [N, 1, D]
+        hidden = decoder_only.forward_from_layer(config, params, resid, config.num_layers)  # the final norm only
+        return decoder_only.unembed(config, params, hidden[:, 0, :])
+    start = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=jnp.int32)
+    return forward(config, params, input_ids, attention_mask, start)[:, 0, :]
+
+
 @functools.partial(jax.jit, static_argnames=("config", "k", "full_vocabulary"))
 def _top_k_first_step(config: T5Config, params, input_ids, attention_mask, columns, k: int,
                       full_vocabulary: bool):
-    start = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=jnp.int32)
-    logits = forward(config, params, input_ids, attention_mask, start)[:, 0, :]
+    logits = docid_step_logits(config, params, input_ids, attention_mask)
     top_token = jnp.argmax(logits, axis=-1)  # over the whole vocabulary (lowest id on ties)
     if not full_vocabulary:
         logits = jnp.take(logits, columns, axis=1)
@@ -67,7 +84,8 @@ def _top_k_first_step(config: T5Config, params, input_ids, attention_mask, colum
 def rank_docids(config: T5Config, params, input_ids, attention_mask, docid_token_ids, k: int = 100,
                 batch_size: int = 256, *, full_vocabulary: bool = False,
                 progress: bool = True, return_top_token: bool = False):
-    """Top-`k` docids of every query from the first decoder step's logits.
+    """Top-`k` docids of every query from the first decoder step's logits (a decoder-only model: the logits
+    after the prompt, `docid_step_logits`).
 
     Returns ``(indices [N, k] into docid_token_ids, scores [N, k])``, best first (ties: lower index
     first). With ``full_vocabulary=True`` the top `k` of the whole vocabulary are returned, as the

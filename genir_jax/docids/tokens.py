@@ -19,6 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from genir_jax.core.config import T5Config
+from genir_jax.core.decoder_config import DecoderConfig
+from genir_jax.core.decoder_modules import INIT_STD
+from genir_jax.core.sites import is_decoder_only
 from genir_jax.base.errors import GenIRError
 from genir_jax.checkpoints.hf import PretrainedModel
 
@@ -100,12 +103,35 @@ def resize_token_embeddings(
     return config.replace(vocab_size=new_num_tokens), new_params
 
 
+def resize_decoder_embeddings(
+    config: DecoderConfig, params: dict, new_num_tokens: int, *, seed: int = 0, mean_resizing: bool = True,
+    pad_to_multiple_of: int | None = None,
+) -> tuple[DecoderConfig, dict]:
+    """`resize_token_embeddings` for a decoder-only model: the token embedding ``embed`` [V, D] and an untied
+    ``lm_head`` [D, V]; random rows are drawn as the model initialises them (normal, std `INIT_STD`, transformers'
+    ``initializer_range`` 0.02). GPT-2's learned positions are untouched."""
+    if pad_to_multiple_of:
+        new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+    special = [i for i in (config.bos_token_id, config.eos_token_id, config.pad_token_id) if i is not None]
+    if new_num_tokens <= max(special, default=-1):
+        raise ValueError(f"cannot resize the vocabulary to {new_num_tokens} tokens: special token ids would be lost")
+    rng = np.random.default_rng(seed)
+    new_params = dict(params)
+    new_params["embed"] = jnp.asarray(_resize_rows(np.asarray(params["embed"]), new_num_tokens, mean_resizing, rng,
+                                                   INIT_STD))
+    if not config.tie_word_embeddings:
+        lm_head = np.asarray(params["lm_head"])  # [D, V]: resize its columns as rows of the transpose
+        new_params["lm_head"] = jnp.asarray(_resize_rows(lm_head.T, new_num_tokens, mean_resizing, rng, INIT_STD).T)
+    return config.replace(vocab_size=new_num_tokens), new_params
+
+
 def add_docid_tokens(
     model: PretrainedModel, doc_ids: Iterable[str | int], *, seed: int = 0, mean_resizing: bool = True,
     pad_to_multiple_of: int | None = None,
 ) -> PretrainedModel:
     """A copy of `model` whose tokenizer knows ``@DOC_ID_<id>@`` for every id, with embeddings resized to
-    the tokenizer's length. Tokens the tokenizer already has are kept at their ids."""
+    the tokenizer's length. Tokens the tokenizer already has are kept at their ids. `model` may also be a
+    decoder-only `genir_jax.checkpoints.decoder_hf.PretrainedDecoder` (`resize_decoder_embeddings`)."""
     if model.tokenizer is None:
         raise GenIRError("adding docid tokens needs a tokenizer; this model was loaded without one")
     tokens = [docid_token(d) for d in doc_ids]
@@ -114,7 +140,8 @@ def add_docid_tokens(
         raise GenIRError(f"duplicate document ids: {duplicates[:5]}")
     tokenizer = copy.deepcopy(model.tokenizer)
     tokenizer.add_tokens(tokens)
-    config, params = resize_token_embeddings(
+    resize = resize_decoder_embeddings if is_decoder_only(model.config) else resize_token_embeddings
+    config, params = resize(
         model.config, model.params, len(tokenizer), seed=seed, mean_resizing=mean_resizing,
         pad_to_multiple_of=pad_to_multiple_of,
     )

@@ -38,13 +38,15 @@ from genir_jax.data.dsi import (INDEX, RETRIEVAL, DSIExample, build_dsi_examples
                                 tokenize_examples, tokenize_queries)
 from genir_jax.docids.schemes import DOCIDS_FILE, DocidScheme, docid_trie, write_scheme
 from genir_jax.docids.tokens import add_docid_tokens, docid_token_ids
-from genir_jax.base.errors import ConfigError, DataError
+from genir_jax.base.errors import ConfigError, DataError, SettingError
 from genir_jax.checkpoints.hf import PretrainedModel, save_pretrained
 from genir_jax.base.io import write_json
 from genir_jax.base.progress import compiling_bar
 from genir_jax.docids.retrieval import evaluate_run, rank_docid_sequences, rank_docids, run_from_ranking
+from genir_jax.core.sites import is_decoder_only
 from genir_jax.scale.partitioning import fetch
 from genir_jax.training.batching import ArraySource
+from genir_jax.training.decoder_dsi import check_model_type, encode_examples, encode_prompts, load_model_of_type
 from genir_jax.training.presets import DSISettings
 from genir_jax.training.trainer import RunSpec, train_loop
 
@@ -68,7 +70,7 @@ def with_docids(base: PretrainedModel, documents: Sequence[Document], *, seed: i
     if docid_init not in ("mean", "random"):
         raise ConfigError(f"docid_init must be 'mean' or 'random', got {docid_init!r}")
     model = add_docid_tokens(base, [doc.id for doc in documents], seed=seed, mean_resizing=docid_init == "mean")
-    if dropout_rate is not None:
+    if dropout_rate is not None and not is_decoder_only(model.config):  # decoder-only models have no dropout
         model = model.replace(config=model.config.replace(dropout_rate=dropout_rate))
     return model
 
@@ -122,22 +124,27 @@ class TokenizingSource:
 
 def dsi_source(documents: Sequence[Document], train_queries: Sequence[Query], tokenizer, settings: DSISettings,
                *, remove: Iterable[str] | str = (), cache_dir: str | None = None,
-               progress: bool = True, docid_sequences=None, on_demand: bool | None = None):
+               progress: bool = True, docid_sequences=None, on_demand: bool | None = None, encode=None):
     """Training batches (group 0: indexing, group 1: retrieval) and their counts; `docid_sequences`
-    (``{doc id: token ids ending with EOS}``) for naive / semantic docids.
+    (``{doc id: token ids ending with EOS}``) for naive / semantic docids; `encode(examples, tokenizer,
+    max_length) -> batch group` instead of T5's tokenization (`genir_jax.training.decoder_dsi.encode_examples`,
+    always up front).
 
     `on_demand` (default: when several processes train together): a `TokenizingSource` that tokenizes
     each batch's rows when asked for them (each process only its share), instead of an `ArraySource`
     tokenized up front (whose statistics include the longest example of each kind)."""
     examples = build_dsi_examples(documents, train_queries, ratio=settings.ratio, remove=remove)
     if on_demand is None:
-        on_demand = jax.process_count() > 1
+        on_demand = jax.process_count() > 1 and encode is None
     groups, stats, lazy = [], {}, []
     for kind, max_length in ((INDEX, settings.index_max_length), (RETRIEVAL, settings.query_max_length)):
         selected = [e for e in examples if e.kind == kind]
         stats[f"{kind}_examples"] = len(selected)
         if selected and on_demand:
             lazy.append((selected, max_length))
+        elif selected and encode is not None:
+            groups.append(encode(selected, tokenizer, max_length))
+            stats[f"{kind}_longest"] = int(groups[-1]["attention_mask"].sum(axis=1).max())
         elif selected:
             tokenized = tokenize_examples(selected, tokenizer, max_length, cache_dir=cache_dir, progress=progress,
                                           docid_sequences=docid_sequences)
@@ -152,8 +159,12 @@ def dsi_source(documents: Sequence[Document], train_queries: Sequence[Query], to
 
 def retrieval_evaluator(config, tokenizer, queries: Sequence[Query], doc_ids: Sequence[str], max_length: int,
                         *, batch_size: int = 256, progress: bool = False):
-    """``params -> {"Hits@1", "Hits@10", "Recall@5", "MRR@10", "nDCG@10", "queries"}`` on `queries`."""
-    input_ids, attention_mask = tokenize_queries(queries, tokenizer, max_length)
+    """``params -> {"Hits@1", "Hits@10", "Recall@5", "MRR@10", "nDCG@10", "queries"}`` on `queries` (a
+    decoder-only `config`: the queries as `genir_jax.training.decoder_dsi.encode_prompts` prompts)."""
+    if is_decoder_only(config):
+        input_ids, attention_mask = encode_prompts(queries, tokenizer, max_length)
+    else:
+        input_ids, attention_mask = tokenize_queries(queries, tokenizer, max_length)
     token_ids = docid_token_ids(tokenizer, doc_ids)
     qrels = qrels_from_queries(queries)
     query_ids = [q.id for q in queries]
@@ -202,6 +213,7 @@ def finetune(base: PretrainedModel, documents: Sequence[Document], splits: Mappi
             raise DataError(f"DSI training needs {name} queries (the prepared directory has none)")
     scheme = scheme or DocidScheme("atomic")
     doc_ids = [doc.id for doc in documents]
+    decoder = check_model_type("decoder" if is_decoder_only(base.config) else "encoder-decoder", scheme.name)
     if scheme.multi_token:
         trie = docid_trie(scheme, base.tokenizer, doc_ids, scheme.source or scheme.name)
         model = base if settings.dropout_rate is None else base.replace(
@@ -219,7 +231,8 @@ def finetune(base: PretrainedModel, documents: Sequence[Document], splits: Mappi
         def make_evaluator(queries):
             return retrieval_evaluator(model.config, model.tokenizer, queries, doc_ids, settings.query_max_length)
     source, stats = dsi_source(documents, splits["train"], model.tokenizer, settings, remove=remove,
-                               cache_dir=cache_dir, progress=progress, docid_sequences=sequences)
+                               cache_dir=cache_dir, progress=progress, docid_sequences=sequences,
+                               encode=encode_examples if decoder else None)
     val_queries = list(splits["val"])[:settings.max_val_queries]
     evaluate = make_evaluator(val_queries)
     result = train_loop(model.config, model.params, source, run, out_dir, evaluate=evaluate,
@@ -231,13 +244,18 @@ def finetune(base: PretrainedModel, documents: Sequence[Document], splits: Mappi
     writer = jax.process_index() == 0  # every process computes the same; process 0 writes
     if writer:
         write_scheme(os.path.join(out_dir, DOCIDS_FILE), recorded)  # before the weights: no model without it
-        save_pretrained(out_dir, model.replace(params=params, path=None))
+        if decoder:
+            from genir_jax.checkpoints.decoder_hf import save_decoder_only
+
+            save_decoder_only(out_dir, model.replace(params=params, path=None))
+        else:
+            save_pretrained(out_dir, model.replace(params=params, path=None))
     final = {}
     for name in compiling_bar([name for name in ("val", "test") if splits.get(name)], unit="split",
                               desc="evaluating the best model", disable=not progress):
         final[name] = make_evaluator(splits[name])(params)
     summary = {
-        "stage": "dsi", "docids": scheme.name,
+        "stage": "dsi", "docids": scheme.name, "model_type": "decoder" if decoder else "encoder-decoder",
         "data": {**stats, "documents": len(documents), "docids": len(doc_ids),
                  "docid_tokens": len(doc_ids) if not scheme.multi_token else None,
                  "longest_docid_tokens": None if sequences is None else max(len(s) for s in sequences.values()),
@@ -273,27 +291,35 @@ def train_dsi(data: str | os.PathLike, base: str | os.PathLike, output: str | os
               remove: Iterable[str] | str = (), ratio: int | None = None, paper_regime: bool = False,
               docids: str | None = None, semantic_docid_mapping: str | None = None,
               overrides: "RunOverrides | None" = None, resume: str = "never", devices: int | None = None,
-              progress: bool = True, sinks: Sequence = ()) -> dict:
+              progress: bool = True, sinks: Sequence = (), model_type: str = "encoder-decoder") -> dict:
     """The train step: fine-tune the base T5 in directory `base` (with its tokenizer) into a DSI model on the
     prepared directory `data` and export it to `output` (see `finetune`). `remove`: documents whose training
     examples are dropped (ids or "D1,D2"); `ratio`: indexing:retrieval example ratio (None: the preset's, 0:
     both as they are); `paper_regime`: ratio 32 and 32-token inputs; `docids`: the scheme (None: the one
-    `data` was prepared for, else atomic); `resume`: one of `RESUME_MODES`; `sinks`: see `finetune`. Returns the summary written to
+    `data` was prepared for, else atomic); `resume`: one of `RESUME_MODES`; `sinks`: see `finetune`; `model_type`:
+    one of `MODEL_TYPES`, "decoder" for a decoder-only base (GPT-2 / Llama / Qwen2, atomic docids only, the
+    preset's `Preset.decoder_dsi` settings; see `genir_jax.training.decoder_dsi`). Returns the summary written to
     train.json. Bad settings raise `SettingError` naming the setting, bad files `GenIRError` naming the file."""
-    from genir_jax.base.errors import CheckpointError, SettingError
+    from genir_jax.base.errors import CheckpointError
     from genir_jax.base.io import check_output_dir as check_writable
-    from genir_jax.checkpoints.hf import load_pretrained
     from genir_jax.data.dsi import parse_doc_id_list
     from genir_jax.data.prepare import load_prepared, prepared_scheme, prepared_split
     from genir_jax.training.options import RunOverrides, check_output_dir, resolve_run, resume_flags, select_devices
-    from genir_jax.training.presets import PAPER_RATIO, get_preset, is_paper_regime
+    from genir_jax.training.presets import PAPER_RATIO, PRESETS, get_preset, is_paper_regime
     from genir_jax.training.presets import paper_regime as in_paper_regime
 
     output, data, base = os.fspath(output), os.fspath(data), os.fspath(base)
+    decoder = check_model_type(model_type, docids)  # refused before anything is loaded
     check_writable(output, "output")
     chosen = get_preset(preset)
-    run_spec = resolve_run(overrides or RunOverrides(), chosen.dsi.run, chosen.dsi.adamw)
     settings = chosen.dsi
+    if decoder:
+        if chosen.decoder_dsi is None:
+            raise SettingError("{0} %s has no settings for decoder-only models ({1} decoder); choose one of %s"
+                               % (chosen.name, ", ".join(n for n, p in PRESETS.items() if p.decoder_dsi)),
+                               "preset", "model_type")
+        settings = chosen.decoder_dsi
+    run_spec = resolve_run(overrides or RunOverrides(), settings.run, settings.adamw)
     if ratio is not None:
         if ratio < 0:
             raise SettingError("{0} must be >= 0, got %s" % ratio, "ratio")
@@ -317,7 +343,8 @@ def train_dsi(data: str | os.PathLike, base: str | os.PathLike, output: str | os
         raise SettingError("{0}: documents %s are not in %s/documents.json" % (unknown[:5], data), "remove")
     scheme = prepared_scheme(data, [doc.id for doc in documents], docids=docids,
                              semantic_docid_mapping=semantic_docid_mapping)
-    model = load_pretrained(base)
+    check_model_type(model_type, scheme.name)  # a directory prepared for naive / semantic docids
+    model = load_model_of_type(base, model_type)
     if model.tokenizer is None:
         raise CheckpointError(f"{base}: no tokenizer files; the base model must come with its tokenizer")
     if scheme.multi_token:  # every docid must survive the tokenizer before anything is written

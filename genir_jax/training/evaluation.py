@@ -137,7 +137,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
                         name: str | None = None, max_length: int = 128, k: int = 100, batch_size: int | None = None,
                         dtype: str = "float32", reference_mode: bool = False, docids: str | None = None,
                         semantic_docid_mapping: str | None = None, documents: str | os.PathLike | None = None,
-                        num_beams: int = 10, unconstrained: bool = False) -> EvaluationResult:
+                        num_beams: int = 10, unconstrained: bool = False,
+                        model_type: str = "encoder-decoder") -> EvaluationResult:
     """The evaluate step: rank docids with the DSI model in `checkpoint` for the queries of `split` of the
     prepared directory `prepared` (or the files `queries` / `qrels`) and write metrics.json, run.trec and
     correct_<name>.json (default name: ``valid`` for validation queries, else the split) into `output`.
@@ -145,10 +146,17 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
     Atomic docids: the first decoder step's logits rank the docid tokens (top `k`; `reference_mode`: the
     reference eval.py's ranking over the full vocabulary without an attention mask). Naive / semantic docids
     (the checkpoint's docids.json, or `docids` with `documents` / `prepared` for a checkpoint without it):
-    beam search with `num_beams` beams, constrained to the corpus's docids unless `unconstrained`."""
-    from genir_jax.checkpoints.hf import load_pretrained
+    beam search with `num_beams` beams, constrained to the corpus's docids unless `unconstrained`.
+    ``model_type="decoder"``: a decoder-only checkpoint (`genir-jax train --model-type decoder`), atomic docids
+    ranked by the logits after each query's prompt (`genir_jax.training.decoder_dsi`)."""
+    from genir_jax.training.decoder_dsi import check_model_type, load_model_of_type
 
     check_name(name)  # first: a bad name is refused before any file is looked at
+    decoder = check_model_type(model_type, docids)  # refused before anything is loaded
+    if decoder and reference_mode:
+        raise SettingError("{0} reproduces the reference's T5 evaluation; decoder-only models ({1} decoder) are "
+                           "ranked as the reference does already (logits at the last prompt token)",
+                           "reference_mode", "model_type")
     checkpoint, output = os.fspath(checkpoint), os.fspath(output)
     check_output_dir(output, "output")
     if k < 1 or (batch_size is not None and batch_size < 1) or num_beams < 1:
@@ -158,7 +166,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
     _, queries_path, qrels_path = evaluation_inputs(prepared=prepared, split=split, queries=queries, qrels=qrels,
                                                     need_documents=False)
     judged, qrels_, qrels_source = _read_judged_queries(queries_path, qrels_path)
-    model = load_pretrained(checkpoint, dtype=dtype)
+    model = load_model_of_type(checkpoint, model_type, dtype=dtype)
     if model.tokenizer is None:
         raise CheckpointError(f"{checkpoint}: no tokenizer files; evaluation needs the tokenizer that holds the "
                               "docid tokens")
@@ -168,6 +176,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
         name = "valid" if prepared is None or split == "val" else split
     common = dict(checkpoint=checkpoint, output=output, queries=judged, qrels=qrels_, qrels_source=qrels_source,
                   queries_path=queries_path, qrels_path=qrels_path, max_length=max_length, name=name)
+    check_model_type(model_type, scheme.name)  # a checkpoint that records naive / semantic docids
     if scheme.multi_token:
         if reference_mode:
             raise SettingError("{0} applies to atomic docids; naive / semantic docids are ranked by beam search "
@@ -236,6 +245,7 @@ def _evaluate_atomic(model, *, checkpoint, output, queries, qrels, qrels_source,
     """Rank the docid tokens from the first decoder step -> metrics.json, run.trec, correct_<name>.json."""
     import numpy as np
 
+    from genir_jax.core.sites import is_decoder_only
     from genir_jax.data.dsi import tokenize_queries
     from genir_jax.docids.retrieval import correct_valid, evaluate_run, rank_docids, run_from_ranking
     from genir_jax.docids.tokens import docid_vocabulary
@@ -249,8 +259,13 @@ def _evaluate_atomic(model, *, checkpoint, output, queries, qrels, qrels_source,
     _check_qrels_known(qrels, qrels_source, doc_ids,
                        f"has no docid token in the checkpoint {checkpoint} ({len(doc_ids)} docid tokens): the "
                        "checkpoint was trained on another corpus / vocabulary")
-    input_ids, attention_mask = tokenize_queries(queries, model.tokenizer, max_length,
-                                                 pad_to_max_length=reference_mode)
+    if is_decoder_only(model.config):
+        from genir_jax.training.decoder_dsi import encode_prompts
+
+        input_ids, attention_mask = encode_prompts(queries, model.tokenizer, max_length)
+    else:
+        input_ids, attention_mask = tokenize_queries(queries, model.tokenizer, max_length,
+                                                     pad_to_max_length=reference_mode)
     if reference_mode:
         attention_mask = np.ones_like(attention_mask)
     indices, scores, top_token = rank_docids(model.config, model.params, input_ids, attention_mask, token_ids,
@@ -267,7 +282,8 @@ def _evaluate_atomic(model, *, checkpoint, output, queries, qrels, qrels_source,
         "metrics": metrics, "correct_first": len(correct), "checkpoint": os.path.abspath(checkpoint),
         "queries": queries_path, "qrels": qrels_path, "docid_tokens": len(token_ids), "k": k,
         "max_length": max_length, "ranking": "full vocabulary, no attention mask (reference)"
-        if reference_mode else "docid tokens only, masked padding",
+        if reference_mode else "docid tokens only, masked padding"
+        + (", after the prompt (decoder-only)" if is_decoder_only(model.config) else ""),
     }
     files = _write_outputs(output, checkpoint, report, ranking, correct, name)
     return EvaluationResult(output, report, files, correct)

@@ -4,7 +4,9 @@ A batch is a dict of int32 arrays: ``input_ids`` / ``attention_mask`` [B, S] for
 ``targets`` / ``target_mask`` [B, T] for the decoder. Decoder inputs are the targets shifted right with
 the decoder start token (0) in front, as T5 trains; for atomic-docid DSI the target is the single docid
 token, so the decoder sees only the start token. The loss is the mean token cross-entropy over the
-target positions with ``target_mask == 1`` of the whole (global) batch.
+target positions with ``target_mask == 1`` of the whole (global) batch. A decoder-only model's batch
+(`genir_jax.training.decoder_dsi`, `causal_lm_loss`) has the same four arrays: ``targets`` are the next tokens
+of ``input_ids`` and ``target_mask`` marks the positions that predict a docid.
 
 Placement: a `genir_jax.scale.partitioning.Partitioner` (or a plain mesh, e.g. `data_mesh`'s one-axis
 ``"data"`` mesh, which is data parallel): the batch is split along its first axis over ``data``;
@@ -33,7 +35,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from genir_jax.core.config import T5Config
 from genir_jax.base.errors import ConfigError
+from genir_jax.core import decoder_only
 from genir_jax.core.model import forward, logical_axes
+from genir_jax.core.sites import is_decoder_only
 from genir_jax.scale.partitioning import Partitioner, maybe_activate
 
 DATA_AXIS = "data"
@@ -88,7 +92,7 @@ def state_shardings(mesh: "Mesh | Partitioner", config: T5Config, optimizer: opt
     """Where each part of a `TrainState` lives: parameters and optimizer state as the partitioner's
     rules say, the step and the PRNG key replicated."""
     partitioner = as_partitioner(mesh)
-    axes = logical_axes(config)
+    axes = decoder_only.logical_axes(config) if is_decoder_only(config) else logical_axes(config)
     return TrainState(step=partitioner.replicated, params=partitioner.param_shardings(axes, params),
                       opt_state=partitioner.opt_state_shardings(optimizer, params, axes),
                       rng=partitioner.replicated)
@@ -135,6 +139,26 @@ def seq2seq_loss(config: T5Config, params, batch: dict, *, dropout_rng=None, com
     return cross_entropy(logits, batch["targets"], batch["target_mask"])
 
 
+def causal_lm_loss(config, params, batch: dict, *, compute_dtype=None, partitioner=None):
+    """(loss, metrics) of a decoder-only batch (`genir_jax.core.decoder_only`, no dropout): ``targets`` [B, S]
+    are the next tokens of ``input_ids`` [B, S] and ``target_mask`` marks the positions that are scored
+    (`genir_jax.training.decoder_dsi`: the positions that predict a docid token)."""
+    with maybe_activate(partitioner):
+        logits = decoder_only.forward(config, params, batch["input_ids"], batch["attention_mask"],
+                                      dtype=compute_dtype)
+    return cross_entropy(logits, batch["targets"], batch["target_mask"])
+
+
+def training_loss(config, params, batch: dict, *, dropout_rng=None, compute_dtype=None, partitioner=None,
+                  unroll_layers: bool = False):
+    """The loss of the model family of `config`: `seq2seq_loss` (T5) or `causal_lm_loss` (decoder-only, whose
+    layers are always scanned and which has no dropout)."""
+    if is_decoder_only(config):
+        return causal_lm_loss(config, params, batch, compute_dtype=compute_dtype, partitioner=partitioner)
+    return seq2seq_loss(config, params, batch, dropout_rng=dropout_rng, compute_dtype=compute_dtype,
+                        partitioner=partitioner, unroll_layers=unroll_layers)
+
+
 def make_train_step(config: T5Config, optimizer: optax.GradientTransformation, mesh: "Mesh | Partitioner", *,
                     schedule: Callable | None = None, dropout: bool = True,
                     compute_dtype=None, shardings: TrainState | None = None, unroll_layers: bool = False
@@ -143,7 +167,7 @@ def make_train_step(config: T5Config, optimizer: optax.GradientTransformation, m
 
     `shardings`: the state's (`state_shardings`); None replicates it (a data-parallel mesh).
     `unroll_layers`: layers as straight-line code (`RunSpec.unroll_layers`)."""
-    use_dropout = dropout and config.dropout_rate > 0
+    use_dropout = dropout and getattr(config, "dropout_rate", 0.0) > 0  # decoder-only models have none
     partitioner = as_partitioner(mesh)
     state_sharding = shardings if shardings is not None else partitioner.replicated
 
@@ -151,7 +175,7 @@ def make_train_step(config: T5Config, optimizer: optax.GradientTransformation, m
         rng = jax.random.fold_in(state.rng, state.step) if use_dropout else None
 
         def loss_fn(params):
-            return seq2seq_loss(config, params, batch, dropout_rng=rng, compute_dtype=compute_dtype,
+            return training_loss(config, params, batch, dropout_rng=rng, compute_dtype=compute_dtype,
                                 partitioner=partitioner, unroll_layers=unroll_layers)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -171,7 +195,7 @@ def make_eval_step(config: T5Config, compute_dtype=None) -> Callable[[Any, dict]
     """A jitted ``eval(params, batch) -> (loss, metrics)`` without dropout (one per config, cached)."""
     def evaluate(params, batch):
         batch = {k: jnp.asarray(batch[k], dtype=jnp.int32) for k in BATCH_KEYS}
-        return seq2seq_loss(config, params, batch, compute_dtype=compute_dtype)
+        return training_loss(config, params, batch, compute_dtype=compute_dtype)
 
     return jax.jit(evaluate)
 

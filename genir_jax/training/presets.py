@@ -11,7 +11,8 @@ t5-large   d_model 1024, 24+24 layers, 16 heads, d_ff 4096         the paper's m
 
 Each preset has a `PretrainSettings` (span corruption on the corpus text, `genir-jax pretrain`) and a
 `DSISettings` (indexing + retrieval fine-tuning, `genir-jax train`); both carry a `RunSpec` (steps,
-batch, optimizer, validation and checkpoint intervals) that the command line can override.
+batch, optimizer, validation and checkpoint intervals) that the command line can override. `tiny` also has
+`decoder_dsi` settings for `genir-jax train --model-type decoder` (a given GPT-2 / Llama / Qwen2 base).
 
 The paper regime (`paper_regime`, ``train --paper-regime``) is a data regime, not a model: it applies to
 any preset's `DSISettings` the paper's indexing:retrieval ratio 32 and 32-token inputs (documents and
@@ -76,7 +77,7 @@ class DSISettings:
     query_max_length: int = 32
     ratio: int | None = None  # indexing : retrieval examples (the reference's -r); None keeps both as they are
     max_val_queries: int = 1024  # the reference validates on at most 1024 queries
-    dropout_rate: float = 0.1
+    dropout_rate: float | None = 0.1  # None: the base model's own (decoder-only models have no dropout)
     docid_init: str = "mean"  # new docid rows: "mean" (transformers' resizing) or "random" (see dsi.with_docids)
     adamw: OptimizerSpec = OptimizerSpec("adamw", 5e-4, "linear", 0, weight_decay=0.01)
 
@@ -88,6 +89,10 @@ class Preset:
     model: ModelShape
     pretrain: PretrainSettings
     dsi: DSISettings
+    # `train --model-type decoder`: DSI fine-tuning of a given decoder-only base (GPT-2 / Llama / Qwen2; atomic
+    # docids). No shape: the base checkpoint brings it (tests build random ones with transformers). None: the
+    # preset has no decoder-only settings.
+    decoder_dsi: DSISettings | None = None
 
 
 TINY = Preset(
@@ -106,6 +111,11 @@ TINY = Preset(
                     optimizer=OptimizerSpec("adafactor", 2e-2, "linear", 50, end_fraction=0.1,
                                             multiply_by_parameter_scale=True)),
         index_max_length=64, query_max_length=32, ratio=None, max_val_queries=64, docid_init="random"),
+    decoder_dsi=DSISettings(  # no dropout (decoder-only models have none); AdamW as the reference's Trainer
+        run=RunSpec(steps=400, batch_size=32, seed=0, log_every=50, eval_every=200, checkpoint_every=200,
+                    keep_checkpoints=2, optimizer=OptimizerSpec("adamw", 3e-3, "linear", 20, end_fraction=0.1)),
+        index_max_length=64, query_max_length=32, ratio=None, max_val_queries=64, dropout_rate=None,
+        docid_init="random"),
 )
 
 CPU = Preset(

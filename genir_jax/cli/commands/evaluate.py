@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genir_jax.base.options import BEAMS, LISTED, ROWS, TOKENS
+from genir_jax.base.options import MODEL_TYPES, BEAMS, LISTED, ROWS, TOKENS
 import argparse
 
 from genir_jax.cli.commands.common import add_json_output, print_evaluation
@@ -24,9 +24,13 @@ def add_parser(subparsers) -> None:
                     "metrics.json (with decoding throughput for beam search), run.trec and correct_<name>.json "
                     "(the reference's [[docid, query_id], ...] of queries whose relevant document is ranked first "
                     "and is also what the model's top tokens give: atomic, the top token of the whole vocabulary; "
-                    "naive / semantic, greedy decoding) into OUTPUT.",
+                    "naive / semantic, greedy decoding) into OUTPUT. --model-type decoder: a decoder-only "
+                    "checkpoint (atomic docids) ranked by the logits after 'QUERY Document:'.",
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory with its tokenizer")
+    parser.add_argument("--model-type", default="encoder-decoder", choices=MODEL_TYPES,
+                        help="encoder-decoder (T5, default) or decoder (decoder-only, atomic docids: ranked by the "
+                             "logits after the query's prompt ' Document:')")
     parser.add_argument("--queries", help="queries file [{id, query, relevant_docs}]")
     parser.add_argument("--qrels", help="qrels file (default: the queries' relevant_docs, rel = 4 - position)")
     parser.add_argument("--prepared", help="a prepared directory (instead of --queries/--qrels); with --split")
@@ -61,7 +65,7 @@ def add_parser(subparsers) -> None:
 
 
 # Settings of `evaluate_checkpoint` as this command spells them (errors name the flag).
-FLAGS = {"prepared": "--prepared", "split": "--split", "queries": "--queries", "qrels": "--qrels", "name": "--name",
+FLAGS = {"model_type": "--model-type", "prepared": "--prepared", "split": "--split", "queries": "--queries", "qrels": "--qrels", "name": "--name",
          "max_length": "--max-length", "k": "--k", "batch_size": "--batch-size", "dtype": "--dtype",
          "reference_mode": "--reference-mode", "docids": "--docids",
          "semantic_docid_mapping": "--semantic-docid-mapping", "documents": "--documents",
@@ -78,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
                                      max_length=args.max_length, k=args.k, batch_size=args.batch_size,
                                      dtype=args.dtype, reference_mode=args.reference_mode, docids=args.docids,
                                      semantic_docid_mapping=args.semantic_docid_mapping, documents=args.documents,
-                                     num_beams=args.num_beams, unconstrained=args.unconstrained)
+                                     num_beams=args.num_beams, unconstrained=args.unconstrained,
+                                     model_type=args.model_type)
     print_evaluation(result, args)
     return 0

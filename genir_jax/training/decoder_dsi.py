@@ -1,0 +1,144 @@
+"""DSI examples for decoder-only models (GPT-2, Llama, Qwen2) with atomic docids: text, prompt, docid token.
+
+The layout is the reference's decoder-only one (technion-cs-nlp/re-gen-ir, ``code/preprocess.py``,
+``tokenize_data`` / ``truncate_doc`` for ``model_type == 'decoder-only'``): the text (a document for indexing, a
+query for retrieval) followed by the prompt ``" Document:"`` and the docid, as one sequence
+
+    [the tokenizer's leading special tokens (e.g. Llama's BOS)] text[:max_length] " Document:" @DOC_ID_<id>@
+
+with the loss on the docid token only (the reference's labels are -100 before the docid). Differences from the
+reference, which tokenizes ``f"{text} Document: 1"`` and splits it back: we tokenize the text and the prompt
+separately (the same ids for GPT-2's byte-level BPE), and we append no trailing special tokens (the reference
+adds and trains any the tokenizer appends; GPT-2's and Llama's append none). Evaluation feeds the same rows
+without the docid (`encode_prompts`) and ranks the docid tokens by the logits at the prompt's last token, as the
+reference's ``eval.py`` (``get_predictions_decoder``) does (`genir_jax.docids.retrieval.docid_step_logits`).
+
+Padding: rows are right-padded (the reference's choice too), so every real token keeps its position ``0..n-1``
+and, the attention being causal, a row's logits do not depend on the padding; the docid is predicted at the
+last real prompt token. A batch in the training step's format (`genir_jax.training.loop.causal_lm_loss`):
+``input_ids`` / ``attention_mask`` [N, S] (prompt + docid), ``targets`` [N, S] = the next token of each
+position, ``target_mask`` [N, S] = 1 exactly at the position whose next token is the docid.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from genir_jax.base.errors import DataError, SettingError
+from genir_jax.data.corpus import Query
+from genir_jax.data.dsi import DSIExample
+from genir_jax.docids.tokens import docid_token_ids
+
+PROMPT = " Document:"  # the reference's separator between the text and the docid
+
+
+def check_model_type(model_type: str, docids: str | None = None) -> bool:
+    """Whether `model_type` (one of `genir_jax.base.options.MODEL_TYPES`) is "decoder"; an unknown type, or
+    `docids` other than atomic for a decoder-only model, is a `SettingError` naming ``model_type``."""
+    from genir_jax.base.options import MODEL_TYPES
+
+    if model_type not in MODEL_TYPES:
+        raise SettingError("{0} must be one of %s, got %r" % (", ".join(MODEL_TYPES), model_type), "model_type")
+    decoder = model_type == "decoder"
+    if decoder and docids not in (None, "atomic"):
+        raise SettingError("%s docids: only atomic docids are supported for decoder-only models so far ({0} decoder)"
+                           % docids, "model_type")
+    return decoder
+
+
+def start_tokens(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text (Llama's BOS; none for GPT-2)."""
+    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    for at in range(len(full) - len(plain) + 1):
+        if full[at:at + len(plain)] == plain:
+            return full[:at]
+    return []
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id padding uses: the tokenizer's pad token, else its EOS (as the reference sets), else 0 (padding is
+    masked: its value never matters)."""
+    for token_id in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def prompt_rows(texts: Sequence[str], tokenizer, max_length: int) -> list[list[int]]:
+    """Token ids of ``[start] text[:max_length] PROMPT`` for every text (`max_length` counts text tokens only,
+    as the reference's ``--max-length``)."""
+    if max_length < 1:
+        raise DataError(f"max_length must be >= 1, got {max_length}")
+    start = start_tokens(tokenizer)
+    prompt = list(tokenizer(PROMPT, add_special_tokens=False)["input_ids"])
+    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+    return [start + list(ids)[:max_length] + prompt for ids in encoded]
+
+
+def _right_padded(rows: Sequence[Sequence[int]], width: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(rows), width), pad, dtype=np.int32)
+    mask = np.zeros((len(rows), width), dtype=np.int32)
+    for row, tokens in enumerate(rows):
+        ids[row, :len(tokens)] = tokens
+        mask[row, :len(tokens)] = 1
+    return ids, mask
+
+
+def encode_prompts(queries: Sequence[Query | str], tokenizer, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) int32 of query prompts without the docid, right-padded to the longest row:
+    the logits at each row's last real token rank the docids."""
+    texts = [q.text if isinstance(q, Query) else q for q in queries]
+    if not texts:
+        raise DataError("no queries to tokenize")
+    rows = prompt_rows(texts, tokenizer, max_length)
+    return _right_padded(rows, max(len(r) for r in rows), pad_token_id(tokenizer))
+
+
+def encode_examples(examples: Sequence[DSIExample], tokenizer, max_length: int, *,
+                    width: int | None = None) -> dict[str, np.ndarray]:
+    """A batch group of DSI examples (prompt + docid token, right-padded to `width` columns; default: the
+    longest text at `max_length` tokens, so a group has one width whatever its texts): ``input_ids``,
+    ``attention_mask``, ``targets`` (next tokens) and ``target_mask`` (1 only where the docid is predicted)."""
+    if not examples:
+        raise DataError("no DSI examples to tokenize")
+    docids = docid_token_ids(tokenizer, [e.doc_id for e in examples])
+    rows = [row + [int(docid)] for row, docid in zip(prompt_rows([e.text for e in examples], tokenizer, max_length),
+                                                      docids)]
+    if width is None:
+        width = max_length + len(start_tokens(tokenizer)) + len(tokenizer(PROMPT, add_special_tokens=False)
+                                                                  ["input_ids"]) + 1
+    if max(len(r) for r in rows) > width:
+        raise DataError(f"a DSI example has {max(len(r) for r in rows)} tokens, more than the width {width}")
+    pad = pad_token_id(tokenizer)
+    input_ids, attention_mask = _right_padded(rows, width, pad)
+    targets = np.concatenate([input_ids[:, 1:], np.full((len(rows), 1), pad, np.int32)], axis=1)
+    target_mask = np.zeros_like(input_ids)
+    target_mask[np.arange(len(rows)), [len(r) - 2 for r in rows]] = 1  # the last prompt token predicts the docid
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets, "target_mask": target_mask}
+
+
+def load_model_of_type(path: str, model_type: str, *, dtype: str = "float32"):
+    """The checkpoint in `path` as `model_type` (`genir_jax.base.options.MODEL_TYPES`) says: a T5
+    (`genir_jax.checkpoints.hf.load_pretrained`) or a decoder-only model (`load_decoder_only`). A directory whose
+    config.json says the other family is refused naming the setting ``model_type`` (``--model-type``)."""
+    from genir_jax.checkpoints.decoder_hf import load_decoder_only
+    from genir_jax.checkpoints.hf import load_pretrained
+    from genir_jax.core.config import read_config_json
+    from genir_jax.core.decoder_config import DECODER_MODEL_TYPES
+
+    decoder = model_type == "decoder"
+    config_path = os.path.join(path, "config.json")
+    if os.path.isfile(config_path):
+        found = read_config_json(config_path)
+        found = found.get("model_type") if isinstance(found, dict) else None
+        if not decoder and found in DECODER_MODEL_TYPES:
+            raise SettingError("%s: model_type %r is a decoder-only model; give {0} decoder" % (config_path, found),
+                               "model_type")
+        if decoder and found not in DECODER_MODEL_TYPES:
+            raise SettingError("%s: model_type %r is not a decoder-only model (%s); drop {0} decoder"
+                               % (config_path, found, ", ".join(DECODER_MODEL_TYPES)), "model_type")
+    return load_decoder_only(path, dtype=dtype) if decoder else load_pretrained(path, dtype=dtype)
