@@ -5,6 +5,7 @@ writes them, pooled cells bootstrapped over (seed, query) pairs)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -179,3 +180,49 @@ def test_the_seed_reaches_training_and_list_steps_shows_each_seed(tmp_path, monk
     per_seed = [step.name for step in rp.seed_steps(rp.Settings(dataset="squad-dev", preset="tiny"))]
     assert listed == ["prepare", "pretrain", *(f"seed-{s}/{name}" for s in (3, 4) for name in per_seed), "report"]
     assert main(["reproduce", "--out", str(out), "--seeds", "0", "--list-steps"]) == 2
+
+
+@pytest.mark.slow  # minutes on 2 cores (twice the one-seed tiny run): run by the full suite, not the quick one
+def test_tiny_reproduction_over_two_seeds_end_to_end(tmp_path, shared_data):
+    """`reproduce --preset tiny --seeds 2` for real (one removed-document model): the first run stops at seed
+    1's first step (a file where its model goes), the second skips every step of seed 0 and finishes seed 1; two
+    seed folders on one prepared data set and base, and a pooled report with n = 2 x queries."""
+    import os
+
+    out = tmp_path / "run"
+    args = ["reproduce", "--preset", "tiny", "--removed-models", "1", "--seeds", "2", "--out", str(out),
+            "--data-dir", str(shared_data), "--no-progress"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # as the one-seed test
+
+    def genir_jax():
+        return subprocess.run([sys.executable, "-m", "genir_jax.cli.main", *args], capture_output=True, text=True,
+                              timeout=1800, env=env)
+
+    blocker = out / "seed-1" / "models" / "full"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a model folder")
+    first = genir_jax()
+    assert first.returncode != 0 and "seed-1 [1/" in first.stdout
+    per_seed = [step.name for step in rp.seed_steps(rp.Settings(dataset="squad-dev", preset="tiny",
+                                                                removed_models=1))]
+    assert all((out / "seed-0" / ".steps" / f"{name}.json").is_file() for name in per_seed)
+    blocker.unlink()
+    second = genir_jax()
+    assert second.returncode == 0, second.stderr[-3000:]
+    skipped = [line for line in second.stdout.splitlines() if line.startswith("seed-0 [") and "skipped" in line]
+    assert len(skipped) == len(per_seed) - 1  # all but its report, which is always rewritten
+    assert "prepare: done" in second.stdout and "seed-1 [1/" in second.stdout
+    assert not (out / "seed-0" / "data").exists() and (out / "data" / "test_queries.json").is_file()
+    seeds = [json.loads((out / f"seed-{s}" / "models" / "full" / "train.json").read_text())["run"]["seed"]
+             for s in (0, 1)]
+    assert seeds == [0, 1]
+    report = (out / "report.md").read_text()
+    _, rows = _table(report, "statistic")
+    hits = next(row for row in rows if row[0] == "DSI Hits@1 (test), %")
+    queries = re.search(r"\(n=(\d+)\)$", hits[1]).group(1)  # seed 0's test queries
+    assert hits[2].endswith(f"(n={queries})") and hits[3].endswith(f"(n=2x{queries})")
+    for seed, cell in zip((0, 1), hits[1:3]):
+        assert f"| DSI (ours, test) | {cell} |" in (out / f"seed-{seed}" / "report.md").read_text()
+    _, claim_rows = _table(report, "the paper's claim (NQ10k, T5-large)")
+    assert claim_rows and ("the seeds agree" in report or "the seeds DISAGREE" in report)
+    assert json.loads((out / pooled.REPORT_JSON).read_text())["seeds"] == [0, 1]
