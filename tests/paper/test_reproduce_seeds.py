@@ -231,3 +231,24 @@ def test_tiny_reproduction_over_two_seeds_end_to_end(tmp_path, shared_data):
     _, claim_rows = _table(report, "the paper's claim (NQ10k, T5-large)")
     assert claim_rows and ("the seeds agree" in report or "the seeds DISAGREE" in report)
     assert json.loads((out / pooled.REPORT_JSON).read_text())["seeds"] == [0, 1]
+
+
+def test_run_experiment_on_a_multi_seed_run_runs_it_in_every_seed_folder(tmp_path, monkeypatch):
+    from genir_jax.paper import experiments
+    from genir_jax.paper.panels import Experiment, Section
+
+    def run(layout, settings, config):
+        return {"folder": layout.root.name, "seed": settings.seed}
+
+    toy = Experiment(id="toy", title="Toy", paper_ref="nowhere", command="none", paper={},
+                     render=lambda layout: Section(""), position=1000, runs={"toy": run})
+    monkeypatch.setattr(experiments, "registry", lambda: (toy,))
+    layout = rp.Layout(tmp_path)
+    layout.steps.mkdir(parents=True)
+    (layout.steps / "settings.json").write_text(json.dumps(
+        rp.Settings(dataset="squad-dev", preset="tiny", seeds=2, seed=4).record))
+    rp.run_experiment(tmp_path, "toy", log=lambda *_: None)
+    for seed in (4, 5):
+        record = json.loads((layout.seed_layout(seed).steps / "toy.json").read_text())
+        assert (record["folder"], record["seed"]) == (f"seed-{seed}", seed)
+    assert not (layout.steps / "toy.json").exists()
