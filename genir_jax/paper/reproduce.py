@@ -113,7 +113,7 @@ class SeedLayout(Layout):
     """One training seed's folder of a multi-seed run: its own models, evaluations, analyses, step records and
     report, on the prepared data and the pretrained base of the run (`shared`, the run's root)."""
 
-    shared: pathlib.Path = pathlib.Path(".")
+    shared: pathlib.Path
 
     data = property(lambda self: self.shared / "data")
     base = property(lambda self: self.shared / "models" / "base")
@@ -236,9 +236,8 @@ def _pretrain(layout: Layout, settings: Settings):
 def _train(layout: Layout, settings: Settings, output: pathlib.Path, remove: list[str] = ()) -> None:
     """One DSI model of the run (the docid scheme comes from the prepared data)."""
     from genir_jax.training.dsi import train_dsi, training_summary
-    from genir_jax.training.reporting import training_lines
-
     from genir_jax.training.options import RunOverrides
+    from genir_jax.training.reporting import training_lines
 
     overrides = None if settings.seed is None else RunOverrides(seed=settings.seed)
     summary = train_dsi(layout.data, base_model(layout, settings), output, preset=settings.preset, remove=remove,
@@ -471,11 +470,16 @@ def _run_seeds(layout: Layout, settings: Settings, seeds: list[int], force: tupl
         seeded, seed_settings = layout.seed_layout(seed), dataclasses.replace(settings, seed=seed)
         seeded.root.mkdir(parents=True, exist_ok=True)
         write_json(seeded.steps / "settings.json", seed_settings.record, indent=2)
-        failed += [f"seed-{seed}/{name}" for name in _run_pipeline(
-            seeded, seed_settings, seed_steps(settings), force, lambda message, seed=seed: log(f"seed-{seed} {message}"))]
+        seed_log = functools.partial(_prefixed, log, f"seed-{seed} ")
+        failed += [f"seed-{seed}/{name}"
+                   for name in _run_pipeline(seeded, seed_settings, seed_steps(settings), force, seed_log)]
     failed += _run_pipeline(layout, settings, [step for step in root if step.name not in SHARED_STEPS], force, log)
     _raise_failed(failed)
     return layout
+
+
+def _prefixed(log, prefix: str, message: str) -> None:
+    log(prefix + message)
 
 
 def _run_pipeline(layout: Layout, settings: Settings, pipeline: list[Step], force: tuple[str, ...], log

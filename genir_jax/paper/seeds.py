@@ -175,7 +175,8 @@ def write_pooled_report(layout, settings, layouts: Mapping[int, object], pipelin
     seeds = list(layouts)
     retrieval = retrieval_statistics(layouts)
     claims = seed_claims({seed: claim_rows(seeded, bool(settings.base)) for seed, seeded in layouts.items()})
-    state = [(f"[seed-{seed}/report.md](seed-{seed}/report.md)", *_progress(seeded, pipeline)) for seed, seeded in layouts.items()]
+    state = [(f"[seed-{seed}/report.md](seed-{seed}/report.md)", *_progress(seeded, pipeline))
+             for seed, seeded in layouts.items()]
     intro = [
         f"Reusch & Belinkov (SIGIR 2025) re-run with genir-jax on {settings.dataset}, preset {settings.preset}, "
         f"docids {settings.docids}, with {len(seeds)} DSI training seeds: {', '.join(map(str, seeds))}. A seed sets "
