@@ -96,8 +96,10 @@ class SeedClaim:
                 else NOT_AVAILABLE for seed, row in self.rows.items()}
 
     @property
-    def agree(self) -> bool:
-        return len(set(self.seed_verdicts().values())) == 1
+    def agree(self) -> bool | None:
+        """Whether every seed's verdict is the same (None when no seed has the statistic)."""
+        verdicts = set(self.seed_verdicts().values())
+        return None if verdicts == {NOT_AVAILABLE} else len(verdicts) == 1
 
     def pooled(self) -> tuple[Interval | None, str]:
         """The claim's statistic pooled over the seeds and its verdict by the rule (with an encoder swap's
@@ -126,6 +128,8 @@ class SeedClaim:
 
     def agreement_line(self) -> str:
         verdicts = "; ".join(f"seed {seed}: {verdict}" for seed, verdict in self.seed_verdicts().items())
+        if self.agree is None:
+            return f"- {self.text}: not available in any seed"
         return f"- {self.text}: the seeds {'agree' if self.agree else 'DISAGREE'} ({verdicts})"
 
     def record(self) -> dict:

@@ -79,6 +79,7 @@ def test_pooled_report_gives_each_claim_per_seed_pooled_and_whether_the_seeds_ag
     assert f"- {mlp}: the seeds DISAGREE (seed 0: holds; seed 1: does not hold)" in report
     assert rows[mlp][6] == "does not hold"  # pooled 45.8% [...]: the paper's 92.86% is outside, below 50
     assert rows["The minimal circuit keeps the model's effectiveness"][4] == "not available"
+    assert "- The minimal circuit keeps the model's effectiveness: not available in any seed" in report
     _, retrieval = _table(report, "statistic")
     assert retrieval[0][1:] == ["not available"] * 3  # no evaluation in these folders
     record = json.loads((tmp_path / pooled.REPORT_JSON).read_text())
@@ -86,6 +87,7 @@ def test_pooled_report_gives_each_claim_per_seed_pooled_and_whether_the_seeds_ag
     claim = next(c for c in record["claims"] if c["claim"] == mlp)
     assert claim["seeds_agree"] is False and claim["pooled"]["queries"] == 120
     assert claim["per_seed"]["1"]["verdict"] == "does not hold"
+    assert next(c for c in record["claims"] if c["claim"] == attention)["seeds_agree"] is True
 
 
 def _fake_steps(monkeypatch, calls, fail=()):
