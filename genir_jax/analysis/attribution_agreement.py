@@ -103,9 +103,7 @@ class AgreementRow:
 
     @classmethod
     def from_record(cls, record: dict) -> "AgreementRow":
-        def interval(entry):
-            return Interval(**{field.name: entry[field.name] for field in dataclasses.fields(Interval)})
-
+        interval = Interval.from_record
         return cls(record["family"], record["mode"], record["method"], record["items"], record["top_k"],
                    interval(record["signed"]), interval(record["magnitude"]), interval(record["overlap"]),
                    record.get("seconds", {}))

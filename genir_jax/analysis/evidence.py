@@ -6,6 +6,9 @@ the queries with replacement (scipy's `scipy.stats.bootstrap`, percentile method
 returns an `Interval` that records the query count, the confidence level, the number of resamples and the seed,
 so a number in the report can always be traced to how its interval was made.
 
+`pool` recomputes a statistic over the observations of several runs' intervals (e.g. one per training seed)
+concatenated, resampling (run, query) pairs with the same helper, so pooled cells are made as every other cell is.
+
 `verdict` turns an interval into "holds", "does not hold" or "undetermined" by one stated rule (`VERDICT_RULE`),
 never by hand.
 """
@@ -30,6 +33,19 @@ VERDICT_RULE = ("undetermined when the 95% interval is wider than the claim's st
 
 
 @dataclasses.dataclass(frozen=True)
+class Observations:
+    """What an interval was computed from: its helper (`bootstrap` or `ratio`), the per-query arrays it got and
+    its options; `pool` recomputes the statistic from the observations of several intervals."""
+
+    helper: str
+    arrays: tuple
+    statistic: Callable | None
+    level: float
+    resamples: int
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Interval:
     """A statistic over `queries` per-query values and its bootstrap interval [low, high]."""
 
@@ -40,6 +56,7 @@ class Interval:
     level: float = LEVEL
     resamples: int = RESAMPLES
     seed: int = SEED
+    observations: Observations | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def width(self) -> float:
@@ -49,19 +66,30 @@ class Interval:
         return self.low <= value <= self.high
 
     def scaled(self, factor: float) -> "Interval":
-        """The same interval in other units (e.g. ``100`` for a share as a percentage)."""
+        """The same interval in other units (e.g. ``100`` for a share as a percentage); its observations are
+        left behind (they are in the original units, which `pool` needs)."""
         return dataclasses.replace(self, estimate=self.estimate * factor, low=self.low * factor,
-                                   high=self.high * factor)
+                                   high=self.high * factor, observations=None)
 
-    def format(self, digits: int = 2, unit: str = "") -> str:
-        """``"12.34 [10.01, 14.90]% (n=200)"``: the estimate, its interval and the query count."""
+    def format(self, digits: int = 2, unit: str = "", n: str | None = None) -> str:
+        """``"12.34 [10.01, 14.90]% (n=200)"``: the estimate, its interval and the query count (or `n`, e.g.
+        ``"2x100"`` for a statistic pooled over seeds)."""
+        n = self.queries if n is None else n
         if math.isnan(self.low):
-            return f"{self.estimate:.{digits}f}{unit} (n={self.queries}, no interval)"
-        return f"{self.estimate:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]{unit} (n={self.queries})"
+            return f"{self.estimate:.{digits}f}{unit} (n={n}, no interval)"
+        return f"{self.estimate:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]{unit} (n={n})"
 
     def record(self) -> dict:
-        """A JSON-ready record of the interval and how it was made."""
-        return dataclasses.asdict(self) | {"method": "percentile bootstrap over queries"}
+        """A JSON-ready record of the interval and how it was made (not its observations)."""
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                  if field.name != "observations"}
+        return fields | {"method": "percentile bootstrap over queries"}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Interval":
+        """The interval `record` wrote (without its observations)."""
+        return cls(**{field.name: record[field.name] for field in dataclasses.fields(cls)
+                      if field.name != "observations"})
 
 
 def bootstrap(values: Sequence[float], statistic: Callable = np.mean, *, level: float = LEVEL,
@@ -74,15 +102,16 @@ def bootstrap(values: Sequence[float], statistic: Callable = np.mean, *, level: 
 
     values = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))  # the same interval in any query order
     _check(values, level, resamples)
+    observed = Observations("bootstrap", (values,), statistic, level, resamples, seed)
     estimate = float(statistic(values, axis=-1))
     if len(values) < 2:
-        return Interval(estimate, math.nan, math.nan, 1, level, resamples, seed)
+        return Interval(estimate, math.nan, math.nan, 1, level, resamples, seed, observed)
     if np.all(values == values[0]):  # every resample is the same: the interval is the point
-        return Interval(estimate, estimate, estimate, len(values), level, resamples, seed)
+        return Interval(estimate, estimate, estimate, len(values), level, resamples, seed, observed)
     result = scipy_bootstrap((values,), statistic, n_resamples=resamples, confidence_level=level,
                              method="percentile", vectorized=True, rng=np.random.default_rng(seed))
     low, high = result.confidence_interval
-    return Interval(estimate, float(low), float(high), len(values), level, resamples, seed)
+    return Interval(estimate, float(low), float(high), len(values), level, resamples, seed, observed)
 
 
 def ratio(numerator: Sequence[float], denominator: Sequence[float], *, level: float = LEVEL,
@@ -99,14 +128,39 @@ def ratio(numerator: Sequence[float], denominator: Sequence[float], *, level: fl
     if denominator.mean() == 0:
         return None
     estimate = float(numerator.mean() / denominator.mean())
+    observed = Observations("ratio", (numerator, denominator), None, level, resamples, seed)
     if len(numerator) < 2:
-        return Interval(estimate, math.nan, math.nan, 1, level, resamples, seed)
+        return Interval(estimate, math.nan, math.nan, 1, level, resamples, seed, observed)
     rows = np.random.default_rng(seed).integers(0, len(numerator), size=(resamples, len(numerator)))
     over = denominator[rows].mean(axis=1)
     kept = over != 0
     values = numerator[rows].mean(axis=1)[kept] / over[kept]
     low, high = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
-    return Interval(estimate, float(low), float(high), len(numerator), level, resamples, seed)
+    return Interval(estimate, float(low), float(high), len(numerator), level, resamples, seed, observed)
+
+
+def pool(intervals: Sequence[Interval]) -> Interval | None:
+    """One statistic of several runs (e.g. one model per training seed), each given by its interval, recomputed
+    over their per-query observations concatenated: the helper that made them (`bootstrap`, `share` or
+    `ratio`), with the same options, resamples (run, query) pairs. None where `ratio` has no ratio. Refuses
+    intervals without observations (scaled, or made by hand) or made by different helpers or options."""
+    made = [interval.observations for interval in intervals]
+    if not made or any(observed is None for observed in made):
+        raise GenIRError("pool: every interval needs its observations (pool the unscaled intervals the helpers "
+                         "return)")
+    first = made[0]
+
+    def how(observed: Observations) -> tuple:
+        return (observed.helper, observed.statistic, observed.level, observed.resamples, observed.seed,
+                len(observed.arrays))
+
+    if any(how(observed) != how(first) for observed in made):
+        raise GenIRError("pool: the intervals were made by different helpers or options")
+    arrays = [np.concatenate([observed.arrays[k] for observed in made]) for k in range(len(first.arrays))]
+    options = {"level": first.level, "resamples": first.resamples, "seed": first.seed}
+    if first.helper == "ratio":
+        return ratio(*arrays, **options)
+    return bootstrap(arrays[0], first.statistic, **options)
 
 
 def _check(values: np.ndarray, level: float, resamples: int) -> None:

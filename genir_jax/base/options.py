@@ -62,7 +62,8 @@ def bounded_float(low: float, high: float | None = None, *, open_low: bool = Fal
 
 MODEL_TYPES = ("encoder-decoder", "decoder")  # T5, or decoder-only (GPT-2 / Llama / Qwen2): the reference's names
 
-SEED = bounded_int(0, 2**32 - 1)  # numpy's and JAX's seeds: unsigned 32-bit
+MAX_SEED = 2**32 - 1  # numpy's and JAX's seeds: unsigned 32-bit
+SEED = bounded_int(0, MAX_SEED)
 POSITIVE = bounded_int(1)  # counts with no size behind them (a cap such as --max-documents, --devices)
 NON_NEGATIVE = bounded_int(0)  # "0: off / as is" options without a size behind them (--process-id)
 

@@ -27,6 +27,9 @@ def _header(layout, settings, pipeline=()) -> str:
                  "re-run with genir-jax. The paper's numbers are for T5-large DSI models on NQ10k; ours come from "
                  "this run's models, so compare tendencies, not values.")
     lines.append("")
+    if getattr(settings, "seeds", 1) > 1:
+        lines += [f"Training seed {settings.seed}, one of {settings.seeds} (`--seeds`): this folder holds this seed's "
+                  "models and analyses; the run's `report.md` gives every statistic per seed and pooled.", ""]
     if getattr(settings, "base", None):
         lines.append(f"Base T5: `{settings.base}` (`--base`): the DSI models are fine-tuned from it, and it is the T5 of "
                      "T5-mode patching (Table 3) and of the base-encoder swap (Table 2).")

@@ -33,6 +33,13 @@ correct validation queries and the tables report the other half (`genir_jax.anal
 multi-token docids (each experiment says which schemes it handles; the removed-document models are trained
 only when an experiment left needs them). ``--paper-regime`` prepares and trains in the paper's data regime.
 
+``--seeds N`` (N > 1) trains N full models (and their removed-document models) from the DSI training seeds
+``seed, seed+1, ..., seed+N-1`` (``--seed``, default the preset's): the seed sets the docid tokens' initial
+embeddings, the batch order and dropout of every DSI model. ``prepare`` and ``pretrain`` (data/, models/base/)
+do not depend on it and are shared; every other step runs per seed in ``seed-<s>/`` (its own models/, eval/,
+analysis/, .steps/ and report.md), and ``report`` writes the pooled ``report.md`` / ``report.json``
+(`genir_jax.paper.seeds`). A killed run resumes at the first unfinished step of the first unfinished seed.
+
 A finished step leaves ``.steps/<step>.json``; re-running skips it (the report is always rewritten).
 ``--force STEP`` redoes that step (steps after it are not redone unless forced too). Analyses need correct
 validation queries; when the full model has none, they are skipped and the report says so. A failing analysis
@@ -82,6 +89,10 @@ class Layout:
     report = property(lambda self: self.root / "report.md")
     steps = property(lambda self: self.root / ".steps")
 
+    def seed_layout(self, seed: int) -> "SeedLayout":
+        """The folder of training seed `seed` in a multi-seed run (``seed-<seed>/``)."""
+        return SeedLayout(self.root / f"seed-{seed}", shared=self.root)
+
     def removed(self, index: int) -> pathlib.Path:
         return self.root / "models" / f"removed-{index}"
 
@@ -99,6 +110,20 @@ class Layout:
         return self.data / f"{split}_qrels.json"
 
 
+@dataclasses.dataclass(frozen=True)
+class SeedLayout(Layout):
+    """One training seed's folder of a multi-seed run: its own models, evaluations, analyses, step records and
+    report, on the prepared data and the pretrained base of the run (`shared`, the run's root)."""
+
+    shared: pathlib.Path
+
+    data = property(lambda self: self.shared / "data")
+    base = property(lambda self: self.shared / "models" / "base")
+
+
+SHARED_STEPS = ("prepare", "pretrain")  # seed-independent: a multi-seed run does them once, in the run's root
+
+
 @dataclasses.dataclass
 class Settings:
     dataset: str
@@ -114,6 +139,8 @@ class Settings:
     tensorboard: bool = False  # training also writes TensorBoard event files (<model>/tensorboard/)
     naive_order: str = "shuffled"  # naive docids: shuffled or corpus order (prepare-data --naive-order)
     attribution_agreement: bool = False  # opt-in: AtP / AtP* against exact patching (not in `record`: an addition)
+    seeds: int = 1              # DSI models trained per role, one per training seed (see `training_seeds`)
+    seed: int | None = None     # the first DSI training seed (None: the preset's)
 
     @property
     def record(self) -> dict:
@@ -122,7 +149,24 @@ class Settings:
         record = {"dataset": self.dataset, "preset": self.preset, "removed_models": self.removed_models,
                   "removed_documents": self.removed_documents, "base": self.base, "docids": self.docids,
                   "paper_regime": self.paper_regime, "stages": self.stages}
-        return record | ({"naive_order": self.naive_order} if self.docids == "naive" else {})
+        record |= {"naive_order": self.naive_order} if self.docids == "naive" else {}
+        return record | {name: getattr(self, name) for name, default in SEED_DEFAULTS.items()
+                         if getattr(self, name) != default}
+
+
+SEED_DEFAULTS = {"seeds": 1, "seed": None}  # recorded only when not these (one-seed folders are as before)
+
+
+def training_seeds(settings: Settings) -> list[int]:
+    """The DSI training seeds of a run: ``seed, seed+1, ..., seed+seeds-1`` (`seed` None: the preset's)."""
+    from genir_jax.base.options import MAX_SEED
+    from genir_jax.training.presets import get_preset
+
+    first = settings.seed if settings.seed is not None else get_preset(settings.preset).dsi.run.seed
+    last = first + settings.seeds - 1
+    if last > MAX_SEED:
+        raise GenIRError(f"--seed {first} --seeds {settings.seeds}: the last seed {last} exceeds {MAX_SEED}")
+    return list(range(first, last + 1))
 
 
 def resolve_base(path_or_hub_id: str) -> str:
@@ -189,10 +233,13 @@ def _pretrain(layout: Layout, settings: Settings):
 def _train(layout: Layout, settings: Settings, output: pathlib.Path, remove: list[str] = ()) -> None:
     """One DSI model of the run (the docid scheme comes from the prepared data)."""
     from genir_jax.training.dsi import train_dsi, training_summary
+    from genir_jax.training.options import RunOverrides
     from genir_jax.training.reporting import training_lines
 
+    overrides = None if settings.seed is None else RunOverrides(seed=settings.seed)
     summary = train_dsi(layout.data, base_model(layout, settings), output, preset=settings.preset, remove=remove,
-                        paper_regime=settings.paper_regime, resume="if-any", sinks=_sinks(settings, output))
+                        paper_regime=settings.paper_regime, resume="if-any", sinks=_sinks(settings, output),
+                        overrides=overrides)
     _print_lines(training_lines(training_summary(summary), output))
 
 
@@ -258,7 +305,14 @@ def _train_removed(index: int):
 def _report(layout, settings):
     from genir_jax.paper.report import write_report
 
-    write_report(layout, settings, steps(settings))
+    write_report(layout, settings, seed_steps(settings) if isinstance(layout, SeedLayout) else steps(settings))
+
+
+def _pooled_report(layout: Layout, settings: Settings):
+    from genir_jax.paper.seeds import write_pooled_report
+
+    write_pooled_report(layout, settings, {seed: layout.seed_layout(seed) for seed in training_seeds(settings)},
+                        seed_steps(settings))
 
 
 def experiment_steps(experiment, after_removed_models: bool, docids: str = "atomic") -> list[Step]:
@@ -307,6 +361,23 @@ def steps(settings: Settings) -> list[Step]:
     return out
 
 
+def seed_steps(settings: Settings) -> list[Step]:
+    """The steps every seed of a multi-seed run runs in its folder: all but `SHARED_STEPS` (its report
+    included)."""
+    return [step for step in steps(settings) if step.name not in SHARED_STEPS]
+
+
+def run_steps(settings: Settings) -> list[tuple[str, Step]]:
+    """Every step of the run in order, each with the folder (relative to the run's root; "" for the root) whose
+    ``.steps/`` records it: one seed, the pipeline (`steps`); several, the shared steps, each seed's steps in
+    ``seed-<s>``, then the pooled report."""
+    if settings.seeds == 1:
+        return [("", step) for step in steps(settings)]
+    shared = [("", step) for step in steps(settings) if step.name in SHARED_STEPS]
+    seeded = [(f"seed-{seed}", step) for seed in training_seeds(settings) for step in seed_steps(settings)]
+    return shared + seeded + [("", Step("report", _pooled_report, always=True))]
+
+
 # --------------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------------
@@ -318,11 +389,14 @@ def reproduce(out: str | os.PathLike, settings: Settings, force: tuple[str, ...]
     if settings.dataset not in DATASETS:
         raise GenIRError(f"unknown dataset {settings.dataset!r}; choose one of {', '.join(DATASETS)}")
     layout = Layout(pathlib.Path(out))
+    seeds = training_seeds(settings)
     pipeline = steps(settings)
     known = {step.name for step in pipeline}
     unknown = sorted(set(force) - known)
     if unknown:
         raise GenIRError(f"--force: unknown step(s) {unknown}; steps are: {', '.join(s.name for s in pipeline)}")
+    if settings.seeds > 1:
+        pipeline = [step for folder, step in run_steps(settings) if not folder]  # the root's: shared, report
     if overwrite and settings_differences(layout, settings):
         from genir_jax.base.io import remove_path
 
@@ -333,7 +407,9 @@ def reproduce(out: str | os.PathLike, settings: Settings, force: tuple[str, ...]
     layout.root.mkdir(parents=True, exist_ok=True)
     write_json(layout.steps / "settings.json", settings.record, indent=2)
     try:
-        return _run_steps(layout, settings, pipeline, force, log)
+        if settings.seeds == 1:
+            return _run_steps(layout, settings, pipeline, force, log)
+        return _run_seeds(layout, settings, seeds, force, log)
     except BaseException:
         if fresh and not any(step_record(layout, step.name) for step in pipeline):
             (layout.steps / "settings.json").unlink(missing_ok=True)  # nothing done: the folder is not bound
@@ -356,9 +432,10 @@ def settings_differences(layout: Layout, settings: Settings) -> list[str]:
     if started is None:
         return []
     # directories from before these settings existed (naive ids were numbered in corpus order then)
-    defaults = {"docids": "atomic", "paper_regime": False, "stages": None, "naive_order": "corpus"}
+    defaults = {"docids": "atomic", "paper_regime": False, "stages": None, "naive_order": "corpus", **SEED_DEFAULTS}
+    here = settings.record | {name: getattr(settings, name) for name in SEED_DEFAULTS}  # the seeds: either way
     return [f"{name}: {started.get(name, defaults.get(name))!r} there, {value!r} here"
-            for name, value in settings.record.items() if started.get(name, defaults.get(name)) != value]
+            for name, value in here.items() if started.get(name, defaults.get(name)) != value]
 
 
 def check_same_settings(layout: Layout, settings: Settings) -> None:
@@ -371,6 +448,40 @@ def check_same_settings(layout: Layout, settings: Settings) -> None:
 
 
 def _run_steps(layout: Layout, settings: Settings, pipeline: list[Step], force: tuple[str, ...], log) -> Layout:
+    _raise_failed(_run_pipeline(layout, settings, pipeline, force, log))
+    return layout
+
+
+def _raise_failed(failed: list[str]) -> None:
+    if failed:
+        raise GenIRError(f"analysis step(s) failed: {', '.join(failed)}; fix the cause and re-run (finished steps "
+                         "are skipped)")
+
+
+def _run_seeds(layout: Layout, settings: Settings, seeds: list[int], force: tuple[str, ...], log) -> Layout:
+    """A multi-seed run: the shared steps in the root, every seed's steps in its folder (bound to the run's
+    settings and its seed), then the pooled report; failed analyses of every seed are named at the end."""
+    root = [step for folder, step in run_steps(settings) if not folder]
+    failed = _run_pipeline(layout, settings, [step for step in root if step.name in SHARED_STEPS], force, log)
+    for seed in seeds:
+        seeded, seed_settings = layout.seed_layout(seed), dataclasses.replace(settings, seed=seed)
+        seeded.root.mkdir(parents=True, exist_ok=True)
+        write_json(seeded.steps / "settings.json", seed_settings.record, indent=2)
+        seed_log = functools.partial(_prefixed, log, f"seed-{seed} ")
+        failed += [f"seed-{seed}/{name}"
+                   for name in _run_pipeline(seeded, seed_settings, seed_steps(settings), force, seed_log)]
+    failed += _run_pipeline(layout, settings, [step for step in root if step.name not in SHARED_STEPS], force, log)
+    _raise_failed(failed)
+    return layout
+
+
+def _prefixed(log, prefix: str, message: str) -> None:
+    log(prefix + message)
+
+
+def _run_pipeline(layout: Layout, settings: Settings, pipeline: list[Step], force: tuple[str, ...], log
+                  ) -> list[str]:
+    """Run the unfinished (or forced) steps of `pipeline` in `layout`; returns the analyses that failed."""
     failed: list[str] = []
     for index, step in enumerate(pipeline, start=1):
         record = step_record(layout, step.name)
@@ -398,10 +509,7 @@ def _run_steps(layout: Layout, settings: Settings, pipeline: list[Step], force: 
         seconds = time.time() - start
         _record_step(layout, step, seconds, details)
         log(f"[{index}/{len(pipeline)}] {step.name}: finished in {seconds:.0f} s")
-    if failed:
-        raise GenIRError(f"analysis step(s) failed: {', '.join(failed)}; fix the cause and re-run (finished steps "
-                         "are skipped)")
-    return layout
+    return failed
 
 
 def _record_step(layout: Layout, step: Step, seconds: float, details: dict) -> None:
@@ -429,7 +537,8 @@ def _no_correct_queries(layout: Layout) -> bool:
 
 def run_experiment(out: str | os.PathLike, experiment_id: str, *, progress: bool = True, log=print) -> Layout:
     """Run one experiment's steps (`genir_jax.paper.experiments`) again on a finished reproduction `out`, with
-    the settings it was made with (``.steps/settings.json``), recording each step as the pipeline does."""
+    the settings it was made with (``.steps/settings.json``), recording each step as the pipeline does (in every
+    seed's folder of a multi-seed run)."""
     from genir_jax.paper.experiments import registry
 
     layout = Layout(pathlib.Path(out))
@@ -446,15 +555,19 @@ def run_experiment(out: str | os.PathLike, experiment_id: str, *, progress: bool
     if not experiment.handles(settings.docids):
         raise GenIRError(f"experiment {experiment_id!r} handles {' and '.join(experiment.docids)} docids; "
                          f"{layout.root} trains {settings.docids} docids")
-    for step in (experiment_steps(experiment, False, settings.docids)
-                 + experiment_steps(experiment, True, settings.docids)):
-        log(f"{step.name} ...")
-        start = time.time()
-        try:
-            details = step.run(layout, settings) or {}
-        finally:
-            release_compiled_programs()
-        seconds = time.time() - start
-        _record_step(layout, step, seconds, details)
-        log(f"{step.name}: finished in {seconds:.0f} s")
+    targets = [(layout, settings, "")] if settings.seeds == 1 else [  # a multi-seed run: in every seed's folder
+        (layout.seed_layout(seed), dataclasses.replace(settings, seed=seed), f"seed-{seed} ")
+        for seed in training_seeds(settings)]
+    for target, target_settings, prefix in targets:
+        for step in (experiment_steps(experiment, False, settings.docids)
+                     + experiment_steps(experiment, True, settings.docids)):
+            log(f"{prefix}{step.name} ...")
+            start = time.time()
+            try:
+                details = step.run(target, target_settings) or {}
+            finally:
+                release_compiled_programs()
+            seconds = time.time() - start
+            _record_step(target, step, seconds, details)
+            log(f"{prefix}{step.name}: finished in {seconds:.0f} s")
     return layout

@@ -39,6 +39,11 @@ def test_seeded_and_recorded():
     record = bootstrap(values, np.median, seed=7, resamples=500).record()
     assert record["resamples"] == 500 and record["seed"] == 7 and record["queries"] == 50
     assert record["estimate"] == pytest.approx(np.median(values))
+    import json
+
+    interval = bootstrap(values, seed=7)
+    assert interval.observations is not None  # kept in memory for pooling, not written
+    assert Interval.from_record(json.loads(json.dumps(interval.record()))) == interval
 
 
 def test_small_and_degenerate_samples():
@@ -88,3 +93,38 @@ def test_ratio_resamples_the_queries_in_pairs():
 def test_interval_does_not_depend_on_the_order_of_the_queries():
     values = np.random.default_rng(4).random(40)
     assert bootstrap(values) == bootstrap(values[::-1]) == bootstrap(np.random.default_rng(5).permutation(values))
+
+
+def test_pool_bootstraps_the_concatenated_observations_of_every_seed():
+    """Pooling seeds: the statistic over every seed's per-query values concatenated, its interval the same
+    percentile bootstrap (scipy, same resamples and seed) over the (seed, query) pairs; each seed's interval is
+    left as it was."""
+    from scipy.stats import bootstrap as scipy_bootstrap
+
+    from genir_jax.analysis.evidence import pool
+
+    rng = np.random.default_rng(11)
+    per_seed = [rng.random(40) < 0.3, rng.random(60) < 0.6]
+    intervals = [share(flags) for flags in per_seed]
+    before = [interval.record() for interval in intervals]
+    pooled = pool(intervals)
+    observations = np.sort(np.concatenate(per_seed).astype(np.float64))
+    expected = scipy_bootstrap((observations,), np.mean, n_resamples=10_000, confidence_level=0.95,
+                               method="percentile", vectorized=True, rng=np.random.default_rng(0))
+    assert pooled.estimate == pytest.approx((per_seed[0].sum() + per_seed[1].sum()) / 100)
+    assert (pooled.low, pooled.high) == tuple(float(b) for b in expected.confidence_interval)
+    assert pooled.queries == 100 and [interval.record() for interval in intervals] == before
+    assert pooled.format(n="40+60").endswith("(n=40+60)")
+    medians = pool([bootstrap(rng.random(30), np.median, seed=4), bootstrap(rng.random(30), np.median, seed=4)])
+    assert medians.seed == 4 and medians.queries == 60
+    paired = [ratio(rng.random(50) + 0.5, rng.random(50) + 1.0) for _ in range(2)]
+    together = pool(paired)
+    assert together.estimate == pytest.approx(
+        np.concatenate([p.observations.arrays[0] for p in paired]).mean()
+        / np.concatenate([p.observations.arrays[1] for p in paired]).mean())
+    with pytest.raises(GenIRError, match="observations"):
+        pool([intervals[0].scaled(100), intervals[1]])
+    with pytest.raises(GenIRError, match="different helpers"):
+        pool([intervals[0], paired[0]])
+    assert "observations" not in intervals[0].record() and intervals[0] == Interval(*[
+        intervals[0].record()[k] for k in ("estimate", "low", "high", "queries", "level", "resamples", "seed")])

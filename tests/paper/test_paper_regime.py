@@ -59,7 +59,7 @@ def test_squad_default_split_is_unchanged_and_differs_from_nq10k(shared_data):
 def test_paper_regime_prepare_data_records_the_split(shared_data, tmp_path, capsys):
     out = tmp_path / "nq"
     assert main(["prepare-data", "--dataset", "nq-oracle", "--paper-regime", "--max-documents", "300",
-                 "--data-dir", str(shared_data), "-o", str(out)]) == 0
+                 "--data-dir", str(shared_data), "-o", str(out), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     manifest = json.loads((out / "prepare.json").read_text())
     assert printed["split"] == manifest["split"] and printed["regime"] == manifest["regime"] == "paper"

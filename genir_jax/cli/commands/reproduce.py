@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from genir_jax.base.options import FACTOR
+from genir_jax.base.options import FACTOR, SEED
 from genir_jax.cli.commands.common import STAGES_HELP, add_overwrite
 
 
@@ -61,8 +61,19 @@ def add_parser(subparsers) -> None:
                         help="also compare AtP / AtP* with exact patching over every decoder head, neuron and "
                              "component, zero and mean ablation (a report section with intervals; opt-in: it "
                              "patches every unit exactly, minutes even on the tiny preset)")
-    parser.add_argument("--force", nargs="+", default=(), metavar="STEP", help="redo these steps")
-    parser.add_argument("--list-steps", action="store_true", help="print the steps and their state, then exit")
+    parser.add_argument("--seeds", type=FACTOR, default=1, metavar="N",
+                        help="train N full models (and their removed-document models) from the DSI training seeds "
+                             "SEED, SEED+1, ..., each seed's models, evaluations and analyses in OUT/seed-<s>/ (the "
+                             "prepared data and the pretrained base are shared), and write a pooled OUT/report.md and "
+                             "report.json: every statistic per seed and pooled over (seed, query) pairs (default: 1, "
+                             "one run in OUT itself)")
+    parser.add_argument("--seed", type=SEED, default=None,
+                        help="the (first) DSI training seed: docid-token initialisation, batch order, dropout "
+                             "(default: the preset's, 0)")
+    parser.add_argument("--force", nargs="+", default=(), metavar="STEP",
+                        help="redo these steps (with --seeds: in every seed's folder)")
+    parser.add_argument("--list-steps", action="store_true",
+                        help="print the steps and their state (with --seeds: each seed's as seed-<s>/STEP), then exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars in the analyses")
     parser.add_argument("--tensorboard", action="store_true",
                         help="training also writes its metrics as TensorBoard event files (<model>/tensorboard/)")
@@ -72,8 +83,8 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from genir_jax.base.errors import GenIRError
-    from genir_jax.paper.reproduce import (Layout, Settings, check_same_settings, default_out, reproduce, step_record,
-                                           steps)
+    from genir_jax.paper.reproduce import (Layout, Settings, check_same_settings, default_out, reproduce, run_steps,
+                                           step_record)
 
     if args.removed_models < 1:
         raise GenIRError(f"--removed-models {args.removed_models}: need at least 1 (the encoder swap needs one)")
@@ -89,16 +100,18 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings(dataset=args.dataset, preset=args.preset, data_dir=args.data_dir,
                         removed_models=args.removed_models, progress=not args.no_progress, base=base,
                         docids=args.docids, paper_regime=args.paper_regime, stages=args.stages,
-                        tensorboard=args.tensorboard, naive_order=args.naive_order,
+                        tensorboard=args.tensorboard, naive_order=args.naive_order, seeds=args.seeds, seed=args.seed,
                         attribution_agreement=args.attribution_agreement)
     out = args.out or default_out(settings)
     if args.list_steps:
         layout = Layout(__import__("pathlib").Path(out))
         check_same_settings(layout, settings)  # another run's steps are not this run's
-        for step in steps(settings):
-            record = step_record(layout, step.name)
+        listed = run_steps(settings)
+        width = max([16, *(len(f"{folder}/{step.name}") for folder, step in listed if folder)])
+        for folder, step in listed:
+            record = step_record(Layout(layout.root / folder), step.name)
             state = "not run" if record is None else record.get("skipped") or f"done in {record['seconds']:.0f} s"
-            print(f"{step.name:<16} {state}")
+            print(f"{folder + '/' if folder else ''}{step.name:<{width - len(folder) - bool(folder)}} {state}")
         return 0
     from genir_jax.base.errors import renaming_settings
     from genir_jax.base.runs import output_lock

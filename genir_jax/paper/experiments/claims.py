@@ -36,12 +36,42 @@ STAGE_CLAIMS = (
 )
 
 
+class ClaimRow(tuple):
+    """A claims-table row (its five cells) that keeps what its verdict came from: the interval (unscaled, with
+    its observations), the claim, the unit of the cell, an encoder swap's control interval and the name of its
+    model (`control_name`), and a fixed note after the verdict; `genir_jax.paper.seeds` pools these over seeds."""
+
+    def __new__(cls, cells, interval, claim: Claim, unit: float, control=None, control_name: str | None = None,
+                note: str = ""):
+        row = super().__new__(cls, cells)
+        row.interval, row.claim, row.unit, row.note = interval, claim, unit, note
+        row.control, row.control_name = control, control_name
+        return row
+
+    def with_note(self, note: str) -> "ClaimRow":
+        """The same row with `note` after its verdict."""
+        return ClaimRow(self[:4] + (self[4] + note,), self.interval, self.claim, self.unit, self.control,
+                        self.control_name, self.note + note)
+
+
+def claim_verdict(interval, claim: Claim, control=None) -> str:
+    """The verdict by the rule; NOT_TESTABLE when an encoder swap's `control` interval (its share of queries at
+    rank 1) lies wholly below `CONTROL_KEPT`: then any foreign encoder breaks retrieval."""
+    if control is not None and verdict(control, Claim(threshold=CONTROL_KEPT, side="below")) == HOLDS:
+        return NOT_TESTABLE
+    return verdict(interval, claim)
+
+
 def _row(claim_text: str, statistic: str, interval, claim: Claim, paper: str, unit: float = 100,
-         override: str | None = None) -> tuple:
-    """One claims-table row: the interval (in `unit`s) and its verdict by the rule (or `override`)."""
+         control=None, control_name: str | None = None) -> ClaimRow:
+    """One claims-table row: the interval (in `unit`s) and its verdict by the rule (see `claim_verdict`); an
+    encoder swap's row (`control_name`: its model) says what its control kept after the verdict."""
     side = "" if claim.threshold is None else f"; claim: {claim.side} {unit * claim.threshold:g}"
-    return (claim_text, statistic, interval.scaled(unit).format(2), paper + side,
-            override or verdict(interval, claim))
+    judged = claim_verdict(interval, claim, control)
+    if control_name is not None:
+        judged += control_note(control_name, control)
+    return ClaimRow((claim_text, statistic, interval.scaled(unit).format(2), paper + side, judged), interval, claim,
+                    unit, control, control_name)
 
 
 def _missing(claim_text: str, why: str) -> tuple:
@@ -127,6 +157,13 @@ def control_ranks(values: dict, queries: int) -> np.ndarray:
     return np.asarray(sorted(left.elements()), dtype=np.int64)
 
 
+def control_note(name: str, kept, n: str | None = None) -> str:
+    """What an encoder-swap row says of its control (the share of its queries at rank 1; `n` as in
+    `Interval.format`)."""
+    control_text = "no control queries" if kept is None else kept.scaled(100).format(2, n=n)
+    return f" (control: the queries of documents {name} saw, % at rank 1: {control_text})"
+
+
 def encoder_swap_rows(layout) -> list[tuple]:
     """The encoder-swap claim per removed-documents model, judged only where its control keeps retrieval."""
     text = "Encoders of DSI models that never saw a document still let the decoder retrieve it"
@@ -148,12 +185,9 @@ def encoder_swap_rows(layout) -> list[tuple]:
         claim = Claim(threshold=0.5, side="above", max_width=WIDEST)
         control = control_ranks(values, queries)
         kept = share(control == 0) if control.size else None
-        breaks = kept is not None and verdict(kept, Claim(threshold=CONTROL_KEPT, side="below")) == HOLDS
         row = _row(f"{text} ({name})", "% removed documents' correct queries at rank 1", share(np.asarray(missing) == 0),
-                   claim, "most (Table 2)", override=NOT_TESTABLE if breaks else None)
-        control_text = "no control queries" if kept is None else kept.scaled(100).format(2)
-        rows.append(row[:4] + (row[4] + f" (control: the queries of documents {name} saw, % at rank 1: "
-                               f"{control_text})",))
+                   claim, "most (Table 2)", control=kept, control_name=name)
+        rows.append(row)
     return rows or [_missing(text, "no removed-documents model in swapped_encoder.json")]
 
 
@@ -170,23 +204,33 @@ def _base_encoder_row(layout, settings_base: bool) -> tuple:
     ranks = swap_ranks(base[0], read_json(directory / EXPERIMENT_JSON)["queries"])
     row = _row(text, "mean rank of the correct queries (0-based)", bootstrap(ranks), Claim(paper=21.66,
                max_width=np.inf), "21.66", unit=1)
-    return row if settings_base else row[:4] + (row[4] + " (not comparable: our base is not a pretrained T5; "
-                                                         "`--base` makes it comparable)",)
+    return row if settings_base else row.with_note(" (not comparable: our base is not a pretrained T5; "
+                                                   "`--base` makes it comparable)")
+
+
+def claim_rows(layout, base_given: bool = False) -> list[tuple]:
+    """Every row of the claims table: a `ClaimRow`, or a plain tuple where its inputs are missing."""
+    return [*_stage_rows(layout), _circuit_row(layout), _docid_share_row(layout), *_component_sum_rows(layout),
+            *encoder_swap_rows(layout), _base_encoder_row(layout, base_given)]
+
+
+CLAIMS_HEADERS = ("the paper's claim (NQ10k, T5-large)", "statistic", "ours [95% CI] (n)", "paper; the claim's side",
+                  "verdict")
 
 
 def render_claims(layout, base_given: bool = False) -> str:
-    rows = [*_stage_rows(layout), _circuit_row(layout), _docid_share_row(layout), *_component_sum_rows(layout),
-            *encoder_swap_rows(layout), _base_encoder_row(layout, base_given)]
-    text = md_table(["the paper's claim (NQ10k, T5-large)", "statistic", "ours [95% CI] (n)",
-                     "paper; the claim's side", "verdict"], rows)
-    text += (f"\n\nVerdicts by one rule: {VERDICT_RULE}; an interval wider than {100 * WIDEST:.0f} points is "
+    text = md_table(CLAIMS_HEADERS, claim_rows(layout, base_given))
+    text += "\n\n" + RULE_NOTE
+    return text
+
+
+RULE_NOTE = (f"Verdicts by one rule: {VERDICT_RULE}; an interval wider than {100 * WIDEST:.0f} points is "
              "undetermined. Intervals: 95% bootstrap over queries, n queries. "
              f"The encoder-swap claim is {NOT_TESTABLE!r} when its control (the same swap on the queries of "
              f"documents the encoder's model saw) keeps less than {100 * CONTROL_KEPT:.0f}% of them at rank 1 "
              "(interval wholly below): then any foreign encoder breaks retrieval. Why a claim fails here is not "
              "measured: model size and training length, the base model and the docid scheme are hypotheses "
              f"(see docs/results.md). Values: {HOLDS!r}, {DOES_NOT_HOLD!r}, 'undetermined'.\n")
-    return text
 
 
 def render(layout) -> Section:
