@@ -167,7 +167,7 @@ def prepare_sweep(checkpoint: str, val_queries: str, correct_valid: str, output:
     the sweep's, to refuse another run's outputs there (`genir_jax.base.runs.claim_output`; removed at commit
     with `overwrite`) before any loading. Raises `GenIRError` for any bad input before anything is computed
     or written."""
-    from genir_jax.analysis.inputs import load_analysis_inputs, load_model
+    from genir_jax.analysis.inputs import check_vocabulary_covers, load_analysis_inputs, load_model
     from genir_jax.docids.schemes import checkpoint_scheme
     from genir_jax.docids.tokens import docid_vocabulary
     from genir_jax.checkpoints.hf import load_for_analysis
@@ -247,9 +247,7 @@ def prepare_sweep(checkpoint: str, val_queries: str, correct_valid: str, output:
     elif options.mode == "source":
         source_model = options.source_model
         base = load_for_analysis(source_model, load_tokenizer=False, dtype=dtype)
-        if int(ids.max()) >= base.config.vocab_size:
-            raise GenIRError(f"{source_model}: the source model's vocabulary ({base.config.vocab_size}) does not "
-                             "cover the query tokens; it must share the GenIR model's word vocabulary")
+        check_vocabulary_covers(source_model, base.config, ids, model="the source model")
         for field in ("d_model", "num_heads", "d_kv", "d_ff", "num_layers", "num_decoder_layers"):
             if getattr(base.config, field) != getattr(config, field):
                 raise GenIRError(f"{source_model}: the source model's {field}={getattr(base.config, field)} "
