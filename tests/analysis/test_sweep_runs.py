@@ -10,12 +10,11 @@ from genir_jax.analysis.sweep_runs import (
 )
 from genir_jax.base.errors import SettingError
 from genir_jax.cli.main import main
-from tests.cli.test_cli_patching import dsi  # noqa: F401 (the shared module fixture)
 
 SITES = ["decoder.*.cross_attn.hook_z[head]", "encoder.hook_out"]
 
 
-def test_library_sweep_writes_the_commands_results(dsi, tmp_path):  # noqa: F811
+def test_library_sweep_writes_the_commands_results(dsi, tmp_path):
     root, _, _ = dsi
     paths = [str(root / "dsi"), str(root / "val.json"), str(root / "correct.json")]
     options = SweepOptions(sites=SITES, metrics=["rank", "logit"], mode="mean")
@@ -35,7 +34,7 @@ def test_library_sweep_writes_the_commands_results(dsi, tmp_path):  # noqa: F811
         p.name for p in (tmp_path / "command").iterdir())
 
 
-def test_option_errors_name_the_settings(dsi, tmp_path):  # noqa: F811
+def test_option_errors_name_the_settings(dsi, tmp_path):
     root, _, _ = dsi
     paths = [str(root / "dsi"), str(root / "val.json"), str(root / "correct.json"), str(tmp_path / "out")]
     with pytest.raises(SettingError, match="^mode source needs source_model CHECKPOINT_DIR"):
