@@ -84,3 +84,31 @@ def t5_tokenizer(shared_data):
 def hf_checkpoint(tmp_path) -> HFCheckpointFactory:
     """Factory: ``hf_checkpoint(name, **config)`` -> (directory, torch model) of a random HF checkpoint."""
     return HFCheckpointFactory(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def dsi(tmp_path_factory, t5_tokenizer):
+    """(root, model, t5_dir): a tiny random DSI checkpoint (root/dsi; `tests.dsi_fixtures.DIMS`, docids
+    `DOC_IDS`), root/val.json of its five `QUERIES`, root/correct.json of queries 3, 0, 4, 1, and a random
+    T5 of the same shape (t5_dir) for source / t5 modes; one per test module."""
+    import genir_jax as gj
+    from tests.dsi_fixtures import DIMS, DOC_IDS, QUERIES, write_queries
+
+    root = tmp_path_factory.mktemp("dsi")
+    factory = HFCheckpointFactory(root)
+    directory, _ = factory("base", tokenizer=t5_tokenizer, **DIMS)
+    t5_dir, _ = factory("t5", seed=5, **DIMS)
+    model = gj.add_docid_tokens(gj.load_pretrained(directory), DOC_IDS)
+    gj.save_pretrained(root / "dsi", model)
+    write_queries(root, QUERIES, DOC_IDS, (3, 0, 4, 1))
+    return root, model, t5_dir
+
+
+@pytest.fixture(scope="module")
+def lens_dsi(tmp_path_factory, t5_tokenizer):
+    """(root, model): the logit-lens reading tests' DSI checkpoint (`tests.dsi_fixtures.build_lens_dsi`);
+    one per test module."""
+    from tests.dsi_fixtures import build_lens_dsi
+
+    root = tmp_path_factory.mktemp("lens_dsi")
+    return root, build_lens_dsi(root, t5_tokenizer)

@@ -1,12 +1,52 @@
-"""A tiny random DSI model with the real T5 vocabulary plus docid tokens (test helper)."""
+"""Tiny random DSI models with the real T5 vocabulary plus docid tokens (test helpers; the fixtures that
+build them on disk are in tests/conftest.py and tests/cli/conftest.py)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 
 import genir_jax as gj
 
 TINY_REAL_VOCAB = dict(vocab_size=32128, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+
+# The checkpoint of the patching and sweep CLI tests (the `dsi` and `dsi_root` fixtures).
+QUERIES = ["who wrote the harry potter books", "what is the capital of france", "when did the war end",
+           "how many legs does a spider have", "where is the eiffel tower"]
+DOC_IDS = ["d1", "d2", "d3", "d4", "d5"]
+DIMS = dict(vocab_size=32128, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=3, num_heads=2)
+
+# The checkpoint of the logit-lens reading tests (`build_lens_dsi`, the `lens_dsi` fixture).
+LENS_QUERIES = ["who wrote the harry potter books", "who won the world cup", "when did the war end",
+                "how many legs does a spider have", "where is the eiffel tower", "when was the moon landing"]
+LENS_DOC_IDS = [f"d{i}" for i in range(40)]
+LENS_CORRECT = (3, 2, 4, 1, 5)  # order of correct_valid.json (token lengths 9, 6, 9, 6, 6)
+LENS_DIMS = dict(vocab_size=32128, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=4, num_heads=2)
+
+
+def write_queries(root, queries, doc_ids, correct) -> None:
+    """val.json (query i: id 100 + i, relevant document `doc_ids[i]`) and correct.json (the pairs of the
+    queries at `correct`, in that order) in `root`."""
+    val = [{"id": 100 + i, "query": q, "relevant_docs": [doc_ids[i]]} for i, q in enumerate(queries)]
+    (root / "val.json").write_text(json.dumps(val))
+    (root / "correct.json").write_text(json.dumps([[gj.docid_token(doc_ids[i]), 100 + i] for i in correct]))
+
+
+def build_lens_dsi(root, tokenizer, docid_scale: float = 6.0):
+    """A tiny random DSI checkpoint in root/dsi (real T5 tokenizer + docid tokens whose embedding rows are
+    scaled up, so docids reach the top of logit-lens rankings), val queries with int ids and a
+    correct_valid.json; returns the loaded model."""
+    from tests.hf_fixtures import HFCheckpointFactory
+
+    directory, _ = HFCheckpointFactory(root)("base", tokenizer=tokenizer, **LENS_DIMS)
+    model = gj.add_docid_tokens(gj.load_pretrained(directory), LENS_DOC_IDS, mean_resizing=False)
+    shared = np.array(model.params["shared"])
+    shared[gj.docid_token_ids(model.tokenizer, LENS_DOC_IDS)] *= docid_scale
+    model = model.replace(params={**model.params, "shared": shared})
+    gj.save_pretrained(root / "dsi", model)
+    write_queries(root, LENS_QUERIES, LENS_DOC_IDS, LENS_CORRECT)
+    return gj.load_pretrained(root / "dsi")
 
 
 def tiny_dsi_model(hf_checkpoint, tokenizer, doc_ids, *, docid_scale: float = 4.0, seed: int = 0):

@@ -23,7 +23,7 @@ def rank_test_queries(inputs: AnalysisInputs, test_queries, circuit, stages, doc
     -1 for other tokens. `DOCID_TOKENS`: the docid tokens only (`docids`,
     `genir_jax.analysis.circuit.docid_targets`; as `genir-jax evaluate`), `full_top_ids` None. Padding: masked,
     or `reference_padding` (the reference's, without masks)."""
-    from genir_jax.core.sites import COMPONENT_SITES
+    from genir_jax.core.sites import ALL_LAYERS, COMPONENTS, component_site
     from genir_jax.interp.interventions import mean_activations
 
     model, tokenizer = inputs.model, inputs.model.tokenizer
@@ -31,7 +31,7 @@ def rank_test_queries(inputs: AnalysisInputs, test_queries, circuit, stages, doc
     texts, test_texts = inputs.texts, [q.text for q in test_queries]
     candidates, targets = docids.candidates, docids.targets
     needs_means = any(p.mode == "mean" for p in circuit.patches)
-    sites = [f"decoder.*.{site}" for site in COMPONENT_SITES.values()]
+    sites = [component_site("decoder", c, ALL_LAYERS) for c in COMPONENTS]
     if reference_padding:
         length = reference_padding_length(tokenizer, texts)
         val_ids, val_mask = tokenize_for_analysis(tokenizer, texts, reference_padding=True)

@@ -8,8 +8,8 @@ import os
 from typing import Mapping, Sequence
 
 from genir_jax.analysis.encoder_swap import RESULTS_JSON, encoder_swap_ranks, normalize_missing, summarize
-from genir_jax.analysis.inputs import AnalysisInputs, load_model
-from genir_jax.base.errors import DataError, GenIRError
+from genir_jax.analysis.inputs import AnalysisInputs, check_vocabulary_covers, load_model
+from genir_jax.base.errors import DataError
 
 
 def check_missing_documents(inputs: AnalysisInputs, others: Mapping[str, tuple[str, Sequence[str]]],
@@ -45,8 +45,7 @@ def swap_encoders(inputs: AnalysisInputs, others: Mapping[str, tuple[str, Sequen
     if base is not None:
         if isinstance(base, (str, os.PathLike)):
             base = load_model(base, tokenizer=False)
-        if int(inputs.input_ids.max()) >= base.config.vocab_size:
-            raise GenIRError(f"{base_key}: the T5's vocabulary ({base.config.vocab_size}) does not cover the queries")
+        check_vocabulary_covers(base_key, base.config, inputs.input_ids)
         results[base_key] = summarize(ranks_with(base), inputs.queries, []).as_reference_dict(reference=reference)
     return results
 

@@ -260,6 +260,16 @@ def load_model(path: str | os.PathLike, *, tokenizer: bool = True, **kw):
     return model
 
 
+def check_vocabulary_covers(name: str, config, *token_ids: np.ndarray, model: str = "the T5",
+                            tokens: str = "query") -> None:
+    """Refuse a base / source model (its `config`; `name`, e.g. its directory, and `model` say which in the
+    message) whose vocabulary does not hold every id of `token_ids` (the GenIR model's `tokens`): its
+    activations patched into, or its encoder run on, the GenIR model's inputs need that word vocabulary."""
+    if max(int(np.max(ids)) for ids in token_ids) >= config.vocab_size:
+        raise GenIRError(f"{name}: {model}'s vocabulary ({config.vocab_size}) does not cover the {tokens} tokens; "
+                         "it must share the GenIR model's word vocabulary")
+
+
 def load_analysis_inputs(checkpoint: str | os.PathLike, val_queries: str | os.PathLike,
                          correct_valid: str | os.PathLike, *, sequences: bool = False, scheme=None, model=None,
                          reference_padding: bool = False, allow_incorrect: bool = False, **load) -> AnalysisInputs:

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from genir_jax.analysis import stage_patching  # looked up at call time, so the one runner can be replaced
-from genir_jax.analysis.inputs import AnalysisInputs, tokenize_for_analysis
+from genir_jax.analysis.inputs import AnalysisInputs, check_vocabulary_covers, tokenize_for_analysis
 from genir_jax.analysis.stage_patching import (REFERENCE_MODE_ORDER, T5_ALL_AND_ATTN_JSON,  # noqa: F401
                                               StagePatchingResult,
                                               write_stage_patching)
@@ -60,9 +60,7 @@ def patch_stages(inputs: AnalysisInputs, stages: Stages, modes: Sequence[str], *
                                                        progress=progress))
     if "t5" in modes:
         # The reference runs T5 mode on unpadded single queries: masks give the same result in a batch.
-        if int(inputs.input_ids.max()) >= base.config.vocab_size:
-            raise GenIRError(f"{base_name}: the T5's vocabulary ({base.config.vocab_size}) does not cover the query "
-                             "tokens; it must share the GenIR model's word vocabulary")
+        check_vocabulary_covers(base_name, base.config, inputs.input_ids)
         parts.append(stage_patching.run_stage_patching(model.config, model.params, inputs.input_ids,
                                                        inputs.attention_mask, inputs.targets, stages=layers,
                                                        modes=["t5"], source=Source(base.config, base.params),
@@ -78,9 +76,8 @@ def _sequence_patch_stages(inputs, stages, modes, base, base_name, batch_size, r
     from genir_jax.analysis.sequence_stage_patching import run_sequence_stage_patching
 
     model = inputs.model
-    if base is not None and int(max(inputs.input_ids.max(), inputs.targets.max())) >= base.config.vocab_size:
-        raise GenIRError(f"{base_name}: the T5's vocabulary ({base.config.vocab_size}) does not cover the query "
-                         "and docid tokens; it must share the GenIR model's word vocabulary")
+    if base is not None:
+        check_vocabulary_covers(base_name, base.config, inputs.input_ids, inputs.targets, tokens="query and docid")
     result = run_sequence_stage_patching(
         model.config, model.params, inputs.input_ids, inputs.attention_mask, inputs.targets, inputs.target_mask,
         stages=stages.as_lists(), modes=modes, source_params=base.params if base is not None else None,
@@ -105,8 +102,7 @@ def t5_all_and_attn(model, base, val_queries: str | os.PathLike, stages: Stages,
     if qrels is None:
         qrels = qrels_from_queries(queries)
     ids, mask = tokenize_for_analysis(model.tokenizer, [q.text for q in queries])
-    if int(ids.max()) >= base.config.vocab_size:
-        raise GenIRError(f"{base_name}: the T5's vocabulary ({base.config.vocab_size}) does not cover the query tokens")
+    check_vocabulary_covers(base_name, base.config, ids)
     sweep = stack([t5_all_and_attn_config(model.config, layers)], labels=[{"config": "t5_all_and_attn"}])
     result = run_sweep(model.config, model.params, ids, mask, np.zeros(len(queries), np.int32), sweep,
                        source=Source(base.config, base.params), metrics=("rank",),

@@ -81,7 +81,7 @@ from genir_jax.base.errors import DataError, GenIRError
 from genir_jax.base.io import atomic_directory
 from genir_jax.core.model import T5, cache_specs
 from genir_jax.interp.patching import ranks_of_targets
-from genir_jax.core.sites import expand_site_patterns
+from genir_jax.core.sites import ALL_LAYERS, expand_site_patterns, site_name
 
 # Contributions: functions and parts, in the reference's order, with its labels.
 FUNCS = (("ratio", "Ratio to Delta of Residual"), ("norm", "Absolute Value"), ("cosine", "Cosine Similarity"))
@@ -184,7 +184,7 @@ def contributions(resid_pre, attn_out, cross_attn_out, mlp_out, resid_post) -> j
 @functools.partial(jax.jit, static_argnames=("config",))
 def _chunk(params, input_ids, attention_mask, targets, is_docid, *, config: T5Config):
     """One chunk of queries: the cached forward, contributions, lens ranks and vocabulary statistics."""
-    names = expand_site_patterns(config, [f"decoder.*.{site}" for site in CACHED])
+    names = expand_site_patterns(config, [site_name("decoder", site, ALL_LAYERS) for site in CACHED])
     model = T5(config, decoder_cache=cache_specs(config, names)[1])
     start = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=jnp.int32)
     logits, raw = model.apply({"params": params}, input_ids, attention_mask, start)

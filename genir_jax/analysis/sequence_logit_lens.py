@@ -40,7 +40,7 @@ from genir_jax.base.errors import GenIRError
 from genir_jax.base.io import write_json, write_text
 from genir_jax.interp.metrics import ranks_of_targets
 from genir_jax.core.model import T5, cache_specs
-from genir_jax.core.sites import expand_site_patterns
+from genir_jax.core.sites import ALL_LAYERS, expand_site_patterns, site_name
 
 LENS_SITES = (("resid_post", "hook_resid_post"), ("cross_attn_out", "hook_cross_attn_out"),
               ("mlp_out", "hook_mlp_out"))
@@ -94,7 +94,7 @@ class SequenceLensResult:
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _chunk(params, input_ids, attention_mask, targets, *, config: T5Config):
-    names = expand_site_patterns(config, [f"decoder.*.{site}" for site in _CACHED])
+    names = expand_site_patterns(config, [site_name("decoder", site, ALL_LAYERS) for site in _CACHED])
     model = T5(config, decoder_cache=cache_specs(config, names)[1])
     decoder_inputs = jnp.concatenate(
         [jnp.full((targets.shape[0], 1), config.decoder_start_token_id, jnp.int32), targets[:, :-1]], axis=1)

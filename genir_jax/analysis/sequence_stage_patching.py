@@ -32,7 +32,7 @@ from genir_jax.interp.interventions import encoder_swap, mean_activations, mean_
 from genir_jax.docids.sequence_targets import (RANK_REDUCTIONS, TEACHER_FORCED_METRICS, reduce_step_ranks,
                                                sequence_metric, step_ranks, teacher_forced_logits,
                                                teacher_forcing_inputs)
-from genir_jax.core.sites import COMPONENT_SITES, component_site
+from genir_jax.core.sites import ALL_LAYERS, component_site
 
 
 @dataclasses.dataclass
@@ -114,7 +114,7 @@ def run_sequence_stage_patching(config: T5Config, params, input_ids, attention_m
     decoder_inputs = teacher_forcing_inputs(targets, config.decoder_start_token_id)
     means = None
     if "mean" in modes:
-        sites = [f"decoder.*.{COMPONENT_SITES[c]}" for c in REFERENCE_ROW_ORDER]
+        sites = [component_site("decoder", c, ALL_LAYERS) for c in REFERENCE_ROW_ORDER]
         means = mean_activations(config, params, input_ids, attention_mask, sites, decoder_input_ids=decoder_inputs,
                                  progress=progress)
     rows_out: list[StageConfig] | None = None

@@ -44,7 +44,7 @@ from genir_jax.interp.interventions import (FROM_SOURCE, encoder_swap, mean_acti
                                      zero_ablation)
 from genir_jax.base.io import atomic_directory
 from genir_jax.interp.patching import Source, SweepResult, run_sweep
-from genir_jax.core.sites import COMPONENT_SITES, COMPONENTS, component_site
+from genir_jax.core.sites import ALL_LAYERS, COMPONENTS, component_site
 from genir_jax.interp.sweep import Sweep, stack
 
 # Table 3's row order in the reference: components last to first (mlp, cross_attn, attn), and the modes as its
@@ -213,7 +213,7 @@ def run_stage_patching(config: T5Config, params, input_ids, attention_mask, targ
     """Run the stage-patching sweep on the given (correct) queries; means come from the same queries."""
     means = None
     if "mean" in modes:
-        sites = [f"decoder.*.{COMPONENT_SITES[c]}" for c in REFERENCE_ROW_ORDER]
+        sites = [component_site("decoder", c, ALL_LAYERS) for c in REFERENCE_ROW_ORDER]
         means = mean_activations(config, params, input_ids, attention_mask, sites, progress=progress)
     sweep, rows = stage_configs(config, stages, modes, means)
     if "t5" in modes and source is None:

@@ -34,7 +34,7 @@ from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
 from genir_jax.interp.interventions import ABLATION_MODES, mean_activations, mean_ablation, zero_ablation
 from genir_jax.interp.patching import run_sweep
-from genir_jax.core.sites import COMPONENT_SITES
+from genir_jax.core.sites import ALL_LAYERS, component_site
 from genir_jax.interp.sweep import component_grid, concat, relabel, stack
 
 ROBUSTNESS_MODES = ABLATION_MODES[:2]  # zero and mean ablation
@@ -143,7 +143,7 @@ def stage_robustness_sweep(config: T5Config, partitions: Mapping[str, Sequence[S
     for mode in modes:
         configs, labels = [], []
         for component in REFERENCE_ROW_ORDER:
-            sites = [f"decoder.*.{COMPONENT_SITES[component]}"]
+            sites = [component_site("decoder", component, ALL_LAYERS)]
             configs.append(zero_ablation(config, sites) if mode == "zero" else mean_ablation(config, means, sites=sites))
             labels.append({"component": component})
         parts.append(relabel(stack(configs, labels=labels), kind="all_layers", mode=mode))
@@ -162,7 +162,7 @@ def run_stage_robustness(config: T5Config, params, input_ids, attention_mask, ta
     """Run every row on the given (correct) queries; means come from the same queries."""
     means = None
     if "mean" in modes:
-        sites = [f"decoder.*.{COMPONENT_SITES[c]}" for c in REFERENCE_ROW_ORDER]
+        sites = [component_site("decoder", c, ALL_LAYERS) for c in REFERENCE_ROW_ORDER]
         means = mean_activations(config, params, input_ids, attention_mask, sites, progress=progress)
     sweep, partitions = stage_robustness_sweep(config, partitions, modes, means)
     result = run_sweep(config, params, input_ids, attention_mask, target_ids, sweep, metrics=("rank",),

@@ -51,6 +51,8 @@ BLOCK_STACK_SITES = ("hook_embed", "final_ln.hook_normalized")
 COMPONENT_SITES = {"attn": "hook_attn_out", "cross_attn": "hook_cross_attn_out", "mlp": "hook_mlp_out"}
 COMPONENTS = tuple(COMPONENT_SITES)
 BLOCK_COMPONENTS = ("attn", "mlp")  # a decoder-only layer has no cross-attention
+# The layer of a site pattern that stands for every layer (`site_name`, `expand_site_patterns`).
+ALL_LAYERS = "*"
 
 
 class SiteError(GenIRError, KeyError):
@@ -62,11 +64,11 @@ class SiteError(GenIRError, KeyError):
 
 class Site(NamedTuple):
     """A parsed site: stack ("encoder" / "decoder", or "blocks" for decoder-only models), local name, and
-    layer (None for stack sites)."""
+    layer (None for stack sites; `ALL_LAYERS` in a pattern built by `site_name`)."""
 
     stack: str
     local: str
-    layer: int | None
+    layer: int | str | None
 
     @property
     def name(self) -> str:
@@ -80,7 +82,7 @@ class Site(NamedTuple):
         return f"{self.stack}.{self.local}"
 
 
-def site_name(stack: str, local: str, layer: int | None = None) -> str:
+def site_name(stack: str, local: str, layer: int | str | None = None) -> str:
     """The full name of a site: the one constructor of site names (TransformerLens' ``get_act_name`` idea).
 
     ``site_name("decoder", "hook_mlp_out", 3)`` -> ``"decoder.3.hook_mlp_out"``;
@@ -89,7 +91,11 @@ def site_name(stack: str, local: str, layer: int | None = None) -> str:
     ``"hook_embed"``; decoder-only models: ``site_name("blocks", "attn.hook_z", 1)`` -> ``"blocks.1.attn.hook_z"``,
     ``site_name("blocks", "final_ln.hook_normalized")`` -> ``"ln_final.hook_normalized"``. Layer sites need a
     layer, stack sites (`stack_sites`) take none; nothing is validated against a model (`parse_site` does that).
+    The layer `ALL_LAYERS` builds the pattern of a layer site in every layer, for `expand_site_patterns`:
+    ``site_name("decoder", "hook_mlp_out", ALL_LAYERS)`` -> ``"decoder.*.hook_mlp_out"``.
     """
+    if isinstance(layer, str) and layer != ALL_LAYERS:
+        raise SiteError(f"layer {layer!r}: expected a layer number or ALL_LAYERS ({ALL_LAYERS!r})")
     if stack not in STACKS + (BLOCKS,):
         raise SiteError(f"unknown stack {stack!r}; expected one of {', '.join(STACKS + (BLOCKS,))}")
     if layer is None and local in STACK_SITES and local not in stack_sites(stack):
@@ -119,9 +125,9 @@ def components(config) -> tuple[str, ...]:
     return BLOCK_COMPONENTS if is_decoder_only(config) else COMPONENTS
 
 
-def component_site(stack: str, component: str, layer: int) -> str:
+def component_site(stack: str, component: str, layer: int | str) -> str:
     """The full name of a component's output in one layer: ``component_site("decoder", "mlp", 3)`` ->
-    ``"decoder.3.hook_mlp_out"`` (components: `COMPONENTS`)."""
+    ``"decoder.3.hook_mlp_out"`` (components: `COMPONENTS`); in every layer with `ALL_LAYERS`."""
     if component not in COMPONENT_SITES or (stack == BLOCKS and component not in BLOCK_COMPONENTS):
         known = BLOCK_COMPONENTS if stack == BLOCKS else tuple(COMPONENT_SITES)
         raise SiteError(f"unknown component {component!r}; expected one of {', '.join(known)}")

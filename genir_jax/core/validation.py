@@ -13,7 +13,7 @@ import numpy as np
 
 from genir_jax.base.errors import GenIRError
 from genir_jax.core.config import T5Config
-from genir_jax.core.sites import STACK_SITES, Site, num_layers, parse_site, site_shape, stacks
+from genir_jax.core.sites import ALL_LAYERS, STACK_SITES, Site, num_layers, parse_site, site_name, site_shape, stacks
 from genir_jax.core.taps import Patch
 
 Interventions = Mapping[str, Mapping[str, Any]]
@@ -41,7 +41,7 @@ def validate(config: T5Config, interventions: Interventions | None, batch: int, 
             full = (batch,) + site_shape(config, site, length, encoder_length)
             if layer is not None:
                 full = (num_layers(config, stack),) + full
-            label = site.name if layer is None else f"{stack}.*.{local}"
+            label = site.name if layer is None else site_name(stack, local, ALL_LAYERS)
             for patch in (patches,) if isinstance(patches, Patch) else patches:
                 if not isinstance(patch, Patch):
                     raise InterventionError(f"interventions['{stack}']['{local}']: expected Patch(mask, value), "

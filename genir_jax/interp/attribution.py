@@ -68,7 +68,7 @@ from genir_jax.interp.patching import (
     Source, check_sequences, check_token_ids, decoder_inputs, final_metrics, plan_terms, source_site_names,
     validate_terms,
 )
-from genir_jax.core.sites import Site, is_decoder_only, num_layers, site_name, site_shape
+from genir_jax.core.sites import ALL_LAYERS, Site, is_decoder_only, num_layers, site_name, site_shape
 from genir_jax.interp.sweep import Sweep, Term, as_sweep
 from genir_jax.core.taps import Patch, Shift
 
@@ -349,10 +349,12 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
     variants = 1 + (layers if star else 0)  # the plain gradient, then one per dropped layer (GradDrop)
     chunk = query_chunk or min(count, 32)
     # a clean forward pass first only for the QK fix, which recomputes attention patterns from it
-    cache_sites = ["decoder.*.cross_attn.hook_q", "decoder.*.cross_attn.hook_attn_scores",
-                   "decoder.*.cross_attn.hook_pattern", "decoder.*.cross_attn.hook_v",
-                   "encoder.hook_out", "encoder_final_ln.hook_normalized"] if qk_terms else []
-    cache_sites += [f"{stack}.*.{prefix}.{site}" for stack, prefix in attentions
+    cache_sites = []
+    if qk_terms:
+        cache_sites = [site_name("decoder", f"cross_attn.{site}", ALL_LAYERS)
+                       for site in ("hook_q", "hook_attn_scores", "hook_pattern", "hook_v")]
+        cache_sites += [site_name("encoder", "hook_out"), site_name("encoder", "final_ln.hook_normalized")]
+    cache_sites += [site_name(stack, f"{prefix}.{site}", ALL_LAYERS) for stack, prefix in attentions
                     for site in ("hook_q", "hook_k", "hook_attn_scores", "hook_pattern")]
     cache_sites = list(dict.fromkeys(cache_sites))
     scores = np.zeros((variants, sweep.size, count), np.float32)
@@ -457,7 +459,7 @@ def _refuse_unfixed(terms) -> None:
     no QK fix is implemented yet (never plain AtP under the atp* name)."""
     for term in terms:
         if term.stack == "encoder" and (term.local in _RESIDUAL_LOCALS or term.local in _UNFIXED_STACK_LOCALS):
-            where = f"encoder.*.{term.local}" if term.is_layer_site else Site("encoder", term.local, None).name
+            where = site_name("encoder", term.local, ALL_LAYERS if term.is_layer_site else None)
             raise InterventionError(
                 f"atp*: AtP* has no QK fix for {where} patches yet (they change every later attention's queries "
                 f"and keys and the cross-attention keys through a norm); use --method atp (plain AtP) or exact")

@@ -29,7 +29,7 @@ from genir_jax.base.progress import compiling_bar
 from genir_jax.base.batching import batches, num_batches
 from genir_jax.core.config import T5Config
 from genir_jax.core.sites import (
-    STACK_SITES, Site, expand_site_patterns, is_decoder_only, num_layers, parse_site, site_name, site_shape,
+    ALL_LAYERS, STACK_SITES, Site, expand_site_patterns, is_decoder_only, num_layers, parse_site, site_name, site_shape,
 )
 from genir_jax.core.taps import Patch
 from genir_jax.core.validation import InterventionError, validate  # noqa: F401 (re-export)
@@ -191,7 +191,7 @@ def _stacked_values(config: T5Config, masks, per_site: Mapping[str, Any], with_b
                 template = _value_for(per_site, name, with_batch)
             layers.append(name)
         if template is None:
-            raise InterventionError(f"no values given for any layer of site '{stack}.*.{local}'")
+            raise InterventionError(f"no values given for any layer of site '{site_name(stack, local, ALL_LAYERS)}'")
         stacked = [(_value_for(per_site, name, with_batch) if name in per_site else jnp.zeros_like(template))
                    for name in layers]
         values[(stack, local)] = jnp.stack(stacked)

@@ -12,15 +12,9 @@ import genir_jax as gj
 from genir_jax.analysis import cross_attention_writes as cw
 from genir_jax.analysis.inputs import tokenize_for_analysis
 from genir_jax.cli.main import main
-from tests.analysis.test_analysis_reading import CORRECT, DOC_IDS, QUERIES, build_dsi
+from tests.dsi_fixtures import LENS_CORRECT as CORRECT, LENS_DOC_IDS as DOC_IDS, LENS_QUERIES as QUERIES
 
 STAGES = [[0], [1, 2], [3]]
-
-
-@pytest.fixture(scope="module")
-def dsi(tmp_path_factory, t5_tokenizer):
-    root = tmp_path_factory.mktemp("crattn_writes")
-    return root, build_dsi(root, t5_tokenizer)
 
 
 def _numpy_lens(model, vectors):
@@ -50,8 +44,8 @@ def _brute_counts(model, ids, mask, layers, cutoffs):
     return counts
 
 
-def test_docid_shares_equal_a_numpy_logit_lens(dsi):
-    _, model = dsi
+def test_docid_shares_equal_a_numpy_logit_lens(lens_dsi):
+    _, model = lens_dsi
     texts = [QUERIES[i] for i in CORRECT]
     result = cw.docid_shares(model.config, model.params, model.tokenizer, texts, stages=STAGES, batch_size=3,
                              progress=False)
@@ -70,8 +64,8 @@ def test_docid_shares_equal_a_numpy_logit_lens(dsi):
     assert averages["1000-II"] == pytest.approx(expected[:, :2, 2].mean() / 1000)
 
 
-def test_reference_padding_equals_per_query_runs(dsi):
-    _, model = dsi
+def test_reference_padding_equals_per_query_runs(lens_dsi):
+    _, model = lens_dsi
     texts = [QUERIES[i] for i in CORRECT]
     result = cw.docid_shares(model.config, model.params, model.tokenizer, texts, stages=STAGES, batch_size=2,
                              reference_padding=True, cutoffs=(5, 50, 500), progress=False)
@@ -81,8 +75,8 @@ def test_reference_padding_equals_per_query_runs(dsi):
                                                                       (5, 50, 500))[0])
 
 
-def test_head_top_tokens_equal_a_numpy_logit_lens(dsi):
-    _, model = dsi
+def test_head_top_tokens_equal_a_numpy_logit_lens(lens_dsi):
+    _, model = lens_dsi
     texts = ["who wrote the harry potter books", "when did the war end"]
     heads = [(3, 1), (1, 0)]
     entries = cw.head_top_tokens(model.config, model.params, model.tokenizer, texts, heads, top=5, progress=False)
@@ -113,8 +107,8 @@ def _run(root, out, *extra):
                  *extra])  # a random model: its pairs are relevant, not its top tokens
 
 
-def test_cli_writes_the_reference_files(dsi, tmp_path):
-    root, _ = dsi
+def test_cli_writes_the_reference_files(lens_dsi, tmp_path):
+    root, _ = lens_dsi
     out = tmp_path / "out"
     assert _run(root, out, "--stages", "0,1-2,3", "--batch-size", "2") == 0
     assert sorted(p.name for p in out.iterdir()) == ["cr_attn_ratios.json", "crattn_writes_summary.json",
@@ -145,8 +139,8 @@ def test_cli_writes_the_reference_files(dsi, tmp_path):
     ("crattn-head-tokens", ["--heads", "3.2"], "--heads: '3.2': head 2 is outside 0-1"),
     ("crattn-head-tokens", ["--heads", "9.0"], "--heads: '9.0': layer 9 is outside the decoder's layers 0-3"),
 ])
-def test_bad_input_exits_2_without_outputs(dsi, tmp_path, capsys, command, extra, message):
-    root, _ = dsi
+def test_bad_input_exits_2_without_outputs(lens_dsi, tmp_path, capsys, command, extra, message):
+    root, _ = lens_dsi
     out = tmp_path / "never"
     if command == "crattn-writes":
         argv = [command, "--checkpoint", str(root / "dsi"), "--val-queries", str(root / "val.json"),

@@ -12,35 +12,7 @@ import genir_jax as gj
 from genir_jax.analysis import reading as rd
 from genir_jax.analysis.inputs import tokenize_for_analysis
 from genir_jax.cli.main import main
-
-QUERIES = ["who wrote the harry potter books", "who won the world cup", "when did the war end",
-           "how many legs does a spider have", "where is the eiffel tower", "when was the moon landing"]
-DOC_IDS = [f"d{i}" for i in range(40)]
-CORRECT = (3, 2, 4, 1, 5)  # order of correct_valid.json (token lengths 9, 6, 9, 6, 6)
-DIMS = dict(vocab_size=32128, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=4, num_heads=2)
-
-
-def build_dsi(root, tokenizer, docid_scale: float = 6.0):
-    """A tiny random DSI checkpoint (real T5 tokenizer + docid tokens whose embedding rows are scaled up, so
-    docids reach the top of logit-lens rankings), val queries with int ids and a correct_valid.json."""
-    from tests.hf_fixtures import HFCheckpointFactory
-
-    directory, _ = HFCheckpointFactory(root)("base", tokenizer=tokenizer, **DIMS)
-    model = gj.add_docid_tokens(gj.load_pretrained(directory), DOC_IDS, mean_resizing=False)
-    shared = np.array(model.params["shared"])
-    shared[gj.docid_token_ids(model.tokenizer, DOC_IDS)] *= docid_scale
-    model = model.replace(params={**model.params, "shared": shared})
-    gj.save_pretrained(root / "dsi", model)
-    val = [{"id": 100 + i, "query": q, "relevant_docs": [DOC_IDS[i]]} for i, q in enumerate(QUERIES)]
-    (root / "val.json").write_text(json.dumps(val))
-    (root / "correct.json").write_text(json.dumps([[gj.docid_token(DOC_IDS[i]), 100 + i] for i in CORRECT]))
-    return gj.load_pretrained(root / "dsi")
-
-
-@pytest.fixture(scope="module")
-def dsi(tmp_path_factory, t5_tokenizer):
-    root = tmp_path_factory.mktemp("reading")
-    return root, build_dsi(root, t5_tokenizer)
+from tests.dsi_fixtures import LENS_CORRECT as CORRECT, LENS_DOC_IDS as DOC_IDS, LENS_QUERIES as QUERIES
 
 
 def _cache(model, ids, mask):
@@ -116,8 +88,8 @@ def _entries(model, reader, sim_type, reference_padding, batch_size=4, block=Non
     return [entries[r] for r in range(len(texts))], result
 
 
-def test_neuron_readings_sum_to_the_mlp_input_and_heads_sum_to_their_layer(dsi):
-    _, model = dsi
+def test_neuron_readings_sum_to_the_mlp_input_and_heads_sum_to_their_layer(lens_dsi):
+    _, model = lens_dsi
     texts = [QUERIES[i] for i in CORRECT]
     ids, mask = tokenize_for_analysis(model.tokenizer, texts)
     cache = _cache(model, ids, mask)
@@ -146,8 +118,8 @@ def test_neuron_readings_sum_to_the_mlp_input_and_heads_sum_to_their_layer(dsi):
     assert "decoder.0.hook_resid_pre" in readings[1].names and rd.is_aggregated("decoder.0.hook_resid_pre")
 
 
-def test_head_readings_sum_to_the_query_key_score(dsi):
-    _, model = dsi
+def test_head_readings_sum_to_the_query_key_score(lens_dsi):
+    _, model = lens_dsi
     texts = [QUERIES[i] for i in CORRECT]
     ids, mask = tokenize_for_analysis(model.tokenizer, texts)
     cache = _cache(model, ids, mask)
@@ -170,8 +142,8 @@ def test_head_readings_sum_to_the_query_key_score(dsi):
 
 @pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
 @pytest.mark.parametrize("reader, sim_type", [("mlp", "cosine"), ("cross_attn", "dot")])
-def test_reference_padding_equals_brute_force_per_query(dsi, reader, sim_type):
-    _, model = dsi
+def test_reference_padding_equals_brute_force_per_query(lens_dsi, reader, sim_type):
+    _, model = lens_dsi
     ours, _ = _entries(model, reader, sim_type, reference_padding=True, batch_size=2, block=3)
     masked, _ = _entries(model, reader, sim_type, reference_padding=False)
     for row, query in enumerate(CORRECT):
@@ -222,8 +194,8 @@ def _reference_style_proportions(entries, topk):
 
 
 @pytest.mark.parametrize("reader", ["mlp", "cross_attn"])
-def test_proportions_equal_a_dict_based_recomputation(dsi, reader):
-    _, model = dsi
+def test_proportions_equal_a_dict_based_recomputation(lens_dsi, reader):
+    _, model = lens_dsi
     entries, result = _entries(model, reader, "dot", reference_padding=False)
     flat = [e for per_query in entries for e in per_query]
     for agg in result.aggregators:
@@ -252,8 +224,8 @@ def _run(root, command, out, *extra):
 
 
 @pytest.mark.slow  # over 20 s on 2 cores: run by the full suite (.ci/run), not the quick one
-def test_cli_writes_the_reference_files(dsi, tmp_path):
-    root, model = dsi
+def test_cli_writes_the_reference_files(lens_dsi, tmp_path):
+    root, model = lens_dsi
     out = tmp_path / "out"
     out.mkdir()
     (out / "all_queries_neuron_similarities_dot_99.json").write_text("[]")  # a stale chunk of an earlier run
@@ -302,8 +274,8 @@ def test_cli_writes_the_reference_files(dsi, tmp_path):
     ("bad_topk", "--topk: 'many' is neither 'all' nor a positive integer"),
     ("stages_gap", "--stages: layers [1, 2] are read from but belong to no stage"),
 ])
-def test_bad_input_exits_2_without_outputs(dsi, tmp_path, capsys, problem, message):
-    root, _ = dsi
+def test_bad_input_exits_2_without_outputs(lens_dsi, tmp_path, capsys, problem, message):
+    root, _ = lens_dsi
     correct = [[gj.docid_token("d1"), 101], [gj.docid_token("d0"), 100]]
     if problem == "unknown_query":
         correct[1][1] = 999

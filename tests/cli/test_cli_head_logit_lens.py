@@ -10,7 +10,6 @@ from genir_jax.analysis.head_logit_lens import run_head_logit_lens
 from genir_jax.analysis.inputs import load_analysis_inputs
 from genir_jax.analysis.residual import docid_mask
 from genir_jax.cli.main import main
-from tests.cli.test_cli_patching import dsi  # noqa: F401 (the module-scoped tiny DSI checkpoint)
 
 
 def _args(root, out, *extra):
@@ -19,7 +18,7 @@ def _args(root, out, *extra):
             *extra]  # a random model: its pairs are relevant, not its top tokens
 
 
-def test_command_writes_the_library_result(dsi, tmp_path, capsys):  # noqa: F811
+def test_command_writes_the_library_result(dsi, tmp_path, capsys):
     root, model, _ = dsi
     assert main(_args(root, tmp_path / "out", "--top", "5")) == 0
     inputs = load_analysis_inputs(root / "dsi", root / "val.json", root / "correct.json", allow_incorrect=True)
@@ -32,7 +31,7 @@ def test_command_writes_the_library_result(dsi, tmp_path, capsys):  # noqa: F811
     assert printed["queries"] == 4 and len(printed["best_heads"]) == 5
 
 
-def test_bad_top_names_the_flag(dsi, tmp_path, capsys):  # noqa: F811
+def test_bad_top_names_the_flag(dsi, tmp_path, capsys):
     root, _, _ = dsi
     assert main(_args(root, tmp_path / "out", "--top", "0")) == 2
     assert "--top must be in 1..10000, got 0" in capsys.readouterr().err  # refused by argparse, before loading

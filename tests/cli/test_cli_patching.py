@@ -12,28 +12,7 @@ import genir_jax as gj
 from genir_jax.interp import interventions as ivs
 from genir_jax.cli.main import main
 from genir_jax.interp.patching import ranks_of_targets
-
-QUERIES = ["who wrote the harry potter books", "what is the capital of france", "when did the war end",
-           "how many legs does a spider have", "where is the eiffel tower"]
-DOC_IDS = ["d1", "d2", "d3", "d4", "d5"]
-DIMS = dict(vocab_size=32128, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=3, num_heads=2)
-
-
-@pytest.fixture(scope="module")
-def dsi(tmp_path_factory, t5_tokenizer):
-    from tests.hf_fixtures import HFCheckpointFactory
-
-    root = tmp_path_factory.mktemp("dsi")
-    factory = HFCheckpointFactory(root)
-    directory, _ = factory("base", tokenizer=t5_tokenizer, **DIMS)
-    t5_dir, _ = factory("t5", seed=5, **DIMS)
-    model = gj.add_docid_tokens(gj.load_pretrained(directory), DOC_IDS)
-    gj.save_pretrained(root / "dsi", model)
-    val = [{"id": 100 + i, "query": q, "relevant_docs": [DOC_IDS[i]]} for i, q in enumerate(QUERIES)]
-    (root / "val.json").write_text(json.dumps(val))
-    correct = [[gj.docid_token(DOC_IDS[i]), 100 + i] for i in (3, 0, 4, 1)]
-    (root / "correct.json").write_text(json.dumps(correct))
-    return root, model, t5_dir
+from tests.dsi_fixtures import DOC_IDS, QUERIES
 
 
 def _run(root, out, *extra):

@@ -14,7 +14,7 @@ from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
 from genir_jax.interp.interventions import FROM_SOURCE
 from genir_jax.interp.site_grammar import SiteSpecError, parse_sweep, swept_sites
-from tests.cli.test_cli_patching import DOC_IDS, QUERIES, dsi  # noqa: F401 (dsi: the shared module fixture)
+from tests.dsi_fixtures import DOC_IDS, QUERIES
 
 CFG = T5Config(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=3, num_heads=2)
 ORDER = [3, 0, 4, 1]  # the queries of correct.json, in its order
@@ -137,7 +137,7 @@ def test_grammar_position_on_encoder_needs_the_length():
 # --------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def inputs(dsi):  # noqa: F811
+def inputs(dsi):
     root, model, t5_dir = dsi
     enc = model.tokenizer([QUERIES[i] for i in ORDER], padding=True, return_tensors="np")
     targets = gj.docid_token_ids(model.tokenizer, [DOC_IDS[i] for i in ORDER])
@@ -207,7 +207,7 @@ def _csv(path):
         return list(csv.DictReader(handle))
 
 
-def test_sweep_writes_results_equal_to_run_sweep(dsi, inputs, tmp_path):  # noqa: F811
+def test_sweep_writes_results_equal_to_run_sweep(dsi, inputs, tmp_path):
     from genir_jax.interp.patching import runner_up_foils
     from genir_jax.interp.patching import run_sweep
 
@@ -251,7 +251,7 @@ def test_sweep_writes_results_equal_to_run_sweep(dsi, inputs, tmp_path):  # noqa
 
 
 @pytest.mark.parametrize("mode", ["mean", "source"])  # resample: see the attribute test
-def test_sweep_modes_and_layouts(dsi, inputs, tmp_path, mode):  # noqa: F811
+def test_sweep_modes_and_layouts(dsi, inputs, tmp_path, mode):
     from genir_jax.interp import interventions as ivs
     from genir_jax.interp.patching import derangement
     from genir_jax.interp.patching import Source, run_sweep
@@ -311,7 +311,7 @@ def test_sweep_modes_and_layouts(dsi, inputs, tmp_path, mode):  # noqa: F811
     (["--sites", "decoder.0.mlp", "--receivers", "mlp[1]+logit"], "cannot parse 'logit'"),
     (["attribute", "--sites", "decoder.0.mlp", "--receivers", "all"], "--receivers (path patching) runs exactly"),
 ])
-def test_bad_input_exits_2_without_outputs(dsi, tmp_path, capsys, extra, message):  # noqa: F811
+def test_bad_input_exits_2_without_outputs(dsi, tmp_path, capsys, extra, message):
     root, _, _ = dsi
     out = tmp_path / "never"
     command = "sweep"
@@ -322,14 +322,14 @@ def test_bad_input_exits_2_without_outputs(dsi, tmp_path, capsys, extra, message
     assert not out.exists()
 
 
-def test_unwritable_output_is_refused_before_computing(dsi, tmp_path, capsys):  # noqa: F811
+def test_unwritable_output_is_refused_before_computing(dsi, tmp_path, capsys):
     root, _, _ = dsi
     (tmp_path / "file").write_text("x")
     assert main(_args(root, tmp_path / "file") + ["--sites", "decoder.*.mlp"]) == 2
     assert "exists and is not a directory" in capsys.readouterr().err
 
 
-def test_cli_resumes_after_a_kill_and_refuses_other_settings(dsi, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_cli_resumes_after_a_kill_and_refuses_other_settings(dsi, tmp_path, monkeypatch, capsys):
     from genir_jax.interp import sweep_store
 
     root, _, _ = dsi
@@ -366,7 +366,7 @@ def test_cli_resumes_after_a_kill_and_refuses_other_settings(dsi, tmp_path, monk
     assert not (out / ".sweep-chunks").exists()
 
 
-def test_attribute_exact_reports_the_mean_effect(dsi, tmp_path, capsys):  # noqa: F811
+def test_attribute_exact_reports_the_mean_effect(dsi, tmp_path, capsys):
     root, _, _ = dsi
     spec = ["--sites", "decoder.*.*", "--metric", "logit"]
     assert main(_args(root, tmp_path / "sweep") + spec) == 0
@@ -382,7 +382,7 @@ def test_attribute_exact_reports_the_mean_effect(dsi, tmp_path, capsys):  # noqa
     assert json.loads((tmp_path / "attr" / "attribution.json").read_text())["method"] == "exact"
 
 
-def test_attribute_checks_its_top_units_against_exact_patching(dsi, tmp_path, capsys):  # noqa: F811
+def test_attribute_checks_its_top_units_against_exact_patching(dsi, tmp_path, capsys):
     """atp* re-runs its top units exactly: attribution.json's exact_check holds the exact effects (equal to a
     `sweep` of the same sites), the estimates of attribution.csv, their Spearman correlation and sign
     agreement; the printout says them, with a warning exactly when the record has one."""
@@ -416,7 +416,7 @@ def test_attribute_checks_its_top_units_against_exact_patching(dsi, tmp_path, ca
     assert "exact patching of the top" not in capsys.readouterr().out
 
 
-def test_attribute_warns_in_one_line_where_the_estimate_disagrees(dsi, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_attribute_warns_in_one_line_where_the_estimate_disagrees(dsi, tmp_path, capsys, monkeypatch):
     """An exact check whose effects have the estimates' opposite signs: one warning line on stderr, the same
     warning in attribution.json."""
     from genir_jax.interp import attribution
@@ -439,7 +439,7 @@ def test_attribute_warns_in_one_line_where_the_estimate_disagrees(dsi, tmp_path,
     assert check["sign_agreement"] == 0.0 and check["warning"] == warnings[0].split("warning: ", 1)[1]
 
 
-def test_attribute_atp_with_the_real_module(dsi, inputs, tmp_path, capsys):  # noqa: F811
+def test_attribute_atp_with_the_real_module(dsi, inputs, tmp_path, capsys):
     from genir_jax.interp.patching import run_sweep
 
     root, _, _ = dsi
@@ -473,7 +473,7 @@ def test_attribute_atp_with_the_real_module(dsi, inputs, tmp_path, capsys):  # n
     assert score == pytest.approx(float(exact.aggregates["logit_effect"][0]), rel=1e-3, abs=1e-4)
 
 
-def test_sweep_receivers_all_none_and_some(dsi, tmp_path):  # noqa: F811
+def test_sweep_receivers_all_none_and_some(dsi, tmp_path):
     """Path patching from the command line: along every path it is ordinary patching, along none the clean
     run, into the last MLP's input only something in between."""
     root, _, _ = dsi

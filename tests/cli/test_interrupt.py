@@ -3,7 +3,6 @@ SIGINT during the commit of an output directory lets the commit finish, then int
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,34 +11,15 @@ import time
 
 import pytest
 
-import genir_jax as gj
 from genir_jax.base import io
 
-QUERIES = ["who wrote the harry potter books", "what is the capital of france", "when did the war end",
-           "how many legs does a spider have", "where is the eiffel tower"]
-DOC_IDS = ["d1", "d2", "d3", "d4", "d5"]
-DIMS = dict(vocab_size=32128, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=3, num_heads=2)
 
-
-@pytest.fixture(scope="module")
-def dsi(tmp_path_factory, t5_tokenizer):
-    from tests.hf_fixtures import HFCheckpointFactory
-
-    root = tmp_path_factory.mktemp("interrupt")
-    directory, _ = HFCheckpointFactory(root)("base", tokenizer=t5_tokenizer, **DIMS)
-    gj.save_pretrained(root / "dsi", gj.add_docid_tokens(gj.load_pretrained(directory), DOC_IDS))
-    (root / "val.json").write_text(json.dumps([{"id": 100 + i, "query": q, "relevant_docs": [DOC_IDS[i]]}
-                                               for i, q in enumerate(QUERIES)]))
-    (root / "correct.json").write_text(json.dumps([[gj.docid_token(DOC_IDS[i]), 100 + i] for i in range(5)]))
-    return root
-
-
-def test_sigint_during_work_exits_130_without_traceback_or_output(dsi, tmp_path):
+def test_sigint_during_work_exits_130_without_traceback_or_output(dsi_root, tmp_path):
     """The console command (`python -m genir_jax.cli.main`, argv from sys.argv) is interrupted once its progress
     bar shows that it is computing."""
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "genir_jax.cli.main", "patch-stages", "-c", str(dsi / "dsi"), "--val-queries",
-               str(dsi / "val.json"), "--correct-valid", str(dsi / "correct.json"), "-o", str(out),
+    command = [sys.executable, "-m", "genir_jax.cli.main", "patch-stages", "-c", str(dsi_root / "dsi"), "--val-queries",
+               str(dsi_root / "val.json"), "--correct-valid", str(dsi_root / "correct.json"), "-o", str(out),
                "--stages", "thirds", "--allow-incorrect"]
     env = dict(os.environ, GENIR_JAX_CACHE="off", PYTHONUNBUFFERED="1")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -81,7 +61,7 @@ def test_sigint_during_a_commit_finishes_it_then_interrupts(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_sigint_in_process_returns_130(dsi, tmp_path, monkeypatch, capsys):
+def test_sigint_in_process_returns_130(dsi_root, tmp_path, monkeypatch, capsys):
     """`genir_jax.cli.main.main([...])` returns 130 (no os._exit when called with an argument list)."""
     from genir_jax.analysis import stage_patching
     from genir_jax.cli.main import main
@@ -90,9 +70,9 @@ def test_sigint_in_process_returns_130(dsi, tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(stage_patching, "run_stage_patching", interrupted)
-    assert main(["patch-stages", "-c", str(dsi / "dsi"), "--val-queries", str(dsi / "val.json"), "--correct-valid",
-                 str(dsi / "correct.json"), "-o", str(tmp_path / "out"), "--stages", "thirds", "--no-progress",
-                 "--allow-incorrect"]) == 130
+    assert main(["patch-stages", "-c", str(dsi_root / "dsi"), "--val-queries", str(dsi_root / "val.json"),
+                 "--correct-valid", str(dsi_root / "correct.json"), "-o", str(tmp_path / "out"), "--stages", "thirds",
+                 "--no-progress", "--allow-incorrect"]) == 130
     assert "interrupted" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
@@ -106,7 +86,7 @@ OUTPUTS = {"sweep": "sweep.json", "patch-stages": "stages.json"}  # the last fil
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_sigint_at_any_early_moment_exits_130_with_one_line_and_no_output(dsi, tmp_path, command):
+def test_sigint_at_any_early_moment_exits_130_with_one_line_and_no_output(dsi_root, tmp_path, command):
     """Ctrl-C while Python loads the modules, while JAX starts, inside JAX's gc callback (where a KeyboardInterrupt
     used to be printed as "Exception ignored" and dropped, the command then finishing and writing its outputs)
     or in its exit clean-up: exit 130 with the one line and nothing written, or exit 0 with complete outputs
@@ -115,8 +95,8 @@ def test_sigint_at_any_early_moment_exits_130_with_one_line_and_no_output(dsi, t
     seen = {}
     for delay in (0.05, 0.2, 0.5, 1.0, 2.0, 3.5):
         out = tmp_path / f"out-{delay}"
-        argv = [command, "-c", str(dsi / "dsi"), "--val-queries", str(dsi / "val.json"), "--correct-valid",
-                str(dsi / "correct.json"), "-o", str(out), "--no-progress", *COMMANDS[command]]
+        argv = [command, "-c", str(dsi_root / "dsi"), "--val-queries", str(dsi_root / "val.json"), "--correct-valid",
+                str(dsi_root / "correct.json"), "-o", str(out), "--no-progress", *COMMANDS[command]]
         # `python -m genir_jax.cli.main ARGV`, with the delay counted from the moment the interpreter has started
         # and imported the parent packages (a busy machine can take longer than the shortest delay to get there;
         # a Ctrl-C in Python's own start-up is Python's to report)

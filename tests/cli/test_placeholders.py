@@ -10,14 +10,13 @@ import pytest
 from genir_jax.base.errors import GenIRError
 from genir_jax.cli.main import main
 from genir_jax.cli.paths import resolve_placeholders
-from tests.cli.test_cli_patching import dsi  # noqa: F401 (the module-scoped tiny DSI checkpoint)
 
 
 @pytest.mark.parametrize("command, extra", [
     ("sweep", ["--sites", "decoder.*.mlp", "--metric", "rank"]),
     ("attribute", ["--sites", "decoder.*.mlp", "--method", "exact", "--metric", "logit"]),
 ])
-def test_defaults_resolve_to_the_checkpoint(dsi, tmp_path, monkeypatch, command, extra):  # noqa: F811
+def test_defaults_resolve_to_the_checkpoint(dsi, tmp_path, monkeypatch, command, extra):
     root, _, _ = dsi
     checkpoint = tmp_path / "model"
     shutil.copytree(root / "dsi", checkpoint)

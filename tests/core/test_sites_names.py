@@ -5,7 +5,8 @@ import pytest
 import genir_jax as gj
 from genir_jax.core.decoder_config import DecoderConfig, gpt2_config
 from genir_jax.core.sites import (
-    COMPONENTS, SiteError, all_site_names, component_site, components, parse_site, site_name, site_shape, stacks,
+    ALL_LAYERS, COMPONENTS, SiteError, all_site_names, component_site, components, expand_site_patterns, layer_sites,
+    num_layers, parse_site, site_name, site_shape, stacks,
 )
 
 CONFIG = gj.t5_v1_1(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=3, num_heads=2)
@@ -67,3 +68,25 @@ def test_decoder_only_components_shapes_and_errors():
         parse_site(DECODER, "decoder.0.hook_mlp_out")
     with pytest.raises(SiteError, match="unknown site 'blocks.0.hook_mlp_out'"):
         parse_site(CONFIG, "blocks.0.hook_mlp_out")
+
+
+@pytest.mark.parametrize("config", [CONFIG, DECODER], ids=["t5", "decoder-only"])
+def test_all_layers_pattern_expands_to_the_per_layer_names(config):
+    """``site_name(stack, local, ALL_LAYERS)`` is the pattern of exactly the names `site_name` builds per layer."""
+    for stack in stacks(config):
+        for local in layer_sites(config, stack):
+            pattern = site_name(stack, local, ALL_LAYERS)
+            assert pattern == f"{stack}.*.{local}"
+            per_layer = [site_name(stack, local, layer) for layer in range(num_layers(config, stack))]
+            assert expand_site_patterns(config, [pattern]) == per_layer
+    last = stacks(config)[-1]  # `components` are those of the last stack's layers
+    for component in components(config):
+        assert (expand_site_patterns(config, [component_site(last, component, ALL_LAYERS)])
+                == [component_site(last, component, layer) for layer in range(num_layers(config, last))])
+
+
+def test_all_layers_pattern_errors():
+    with pytest.raises(SiteError, match="takes no layer"):
+        site_name("encoder", "hook_out", ALL_LAYERS)
+    with pytest.raises(SiteError, match="expected a layer number or ALL_LAYERS"):
+        site_name("decoder", "hook_mlp_out", "2")

@@ -9,7 +9,6 @@ import pytest
 
 from genir_jax.paper import reproduce as rp
 from genir_jax.core.config import T5Config
-from tests.analysis.test_analysis_crattn_writes import dsi  # noqa: F401  (the fixture: a small trained DSI model)
 
 LAYERS = 6  # equal thirds: I = 0-1, II = 2-3, III = 4-5
 
@@ -245,12 +244,12 @@ def test_table6_shows_docids_and_words_with_their_stage(tmp_path):
     assert "Heads of stage II (layers 2-3" in text
 
 
-def test_head_top_tokens_with_docids_equal_a_numpy_logit_lens(dsi):
+def test_head_top_tokens_with_docids_equal_a_numpy_logit_lens(lens_dsi):
     from tests.analysis.test_analysis_crattn_writes import _docid_ids, _numpy_lens
     import genir_jax as gj
     from genir_jax.analysis import cross_attention_writes as cw
 
-    _, model = dsi
+    _, model = lens_dsi
     texts = ["who wrote the harry potter books", "when did the war end"]
     heads = [(3, 1), (1, 0), (2, 1)]
     plain = cw.head_top_tokens(model.config, model.params, model.tokenizer, texts, heads, top=5, progress=False)

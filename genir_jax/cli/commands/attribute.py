@@ -16,10 +16,9 @@ import time
 
 import numpy as np
 
+from genir_jax.analysis.sweep_runs import draw_heatmaps, run_with_store, sweep_description, write_table
 from genir_jax.cli.commands.mesh_options import add_mesh_arguments
-from genir_jax.cli.commands.sweep import (
-    add_sweep_inputs, draw_heatmaps, prepare, run_with_store, sweep_description, write_table,
-)
+from genir_jax.cli.commands.sweep_options import add_sweep_inputs, prepare
 from genir_jax.base.errors import GenIRError
 from genir_jax.interp.metrics import DIFFERENTIABLE_METRICS as DIFFERENTIABLE
 
@@ -94,8 +93,7 @@ def run(args: argparse.Namespace) -> int:
     absolute = None
     if args.method == "exact":
         prep.settings["method"] = "exact"
-        result, store = run_with_store(prep, [metric], [], per_query=args.per_query, config_chunk=args.config_chunk,
-                                       desc="exact effects")
+        result, store = run_with_store(prep, [], per_query=args.per_query, desc="exact effects")
         sweep = result.sweep
         scores = np.asarray(result.aggregates[f"{metric}_effect"], np.float64)
         per_query = (result.values[metric].astype(np.float64) - result.clean[metric][None].astype(np.float64)) \

@@ -68,7 +68,7 @@ def _run_sequence_circuit(layout, settings, config: Config) -> dict:
     from genir_jax.interp.patching import run_sweep
     from genir_jax.docids.retrieval import check_run_covers, rank_docid_sequences
     from genir_jax.docids.sequence_targets import pad_targets, teacher_forced_step_ranks, teacher_forcing_inputs
-    from genir_jax.core.sites import COMPONENT_SITES
+    from genir_jax.core.sites import ALL_LAYERS, COMPONENTS, component_site
 
     inputs = correct_sequence_inputs(layout)
     stages, stages_record, inputs = resolve_stages(config.stages, inputs, settings.progress)
@@ -85,7 +85,7 @@ def _run_sequence_circuit(layout, settings, config: Config) -> dict:
     targets, target_mask = pad_targets(sequences, width)
     circuit = PAPER_CIRCUIT
     means = mean_activations(model.config, model.params, inputs.input_ids, inputs.attention_mask,
-                             [f"decoder.*.{site}" for site in COMPONENT_SITES.values()],
+                             [component_site("decoder", c, ALL_LAYERS) for c in COMPONENTS],
                              decoder_input_ids=teacher_forcing_inputs(val_targets, model.config.decoder_start_token_id),
                              progress=settings.progress) if any(p.mode == "mean" for p in circuit.patches) else None
     sweep = circuit_interventions(model.config, circuit, stages, means)
