@@ -46,9 +46,20 @@ def _resolve(importer: str, is_package: bool, module: str | None, level: int) ->
     return ".".join(base + ([module] if module else []))
 
 
+def _outside_private_module(importer: str, imported: str) -> bool:
+    """Whether `importer` reaches into a private module (``pkg._helpers``) of a package it is not part of:
+    a private module is shared by its package's modules only."""
+    parts = imported.split(".")
+    for index, part in enumerate(parts):
+        if _private(part):
+            return not importer.startswith(".".join(parts[:index]) + ".")
+    return False
+
+
 def private_imports(module: str, path: Path, source: str | None = None) -> list[str]:
     """Uses of another of our modules' private names in one module (its text: `source`, else the file):
-    ``from X import _name`` and ``X._name`` where X is an imported module of ours other than `module`."""
+    ``from X import _name`` and ``X._name`` where X is an imported module of ours other than `module`, and
+    imports from a private module (``pkg._helpers``) outside its package."""
     tree = ast.parse(path.read_text() if source is None else source, filename=str(path))
     is_package = path.name == "__init__.py"
     aliases: dict[str, str] = {}   # local name -> module of ours it is bound to
@@ -56,6 +67,8 @@ def private_imports(module: str, path: Path, source: str | None = None) -> list[
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
+                if _is_ours(alias.name) and _outside_private_module(module, alias.name):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: import {alias.name}")
                 if _is_ours(alias.name):
                     if alias.asname:
                         aliases[alias.asname] = alias.name
@@ -64,6 +77,10 @@ def private_imports(module: str, path: Path, source: str | None = None) -> list[
         elif isinstance(node, ast.ImportFrom):
             source = _resolve(module, is_package, node.module, node.level)
             if not _is_ours(source):
+                continue
+            if _outside_private_module(module, source):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: from {source} import "
+                             + ", ".join(alias.name for alias in node.names))
                 continue
             for alias in node.names:
                 submodule = f"{source}.{alias.name}"
@@ -103,6 +120,13 @@ def test_the_checker_sees_both_kinds_of_private_use():
         "from genir_jax.interp.patching import _hidden", "from genir_jax.interp.sites import _own",
         "genir_jax.interp.patching._x", "genir_jax.interp.sweep._z", "genir_jax.plan.planning._y"]
     assert private_imports("genir_jax.interp.patching", path, "from genir_jax.interp.patching import _a\n") == []
+    reaching = "from genir_jax.paper.experiments._common import STEP\nimport genir_jax.paper.experiments._common\n"
+    report = ROOT / "genir_jax" / "paper" / "report.py"
+    assert [hit.split(": ", 1)[1] for hit in private_imports("genir_jax.paper.report", report, reaching)] == [
+        "from genir_jax.paper.experiments._common import STEP", "import genir_jax.paper.experiments._common"]
+    sibling = ROOT / "genir_jax" / "paper" / "experiments" / "table1_retrieval.py"
+    assert private_imports("genir_jax.paper.experiments.table1_retrieval", sibling,
+                           "from genir_jax.paper.experiments._common import STEP\nfrom ._common import X\n") == []
 
 
 def test_no_module_uses_another_modules_private_names():

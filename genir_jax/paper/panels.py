@@ -23,6 +23,8 @@ import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
 
+REPORT_STAGES_STEP = "patch-stages"  # the run whose stages (Table 3's) every panel of a report shares
+
 
 @dataclasses.dataclass
 class Section:

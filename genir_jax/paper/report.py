@@ -72,7 +72,7 @@ def _stages_note(layout, settings) -> str:
     """Which decoder stages the tables use (`--stages`) and how they were obtained: Table 3's stages.json, which
     every panel shares (for automatic stages: fit and held-out sizes, k and its criterion, bootstrap stability)."""
     from genir_jax.analysis.stages import STAGES_JSON, Stages
-    from genir_jax.paper.experiments._common import REPORT_STAGES_STEP
+    from genir_jax.paper.panels import REPORT_STAGES_STEP
 
     asked = getattr(settings, "stages", None)
     text = (f"Decoder stages: `--stages {asked}`." if asked else

@@ -8,6 +8,7 @@ from genir_jax.analysis.inputs import load_model  # noqa: F401 (re-exported for 
 from genir_jax.analysis.stage_patching import default_stages
 from genir_jax.analysis.stages import STAGES_JSON, Stages
 from genir_jax.core.config import T5Config
+from genir_jax.paper.panels import REPORT_STAGES_STEP  # noqa: F401 (re-exported for the experiment modules)
 
 
 def full_config(layout) -> T5Config:
@@ -19,8 +20,6 @@ def model_description(layout) -> str:
     config = full_config(layout)
     return f"DSI T5, {config.num_layers}+{config.num_decoder_layers} layers, d_model {config.d_model}"
 
-
-REPORT_STAGES_STEP = "patch-stages"  # the run whose stages (Table 3's) every panel of a report shares
 
 
 def stages_of(layout, step: str = REPORT_STAGES_STEP) -> list[list[int]]:
