@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genir_jax.base.program_cache import cached_jit
 from genir_jax.core.config import T5Config
 from genir_jax.core.dropout import Dropout
 from genir_jax.core.modules import MLP, MultiHeadAttention, RelativePositionBias, RMSNorm, partitioned
@@ -426,8 +427,8 @@ def _axis_rules() -> tuple:
                  for name, axis in nn.get_logical_axis_rules())
 
 
-@functools.partial(jax.jit, static_argnames=("config", "specs", "deterministic", "dtype", "axis_rules",
-                                             "fold_cross_attention", "unroll_layers"))
+@cached_jit(static_argnames=("config", "specs", "deterministic", "dtype", "axis_rules", "fold_cross_attention",
+                             "unroll_layers"))
 def _forward(config, params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
              interventions, rngs, specs, deterministic, dtype, axis_rules=(), fold_cross_attention=False,
              unroll_layers=False):
