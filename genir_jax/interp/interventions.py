@@ -141,7 +141,9 @@ def _interventions(masks: Mapping[tuple[str, str], Any], values: Mapping[tuple[s
     iv: Interventions = {}
     for key, mask in masks.items():
         stack, local = key
-        iv.setdefault(stack, {})[local] = Patch(jnp.asarray(mask), values[key])
+        # numpy masks are transferred as they are (jnp.asarray would lower and compile a copy per shape)
+        mask = jax.device_put(mask) if isinstance(mask, np.ndarray) else jnp.asarray(mask)
+        iv.setdefault(stack, {})[local] = Patch(mask, values[key])
     return iv
 
 
