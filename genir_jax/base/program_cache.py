@@ -24,10 +24,12 @@ import inspect
 import os
 import pickle
 import tempfile
+import weakref
 from typing import Any, Callable
 
 _MAGIC = b"genir-jax program v1\n"
 _directory: str | None = None
+_instances: "weakref.WeakSet[CachedJit]" = weakref.WeakSet()
 
 
 def set_program_cache_dir(path: str | os.PathLike | None) -> str | None:
@@ -40,6 +42,13 @@ def set_program_cache_dir(path: str | os.PathLike | None) -> str | None:
 def program_cache_dir() -> str | None:
     """The directory in use, or None when the program cache is off."""
     return _directory
+
+
+def forget_loaded_programs() -> None:
+    """Drop the executables this process has loaded or compiled through the cache (as `jax.clear_caches`
+    drops jit's): the next call reads the directory again, as a new process would."""
+    for instance in list(_instances):
+        instance.loaded.clear()
 
 
 @functools.lru_cache(maxsize=1)
@@ -98,6 +107,7 @@ class CachedJit:
         self.signature = inspect.signature(fun)
         self.loaded: dict[str, Any] = {}  # key digest -> executable, this process
         functools.update_wrapper(self, fun)
+        _instances.add(self)
 
     def lower(self, *args, **kwargs):
         """`jax.jit`'s ``lower`` (planning lowers the programs without running them)."""
@@ -156,6 +166,8 @@ def _flags() -> str:
     import jax
 
     texts = [repr(jax.config.jax_enable_x64), repr(jax.config.jax_default_matmul_precision),
+             repr(jax.config.jax_numpy_rank_promotion), repr(jax.config.jax_numpy_dtype_promotion),
+             repr(jax.config.jax_default_device),
              os.environ.get("XLA_FLAGS", ""), repr(jax.sharding.get_abstract_mesh())]
     try:
         import flax.linen as nn
@@ -189,9 +201,12 @@ def _load(path: str, key: str):
         entry = pickle.loads(body)
         if entry.get("key") != key:
             return None
+        import jax
         from jax.experimental.serialize_executable import deserialize_and_load
 
-        return deserialize_and_load(entry["payload"], entry["in_tree"], entry["out_tree"])
+        by_id = {device.id: device for device in jax.devices()}
+        return deserialize_and_load(entry["payload"], entry["in_tree"], entry["out_tree"],
+                                    execution_devices=[by_id[i] for i in entry["devices"]])
     except Exception:  # noqa: BLE001 (an unusable entry is only a cache miss)
         return None
 
@@ -202,7 +217,9 @@ def _store(path: str, key: str, compiled) -> None:
         from jax.experimental.serialize_executable import serialize
 
         payload, in_tree, out_tree = serialize(compiled)
-        body = pickle.dumps({"key": key, "payload": payload, "in_tree": in_tree, "out_tree": out_tree})
+        devices = [device.id for device in compiled.runtime_executable().local_devices()]  # where it runs
+        body = pickle.dumps({"key": key, "payload": payload, "in_tree": in_tree, "out_tree": out_tree,
+                             "devices": devices})
         os.makedirs(os.path.dirname(path), exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
         try:
