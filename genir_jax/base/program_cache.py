@@ -185,22 +185,62 @@ def cached_jit(fun: Callable | None = None, *, static_argnames: tuple[str, ...] 
     return CachedJit(fun, tuple(static_argnames))
 
 
-def _load(path: str, key: str):
-    """The executable stored at `path` for `key`, or None (missing, another key, corrupted, not loadable)."""
+def cached_value(name: str, key: str, compute: Callable[[], Any]) -> Any:
+    """`compute()`, kept (pickled) in the program cache under `name` and `key` plus the environment (versions,
+    devices, source fingerprint); for traced-once host values such as a model's abstract parameters. Computed
+    anew when the cache is off or the entry unusable."""
+    directory = _directory
+    if directory is None:
+        return compute()
+    key = "\n".join([name, _environment(), key])
+    path = os.path.join(directory, f"{name}-{hashlib.sha256(key.encode()).hexdigest()}.bin")
+    entry = _read_entry(path, key)
+    if entry is not None:
+        return entry["value"]
+    value = compute()
+    try:
+        _write_entry(path, {"key": key, "value": value})
+    except Exception:  # noqa: BLE001 (unpicklable or a full disk: the value is still returned)
+        pass
+    return value
+
+
+def _read_entry(path: str, key: str) -> dict | None:
+    """The entry stored at `path` for `key`, or None (missing, another key, truncated or damaged)."""
     try:
         with open(path, "rb") as handle:
             data = handle.read()
-    except OSError:
-        return None
-    try:
         if not data.startswith(_MAGIC):
             return None
         body = data[len(_MAGIC) + 64:]
         if hashlib.sha256(body).hexdigest().encode() != data[len(_MAGIC):len(_MAGIC) + 64]:
-            return None  # truncated or damaged: never handed to the deserialiser
+            return None  # truncated or damaged: never unpickled
         entry = pickle.loads(body)
-        if entry.get("key") != key:
-            return None
+        return entry if entry.get("key") == key else None
+    except Exception:  # noqa: BLE001 (an unusable entry is only a cache miss)
+        return None
+
+
+def _write_entry(path: str, entry: dict) -> None:
+    """Pickle `entry` to `path` atomically, behind the magic line and the body's sha256."""
+    body = pickle.dumps(entry)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(_MAGIC + hashlib.sha256(body).hexdigest().encode() + body)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _load(path: str, key: str):
+    """The executable stored at `path` for `key`, or None (missing, another key, corrupted, not loadable)."""
+    entry = _read_entry(path, key)
+    if entry is None:
+        return None
+    try:
         import jax
         from jax.experimental.serialize_executable import deserialize_and_load
 
@@ -218,16 +258,7 @@ def _store(path: str, key: str, compiled) -> None:
 
         payload, in_tree, out_tree = serialize(compiled)
         devices = [device.id for device in compiled.runtime_executable().local_devices()]  # where it runs
-        body = pickle.dumps({"key": key, "payload": payload, "in_tree": in_tree, "out_tree": out_tree,
-                             "devices": devices})
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-        try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(_MAGIC + hashlib.sha256(body).hexdigest().encode() + body)
-            os.replace(temporary, path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        _write_entry(path, {"key": key, "payload": payload, "in_tree": in_tree, "out_tree": out_tree,
+                            "devices": devices})
     except Exception:  # noqa: BLE001 (a full disk or an unserialisable program: the run goes on uncached)
         return

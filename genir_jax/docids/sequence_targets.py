@@ -53,8 +53,7 @@ def teacher_forced_logits(config, params, input_ids, attention_mask, targets, in
     from genir_jax.core.model import forward
 
     decoder_inputs = teacher_forcing_inputs(targets, config.decoder_start_token_id)
-    logits = forward(config, params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
-                     jnp.asarray(decoder_inputs), interventions=interventions)
+    logits = forward(config, params, input_ids, attention_mask, decoder_inputs, interventions=interventions)
     return logits.astype(jnp.float32)
 
 

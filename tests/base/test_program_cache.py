@@ -168,3 +168,35 @@ def test_calls_inside_a_trace_and_unkeyable_statics_use_plain_jit(cache_dir):
 
     assert program_cache._static_text(Opaque()) is None
     assert program_cache._static_text(CONFIG) == repr(CONFIG)
+
+
+def test_cached_values_are_kept_keyed_and_recomputed_when_damaged(cache_dir):
+    calls = []
+
+    def compute(value):
+        calls.append(value)
+        return {"shape": (3, value)}
+
+    assert program_cache.cached_value("thing", "a", lambda: compute(1)) == {"shape": (3, 1)}
+    assert program_cache.cached_value("thing", "a", lambda: compute(2)) == {"shape": (3, 1)}  # read back
+    assert program_cache.cached_value("thing", "b", lambda: compute(3)) == {"shape": (3, 3)}  # another key
+    assert calls == [1, 3]
+    for path in cache_dir.iterdir():
+        path.write_bytes(path.read_bytes()[:-3])
+    assert program_cache.cached_value("thing", "a", lambda: compute(4)) == {"shape": (3, 4)}
+    assert calls == [1, 3, 4]
+    program_cache.set_program_cache_dir(None)
+    assert program_cache.cached_value("thing", "a", lambda: compute(5)) == {"shape": (3, 5)}
+
+
+def test_abstract_parameters_come_from_the_cache(cache_dir):
+    from genir_jax.core import model
+
+    config = dataclasses.replace(CONFIG, d_ff=24)  # not yet traced in this process
+    shapes = model.param_shapes(config)
+    assert [p.name.split("-")[0] for p in cache_dir.iterdir()] == ["t5_abstract_variables"]
+    model._abstract_variables.cache_clear()
+    (entry,) = cache_dir.iterdir()
+    before = entry.stat().st_mtime_ns
+    assert model.param_shapes(config) == shapes
+    assert entry.stat().st_mtime_ns == before
