@@ -200,3 +200,15 @@ def test_abstract_parameters_come_from_the_cache(cache_dir):
     before = entry.stat().st_mtime_ns
     assert model.param_shapes(config) == shapes
     assert entry.stat().st_mtime_ns == before
+
+
+def test_releasing_compiled_programs_drops_the_loaded_executables(cache_dir):
+    from genir_jax.paper.reproduce import release_compiled_programs
+
+    double = program_cache.cached_jit(lambda x: x * 2)
+    assert np.array_equal(double(x=np.arange(3.0)), [0.0, 2.0, 4.0])
+    assert len(double.loaded) == 1 and len(os.listdir(cache_dir)) == 1
+    release_compiled_programs()
+    assert not double.loaded
+    assert np.array_equal(double(x=np.arange(3.0)), [0.0, 2.0, 4.0])  # read back from its file
+    assert len(double.loaded) == 1 and len(os.listdir(cache_dir)) == 1
