@@ -88,8 +88,11 @@ def _static_text(value: Any) -> str | None:
 def _leaf_text(leaf: Any) -> str:
     import jax
 
-    if isinstance(leaf, jax.Array):
-        return f"A{leaf.shape}{leaf.dtype}{'w' if leaf.weak_type else ''}{leaf.sharding!r}"
+    if isinstance(leaf, jax.Array):  # a mesh's repr names its axes, not its devices: add them, in mesh order
+        sharding = leaf.sharding
+        mesh = getattr(getattr(sharding, "mesh", None), "device_ids", None)
+        devices = mesh.tolist() if mesh is not None else sorted(d.id for d in sharding.device_set)
+        return f"A{leaf.shape}{leaf.dtype}{'w' if leaf.weak_type else ''}{sharding!r}{devices}"
     if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
         return f"N{tuple(leaf.shape)}{leaf.dtype}"
     return f"P{type(leaf).__name__}"  # a Python scalar: weakly typed

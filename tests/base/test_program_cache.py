@@ -212,3 +212,16 @@ def test_releasing_compiled_programs_drops_the_loaded_executables(cache_dir):
     assert not double.loaded
     assert np.array_equal(double(x=np.arange(3.0)), [0.0, 2.0, 4.0])  # read back from its file
     assert len(double.loaded) == 1 and len(os.listdir(cache_dir)) == 1
+
+
+def test_arrays_on_other_devices_have_other_keys():
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.devices()
+    if len(devices) < 4:
+        pytest.skip("needs 4 devices (tests/conftest.py simulates them)")
+    placed = [jax.device_put(np.ones(4), NamedSharding(Mesh(np.array(group), ("data",)), PartitionSpec("data")))
+              for group in (devices[:2], devices[2:4])]
+    assert program_cache._leaf_text(placed[0]) != program_cache._leaf_text(placed[1])  # same mesh repr
+    assert repr(placed[0].sharding) == repr(placed[1].sharding)
