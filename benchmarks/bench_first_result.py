@@ -108,7 +108,10 @@ def child(argv: list[str], report: str) -> None:
 
 
 def run(command: list[str], cache: pathlib.Path) -> float:
-    env = dict(os.environ, GENIR_JAX_CACHE=str(cache), TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
+    # This checkout's genir_jax, whatever an installed (editable) copy points at
+    path = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = dict(os.environ, GENIR_JAX_CACHE=str(cache), TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1",
+               PYTHONPATH=path)
     start = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     elapsed = time.perf_counter() - start

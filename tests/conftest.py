@@ -50,7 +50,10 @@ def _release_compiled_programs():
     (vm.max_map_count), where an mmap inside the compiler fails and the process dies with SIGSEGV (CI: exit
     139 at 91%). Clearing the caches between modules keeps the count near one module's worth."""
     yield
+    from genir_jax.base.program_cache import forget_loaded_programs
+
     jax.clear_caches()
+    forget_loaded_programs()
     gc.collect()
 
 

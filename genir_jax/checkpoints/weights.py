@@ -18,7 +18,6 @@ import tempfile
 from typing import Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' numpy reader needs)
 import numpy as np
 
@@ -262,7 +261,7 @@ def assemble_params(specs: list[TensorSpec], get_tensor: Callable[[str], np.ndar
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = jnp.asarray(array)
+        node[path[-1]] = jax.device_put(array)  # jnp.asarray would lower and compile a copy per shape
     return params
 
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genir_jax.base.program_cache import cached_jit, cached_value
 from genir_jax.core.config import T5Config
 from genir_jax.core.dropout import Dropout
 from genir_jax.core.modules import MLP, MultiHeadAttention, RelativePositionBias, RMSNorm, partitioned
@@ -410,6 +411,10 @@ def named_cache(config: T5Config, names: Iterable[str], raw: Mapping[str, Mappin
 # --------------------------------------------------------------------------------------------------
 
 def _as_int(array) -> jnp.ndarray:
+    """int32 ids for a jitted step; host arrays stay numpy (jit transfers them, where jnp.asarray would lower
+    and compile a copy per shape)."""
+    if isinstance(array, (np.ndarray, list, tuple)):
+        return np.asarray(array, dtype=np.int32)
     return jnp.asarray(array, dtype=jnp.int32)
 
 
@@ -426,8 +431,8 @@ def _axis_rules() -> tuple:
                  for name, axis in nn.get_logical_axis_rules())
 
 
-@functools.partial(jax.jit, static_argnames=("config", "specs", "deterministic", "dtype", "axis_rules",
-                                             "fold_cross_attention", "unroll_layers"))
+@cached_jit(static_argnames=("config", "specs", "deterministic", "dtype", "axis_rules", "fold_cross_attention",
+                             "unroll_layers"))
 def _forward(config, params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
              interventions, rngs, specs, deterministic, dtype, axis_rules=(), fold_cross_attention=False,
              unroll_layers=False):
@@ -576,9 +581,13 @@ def init_params(config: T5Config, rng: jax.Array | int = 0) -> dict:
 @functools.lru_cache(maxsize=16)
 def _abstract_variables(config: T5Config):
     """Shapes and logical axes of every variable, traced once per config (placing a model's parameters needs
-    both, and each trace of a 24+24-layer init takes about 0.1-0.2 s)."""
-    dummy = jax.ShapeDtypeStruct((1, 2), jnp.int32)
-    return jax.eval_shape(T5(config).init, jax.random.PRNGKey(0), dummy, dummy, dummy)
+    both, and each trace of a 24+24-layer init takes about 0.1-0.2 s), and kept by the program cache across
+    runs (`genir_jax.base.program_cache.cached_value`)."""
+    def trace():
+        dummy = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+        return jax.eval_shape(T5(config).init, jax.random.PRNGKey(0), dummy, dummy, dummy)
+
+    return cached_value("t5_abstract_variables", repr(config), trace)
 
 
 def param_shapes(config: T5Config) -> dict:

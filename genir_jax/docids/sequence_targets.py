@@ -17,6 +17,7 @@ Arrays in, arrays out; `teacher_forced_logits` is the only function that runs th
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -52,8 +53,7 @@ def teacher_forced_logits(config, params, input_ids, attention_mask, targets, in
     from genir_jax.core.model import forward
 
     decoder_inputs = teacher_forcing_inputs(targets, config.decoder_start_token_id)
-    logits = forward(config, params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
-                     jnp.asarray(decoder_inputs), interventions=interventions)
+    logits = forward(config, params, input_ids, attention_mask, decoder_inputs, interventions=interventions)
     return logits.astype(jnp.float32)
 
 
@@ -73,13 +73,25 @@ def sequence_log_prob(logits, targets, mask):
 
 
 def step_ranks(logits, targets, mask):
-    """0-based rank of each target token at its step [N, T] (-1 on padding)."""
-    import jax.numpy as jnp
+    """0-based rank of each target token at its step [N, T] (-1 on padding): one compiled program (kept by the
+    program cache, `genir_jax.base.program_cache`) rather than a dozen eager operations, each lowered per run."""
+    return _step_ranks_program()(logits=logits, targets=targets, mask=mask)
 
-    from genir_jax.interp.metrics import ranks_of_targets
 
-    ranks, _ = ranks_of_targets(jnp.asarray(logits, jnp.float32), jnp.asarray(targets))
-    return jnp.where(jnp.asarray(mask) > 0, ranks, -1)
+@functools.lru_cache(maxsize=1)
+def _step_ranks_program():
+    from genir_jax.base.program_cache import cached_jit
+
+    @cached_jit
+    def step_ranks_program(logits, targets, mask):
+        import jax.numpy as jnp
+
+        from genir_jax.interp.metrics import ranks_of_targets
+
+        ranks, _ = ranks_of_targets(jnp.asarray(logits, jnp.float32), jnp.asarray(targets))
+        return jnp.where(jnp.asarray(mask) > 0, ranks, -1)
+
+    return step_ranks_program
 
 
 def reduce_step_ranks(ranks, mask, how: str = "max"):

@@ -18,7 +18,6 @@ by all configs, or come per query from a source run): see `genir_jax.interp.patc
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
@@ -27,6 +26,7 @@ import numpy as np
 from genir_jax.base.progress import compiling_bar
 
 from genir_jax.base.batching import batches, num_batches
+from genir_jax.base.program_cache import cached_jit
 from genir_jax.core.config import T5Config
 from genir_jax.core.sites import (
     ALL_LAYERS, STACK_SITES, Site, expand_site_patterns, is_decoder_only, num_layers, parse_site, site_name, site_shape,
@@ -141,7 +141,9 @@ def _interventions(masks: Mapping[tuple[str, str], Any], values: Mapping[tuple[s
     iv: Interventions = {}
     for key, mask in masks.items():
         stack, local = key
-        iv.setdefault(stack, {})[local] = Patch(jnp.asarray(mask), values[key])
+        # numpy masks are transferred as they are (jnp.asarray would lower and compile a copy per shape)
+        mask = jax.device_put(mask) if isinstance(mask, np.ndarray) else jnp.asarray(mask)
+        iv.setdefault(stack, {})[local] = Patch(mask, values[key])
     return iv
 
 
@@ -335,7 +337,7 @@ def mean_activations(config: T5Config, params, input_ids, attention_mask, sites:
     return {name: totals[name] / count for name in names}
 
 
-@functools.partial(jax.jit, static_argnames=("config", "names"))
+@cached_jit(static_argnames=("config", "names"))
 def _batch_sums(config: T5Config, names: tuple[str, ...], params, input_ids, attention_mask, decoder_input_ids,
                 weights):
     """Weighted sums over the batch of each site's activation (compiled once per config and site list).

@@ -42,7 +42,6 @@ The few family differences sit in the dispatch functions below (`unembedding_row
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Any, NamedTuple, Sequence
 
@@ -52,6 +51,7 @@ import numpy as np
 from genir_jax.base.progress import compiling_bar
 
 from genir_jax.base.batching import batches, pad_rows
+from genir_jax.base.program_cache import cached_jit
 from genir_jax.core.config import T5Config
 from genir_jax.interp.interventions import FROM_SOURCE, FromSource, InterventionError, validate  # noqa: F401 (re-export)
 from genir_jax.interp.metrics import (  # noqa: F401 (re-exported: the sweep's metrics)
@@ -246,8 +246,8 @@ def decoder_inputs(config, input_ids, targets, target_mask):
     return jnp.concatenate([start, targets[:, :-1]], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "source_config", "source_spec", "metrics", "top_k",
-                                             "window", "partitioner"))
+@cached_jit(static_argnames=("config", "source_config", "source_spec", "metrics", "top_k", "window",
+                             "partitioner"))
 def clean_state(params, source_params, input_ids, attention_mask, source_ids, source_mask, targets, foils,
                  candidates, target_mask=None, *, config, source_config, source_spec, metrics, top_k, window=0,
                  partitioner=None):
@@ -282,8 +282,7 @@ def _clean_state_body(params, source_params, input_ids, attention_mask, source_i
     return state, clean
 
 
-@functools.partial(jax.jit, static_argnames=("config", "plan", "encoder_kind", "paths", "metrics", "top_k",
-                                             "partitioner"))
+@cached_jit(static_argnames=("config", "plan", "encoder_kind", "paths", "metrics", "top_k", "partitioner"))
 def config_chunk_step(params, state, input_ids, attention_mask, targets, foils, candidates, tables, values, index,
                  receivers, start, target_mask=None, *, config, plan, encoder_kind, paths, metrics, top_k,
                  partitioner=None):

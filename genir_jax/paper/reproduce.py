@@ -527,7 +527,10 @@ def release_compiled_programs() -> None:
 
     import jax
 
+    from genir_jax.base.program_cache import forget_loaded_programs
+
     jax.clear_caches()
+    forget_loaded_programs()  # the program cache's executables of this process (their files stay)
     gc.collect()
 
 

@@ -1,5 +1,8 @@
 """A persistent XLA compilation cache, so that a second run with the same shapes skips compiling.
 
+With it, the analyses' programs themselves are kept too (`genir_jax.base.program_cache`, in the
+``programs`` folder of the cache directory), which also skips tracing and lowering them.
+
 The `genir-jax` command enables it for every subcommand (``--no-compile-cache`` or
 ``GENIR_JAX_CACHE=off`` turn it off). The library never enables it on import: it is process-wide JAX
 state, so a library user opts in by calling `enable_compilation_cache()` once, before the first
@@ -13,6 +16,8 @@ model, shape and backend; a stale or foreign entry is simply never looked up.
 from __future__ import annotations
 
 import os
+
+from genir_jax.base.program_cache import set_program_cache_dir
 
 ENV_VAR = "GENIR_JAX_CACHE"
 DISABLED_VALUES = frozenset({"off", "0", "false", "no", "none", "disabled"})
@@ -36,7 +41,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
     0; ``jax_persistent_cache_min_entry_size_bytes`` -1, JAX's "no size limit, no override": 0 would let
     JAX substitute a file-system-dependent minimum). Returns the directory in use, or None when
     ``$GENIR_JAX_CACHE`` disables the cache and no `path` is given (then nothing is changed).
-    Safe to call again; a different path takes effect for the following compilations.
+    Safe to call again; a different path takes effect for the following compilations. Also keeps the
+    compiled programs of `genir_jax.base.program_cache.cached_jit` functions in ``<directory>/programs``.
     """
     directory = os.path.abspath(os.fspath(path)) if path is not None else default_cache_dir()
     if directory is None:
@@ -53,4 +59,5 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     if previous and previous != directory:
         compilation_cache.reset_cache()  # JAX opens its cache once; re-open it at the new place
+    set_program_cache_dir(os.path.join(directory, "programs"))
     return directory

@@ -233,6 +233,10 @@ class Partitioner:
     def __repr__(self):
         return f"Partitioner({self.describe()})"
 
+    def program_key(self) -> str:
+        """What a compiled program depends on (`genir_jax.base.program_cache`): the mesh, its devices, the rules."""
+        return repr((self.mesh.axis_names, self.mesh.device_ids.tolist(), self.rules))
+
     def describe(self) -> str:
         """``data=4,configs=1,model=2``."""
         return _text(dict(zip(self.mesh.axis_names, self.mesh.devices.shape)))

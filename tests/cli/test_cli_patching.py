@@ -138,3 +138,27 @@ def test_bad_input_exits_2_without_outputs(dsi, tmp_path, capsys, problem, messa
     assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_cached_programs_give_the_same_files(dsi, tmp_path):
+    """The command with the program cache (as `genir-jax` keeps it next to the XLA cache): a first run that
+    writes the compiled programs and a second that loads them write the files of a run without it, byte for
+    byte, zero, mean and t5 modes alike."""
+    from genir_jax.base import program_cache
+
+    root, _, t5_dir = dsi
+    extra = ("--modes", "zero,mean,t5", "--t5", str(t5_dir), "--stages", "thirds")
+    assert _run(root, tmp_path / "plain", *extra) == 0
+    program_cache.set_program_cache_dir(tmp_path / "programs")
+    try:
+        for name in ("stored", "loaded"):
+            program_cache.forget_loaded_programs()
+            assert _run(root, tmp_path / name, *extra) == 0
+    finally:
+        program_cache.set_program_cache_dir(None)
+        program_cache.forget_loaded_programs()
+    assert any(path.name.startswith("clean_state-") for path in (tmp_path / "programs").iterdir())
+    for path in sorted((tmp_path / "plain").iterdir()):
+        for name in ("stored", "loaded"):
+            assert (tmp_path / name / path.name).read_bytes() == path.read_bytes(), (name, path.name)
