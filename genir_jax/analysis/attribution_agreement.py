@@ -31,13 +31,15 @@ import numpy as np
 
 from genir_jax.analysis.evidence import Claim, Interval, bootstrap, verdict
 from genir_jax.base.errors import GenIRError
+from genir_jax.core.sites import ALL_LAYERS, site_name
 from genir_jax.interp.attribution import METHODS, MIN_SPEARMAN, spearman_rows, top_overlap_rows
+from genir_jax.interp.interventions import ABLATION_MODES
 
 FAMILIES = ("cross-attention heads", "self-attention heads", "neurons", "layer x component")
-_FAMILY_SITES = {"cross-attention heads": ("decoder.*.cross_attn.hook_z", "head"),
-                 "self-attention heads": ("decoder.*.attn.hook_z", "head"),
-                 "neurons": ("decoder.*.mlp.hook_post", "neuron")}
-MODES = ("zero", "mean")
+_FAMILY_SITES = {"cross-attention heads": (site_name("decoder", "cross_attn.hook_z", ALL_LAYERS), "head"),
+                 "self-attention heads": (site_name("decoder", "attn.hook_z", ALL_LAYERS), "head"),
+                 "neurons": (site_name("decoder", "mlp.hook_post", ALL_LAYERS), "neuron")}
+MODES = ABLATION_MODES[:2]  # zero and mean: the modes both exact patching and attribution take
 METRIC = "logit"
 TOP_SHARE, TOP_MIN, TOP_MAX = 0.1, 3, 100
 MAX_WIDTH = 0.5   # a Spearman interval wider than this decides nothing (`order_verdict`)

@@ -18,7 +18,7 @@ LAYER_COMPONENTS = ("hook_resid_pre", "hook_attn_out", "hook_cross_attn_out", "h
 # What a reader of layer l reads in layer l itself (everything before its own output).
 CURRENT_LAYER = {"mlp": LAYER_COMPONENTS[:4], "cross_attn": LAYER_COMPONENTS[:2]}
 COMPONENT_TYPES = ("attn", "cross_attn", "mlp")
-EMBEDDING = "decoder.0.hook_resid_pre"
+EMBEDDING = site_name("decoder", "hook_resid_pre", 0)  # the embedding, as layer 0 reads it
 RAW_PREFIX = {"mlp": "all_queries_neuron_similarities", "cross_attn": "all_queries_crattn_similarities"}
 RATIO_PREFIX = {"mlp": "neuron_ratio_of_top_k_layers", "cross_attn": "crattn_ratio_of_top_k_layers"}
 SUMMARY_FILE = {"mlp": "neuron_reading_summary.json", "cross_attn": "crattn_reading_summary.json"}

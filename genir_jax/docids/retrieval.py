@@ -42,7 +42,7 @@ from genir_jax.base.errors import CheckpointError, DataError
 from genir_jax.base.io import atomic_path
 from genir_jax.core import decoder_only
 from genir_jax.core.model import forward
-from genir_jax.core.sites import is_decoder_only
+from genir_jax.core.sites import is_decoder_only, site_name
 
 Run = dict[str, list[tuple[str, float]]]   # query id -> [(doc id, score), ...], best first
 METRICS = ("Hits@1", "Hits@10", "Recall@5", "MRR@10", "nDCG@10")
@@ -60,7 +60,7 @@ def docid_step_logits(config, params, input_ids, attention_mask) -> jnp.ndarray:
     end, `decoder_only.last_positions`; rows are right- or left-padded). Only that position is unembedded (no
     [N, T, V] array: under jit the full forward's unused logits are dropped)."""
     if is_decoder_only(config):
-        top = f"blocks.{config.num_layers - 1}.hook_resid_post"  # the residual stream after the last layer
+        top = site_name("blocks", "hook_resid_post", config.num_layers - 1)  # the residual after the last layer
         _, sites = decoder_only.forward_with_cache(config, params, input_ids, attention_mask, cache_sites=[top])
         last = decoder_only.last_positions(attention_mask)
         resid = jnp.take_along_axis(sites[top], last[:, None, None], axis=1)  # [N, 1, D]
