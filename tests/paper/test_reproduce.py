@@ -429,7 +429,8 @@ def test_tiny_naive_reproduction_reports_stage_patching_over_docid_sequences(tmp
     from genir_jax.paper.experiments import registry
 
     atomic_only = [e for e in registry() if not e.handles("naive")]
-    assert len(atomic_only) == 9  # every analysis but Tables 1, 3, 4 and the per-step logit lens (claims included)
+    assert len(atomic_only) == 10  # every analysis but Tables 1, 3, 4 and the per-step logit lens (claims and the
+    # opt-in attribution agreement included)
     assert report.count("Not run: this analysis handles atomic docids") == len(atomic_only)
     circuit = json.loads((layout.analysis("circuit") / "minimal_circuit.json").read_text())
     test_queries = json.loads((out / "data" / "test_queries.json").read_text())
