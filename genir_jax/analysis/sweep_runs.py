@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ import numpy as np
 
 from genir_jax.base.errors import GenIRError, SettingError
 from genir_jax.base.runs import claim_output
+from genir_jax.data.sources import sha256_of
 from genir_jax.interp.metrics import METRIC_TABLE, METRICS as ALL_METRICS
 
 if TYPE_CHECKING:  # loading it imports jax; the commands import this module before parsing their arguments
@@ -79,21 +79,13 @@ def check_output(path: str) -> str:
     return path
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _file_identity(path: str) -> str:
     """sha256 of a small file; size and modification time of a large one (hashing gigabytes of weights on
     every run would cost more than a resumed chunk saves)."""
     status = os.stat(path)
     if status.st_size > HASHED_UP_TO:
         return f"size={status.st_size},mtime_ns={status.st_mtime_ns}"
-    return _sha256(path)
+    return sha256_of(path)
 
 
 def _fingerprint(path: str | None) -> dict | str | None:
