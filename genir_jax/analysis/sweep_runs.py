@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from genir_jax.base.errors import GenIRError, SettingError
+from genir_jax.base.io import sha256_of
 from genir_jax.base.runs import claim_output
-from genir_jax.data.sources import sha256_of
 from genir_jax.interp.metrics import METRIC_TABLE, METRICS as ALL_METRICS
 
 if TYPE_CHECKING:  # loading it imports jax; the commands import this module before parsing their arguments

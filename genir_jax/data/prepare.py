@@ -60,10 +60,10 @@ from genir_jax.data.corpus import (Document, Query, qrels_from_queries, read_doc
                                    validate_documents, validate_queries, write_documents, write_qrels,
                                    write_queries, write_trec_qrels)
 from genir_jax.data.sources import (CRANFIELD_DIR, NQ_DIR, SQUAD_DEV_SHA256, SQUAD_DEV_URL, RawCorpus,
-                                    load_cranfield, load_nq_oracle, load_squad, sha256_of, squad_dev_file)
+                                    load_cranfield, load_nq_oracle, load_squad, squad_dev_file)
 from genir_jax.data.splits import as_fraction, split_groups
 from genir_jax.base.errors import DataError, GenIRError, SettingError
-from genir_jax.base.io import atomic_directory, check_output_dir, read_json, write_json
+from genir_jax.base.io import atomic_directory, check_output_dir, read_json, sha256_of, write_json
 
 DATASETS = ("squad-dev", "nq-oracle", "cranfield", "reference-json")
 SPLIT_SCHEMES = ("nq10k", "per-document", "random")

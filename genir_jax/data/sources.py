@@ -28,7 +28,7 @@ import urllib.request
 
 from genir_jax.data.corpus import Document, Query, json_type, iter_json_lines, read_json
 from genir_jax.base.errors import DataError, MissingDataError
-from genir_jax.base.io import atomic_path
+from genir_jax.base.io import atomic_path, sha256_of
 
 SQUAD_DEV_DIR = "squad-v1.1-dev"
 SQUAD_DEV_FILE = "dev-v1.1.json"
@@ -57,14 +57,6 @@ class RawCorpus:
 # --------------------------------------------------------------------------------------------------
 # Download with a checksum
 # --------------------------------------------------------------------------------------------------
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def download(url: str, destination: str | os.PathLike, sha256: str) -> str:
     """Fetch `url` to `destination` if its SHA-256 matches; otherwise raise and leave nothing behind."""

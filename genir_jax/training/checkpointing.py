@@ -18,8 +18,9 @@ A checkpoint that cannot be read back (truncated or corrupted on disk after it w
 short, a full disk, bit rot) is skipped with a warning and the next older one is used (`_newest_readable`);
 when none is readable, a `CheckpointError` names the directory and each step's error. orbax abandons the
 other reads of a failed restore: their late errors (``Event loop is closed``, the same read error again,
-"exception was never retrieved") would reach stderr at any moment after, so `_quiet_abandoned_reads` drops
-those, and only those, once a read has failed (the error itself is reported once, as above).
+"exception was never retrieved") can reach stderr at any moment once a read has failed, even before the error
+itself has propagated, so `_quiet_abandoned_reads` drops those, and only those, from before the first read on
+(the error itself is reported once, as above).
 """
 
 from __future__ import annotations
@@ -116,12 +117,14 @@ class Checkpoints:
     def _newest_readable(self, step: int, read: Callable[[int], Any], what: str) -> tuple[int, Any]:
         """(s, read(s)) for the newest checkpoint s <= `step` that `read` can read; each one skipped is warned
         about. orbax raises plain `Exception`s for torn files, hence the broad catch (the error is reported)."""
+        # Before the first read, not after a failure: orbax closes its event loop while it raises, and a read it
+        # abandoned can complete into that closed loop before the error reaches the `except` below (CI saw it).
+        _quiet_abandoned_reads()
         failures = []
         for candidate in sorted((s for s in self.periodic.all_steps() if s <= step), reverse=True):
             try:
                 value = read(candidate)
             except Exception as exc:  # noqa: BLE001 - orbax / tensorstore errors have no common type
-                _quiet_abandoned_reads()
                 while exc.__cause__ is not None:  # the innermost error says what is wrong with the files
                     exc = exc.__cause__
                 failures.append(f"step {candidate}: {type(exc).__name__}: {(str(exc) or '?').splitlines()[0][:300]}")
