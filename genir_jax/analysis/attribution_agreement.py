@@ -45,7 +45,8 @@ TOP_SHARE, TOP_MIN, TOP_MAX = 0.1, 3, 100
 MAX_WIDTH = 0.5   # a Spearman interval wider than this decides nothing (`order_verdict`)
 ORDER_CLAIM = Claim(threshold=MIN_SPEARMAN, side="above", max_width=MAX_WIDTH)
 ORDER_RULE = (f"holds when the interval lies wholly above {MIN_SPEARMAN}, undetermined when it is wider than "
-              f"{MAX_WIDTH} (or there is none), does not hold otherwise")
+              f"{MAX_WIDTH}, lies beside its own estimate (a rank correlation of resampled means is biased low) or "
+              "there is none, does not hold otherwise")
 AGREEMENT_JSON = "agreement.json"
 _CHUNK_ELEMENTS = 1 << 23  # resampled means computed this many [resample, unit] entries at a time
 

@@ -185,3 +185,20 @@ def test_every_family_mode_and_method_and_the_record_round_trip(setup, tmp_path)
         assert plain.signed == star.signed  # the QK fix leaves head outputs, neurons and components alone
     agreement.write_attribution_agreement(tmp_path, result)
     assert agreement.read_attribution_agreement(tmp_path) == result
+
+
+def test_a_spearman_interval_beside_its_estimate_decides_nothing():
+    """Resampling queries adds noise to every unit's mean effect, which lowers the Spearman of nearly every
+    resample: near 1 the whole percentile interval can lie below the estimate (here 0.991 [0.899, 0.988]). Such
+    an interval decides nothing; by its bounds alone the order would "hold" (above 0.5, 0.09 wide)."""
+    from genir_jax.analysis.evidence import UNDETERMINED
+
+    rng = np.random.default_rng(1)
+    units, queries = 30, 25
+    exact = rng.normal(0, 0.3, units)[:, None] + rng.standard_cauchy((units, queries)) * 0.5
+    signed = exact + rng.normal(0, 1, (units, queries))
+    magnitude = np.abs(signed) + rng.exponential(1, (units, queries))
+    spearman, _, _ = agreement.agreement_intervals(exact, signed, magnitude, 5, resamples=2000)
+    assert spearman.high < spearman.estimate and not spearman.covers_estimate
+    assert spearman.low > agreement.MIN_SPEARMAN and spearman.width < agreement.MAX_WIDTH
+    assert agreement.order_verdict(spearman) == UNDETERMINED

@@ -70,6 +70,11 @@ def test_verdict_rule():
     wide = Interval(0.2, 0.025, 0.556, 10)
     assert verdict(wide, Claim(paper=0.3, max_width=0.3)) == UNDETERMINED
     assert verdict(Interval(0.5, math.nan, math.nan, 1), Claim(paper=0.5)) == UNDETERMINED
+    # an interval beside its own estimate (a biased statistic under resampling) decides nothing, however narrow
+    beside = Interval(0.49, 0.51, 0.63, 53)
+    assert verdict(beside, Claim(threshold=0.5, side="above")) == UNDETERMINED
+    assert verdict(beside, Claim(paper=0.55)) == UNDETERMINED
+    assert verdict(Interval(0.3 + 1e-12, 0.1, 0.3, 40), Claim(paper=0.2)) == HOLDS  # float rounding is not "beside"
     assert narrow.scaled(100).format(unit="%") == "90.00 [85.00, 95.00]% (n=200)"
     with pytest.raises(GenIRError):
         Claim()
