@@ -11,7 +11,9 @@ the very executable the traced path compiled, so results are identical; anything
 truncated or corrupted file, a failed load) falls back to tracing and rewrites the entry.
 
 Off unless a directory is set (`set_program_cache_dir`); the `genir-jax` command sets one next to the XLA
-cache (`genir_jax.scale.compile_cache.enable_compilation_cache`). Static arguments must have a repr that
+cache (`genir_jax.scale.compile_cache.enable_compilation_cache`). The directory is bounded: every code change
+makes new entries (the source fingerprint is in every key), so after each write the least recently used
+entries (a hit renews an entry's modification time) are removed until the directory is under its size limit. Static arguments must have a repr that
 says what they are (a dataclass, a tuple, ...) or a ``program_key()`` method; one whose repr is the default
 ``<... at 0x...>`` makes the call run the plain jitted function, as does a multi-process run.
 """
@@ -28,14 +30,21 @@ import weakref
 from typing import Any, Callable
 
 _MAGIC = b"genir-jax program v1\n"
+DEFAULT_MAX_BYTES = 4 << 30  # the directory's size limit unless `set_program_cache_dir` is given another
+_PRUNED_TO = 0.8             # a directory over its limit is pruned to this share of it (not after every write)
 _directory: str | None = None
+_max_bytes: int = DEFAULT_MAX_BYTES
 _instances: "weakref.WeakSet[CachedJit]" = weakref.WeakSet()
 
 
-def set_program_cache_dir(path: str | os.PathLike | None) -> str | None:
-    """Keep compiled programs of `cached_jit` functions in `path` (None: off); returns the directory."""
-    global _directory
+def set_program_cache_dir(path: str | os.PathLike | None, max_bytes: int = DEFAULT_MAX_BYTES) -> str | None:
+    """Keep compiled programs of `cached_jit` functions in `path` (None: off), at most about `max_bytes` of
+    them (least recently used first out); returns the directory."""
+    global _directory, _max_bytes
+    if max_bytes < 1:
+        raise ValueError(f"program cache size limit must be positive, got {max_bytes}")
     _directory = None if path is None else os.path.abspath(os.fspath(path))
+    _max_bytes = int(max_bytes)
     return _directory
 
 
@@ -219,9 +228,15 @@ def _read_entry(path: str, key: str) -> dict | None:
         if hashlib.sha256(body).hexdigest().encode() != data[len(_MAGIC):len(_MAGIC) + 64]:
             return None  # truncated or damaged: never unpickled
         entry = pickle.loads(body)
-        return entry if entry.get("key") == key else None
+        if entry.get("key") != key:
+            return None
     except Exception:  # noqa: BLE001 (an unusable entry is only a cache miss)
         return None
+    try:
+        os.utime(path)  # recently used: the last to be pruned
+    except OSError:
+        pass
+    return entry
 
 
 def _write_entry(path: str, entry: dict) -> None:
@@ -236,6 +251,38 @@ def _write_entry(path: str, entry: dict) -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+    prune(os.path.dirname(path), _max_bytes, keep=path)
+
+
+def prune(directory: str, max_bytes: int, keep: str | None = None) -> list[str]:
+    """Remove the least recently used entries of `directory` (oldest modification time first, never `keep`)
+    while it holds more than `max_bytes`, down to `_PRUNED_TO` of it; returns the removed paths. Entries that
+    another process removes meanwhile are skipped (a reader that has one open still reads it whole)."""
+    entries = []
+    for name in os.listdir(directory):
+        if name.endswith(".bin") and not name.startswith(".tmp-"):
+            try:
+                status = os.stat(os.path.join(directory, name))
+            except OSError:
+                continue
+            entries.append((status.st_mtime_ns, name, status.st_size))
+    total = sum(size for _, _, size in entries)
+    if total <= max_bytes:
+        return []
+    removed = []
+    for _, name, size in sorted(entries):
+        if total <= max_bytes * _PRUNED_TO:
+            break
+        path = os.path.join(directory, name)
+        if path == keep:
+            continue
+        try:
+            os.unlink(path)
+        except OSError:
+            continue
+        total -= size
+        removed.append(path)
+    return removed
 
 
 def _load(path: str, key: str):

@@ -11,16 +11,39 @@ compilation that should be cached.
 Where: `path`, else ``$GENIR_JAX_CACHE``, else ``~/.cache/genir-jax/xla``. JAX keys every entry by the
 computation, the JAX/XLA version, the devices and the compile options, so one directory serves every
 model, shape and backend; a stale or foreign entry is simply never looked up.
+
+How much: at most ``$GENIR_JAX_CACHE_MAX_GB`` gigabytes (default 8), half for XLA's executables (JAX evicts
+the least recently used: ``jax_compilation_cache_max_size``) and half for the programs folder (pruned the
+same way by `genir_jax.base.program_cache.prune`). Without a bound the directory would only grow: every change
+of genir_jax's code or of a shape adds entries.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 from genir_jax.base.program_cache import set_program_cache_dir
 
 ENV_VAR = "GENIR_JAX_CACHE"
 DISABLED_VALUES = frozenset({"off", "0", "false", "no", "none", "disabled"})
+SIZE_ENV_VAR = "GENIR_JAX_CACHE_MAX_GB"
+DEFAULT_MAX_GB = 8.0
+
+
+def cache_size_limit() -> int:
+    """The cache directory's size limit in bytes: ``$GENIR_JAX_CACHE_MAX_GB`` gigabytes (a positive number,
+    default `DEFAULT_MAX_GB`), at least one megabyte."""
+    from genir_jax.base.errors import GenIRError
+
+    configured = os.environ.get(SIZE_ENV_VAR, "").strip()
+    try:
+        gigabytes = float(configured) if configured else DEFAULT_MAX_GB
+    except ValueError:
+        gigabytes = math.nan
+    if not (math.isfinite(gigabytes) and gigabytes > 0):
+        raise GenIRError(f"${SIZE_ENV_VAR} must be a positive number of gigabytes, got {configured!r}")
+    return max(1 << 20, int(gigabytes * (1 << 30)))
 
 
 def default_cache_dir() -> str | None:
@@ -57,7 +80,10 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    if previous and previous != directory:
-        compilation_cache.reset_cache()  # JAX opens its cache once; re-open it at the new place
-    set_program_cache_dir(os.path.join(directory, "programs"))
+    limit = cache_size_limit()
+    previous_limit = jax.config.jax_compilation_cache_max_size
+    jax.config.update("jax_compilation_cache_max_size", limit // 2)
+    if (previous and previous != directory) or previous_limit != limit // 2:
+        compilation_cache.reset_cache()  # JAX opens its cache once; re-open it at the new place or size
+    set_program_cache_dir(os.path.join(directory, "programs"), max_bytes=limit - limit // 2)
     return directory

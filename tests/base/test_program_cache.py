@@ -198,9 +198,11 @@ def test_abstract_parameters_come_from_the_cache(cache_dir):
     assert [p.name.split("-")[0] for p in cache_dir.iterdir()] == ["t5_abstract_variables"]
     model._abstract_variables.cache_clear()
     (entry,) = cache_dir.iterdir()
-    before = entry.stat().st_mtime_ns
+    before = entry.stat()
     assert model.param_shapes(config) == shapes
-    assert entry.stat().st_mtime_ns == before
+    after = entry.stat()  # read back, not written again (a write replaces the file: a new inode) ...
+    assert after.st_ino == before.st_ino and after.st_size == before.st_size
+    assert after.st_mtime_ns >= before.st_mtime_ns  # ... and renewed as recently used
 
 
 def test_releasing_compiled_programs_drops_the_loaded_executables(cache_dir):
@@ -226,3 +228,33 @@ def test_arrays_on_other_devices_have_other_keys():
               for group in (devices[:2], devices[2:4])]
     assert program_cache._leaf_text(placed[0]) != program_cache._leaf_text(placed[1])  # same mesh repr
     assert repr(placed[0].sharding) == repr(placed[1].sharding)
+
+
+def test_the_directory_is_pruned_least_recently_used_first(cache_dir):
+    """Every code change adds entries (the source fingerprint is in every key), so the directory is bounded:
+    past its limit the least recently written or read entries go first, down to 80% of the limit."""
+    import time
+
+    def store(name, calls):
+        return program_cache.cached_value("thing", name, lambda: calls.append(name) or b"x" * 100_000)
+
+    program_cache.set_program_cache_dir(cache_dir, max_bytes=350_000)
+    calls = []
+    for name in "abc":
+        store(name, calls)
+    sizes = [path.stat().st_size for path in cache_dir.iterdir()]
+    assert len(sizes) == 3 and all(size > 100_000 for size in sizes)
+    now = time.time()
+    for age, path in zip((300, 200, 100), sorted(cache_dir.iterdir(), key=lambda p: p.stat().st_mtime_ns)):
+        os.utime(path, (now - age, now - age))  # written in the order a, b, c, long ago
+    oldest = {path.name for path in cache_dir.iterdir()}
+    assert store("a", calls) == b"x" * 100_000 and calls == ["a", "b", "c"]  # a hit renews a
+    store("d", calls)  # 4 entries > 350 kB: the least recently used (b, then c) go, down to 280 kB
+    assert len(list(cache_dir.iterdir())) == 2
+    store("a", calls)
+    assert calls == ["a", "b", "c", "d"]  # a and d are still there
+    store("b", calls)
+    assert calls == ["a", "b", "c", "d", "b"]  # b was removed: computed again
+    assert len(oldest & {path.name for path in cache_dir.iterdir()}) >= 1
+    with pytest.raises(ValueError, match="size limit must be positive"):
+        program_cache.set_program_cache_dir(cache_dir, max_bytes=0)

@@ -135,3 +135,22 @@ def test_console_command_skips_interpreter_teardown_but_not_its_output(tmp_path)
     assert summary["decoder_layers"] == 1 and summary["vocab_size"] == 64
     # in-process calls (argv given) return normally
     assert cli.main(["--no-compile-cache", "inspect", "--checkpoint", str(tmp_path / "ckpt")]) == 0
+
+
+def test_the_compilation_cache_is_bounded(tmp_path):
+    """$GENIR_JAX_CACHE_MAX_GB bounds the cache directory: half for XLA's executables (JAX evicts the least
+    recently used), half for the programs folder; a bad value is one line, exit 2."""
+    code = ("import jax\nfrom genir_jax.scale.compile_cache import enable_compilation_cache\n"
+            "from genir_jax.base import program_cache\n"
+            "enable_compilation_cache()\n"
+            "print(jax.config.jax_compilation_cache_max_size, program_cache._max_bytes)\n")
+    assert _python(code, GENIR_JAX_CACHE=str(tmp_path / "xla")).split() == [str(4 << 30), str(4 << 30)]
+    half = str((1 << 30) // 4)
+    assert _python(code, GENIR_JAX_CACHE=str(tmp_path / "xla"), GENIR_JAX_CACHE_MAX_GB="0.5").split() == [half, half]
+    for bad in ("-1", "lots", "nan", "0"):
+        done = subprocess.run([sys.executable, "-m", "genir_jax.cli.main", "inspect", "--checkpoint", str(tmp_path)],
+                              capture_output=True, text=True, cwd=os.getcwd(),
+                              env={**os.environ, "GENIR_JAX_CACHE": str(tmp_path / "xla"), "GENIR_JAX_CACHE_MAX_GB": bad})
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines() == [
+            f"genir-jax inspect: error: $GENIR_JAX_CACHE_MAX_GB must be a positive number of gigabytes, got {bad!r}"]
