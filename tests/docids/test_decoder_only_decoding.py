@@ -1,0 +1,108 @@
+"""Beam search for decoder-only models (genir_jax.docids.decoding.beam_search with a `DecoderConfig`) against
+transformers' generate on random GPT-2 and Llama checkpoints, with and without a docid trie."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from genir_jax.base.errors import GenIRError
+from genir_jax.docids.decoding import DocidTrie, beam_search
+from tests.decoder_fixtures import build_torch_causal_lm, padded_causal_batch, save_causal_lm
+
+EOS = 2
+LENGTHS = [5, 3, 7, 4, 6, 2]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def models(request, tmp_path_factory):
+    """A random transformers causal LM (EOS id 2, made likely) and the same checkpoint loaded by genir-jax."""
+    import torch
+
+    from genir_jax.checkpoints.decoder_hf import load_decoder_only
+
+    kind = request.param
+    model = build_torch_causal_lm(kind, seed=0, vocab_size=24, eos_token_id=EOS, bos_token_id=1)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[EOS] *= 3.0
+    directory = save_causal_lm(model, tmp_path_factory.mktemp("dec-beam") / kind)
+    return model, load_decoder_only(str(directory), load_tokenizer=False)
+
+
+def _generate(model, ids, mask, max_new_tokens, **kwargs):
+    import torch
+
+    with torch.no_grad():
+        return model.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,
+                              max_new_tokens=max_new_tokens, pad_token_id=EOS, eos_token_id=EOS,
+                              output_scores=True, return_dict_in_generate=True, **kwargs)
+
+
+def _expected(ref, ids, mask, beams, max_new_tokens):
+    """transformers' sequences (prompt + generated) as beam_search returns them: [N, R, 1 + max_new_tokens],
+    column 0 each prompt's last token, EOS-padded after the first EOS; and the scores [N, R]."""
+    prompt = ids.shape[1]
+    generated = ref.sequences.numpy()[:, prompt:].reshape(len(ids), beams, -1)
+    out = np.full(generated.shape[:2] + (1 + max_new_tokens,), EOS, dtype=np.int64)
+    out[:, :, 1:1 + generated.shape[2]] = generated
+    out[:, :, 0] = ids[:, -1][:, None]  # left-padded: the last column is every prompt's last token
+    return out, ref.sequences_scores.numpy().reshape(len(ids), beams)
+
+
+def _random_docids(rng, count, lengths, tokens):
+    seen = set()
+    while len(seen) < count:
+        n = int(rng.integers(lengths[0], lengths[1] + 1))
+        seen.add(tuple(int(t) for t in rng.choice(tokens, size=n - 1)) + (EOS,))
+    return sorted(seen)
+
+
+@pytest.mark.parametrize("early_stopping, length_penalty", [(False, 1.0), ("never", 2.0)])
+def test_beam_search_equals_transformers_generate(models, early_stopping, length_penalty):
+    torch_model, model = models
+    ids, mask = padded_causal_batch(24, LENGTHS, "left", seed=1)
+    beams, new = 4, 6
+    ref = _generate(torch_model, ids, mask, new, num_beams=beams, num_return_sequences=beams,
+                    early_stopping=early_stopping, length_penalty=length_penalty)
+    out = beam_search(model.config, model.params, ids, mask, num_beams=beams, max_length=new + 1,
+                      early_stopping=early_stopping, length_penalty=length_penalty)
+    sequences, scores = _expected(ref, ids, mask, beams, new)
+    np.testing.assert_array_equal(np.asarray(out.sequences), sequences)
+    np.testing.assert_allclose(np.asarray(out.scores), scores, rtol=0, atol=1e-4)
+    assert (sequences[:, :, 1:] == EOS).any(-1).sum() >= 3  # finished hypotheses took part
+
+
+def test_trie_beam_search_equals_transformers_prefix_allowed_tokens(models):
+    """Right-padded prompts (the DSI layout) give what transformers gives the same prompts left-padded."""
+    torch_model, model = models
+    trie = DocidTrie(_random_docids(np.random.default_rng(5), 25, (2, 5), np.arange(3, 9)), eos_id=EOS)
+    ids, mask = padded_causal_batch(24, LENGTHS, "left", seed=2)
+    prompt = ids.shape[1]
+
+    def allowed(_, prefix):
+        return trie.allowed(prefix[prompt:].tolist()) or [0]  # dead beams (score -inf) never matter
+
+    ref = _generate(torch_model, ids, mask, 5, num_beams=4, num_return_sequences=4, prefix_allowed_tokens_fn=allowed)
+    sequences, scores = _expected(ref, ids, mask, 4, 5)
+    assert np.isfinite(scores).all()
+    out = beam_search(model.config, model.params, ids, mask, num_beams=4, max_length=6, trie=trie)
+    np.testing.assert_array_equal(np.asarray(out.sequences), sequences)
+    np.testing.assert_allclose(np.asarray(out.scores), scores, rtol=0, atol=1e-4)
+
+    right_ids, right_mask = np.zeros_like(ids), np.zeros_like(mask)
+    for row, length in enumerate(LENGTHS):
+        right_ids[row, :length], right_mask[row, :length] = ids[row, -length:], 1
+    right = beam_search(model.config, model.params, right_ids, right_mask, num_beams=4, max_length=6, trie=trie)
+    np.testing.assert_array_equal(np.asarray(right.sequences), sequences)
+    np.testing.assert_allclose(np.asarray(right.scores), scores, rtol=0, atol=1e-4)
+    assert (trie.index_of(sequences) >= 0).all()
+
+
+def test_decoder_only_refusals(models):
+    _, model = models
+    ids, mask = padded_causal_batch(24, [3, 2], "left")
+    with pytest.raises(GenIRError, match="not supported for decoder-only models"):
+        beam_search(model.config, model.params, ids, mask, num_beams=2, max_length=3, interventions={"blocks": {}})
+    with pytest.raises(GenIRError, match="EOS id 1 is not the model's"):
+        beam_search(model.config, model.params, ids, mask, num_beams=2, max_length=3, trie=DocidTrie([[3, 1]]))
