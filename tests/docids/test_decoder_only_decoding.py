@@ -106,3 +106,36 @@ def test_decoder_only_refusals(models):
         beam_search(model.config, model.params, ids, mask, num_beams=2, max_length=3, interventions={"blocks": {}})
     with pytest.raises(GenIRError, match="EOS id 1 is not the model's"):
         beam_search(model.config, model.params, ids, mask, num_beams=2, max_length=3, trie=DocidTrie([[3, 1]]))
+
+
+def test_worst_step_ranks_of_a_decoder_only_model_equal_a_loop_of_single_forwards(models):
+    """Teacher-forced prompt + docid tokens (one forward, prompts right- or left-padded) against one forward of
+    the prompt and the gold prefix per step, ranking the gold token over the whole vocabulary."""
+    from genir_jax.core.decoder_only import forward
+    from genir_jax.docids.sequence_targets import greedy_consistent, worst_step_ranks
+
+    _, model = models
+    ids, mask = padded_causal_batch(24, LENGTHS, "right", seed=4)
+    rng = np.random.default_rng(3)
+    sequences = [[int(t) for t in rng.integers(3, 24, size=n - 1)] + [EOS] for n in (1, 3, 2, 4, 3, 2)]
+    expected = []
+    for row, sequence in enumerate(sequences):
+        prompt = ids[row, :LENGTHS[row]].tolist()
+        worst = 0
+        for step, token in enumerate(sequence):
+            logits = np.asarray(forward(model.config, model.params, np.array([prompt + sequence[:step]])))[0, -1]
+            worst = max(worst, int((logits > logits[token]).sum()))
+        expected.append(worst)
+    assert max(expected) > 0
+    ranks = worst_step_ranks(model.config, model.params, ids, mask, sequences, batch_size=4)
+    np.testing.assert_array_equal(ranks, expected)
+    left_ids, left_mask = np.zeros_like(ids), np.zeros_like(mask)
+    for row, length in enumerate(LENGTHS):
+        left_ids[row, -length:], left_mask[row, -length:] = ids[row, :length], 1
+    np.testing.assert_array_equal(worst_step_ranks(model.config, model.params, left_ids, left_mask, sequences),
+                                  expected)
+    # the greedy (top-1 at every step) docid of each prompt is consistent; its beam-1 search finds it
+    out = beam_search(model.config, model.params, ids, mask, num_beams=1, max_length=5)
+    greedy = [[int(t) for t in row[1:]] for row in np.asarray(out.sequences)[:, 0]]
+    greedy = [row[:row.index(EOS) + 1] if EOS in row else row for row in greedy]
+    assert greedy_consistent(model.config, model.params, ids, mask, greedy).all()
