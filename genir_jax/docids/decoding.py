@@ -58,6 +58,7 @@ import numpy as np
 
 from genir_jax.core.config import T5Config
 from genir_jax.core.decoder_config import DecoderConfig
+from genir_jax.core.decoder_only import DecoderOnlyCache, decode_step, init_kv_cache, last_positions
 from genir_jax.base.errors import GenIRError
 from genir_jax.core.model import T5, Params
 from genir_jax.core.sites import STACK_SITES
@@ -453,8 +454,6 @@ def _beam_search(config, params, input_ids, attention_mask, encoder_patches, dec
 @functools.partial(jax.jit, static_argnames=("config",) + _SEARCH_OPTIONS)
 def _decoder_only_beam_search(config, params, input_ids, attention_mask, trie=None, **options):
     """Decoder-only: the prompts once (their cache repeated for every beam), then one token per step."""
-    from genir_jax.core.decoder_only import DecoderOnlyCache, decode_step, init_kv_cache, last_positions
-
     K, T = options["num_beams"], options["max_length"]
     B, S = input_ids.shape
     slots = S + T - 2  # the prompt, then every generated token but the last

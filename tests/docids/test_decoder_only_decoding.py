@@ -58,7 +58,7 @@ def _random_docids(rng, count, lengths, tokens):
     return sorted(seen)
 
 
-@pytest.mark.parametrize("early_stopping, length_penalty", [(False, 1.0), ("never", 2.0)])
+@pytest.mark.parametrize("early_stopping, length_penalty", [(False, 1.0), (True, 1.0), ("never", 2.0)])
 def test_beam_search_equals_transformers_generate(models, early_stopping, length_penalty):
     torch_model, model = models
     ids, mask = padded_causal_batch(24, LENGTHS, "left", seed=1)
