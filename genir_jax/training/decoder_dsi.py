@@ -42,9 +42,9 @@ from genir_jax.docids.tokens import docid_token_ids
 PROMPT = " Document:"  # the reference's separator between the text and the docid
 
 
-def check_model_type(model_type: str, docids: str | None = None) -> bool:
+def check_model_type(model_type: str) -> bool:
     """Whether `model_type` (one of `genir_jax.base.options.MODEL_TYPES`) is "decoder"; an unknown type is a
-    `SettingError` naming ``model_type``. (`docids`: kept for callers; every scheme works with both families.)"""
+    `SettingError` naming ``model_type``. Every docid scheme works with both families."""
     from genir_jax.base.options import MODEL_TYPES
 
     if model_type not in MODEL_TYPES:

@@ -218,7 +218,7 @@ def finetune(base: PretrainedModel, documents: Sequence[Document], splits: Mappi
             raise DataError(f"DSI training needs {name} queries (the prepared directory has none)")
     scheme = scheme or DocidScheme("atomic")
     doc_ids = [doc.id for doc in documents]
-    decoder = check_model_type("decoder" if is_decoder_only(base.config) else "encoder-decoder", scheme.name)
+    decoder = is_decoder_only(base.config)
     if scheme.multi_token:
         trie = docid_trie(scheme, base.tokenizer, doc_ids, scheme.source or scheme.name, decoder_only=decoder)
         model = base if settings.dropout_rate is None or decoder else base.replace(
@@ -315,7 +315,7 @@ def train_dsi(data: str | os.PathLike, base: str | os.PathLike, output: str | os
     from genir_jax.training.presets import paper_regime as in_paper_regime
 
     output, data, base = os.fspath(output), os.fspath(data), os.fspath(base)
-    decoder = check_model_type(model_type, docids)  # refused before anything is loaded
+    decoder = check_model_type(model_type)  # refused before anything is loaded
     check_writable(output, "output")
     chosen = get_preset(preset)
     settings = chosen.dsi
@@ -349,7 +349,6 @@ def train_dsi(data: str | os.PathLike, base: str | os.PathLike, output: str | os
         raise SettingError("{0}: documents %s are not in %s/documents.json" % (unknown[:5], data), "remove")
     scheme = prepared_scheme(data, [doc.id for doc in documents], docids=docids,
                              semantic_docid_mapping=semantic_docid_mapping)
-    check_model_type(model_type, scheme.name)  # a directory prepared for naive / semantic docids
     model = load_model_of_type(base, model_type)
     if model.tokenizer is None:
         raise CheckpointError(f"{base}: no tokenizer files; the base model must come with its tokenizer")

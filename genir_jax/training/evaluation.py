@@ -153,7 +153,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
     from genir_jax.training.decoder_dsi import check_model_type, load_model_of_type
 
     check_name(name)  # first: a bad name is refused before any file is looked at
-    decoder = check_model_type(model_type, docids)  # refused before anything is loaded
+    decoder = check_model_type(model_type)  # refused before anything is loaded
     if decoder and reference_mode:
         raise SettingError("{0} reproduces the reference's T5 evaluation; decoder-only models ({1} decoder) are "
                            "ranked as the reference does already (logits at the last prompt token)",
@@ -177,7 +177,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
         name = "valid" if prepared is None or split == "val" else split
     common = dict(checkpoint=checkpoint, output=output, queries=judged, qrels=qrels_, qrels_source=qrels_source,
                   queries_path=queries_path, qrels_path=qrels_path, max_length=max_length, name=name)
-    check_model_type(model_type, scheme.name)  # a checkpoint that records naive / semantic docids
     if scheme.multi_token:
         if reference_mode:
             raise SettingError("{0} applies to atomic docids; naive / semantic docids are ranked by beam search "
