@@ -43,8 +43,11 @@ alike; padding after EOS is the model's ``pad_token_id``, else its EOS (what tra
 step's logits are those at each prompt's last real token (`last_positions`), so prompts may be left- or
 right-padded (the DSI layout), with the same result. It equals transformers' ``generate(num_beams=K,
 max_new_tokens=max_length - 1, prefix_allowed_tokens_fn=..., ...)`` on left-padded prompts, whose generated
-length (the length penalty's) excludes the prompt (tests/docids/test_decoder_only_decoding.py). No
-interventions for decoder-only models yet.
+length (the length penalty's) excludes the prompt (tests/docids/test_decoder_only_decoding.py).
+Interventions (stack ``blocks``) apply to the prompt and to every step, validated as for a forward over the
+cache's ``S + max_length - 2`` slots: a position axis indexes cache slots (the prompt's columns, then the
+generated tokens), so with right-padded prompts a patch meant for the first generated token's sequence
+position is not at that slot; per-query values follow the query's beams.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from genir_jax.core.decoder_config import DecoderConfig
 from genir_jax.core.decoder_only import DecoderOnlyCache, decode_step, init_kv_cache, last_positions
 from genir_jax.base.errors import GenIRError
 from genir_jax.core.model import T5, Params
-from genir_jax.core.sites import STACK_SITES
+from genir_jax.core.sites import BLOCKS, STACK_SITES
 from genir_jax.core.taps import Patch
 from genir_jax.core.validation import validate
 
@@ -230,10 +233,13 @@ def beam_search(
                    length_penalty=float(length_penalty), early_stopping=early_stopping,
                    renormalize=bool(renormalize), max_children=max_children)
     if isinstance(config, DecoderConfig):
+        slots = input_ids.shape[1] + max_length - 2  # the prompt, then every generated token but the last
         if interventions:
-            raise GenIRError("beam_search: interventions are not supported for decoder-only models yet")
-        sequences, scores = _decoder_only_beam_search(config, params, input_ids, attention_mask, trie_arrays,
-                                                      **options)
+            validate(config, interventions, input_ids.shape[0], slots, slots)
+        blocks = dict((interventions or {}).get(BLOCKS) or {}) or None
+        sequences, scores = _decoder_only_beam_search(
+            config, params, input_ids, attention_mask, blocks, _follow_beams(blocks, input_ids.shape[0], num_beams),
+            trie_arrays, **options)
         return BeamSearchOutput(sequences, scores)
     if interventions:
         validate(config, interventions, input_ids.shape[0], input_ids.shape[1], max_length - 1)
@@ -452,14 +458,16 @@ def _beam_search(config, params, input_ids, attention_mask, encoder_patches, dec
 
 
 @functools.partial(jax.jit, static_argnames=("config",) + _SEARCH_OPTIONS)
-def _decoder_only_beam_search(config, params, input_ids, attention_mask, trie=None, **options):
+def _decoder_only_beam_search(config, params, input_ids, attention_mask, prompt_patches, beam_patches, trie=None,
+                              **options):
     """Decoder-only: the prompts once (their cache repeated for every beam), then one token per step."""
     K, T = options["num_beams"], options["max_length"]
     B, S = input_ids.shape
     slots = S + T - 2  # the prompt, then every generated token but the last
     key_mask = jnp.concatenate([attention_mask, jnp.ones((B, T - 2), jnp.int32)], axis=1)
     cache = init_kv_cache(config, B, slots, dtype=params["embed"].dtype)
-    logits, cache = decode_step(config, params, input_ids, cache, 0, key_mask)
+    logits, cache = decode_step(config, params, input_ids, cache, 0, key_mask,
+                                {BLOCKS: prompt_patches} if prompt_patches else None)
     last = last_positions(attention_mask)
     rows = jnp.arange(B)
     first_logits = jnp.repeat(logits[rows, last].astype(jnp.float32), K, axis=0)
@@ -467,7 +475,8 @@ def _decoder_only_beam_search(config, params, input_ids, attention_mask, trie=No
     beam_key_mask = jnp.repeat(key_mask, K, axis=0)
 
     def advance(column, tokens, cache):  # generated token `column` goes to the slot after the prompt's
-        logits, cache = decode_step(config, params, tokens[:, None], cache, S + column - 1, beam_key_mask)
+        logits, cache = decode_step(config, params, tokens[:, None], cache, S + column - 1, beam_key_mask,
+                                    {BLOCKS: beam_patches} if beam_patches else None)
         return logits[:, 0].astype(jnp.float32), cache
 
     def reorder(cache, rows):

@@ -99,13 +99,53 @@ def test_trie_beam_search_equals_transformers_prefix_allowed_tokens(models):
     assert (trie.index_of(sequences) >= 0).all()
 
 
+def test_single_beam_with_interventions_is_patched_greedy_decoding(models):
+    """A zeroed MLP and a per-query replacement of a residual stream (its batch axis following the beams) apply
+    to the prompt and to every step, as in a forward over the whole sequence."""
+    from genir_jax.core.decoder_only import forward
+    from genir_jax.core.taps import Patch
+    from genir_jax.interp import interventions as ivs
+
+    _, model = models
+    config = model.config
+    ids = np.random.default_rng(8).integers(3, 24, size=(4, 5))
+    mask = np.ones_like(ids)
+    layers = config.num_layers
+    blend = np.zeros((layers, 4, 1, 1), np.float32)
+    blend[1] = 0.7
+    value = np.random.default_rng(9).normal(size=(layers, 4, 1, config.d_model)).astype(np.float32)
+    patches = ivs.combine(ivs.zero_ablation(config, ["blocks.0.hook_mlp_out"]),
+                          {"blocks": {"hook_resid_post": Patch(blend, value)}})
+    new = 5
+    out = beam_search(config, model.params, ids, mask, num_beams=1, max_length=new + 1, interventions=patches)
+    sequence, done = ids.copy(), np.zeros(len(ids), bool)
+    for _ in range(new):
+        logits = np.asarray(forward(config, model.params, sequence, interventions=patches))[:, -1]
+        token = np.where(done, EOS, logits.argmax(-1))
+        done |= token == EOS
+        sequence = np.concatenate([sequence, token[:, None]], axis=1)
+    expected = np.concatenate([ids[:, -1:], sequence[:, ids.shape[1]:]], axis=1)
+    np.testing.assert_array_equal(np.asarray(out.sequences[:, 0]), expected)
+    plain = beam_search(config, model.params, ids, mask, num_beams=1, max_length=new + 1)
+    assert not np.array_equal(np.asarray(plain.sequences), np.asarray(out.sequences))  # the patches matter
+    beams = beam_search(config, model.params, ids, mask, num_beams=3, max_length=new + 1, interventions=patches)
+    for row in range(len(ids)):  # each query alone, with its own patch value: what its beams saw in the batch
+        alone = ivs.combine(ivs.zero_ablation(config, ["blocks.0.hook_mlp_out"]),
+                            {"blocks": {"hook_resid_post": Patch(blend[:, row:row + 1], value[:, row:row + 1])}})
+        single = beam_search(config, model.params, ids[row:row + 1], mask[row:row + 1], num_beams=3,
+                             max_length=new + 1, interventions=alone)
+        np.testing.assert_array_equal(np.asarray(single.sequences[0]), np.asarray(beams.sequences[row]))
+        np.testing.assert_allclose(np.asarray(single.scores[0]), np.asarray(beams.scores[row]), rtol=0, atol=1e-5)
+
+
 def test_decoder_only_refusals(models):
     _, model = models
     ids, mask = padded_causal_batch(24, [3, 2], "left")
-    with pytest.raises(GenIRError, match="not supported for decoder-only models"):
-        beam_search(model.config, model.params, ids, mask, num_beams=2, max_length=3, interventions={"blocks": {}})
     with pytest.raises(GenIRError, match="EOS id 1 is not the model's"):
         beam_search(model.config, model.params, ids, mask, num_beams=2, max_length=3, trie=DocidTrie([[3, 1]]))
+    with pytest.raises(GenIRError, match="unknown site"):
+        beam_search(model.config, model.params, ids, mask, num_beams=2, max_length=3,
+                    interventions={"blocks": {"hook_nope": None}})
 
 
 def test_worst_step_ranks_of_a_decoder_only_model_equal_a_loop_of_single_forwards(models):
