@@ -34,6 +34,20 @@ position axis applies at the step's position, as a teacher-forced forward applie
 values (batch axis N) follow the query's beams. So a circuit can be evaluated by retrieval.
 Limitations: no dropout, computation in the parameters' dtype, one EOS id. A decoder patch that reads
 later positions (e.g. self-attention scores on keys after the query) sees the cache's zeros there.
+
+Decoder-only models (a `DecoderConfig`: GPT-2, Llama, Qwen2) go through the same search: the prompts run once
+(`genir_jax.core.decoder_only.decode_step` at slot 0, the key/value cache then repeated for every beam), then
+one token per step. Column 0 of the returned sequences is each prompt's last token (in the place of T5's start
+token), so `max_length` again counts one more than the generated tokens and `DocidTrie.index_of` reads both
+alike; padding after EOS is the model's ``pad_token_id``, else its EOS (what transformers pads with). The first
+step's logits are those at each prompt's last real token (`last_positions`), so prompts may be left- or
+right-padded (the DSI layout), with the same result. It equals transformers' ``generate(num_beams=K,
+max_new_tokens=max_length - 1, prefix_allowed_tokens_fn=..., ...)`` on left-padded prompts, whose generated
+length (the length penalty's) excludes the prompt (tests/docids/test_decoder_only_decoding.py).
+Interventions (stack ``blocks``) apply to the prompt and to every step, validated as for a forward over the
+cache's ``S + max_length - 2`` slots: a position axis indexes cache slots (the prompt's columns, then the
+generated tokens), so with right-padded prompts a patch meant for the first generated token's sequence
+position is not at that slot; per-query values follow the query's beams.
 """
 
 from __future__ import annotations
@@ -46,9 +60,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from genir_jax.core.config import T5Config
+from genir_jax.core.decoder_config import DecoderConfig
+from genir_jax.core.decoder_only import DecoderOnlyCache, decode_step, init_kv_cache, last_positions
 from genir_jax.base.errors import GenIRError
 from genir_jax.core.model import T5, Params
-from genir_jax.core.sites import STACK_SITES
+from genir_jax.core.sites import BLOCKS, STACK_SITES
 from genir_jax.core.taps import Patch
 from genir_jax.core.validation import validate
 
@@ -162,7 +178,7 @@ class BeamSearchOutput(NamedTuple):
 
 
 def beam_search(
-    config: T5Config,
+    config: T5Config | DecoderConfig,
     params: Params,
     input_ids,
     attention_mask,
@@ -178,8 +194,9 @@ def beam_search(
 ) -> BeamSearchOutput:
     """Beam search over queries ``input_ids`` / ``attention_mask`` ([N, S]); see the module docstring.
 
-    `max_length` counts the decoder start token (transformers' meaning): at most ``max_length - 1`` tokens
-    are generated. With a `trie` it must leave room for the longest docid. `num_return` defaults to
+    `config`: a `T5Config` or a decoder-only `DecoderConfig` (prompts ``input_ids``, left- or right-padded).
+    `max_length` counts the decoder start token (transformers' meaning; for a decoder-only model, the prompt's
+    last token, i.e. ``max_new_tokens + 1``): at most ``max_length - 1`` tokens are generated. With a `trie` it must leave room for the longest docid. `num_return` defaults to
     `num_beams`. Defaults (``length_penalty=1.0``, ``early_stopping=False``) are transformers'.
     `interventions`: patches of any encoder or decoder site (see the module docstring).
     """
@@ -197,6 +214,8 @@ def beam_search(
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
         raise GenIRError(f"beam_search: input_ids and attention_mask must both be [N, S], got "
                          f"{input_ids.shape} and {attention_mask.shape}")
+    if isinstance(config, DecoderConfig) and config.eos_token_id is None:
+        raise GenIRError("beam_search: the decoder-only model has no eos_token_id (its config.json names none)")
     if trie is not None:
         if trie.eos_id != config.eos_token_id:
             raise GenIRError(f"beam_search: the trie's EOS id {trie.eos_id} is not the model's "
@@ -210,15 +229,24 @@ def beam_search(
         trie_arrays, max_children = trie.arrays(), trie.max_children
     else:
         trie_arrays, max_children = None, 0
+    options = dict(num_beams=num_beams, max_length=max_length, num_return=num_return,
+                   length_penalty=float(length_penalty), early_stopping=early_stopping,
+                   renormalize=bool(renormalize), max_children=max_children)
+    if isinstance(config, DecoderConfig):
+        slots = input_ids.shape[1] + max_length - 2  # the prompt, then every generated token but the last
+        if interventions:
+            validate(config, interventions, input_ids.shape[0], slots, slots)
+        blocks = dict((interventions or {}).get(BLOCKS) or {}) or None
+        sequences, scores = _decoder_only_beam_search(
+            config, params, input_ids, attention_mask, blocks, _follow_beams(blocks, input_ids.shape[0], num_beams),
+            trie_arrays, **options)
+        return BeamSearchOutput(sequences, scores)
     if interventions:
         validate(config, interventions, input_ids.shape[0], input_ids.shape[1], max_length - 1)
     interventions = {stack: dict(sites) for stack, sites in (interventions or {}).items()}
     sequences, scores = _beam_search(
         config, params, input_ids, attention_mask, interventions.get("encoder"),
-        _follow_beams(interventions.get("decoder"), input_ids.shape[0], num_beams), trie_arrays, num_beams=num_beams,
-        max_length=max_length,
-        num_return=num_return, length_penalty=float(length_penalty), early_stopping=early_stopping,
-        renormalize=bool(renormalize), max_children=max_children)
+        _follow_beams(interventions.get("decoder"), input_ids.shape[0], num_beams), trie_arrays, **options)
     return BeamSearchOutput(sequences, scores)
 
 
@@ -280,22 +308,17 @@ def _trie_next(trie, states, tokens, max_children):
     return jnp.where(found, edge_next[lo], -1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_beams", "max_length", "num_return", "length_penalty",
-                                             "early_stopping", "renormalize", "max_children"))
-def _beam_search(config, params, input_ids, attention_mask, encoder_patches, decoder_patches, trie=None, *,
-                 num_beams, max_length, num_return, length_penalty, early_stopping, renormalize, max_children):
-    cfg = config
-    B, K, T, V = input_ids.shape[0], num_beams, max_length, cfg.vocab_size
-    steps = T - 1  # decoder input positions 0..T-2; the token chosen at step i goes to position i + 1
-    eos, pad = cfg.eos_token_id, cfg.pad_token_id
-    model, variables = T5(cfg), {"params": params}
-    decoder_patches = {"decoder": decoder_patches} if decoder_patches else None
+def _search(first_logits, cache, first_tokens, advance, reorder, trie, *, num_beams, max_length, num_return,
+            length_penalty, early_stopping, renormalize, max_children, eos, pad):
+    """The search shared by both model families (traced inside their jitted entry points).
 
-    encoded, _ = model.apply(variables, input_ids, attention_mask,
-                             {"encoder": encoder_patches} if encoder_patches else None, method=T5.encode)
-    encoded = jnp.repeat(encoded, K, axis=0)  # [B*K, S, D], beam-major within a query
-    beam_mask = jnp.repeat(attention_mask, K, axis=0)
-    cache = model.apply(variables, encoded, steps, decoder_patches, method=T5.init_decode_cache)
+    `first_logits` [B*K, V]: each beam's logits for the first generated token (beam-major rows); `first_tokens`
+    [B]: column 0 of the returned sequences; `advance(i, tokens [B*K], cache)` -> (logits [B*K, V] of the
+    token after `tokens`, the i-th sequence column, cache) runs the model one token; `reorder(cache, rows)`
+    gathers the cache's beam rows. Returns (sequences [B, R, T], scores [B, R])."""
+    B, K, T = first_tokens.shape[0], num_beams, max_length
+    V = first_logits.shape[-1]
+    steps = T - 1  # generated tokens at most; the token chosen at step i goes to column i + 1
 
     # Python-float powers cast to float32, as transformers divides float32 scores by Python floats.
     finish_denominator = jnp.asarray(np.array([float(n) ** length_penalty for n in range(1, T + 1)], np.float32))
@@ -306,7 +329,7 @@ def _beam_search(config, params, input_ids, attention_mask, encoder_patches, dec
     candidates = 2 * K  # max(2, 1 + number of EOS ids) * num_beams
     top_num_beam = jnp.arange(candidates) < K
 
-    running_seqs = jnp.full((B, K, T), pad, jnp.int32).at[:, :, 0].set(cfg.decoder_start_token_id)
+    running_seqs = jnp.full((B, K, T), pad, jnp.int32).at[:, :, 0].set(first_tokens.astype(jnp.int32)[:, None])
     running_scores = jnp.zeros((B, K), jnp.float32).at[:, 1:].set(_NEG)
     init = dict(
         i=jnp.asarray(0, jnp.int32), go=jnp.asarray(True),
@@ -316,16 +339,13 @@ def _beam_search(config, params, input_ids, attention_mask, encoder_patches, dec
         running_state=jnp.zeros((B, K), jnp.int32).at[:, 1:].set(-1),
         seqs=running_seqs, scores=jnp.full((B, K), _NEG, jnp.float32), finished=jnp.zeros((B, K), bool),
         finished_state=jnp.full((B, K), -1, jnp.int32),
-        unsatisfied=jnp.ones((B, 1), bool), cache=cache,
+        unsatisfied=jnp.ones((B, 1), bool), cache=cache, logits=first_logits.astype(jnp.float32),
     )
 
     def body(c):
         i = c["i"]
-        cur_len = i + 1  # tokens in the running sequences, start token included
-        tokens = c["running_seqs"][:, :, i].reshape(B * K)
-        logits, cache = model.apply(variables, tokens, i, c["cache"], beam_mask, decoder_patches,
-                                    method=T5.decode_step)
-        logits = logits.astype(jnp.float32).reshape(B, K, V)
+        cur_len = i + 1  # columns filled in the running sequences, column 0 included
+        logits = c["logits"].reshape(B, K, V)
         if trie is not None:
             window = _trie_window(trie, c["running_state"], max_children)  # [B, K, C]
             rows = jnp.arange(B * K, dtype=jnp.int32)[:, None]
@@ -372,18 +392,21 @@ def _beam_search(config, params, input_ids, attention_mask, encoder_patches, dec
         finished = _gather(jnp.concatenate([c["finished"], did_finish], axis=1), best)
         finished_state = _gather(jnp.concatenate([c["finished_state"], top_state], axis=1), best)
 
-        # g. reorder the caches; early-stopping heuristic; loop condition
+        # g. reorder the caches; early-stopping heuristic; loop condition; the next token's logits
         flat_source = (source + jnp.arange(B, dtype=source.dtype)[:, None] * K).reshape(B * K)
-        cache = cache._replace(self_k=jnp.take(cache.self_k, flat_source, axis=1),
-                               self_v=jnp.take(cache.self_v, flat_source, axis=1))
+        cache = reorder(c["cache"], flat_source)
         best_possible = running_scores[:, :1] / heuristic_denominator[i]
         worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), _NEG)
         unsatisfied = c["unsatisfied"] & jnp.any(best_possible > worst_finished, axis=-1, keepdims=True)
         go = (jnp.any(unsatisfied) & ~(jnp.all(finished) & (early_stopping is True)) & ~jnp.all(hits)
               & (i + 1 < steps))
+        next_logits, cache = jax.lax.cond(
+            go, lambda cc: advance(i + 1, running_seqs[:, :, i + 1].reshape(B * K), cc),
+            lambda cc: (c["logits"], cc), cache)
         return dict(i=i + 1, go=go, running_seqs=running_seqs, running_scores=running_scores,
                     running_state=running_state, seqs=seqs, scores=scores, finished=finished,
-                    finished_state=finished_state, unsatisfied=unsatisfied, cache=cache)
+                    finished_state=finished_state, unsatisfied=unsatisfied, cache=cache,
+                    logits=next_logits.astype(jnp.float32))
 
     out = jax.lax.while_loop(lambda c: c["go"], body, init)
     seqs, scores = out["seqs"][:, :num_return], out["scores"][:, :num_return]
@@ -399,6 +422,69 @@ def _beam_search(config, params, input_ids, attention_mask, encoder_patches, dec
         seqs = jnp.where(valid[:, :, None], seqs, pad)
         scores = jnp.where(valid, scores, -jnp.inf)
     return seqs, scores
+
+
+_SEARCH_OPTIONS = ("num_beams", "max_length", "num_return", "length_penalty", "early_stopping", "renormalize",
+                   "max_children")
+
+
+@functools.partial(jax.jit, static_argnames=("config",) + _SEARCH_OPTIONS)
+def _beam_search(config, params, input_ids, attention_mask, encoder_patches, decoder_patches, trie=None, **options):
+    """T5: the encoder once, then the decoder from its start token, one position per step."""
+    cfg, K = config, options["num_beams"]
+    model, variables = T5(cfg), {"params": params}
+    decoder_patches = {"decoder": decoder_patches} if decoder_patches else None
+
+    encoded, _ = model.apply(variables, input_ids, attention_mask,
+                             {"encoder": encoder_patches} if encoder_patches else None, method=T5.encode)
+    encoded = jnp.repeat(encoded, K, axis=0)  # [B*K, S, D], beam-major within a query
+    beam_mask = jnp.repeat(attention_mask, K, axis=0)
+    cache = model.apply(variables, encoded, options["max_length"] - 1, decoder_patches,
+                        method=T5.init_decode_cache)
+
+    def advance(position, tokens, cache):
+        logits, cache = model.apply(variables, tokens, position, cache, beam_mask, decoder_patches,
+                                    method=T5.decode_step)
+        return logits.astype(jnp.float32), cache
+
+    def reorder(cache, rows):
+        return cache._replace(self_k=jnp.take(cache.self_k, rows, axis=1),
+                              self_v=jnp.take(cache.self_v, rows, axis=1))
+
+    start = jnp.full((input_ids.shape[0] * K,), cfg.decoder_start_token_id, jnp.int32)
+    first_logits, cache = advance(0, start, cache)
+    return _search(first_logits, cache, start[::K], advance, reorder, trie, eos=cfg.eos_token_id,
+                   pad=cfg.pad_token_id, **options)
+
+
+@functools.partial(jax.jit, static_argnames=("config",) + _SEARCH_OPTIONS)
+def _decoder_only_beam_search(config, params, input_ids, attention_mask, prompt_patches, beam_patches, trie=None,
+                              **options):
+    """Decoder-only: the prompts once (their cache repeated for every beam), then one token per step."""
+    K, T = options["num_beams"], options["max_length"]
+    B, S = input_ids.shape
+    slots = S + T - 2  # the prompt, then every generated token but the last
+    key_mask = jnp.concatenate([attention_mask, jnp.ones((B, T - 2), jnp.int32)], axis=1)
+    cache = init_kv_cache(config, B, slots, dtype=params["embed"].dtype)
+    logits, cache = decode_step(config, params, input_ids, cache, 0, key_mask,
+                                {BLOCKS: prompt_patches} if prompt_patches else None)
+    last = last_positions(attention_mask)
+    rows = jnp.arange(B)
+    first_logits = jnp.repeat(logits[rows, last].astype(jnp.float32), K, axis=0)
+    cache = DecoderOnlyCache(*(jnp.repeat(a, K, axis=1) for a in cache))
+    beam_key_mask = jnp.repeat(key_mask, K, axis=0)
+
+    def advance(column, tokens, cache):  # generated token `column` goes to the slot after the prompt's
+        logits, cache = decode_step(config, params, tokens[:, None], cache, S + column - 1, beam_key_mask,
+                                    {BLOCKS: beam_patches} if beam_patches else None)
+        return logits[:, 0].astype(jnp.float32), cache
+
+    def reorder(cache, rows):
+        return DecoderOnlyCache(jnp.take(cache.k, rows, axis=1), jnp.take(cache.v, rows, axis=1))
+
+    pad = config.eos_token_id if config.pad_token_id is None else config.pad_token_id
+    return _search(first_logits, cache, input_ids[rows, last], advance, reorder, trie, eos=config.eos_token_id,
+                   pad=pad, **options)
 
 
 __all__ = ["BeamSearchOutput", "DocidTrie", "beam_search"]

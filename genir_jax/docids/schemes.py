@@ -192,14 +192,19 @@ def build_semantic_scheme(doc_ids: Sequence[str], texts: Sequence[str], *, k: in
     return semantic_scheme(mapping, doc_ids, "hierarchical k-means", build=build)
 
 
-def docid_token_sequences(scheme: DocidScheme, tokenizer, doc_ids: Sequence[str], source: str) -> list[list[int]]:
+def docid_token_sequences(scheme: DocidScheme, tokenizer, doc_ids: Sequence[str], source: str, *,
+                          decoder_only: bool = False) -> list[list[int]]:
     """Token ids (ending with EOS) of the docid of every document in `doc_ids`; a `DataError` names the
-    document when a docid has an unknown token or does not decode back to its text."""
+    document when a docid has an unknown token or does not decode back to its text. `decoder_only`: tokenized
+    without special tokens, as the reference's decoder-only targets (no BOS before a docid that follows the
+    prompt), then EOS appended to end it (T5's tokenizer appends EOS itself)."""
     if not scheme.multi_token:
         raise ValueError("atomic docids are single tokens (genir_jax.docids.tokens)")
     words = [scheme.words(d) for d in doc_ids]
     eos, unk = tokenizer.eos_token_id, getattr(tokenizer, "unk_token_id", None)
-    encoded = tokenizer(words, add_special_tokens=True)["input_ids"] if words else []
+    if eos is None:
+        raise DataError(f"{source}: the tokenizer has no EOS token to end {scheme.name} docids with")
+    encoded = tokenizer(words, add_special_tokens=not decoder_only)["input_ids"] if words else []
     sequences = []
     for doc_id, text, ids in zip(doc_ids, words, encoded):
         ids = [int(t) for t in ids]
@@ -213,11 +218,12 @@ def docid_token_sequences(scheme: DocidScheme, tokenizer, doc_ids: Sequence[str]
     return sequences
 
 
-def docid_trie(scheme: DocidScheme, tokenizer, doc_ids: Sequence[str], source: str):
-    """A `genir_jax.docids.decoding.DocidTrie` of the documents' docids (index i = doc_ids[i])."""
+def docid_trie(scheme: DocidScheme, tokenizer, doc_ids: Sequence[str], source: str, *, decoder_only: bool = False):
+    """A `genir_jax.docids.decoding.DocidTrie` of the documents' docids (index i = doc_ids[i]); `decoder_only`
+    as `docid_token_sequences`."""
     from genir_jax.docids.decoding import DocidTrie
 
-    sequences = docid_token_sequences(scheme, tokenizer, doc_ids, source)
+    sequences = docid_token_sequences(scheme, tokenizer, doc_ids, source, decoder_only=decoder_only)
     try:
         return DocidTrie(sequences, eos_id=tokenizer.eos_token_id)
     except GenIRError as exc:  # e.g. two ids whose tokens coincide

@@ -12,6 +12,9 @@ selectable metrics reduce them (`TEACHER_FORCED_METRICS`):
   `reduce_step_ranks` (``max``: the worst step, 0 iff greedy decoding reproduces the docid; ``mean``;
   ``first``: step 1 only, the atomic-like view).
 
+Decoder-only models (a `DecoderConfig`): the gold prefix follows each query's prompt in one sequence
+``prompt y_1 .. y_{T-1}``; the logits at the prompt's last token and at each docid token are the steps'.
+
 Arrays in, arrays out; `teacher_forced_logits` is the only function that runs the model.
 """
 
@@ -47,14 +50,44 @@ def teacher_forcing_inputs(targets, start_id: int) -> np.ndarray:
 
 
 def teacher_forced_logits(config, params, input_ids, attention_mask, targets, interventions=None):
-    """Float32 logits [N, T, V] of every target step given the gold prefix (one forward pass)."""
+    """Float32 logits [N, T, V] of every target step given the gold prefix (one forward pass). A decoder-only
+    `config`: `input_ids` / `attention_mask` are prompts (left- or right-padded; `interventions` then address
+    positions of the prompt + docid rows, see `decoder_only_teacher_forcing`)."""
     import jax.numpy as jnp
 
     from genir_jax.core.model import forward
+    from genir_jax.core.sites import is_decoder_only
+
+    if is_decoder_only(config):
+        from genir_jax.core import decoder_only
+
+        ids, mask, steps = decoder_only_teacher_forcing(input_ids, attention_mask, targets)
+        logits = decoder_only.forward(config, params, ids, mask, interventions=interventions)
+        return jnp.take_along_axis(logits, jnp.asarray(steps)[:, :, None], axis=1).astype(jnp.float32)
 
     decoder_inputs = teacher_forcing_inputs(targets, config.decoder_start_token_id)
     logits = forward(config, params, input_ids, attention_mask, decoder_inputs, interventions=interventions)
     return logits.astype(jnp.float32)
+
+
+def decoder_only_teacher_forcing(input_ids, attention_mask, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ``prompt y_1 .. y_{T-1}`` for a decoder-only model: each prompt's real tokens (`attention_mask`
+    [N, S], either padding side) followed by its targets [N, T] but the last, right-padded to S + T - 1
+    columns; returns (input_ids, attention_mask, steps [N, T]: the column whose logits predict y_t)."""
+    input_ids, attention_mask = np.asarray(input_ids), np.asarray(attention_mask)
+    targets = np.asarray(targets, dtype=np.int32)
+    count, width = targets.shape
+    ids = np.zeros((count, input_ids.shape[1] + width - 1), dtype=np.int32)
+    mask = np.zeros_like(ids)
+    steps = np.zeros((count, width), dtype=np.int32)
+    for row in range(count):
+        prompt = input_ids[row][attention_mask[row] == 1]
+        if not prompt.size:
+            raise ValueError(f"prompt {row} is empty (attention mask all 0)")
+        tokens = np.concatenate([prompt, targets[row, :-1]])
+        ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, 1
+        steps[row] = len(prompt) - 1 + np.arange(width)
+    return ids, mask, steps
 
 
 def step_log_probs(logits, targets, mask):

@@ -10,7 +10,7 @@ One idea per module:
 - `trainer`: the driver (metrics.jsonl, validation, tqdm, exact resume);
 - `presets`: tiny / cpu / t5-large;
 - `pretrain` and `dsi`: the two stages end to end (data -> train -> Hugging Face export);
-- `decoder_dsi`: DSI examples for decoder-only models (text + prompt + atomic docid, `dsi` with a decoder base).
+- `decoder_dsi`: DSI examples for decoder-only models (text + prompt + docid token(s), `dsi` with a decoder base).
 """
 
 from genir_jax.training.optim import OptimizerSpec, learning_rate_schedule, make_optimizer

@@ -1,4 +1,4 @@
-"""DSI examples for decoder-only models (GPT-2, Llama, Qwen2) with atomic docids: text, prompt, docid token.
+"""DSI examples for decoder-only models (GPT-2, Llama, Qwen2): text, prompt, docid token(s).
 
 The layout is the reference's decoder-only one (technion-cs-nlp/re-gen-ir, ``code/preprocess.py``,
 ``tokenize_data`` / ``truncate_doc`` for ``model_type == 'decoder-only'``): the text (a document for indexing, a
@@ -12,6 +12,13 @@ separately (the same ids for GPT-2's byte-level BPE), and we append no trailing 
 adds and trains any the tokenizer appends; GPT-2's and Llama's append none). Evaluation feeds the same rows
 without the docid (`encode_prompts`) and ranks the docid tokens by the logits at the prompt's last token, as the
 reference's ``eval.py`` (``get_predictions_decoder``) does (`genir_jax.docids.retrieval.docid_step_logits`).
+
+Naive / semantic docids: the docid's tokens follow the prompt (tokenized without special tokens, as the
+reference's ``tokenize_data`` does for decoder-only targets), then EOS, with the loss on every docid token and
+the EOS (`genir_jax.docids.schemes.docid_token_sequences` with ``decoder_only=True``). The EOS is our addition:
+the reference appends only the tokenizer's trailing special tokens (none for GPT-2 / Llama), so its docids are
+not prefix-free ("1" is a prefix of "12"), and a trie-constrained beam search could not tell where one ends.
+Evaluation decodes them from the prompt by trie-constrained beam search (`genir_jax.docids.decoding`).
 
 Padding: rows are right-padded (the reference's choice too), so every real token keeps its position ``0..n-1``
 and, the attention being causal, a row's logits do not depend on the padding; the docid is predicted at the
@@ -35,18 +42,14 @@ from genir_jax.docids.tokens import docid_token_ids
 PROMPT = " Document:"  # the reference's separator between the text and the docid
 
 
-def check_model_type(model_type: str, docids: str | None = None) -> bool:
-    """Whether `model_type` (one of `genir_jax.base.options.MODEL_TYPES`) is "decoder"; an unknown type, or
-    `docids` other than atomic for a decoder-only model, is a `SettingError` naming ``model_type``."""
+def check_model_type(model_type: str) -> bool:
+    """Whether `model_type` (one of `genir_jax.base.options.MODEL_TYPES`) is "decoder"; an unknown type is a
+    `SettingError` naming ``model_type``. Every docid scheme works with both families."""
     from genir_jax.base.options import MODEL_TYPES
 
     if model_type not in MODEL_TYPES:
         raise SettingError("{0} must be one of %s, got %r" % (", ".join(MODEL_TYPES), model_type), "model_type")
-    decoder = model_type == "decoder"
-    if decoder and docids not in (None, "atomic"):
-        raise SettingError("%s docids: only atomic docids are supported for decoder-only models so far ({0} decoder)"
-                           % docids, "model_type")
-    return decoder
+    return model_type == "decoder"
 
 
 def start_tokens(tokenizer) -> list[int]:
@@ -99,25 +102,35 @@ def encode_prompts(queries: Sequence[Query | str], tokenizer, max_length: int) -
 
 
 def encode_examples(examples: Sequence[DSIExample], tokenizer, max_length: int, *,
-                    width: int | None = None) -> dict[str, np.ndarray]:
-    """A batch group of DSI examples (prompt + docid token, right-padded to `width` columns; default: the
-    longest text at `max_length` tokens, so a group has one width whatever its texts): ``input_ids``,
-    ``attention_mask``, ``targets`` (next tokens) and ``target_mask`` (1 only where the docid is predicted)."""
+                    width: int | None = None, docid_sequences=None) -> dict[str, np.ndarray]:
+    """A batch group of DSI examples (prompt + docid, right-padded to `width` columns; default: the longest text
+    at `max_length` tokens and the longest docid, so a group has one width whatever its texts): ``input_ids``,
+    ``attention_mask``, ``targets`` (next tokens) and ``target_mask`` (1 only where a docid token is predicted).
+    `docid_sequences` (``{doc id: token ids ending with EOS}``): naive / semantic docids; else atomic tokens."""
     if not examples:
         raise DataError("no DSI examples to tokenize")
-    docids = docid_token_ids(tokenizer, [e.doc_id for e in examples])
-    rows = [row + [int(docid)] for row, docid in zip(prompt_rows([e.text for e in examples], tokenizer, max_length),
-                                                      docids)]
+    if docid_sequences is None:
+        docids = [[int(t)] for t in docid_token_ids(tokenizer, [e.doc_id for e in examples])]
+        longest = 1
+    else:
+        missing = sorted({e.doc_id for e in examples if e.doc_id not in docid_sequences})
+        if missing:
+            raise DataError(f"{len(missing)} DSI example(s) have no docid sequence (e.g. {missing[:3]})")
+        docids = [[int(t) for t in docid_sequences[e.doc_id]] for e in examples]
+        longest = max(len(s) for s in docid_sequences.values())
+    prompts = prompt_rows([e.text for e in examples], tokenizer, max_length)
+    rows = [row + docid for row, docid in zip(prompts, docids)]
     if width is None:
         width = max_length + len(start_tokens(tokenizer)) + len(tokenizer(PROMPT, add_special_tokens=False)
-                                                                  ["input_ids"]) + 1
+                                                                  ["input_ids"]) + longest
     if max(len(r) for r in rows) > width:
         raise DataError(f"a DSI example has {max(len(r) for r in rows)} tokens, more than the width {width}")
     pad = pad_token_id(tokenizer)
     input_ids, attention_mask = _right_padded(rows, width, pad)
     targets = np.concatenate([input_ids[:, 1:], np.full((len(rows), 1), pad, np.int32)], axis=1)
     target_mask = np.zeros_like(input_ids)
-    target_mask[np.arange(len(rows)), [len(r) - 2 for r in rows]] = 1  # the last prompt token predicts the docid
+    for row, (prompt, docid) in enumerate(zip(prompts, docids)):  # the last prompt token predicts the first
+        target_mask[row, len(prompt) - 1:len(prompt) - 1 + len(docid)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets, "target_mask": target_mask}
 
 

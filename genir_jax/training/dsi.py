@@ -26,6 +26,7 @@ the export (atomic models get ``{"scheme": "atomic"}``), where ``evaluate`` and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
@@ -181,8 +182,12 @@ def retrieval_evaluator(config, tokenizer, queries: Sequence[Query], doc_ids: Se
 def sequence_retrieval_evaluator(config, tokenizer, queries: Sequence[Query], doc_ids: Sequence[str], trie,
                                  max_length: int, *, num_beams: int = 10, batch_size: int = 32,
                                  progress: bool = False):
-    """As `retrieval_evaluator` for naive / semantic docids: trie-constrained beam search (`num_beams`)."""
-    input_ids, attention_mask = tokenize_queries(queries, tokenizer, max_length)
+    """As `retrieval_evaluator` for naive / semantic docids: trie-constrained beam search (`num_beams`); a
+    decoder-only `config` decodes after the queries' prompts (`encode_prompts`)."""
+    if is_decoder_only(config):
+        input_ids, attention_mask = encode_prompts(queries, tokenizer, max_length)
+    else:
+        input_ids, attention_mask = tokenize_queries(queries, tokenizer, max_length)
     qrels = qrels_from_queries(queries)
     query_ids = [q.id for q in queries]
     doc_ids = list(doc_ids)
@@ -213,10 +218,10 @@ def finetune(base: PretrainedModel, documents: Sequence[Document], splits: Mappi
             raise DataError(f"DSI training needs {name} queries (the prepared directory has none)")
     scheme = scheme or DocidScheme("atomic")
     doc_ids = [doc.id for doc in documents]
-    decoder = check_model_type("decoder" if is_decoder_only(base.config) else "encoder-decoder", scheme.name)
+    decoder = is_decoder_only(base.config)
     if scheme.multi_token:
-        trie = docid_trie(scheme, base.tokenizer, doc_ids, scheme.source or scheme.name)
-        model = base if settings.dropout_rate is None else base.replace(
+        trie = docid_trie(scheme, base.tokenizer, doc_ids, scheme.source or scheme.name, decoder_only=decoder)
+        model = base if settings.dropout_rate is None or decoder else base.replace(
             config=base.config.replace(dropout_rate=settings.dropout_rate))
         sequences = dict(zip(doc_ids, (list(s) for s in trie.docids)))
 
@@ -232,7 +237,8 @@ def finetune(base: PretrainedModel, documents: Sequence[Document], splits: Mappi
             return retrieval_evaluator(model.config, model.tokenizer, queries, doc_ids, settings.query_max_length)
     source, stats = dsi_source(documents, splits["train"], model.tokenizer, settings, remove=remove,
                                cache_dir=cache_dir, progress=progress, docid_sequences=sequences,
-                               encode=encode_examples if decoder else None)
+                               encode=functools.partial(encode_examples, docid_sequences=sequences) if decoder
+                               else None)
     val_queries = list(splits["val"])[:settings.max_val_queries]
     evaluate = make_evaluator(val_queries)
     result = train_loop(model.config, model.params, source, run, out_dir, evaluate=evaluate,
@@ -297,7 +303,7 @@ def train_dsi(data: str | os.PathLike, base: str | os.PathLike, output: str | os
     examples are dropped (ids or "D1,D2"); `ratio`: indexing:retrieval example ratio (None: the preset's, 0:
     both as they are); `paper_regime`: ratio 32 and 32-token inputs; `docids`: the scheme (None: the one
     `data` was prepared for, else atomic); `resume`: one of `RESUME_MODES`; `sinks`: see `finetune`; `model_type`:
-    one of `MODEL_TYPES`, "decoder" for a decoder-only base (GPT-2 / Llama / Qwen2, atomic docids only, the
+    one of `MODEL_TYPES`, "decoder" for a decoder-only base (GPT-2 / Llama / Qwen2, any docid scheme, the
     preset's `Preset.decoder_dsi` settings; see `genir_jax.training.decoder_dsi`). Returns the summary written to
     train.json. Bad settings raise `SettingError` naming the setting, bad files `GenIRError` naming the file."""
     from genir_jax.base.errors import CheckpointError
@@ -309,7 +315,7 @@ def train_dsi(data: str | os.PathLike, base: str | os.PathLike, output: str | os
     from genir_jax.training.presets import paper_regime as in_paper_regime
 
     output, data, base = os.fspath(output), os.fspath(data), os.fspath(base)
-    decoder = check_model_type(model_type, docids)  # refused before anything is loaded
+    decoder = check_model_type(model_type)  # refused before anything is loaded
     check_writable(output, "output")
     chosen = get_preset(preset)
     settings = chosen.dsi
@@ -343,12 +349,12 @@ def train_dsi(data: str | os.PathLike, base: str | os.PathLike, output: str | os
         raise SettingError("{0}: documents %s are not in %s/documents.json" % (unknown[:5], data), "remove")
     scheme = prepared_scheme(data, [doc.id for doc in documents], docids=docids,
                              semantic_docid_mapping=semantic_docid_mapping)
-    check_model_type(model_type, scheme.name)  # a directory prepared for naive / semantic docids
     model = load_model_of_type(base, model_type)
     if model.tokenizer is None:
         raise CheckpointError(f"{base}: no tokenizer files; the base model must come with its tokenizer")
     if scheme.multi_token:  # every docid must survive the tokenizer before anything is written
-        docid_trie(scheme, model.tokenizer, [doc.id for doc in documents], scheme.source or scheme.name)
+        docid_trie(scheme, model.tokenizer, [doc.id for doc in documents], scheme.source or scheme.name,
+                   decoder_only=decoder)
     return finetune(model, documents, splits, settings, run_spec, output, remove=removed, resume=resuming,
                     progress=progress, devices=selected, scheme=scheme, sinks=sinks,
                     extra_summary={"preset": chosen.name, "data_dir": os.path.abspath(data),

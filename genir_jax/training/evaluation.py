@@ -148,11 +148,12 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
     (the checkpoint's docids.json, or `docids` with `documents` / `prepared` for a checkpoint without it):
     beam search with `num_beams` beams, constrained to the corpus's docids unless `unconstrained`.
     ``model_type="decoder"``: a decoder-only checkpoint (`genir-jax train --model-type decoder`), atomic docids
-    ranked by the logits after each query's prompt (`genir_jax.training.decoder_dsi`)."""
+    ranked by the logits after each query's prompt, naive / semantic docids decoded after it by beam search
+    (`genir_jax.training.decoder_dsi`)."""
     from genir_jax.training.decoder_dsi import check_model_type, load_model_of_type
 
     check_name(name)  # first: a bad name is refused before any file is looked at
-    decoder = check_model_type(model_type, docids)  # refused before anything is loaded
+    decoder = check_model_type(model_type)  # refused before anything is loaded
     if decoder and reference_mode:
         raise SettingError("{0} reproduces the reference's T5 evaluation; decoder-only models ({1} decoder) are "
                            "ranked as the reference does already (logits at the last prompt token)",
@@ -176,7 +177,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
         name = "valid" if prepared is None or split == "val" else split
     common = dict(checkpoint=checkpoint, output=output, queries=judged, qrels=qrels_, qrels_source=qrels_source,
                   queries_path=queries_path, qrels_path=qrels_path, max_length=max_length, name=name)
-    check_model_type(model_type, scheme.name)  # a checkpoint that records naive / semantic docids
     if scheme.multi_token:
         if reference_mode:
             raise SettingError("{0} applies to atomic docids; naive / semantic docids are ranked by beam search "
@@ -294,6 +294,7 @@ def _evaluate_sequences(model, scheme, *, checkpoint, output, queries, qrels, qr
     """Beam search over naive / semantic docids -> metrics.json, run.trec, correct_<name>.json."""
     import numpy as np
 
+    from genir_jax.core.sites import is_decoder_only
     from genir_jax.data.dsi import tokenize_queries
     from genir_jax.docids.retrieval import correct_valid, evaluate_run, rank_docid_sequences, run_from_ranking
     from genir_jax.docids.schemes import docid_trie
@@ -303,7 +304,8 @@ def _evaluate_sequences(model, scheme, *, checkpoint, output, queries, qrels, qr
     _check_qrels_known(qrels, qrels_source, doc_ids,
                        f"has no {scheme.name} docid in {scheme.source or checkpoint} ({len(doc_ids)} docids): "
                        "another corpus?")
-    trie = docid_trie(scheme, model.tokenizer, doc_ids, scheme.source or checkpoint)
+    decoder = is_decoder_only(model.config)
+    trie = docid_trie(scheme, model.tokenizer, doc_ids, scheme.source or checkpoint, decoder_only=decoder)
     if trie.max_token >= model.config.vocab_size:
         raise CheckpointError(f"{checkpoint}: docid token {trie.max_token} is outside the model's vocabulary")
     text_index = {scheme.text(d): i for i, d in enumerate(doc_ids)}
@@ -313,7 +315,12 @@ def _evaluate_sequences(model, scheme, *, checkpoint, output, queries, qrels, qr
         text = model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         return text_index.get(text.replace(" ", separator) if scheme.name == "semantic" else text, -1)
 
-    input_ids, attention_mask = tokenize_queries(queries, model.tokenizer, max_length)
+    if decoder:  # the reference's prompt, the docid decoded after it
+        from genir_jax.training.decoder_dsi import encode_prompts
+
+        input_ids, attention_mask = encode_prompts(queries, model.tokenizer, max_length)
+    else:
+        input_ids, attention_mask = tokenize_queries(queries, model.tokenizer, max_length)
     # transformers' generate default max_length (20) for free decoding, the longest docid for the trie
     decode_length = trie.max_docid_length + 1 if not unconstrained else max(20, trie.max_docid_length + 1)
     options = dict(num_beams=num_beams, constrained=not unconstrained, max_length=decode_length, lookup=lookup,
@@ -343,7 +350,8 @@ def _evaluate_sequences(model, scheme, *, checkpoint, output, queries, qrels, qr
         "queries": queries_path, "qrels": qrels_path, "docids": scheme.name, "documents": len(doc_ids),
         "longest_docid_tokens": trie.max_docid_length, "max_length": max_length,
         "ranking": f"beam search, {num_beams} beams, "
-                   + ("unconstrained (reference)" if unconstrained else "constrained to the docid trie"),
+                   + ("unconstrained (reference)" if unconstrained else "constrained to the docid trie")
+                   + (", after the prompt (decoder-only)" if decoder else ""),
         "decoding": {"queries": len(queries), "seconds": round(seconds, 3),
                      "queries_per_s": round(len(queries) / seconds, 2) if seconds > 0 else None,
                      "first_batch_with_compile_seconds": round(compile_and_first, 3), "batch_size": batch_size,

@@ -89,8 +89,8 @@ class Preset:
     model: ModelShape
     pretrain: PretrainSettings
     dsi: DSISettings
-    # `train --model-type decoder`: DSI fine-tuning of a given decoder-only base (GPT-2 / Llama / Qwen2; atomic
-    # docids). No shape: the base checkpoint brings it (tests build random ones with transformers). None: the
+    # `train --model-type decoder`: DSI fine-tuning of a given decoder-only base (GPT-2 / Llama / Qwen2; any docid
+    # scheme). No shape: the base checkpoint brings it (tests build random ones with transformers). None: the
     # preset has no decoder-only settings.
     decoder_dsi: DSISettings | None = None
 

@@ -146,3 +146,42 @@ def test_resumed_decoder_training_equals_an_uninterrupted_run(tmp_path):
     assert whole.keys() == again.keys()
     for key in whole:
         np.testing.assert_array_equal(again[key], whole[key])
+
+
+@pytest.mark.parametrize("kind,bos,scheme_name", [("gpt2", False, "naive"), ("llama", True, "semantic")])
+def test_sequence_docid_examples_and_their_loss_equal_transformers(tmp_path, kind, bos, scheme_name):
+    """Naive / semantic docids: text + prompt + the docid's tokens (no special tokens) + EOS, the loss on exactly
+    those tokens, equal to transformers' causal-LM loss with labels -100 everywhere else."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from genir_jax.docids.schemes import docid_token_sequences, naive_scheme, semantic_scheme
+
+    doc_ids = [d.id for d in DOCS]
+    scheme = (naive_scheme(doc_ids) if scheme_name == "naive"
+              else semantic_scheme({d: f"{i % 2}_{i // 2}" for i, d in enumerate(doc_ids)}, doc_ids, "test"))
+    tokenizer = train_tokenizer([e.text for e in EXAMPLES] + [scheme.words(d) for d in doc_ids], bos=bos)
+    directory = save_decoder_base(tmp_path / "base", kind, tokenizer)
+    model = load_decoder_only(directory)
+    sequences = dict(zip(doc_ids, docid_token_sequences(scheme, tokenizer, doc_ids, "test", decoder_only=True)))
+    batch = encode_examples(EXAMPLES, tokenizer, 8, docid_sequences=sequences)
+    prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    torch_model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    torch_losses, counts = [], []
+    for row, example in enumerate(EXAMPLES):
+        docid = tokenizer(scheme.words(example.doc_id), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert sequences[example.doc_id] == docid and tokenizer.bos_token_id not in docid
+        text = tokenizer(example.text, add_special_tokens=False)["input_ids"][:8]
+        row_tokens = start_tokens(tokenizer) + text + prompt + docid
+        length = int(batch["attention_mask"][row].sum())
+        assert batch["input_ids"][row, :length].tolist() == row_tokens
+        assert np.flatnonzero(batch["target_mask"][row]).tolist() == list(range(length - len(docid) - 1, length - 1))
+        assert batch["targets"][row][batch["target_mask"][row] == 1].tolist() == docid
+        labels = [-100] * (length - len(docid)) + docid
+        with torch.no_grad():
+            out = torch_model(input_ids=torch.tensor([row_tokens]), labels=torch.tensor([labels]))
+        torch_losses.append(float(out.loss) * len(docid))
+        counts.append(len(docid))
+    loss, metrics = training_loss(model.config, model.params, batch)
+    assert metrics["tokens"] == sum(counts)
+    np.testing.assert_allclose(float(loss), sum(torch_losses) / sum(counts), rtol=1e-4)

@@ -25,12 +25,13 @@ def add_parser(subparsers) -> None:
                     "(the reference's [[docid, query_id], ...] of queries whose relevant document is ranked first "
                     "and is also what the model's top tokens give: atomic, the top token of the whole vocabulary; "
                     "naive / semantic, greedy decoding) into OUTPUT. --model-type decoder: a decoder-only "
-                    "checkpoint (atomic docids) ranked by the logits after 'QUERY Document:'.",
+                    "checkpoint: atomic docids ranked by the logits after 'QUERY Document:', naive / semantic docids "
+                    "decoded after it by the same beam search.",
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory with its tokenizer")
     parser.add_argument("--model-type", default="encoder-decoder", choices=MODEL_TYPES,
-                        help="encoder-decoder (T5, default) or decoder (decoder-only, atomic docids: ranked by the "
-                             "logits after the query's prompt ' Document:')")
+                        help="encoder-decoder (T5, default) or decoder (decoder-only: docids ranked / decoded "
+                             "after the query's prompt ' Document:')")
     parser.add_argument("--queries", help="queries file [{id, query, relevant_docs}]")
     parser.add_argument("--qrels", help="qrels file (default: the queries' relevant_docs, rel = 4 - position)")
     parser.add_argument("--prepared", help="a prepared directory (instead of --queries/--qrels); with --split")

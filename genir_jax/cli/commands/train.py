@@ -27,8 +27,9 @@ def add_parser(subparsers) -> None:
                     "Face directory in OUTPUT (with checkpoints/, metrics.jsonl and train.json: the curve and the "
                     "final val/test metrics, docids.json: the docid scheme). Naive / semantic models are "
                     "validated by trie-constrained beam search (10 beams). --model-type decoder: a GPT-2 / Llama / "
-                    "Qwen2 base trained on 'TEXT Document: @DOC_ID_<id>@' sequences, the loss on the docid token "
-                    "(atomic docids only).",
+                    "Qwen2 base trained on 'TEXT Document: DOCID' sequences, the loss on the docid's token(s) "
+                    "(atomic: @DOC_ID_<id>@; naive / semantic: the docid's tokens and EOS, validated by beam "
+                    "search after the prompt).",
     )
     parser.add_argument("--data", required=True, help="prepared directory (genir-jax prepare-data)")
     parser.add_argument("--base", required=True,
@@ -37,7 +38,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("-o", "--output", required=True, help="output directory (the DSI model)")
     parser.add_argument("--model-type", default="encoder-decoder", choices=MODEL_TYPES,
                         help="encoder-decoder (T5, default) or decoder (a GPT-2 / Llama / Qwen2 base: the text, the "
-                             "prompt ' Document:' and the docid token as one sequence; atomic docids only)")
+                             "prompt ' Document:' and the docid (token, or naive / semantic tokens + EOS) as one "
+                             "sequence)")
     parser.add_argument("--remove", default="",
                         help="documents whose training examples are dropped, 'D1,D2,...' (the reference's --remove)")
     parser.add_argument("--ratio", type=bounded_int(0, MAX_FACTOR), default=None,
