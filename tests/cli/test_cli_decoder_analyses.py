@@ -1,0 +1,159 @@
+"""The analyses on a decoder-only DSI checkpoint end to end: a tiny GPT-2 trained with `genir-jax train --model-type
+decoder` (atomic docids), its correct queries from `genir-jax evaluate --model-type decoder`; the analysis commands
+detect the family from the checkpoint (no --model-type). Checked against independent computations with
+`decoder_only.forward`; the cross-attention analyses are refused as not applicable."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from genir_jax.cli.main import main
+from tests.decoder_fixtures import save_decoder_base, train_tokenizer
+from tests.training.test_training_cli import make_prepared
+
+NOT_APPLICABLE = "is not applicable to decoder-only models: a decoder-only model has no"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(checkpoint, queries file, correct_valid.json): a GPT-2 DSI model trained on 8 documents until it ranks
+    its training queries right (200 steps, about 15 s on 2 cores), evaluated on them: the validation queries of
+    so small a model are mostly wrong, its training queries are all correct, and the analyses need correct
+    pairs."""
+    from genir_jax.data.prepare import load_prepared
+
+    root = tmp_path_factory.mktemp("decoder-dsi")
+    prepared = make_prepared(root / "prepared", documents=8)
+    documents, splits = load_prepared(prepared)
+    base = save_decoder_base(root / "base", "gpt2", train_tokenizer([d.text for d in documents] +
+                                                                    [q.text for q in splits["train"]]))
+    assert main(["train", "--model-type", "decoder", "--data", str(prepared), "--base", str(base), "--preset", "tiny",
+                 "-o", str(root / "dsi"), "--steps", "200", "--batch-size", "8", "--log-every", "50",
+                 "--eval-every", "200", "--checkpoint-every", "200", "--no-progress"]) == 0
+    assert main(["evaluate", "--model-type", "decoder", "--checkpoint", str(root / "dsi"), "--prepared",
+                 str(prepared), "--split", "train", "--name", "valid", "-o", str(root / "eval"), "--json"]) == 0
+    correct = root / "eval" / "correct_valid.json"
+    assert len(json.loads(correct.read_text())) >= 8  # most training queries are ranked first
+    return root / "dsi", prepared / "train_queries.json", correct
+
+
+def _prompt_logits(model, ids, mask, interventions=None):
+    """Logits [N, V] at each prompt's last real token, from plain `decoder_only.forward` calls."""
+    from genir_jax.core import decoder_only as do
+
+    last = np.asarray(do.last_positions(mask))
+    return np.asarray(do.forward(model.config, model.params, ids, mask, interventions))[np.arange(len(ids)), last]
+
+
+def _rows(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_analysis_inputs_of_a_decoder_only_checkpoint(trained, tmp_path, capsys):
+    """The rows `evaluate` ranks, the docid token as target, every pair correct by evaluate's rule; a pair that
+    is not correct is refused, naming it."""
+    from genir_jax.analysis.inputs import docid_ranks, load_analysis_inputs
+    from genir_jax.base.errors import DataError, GenIRError
+    from genir_jax.checkpoints.decoder_hf import PretrainedDecoder
+    from genir_jax.checkpoints.hf import checkpoint_is_decoder_only
+    from genir_jax.data.corpus import read_queries
+    from genir_jax.training.decoder_dsi import encode_prompts
+
+    checkpoint, queries, correct = trained
+    assert checkpoint_is_decoder_only(checkpoint) and not checkpoint_is_decoder_only(tmp_path)
+    inputs = load_analysis_inputs(checkpoint, queries, correct)
+    assert isinstance(inputs.model, PretrainedDecoder)
+    pairs = json.loads(correct.read_text())
+    texts = {q.id: q.text for q in read_queries(queries)}
+    assert [q.query_id for q in inputs.queries] == [query for _, query in pairs]
+    ids, mask = encode_prompts([texts[query] for _, query in pairs], inputs.model.tokenizer, 128)
+    np.testing.assert_array_equal(inputs.input_ids, ids)
+    np.testing.assert_array_equal(inputs.attention_mask, mask)
+    vocab = inputs.model.tokenizer.get_vocab()
+    np.testing.assert_array_equal(inputs.targets, [vocab[token] for token, _ in pairs])
+    logits = _prompt_logits(inputs.model, ids, mask)
+    np.testing.assert_array_equal(logits.argmax(-1), inputs.targets)  # each docid the top token
+    # the rank rule: tokens scoring higher, plus equal-scoring tokens of lower id
+    target = logits[np.arange(len(ids)), inputs.targets][:, None]
+    wrong = (inputs.targets + 1) % logits.shape[1]
+    expected = ((logits > logits[np.arange(len(ids)), wrong][:, None]) |
+                ((logits == logits[np.arange(len(ids)), wrong][:, None]) & (np.arange(logits.shape[1]) < wrong[:, None])))
+    np.testing.assert_array_equal(docid_ranks(inputs.model, ids, mask, wrong), expected.sum(1))
+    assert (docid_ranks(inputs.model, ids, mask, inputs.targets) == 0).all() and (logits <= target).all()
+
+    other = [pairs[1][0] if pairs[1][0] != pairs[0][0] else pairs[-1][0], pairs[0][1]]  # another document's docid
+    bad = tmp_path / "correct_valid.json"
+    bad.write_text(json.dumps([other] + pairs[1:]))
+    with pytest.raises(DataError, match=r"record index 0: field 0 \(docid_token\) .* is not a relevant document"):
+        load_analysis_inputs(checkpoint, queries, bad)
+    kept = load_analysis_inputs(checkpoint, queries, bad, allow_incorrect=True)
+    assert len(kept.queries) == len(pairs) and "1 of" in capsys.readouterr().err
+    with pytest.raises(GenIRError, match="reference padding .* not applicable to decoder-only models"):
+        load_analysis_inputs(checkpoint, queries, correct, reference_padding=True)
+
+
+def test_sweep_of_a_decoder_only_checkpoint(trained, tmp_path, capsys):
+    """`genir-jax sweep` over every head (TransformerLens site names): each row's mean logit is that of plain
+    forwards with the head zeroed."""
+    from genir_jax.analysis.inputs import load_analysis_inputs
+    from genir_jax.interp import interventions as ivs
+
+    checkpoint, queries, correct = trained
+    out = tmp_path / "heads"
+    assert main(["sweep", "-c", str(checkpoint), "--val-queries", str(queries), "--correct-valid", str(correct),
+                 "--sites", "blocks.*.attn.hook_z[head]", "--metric", "rank,logit", "-o", str(out),
+                 "--no-progress"]) == 0
+    inputs = load_analysis_inputs(checkpoint, queries, correct)
+    model = inputs.model
+    rows = _rows(out / "results.csv")
+    assert len(rows) == model.config.num_layers * model.config.num_heads
+    for row in rows:
+        zeroed = ivs.zero_ablation(model.config, [row["site"]], heads=[int(row["head"])])
+        logits = _prompt_logits(model, inputs.input_ids, inputs.attention_mask, zeroed)
+        expected = logits[np.arange(len(logits)), inputs.targets].mean()
+        assert float(row["logit"]) == pytest.approx(expected, abs=1e-4), row
+    assert json.loads((out / "clean.json").read_text())["clean"]["hits@1"] == 1.0
+    assert (out / "heatmap_logit.png").is_file()
+
+
+def test_attribute_of_a_decoder_only_checkpoint(trained, tmp_path, capsys):
+    """`genir-jax attribute --method atp*` over layer x component: the library's estimates, checked exactly."""
+    from genir_jax.analysis.inputs import load_analysis_inputs
+    from genir_jax.interp.attribution import attribute
+    from genir_jax.interp.site_grammar import parse_sweep
+
+    checkpoint, queries, correct = trained
+    out = tmp_path / "atp"
+    assert main(["attribute", "-c", str(checkpoint), "--val-queries", str(queries), "--correct-valid", str(correct),
+                 "--sites", "blocks.*.*", "--method", "atp*", "--metric", "logprob", "--check-exact", "3",
+                 "-o", str(out), "--no-progress"]) == 0
+    inputs = load_analysis_inputs(checkpoint, queries, correct)
+    config = inputs.model.config
+    expected = attribute(config, inputs.model.params, inputs.input_ids, inputs.attention_mask, inputs.targets,
+                         parse_sweep(config, "blocks.*.*"), method="atp*", metric="logprob", progress=False)
+    rows = _rows(out / "attribution.csv")
+    assert [(r["site"]) for r in rows] == [f"blocks.{l}.hook_{c}_out" for l in range(config.num_layers)
+                                           for c in ("attn", "mlp")]
+    np.testing.assert_allclose([float(r["score"]) for r in rows], expected.scores, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose([float(r["magnitude"]) for r in rows], expected.magnitudes, rtol=1e-4, atol=1e-6)
+    record = json.loads((out / "attribution.json").read_text())
+    assert record["exact_check"]["configs"] == 3 and record["method"] == "atp*"
+
+
+@pytest.mark.parametrize("command", ["swap-encoder", "crattn-reading", "crattn-writes", "crattn-head-tokens"])
+def test_cross_attention_analyses_are_not_applicable(trained, tmp_path, capsys, command):
+    checkpoint, queries, correct = trained
+    argv = {"swap-encoder": ["--complete-model-path", str(checkpoint), "--val-queries", str(queries)],
+            "crattn-head-tokens": ["-c", str(checkpoint), "--queries", str(queries), "--heads", "0.0"]}.get(
+        command, ["-c", str(checkpoint), "--val-queries", str(queries)])
+    capsys.readouterr()
+    assert main([command, *argv, "--correct-valid", str(correct), "-o", str(tmp_path / "out")]
+                if command != "crattn-head-tokens" else [command, *argv, "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{command} {NOT_APPLICABLE}" in err, err
+    assert not (tmp_path / "out").exists()
