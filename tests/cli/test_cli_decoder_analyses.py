@@ -157,3 +157,34 @@ def test_cross_attention_analyses_are_not_applicable(trained, tmp_path, capsys, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{command} {NOT_APPLICABLE}" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_patch_stages_of_a_decoder_only_checkpoint(trained, tmp_path, capsys):
+    """`genir-jax patch-stages` with fixed stages: attn and mlp rows (no cross_attn), zero and mean; each row's
+    share of queries knocked off rank 0 is that of plain forwards with the stage's outputs patched."""
+    from genir_jax.analysis.inputs import load_analysis_inputs
+    from genir_jax.interp import interventions as ivs
+
+    checkpoint, queries, correct = trained
+    out = tmp_path / "stages"
+    assert main(["patch-stages", "-c", str(checkpoint), "--val-queries", str(queries), "--correct-valid",
+                 str(correct), "--stages", "0,1", "-o", str(out), "--no-progress"]) == 0
+    inputs = load_analysis_inputs(checkpoint, queries, correct)
+    model, ids, mask = inputs.model, inputs.input_ids, inputs.attention_mask
+    sites = [f"blocks.{layer}.hook_{c}_out" for c in ("attn", "mlp") for layer in (0, 1)]
+    means = ivs.mean_activations(model.config, model.params, ids, mask, sites, progress=False)
+    rows = _rows(out / "patching_results_single_combis.csv")
+    assert [(r["component"], r["stage"], r["mode"]) for r in rows] == [
+        (c, s, m) for m in ("mean", "zero") for c in ("mlp", "attn") for s in ("0", "1")]
+    for row in rows:
+        site = f"blocks.{row['stage']}.hook_{row['component']}_out"
+        patch = (ivs.zero_ablation(model.config, [site]) if row["mode"] == "zero" else
+                 ivs.mean_ablation(model.config, means, sites=[site]))
+        logits = _prompt_logits(model, ids, mask, patch)
+        assert float(row["!=0"]) == pytest.approx(np.mean(logits.argmax(-1) != inputs.targets)), row
+    assert json.loads((out / "stages.json").read_text())["stages"] == [[0], [1]]
+    capsys.readouterr()
+    assert main(["patch-stages", "-c", str(checkpoint), "--val-queries", str(queries), "--correct-valid",
+                 str(correct), "--stages", "0,1", "--modes", "t5", "--t5", str(checkpoint), "-o",
+                 str(tmp_path / "t5"), "--no-progress"]) == 2
+    assert "t5 mode is not applicable to decoder-only models" in capsys.readouterr().err
