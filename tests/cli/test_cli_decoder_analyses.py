@@ -188,3 +188,68 @@ def test_patch_stages_of_a_decoder_only_checkpoint(trained, tmp_path, capsys):
                  str(correct), "--stages", "0,1", "--modes", "t5", "--t5", str(checkpoint), "-o",
                  str(tmp_path / "t5"), "--no-progress"]) == 2
     assert "t5 mode is not applicable to decoder-only models" in capsys.readouterr().err
+
+
+def test_residual_rank_of_a_decoder_only_checkpoint(trained, tmp_path, capsys):
+    """`genir-jax residual-rank`: contributions and logit-lens ranks at the prompt's last token, recomputed here
+    with numpy from the recorded sites (GPT-2's final LayerNorm and tied unembedding written out); no
+    cross-attention rows."""
+    from genir_jax.analysis.inputs import load_analysis_inputs
+    from genir_jax.core import decoder_only as do
+
+    checkpoint, queries, correct = trained
+    out = tmp_path / "residual"
+    assert main(["residual-rank", "-c", str(checkpoint), "--val-queries", str(queries), "--correct-valid",
+                 str(correct), "-o", str(out), "--no-progress"]) == 0
+    inputs = load_analysis_inputs(checkpoint, queries, correct)
+    model, ids, mask = inputs.model, inputs.input_ids, inputs.attention_mask
+    config, params = model.config, model.params
+    sites = ["hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post"]
+    _, cache = do.forward_with_cache(config, params, ids, mask, cache_sites=[f"blocks.*.{s}" for s in sites])
+    last = np.asarray(do.last_positions(mask))
+    rows = np.arange(len(ids))
+    scale, bias = (np.asarray(params["final_norm"][k], np.float64) for k in ("scale", "bias"))
+    embed = np.asarray(params["embed"], np.float64)
+
+    def lens_rank(x, target):  # rank of the target in unembed(LayerNorm(x)), ties: lower id first
+        normed = (x - x.mean()) / np.sqrt(x.var() + config.norm_epsilon) * scale + bias
+        logits = embed @ normed
+        return int(np.sum((logits > logits[target]) | ((logits == logits[target]) &
+                                                        (np.arange(len(logits)) < target))))
+
+    ranks = {(r["query"], int(r["layer"]), r["component"]): float(r["value"])
+             for r in _rows(out / "all_ranks_correct_doc.csv")}
+    contributions = {(r["query"], int(r["layer"]), r["func"], r["component"]): float(r["value"])
+                     for r in _rows(out / "all_dec_resid_results.csv")}
+    assert {c for _, _, c in ranks} >= {"Residual Before Cr.Attn", "MLP Output", "Residual After Layer"}
+    assert not {c for _, _, c in ranks} & {"Residual After Cr.Attn", "Cross-Attn. Output"}
+    assert "Cross-Attn." not in {c for *_, c in contributions}
+    for layer in range(config.num_layers):
+        x = {s: np.asarray(cache[f"blocks.{layer}.{s}"], np.float64)[rows, last] for s in sites}
+        for q, query in enumerate(inputs.queries):
+            key = (query.query_id, layer)
+            for site, label in (("hook_resid_mid", "Residual Before Cr.Attn"), ("hook_mlp_out", "MLP Output"),
+                                ("hook_resid_post", "Residual After Layer")):
+                assert ranks[key + (label,)] == lens_rank(x[site][q], inputs.targets[q]), key + (label,)
+            delta = np.linalg.norm(x["hook_resid_post"][q] - x["hook_resid_pre"][q])
+            for site, label in (("hook_attn_out", "Self-Attn."), ("hook_mlp_out", "MLP")):
+                assert contributions[key + ("Ratio to Delta of Residual", label)] == pytest.approx(
+                    np.linalg.norm(x[site][q]) / delta, rel=1e-4)
+    summary = json.loads((out / "residual_rank_summary.json").read_text())
+    assert summary["queries_not_at_rank_0"] == 0 and list(summary["component_sums"]) == ["mlp"]
+
+
+def test_automatic_stages_of_a_decoder_only_checkpoint(trained, tmp_path, capsys):
+    """patch-stages' default for a 2-layer model: automatic stages, fitted on the attn and mlp curves (no
+    cross-attention columns), the table reported on the held-out half."""
+    checkpoint, queries, correct = trained
+    out = tmp_path / "auto"
+    assert main(["patch-stages", "-c", str(checkpoint), "--val-queries", str(queries), "--correct-valid",
+                 str(correct), "-o", str(out), "--no-progress"]) == 0
+    record = json.loads((out / "stages.json").read_text())
+    assert record["method"] == "auto" and sorted(sum(record["stages"], [])) == [0, 1]
+    assert sorted(record["features"]) == sorted(["ratio_attn", "ratio_mlp", "lens_log1p_rank", "zero_drop_attn",
+                                                  "zero_drop_mlp"])
+    held_out = len(json.loads((out / "ranks_correct_queries_patching_single_combis.json").read_text())
+                   ["0-attn-zero"])
+    assert 0 < held_out < len(json.loads(correct.read_text()))
