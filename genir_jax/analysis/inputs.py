@@ -325,8 +325,6 @@ def _decoder_only_inputs(model, checkpoint, val_queries, correct_valid, *, seque
     --model-type decoder` ranks (`genir_jax.training.decoder_dsi.encode_prompts`: ``[start] query " Document:"``,
     the query cut to `DECODER_PROMPT_TOKENS`, right-padded), the docid token the target of each row's last
     real token."""
-    from genir_jax.training.decoder_dsi import encode_prompts
-
     if sequences:
         raise GenIRError(f"{os.fspath(checkpoint)}: a decoder-only checkpoint has atomic docids only (no docid "
                          "sequences)")
@@ -334,11 +332,22 @@ def _decoder_only_inputs(model, checkpoint, val_queries, correct_valid, *, seque
         raise GenIRError(f"{os.fspath(checkpoint)}: reference padding reproduces the reference's T5 scripts; it is "
                          "not applicable to decoder-only models (their prompts are right-padded with a mask)")
     queries = load_correct_queries(val_queries, correct_valid, model.tokenizer)
-    ids, mask = encode_prompts([q.text for q in queries], model.tokenizer, DECODER_PROMPT_TOKENS)
+    ids, mask = encode_for_model(model, [q.text for q in queries])
     targets = np.asarray([q.token_id for q in queries], dtype=np.int32)
     inputs = AnalysisInputs(model, queries, ids, mask, targets)
     check_correct_pairs(inputs, correct_valid, val_queries, allow_incorrect=allow_incorrect)
     return inputs
+
+
+def encode_for_model(model, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) of query texts as the model's family takes them: T5 queries
+    (`tokenize_for_analysis`, masked padding) or decoder-only prompts (`encode_prompts`, queries cut to
+    `DECODER_PROMPT_TOKENS`)."""
+    if not is_decoder_only(model.config):
+        return tokenize_for_analysis(model.tokenizer, texts)
+    from genir_jax.training.decoder_dsi import encode_prompts
+
+    return encode_prompts(texts, model.tokenizer, DECODER_PROMPT_TOKENS)
 
 
 def docid_ranks(model, input_ids, attention_mask, target_ids, batch_size: int = 64) -> np.ndarray:

@@ -253,3 +253,39 @@ def test_automatic_stages_of_a_decoder_only_checkpoint(trained, tmp_path, capsys
     held_out = len(json.loads((out / "ranks_correct_queries_patching_single_combis.json").read_text())
                    ["0-attn-zero"])
     assert 0 < held_out < len(json.loads(correct.read_text()))
+
+
+def test_circuit_of_a_decoder_only_checkpoint(trained, tmp_path, capsys):
+    """`genir-jax circuit` with a circuit file (layer 0's MLP mean-replaced): Hits@1 over the docid tokens with
+    the circuit is that of plain forwards with the mean patched in; the paper's default circuit is refused."""
+    from genir_jax.analysis.inputs import load_analysis_inputs
+    from genir_jax.data.corpus import read_queries
+    from genir_jax.docids.tokens import docid_vocabulary
+    from genir_jax.interp import interventions as ivs
+    from genir_jax.training.decoder_dsi import encode_prompts
+
+    checkpoint, queries, correct = trained
+    circuit = tmp_path / "circuit.json"
+    circuit.write_text(json.dumps({"name": "mlp0", "patches": [{"component": "mlp", "stages": [0], "mode": "mean"}]}))
+    argv = ["circuit", "-c", str(checkpoint), "--test-queries", str(queries), "--val-queries", str(queries),
+            "--correct-valid", str(correct), "--stages", "0,1", "--no-progress"]
+    assert main(argv + ["--circuit", str(circuit), "-o", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "minimal_circuit.json").read_text())
+    inputs = load_analysis_inputs(checkpoint, queries, correct)
+    model = inputs.model
+    means = ivs.mean_activations(model.config, model.params, inputs.input_ids, inputs.attention_mask,
+                                 ["blocks.0.hook_mlp_out"], progress=False)
+    test = read_queries(queries)
+    ids, mask = encode_prompts(test, model.tokenizer, 128)
+    vocabulary = docid_vocabulary(model.tokenizer)
+    columns = np.asarray(sorted(vocabulary))
+    for name, patch in (("unpatched", None), ("patched", ivs.mean_ablation(model.config, means))):
+        best = columns[_prompt_logits(model, ids, mask, patch)[:, columns].argmax(-1)]
+        hits = np.mean([vocabulary[int(token)] in q.relevant_docs for token, q in zip(best, test)])
+        assert report["rankings"]["docid tokens only"][name]["Hits@1"] == pytest.approx(hits), name
+    capsys.readouterr()
+    assert main(argv + ["-o", str(tmp_path / "paper")]) == 2
+    assert "the paper's circuit is not applicable to decoder-only models" in capsys.readouterr().err
+    circuit.write_text(json.dumps({"patches": [{"component": "cross_attn", "stages": [0], "mode": "zero"}]}))
+    assert main(argv + ["--circuit", str(circuit), "-o", str(tmp_path / "cross")]) == 2
+    assert "component 'cross_attn' is not in a decoder-only model" in capsys.readouterr().err
