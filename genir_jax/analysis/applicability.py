@@ -3,7 +3,9 @@
 A decoder-only GenIR model (GPT-2, Llama, Qwen2, `genir_jax.core.decoder_only`) reads the query through causal
 self-attention in one stack: there is no encoder to swap, no cross-attention to read from or to write the docid's
 logit, so the paper's analyses of those (Table 2's encoder swap, Fig. 5's cross-attention reading, Table 5's
-cross-attention outputs and their docid share, the per-head token tables) have nothing to measure there.
+cross-attention outputs and their docid share, the per-head token tables and the per-head logit lens of the
+cross-attention heads) have nothing to measure there. Analyses that would transfer but are not implemented for
+them are named apart (`NOT_YET_ON_DECODER_ONLY`), with a message that says so.
 `NOT_APPLICABLE_TO_DECODER_ONLY` names each with its reason; `check_applicable` refuses such an analysis of a
 decoder-only checkpoint (`NotApplicableError`, one line), the one place every command's checkpoint is checked
 (`genir_jax.cli.main`)."""
@@ -23,6 +25,12 @@ NOT_APPLICABLE_TO_DECODER_ONLY = {
     "crattn-reading": NO_CROSS_ATTENTION,
     "crattn-writes": NO_CROSS_ATTENTION + ", so there are no cross-attention outputs or docid share to measure",
     "crattn-head-tokens": NO_CROSS_ATTENTION,
+    "head-logit-lens": NO_CROSS_ATTENTION + ", whose heads this per-head logit lens reads",
+}
+# analysis -> why it does not run on decoder-only models yet although it would transfer
+NOT_YET_ON_DECODER_ONLY = {
+    "neuron-reading": "its readers are T5 decoder components (self-attention, cross-attention, MLP per head and "
+                      "layer at the first decoding step); a decoder-only model's readers are not implemented",
 }
 
 
@@ -31,13 +39,18 @@ class NotApplicableError(GenIRError):
 
 
 def check_applicable(analysis: str, checkpoint: str | os.PathLike | None) -> None:
-    """Raise `NotApplicableError` when `analysis` (a command name) is in `NOT_APPLICABLE_TO_DECODER_ONLY` and
-    `checkpoint` is a decoder-only checkpoint (`genir_jax.checkpoints.hf.checkpoint_is_decoder_only`)."""
-    reason = NOT_APPLICABLE_TO_DECODER_ONLY.get(analysis)
-    if reason is None or checkpoint is None:
+    """Raise `NotApplicableError` when `analysis` (a command name) is in `NOT_APPLICABLE_TO_DECODER_ONLY` (or
+    `NOT_YET_ON_DECODER_ONLY`) and `checkpoint` is a decoder-only checkpoint
+    (`genir_jax.checkpoints.hf.checkpoint_is_decoder_only`)."""
+    if checkpoint is None or (analysis not in NOT_APPLICABLE_TO_DECODER_ONLY and
+                              analysis not in NOT_YET_ON_DECODER_ONLY):
         return
     from genir_jax.checkpoints.hf import checkpoint_is_decoder_only
 
-    if checkpoint_is_decoder_only(checkpoint):
+    if not checkpoint_is_decoder_only(checkpoint):
+        return
+    if analysis in NOT_APPLICABLE_TO_DECODER_ONLY:
         raise NotApplicableError(f"{os.fspath(checkpoint)}: {analysis} is not applicable to decoder-only models: "
-                                 f"{reason}")
+                                 f"{NOT_APPLICABLE_TO_DECODER_ONLY[analysis]}")
+    raise NotApplicableError(f"{os.fspath(checkpoint)}: {analysis} does not run on decoder-only models yet: "
+                             f"{NOT_YET_ON_DECODER_ONLY[analysis]}")

@@ -145,7 +145,8 @@ def test_attribute_of_a_decoder_only_checkpoint(trained, tmp_path, capsys):
     assert record["exact_check"]["configs"] == 3 and record["method"] == "atp*"
 
 
-@pytest.mark.parametrize("command", ["swap-encoder", "crattn-reading", "crattn-writes", "crattn-head-tokens"])
+@pytest.mark.parametrize("command", ["swap-encoder", "crattn-reading", "crattn-writes", "crattn-head-tokens",
+                                     "head-logit-lens"])
 def test_cross_attention_analyses_are_not_applicable(trained, tmp_path, capsys, command):
     checkpoint, queries, correct = trained
     argv = {"swap-encoder": ["--complete-model-path", str(checkpoint), "--val-queries", str(queries)],
@@ -157,6 +158,14 @@ def test_cross_attention_analyses_are_not_applicable(trained, tmp_path, capsys, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{command} {NOT_APPLICABLE}" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_neuron_reading_is_refused_as_not_yet_supported(trained, tmp_path, capsys):
+    checkpoint, queries, correct = trained
+    assert main(["neuron-reading", "-c", str(checkpoint), "--val-queries", str(queries), "--correct-valid",
+                 str(correct), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "neuron-reading does not run on decoder-only models yet" in err, err
 
 
 def test_patch_stages_of_a_decoder_only_checkpoint(trained, tmp_path, capsys):
