@@ -31,7 +31,7 @@ from genir_jax.core.config import T5Config
 from genir_jax.base.errors import GenIRError
 from genir_jax.interp.patching import run_sweep
 from genir_jax.interp.interventions import zero_ablation
-from genir_jax.core.sites import COMPONENTS, component_site
+from genir_jax.core.sites import COMPONENTS, component_site, components, stacks
 from genir_jax.interp.sweep import Sweep, stack
 
 # Feature columns of `stage_features`, in order.
@@ -147,8 +147,8 @@ def zero_ablation_configs(config: T5Config) -> tuple[Sweep, list[tuple[str, int]
     first config that patches nothing (the clean run). Returns the sweep (labelled component / layer; the
     clean config has component None, layer -1) and the (component, layer) of each config after the first."""
     L = config.num_decoder_layers
-    rows = [(c, layer) for c in COMPONENTS for layer in range(L)]
-    configs = [{}] + [zero_ablation(config, [component_site("decoder", c, layer)]) for c, layer in rows]
+    rows = [(c, layer) for c in components(config) for layer in range(L)]
+    configs = [{}] + [zero_ablation(config, [component_site(stacks(config)[-1], c, layer)]) for c, layer in rows]
     labels = [{"component": None, "layer": -1}] + [{"component": c, "layer": layer} for c, layer in rows]
     return stack(configs, labels=labels), rows
 
@@ -159,7 +159,8 @@ def stage_features(config: T5Config, params, input_ids, attention_mask, target_i
     """Per-layer curves [L, F] averaged over the queries [N, S] with target token ids [N] (with `per_query`,
     each query's own curves [N, L, F], which `fit_stages` resamples), and their names (`FEATURE_NAMES`):
 
-    - ``ratio_{attn,cross_attn,mlp}``: ||component output|| / ||resid_post - resid_pre|| (paper Fig. 3),
+    - ``ratio_{attn,cross_attn,mlp}``: ||component output|| / ||resid_post - resid_pre|| (paper Fig. 3; a
+      decoder-only model has no cross_attn columns, here and below),
     - ``lens_log1p_rank``: log(1 + rank of the target) in the logit lens of resid_post (Fig. 4),
     - ``zero_drop_{attn,cross_attn,mlp}``: clean target logit minus the target logit with that component's
       output zeroed in that layer alone (one `run_sweep` over 3 L + 1 configs).
@@ -175,7 +176,8 @@ def stage_features(config: T5Config, params, input_ids, attention_mask, target_i
                                  batch_size=batch_size, progress=progress, desc="auto stages: layer curves")
     func = [name for name, _ in FUNCS].index("ratio")
     parts = [name for name, _, _ in PARTS]
-    ratios = np.stack([residual.contributions[:, :, func, parts.index(c)] for c in COMPONENTS], axis=-1)
+    present = components(config)  # a decoder-only model's layers have no cross-attention: no such columns
+    ratios = np.stack([residual.contributions[:, :, func, parts.index(c)] for c in present], axis=-1)
     lens_site = [name for name, _ in LENS_SITES].index("resid_post")
     lens = np.log1p(residual.lens_ranks[:, :, lens_site].astype(np.float64))
 
@@ -185,10 +187,11 @@ def stage_features(config: T5Config, params, input_ids, attention_mask, target_i
     logits = np.asarray(sweep.target_logits, dtype=np.float64)       # [1 + 3L, N]
     drops = logits[:1] - logits[1:]                                   # [3L, N], ordered as rows
     L = config.num_decoder_layers
-    zero = drops.reshape(len(COMPONENTS), L, -1).transpose(2, 1, 0)   # [N, L, 3]
+    zero = drops.reshape(len(present), L, -1).transpose(2, 1, 0)      # [N, L, components]
 
     features = np.concatenate([ratios.astype(np.float64), lens[:, :, None], zero], axis=2)  # [N, L, F]
-    return (features if per_query else features.mean(axis=0)), list(FEATURE_NAMES)
+    names = [f"ratio_{c}" for c in present] + ["lens_log1p_rank"] + [f"zero_drop_{c}" for c in present]
+    return (features if per_query else features.mean(axis=0)), names
 
 
 def stage_counts(num_layers: int, ks: Sequence[int] = K_RANGE) -> list[int]:

@@ -31,7 +31,7 @@ from genir_jax.core.config import T5Config
 from genir_jax.base.errors import DataError, GenIRError
 from genir_jax.interp.interventions import ABLATION_MODES, Interventions, combine, mean_ablation, zero_ablation
 from genir_jax.interp.patching import run_sweep
-from genir_jax.core.sites import COMPONENT_SITES, site_name
+from genir_jax.core.sites import COMPONENT_SITES, components, is_decoder_only, site_name, stacks
 from genir_jax.interp.sweep import Sweep, stack
 
 RESULTS_JSON = "minimal_circuit.json"
@@ -81,6 +81,17 @@ PAPER_CIRCUIT = Circuit("paper", (
     CircuitPatch("cross_attn", (0,), "zero"),
     CircuitPatch("mlp", (0, 1), "mean"),
 ))
+
+
+def default_circuit(config) -> Circuit:
+    """The circuit `genir-jax circuit` evaluates without --circuit: the paper's (`PAPER_CIRCUIT`). A decoder-only
+    model has none: the paper's circuit removes every self-attention layer, the only way such a model's
+    prediction reads the query, so a circuit file is asked for."""
+    if is_decoder_only(config):
+        raise GenIRError("the paper's circuit is not applicable to decoder-only models: it removes every "
+                         "self-attention layer, through which a decoder-only model reads the query (and has "
+                         "cross-attention patches); give --circuit FILE with attn / mlp patches")
+    return PAPER_CIRCUIT
 
 
 def _ranges(layers: Sequence[int]) -> str:
@@ -143,9 +154,15 @@ def circuit_configuration(config: T5Config, circuit: Circuit, stages: Sequence[S
                           ) -> Interventions:
     """The circuit as one configuration: per component, its zeroed layers (`zero_ablation`), then its
     mean-replaced layers (`mean_ablation` with `means`), `combine`d. A layer whose component is both zeroed
-    and mean-replaced is refused (one would silently win)."""
+    and mean-replaced is refused (one would silently win). Decoder-only models: attn and mlp of their blocks;
+    a cross_attn patch is refused."""
+    missing = sorted({p.component for p in circuit.patches} - set(components(config)))
+    if missing:
+        raise GenIRError(f"circuit {circuit.name!r}: component {missing[0]!r} is not in a decoder-only model (its "
+                         f"layers have {' and '.join(components(config))})")
     parts = []
-    for component, site in COMPONENT_SITES.items():
+    for component in components(config):
+        site = COMPONENT_SITES[component]
         zeroed, meaned = ({layer for p in circuit.patches if p.component == component and p.mode == mode
                            for layer in p.layers(stages)} for mode in ("zero", "mean"))
         if zeroed & meaned:
@@ -156,7 +173,7 @@ def circuit_configuration(config: T5Config, circuit: Circuit, stages: Sequence[S
                              for layer in p.layers(stages)})
             if not layers:
                 continue
-            sites = [site_name("decoder", site, layer) for layer in layers]
+            sites = [site_name(stacks(config)[-1], site, layer) for layer in layers]
             if mode == "zero":
                 parts.append(zero_ablation(config, sites))
             else:

@@ -9,8 +9,8 @@ import numpy as np
 
 from genir_jax.analysis.circuit import (DOCID_TOKENS, FULL_VOCABULARY, RESULTS_JSON, circuit_interventions,
                                         rank_with_circuit)
-from genir_jax.analysis.inputs import (AnalysisInputs, reference_padded_groups, reference_padding_length,
-                                       tokenize_for_analysis)
+from genir_jax.analysis.inputs import (AnalysisInputs, encode_for_model, reference_padded_groups,
+                                       reference_padding_length, tokenize_for_analysis)
 
 
 def rank_test_queries(inputs: AnalysisInputs, test_queries, circuit, stages, docids, *, k: int,
@@ -23,7 +23,8 @@ def rank_test_queries(inputs: AnalysisInputs, test_queries, circuit, stages, doc
     -1 for other tokens. `DOCID_TOKENS`: the docid tokens only (`docids`,
     `genir_jax.analysis.circuit.docid_targets`; as `genir-jax evaluate`), `full_top_ids` None. Padding: masked,
     or `reference_padding` (the reference's, without masks)."""
-    from genir_jax.core.sites import ALL_LAYERS, COMPONENTS, component_site
+    from genir_jax.base.errors import GenIRError
+    from genir_jax.core.sites import ALL_LAYERS, component_site, components, is_decoder_only, stacks
     from genir_jax.interp.interventions import mean_activations
 
     model, tokenizer = inputs.model, inputs.model.tokenizer
@@ -31,7 +32,10 @@ def rank_test_queries(inputs: AnalysisInputs, test_queries, circuit, stages, doc
     texts, test_texts = inputs.texts, [q.text for q in test_queries]
     candidates, targets = docids.candidates, docids.targets
     needs_means = any(p.mode == "mean" for p in circuit.patches)
-    sites = [component_site("decoder", c, ALL_LAYERS) for c in COMPONENTS]
+    sites = [component_site(stacks(config)[-1], c, ALL_LAYERS) for c in components(config)]
+    if reference_padding and is_decoder_only(config):
+        raise GenIRError("reference padding reproduces the reference's T5 scripts; it is not applicable to "
+                         "decoder-only models")
     if reference_padding:
         length = reference_padding_length(tokenizer, texts)
         val_ids, val_mask = tokenize_for_analysis(tokenizer, texts, reference_padding=True)
@@ -39,7 +43,7 @@ def rank_test_queries(inputs: AnalysisInputs, test_queries, circuit, stages, doc
         groups = [(rows, ids, np.ones_like(ids)) for rows, ids in groups]
     else:
         val_ids, val_mask = inputs.input_ids, inputs.attention_mask
-        ids, mask = tokenize_for_analysis(tokenizer, test_texts)
+        ids, mask = encode_for_model(model, test_texts)
         groups = [(np.arange(len(test_texts)), ids, mask)]
     means = mean_activations(config, model.params, val_ids, val_mask, sites, progress=progress) if needs_means else None
     interventions = circuit_interventions(config, circuit, stages, means)

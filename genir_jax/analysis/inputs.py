@@ -13,6 +13,12 @@ Tokenisation, two modes:
   padded to (longest query in sub-word tokens without ``</s>``) + 1 tokens and NO attention mask is used,
   so the encoder and the cross-attention also attend to the padding.
 
+Decoder-only checkpoints (GPT-2, Llama, Qwen2; told apart by their config.json, `load_model`) have atomic docids
+and one input per query: the prompt `genir-jax evaluate --model-type decoder` ranks (``[start] query
+" Document:"``, right-padded with a mask, `genir_jax.training.decoder_dsi.encode_prompts`), whose last real token
+predicts the docid token; their pairs are checked by the same rule (`docid_ranks`). Reference padding and docid
+sequences do not apply to them.
+
 Bounded length: a query longer than `MAX_QUERY_TOKENS` (512, the length T5 was pre-trained at and its
 tokenizer's ``model_max_length``) is truncated to its first 511 tokens plus ``</s>`` (as transformers'
 ``truncation=True``), with a warning on stderr, so a single huge query cannot make every batch allocate
@@ -31,6 +37,7 @@ from typing import Sequence
 import numpy as np
 
 from genir_jax.checkpoints.tokenizer import clip_text
+from genir_jax.core.sites import is_decoder_only
 from genir_jax.data.corpus import normalize_id, read_json, read_queries
 from genir_jax.docids.tokens import doc_id_of_token, is_docid_token
 from genir_jax.base.batching import Batch, batches
@@ -249,12 +256,19 @@ class AnalysisInputs:
 
 
 def load_model(path: str | os.PathLike, *, tokenizer: bool = True, **kw):
-    """A checkpoint for analysis (`genir_jax.checkpoints.hf.load_for_analysis`, keyword arguments go to it);
-    with `tokenizer`, refuses one without tokenizer files."""
+    """A checkpoint for analysis, of the family its config.json names (`checkpoint_is_decoder_only`): a T5
+    (`genir_jax.checkpoints.hf.load_for_analysis`, keyword arguments go to it) or a decoder-only model
+    (`genir_jax.checkpoints.decoder_hf.load_decoder_only`, which takes ``dtype``); with `tokenizer`, refuses
+    one without tokenizer files."""
     from genir_jax.base.errors import GenIRError
-    from genir_jax.checkpoints.hf import load_for_analysis  # read-only tokenizer, no transformers
+    from genir_jax.checkpoints.hf import checkpoint_is_decoder_only, load_for_analysis  # no transformers for T5
 
-    model = load_for_analysis(str(path), load_tokenizer=tokenizer, **kw)
+    if checkpoint_is_decoder_only(path):
+        from genir_jax.checkpoints.decoder_hf import load_decoder_only
+
+        model = load_decoder_only(str(path), dtype=kw.get("dtype", "float32"), load_tokenizer=tokenizer)
+    else:
+        model = load_for_analysis(str(path), load_tokenizer=tokenizer, **kw)
     if tokenizer and model.tokenizer is None:
         raise GenIRError(f"{os.fspath(path)}: no tokenizer files; the checkpoint must include its tokenizer")
     return model
@@ -279,6 +293,9 @@ def load_analysis_inputs(checkpoint: str | os.PathLike, val_queries: str | os.Pa
     warning) and their tokenisation (`tokenize_for_analysis`). `load`: keyword arguments of `load_model`
     (e.g. ``dtype``)."""
     model = model if model is not None else load_model(checkpoint, **load)
+    if is_decoder_only(model.config):
+        return _decoder_only_inputs(model, checkpoint, val_queries, correct_valid, sequences=sequences,
+                                    reference_padding=reference_padding, allow_incorrect=allow_incorrect)
     if sequences:
         from genir_jax.docids.schemes import checkpoint_scheme
         from genir_jax.docids.sequence_targets import pad_targets
@@ -299,6 +316,59 @@ def load_analysis_inputs(checkpoint: str | os.PathLike, val_queries: str | os.Pa
     return inputs
 
 
+DECODER_PROMPT_TOKENS = 128  # query tokens of a decoder-only prompt: `genir-jax evaluate`'s default --max-length
+
+
+def _decoder_only_inputs(model, checkpoint, val_queries, correct_valid, *, sequences: bool, reference_padding: bool,
+                         allow_incorrect: bool) -> AnalysisInputs:
+    """`load_analysis_inputs` of a decoder-only DSI checkpoint (atomic docids): the rows `genir-jax evaluate
+    --model-type decoder` ranks (`genir_jax.training.decoder_dsi.encode_prompts`: ``[start] query " Document:"``,
+    the query cut to `DECODER_PROMPT_TOKENS`, right-padded), the docid token the target of each row's last
+    real token."""
+    if sequences:
+        raise GenIRError(f"{os.fspath(checkpoint)}: a decoder-only checkpoint has atomic docids only (no docid "
+                         "sequences)")
+    if reference_padding:
+        raise GenIRError(f"{os.fspath(checkpoint)}: reference padding reproduces the reference's T5 scripts; it is "
+                         "not applicable to decoder-only models (their prompts are right-padded with a mask)")
+    queries = load_correct_queries(val_queries, correct_valid, model.tokenizer)
+    ids, mask = encode_for_model(model, [q.text for q in queries])
+    targets = np.asarray([q.token_id for q in queries], dtype=np.int32)
+    inputs = AnalysisInputs(model, queries, ids, mask, targets)
+    check_correct_pairs(inputs, correct_valid, val_queries, allow_incorrect=allow_incorrect)
+    return inputs
+
+
+def encode_for_model(model, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) of query texts as the model's family takes them: T5 queries
+    (`tokenize_for_analysis`, masked padding) or decoder-only prompts (`encode_prompts`, queries cut to
+    `DECODER_PROMPT_TOKENS`)."""
+    if not is_decoder_only(model.config):
+        return tokenize_for_analysis(model.tokenizer, texts)
+    from genir_jax.training.decoder_dsi import encode_prompts
+
+    return encode_prompts(texts, model.tokenizer, DECODER_PROMPT_TOKENS)
+
+
+def docid_ranks(model, input_ids, attention_mask, target_ids, batch_size: int = 64) -> np.ndarray:
+    """int [N]: the full-vocabulary rank of each query's atomic docid token at the step that predicts it
+    (`genir_jax.docids.retrieval.docid_step_logits`: T5's first decoder step, a decoder-only model's last
+    prompt token), ties broken by token id as `genir_jax.interp.metrics.ranks_of_targets` breaks them: rank 0
+    iff it is the whole vocabulary's top token (`jnp.argmax`), the rule `genir-jax evaluate` applies."""
+    import jax
+
+    from genir_jax.docids.retrieval import docid_step_logits
+    from genir_jax.interp.metrics import ranks_of_targets
+
+    step = jax.jit(lambda params, ids, mask, targets: ranks_of_targets(
+        docid_step_logits(model.config, params, ids, mask), targets)[0])
+    out = np.zeros(len(target_ids), dtype=np.int64)
+    for batch in batches((np.asarray(input_ids), np.asarray(attention_mask), np.asarray(target_ids, np.int32)),
+                         max(1, min(batch_size, len(target_ids)))):
+        out[batch.rows] = np.asarray(step(model.params, *batch.arrays))[:batch.size]
+    return out
+
+
 def check_correct_pairs(inputs: AnalysisInputs, correct_valid: str | os.PathLike, val_queries: str | os.PathLike,
                         *, allow_incorrect: bool = False) -> np.ndarray:
     """bool [N]: which pairs of `correct_valid` (`inputs.queries`) are correct as `genir-jax evaluate` decides
@@ -311,8 +381,11 @@ def check_correct_pairs(inputs: AnalysisInputs, correct_valid: str | os.PathLike
     from genir_jax.docids.sequence_targets import worst_step_ranks
 
     model, queries, path = inputs.model, inputs.queries, os.fspath(correct_valid)
-    ranks = worst_step_ranks(model.config, model.params, inputs.input_ids, inputs.attention_mask,
-                             [q.tokens if inputs.target_mask is not None else (q.token_id,) for q in queries])
+    if is_decoder_only(model.config):
+        ranks = docid_ranks(model, inputs.input_ids, inputs.attention_mask, inputs.targets)
+    else:
+        ranks = worst_step_ranks(model.config, model.params, inputs.input_ids, inputs.attention_mask,
+                                 [q.tokens if inputs.target_mask is not None else (q.token_id,) for q in queries])
     relevant = np.asarray([q.relevant for q in queries], dtype=bool)
     correct = relevant & (ranks == 0)
     wrong = np.flatnonzero(~correct)

@@ -16,14 +16,21 @@ import math
 
 import jax.numpy as jnp
 
+from genir_jax.core import decoder_only
 from genir_jax.core.config import T5Config
+from genir_jax.core.sites import is_decoder_only
 from genir_jax.core.model import T5
 from genir_jax.core.modules import RMSNorm
 
 
 def logit_lens(config: T5Config, params, resid: jnp.ndarray) -> jnp.ndarray:
     """Logits [..., V] (float32) of residual-sized vectors [..., D] through the decoder's final norm and the
-    unembedding. Jittable; for r = the last layer's resid_post it equals the model's logits."""
+    unembedding (a decoder-only model: its final norm, LayerNorm or RMSNorm, and its unembedding). Jittable;
+    for r = the last layer's resid_post it equals the model's logits."""
+    if is_decoder_only(config):
+        rows = resid.reshape((-1, 1, resid.shape[-1]))
+        normed = decoder_only.forward_from_layer(config, params, rows, config.num_layers)  # the final norm only
+        return decoder_only.unembed(config, params, normed).reshape(resid.shape[:-1] + (-1,)).astype(jnp.float32)
     norm = RMSNorm(epsilon=config.layer_norm_epsilon)
     normed = norm.apply({"params": params["decoder"]["final_norm"]}, resid)
     return T5(config).apply({"params": params}, normed, method=T5.unembed).astype(jnp.float32)

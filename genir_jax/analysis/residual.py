@@ -81,7 +81,8 @@ from genir_jax.base.errors import DataError, GenIRError
 from genir_jax.base.io import atomic_directory
 from genir_jax.core.model import T5, cache_specs
 from genir_jax.interp.patching import ranks_of_targets
-from genir_jax.core.sites import ALL_LAYERS, expand_site_patterns, site_name
+from genir_jax.core import decoder_only
+from genir_jax.core.sites import ALL_LAYERS, expand_site_patterns, is_decoder_only, site_name
 
 # Contributions: functions and parts, in the reference's order, with its labels.
 FUNCS = (("ratio", "Ratio to Delta of Residual"), ("norm", "Absolute Value"), ("cosine", "Cosine Similarity"))
@@ -100,6 +101,8 @@ SUMS = (("mlp", "Sum of MLP Outputs", "hook_mlp_out"), ("cross_attn", "Sum of Cr
                                                          "hook_cross_attn_out"))
 CACHED = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_cross_attn_out", "hook_resid_mid_cross",
           "hook_mlp_out", "hook_resid_post")
+# Parts, lens sites and sums of the cross-attention: none in a decoder-only model (left out of its outputs).
+CROSS_ATTENTION_ONLY = frozenset({"cross_attn", "resid_mid_cross", "cross_attn_out"})
 RESID_CSV = "all_dec_resid_results.csv"
 RANKS_CSV = "all_ranks_correct_doc.csv"
 SUMS_CSV = "ranks_component_sums.csv"
@@ -136,6 +139,11 @@ class ResidualRankResult:
     sum_ranks: np.ndarray          # [N, 2] int (order of SUMS)
     final_ranks: np.ndarray        # [N] int: the relevant docid's rank in the model's own logits
     reference: bool = False
+    decoder_only: bool = False     # a decoder-only model: its cross-attention entries are NaN / -1 and not written
+
+    def applies(self, name: str) -> bool:
+        """Whether a part, lens site or sum (`PARTS`, `LENS_SITES`, `SUMS` key) exists in the model."""
+        return not (self.decoder_only and name in CROSS_ATTENTION_ONLY)
 
     @property
     def non_docid_count(self) -> int:
@@ -184,11 +192,15 @@ def contributions(resid_pre, attn_out, cross_attn_out, mlp_out, resid_post) -> j
 @functools.partial(jax.jit, static_argnames=("config",))
 def _chunk(params, input_ids, attention_mask, targets, is_docid, *, config: T5Config):
     """One chunk of queries: the cached forward, contributions, lens ranks and vocabulary statistics."""
-    names = expand_site_patterns(config, [site_name("decoder", site, ALL_LAYERS) for site in CACHED])
-    model = T5(config, decoder_cache=cache_specs(config, names)[1])
-    start = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=jnp.int32)
-    logits, raw = model.apply({"params": params}, input_ids, attention_mask, start)
-    x = {site: raw["decoder"][site][:, :, 0].astype(jnp.float32) for site in CACHED}  # [L, B, D]
+    if is_decoder_only(config):
+        x = _decoder_only_sites(config, params, input_ids, attention_mask)
+        logits = logit_lens(config, params, x["hook_resid_post"][-1])[:, None]
+    else:
+        names = expand_site_patterns(config, [site_name("decoder", site, ALL_LAYERS) for site in CACHED])
+        model = T5(config, decoder_cache=cache_specs(config, names)[1])
+        start = jnp.full((input_ids.shape[0], 1), config.decoder_start_token_id, dtype=jnp.int32)
+        logits, raw = model.apply({"params": params}, input_ids, attention_mask, start)
+        x = {site: raw["decoder"][site][:, :, 0].astype(jnp.float32) for site in CACHED}  # [L, B, D]
     contrib = contributions(x["hook_resid_pre"], x["hook_attn_out"], x["hook_cross_attn_out"], x["hook_mlp_out"],
                             x["hook_resid_post"])                                     # [L, B, 3, 5]
     lens_inputs = jnp.stack([x[f"hook_{site}"] for site, _ in LENS_SITES], axis=1)    # [L, 5, B, D]
@@ -204,6 +216,21 @@ def _chunk(params, input_ids, attention_mask, targets, is_docid, *, config: T5Co
     sum_ranks, _ = ranks_of_targets(sum_lens, jnp.broadcast_to(targets, sum_lens.shape[:2]))
     final_ranks, _ = ranks_of_targets(logits[:, 0].astype(jnp.float32), targets)
     return contrib, lens_ranks, stats, sum_ranks, final_ranks
+
+
+def _decoder_only_sites(config, params, input_ids, attention_mask) -> dict:
+    """The `CACHED` sites [L, B, D] of a decoder-only model at each prompt's last real token (where the docid is
+    predicted); its layers have no cross-attention: a zero output and resid_mid_cross = resid_mid (the entries
+    `run_residual_rank` then marks as not applicable)."""
+    record = frozenset(CACHED) - {"hook_cross_attn_out", "hook_resid_mid_cross"}
+    _, raw, _ = decoder_only.DecoderOnly(config, record=record).apply(
+        {"params": params}, input_ids, decoder_only.positions_from_mask(attention_mask), attention_mask)
+    last = decoder_only.last_positions(attention_mask)
+    x = {site: jnp.take_along_axis(raw[site], last[None, :, None, None], axis=2)[:, :, 0].astype(jnp.float32)
+         for site in record}
+    x["hook_cross_attn_out"] = jnp.zeros_like(x["hook_attn_out"])
+    x["hook_resid_mid_cross"] = x["hook_resid_mid"]
+    return x
 
 
 def default_batch_size(vocab_size: int, budget_bytes: int = 1 << 30) -> int:
@@ -263,9 +290,14 @@ def run_residual_rank(config: T5Config, params, input_ids, attention_mask, targe
         sum_ranks[rows] = sr.T[:n]
         final_ranks[rows] = fr[:n]
     ids_out = [str(q) for q in query_ids] if query_ids is not None else [str(i) for i in range(count)]
-    return ResidualRankResult(query_ids=ids_out, contributions=contrib, lens_ranks=lens_ranks, vocab_stats=stats,
-                              docid_count=docid_count, vocab_size=config.vocab_size, sum_ranks=sum_ranks,
-                              final_ranks=final_ranks, reference=reference)
+    result = ResidualRankResult(query_ids=ids_out, contributions=contrib, lens_ranks=lens_ranks, vocab_stats=stats,
+                                docid_count=docid_count, vocab_size=config.vocab_size, sum_ranks=sum_ranks,
+                                final_ranks=final_ranks, reference=reference, decoder_only=is_decoder_only(config))
+    if result.decoder_only:  # no cross-attention: its entries are not measurements
+        contrib[..., [p for p, (name, _, _) in enumerate(PARTS) if not result.applies(name)]] = np.nan
+        lens_ranks[..., [s for s, (name, _) in enumerate(LENS_SITES) if not result.applies(name)]] = -1
+        sum_ranks[:, [k for k, (name, _, _) in enumerate(SUMS) if not result.applies(name)]] = -1
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,8 +328,9 @@ def resid_rows(result: ResidualRankResult):
     for q, query_id in enumerate(result.query_ids):
         for layer in range(result.contributions.shape[1]):
             for f, (_, func_label) in enumerate(FUNCS):
-                for p, (_, part_label, _) in enumerate(PARTS):
-                    yield query_id, func_label, layer, part_label, _cell(result.contributions[q, layer, f, p])
+                for p, (part, part_label, _) in enumerate(PARTS):
+                    if result.applies(part):
+                        yield query_id, func_label, layer, part_label, _cell(result.contributions[q, layer, f, p])
 
 
 def rank_rows(result: ResidualRankResult):
@@ -305,8 +338,9 @@ def rank_rows(result: ResidualRankResult):
     vocab = result.vocabulary_rows()
     for q, query_id in enumerate(result.query_ids):
         for layer in range(result.lens_ranks.shape[1]):
-            for s, (_, label) in enumerate(LENS_SITES):
-                yield query_id, layer, label, _cell(result.lens_ranks[q, layer, s])
+            for s, (site, label) in enumerate(LENS_SITES):
+                if result.applies(site):
+                    yield query_id, layer, label, _cell(result.lens_ranks[q, layer, s])
             for key, label in VOCAB_ROWS:
                 yield query_id, layer, label, _cell(vocab[key][q, layer])
 
@@ -322,9 +356,11 @@ def _series(values: np.ndarray, median: bool = False) -> dict:
 
 def summary(result: ResidualRankResult) -> dict:
     """The machine-readable summary (schema in the module docstring)."""
-    contributions_ = {func: {part: _series(result.contributions[:, :, f, p]) for p, (part, _, _) in enumerate(PARTS)}
+    contributions_ = {func: {part: _series(result.contributions[:, :, f, p]) for p, (part, _, _) in enumerate(PARTS)
+                             if result.applies(part)}
                       for f, (func, _) in enumerate(FUNCS)}
-    relevant = {site: _series(result.lens_ranks[:, :, s], median=True) for s, (site, _) in enumerate(LENS_SITES)}
+    relevant = {site: _series(result.lens_ranks[:, :, s], median=True) for s, (site, _) in enumerate(LENS_SITES)
+                if result.applies(site)}
     stats = result.vocab_stats
     vocabulary = {
         "docid_min": stats["docid_min"], "docid_max": stats["docid_max"],
@@ -334,6 +370,8 @@ def summary(result: ResidualRankResult) -> dict:
     }
     sums = {}
     for k, (name, _, _) in enumerate(SUMS):
+        if not result.applies(name):
+            continue
         ranks = result.sum_ranks[:, k]
         sums[name] = {"mean": float(ranks.mean()), "median": float(np.median(ranks)), "max": int(ranks.max()),
                       **{f"fraction_{label}": float(np.mean(ranks > t))
@@ -341,9 +379,10 @@ def summary(result: ResidualRankResult) -> dict:
     vocabulary_labels = dict(VOCAB_ROWS)
     if result.reference:  # the CSV's "Mean Non-Doc-IDs" holds the median in reference mode
         vocabulary_labels["non_docid_median"] = vocabulary_labels.pop("non_docid_mean")
-    labels = {"contributions": {"funcs": dict(FUNCS), "parts": {k: v for k, v, _ in PARTS}},
-              "relevant_rank": dict(LENS_SITES), "vocabulary_rank": vocabulary_labels,
-              "component_sums": {k: v for k, v, _ in SUMS}}
+    labels = {"contributions": {"funcs": dict(FUNCS), "parts": {k: v for k, v, _ in PARTS if result.applies(k)}},
+              "relevant_rank": {k: v for k, v in LENS_SITES if result.applies(k)},
+              "vocabulary_rank": vocabulary_labels,
+              "component_sums": {k: v for k, v, _ in SUMS if result.applies(k)}}
     return {
         "schema": SCHEMA,
         "num_queries": len(result.query_ids),
@@ -357,7 +396,7 @@ def summary(result: ResidualRankResult) -> dict:
         "labels": labels,
         # [N][L] per query and layer, for intervals over queries (the report's Fig. 4 table)
         "per_query": {"relevant_rank": {site: result.lens_ranks[:, :, s].tolist()
-                                        for s, (site, _) in enumerate(LENS_SITES)},
+                                        for s, (site, _) in enumerate(LENS_SITES) if result.applies(site)},
                       "vocabulary_rank": {key: np.asarray(vocabulary[key]).tolist()
                                           for key in ("docid_mean", "non_docid_median")}},
     }
@@ -372,7 +411,8 @@ def write_residual_rank(out_dir: str | os.PathLike, result: ResidualRankResult, 
         RANKS_CSV: _csv_text(["", "query", "layer", "component", "value"], rank_rows(result)),
         SUMS_CSV: _csv_text(["", "query", "component", "value"],
                             ((query_id, label, _cell(result.sum_ranks[q, k]))
-                             for q, query_id in enumerate(result.query_ids) for k, (_, label, _) in enumerate(SUMS))),
+                             for q, query_id in enumerate(result.query_ids) for k, (name, label, _) in enumerate(SUMS)
+                             if result.applies(name))),
         SUMMARY_JSON: json.dumps(summary(result), indent=1) + "\n",
     }
     if reference_only:

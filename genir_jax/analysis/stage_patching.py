@@ -1,7 +1,8 @@
 """Stage patching (paper Sec. 5.1, Table 3): knock out or replace one component type in one stage.
 
 For each component type (attn, cross_attn, mlp), each stage (a list of decoder layers) and each mode the
-component's output is patched in every layer of the stage at the decoder's single position:
+component's output is patched in every layer of the stage at the decoder's single position (decoder-only
+models: attn and mlp at every prompt position, zero and mean modes; `stage_components`):
 - zero: replaced by 0;
 - mean: replaced by its mean over the correct queries;
 - t5: replaced by the output of the same component of the pretrained T5 on the same query (and one more
@@ -44,7 +45,7 @@ from genir_jax.interp.interventions import (FROM_SOURCE, encoder_swap, mean_acti
                                      zero_ablation)
 from genir_jax.base.io import atomic_directory
 from genir_jax.interp.patching import Source, SweepResult, run_sweep
-from genir_jax.core.sites import ALL_LAYERS, COMPONENTS, component_site
+from genir_jax.core.sites import ALL_LAYERS, COMPONENTS, component_site, components, is_decoder_only, stacks
 from genir_jax.interp.sweep import Sweep, stack
 
 # Table 3's row order in the reference: components last to first (mlp, cross_attn, attn), and the modes as its
@@ -146,6 +147,12 @@ class StageConfig:
         return f"{self.stage}-{self.component}-{self.mode}"
 
 
+def stage_components(config) -> tuple[str, ...]:
+    """The component types of a model's stage rows, in the reference's row order: mlp, cross_attn, attn (T5);
+    mlp, attn (a decoder-only model, whose layers have no cross-attention)."""
+    return tuple(c for c in REFERENCE_ROW_ORDER if c in components(config))
+
+
 def stage_configs(config: T5Config, stages: Sequence[Sequence[int]], modes: Sequence[str],
                   means: dict | None = None) -> tuple[Sweep, list[StageConfig]]:
     """The sweep (one builder-made configuration per row, labelled component / stage / mode) and its rows.
@@ -160,11 +167,15 @@ def stage_configs(config: T5Config, stages: Sequence[Sequence[int]], modes: Sequ
                          f"{', '.join(REFERENCE_MODE_ORDER)}")
     if "mean" in modes and means is None:
         raise GenIRError("mean mode needs the means of the component outputs (`mean_activations`)")
+    if "t5" in modes and is_decoder_only(config):
+        raise GenIRError("t5 mode is not applicable to decoder-only models: it patches in a pretrained T5's "
+                         "component outputs and encoder; use zero or mean")
     configs, labels = [], []
+    stack_name = stacks(config)[-1]
     for mode in (m for m in REFERENCE_MODE_ORDER if m in modes):
-        for component in REFERENCE_ROW_ORDER:
+        for component in stage_components(config):
             for index, stage in enumerate(stages):
-                sites = [component_site("decoder", component, layer) for layer in stage]
+                sites = [component_site(stack_name, component, layer) for layer in stage]
                 if mode == "zero":
                     configs.append(zero_ablation(config, sites))
                 elif mode == "mean":
@@ -213,7 +224,7 @@ def run_stage_patching(config: T5Config, params, input_ids, attention_mask, targ
     """Run the stage-patching sweep on the given (correct) queries; means come from the same queries."""
     means = None
     if "mean" in modes:
-        sites = [component_site("decoder", c, ALL_LAYERS) for c in REFERENCE_ROW_ORDER]
+        sites = [component_site(stacks(config)[-1], c, ALL_LAYERS) for c in stage_components(config)]
         means = mean_activations(config, params, input_ids, attention_mask, sites, progress=progress)
     sweep, rows = stage_configs(config, stages, modes, means)
     if "t5" in modes and source is None:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from genir_jax.base.errors import CheckpointError, ConfigError
+from genir_jax.base.errors import CheckpointError, ConfigError, GenIRError
 from genir_jax.checkpoints.weights import (
     CONFIG_NAME, TensorSpec, WeightFiles, assemble_params, checked_finite, dtype_name, identity, tensors_from_specs,
     transpose, write_checkpoint,
@@ -342,6 +342,20 @@ def _t5_config(config_path: str) -> T5Config:
             raise ConfigError(f"{config_path}: model_type {model_type!r} is a decoder-only model, not a T5; load it "
                               "with genir_jax.checkpoints.decoder_hf.load_decoder_only") from None
         raise
+
+
+def checkpoint_is_decoder_only(path_or_hub_id: str | os.PathLike) -> bool:
+    """Whether a checkpoint is of the decoder-only family (GPT-2, Llama, Qwen2: its config.json's ``model_type``
+    is one of `genir_jax.core.decoder_config.DECODER_MODEL_TYPES`) rather than a T5: how the analyses tell
+    which loader and which inputs a checkpoint takes, without a --model-type flag. A directory without a
+    readable config.json is not decoder-only (the T5 loader then names what is missing)."""
+    try:
+        directory = resolve_checkpoint_dir(path_or_hub_id)
+        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as handle:
+            found = json.load(handle)
+    except (GenIRError, OSError, ValueError):
+        return False
+    return isinstance(found, dict) and found.get("model_type") in DECODER_MODEL_TYPES
 
 
 def load_for_analysis(path_or_hub_id: str | os.PathLike, **options: Any) -> PretrainedModel:

@@ -185,6 +185,9 @@ def _run(args: argparse.Namespace) -> int:
             from genir_jax.cli.paths import resolve_placeholders
 
             resolve_placeholders(args)
+            from genir_jax.analysis.applicability import check_applicable
+
+            check_applicable(args.command, getattr(args, getattr(args, "checkpoint_option", "checkpoint"), None))
             output = getattr(args, "output", None)
             if isinstance(output, str):
                 from genir_jax.base.io import check_output_dir

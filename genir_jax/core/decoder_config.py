@@ -82,6 +82,13 @@ class DecoderConfig:
         return self.model_type == "gpt2"
 
     @property
+    def num_decoder_layers(self) -> int:
+        """The layers that predict the docid: all of them (the one stack is the model's decoder). The analyses
+        that speak of decoder layers and stages (stage patching, automatic stages, the residual lens, the
+        circuit) read this, as they read T5's ``num_decoder_layers``."""
+        return self.num_layers
+
+    @property
     def is_gated_act(self) -> bool:
         """Whether the MLP is gated (SwiGLU: ``act(gate x) * up x``), which adds the ``mlp.hook_pre_linear`` site."""
         return not self.is_gpt2

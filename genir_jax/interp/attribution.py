@@ -42,6 +42,13 @@ components") adds two fixes, both implemented:
   pass is shared: the plain gradient minus the gradient of the paths through layer l's outputs (see
   `_gradients_body`) is each variant, so the L variants cost one vmapped backward pass and no forward.
 
+Decoder-only models (GPT-2, Llama, Qwen2; sites ``blocks.*``): the same estimates on the prompt, read at its last
+real token (`genir_jax.interp.patching.prediction_states`), with the limits of their sweeps (no `FROM_SOURCE`
+values, no ``hook_embed``, atomic docids). The QK fix of ``attn.hook_q`` / ``hook_k`` rotates the change
+(Llama / Qwen2: the sites are before the rotary embedding), repeats grouped keys over their query heads and
+scales by ``d_kv ** -0.5`` (`_score_change`); GradDrop drops each layer's attention and MLP outputs; their
+residual stream (``blocks.*.hook_resid_*``) has no QK fix yet and ``atp*`` refuses it.
+
 `attribute` returns signed estimates (``scores``: AtP, QK-fixed for atp*), ``absolute`` (|AtP|: the mean
 over queries of |the per-query estimate|, QK-fixed for atp*, no GradDrop; what GradDrop is compared with)
 and, for atp*, the GradDrop magnitudes; rank units by `ranking` (|scores| for atp, magnitudes for atp*).
@@ -61,19 +68,22 @@ from genir_jax.base.progress import compiling_bar
 from genir_jax.base.batching import batches
 from genir_jax.core.config import T5Config
 from genir_jax.interp.interventions import FromSource, InterventionError
-from genir_jax.core.model import T5, forward_with_cache, logical_axes
+from genir_jax.core import decoder_only
+from genir_jax.core.decoder_modules import rotate
+from genir_jax.core.model import T5, forward_with_cache as t5_forward_with_cache
 from genir_jax.scale.partitioning import Partitioner, current, maybe_activate, put_rows
 from genir_jax.interp.metrics import DIFFERENTIABLE_METRICS, METRIC_TABLE
 from genir_jax.interp.patching import (
-    Source, check_sequences, check_token_ids, decoder_inputs, final_metrics, plan_terms, source_site_names,
-    validate_terms,
+    Source, check_decoder_only_sweep, check_sequences, check_token_ids, decoder_inputs, final_metrics, logical_axes,
+    plan_terms, prediction_states, source_site_names, validate_terms,
 )
-from genir_jax.core.sites import ALL_LAYERS, Site, is_decoder_only, num_layers, site_name, site_shape
+from genir_jax.core.sites import ALL_LAYERS, Site, is_decoder_only, num_layers, site_name, site_shape, stacks
 from genir_jax.interp.sweep import Sweep, Term, as_sweep
 from genir_jax.core.taps import Patch, Shift
 
 METHODS = ("atp", "atp*")
 _DROP_SITES = ("hook_attn_out", "hook_cross_attn_out", "hook_mlp_out")
+_BLOCK_DROP_SITES = ("hook_attn_out", "hook_mlp_out")  # a decoder-only layer's outputs (no cross-attention)
 # AtP*'s QK fix: sites whose patch changes one attention's scores (recomputed exactly, see `_score_qk_scores`)
 _QK_LOCALS = tuple(f"{a}.{s}" for a in ("attn", "cross_attn") for s in ("hook_q", "hook_k", "hook_attn_scores"))
 _RESIDUAL_LOCALS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_mid_cross", "hook_resid_post")
@@ -132,9 +142,11 @@ def _gradients_body(params, input_ids, attention_mask, targets, foils, values, z
     path, the blocked paths' gradient is the vector-Jacobian product of the three outputs (all upstream
     paths) with the gradient at the layer's output residual (the paths that bypass the later sub-layers).
     So GradDrop costs one backward pass per layer and no further forward pass."""
-    model = T5(config, decoder_cache=tuple((local, None) for local in _DROP_SITES) if drop else (), dtype=dtype)
-    start = decoder_inputs(config, input_ids, targets, target_mask)
-    layers = config.num_decoder_layers
+    last_stack = stacks(config)[-1]  # "decoder" (T5) or "blocks" (decoder-only): where GradDrop drops layers
+    drop_sites = _BLOCK_DROP_SITES if is_decoder_only(config) else _DROP_SITES
+    layers = num_layers(config, last_stack)
+    length = input_ids.shape[1] if is_decoder_only(config) else decoder_inputs(config, input_ids, targets,
+                                                                                 target_mask).shape[1]
 
     def run(masks, probes, gate):
         interventions: dict = {}
@@ -149,15 +161,15 @@ def _gradients_body(params, input_ids, attention_mask, targets, foils, values, z
             stack, local = key.split(".", 1)
             add(stack, local, Shift(delta))
         if drop:  # the same probe on each layer's MLP output: the gradient at the layer's output residual
-            add("decoder", "hook_mlp_out", Shift(gate))
-        encoded, _ = model.apply({"params": params}, input_ids, attention_mask, interventions, method=T5.encode)
-        hidden, cache = model.apply({"params": params}, encoded, attention_mask, start, None, interventions,
-                                    method=T5.decode)
+            add(last_stack, "hook_mlp_out", Shift(gate))
+        hidden, outputs = _final_states(config, params, input_ids, attention_mask, targets, target_mask,
+                                        interventions, drop_sites if drop else (), dtype)
+        hidden = prediction_states(config, hidden, attention_mask)
         # streamed over vocabulary blocks: the logit metrics need no unembedding matmul at all
         per_query = final_metrics(config, params, hidden, targets, (metric,), None, foils, 0, target_mask)[metric]
-        return per_query, tuple(cache[local] for local in _DROP_SITES) if drop else ()
+        return per_query, outputs
 
-    gate_shape = (layers, input_ids.shape[0], start.shape[1], config.d_model) if drop else ()
+    gate_shape = (layers, input_ids.shape[0], length, config.d_model) if drop else ()
     (clean, outputs), backward = jax.vjp(run, zero_masks, zero_probes, jnp.zeros(gate_shape, jnp.float32))
     no_outputs = jax.tree_util.tree_map(jnp.zeros_like, outputs)
     plain_masks, plain_probes, at_output = backward((jnp.ones_like(clean), no_outputs))
@@ -167,11 +179,59 @@ def _gradients_body(params, input_ids, attention_mask, targets, foils, values, z
 
     def blocked(layer):
         only = (jnp.arange(layers) == layer).astype(at_output.dtype).reshape((layers,) + (1,) * (at_output.ndim - 1))
-        through, through_probes, _ = backward((jnp.zeros_like(clean), (at_output * only,) * len(_DROP_SITES)))
+        through, through_probes, _ = backward((jnp.zeros_like(clean), (at_output * only,) * len(drop_sites)))
         return jax.tree_util.tree_map(jnp.subtract, plain, (through, through_probes))
 
     dropped = jax.vmap(blocked)(jnp.arange(layers))
     return clean, jax.tree_util.tree_map(lambda p, d: jnp.concatenate([p[None], d]), plain, dropped)
+
+
+def _final_states(config, params, input_ids, attention_mask, targets, target_mask, interventions, drop_sites,
+                  dtype):
+    """The final-norm states [B, T, D] of one patched run and the outputs of `drop_sites` ([L, B, T, D] each) of
+    the last stack: T5's decoder (after the encoder), or a decoder-only model's one stack, whose last layer's
+    residual goes through the final norm alone (`decoder_only.forward_from_layer`) so no [B, T, V] logits are
+    made."""
+    if is_decoder_only(config):
+        record = frozenset(drop_sites) | {"hook_resid_post"}
+        _, raw, _ = decoder_only.DecoderOnly(config, record=record, dtype=dtype).apply(
+            {"params": params}, input_ids, decoder_only.positions_from_mask(attention_mask), attention_mask,
+            interventions)
+        hidden = decoder_only.forward_from_layer(config, params, raw["hook_resid_post"][-1], config.num_layers,
+                                                 attention_mask, interventions, dtype=dtype)
+        return hidden, tuple(raw[local] for local in drop_sites)
+    model = T5(config, decoder_cache=tuple((local, None) for local in drop_sites), dtype=dtype)
+    start = decoder_inputs(config, input_ids, targets, target_mask)
+    encoded, _ = model.apply({"params": params}, input_ids, attention_mask, interventions, method=T5.encode)
+    hidden, cache = model.apply({"params": params}, encoded, attention_mask, start, None, interventions,
+                                method=T5.decode)
+    return hidden, tuple(cache[local] for local in drop_sites)
+
+
+def _forward_with_cache(config, params, input_ids, attention_mask, start, cache_sites):
+    """Logits and the recorded sites of a clean run of either family (`start`: T5's decoder inputs)."""
+    if is_decoder_only(config):
+        return decoder_only.forward_with_cache(config, params, input_ids, attention_mask, cache_sites=cache_sites)
+    return t5_forward_with_cache(config, params, input_ids, attention_mask, start, cache_sites=cache_sites)
+
+
+def _score_change(config, site: str, change, q, k, positions):
+    """The change of attention scores [l, B, H, T, S] that a change of the queries (``hook_q``) or keys
+    (``hook_k``) [l, B, T | S, heads, K] makes, the other being clean (`q`, `k`): scores are bilinear in them.
+    T5: the plain dot product. Decoder-only models: queries and keys rotated (Llama / Qwen2; the sites are
+    before the rotary embedding, which is linear), keys repeated over their group of query heads (grouped-query
+    attention), the product scaled by ``d_kv ** -0.5``, as `genir_jax.core.decoder_modules.CausalSelfAttention`
+    computes the scores."""
+    queries, keys = (change, k) if site == "hook_q" else (q, change)
+    if config is None or not is_decoder_only(config):
+        return np.einsum("lbthk,lbshk->lbhts", queries, keys)
+    if not config.is_gpt2:
+        def rotated(x):
+            return np.stack([np.asarray(rotate(jnp.asarray(layer, jnp.float32), positions, config.rope_theta),
+                                        np.float64) for layer in x])
+        queries, keys = rotated(queries), rotated(keys)
+    keys = np.repeat(keys, config.num_heads // config.num_kv_heads, axis=3)
+    return np.einsum("lbthk,lbshk->lbhts", queries, keys) * config.d_kv ** -0.5
 
 
 def _term_scores(config: T5Config, term: Term, density: np.ndarray) -> np.ndarray:
@@ -233,13 +293,15 @@ def _encoder_qk_scores(config: T5Config, params, term: Term, cache: dict, encode
     return out
 
 
-def _score_qk_scores(term: Term, cache: dict, value, g_pattern: np.ndarray) -> np.ndarray:
+def _score_qk_scores(term: Term, cache: dict, value, g_pattern: np.ndarray, config=None, positions=None
+                     ) -> np.ndarray:
     """AtP* estimate [V, K, B] of a term patching an attention layer's ``hook_q``, ``hook_k`` or
     ``hook_attn_scores`` (either stack, self- or cross-attention): per config, the patched scores of every
     layer it touches, the softmax evaluated exactly, times the gradient at the pattern (``g_pattern``
     [V, L, B, H, T, S]). Queries and keys reach the output only through the scores, so there is no other
-    path to linearise. ``cache``: the clean q [L, B, T, H, K], k [L, B, S, H, K] and scores [L, B, H, T, S]
-    (masked entries at the dtype's minimum, so the softmax keeps them at zero)."""
+    path to linearise. ``cache``: the clean q [L, B, T, H, K], k [L, B, S, H | KVH, K] and scores
+    [L, B, H, T, S] (masked entries at the dtype's minimum, so the softmax keeps them at zero). `config`: the
+    model (None: a T5), `positions` [B, T]: a decoder-only model's (for the rotary embedding, `_score_change`)."""
     site = term.local.rsplit(".", 1)[1]
     q, k, scores = (np.asarray(cache[name], np.float64) for name in ("q", "k", "scores"))
     x = {"hook_q": q, "hook_k": k, "hook_attn_scores": scores}[site]
@@ -257,10 +319,8 @@ def _score_qk_scores(term: Term, cache: dict, value, g_pattern: np.ndarray) -> n
                 (-1,) + (1,) * (x.ndim - unit_axis - 1))
             mask = mask * keep
         change = mask * delta[at]
-        if site == "hook_q":
-            change = np.einsum("lbthk,lbshk->lbhts", change, k[at])
-        elif site == "hook_k":
-            change = np.einsum("lbthk,lbshk->lbhts", q[at], change)
+        if site in ("hook_q", "hook_k"):
+            change = _score_change(config, site, change, q[at], k[at], positions)
         patched = _softmax(scores[at] + change, True)
         out[:, c] = np.einsum("vlbhts,lbhts->vb", g_pattern[:, at], patched - clean_pattern[at])
     return out
@@ -293,9 +353,6 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
     if metric not in DIFFERENTIABLE_METRICS:
         raise InterventionError(f"metric '{metric}' cannot be attributed by {method}: it is not differentiable; "
                                 f"use one of {', '.join(DIFFERENTIABLE_METRICS)}")
-    if is_decoder_only(config):
-        raise InterventionError("attribution is not supported for decoder-only models; run the sweep exactly "
-                                "(`genir_jax.interp.patching.run_sweep`)")
     sweep = as_sweep(sweep)
     if sweep.receivers is not None:
         raise InterventionError("attribution of path-patching sweeps is not supported; run them exactly")
@@ -310,7 +367,11 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
     elif target_ids.shape != (count,):
         raise InterventionError(f"attribution: target_ids must have shape ({count},), got {target_ids.shape}")
     check_token_ids("target", target_ids, config.vocab_size)
-    decoder_length = 1 if target_mask is None else target_ids.shape[1]
+    if is_decoder_only(config):
+        check_decoder_only_sweep(sweep, source, target_mask, "attribution")
+        decoder_length = length  # the prompt, as run_sweep patches it
+    else:
+        decoder_length = 1 if target_mask is None else target_ids.shape[1]
     if "foils" in METRIC_TABLE[metric].needs:
         if foil_ids is None:
             raise InterventionError(f"attribution: metric '{metric}' needs a foil token per query (`foil_ids`)")
@@ -336,7 +397,7 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
         raise InterventionError("attribution: FROM_SOURCE values need a `source`")
     star = method == "atp*"
     if star:
-        _refuse_unfixed(sweep.terms)
+        _refuse_unfixed(config, sweep.terms)
     qk_terms = [i for i, t in enumerate(sweep.terms) if star and t.stack == "encoder" and t.local in _KEY_INPUTS]
     if qk_terms and target_mask is not None:
         raise InterventionError("atp*: the QK fix of encoder.hook_out (and encoder_final_ln.hook_normalized) patches "
@@ -345,7 +406,7 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
     score_terms = {i: t.local.rsplit(".", 1)[0] for i, t in enumerate(sweep.terms)
                    if star and t.local in _QK_LOCALS}  # term -> its attention ("attn" or "cross_attn")
     attentions = sorted({(sweep.terms[i].stack, prefix) for i, prefix in score_terms.items()})
-    layers = config.num_decoder_layers
+    layers = num_layers(config, stacks(config)[-1])
     variants = 1 + (layers if star else 0)  # the plain gradient, then one per dropped layer (GradDrop)
     chunk = query_chunk or min(count, 32)
     # a clean forward pass first only for the QK fix, which recomputes attention patterns from it
@@ -370,16 +431,16 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
     for batch in compiling_bar(steps, desc=f"attribution ({method})", unit="chunk", disable=not progress):
         ids, mask, targets, foils, s_ids, s_mask, tmask = batch.arrays
         tmask = tmask if target_mask is not None else None
-        start = np.asarray(decoder_inputs(config, ids, targets, tmask))
+        start = None if is_decoder_only(config) else np.asarray(decoder_inputs(config, ids, targets, tmask))
         cache = {}
         if cache_sites:
             with maybe_activate(partitioner):  # forward keys its program by the rules it runs under
-                _, cache = forward_with_cache(config, params, place(ids), place(mask), place(start),
-                                              cache_sites=cache_sites)
+                _, cache = _forward_with_cache(config, params, place(ids), place(mask),
+                                               None if start is None else place(start), cache_sites)
         source_values = {}
         if names:
             with maybe_activate(partitioner):
-                _, source_cache = forward_with_cache(source.config, source.params, place(s_ids), place(s_mask),
+                _, source_cache = t5_forward_with_cache(source.config, source.params, place(s_ids), place(s_mask),
                                                      place(start), cache_sites=names)
             for term in plan:
                 if term.from_source:
@@ -424,14 +485,15 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
                 estimate = _score_qk_scores(
                     term, {name: stacked(f"{prefix}.hook_{site}", term.stack)
                            for name, site in (("q", "q"), ("k", "k"), ("scores", "attn_scores"))},
-                    np.asarray(values[i]), np.asarray(probe_grads[f"{term.stack}.{prefix}.hook_pattern"]))
+                    np.asarray(values[i]), np.asarray(probe_grads[f"{term.stack}.{prefix}.hook_pattern"]), config,
+                    np.asarray(decoder_only.positions_from_mask(mask)) if is_decoder_only(config) else None)
             else:
                 estimate = _term_scores(config, term, np.asarray(term_grads[i]))
             scores[:, :, rows] += estimate[:, :, : batch.size]
     signed = scores[0]
     magnitudes = per_query_magnitudes = None
     if star:  # per query pair: sum_l |estimate with layer l dropped| / (layers whose drop can reach it)
-        divisor = np.maximum(1, layers - _own_layer_counts(sweep)).astype(np.float32)
+        divisor = np.maximum(1, layers - _own_layer_counts(config, sweep)).astype(np.float32)
         per_query_magnitudes = np.abs(scores[1:]).sum(axis=0) / divisor[:, None]
         magnitudes = per_query_magnitudes.mean(axis=1)
     return AttributionResult(sweep=sweep, method=method, metric=metric, scores=signed.mean(axis=1),
@@ -440,12 +502,13 @@ def attribute(config: T5Config, params, input_ids, attention_mask, target_ids, s
                              per_query_magnitudes=per_query_magnitudes if per_query else None)
 
 
-def _own_layer_counts(sweep: Sweep) -> np.ndarray:
-    """Per config: 1 when it sits inside one decoder layer's attention, cross-attention or MLP (dropping that
-    layer's outputs blocks every path out of it, so that GradDrop variant is zero by construction), else 0."""
+def _own_layer_counts(config, sweep: Sweep) -> np.ndarray:
+    """Per config: 1 when it sits inside one layer's attention, cross-attention or MLP of the last stack (T5's
+    decoder, a decoder-only model's blocks; dropping that layer's outputs blocks every path out of it, so that
+    GradDrop variant is zero by construction), else 0."""
     own = np.zeros(sweep.size, np.int64)
     for term in sweep.terms:
-        if term.stack != "decoder" or not term.is_layer_site or term.local in _RESIDUAL_LOCALS:
+        if term.stack != stacks(config)[-1] or not term.is_layer_site or term.local in _RESIDUAL_LOCALS:
             continue
         users = np.flatnonzero(term.row >= 0)
         if term.layer is not None:
@@ -454,15 +517,22 @@ def _own_layer_counts(sweep: Sweep) -> np.ndarray:
     return own
 
 
-def _refuse_unfixed(terms) -> None:
+def _refuse_unfixed(config, terms) -> None:
     """atp*: refuse the sites whose patches change attention keys or queries downstream through a norm, where
-    no QK fix is implemented yet (never plain AtP under the atp* name)."""
+    no QK fix is implemented yet (never plain AtP under the atp* name): T5's encoder residual stream and
+    embeddings, a decoder-only model's residual stream (every later self-attention reads it at every
+    position)."""
     for term in terms:
         if term.stack == "encoder" and (term.local in _RESIDUAL_LOCALS or term.local in _UNFIXED_STACK_LOCALS):
             where = site_name("encoder", term.local, ALL_LAYERS if term.is_layer_site else None)
             raise InterventionError(
                 f"atp*: AtP* has no QK fix for {where} patches yet (they change every later attention's queries "
                 f"and keys and the cross-attention keys through a norm); use --method atp (plain AtP) or exact")
+        if is_decoder_only(config) and term.local in _RESIDUAL_LOCALS:
+            where = site_name(term.stack, term.local, ALL_LAYERS)
+            raise InterventionError(
+                f"atp*: AtP* has no QK fix for {where} patches yet (every later self-attention reads them as "
+                f"queries and keys through a norm); use --method atp (plain AtP) or exact")
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:

@@ -383,17 +383,18 @@ def validate_terms(config: T5Config, sweep: Sweep, encoder_length: int, decoder_
                 raise InterventionError(f"{term.stack}.*.{term.local}: layer index out of range 0-{count - 1}")
 
 
-def _refuse_decoder_only(sweep: Sweep, source, target_mask) -> None:
-    """Raise `InterventionError` for what the sweep engine does not support on decoder-only models yet."""
+def check_decoder_only_sweep(sweep: Sweep, source, target_mask, what: str = "sweep") -> None:
+    """Raise `InterventionError` for what the sweep engine (and attribution, `what`) does not support on
+    decoder-only models yet."""
     if sweep.receivers is not None:
-        raise InterventionError("sweep: path patching (receivers) is not supported for decoder-only models")
+        raise InterventionError(f"{what}: path patching (receivers) is not supported for decoder-only models")
     if target_mask is not None:
-        raise InterventionError("sweep: decoder-only models take atomic (one-token) docids only, no target_mask")
+        raise InterventionError(f"{what}: decoder-only models take atomic (one-token) docids only, no target_mask")
     if source is not None or any(isinstance(t.value, FromSource) for t in sweep.terms):
-        raise InterventionError("sweep: FROM_SOURCE / Source patching is not supported for decoder-only models")
+        raise InterventionError(f"{what}: FROM_SOURCE / Source patching is not supported for decoder-only models")
     embed = next((t for t in sweep.terms if t.local == "hook_embed"), None)
     if embed is not None:
-        raise InterventionError("sweep: 'hook_embed' patches are not supported for decoder-only models (GPT-2 adds "
+        raise InterventionError(f"{what}: 'hook_embed' patches are not supported for decoder-only models (GPT-2 adds "
                                 "positions after it); patch 'blocks.0.hook_resid_pre' instead")
 
 
@@ -540,7 +541,7 @@ def run_sweep(
             raise InterventionError(f"sweep: the foil equals the target for query index {int(same[0])}")
     top_k = int(top_k) if per_query else 0
     if is_decoder_only(config):
-        _refuse_decoder_only(sweep, source, target_mask)
+        check_decoder_only_sweep(sweep, source, target_mask)
         decoder_length = length  # the prompt: patches cover its positions, the last real one predicts the docid
     else:
         decoder_length = 1 if target_mask is None else target_ids.shape[1]

@@ -147,8 +147,9 @@ def test_unsupported_decoder_only_sweeps_are_refused(models):
     with pytest.raises(InterventionError, match="atomic .* docids only"):
         run_sweep(cfg, params, ids, mask, np.stack([targets, targets], 1), site_grid(cfg, "blocks.0.hook_mlp_out"),
                   target_mask=np.ones((len(targets), 2), np.int32), metrics=("rank",), progress=False)
-    with pytest.raises(InterventionError, match="attribution is not supported for decoder-only"):
-        attribute(cfg, params, ids, mask, targets, site_grid(cfg, "blocks.0.hook_mlp_out"), progress=False)
+    # attribution runs on decoder-only models (tests/interp/test_decoder_attribution.py) with the same limits
+    with pytest.raises(InterventionError, match="attribution: 'hook_embed' patches are not supported"):
+        attribute(cfg, params, ids, mask, targets, site_grid(cfg, "hook_embed"), progress=False)
     with pytest.raises(InterventionError, match="unknown stack 'decoder'"):
         component_grid(cfg, stack="decoder")
 

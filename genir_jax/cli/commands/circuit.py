@@ -40,7 +40,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--qrels", default=None, help="their qrels (default: from the queries' relevant_docs)")
     parser.add_argument("--val-queries", required=True, help="validation queries (for the means)")
     add_checkpoint_paths(parser, ("-o", "--output-path", "--output"))
-    parser.add_argument("--circuit", default=None, help="circuit JSON file (default: the paper's circuit)")
+    parser.add_argument("--circuit", default=None,
+                        help="circuit JSON file (default: the paper's circuit; decoder-only checkpoints need one)")
     parser.add_argument("--stages", default=None,
                         help="decoder stages: 'auto' (fitted on a seeded half of the correct queries; the means "
                              "then come from the other half), 'thirds', 'paper' or layer ranges, e.g. "
@@ -59,7 +60,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from genir_jax.analysis.circuit import (DOCID_TOKENS, FULL_VOCABULARY, PAPER_CIRCUIT, REFERENCE_CONFIG,
-                                            REFERENCE_RESULTS_JSON, circuit_from_json, circuit_report,
+                                            REFERENCE_RESULTS_JSON, circuit_from_json, circuit_report, default_circuit,
                                             docid_targets, reference_retrieval_metrics)
     from genir_jax.analysis.circuit_runs import rank_test_queries, write_circuit
     from genir_jax.analysis.inputs import load_analysis_inputs, load_model
@@ -81,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     reference_stages(args, config.num_decoder_layers, "paper")
     found, inputs = stages_for_inputs(args, inputs)  # automatic stages: means over the held-out half
     stages, stages_record, correct = found.as_lists(), found.record(), inputs.queries
-    circuit = circuit_from_json(read_json(args.circuit), args.circuit, len(stages)) if args.circuit else PAPER_CIRCUIT
+    circuit = circuit_from_json(read_json(args.circuit), args.circuit, len(stages)) if args.circuit else \
+        default_circuit(config)
     docids = docid_targets(tokenizer, test_queries, args.test_queries, args.checkpoint)
     progress = not args.no_progress
 

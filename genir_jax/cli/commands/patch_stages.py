@@ -35,7 +35,8 @@ def add_parser(subparsers) -> None:
             "of stages I-II and of stage-III self-attention, evaluated on all --val-queries: hits@1, hits@10, "
             "recall@5 counted as the reference counts them, top 100 over the full vocabulary, and config; the "
             "reference's trec_eval numbers, which need the HF hub, are not written); no stages.json; the paper's "
-            "stages for a 24-layer decoder."
+            "stages for a 24-layer decoder. Decoder-only checkpoints: attn and mlp rows over all layers (no "
+            "cross_attn), zero and mean modes."
         ),
     )
     add_analysis_inputs(parser)

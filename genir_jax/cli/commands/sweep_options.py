@@ -16,7 +16,9 @@ SITES_HELP = (
     "LAYERS: '*', '7', '10-17', '1,3,5-7'; SITE: a TransformerLens local site name or attn|cross_attn|mlp (the "
     "component's output). [position] on a decoder site is the decoding step (naive / semantic checkpoints: "
     "each docid step; atomic: the one step). 'A x B' patches every combination; the option may be repeated "
-    "(configs concatenated)")
+    "(configs concatenated). Decoder-only checkpoints (GPT-2, Llama, Qwen2): TransformerLens names in one stack, "
+    "e.g. 'blocks.*.attn.hook_z[head]', 'blocks.*.mlp.hook_post[neuron]', 'blocks.*.*', patched at every prompt "
+    "position")
 # The settings of `SweepOptions` / `prepare_sweep` as these commands spell them (errors name the flag).
 FLAGS = {"output": "-o/--output", "mode": "--mode", "source_model": "--source-model", "metrics": "--metric",
          "foil": "--foil", "receivers": "--receivers", "method": "--method", "query_chunk": "--query-chunk",
