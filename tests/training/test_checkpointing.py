@@ -125,29 +125,37 @@ def test_a_failed_restore_leaves_no_late_noise_on_stderr(tmp_path):
     assert any("unrelated" in line for line in lines)
 
 
-_LATE_READ_AFTER_THE_COMMAND = r'''
+# A tensorstore read left pending on an event loop that is then closed: it completes into the closed loop about a
+# second later, reported as an unraisable "RuntimeError: Event loop is closed" (what orbax's abandoned reads do).
+_PENDING_READ = r'''
 import asyncio, sys, time
 import numpy as np
 import tensorstore as ts
+
+def abandon_a_read(path):
+    array = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": path},
+                     "metadata": {"shape": [3000, 3000], "dtype": "<f8", "chunks": [100, 100]}},
+                    create=True, delete_existing=True).result()
+    array.write(np.ones((3000, 3000))).result()
+    loop = asyncio.new_event_loop()
+    async def read():
+        await array.read()
+    async def start():
+        loop.create_task(read())
+        await asyncio.sleep(0)
+    loop.run_until_complete(start())
+    loop.close()
+    time.sleep(1.5)
+'''
+
+_LATE_READ_AFTER_THE_COMMAND = _PENDING_READ + r'''
 from genir_jax.base.interrupts import console_interrupts
 from genir_jax.training.checkpointing import _quiet_abandoned_reads
 
-array = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": sys.argv[1]},
-                 "metadata": {"shape": [3000, 3000], "dtype": "<f8", "chunks": [100, 100]}},
-                create=True, delete_existing=True).result()
-array.write(np.ones((3000, 3000))).result()
 with console_interrupts():  # what the command line runs a command in
     _quiet_abandoned_reads()  # a restore failed inside the command
 # the command has returned; a read it abandoned completes into its closed event loop only now
-loop = asyncio.new_event_loop()
-async def read():
-    await array.read()
-async def start():
-    loop.create_task(read())
-    await asyncio.sleep(0)
-loop.run_until_complete(start())
-loop.close()
-time.sleep(1.5)
+abandon_a_read(sys.argv[1])
 print("done", file=sys.stderr)
 '''
 
@@ -168,34 +176,19 @@ def test_the_late_read_filter_outlives_the_command_block(tmp_path):
     assert "done" in done.stderr and "Event loop is closed" not in done.stderr, done.stderr[-3000:]
 
 
-_LATE_READ_BEFORE_THE_ERROR = r'''
-import asyncio, sys, time
-import numpy as np
+_LATE_READ_BEFORE_THE_ERROR = _PENDING_READ + r'''
 import jax.numpy as jnp
-import tensorstore as ts
 from genir_jax.base.errors import CheckpointError
 from genir_jax.training.checkpointing import Checkpoints
 
 run, array_path = sys.argv[1], sys.argv[2]
 checkpoints = Checkpoints(run, every=1, keep=5)
 checkpoints.save(1, {"w": jnp.ones(3)}, {"step": 1}, force=True)
-array = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": array_path},
-                 "metadata": {"shape": [3000, 3000], "dtype": "<f8", "chunks": [100, 100]}},
-                create=True, delete_existing=True).result()
-array.write(np.ones((3000, 3000))).result()
 
 def failing_read(step):
     # what orbax does on a torn file: its loop closes while it raises, and a read it abandoned completes
     # into the closed loop before the error has reached the caller
-    loop = asyncio.new_event_loop()
-    async def read():
-        await array.read()
-    async def start():
-        loop.create_task(read())
-        await asyncio.sleep(0)
-    loop.run_until_complete(start())
-    loop.close()
-    time.sleep(1.5)
+    abandon_a_read(array_path)
     raise ValueError("OUT_OF_RANGE: torn")
 
 try:
