@@ -141,7 +141,7 @@ def jax_child(spec_path: str, out_path: str) -> None:
     if not np.array_equal(cold.aggregates["rank>0"], warm.aggregates["rank>0"]):
         raise SystemExit("the cold and warm sweeps disagree")
 
-    layer_of, neuron_of = np.asarray(grid.labels["layer"]), np.asarray(grid.labels["neuron"])
+    layer_of = np.asarray(grid.labels["layer"])
     full = site_grid(config, NEURONS, unit="neuron")
     index = {(int(l), int(u)): k for k, (l, u) in enumerate(zip(full.labels["layer"], full.labels["neuron"]))}
     picks = np.array([index[tuple(p)] for p in spec["pairs"]])
@@ -157,7 +157,6 @@ def jax_child(spec_path: str, out_path: str) -> None:
            "sample_ranks": np.asarray(sample.ranks).tolist(), "sample_logits": np.asarray(sample.target_logits).tolist(),
            "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
            "xla_flags": os.environ.get("XLA_FLAGS", ""), "model": str(config)}
-    del neuron_of
     with open(out_path, "w") as handle:
         json.dump(out, handle)
 
