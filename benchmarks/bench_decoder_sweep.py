@@ -250,7 +250,6 @@ def main() -> None:
     if tl["clean_ranks"] != ours["clean_ranks"]:
         failures.append(f"clean ranks differ: {np.flatnonzero(np.array(tl['clean_ranks']) != ours['clean_ranks'])}")
     mine_ranks, mine_logits = np.asarray(ours["sample_ranks"]), np.asarray(ours["sample_logits"])
-    full_cq = ours["configs"] * ours["queries"]
     grid_all = args.layers * args.d_ff * args.queries  # every neuron of every layer
     loops = {}
     for name, loop in tl["loops"].items():
