@@ -190,6 +190,8 @@ def main() -> None:
     parser.add_argument("--tl-configs-per-batch", type=int, default=16)
     parser.add_argument("--tl-loops", default="reference,batched,cached,cached_configs_batched")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on the TransformerLens side")
+    parser.add_argument("--skip-tl", action="store_true",
+                        help="genir-jax's side only (no TransformerLens venv): its sweep, no ratios")
     parser.add_argument("--allow-busy", action="store_true")
     parser.add_argument("--json")
     parser.add_argument("--jax-child", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
@@ -230,6 +232,16 @@ def main() -> None:
         log(f"   {ours['configs']} configs x {ours['queries']} queries: cold {ours['cold_s']:.1f} s, warm "
             f"{ours['warm_s']:.1f} s = {ours['steady_cq_per_s']:,.0f} cq/s steady (load {ours['load_s']:.1f} s)")
 
+        if args.skip_tl:
+            for key in ("targets", "sample_ranks", "sample_logits", "clean_logits"):
+                ours.pop(key, None)
+            out.update(loadavg_end=loadavg(), genir_jax=ours, failures=[])
+            if args.json:
+                with open(args.json, "w") as handle:
+                    json.dump(out, handle, indent=2)
+            print(f"load: {load_line}; genir-jax only (--skip-tl): {ours['configs']:,} configs x {ours['queries']} "
+                  f"queries, {ours['steady_cq_per_s']:,.0f} cq/s steady, {ours['end_to_end_cq_per_s']:,.0f} end to end")
+            return
         tl_spec = {"checkpoint": checkpoint, "queries": queries, "targets": ours["targets"], "pairs": pairs,
                    "reference_queries": min(args.tl_reference_queries, args.queries), "threads": args.threads,
                    "configs_per_batch": args.tl_configs_per_batch, "loops": args.tl_loops.split(",")}
