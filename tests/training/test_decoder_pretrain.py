@@ -85,3 +85,23 @@ def test_a_preset_without_a_decoder_shape_is_refused(tmp_path, capsys, shared_da
     assert "--preset t5-large cannot pre-train a decoder-only model (--model-type decoder); choose one of tiny, cpu" \
         in err
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.slow  # about 2-3 minutes on 2 cores: pretrain, train and evaluate
+def test_pretrain_then_train_then_evaluate_a_decoder_only_model(tmp_path, shared_data, capsys):
+    prepared = make_prepared(tmp_path / "prepared", documents=8)
+    base = tmp_path / "base"
+    assert _pretrain(prepared, base, shared_data, "--steps", "20", "--eval-every", "20") == 0
+    dsi = tmp_path / "dsi"
+    assert main(["train", "--model-type", "decoder", "--data", str(prepared), "--base", str(base), "--preset", "tiny",
+                 "-o", str(dsi), "--steps", "40", "--eval-every", "40", "--checkpoint-every", "40",
+                 "--no-progress"]) == 0
+    summary = json.loads((dsi / "train.json").read_text())
+    assert summary["data"]["index_examples"] == 8 and summary["data"]["retrieval_examples"] == 16
+    assert summary["final"]["val"]["queries"] == 8
+    assert main(["evaluate", "--model-type", "decoder", "--checkpoint", str(dsi), "--prepared", str(prepared),
+                 "-o", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    # evaluate ranks as the training's validation did, and 40 steps on 8 documents beat chance (1/8)
+    assert metrics == pytest.approx(summary["final"]["val"])
+    assert metrics["Hits@1"] > 1 / 8
