@@ -93,6 +93,10 @@ class ArraySource:
                 raise ValueError(f"group {index}: arrays differ in length: {lengths}")
             sizes.append(next(iter(lengths.values())) if lengths else 0)
         self.group_sizes = tuple(sizes)
+        # The most scored positions of any row: a decoder-only step computes the head's logits only at that
+        # many positions per row (`genir_jax.training.loop.causal_lm_loss`); None when nothing says.
+        masks = [group["target_mask"] for group in self.groups if len(group.get("target_mask", ()))]
+        self.scored_per_row = max(int(np.asarray(m).sum(axis=1).max()) for m in masks) if masks else None
         self._fingerprint: str | None = None
 
     def batch(self, group: int, indices: np.ndarray, epoch: int) -> dict[str, np.ndarray]:

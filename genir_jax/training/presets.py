@@ -11,8 +11,11 @@ t5-large   d_model 1024, 24+24 layers, 16 heads, d_ff 4096         the paper's m
 
 Each preset has a `PretrainSettings` (span corruption on the corpus text, `genir-jax pretrain`) and a
 `DSISettings` (indexing + retrieval fine-tuning, `genir-jax train`); both carry a `RunSpec` (steps,
-batch, optimizer, validation and checkpoint intervals) that the command line can override. `tiny` also has
-`decoder_dsi` settings for `genir-jax train --model-type decoder` (a given GPT-2 / Llama / Qwen2 base).
+batch, optimizer, validation and checkpoint intervals) that the command line can override. `tiny` and `cpu`
+also have `decoder_dsi` settings for `genir-jax train --model-type decoder` (a GPT-2 / Llama / Qwen2 base), a
+`decoder_model` (`DecoderShape`: Llama-style, RoPE, RMSNorm, SwiGLU, untied head) and
+`decoder_pretrain` (`CausalPretrainSettings`) for `genir-jax pretrain --model-type decoder`, which builds that
+base from scratch on the T5 vocabulary (the only tokenizer available offline).
 
 The paper regime (`paper_regime`, ``train --paper-regime``) is a data regime, not a model: it applies to
 any preset's `DSISettings` the paper's indexing:retrieval ratio 32 and 32-token inputs (documents and
@@ -27,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 
 from genir_jax.core.config import T5Config, t5_v1_0
+from genir_jax.core.decoder_config import DecoderConfig
 from genir_jax.base.errors import ConfigError
 from genir_jax.training.optim import OptimizerSpec
 from genir_jax.training.trainer import RunSpec
@@ -53,6 +57,37 @@ class ModelShape:
 
     def config(self, vocab_size: int = T5_VOCAB_SIZE) -> T5Config:
         return t5_v1_0(vocab_size=vocab_size, **dataclasses.asdict(self))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderShape:
+    """Architecture of a decoder-only model built from scratch: Llama-style (RoPE, RMSNorm, SwiGLU MLP, untied
+    `lm_head`), so transformers' `LlamaForCausalLM` loads it."""
+
+    d_model: int
+    num_layers: int
+    num_heads: int
+    d_ff: int
+    max_position_embeddings: int = 512  # RoPE has no table; this only bounds what the config.json promises
+
+    def config(self, vocab_size: int = T5_VOCAB_SIZE, *, eos_token_id: int | None = None,
+               pad_token_id: int | None = None) -> DecoderConfig:
+        return DecoderConfig(model_type="llama", vocab_size=vocab_size, d_model=self.d_model,
+                             num_layers=self.num_layers, num_heads=self.num_heads, d_ff=self.d_ff,
+                             max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=False,
+                             eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalPretrainSettings:
+    """Causal language modelling (next-token loss) on the corpus, for a fresh decoder-only model: the texts
+    (each followed by EOS) are concatenated and cut into `sequence_length`-token rows."""
+
+    run: RunSpec
+    sequence_length: int = 64
+    include_train_queries: bool = True
+    val_chunks: int = 256  # rows held out for the validation loss
+    adamw: OptimizerSpec = OptimizerSpec("adamw", 1e-3, "linear", 0, weight_decay=0.01)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +128,10 @@ class Preset:
     # scheme). No shape: the base checkpoint brings it (tests build random ones with transformers). None: the
     # preset has no decoder-only settings.
     decoder_dsi: DSISettings | None = None
+    # `pretrain --model-type decoder`: the shape of a fresh decoder-only model and its causal-LM pre-training
+    # (None: the preset cannot build one; `train --model-type decoder` then needs an existing `--base`).
+    decoder_model: DecoderShape | None = None
+    decoder_pretrain: CausalPretrainSettings | None = None
 
 
 TINY = Preset(
@@ -116,6 +155,11 @@ TINY = Preset(
                     keep_checkpoints=2, optimizer=OptimizerSpec("adamw", 3e-3, "linear", 20, end_fraction=0.1)),
         index_max_length=64, query_max_length=32, ratio=None, max_val_queries=64, dropout_rate=None,
         docid_init="random"),
+    decoder_model=DecoderShape(d_model=64, num_layers=2, num_heads=4, d_ff=192),
+    decoder_pretrain=CausalPretrainSettings(
+        run=RunSpec(steps=60, batch_size=16, seed=0, log_every=10, eval_every=30, checkpoint_every=30,
+                    keep_checkpoints=2, optimizer=OptimizerSpec("adamw", 3e-3, "linear", 10, end_fraction=0.1)),
+        sequence_length=64, val_chunks=16),
 )
 
 CPU = Preset(
@@ -134,6 +178,21 @@ CPU = Preset(
                     optimizer=OptimizerSpec("adafactor", 2e-2, "linear", 200, end_fraction=0.1,
                                             multiply_by_parameter_scale=True)),
         index_max_length=128, query_max_length=32, ratio=None, max_val_queries=1024, docid_init="random"),
+    # Decoder-only (a Llama-style model on the T5 vocabulary): pre-training computes every position's logits over
+    # the 32128-token head, which dominates its cost (about 4.6 s per 32 x 128-token step on 2 shared cores at
+    # load 5), so it reads about 1.3 epochs of the text; the DSI step computes the head only where a docid is
+    # predicted (about 0.6 s per 64 examples, same load): about 9 epochs. Sized for 30 minutes from those step
+    # times; the whole run is not timed yet.
+    decoder_dsi=DSISettings(
+        run=RunSpec(steps=1500, batch_size=64, seed=0, log_every=50, eval_every=200, checkpoint_every=200,
+                    keep_checkpoints=2, optimizer=OptimizerSpec("adamw", 2e-3, "linear", 50, end_fraction=0.1)),
+        index_max_length=64, query_max_length=32, ratio=None, max_val_queries=1024, dropout_rate=None,
+        docid_init="random"),
+    decoder_model=DecoderShape(d_model=128, num_layers=4, num_heads=4, d_ff=384),
+    decoder_pretrain=CausalPretrainSettings(
+        run=RunSpec(steps=150, batch_size=32, seed=0, log_every=25, eval_every=50, checkpoint_every=50,
+                    keep_checkpoints=2, optimizer=OptimizerSpec("adamw", 2e-3, "linear", 15, end_fraction=0.1)),
+        sequence_length=128, val_chunks=128),
 )
 
 # The paper's DSI fine-tuning recipe. Sources: [P] the paper (Reusch & Belinkov 2025), Sec. 3; [R] the reference

@@ -210,7 +210,8 @@ def train_loop(
     compute_dtype = jnp.bfloat16 if spec.bf16 else None
     shardings = state_shardings(partitioner, config, optimizer, params)
     step_fn = make_train_step(config, optimizer, partitioner, schedule=schedule, dropout=spec.dropout,
-                              compute_dtype=compute_dtype, shardings=shardings, unroll_layers=spec.unroll_layers)
+                              compute_dtype=compute_dtype, shardings=shardings, unroll_layers=spec.unroll_layers,
+                              scored_per_row=getattr(source, "scored_per_row", None))
     barrier("genir_jax.train_loop.start")  # every process has checked the output directory before any writes
     os.makedirs(run_dir, exist_ok=True)
     checkpoints = Checkpoints(run_dir, every=spec.checkpoint_every, keep=spec.keep_checkpoints)

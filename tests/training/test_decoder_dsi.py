@@ -185,3 +185,33 @@ def test_sequence_docid_examples_and_their_loss_equal_transformers(tmp_path, kin
     loss, metrics = training_loss(model.config, model.params, batch)
     assert metrics["tokens"] == sum(counts)
     np.testing.assert_allclose(float(loss), sum(torch_losses) / sum(counts), rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_loss_at_only_the_scored_positions_equals_the_full_loss(tmp_path, kind):
+    """`causal_lm_loss(scored_per_row=K)` computes the head at K positions per row: the same loss, accuracy,
+    token count and gradients as the head at every position."""
+    import jax
+
+    from genir_jax.training.loop import causal_lm_loss
+
+    model = _model(tmp_path, kind)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, model.config.vocab_size, size=(3, 9)).astype(np.int32)
+    mask = np.array([[1] * 9, [1] * 6 + [0] * 3, [1] * 4 + [0] * 5], np.int32)
+    target_mask = np.zeros_like(ids)
+    target_mask[0, [2, 7]] = 1  # scattered, not only at the end
+    target_mask[1, 4] = 1
+    target_mask[2, [1, 2]] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "targets": np.roll(ids, -1, axis=1), "target_mask": target_mask}
+
+    def loss(params, scored):
+        return causal_lm_loss(model.config, params, batch, scored_per_row=scored)
+
+    (full, full_metrics), full_grads = jax.value_and_grad(loss, has_aux=True)(model.params, None)
+    (part, metrics), grads = jax.value_and_grad(loss, has_aux=True)(model.params, 2)
+    np.testing.assert_allclose(part, full, rtol=1e-6)
+    for key in ("accuracy", "tokens"):
+        np.testing.assert_allclose(metrics[key], full_metrics[key])
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)):
+        np.testing.assert_allclose(got, want, atol=1e-6)
