@@ -48,19 +48,10 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from torch_baselines import machine_is_idle  # noqa: E402
+from torch_baselines import loadavg, log, machine_is_idle  # noqa: E402
 
 SQUAD = "squad-v1.1-dev/dev-v1.1.json"
 NEURONS = "blocks.*.mlp.hook_post"
-
-
-def loadavg() -> str:
-    with open("/proc/loadavg") as handle:
-        return handle.read().strip()
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}  (load {loadavg().split()[0]})", flush=True)
 
 
 def data_dir() -> str:

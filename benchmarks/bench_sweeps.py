@@ -50,19 +50,10 @@ from genir_jax.interp.sweep import component_grid, concat, site_grid
 from genir_jax.core.sites import site_name
 
 from bench_patching import make_queries, matmul_gflops  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
-from torch_baselines import machine_is_idle, run_baselines  # noqa: E402
+from torch_baselines import loadavg, log, machine_is_idle, run_baselines  # noqa: E402
 
 LAYERS, D_MODEL, HEADS, D_FF, VOCAB = 24, 128, 4, 512, 32128
 NEURONS = "decoder.*.mlp.hook_post"
-
-
-def loadavg() -> str:
-    with open("/proc/loadavg") as handle:
-        return handle.read().strip()
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}  (load {loadavg().split()[0]})", flush=True)
 
 
 def build_model(d_ff: int = D_FF) -> gj.PretrainedModel:

@@ -30,6 +30,17 @@ import time
 LOOPS = ("batched", "encoder_cached", "configs_batched")
 
 
+def loadavg() -> str:
+    """/proc/loadavg's line (the 1, 5 and 15 minute load averages ...)."""
+    with open("/proc/loadavg") as handle:
+        return handle.read().strip()
+
+
+def log(message: str) -> None:
+    """A timestamped progress line with the current 1-minute load average."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}  (load {loadavg().split()[0]})", flush=True)
+
+
 def machine_is_idle(max_load_per_core: float = 0.25, seconds: float = 2.0) -> tuple[bool, str]:
     """Whether other processes use the CPUs: the share of busy CPU time over `seconds` (from /proc/stat) minus
     nothing of ours (call it when this process is idle). Returns (idle, a line that says what was measured)."""
