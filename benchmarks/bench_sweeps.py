@@ -84,6 +84,25 @@ def minimum_neuron_patch_flops(config, s: int, starts: np.ndarray, window: int) 
     return float(2.0 * np.mean(d + later_layers * layer_macs(config, s) + d * window))
 
 
+def torch_encoder_cached_flops(config, s: int) -> float:
+    """FLOPs per config-query of the encoder-cached PyTorch loop (`torch_baselines.encoder_cached`): transformers'
+    T5 decoder for its one token through every layer, self-attention with its query, key, value and output
+    projections and its scores over one key, cross-attention keys and values recomputed from the cached encoder
+    output over the `s` positions (no cache is passed) with its scores and weighted sum, the MLP, and the full
+    unembedding. The encoder (once per query) is left out, which favours the loop. Matmuls only, as
+    `torch.utils.flop_counter` counts them."""
+    d, inner, f, v = config.d_model, config.inner_dim, config.d_ff, config.vocab_size
+    mlp = (3 if config.is_gated_act else 2) * d * f
+    layer = 4 * d * inner + 2 * inner + 2 * d * inner + 2 * s * d * inner + 2 * s * inner + mlp
+    return 2.0 * (config.num_decoder_layers * layer + d * v)
+
+
+def exact_ratio_bound(matmul_flops_per_s: float, minimum_flops: float, baseline_cq_per_s: float) -> float:
+    """The largest speed-up over a baseline that any exact method can reach on this machine: it must do at
+    least `minimum_flops` per config-query and cannot run faster than a plain matmul."""
+    return matmul_flops_per_s / minimum_flops / baseline_cq_per_s
+
+
 def neuron_sweep_flops(config, s: int, queries_executed: int, query_chunk: int, config_chunk: int,
                        starts: np.ndarray, prefix_sharing: bool = True, window: int = 0, full_rows: int = 0) -> dict:
     """Matmul FLOPs (2 per MAC) executed by run_sweep on a single-site neuron sweep, padding included.
@@ -334,6 +353,22 @@ def torch_loops(out, args, directory, config, params, ids, mask, targets, grid, 
     for name, loop in sorted(loops.items(), key=lambda item: -item[1]["cq_per_s"]):
         ratio = f"ours {ours_cq_per_s / loop['cq_per_s']:.1f}x" if reportable else "ratio not reported (busy)"
         log(f"   {name}: {loop['cq_per_s']:.1f} cq/s, ranks equal ours {loop['ranks_equal_fraction']:.2%}; {ratio}")
+    exact = out.get("exact", {})
+    if reportable and "minimum_flops_per_config_query" in exact:
+        # where the limit is: the encoder-cached loop's work and rate against the least work an exact patch needs
+        # at the best FLOP rate this machine showed (a plain matmul)
+        cached = loops["encoder_cached"]
+        torch_flops = torch_encoder_cached_flops(config, ids.shape[1])
+        peak = 1e9 * max(exact["matmul_gflops_before"], exact["matmul_gflops_after"])
+        bound = exact_ratio_bound(peak, exact["minimum_flops_per_config_query"], cached["cq_per_s"])
+        out["torch_loops"]["encoder_cached_bound"] = {
+            "torch_flops_per_config_query": torch_flops, "torch_achieved_gflops": torch_flops * cached["cq_per_s"] / 1e9,
+            "largest_exact_ratio_at_matmul_peak": bound, "ours": ours_cq_per_s / cached["cq_per_s"]}
+        log(f"   limit: the encoder-cached loop executes {torch_flops / 1e6:.1f} MFLOP per config-query at "
+            f"{torch_flops * cached['cq_per_s'] / 1e9:.1f} GFLOP/s; an exact patch needs at least "
+            f"{exact['minimum_flops_per_config_query'] / 1e6:.2f} MFLOP, so at the matmul peak ({peak / 1e9:.1f} "
+            f"GFLOP/s) no exact method exceeds {bound:.1f}x it here (ours: "
+            f"{ours_cq_per_s / cached['cq_per_s']:.1f}x)")
 
 
 def main() -> None:
@@ -560,6 +595,11 @@ def main() -> None:
             rows.append((f"3a. torch {name} ({torch_out['configs']} x {torch_out['queries']})",
                          f"{loop['cq_per_s']:.1f} cq/s, {torch_out['threads']} threads, ranks equal "
                          f"{loop['ranks_equal_fraction']:.2%}; {ratio}"))
+        bound = torch_out.get("encoder_cached_bound")
+        if bound:
+            rows.append(("3a. limit vs encoder_cached", f"it executes {bound['torch_flops_per_config_query'] / 1e6:.1f} "
+                         f"MFLOP/cq at {bound['torch_achieved_gflops']:.1f} GFLOP/s; an exact method at the matmul "
+                         f"peak: at most {bound['largest_exact_ratio_at_matmul_peak']:.1f}x"))
     elif torch_out:
         rows.append(("3a. torch loops", "FAILED: " + torch_out["error"].splitlines()[-1][:100]))
     t = out.get("transformer_lens")

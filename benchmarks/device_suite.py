@@ -4,17 +4,21 @@ devices at hand (GPU, TPU or CPU), in one run that writes one JSON.
 Parts (each timed, compile included and excluded; memory from the device's allocator counters, on a CPU the
 process's peak resident memory):
 
-1. exact zero-ablation sweep of decoder MLP neurons (`--sweep-layers` decoder layers x d_ff neurons, or all)
-   over `--queries` queries whose targets are the clean top token: config-queries/s end to end and steady,
-   peak device memory, and the projection to every decoder neuron of the shape;
-2. AtP* over the same neurons: seconds and its share of the exact sweep;
+1. exact zero-ablation sweep of decoder MLP neurons (`--sweep-layers` decoder layers x d_ff neurons, or every
+   `--neuron-stride`-th neuron of every decoder layer) over `--queries` queries whose targets are the clean top
+   token: config-queries/s end to end and steady, peak device memory, and the projection to every decoder
+   neuron of the shape;
+2. AtP* over the same neurons (seconds and its share of the exact sweep), and over every decoder neuron
+   (cold and warm) against the exact sweep's projection to every neuron: the share a user who ranks every
+   neuron by AtP* instead of patching each pays;
 3. training: `--train-steps` Adafactor steps of `make_train_step` on a `--train-batch` batch (32-token
-   queries, one docid target): examples/s;
+   queries, one docid target): examples/s (`--train-steps 0` skips it and its plan);
 4. `plan` against measurement: `genir_jax.plan.planning.make_plan` for the sweep and training steps above on
    the same mesh, its predicted per-device bytes and FLOPs beside the measured peak memory and step time.
 
     python benchmarks/device_suite.py --out suite.json                   # T5-large shape (the accelerator run)
     python benchmarks/device_suite.py --size small --out /tmp/suite.json  # seconds on a CPU (the test's setting)
+    python benchmarks/device_suite.py --queries 32 --neuron-stride 64 --train-steps 0 --out cpu.json  # T5-large, CPU
 
 The moonshot it measures toward: every T5-large decoder neuron (98,304) exactly over 1,000 queries in under
 10 minutes on one H100 (`sweep.projected_all_neurons_s` with `--queries 1000`).
@@ -85,11 +89,19 @@ def make_queries(config, params, count: int, seed: int = 0):
     return ids, mask, logits.argmax(-1).astype(np.int32)
 
 
-def sweep_part(config, params, ids, mask, targets, layers: int, query_chunk: int) -> dict:
-    """Part 1: the exact neuron sweep of the last `layers` decoder layers, cold then warm."""
-    chosen = range(config.num_decoder_layers - layers, config.num_decoder_layers)
+def sampled_neurons(config, layers: int, stride: int):
+    """The swept neurons: every `stride`-th neuron of every decoder layer when `stride` > 0, else every neuron
+    of the last `layers` decoder layers; returns the grid and the layers it covers."""
     grid = site_grid(config, "decoder.*.mlp.hook_post", unit="neuron")
-    grid = grid.take(np.flatnonzero(np.isin(grid.labels["layer"], list(chosen))))
+    if stride > 0:
+        return grid.take(np.flatnonzero(grid.labels["neuron"] % stride == 0)), range(config.num_decoder_layers)
+    chosen = range(config.num_decoder_layers - layers, config.num_decoder_layers)
+    return grid.take(np.flatnonzero(np.isin(grid.labels["layer"], list(chosen)))), chosen
+
+
+def sweep_part(config, params, ids, mask, targets, layers: int, query_chunk: int, stride: int = 0) -> dict:
+    """Part 1: the exact neuron sweep of the sampled neurons (`sampled_neurons`), cold then warm."""
+    grid, chosen = sampled_neurons(config, layers, stride)
     kwargs = dict(metrics=("rank", "logit"), per_query=False, query_chunk=query_chunk, progress=False)
     cold, cold_s = timed(lambda: run_sweep(config, params, ids, mask, targets, grid, **kwargs))
     _, warm_s = timed(lambda: run_sweep(config, params, ids, mask, targets, grid, **kwargs))
@@ -99,7 +111,8 @@ def sweep_part(config, params, ids, mask, targets, layers: int, query_chunk: int
     # needs (layers l..L-1 for a neuron of layer l), relative to the sampled layers' mean
     sampled_depth = np.mean([config.num_decoder_layers - l for l in chosen])
     all_depth = np.mean([config.num_decoder_layers - l for l in range(config.num_decoder_layers)])
-    return {"configs": grid.size, "queries": len(ids), "layers": list(chosen), "cold_s": cold_s, "warm_s": warm_s,
+    return {"configs": grid.size, "queries": len(ids), "layers": list(chosen), "neuron_stride": stride,
+            "cold_s": cold_s, "warm_s": warm_s,
             "compile_s": max(0.0, cold_s - warm_s), "steady_cq_per_s": config_queries / warm_s,
             "end_to_end_cq_per_s": config_queries / cold_s,
             "projected_all_neurons_s": warm_s * (all_neurons / grid.size) * (all_depth / sampled_depth),
@@ -108,16 +121,29 @@ def sweep_part(config, params, ids, mask, targets, layers: int, query_chunk: int
                                                                  if isinstance(v, (int, float, str))}}
 
 
-def attribution_part(config, params, ids, mask, targets, layers: int, query_chunk: int, exact_warm_s: float) -> dict:
-    """Part 2: AtP* over the same neurons, cold then warm."""
-    grid = site_grid(config, "decoder.*.mlp.hook_post", unit="neuron")
-    chosen = range(config.num_decoder_layers - layers, config.num_decoder_layers)
-    grid = grid.take(np.flatnonzero(np.isin(grid.labels["layer"], list(chosen))))
-    run = lambda: attribute(config, params, ids, mask, targets, grid, method="atp*", metric="logit",  # noqa: E731
-                            query_chunk=query_chunk, progress=False).scores
-    _, cold_s = timed(run)
-    _, warm_s = timed(run)
-    return {"configs": grid.size, "cold_s": cold_s, "warm_s": warm_s, "share_of_exact_warm": warm_s / exact_warm_s,
+def attribution_part(config, params, ids, mask, targets, layers: int, query_chunk: int, sweep: dict,
+                     stride: int = 0) -> dict:
+    """Part 2: AtP* over the swept neurons, then over every decoder neuron, each cold then warm. The all-neuron
+    shares compare with the exact sweep projected to every neuron: cold with the sweep's compile added, warm
+    with its steady projection."""
+    sampled, _ = sampled_neurons(config, layers, stride)
+    every = site_grid(config, "decoder.*.mlp.hook_post", unit="neuron")
+
+    def timed_atp(grid):
+        run = lambda: attribute(config, params, ids, mask, targets, grid, method="atp*", metric="logit",  # noqa: E731
+                                query_chunk=query_chunk, progress=False).scores
+        _, cold_s = timed(run)
+        _, warm_s = timed(run)
+        return cold_s, warm_s
+
+    cold_s, warm_s = timed_atp(sampled)
+    all_cold_s, all_warm_s = timed_atp(every)
+    exact_all_cold_s = sweep["projected_all_neurons_s"] + sweep["compile_s"]
+    return {"configs": sampled.size, "cold_s": cold_s, "warm_s": warm_s, "share_of_exact_warm": warm_s / sweep["warm_s"],
+            "all_neurons": every.size, "all_cold_s": all_cold_s, "all_warm_s": all_warm_s,
+            "exact_all_neurons_projected_cold_s": exact_all_cold_s,
+            "all_share_of_exact_cold": all_cold_s / exact_all_cold_s,
+            "all_share_of_exact_warm": all_warm_s / sweep["projected_all_neurons_s"],
             "peak_device_bytes": device_peak_bytes()}
 
 
@@ -153,6 +179,8 @@ def plan_part(shape: str, queries: int, query_chunk: int, train_batch: int, meas
     for task, work in (("sweep", Workload(task="sweep", batch=query_chunk, query_length=QUERY_LENGTH,
                                           total_queries=queries)),
                        ("train", Workload(task="train", batch=train_batch, query_length=QUERY_LENGTH))):
+        if task not in measured:
+            continue
         plan = make_plan(shape, "data=1", work, devices)
         out[task] = {"predicted_device_bytes": plan.argument_bytes + plan.output_bytes + plan.temp_bytes
                      - plan.alias_bytes, "predicted_flops_per_step": plan.flops, "steps": plan.steps,
@@ -166,13 +194,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True, help="the JSON file to write")
     parser.add_argument("--queries", type=int, default=None, help="sweep queries (default: the size's)")
     parser.add_argument("--sweep-layers", type=int, default=None, help="decoder layers swept (default: the size's)")
+    parser.add_argument("--neuron-stride", type=int, default=0,
+                        help="sweep every K-th neuron of every decoder layer instead of the last --sweep-layers layers")
     parser.add_argument("--query-chunk", type=int, default=64)
     parser.add_argument("--train-batch", type=int, default=None)
-    parser.add_argument("--train-steps", type=int, default=None)
+    parser.add_argument("--train-steps", type=int, default=None, help="0 skips the training part and its plan")
     args = parser.parse_args(argv)
     shape, queries, layers, train_batch, train_steps = SIZES[args.size]
     queries, layers = args.queries or queries, args.sweep_layers or layers
-    train_batch, train_steps = args.train_batch or train_batch, args.train_steps or train_steps
+    train_batch = args.train_batch or train_batch
+    train_steps = train_steps if args.train_steps is None else args.train_steps
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         if shape == "small":
@@ -187,16 +218,21 @@ def main(argv: list[str] | None = None) -> dict:
                                                           "num_heads", "vocab_size")}}
         params = gj.init_params(config, 0)
         ids, mask, targets = make_queries(config, params, queries)
-        print(f"[suite] {args.size} on {out['devices']}: sweep {layers} layers x {config.d_ff} neurons x {queries}",
-              file=sys.stderr, flush=True)
-        out["sweep"] = sweep_part(config, params, ids, mask, targets, layers, query_chunk)
-        out["attribution"] = attribution_part(config, params, ids, mask, targets, layers, query_chunk,
-                                              out["sweep"]["warm_s"])
+        swept = (f"every {args.neuron_stride}th neuron of {config.num_decoder_layers} layers" if args.neuron_stride
+                 else f"{layers} layers x {config.d_ff} neurons")
+        print(f"[suite] {args.size} on {out['devices']}: sweep {swept} x {queries} queries", file=sys.stderr, flush=True)
+        out["sweep"] = sweep_part(config, params, ids, mask, targets, layers, query_chunk, args.neuron_stride)
+        print(f"[suite] sweep: {json.dumps({k: v for k, v in out['sweep'].items() if k != 'stats'})}", file=sys.stderr,
+              flush=True)
+        out["attribution"] = attribution_part(config, params, ids, mask, targets, layers, query_chunk, out["sweep"],
+                                              args.neuron_stride)
+        print(f"[suite] attribution: {json.dumps(out['attribution'])}", file=sys.stderr, flush=True)
         del params
-        out["training"] = training_part(config.replace(dropout_rate=0.1), train_batch, train_steps)
-        out["plan"] = plan_part(shape, queries, query_chunk, train_batch,
-                                {"sweep": out["sweep"]["peak_device_bytes"],
-                                 "train": out["training"]["peak_device_bytes"]})
+        measured = {"sweep": out["sweep"]["peak_device_bytes"]}
+        if train_steps > 0:
+            out["training"] = training_part(config.replace(dropout_rate=0.1), train_batch, train_steps)
+            measured["train"] = out["training"]["peak_device_bytes"]
+        out["plan"] = plan_part(shape, queries, query_chunk, train_batch, measured)
     out["total_s"] = time.perf_counter() - began
     with open(args.out, "w") as handle:
         json.dump(out, handle, indent=2, default=lambda x: x.item() if hasattr(x, "item") else str(x))

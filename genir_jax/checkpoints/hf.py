@@ -314,7 +314,10 @@ def load_pretrained(
         finally:
             files.close()
     else:
-        config, params = params_from_hf_tensors(config, files.get, files.names(), files.source, dtype=dtype)
+        try:
+            config, params = params_from_hf_tensors(config, files.get, files.names(), files.source, dtype=dtype)
+        finally:
+            files.close()
         if partitioner is not None:
             from genir_jax.core.model import logical_axes
 

@@ -150,11 +150,10 @@ class WeightFiles:
     def get(self, name: str) -> np.ndarray:
         path = self.location[name]
         if self.kind == "safetensors":
-            from safetensors import SafetensorError, safe_open
+            from safetensors import SafetensorError
 
-            try:
-                with safe_open(path, framework="np") as handle:
-                    return handle.get_tensor(name)
+            try:  # one open handle per file: opening parses the whole header, once per tensor was O(tensors^2)
+                return self._handle(path).get_tensor(name)
             except (SafetensorError, OSError) as exc:
                 raise CheckpointError(f"{path}: cannot read tensor '{name}' ({exc})") from exc
         tensor = self._torch_tensors(path)[name]

@@ -24,7 +24,10 @@ def test_device_suite_small_writes_every_part(tmp_path):
     assert sweep["clean_rank0_fraction"] == 1.0  # targets are the clean top token
     assert sweep["steady_cq_per_s"] == pytest.approx(sweep["configs"] * sweep["queries"] / sweep["warm_s"])
     assert sweep["projected_all_neurons_s"] == pytest.approx(sweep["warm_s"])  # every layer was swept
-    assert suite["attribution"]["configs"] == sweep["configs"]
+    attribution = suite["attribution"]
+    assert attribution["configs"] == sweep["configs"] and attribution["all_neurons"] == sweep["all_neurons"] == 256
+    assert attribution["all_share_of_exact_cold"] == pytest.approx(
+        attribution["all_cold_s"] / (sweep["projected_all_neurons_s"] + sweep["compile_s"]))
     assert suite["training"]["examples_per_s"] > 0 and suite["training"]["loss"] > 0
     for task in ("sweep", "train"):
         plan = suite["plan"][task]
