@@ -47,6 +47,11 @@ class Observations:
     seed: int
 
 
+BESIDE_MARK = "\u2020"  # a dagger after an interval's bracket: the interval lies wholly beside its own estimate
+BESIDE_NOTE = (f"{BESIDE_MARK} after an interval: it does not contain its own estimate (the statistic is biased "
+               "under resampling, which a percentile bootstrap does not correct); such an interval decides no claim.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Interval:
     """A statistic over `queries` per-query values and its bootstrap interval [low, high]."""
@@ -81,11 +86,13 @@ class Interval:
 
     def format(self, digits: int = 2, unit: str = "", n: str | None = None) -> str:
         """``"12.34 [10.01, 14.90]% (n=200)"``: the estimate, its interval and the query count (or `n`, e.g.
-        ``"2x100"`` for a statistic pooled over seeds)."""
+        ``"2x100"`` for a statistic pooled over seeds). An interval that does not hold its own estimate is marked
+        `BESIDE_MARK` after the bracket (`BESIDE_NOTE` says what that means), so no table shows one unmarked."""
         n = self.queries if n is None else n
         if math.isnan(self.low):
             return f"{self.estimate:.{digits}f}{unit} (n={n}, no interval)"
-        return f"{self.estimate:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]{unit} (n={n})"
+        mark = "" if self.covers_estimate else BESIDE_MARK
+        return f"{self.estimate:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]{mark}{unit} (n={n})"
 
     def record(self) -> dict:
         """A JSON-ready record of the interval and how it was made (not its observations)."""

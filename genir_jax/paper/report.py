@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import pathlib
 
-from genir_jax.analysis.evidence import RESAMPLES, SEED
+from genir_jax.analysis.evidence import BESIDE_NOTE, RESAMPLES, SEED
 from genir_jax.base.io import write_text
 from genir_jax.paper.panels import *  # noqa: F401,F403 (the panels' helpers, also importable from here)
 from genir_jax.paper.panels import FEW_QUERIES, Experiment, md_table, read_json, step_record
@@ -19,7 +19,8 @@ from genir_jax.paper.panels import FEW_QUERIES, Experiment, md_table, read_json,
 
 INTERVALS_HEADER = ("Intervals: every share, mean and rank statistic over queries below is given as `estimate [low, "
                     "high] (n=queries)`, a 95% percentile bootstrap interval over the queries ({resamples:,} "
-                    "resamples, seed {seed}; `genir_jax.analysis.evidence`); counts and settings have none.")
+                    "resamples, seed {seed}; `genir_jax.analysis.evidence`); counts and settings have none. "
+                    + BESIDE_NOTE)
 
 def _header(layout, settings, pipeline=()) -> str:
     lines = [f"# genir-jax reproduction: {settings.dataset}, preset {settings.preset}", ""]

@@ -17,7 +17,7 @@ import dataclasses
 import pathlib
 from typing import Mapping, Sequence
 
-from genir_jax.analysis.evidence import RESAMPLES, SEED, Interval, pool
+from genir_jax.analysis.evidence import BESIDE_NOTE, RESAMPLES, SEED, Interval, pool
 from genir_jax.base.io import write_json, write_text
 from genir_jax.paper.panels import md_table, step_record
 
@@ -194,7 +194,7 @@ def write_pooled_report(layout, settings, layouts: Mapping[int, object], pipelin
         f"percentile bootstrap over (seed, query) pairs ({RESAMPLES:,} resamples, seed {SEED}; "
         "`genir_jax.analysis.evidence.pool`); n = seeds x queries (a sum where the seeds' query counts differ: "
         "the correct queries are each model's own). Pooling treats the pairs as exchangeable; how far the seeds "
-        "differ is in their own columns.", ""]
+        "differ is in their own columns. " + BESIDE_NOTE, ""]
     title = f"genir-jax reproduction over {len(seeds)} seeds: {settings.dataset}, preset {settings.preset}"
     write_text(layout.report, render_pooled(seeds, retrieval, claims, title, intro))
     write_json(layout.root / REPORT_JSON, {"seeds": seeds, "retrieval": [s.record() for s in retrieval],

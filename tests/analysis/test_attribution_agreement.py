@@ -202,3 +202,4 @@ def test_a_spearman_interval_beside_its_estimate_decides_nothing():
     assert spearman.high < spearman.estimate and not spearman.covers_estimate
     assert spearman.low > agreement.MIN_SPEARMAN and spearman.width < agreement.MAX_WIDTH
     assert agreement.order_verdict(spearman) == UNDETERMINED
+    assert spearman.format().startswith(f"{spearman.estimate:.2f} [{spearman.low:.2f}, {spearman.high:.2f}]\u2020")

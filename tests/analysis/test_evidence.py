@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from genir_jax.analysis.evidence import (DOES_NOT_HOLD, HOLDS, UNDETERMINED, Claim, Interval, bootstrap, ratio,
-                                         share, verdict)
+from genir_jax.analysis.evidence import (BESIDE_MARK, DOES_NOT_HOLD, HOLDS, UNDETERMINED, Claim, Interval, bootstrap,
+                                         ratio, share, verdict)
 from genir_jax.base.errors import GenIRError
 
 
@@ -76,6 +76,9 @@ def test_verdict_rule():
     assert verdict(beside, Claim(paper=0.55)) == UNDETERMINED
     assert verdict(Interval(0.3 + 1e-12, 0.1, 0.3, 40), Claim(paper=0.2)) == HOLDS  # float rounding is not "beside"
     assert narrow.scaled(100).format(unit="%") == "90.00 [85.00, 95.00]% (n=200)"
+    # and no table shows such an interval unmarked
+    assert beside.format() == "0.49 [0.51, 0.63]\u2020 (n=53)" and BESIDE_MARK == "\u2020"
+    assert Interval(0.3 + 1e-12, 0.1, 0.3, 40).format() == "0.30 [0.10, 0.30] (n=40)"
     with pytest.raises(GenIRError):
         Claim()
 
