@@ -223,6 +223,7 @@ def test_tiny_decoder_reproduction_end_to_end(tmp_path, shared_data):
     from genir_jax.core import decoder_only as do
     from genir_jax.interp import interventions as ivs
     from genir_jax.paper.report import NOT_APPLICABLE_HEADING
+    from genir_jax.paper.experiments.table3_stage_patching import DECODER_ONLY_NOTE
     from tests.paper.test_reproduce import _genir_jax
 
     out = tmp_path / "run"
@@ -259,6 +260,7 @@ def test_tiny_decoder_reproduction_end_to_end(tmp_path, shared_data):
     knocked = logits[np.arange(len(last)), last].argmax(-1) != inputs.targets
     cell = share(knocked).scaled(100).format(2)
     assert f"| zero | mlp | {cell} (92.86) |" in report, cell
+    assert DECODER_ONLY_NOTE in report
     with open(out / "analysis" / "patch-stages" / "patching_results_single_combis.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert {(r["mode"], r["component"]) for r in rows} == {(m, c) for m in ("zero", "mean") for c in ("attn", "mlp")}

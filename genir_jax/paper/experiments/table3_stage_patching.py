@@ -151,6 +151,10 @@ def render(layout) -> Section:
                      table)
     text += (f"\n\nOurs, the paper's NQ10k value in parentheses (attn = self-attention). Stages: "
              f"{describe_stages(stages, named=True)}. {RANKS_NOTE} {INTERVALS}\n")
+    from genir_jax.checkpoints.hf import checkpoint_is_decoder_only
+
+    if checkpoint_is_decoder_only(layout.full):
+        text += (f"\n{DECODER_ONLY_NOTE}\n")
     if encoder:
         text += (f"\nT5 mode, encoder output (`{encoder[0]}`) replaced by the base T5's: {encoder[1]}% not at "
                  f"rank 1, {encoder[2]}% not in top 101 (rank > 100).\n")
@@ -164,6 +168,10 @@ def render(layout) -> Section:
 
 
 INTERVALS = "Intervals: 95% bootstrap over the correct queries, n queries."
+DECODER_ONLY_NOTE = ("Decoder-only model: zero and mean mode over its attn and mlp (no cross-attention, and no T5 "
+                     "mode: it patches a T5 decoder's outputs). Its self-attention is the only way the docid "
+                     "position reads the query, unlike the T5 decoder self-attention of the paper's attn rows: "
+                     "compare those rows as tendencies of different components.")
 
 
 EXPERIMENT = Experiment(
