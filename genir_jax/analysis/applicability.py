@@ -8,7 +8,9 @@ cross-attention heads) have nothing to measure there. Analyses that would transf
 them are named apart (`NOT_YET_ON_DECODER_ONLY`), with a message that says so.
 `NOT_APPLICABLE_TO_DECODER_ONLY` names each with its reason; `check_applicable` refuses such an analysis of a
 decoder-only checkpoint (`NotApplicableError`, one line), the one place every command's checkpoint is checked
-(`genir_jax.cli.main`)."""
+(`genir_jax.cli.main`). The keys are command names, plus analyses without a command of their own that
+`genir-jax reproduce` runs (the paper's minimal circuit, stage robustness, attribution agreement): a decoder-only
+reproduction reports every experiment it leaves out with the reason given here (`genir_jax.paper.report`)."""
 
 from __future__ import annotations
 
@@ -26,11 +28,19 @@ NOT_APPLICABLE_TO_DECODER_ONLY = {
     "crattn-writes": NO_CROSS_ATTENTION + ", so there are no cross-attention outputs or docid share to measure",
     "crattn-head-tokens": NO_CROSS_ATTENTION,
     "head-logit-lens": NO_CROSS_ATTENTION + ", whose heads this per-head logit lens reads",
+    # `genir-jax circuit` without --circuit (`genir_jax.analysis.circuit.default_circuit`), Table 4 of reproduce
+    "minimal-circuit": "it removes every self-attention layer, through which a decoder-only model reads the query "
+                       "(and has cross-attention patches)",
 }
 # analysis -> why it does not run on decoder-only models yet although it would transfer
 NOT_YET_ON_DECODER_ONLY = {
     "neuron-reading": "its readers are T5 decoder components (self-attention, cross-attention, MLP per head and "
                       "layer at the first decoding step); a decoder-only model's readers are not implemented",
+    # analyses of `genir-jax reproduce` without a command of their own
+    "stage-robustness": "its sweep ablates the T5 decoder's three component types (self-attention, cross-attention, "
+                        "MLP) in every layer and stage; the decoder-only sweep is not implemented",
+    "attribution-agreement": "its AtP / AtP* comparison is built over the T5 decoder's heads, neurons and "
+                             "components; the decoder-only units are not implemented",
 }
 
 

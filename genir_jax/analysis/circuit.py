@@ -88,9 +88,11 @@ def default_circuit(config) -> Circuit:
     model has none: the paper's circuit removes every self-attention layer, the only way such a model's
     prediction reads the query, so a circuit file is asked for."""
     if is_decoder_only(config):
-        raise GenIRError("the paper's circuit is not applicable to decoder-only models: it removes every "
-                         "self-attention layer, through which a decoder-only model reads the query (and has "
-                         "cross-attention patches); give --circuit FILE with attn / mlp patches")
+        from genir_jax.analysis.applicability import NOT_APPLICABLE_TO_DECODER_ONLY
+
+        raise GenIRError("the paper's circuit is not applicable to decoder-only models: "
+                         f"{NOT_APPLICABLE_TO_DECODER_ONLY['minimal-circuit']}; give --circuit FILE with attn / mlp "
+                         "patches")
     return PAPER_CIRCUIT
 
 

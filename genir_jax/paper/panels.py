@@ -22,8 +22,12 @@ import json
 import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
+from genir_jax.base.options import MODEL_TYPES
+
 
 REPORT_STAGES_STEP = "patch-stages"  # the run whose stages (Table 3's) every panel of a report shares
+ENCODER_DECODER, DECODER = MODEL_TYPES  # model families: T5, decoder-only (`reproduce --model-type`)
+BOTH_FAMILIES = MODEL_TYPES
 
 
 @dataclasses.dataclass
@@ -51,14 +55,32 @@ class Experiment:
     after_removed_models: bool = False  # its runs need the models trained without some documents
     docids: tuple[str, ...] = ("atomic",)  # docid schemes it handles (`reproduce --docids`); others skip it
     opt_in: str | None = None  # a reproduce setting (e.g. "attribution_agreement") without which it does not run
+    # model families it handles (`reproduce --model-type`: encoder-decoder, decoder); others skip it
+    families: tuple[str, ...] = (ENCODER_DECODER,)
+    # why a family it does not handle cannot run it: keys of `genir_jax.analysis.applicability`'s tables
+    # (NOT_APPLICABLE_TO_DECODER_ONLY, NOT_YET_ON_DECODER_ONLY), the one source of those reasons
+    not_applicable: tuple[str, ...] = ()
 
     def handles(self, scheme: str) -> bool:
         return scheme in self.docids
 
+    def handles_family(self, model_type: str) -> bool:
+        return model_type in self.families
+
     def chosen(self, settings) -> bool:
-        """Whether the pipeline under `settings` runs it: it handles the docid scheme and, if opt-in, was asked."""
-        return self.handles(getattr(settings, "docids", "atomic")) and (
-            self.opt_in is None or bool(getattr(settings, self.opt_in, False)))
+        """Whether the pipeline under `settings` runs it: it handles the docid scheme and the model family and,
+        if opt-in, was asked."""
+        return (self.handles(getattr(settings, "docids", "atomic"))
+                and self.handles_family(getattr(settings, "model_type", ENCODER_DECODER))
+                and (self.opt_in is None or bool(getattr(settings, self.opt_in, False))))
+
+    def family_reasons(self) -> list[tuple[str, str]]:
+        """(analysis, reason) for each entry of `not_applicable`: why a decoder-only model cannot run it, from
+        `genir_jax.analysis.applicability` (its wording: "not applicable" or "not on decoder-only models yet")."""
+        from genir_jax.analysis.applicability import NOT_APPLICABLE_TO_DECODER_ONLY, NOT_YET_ON_DECODER_ONLY
+
+        return [(name, NOT_APPLICABLE_TO_DECODER_ONLY[name] if name in NOT_APPLICABLE_TO_DECODER_ONLY else
+                 "not on decoder-only models yet: " + NOT_YET_ON_DECODER_ONLY[name]) for name in self.not_applicable]
 
     @property
     def opt_in_flag(self) -> str:

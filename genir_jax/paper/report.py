@@ -10,7 +10,7 @@ import pathlib
 from genir_jax.analysis.evidence import BESIDE_NOTE, RESAMPLES, SEED
 from genir_jax.base.io import write_text
 from genir_jax.paper.panels import *  # noqa: F401,F403 (the panels' helpers, also importable from here)
-from genir_jax.paper.panels import FEW_QUERIES, Experiment, md_table, read_json, step_record
+from genir_jax.paper.panels import DECODER, ENCODER_DECODER, FEW_QUERIES, Experiment, md_table, read_json, step_record
 
 
 # --------------------------------------------------------------------------------------------------
@@ -23,7 +23,8 @@ INTERVALS_HEADER = ("Intervals: every share, mean and rank statistic over querie
                     + BESIDE_NOTE)
 
 def _header(layout, settings, pipeline=()) -> str:
-    lines = [f"# genir-jax reproduction: {settings.dataset}, preset {settings.preset}", ""]
+    family = ", decoder-only models" if getattr(settings, "model_type", ENCODER_DECODER) == DECODER else ""
+    lines = [f"# genir-jax reproduction: {settings.dataset}, preset {settings.preset}{family}", ""]
     lines.append("Reusch & Belinkov, *Reverse-Engineering the Retrieval Process in GenIR Models* (SIGIR 2025), "
                  "re-run with genir-jax. The paper's numbers are for T5-large DSI models on NQ10k; ours come from "
                  "this run's models, so compare tendencies, not values.")
@@ -31,7 +32,17 @@ def _header(layout, settings, pipeline=()) -> str:
     if getattr(settings, "seeds", 1) > 1:
         lines += [f"Training seed {settings.seed}, one of {settings.seeds} (`--seeds`): this folder holds this seed's "
                   "models and analyses; the run's `report.md` gives every statistic per seed and pooled.", ""]
-    if getattr(settings, "base", None):
+    decoder = getattr(settings, "model_type", ENCODER_DECODER) == DECODER
+    if decoder:
+        lines.append("Models: decoder-only (`--model-type decoder`): Llama-style DSI models on the T5 vocabulary that "
+                     "read the query and predict the docid after the prompt ' Document:' in one causal stack. "
+                     "Only the experiments that apply to this family ran: see \"Not applicable to decoder-only "
+                     "models\" below for the others and why.")
+        lines.append("")
+        lines.append(f"Base model: `{settings.base}` (`--base`), fine-tuned into the DSI models." if settings.base else
+                     "Base model: our own corpus-only decoder-only model, pre-trained as a causal language model (the "
+                     "`pretrain` step).")
+    elif getattr(settings, "base", None):
         lines.append(f"Base T5: `{settings.base}` (`--base`): the DSI models are fine-tuned from it, and it is the T5 of "
                      "T5-mode patching (Table 3) and of the base-encoder swap (Table 2).")
     else:
@@ -66,7 +77,26 @@ def _header(layout, settings, pipeline=()) -> str:
         rows.append((step.name, state.get("skipped") or "done", f"{state.get('seconds', 0):.0f}"))
     lines += ["## Pipeline", "", md_table(["step", "state", "seconds"], rows), "",
               f"Total step time: {total / 60:.1f} min.", ""]
+    if decoder:
+        lines += [not_applicable_section(), ""]
     return "\n".join(lines)
+
+
+def not_applicable_section() -> str:
+    """The experiments a decoder-only reproduction leaves out, each with the analyses it needs and why they do
+    not run on decoder-only models (`Experiment.family_reasons`: the table of `genir_jax.analysis.applicability`)."""
+    from genir_jax.paper.experiments import registry
+
+    rows = [(f"{experiment.title} ({experiment.paper_ref})", f"`{name}`", reason)
+            for experiment in registry() if not experiment.handles_family(DECODER)
+            for name, reason in experiment.family_reasons()]
+    return "\n".join([NOT_APPLICABLE_HEADING, "", "These experiments are not run on decoder-only models "
+                      "(reasons from `genir_jax.analysis.applicability`):", "",
+                      md_table(["experiment", "analysis", "why not"], rows)])
+
+
+NOT_APPLICABLE_HEADING = "## Not applicable to decoder-only models"
+FAMILY_WORDS = {DECODER: "decoder-only", ENCODER_DECODER: "encoder-decoder (T5)"}
 
 
 def _stages_note(layout, settings) -> str:
@@ -108,6 +138,11 @@ def write_report(layout, settings, pipeline=()) -> pathlib.Path:
         if not experiment.handles(scheme):
             parts.append(f"Not run: this analysis handles {' and '.join(experiment.docids)} docids; this reproduction "
                          f"trains {scheme} docids.\n")
+            continue
+        family = getattr(settings, "model_type", ENCODER_DECODER)
+        if not experiment.handles_family(family):
+            parts.append(f"Not run: not applicable to {FAMILY_WORDS[family]} models"
+                         + (" (see \"Not applicable to decoder-only models\" above).\n" if family == DECODER else ".\n"))
             continue
         problems = _missing_steps(layout, experiment)
         if problems and not experiment.chosen(settings):  # opt-in, not asked for (and not run before)

@@ -33,6 +33,13 @@ correct validation queries and the tables report the other half (`genir_jax.anal
 multi-token docids (each experiment says which schemes it handles; the removed-document models are trained
 only when an experiment left needs them). ``--paper-regime`` prepares and trains in the paper's data regime.
 
+``--model-type decoder`` runs the pipeline on decoder-only models (Llama-style, on the T5 vocabulary; the preset's
+decoder-only settings): pretrain is a causal LM, train-full and evaluate-full are `train` / `evaluate
+--model-type decoder`, and only the experiments that handle the family run (`Experiment.families`: Table 1,
+stage patching over attn and mlp in zero and mean mode, residual contributions and the logit lens, the claims
+they decide); the report lists every other one with its reason from `genir_jax.analysis.applicability`.
+Atomic docids only (decoder-only analysis inputs refuse docid sequences).
+
 ``--seeds N`` (N > 1) trains N full models (and their removed-document models) from the DSI training seeds
 ``seed, seed+1, ..., seed+N-1`` (``--seed``, default the preset's): the seed sets the docid tokens' initial
 embeddings, the batch order and dropout of every DSI model. ``prepare`` and ``pretrain`` (data/, models/base/)
@@ -141,6 +148,7 @@ class Settings:
     attribution_agreement: bool = False  # opt-in: AtP / AtP* against exact patching (not in `record`: an addition)
     seeds: int = 1              # DSI models trained per role, one per training seed (see `training_seeds`)
     seed: int | None = None     # the first DSI training seed (None: the preset's)
+    model_type: str = "encoder-decoder"  # the models' family: encoder-decoder (T5) or decoder (decoder-only)
 
     @property
     def record(self) -> dict:
@@ -148,7 +156,7 @@ class Settings:
         runs also record the order of their ids (folders from before it existed hold corpus-order ids)."""
         record = {"dataset": self.dataset, "preset": self.preset, "removed_models": self.removed_models,
                   "removed_documents": self.removed_documents, "base": self.base, "docids": self.docids,
-                  "paper_regime": self.paper_regime, "stages": self.stages}
+                  "paper_regime": self.paper_regime, "stages": self.stages, "model_type": self.model_type}
         record |= {"naive_order": self.naive_order} if self.docids == "naive" else {}
         return record | {name: getattr(self, name) for name, default in SEED_DEFAULTS.items()
                          if getattr(self, name) != default}
@@ -226,7 +234,7 @@ def _pretrain(layout: Layout, settings: Settings):
         return {"skipped_for_base": settings.base}
     tokenizer = pathlib.Path(settings.data_dir) / "t5-tokenizer" if settings.data_dir else None
     summary = run_pretraining(layout.data, layout.base, preset=settings.preset, tokenizer=tokenizer,
-                              resume="if-any", sinks=_sinks(settings, layout.base))
+                              resume="if-any", sinks=_sinks(settings, layout.base), model_type=settings.model_type)
     _print_lines(training_lines(pretraining_summary(summary), layout.base))
 
 
@@ -239,7 +247,7 @@ def _train(layout: Layout, settings: Settings, output: pathlib.Path, remove: lis
     overrides = None if settings.seed is None else RunOverrides(seed=settings.seed)
     summary = train_dsi(layout.data, base_model(layout, settings), output, preset=settings.preset, remove=remove,
                         paper_regime=settings.paper_regime, resume="if-any", sinks=_sinks(settings, output),
-                        overrides=overrides)
+                        overrides=overrides, model_type=settings.model_type)
     _print_lines(training_lines(training_summary(summary), output))
 
 
@@ -252,8 +260,8 @@ def _evaluate_full(layout: Layout, settings: Settings):
     from genir_jax.training.reporting import split_label
 
     for split, output in (("val", layout.eval_val), ("test", layout.eval_test)):
-        _print_lines(evaluate_checkpoint(layout.full, output, prepared=layout.data, split=split).lines(
-            split_label(split)))
+        _print_lines(evaluate_checkpoint(layout.full, output, prepared=layout.data, split=split,
+                                         model_type=settings.model_type).lines(split_label(split)))
     correct = json.loads(layout.correct_valid.read_text())
     return {"correct_validation_queries": len(correct)}
 
@@ -315,10 +323,12 @@ def _pooled_report(layout: Layout, settings: Settings):
                         seed_steps(settings))
 
 
-def experiment_steps(experiment, after_removed_models: bool, docids: str = "atomic") -> list[Step]:
+def experiment_steps(experiment, after_removed_models: bool, docids: str = "atomic",
+                     model_type: str = "encoder-decoder") -> list[Step]:
     """The steps an experiment runs (its `runs`, bound to its configuration), if they belong to that phase and
-    the experiment handles the run's docid scheme."""
-    if experiment.after_removed_models != after_removed_models or not experiment.handles(docids):
+    the experiment handles the run's docid scheme and model family."""
+    if (experiment.after_removed_models != after_removed_models or not experiment.handles(docids)
+            or not experiment.handles_family(model_type)):
         return []
     return [Step(name, functools.partial(_run_experiment, run, experiment.config), analysis=True)
             for name, run in experiment.runs.items()]
@@ -339,8 +349,9 @@ def experiment_config(config, settings: Settings):
 def steps(settings: Settings) -> list[Step]:
     """The pipeline in order: data and training, every experiment's analyses (the `experiments` registry, in
     its order), the models without some documents, the experiments that need them, the report. Experiments
-    that do not handle the run's docid scheme are left out, and so are the models without some documents when
-    no remaining experiment needs them."""
+    that do not handle the run's docid scheme or model family (`--model-type decoder`: no encoder, no
+    cross-attention) are left out, and so are the models without some documents when no remaining experiment
+    needs them."""
     from genir_jax.paper.experiments import registry
 
     chosen = [experiment for experiment in registry() if experiment.chosen(settings)]
@@ -352,11 +363,13 @@ def steps(settings: Settings) -> list[Step]:
         Step("evaluate-full", _evaluate_full),
         Step("bm25", _bm25),
     ]
-    out += [step for experiment in chosen for step in experiment_steps(experiment, False, settings.docids)]
+    out += [step for experiment in chosen
+            for step in experiment_steps(experiment, False, settings.docids, settings.model_type)]
     if any(experiment.after_removed_models for experiment in chosen):
         out.append(Step("choose-removed", _choose_removed, analysis=True))
         out += [Step(f"train-removed-{k}", _train_removed(k), analysis=True) for k in range(settings.removed_models)]
-    out += [step for experiment in chosen for step in experiment_steps(experiment, True, settings.docids)]
+    out += [step for experiment in chosen
+            for step in experiment_steps(experiment, True, settings.docids, settings.model_type)]
     out.append(Step("report", _report, always=True))
     return out
 
@@ -388,6 +401,7 @@ def reproduce(out: str | os.PathLike, settings: Settings, force: tuple[str, ...]
     in `out` is refused, or with `overwrite` removed first (all of it: no file of it stays beside this one)."""
     if settings.dataset not in DATASETS:
         raise GenIRError(f"unknown dataset {settings.dataset!r}; choose one of {', '.join(DATASETS)}")
+    check_model_type(settings)
     layout = Layout(pathlib.Path(out))
     seeds = training_seeds(settings)
     pipeline = steps(settings)
@@ -417,12 +431,53 @@ def reproduce(out: str | os.PathLike, settings: Settings, force: tuple[str, ...]
 
 
 def default_out(settings: Settings) -> str:
-    """The default output folder: ``runs/<dataset>-<preset>``, plus the docid scheme when it is not atomic and
-    ``-paper-regime`` in the paper's data regime, so runs with other settings never share a folder."""
+    """The default output folder: ``runs/<dataset>-<preset>``, plus the docid scheme when it is not atomic,
+    ``-decoder`` for decoder-only models and ``-paper-regime`` in the paper's data regime, so runs with other
+    settings never share a folder."""
     name = f"runs/{settings.dataset}-{settings.preset}"
     if settings.docids != "atomic":
         name += f"-{settings.docids}"
+    if settings.model_type == "decoder":
+        name += "-decoder"
     return name + ("-paper-regime" if settings.paper_regime else "")
+
+
+def check_model_type(settings: Settings) -> None:
+    """Refuse, in one line, a model family the run cannot take: an unknown one; decoder-only models with a
+    preset that has no decoder-only settings (`Preset.decoder_model`, `decoder_pretrain`, `decoder_dsi`; none
+    needed for the model with `--base`), with naive / semantic docids (the analyses take atomic docids only on
+    decoder-only models: their inputs refuse docid sequences), or with an opt-in experiment that does not run on
+    them (its reason from `genir_jax.analysis.applicability`)."""
+    from genir_jax.base.options import MODEL_TYPES
+
+    if settings.model_type not in MODEL_TYPES:
+        raise GenIRError(f"--model-type {settings.model_type!r}: choose one of {', '.join(MODEL_TYPES)}")
+    if settings.base is not None:
+        from genir_jax.checkpoints.hf import checkpoint_is_decoder_only
+
+        if checkpoint_is_decoder_only(settings.base) != (settings.model_type == "decoder"):
+            family = "a decoder-only model" if settings.model_type == "encoder-decoder" else "not decoder-only (a T5)"
+            raise GenIRError(f"--base {settings.base} is {family}; --model-type {settings.model_type} needs "
+                             + ("a T5" if settings.model_type == "encoder-decoder" else "a GPT-2 / Llama / Qwen2 base"))
+    if settings.model_type != "decoder":
+        return
+    from genir_jax.training.presets import PRESETS, get_preset
+
+    preset = get_preset(settings.preset)
+    if preset.decoder_dsi is None or (settings.base is None and preset.decoder_model is None):
+        usable = ", ".join(name for name, p in PRESETS.items() if p.decoder_dsi and p.decoder_model)
+        raise GenIRError(f"--preset {settings.preset} has no settings for decoder-only models (--model-type "
+                         f"decoder); choose one of {usable}")
+    if settings.docids != "atomic":
+        raise GenIRError(f"--docids {settings.docids} with --model-type decoder: the analyses of decoder-only models "
+                         "take atomic docids only (their inputs refuse docid sequences); use --docids atomic")
+    from genir_jax.paper.experiments import registry
+
+    for experiment in registry():
+        if experiment.opt_in and getattr(settings, experiment.opt_in, False) and \
+                not experiment.handles_family(settings.model_type):
+            reasons = "; ".join(f"{name}: {reason}" for name, reason in experiment.family_reasons())
+            raise GenIRError(f"{experiment.opt_in_flag} with --model-type decoder: {reasons or 'not applicable'}")
 
 
 def settings_differences(layout: Layout, settings: Settings) -> list[str]:
@@ -432,7 +487,8 @@ def settings_differences(layout: Layout, settings: Settings) -> list[str]:
     if started is None:
         return []
     # directories from before these settings existed (naive ids were numbered in corpus order then)
-    defaults = {"docids": "atomic", "paper_regime": False, "stages": None, "naive_order": "corpus", **SEED_DEFAULTS}
+    defaults = {"docids": "atomic", "paper_regime": False, "stages": None, "naive_order": "corpus",
+                "model_type": "encoder-decoder", **SEED_DEFAULTS}
     here = settings.record | {name: getattr(settings, name) for name in SEED_DEFAULTS}  # the seeds: either way
     return [f"{name}: {started.get(name, defaults.get(name))!r} there, {value!r} here"
             for name, value in here.items() if started.get(name, defaults.get(name)) != value]
@@ -443,8 +499,8 @@ def check_same_settings(layout: Layout, settings: Settings) -> None:
     differences = settings_differences(layout, settings)
     if differences:
         raise GenIRError(f"{layout.root} holds a reproduction with other settings ({'; '.join(differences)}); "
-                         "choose another --out (the default folder names the dataset, preset, docid scheme and "
-                         "regime), or pass --overwrite to replace it")
+                         "choose another --out (the default folder names the dataset, preset, docid scheme, "
+                         "model family and regime), or pass --overwrite to replace it")
 
 
 def _run_steps(layout: Layout, settings: Settings, pipeline: list[Step], force: tuple[str, ...], log) -> Layout:
@@ -558,12 +614,16 @@ def run_experiment(out: str | os.PathLike, experiment_id: str, *, progress: bool
     if not experiment.handles(settings.docids):
         raise GenIRError(f"experiment {experiment_id!r} handles {' and '.join(experiment.docids)} docids; "
                          f"{layout.root} trains {settings.docids} docids")
+    if not experiment.handles_family(settings.model_type):
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in experiment.family_reasons())
+        raise GenIRError(f"experiment {experiment_id!r} does not run on the {settings.model_type} models of "
+                         f"{layout.root}" + (f" ({reasons})" if reasons else ""))
     targets = [(layout, settings, "")] if settings.seeds == 1 else [  # a multi-seed run: in every seed's folder
         (layout.seed_layout(seed), dataclasses.replace(settings, seed=seed), f"seed-{seed} ")
         for seed in training_seeds(settings)]
     for target, target_settings, prefix in targets:
-        for step in (experiment_steps(experiment, False, settings.docids)
-                     + experiment_steps(experiment, True, settings.docids)):
+        for step in (experiment_steps(experiment, False, settings.docids, settings.model_type)
+                     + experiment_steps(experiment, True, settings.docids, settings.model_type)):
             log(f"{prefix}{step.name} ...")
             start = time.time()
             try:

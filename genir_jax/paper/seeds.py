@@ -178,7 +178,7 @@ def write_pooled_report(layout, settings, layouts: Mapping[int, object], pipelin
 
     seeds = list(layouts)
     retrieval = retrieval_statistics(layouts)
-    claims = seed_claims({seed: claim_rows(seeded, bool(settings.base)) for seed, seeded in layouts.items()})
+    claims = seed_claims({seed: claim_rows(seeded, bool(settings.base), settings.model_type == "decoder") for seed, seeded in layouts.items()})
     state = [(f"[seed-{seed}/report.md](seed-{seed}/report.md)", *_progress(seeded, pipeline))
              for seed, seeded in layouts.items()]
     intro = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from genir_jax.base.options import FACTOR, SEED
+from genir_jax.base.options import FACTOR, MODEL_TYPES, SEED
 from genir_jax.cli.commands.common import STAGES_HELP, add_overwrite
 
 
@@ -24,13 +24,21 @@ def add_parser(subparsers) -> None:
             "every analysis (Tables 2-6, Figures 3-5) and write OUT/report.md with PNG figures and the paper's "
             "numbers side by side. Re-running skips finished steps; --force STEP redoes one. Presets: tiny (a "
             "smoke run on the first " + " / ".join(f"{n} ({d})" for d, n in TINY_MAX_DOCUMENTS.items()) + " documents, minutes on a CPU), cpu (the full corpus, "
-            "2-core CPU scale), t5-large (the paper's model shape, for GPU/TPU)."
+            "2-core CPU scale), t5-large (the paper's model shape, for GPU/TPU). --model-type decoder: the same "
+            "pipeline on decoder-only DSI models (Llama-style, presets tiny and cpu), running the experiments that "
+            "apply to them (Table 1, stage patching of attn and mlp, residual contributions and logit lens, their "
+            "claims); the report lists the others with the reason each does not apply."
         ),
     )
     parser.add_argument("--dataset", default="squad-dev", choices=DATASETS, help="default: squad-dev")
     parser.add_argument("--preset", default="tiny", choices=("tiny", "cpu", "t5-large"), help="default: tiny")
-    parser.add_argument("--out", default=None, help="output directory (default: runs/<dataset>-<preset>, then -<docids> unless atomic and "
-                             "-paper-regime in the paper's regime)")
+    parser.add_argument("--model-type", default="encoder-decoder", choices=MODEL_TYPES,
+                        help="encoder-decoder (T5, the paper's; default) or decoder (decoder-only models: a "
+                             "Llama-style base pre-trained as a causal LM, fine-tuned and evaluated as `train` / "
+                             "`evaluate --model-type decoder`; atomic docids; the experiments without an encoder or "
+                             "cross-attention); recorded in the run's settings")
+    parser.add_argument("--out", default=None, help="output directory (default: runs/<dataset>-<preset>, then -<docids> unless atomic, "
+                             "-decoder for --model-type decoder and -paper-regime in the paper's regime)")
     parser.add_argument("--data-dir", default=None,
                         help="where the raw datasets and t5-tokenizer/ live (default: $GENIR_JAX_DATA, else "
                              "../shared/data)")
@@ -38,7 +46,8 @@ def add_parser(subparsers) -> None:
                         help="fine-tune from this pretrained T5 (a directory with its tokenizer, or a hub id in the "
                              "local Hugging Face cache, e.g. google-t5/t5-large) instead of pretraining our own "
                              "corpus-only base; it is also the T5 of T5-mode patching and of the base encoder swap, "
-                             "so those rows become comparable with the paper's")
+                             "so those rows become comparable with the paper's (with --model-type decoder: a "
+                             "decoder-only base, GPT-2 / Llama / Qwen2, to fine-tune)")
     parser.add_argument("--docids", "--doc-ids", default="atomic", choices=("atomic", "naive", "semantic"),
                         help="docid scheme of the DSI models (default: atomic, the paper's). naive / semantic run "
                              "the analyses that handle multi-token docids (Table 1, Table 3 stage patching over the "
@@ -101,7 +110,10 @@ def run(args: argparse.Namespace) -> int:
                         removed_models=args.removed_models, progress=not args.no_progress, base=base,
                         docids=args.docids, paper_regime=args.paper_regime, stages=args.stages,
                         tensorboard=args.tensorboard, naive_order=args.naive_order, seeds=args.seeds, seed=args.seed,
-                        attribution_agreement=args.attribution_agreement)
+                        attribution_agreement=args.attribution_agreement, model_type=args.model_type)
+    from genir_jax.paper.reproduce import check_model_type
+
+    check_model_type(settings)  # refused before any folder is made (and a refused run has no steps to list)
     out = args.out or default_out(settings)
     if args.list_steps:
         layout = Layout(__import__("pathlib").Path(out))

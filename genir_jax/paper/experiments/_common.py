@@ -11,13 +11,24 @@ from genir_jax.core.config import T5Config
 from genir_jax.paper.panels import REPORT_STAGES_STEP  # noqa: F401 (re-exported for the experiment modules)
 
 
-def full_config(layout) -> T5Config:
+def full_config(layout):
+    """The full model's configuration, of the family its config.json names: a `T5Config`, or a decoder-only
+    model's `DecoderConfig` (whose ``num_decoder_layers`` is its number of layers)."""
+    from genir_jax.checkpoints.hf import checkpoint_is_decoder_only
+
+    if checkpoint_is_decoder_only(layout.full):
+        from genir_jax.core.decoder_config import DecoderConfig
+
+        return DecoderConfig.from_json_file(layout.full / "config.json")
     return T5Config.from_json_file(layout.full / "config.json")
 
 
 def model_description(layout) -> str:
-    """The analysed model in a few words, for figure titles: e.g. 'DSI T5, 24+24 layers, d_model 1024'."""
+    """The analysed model in a few words, for figure titles: e.g. 'DSI T5, 24+24 layers, d_model 1024', or
+    'DSI decoder-only (llama), 2 layers, d_model 64'."""
     config = full_config(layout)
+    if not isinstance(config, T5Config):
+        return f"DSI decoder-only ({config.model_type}), {config.num_layers} layers, d_model {config.d_model}"
     return f"DSI T5, {config.num_layers}+{config.num_decoder_layers} layers, d_model {config.d_model}"
 
 

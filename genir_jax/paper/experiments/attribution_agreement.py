@@ -68,4 +68,5 @@ EXPERIMENT = Experiment(
     paper_ref="beyond the paper: AtP and AtP* checked against exact patching", position=96,
     command="genir_jax.analysis.attribution_agreement", paper=PAPER, render=render, config=Config(),
     runs={STEP: run_attribution_agreement}, opt_in="attribution_agreement",
+    not_applicable=("attribution-agreement",),
 )

@@ -17,7 +17,7 @@ import json
 import numpy as np
 
 from genir_jax.analysis.evidence import DOES_NOT_HOLD, HOLDS, VERDICT_RULE, Claim, bootstrap, ratio, share, verdict
-from genir_jax.paper.panels import EXPERIMENT_JSON, Experiment, Section, md_table, read_json
+from genir_jax.paper.panels import BOTH_FAMILIES, DECODER, EXPERIMENT_JSON, Experiment, Section, md_table, read_json
 
 NOT_TESTABLE = "not testable at this scale"
 CONTROL_KEPT = 0.5   # the control breaks retrieval when its share of queries at rank 1 lies wholly below this
@@ -78,15 +78,15 @@ def _missing(claim_text: str, why: str) -> tuple:
     return (claim_text, "", f"not available: {why}", "", "")
 
 
-def _stage_rows(layout) -> list[tuple]:
+def _stage_rows(layout, stage_claims=STAGE_CLAIMS) -> list[tuple]:
     from genir_jax.analysis.stage_patching import RANKS_JSON
 
     path = layout.analysis("patch-stages") / RANKS_JSON
     if not path.is_file():
-        return [_missing(text, "Table 3 has not run") for *_, text in STAGE_CLAIMS]
+        return [_missing(text, "Table 3 has not run") for *_, text in stage_claims]
     ranks = json.loads(path.read_text())
     rows = []
-    for component, stage, paper, side, threshold, text in STAGE_CLAIMS:
+    for component, stage, paper, side, threshold, text in stage_claims:
         values = ranks.get(f"{stage}-{component}-zero")
         if not values:
             rows.append(_missing(text, f"no zero-ablation row for {component} in stage {stage + 1}"))
@@ -97,10 +97,18 @@ def _stage_rows(layout) -> list[tuple]:
     return rows
 
 
+CIRCUIT_CLAIM = "The minimal circuit keeps the model's effectiveness"
+MLP_SUM_CLAIM = "MLP outputs alone keep the docid in the top 10 (rank <= 10)"
+CROSS_ATTENTION_SUM_CLAIM = "Cross-attention outputs alone put the docid beyond rank 100"
+DOCID_SHARE_CLAIM = "Cross-attention writes words, not document identities (stage II)"
+ENCODER_SWAP_CLAIM = "Encoders of DSI models that never saw a document still let the decoder retrieve it"
+BASE_ENCODER_CLAIM = "The pretrained T5 encoder swapped in keeps the docids near the top (mean rank 21.66)"
+
+
 def _circuit_row(layout) -> tuple:
     from genir_jax.analysis.circuit import FULL_VOCABULARY, RESULTS_JSON
 
-    text = "The minimal circuit keeps the model's effectiveness"
+    text = CIRCUIT_CLAIM
     path = layout.analysis("circuit") / RESULTS_JSON
     if not path.is_file():
         return _missing(text, "Table 4 has not run")
@@ -116,25 +124,27 @@ def _circuit_row(layout) -> tuple:
                 Claim(paper=0.94, threshold=0.9, side="above", max_width=WIDEST), "94%")
 
 
-def _component_sum_rows(layout) -> list[tuple]:
+def _component_sum_rows(layout, cross_attention: bool = True) -> list[tuple]:
+    """The MLP-sum claim and (`cross_attention`: a T5) the cross-attention-sum claim."""
     from genir_jax.analysis.residual import SUMS_CSV
     from genir_jax.paper.experiments.figure4_rank_development import component_sum_ranks
 
-    texts = ("MLP outputs alone keep the docid in the top 10 (rank <= 10)",
-             "Cross-attention outputs alone put the docid beyond rank 100")
+    texts = (MLP_SUM_CLAIM, CROSS_ATTENTION_SUM_CLAIM)[:2 if cross_attention else 1]
     if not (layout.analysis("residual-rank") / SUMS_CSV).is_file():
         return [_missing(text, "Fig. 4 has not run") for text in texts]
     ranks = component_sum_ranks(layout)
-    return [_row(texts[0], "% correct queries with the docid beyond rank 10", share(ranks["mlp"] > 10),
-                 Claim(paper=0.0, threshold=0.10, side="below", max_width=WIDEST), "0% (33% leave rank 1)"),
-            _row(texts[1], "% correct queries with the docid beyond rank 100", share(ranks["cross_attn"] > 100),
-                 Claim(paper=1.0, threshold=0.90, side="above", max_width=WIDEST), "100%")]
+    rows = [_row(texts[0], "% correct queries with the docid beyond rank 10", share(ranks["mlp"] > 10),
+                 Claim(paper=0.0, threshold=0.10, side="below", max_width=WIDEST), "0% (33% leave rank 1)")]
+    if cross_attention:
+        rows.append(_row(texts[1], "% correct queries with the docid beyond rank 100", share(ranks["cross_attn"] > 100),
+                         Claim(paper=1.0, threshold=0.90, side="above", max_width=WIDEST), "100%"))
+    return rows
 
 
 def _docid_share_row(layout) -> tuple:
     from genir_jax.paper.experiments.table5_crattn_docid_share import PAPER_STAGE, per_query_shares
 
-    text = "Cross-attention writes words, not document identities (stage II)"
+    text = DOCID_SHARE_CLAIM
     if not (layout.analysis("crattn-writes") / f"per_q_averages_s{PAPER_STAGE}.json").is_file():
         return _missing(text, "Table 5 has not run (or the model has no stage II)")
     return _row(text, "% docids among the top 10 tokens of its logit lens", bootstrap(
@@ -166,7 +176,7 @@ def control_note(name: str, kept, n: str | None = None) -> str:
 
 def encoder_swap_rows(layout) -> list[tuple]:
     """The encoder-swap claim per removed-documents model, judged only where its control keeps retrieval."""
-    text = "Encoders of DSI models that never saw a document still let the decoder retrieve it"
+    text = ENCODER_SWAP_CLAIM
     directory = layout.analysis("swap-encoder")
     if not (directory / "swapped_encoder.json").is_file() or not (directory / EXPERIMENT_JSON).is_file():
         return [_missing(text, "Table 2 has not run")]
@@ -192,7 +202,7 @@ def encoder_swap_rows(layout) -> list[tuple]:
 
 
 def _base_encoder_row(layout, settings_base: bool) -> tuple:
-    text = "The pretrained T5 encoder swapped in keeps the docids near the top (mean rank 21.66)"
+    text = BASE_ENCODER_CLAIM
     directory = layout.analysis("swap-encoder")
     if not (directory / "swapped_encoder.json").is_file() or not (directory / EXPERIMENT_JSON).is_file():
         return _missing(text, "Table 2 has not run")
@@ -208,20 +218,38 @@ def _base_encoder_row(layout, settings_base: bool) -> tuple:
                                                    "`--base` makes it comparable)")
 
 
-def claim_rows(layout, base_given: bool = False) -> list[tuple]:
-    """Every row of the claims table: a `ClaimRow`, or a plain tuple where its inputs are missing."""
+def claim_rows(layout, base_given: bool = False, decoder: bool = False) -> list[tuple]:
+    """Every row of the claims table: a `ClaimRow`, or a plain tuple where its inputs are missing. `decoder`: a
+    decoder-only run, whose rows are the claims its experiments decide (self-attention and MLP stage patching,
+    the MLP-sum logit lens), by the same rule; the others are `decoder_omitted_claims`."""
+    if decoder:
+        return [*_stage_rows(layout, [claim for claim in STAGE_CLAIMS if claim[0] != "cross_attn"]),
+                *_component_sum_rows(layout, cross_attention=False)]
     return [*_stage_rows(layout), _circuit_row(layout), _docid_share_row(layout), *_component_sum_rows(layout),
             *encoder_swap_rows(layout), _base_encoder_row(layout, base_given)]
+
+
+def decoder_omitted_claims() -> list[str]:
+    """The claims a decoder-only run leaves out: they need an encoder or cross-attention, or the paper's minimal
+    circuit (experiments that do not run on decoder-only models)."""
+    return [*(claim[-1] for claim in STAGE_CLAIMS if claim[0] == "cross_attn"), CIRCUIT_CLAIM, DOCID_SHARE_CLAIM,
+            CROSS_ATTENTION_SUM_CLAIM, ENCODER_SWAP_CLAIM, BASE_ENCODER_CLAIM]
+
+
+def decoder_omitted_note() -> str:
+    return ("Omitted for decoder-only models (their experiments need an encoder or cross-attention, or are the "
+            "paper's minimal circuit; see \"Not applicable to decoder-only models\"): "
+            + "; ".join(decoder_omitted_claims()) + ".\n")
 
 
 CLAIMS_HEADERS = ("the paper's claim (NQ10k, T5-large)", "statistic", "ours [95% CI] (n)", "paper; the claim's side",
                   "verdict")
 
 
-def render_claims(layout, base_given: bool = False) -> str:
-    text = md_table(CLAIMS_HEADERS, claim_rows(layout, base_given))
+def render_claims(layout, base_given: bool = False, decoder: bool = False) -> str:
+    text = md_table(CLAIMS_HEADERS, claim_rows(layout, base_given, decoder))
     text += "\n\n" + RULE_NOTE
-    return text
+    return text + ("\n" + decoder_omitted_note() if decoder else "")
 
 
 RULE_NOTE = (f"Verdicts by one rule: {VERDICT_RULE}; an interval wider than {100 * WIDEST:.0f} points is "
@@ -235,11 +263,11 @@ RULE_NOTE = (f"Verdicts by one rule: {VERDICT_RULE}; an interval wider than {100
 
 def render(layout) -> Section:
     settings = layout.steps / "settings.json"
-    base_given = bool(read_json(settings).get("base")) if settings.is_file() else False
-    return Section(render_claims(layout, base_given))
+    record = read_json(settings) if settings.is_file() else {}
+    return Section(render_claims(layout, bool(record.get("base")), record.get("model_type") == DECODER))
 
 
 EXPERIMENT = Experiment(
     id="claims", title="Which of the paper's claims hold at this scale", paper_ref="verdicts from intervals",
-    position=99, command="genir-jax reproduce (the report)", paper={}, render=render,
+    position=99, command="genir-jax reproduce (the report)", paper={}, render=render, families=BOTH_FAMILIES,
 )

@@ -6,13 +6,19 @@ import numpy as np
 
 from genir_jax.analysis.stages import describe_stages, stage_names
 from genir_jax.paper.panels import (
-    Experiment, Section, figure, md_table, read_json, record_settings, save_figure, shade_stages,
+    BOTH_FAMILIES, Experiment, Section, figure, md_table, read_json, record_settings, save_figure, shade_stages,
 )
 
 from genir_jax.paper.experiments._common import correct_inputs, model_description, stages_of
 
 PAPER = {"stages_t5_large": "I = layers 0-6, II = 7-17, III = 18-23"}
 PARTS = (("attn", "self-attention"), ("cross_attn", "cross-attention"), ("mlp", "MLP"))
+
+
+def parts_of(summary: dict) -> tuple:
+    """The `PARTS` the run measured: all three for a T5, attn and mlp for a decoder-only model (it has no
+    cross-attention, so residual-rank writes none)."""
+    return tuple((key, label) for key, label in PARTS if key in summary["contributions"]["ratio"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +73,7 @@ def draw(layout):
     layers = np.arange(summary["num_decoder_layers"])
     plt, path = figure(layout, "figure3_residual_contributions")
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
-    for index, (key, label) in enumerate(PARTS):
+    for index, (key, label) in enumerate(parts_of(summary)):
         offset = (index - 1) * 0.12  # side by side, so the error bars do not hide each other
         for axis, func in zip(axes, ("ratio", "cosine")):
             values = summary["contributions"][func][key]
@@ -91,19 +97,20 @@ def render(layout) -> Section:
     fig, path = draw(layout)
     save_figure(fig, path)
     per_query = per_query_contributions(layout)
+    parts = parts_of(summary)
     rows = []
     for name, stage in zip(stage_names(len(stages)), stages):
         cells = [bootstrap(per_query[func, k][:, stage].mean(axis=1)).format(2)
-                 for func in ("ratio", "cosine") for k, _ in PARTS]
+                 for func in ("ratio", "cosine") for k, _ in parts]
         rows.append((name, f"{stage[0]}-{stage[-1]}", *cells))
     text = ("Per stage, the mean over the stage's layers of the per-layer means over the correct queries of "
             "||component|| / ||resid_post - resid_pre|| (ratio) and of cosine(component, resid_post), with its "
             "95% bootstrap interval over the queries (of their means over the stage's layers) and n:\n\n")
-    text += md_table(["stage", "layers", *(f"{func}: {label}" for func in ("ratio", "cosine") for _, label in PARTS)],
+    text += md_table(["stage", "layers", *(f"{func}: {label}" for func in ("ratio", "cosine") for _, label in parts)],
                      rows)
     text += f"\n\nStages: {describe_stages(stages, named=True)} (paper, T5-large: {PAPER['stages_t5_large']}).\n"
     text += (f"\nFigure: per decoder layer the mean over the {summary['num_queries']} correct queries, "
-             f"{ERROR_BARS}; the three components are drawn side by side "
+             f"{ERROR_BARS}; the {len(parts)} components are drawn side by side "
              "within each layer.\n")
     text += ("\nCosine: the paper's text says the cosine similarity of each component's output with the residual "
              "stream without saying which; the reference code (eval_residual_rank.py) computes it with the "
@@ -117,5 +124,5 @@ def render(layout) -> Section:
 EXPERIMENT = Experiment(
     id="figure3", title="Residual stream contributions", paper_ref="Sec. 5, Fig. 3", position=30,
     command="genir-jax residual-rank", paper=PAPER, render=render, config=Config(),
-    runs={"residual-rank": run_residual_rank},
+    runs={"residual-rank": run_residual_rank}, families=BOTH_FAMILIES,
 )

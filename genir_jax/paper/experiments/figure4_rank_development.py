@@ -4,7 +4,7 @@ import numpy as np
 
 from genir_jax.analysis.stages import stage_names
 from genir_jax.paper.panels import (
-    Experiment, Section, figure, md_table, read_json, save_figure, shade_stages,
+    BOTH_FAMILIES, Experiment, Section, figure, md_table, read_json, save_figure, shade_stages,
 )
 
 from genir_jax.paper.experiments._common import model_description, stages_of
@@ -23,11 +23,20 @@ STATISTICS = (
     ("vocabulary_rank", "docid_mean", "mean rank of all docids: mean over queries"),
     ("vocabulary_rank", "non_docid_median", "median rank of non-docid tokens: mean over queries"),
 )
+SHORT = {"resid_post": "relevant docid (resid_post), mean", "cross_attn_out": "relevant docid (cross-attn out), mean",
+         "mlp_out": "relevant docid (MLP out), mean", "docid_mean": "mean docid rank, mean",
+         "non_docid_median": "median non-docid rank, mean"}  # table headers
+
+
+def statistics_of(summary: dict) -> tuple:
+    """The `STATISTICS` the run measured: a decoder-only model has no cross-attention output to read."""
+    return tuple(entry for entry in STATISTICS if entry[1] in summary[entry[0]])
 
 
 def paper_series(summary: dict) -> list[tuple[str, np.ndarray]]:
     """(label, [L] 0-based ranks) of the paper's Fig. 4 curves: means over queries of the per-query values."""
-    return [(label, np.asarray(summary[group][key]["mean"], dtype=np.float64)) for group, key, label in STATISTICS]
+    return [(label, np.asarray(summary[group][key]["mean"], dtype=np.float64))
+            for group, key, label in statistics_of(summary)]
 
 
 def component_sum_ranks(layout) -> dict[str, np.ndarray]:
@@ -39,7 +48,8 @@ def component_sum_ranks(layout) -> dict[str, np.ndarray]:
 
     with open(layout.analysis("residual-rank") / SUMS_CSV, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    return {key: np.asarray([float(r["value"]) for r in rows if r["component"] == label]) for key, label, _ in SUMS}
+    return {key: np.asarray([float(r["value"]) for r in rows if r["component"] == label]) for key, label, _ in SUMS
+            if any(r["component"] == label for r in rows)}  # a decoder-only model: no cross-attention sum
 
 
 def draw(layout):
@@ -51,9 +61,9 @@ def draw(layout):
     layers = np.arange(summary["num_decoder_layers"])
     plt, path = figure(layout, "figure4_rank_development")
     fig, axis = plt.subplots(figsize=(8, 4))
-    styles = {3: dict(linestyle="--"), 4: dict(linestyle=":")}
-    for index, (label, values) in enumerate(paper_series(summary)):
-        axis.plot(layers, values + 1, **styles.get(index, dict(marker="o", markersize=4)), label=label,
+    styles = {"docid_mean": dict(linestyle="--"), "non_docid_median": dict(linestyle=":")}
+    for index, ((_, key, _), (label, values)) in enumerate(zip(statistics_of(summary), paper_series(summary))):
+        axis.plot(layers, values + 1, **styles.get(key, dict(marker="o", markersize=4)), label=label,
                   color=LINE_COLOURS[index])
     axis.set(yscale="log", xlabel="decoder layer", ylabel="rank + 1 (logit lens; 1 = top)")
     shade_stages(axis, stages_of(layout))
@@ -75,11 +85,11 @@ def render(layout) -> Section:
     save_figure(fig, path)
     names = stage_names(len(stages))
     stage_of = {layer: name for name, stage in zip(names, stages) for layer in stage}
-    short = ["relevant docid (resid_post), mean", "relevant docid (cross-attn out), mean",
-             "relevant docid (MLP out), mean", "mean docid rank, mean", "median non-docid rank, mean"]
+    statistics = statistics_of(summary)
+    short = [SHORT[key] for _, key, _ in statistics]
     per_query = summary.get("per_query")  # absent in runs from before it was recorded: no intervals then
     if per_query is not None:
-        arrays = [np.asarray(per_query[group][key], dtype=np.float64) for group, key, _ in STATISTICS]
+        arrays = [np.asarray(per_query[group][key], dtype=np.float64) for group, key, _ in statistics]
         per_layer = [(int(layer), stage_of.get(int(layer), ""), *(bootstrap(values[:, layer]).format(1)
                                                                   for values in arrays)) for layer in layers]
     else:
@@ -95,7 +105,8 @@ def render(layout) -> Section:
     sums = component_sum_ranks(layout)
     rows = [(label, *(share(sums[key] > t).scaled(100).format(2) for t in (0, 10, 100)),
              bootstrap(sums[key], np.median).format(1))
-            for key, label in (("mlp", "sum of MLP outputs only"), ("cross_attn", "sum of cross-attention outputs only"))]
+            for key, label in (("mlp", "sum of MLP outputs only"), ("cross_attn", "sum of cross-attention outputs only"))
+            if key in sums]
     text += ("Logits from one component type alone (logit lens of the sum over all layers; 95% bootstrap intervals "
              "over the correct queries, n queries):\n\n")
     text += md_table(["logits from", "% not at rank 1", "% not in top 11 (0-based rank > 10)",
@@ -107,5 +118,5 @@ def render(layout) -> Section:
 
 EXPERIMENT = Experiment(
     id="figure4", title="Rank development (logit lens)", paper_ref="Sec. 5.2, Fig. 4", position=60,
-    reads=("residual-rank",), command="genir-jax residual-rank", paper=PAPER, render=render,
+    reads=("residual-rank",), command="genir-jax residual-rank", paper=PAPER, render=render, families=BOTH_FAMILIES,
 )

@@ -168,4 +168,5 @@ EXPERIMENT = Experiment(
     command="genir-jax neuron-reading / crattn-reading", paper=PAPER, render=render, config=Config(),
     runs={"neuron-reading": _run_reading("neuron-reading", "mlp"),
           "crattn-reading": _run_reading("crattn-reading", "cross_attn")},
+    not_applicable=("neuron-reading", "crattn-reading"),
 )

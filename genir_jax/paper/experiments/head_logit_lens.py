@@ -63,4 +63,5 @@ EXPERIMENT = Experiment(
     id="head-logit-lens", title="Which cross-attention heads write the docid (per-head logit lens)",
     paper_ref="beyond the paper: Table 5 per head", position=92, command="genir-jax head-logit-lens", paper={},
     render=render, config=Config(), runs={"head-logit-lens": run_head_logit_lens},
+    not_applicable=("head-logit-lens",),
 )

@@ -58,5 +58,5 @@ def render(layout) -> Section:
 EXPERIMENT = Experiment(
     id="stage-robustness", title="Stage robustness", paper_ref="beyond the paper: checks Sec. 5.1's stages",
     position=95, command="genir_jax.analysis.stage_robustness", paper=PAPER, render=render, config=Config(),
-    runs={"stage-robustness": run_stage_robustness},
+    runs={"stage-robustness": run_stage_robustness}, not_applicable=("stage-robustness",),
 )

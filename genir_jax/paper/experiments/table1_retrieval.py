@@ -1,6 +1,6 @@
 """Table 1: retrieval effectiveness of the DSI model on the test queries, with BM25 for context."""
 
-from genir_jax.paper.panels import Experiment, Section, md_table, percent, read_json
+from genir_jax.paper.panels import BOTH_FAMILIES, Experiment, Section, md_table, percent, read_json
 
 PAPER = {"NQ10k (T5-large)": {"Hits@1": 40.4, "Recall@5": 58.1, "Hits@10": 63.9}}
 
@@ -45,5 +45,5 @@ EXPERIMENT = Experiment(
     id="table1", title="Retrieval effectiveness", paper_ref="Table 1", position=10,
     reads=("evaluate-full", "bm25", "train-full"),
     command="genir-jax evaluate / genir-jax bm25", paper=PAPER, render=render,
-    docids=("atomic", "naive", "semantic"),
+    docids=("atomic", "naive", "semantic"), families=BOTH_FAMILIES,
 )

@@ -100,4 +100,5 @@ EXPERIMENT = Experiment(
     id="table2", title="Encoder swap", paper_ref="Sec. 4, Table 2", position=20,
     command="genir-jax swap-encoder", paper=PAPER, render=render, config=Config(),
     runs={"swap-encoder": run_swap_encoder}, reads=("choose-removed",), after_removed_models=True,
+    not_applicable=("swap-encoder",),
 )

@@ -5,7 +5,7 @@ import dataclasses
 
 
 from genir_jax.analysis.stages import describe_stages, stage_names
-from genir_jax.paper.panels import Experiment, Section, md_table, record_settings
+from genir_jax.paper.panels import BOTH_FAMILIES, Experiment, Section, md_table, record_settings
 
 from genir_jax.paper.experiments._common import (correct_inputs, correct_sequence_inputs, full_scheme, load_model,
                                                  stages_of)
@@ -31,12 +31,15 @@ class Config:
 def run_patch_stages(layout, settings, config: Config) -> dict:
     """Each component type patched in each stage, every mode, on the correct validation queries
     (`genir_jax.analysis.patch_stages`, as `genir-jax patch-stages`); T5 mode takes the base T5's outputs;
-    naive / semantic models run the teacher-forced variant, ranks reduced by `config.rank_reduction`. Writes
-    what `genir-jax patch-stages` writes (CSV, ranks, stages.json)."""
+    naive / semantic models run the teacher-forced variant, ranks reduced by `config.rank_reduction`; decoder-only
+    models (`--model-type decoder`) their attn and mlp rows in zero and mean mode (T5 mode needs a T5 decoder).
+    Writes what `genir-jax patch-stages` writes (CSV, ranks, stages.json)."""
     from genir_jax.analysis.patch_stages import patch_stages, write_patch_stages
     from genir_jax.analysis.stages import resolve_for_inputs
-    from genir_jax.paper.panels import base_model
+    from genir_jax.paper.panels import DECODER, base_model
 
+    decoder = getattr(settings, "model_type", None) == DECODER
+    config = dataclasses.replace(config, modes=tuple(m for m in config.modes if m != "t5")) if decoder else config
     base_path = base_model(layout, settings) if "t5" in config.modes else None
     base = load_model(base_path, tokenizer=False) if base_path else None  # a bad base fails before the analysis
     sequences = full_scheme(layout).multi_token
@@ -148,6 +151,10 @@ def render(layout) -> Section:
                      table)
     text += (f"\n\nOurs, the paper's NQ10k value in parentheses (attn = self-attention). Stages: "
              f"{describe_stages(stages, named=True)}. {RANKS_NOTE} {INTERVALS}\n")
+    from genir_jax.checkpoints.hf import checkpoint_is_decoder_only
+
+    if checkpoint_is_decoder_only(layout.full):
+        text += (f"\n{DECODER_ONLY_NOTE}\n")
     if encoder:
         text += (f"\nT5 mode, encoder output (`{encoder[0]}`) replaced by the base T5's: {encoder[1]}% not at "
                  f"rank 1, {encoder[2]}% not in top 101 (rank > 100).\n")
@@ -161,10 +168,14 @@ def render(layout) -> Section:
 
 
 INTERVALS = "Intervals: 95% bootstrap over the correct queries, n queries."
+DECODER_ONLY_NOTE = ("Decoder-only model: zero and mean mode over its attn and mlp (no cross-attention, and no T5 "
+                     "mode: it patches a T5 decoder's outputs). Its self-attention is the only way the docid "
+                     "position reads the query, unlike the T5 decoder self-attention of the paper's attn rows: "
+                     "compare those rows as tendencies of different components.")
 
 
 EXPERIMENT = Experiment(
     id="table3", title="Stage patching", paper_ref="Sec. 5.1, Table 3", position=40,
     command="genir-jax patch-stages --modes zero,mean,t5", paper=PAPER, render=render, config=Config(),
-    runs={"patch-stages": run_patch_stages}, docids=("atomic", "naive", "semantic"),
+    runs={"patch-stages": run_patch_stages}, docids=("atomic", "naive", "semantic"), families=BOTH_FAMILIES,
 )

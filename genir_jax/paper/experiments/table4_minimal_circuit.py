@@ -178,5 +178,5 @@ def _render_sequences(report: dict) -> Section:
 EXPERIMENT = Experiment(
     id="table4", title="Minimal circuit", paper_ref="Table 4", position=50,
     command="genir-jax circuit", paper=PAPER, render=render, config=Config(), runs={"circuit": run_circuit},
-    docids=("atomic", "naive", "semantic"),
+    docids=("atomic", "naive", "semantic"), not_applicable=("minimal-circuit",),
 )

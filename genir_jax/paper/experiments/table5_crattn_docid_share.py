@@ -81,5 +81,5 @@ def render(layout) -> Section:
 EXPERIMENT = Experiment(
     id="table5", title="What cross-attention writes: docid share", paper_ref="Sec. 5.4, Table 5",
     position=80, command="genir-jax crattn-writes", paper=PAPER, render=render, config=Config(),
-    runs={"crattn-writes": run_crattn_writes},
+    runs={"crattn-writes": run_crattn_writes}, not_applicable=("crattn-writes",),
 )

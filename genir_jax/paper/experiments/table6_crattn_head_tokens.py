@@ -99,5 +99,5 @@ def render(layout) -> Section:
 EXPERIMENT = Experiment(
     id="table6", title="What cross-attention writes: head tokens", paper_ref="Sec. 5.4, Table 6",
     position=90, command="genir-jax crattn-head-tokens", paper=PAPER, render=render, config=Config(),
-    runs={"head-tokens": run_head_tokens},
+    runs={"head-tokens": run_head_tokens}, not_applicable=("crattn-head-tokens",),
 )
