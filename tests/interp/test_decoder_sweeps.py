@@ -11,7 +11,7 @@ from genir_jax.checkpoints.decoder_hf import load_decoder_only
 from genir_jax.core import decoder_only as do
 from genir_jax.core.decoder_config import DecoderConfig
 from genir_jax.interp.attribution import attribute
-from genir_jax.interp.interventions import FROM_SOURCE, InterventionError, mean_activations
+from genir_jax.interp.interventions import InterventionError, mean_activations
 from genir_jax.interp.patching import run_sweep, runner_up_foils
 from genir_jax.interp.site_grammar import SiteSpecError, parse_receivers, parse_sweep
 from genir_jax.interp.sweep import component_grid, first_decoder_layer, receivers, site_grid, stack
@@ -140,8 +140,7 @@ def test_unsupported_decoder_only_sweeps_are_refused(models):
 
     with pytest.raises(InterventionError, match="path patching .* not supported for decoder-only"):
         receivers(cfg, logits=True)
-    with pytest.raises(InterventionError, match="FROM_SOURCE / Source patching is not supported"):
-        sweep(site_grid(cfg, "blocks.*.hook_mlp_out", value=FROM_SOURCE))
+    # FROM_SOURCE / Source patching runs (tests/interp/test_decoder_source_patching.py, with its refusals)
     with pytest.raises(InterventionError, match="'hook_embed' patches are not supported"):
         sweep(site_grid(cfg, "hook_embed"))
     with pytest.raises(InterventionError, match="atomic .* docids only"):
