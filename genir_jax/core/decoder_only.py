@@ -60,22 +60,40 @@ class _Block(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x, positions, mask, layer_interventions, layer_cache, index):
+    def __call__(self, x, positions, mask, layer_interventions, layer_cache, index, layer_receivers=None):
+        """`layer_receivers` (path patching, [2] for attn / mlp; only without a cache): the carry is then
+        (residual, the senders' summed effect on it so far); a component whose receiver entry is 0 reads the
+        residual without that effect, and every component's sender effect (its patched output minus its output
+        without patches, from the same input) is added to it, as T5's `genir_jax.core.model._Layer` does."""
         cfg = self.config
+        paths = layer_receivers is not None
+        if paths:
+            x, delta = x
         tap = SiteTap(layer_interventions, self.record, index, self.span)
+        unpatched = SiteTap(None)
+
+        def read(component):  # the residual as component `component` (0 attn, 1 mlp) reads it
+            return x if not paths else x - (1.0 - layer_receivers[component]).astype(x.dtype) * delta
+
         x = tap("hook_resid_pre", nn.with_logical_constraint(x, ("batch", "length", "embed")))
         attention = CausalSelfAttention(
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, d_kv=cfg.d_kv, d_model=cfg.d_model,
             qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, rotary_theta=None if cfg.is_gpt2 else cfg.rope_theta,
             dtype=self.dtype, name="attn")
-        attn_out, kv = attention(_norm(cfg, self.dtype, "attn_norm")(x), positions, mask, tap.scoped("attn."),
-                                 layer_cache, index)
-        x = tap("hook_resid_mid", x + tap("hook_attn_out", attn_out))
+        normed = _norm(cfg, self.dtype, "attn_norm")(read(0))
+        attn_out, kv = attention(normed, positions, mask, tap.scoped("attn."), layer_cache, index)
+        attn_out = tap("hook_attn_out", attn_out)
+        if paths:
+            delta = delta + attn_out - attention(normed, positions, mask, unpatched.scoped("attn."), None, None)[0]
+        x = tap("hook_resid_mid", x + attn_out)
         mlp = DecoderMLP(d_model=cfg.d_model, d_ff=cfg.d_ff, activation=cfg.activation, gated=cfg.is_gated_act,
                          bias=cfg.mlp_bias, dtype=self.dtype, name="mlp")
-        mlp_out = tap("hook_mlp_out", mlp(_norm(cfg, self.dtype, "mlp_norm")(x), tap.scoped("mlp.")))
+        normed = _norm(cfg, self.dtype, "mlp_norm")(read(1))
+        mlp_out = tap("hook_mlp_out", mlp(normed, tap.scoped("mlp.")))
+        if paths:
+            delta = delta + mlp_out - mlp(normed, unpatched.scoped("mlp."))
         x = tap("hook_resid_post", x + mlp_out)
-        return x, ({name: tap.cache[name] for name in self.record}, kv)
+        return (x, delta) if paths else x, ({name: tap.cache[name] for name in self.record}, kv)
 
 
 class DecoderOnly(nn.Module):
@@ -245,36 +263,46 @@ def decode_step(config: DecoderConfig, params: Params, input_ids, cache: Decoder
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _from_layer(config, params, x, start, positions, key_mask, interventions, dtype):
+def _from_layer(config, params, x, start, positions, key_mask, interventions, receivers, dtype):
     count, length = config.num_layers, x.shape[1]
     sites = dict((interventions or {}).get(BLOCKS) or {})
     stack_tap = SiteTap({k: v for k, v in sites.items() if k in BLOCK_STACK_SITES})
     layer_interventions = {k: per_layer(v, count) for k, v in sites.items() if k not in BLOCK_STACK_SITES}
     mask = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None] & key_mask.astype(bool)[:, None, None, :]
     block = _Block(config, span=length, dtype=dtype)
+    paths = receivers is not None
 
     def body(carry, xs):
-        layer_params, index, patches = xs
+        layer_params, index, patches, layer_receivers = xs
 
         def run(c):
-            return block.apply({"params": layer_params}, c, positions, mask, patches or None, None, None)[0]
+            return block.apply({"params": layer_params}, c, positions, mask, patches or None, None, None,
+                               layer_receivers)[0]
 
         return jax.lax.cond(index >= start, run, lambda c: c, carry), None
 
-    x, _ = jax.lax.scan(body, x, (params["layers"], jnp.arange(count, dtype=jnp.int32), layer_interventions))
+    carry = (x, jnp.zeros_like(x)) if paths else x
+    carry, _ = jax.lax.scan(body, carry, (params["layers"], jnp.arange(count, dtype=jnp.int32), layer_interventions,
+                                          receivers[0] if paths else None))
+    if paths:  # the final norm (the logits) reads the senders' effect only if it is a receiver
+        x = carry[0] - (1.0 - jnp.asarray(receivers[1], carry[0].dtype)) * carry[1]
+    else:
+        x = carry
     norm = _norm(config, dtype, "final_norm").clone(parent=None, name=None)
     return norm.apply({"params": params["final_norm"]}, x, stack_tap.scoped("final_ln."))
 
 
 def forward_from_layer(config: DecoderConfig, params: Params, x, start, attention_mask=None, interventions=None, *,
-                       positions=None, dtype=None) -> jnp.ndarray:
+                       positions=None, receivers=None, dtype=None) -> jnp.ndarray:
     """The residual stream `x` [B, T, D] entering layer `start` run through layers start..L-1 and the final
     norm: hidden states [B, T, D] (``unembed`` them). Traceable; `start` may be traced (layers before it are
     skipped by `lax.cond`), so configurations that leave layers 0..start-1 untouched reuse a clean prefix,
-    as `genir_jax.core.model.decode_suffix` does for T5. Interventions as `forward` (``hook_embed`` ignored)."""
+    as `genir_jax.core.model.decode_suffix` does for T5. Interventions as `forward` (``hook_embed`` ignored).
+    `receivers` (path patching): ``(components [L, 2] for attn / mlp, logits scalar)``, 1 where that component's
+    input (or the final norm's) reads the interventions' effect (see `_Block`); None: ordinary patching."""
     mask = jnp.ones(x.shape[:2], jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     positions = positions_from_mask(mask) if positions is None else jnp.asarray(positions, jnp.int32)
-    return _from_layer(config, params, x, jnp.asarray(start, jnp.int32), positions, mask, interventions,
+    return _from_layer(config, params, x, jnp.asarray(start, jnp.int32), positions, mask, interventions, receivers,
                        _jnp_dtype(dtype))
 
 

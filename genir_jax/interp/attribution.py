@@ -43,8 +43,8 @@ components") adds two fixes, both implemented:
   `_gradients_body`) is each variant, so the L variants cost one vmapped backward pass and no forward.
 
 Decoder-only models (GPT-2, Llama, Qwen2; sites ``blocks.*``): the same estimates on the prompt, read at its last
-real token (`genir_jax.interp.patching.prediction_states`), with the limits of their sweeps (no `FROM_SOURCE`
-values, no ``hook_embed``, atomic docids). The QK fix of ``attn.hook_q`` / ``hook_k`` rotates the change
+real token (`genir_jax.interp.patching.prediction_states`), with the limits of their sweeps (no ``hook_embed``,
+atomic docids) and, unlike the exact sweep, no `FROM_SOURCE` values yet. The QK fix of ``attn.hook_q`` / ``hook_k`` rotates the change
 (Llama / Qwen2: the sites are before the rotary embedding), repeats grouped keys over their query heads and
 scales by ``d_kv ** -0.5`` (`_score_change`); GradDrop drops each layer's attention and MLP outputs; their
 residual stream (``blocks.*.hook_resid_*``) has no QK fix yet and ``atp*`` refuses it.

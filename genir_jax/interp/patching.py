@@ -34,9 +34,12 @@ engine: a query is a prompt (left- or right-padded) whose next token is an atomi
 last real token (`prediction_states`); the clean run is one forward over the prompt, and a config group
 starting at layer l runs `genir_jax.core.decoder_only.forward_from_layer` from the clean residual entering l.
 The few family differences sit in the dispatch functions below (`unembedding_rows`, `logical_axes`,
-`prediction_states`, the clean run and the suffix). Not supported there yet, refused with an
-`InterventionError`: path patching (receivers), `FROM_SOURCE` / `Source` values, multi-token targets and
-``hook_embed`` patches.
+`prediction_states`, the clean run, the source run and the suffix). `FROM_SOURCE` values come from a source
+run of the `Source` model on its prompts (default: the queries' own), which must be padded to the queries'
+length: a patched site takes the source's activation at the same position (resampling: `resample_source`).
+Path patching (receivers) runs as for T5 over ``blocks.{l}`` attn / mlp inputs and the final residual
+(`genir_jax.core.decoder_only.forward_from_layer` with ``receivers``). Not supported there yet, refused with an
+`InterventionError`: multi-token targets and ``hook_embed`` patches.
 """
 
 from __future__ import annotations
@@ -62,7 +65,10 @@ from genir_jax.core import decoder_only, model as t5_model
 from genir_jax.core.model import T5, cache_specs, decode_suffix
 from genir_jax.scale.partitioning import Partitioner, current, fetch, maybe_activate
 from genir_jax.interp.rank_window import RANK_WINDOW, clean_window, windowed_ranks
-from genir_jax.core.sites import STACK_SITES, Site, is_decoder_only, num_layers, site_name, site_shape, stacks
+from genir_jax.core.sites import (
+    BLOCKS, STACK_SITES, Site, components as layer_components, is_decoder_only, num_layers, parse_site, site_name,
+    site_shape, stacks,
+)
 from genir_jax.interp.sweep import Sweep, Term, as_sweep, first_decoder_layer
 from genir_jax.core.taps import Patch, apply_patch
 
@@ -220,7 +226,8 @@ def _suffix(config, params, x, start, encoded, attention_mask, interventions, re
     """The last stack from the residual stream `x` entering layer `start` to its final-norm output (prefix
     sharing): T5's `decode_suffix` (reading `encoded`) or `genir_jax.core.decoder_only.forward_from_layer`."""
     if is_decoder_only(config):
-        return decoder_only.forward_from_layer(config, params, x, start, attention_mask, interventions)
+        return decoder_only.forward_from_layer(config, params, x, start, attention_mask, interventions,
+                                               receivers=receivers)
     return decode_suffix(config, params, x, start, encoded, attention_mask, (interventions or {}).get("decoder"),
                          receivers=receivers)
 
@@ -270,7 +277,12 @@ def _clean_state_body(params, source_params, input_ids, attention_mask, source_i
     hidden = prediction_states(config, hidden, attention_mask)
     clean = final_metrics(config, params, hidden, targets, metrics, candidates, foils, top_k, target_mask)
     source_values = {}
-    if source_spec is not None:
+    if source_spec is not None and is_decoder_only(config):
+        # the source prompts (same padded length): the recorded sites, layer sites stacked [L, B, ...]
+        _, raw, _ = decoder_only.DecoderOnly(source_config, record=source_spec).apply(
+            {"params": source_params}, source_ids, decoder_only.positions_from_mask(source_mask), source_mask)
+        source_values = {(BLOCKS, local): array for local, array in raw.items()}
+    elif source_spec is not None:
         source = T5(source_config, encoder_cache=source_spec[0], decoder_cache=source_spec[1])
         source_start = decoder_inputs(source_config, source_ids, targets, target_mask)
         _, raw = source.apply({"params": source_params}, source_ids, source_mask, source_start)
@@ -383,14 +395,16 @@ def validate_terms(config: T5Config, sweep: Sweep, encoder_length: int, decoder_
                 raise InterventionError(f"{term.stack}.*.{term.local}: layer index out of range 0-{count - 1}")
 
 
-def check_decoder_only_sweep(sweep: Sweep, source, target_mask, what: str = "sweep") -> None:
+def check_decoder_only_sweep(sweep: Sweep, source, target_mask, what: str = "sweep", *,
+                             source_patching: bool = False, path_patching: bool = False) -> None:
     """Raise `InterventionError` for what the sweep engine (and attribution, `what`) does not support on
-    decoder-only models yet."""
-    if sweep.receivers is not None:
+    decoder-only models yet. `source_patching` / `path_patching`: the caller runs `FROM_SOURCE` / `Source`
+    values and receivers (the sweep engine does; attribution does not yet)."""
+    if sweep.receivers is not None and not path_patching:
         raise InterventionError(f"{what}: path patching (receivers) is not supported for decoder-only models")
     if target_mask is not None:
         raise InterventionError(f"{what}: decoder-only models take atomic (one-token) docids only, no target_mask")
-    if source is not None or any(isinstance(t.value, FromSource) for t in sweep.terms):
+    if not source_patching and (source is not None or any(isinstance(t.value, FromSource) for t in sweep.terms)):
         raise InterventionError(f"{what}: FROM_SOURCE / Source patching is not supported for decoder-only models")
     embed = next((t for t in sweep.terms if t.local == "hook_embed"), None)
     if embed is not None:
@@ -398,16 +412,22 @@ def check_decoder_only_sweep(sweep: Sweep, source, target_mask, what: str = "swe
                                 "positions after it); patch 'blocks.0.hook_resid_pre' instead")
 
 
-def _validate_paths(sweep: Sweep) -> None:
+def _validate_paths(config, sweep: Sweep) -> None:
+    """Raise `InterventionError` unless every sender is a component of the last stack (T5's decoder, a
+    decoder-only model's blocks) and the receivers table is [K, layers, components]."""
+    last = stacks(config)[-1]
     for term in sweep.terms:
         inside = term.local in ("hook_attn_out", "hook_cross_attn_out", "hook_mlp_out") or \
             term.local.startswith(("attn.", "cross_attn.", "mlp."))
-        if term.stack != "decoder" or not inside:
-            raise InterventionError(f"path patching: senders must be decoder components (their outputs, heads or "
+        if term.stack != last or not inside:
+            where = "decoder" if last == "decoder" else "layer"
+            raise InterventionError(f"path patching: senders must be {where} components (their outputs, heads or "
                                     f"neurons); '{term.stack}.*.{term.local}' is not")
     components = sweep.receivers.components
-    if components.ndim != 3 or components.shape[2] != 3:
-        raise InterventionError(f"path patching: receivers must have shape [K, L, 3], got {components.shape}")
+    expected = (num_layers(config, last), len(layer_components(config)))
+    if components.ndim != 3 or components.shape[1:] != expected:
+        raise InterventionError(f"path patching: receivers must have shape [K, {expected[0]}, {expected[1]}], got "
+                                f"{components.shape}")
 
 
 def _source_inputs(config, source, plan, input_ids, attention_mask):
@@ -424,7 +444,15 @@ def _source_inputs(config, source, plan, input_ids, attention_mask):
         if term.from_source and num_layers(config, term.stack) != num_layers(source.config, term.stack):
             raise InterventionError(f"sweep: the source model's {term.stack} has {num_layers(source.config, term.stack)} "
                                     f"layers, the patched model's {num_layers(config, term.stack)}")
-    spec = cache_specs(source.config, names)
+    if is_decoder_only(config) != is_decoder_only(source.config):
+        raise InterventionError("sweep: the source model is of another family (T5 / decoder-only) than the patched one")
+    if is_decoder_only(config):
+        if config.num_kv_heads != source.config.num_kv_heads:
+            raise InterventionError(f"sweep: the source model's num_kv_heads={source.config.num_kv_heads} differs "
+                                    f"from the patched model's {config.num_kv_heads}")
+        spec = frozenset(parse_site(config, name).local for name in names)  # the sites DecoderOnly records
+    else:
+        spec = cache_specs(source.config, names)
     source_ids, source_mask = input_ids, attention_mask
     if source.input_ids is not None:
         source_ids = np.asarray(source.input_ids, dtype=np.int32)
@@ -432,6 +460,10 @@ def _source_inputs(config, source, plan, input_ids, attention_mask):
                                  else np.ones_like(source_ids), dtype=np.int32)
         if source_ids.shape[0] != input_ids.shape[0]:
             raise InterventionError(f"sweep: source inputs have {source_ids.shape[0]} rows for {input_ids.shape[0]} queries")
+        if is_decoder_only(config) and source_ids.shape[1] != input_ids.shape[1]:
+            raise InterventionError(f"sweep: the source prompts are padded to length {source_ids.shape[1]}, the queries "
+                                    f"to {input_ids.shape[1]}; decoder-only source patching reads the same positions, "
+                                    "so pad both to one length")
     return spec, source.config, source_ids, source_mask
 
 
@@ -541,14 +573,14 @@ def run_sweep(
             raise InterventionError(f"sweep: the foil equals the target for query index {int(same[0])}")
     top_k = int(top_k) if per_query else 0
     if is_decoder_only(config):
-        check_decoder_only_sweep(sweep, source, target_mask)
+        check_decoder_only_sweep(sweep, source, target_mask, source_patching=True, path_patching=True)
         decoder_length = length  # the prompt: patches cover its positions, the last real one predicts the docid
     else:
         decoder_length = 1 if target_mask is None else target_ids.shape[1]
     validate_terms(config, sweep, length, decoder_length)
     paths = sweep.receivers is not None
     if paths:
-        _validate_paths(sweep)
+        _validate_paths(config, sweep)
     plan = plan_terms(sweep.terms)
     source_spec, source_config, source_ids, source_mask = _source_inputs(config, source, plan, input_ids,
                                                                          attention_mask)

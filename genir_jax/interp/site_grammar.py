@@ -327,7 +327,7 @@ def parse_receivers(config: T5Config, spec: str):
     text = spec.strip()
     layers = num_layers(config, stacks(config)[-1])
     if text == "all":
-        return sw.receivers(config, components={c: "all" for c in COMPONENTS}, logits=True, label="all")
+        return sw.receivers(config, components={c: "all" for c in layer_components(config)}, logits=True, label="all")
     if text == "none":
         return sw.receivers(config, label="none")
     components: dict[str, list[int]] = {}

@@ -484,31 +484,32 @@ def receivers(config: T5Config, *, components: Mapping[str, Iterable[int] | str]
               label: str | None = None) -> Sweep:
     """A one-config sweep that only chooses path-patching receivers; combine it with senders by `product`.
 
-    `components` maps "attn" / "cross_attn" / "mlp" to the decoder layers whose component INPUT reads the
-    senders' effect ("all" for every layer); `logits`: the final residual (the unembedding) reads it.
+    `components` maps the components of a layer of the model's last stack ("attn" / "cross_attn" / "mlp" of
+    T5's decoder; "attn" / "mlp" of a decoder-only model's ``blocks``) to the layers whose component INPUT
+    reads the senders' effect ("all" for every layer); `logits`: the final residual (the unembedding) reads it.
     Senders reach a receiver only if they are upstream of it. ``receivers(cfg, components={c: "all" for c
-    in COMPONENTS}, logits=True)`` is ordinary patching; ``receivers(cfg)`` reaches nothing (the clean run).
+    in components(cfg)}, logits=True)`` is ordinary patching; ``receivers(cfg)`` reaches nothing (the clean run).
+    The table is [1, layers, len(components(cfg))], components in `genir_jax.core.sites.components` order.
     """
-    if is_decoder_only(config):
-        raise InterventionError("path patching (receivers) is not supported for decoder-only models yet")
-    layers = config.num_decoder_layers
-    table = np.zeros((1, layers, len(COMPONENTS)), np.float32)
+    known = layer_components(config)
+    layers = num_layers(config, stacks(config)[-1])
+    table = np.zeros((1, layers, len(known)), np.float32)
     for component, chosen in (components or {}).items():
-        if component not in COMPONENTS:
-            raise InterventionError(f"receivers: unknown component '{component}'; expected one of {', '.join(COMPONENTS)}")
+        if component not in known:
+            raise InterventionError(f"receivers: unknown component '{component}'; expected one of {', '.join(known)}")
         chosen = range(layers) if chosen == "all" else [int(l) for l in chosen]
         for layer in chosen:
             if not 0 <= layer < layers:
                 raise InterventionError(f"receivers: layer {layer} out of range 0-{layers - 1}")
-            table[0, layer, COMPONENTS.index(component)] = 1.0
-    text = label if label is not None else _describe_receivers(table[0], logits)
+            table[0, layer, known.index(component)] = 1.0
+    text = label if label is not None else _describe_receivers(table[0], logits, known)
     return Sweep((), {"receivers": _column([text])}, ("receivers",), (1,),
                  Receivers(table, np.asarray([1.0 if logits else 0.0], np.float32)))
 
 
-def _describe_receivers(table: np.ndarray, logits: bool) -> str:
+def _describe_receivers(table: np.ndarray, logits: bool, known: Sequence[str]) -> str:
     parts = []
-    for c, component in enumerate(COMPONENTS):
+    for c, component in enumerate(known):
         layers = np.flatnonzero(table[:, c])
         if layers.size:
             parts.append(f"{component}[{','.join(str(int(l)) for l in layers)}]")

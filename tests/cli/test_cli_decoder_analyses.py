@@ -121,6 +121,43 @@ def test_sweep_of_a_decoder_only_checkpoint(trained, tmp_path, capsys):
     assert (out / "heatmap_logit.png").is_file()
 
 
+def test_resample_sweep_and_receivers_on_a_decoder_only_checkpoint(trained, tmp_path, capsys):
+    """`genir-jax sweep --mode resample` over the layer components: each row's mean logit is that of plain
+    forwards with the component's output replaced by the deranged prompts' (seed 0); with ``--receivers all``
+    the same rows (path patching along every path), with ``--receivers none`` the clean logit."""
+    from genir_jax.analysis.inputs import load_analysis_inputs
+    from genir_jax.core import decoder_only as do
+    from genir_jax.interp import interventions as ivs
+    from genir_jax.interp.patching import derangement
+
+    checkpoint, queries, correct = trained
+    runs = {}
+    for name, extra in (("plain", []), ("all", ["--receivers", "all"]), ("none", ["--receivers", "none"])):
+        out = tmp_path / name
+        assert main(["sweep", "-c", str(checkpoint), "--val-queries", str(queries), "--correct-valid", str(correct),
+                     "--sites", "blocks.*.*", "--mode", "resample", "--seed", "0", "--metric", "rank,logit", "-o",
+                     str(out), "--no-progress", *extra]) == 0
+        runs[name] = (_rows(out / "results.csv"), json.loads((out / "clean.json").read_text()))
+    inputs = load_analysis_inputs(checkpoint, queries, correct)
+    model, ids, mask = inputs.model, inputs.input_ids, inputs.attention_mask
+    permutation = derangement(len(ids), 0)
+    rows = runs["plain"][0]
+    assert len(rows) == 2 * model.config.num_layers
+    _, cache = do.forward_with_cache(model.config, model.params, ids[permutation], mask[permutation],
+                                     cache_sites=[row["site"] for row in rows])
+    clean = _prompt_logits(model, ids, mask)[np.arange(len(ids)), inputs.targets].mean()
+    changed = 0
+    for plain, every, none in zip(rows, runs["all"][0], runs["none"][0]):
+        patched = ivs.replacement(model.config, {plain["site"]: np.asarray(cache[plain["site"]])})
+        logits = _prompt_logits(model, ids, mask, patched)
+        expected = logits[np.arange(len(logits)), inputs.targets].mean()
+        assert float(plain["logit"]) == pytest.approx(expected, abs=1e-4), plain
+        assert float(every["logit"]) == pytest.approx(expected, abs=1e-4), every
+        assert float(none["logit"]) == pytest.approx(clean, abs=1e-4), none
+        changed += abs(expected - clean) > 1e-3
+    assert changed > 0
+
+
 def test_attribute_of_a_decoder_only_checkpoint(trained, tmp_path, capsys):
     """`genir-jax attribute --method atp*` over layer x component: the library's estimates, checked exactly."""
     from genir_jax.analysis.inputs import load_analysis_inputs

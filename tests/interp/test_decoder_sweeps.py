@@ -11,10 +11,10 @@ from genir_jax.checkpoints.decoder_hf import load_decoder_only
 from genir_jax.core import decoder_only as do
 from genir_jax.core.decoder_config import DecoderConfig
 from genir_jax.interp.attribution import attribute
-from genir_jax.interp.interventions import FROM_SOURCE, InterventionError, mean_activations
+from genir_jax.interp.interventions import InterventionError, mean_activations
 from genir_jax.interp.patching import run_sweep, runner_up_foils
 from genir_jax.interp.site_grammar import SiteSpecError, parse_receivers, parse_sweep
-from genir_jax.interp.sweep import component_grid, first_decoder_layer, receivers, site_grid, stack
+from genir_jax.interp.sweep import component_grid, first_decoder_layer, site_grid, stack
 from genir_jax.scale.partitioning import Partitioner
 from tests.decoder_fixtures import build_torch_causal_lm, padded_causal_batch, save_causal_lm
 
@@ -138,10 +138,8 @@ def test_unsupported_decoder_only_sweeps_are_refused(models):
     def sweep(grid, **kwargs):
         return run_sweep(cfg, params, ids, mask, targets, grid, progress=False, **kwargs)
 
-    with pytest.raises(InterventionError, match="path patching .* not supported for decoder-only"):
-        receivers(cfg, logits=True)
-    with pytest.raises(InterventionError, match="FROM_SOURCE / Source patching is not supported"):
-        sweep(site_grid(cfg, "blocks.*.hook_mlp_out", value=FROM_SOURCE))
+    # FROM_SOURCE / Source patching and path patching (receivers) run, with their refusals:
+    # tests/interp/test_decoder_source_patching.py, tests/interp/test_decoder_path_patching.py
     with pytest.raises(InterventionError, match="'hook_embed' patches are not supported"):
         sweep(site_grid(cfg, "hook_embed"))
     with pytest.raises(InterventionError, match="atomic .* docids only"):
@@ -185,8 +183,7 @@ def test_site_specs_of_a_decoder_only_model():
         parse_sweep(cfg, "decoder.*.mlp")
     with pytest.raises(SiteSpecError, match="unknown component"):
         parse_sweep(cfg, "blocks.*.{attn,cross_attn}")
-    with pytest.raises(InterventionError, match="path patching .* not supported for decoder-only"):
-        parse_receivers(cfg, "mlp[1]+logits")
+    assert parse_receivers(cfg, "mlp[1]+logits").receivers.components[0].tolist() == [[0, 0], [0, 1]]
 
 
 def test_last_positions_of_left_and_right_padding():
