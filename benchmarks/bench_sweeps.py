@@ -91,9 +91,10 @@ def torch_encoder_cached_flops(config, s: int) -> float:
     output over the `s` positions (no cache is passed) with its scores and weighted sum, the MLP, and the full
     unembedding. The encoder (once per query) is left out, which favours the loop. Matmuls only, as
     `torch.utils.flop_counter` counts them."""
-    d, inner, f, v = config.d_model, config.inner_dim, config.d_ff, config.vocab_size
-    mlp = (3 if config.is_gated_act else 2) * d * f
-    layer = 4 * d * inner + 2 * inner + 2 * d * inner + 2 * s * d * inner + 2 * s * inner + mlp
+    d, inner, v = config.d_model, config.inner_dim, config.vocab_size
+    # what `layer_macs` counts, plus the self-attention's query and key projections and its scores over one key,
+    # plus the cross-attention keys and values the loop recomputes
+    layer = layer_macs(config, s) + 2 * d * inner + 2 * inner + 2 * s * d * inner
     return 2.0 * (config.num_decoder_layers * layer + d * v)
 
 

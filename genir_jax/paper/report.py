@@ -23,7 +23,8 @@ INTERVALS_HEADER = ("Intervals: every share, mean and rank statistic over querie
                     + BESIDE_NOTE)
 
 def _header(layout, settings, pipeline=()) -> str:
-    family = ", decoder-only models" if getattr(settings, "model_type", ENCODER_DECODER) == DECODER else ""
+    decoder = getattr(settings, "model_type", ENCODER_DECODER) == DECODER
+    family = ", decoder-only models" if decoder else ""
     lines = [f"# genir-jax reproduction: {settings.dataset}, preset {settings.preset}{family}", ""]
     lines.append("Reusch & Belinkov, *Reverse-Engineering the Retrieval Process in GenIR Models* (SIGIR 2025), "
                  "re-run with genir-jax. The paper's numbers are for T5-large DSI models on NQ10k; ours come from "
@@ -32,7 +33,6 @@ def _header(layout, settings, pipeline=()) -> str:
     if getattr(settings, "seeds", 1) > 1:
         lines += [f"Training seed {settings.seed}, one of {settings.seeds} (`--seeds`): this folder holds this seed's "
                   "models and analyses; the run's `report.md` gives every statistic per seed and pooled.", ""]
-    decoder = getattr(settings, "model_type", ENCODER_DECODER) == DECODER
     if decoder:
         lines.append("Models: decoder-only (`--model-type decoder`): Llama-style DSI models on the T5 vocabulary that "
                      "read the query and predict the docid after the prompt ' Document:' in one causal stack. "
