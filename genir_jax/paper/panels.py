@@ -60,6 +60,12 @@ class Experiment:
     # why a family it does not handle cannot run it: keys of `genir_jax.analysis.applicability`'s tables
     # (NOT_APPLICABLE_TO_DECODER_ONLY, NOT_YET_ON_DECODER_ONLY), the one source of those reasons
     not_applicable: tuple[str, ...] = ()
+    # `command` as it reads for a family whose run differs (e.g. Table 3 without T5 mode on decoder-only models)
+    family_commands: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def command_for(self, model_type: str) -> str:
+        """The subcommand(s) that produce this experiment's outputs for a `model_type` run."""
+        return self.family_commands.get(model_type, self.command)
 
     def handles(self, scheme: str) -> bool:
         return scheme in self.docids

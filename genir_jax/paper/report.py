@@ -133,13 +133,13 @@ def write_report(layout, settings, pipeline=()) -> pathlib.Path:
     parts = [_header(layout, settings, pipeline)]
     for experiment in registry():
         parts.append(f"## {experiment.title} ({experiment.paper_ref})\n")
-        parts.append(f"Produced by `{experiment.command}`.\n")
+        family = getattr(settings, "model_type", ENCODER_DECODER)
+        parts.append(f"Produced by `{experiment.command_for(family)}`.\n")
         scheme = getattr(settings, "docids", "atomic")
         if not experiment.handles(scheme):
             parts.append(f"Not run: this analysis handles {' and '.join(experiment.docids)} docids; this reproduction "
                          f"trains {scheme} docids.\n")
             continue
-        family = getattr(settings, "model_type", ENCODER_DECODER)
         if not experiment.handles_family(family):
             parts.append(f"Not run: not applicable to {FAMILY_WORDS[family]} models"
                          + (" (see \"Not applicable to decoder-only models\" above).\n" if family == DECODER else ".\n"))

@@ -158,6 +158,53 @@ def test_resample_sweep_and_receivers_on_a_decoder_only_checkpoint(trained, tmp_
     assert changed > 0
 
 
+def test_source_sweep_on_a_decoder_only_checkpoint(trained, tmp_path):
+    """`genir-jax sweep --mode source --source-model BASE`: each layer component's output replaced by the one the
+    pre-DSI base model (the GPT-2 the DSI model was fine-tuned from) computes on the same prompts; each row's
+    mean logit equals plain forwards with that replacement."""
+    from genir_jax.analysis.inputs import load_analysis_inputs
+    from genir_jax.checkpoints.decoder_hf import load_decoder_only
+    from genir_jax.core import decoder_only as do
+    from genir_jax.interp import interventions as ivs
+
+    checkpoint, queries, correct = trained
+    base_dir = checkpoint.parent / "base"
+    out = tmp_path / "source"
+    assert main(["sweep", "-c", str(checkpoint), "--val-queries", str(queries), "--correct-valid", str(correct),
+                 "--sites", "blocks.*.*", "--mode", "source", "--source-model", str(base_dir), "--metric",
+                 "rank,logit", "-o", str(out), "--no-progress"]) == 0
+    rows = _rows(out / "results.csv")
+    inputs = load_analysis_inputs(checkpoint, queries, correct)
+    model, ids, mask = inputs.model, inputs.input_ids, inputs.attention_mask
+    assert len(rows) == 2 * model.config.num_layers
+    base = load_decoder_only(base_dir)
+    _, cache = do.forward_with_cache(base.config, base.params, ids, mask, cache_sites=[row["site"] for row in rows])
+    clean = _prompt_logits(model, ids, mask)[np.arange(len(ids)), inputs.targets].mean()
+    changed = 0
+    for row in rows:
+        patched = ivs.replacement(model.config, {row["site"]: np.asarray(cache[row["site"]])})
+        logits = _prompt_logits(model, ids, mask, patched)
+        expected = logits[np.arange(len(logits)), inputs.targets].mean()
+        assert float(row["logit"]) == pytest.approx(expected, abs=1e-4), row
+        changed += abs(expected - clean) > 1e-3
+    assert changed > 0
+
+
+def test_a_source_model_of_the_other_family_or_shape_is_refused(trained, tmp_path, capsys):
+    """`--mode source` with a T5, or with a decoder-only model of another shape, exits 2 naming why."""
+    from tests.decoder_fixtures import build_torch_causal_lm, save_causal_lm
+    from tests.hf_fixtures import build_torch_t5
+
+    checkpoint, queries, correct = trained
+    build_torch_t5().save_pretrained(tmp_path / "t5")
+    wider = save_causal_lm(build_torch_causal_lm("gpt2", n_embd=64, n_positions=128, vocab_size=1000), tmp_path / "wide")
+    for source, message in ((tmp_path / "t5", "the source model is a T5"), (wider, "the source model's d_model=64")):
+        code = main(["sweep", "-c", str(checkpoint), "--val-queries", str(queries), "--correct-valid", str(correct),
+                     "--sites", "blocks.*.*", "--mode", "source", "--source-model", str(source), "-o",
+                     str(tmp_path / "out"), "--no-progress"])
+        assert code == 2 and message in capsys.readouterr().err, source
+
+
 def test_attribute_of_a_decoder_only_checkpoint(trained, tmp_path, capsys):
     """`genir-jax attribute --method atp*` over layer x component: the library's estimates, checked exactly."""
     from genir_jax.analysis.inputs import load_analysis_inputs

@@ -113,8 +113,8 @@ def test_the_readme_test_command_is_what_ci_runs():
     readme = [block for block in blocks() if block.path.name == "README.md" and block.language != "python"]
     pytest_lines = [command for block in readme for command in shell_commands(block.code)
                     if command[:3] == ["python", "-m", "pytest"]]
-    assert pytest_lines == [["python", "-m", "pytest", "-q"]]
-    assert ci.rstrip().splitlines()[-1] == "python -m pytest -q"
+    assert pytest_lines == [["python", "-m", "pytest", "-q", "--durations=25"]]
+    assert ci.rstrip().splitlines()[-1] == "python -m pytest -q --durations=25"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -168,8 +168,11 @@ def test_report_of_a_decoder_run_lists_what_does_not_apply_with_the_reasons(tmp_
     for name in ("neuron-reading", "stage-robustness", "attribution-agreement"):
         assert NOT_YET_ON_DECODER_ONLY[name] in section, name
     assert report.count("Not run: not applicable to decoder-only models") == len(left_out)
+    stage_patching = report.split("## Stage patching")[1].split("\n## ")[0]
+    assert "Produced by `genir-jax patch-stages --modes zero,mean`." in stage_patching  # no T5 mode here
     t5 = write_report(layout, rp.Settings(dataset="squad-dev", preset="tiny")).read_text()
     assert NOT_APPLICABLE_HEADING not in t5 and "not applicable to decoder-only" not in t5
+    assert "Produced by `genir-jax patch-stages --modes zero,mean,t5`." in t5
 
 
 def test_a_left_out_experiment_is_refused_on_a_decoder_folder(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import dataclasses
 
 
 from genir_jax.analysis.stages import describe_stages, stage_names
-from genir_jax.paper.panels import BOTH_FAMILIES, Experiment, Section, md_table, record_settings
+from genir_jax.paper.panels import BOTH_FAMILIES, DECODER, Experiment, Section, md_table, record_settings
 
 from genir_jax.paper.experiments._common import (correct_inputs, correct_sequence_inputs, full_scheme, load_model,
                                                  stages_of)
@@ -36,7 +36,7 @@ def run_patch_stages(layout, settings, config: Config) -> dict:
     Writes what `genir-jax patch-stages` writes (CSV, ranks, stages.json)."""
     from genir_jax.analysis.patch_stages import patch_stages, write_patch_stages
     from genir_jax.analysis.stages import resolve_for_inputs
-    from genir_jax.paper.panels import DECODER, base_model
+    from genir_jax.paper.panels import base_model
 
     decoder = getattr(settings, "model_type", None) == DECODER
     config = dataclasses.replace(config, modes=tuple(m for m in config.modes if m != "t5")) if decoder else config
@@ -178,4 +178,5 @@ EXPERIMENT = Experiment(
     id="table3", title="Stage patching", paper_ref="Sec. 5.1, Table 3", position=40,
     command="genir-jax patch-stages --modes zero,mean,t5", paper=PAPER, render=render, config=Config(),
     runs={"patch-stages": run_patch_stages}, docids=("atomic", "naive", "semantic"), families=BOTH_FAMILIES,
+    family_commands={DECODER: "genir-jax patch-stages --modes zero,mean"},
 )
