@@ -198,7 +198,7 @@ def run(layer, neuron, q):
         act[..., neuron] = 0.0
         return act
     logits = model.run_with_hooks(queries[q], decoder_input=decoder_input,
-                                  fwd_hooks=[(site_name("decoder", "mlp.hook_post", layer), hook)])[0, 0]
+                                  fwd_hooks=[(f"decoder.{layer}.mlp.hook_post", hook)])[0, 0]
     return rank_of(logits, targets[q])
 
 for layer, neuron in spec["pairs"][:2]:  # warm-up

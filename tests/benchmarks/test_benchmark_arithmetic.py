@@ -61,3 +61,27 @@ def test_the_device_suites_neuron_sample():
     grid, layers = device_suite.sampled_neurons(config, layers=2, stride=0)
     assert list(layers) == [1, 2] and grid.size == 2 * 40
     assert sorted(set(np.asarray(grid.labels["layer"]))) == [1, 2]
+
+
+def test_the_transformerlens_script_defines_every_name_it_reads():
+    """`bench_sweeps.TL_SCRIPT` runs in TransformerLens' own interpreter, where genir_jax is not importable: every
+    name it reads must be a builtin or bound in the script itself (a helper of ours pasted into it once broke
+    the TransformerLens timing with a NameError)."""
+    import ast
+    import builtins
+
+    tree = ast.parse(bench_sweeps.TL_SCRIPT)
+    bound = set(dir(builtins))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+            bound |= {arg.arg for arg in node.args.args} if isinstance(node, ast.FunctionDef) else set()
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            bound.add(node.id)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+    read = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+    assert read - bound == set()
+    assert "genir_jax" not in bench_sweeps.TL_SCRIPT
