@@ -162,9 +162,8 @@ def prepare_sweep(checkpoint: str, val_queries: str, correct_valid: str, output:
     from genir_jax.analysis.inputs import check_vocabulary_covers, load_analysis_inputs, load_model
     from genir_jax.docids.schemes import checkpoint_scheme
     from genir_jax.docids.tokens import docid_vocabulary
-    from genir_jax.core.sites import is_decoder_only
     from genir_jax.interp.interventions import FROM_SOURCE, mean_activations
-    from genir_jax.interp.patching import Source
+    from genir_jax.interp.patching import Source, check_source_model
     from genir_jax.interp.site_grammar import parse_sweep, swept_sites
 
     metrics = list(options.metrics)
@@ -239,14 +238,8 @@ def prepare_sweep(checkpoint: str, val_queries: str, correct_valid: str, output:
     elif options.mode == "source":
         source_model = options.source_model
         base = load_model(source_model, tokenizer=False, dtype=dtype)  # of the family its config.json names
-        if is_decoder_only(base.config) != is_decoder_only(config):
-            raise GenIRError(f"{source_model}: the source model is {_family(base.config)}, {checkpoint} is "
-                             f"{_family(config)}; a source model must be of the same family and shape")
+        check_source_model(config, base.config, where=source_model)  # before anything is computed
         check_vocabulary_covers(source_model, base.config, ids, model="the source model")
-        for field in _SHAPE_FIELDS[is_decoder_only(config)]:
-            if getattr(base.config, field) != getattr(config, field):
-                raise GenIRError(f"{source_model}: the source model's {field}={getattr(base.config, field)} "
-                                 f"differs from {checkpoint}'s {getattr(config, field)}")
         source = Source(base.config, base.params)
         sweep = _with_receivers(options, config, parse_sweep(config, options.sites, value=FROM_SOURCE, **lengths))
 
@@ -257,18 +250,6 @@ def prepare_sweep(checkpoint: str, val_queries: str, correct_valid: str, output:
                          config_chunk=options.config_chunk, record_settings=record_settings, stale=stale,
                          overwrite=overwrite, heatmap_vmax=heatmap_vmax,
                          load_seconds=time.perf_counter() - started)
-
-
-# The config fields a source model must share with the patched one (keyed by "is decoder-only"): the shapes of
-# every site's activations.
-_SHAPE_FIELDS = {False: ("d_model", "num_heads", "d_kv", "d_ff", "num_layers", "num_decoder_layers"),
-                 True: ("d_model", "num_heads", "num_kv_heads", "d_kv", "d_ff", "num_layers")}
-
-
-def _family(config) -> str:
-    from genir_jax.core.sites import is_decoder_only
-
-    return "a decoder-only model" if is_decoder_only(config) else "a T5"
 
 
 def _foils(options: SweepOptions, correct_valid: str, config, params, ids, mask, targets, candidates, queries,

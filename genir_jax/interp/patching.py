@@ -430,26 +430,34 @@ def _validate_paths(config, sweep: Sweep) -> None:
                                 f"{components.shape}")
 
 
+def check_source_model(config, source_config, stacks_used: Sequence[str] | None = None, where: str = "sweep") -> None:
+    """Refuse a source model whose activations cannot stand in for the patched model's (`config`): another family,
+    another width (d_model, heads, d_kv, d_ff; key/value heads of a decoder-only model) or another number of layers
+    in `stacks_used` (default: every stack). `where` starts the message (the caller, or the source's path)."""
+    def family(c) -> str:
+        return "a decoder-only model" if is_decoder_only(c) else "a T5"
+
+    if is_decoder_only(config) != is_decoder_only(source_config):
+        raise InterventionError(f"{where}: the source model is {family(source_config)}, the patched model "
+                                f"{family(config)}; a source model must be of the same family and shape")
+    for field in ("d_model", "num_heads", "d_kv", "d_ff") + (("num_kv_heads",) if is_decoder_only(config) else ()):
+        if getattr(config, field) != getattr(source_config, field):
+            raise InterventionError(f"{where}: the source model's {field}={getattr(source_config, field)} differs "
+                                    f"from the patched model's {getattr(config, field)}")
+    for stack in stacks(config) if stacks_used is None else sorted(stacks_used):
+        if num_layers(config, stack) != num_layers(source_config, stack):
+            raise InterventionError(f"{where}: the source model's {stack} has {num_layers(source_config, stack)} "
+                                    f"layers, the patched model's {num_layers(config, stack)}")
+
+
 def _source_inputs(config, source, plan, input_ids, attention_mask):
     names = source_site_names(config, plan)
     if not names:
         return None, None, input_ids, attention_mask
     if source is None:
         raise InterventionError("sweep: FROM_SOURCE values need a `source`")
-    for field in ("d_model", "num_heads", "d_kv", "d_ff"):
-        if getattr(config, field) != getattr(source.config, field):
-            raise InterventionError(f"sweep: the source model's {field}={getattr(source.config, field)} differs from "
-                                    f"the patched model's {getattr(config, field)}")
-    for term in plan:
-        if term.from_source and num_layers(config, term.stack) != num_layers(source.config, term.stack):
-            raise InterventionError(f"sweep: the source model's {term.stack} has {num_layers(source.config, term.stack)} "
-                                    f"layers, the patched model's {num_layers(config, term.stack)}")
-    if is_decoder_only(config) != is_decoder_only(source.config):
-        raise InterventionError("sweep: the source model is of another family (T5 / decoder-only) than the patched one")
+    check_source_model(config, source.config, {term.stack for term in plan if term.from_source})
     if is_decoder_only(config):
-        if config.num_kv_heads != source.config.num_kv_heads:
-            raise InterventionError(f"sweep: the source model's num_kv_heads={source.config.num_kv_heads} differs "
-                                    f"from the patched model's {config.num_kv_heads}")
         spec = frozenset(parse_site(config, name).local for name in names)  # the sites DecoderOnly records
     else:
         spec = cache_specs(source.config, names)

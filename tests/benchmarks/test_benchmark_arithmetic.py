@@ -77,7 +77,6 @@ def test_the_transformerlens_script_defines_every_name_it_reads():
             bound |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
         elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             bound.add(node.name)
-            bound |= {arg.arg for arg in node.args.args} if isinstance(node, ast.FunctionDef) else set()
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
             bound.add(node.id)
         elif isinstance(node, ast.arg):

@@ -15,7 +15,6 @@ from tests.conftest import REPO_ROOT
 
 RUNS = REPO_ROOT / "docs" / "runs"
 POOLED = RUNS / "squad-dev-cpu-3seeds"
-DECODER = RUNS / "squad-dev-cpu-decoder"
 CLAIMS_HEADING = "## Which of the paper's claims hold, per seed and pooled"
 COMPARISON_HEADING = "### Two model families on squad-dev"
 # An interval as reports print it: "30.18 [27.44, 33.02] (n=1057)", "31.00 [29.30, 32.65] (n=3x1057)".

@@ -28,6 +28,11 @@ class Config:
     rank_reduction: str = "max"
 
 
+def decoder_only_modes(config: Config) -> tuple[str, ...]:
+    """The modes a decoder-only run patches: no T5 mode (there is no pretrained T5 decoder to patch from)."""
+    return tuple(mode for mode in config.modes if mode != "t5")
+
+
 def run_patch_stages(layout, settings, config: Config) -> dict:
     """Each component type patched in each stage, every mode, on the correct validation queries
     (`genir_jax.analysis.patch_stages`, as `genir-jax patch-stages`); T5 mode takes the base T5's outputs;
@@ -39,7 +44,7 @@ def run_patch_stages(layout, settings, config: Config) -> dict:
     from genir_jax.paper.panels import base_model
 
     decoder = getattr(settings, "model_type", None) == DECODER
-    config = dataclasses.replace(config, modes=tuple(m for m in config.modes if m != "t5")) if decoder else config
+    config = dataclasses.replace(config, modes=decoder_only_modes(config)) if decoder else config
     base_path = base_model(layout, settings) if "t5" in config.modes else None
     base = load_model(base_path, tokenizer=False) if base_path else None  # a bad base fails before the analysis
     sequences = full_scheme(layout).multi_token
@@ -176,7 +181,8 @@ DECODER_ONLY_NOTE = ("Decoder-only model: zero and mean mode over its attn and m
 
 EXPERIMENT = Experiment(
     id="table3", title="Stage patching", paper_ref="Sec. 5.1, Table 3", position=40,
-    command="genir-jax patch-stages --modes zero,mean,t5", paper=PAPER, render=render, config=Config(),
-    runs={"patch-stages": run_patch_stages}, docids=("atomic", "naive", "semantic"), families=BOTH_FAMILIES,
-    family_commands={DECODER: "genir-jax patch-stages --modes zero,mean"},
+    command="genir-jax patch-stages --modes " + ",".join(Config().modes), paper=PAPER, render=render,
+    config=Config(), runs={"patch-stages": run_patch_stages}, docids=("atomic", "naive", "semantic"),
+    families=BOTH_FAMILIES,
+    family_commands={DECODER: "genir-jax patch-stages --modes " + ",".join(decoder_only_modes(Config()))},
 )
