@@ -423,6 +423,23 @@ def test_figure5_shows_every_reader_layer(tmp_path):
     assert section.figures[0].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_figure5_title_names_the_readers_last_stage(tmp_path, close_figures):
+    """The readers are the last stage's: with two automatic stages the title says stage-II and its layers, not
+    the paper's stage-III."""
+    from genir_jax.paper.experiments import figure5_reading as fig5
+
+    layout = _layout(tmp_path)
+    stages = [[0, 1], [2, 3, 4, 5]]
+    per_layer = {str(layer): {"readers": 2, "embedding": 0.1, "attn": [0.1, 0.1], "cross_attn": [0.2, 0.2],
+                              "mlp": [0.2, 0.1]} for layer in (2, 3, 4, 5)}
+    for step, file, analysis in (("neuron-reading", "neuron_reading_summary.json", "neuron_reading"),
+                                 ("crattn-reading", "crattn_reading_summary.json", "crattn_reading")):
+        layout.analysis(step).mkdir(parents=True)
+        (layout.analysis(step) / file).write_text(json.dumps(_reading_summary(analysis, stages, per_layer)))
+    fig, _ = fig5.draw(layout)
+    assert "where stage-II (layers 2-5) MLP neurons" in fig._suptitle.get_text()
+
+
 # --------------------------------------------------------------------------------------------------
 # Table 4: both rankings, each labelled, with intervals over the test queries
 # --------------------------------------------------------------------------------------------------

@@ -130,7 +130,9 @@ def draw(layout):
     legend_outside(axes[1], handles[::-1], labels[::-1], title="read from (stack order)", title_fontsize=8)
     sim = {"dot": "dot product", "cosine": "cosine"}.get(summary["sim_type"], summary["sim_type"])
     axes[0].set_ylabel("share of positive readings")
-    fig.suptitle(f"Who reads from whom: where stage-III MLP neurons and cross-attention heads read from "
+    stages = reading["stages"]  # the readers are the last stage's (stage III of the paper's three)
+    last = f"stage-{stage_names(len(stages))[-1]} (layers {layer_span(stages[-1])})"
+    fig.suptitle(f"Who reads from whom: where {last} MLP neurons and cross-attention heads read from "
                  f"({model_description(layout)})", y=1.02)
     fig.text(0.0, -0.03, f"A reading: the {sim} of a reader's input direction with an earlier component's output (an "
              "active MLP neuron: its W_in column; a cross-attention head: the key of its most attended encoder "
